@@ -1,0 +1,106 @@
+// q_sample on the CPU: one pass over x0, noise drawn (or read) in blocks.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../q_sample.h"
+#include "normal_cpu.h"
+
+namespace ddpm_fast {
+namespace {
+
+// Host-side copy of t, validated: out-of-range timesteps are an error here
+// (the check is free on the CPU, unlike on the GPU).
+std::vector<int64_t> read_timesteps(const at::Tensor& t, int64_t num_steps) {
+  const at::Tensor tc = t.reshape({-1});
+  const int64_t* p = tc.data_ptr<int64_t>();
+  std::vector<int64_t> out(p, p + tc.numel());
+  for (int64_t v : out) {
+    TORCH_CHECK(v >= 0 && v < num_steps, "ddpm_fast: timestep ", v, " is out of range [0, ",
+                num_steps, ")");
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const float* sqrt_ab,
+                     const float* sqrt_1m_ab, const scalar_t* noise, uint64_t seed,
+                     uint64_t offset, const ElementLayout& l, at::Tensor& xt, at::Tensor* eps) {
+  const scalar_t* x = x0.const_data_ptr<scalar_t>();
+  scalar_t* out = xt.mutable_data_ptr<scalar_t>();
+  scalar_t* eps_out = eps ? eps->mutable_data_ptr<scalar_t>() : nullptr;
+  const bool per_sample_t = t.size() > 1;
+  const int64_t grain = 16 * cpu::kNormalBlock;
+
+  at::parallel_for(0, l.numel, grain, [&](int64_t begin, int64_t end) {
+    uint64_t ctr[cpu::kNormalBlock];
+    float z[cpu::kNormalBlock];
+    for (int64_t p0 = begin; p0 < end; p0 += cpu::kNormalBlock) {
+      const int64_t n = std::min(cpu::kNormalBlock, end - p0);
+      if (noise == nullptr) {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = p0 + i;
+          const int64_t logical = l.channels_last ? logical_index_nhwc(p, l.channels, l.spatial) : p;
+          ctr[i] = offset + static_cast<uint64_t>(logical);
+        }
+        for (int64_t i = n; i < cpu::kNormalBlock; ++i) ctr[i] = 0;  // lanes past the end: discarded
+        cpu::normal_block(seed, ctr, z);
+      } else {
+        for (int64_t i = 0; i < n; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = p0 + i;
+        const int64_t step = per_sample_t ? t[p / l.per_sample] : t[0];
+        const float y = sqrt_ab[step] * static_cast<float>(x[p]) + sqrt_1m_ab[step] * z[i];
+        out[p] = static_cast<scalar_t>(y);
+        if (eps_out) eps_out[p] = static_cast<scalar_t>(z[i]);
+      }
+    }
+  });
+}
+
+void q_sample_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                   const at::Tensor& sqrt_1m_ab, const at::Tensor* noise, int64_t seed,
+                   int64_t offset, at::Tensor& xt, at::Tensor* eps) {
+  const ElementLayout l = check_q_sample_args(x0, t, sqrt_ab, sqrt_1m_ab, noise);
+  if (l.numel == 0) return;
+  const std::vector<int64_t> steps = read_timesteps(t, sqrt_ab.numel());
+  DDPM_DISPATCH_FLOAT_TYPES(x0.scalar_type(), "q_sample_cpu", [&] {
+    q_sample_kernel<scalar_t>(x0, steps, sqrt_ab.const_data_ptr<float>(),
+                              sqrt_1m_ab.const_data_ptr<float>(),
+                              noise ? noise->const_data_ptr<scalar_t>() : nullptr,
+                              static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), l, xt,
+                              eps);
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> q_sample_randn_cpu(const at::Tensor& x0, const at::Tensor& t,
+                                                      const at::Tensor& sqrt_ab,
+                                                      const at::Tensor& sqrt_1m_ab, int64_t seed,
+                                                      int64_t offset) {
+  at::Tensor xt = at::empty_like(x0);
+  at::Tensor eps = at::empty_like(x0);
+  q_sample_impl(x0, t, sqrt_ab, sqrt_1m_ab, nullptr, seed, offset, xt, &eps);
+  return {xt, eps};
+}
+
+at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
+                        const at::Tensor& sqrt_1m_ab, const at::Tensor& noise) {
+  at::Tensor xt = at::empty_like(x0);
+  q_sample_impl(x0, t, sqrt_ab, sqrt_1m_ab, &noise, 0, 0, xt, nullptr);
+  return xt;
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("q_sample_randn", &q_sample_randn_cpu);
+  m.impl("q_sample", &q_sample_cpu);
+}
+
+}  // namespace ddpm_fast

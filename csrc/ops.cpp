@@ -1,0 +1,38 @@
+// The ddpm_fast operator schemas, defined once; CPU and CUDA implementations
+// register under their dispatch keys in csrc/cpu and csrc/cuda, fake
+// implementations and autograd in ddpm_fast/ops (Python).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(ddpm_fast, m) {
+  // Fill `out` (contiguous) with the shared Philox normal stream:
+  // out.flatten()[i] = normal(seed, offset + i).
+  m.def("fill_randn_(Tensor(a!) out, int seed, int offset) -> ()");
+  // x_t = sqrt_ab[t] * x0 + sqrt_1m_ab[t] * noise with the given noise.
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, Tensor noise) -> Tensor");
+  // The same with the noise drawn in-kernel; returns (x_t, noise).
+  m.def(
+      "q_sample_randn(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, int seed, int offset) -> (Tensor, Tensor)");
+}
+
+// `import ddpm_fast._C` loads this library, which registers the operators
+// above; the module itself only says whether the CUDA kernels are in it.
+static struct PyModuleDef ddpm_fast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&ddpm_fast_module);
+  if (module == nullptr) return nullptr;
+#ifdef DDPM_FAST_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

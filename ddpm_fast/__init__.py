@@ -1,0 +1,11 @@
+"""ddpm_fast: denoising diffusion probabilistic models on fused kernels.
+
+Layers (shared/DESIGN.md): schedules -> diffusion math -> ops -> models ->
+sampler / trainer -> CLI.
+"""
+
+from . import _extension, diffusion, ops
+from .schedules import NoiseSchedule
+
+__version__ = "0.1.0"
+__all__ = ["NoiseSchedule", "diffusion", "ops", "__version__"]

@@ -1,0 +1,293 @@
+"""The diffusion math of Ho et al. (2020), in plain PyTorch.
+
+Equation numbers cite the DDPM paper. Coefficients come from a
+``NoiseSchedule``'s float64 tables and are cast to the computation dtype
+(float64 for float64 inputs, else float32), so float64 inputs give float64
+results end to end. Timesteps ``t`` are zero-based: an int or an int64 tensor
+with one entry per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from .schedules import NoiseSchedule
+
+__all__ = [
+    "MeanType",
+    "VarianceType",
+    "extract",
+    "q_mean_variance",
+    "q_sample",
+    "q_posterior_mean_variance",
+    "predict_x0_from_eps",
+    "predict_eps_from_x0",
+    "PMeanVariance",
+    "p_mean_variance",
+    "normal_kl",
+    "approx_standard_normal_cdf",
+    "discretized_gaussian_log_likelihood",
+    "loss_simple",
+    "prior_bpd",
+    "vb_terms_bpd",
+    "BitsPerDim",
+    "bits_per_dim",
+]
+
+MeanType = Literal["eps", "x0"]
+VarianceType = Literal["fixed_small", "fixed_large"]
+_LN2 = math.log(2.0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` shaped to broadcast against ``x`` (one value per sample)."""
+    num_steps = table.numel()
+    if isinstance(t, int):
+        if not 0 <= t < num_steps:
+            raise ValueError(f"timestep {t} is out of range [0, {num_steps})")
+        return table[t].to(x.device, _compute_dtype(x))
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
+        raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= num_steps):
+        raise ValueError(f"timesteps out of range [0, {num_steps}): min {t.min().item()}, max {t.max().item()}")
+    values = table.to(t.device)[t.long()].to(x.device, _compute_dtype(x))
+    if values.dim() == 1:
+        values = values.reshape((-1,) + (1,) * (x.dim() - 1))
+    return values
+
+
+def q_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor):
+    """Mean, variance and log-variance of q(x_t | x_0) (eq. 4)."""
+    mean = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
+    variance = extract(1.0 - schedule.alphas_cumprod, t, x0)
+    log_variance = extract(schedule.log_one_minus_alphas_cumprod, t, x0)
+    return mean, variance, log_variance
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4), in x0's dtype."""
+    a = extract(schedule.sqrt_alphas_cumprod, t, x0)
+    b = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0)
+    return (a * x0.to(a.dtype) + b * noise.to(a.dtype)).to(x0.dtype)
+
+
+def q_posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor):
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+    mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + extract(schedule.posterior_mean_coef2, t, x_t) * x_t
+    variance = extract(schedule.posterior_variance, t, x_t)
+    log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t)
+    return mean, variance, log_variance
+
+
+def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (eq. 4 solved for x_0)."""
+    return extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+
+def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The eps that eq. 4 pairs with x_t and x_0."""
+    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
+
+
+@dataclass
+class PMeanVariance:
+    """p_theta(x_{t-1} | x_t): its mean, variance, log-variance and the x_0 it implies."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def p_mean_variance(
+    schedule: NoiseSchedule,
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    *,
+    mean_type: MeanType = "eps",
+    variance: VarianceType = "fixed_large",
+    clip_denoised: bool = False,
+) -> PMeanVariance:
+    """The reverse-process Gaussian given the model's output (eqs. 11-12).
+
+    ``mean_type`` says whether the model predicts eps or x_0. With
+    ``clip_denoised`` the implied x_0 is clipped to [-1, 1] and the mean is the
+    posterior mean of eq. 7; without it, an eps-model's mean is eq. 11.
+    """
+    _check_choice("mean_type", mean_type, ("eps", "x0"))
+    _check_choice("variance", variance, ("fixed_small", "fixed_large"))
+    if model_output.shape != x_t.shape:
+        raise ValueError(f"model output has shape {tuple(model_output.shape)}, x_t has {tuple(x_t.shape)}")
+    dtype = _compute_dtype(x_t)
+    x_t = x_t.to(dtype)
+    model_output = model_output.to(dtype)
+    if variance == "fixed_small":
+        var = extract(schedule.posterior_variance, t, x_t)
+        log_var = extract(schedule.posterior_log_variance_clipped, t, x_t)
+    else:
+        var = extract(schedule.fixed_large_variance, t, x_t)
+        log_var = extract(schedule.fixed_large_log_variance, t, x_t)
+    if mean_type == "eps":
+        pred_x0 = predict_x0_from_eps(schedule, x_t, t, model_output)
+    else:
+        pred_x0 = model_output
+    if clip_denoised:
+        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    if mean_type == "eps" and not clip_denoised:
+        # eq. 11: (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
+        mean = extract(schedule.sqrt_recip_alphas, t, x_t) * (x_t - extract(schedule.eps_coef, t, x_t) * model_output)
+    else:
+        mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
+    var, log_var = var.expand_as(x_t), log_var.expand_as(x_t)
+    return PMeanVariance(mean, var, log_var, pred_x0)
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of the standard normal CDF used by the original code."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log p(x) of data in [-1, 1] quantized to 256 bins of width 2/255 under a
+    Gaussian (the decoder L_0, section 3.3); the edge bins extend to +-infinity."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def loss_simple(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
+    """L_simple (eq. 14): the per-sample mean squared error between eps and its prediction."""
+    if eps.shape != eps_pred.shape:
+        raise ValueError(f"eps has shape {tuple(eps.shape)}, the prediction {tuple(eps_pred.shape)}")
+    return _mean_flat((eps.float() - eps_pred.float()) ** 2)
+
+
+def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per sample, in bits per dimension."""
+    t = schedule.num_timesteps - 1
+    mean, _, log_var = q_mean_variance(schedule, x0.to(_compute_dtype(x0)), t)
+    kl = normal_kl(mean, log_var.expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean))
+    return _mean_flat(kl) / _LN2
+
+
+def vb_terms_bpd(
+    schedule: NoiseSchedule,
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    *,
+    mean_type: MeanType = "eps",
+    variance: VarianceType = "fixed_large",
+    clip_denoised: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One term of the variational bound per sample, in bits per dimension:
+    L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the
+    decoder NLL L_0 = -log p(x_0|x_1) at t = 0 (eq. 5). Also returns pred_x0."""
+    dtype = _compute_dtype(x_t)
+    x0 = x0.to(dtype)
+    true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, x_t.to(dtype), t)
+    p = p_mean_variance(schedule, model_output, x_t, t, mean_type=mean_type, variance=variance, clip_denoised=clip_denoised)
+    kl = _mean_flat(normal_kl(true_mean, true_log_var.expand_as(true_mean), p.mean, p.log_variance)) / _LN2
+    nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)) / _LN2
+    if isinstance(t, int):
+        is_first = torch.full_like(kl, t == 0, dtype=torch.bool)
+    else:
+        is_first = (t.to(kl.device) == 0).expand_as(kl)
+    return torch.where(is_first, nll, kl), p.pred_x0
+
+
+@dataclass
+class BitsPerDim:
+    """The variational bound per sample, in bits per dimension.
+
+    ``total = prior + terms.sum(1)``; ``terms[:, t]`` is L_{t-1} for t > 0 and the
+    decoder L_0 at t = 0; ``mse[:, t]`` is the eps-prediction error at step t.
+    """
+
+    total: torch.Tensor
+    prior: torch.Tensor
+    terms: torch.Tensor
+    mse: torch.Tensor
+
+    @property
+    def decoder(self) -> torch.Tensor:
+        return self.terms[:, 0]
+
+
+@torch.no_grad()
+def bits_per_dim(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    mean_type: MeanType = "eps",
+    variance: VarianceType = "fixed_large",
+    clip_denoised: bool = True,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> BitsPerDim:
+    """The full variational bound of ``x0`` (data in [-1, 1]) under ``model(x_t, t)``,
+    evaluated at every timestep as the original ``calc_bpd_loop`` does."""
+    if x0.dim() < 2 or x0.shape[0] == 0:
+        raise ValueError(f"x0 must be a non-empty batch (N, ...), got shape {tuple(x0.shape)}")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must be a floating tensor of data in [-1, 1], got {x0.dtype}")
+    n, num_steps = x0.shape[0], schedule.num_timesteps
+    dtype = _compute_dtype(x0)
+    terms = torch.zeros(n, num_steps, dtype=dtype, device=x0.device)
+    mse = torch.zeros(n, num_steps, dtype=dtype, device=x0.device)
+    steps = range(num_steps - 1, -1, -1)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="bits/dim", unit="step")
+        except ImportError:
+            pass
+    for step in steps:
+        t = torch.full((n,), step, dtype=torch.int64, device=x0.device)
+        noise_device = x0.device if generator is None else generator.device
+        noise = torch.randn(x0.shape, generator=generator, dtype=dtype, device=noise_device).to(x0.device)
+        x_t = q_sample(schedule, x0.to(dtype), t, noise)
+        out = model(x_t, t)
+        vb, _ = vb_terms_bpd(schedule, out, x0, x_t, t, mean_type=mean_type, variance=variance, clip_denoised=clip_denoised)
+        terms[:, step] = vb
+        target = noise if mean_type == "eps" else x0.to(dtype)
+        mse[:, step] = _mean_flat((out.to(dtype) - target) ** 2)
+    prior = prior_bpd(schedule, x0)
+    return BitsPerDim(total=prior + terms.sum(dim=1), prior=prior, terms=terms, mse=mse)

@@ -1,0 +1,97 @@
+"""Argument checks shared by the public ops: every backend sees the same,
+already validated arguments, and bad input fails here with a clear message."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+UINT64 = 1 << 64
+INT64_MAX = (1 << 63) - 1
+
+
+def check_float_tensor(x: object, name: str, op: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: {name} must have a batch dimension, got a 0-d tensor")
+    return x
+
+
+def check_same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, op: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.Tensor:
+    """``t`` as an int64 tensor on x's device: 0-d, or one entry per sample.
+
+    Ranges are checked wherever that needs no device sync (Python ints and CPU
+    tensors); on the GPU an out-of-range timestep turns its sample into NaN.
+    """
+    if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
+        raise TypeError(f"{op}: t must be an int or an integer tensor, got a bool")
+    if isinstance(t, numbers.Integral):
+        t = int(t)
+        if not 0 <= t < num_steps:
+            raise ValueError(f"{op}: timestep {t} is out of range [0, {num_steps})")
+        return torch.full((), t, dtype=torch.int64, device=x.device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: t must be an int or an integer tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{op}: t must hold integers, got {t.dtype}")
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
+        raise ValueError(
+            f"{op}: t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}"
+        )
+    if t.device != x.device:
+        raise ValueError(f"{op}: t is on {t.device} but x is on {x.device}")
+    if t.device.type == "cpu" and t.numel() > 0:
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= num_steps:
+            raise ValueError(f"{op}: timesteps must lie in [0, {num_steps}), got min {low}, max {high}")
+    if t.dim() == 1 and t.numel() == 1:
+        t = t.reshape(())
+    return t.to(torch.int64).contiguous()
+
+
+def as_seed(seed: object, op: str) -> int:
+    """A 64-bit seed as the signed int the C++ ops take; None draws one from
+    torch's default generator (so torch.manual_seed makes runs repeatable)."""
+    if seed is None:
+        return int(torch.empty((), dtype=torch.int64).random_())
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{op}: seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
+    if not -(1 << 63) <= seed < UINT64:
+        raise ValueError(f"{op}: seed must fit in 64 bits, got {seed}")
+    return seed - UINT64 if seed > INT64_MAX else seed
+
+
+def as_offset(offset: object, count: int, op: str) -> int:
+    """The counter of element 0; the counters offset .. offset+count-1 must fit in int64."""
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
+    offset = int(offset)
+    if offset < 0 or offset + count > INT64_MAX:
+        raise ValueError(f"{op}: offset must lie in [0, 2^63 - {count}], got {offset}")
+    return offset
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself if the kernels can read it (contiguous, or 4-d channels_last), else a contiguous copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+def match_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x with like's dtype and strides (like is in a kernel layout)."""
+    x = x.to(like.dtype)
+    if like.is_contiguous():
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last)

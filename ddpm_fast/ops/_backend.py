@@ -1,0 +1,85 @@
+"""Which implementation runs an op: ``reference`` (plain PyTorch), ``cpu`` (C++),
+``cuda`` (CUDA C++) or ``triton``; ``auto`` picks the fastest available one for
+the tensor's device.
+
+Precedence: an explicit per-call ``backend`` wins; with ``backend="auto"`` the
+environment variable ``DDPM_FAST_BACKEND`` (if set to a backend name) decides;
+otherwise the preference order below.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .. import _extension
+
+__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpreting"]
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+ENV_VAR = "DDPM_FAST_BACKEND"
+
+# Fastest first, per device type. CUDA C++ ahead of Triton is provisional until
+# the GPU benchmarks (BENCHMARKS.md) rank them per op.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _available(backend: str, device_type: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and _extension.AVAILABLE
+    if backend == "cuda":
+        return device_type == "cuda" and _extension.WITH_CUDA
+    if backend == "triton":
+        runs_here = device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
+        return runs_here and triton_available()
+    return False
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str:
+    if backend in ("cpu", "cuda") and not _extension.AVAILABLE:
+        return f"the compiled extension is not loaded ({_extension.LOAD_ERROR})"
+    if backend == "cuda" and device.type == "cuda":
+        return "the extension was built without its CUDA kernels (see setup.py: DDPM_FAST_CUDA)"
+    if backend == "triton" and not triton_available():
+        return "triton is not installed"
+    if backend == "triton":
+        return f"triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got {device}"
+    return f"it runs on {backend} tensors, got {device}"
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR}={env!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+            backend = env
+        else:
+            for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+                if _available(candidate, device.type):
+                    return candidate
+            return "reference"
+    if not _available(backend, device.type):
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable for {device} tensors: {_why_unavailable(backend, device)}")
+    return backend

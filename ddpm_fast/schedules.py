@@ -1,0 +1,185 @@
+"""Beta schedules and the per-timestep coefficient tables (shared/DESIGN.md).
+
+Timesteps are zero-based: index t is the paper's t+1 (Ho et al. 2020), as in the
+original code and in diffusers. Tables are computed in float64; kernels read
+float32 copies on the tensor's device (``NoiseSchedule.table``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["NoiseSchedule", "make_betas", "SCHEDULES"]
+
+SCHEDULES = ("linear", "quad", "const", "warmup10", "warmup50", "jsd", "cosine")
+
+# Ho et al. (2020): beta_1 = 1e-4 rising linearly to beta_T = 0.02, T = 1000.
+DEFAULT_BETA_START = 1e-4
+DEFAULT_BETA_END = 0.02
+# Nichol & Dhariwal (2021), eq. 17: offset s and the cap on beta.
+COSINE_OFFSET = 0.008
+COSINE_MAX_BETA = 0.999
+
+# Names of the float64 tables every NoiseSchedule carries.
+TABLES = (
+    "betas",
+    "alphas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "sqrt_recip_alphas",
+    "eps_coef",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "fixed_large_variance",
+    "fixed_large_log_variance",
+)
+
+
+def _warmup(beta_start: float, beta_end: float, timesteps: int, fraction: float) -> torch.Tensor:
+    betas = torch.full((timesteps,), beta_end, dtype=torch.float64)
+    warmup_steps = int(timesteps * fraction)
+    betas[:warmup_steps] = torch.linspace(beta_start, beta_end, warmup_steps, dtype=torch.float64)
+    return betas
+
+
+def _cosine(timesteps: int) -> torch.Tensor:
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), COSINE_MAX_BETA)
+        for i in range(timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def make_betas(
+    name: str,
+    timesteps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+) -> torch.Tensor:
+    """The float64 betas of a named schedule, as the original works define them."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
+    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
+        raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+    if name == "cosine":
+        if beta_start is not None or beta_end is not None:
+            raise ValueError("the cosine schedule takes no beta_start/beta_end")
+        return _cosine(timesteps)
+    if name == "jsd":  # 1/T, 1/(T-1), ..., 1
+        if beta_start is not None or beta_end is not None:
+            raise ValueError("the jsd schedule takes no beta_start/beta_end")
+        return 1.0 / torch.linspace(timesteps, 1, timesteps, dtype=torch.float64)
+    start = DEFAULT_BETA_START if beta_start is None else float(beta_start)
+    end = DEFAULT_BETA_END if beta_end is None else float(beta_end)
+    if name == "linear":
+        return torch.linspace(start, end, timesteps, dtype=torch.float64)
+    if name == "quad":
+        return torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
+    if name == "const":
+        return torch.full((timesteps,), end, dtype=torch.float64)
+    return _warmup(start, end, timesteps, 0.1 if name == "warmup10" else 0.5)
+
+
+class NoiseSchedule:
+    """A diffusion's betas and every coefficient derived from them.
+
+    ``NoiseSchedule("linear", timesteps=1000)`` or ``NoiseSchedule(betas=tensor)``.
+    Each name in ``TABLES`` is an attribute holding a float64 CPU tensor of length
+    ``num_timesteps``; ``table(name, device)`` gives a cached float32 copy for kernels.
+    """
+
+    def __init__(
+        self,
+        name: str | None = "linear",
+        *,
+        timesteps: int = 1000,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        betas: torch.Tensor | None = None,
+    ) -> None:
+        if betas is not None:
+            betas = torch.as_tensor(betas).detach().to("cpu", torch.float64).clone()
+            self.name = "custom"
+        else:
+            if name is None:
+                raise ValueError("give a schedule name or betas")
+            betas = make_betas(name, timesteps, beta_start, beta_end)
+            self.name = name
+        _check_betas(betas)
+        self.num_timesteps = int(betas.numel())
+        self._compute_tables(betas)
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _compute_tables(self, betas: torch.Tensor) -> None:
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, dim=0)
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        self.betas = betas
+        self.alphas = alphas
+        self.alphas_cumprod = ac
+        self.alphas_cumprod_prev = ac_prev
+        self.sqrt_alphas_cumprod = ac.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - ac).sqrt()
+        self.log_one_minus_alphas_cumprod = torch.log1p(-ac)
+        self.sqrt_recip_alphas_cumprod = ac.rsqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / ac - 1.0).sqrt()
+        self.sqrt_recip_alphas = alphas.rsqrt()
+        # The epsilon-form reverse step: x_{t-1} = (x_t - eps_coef * eps) / sqrt(alpha_t) + ...
+        self.eps_coef = betas / (1.0 - ac).sqrt()
+        # q(x_{t-1} | x_t, x_0), Ho et al. eqs. 6-7.
+        self.posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        # posterior_variance[0] is 0; log uses the next value in its place.
+        pv = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if pv.numel() > 1 else torch.log(betas)
+        self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac)
+        # sigma_t^2 = beta_t ("fixed_large"); the original code puts beta~_1 at t = 0.
+        large = torch.cat([pv[1:2], betas[1:]]) if pv.numel() > 1 else betas.clone()
+        self.fixed_large_variance = large
+        self.fixed_large_log_variance = torch.log(large)
+
+    def table(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The float32 table ``name`` on ``device``, made once per device."""
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
+        device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (name, device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            cached = getattr(self, name).to(device=device, dtype=torch.float32)
+            self._device_tables[key] = cached
+        return cached
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseSchedule({self.name!r}, timesteps={self.num_timesteps}, "
+            f"beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g})"
+        )
+
+
+def _check_betas(betas: torch.Tensor) -> None:
+    if betas.dim() != 1 or betas.numel() == 0:
+        raise ValueError(f"betas must be a non-empty 1-d tensor, got shape {tuple(betas.shape)}")
+    if not torch.isfinite(betas).all():
+        raise ValueError("betas must be finite (found NaN or Inf)")
+    if (betas <= 0).any() or (betas > 1).any():
+        raise ValueError(
+            f"betas must lie in (0, 1], got min {betas.min().item():.3g}, max {betas.max().item():.3g}"
+        )

@@ -1,0 +1,70 @@
+"""The shared Philox normal stream (csrc/philox.h, shared/DESIGN.md) in Triton.
+
+Written out rather than taken from ``tl.randn`` so that 64-bit counters mean the
+same on every Triton version: counter words (c & 0xffffffff, c >> 32, 0, 0), key
+(seed & 0xffffffff, seed >> 32). For counters below 2^32 this equals
+``tl.randn(seed, counter)`` (tests/test_randn.py checks it).
+"""
+
+import triton
+import triton.language as tl
+
+PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
+PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
+PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
+PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+PHILOX_ROUNDS: tl.constexpr = 10
+UINT_TO_UNIFORM: tl.constexpr = 4.6566127342e-10  # (2^31 - 1) * scale < 1 in float32
+TWO_PI: tl.constexpr = 6.283185307179586
+MIN_UNIFORM: tl.constexpr = 1.0e-7
+
+
+@triton.jit
+def _uint_to_uniform(bits):
+    """A uniform in [0, 1) from a uint32 word read as int32 and folded onto [0, 2^31)."""
+    x = bits.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return x.to(tl.float32) * UINT_TO_UNIFORM
+
+
+@triton.jit
+def philox_normal(seed_lo, seed_hi, counter):
+    """One standard normal per element of the int64 block ``counter``.
+
+    ``seed_lo``/``seed_hi`` are the key's two 32-bit halves (scalars).
+    """
+    counter = counter.to(tl.int64)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    for _ in tl.static_range(PHILOX_ROUNDS):
+        p0 = c0
+        p2 = c2
+        c0 = tl.umulhi(p2, PHILOX_ROUND_B) ^ c1 ^ k0
+        c2 = tl.umulhi(p0, PHILOX_ROUND_A) ^ c3 ^ k1
+        c1 = p2 * PHILOX_ROUND_B
+        c3 = p0 * PHILOX_ROUND_A
+        k0 = k0 + PHILOX_KEY_A
+        k1 = k1 + PHILOX_KEY_B
+    u1 = tl.maximum(MIN_UNIFORM, _uint_to_uniform(c0))
+    u2 = _uint_to_uniform(c1)
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(TWO_PI * u2)
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """The key halves of a seed given as a signed or unsigned 64-bit int."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
+def launchable(kernel):
+    """``torch.library.wrap_triton(kernel)`` where torch can wrap it; under the
+    CPU interpreter (TRITON_INTERPRET=1) older torch cannot, and the kernel is
+    launched as it is."""
+    from torch.library import wrap_triton
+    from triton.runtime.jit import JITFunction
+
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel

@@ -1,0 +1,35 @@
+"""fill_randn_ in Triton: the shared normal stream written into a contiguous tensor."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from .philox import launchable, philox_normal, split_seed
+
+BLOCK = 1024
+
+
+@triton.jit
+def fill_randn_kernel(
+    out_ptr,  # *T [numel] contiguous output
+    numel,  # elements to write
+    seed_lo,  # low 32 bits of the seed
+    seed_hi,  # high 32 bits of the seed
+    offset,  # counter of element 0
+    BLOCK: tl.constexpr,  # elements per program
+):
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = p < numel
+    z = philox_normal(seed_lo, seed_hi, offset + p)
+    tl.store(out_ptr + p, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_op("ddpm_fast::fill_randn_triton_", mutates_args={"out"})
+def fill_randn_triton_(out: torch.Tensor, seed: int, offset: int) -> None:
+    numel = out.numel()
+    if numel == 0:
+        return
+    seed_lo, seed_hi = split_seed(seed)
+    grid = (triton.cdiv(numel, BLOCK),)
+    launchable(fill_randn_kernel)[grid](out, numel, seed_lo, seed_hi, offset, BLOCK=BLOCK)
