@@ -6,6 +6,7 @@ same on every Triton version: counter words (c & 0xffffffff, c >> 32, 0, 0), key
 ``tl.randn(seed, counter)`` (tests/test_randn.py checks it).
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -61,10 +62,31 @@ def split_seed(seed: int) -> tuple[int, int]:
 
 
 def launchable(kernel):
-    """``torch.library.wrap_triton(kernel)`` where torch can wrap it; under the
-    CPU interpreter (TRITON_INTERPRET=1) older torch cannot, and the kernel is
-    launched as it is."""
+    """``kernel`` ready to launch inside a ``triton_op``.
+
+    A compiled kernel goes through ``torch.library.wrap_triton`` so that
+    torch.compile can trace it. Under Triton's CPU interpreter
+    (TRITON_INTERPRET=1) torch cannot wrap it; it is launched directly, except on
+    fake tensors (torch.compile's shape propagation), where there is nothing to run.
+    """
     from torch.library import wrap_triton
     from triton.runtime.jit import JITFunction
 
-    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
+    if isinstance(kernel, JITFunction):
+        return wrap_triton(kernel)
+    return _InterpretedLauncher(kernel)
+
+
+class _InterpretedLauncher:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        from torch._subclasses.fake_tensor import is_fake
+
+        def launch(*args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch

@@ -50,7 +50,8 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         )
     if t.device != x.device:
         raise ValueError(f"{op}: t is on {t.device} but x is on {x.device}")
-    if t.device.type == "cpu" and t.numel() > 0:
+    # (Under torch.compile the value is unknown; the CPU kernel checks it.)
+    if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= num_steps:
             raise ValueError(f"{op}: timesteps must lie in [0, {num_steps}), got min {low}, max {high}")

@@ -3,6 +3,8 @@ with eps given or drawn in-kernel from the shared stream (ops.randn)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _extension
@@ -80,8 +82,7 @@ def q_sample(
     if which == "reference":
         x_t, eps = _reference(x, t, sqrt_ab, sqrt_1m_ab, given, seed, offset)
     elif which == "triton":
-        from ..kernels import q_sample as _triton  # noqa: F401  (registers the ops)
-
+        _load_triton_ops()
         if given is None:
             x_t, eps = torch.ops.ddpm_fast.q_sample_randn_triton(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
         else:
@@ -135,6 +136,16 @@ def _register(name: str, drawn: bool) -> None:
         torch.library.register_fake(f"ddpm_fast::{name}")(fake)
     backward = _backward_drawn_noise if drawn else _backward_given_noise
     torch.library.register_autograd(f"ddpm_fast::{name}", backward, setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_ops() -> None:
+    """Import the Triton kernels (registering their ops) on first use; importing
+    triton costs a second, which CPU-only users need not pay."""
+    from ..kernels import q_sample as _triton  # noqa: F401
+
+    _register("q_sample_triton", drawn=False)
+    _register("q_sample_randn_triton", drawn=True)
 
 
 if _extension.AVAILABLE:

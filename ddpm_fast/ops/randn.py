@@ -16,7 +16,7 @@ from .. import _extension
 from . import _args
 from ._backend import resolve_backend
 
-__all__ = ["randn", "normal_reference"]
+__all__ = ["randn", "normal_reference", "philox4x32_reference"]
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -41,8 +41,10 @@ def _uniform(bits: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def normal_reference(seed: int, counter: torch.Tensor) -> torch.Tensor:
-    """The stream's float32 normals at the int64 counters ``counter`` (any shape)."""
+def philox4x32_reference(seed: int, counter: torch.Tensor) -> list[torch.Tensor]:
+    """Philox4x32-10 (Salmon et al., SC'11) of the 128-bit counters
+    (counter & 0xffffffff, counter >> 32, 0, 0) under the key (seed & 0xffffffff,
+    seed >> 32): its four output words, as int64 tensors in [0, 2^32)."""
     seed &= (1 << 64) - 1
     counter = counter.to(torch.int64)
     c0 = counter & _MASK32
@@ -56,6 +58,12 @@ def normal_reference(seed: int, counter: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def normal_reference(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    """The stream's float32 normals at the int64 counters ``counter`` (any shape)."""
+    c0, c1, _, _ = philox4x32_reference(seed, counter)
     u1 = torch.clamp_min(_uniform(c0), torch.tensor(1.0e-7, dtype=torch.float32))
     u2 = _uniform(c1)
     theta = torch.tensor(6.283185307179586, dtype=torch.float32) * u2

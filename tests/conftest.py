@@ -1,0 +1,71 @@
+"""Shared test set-up.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET
+must be set before any kernel module is imported, which happens lazily, on the
+first call of a Triton backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ddpm_fast import _extension  # noqa: E402
+from ddpm_fast.ops._backend import triton_available  # noqa: E402
+
+# Per-dtype tolerances for a backend against the reference: both compute in
+# float32, so outputs differ by float32 rounding, plus one ulp of the output
+# type where a value lands near a rounding boundary.
+TOLERANCES = {
+    torch.float32: dict(atol=2e-6, rtol=2e-6),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=8e-3, rtol=8e-3),
+}
+DTYPES = list(TOLERANCES)
+
+
+def device_backends() -> list[tuple[str, str]]:
+    """(device, backend) pairs to test against the reference on this machine."""
+    pairs = []
+    if _extension.AVAILABLE:
+        pairs.append(("cpu", "cpu"))
+    if triton_available() and not HAS_CUDA:
+        pairs.append(("cpu", "triton"))  # the interpreter
+    if HAS_CUDA:
+        pairs.append(("cuda", "reference"))
+        if _extension.WITH_CUDA:
+            pairs.append(("cuda", "cuda"))
+        if triton_available():
+            pairs.append(("cuda", "triton"))
+    return pairs
+
+
+def backend_params() -> list:
+    marks = {"cuda": [pytest.mark.gpu]}
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=marks.get(d, [])) for d, b in device_backends()]
+
+
+def poison_cuda_allocator(nbytes: int, device: str) -> None:
+    """Fill the caching allocator's next blocks with NaN so that an output
+    element a kernel fails to write shows up as NaN rather than as stale data."""
+    if device.startswith("cuda"):
+        blocks = [torch.full((nbytes // 4 + 1,), float("nan"), device=device) for _ in range(3)]
+        del blocks
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+requires_extension = pytest.mark.skipif(not _extension.AVAILABLE, reason="the C++ extension is not built")

@@ -1,0 +1,300 @@
+"""Fused q_sample on every backend against the reference, for given and
+in-kernel noise, all dtypes, both memory formats and odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DTYPES, TOLERANCES, backend_params, poison_cuda_allocator, requires_extension
+from ddpm_fast import NoiseSchedule, ops
+
+SCHEDULE = NoiseSchedule("linear", timesteps=1000)
+T = SCHEDULE.num_timesteps
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 3, 17, 13), (5, 4, 1, 1), (6, 11), (2, 3, 31), (4, 130, 3, 3)]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def make_input(shape, dtype, layout, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g).mul(2).sub(1).to(dtype)
+    if layout == "channels_last":
+        if len(shape) != 4:
+            pytest.skip("channels_last needs 4-d")
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(device)
+
+
+def timesteps(kind, n, device):
+    if kind == "int":
+        return 517
+    if kind == "first":
+        return 0
+    if kind == "last":
+        return T - 1
+    if kind == "0d":
+        return torch.tensor(3, device=device)
+    g = torch.Generator().manual_seed(n)
+    t = torch.randint(0, T, (n,), generator=g)
+    t[0] = T - 1
+    t[-1] = 0
+    return t.to(device)
+
+
+T_KINDS = ["int", "first", "last", "0d", "per_sample"]
+
+
+def assert_layout(out, x):
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    if x.dim() == 4 and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t_kind", T_KINDS)
+def test_drawn_noise_matches_reference(device, backend, dtype, layout, shape, t_kind):
+    x = make_input(shape, dtype, layout, device)
+    t = timesteps(t_kind, shape[0], device)
+    poison_cuda_allocator(x.numel() * x.element_size(), device)
+    xt, eps = ops.q_sample(x, t, SCHEDULE, seed=77, offset=5, backend=backend)
+    ref_t = t.cpu() if isinstance(t, torch.Tensor) else t
+    xt_ref, eps_ref = ops.q_sample(x.cpu(), ref_t, SCHEDULE, seed=77, offset=5, backend="reference")
+    assert_layout(xt, x)
+    assert_layout(eps, x)
+    torch.testing.assert_close(eps.cpu(), eps_ref, **TOLERANCES[dtype])
+    torch.testing.assert_close(xt.cpu(), xt_ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t_kind", ["int", "per_sample"])
+def test_given_noise_matches_reference(device, backend, dtype, layout, shape, t_kind):
+    x = make_input(shape, dtype, layout, device)
+    noise = make_input(shape, dtype, layout, device, seed=1) * 2
+    t = timesteps(t_kind, shape[0], device)
+    poison_cuda_allocator(x.numel() * x.element_size(), device)
+    xt, eps = ops.q_sample(x, t, SCHEDULE, noise=noise, backend=backend)
+    ref_t = t.cpu() if isinstance(t, torch.Tensor) else t
+    xt_ref, _ = ops.q_sample(x.cpu(), ref_t, SCHEDULE, noise=noise.cpu(), backend="reference")
+    assert eps is noise
+    assert_layout(xt, x)
+    torch.testing.assert_close(xt.cpu(), xt_ref, **TOLERANCES[dtype])
+
+
+def test_reference_is_the_diffusion_formula():
+    # The op's reference equals eq. 4 computed from the float64 tables.
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    xt, eps = ops.q_sample(x, t, SCHEDULE, seed=3, backend="reference")
+    a = SCHEDULE.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    b = SCHEDULE.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(xt.double(), a * x.double() + b * eps.double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(eps, ops.randn(x.shape, 3, backend="reference"))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_noise_follows_logical_position_not_memory_order(device, backend):
+    x = make_input((2, 3, 5, 7), torch.float32, "contiguous", device)
+    _, eps_contiguous = ops.q_sample(x, 9, SCHEDULE, seed=11, backend=backend)
+    _, eps_cl = ops.q_sample(x.to(memory_format=torch.channels_last), 9, SCHEDULE, seed=11, backend=backend)
+    torch.testing.assert_close(eps_cl, eps_contiguous, atol=0, rtol=0)
+    torch.testing.assert_close(eps_contiguous.cpu(), ops.randn((2, 3, 5, 7), 11, backend="reference"), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_strided_views_are_handled(device, backend):
+    base = make_input((4, 6, 10, 10), torch.float32, "contiguous", device)
+    x = base[:, ::2, 1:, ::3]  # neither contiguous nor channels_last
+    noise = torch.randn(x.shape, device=device).transpose(2, 3).contiguous().transpose(2, 3)
+    xt, _ = ops.q_sample(x, 100, SCHEDULE, noise=noise, backend=backend)
+    xt_ref, _ = ops.q_sample(x.cpu().contiguous(), 100, SCHEDULE, noise=noise.cpu().contiguous(), backend="reference")
+    torch.testing.assert_close(xt.cpu(), xt_ref)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_noise_of_another_dtype_is_cast_first(device, backend):
+    x = make_input((2, 3, 4, 4), torch.bfloat16, "contiguous", device)
+    noise = torch.randn(x.shape, device=device)
+    xt, eps = ops.q_sample(x, 7, SCHEDULE, noise=noise, backend=backend)
+    assert eps is noise
+    xt_ref, _ = ops.q_sample(x.cpu(), 7, SCHEDULE, noise=noise.cpu().bfloat16(), backend="reference")
+    torch.testing.assert_close(xt.cpu(), xt_ref, **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_same_seed_same_result_and_seed_none_follows_torch_seed(device, backend):
+    x = make_input((3, 2, 4, 4), torch.float32, "contiguous", device)
+    a = ops.q_sample(x, 5, SCHEDULE, seed=1, backend=backend)
+    b = ops.q_sample(x, 5, SCHEDULE, seed=1, backend=backend)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.manual_seed(0)
+    c = ops.q_sample(x, 5, SCHEDULE, backend=backend)
+    torch.manual_seed(0)
+    d = ops.q_sample(x, 5, SCHEDULE, backend=backend)
+    assert torch.equal(c[1], d[1])
+    assert not torch.equal(c[1], ops.q_sample(x, 5, SCHEDULE, backend=backend)[1])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_empty_batch(device, backend):
+    x = torch.empty(0, 3, 4, 4, device=device)
+    xt, eps = ops.q_sample(x, 1, SCHEDULE, seed=0, backend=backend)
+    assert xt.shape == eps.shape == x.shape
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_gradient_flows_to_x0_and_noise(device, backend):
+    x = make_input((2, 3, 4, 4), torch.float32, "contiguous", device).requires_grad_()
+    noise = torch.randn(x.shape, device=device, requires_grad=True)
+    t = torch.tensor([4, 900], device=device)
+    xt, _ = ops.q_sample(x, t, SCHEDULE, noise=noise, backend=backend)
+    xt.sum().backward()
+    a = SCHEDULE.table("sqrt_alphas_cumprod", device)[t].reshape(-1, 1, 1, 1).expand_as(x)
+    b = SCHEDULE.table("sqrt_one_minus_alphas_cumprod", device)[t].reshape(-1, 1, 1, 1).expand_as(x)
+    torch.testing.assert_close(x.grad, a)
+    torch.testing.assert_close(noise.grad, b)
+    x.grad = None
+    xt, _ = ops.q_sample(x, t, SCHEDULE, seed=1, backend=backend)
+    xt.sum().backward()
+    torch.testing.assert_close(x.grad, a)
+
+
+def _op_args(device="cpu"):
+    x = torch.randn(3, 2, 5, 5, device=device)
+    t = torch.tensor([0, 4, 999], device=device)
+    tables = (SCHEDULE.table("sqrt_alphas_cumprod", device), SCHEDULE.table("sqrt_one_minus_alphas_cumprod", device))
+    return x, t, tables
+
+
+@requires_extension
+def test_opcheck_cpp_ops():
+    x, t, (a, b) = _op_args()
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample_randn.default, (x, t, a, b, 3, 10))
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample.default, (x, t, a, b, torch.randn_like(x)))
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample_randn.default, (x_cl, t, a, b, 3, 10))
+
+
+def test_opcheck_triton_ops():
+    pytest.importorskip("triton")
+    from ddpm_fast.kernels import q_sample  # noqa: F401
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, t, (a, b) = _op_args(device)
+    torch.library.opcheck(
+        torch.ops.ddpm_fast.q_sample_randn_triton.default, (x, t, a, b, 3, 10), test_utils=("test_schema", "test_faketensor")
+    )
+    torch.library.opcheck(
+        torch.ops.ddpm_fast.q_sample_triton.default, (x, t, a, b, torch.randn_like(x)), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+@requires_extension
+def test_torch_compile_fullgraph_traces_through_the_op():
+    def noisy(x, t):
+        xt, eps = ops.q_sample(x, t, SCHEDULE, seed=5, backend="cpu")
+        return xt * 2 + eps
+
+    x, t, _ = _op_args()
+    compiled = torch.compile(noisy, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, t), noisy(x, t))
+
+
+class TestBadInput:
+    x = torch.randn(2, 3, 4, 4)
+
+    @pytest.mark.parametrize(
+        "args,kwargs,error,match",
+        [
+            ((torch.randn(2, 3).double(), 1), {}, TypeError, "float32, float16 or bfloat16"),
+            ((torch.ones(2, 3, dtype=torch.int64), 1), {}, TypeError, "float32, float16 or bfloat16"),
+            (([1.0, 2.0], 1), {}, TypeError, "must be a torch.Tensor"),
+            ((torch.tensor(1.0), 1), {}, ValueError, "batch dimension"),
+            ((x, 1000), {}, ValueError, r"out of range \[0, 1000\)"),
+            ((x, -1), {}, ValueError, "out of range"),
+            ((x, torch.tensor([0, 1000])), {}, ValueError, "must lie in"),
+            ((x, torch.tensor([1, 2, 3])), {}, ValueError, "one entry per sample"),
+            ((x, torch.tensor([[1, 2]])), {}, ValueError, "one entry per sample"),
+            ((x, torch.tensor([1.0, 2.0])), {}, TypeError, "integers"),
+            ((x, True), {}, TypeError, "bool"),
+            ((x, 2.5), {}, TypeError, "int or an integer tensor"),
+            ((x, torch.tensor([1, 2], device="meta")), {}, ValueError, "t is on meta"),
+            ((x, 1), dict(noise=torch.randn(2, 3, 4)), ValueError, "noise has shape"),
+            ((x, 1), dict(noise=torch.randn(2, 3, 4, 4, device="meta")), ValueError, "noise is on meta"),
+            ((x, 1), dict(noise=torch.randn(2, 3, 4, 4).double()), TypeError, "noise must be float32"),
+            ((x, 1), dict(noise=torch.randn(2, 3, 4, 4), seed=3), ValueError, "not both"),
+            ((x, 1), dict(seed="7"), TypeError, "seed must be an int"),
+            ((x, 1), dict(seed=0, offset=-5), ValueError, "offset"),
+            ((x, 1), dict(backend="gpu"), ValueError, "backend must be one of"),
+            ((x, 1), dict(backend="cuda"), RuntimeError, "unavailable"),
+        ],
+    )
+    def test_rejected_with_clear_error(self, args, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            ops.q_sample(args[0], args[1], SCHEDULE, **kwargs)
+
+    def test_schedule_type(self):
+        with pytest.raises(TypeError, match="NoiseSchedule"):
+            ops.q_sample(self.x, 1, "linear")
+
+    def test_env_var_selects_backend(self, monkeypatch):
+        monkeypatch.setenv("DDPM_FAST_BACKEND", "nonsense")
+        with pytest.raises(ValueError, match="DDPM_FAST_BACKEND"):
+            ops.q_sample(self.x, 1, SCHEDULE, seed=0)
+        monkeypatch.setenv("DDPM_FAST_BACKEND", "reference")
+        assert ops.resolve_backend("auto", torch.device("cpu"), "q_sample") == "reference"
+
+    @requires_extension
+    def test_cpp_ops_check_their_arguments(self):
+        x, t, (a, b) = _op_args()
+        with pytest.raises(RuntimeError, match="out of range"):
+            torch.ops.ddpm_fast.q_sample_randn(x, torch.tensor([0, 1, 1000]), a, b, 0, 0)
+        with pytest.raises(RuntimeError, match="int64"):
+            torch.ops.ddpm_fast.q_sample_randn(x, t.int(), a, b, 0, 0)
+        with pytest.raises(RuntimeError, match="float32 table"):
+            torch.ops.ddpm_fast.q_sample_randn(x, t, a.double(), b, 0, 0)
+        with pytest.raises(RuntimeError, match="differ in length"):
+            torch.ops.ddpm_fast.q_sample_randn(x, t, a, b[:10], 0, 0)
+        with pytest.raises(RuntimeError, match="noise has shape"):
+            torch.ops.ddpm_fast.q_sample(x, t, a, b, x[:, :1])
+        with pytest.raises(RuntimeError, match="memory format"):
+            torch.ops.ddpm_fast.q_sample(x, t, a, b, x.to(memory_format=torch.channels_last))
+        with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+            torch.ops.ddpm_fast.q_sample_randn(x.transpose(0, 1), torch.tensor(1), a, b, 0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_to_the_31_elements(backend):
+    # 64-bit indexing: check windows at the start, across 2^31 and at the end.
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    n = 2**31 + 2**20 + 3
+    x = torch.rand(n, dtype=torch.float16, device="cuda").reshape(-1, 1)[: n // 1].reshape(1, n)
+    xt, eps = ops.q_sample(x, 123, SCHEDULE, seed=9, offset=0, backend=backend)
+    for start in (0, 2**31 - 500, n - 1000):
+        window = slice(start, start + 1000)
+        z = ops.randn(1000, 9, start, backend="reference").half()
+        torch.testing.assert_close(eps[0, window].cpu(), z, **TOLERANCES[torch.float16])
+        ref, _ = ops.q_sample(x[:, window].cpu(), 123, SCHEDULE, noise=eps[:, window].cpu(), backend="reference")
+        torch.testing.assert_close(xt[:, window].cpu(), ref, **TOLERANCES[torch.float16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_compile_inductor_on_gpu(backend):
+    def noisy(x, t):
+        xt, eps = ops.q_sample(x, t, SCHEDULE, seed=5, backend=backend)
+        return xt * 2 + eps
+
+    x, t, _ = _op_args("cuda")
+    compiled = torch.compile(noisy, fullgraph=True)
+    torch.testing.assert_close(compiled(x, t), noisy(x, t))

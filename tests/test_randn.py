@@ -1,0 +1,156 @@
+"""The shared Philox normal stream: the same numbers on every backend, the
+numbers Triton's tl.randn gives, and statistically a standard normal stream."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import DTYPES, backend_params, requires_extension
+from ddpm_fast import ops
+from ddpm_fast.ops.randn import normal_reference, philox4x32_reference
+
+SEEDS = [0, 123, 2**40 + 7, 2**64 - 1]
+OFFSETS = [0, 12345, 2**32 - 5]  # the last one crosses into the counter's high word
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 7), (1031,)])
+def test_backends_match_reference(device, backend, seed, offset, shape):
+    expected = ops.randn(shape, seed, offset, backend="reference")
+    got = ops.randn(shape, seed, offset, device=device, backend=backend)
+    assert got.shape == shape and got.device.type == device
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_low_precision_outputs_are_the_rounded_stream(device, backend, dtype):
+    expected = ops.randn(4099, 7, backend="reference").to(dtype)
+    got = ops.randn(4099, 7, device=device, dtype=dtype, backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu().float(), expected.float(), atol=0, rtol=2**-7)
+
+
+def test_equals_triton_randn_for_32_bit_counters():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out_ptr, seed, offset, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, tl.randn(seed, offset + i))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed, offset in [(0, 0), (123, 1000), (2**40 + 7, 2**30)]:
+        out = torch.empty(256, device=device)
+        draw[(1,)](out, seed, offset, N=256)
+        ours = ops.randn(256, seed, offset, backend="reference")
+        torch.testing.assert_close(out.cpu(), ours, atol=2e-6, rtol=2e-6)
+
+
+def test_reference_philox_known_answer():
+    # Random123's known-answer vector for philox4x32_10: counter 0, key 0.
+    words = [int(w) for w in philox4x32_reference(0, torch.zeros(1, dtype=torch.int64))]
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_offset_shifts_the_stream(device, backend):
+    whole = ops.randn(600, 99, 1000, device=device, backend=backend)
+    tail = ops.randn(100, 99, 1500, device=device, backend=backend)
+    torch.testing.assert_close(whole[500:], tail, atol=0, rtol=0)
+
+
+def test_signed_and_unsigned_seeds_are_the_same_key():
+    torch.testing.assert_close(ops.randn(50, -1, backend="reference"), ops.randn(50, 2**64 - 1, backend="reference"))
+
+
+def test_seeds_and_offsets_give_different_streams():
+    a = ops.randn(64, 1, backend="reference")
+    assert not torch.equal(a, ops.randn(64, 2, backend="reference"))
+    assert not torch.equal(a, ops.randn(64, 1, 64, backend="reference"))
+
+
+@pytest.fixture(scope="module")
+def z():
+    """2^20 draws from the CPU backend (the reference where it is not built)."""
+    backend = "cpu" if ops.resolve_backend("auto", torch.device("cpu"), "t") == "cpu" else "reference"
+    return ops.randn(TestStatistics.N, 2024, 10**9, backend=backend).double().numpy()
+
+
+class TestStatistics:
+    N = 1 << 20
+
+    def test_mean_and_variance(self, z):
+        se = 1 / math.sqrt(self.N)
+        assert abs(z.mean()) < 5 * se
+        assert abs(z.var() - 1) < 5 * math.sqrt(2) * se
+
+    def test_higher_moments_and_tails(self, z):
+        assert abs(stats.skew(z)) < 5 * math.sqrt(6 / self.N)
+        assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24 / self.N)
+        tail = np.mean(np.abs(z) > 3)
+        expected = 2 * stats.norm.sf(3)
+        assert abs(tail - expected) < 5 * math.sqrt(expected / self.N)
+
+    def test_normality(self, z):
+        assert stats.kstest(z, "norm").pvalue > 1e-4
+        counts, edges = np.histogram(z, bins=np.linspace(-4, 4, 41))
+        expected = self.N * np.diff(stats.norm.cdf(edges))
+        assert stats.chisquare(counts, expected * counts.sum() / expected.sum()).pvalue > 1e-4
+
+    def test_no_correlation_between_neighbours(self, z):
+        bound = 5 / math.sqrt(self.N)
+        for lag in (1, 2, 3, 4, 64):
+            assert abs(np.corrcoef(z[:-lag], z[lag:])[0, 1]) < bound
+
+    def test_no_correlation_across_seeds_and_high_counter_word(self, z):
+        bound = 5 / math.sqrt(self.N)
+        other_seed = ops.randn(self.N, 2025, 10**9, backend="reference").double().numpy()
+        high_word = normal_reference(2024, torch.arange(self.N) + 10**9 + 2**32).double().numpy()
+        assert abs(np.corrcoef(z, other_seed)[0, 1]) < bound
+        assert abs(np.corrcoef(z, high_word)[0, 1]) < bound
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(shape=(-1, 3), seed=0), ValueError, "negative"),
+        (dict(shape="abc", seed=0), TypeError, "shape"),
+        (dict(shape=(3,), seed=0, dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
+        (dict(shape=(3,), seed=1.5), TypeError, "seed must be an int"),
+        (dict(shape=(3,), seed=2**64), ValueError, "64 bits"),
+        (dict(shape=(3,), seed=0, offset=-1), ValueError, "offset"),
+        (dict(shape=(3,), seed=0, offset=2**63), ValueError, "offset"),
+        (dict(shape=(3,), seed=0, backend="fast"), ValueError, "backend must be one of"),
+        (dict(shape=(3,), seed=0, backend="cuda"), RuntimeError, "unavailable"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.randn(**kwargs)
+
+
+def test_empty():
+    assert ops.randn((0, 4), 1).shape == (0, 4)
+
+
+@requires_extension
+def test_opcheck_cpu():
+    out = torch.empty(37)
+    torch.library.opcheck(torch.ops.ddpm_fast.fill_randn_.default, (out, 5, 9))
+
+
+@requires_extension
+def test_cpp_op_rejects_bad_output():
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.ddpm_fast.fill_randn_(torch.empty(4, dtype=torch.float64), 0, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.ddpm_fast.fill_randn_(torch.empty(4, 4).t(), 0, 0)

@@ -1,0 +1,275 @@
+"""NoiseSchedule and make_betas against independent float64 numpy formulas.
+
+Every expectation here is rebuilt from the definitions in shared/DESIGN.md
+(Ho et al. 2020; Nichol & Dhariwal 2021 for cosine) with numpy, never by
+calling the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_fast import NoiseSchedule
+from ddpm_fast.schedules import SCHEDULES, TABLES, make_betas
+
+RTOL = 1e-12  # float64 tables, computed by a different route (numpy vs torch)
+SIZES = [10, 37, 1000]
+
+
+# ---------------------------------------------------------------- references
+
+
+def np_betas(name: str, T: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
+    """The float64 betas of each schedule, straight from the definitions."""
+    if name == "linear":
+        return np.linspace(start, end, T, dtype=np.float64)
+    if name == "quad":
+        return np.linspace(math.sqrt(start), math.sqrt(end), T, dtype=np.float64) ** 2
+    if name == "const":
+        return np.full(T, end, dtype=np.float64)
+    if name in ("warmup10", "warmup50"):
+        n = int(T * (0.1 if name == "warmup10" else 0.5))
+        b = np.full(T, end, dtype=np.float64)
+        b[:n] = np.linspace(start, end, n, dtype=np.float64)
+        return b
+    if name == "jsd":
+        return 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    if name == "cosine":
+        s = np.arange(T + 1, dtype=np.float64) / T
+        abar = np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+        return np.minimum(1.0 - abar[1:] / abar[:-1], 0.999)
+    raise AssertionError(name)
+
+
+def np_tables(b: np.ndarray) -> dict[str, np.ndarray]:
+    """Every derived table, from betas, in float64 numpy."""
+    with np.errstate(divide="ignore"):  # jsd ends with beta = 1, so abar_T = 0
+        a = 1.0 - b
+        ab = np.cumprod(a)
+        abp = np.concatenate([[1.0], ab[:-1]])
+        pv = b * (1.0 - abp) / (1.0 - ab)
+        large = np.concatenate([[pv[1]], b[1:]])
+        return {
+            "betas": b,
+            "alphas": a,
+            "alphas_cumprod": ab,
+            "alphas_cumprod_prev": abp,
+            "sqrt_alphas_cumprod": np.sqrt(ab),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ab),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - ab),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ab),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ab - 1.0),
+            "sqrt_recip_alphas": np.sqrt(1.0 / a),
+            "eps_coef": b / np.sqrt(1.0 - ab),
+            "posterior_variance": pv,
+            "posterior_log_variance_clipped": np.log(np.concatenate([[pv[1]], pv[1:]])),
+            "posterior_mean_coef1": b * np.sqrt(abp) / (1.0 - ab),
+            "posterior_mean_coef2": (1.0 - abp) * np.sqrt(a) / (1.0 - ab),
+            "fixed_large_variance": large,
+            "fixed_large_log_variance": np.log(large),
+        }
+
+
+def assert_close64(got: torch.Tensor, want: np.ndarray, rtol: float = RTOL, atol: float = 0.0) -> None:
+    assert got.dtype == torch.float64 and got.device.type == "cpu"
+    assert tuple(got.shape) == want.shape
+    np.testing.assert_allclose(got.numpy(), want, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- betas
+
+
+@pytest.mark.parametrize("T", SIZES)
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_betas_match_definition(name, T):
+    """make_betas and NoiseSchedule(name) give each schedule's defined betas."""
+    want = np_betas(name, T)
+    # cosine: 1 - ratio loses a few ulps of relative precision on tiny betas
+    atol = 1e-16 if name == "cosine" else 0.0
+    assert_close64(make_betas(name, T), want, atol=atol)
+    assert_close64(NoiseSchedule(name, timesteps=T).betas, want, atol=atol)
+
+
+def test_linear_defaults_are_ho_et_al():
+    """The default schedule is DDPM's: linear 1e-4 -> 0.02 over T = 1000."""
+    s = NoiseSchedule()
+    assert s.name == "linear" and s.num_timesteps == len(s) == 1000
+    assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-15)
+    assert s.betas[-1].item() == pytest.approx(0.02, rel=1e-15)
+    assert_close64(s.betas, np.linspace(1e-4, 0.02, 1000))
+
+
+@pytest.mark.parametrize("name", ["linear", "quad", "const", "warmup10", "warmup50"])
+def test_custom_beta_start_end_honoured(name):
+    """beta_start / beta_end replace the defaults for the schedules that take them."""
+    T, start, end = 37, 3e-3, 0.15
+    want = np_betas(name, T, start, end)
+    assert_close64(make_betas(name, T, beta_start=start, beta_end=end), want)
+    assert_close64(NoiseSchedule(name, timesteps=T, beta_start=start, beta_end=end).betas, want)
+    assert make_betas(name, T, beta_start=start, beta_end=end)[-1].item() == pytest.approx(end, rel=1e-15)
+
+
+@pytest.mark.parametrize("T", [10, 100, 1000])
+def test_warmup_boundary(T):
+    """warmupP ramps over the first P% of steps (the ramp ends at beta_end) and stays there."""
+    for name, frac in (("warmup10", 0.1), ("warmup50", 0.5)):
+        b = make_betas(name, T).numpy()
+        n = int(T * frac)
+        assert b[0] == pytest.approx(1e-4, rel=1e-15)
+        assert b[n - 1] == pytest.approx(0.02, rel=1e-15)
+        assert np.all(np.diff(b[:n]) > 0)
+        assert np.all(b[n:] == 0.02)
+
+
+@pytest.mark.parametrize("T", SIZES)
+def test_cosine_clip_is_hit(T):
+    """abar(1) = cos^2(pi/2) ~ 0, so the last cosine beta is capped at exactly 0.999."""
+    b = make_betas("cosine", T).numpy()
+    assert b[-1] == 0.999
+    assert np.all(b <= 0.999) and np.all(b > 0)
+    # The unclipped ratio really does exceed the cap at the end.
+    ab = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert 1 - ab(1.0) / ab((T - 1) / T) > 0.999
+
+
+def test_jsd_is_reciprocal_countdown():
+    """jsd: 1/T, 1/(T-1), ..., 1."""
+    b = make_betas("jsd", 10).numpy()
+    np.testing.assert_allclose(b, [1 / k for k in range(10, 0, -1)], rtol=1e-15)
+
+
+# ---------------------------------------------------------------- derived tables
+
+
+@pytest.mark.parametrize("T", SIZES)
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_derived_tables(name, T):
+    """Every table of NoiseSchedule against its numpy formula (from numpy betas)."""
+    s = NoiseSchedule(name, timesteps=T)
+    want = np_tables(np_betas(name, T))
+    assert set(want) == set(TABLES)
+    for key, ref in want.items():
+        got = getattr(s, key)
+        # cosine's betas agree to ~1e-16 absolute, not 1e-12 relative, on its first steps
+        rtol = 1e-10 if name == "cosine" else RTOL
+        try:
+            assert_close64(got, ref, rtol=rtol)
+        except AssertionError as e:
+            raise AssertionError(f"table {key!r} ({name}, T={T}): {e}") from None
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_zero_based_timesteps(name):
+    """Index t is the paper's t+1: the first step has abar_prev = 1, a zero-variance
+    posterior whose mean is x0 (c1 = 1, c2 = 0); fixed_large at t = 0 is beta~_1."""
+    s = NoiseSchedule(name, timesteps=37)
+    b0 = s.betas[0].item()
+    assert s.alphas_cumprod[0].item() == 1.0 - b0
+    assert s.alphas_cumprod_prev[0].item() == 1.0
+    assert torch.equal(s.alphas_cumprod_prev[1:], s.alphas_cumprod[:-1])
+    assert s.posterior_variance[0].item() == 0.0
+    assert s.posterior_variance[1].item() > 0.0
+    assert s.posterior_log_variance_clipped[0].item() == s.posterior_log_variance_clipped[1].item()
+    assert s.posterior_mean_coef1[0].item() == pytest.approx(1.0, rel=1e-12)
+    assert s.posterior_mean_coef2[0].item() == 0.0
+    assert s.fixed_large_variance[0].item() == s.posterior_variance[1].item()
+    assert torch.equal(s.fixed_large_variance[1:], s.betas[1:])
+
+
+def test_custom_betas_round_trip():
+    """NoiseSchedule(betas=...) gives back the same betas and the same tables, from
+    a float64 tensor, a float32 tensor or a list, and copies its input."""
+    ref = NoiseSchedule("quad", timesteps=37)
+    given = ref.betas.clone()
+    s = NoiseSchedule(betas=given)
+    assert s.name == "custom" and s.num_timesteps == 37
+    for key in TABLES:
+        assert torch.equal(getattr(s, key), getattr(ref, key)), key
+    given.fill_(0.5)  # the schedule kept its own copy
+    assert torch.equal(s.betas, ref.betas)
+    b32 = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float32)
+    s32 = NoiseSchedule(betas=b32)
+    assert s32.betas.dtype == torch.float64
+    assert torch.equal(s32.betas, b32.double())
+    assert_close64(NoiseSchedule(betas=[0.1, 0.2, 0.3]).alphas_cumprod, np.cumprod([0.9, 0.8, 0.7]))
+
+
+@pytest.mark.parametrize("name", ["betas", "alphas_cumprod", "posterior_log_variance_clipped", "eps_coef"])
+def test_device_table_float32_and_cached(name):
+    """table(name, device) is the float64 table rounded to float32, made once per device."""
+    s = NoiseSchedule("cosine", timesteps=37)
+    t = s.table(name, "cpu")
+    assert t.dtype == torch.float32 and t.device.type == "cpu" and t.shape == (37,)
+    np.testing.assert_array_equal(t.numpy(), getattr(s, name).numpy().astype(np.float32))
+    assert s.table(name, "cpu") is t
+    assert s.table(name, torch.device("cpu")) is t
+    assert s.table(name) is t  # default device is the CPU
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", ["nope", "Linear", "", "sigmoid"])
+def test_unknown_schedule_name(bad):
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        make_betas(bad, 10)
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        NoiseSchedule(bad, timesteps=10)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -1000, 2.5, 10.0, "10", None, True])
+def test_bad_timesteps(bad):
+    with pytest.raises(ValueError, match="timesteps must be a positive int"):
+        make_betas("linear", bad)
+    with pytest.raises(ValueError, match="timesteps must be a positive int"):
+        NoiseSchedule("linear", timesteps=bad)
+
+
+def test_no_name_no_betas():
+    with pytest.raises(ValueError, match="name or betas"):
+        NoiseSchedule(None)
+
+
+@pytest.mark.parametrize(
+    "betas, match",
+    [
+        ([0.1, float("nan"), 0.2], "finite"),
+        ([0.1, float("inf")], "finite"),
+        ([float("-inf"), 0.1], "finite"),
+        ([0.0, 0.1], r"\(0, 1\]"),
+        ([0.1, -0.2], r"\(0, 1\]"),
+        ([0.1, 1.0 + 1e-9], r"\(0, 1\]"),
+        ([[0.1, 0.2], [0.3, 0.4]], "1-d"),
+        ([], "non-empty"),
+    ],
+)
+def test_bad_betas(betas, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(betas=torch.tensor(betas, dtype=torch.float64))
+
+
+def test_beta_of_one_is_allowed():
+    """beta = 1 is in (0, 1] (jsd ends with it)."""
+    assert NoiseSchedule(betas=[0.5, 1.0]).alphas_cumprod[-1].item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["cosine", "jsd"])
+@pytest.mark.parametrize("kw", [dict(beta_start=1e-4), dict(beta_end=0.02)])
+def test_fixed_schedules_reject_beta_range(name, kw):
+    """cosine and jsd have no beta range; passing one is an error, not silently ignored."""
+    with pytest.raises(ValueError, match="takes no beta_start/beta_end"):
+        make_betas(name, 10, **kw)
+    with pytest.raises(ValueError, match="takes no beta_start/beta_end"):
+        NoiseSchedule(name, timesteps=10, **kw)
+
+
+def test_unknown_table_name():
+    s = NoiseSchedule("linear", timesteps=10)
+    with pytest.raises(KeyError, match="unknown table 'nope'"):
+        s.table("nope")
+    with pytest.raises(KeyError, match="unknown table"):
+        s.table("_device_tables")
