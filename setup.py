@@ -129,7 +129,7 @@ def _extensions():
         with_cuda = has_nvcc and cuda_torch
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, define_macros=[], py_limited_api=True)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

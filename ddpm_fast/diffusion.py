@@ -50,6 +50,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``table[t]`` shaped to broadcast against ``x`` (one value per sample)."""
     num_steps = table.numel()
+    if isinstance(t, bool):
+        raise TypeError("t must be an int or an integer tensor, got a bool")
     if isinstance(t, int):
         if not 0 <= t < num_steps:
             raise ValueError(f"timestep {t} is out of range [0, {num_steps})")
@@ -76,6 +78,8 @@ def q_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Te
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4), in x0's dtype."""
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
     a = extract(schedule.sqrt_alphas_cumprod, t, x0)
     b = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0)
     return (a * x0.to(a.dtype) + b * noise.to(a.dtype)).to(x0.dtype)
@@ -193,7 +197,8 @@ def loss_simple(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
     """L_simple (eq. 14): the per-sample mean squared error between eps and its prediction."""
     if eps.shape != eps_pred.shape:
         raise ValueError(f"eps has shape {tuple(eps.shape)}, the prediction {tuple(eps_pred.shape)}")
-    return _mean_flat((eps.float() - eps_pred.float()) ** 2)
+    dtype = _compute_dtype(eps)
+    return _mean_flat((eps.to(dtype) - eps_pred.to(dtype)) ** 2)
 
 
 def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:

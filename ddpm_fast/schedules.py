@@ -110,7 +110,10 @@ class NoiseSchedule:
         betas: torch.Tensor | None = None,
     ) -> None:
         if betas is not None:
-            betas = torch.as_tensor(betas).detach().to("cpu", torch.float64).clone()
+            if isinstance(betas, torch.Tensor):
+                betas = betas.detach().to("cpu", torch.float64).clone()
+            else:  # lists and arrays straight to float64, never via float32
+                betas = torch.tensor(betas, dtype=torch.float64)
             self.name = "custom"
         else:
             if name is None:

@@ -154,3 +154,21 @@ def test_cpp_op_rejects_bad_output():
         torch.ops.ddpm_fast.fill_randn_(torch.empty(4, dtype=torch.float64), 0, 0)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.ddpm_fast.fill_randn_(torch.empty(4, 4).t(), 0, 0)
+
+
+@requires_extension
+def test_cpu_avx2_and_portable_paths_are_bit_identical(tmp_path):
+    # The CPU kernel picks an AVX2 path at run time; DDPM_FAST_NO_AVX2=1 forces
+    # the portable one. Both must give the same bits.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, ddpm_fast\n"
+        "z = ddpm_fast.ops.randn(4099, 2**40 + 3, 2**32 - 100, backend='cpu')\n"
+        f"torch.save(z, {str(tmp_path / 'z.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "DDPM_FAST_NO_AVX2": "1"})
+    portable = torch.load(tmp_path / "z.pt")
+    assert torch.equal(portable, ops.randn(4099, 2**40 + 3, 2**32 - 100, backend="cpu"))

@@ -6,12 +6,13 @@
 namespace ddpm_fast {
 namespace cpu {
 
-// Elements per call of normal_block: enough lanes for the compiler to fill
-// AVX2 registers, small enough to stay in L1.
+// Elements per call of normal_block: enough independent lanes to hide the
+// latency of a Philox round, few enough to stay in registers and L1.
+// A multiple of 16, the AVX2 path's group.
 constexpr int64_t kNormalBlock = 64;
 
 // z[i] = the stream's normal for counter ctr[i], i < kNormalBlock.
-// Built for AVX2 and for plain x86-64, chosen at load time; both give
+// An AVX2 path and a portable one, chosen at first call; both give
 // bit-identical results.
 void normal_block(uint64_t seed, const uint64_t* ctr, float* z);
 

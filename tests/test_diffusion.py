@@ -1,0 +1,378 @@
+"""ddpm_fast.diffusion against independent float64 numpy formulas
+(Ho et al. 2020, shared/DESIGN.md "The math, once").
+
+Expectations are rebuilt in numpy from the betas; the code under test is only
+ever the thing being checked (or, for the oracle model, the model itself).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_fast import NoiseSchedule
+from ddpm_fast import diffusion as D
+
+T = 40
+SCHEDULES = {
+    "linear": (NoiseSchedule("linear", timesteps=T, beta_start=1e-4, beta_end=0.05), np.linspace(1e-4, 0.05, T)),
+    "cosine": (NoiseSchedule("cosine", timesteps=T), None),
+}
+_s = np.arange(T + 1) / T
+_ab = np.cos((_s + 0.008) / 1.008 * np.pi / 2) ** 2
+SCHEDULES["cosine"] = (SCHEDULES["cosine"][0], np.minimum(1 - _ab[1:] / _ab[:-1], 0.999))
+SHAPE = (4, 3, 5, 6)
+TOL = dict(rtol=1e-11, atol=1e-12)
+
+
+def np_tables(b: np.ndarray) -> dict[str, np.ndarray]:
+    a = 1.0 - b
+    ab = np.cumprod(a)
+    abp = np.concatenate([[1.0], ab[:-1]])
+    pv = b * (1.0 - abp) / (1.0 - ab)
+    return dict(
+        b=b, a=a, ab=ab, abp=abp, pv=pv,
+        c1=b * np.sqrt(abp) / (1.0 - ab),
+        c2=(1.0 - abp) * np.sqrt(a) / (1.0 - ab),
+        large=np.concatenate([[pv[1]], b[1:]]),
+    )
+
+
+def data(seed: int, shape=SHAPE, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+
+def t_cases(n: int):
+    """(t as passed, per-sample int index array): an int at both ends and inside,
+    and per-sample int64 / int32 tensors covering 0 and T-1."""
+    per = np.array([0, T - 1, 7, 23][:n])
+    return [
+        (0, np.zeros(n, int)),
+        (T - 1, np.full(n, T - 1)),
+        (13, np.full(n, 13)),
+        (torch.tensor(per, dtype=torch.int64), per),
+        (torch.tensor(per, dtype=torch.int32), per),
+        (torch.tensor(5), np.full(n, 5)),  # 0-d tensor
+    ]
+
+
+def col(v: np.ndarray, ndim: int = len(SHAPE)) -> np.ndarray:
+    """Per-sample values shaped to broadcast over (N, C, H, W)."""
+    return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def close(got: torch.Tensor, want: np.ndarray, **tol) -> None:
+    assert got.dtype == torch.float64
+    g = np.broadcast_to(got.numpy(), want.shape) if got.shape != want.shape else got.numpy()
+    np.testing.assert_allclose(g, want, **(tol or TOL))
+
+
+params = pytest.mark.parametrize("sched", list(SCHEDULES))
+t_params = pytest.mark.parametrize("case", range(6))
+
+
+# ---------------------------------------------------------------- forward process
+
+
+@params
+@t_params
+def test_q_sample_and_q_mean_variance(sched, case):
+    """x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps; q(x_t|x0) = N(sqrt(abar) x0, 1-abar)."""
+    s, b = SCHEDULES[sched]
+    tb = np_tables(b)
+    t, ti = t_cases(SHAPE[0])[case]
+    x0, eps = data(0), data(1)
+    ab = col(tb["ab"][ti])
+    x0n, epsn = x0.numpy(), eps.numpy()
+    out = D.q_sample(s, x0, t, eps)
+    assert out.dtype == torch.float64 and out.shape == SHAPE
+    close(out, np.sqrt(ab) * x0n + np.sqrt(1 - ab) * epsn)
+    mean, var, logvar = D.q_mean_variance(s, x0, t)
+    close(mean, np.sqrt(ab) * x0n)
+    close(var, np.broadcast_to(1 - ab, SHAPE))
+    close(logvar, np.broadcast_to(np.log(1 - ab), SHAPE))
+
+
+def test_q_sample_float32_stays_float32():
+    """float32 inputs give float32 outputs, equal to the float64 result to float32 rounding."""
+    s, _ = SCHEDULES["linear"]
+    x0, eps = data(0), data(1)
+    t = torch.tensor([0, 3, T - 1, 20])
+    out = D.q_sample(s, x0.float(), t, eps.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), D.q_sample(s, x0, t, eps), rtol=1e-6, atol=1e-6)
+
+
+@params
+@t_params
+def test_q_posterior(sched, case):
+    """q(x_{t-1}|x_t,x0): mean c1 x0 + c2 x_t, variance beta~_t, log-variance with
+    beta~_1 standing in for beta~_0 = 0."""
+    s, b = SCHEDULES[sched]
+    tb = np_tables(b)
+    t, ti = t_cases(SHAPE[0])[case]
+    x0, xt = data(2), data(3)
+    mean, var, logvar = D.q_posterior_mean_variance(s, x0, xt, t)
+    close(mean, col(tb["c1"][ti]) * x0.numpy() + col(tb["c2"][ti]) * xt.numpy())
+    close(var, np.broadcast_to(col(tb["pv"][ti]), SHAPE))
+    logpv = np.log(np.where(ti == 0, tb["pv"][1], tb["pv"][ti]))
+    close(logvar, np.broadcast_to(col(logpv), SHAPE))
+
+
+@params
+@t_params
+def test_predict_x0_eps_round_trip(sched, case):
+    """x0_hat = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps, and predict_eps_from_x0 inverts it;
+    applied to q_sample's output they recover x0 and eps."""
+    s, b = SCHEDULES[sched]
+    tb = np_tables(b)
+    t, ti = t_cases(SHAPE[0])[case]
+    x0, eps = data(4), data(5)
+    xt = D.q_sample(s, x0, t, eps)
+    ab = col(tb["ab"][ti])
+    x0_hat = D.predict_x0_from_eps(s, xt, t, eps)
+    close(x0_hat, np.sqrt(1 / ab) * xt.numpy() - np.sqrt(1 / ab - 1) * eps.numpy())
+    close(x0_hat, x0.numpy(), rtol=1e-9, atol=1e-9)
+    close(D.predict_eps_from_x0(s, xt, t, x0_hat), eps.numpy(), rtol=1e-9, atol=1e-9)
+    close(D.predict_eps_from_x0(s, xt, t, x0), eps.numpy(), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- reverse process
+
+
+@params
+@t_params
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_p_mean_variance_eps(sched, case, variance):
+    """eps-model, unclipped: mean (x_t - beta/sqrt(1-abar) eps)/sqrt(alpha) (eq. 11), which
+    is algebraically the posterior mean of x0_hat; clipped: c1 clip(x0_hat) + c2 x_t.
+    Variances: beta~_t (fixed_small) or [beta~_1, beta_1, ..., beta_{T-1}] (fixed_large)."""
+    s, b = SCHEDULES[sched]
+    tb = np_tables(b)
+    t, ti = t_cases(SHAPE[0])[case]
+    xt, eps = data(6), data(7, scale=2.0)
+    xtn, epsn = xt.numpy(), eps.numpy()
+    ab, a, c1, c2 = (col(tb[k][ti]) for k in ("ab", "a", "c1", "c2"))
+    x0_hat = np.sqrt(1 / ab) * xtn - np.sqrt(1 / ab - 1) * epsn
+
+    p = D.p_mean_variance(s, eps, xt, t, mean_type="eps", variance=variance)
+    eq11 = (xtn - col(tb["b"][ti]) / np.sqrt(1 - ab) * epsn) / np.sqrt(a)
+    close(p.mean, eq11)
+    close(p.pred_x0, x0_hat)
+    # eq. 11 and the posterior-mean form agree (float64, to 1e-10)
+    np.testing.assert_allclose(eq11, c1 * x0_hat + c2 * xtn, rtol=1e-10, atol=1e-10)
+    close(p.mean, c1 * x0_hat + c2 * xtn, rtol=1e-10, atol=1e-10)
+
+    pc = D.p_mean_variance(s, eps, xt, t, mean_type="eps", variance=variance, clip_denoised=True)
+    assert np.abs(x0_hat).max() > 1  # the clip is exercised
+    close(pc.pred_x0, np.clip(x0_hat, -1, 1))
+    close(pc.mean, c1 * np.clip(x0_hat, -1, 1) + c2 * xtn)
+
+    want_var = tb["pv"][ti] if variance == "fixed_small" else tb["large"][ti]
+    want_logvar = np.log(np.where(ti == 0, tb["pv"][1], want_var))
+    for out in (p, pc):
+        assert out.variance.shape == out.log_variance.shape == SHAPE
+        close(out.variance, np.broadcast_to(col(want_var), SHAPE))
+        close(out.log_variance, np.broadcast_to(col(want_logvar), SHAPE))
+
+
+def test_fixed_large_at_t0_is_posterior_variance_1():
+    """The original code uses beta~_1, not beta_1, as the fixed_large variance at t = 0."""
+    s, b = SCHEDULES["linear"]
+    pv1 = np_tables(b)["pv"][1]
+    p = D.p_mean_variance(s, data(0), data(1), 0, variance="fixed_large")
+    np.testing.assert_allclose(p.variance.numpy(), pv1, rtol=1e-12)
+    assert not np.allclose(pv1, b[0])
+
+
+@params
+@pytest.mark.parametrize("clip", [False, True])
+def test_p_mean_variance_x0(sched, clip):
+    """x0-model: pred_x0 is the output (clipped if asked) and the mean its posterior mean."""
+    s, b = SCHEDULES[sched]
+    tb = np_tables(b)
+    t, ti = t_cases(SHAPE[0])[3]
+    xt, x0 = data(8), data(9, scale=1.5)
+    want_x0 = np.clip(x0.numpy(), -1, 1) if clip else x0.numpy()
+    p = D.p_mean_variance(s, x0, xt, t, mean_type="x0", variance="fixed_small", clip_denoised=clip)
+    close(p.pred_x0, want_x0)
+    close(p.mean, col(tb["c1"][ti]) * want_x0 + col(tb["c2"][ti]) * xt.numpy())
+
+
+# ---------------------------------------------------------------- likelihood pieces
+
+
+def test_normal_kl_closed_form():
+    """KL(N(m1,s1^2)||N(m2,s2^2)) = log(s2/s1) + (s1^2 + (m1-m2)^2)/(2 s2^2) - 1/2."""
+    m1, m2 = data(10, (50,)), data(11, (50,))
+    lv1, lv2 = data(12, (50,)), data(13, (50,))
+    s1, s2 = np.exp(0.5 * lv1.numpy()), np.exp(0.5 * lv2.numpy())
+    want = np.log(s2 / s1) + (s1**2 + (m1.numpy() - m2.numpy()) ** 2) / (2 * s2**2) - 0.5
+    close(D.normal_kl(m1, lv1, m2, lv2), want, rtol=1e-12, atol=1e-14)
+    # identical Gaussians: 0 up to rounding of (-1 + lv2) - lv1 + 1
+    assert D.normal_kl(m1, lv1, m1, lv1).abs().max().item() < 1e-15
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.3, -0.97, 1.0])
+@pytest.mark.parametrize("scale", [0.003, 0.05, 0.5, 3.0])
+def test_discretized_likelihood_sums_to_one(mean, scale):
+    """The 256 bins x = -1 + 2k/255 (edge bins open to +-inf) carry all the mass;
+    an interior bin's mass is close to the exact Gaussian mass (tanh CDF approx.)."""
+    x = torch.tensor([-1 + 2 * k / 255 for k in range(256)], dtype=torch.float64)
+    ll = D.discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(scale)))
+    assert ll.dtype == torch.float64 and torch.all(ll <= 1e-12)
+    assert ll.exp().sum().item() == pytest.approx(1.0, abs=1e-8)
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    k = 128
+    exact = phi((x[k].item() + 1 / 255 - mean) / scale) - phi((x[k].item() - 1 / 255 - mean) / scale)
+    assert ll[k].exp().item() == pytest.approx(exact, abs=1e-3)
+
+
+def test_loss_simple_is_per_sample_mse():
+    eps, pred = data(14), data(15)
+    want = ((eps.numpy() - pred.numpy()) ** 2).mean(axis=(1, 2, 3))
+    got = D.loss_simple(eps, pred)
+    assert got.shape == (SHAPE[0],) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    assert torch.all(D.loss_simple(eps, eps) == 0)
+
+
+# ---------------------------------------------------------------- bits per dim
+
+BPD_SCHED = NoiseSchedule("linear", timesteps=20, beta_start=1e-3, beta_end=0.2)
+BPD_T = np_tables(np.linspace(1e-3, 0.2, 20))
+BPD_SHAPE = (3, 2, 4, 4)
+
+
+def bpd_data() -> torch.Tensor:
+    """Data on the 256-level grid in [-1, 1], including both edges."""
+    k = torch.randint(0, 256, BPD_SHAPE, generator=torch.Generator().manual_seed(3))
+    k[0, 0, 0, 0], k[0, 0, 0, 1] = 0, 255
+    return (-1 + 2 * k / 255).double()
+
+
+def run_bpd(model, seed=0, **kw):
+    return D.bits_per_dim(model, bpd_data(), BPD_SCHED, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def oracle(x0):
+    """A model that predicts eps exactly: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+    ab = torch.from_numpy(BPD_T["ab"])
+    return lambda xt, t: (xt - ab[t].sqrt().view(-1, 1, 1, 1) * x0) / (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+
+
+def test_bpd_structure_and_prior():
+    """total = prior + sum of terms; terms[:, 0] is the decoder; all finite and >= 0;
+    prior = KL(N(sqrt(abar_T) x0, 1-abar_T) || N(0,1)) / ln 2, averaged over dims."""
+    r = run_bpd(lambda x, t: 0.1 * x)
+    n = BPD_SHAPE[0]
+    assert r.total.shape == r.prior.shape == (n,) and r.terms.shape == r.mse.shape == (n, 20)
+    assert r.total.dtype == torch.float64
+    np.testing.assert_allclose(r.total.numpy(), (r.prior + r.terms.sum(1)).numpy(), rtol=1e-10, atol=1e-10)
+    assert torch.equal(r.decoder, r.terms[:, 0])
+    assert torch.isfinite(r.terms).all() and (r.terms >= 0).all()
+    m, v = math.sqrt(BPD_T["ab"][-1]) * bpd_data().numpy(), 1 - BPD_T["ab"][-1]
+    kl = 0.5 * (-1 - math.log(v) + v + m**2)
+    np.testing.assert_allclose(r.prior.numpy(), kl.mean(axis=(1, 2, 3)) / math.log(2), rtol=1e-12)
+
+
+def test_bpd_reproducible_with_generator():
+    """Same seed -> identical result; another seed -> different noise and terms."""
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    a, b, c = run_bpd(model, 0), run_bpd(model, 0), run_bpd(model, 1)
+    assert torch.equal(a.total, b.total) and torch.equal(a.terms, b.terms)
+    assert not torch.equal(a.terms, c.terms)
+    assert torch.equal(a.prior, c.prior)  # the prior does not depend on noise
+
+
+def test_bpd_oracle_closed_form():
+    """With the exact eps, p's mean is the true posterior mean, so each KL term is the
+    variance mismatch alone: 0 for fixed_small, and for fixed_large
+    (log(s2/s1) + s1/s2 - 1)/2/ln 2 with s1 = beta~_t, s2 = beta_t. The decoder is
+    -log P(bin of x0 | N(x0, beta~_1)) under the tanh CDF, per dim."""
+    x0 = bpd_data()
+    small = run_bpd(oracle(x0), variance="fixed_small")
+    np.testing.assert_allclose(small.terms[:, 1:].numpy(), 0.0, atol=1e-10)
+    np.testing.assert_allclose(small.mse.numpy(), 0.0, atol=1e-20)
+
+    large = run_bpd(oracle(x0), variance="fixed_large")
+    pv, b = BPD_T["pv"][1:], BPD_T["b"][1:]
+    want = 0.5 * (np.log(b / pv) + pv / b - 1) / math.log(2)
+    np.testing.assert_allclose(large.terms[:, 1:].numpy(), np.broadcast_to(want, (3, 19)), rtol=1e-9)
+
+    # decoder at t = 0: mean x0, std sqrt(beta~_1) in both variance types
+    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))  # noqa: E731
+    h = (1 / 255) / math.sqrt(BPD_T["pv"][1])
+    xn = x0.numpy()
+    p = np.where(np.abs(xn) > 0.999, cdf(h), cdf(h) - cdf(-h))
+    dec = -np.log(p).mean(axis=(1, 2, 3)) / math.log(2)
+    np.testing.assert_allclose(small.decoder.numpy(), dec, rtol=1e-9)
+    np.testing.assert_allclose(large.decoder.numpy(), dec, rtol=1e-9)
+
+
+def test_bpd_better_model_scores_lower():
+    """The exact-eps model beats a zero model and a 0.1*x model; an x0-oracle matches it."""
+    x0 = bpd_data()
+    best = run_bpd(oracle(x0)).total
+    assert torch.all(best < run_bpd(lambda x, t: torch.zeros_like(x)).total)
+    assert torch.all(best < run_bpd(lambda x, t: 0.1 * x).total)
+    x0_oracle = run_bpd(lambda x, t: x0.clone(), mean_type="x0").total
+    np.testing.assert_allclose(x0_oracle.numpy(), best.numpy(), rtol=1e-8)
+
+
+# ---------------------------------------------------------------- bad input
+
+S, _ = SCHEDULES["linear"]
+
+
+def test_bad_mean_type_and_variance():
+    x = data(0)
+    with pytest.raises(ValueError, match="mean_type"):
+        D.p_mean_variance(S, x, x, 3, mean_type="v")
+    with pytest.raises(ValueError, match="variance"):
+        D.p_mean_variance(S, x, x, 3, variance="learned")
+    with pytest.raises(ValueError, match="mean_type"):
+        D.bits_per_dim(lambda x, t: x, bpd_data(), BPD_SCHED, mean_type="start_x")
+
+
+def test_shape_mismatch():
+    x = data(0)
+    with pytest.raises(ValueError, match="shape"):
+        D.p_mean_variance(S, x[:, :, :, :-1], x, 3)
+    with pytest.raises(ValueError, match="shape"):
+        D.p_mean_variance(S, x[:1], x, 3)  # broadcastable, still an error
+    with pytest.raises(ValueError, match="shape"):
+        D.loss_simple(x, x[:1])
+    with pytest.raises(ValueError, match="noise has shape"):
+        D.q_sample(S, x[:1], 3, x)  # broadcastable noise is still an error
+
+
+@pytest.mark.parametrize("t", [T, -1, 10**6, torch.tensor([0, 1, T, 2]), torch.tensor([-1, 0, 0, 0]), torch.tensor(T)])
+def test_t_out_of_range(t):
+    with pytest.raises(ValueError, match="out of range"):
+        D.q_sample(S, data(0), t, data(1))
+    with pytest.raises(ValueError, match="out of range"):
+        D.p_mean_variance(S, data(0), data(1), t)
+
+
+@pytest.mark.parametrize("t", [torch.zeros(4, 1, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)])
+def test_t_wrong_shape(t):
+    with pytest.raises(ValueError, match="one entry per sample"):
+        D.q_sample(S, data(0), t, data(1))
+
+
+@pytest.mark.parametrize("t", [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor(3.0), 3.0, torch.tensor([True] * 4), True])
+def test_t_float_dtype(t):
+    with pytest.raises(TypeError, match="integer"):
+        D.q_sample(S, data(0), t, data(1))
+
+
+def test_bpd_bad_x0():
+    with pytest.raises(ValueError, match="non-empty batch"):
+        D.bits_per_dim(lambda x, t: x, torch.zeros(5, dtype=torch.float64), BPD_SCHED)
+    with pytest.raises(TypeError, match="floating"):
+        D.bits_per_dim(lambda x, t: x, torch.zeros(2, 3, dtype=torch.int64), BPD_SCHED)
