@@ -87,18 +87,4 @@ inline ElementLayout element_layout(const at::Tensor& x) {
   return l;
 }
 
-// The logical (NCHW) index of memory position p of a channels_last tensor.
-#if defined(__CUDACC__)
-__host__ __device__ __forceinline__
-#else
-inline
-#endif
-int64_t logical_index_nhwc(int64_t p, int64_t channels, int64_t spatial) {
-  const int64_t c = p % channels;
-  const int64_t q = p / channels;
-  const int64_t hw = q % spatial;
-  const int64_t n = q / spatial;
-  return (n * channels + c) * spatial + hw;
-}
-
 }  // namespace ddpm_fast

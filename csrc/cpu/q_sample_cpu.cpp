@@ -38,27 +38,52 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
   const int64_t grain = 16 * cpu::kNormalBlock;
 
   at::parallel_for(0, l.numel, grain, [&](int64_t begin, int64_t end) {
-    uint64_t ctr[cpu::kNormalBlock];
-    float z[cpu::kNormalBlock];
-    for (int64_t p0 = begin; p0 < end; p0 += cpu::kNormalBlock) {
-      const int64_t n = std::min(cpu::kNormalBlock, end - p0);
-      if (noise == nullptr) {
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t p = p0 + i;
-          const int64_t logical = l.channels_last ? logical_index_nhwc(p, l.channels, l.spatial) : p;
-          ctr[i] = offset + static_cast<uint64_t>(logical);
+    constexpr int64_t B = cpu::kNormalBlock;
+    uint64_t ctr[B];
+    float z[B], a[B], b[B];
+    // Where `begin` lies: its sample and (channels_last) its N, C, H*W
+    // coordinates, then advanced element by element without dividing again.
+    int64_t sample = begin / l.per_sample;
+    int64_t next_sample_at = (sample + 1) * l.per_sample;
+    int64_t c = 0, hw = 0, n = 0;
+    if (l.channels_last) {
+      c = begin % l.channels;
+      hw = (begin / l.channels) % l.spatial;
+      n = begin / (l.channels * l.spatial);
+    }
+    for (int64_t p0 = begin; p0 < end; p0 += B) {
+      const int64_t count = std::min(B, end - p0);
+      for (int64_t i = 0; i < count; ++i) {
+        if (p0 + i == next_sample_at) {
+          ++sample;
+          next_sample_at += l.per_sample;
         }
-        for (int64_t i = n; i < cpu::kNormalBlock; ++i) ctr[i] = 0;  // lanes past the end: discarded
+        const int64_t step = t[per_sample_t ? sample : 0];
+        a[i] = sqrt_ab[step];
+        b[i] = sqrt_1m_ab[step];
+        if (noise == nullptr) {
+          const int64_t logical = l.channels_last ? (n * l.channels + c) * l.spatial + hw : p0 + i;
+          ctr[i] = offset + static_cast<uint64_t>(logical);
+          if (l.channels_last && ++c == l.channels) {
+            c = 0;
+            if (++hw == l.spatial) {
+              hw = 0;
+              ++n;
+            }
+          }
+        }
+      }
+      if (noise == nullptr) {
+        for (int64_t i = count; i < B; ++i) ctr[i] = 0;  // lanes past the end: discarded
         cpu::normal_block(seed, ctr, z);
       } else {
-        for (int64_t i = 0; i < n; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+        for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t p = p0 + i;
-        const int64_t step = per_sample_t ? t[p / l.per_sample] : t[0];
-        const float y = sqrt_ab[step] * static_cast<float>(x[p]) + sqrt_1m_ab[step] * z[i];
-        out[p] = static_cast<scalar_t>(y);
-        if (eps_out) eps_out[p] = static_cast<scalar_t>(z[i]);
+      for (int64_t i = 0; i < count; ++i) {
+        out[p0 + i] = static_cast<scalar_t>(a[i] * static_cast<float>(x[p0 + i]) + b[i] * z[i]);
+      }
+      if (eps_out != nullptr) {
+        for (int64_t i = 0; i < count; ++i) eps_out[p0 + i] = static_cast<scalar_t>(z[i]);
       }
     }
   });
