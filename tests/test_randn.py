@@ -172,3 +172,14 @@ def test_cpu_avx2_and_portable_paths_are_bit_identical(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "DDPM_FAST_NO_AVX2": "1"})
     portable = torch.load(tmp_path / "z.pt")
     assert torch.equal(portable, ops.randn(4099, 2**40 + 3, 2**32 - 100, backend="cpu"))
+
+
+def test_opcheck_triton():
+    pytest.importorskip("triton")
+    from ddpm_fast.kernels import randn as _triton  # noqa: F401  (registers the op)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.empty(37, device=device)
+    torch.library.opcheck(
+        torch.ops.ddpm_fast.fill_randn_triton_.default, (out, 5, 9), test_utils=("test_schema", "test_faketensor")
+    )
