@@ -16,6 +16,12 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "q_sample_randn(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
       "Tensor sqrt_one_minus_alphas_cumprod, int seed, int offset) -> (Tensor, Tensor)");
+  // One reverse step written into `out` (and, cast, into `model_input`);
+  // see csrc/ddpm_step.h for the coefficients and the noise counters.
+  m.def(
+      "ddpm_step_(Tensor x_t, Tensor eps, Tensor t, Tensor coefficients, Tensor? noise, int seed, "
+      "int offset, int sample_stride, int step_stride, bool clip_denoised, Tensor(a!) out, "
+      "Tensor(b!)? model_input) -> ()");
 }
 
 // `import ddpm_fast._C` loads this library, which registers the operators

@@ -8,10 +8,11 @@ float32 copies on the tensor's device (``NoiseSchedule.table``).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
-__all__ = ["NoiseSchedule", "make_betas", "SCHEDULES"]
+__all__ = ["NoiseSchedule", "make_betas", "SCHEDULES", "STEP_COLUMNS", "STEP_KINDS"]
 
 SCHEDULES = ("linear", "quad", "const", "warmup10", "warmup50", "jsd", "cosine")
 
@@ -21,6 +22,10 @@ DEFAULT_BETA_END = 0.02
 # Nichol & Dhariwal (2021), eq. 17: offset s and the cap on beta.
 COSINE_OFFSET = 0.008
 COSINE_MAX_BETA = 0.999
+
+# Columns of a reverse-step table (NoiseSchedule.step_table); "pad" keeps rows 32 bytes.
+STEP_COLUMNS = ("a", "b", "sqrt_recip_ac", "sqrt_recipm1_ac", "c1", "c2", "sigma", "pad")
+STEP_KINDS = ("fixed_small", "fixed_large", "ddim")
 
 # Names of the float64 tables every NoiseSchedule carries.
 TABLES = (
@@ -123,6 +128,8 @@ class NoiseSchedule:
         _check_betas(betas)
         self.num_timesteps = int(betas.numel())
         self._compute_tables(betas)
+        # Original timestep of each index (the identity unless respaced).
+        self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _compute_tables(self, betas: torch.Tensor) -> None:
@@ -166,6 +173,85 @@ class NoiseSchedule:
             cached = getattr(self, name).to(device=device, dtype=torch.float32)
             self._device_tables[key] = cached
         return cached
+
+    def step_table(
+        self, kind: str = "fixed_large", *, eta: float = 0.0, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """The float32 (T, 8) coefficient table of one reverse step, cached per device.
+
+        ``kind``: ``fixed_small`` / ``fixed_large`` (ancestral DDPM, sigma_t^2 =
+        beta~_t or beta_t) or ``ddim`` (Song et al. 2021, with ``eta``). Columns
+        (``STEP_COLUMNS``) let one kernel run every kind:
+
+        * unclipped: x_{t-1} = a x_t + b eps + sigma z
+        * clipped:   x0 = clip(sqrt_recip_ac x_t - sqrt_recipm1_ac eps, -1, 1),
+                     x_{t-1} = c1 x0 + c2 x_t + sigma z
+
+        sigma is 0 at t = 0 (no noise on the last step).
+        """
+        if kind not in STEP_KINDS:
+            raise ValueError(f"step kind must be one of {', '.join(STEP_KINDS)}, got {kind!r}")
+        eta = float(eta)
+        if kind != "ddim" and eta != 0.0:
+            raise ValueError("eta applies to the ddim step only")
+        if not (math.isfinite(eta) and eta >= 0.0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (f"step:{kind}:{eta!r}", device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            table = self._ddim_table(eta) if kind == "ddim" else self._ddpm_table(kind)
+            cached = table.to(device=device, dtype=torch.float32)
+            self._device_tables[key] = cached
+        return cached
+
+    def _ddpm_table(self, variance: str) -> torch.Tensor:
+        table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), dtype=torch.float64)
+        # eq. 11: (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
+        table[:, 0] = self.sqrt_recip_alphas
+        table[:, 1] = -self.sqrt_recip_alphas * self.eps_coef
+        table[:, 2] = self.sqrt_recip_alphas_cumprod
+        table[:, 3] = self.sqrt_recipm1_alphas_cumprod
+        table[:, 4] = self.posterior_mean_coef1  # eq. 7
+        table[:, 5] = self.posterior_mean_coef2
+        var = self.posterior_variance if variance == "fixed_small" else self.fixed_large_variance
+        table[:, 6] = var.sqrt()
+        table[0, 6] = 0.0
+        return table
+
+    def _ddim_table(self, eta: float) -> torch.Tensor:
+        # Song et al. (2021), eq. 12: x_{t-1} = sqrt(abar_prev) x0 + dir * eps + sigma z,
+        # dir = sqrt(1 - abar_prev - sigma^2), eps recomputed from x0 when x0 is clipped.
+        ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        direction = (1 - ab_prev - sigma**2).clamp_min(0.0).sqrt()
+        k2, k3 = self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod
+        table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), dtype=torch.float64)
+        table[:, 0] = ab_prev.sqrt() * k2
+        table[:, 1] = direction - ab_prev.sqrt() * k3
+        table[:, 2] = k2
+        table[:, 3] = k3
+        table[:, 4] = ab_prev.sqrt() - direction / k3
+        table[:, 5] = direction * k2 / k3
+        table[:, 6] = sigma
+        table[0, 6] = 0.0
+        return table
+
+    def respace(self, timesteps: Sequence[int]) -> "NoiseSchedule":
+        """The schedule of the sub-chain through ``timesteps`` (increasing, zero-based),
+        with the betas that keep its alphas_cumprod (Nichol & Dhariwal 2021, sec. 4).
+        ``timestep_map[i]`` is the original timestep of new index i, which the model sees."""
+        steps = sorted(set(int(s) for s in timesteps))
+        if not steps or steps[0] < 0 or steps[-1] >= self.num_timesteps:
+            raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps}), got {list(timesteps)[:5]}...")
+        ab = self.alphas_cumprod[steps]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        respaced = NoiseSchedule(betas=1.0 - ab / ab_prev)
+        respaced.name = f"{self.name}[{len(steps)} of {self.num_timesteps}]"
+        respaced.timestep_map = torch.tensor(steps, dtype=torch.int64)
+        return respaced
 
     def __len__(self) -> int:
         return self.num_timesteps

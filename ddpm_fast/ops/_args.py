@@ -90,9 +90,10 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def match_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x with like's dtype and strides (like is in a kernel layout)."""
-    x = x.to(like.dtype)
+def match_layout(x: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x in like's memory format (like is in a kernel layout), with like's dtype
+    unless ``dtype`` is given; x itself when nothing changes."""
+    x = x.to(like.dtype if dtype is None else dtype)
     if like.is_contiguous():
         return x.contiguous()
     return x.contiguous(memory_format=torch.channels_last)

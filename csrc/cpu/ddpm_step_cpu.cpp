@@ -1,0 +1,116 @@
+// The reverse step on the CPU: one pass, noise drawn in blocks where sigma != 0.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ddpm_step.h"
+#include "normal_cpu.h"
+
+namespace ddpm_fast {
+namespace {
+
+std::vector<int64_t> read_timesteps(const at::Tensor& t, int64_t num_steps) {
+  const at::Tensor flat = t.reshape({-1});
+  const int64_t* p = flat.const_data_ptr<int64_t>();
+  std::vector<int64_t> steps(p, p + flat.numel());
+  for (int64_t v : steps) {
+    TORCH_CHECK(v >= 0 && v < num_steps, "ddpm_fast: timestep ", v, " is out of range [0, ", num_steps, ")");
+  }
+  return steps;
+}
+
+template <typename M>
+void store_model_input(at::Tensor& mi, const int64_t* index, const float* y, int64_t count) {
+  M* dst = mi.mutable_data_ptr<M>();
+  for (int64_t i = 0; i < count; ++i) dst[index[i]] = static_cast<M>(y[i]);
+}
+
+template <typename X, typename E>
+void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vector<int64_t>& t, const float* table,
+                 const X* noise, uint64_t seed, uint64_t offset, uint64_t sample_stride, uint64_t step_stride,
+                 bool clip, const StepLayout& s, at::Tensor& out_t, const std::optional<at::Tensor>& model_input) {
+  const X* x = x_t.const_data_ptr<X>();
+  const E* eps = eps_t.const_data_ptr<E>();
+  X* out = out_t.mutable_data_ptr<X>();
+  const bool per_sample_t = t.size() > 1;
+  constexpr int64_t B = cpu::kNormalBlock;
+
+  at::parallel_for(0, s.numel, 16 * B, [&](int64_t begin, int64_t end) {
+    uint64_t ctr[B];
+    float z[B], mean[B], sigma[B], y[B];
+    int64_t mi_index[B];
+    // Position of `begin` (sample, outer, inner), advanced without dividing again.
+    int64_t n = begin / s.per_sample;
+    const int64_t q0 = begin - n * s.per_sample;
+    int64_t outer = q0 / s.inner, inner = q0 % s.inner;
+    for (int64_t p0 = begin; p0 < end; p0 += B) {
+      const int64_t count = std::min(B, end - p0);
+      bool any_noise = false;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t step = t[per_sample_t ? n : 0];
+        const float* row = table + step * kStepColumns;
+        mean[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), clip);
+        sigma[i] = row[kSigma];
+        any_noise |= sigma[i] != 0.0f;
+        const int64_t q = outer * s.inner + inner;        // position within the sample, memory order
+        const int64_t q_other = inner * s.outer + outer;  // the same element in the other format
+        const int64_t j = s.channels_last ? q_other : q;  // logical index within the sample
+        ctr[i] = offset + static_cast<uint64_t>(n) * sample_stride + static_cast<uint64_t>(step) * step_stride +
+                 static_cast<uint64_t>(j);
+        mi_index[i] = n * s.per_sample + (s.model_input_other ? q_other : q);
+        if (++inner == s.inner) {
+          inner = 0;
+          if (++outer == s.outer) {
+            outer = 0;
+            ++n;
+          }
+        }
+      }
+      if (noise != nullptr) {
+        for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+      } else if (any_noise) {
+        for (int64_t i = count; i < B; ++i) ctr[i] = 0;  // lanes past the end: discarded
+        cpu::normal_block(seed, ctr, z);
+      } else {
+        std::fill(z, z + count, 0.0f);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        y[i] = sigma[i] != 0.0f ? mean[i] + sigma[i] * z[i] : mean[i];
+        out[p0 + i] = static_cast<X>(y[i]);
+      }
+      if (model_input.has_value()) {
+        at::Tensor mi = *model_input;
+        DDPM_DISPATCH_FLOAT_TYPES(mi.scalar_type(), "ddpm_step_cpu_model_input",
+                                  [&] { store_model_input<scalar_t>(mi, mi_index, y, count); });
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& t, const at::Tensor& coefficients,
+                   const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset, int64_t sample_stride,
+                   int64_t step_stride, bool clip_denoised, at::Tensor& out,
+                   const std::optional<at::Tensor>& model_input) {
+  const StepLayout s =
+      check_ddpm_step_args(x, eps, t, coefficients, noise, sample_stride, step_stride, out, model_input);
+  if (s.numel == 0) return;
+  const std::vector<int64_t> steps = read_timesteps(t, coefficients.size(0));
+  DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "ddpm_step_cpu", [&] {
+    using X = scalar_t;
+    DDPM_DISPATCH_FLOAT_TYPES(eps.scalar_type(), "ddpm_step_cpu_eps", [&] {
+      step_kernel<X, scalar_t>(x, eps, steps, coefficients.const_data_ptr<float>(),
+                               noise.has_value() ? noise->const_data_ptr<X>() : nullptr,
+                               static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                               static_cast<uint64_t>(sample_stride), static_cast<uint64_t>(step_stride),
+                               clip_denoised, s, out, model_input);
+    });
+  });
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("ddpm_step_", &ddpm_step_cpu); }
+
+}  // namespace ddpm_fast

@@ -1,0 +1,98 @@
+// The reverse step x_t -> x_{t-1} of DDPM / DDIM (Ho et al. 2020 eq. 11 and
+// sec. 3.2; Song et al. 2021 eq. 12), one row of `coefficients` per timestep
+// (NoiseSchedule.step_table):
+//   unclipped: y = a x + b eps + sigma z
+//   clipped:   x0 = clip(k2 x - k3 eps, -1, 1), y = c1 x0 + c2 x + sigma z
+// z ~ N(0, 1) from the shared stream at counter
+//   offset + n * sample_stride + t_n * step_stride + j
+// for element j (logical NCHW order) of sample n; drawn only where sigma != 0.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "layout.h"
+#include "philox.h"
+
+namespace ddpm_fast {
+
+// Row layout of a step table (schedules.STEP_COLUMNS).
+enum StepColumn : int { kA = 0, kB, kSqrtRecipAc, kSqrtRecipm1Ac, kC1, kC2, kSigma, kStepColumns = 8 };
+
+// How an element's memory position maps to its sample, its logical index and
+// its position in a model-input buffer of the other memory format. Within a
+// sample, memory order is (outer, inner): (C, H*W) for NCHW, (H*W, C) for NHWC.
+struct StepLayout {
+  int64_t numel;
+  int64_t per_sample;
+  int64_t inner;            // extent of the fastest memory index within a sample
+  int64_t outer;            // extent of the other one (1 unless 4-d)
+  bool channels_last;       // x is NHWC: logical index = transposed position
+  bool model_input_other;   // model input is in the other memory format
+};
+
+// The noise-free part of the step for one element (row: its timestep's row).
+// The clip keeps NaN as NaN, as torch.clamp does.
+DDPM_HD float step_mean(const float* row, float x, float e, bool clip) {
+  if (clip) {
+    float x0 = row[kSqrtRecipAc] * x - row[kSqrtRecipm1Ac] * e;
+    x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
+    return row[kC1] * x0 + row[kC2] * x;
+  }
+  return row[kA] * x + row[kB] * e;
+}
+
+inline StepLayout check_ddpm_step_args(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& t,
+                                       const at::Tensor& coefficients, const std::optional<at::Tensor>& noise,
+                                       int64_t sample_stride, int64_t step_stride, const at::Tensor& out,
+                                       const std::optional<at::Tensor>& model_input) {
+  check_float_input(x, "x_t");
+  check_float_input(eps, "eps");
+  TORCH_CHECK(eps.device() == x.device(), "ddpm_fast: eps is on ", eps.device(), " but x_t is on ", x.device());
+  TORCH_CHECK(eps.sizes() == x.sizes(), "ddpm_fast: eps has shape ", eps.sizes(), " but x_t has shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous() ? eps.is_contiguous() : is_channels_last_4d(eps),
+              "ddpm_fast: eps must have the memory format of x_t");
+  check_timesteps(t, x, "t");
+  TORCH_CHECK(coefficients.scalar_type() == at::kFloat && coefficients.dim() == 2 &&
+                  coefficients.size(1) == kStepColumns && coefficients.size(0) > 0 && coefficients.is_contiguous(),
+              "ddpm_fast: coefficients must be a contiguous float32 (T, 8) step table, got ",
+              coefficients.scalar_type(), " ", coefficients.sizes());
+  TORCH_CHECK(coefficients.device() == x.device(), "ddpm_fast: coefficients are on ", coefficients.device(),
+              " but x_t is on ", x.device());
+  if (noise.has_value()) check_same_layout(*noise, x, "noise", "x_t");
+  TORCH_CHECK(sample_stride >= 0 && step_stride >= 0, "ddpm_fast: noise strides must be >= 0");
+  check_same_layout(out, x, "out", "x_t");
+  StepLayout s;
+  s.numel = x.numel();
+  s.per_sample = x.size(0) > 0 ? s.numel / x.size(0) : 0;
+  s.channels_last = is_channels_last_4d(x);
+  const bool four_d = x.dim() == 4;
+  const int64_t channels = four_d ? x.size(1) : 1;
+  const int64_t spatial = four_d ? x.size(2) * x.size(3) : s.per_sample;
+  s.inner = s.channels_last ? channels : spatial;
+  s.outer = s.channels_last ? spatial : channels;
+  s.model_input_other = false;
+  if (model_input.has_value()) {
+    const at::Tensor& mi = *model_input;
+    TORCH_CHECK(is_supported_float(mi.scalar_type()), "ddpm_fast: model_input must be float32, float16 or bfloat16");
+    TORCH_CHECK(mi.device() == x.device(), "ddpm_fast: model_input is on ", mi.device(), " but x_t is on ", x.device());
+    TORCH_CHECK(mi.sizes() == x.sizes(), "ddpm_fast: model_input has shape ", mi.sizes(), " but x_t has shape ",
+                x.sizes());
+    TORCH_CHECK(mi.is_contiguous() || is_channels_last_4d(mi),
+                "ddpm_fast: model_input must be contiguous or channels_last");
+    s.model_input_other = mi.is_contiguous() ? s.channels_last : !s.channels_last;
+  }
+  return s;
+}
+
+void ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& t, const at::Tensor& coefficients,
+                   const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset, int64_t sample_stride,
+                   int64_t step_stride, bool clip_denoised, at::Tensor& out,
+                   const std::optional<at::Tensor>& model_input);
+void ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& t, const at::Tensor& coefficients,
+                    const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset, int64_t sample_stride,
+                    int64_t step_stride, bool clip_denoised, at::Tensor& out,
+                    const std::optional<at::Tensor>& model_input);
+
+}  // namespace ddpm_fast

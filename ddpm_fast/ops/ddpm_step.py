@@ -1,0 +1,174 @@
+"""The fused reverse step x_t -> x_{t-1} (Ho et al. 2020 eq. 11 and its
+clipped-x0 form; DDIM, Song et al. 2021 eq. 12, with ``eta``), noise drawn
+in-kernel from the shared stream (ops.randn)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _extension
+from ..schedules import NoiseSchedule
+from . import _args
+from ._backend import resolve_backend
+from .randn import normal_reference
+
+__all__ = ["ddpm_step"]
+
+_OP = "ddpm_step"
+_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def _noise_counters(x: torch.Tensor, t: torch.Tensor, offset: int, sample_stride: int, step_stride: int) -> torch.Tensor:
+    """offset + n * sample_stride + t_n * step_stride + j for element j (logical order) of sample n."""
+    n = x.shape[0]
+    per_sample = x.numel() // n
+    j = torch.arange(per_sample, device=x.device, dtype=torch.int64).reshape((1,) + tuple(x.shape[1:]))
+    steps = t.reshape(-1).expand(n) if t.dim() == 0 or t.numel() == 1 else t
+    base = offset + torch.arange(n, device=x.device, dtype=torch.int64) * sample_stride + steps * step_stride
+    return base.reshape((n,) + (1,) * (x.dim() - 1)) + j
+
+
+def _reference(x, eps, t, table, noise, seed, offset, sample_stride, step_stride, clip):
+    """The definition, in float32 from the float32 step table."""
+    rows = table[t].reshape((-1,) + (1,) * (x.dim() - 1) + (8,)).unbind(-1)
+    a, b, k2, k3, c1, c2, sigma = rows[:7]
+    xf, ef = x.float(), eps.float()
+    if clip:
+        x0 = (k2 * xf - k3 * ef).clamp(-1.0, 1.0)
+        mean = c1 * x0 + c2 * xf
+    else:
+        mean = a * xf + b * ef
+    if noise is None:
+        z = normal_reference(seed, _noise_counters(x, t, offset, sample_stride, step_stride))
+    else:
+        z = noise.float()
+    return torch.where(sigma != 0, mean + sigma * z, mean)
+
+
+def _check_output(out: torch.Tensor, x: torch.Tensor, name: str, same_dtype: bool) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.device != x.device:
+        raise ValueError(f"{_OP}: {name} must have x_t's shape {tuple(x.shape)} on {x.device}, got {tuple(out.shape)} on {out.device}")
+    if same_dtype and out.dtype != x.dtype:
+        raise TypeError(f"{_OP}: {name} must have x_t's dtype {x.dtype}, got {out.dtype}")
+    if out.dtype not in _args.SUPPORTED_DTYPES:
+        raise TypeError(f"{_OP}: {name} must be float32, float16 or bfloat16, got {out.dtype}")
+    if not (out.is_contiguous() or (out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last))):
+        raise ValueError(f"{_OP}: {name} must be contiguous or channels_last")
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int | torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    variance: str = "fixed_large",
+    clip_denoised: bool = False,
+    eta: float | None = None,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    sample_stride: int | None = None,
+    step_stride: int = 0,
+    out: torch.Tensor | None = None,
+    out_model_input: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One reverse-diffusion step in one pass over memory; returns x_{t-1}.
+
+    Args:
+        x_t: the current sample, N x ... (float32/16, bfloat16; contiguous or channels_last).
+        eps: the model's noise prediction, x_t's shape and memory format, any of those dtypes.
+        t: zero-based timestep, one for all samples or an int64 tensor with one per sample
+            (a device tensor is read on the device: no host sync).
+        schedule: the noise schedule (a respaced one for respaced sampling).
+        variance: ``fixed_large`` (sigma_t^2 = beta_t) or ``fixed_small`` (beta~_t).
+        clip_denoised: use the x0-form with the predicted x0 clipped to [-1, 1].
+        eta: if given, a DDIM step with this eta (0 = deterministic) instead of DDPM.
+        noise: z to use instead of drawing it.
+        seed, offset, sample_stride, step_stride: the drawn z of logical element j of
+            sample n is normal(seed, offset + n * sample_stride + t_n * step_stride + j);
+            by default sample_stride is the elements per sample and step_stride 0, so
+            the counter is offset + the logical index, as in q_sample.
+        out: where to write x_{t-1} (x_t's shape, dtype, memory format; may be x_t itself).
+        out_model_input: also write x_{t-1} here, in this tensor's dtype and memory
+            format (the next model input), with no separate cast kernel.
+        backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
+
+    No noise is added at t = 0. Kernel backends do not record gradients; use
+    ``backend="reference"`` to differentiate through a step.
+    """
+    x_t = _args.check_float_tensor(x_t, "x_t", _OP)
+    eps = _args.check_float_tensor(eps, "eps", _OP)
+    _args.check_same_device(eps, x_t, "eps", "x_t", _OP)
+    if eps.shape != x_t.shape:
+        raise ValueError(f"{_OP}: eps has shape {tuple(eps.shape)} but x_t has {tuple(x_t.shape)}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"{_OP}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if variance not in _VARIANCES:
+        raise ValueError(f"{_OP}: variance must be one of {', '.join(_VARIANCES)}, got {variance!r}")
+    if not isinstance(clip_denoised, bool):
+        raise TypeError(f"{_OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
+    t = _args.as_timesteps(t, x_t, schedule.num_timesteps, _OP)
+    per_sample = x_t.numel() // x_t.shape[0] if x_t.shape[0] else 0
+    sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP)
+    step_stride = _args.as_offset(step_stride, 0, _OP)
+    if noise is not None:
+        noise = _args.check_float_tensor(noise, "noise", _OP)
+        _args.check_same_device(noise, x_t, "noise", "x_t", _OP)
+        if noise.shape != x_t.shape:
+            raise ValueError(f"{_OP}: noise has shape {tuple(noise.shape)} but x_t has {tuple(x_t.shape)}")
+        if seed is not None:
+            raise ValueError(f"{_OP}: give noise or a seed to draw it, not both")
+        seed = 0
+    else:
+        seed = _args.as_seed(seed, _OP)
+        offset = _args.as_offset(offset, 0, _OP)
+    which = resolve_backend(backend, x_t.device, _OP)
+    if out is not None:
+        _check_output(out, x_t, "out", same_dtype=True)
+    if out_model_input is not None:
+        _check_output(out_model_input, x_t, "out_model_input", same_dtype=False)
+    kind = "ddim" if eta is not None else variance
+    table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=x_t.device)
+
+    x = _args.kernel_layout(x_t)
+    if out is None:
+        out = torch.empty_like(x)
+    elif not (out.is_contiguous() if x.is_contiguous() else out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{_OP}: out must have the memory format of x_t")
+    if x.numel() == 0:
+        return out
+    e = _args.match_layout(eps, x, dtype=eps.dtype)
+    z = _args.match_layout(noise, x) if noise is not None else None
+
+    if which == "reference":
+        y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)
+        out.copy_(y)
+        if out_model_input is not None:
+            out_model_input.copy_(y)
+        return out
+    with torch.no_grad():
+        if which == "triton":
+            _load_triton_ops()
+            op = torch.ops.ddpm_fast.ddpm_step_triton_
+        else:
+            op = torch.ops.ddpm_fast.ddpm_step_
+        op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_ops() -> None:
+    from ..kernels import ddpm_step as _triton  # noqa: F401  (registers the op)
+
+
+if _extension.AVAILABLE:
+
+    @torch.library.register_fake("ddpm_fast::ddpm_step_")
+    def _ddpm_step_fake(x_t, eps, t, coefficients, noise, seed, offset, sample_stride, step_stride, clip_denoised, out, model_input):
+        return None

@@ -1,0 +1,258 @@
+"""The fused reverse step on every backend against the reference, the reference
+against the diffusion math and diffusers, and the noise-counter layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DTYPES, TOLERANCES, backend_params, poison_cuda_allocator, requires_extension
+from ddpm_fast import NoiseSchedule, diffusion, ops
+
+SCHEDULE = NoiseSchedule("linear", timesteps=1000)
+T = SCHEDULE.num_timesteps
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 3, 17, 13), (6, 11), (4, 130, 3, 3)]
+# (x_t dtype, eps dtype): the sampler keeps x_t in float32 with eps from a low-precision model.
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)]
+FORMS = [
+    dict(variance="fixed_large", clip_denoised=False),
+    dict(variance="fixed_small", clip_denoised=False),
+    dict(variance="fixed_large", clip_denoised=True),
+    dict(variance="fixed_small", clip_denoised=True),
+    dict(eta=0.0, clip_denoised=False),
+    dict(eta=1.0, clip_denoised=True),
+]
+
+
+def form_id(form):
+    return "-".join(f"{k}={v}" for k, v in form.items())
+
+
+def make(shape, dtype, layout, device, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * scale).to(dtype)
+    if layout == "channels_last":
+        if len(shape) != 4:
+            pytest.skip("channels_last needs 4-d")
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(device)
+
+
+def timesteps(kind, n, device):
+    if kind == "per_sample":
+        t = torch.randint(0, T, (n,), generator=torch.Generator().manual_seed(n))
+        t[0], t[-1] = T - 1, 0
+        return t.to(device)
+    return {"first": 0, "last": T - 1, "mid": 400}[kind]
+
+
+def tolerance(dtype):
+    # x_{t-1} can be ~10x the inputs' scale near t = T-1 (1/sqrt(alpha_t) * ...),
+    # where float32 rounding differences between kernels grow with it.
+    tol = dict(TOLERANCES[dtype])
+    tol["atol"] = max(tol["atol"], 1e-5)
+    return tol
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{str(p[0])[6:]}-{str(p[1])[6:]}")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t_kind", ["first", "last", "mid", "per_sample"])
+@pytest.mark.parametrize("form", FORMS, ids=form_id)
+def test_matches_reference(device, backend, dtypes, layout, shape, t_kind, form):
+    x_dtype, e_dtype = dtypes
+    x = make(shape, x_dtype, layout, device, 0)
+    eps = make(shape, e_dtype, layout, device, 1)
+    t = timesteps(t_kind, shape[0], device)
+    poison_cuda_allocator(x.numel() * 4, device)
+    got = ops.ddpm_step(x, eps, t, SCHEDULE, seed=5, offset=7, backend=backend, **form)
+    ref_t = t.cpu() if isinstance(t, torch.Tensor) else t
+    want = ops.ddpm_step(x.cpu(), eps.cpu(), ref_t, SCHEDULE, seed=5, offset=7, backend="reference", **form)
+    assert got.dtype == x_dtype and got.shape == x.shape
+    assert got.is_contiguous() == x.is_contiguous()
+    torch.testing.assert_close(got.cpu(), want, **tolerance(x_dtype))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_given_noise_and_model_input_outputs(device, backend, layout):
+    x = make((3, 5, 4, 6), torch.float32, layout, device, 0)
+    eps = make((3, 5, 4, 6), torch.bfloat16, layout, device, 1)
+    z = make((3, 5, 4, 6), torch.float32, layout, device, 2)
+    t = torch.tensor([999, 3, 0], device=device)
+    want = ops.ddpm_step(x.cpu(), eps.cpu(), t.cpu(), SCHEDULE, noise=z.cpu(), backend="reference")
+    for mi_layout in ("contiguous", "channels_last"):
+        for mi_dtype in DTYPES:
+            mi = torch.full(x.shape, float("nan"), device=device, dtype=mi_dtype)
+            if mi_layout == "channels_last":
+                mi = mi.to(memory_format=torch.channels_last)
+            out = ops.ddpm_step(x, eps, t, SCHEDULE, noise=z, out_model_input=mi, backend=backend)
+            torch.testing.assert_close(out.cpu(), want, **tolerance(torch.float32))
+            torch.testing.assert_close(mi.cpu(), want.to(mi_dtype), **TOLERANCES[mi_dtype])
+            assert mi.is_contiguous() == (mi_layout == "contiguous") or x.shape[1] == 1
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_in_place_update(device, backend):
+    x = make((2, 3, 8, 8), torch.float32, "contiguous", device, 0)
+    eps = make((2, 3, 8, 8), torch.float32, "contiguous", device, 1)
+    want = ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend)
+    result = ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, out=x, backend=backend)
+    assert result is x
+    torch.testing.assert_close(x, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_no_noise_at_t0(device, backend):
+    x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
+    eps = make((2, 3, 4, 4), torch.float32, "contiguous", device, 1)
+    a = ops.ddpm_step(x, eps, 0, SCHEDULE, seed=1, backend=backend)
+    b = ops.ddpm_step(x, eps, 0, SCHEDULE, seed=2, backend=backend)
+    c = ops.ddpm_step(x, eps, 0, SCHEDULE, noise=torch.randn_like(x) * 100, backend=backend)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_per_sample_streams_do_not_depend_on_the_batch(device, backend):
+    # With sample_stride = 2^32 and offset = first_sample << 32, sample i's noise
+    # depends on (seed, i, t) only: drawn alone or inside a batch, it is the same.
+    x = make((5, 3, 4, 4), torch.float32, "contiguous", device, 0)
+    eps = make((5, 3, 4, 4), torch.float32, "contiguous", device, 1)
+    per_sample = 3 * 4 * 4
+    kw = dict(seed=9, sample_stride=2**32, step_stride=per_sample, backend=backend)
+    batch = ops.ddpm_step(x, eps, 700, SCHEDULE, offset=0, **kw)
+    alone = ops.ddpm_step(x[3:4], eps[3:4], 700, SCHEDULE, offset=3 << 32, **kw)
+    torch.testing.assert_close(alone, batch[3:4], atol=0, rtol=0)
+    other_step = ops.ddpm_step(x, eps, 701, SCHEDULE, offset=0, **kw)
+    assert not torch.allclose(other_step, batch)
+
+
+def test_reference_is_the_diffusion_math():
+    # x_{t-1} = mean + sigma z of diffusion.p_mean_variance, in float64 from the paper's
+    # formulas, for both forms and both variances.
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    eps = torch.randn_like(x)
+    z = torch.randn_like(x)
+    t = torch.tensor([0, 1, 500, 999])
+    for variance in ("fixed_small", "fixed_large"):
+        for clip in (False, True):
+            p = diffusion.p_mean_variance(SCHEDULE, eps, x, t, variance=variance, clip_denoised=clip)
+            nonzero = (t != 0).double().reshape(-1, 1, 1, 1)
+            want = p.mean + nonzero * p.variance.sqrt() * z
+            got = ops.ddpm_step(x.float(), eps.float(), t, SCHEDULE, variance=variance, clip_denoised=clip, noise=z.float(), backend="reference")
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_ddim_eta0_is_deterministic_and_matches_song_et_al():
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    eps = torch.randn_like(x)
+    t = torch.tensor([999, 300, 0])
+    a = ops.ddpm_step(x.float(), eps.float(), t, SCHEDULE, eta=0.0, seed=1, backend="reference")
+    b = ops.ddpm_step(x.float(), eps.float(), t, SCHEDULE, eta=0.0, seed=2, backend="reference")
+    assert torch.equal(a, b)
+    ab = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    ab_prev = SCHEDULE.alphas_cumprod_prev[t].reshape(-1, 1, 1, 1)
+    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+    want = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps  # eq. 12 with sigma = 0
+    torch.testing.assert_close(a.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_agrees_with_diffusers_scheduler(variance, clip, monkeypatch):
+    # diffusers' DDPMScheduler.step given the same z (its randn_tensor patched to
+    # return ours), run on float64 inputs. Its coefficient tables are float32, and
+    # 1 - abar_t loses ~1e-4 relative to cancellation at small t, so it agrees with
+    # us to 5e-4; we agree with the float64 formula (diffusion.p_mean_variance) to 1e-6.
+    diffusers = pytest.importorskip("diffusers")
+    import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
+
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=variance, clip_sample=clip)
+    scheduler.set_timesteps(1000)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    eps = torch.randn(2, 3, 8, 8, generator=g)
+    for t in (999, 500, 10, 1, 0):
+        z = ops.randn(x.shape, 42, t * x.numel(), backend="reference")
+        monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: z.reshape(shape).double())
+        want = scheduler.step(eps.double(), t, x.double()).prev_sample
+        got = ops.ddpm_step(x, eps, t, SCHEDULE, variance=variance, clip_denoised=clip, noise=z, backend="reference")
+        torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=0)
+        p = diffusion.p_mean_variance(SCHEDULE, eps.double(), x.double(), t, variance=variance, clip_denoised=clip)
+        exact = p.mean + (t > 0) * p.variance.sqrt() * z.double()
+        torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=1e-6)
+
+
+@requires_extension
+def test_opcheck_cpp_op():
+    x = torch.randn(3, 2, 5, 5)
+    eps = torch.randn(3, 2, 5, 5).bfloat16()
+    t = torch.tensor([0, 4, 999])
+    table = SCHEDULE.step_table("fixed_large")
+    out = torch.empty_like(x)
+    mi = torch.empty_like(x, dtype=torch.float16).to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ddpm_fast.ddpm_step_.default, (x, eps, t, table, None, 3, 10, 50, 0, True, out, mi))
+    torch.library.opcheck(torch.ops.ddpm_fast.ddpm_step_.default, (x, eps, t, table, torch.randn_like(x), 0, 0, 50, 0, False, out, None))
+
+
+def test_opcheck_triton_op():
+    pytest.importorskip("triton")
+    from ddpm_fast.kernels import ddpm_step as _triton  # noqa: F401
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, 2, 5, 5, device=device)
+    args = (x, x.clone(), torch.tensor([0, 4, 999], device=device), SCHEDULE.step_table("fixed_large", device=device),
+            None, 3, 10, 50, 0, True, torch.empty_like(x), None)
+    torch.library.opcheck(torch.ops.ddpm_fast.ddpm_step_triton_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_nan_propagates_through_the_clip(device, backend):
+    x = make((1, 1, 2, 2), torch.float32, "contiguous", device, 0)
+    x[0, 0, 0, 0] = float("nan")
+    out = ops.ddpm_step(x, torch.zeros_like(x), 500, SCHEDULE, clip_denoised=True, seed=0, backend=backend)
+    assert torch.isnan(out[0, 0, 0, 0]) and torch.isfinite(out.flatten()[1:]).all()
+
+
+class TestBadInput:
+    x = torch.randn(2, 3, 4, 4)
+
+    @pytest.mark.parametrize(
+        "kwargs,error,match",
+        [
+            (dict(eps=torch.randn(2, 3, 4)), ValueError, "eps has shape"),
+            (dict(eps=torch.randn(2, 3, 4, 4).double()), TypeError, "eps must be float32"),
+            (dict(t=1000), ValueError, "out of range"),
+            (dict(t=torch.tensor([1, 2, 3])), ValueError, "one entry per sample"),
+            (dict(variance="learned"), ValueError, "variance must be one of"),
+            (dict(clip_denoised=1), TypeError, "clip_denoised must be a bool"),
+            (dict(eta=-0.5), ValueError, "eta must be"),
+            (dict(eta=float("nan")), ValueError, "eta must be"),
+            (dict(noise=torch.randn(2, 3, 4, 4), seed=1), ValueError, "not both"),
+            (dict(out=torch.empty(2, 3, 4, 4, dtype=torch.float16)), TypeError, "out must have x_t's dtype"),
+            (dict(out=torch.empty(2, 3, 4, 5)), ValueError, "out must have x_t's shape"),
+            (dict(out=torch.empty(2, 3, 4, 4).to(memory_format=torch.channels_last)), ValueError, "memory format"),
+            (dict(out_model_input=torch.empty(2, 3, 4, 4, dtype=torch.int32)), TypeError, "float32, float16 or bfloat16"),
+            (dict(sample_stride=-1), ValueError, "offset"),
+            (dict(backend="cuda"), RuntimeError, "unavailable"),
+        ],
+    )
+    def test_rejected(self, kwargs, error, match):
+        args = dict(eps=torch.randn(2, 3, 4, 4), t=5)
+        args.update(kwargs)
+        eps, t = args.pop("eps"), args.pop("t")
+        with pytest.raises(error, match=match):
+            ops.ddpm_step(self.x, eps, t, SCHEDULE, **args)
+
+    @requires_extension
+    def test_cpp_op_checks(self):
+        table = SCHEDULE.step_table("fixed_large")
+        x, out = self.x, torch.empty_like(self.x)
+        with pytest.raises(RuntimeError, match="out of range"):
+            torch.ops.ddpm_fast.ddpm_step_(x, x, torch.tensor([0, 1000]), table, None, 0, 0, 48, 0, False, out, None)
+        with pytest.raises(RuntimeError, match=r"\(T, 8\) step table"):
+            torch.ops.ddpm_fast.ddpm_step_(x, x, torch.tensor(1), table[:, :7].contiguous(), None, 0, 0, 48, 0, False, out, None)
+        with pytest.raises(RuntimeError, match="memory format of x_t"):
+            torch.ops.ddpm_fast.ddpm_step_(x, x.to(memory_format=torch.channels_last), torch.tensor(1), table, None, 0, 0, 48, 0, False, out, None)
