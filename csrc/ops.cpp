@@ -5,9 +5,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(ddpm_fast, m) {
-  // Fill `out` (contiguous) with the shared Philox normal stream:
-  // out.flatten()[i] = normal(seed, offset + i).
-  m.def("fill_randn_(Tensor(a!) out, int seed, int offset) -> ()");
+  // Fill `out` (contiguous) with the shared Philox normal stream: element j of
+  // sample n (index of dim 0) gets normal(seed, offset + n * sample_stride + j);
+  // sample_stride 0 means the elements per sample, i.e. counter offset + i.
+  m.def("fill_randn_(Tensor(a!) out, int seed, int offset, int sample_stride=0) -> ()");
   // x_t = sqrt_ab[t] * x0 + sqrt_1m_ab[t] * noise with the given noise.
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "

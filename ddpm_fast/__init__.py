@@ -5,7 +5,8 @@ sampler / trainer -> CLI.
 """
 
 from . import _extension, diffusion, ops
+from .sampler import Sampler
 from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
-__all__ = ["NoiseSchedule", "diffusion", "ops", "__version__"]
+__all__ = ["NoiseSchedule", "Sampler", "diffusion", "ops", "__version__"]

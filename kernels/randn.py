@@ -14,6 +14,8 @@ BLOCK = 1024
 def fill_randn_kernel(
     out_ptr,  # *T [numel] contiguous output
     numel,  # elements to write
+    per_sample,  # elements per sample (index of dim 0)
+    sample_stride,  # counter distance between samples
     seed_lo,  # low 32 bits of the seed
     seed_hi,  # high 32 bits of the seed
     offset,  # counter of element 0
@@ -21,15 +23,19 @@ def fill_randn_kernel(
 ):
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = p < numel
-    z = philox_normal(seed_lo, seed_hi, offset + p)
+    n = p // per_sample
+    z = philox_normal(seed_lo, seed_hi, offset + n * sample_stride + (p - n * per_sample))
     tl.store(out_ptr + p, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("ddpm_fast::fill_randn_triton_", mutates_args={"out"})
-def fill_randn_triton_(out: torch.Tensor, seed: int, offset: int) -> None:
+def fill_randn_triton_(out: torch.Tensor, seed: int, offset: int, sample_stride: int = 0) -> None:
     numel = out.numel()
     if numel == 0:
         return
+    per_sample = numel // out.shape[0] if out.dim() > 0 else numel
     seed_lo, seed_hi = split_seed(seed)
     grid = (triton.cdiv(numel, BLOCK),)
-    launchable(fill_randn_kernel)[grid](out, numel, seed_lo, seed_hi, offset, BLOCK=BLOCK)
+    launchable(fill_randn_kernel)[grid](
+        out, numel, per_sample, sample_stride or per_sample, seed_lo, seed_hi, offset, BLOCK=BLOCK
+    )

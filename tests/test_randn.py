@@ -183,3 +183,18 @@ def test_opcheck_triton():
     torch.library.opcheck(
         torch.ops.ddpm_fast.fill_randn_triton_.default, (out, 5, 9), test_utils=("test_schema", "test_faketensor")
     )
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_sample_stride_gives_each_sample_its_own_range(device, backend):
+    # Element j of sample n is normal(seed, offset + n * stride + j).
+    stride = 2**32
+    z = ops.randn((3, 2, 5), 11, 7, sample_stride=stride, device=device, backend=backend).cpu()
+    for n in range(3):
+        alone = ops.randn((1, 2, 5), 11, 7 + n * stride, backend="reference")
+        torch.testing.assert_close(z[n : n + 1], alone, atol=2e-6, rtol=2e-6)
+
+
+def test_sample_stride_must_not_overlap():
+    with pytest.raises(ValueError, match="overlap"):
+        ops.randn((3, 10), 0, sample_stride=5)

@@ -9,8 +9,8 @@
 
 namespace ddpm_fast {
 
-void fill_randn_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
-  check_randn_out(out);
+void fill_randn_cpu(at::Tensor& out, int64_t seed, int64_t offset, int64_t sample_stride) {
+  const RandnCounters c = randn_counters(out, offset, sample_stride);
   const int64_t numel = out.numel();
   if (numel == 0) return;
   DDPM_DISPATCH_FLOAT_TYPES(out.scalar_type(), "fill_randn_cpu", [&] {
@@ -18,13 +18,18 @@ void fill_randn_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
     at::parallel_for(0, numel, 16 * cpu::kNormalBlock, [&](int64_t begin, int64_t end) {
       uint64_t ctr[cpu::kNormalBlock];
       float z[cpu::kNormalBlock];
+      int64_t n = begin / c.per_sample, j = begin % c.per_sample;  // then advanced, not divided
       for (int64_t p0 = begin; p0 < end; p0 += cpu::kNormalBlock) {
-        const int64_t n = std::min(cpu::kNormalBlock, end - p0);
+        const int64_t count = std::min(cpu::kNormalBlock, end - p0);
         for (int64_t i = 0; i < cpu::kNormalBlock; ++i) {
-          ctr[i] = static_cast<uint64_t>(offset) + static_cast<uint64_t>(p0 + i);
+          ctr[i] = c.offset + static_cast<uint64_t>(n) * c.sample_stride + static_cast<uint64_t>(j);
+          if (++j == c.per_sample) {
+            j = 0;
+            ++n;
+          }
         }
         cpu::normal_block(static_cast<uint64_t>(seed), ctr, z);
-        for (int64_t i = 0; i < n; ++i) dst[p0 + i] = static_cast<scalar_t>(z[i]);
+        for (int64_t i = 0; i < count; ++i) dst[p0 + i] = static_cast<scalar_t>(z[i]);
       }
     });
   });

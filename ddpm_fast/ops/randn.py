@@ -87,35 +87,48 @@ def randn(
     seed: int,
     offset: int = 0,
     *,
+    sample_stride: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """A tensor of the shared normal stream: element i (row-major) is normal(seed, offset + i)."""
+    """A tensor of the shared normal stream.
+
+    Element i (row-major) is normal(seed, offset + i). With ``sample_stride``,
+    element j of sample n (index of dim 0) is normal(seed, offset + n *
+    sample_stride + j) instead: each sample its own counter range (the Sampler
+    uses 2^32, so a sample's noise does not depend on its batch).
+    """
     shape = _check_shape(shape)
     if dtype not in _args.SUPPORTED_DTYPES:
         raise TypeError(f"randn: dtype must be float32, float16 or bfloat16, got {dtype}")
     device = torch.device("cpu" if device is None else device)
     seed = _args.as_seed(seed, "randn")
     out = torch.empty(shape, device=device, dtype=dtype)
-    offset = _args.as_offset(offset, out.numel(), "randn")
+    per_sample = out.numel() // shape[0] if shape and shape[0] else out.numel()
+    stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, "randn")
+    if stride < per_sample and len(shape) > 1 and shape[0] > 1:
+        raise ValueError(f"randn: sample_stride {stride} is below the {per_sample} elements per sample (streams would overlap)")
+    last = (shape[0] - 1) * stride + per_sample if shape else 1
+    offset = _args.as_offset(offset, last if out.numel() else 0, "randn")
     which = resolve_backend(backend, device, "randn")
     if out.numel() == 0:
         return out
     if which == "reference":
-        counter = torch.arange(out.numel(), device=device, dtype=torch.int64) + offset
+        i = torch.arange(out.numel(), device=device, dtype=torch.int64)
+        counter = offset + (i // per_sample) * stride + i % per_sample
         return normal_reference(seed, counter).reshape(shape).to(dtype)
     if which == "triton":
         from ..kernels import randn as _triton  # noqa: F401  (registers the op)
 
-        torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset)
+        torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset, stride)
     else:
-        torch.ops.ddpm_fast.fill_randn_(out, seed, offset)
+        torch.ops.ddpm_fast.fill_randn_(out, seed, offset, stride)
     return out
 
 
 if _extension.AVAILABLE:
 
     @torch.library.register_fake("ddpm_fast::fill_randn_")
-    def _fill_randn_fake(out: torch.Tensor, seed: int, offset: int) -> None:
+    def _fill_randn_fake(out: torch.Tensor, seed: int, offset: int, sample_stride: int = 0) -> None:
         return None

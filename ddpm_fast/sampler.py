@@ -1,0 +1,304 @@
+"""Sampling: the reverse chain of DDPM (Ho et al. 2020, algorithm 2), respaced
+DDPM (Nichol & Dhariwal 2021) and DDIM (Song et al. 2021), one fused kernel
+per step, no host-device sync inside the chain, CUDA graphs on the GPU.
+
+Noise layout (shared/DESIGN.md): sample i of a run draws from its own stream —
+counters (i << 32) + k * D + j under the run's seed, for step index k and
+element j of its D elements; its starting noise x_T takes step slot K (one
+past the last step). Sample i is therefore the same whether drawn alone or in
+a batch of 512, and a run is reproducible from its seed alone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import ops
+from .ops._args import as_seed
+from .schedules import NoiseSchedule
+
+__all__ = ["Sampler", "Intermediate", "respaced_timesteps"]
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_SAMPLE_STRIDE = 1 << 32  # counter distance between samples: one 2^32 range each
+
+
+def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` timesteps spread evenly over [0, T-1], both ends included."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be an int in [1, {num_timesteps}], got {steps!r}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    return sorted({round(i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)})
+
+
+@dataclass
+class Intermediate:
+    """A picture of the chain: x_t after the step to index ``t`` (original
+    timestep ``timestep``) and the x_0 that the model's prediction implied."""
+
+    t: int
+    timestep: int
+    x_t: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+class Sampler:
+    """Draws samples from a noise-prediction model ``model(x_t, t) -> eps``.
+
+    Args:
+        model: any callable taking x_t (N x ...) and int64 timesteps (N,) and
+            returning eps of x_t's shape (an nn.Module, a function, ...).
+        schedule: the training noise schedule.
+        variance: ``fixed_large`` (sigma_t^2 = beta_t, the default as in the paper's
+            CIFAR-10 samples) or ``fixed_small`` (beta~_t).
+        clip_denoised: use the x0-form step with the predicted x_0 clipped to [-1, 1].
+        backend: op backend for the step (``auto``, ``reference``, ``cpu``, ``cuda``, ``triton``).
+        dtype: the model input's dtype (x_t itself stays float32); default: the
+            dtype of the model's first floating parameter, else float32.
+        channels_last: feed the model channels_last input.
+        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them
+            (falls back to the plain loop, with a warning, if capture fails).
+        sample_shape: one sample's shape (C, H, W); default from the model's
+            ``in_channels`` and ``image_size`` attributes.
+        device: where to sample; default the model's device, else CUDA if available.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        schedule: NoiseSchedule,
+        *,
+        variance: str = "fixed_large",
+        clip_denoised: bool = True,
+        backend: str = "auto",
+        dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        cuda_graph: bool = True,
+        sample_shape: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
+        self.model = model
+        self.schedule = schedule
+        self.variance = variance
+        self.clip_denoised = bool(clip_denoised)
+        self.backend = backend
+        self.channels_last = bool(channels_last)
+        self.cuda_graph = bool(cuda_graph)
+        params = [p for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()]
+        self.device = torch.device(device) if device is not None else (
+            params[0].device if params else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.dtype = dtype if dtype is not None else (params[0].dtype if params else torch.float32)
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if sample_shape is None and hasattr(model, "in_channels") and hasattr(model, "image_size"):
+            size = model.image_size
+            sample_shape = (model.in_channels, *((size, size) if isinstance(size, int) else size))
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n_or_shape: int | Sequence[int],
+        *,
+        seed: int | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        first_sample: int = 0,
+        progress: bool = True,
+        return_intermediates: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[Intermediate]]:
+        """Run the reverse chain; returns x_0 (float32, N x ...).
+
+        Args:
+            n_or_shape: a number of samples (needs ``sample_shape``) or the full shape.
+            seed: the run's seed (None: drawn from torch's generator).
+            steps: respace the chain to this many evenly spread steps (None: all T).
+            eta: if given, DDIM with this eta (0: deterministic); else ancestral DDPM.
+            first_sample: global index of the first sample (for sharding a run:
+                samples [first_sample, first_sample + N) of the same seed).
+            progress: show a progress bar.
+            return_intermediates: if k, also return an ``Intermediate`` every k steps.
+        """
+        shape = self._shape(n_or_shape)
+        seed = as_seed(seed, "Sampler.sample")
+        if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
+            raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
+        if return_intermediates is not None and (not isinstance(return_intermediates, int) or return_intermediates < 1):
+            raise ValueError(f"return_intermediates must be a positive int, got {return_intermediates!r}")
+        schedule = self.schedule if steps is None else self.schedule.respace(respaced_timesteps(self.schedule.num_timesteps, steps))
+        num_steps = schedule.num_timesteps
+        per_sample = math.prod(shape[1:])
+        if (num_steps + 1) * per_sample > _SAMPLE_STRIDE:
+            raise ValueError(f"{num_steps} steps of {per_sample} elements per sample exceed a sample's 2^32 noise counters")
+        if first_sample + shape[0] > _SAMPLE_STRIDE:
+            raise ValueError("first_sample + N must stay below 2^32")
+        chain = _Chain(self, schedule, shape, seed, first_sample, eta, per_sample)
+        x, intermediates = chain.run(progress, return_intermediates)
+        return (x, intermediates) if return_intermediates else x
+
+    # ----------------------------------------------------------------- helpers
+
+    def _shape(self, n_or_shape: int | Sequence[int]) -> tuple[int, ...]:
+        if isinstance(n_or_shape, int) and not isinstance(n_or_shape, bool):
+            if self.sample_shape is None:
+                raise ValueError("give the full shape, or sample_shape= to Sampler (the model has no in_channels/image_size)")
+            shape = (n_or_shape, *self.sample_shape)
+        elif isinstance(n_or_shape, (tuple, list, torch.Size)) and all(isinstance(s, int) for s in n_or_shape):
+            shape = tuple(n_or_shape)
+        else:
+            raise TypeError(f"n_or_shape must be an int or a shape, got {n_or_shape!r}")
+        if len(shape) < 2 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be (N, ...) with positive sizes, got {shape}")
+        if self.channels_last and len(shape) != 4:
+            raise ValueError("channels_last needs 4-d samples (N, C, H, W)")
+        return shape
+
+
+class _Chain:
+    """One run of the reverse chain: its buffers, one step, and two drivers
+    (the plain loop, and CUDA graphs of several steps)."""
+
+    def __init__(self, sampler: Sampler, schedule: NoiseSchedule, shape, seed, first_sample, eta, per_sample):
+        self.s = sampler
+        self.schedule = schedule
+        self.seed = seed
+        self.eta = eta
+        self.per_sample = per_sample
+        self.offset = first_sample * _SAMPLE_STRIDE
+        self.n = shape[0]
+        device = sampler.device
+        num_steps = schedule.num_timesteps
+        # x_T from each sample's stream, slot K (module docstring); the chain's float32 state.
+        self.x = ops.randn(
+            shape, seed, self.offset + num_steps * per_sample, sample_stride=_SAMPLE_STRIDE,
+            device=device, backend=sampler.backend,
+        )
+        fmt = torch.channels_last if sampler.channels_last else torch.contiguous_format
+        self.model_in = torch.empty(shape, dtype=sampler.dtype, device=device).to(memory_format=fmt)
+        self.model_in.copy_(self.x)
+        self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars
+        self.model_t = schedule.timestep_map.to(device)  # the timestep the model sees at index k
+        self.remaining = num_steps  # steps k < remaining are still to run
+
+    def step(self, k: torch.Tensor) -> torch.Tensor:
+        """Step index k (0-d int64 on the device): the model, then the fused update
+        of x in place, writing the next model input too. No host sync."""
+        t_model = torch.index_select(self.model_t, 0, k.reshape(1)).expand(self.n)
+        eps = self.s.model(self.model_in, t_model)
+        if not isinstance(eps, torch.Tensor) or eps.shape != self.x.shape:
+            raise ValueError(f"the model returned {getattr(eps, 'shape', type(eps))}; expected eps of shape {tuple(self.x.shape)}")
+        ops.ddpm_step(
+            self.x, eps, k, self.schedule, variance=self.s.variance, clip_denoised=self.s.clip_denoised,
+            eta=self.eta, seed=self.seed, offset=self.offset, sample_stride=_SAMPLE_STRIDE,
+            step_stride=self.per_sample, out=self.x, out_model_input=self.model_in, backend=self.s.backend,
+        )
+        return eps
+
+    def run(self, progress: bool, every: int | None) -> tuple[torch.Tensor, list[Intermediate]]:
+        bar = _progress(self.schedule.num_timesteps, progress)
+        intermediates: list[Intermediate] = []
+        if self.s.cuda_graph and self.x.is_cuda and every is None:
+            try:
+                self._run_graphs(bar)
+            except _CaptureFailed as error:
+                warnings.warn(f"ddpm_fast: CUDA graph capture failed ({error}); sampling with the plain loop", RuntimeWarning)
+        while self.remaining > 0:
+            k = self.remaining - 1
+            record = every is not None and k % every == 0
+            x_t = self.x.clone() if record else None
+            eps = self.step(self.steps[k])
+            if record:
+                pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised)
+                intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), self.x.clone(), pred_x0))
+            self.remaining = k
+            bar.update(1)
+        bar.close()
+        return self.x, intermediates
+
+    def _run_graphs(self, bar, chunk: int = 50) -> None:
+        """Capture `chunk` steps (each reading, then decrementing, a device step
+        counter) as one CUDA graph and replay it; leftover steps run in the plain loop."""
+        chunk = min(chunk, self.remaining)
+        counter = torch.full((), self.remaining - 1, dtype=torch.int64, device=self.x.device)
+        graph = self._capture(counter, chunk)
+        while self.remaining >= chunk:
+            graph.replay()
+            self.remaining -= chunk
+            bar.update(chunk)
+
+    def _capture(self, counter: torch.Tensor, chunk: int) -> "torch.cuda.CUDAGraph":
+        saved = (self.x.clone(), self.model_in.clone(), counter.clone())
+
+        def steps() -> None:
+            for _ in range(chunk):
+                self.step(counter)
+                counter.sub_(1)
+
+        def restore() -> None:
+            self.x.copy_(saved[0])
+            self.model_in.copy_(saved[1])
+            counter.copy_(saved[2])
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                steps()  # warm-up outside capture: lazy initialisation, autotuning
+            torch.cuda.current_stream().wait_stream(side)
+            restore()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                steps()
+            restore()  # capture records the steps without running them; keep the state exact
+            return graph
+        except Exception as error:  # a model that syncs or cannot be captured
+            restore()
+            raise _CaptureFailed(str(error)) from error
+
+
+class _CaptureFailed(RuntimeError):
+    pass
+
+
+def _pred_x0(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, eps: torch.Tensor, clip: bool) -> torch.Tensor:
+    """The x_0 implied by eps at step index k (eq. 4 solved for x_0), for pictures of the chain."""
+    x0 = float(schedule.sqrt_recip_alphas_cumprod[k]) * x_t.float() - float(schedule.sqrt_recipm1_alphas_cumprod[k]) * eps.float()
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="sampling", unit="step")

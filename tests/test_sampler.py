@@ -1,0 +1,166 @@
+"""The Sampler on a toy whose exact reverse process is known: data from one
+Gaussian N(mu, s^2) per dimension, for which the optimal noise predictor is
+eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import backend_params
+from ddpm_fast import NoiseSchedule, Sampler, ops
+from ddpm_fast.sampler import _SAMPLE_STRIDE, respaced_timesteps
+
+SCHEDULE = NoiseSchedule("linear")
+MU, S = 0.5, 0.2
+
+
+class GaussianOracle:
+    """The exact eps-predictor for N(MU, S^2) data; elementwise, so a sample's
+    output never depends on the rest of its batch."""
+
+    def __init__(self, schedule: NoiseSchedule = SCHEDULE, dtype=torch.float32):
+        self.abar = schedule.alphas_cumprod.to(dtype)
+        self.seen = []
+
+    def __call__(self, x, t):
+        self.seen.append((x.dtype, x.is_contiguous(), tuple(t.shape)))
+        a = self.abar.to(x.device)[t].reshape(-1, *([1] * (x.dim() - 1)))
+        return ((1 - a).sqrt() * (x.to(a.dtype) - a.sqrt() * MU) / (a * S * S + 1 - a)).to(x.dtype)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_ancestral_sampling_recovers_the_data_distribution(variance):
+    sampler = Sampler(GaussianOracle(), SCHEDULE, variance=variance, clip_denoised=False, sample_shape=(1, 8, 8))
+    x = sampler.sample(2048, seed=0, progress=False)
+    # 131072 values: standard errors ~6e-4 (mean) and ~4e-4 (std); the rest is
+    # the discrete chain's own error (fixed_small runs ~2% narrow).
+    assert abs(x.mean().item() - MU) < 0.005
+    assert abs(x.std().item() - S) < 0.01
+
+
+@pytest.mark.parametrize("steps", [100, 50])
+def test_ddim_eta0_is_deterministic_and_is_ddim(steps):
+    sampler = Sampler(GaussianOracle(), SCHEDULE, clip_denoised=False, sample_shape=(1, 4, 4))
+    x = sampler.sample(64, seed=3, steps=steps, eta=0.0, progress=False)
+    assert torch.equal(x, sampler.sample(64, seed=3, steps=steps, eta=0.0, progress=False))
+    # An independent float64 DDIM (Song et al. eq. 12, sigma = 0) from the same x_T.
+    ts = respaced_timesteps(1000, steps)
+    y = ops.randn((64, 1, 4, 4), 3, len(ts) * 16, sample_stride=_SAMPLE_STRIDE, backend="reference").double()
+    oracle, abar = GaussianOracle(dtype=torch.float64), SCHEDULE.alphas_cumprod
+    for i in range(len(ts) - 1, -1, -1):
+        a = abar[ts[i]]
+        a_prev = abar[ts[i - 1]] if i > 0 else torch.tensor(1.0, dtype=torch.float64)
+        eps = oracle(y, torch.full((64,), ts[i]))
+        x0 = (y - (1 - a).sqrt() * eps) / a.sqrt()
+        y = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_reproducibility_and_batch_independence():
+    sampler = Sampler(GaussianOracle(), SCHEDULE, sample_shape=(2, 3, 3))
+    batch = sampler.sample(8, seed=11, steps=40, progress=False)
+    assert torch.equal(batch, sampler.sample(8, seed=11, steps=40, progress=False))
+    assert not torch.equal(batch, sampler.sample(8, seed=12, steps=40, progress=False))
+    # Sample i is the same alone, in a smaller batch, or as a shard's member.
+    assert torch.equal(batch[:3], sampler.sample(3, seed=11, steps=40, progress=False))
+    assert torch.equal(batch[5:6], sampler.sample(1, seed=11, steps=40, first_sample=5, progress=False))
+
+
+def test_seed_none_follows_torch_manual_seed():
+    sampler = Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 2, 2))
+    torch.manual_seed(0)
+    a = sampler.sample(4, steps=10, progress=False)
+    torch.manual_seed(0)
+    assert torch.equal(a, sampler.sample(4, steps=10, progress=False))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_backends_agree(device, backend):
+    kw = dict(clip_denoised=True, sample_shape=(2, 5, 3), device=device)
+    ours = Sampler(GaussianOracle(), SCHEDULE, backend=backend, **kw).sample(6, seed=4, steps=25, progress=False)
+    ref = Sampler(GaussianOracle(), SCHEDULE, backend="reference", **kw).sample(6, seed=4, steps=25, progress=False)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_model_sees_its_dtype_format_and_original_timesteps():
+    oracle = GaussianOracle()
+    timesteps = []
+    model = lambda x, t: (timesteps.append(t.clone()), oracle(x, t))[1]  # noqa: E731
+    sampler = Sampler(model, SCHEDULE, dtype=torch.bfloat16, channels_last=True, sample_shape=(3, 4, 4))
+    x = sampler.sample(2, seed=0, steps=5, progress=False)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 4, 4)
+    assert all(dtype == torch.bfloat16 and not contiguous and shape == (2,) for dtype, contiguous, shape in oracle.seen)
+    assert [int(t[0]) for t in timesteps] == [999, 749, 500, 250, 0]
+
+
+def test_intermediates():
+    sampler = Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 4, 4))
+    x, pictures = sampler.sample(3, seed=1, return_intermediates=250, progress=False)
+    assert [p.t for p in pictures] == [750, 500, 250, 0]
+    assert torch.equal(pictures[-1].x_t, x)
+    assert all(p.pred_x0.shape == x.shape and p.pred_x0.abs().max() <= 1 for p in pictures)
+    assert torch.equal(x, sampler.sample(3, seed=1, progress=False))
+
+
+def test_progress_bar_runs(capsys):
+    Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=5, progress=True)
+    assert "sampling" in capsys.readouterr().err
+
+
+class TestBadInput:
+    def test_constructor(self):
+        with pytest.raises(TypeError, match="callable"):
+            Sampler("model", SCHEDULE)
+        with pytest.raises(TypeError, match="NoiseSchedule"):
+            Sampler(GaussianOracle(), "linear")
+        with pytest.raises(ValueError, match="variance"):
+            Sampler(GaussianOracle(), SCHEDULE, variance="learned")
+        with pytest.raises(ValueError, match="backend"):
+            Sampler(GaussianOracle(), SCHEDULE, backend="fastest")
+        with pytest.raises(TypeError, match="dtype"):
+            Sampler(GaussianOracle(), SCHEDULE, dtype=torch.float64)
+
+    @pytest.mark.parametrize(
+        "args,kwargs,error,match",
+        [
+            ((4,), {}, ValueError, "sample_shape"),
+            (((4,),), {}, ValueError, r"\(N, \.\.\.\)"),
+            (((0, 1, 2, 2),), {}, ValueError, "positive"),
+            (("four",), {}, TypeError, "n_or_shape"),
+            (((2, 1, 2, 2),), dict(steps=0), ValueError, "steps"),
+            (((2, 1, 2, 2),), dict(steps=1001), ValueError, "steps"),
+            (((2, 1, 2, 2),), dict(eta=-1.0), ValueError, "eta"),
+            (((2, 1, 2, 2),), dict(seed="x"), TypeError, "seed"),
+            (((2, 1, 2, 2),), dict(first_sample=-1), ValueError, "first_sample"),
+            (((2, 1, 2, 2),), dict(return_intermediates=0), ValueError, "return_intermediates"),
+        ],
+    )
+    def test_sample_arguments(self, args, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            Sampler(GaussianOracle(), SCHEDULE).sample(*args, progress=False, **kwargs)
+
+    def test_model_returning_the_wrong_shape(self):
+        sampler = Sampler(lambda x, t: x[:, :1], SCHEDULE, sample_shape=(2, 2, 2))
+        with pytest.raises(ValueError, match="expected eps of shape"):
+            sampler.sample(2, seed=0, steps=3, progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_equals_plain_loop():
+    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda")
+    graphed = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=True, **kw).sample(16, seed=2, progress=False)
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, seed=2, progress=False)
+    assert torch.equal(graphed, plain)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_falls_back_when_capture_fails():
+    def syncing_model(x, t):
+        _ = t.max().item()  # a host sync: not capturable
+        return torch.zeros_like(x)
+
+    sampler = Sampler(syncing_model, SCHEDULE, sample_shape=(1, 4, 4), device="cuda")
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        x = sampler.sample(2, seed=0, steps=10, progress=False)
+    assert torch.isfinite(x).all()
