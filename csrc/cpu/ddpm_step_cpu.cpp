@@ -21,10 +21,47 @@ std::vector<int64_t> read_timesteps(const at::Tensor& t, int64_t num_steps) {
   return steps;
 }
 
+// Index in the model-input buffer of the elements [p0, p0 + count): the same
+// position, or (other memory format) the transposed position within the sample.
+void model_input_index(const StepLayout& s, int64_t p0, int64_t count, int64_t* index) {
+  int64_t n = p0 / s.per_sample;
+  const int64_t q0 = p0 - n * s.per_sample;
+  int64_t outer = q0 / s.inner, inner = q0 % s.inner;
+  for (int64_t i = 0; i < count; ++i) {
+    index[i] = s.model_input_other ? n * s.per_sample + inner * s.outer + outer : p0 + i;
+    if (++inner == s.inner) {
+      inner = 0;
+      if (++outer == s.outer) {
+        outer = 0;
+        ++n;
+      }
+    }
+  }
+}
+
 template <typename M>
 void store_model_input(at::Tensor& mi, const int64_t* index, const float* y, int64_t count) {
   M* dst = mi.mutable_data_ptr<M>();
   for (int64_t i = 0; i < count; ++i) dst[index[i]] = static_cast<M>(y[i]);
+}
+
+// Counters of the elements [p0 + i0, p0 + i1), all of sample n at timestep
+// `step`: base + j with j the logical index within the sample.
+void noise_counters(const StepLayout& s, int64_t p0, int64_t i0, int64_t i1, int64_t n, uint64_t base,
+                    uint64_t* ctr) {
+  const int64_t q0 = p0 + i0 - n * s.per_sample;
+  if (!s.channels_last) {
+    for (int64_t i = i0; i < i1; ++i) ctr[i] = base + static_cast<uint64_t>(q0 + (i - i0));
+    return;
+  }
+  int64_t outer = q0 / s.inner, inner = q0 % s.inner;  // NHWC: (hw, c); logical j = c * HW + hw
+  for (int64_t i = i0; i < i1; ++i) {
+    ctr[i] = base + static_cast<uint64_t>(inner * s.outer + outer);
+    if (++inner == s.inner) {
+      inner = 0;
+      ++outer;
+    }
+  }
 }
 
 template <typename X, typename E>
@@ -39,49 +76,51 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
 
   at::parallel_for(0, s.numel, 16 * B, [&](int64_t begin, int64_t end) {
     uint64_t ctr[B];
-    float z[B], mean[B], sigma[B], y[B];
+    float z[B], y[B], sigma[B];
     int64_t mi_index[B];
-    // Position of `begin` (sample, outer, inner), advanced without dividing again.
-    int64_t n = begin / s.per_sample;
-    const int64_t q0 = begin - n * s.per_sample;
-    int64_t outer = q0 / s.inner, inner = q0 % s.inner;
     for (int64_t p0 = begin; p0 < end; p0 += B) {
       const int64_t count = std::min(B, end - p0);
-      bool any_noise = false;
-      for (int64_t i = 0; i < count; ++i) {
+      bool draw = false;
+      // Runs of elements within one sample: one timestep, scalar coefficients,
+      // loops the compiler vectorizes.
+      for (int64_t i0 = 0; i0 < count;) {
+        const int64_t n = (p0 + i0) / s.per_sample;
+        const int64_t i1 = std::min(count, (n + 1) * s.per_sample - p0);
         const int64_t step = t[per_sample_t ? n : 0];
         const float* row = table + step * kStepColumns;
-        mean[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), clip);
-        sigma[i] = row[kSigma];
-        any_noise |= sigma[i] != 0.0f;
-        const int64_t q = outer * s.inner + inner;        // position within the sample, memory order
-        const int64_t q_other = inner * s.outer + outer;  // the same element in the other format
-        const int64_t j = s.channels_last ? q_other : q;  // logical index within the sample
-        ctr[i] = offset + static_cast<uint64_t>(n) * sample_stride + static_cast<uint64_t>(step) * step_stride +
-                 static_cast<uint64_t>(j);
-        mi_index[i] = n * s.per_sample + (s.model_input_other ? q_other : q);
-        if (++inner == s.inner) {
-          inner = 0;
-          if (++outer == s.outer) {
-            outer = 0;
-            ++n;
-          }
+        if (clip) {
+          for (int64_t i = i0; i < i1; ++i)
+            y[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), true);
+        } else {
+          for (int64_t i = i0; i < i1; ++i)
+            y[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), false);
         }
+        std::fill(sigma + i0, sigma + i1, row[kSigma]);
+        if (row[kSigma] != 0.0f && noise == nullptr) {
+          draw = true;
+          noise_counters(s, p0, i0, i1, n,
+                         offset + static_cast<uint64_t>(n) * sample_stride + static_cast<uint64_t>(step) * step_stride,
+                         ctr);
+        } else {
+          std::fill(ctr + i0, ctr + i1, 0);  // not drawn (or drawn and discarded)
+        }
+        i0 = i1;
       }
       if (noise != nullptr) {
         for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
-      } else if (any_noise) {
-        for (int64_t i = count; i < B; ++i) ctr[i] = 0;  // lanes past the end: discarded
+      } else if (draw) {
+        std::fill(ctr + count, ctr + B, 0);  // lanes past the end: discarded
         cpu::normal_block(seed, ctr, z);
       } else {
         std::fill(z, z + count, 0.0f);
       }
       for (int64_t i = 0; i < count; ++i) {
-        y[i] = sigma[i] != 0.0f ? mean[i] + sigma[i] * z[i] : mean[i];
+        y[i] = sigma[i] != 0.0f ? y[i] + sigma[i] * z[i] : y[i];
         out[p0 + i] = static_cast<X>(y[i]);
       }
       if (model_input.has_value()) {
         at::Tensor mi = *model_input;
+        model_input_index(s, p0, count, mi_index);
         DDPM_DISPATCH_FLOAT_TYPES(mi.scalar_type(), "ddpm_step_cpu_model_input",
                                   [&] { store_model_input<scalar_t>(mi, mi_index, y, count); });
       }

@@ -41,40 +41,33 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
     constexpr int64_t B = cpu::kNormalBlock;
     uint64_t ctr[B];
     float z[B], a[B], b[B];
-    // Where `begin` lies: its sample and (channels_last) its N, C, H*W
-    // coordinates, then advanced element by element without dividing again.
-    int64_t sample = begin / l.per_sample;
-    int64_t next_sample_at = (sample + 1) * l.per_sample;
-    int64_t c = 0, hw = 0, n = 0;
-    if (l.channels_last) {
-      c = begin % l.channels;
-      hw = (begin / l.channels) % l.spatial;
-      n = begin / (l.channels * l.spatial);
-    }
     for (int64_t p0 = begin; p0 < end; p0 += B) {
       const int64_t count = std::min(B, end - p0);
-      for (int64_t i = 0; i < count; ++i) {
-        if (p0 + i == next_sample_at) {
-          ++sample;
-          next_sample_at += l.per_sample;
-        }
-        const int64_t step = t[per_sample_t ? sample : 0];
-        a[i] = sqrt_ab[step];
-        b[i] = sqrt_1m_ab[step];
-        if (noise == nullptr) {
-          const int64_t logical = l.channels_last ? (n * l.channels + c) * l.spatial + hw : p0 + i;
-          ctr[i] = offset + static_cast<uint64_t>(logical);
-          if (l.channels_last && ++c == l.channels) {
-            c = 0;
-            if (++hw == l.spatial) {
-              hw = 0;
-              ++n;
+      // Runs of elements within one sample: scalar coefficients, and (NCHW)
+      // consecutive counters, in loops the compiler vectorizes.
+      for (int64_t i0 = 0; i0 < count;) {
+        const int64_t n = (p0 + i0) / l.per_sample;
+        const int64_t i1 = std::min(count, (n + 1) * l.per_sample - p0);
+        const int64_t step = t[per_sample_t ? n : 0];
+        std::fill(a + i0, a + i1, sqrt_ab[step]);
+        std::fill(b + i0, b + i1, sqrt_1m_ab[step]);
+        if (noise == nullptr && !l.channels_last) {
+          for (int64_t i = i0; i < i1; ++i) ctr[i] = offset + static_cast<uint64_t>(p0 + i);
+        } else if (noise == nullptr) {  // NHWC memory: logical index (n, c, hw) of each position
+          const int64_t q0 = p0 + i0 - n * l.per_sample;
+          int64_t c = q0 % l.channels, hw = q0 / l.channels;
+          for (int64_t i = i0; i < i1; ++i) {
+            ctr[i] = offset + static_cast<uint64_t>(n * l.per_sample + c * l.spatial + hw);
+            if (++c == l.channels) {
+              c = 0;
+              ++hw;
             }
           }
         }
+        i0 = i1;
       }
       if (noise == nullptr) {
-        for (int64_t i = count; i < B; ++i) ctr[i] = 0;  // lanes past the end: discarded
+        std::fill(ctr + count, ctr + B, 0);  // lanes past the end: discarded
         cpu::normal_block(seed, ctr, z);
       } else {
         for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);

@@ -66,6 +66,8 @@ __global__ void ddpm_step_kernel(const X* x,                     // [numel] x_t 
     for (int i = 0; i < kVec; ++i) {
       if (p + i >= s.numel) break;
       const int64_t step = t[per_sample_t ? n : 0];
+      const int64_t q = outer * s.inner + inner;        // position within the sample, memory order
+      const int64_t q_other = inner * s.outer + outer;  // the same element in the other format
       float y;
       if (step < 0 || step >= num_steps) {
         y = __int_as_float(0x7fc00000);
@@ -73,8 +75,6 @@ __global__ void ddpm_step_kernel(const X* x,                     // [numel] x_t 
         const float* row = table + step * kStepColumns;
         y = step_mean(row, static_cast<float>(xv[i]), static_cast<float>(ev[i]), clip);
         const float sigma = __ldg(row + kSigma);
-        const int64_t q = outer * s.inner + inner;
-        const int64_t q_other = inner * s.outer + outer;
         if (sigma != 0.0f) {
           float z;
           if (noise != nullptr) {
@@ -86,8 +86,8 @@ __global__ void ddpm_step_kernel(const X* x,                     // [numel] x_t 
           }
           y += sigma * z;
         }
-        store_model_input(model_input, model_input_type, n * s.per_sample + (s.model_input_other ? q_other : q), y);
       }
+      store_model_input(model_input, model_input_type, n * s.per_sample + (s.model_input_other ? q_other : q), y);
       yv[i] = static_cast<X>(y);
       if (++inner == s.inner) {
         inner = 0;
