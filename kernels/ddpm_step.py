@@ -65,7 +65,10 @@ def ddpm_step_kernel(
     if HAS_NOISE:
         z = tl.load(noise_ptr + p, mask=mask, other=0.0).to(tl.float32)
     else:
-        j = q_other if CHANNELS_LAST else q
+        if CHANNELS_LAST:
+            j = q_other
+        else:
+            j = q
         z = philox_normal(seed_lo, seed_hi, offset + n * sample_stride + step * step_stride + j)
     y = tl.where(sigma != 0.0, y + sigma * z, y)
     tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask)

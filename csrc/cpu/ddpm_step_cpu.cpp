@@ -7,19 +7,10 @@
 
 #include "../ddpm_step.h"
 #include "normal_cpu.h"
+#include "timesteps_cpu.h"
 
 namespace ddpm_fast {
 namespace {
-
-std::vector<int64_t> read_timesteps(const at::Tensor& t, int64_t num_steps) {
-  const at::Tensor flat = t.reshape({-1});
-  const int64_t* p = flat.const_data_ptr<int64_t>();
-  std::vector<int64_t> steps(p, p + flat.numel());
-  for (int64_t v : steps) {
-    TORCH_CHECK(v >= 0 && v < num_steps, "ddpm_fast: timestep ", v, " is out of range [0, ", num_steps, ")");
-  }
-  return steps;
-}
 
 // Index in the model-input buffer of the elements [p0, p0 + count): the same
 // position, or (other memory format) the transposed position within the sample.
@@ -137,7 +128,7 @@ void ddpm_step_cpu(const at::Tensor& x, const at::Tensor& eps, const at::Tensor&
   const StepLayout s =
       check_ddpm_step_args(x, eps, t, coefficients, noise, sample_stride, step_stride, out, model_input);
   if (s.numel == 0) return;
-  const std::vector<int64_t> steps = read_timesteps(t, coefficients.size(0));
+  const std::vector<int64_t> steps = cpu::read_timesteps(t, coefficients.size(0));
   DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "ddpm_step_cpu", [&] {
     using X = scalar_t;
     DDPM_DISPATCH_FLOAT_TYPES(eps.scalar_type(), "ddpm_step_cpu_eps", [&] {

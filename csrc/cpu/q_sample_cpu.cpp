@@ -10,22 +10,10 @@
 
 #include "../q_sample.h"
 #include "normal_cpu.h"
+#include "timesteps_cpu.h"
 
 namespace ddpm_fast {
 namespace {
-
-// Host-side copy of t, validated: out-of-range timesteps are an error here
-// (the check is free on the CPU, unlike on the GPU).
-std::vector<int64_t> read_timesteps(const at::Tensor& t, int64_t num_steps) {
-  const at::Tensor tc = t.reshape({-1});
-  const int64_t* p = tc.data_ptr<int64_t>();
-  std::vector<int64_t> out(p, p + tc.numel());
-  for (int64_t v : out) {
-    TORCH_CHECK(v >= 0 && v < num_steps, "ddpm_fast: timestep ", v, " is out of range [0, ",
-                num_steps, ")");
-  }
-  return out;
-}
 
 template <typename scalar_t>
 void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const float* sqrt_ab,
@@ -87,7 +75,7 @@ void q_sample_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
                    int64_t offset, at::Tensor& xt, at::Tensor* eps) {
   const ElementLayout l = check_q_sample_args(x0, t, sqrt_ab, sqrt_1m_ab, noise);
   if (l.numel == 0) return;
-  const std::vector<int64_t> steps = read_timesteps(t, sqrt_ab.numel());
+  const std::vector<int64_t> steps = cpu::read_timesteps(t, sqrt_ab.numel());
   DDPM_DISPATCH_FLOAT_TYPES(x0.scalar_type(), "q_sample_cpu", [&] {
     q_sample_kernel<scalar_t>(x0, steps, sqrt_ab.const_data_ptr<float>(),
                               sqrt_1m_ab.const_data_ptr<float>(),

@@ -27,6 +27,24 @@ def check_same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: s
         raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
+def check_schedule(schedule: object, op: str) -> None:
+    from ..schedules import NoiseSchedule
+
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+
+
+def check_given_noise(noise: object, x: torch.Tensor, x_name: str, seed: object, op: str) -> torch.Tensor:
+    """Noise given to an op that could also draw it: x's shape and device, a supported dtype, no seed."""
+    noise = check_float_tensor(noise, "noise", op)
+    check_same_device(noise, x, "noise", x_name, op)
+    if noise.shape != x.shape:
+        raise ValueError(f"{op}: noise has shape {tuple(noise.shape)} but {x_name} has {tuple(x.shape)}")
+    if seed is not None:
+        raise ValueError(f"{op}: give noise or a seed to draw it, not both")
+    return noise
+
+
 def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.Tensor:
     """``t`` as an int64 tensor on x's device: 0-d, or one entry per sample.
 

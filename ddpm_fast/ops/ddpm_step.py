@@ -107,8 +107,7 @@ def ddpm_step(
     _args.check_same_device(eps, x_t, "eps", "x_t", _OP)
     if eps.shape != x_t.shape:
         raise ValueError(f"{_OP}: eps has shape {tuple(eps.shape)} but x_t has {tuple(x_t.shape)}")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"{_OP}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    _args.check_schedule(schedule, _OP)
     if variance not in _VARIANCES:
         raise ValueError(f"{_OP}: variance must be one of {', '.join(_VARIANCES)}, got {variance!r}")
     if not isinstance(clip_denoised, bool):
@@ -118,12 +117,7 @@ def ddpm_step(
     sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP)
     step_stride = _args.as_offset(step_stride, 0, _OP)
     if noise is not None:
-        noise = _args.check_float_tensor(noise, "noise", _OP)
-        _args.check_same_device(noise, x_t, "noise", "x_t", _OP)
-        if noise.shape != x_t.shape:
-            raise ValueError(f"{_OP}: noise has shape {tuple(noise.shape)} but x_t has {tuple(x_t.shape)}")
-        if seed is not None:
-            raise ValueError(f"{_OP}: give noise or a seed to draw it, not both")
+        noise = _args.check_given_noise(noise, x_t, "x_t", seed, _OP)
         seed = 0
     else:
         seed = _args.as_seed(seed, _OP)

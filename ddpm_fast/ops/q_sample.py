@@ -57,16 +57,10 @@ def q_sample(
     [0, T) in a device tensor make their sample NaN (checking would need a sync).
     """
     x0 = _args.check_float_tensor(x0, "x0", _OP)
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"{_OP}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    _args.check_schedule(schedule, _OP)
     t = _args.as_timesteps(t, x0, schedule.num_timesteps, _OP)
     if noise is not None:
-        noise = _args.check_float_tensor(noise, "noise", _OP)
-        _args.check_same_device(noise, x0, "noise", "x0", _OP)
-        if noise.shape != x0.shape:
-            raise ValueError(f"{_OP}: noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
-        if seed is not None:
-            raise ValueError(f"{_OP}: give noise or a seed to draw it, not both")
+        noise = _args.check_given_noise(noise, x0, "x0", seed, _OP)
     else:
         seed = _args.as_seed(seed, _OP)
         offset = _args.as_offset(offset, x0.numel(), _OP)
