@@ -23,6 +23,16 @@ TORCH_LIBRARY(ddpm_fast, m) {
       "ddpm_step_(Tensor x_t, Tensor eps, Tensor t, Tensor coefficients, Tensor? noise, int seed, "
       "int offset, int sample_stride, int step_stride, bool clip_denoised, Tensor(a!) out, "
       "Tensor(b!)? model_input) -> ()");
+  // y = SiLU(GroupNorm(x + add[:, :, None, ...])) (SiLU only if act); returns
+  // y and the float32 statistics (N, G) the backward needs. csrc/group_norm_silu.h.
+  m.def(
+      "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, int num_groups, float eps, "
+      "bool act) -> (Tensor, Tensor, Tensor)");
+  // Gradients (dx, dweight, dbias, dadd) of the above; dweight/dbias are (C,),
+  // dadd is (N, C), each computed whether or not the input had one.
+  m.def(
+      "group_norm_silu_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? add, "
+      "Tensor mean, Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import ddpm_fast._C` loads this library, which registers the operators

@@ -1,0 +1,75 @@
+// GroupNorm followed by SiLU, with an optional per-(sample, channel) add before
+// the norm (the U-Net's time embedding):
+//   h = x + add[n, c];  xhat = (h - mean_ng) * rstd_ng;  u = xhat * w_c + b_c
+//   y = act ? u * sigmoid(u) : u
+// Statistics are float32 (float64 for float64 input), biased variance.
+// Backward splits into per-(n, c) sums over the spatial extent,
+//   A_nc = sum du * xhat,  B_nc = sum du,  X_nc = sum xhat,
+// from which everything else follows: dw = sum_n A, db = sum_n B, and with
+// M = elements per group, S1 = sum_{c in g} w_c B_nc, S2 = sum_{c in g} w_c A_nc:
+//   dh = rstd * (du * w_c - S1 / M - xhat * S2 / M),  dadd_nc = sum_hw dh.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "layout.h"
+
+namespace ddpm_fast {
+
+struct NormLayout {
+  int64_t n, c, hw;      // x viewed as N x C x (spatial)
+  int64_t groups;        // G; channels per group = c / groups
+  bool channels_last;    // memory order N, spatial, C
+};
+
+inline NormLayout check_group_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
+                                        int64_t num_groups) {
+  TORCH_CHECK(is_supported_float(x.scalar_type()) || x.scalar_type() == at::kDouble,
+              "ddpm_fast: x must be float32, float16, bfloat16 (or float64 on the CPU), got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, "ddpm_fast: x must be N x C x ..., got ", x.dim(), " dims");
+  TORCH_CHECK(x.is_contiguous() || is_channels_last_4d(x), "ddpm_fast: x must be contiguous or channels_last");
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(num_groups > 0 && channels % num_groups == 0, "ddpm_fast: channels (", channels,
+              ") must be divisible by num_groups (", num_groups, ")");
+  for (const auto* p : {&weight, &bias}) {
+    if (p->has_value()) {
+      const at::Tensor& v = **p;
+      TORCH_CHECK(v.dim() == 1 && v.size(0) == channels && v.is_contiguous(),
+                  "ddpm_fast: weight and bias must be contiguous of shape (C,) = (", channels, "), got ", v.sizes());
+      TORCH_CHECK(v.device() == x.device(), "ddpm_fast: weight/bias are on ", v.device(), " but x is on ", x.device());
+      TORCH_CHECK(v.scalar_type() == x.scalar_type() || v.scalar_type() == at::kFloat,
+                  "ddpm_fast: weight/bias must be float32 or x's dtype, got ", v.scalar_type());
+    }
+  }
+  if (add.has_value()) {
+    const at::Tensor& a = *add;
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == x.size(0) && a.size(1) == channels && a.is_contiguous(),
+                "ddpm_fast: add must be contiguous of shape (N, C) = (", x.size(0), ", ", channels, "), got ", a.sizes());
+    TORCH_CHECK(a.device() == x.device(), "ddpm_fast: add is on ", a.device(), " but x is on ", x.device());
+    TORCH_CHECK(a.scalar_type() == x.scalar_type() || a.scalar_type() == at::kFloat,
+                "ddpm_fast: add must be float32 or x's dtype, got ", a.scalar_type());
+  }
+  NormLayout l;
+  l.n = x.size(0);
+  l.c = channels;
+  l.hw = l.n * l.c > 0 ? x.numel() / (l.n * l.c) : 0;
+  l.groups = num_groups;
+  l.channels_last = is_channels_last_4d(x);
+  return l;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  const std::optional<at::Tensor>& add,
+                                                                  int64_t num_groups, double eps, bool act);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool act);
+
+}  // namespace ddpm_fast

@@ -1,0 +1,162 @@
+"""Fused GroupNorm + SiLU: y = SiLU(GroupNorm(x + add[:, :, None, ...])), forward
+and backward (csrc/group_norm_silu.h has the math)."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from . import _args
+from ._backend import resolve_backend
+
+__all__ = ["group_norm_silu"]
+
+_OP = "group_norm_silu"
+
+
+def _reference(x, num_groups, weight, bias, eps, add, act):
+    h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
+    y = F.group_norm(h, num_groups, weight, bias, eps)
+    return F.silu(y) if act else y
+
+
+def _check(x, num_groups, weight, bias, eps, add, act):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _args.SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16 (float64 on the CPU), got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{_OP}: x must be N x C x ..., got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+        raise ValueError(f"{_OP}: num_groups must be a positive int, got {num_groups!r}")
+    if x.shape[1] % num_groups:
+        raise ValueError(f"{_OP}: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
+    if not isinstance(act, bool):
+        raise TypeError(f"{_OP}: act must be a bool, got {type(act).__name__}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or p.shape != (x.shape[1],):
+            raise ValueError(f"{_OP}: {name} must be a tensor of shape ({x.shape[1]},), got {getattr(p, 'shape', p)}")
+        _args.check_same_device(p, x, name, "x", _OP)
+    if add is not None:
+        if not isinstance(add, torch.Tensor) or add.shape != x.shape[:2]:
+            raise ValueError(f"{_OP}: add must be a tensor of shape (N, C) = {tuple(x.shape[:2])}, got {getattr(add, 'shape', add)}")
+        _args.check_same_device(add, x, "add", "x", _OP)
+        if not add.is_floating_point():
+            raise TypeError(f"{_OP}: add must be floating point, got {add.dtype}")
+
+
+def _param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Weight, bias or add as the kernels take them: contiguous, float32 or x's dtype."""
+    if p is None:
+        return None
+    if p.dtype not in (torch.float32, x.dtype):
+        p = p.to(torch.float32)
+    return p.contiguous()
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    add: torch.Tensor | None = None,
+    act: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SiLU(GroupNorm(x + add)) in one op, differentiable in x, weight, bias and add.
+
+    Args:
+        x: N x C x H x W (or N x C x L), float32/float16/bfloat16 (float64 on the CPU
+            backends), contiguous or channels_last. Statistics are always float32 or wider.
+        num_groups: groups G, dividing C.
+        weight, bias: optional affine parameters of shape (C,).
+        eps: added to the variance.
+        add: optional (N, C) tensor added to x per sample and channel before the norm
+            (the ResBlock's time-embedding projection).
+        act: apply SiLU; ``act=False`` gives plain GroupNorm.
+        backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
+
+    Returns y in x's dtype and memory format.
+    """
+    _check(x, num_groups, weight, bias, eps, add, act)
+    which = resolve_backend(backend, x.device, _OP)
+    if which == "reference":
+        return _reference(x, int(num_groups), weight, bias, float(eps), add, act)
+    if x.dtype == torch.float64 and which != "cpu":
+        raise TypeError(f"{_OP}: float64 runs on the cpu and reference backends only")
+    xk = _args.kernel_layout(x) if x.dim() == 4 else x.contiguous()
+    args = (xk, _param(weight, x), _param(bias, x), _param(add, x), int(num_groups), float(eps), act)
+    if which == "triton":
+        _load_triton_ops()
+        y, _, _ = torch.ops.ddpm_fast.group_norm_silu_triton(*args)
+    else:
+        y, _, _ = torch.ops.ddpm_fast.group_norm_silu(*args)
+    return y
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, add, num_groups, eps, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+    ctx.num_groups, ctx.act = num_groups, act
+
+
+def _make_backward(backward_op):
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, add, mean, rstd = ctx.saved_tensors
+        dy = _args.match_layout(dy, x) if x.dim() == 4 else dy.to(x.dtype).contiguous()
+        dx, dw, db, dadd = backward_op(dy, x, weight, bias, add, mean, rstd, ctx.num_groups, ctx.act)
+        return (
+            dx,
+            dw if weight is not None else None,
+            db if bias is not None else None,
+            dadd if add is not None else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+def _register(name: str, backward_op, define_fake: bool) -> None:
+    if define_fake:
+
+        @torch.library.register_fake(f"ddpm_fast::{name}")
+        def _fake(x, weight, bias, add, num_groups, eps, act):
+            stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+            n, g = x.shape[0], num_groups
+            return torch.empty_like(x), x.new_empty((n, g), dtype=stat), x.new_empty((n, g), dtype=stat)
+
+        @torch.library.register_fake(f"ddpm_fast::{name}_backward")
+        def _fake_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act):
+            c = x.shape[1]
+            return (
+                torch.empty_like(x),
+                x.new_empty((c,), dtype=weight.dtype if weight is not None else x.dtype),
+                x.new_empty((c,), dtype=bias.dtype if bias is not None else x.dtype),
+                x.new_empty((x.shape[0], c), dtype=add.dtype if add is not None else x.dtype),
+            )
+
+    torch.library.register_autograd(f"ddpm_fast::{name}", _make_backward(backward_op), setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_triton_ops() -> None:
+    from ..kernels import group_norm_silu as _triton  # noqa: F401  (registers the ops)
+
+    _register("group_norm_silu_triton", torch.ops.ddpm_fast.group_norm_silu_triton_backward, define_fake=False)
+
+
+if _extension.AVAILABLE:
+    _register("group_norm_silu", torch.ops.ddpm_fast.group_norm_silu_backward, define_fake=True)
