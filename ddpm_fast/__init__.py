@@ -4,9 +4,9 @@ Layers (shared/DESIGN.md): schedules -> diffusion math -> ops -> models ->
 sampler / trainer -> CLI.
 """
 
-from . import _extension, diffusion, ops
+from . import _extension, diffusion, nn, ops
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
-__all__ = ["NoiseSchedule", "Sampler", "diffusion", "ops", "__version__"]
+__all__ = ["NoiseSchedule", "Sampler", "diffusion", "nn", "ops", "__version__"]

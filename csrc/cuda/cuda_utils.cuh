@@ -34,6 +34,21 @@ bool all_aligned(const Ptrs*... ptrs) {
 
 constexpr int kThreads = 256;
 
+// Sum of v over a block of kThreads threads, returned to every thread.
+// `scratch` is kThreads / 32 floats of shared memory, free again on return.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / 32) ? scratch[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // scratch may be reused by the next call
+  return v;
+}
+
 // Enough blocks to fill the GPU several times over; kernels loop over the rest.
 inline int64_t grid_size(int64_t work_items) {
   static int max_blocks = [] {

@@ -1,0 +1,177 @@
+"""Fused GroupNorm+SiLU against F.silu(F.group_norm(x + add)), forward and
+backward, on every backend; the module and the fusing helper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import backend_params, poison_cuda_allocator, requires_extension
+from ddpm_fast import ops
+from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
+
+# (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L.
+CASES = [
+    ((2, 6, 5, 7), 3),
+    ((3, 12, 7, 7), 4),
+    ((2, 8, 13, 1), 2),
+    ((2, 5, 3, 3), 1),
+    ((2, 6, 4, 4), 6),
+    ((3, 8, 11), 2),
+    ((1, 32, 16, 16), 8),
+]
+# (forward atol/rtol, gradient atol/rtol), against a float32 reference of the same rounded inputs.
+TOL = {
+    torch.float32: (dict(atol=1e-5, rtol=1e-5), dict(atol=1e-4, rtol=1e-4)),
+    torch.float16: (dict(atol=4e-3, rtol=4e-3), dict(atol=2e-2, rtol=2e-2)),
+    torch.bfloat16: (dict(atol=3e-2, rtol=3e-2), dict(atol=1e-1, rtol=5e-2)),
+}
+
+
+def reference(x, groups, w, b, add, act):
+    h = x if add is None else x + add.reshape(add.shape + (1,) * (x.dim() - 2))
+    y = F.group_norm(h, groups, w, b, 1e-5)
+    return F.silu(y) if act else y
+
+
+def inputs(shape, dtype, layout, device, affine, with_add, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        if len(shape) != 4:
+            pytest.skip("channels_last needs 4-d")
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w = (torch.randn(c, generator=g) + 1).to(dtype) if affine else None
+    b = torch.randn(c, generator=g).to(dtype) if affine else None
+    add = torch.randn(shape[:2], generator=g).to(dtype) if with_add else None
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(x), move(w), move(b), move(add)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
+@pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, True), (True, False, False), (False, True, False)])
+def test_forward_and_backward_match_reference(device, backend, dtype, layout, case, affine, with_add, act):
+    shape, groups = case
+    x, w, b, add = inputs(shape, dtype, layout, device, affine, with_add)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, add)]
+    poison_cuda_allocator(x.numel() * 4, device)
+    y = ops.group_norm_silu(leaves[0], groups, leaves[1], leaves[2], add=leaves[3], act=act, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous() == x.is_contiguous()
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype).to(device)
+    y.backward(dy)
+
+    ref_leaves = [t.detach().cpu().float().requires_grad_() if t is not None else None for t in (x, w, b, add)]
+    y_ref = reference(ref_leaves[0], groups, ref_leaves[1], ref_leaves[2], ref_leaves[3], act)
+    y_ref.backward(dy.cpu().float())
+    fwd_tol, grad_tol = TOL[dtype]
+    torch.testing.assert_close(y.cpu().float(), y_ref, **fwd_tol)
+    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
+        if got is None:
+            continue
+        assert got.grad is not None, name
+        scale = max(1.0, want.grad.abs().max().item())  # weight/bias grads sum over N*H*W
+        torch.testing.assert_close(got.grad.cpu().float() / scale, want.grad / scale, **grad_tol, msg=name)
+
+
+@requires_extension
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [True, False])
+def test_gradcheck_float64_cpu(layout, act):
+    x, w, b, add = inputs((2, 6, 3, 4), torch.float64, layout, "cpu", True, True)
+    args = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    fn = lambda x, w, b, a: ops.group_norm_silu(x, 3, w, b, add=a, act=act, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@requires_extension
+def test_opcheck_cpp_ops():
+    x, w, b, add = inputs((2, 6, 3, 4), torch.float32, "contiguous", "cpu", True, True)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, add, 3, 1e-5, True))
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (x_cl, None, None, None, 2, 1e-5, False))
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, w, b, add, 3, 1e-5, True)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu_backward.default, (torch.randn_like(x), x, w, b, add, mean, rstd, 3, True))
+
+
+@requires_extension
+def test_torch_compile_fullgraph_over_a_module():
+    block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), GroupNormSiLU(4, 8, backend="cpu"), nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, block(x))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_module_is_a_drop_in_for_group_norm():
+    fused, plain = GroupNormSiLU(4, 12), nn.GroupNorm(4, 12)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    nn.init.normal_(plain.weight)
+    nn.init.normal_(plain.bias)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 12, 5, 5)
+    torch.testing.assert_close(fused(x), F.silu(plain(x)))
+    assert torch.equal(GroupNormSiLU(4, 12, act=False, backend="reference")(x), nn.GroupNorm(4, 12)(x))
+    add = torch.randn(3, 12)
+    torch.testing.assert_close(fused(x, add), F.silu(plain(x + add[:, :, None, None])))
+
+
+def test_fuse_helper_replaces_pairs_and_keeps_outputs():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU(),
+        nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 1)),
+        nn.GroupNorm(2, 8),  # no SiLU after it: left alone
+    )
+    x = torch.randn(2, 3, 9, 9)
+    before = model(x)
+    keys = set(model.state_dict())
+    assert fuse_group_norm_silu(model) == 2
+    assert isinstance(model[1], GroupNormSiLU) and isinstance(model[2], nn.Identity)
+    assert type(model[4]) is nn.GroupNorm
+    assert set(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), before)
+
+
+class TestBadInput:
+    x = torch.randn(2, 6, 4, 4)
+
+    @pytest.mark.parametrize(
+        "kwargs,error,match",
+        [
+            (dict(num_groups=4), ValueError, "divisible by num_groups"),
+            (dict(num_groups=0), ValueError, "positive int"),
+            (dict(add=torch.randn(2, 5)), ValueError, r"add must be a tensor of shape \(N, C\)"),
+            (dict(add=torch.randn(2, 6, 1)), ValueError, "add must be"),
+            (dict(add=torch.randn(2, 6, device="meta")), ValueError, "add is on meta"),
+            (dict(weight=torch.randn(5)), ValueError, "weight must be"),
+            (dict(weight=torch.randn(6, device="meta")), ValueError, "weight is on meta"),
+            (dict(eps=0.0), ValueError, "eps"),
+            (dict(act=1), TypeError, "act must be a bool"),
+            (dict(backend="nope"), ValueError, "backend"),
+        ],
+    )
+    def test_rejected(self, kwargs, error, match):
+        args = dict(num_groups=3)
+        args.update(kwargs)
+        with pytest.raises(error, match=match):
+            ops.group_norm_silu(self.x, args.pop("num_groups"), **args)
+
+    def test_dtypes_and_shapes(self):
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            ops.group_norm_silu(self.x.int(), 3)
+        with pytest.raises(ValueError, match="N x C"):
+            ops.group_norm_silu(torch.randn(6), 3)
+
+    @requires_extension
+    def test_cpp_op_checks(self):
+        with pytest.raises(RuntimeError, match="divisible"):
+            torch.ops.ddpm_fast.group_norm_silu(self.x, None, None, None, 4, 1e-5, True)
+        with pytest.raises(RuntimeError, match=r"add must be contiguous of shape \(N, C\)"):
+            torch.ops.ddpm_fast.group_norm_silu(self.x, None, None, torch.randn(6, 2).t(), 3, 1e-5, True)
