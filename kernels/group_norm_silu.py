@@ -27,6 +27,21 @@ def _index(n, c, s, C, S, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """Group elements start .. start+BLOCK of h = x + add: group element i is
+    channel c0 + i // S at position i % S. Returns (h, mask, channel, memory index)."""
+    i = start + tl.arange(0, BLOCK)
+    mask = i < count
+    c = c0 + i // S
+    idx = _index(n, c, i % S, C, S, CHANNELS_LAST)
+    h = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        h += tl.load(add_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
+    return h, mask, c, idx
+
+
+@triton.jit
 def gn_forward_kernel(
     x_ptr,  # *T [N, C, S] input, NCHW or NHWC memory
     w_ptr,  # *P [C] weight (HAS_W)
@@ -52,39 +67,21 @@ def gn_forward_kernel(
     cg = C // G
     count = cg * S
     c0 = g * cg
-    # Group element i is channel c0 + i // S, position i % S (NCHW order of the
-    # group); for NHWC the same pair maps to a strided memory index.
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        mask = i < count
-        c = c0 + i // S
-        h = tl.load(x_ptr + _index(n, c, i % S, C, S, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            h += tl.load(add_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
+        h, mask, c, idx = _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD, CHANNELS_LAST, BLOCK)
         acc += tl.where(mask, h, 0.0)
     mean = tl.sum(acc, axis=0) / count
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        mask = i < count
-        c = c0 + i // S
-        h = tl.load(x_ptr + _index(n, c, i % S, C, S, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            h += tl.load(add_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
+        h, mask, c, idx = _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD, CHANNELS_LAST, BLOCK)
         d = tl.where(mask, h - mean, 0.0)
         acc += d * d
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
     for start in range(0, count, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        mask = i < count
-        c = c0 + i // S
-        idx = _index(n, c, i % S, C, S, CHANNELS_LAST)
-        h = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            h += tl.load(add_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
+        h, mask, c, idx = _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD, CHANNELS_LAST, BLOCK)
         u = (h - mean) * rstd
         if HAS_W:
             u = u * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
