@@ -163,6 +163,12 @@ class TestBadInput:
         with pytest.raises(error, match=match):
             ops.group_norm_silu(self.x, args.pop("num_groups"), **args)
 
+    def test_groups_of_one_value(self):
+        # F.group_norm refuses them; every backend does the same.
+        for backend in ("reference", "auto"):
+            with pytest.raises(ValueError, match="more than one value"):
+                ops.group_norm_silu(torch.randn(2, 4, 1, 1), 4, backend=backend)
+
     def test_dtypes_and_shapes(self):
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             ops.group_norm_silu(self.x.int(), 3)

@@ -35,6 +35,8 @@ def _check(x, num_groups, weight, bias, eps, add, act):
         raise ValueError(f"{_OP}: num_groups must be a positive int, got {num_groups!r}")
     if x.shape[1] % num_groups:
         raise ValueError(f"{_OP}: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
+    if x.numel() and x.numel() // (x.shape[0] * num_groups) == 1:
+        raise ValueError(f"{_OP}: each group needs more than one value to normalize, got shape {tuple(x.shape)} with {num_groups} groups")
     if not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
     if not isinstance(act, bool):
