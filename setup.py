@@ -129,8 +129,12 @@ def _extensions():
         with_cuda = has_nvcc and cuda_torch
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
-    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, define_macros=[], py_limited_api=True)
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers (serial without it);
+    # at load time the libgomp.so.1 that torch already loaded serves us too.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    kwargs = dict(
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], define_macros=[], py_limited_api=True
+    )
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
