@@ -62,6 +62,30 @@ inline NormLayout check_group_norm_args(const at::Tensor& x, const std::optional
   return l;
 }
 
+// The backward's own inputs: dy like x, and the forward's (N, G) statistics
+// (float64 for float64 x, else float32), contiguous.
+inline void check_group_norm_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                           const at::Tensor& rstd, const NormLayout& l) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "ddpm_fast: dy must have x's shape and dtype");
+  const at::ScalarType stat_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* stat : {&mean, &rstd}) {
+    TORCH_CHECK(stat->numel() == l.n * l.groups && stat->is_contiguous() && stat->scalar_type() == stat_type,
+                "ddpm_fast: mean and rstd must be the forward's contiguous ", stat_type, " (N, G) statistics");
+  }
+}
+
+// dweight, dbias and dadd in the dtype of their input (x's where there was none),
+// from float32 or float64 sums of shapes (C,), (C,) and (N, C).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> param_grads_as(const at::Tensor& dw, const at::Tensor& db,
+                                                                     const at::Tensor& dadd, const at::Tensor& x,
+                                                                     const std::optional<at::Tensor>& weight,
+                                                                     const std::optional<at::Tensor>& bias,
+                                                                     const std::optional<at::Tensor>& add) {
+  auto type_of = [&](const std::optional<at::Tensor>& t) { return t.has_value() ? t->scalar_type() : x.scalar_type(); };
+  return {dw.to(type_of(weight)), db.to(type_of(bias)), dadd.to(type_of(add))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Tensor& x,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias,

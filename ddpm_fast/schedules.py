@@ -164,15 +164,7 @@ class NoiseSchedule:
         """The float32 table ``name`` on ``device``, made once per device."""
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
-        device = torch.device("cpu" if device is None else device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        key = (name, device)
-        cached = self._device_tables.get(key)
-        if cached is None:
-            cached = getattr(self, name).to(device=device, dtype=torch.float32)
-            self._device_tables[key] = cached
-        return cached
+        return self._cached(name, device, lambda: getattr(self, name))
 
     def step_table(
         self, kind: str = "fixed_large", *, eta: float = 0.0, device: torch.device | str | None = None
@@ -196,15 +188,18 @@ class NoiseSchedule:
             raise ValueError("eta applies to the ddim step only")
         if not (math.isfinite(eta) and eta >= 0.0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        make = (lambda: self._ddim_table(eta)) if kind == "ddim" else (lambda: self._ddpm_table(kind))
+        return self._cached(f"step:{kind}:{eta!r}", device, make)
+
+    def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
+        """The float32 copy on ``device`` of the float64 table ``make()``, made once per device."""
         device = torch.device("cpu" if device is None else device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        key = (f"step:{kind}:{eta!r}", device)
-        cached = self._device_tables.get(key)
+        cached = self._device_tables.get((name, device))
         if cached is None:
-            table = self._ddim_table(eta) if kind == "ddim" else self._ddpm_table(kind)
-            cached = table.to(device=device, dtype=torch.float32)
-            self._device_tables[key] = cached
+            cached = make().to(device=device, dtype=torch.float32)
+            self._device_tables[(name, device)] = cached
         return cached
 
     def _ddpm_table(self, variance: str) -> torch.Tensor:

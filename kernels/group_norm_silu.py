@@ -113,6 +113,15 @@ def _xhat_and_du(x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, idx, n, c, C, mean, rstd,
 
 
 @triton.jit
+def _channel_and_stats(pid, C, G, mean_ptr, rstd_ptr):
+    """Sample and channel of a backward program (one per (n, c)) and its group's statistics."""
+    n = pid // C
+    c = pid % C
+    ng = n * G + c // (C // G)
+    return n, c, tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
+
+
+@triton.jit
 def gn_backward_sums_kernel(
     dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr,  # as in the forward; dy in x's memory order
     mean_ptr, rstd_ptr,  # *f32 [N, G] forward statistics
@@ -122,11 +131,7 @@ def gn_backward_sums_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = pid // C
-    c = pid % C
-    ng = n * G + c // (C // G)
-    mean = tl.load(mean_ptr + ng)
-    rstd = tl.load(rstd_ptr + ng)
+    n, c, mean, rstd = _channel_and_stats(pid, C, G, mean_ptr, rstd_ptr)
     acc_a = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK], dtype=tl.float32)
@@ -155,13 +160,9 @@ def gn_backward_dx_kernel(
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = pid // C
-    c = pid % C
+    n, c, mean, rstd = _channel_and_stats(pid, C, G, mean_ptr, rstd_ptr)
     cg = C // G
     c0 = (c // cg) * cg
-    ng = n * G + c // cg
-    mean = tl.load(mean_ptr + ng)
-    rstd = tl.load(rstd_ptr + ng)
     k = tl.arange(0, BLOCK_CG)
     kmask = k < cg
     if HAS_W:

@@ -216,10 +216,10 @@ void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, con
   });
 }
 
-at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dtype) {
+at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef shape) {
   at::Tensor t = at::empty(shape, at::TensorOptions().dtype(at::kDouble));
   std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
-  return t.to(dtype);
+  return t;
 }
 
 // The float path (float, half, bfloat16 input): per-channel moments in
@@ -335,11 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t num_groups, bool act) {
   const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
-  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(),
-              "ddpm_fast: dy must have x's shape and dtype");
-  TORCH_CHECK(mean.numel() == l.n * l.groups && rstd.numel() == l.n * l.groups && mean.is_contiguous() &&
-                  rstd.is_contiguous() && mean.scalar_type() == rstd.scalar_type(),
-              "ddpm_fast: mean and rstd must be the forward's (N, G) statistics");
+  check_group_norm_backward_args(dy_in, x, mean, rstd, l);
   const at::Tensor dy = x.is_contiguous() ? dy_in.contiguous() : dy_in.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor dx = at::empty_like(x);
   std::vector<double> A(l.n * l.c, 0.0), B(l.n * l.c, 0.0), dadd(l.n * l.c, 0.0);
@@ -362,10 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       db[c] += B[n * l.c + c];
     }
   }
-  const at::ScalarType w_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  const at::ScalarType b_type = bias.has_value() ? bias->scalar_type() : x.scalar_type();
-  const at::ScalarType a_type = add.has_value() ? add->scalar_type() : x.scalar_type();
-  return {dx, from_doubles(dw, {l.c}, w_type), from_doubles(db, {l.c}, b_type), from_doubles(dadd, {l.n, l.c}, a_type)};
+  const auto [dweight, dbias, dadd_t] =
+      param_grads_as(from_doubles(dw, {l.c}), from_doubles(db, {l.c}), from_doubles(dadd, {l.n, l.c}), x, weight, bias, add);
+  return {dx, dweight, dbias, dadd_t};
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {

@@ -180,11 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t num_groups, bool act) {
   const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
-  TORCH_CHECK(dy_in.sizes() == x.sizes() && dy_in.scalar_type() == x.scalar_type(),
-              "ddpm_fast: dy must have x's shape and dtype");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat &&
-                  mean.numel() == l.n * l.groups && rstd.numel() == l.n * l.groups,
-              "ddpm_fast: mean and rstd must be the forward's float32 (N, G) statistics");
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "ddpm_fast: float64 GroupNorm runs on the CPU only");
+  check_group_norm_backward_args(dy_in, x, mean, rstd, l);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = x.is_contiguous() ? dy_in.contiguous() : dy_in.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor dx = at::empty_like(x);
@@ -206,10 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const at::ScalarType w_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  const at::ScalarType b_type = bias.has_value() ? bias->scalar_type() : x.scalar_type();
-  const at::ScalarType a_type = add.has_value() ? add->scalar_type() : x.scalar_type();
-  return {dx, sums[0].sum(0).to(w_type), sums[1].sum(0).to(b_type), dadd.to(a_type)};
+  const auto [dweight, dbias, dadd_t] = param_grads_as(sums[0].sum(0), sums[1].sum(0), dadd, x, weight, bias, add);
+  return {dx, dweight, dbias, dadd_t};
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
