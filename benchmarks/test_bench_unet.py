@@ -1,0 +1,120 @@
+"""One forward of the DDPM U-Net (one sampling step's eps_theta(x_t, t)): our
+fused model against our reference path and diffusers' UNet2DModel (eager fp32,
+eager bf16, bf16 channels_last under torch.compile), all with the same weights
+(ours converted with ``UNet.from_diffusers``).
+
+GPU: the paper's CIFAR-10 model (35.7M parameters) at batch 1 and 128.
+Floor: reading the weights once plus x in and eps out — the batch-1 floor; at
+batch 128 the forward is compute-bound, so ``extra_info`` also carries the FLOP
+count and the TFLOP/s reached.
+CPU: the same layout at a quarter of the width (32..64 channels, 8 groups),
+batch 8, float32 (torch.compile is left out: minutes to compile on a small CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from ddpm_fast import _extension
+from ddpm_fast.models import UNet
+
+diffusers = pytest.importorskip("diffusers")
+
+CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+    norm_num_groups=32, attention_head_dim=None,
+)
+NARROW = {**CIFAR10, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8}
+CONFIGS = {"cifar10": CIFAR10, "narrow": NARROW}
+
+
+@functools.lru_cache(maxsize=None)
+def weights(name: str) -> dict[str, torch.Tensor]:
+    """One set of (random) weights per config, shared by every implementation."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(**CONFIGS[name]).state_dict()
+
+
+def build(impl: str, name: str, device: str) -> torch.nn.Module:
+    theirs = diffusers.UNet2DModel(**CONFIGS[name])
+    theirs.load_state_dict(weights(name))
+    if impl.startswith("ours"):
+        model = UNet.from_diffusers(theirs, reference="reference" in impl)
+    else:
+        model = theirs
+    model = model.to(device).eval()
+    if "bf16" in impl:
+        model = model.to(torch.bfloat16)
+    if "_cl" in impl:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def forward_fn(impl: str, name: str, device: str, batch: int):
+    """A no-grad callable running one forward of ``impl``, and its eager model."""
+    model = build(impl, name, device)
+    dtype = torch.bfloat16 if "bf16" in impl else torch.float32
+    x = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+    if "_cl" in impl:
+        x = x.to(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    run = torch.compile(model, fullgraph=impl.startswith("ours")) if impl.endswith("compile") else model
+    if impl.startswith("diffusers"):
+        call = lambda: run(x, t).sample  # noqa: E731
+    else:
+        call = lambda: run(x, t)  # noqa: E731
+
+    def fn():
+        with torch.no_grad():
+            return call()
+
+    return fn, model, x, t
+
+
+CPU_IMPLS = ["diffusers_fp32", "ours_reference_fp32", "ours_fused_fp32", "ours_fused_fp32_cl"]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_unet_forward(benchmark, impl):
+    if impl.startswith("ours_fused") and not _extension.AVAILABLE:
+        pytest.skip("extension not built")
+    fn, *_ = forward_fn(impl, "narrow", "cpu", 8)
+    fn()
+    benchmark.group = "unet forward cpu narrow(32-64ch) 8x3x32x32 fp32"
+    benchmark(fn)
+
+
+GPU_IMPLS = [
+    "diffusers_fp32", "diffusers_bf16", "diffusers_bf16_cl_compile",
+    "ours_reference_bf16_cl", "ours_fused_bf16_cl", "ours_fused_bf16_cl_compile",
+]
+
+
+def _flops(model, x, t) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return counter.get_total_flops()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 128])
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_unet_forward(record_gpu, benchmark, impl, batch):
+    fn, model, x, t = forward_fn(impl, "cifar10", "cuda", batch)
+    for _ in range(3):  # compile and warm up
+        fn()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    flops = _flops(model, x, t)
+    row = record_gpu(
+        f"unet fwd cifar10 b{batch}", impl, fn,
+        bytes_moved=weight_bytes + 2 * x.numel() * x.element_size(), baseline="diffusers_fp32",
+    )
+    benchmark.extra_info.update(gflop=flops / 1e9, tflops=flops / (row.median_us * 1e-6) / 1e12)

@@ -1,0 +1,121 @@
+"""``UNet.save_pretrained`` / ``UNet.from_pretrained``: a folder with
+``config.json`` (the constructor's arguments) and ``model.safetensors``.
+
+Files are written whole to a temporary name in the target folder, flushed to
+disk, then renamed over the final name (``os.replace`` is atomic on POSIX and
+Windows): a process killed mid-save leaves the previous file or the new one,
+never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["atomic_write", "load_safetensors", "load_state_dict_checked", "save_pretrained", "load_pretrained"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:  # pragma: no cover - safetensors is a dependency
+        raise ImportError("saving and loading models needs safetensors: pip install safetensors") from error
+    return safetensors.torch
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # safetensors wants contiguous CPU tensors (channels_last conv weights are not).
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS_NAME, _safetensors().save(tensors, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_NAME, (json.dumps(model.config, indent=2) + "\n").encode())
+
+
+def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, with a clear error for a missing or unreadable one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        return _safetensors().load_file(str(path), device=str(torch.device(device)))
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with one error that lists every
+    missing, unexpected and mis-shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    problems = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
+        if items:
+            problems.append(f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)} in all)")
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+    bad = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if bad:
+        raise ValueError(f"{source}: tensors {bad[:8]} are not floating point")
+    model.load_state_dict(state, strict=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def load_pretrained(
+    cls: type, folder: str | os.PathLike, *, weights: str, map_location: torch.device | str, overrides: Mapping[str, Any]
+) -> nn.Module:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"UNet.from_pretrained: {folder} does not exist or is not a folder")
+    config = read_json(folder / CONFIG_NAME)
+    if "_class_name" in config:
+        raise ValueError(
+            f"UNet.from_pretrained: {folder} holds a diffusers {config['_class_name']}; load it with UNet.from_diffusers"
+        )
+    model = cls.from_config(config, **overrides)
+    state = load_safetensors(folder / weights, map_location)
+    model.to(map_location)
+    load_state_dict_checked(model, state, str(folder / weights))
+    return model

@@ -1,0 +1,172 @@
+"""diffusers interop: ``UNet.from_diffusers`` reproduces a ``UNet2DModel`` of the
+DDPM layout (``google/ddpm-cifar10-32``'s config, narrower for speed) from an
+instance or a saved folder, and ``patch_diffusers`` leaves a diffusers U-Net's
+output unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import ddpm_fast  # noqa: E402
+from conftest import requires_extension  # noqa: E402
+from ddpm_fast.models import UNet  # noqa: E402
+from ddpm_fast.nn import GroupNormSiLU  # noqa: E402
+
+# google/ddpm-cifar10-32's UNet2DModel config.
+CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+    norm_num_groups=32, attention_head_dim=None, act_fn="silu", time_embedding_type="positional",
+)
+NARROW = {**CIFAR10, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8}
+TOL = dict(rtol=1e-4, atol=1e-5)
+TIMESTEPS = [0, 999, torch.tensor([0, 1, 500, 999])]
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights (a fresh UNet2DModel zeroes nothing, but keeps GroupNorm at
+    identity; randomise everything so that every tensor matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = p[0].numel() ** -0.5 if p.dim() > 1 else 0.2
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.add_(1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    return randomize(diffusers.UNet2DModel(**NARROW)).eval()
+
+
+def _compare(ours: UNet, theirs, n: int = 4, seed: int = 0) -> None:
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for t in TIMESTEPS if n == 4 else [torch.tensor([321])]:
+            expected = theirs(x, t).sample
+            torch.testing.assert_close(ours(x, t), expected, **TOL)
+    assert expected.abs().mean() > 0.1  # the comparison is not of near-zero outputs
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["fused", "reference"])
+def test_from_an_instance_reproduces_diffusers(narrow, reference):
+    ours = UNet.from_diffusers(narrow, reference=reference).eval()
+    assert ours.config == dict(
+        in_channels=3, out_channels=3, image_size=32, ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=2,
+        attn_resolutions=[16], dropout=0.0, num_groups=8, eps=1e-6,
+    )
+    _compare(ours, narrow)
+
+
+def test_from_a_saved_folder_and_a_pipeline_folder(narrow, tmp_path):
+    narrow.save_pretrained(tmp_path / "unet")
+    _compare(UNet.from_diffusers(tmp_path / "unet").eval(), narrow)
+    _compare(UNet.from_diffusers(str(tmp_path)).eval(), narrow)  # <pipeline>/unet
+
+
+def test_from_a_folder_with_deprecated_attention_names(narrow, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    narrow.save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    renames = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    old = {}
+    for key, value in load_file(path).items():
+        for new_name, old_name in renames.items():
+            key = key.replace(new_name, old_name)
+        old[key] = value
+    assert any("proj_attn" in k for k in old)
+    save_file(old, path)
+    _compare(UNet.from_diffusers(tmp_path).eval(), narrow)
+
+
+def test_the_full_cifar10_config():
+    theirs = randomize(diffusers.UNet2DModel(**CIFAR10)).eval()
+    ours = UNet.from_diffusers(theirs).eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 35_746_307
+    _compare(ours, theirs, n=1)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(flip_sin_to_cos=True), "flip_sin_to_cos"),
+        (dict(freq_shift=0), "freq_shift"),
+        (dict(downsample_padding=1), "downsample_padding"),
+        (dict(attention_head_dim=8), "attention_head_dim"),
+        (dict(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift"),
+        (dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D")), "up_block_types"),
+        (dict(block_out_channels=(32, 48, 64, 64)), "multiples"),
+    ],
+)
+def test_other_layouts_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        UNet.from_diffusers(diffusers.UNet2DModel(**{**NARROW, **change}))
+
+
+def test_bad_sources(tmp_path, narrow):
+    with pytest.raises(TypeError, match="UNet2DModel"):
+        UNet.from_diffusers(torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        UNet.from_diffusers(tmp_path / "nowhere")
+    narrow.save_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        UNet.from_diffusers(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        UNet.from_diffusers(tmp_path)
+
+
+# ----------------------------------------------------------- patch_diffusers
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=requires_extension)])
+def test_patch_diffusers_keeps_the_output(narrow, backend):
+    patched = copy.deepcopy(narrow)
+    keys = patched.state_dict().keys()
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in narrow.modules())
+    assert ddpm_fast.patch_diffusers(patched, backend=backend) == 2 * resnets + 1
+    assert ddpm_fast.patch_diffusers(patched, backend=backend) == 0  # already fused
+    assert patched.state_dict().keys() == keys
+    assert sum(isinstance(m, GroupNormSiLU) for m in patched.modules()) == 2 * resnets + 1
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            torch.testing.assert_close(patched(x, t).sample, narrow(x, t).sample, **TOL)
+
+
+def test_a_patched_model_pickles(narrow):
+    import io
+
+    patched = copy.deepcopy(narrow)
+    ddpm_fast.patch_diffusers(patched, backend="reference")
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 5).sample, patched(x, 5).sample, rtol=0, atol=0)
+
+
+@requires_extension
+def test_patched_diffusers_trains_like_the_original(narrow):
+    patched = copy.deepcopy(narrow).train()
+    ddpm_fast.patch_diffusers(patched, backend="cpu")
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    grads = []
+    for model in (copy.deepcopy(narrow).train(), patched):
+        model(x, t).sample.square().mean().backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
