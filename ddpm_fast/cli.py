@@ -1,70 +1,237 @@
-"""The ``ddpm-fast`` command line.
+"""The ``ddpm-fast`` command line: ``train``, ``sample``, ``bpd``, ``demo`` and ``info``.
 
-``ddpm-fast info`` reports the environment and checks every available backend
-of every op against the reference on this machine. (``train``, ``sample``,
-``bpd`` and ``demo`` arrive with the issues that build them.)
+Every command prints a clear one-line error and exits with status 2 on bad
+arguments or unusable inputs (missing data, corrupt checkpoints, ...).
+Run ``ddpm-fast COMMAND --help`` for each command's options.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import __version__, _extension, ops
-from .ops._backend import triton_available, triton_interpreting
-from .schedules import NoiseSchedule
+from . import __version__
+from .checkpoint import CheckpointError
+
+MODELS = ("tiny", "small", "cifar10")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _self_check(device: torch.device) -> list[tuple[str, str, str]]:
-    """(op, backend, verdict) for each backend available on ``device``."""
-    schedule = NoiseSchedule("linear")
-    x = torch.rand(4, 3, 17, 13, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    t = torch.tensor([0, 10, 500, 999])
-    z_ref = ops.randn(x.shape, 1, backend="reference")
-    xt_ref, _ = ops.q_sample(x, t, schedule, seed=1, backend="reference")
-    rows = []
-    candidates = ["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]
-    for backend in candidates:
-        try:
-            ops.resolve_backend(backend, device, "info")
-        except RuntimeError as error:
-            rows.append(("*", backend, f"unavailable: {error}"))
-            continue
-        z = ops.randn(x.shape, 1, device=device, backend=backend).cpu()
-        xt, _ = ops.q_sample(x.to(device), t.to(device), schedule, seed=1, backend=backend)
-        for op, got, want in (("randn", z, z_ref), ("q_sample", xt.cpu(), xt_ref)):
-            err = (got - want).abs().max().item()
-            rows.append((op, backend, f"{'ok' if err < 1e-5 else 'MISMATCH'} (max error {err:.1e})"))
-    return rows
+class UsageError(Exception):
+    """Bad input from the command line: reported in one line, exit status 2."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+# ----------------------------------------------------------------- commands
 
 
 def _info(args: argparse.Namespace) -> int:
-    print(f"ddpm_fast {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
-    print(f"compiled extension: {'loaded' if _extension.AVAILABLE else 'missing: ' + str(_extension.LOAD_ERROR)}")
-    print(f"CUDA kernels built: {_extension.WITH_CUDA}; GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(f"triton: {'installed' if triton_available() else 'missing'}{' (CPU interpreter)' if triton_interpreting() else ''}")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    ok = True
-    for device in devices:
-        print(f"auto backend on {device.type}: {ops.resolve_backend('auto', device, 'info')}")
-        for op, backend, verdict in _self_check(device):
-            print(f"  {op:9s} {backend:8s} {verdict}")
-            ok &= "MISMATCH" not in verdict
-    return 0 if ok else 1
+    from .selfcheck import report
+
+    return report()
+
+
+def _build_model(args: argparse.Namespace, channels: int, image_size: int):
+    from .models import UNet
+
+    overrides = {"dropout": args.dropout} if args.dropout is not None else {}
+    if args.model == "cifar10":
+        if (channels, image_size) != (3, 32):
+            raise UsageError(f"--model cifar10 takes 3x32x32 images; the data has {channels}x{image_size}x{image_size}")
+        return UNet.ddpm_cifar10(**overrides)
+    preset = UNet.tiny if args.model == "tiny" else UNet.small
+    return preset(image_size=image_size, in_channels=channels, **overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .data import load_dataset
+    from .schedules import NoiseSchedule
+    from .train import TrainConfig, Trainer
+
+    device = distributed.setup(args.device)
+    try:
+        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
+        config = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+            flip=args.flip, precision=args.precision, loss=args.loss, seed=args.seed,
+            log_every=args.log_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
+            checkpoint_every=args.checkpoint_every, channels_last=args.channels_last,
+        )
+        schedule = NoiseSchedule(args.schedule, timesteps=args.timesteps)
+        model = _build_model(args, dataset.channels, dataset.image_size)
+        trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
+                          extra_config={"data": args.data})
+        summary = trainer.train(resume=args.resume)
+    finally:
+        distributed.teardown()
+    if trainer.rank == 0:
+        print(f"trained to step {summary['steps']}; run folder {summary['out_dir']}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .images import save_grid, save_npz
+    from .pretrained import load_model
+    from .sampler import Sampler
+
+    device = distributed.setup(args.device)
+    try:
+        model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
+        dtype = DTYPES[args.dtype]
+        model = model.to(dtype)
+        sampler = Sampler(model, schedule, variance=args.variance, clip_denoised=args.clip, dtype=dtype,
+                          channels_last=args.channels_last, device=device)
+        images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
+                                            steps=args.steps, eta=args.eta, progress=True)
+    finally:
+        distributed.teardown()
+    if images is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_grid(images, out / "samples.png")
+        save_npz(images, out / "samples.npz")
+        print(f"wrote {len(images)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
+    return 0
+
+
+def _bpd(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import evaluate_bpd
+    from .pretrained import load_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
+    dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
+    result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
+                          device=device, progress=True)
+    print(json.dumps(result, indent=2) if args.json else result["summary"])
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
+                       seed=args.seed, progress=True)
+    print(summary)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm-fast", description="DDPM training, sampling and evaluation on fused kernels.")
+    parser.add_argument("--version", action="version", version=f"ddpm_fast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="environment, backends, and a self-check of each backend")
+    info.set_defaults(run=_info)
+
+    train = commands.add_parser("train", help="train a U-Net on a dataset (resumes the run in --out)")
+    train.add_argument("--data", required=True, help="'digits' (bundled), a folder of images, a CIFAR-10 python folder/archive, or a .npy/.npz file")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples")
+    train.add_argument("--model", choices=MODELS, default="small", help="U-Net preset (default: small)")
+    train.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size")
+    train.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the data to 1 or 3 channels")
+    train.add_argument("--dropout", type=float, default=None, help="dropout of the U-Net (default: the preset's)")
+    train.add_argument("--schedule", default="linear", help="beta schedule: linear, cosine, quad, ... (default: linear)")
+    train.add_argument("--timesteps", type=_positive, default=1000, help="diffusion steps T (default: 1000)")
+    train.add_argument("--steps", type=_positive, default=100_000, help="training steps (default: 100000)")
+    train.add_argument("--batch-size", type=_positive, default=128, help="global batch size (default: 128)")
+    train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
+    train.add_argument("--warmup", type=_non_negative, default=5000, help="learning-rate warm-up steps (default: 5000)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, plain Adam)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
+    train.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, warmed up)")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (default: on)")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
+    train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss (default: simple)")
+    train.add_argument("--seed", type=_non_negative, default=0, help="run seed (default: 0)")
+    train.add_argument("--log-every", type=_positive, default=100, help="log every N steps (default: 100)")
+    train.add_argument("--sample-every", type=_non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")
+    train.add_argument("--sample-steps", type=_positive, default=None, help="respaced steps for sample grids (default: all T)")
+    train.add_argument("--checkpoint-every", type=_positive, default=5000, help="checkpoint every N steps (default: 5000)")
+    train.add_argument("--channels-last", action="store_true", help="train in channels_last memory format")
+    train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue the run in --out if it has a checkpoint (default: on)")
+    _add_device(train)
+    train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="draw samples from a checkpoint into samples.png and samples.npz")
+    sample.add_argument("--checkpoint", required=True, help="a run folder, checkpoint-* folder, UNet.save_pretrained folder or diffusers UNet2DModel/pipeline folder")
+    sample.add_argument("--out", required=True, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC)")
+    sample.add_argument("-n", type=_positive, default=64, help="number of samples (default: 64)")
+    sample.add_argument("--batch-size", type=_positive, default=256, help="samples per batch (default: 256)")
+    sample.add_argument("--steps", type=_positive, default=None, help="respace the chain to this many steps (default: all T)")
+    sample.add_argument("--eta", type=float, default=None, help="DDIM with this eta (0: deterministic; default: ancestral DDPM)")
+    sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default="fixed_large", help="reverse-process variance (default: fixed_large)")
+    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
+    sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
+    sample.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model precision (default: fp32)")
+    sample.add_argument("--channels-last", action="store_true", help="run the model channels_last")
+    sample.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0); sample i is the same for any batch size")
+    _add_device(sample)
+    sample.set_defaults(run=_sample)
+
+    bpd = commands.add_parser("bpd", help="negative log-likelihood bound (bits/dim) of a dataset under a checkpoint")
+    bpd.add_argument("--checkpoint", required=True, help="a run folder, checkpoint-* folder or model folder")
+    bpd.add_argument("--data", required=True, help="dataset, as for train")
+    bpd.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size")
+    bpd.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the data to 1 or 3 channels")
+    bpd.add_argument("-n", type=_positive, default=None, help="evaluate the first N images (default: all)")
+    bpd.add_argument("--batch-size", type=_positive, default=256, help="images per batch (default: 256)")
+    bpd.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
+    bpd.add_argument("--seed", type=_non_negative, default=0, help="seed of the evaluation noise (default: 0)")
+    bpd.add_argument("--json", action="store_true", help="print the full result (total and every term) as JSON")
+    _add_device(bpd)
+    bpd.set_defaults(run=_bpd)
+
+    demo = commands.add_parser("demo", help="train a small model on the bundled 8x8 digits and sample from it (minutes on a CPU)")
+    demo.add_argument("--out", required=True, help="output folder: samples.png, samples.npz, loss.png and the run")
+    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo recipe's)")
+    demo.add_argument("--samples", type=_positive, default=100, help="number of samples (default: 100)")
+    demo.add_argument("--sample-steps", type=_positive, default=None, help="respaced sampling steps (default: all T)")
+    demo.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0)")
+    demo.set_defaults(run=_demo)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"ddpm_fast {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="environment, backends, and a self-check of each backend")
-    info.set_defaults(run=_info)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, ImportError) as error:
+        if os.environ.get("DDPM_FAST_DEBUG"):
+            raise
+        print(f"ddpm-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

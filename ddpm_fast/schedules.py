@@ -8,6 +8,7 @@ float32 copies on the tensor's device (``NoiseSchedule.table``).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -86,8 +87,8 @@ def make_betas(
         if beta_start is not None or beta_end is not None:
             raise ValueError("the jsd schedule takes no beta_start/beta_end")
         return 1.0 / torch.linspace(timesteps, 1, timesteps, dtype=torch.float64)
-    start = DEFAULT_BETA_START if beta_start is None else float(beta_start)
-    end = DEFAULT_BETA_END if beta_end is None else float(beta_end)
+    start = DEFAULT_BETA_START if beta_start is None else _beta_bound(beta_start, "beta_start")
+    end = DEFAULT_BETA_END if beta_end is None else _beta_bound(beta_end, "beta_end")
     if name == "linear":
         return torch.linspace(start, end, timesteps, dtype=torch.float64)
     if name == "quad":
@@ -95,6 +96,15 @@ def make_betas(
     if name == "const":
         return torch.full((timesteps,), end, dtype=torch.float64)
     return _warmup(start, end, timesteps, 0.1 if name == "warmup10" else 0.5)
+
+
+def _beta_bound(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must lie in (0, 1], got {value}")
+    return value
 
 
 class NoiseSchedule:
@@ -115,22 +125,36 @@ class NoiseSchedule:
         betas: torch.Tensor | None = None,
     ) -> None:
         if betas is not None:
-            if isinstance(betas, torch.Tensor):
-                betas = betas.detach().to("cpu", torch.float64).clone()
-            else:  # lists and arrays straight to float64, never via float32
-                betas = torch.tensor(betas, dtype=torch.float64)
+            betas = _as_betas(betas)
             self.name = "custom"
+            self.config: dict = {"betas": betas.tolist()}
         else:
             if name is None:
                 raise ValueError("give a schedule name or betas")
             betas = make_betas(name, timesteps, beta_start, beta_end)
             self.name = name
+            self.config = {"name": name, "timesteps": timesteps, "beta_start": beta_start, "beta_end": beta_end}
         _check_betas(betas)
         self.num_timesteps = int(betas.numel())
         self._compute_tables(betas)
         # Original timestep of each index (the identity unless respaced).
         self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NoiseSchedule":
+        """The schedule that ``config`` (a ``NoiseSchedule.config``, e.g. read back
+        from a checkpoint's JSON) describes."""
+        if not isinstance(config, dict) or not ({"name", "betas"} & config.keys()):
+            raise ValueError(f"a schedule config needs 'name' or 'betas', got {config!r}")
+        if "betas" in config:
+            return cls(betas=config["betas"])
+        return cls(
+            config["name"],
+            timesteps=config.get("timesteps", 1000),
+            beta_start=config.get("beta_start"),
+            beta_end=config.get("beta_end"),
+        )
 
     def _compute_tables(self, betas: torch.Tensor) -> None:
         alphas = 1.0 - betas
@@ -183,6 +207,8 @@ class NoiseSchedule:
         """
         if kind not in STEP_KINDS:
             raise ValueError(f"step kind must be one of {', '.join(STEP_KINDS)}, got {kind!r}")
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+            raise TypeError(f"eta must be a number, got {type(eta).__name__}")
         eta = float(eta)
         if kind != "ddim" and eta != 0.0:
             raise ValueError("eta applies to the ddim step only")
@@ -238,6 +264,9 @@ class NoiseSchedule:
         """The schedule of the sub-chain through ``timesteps`` (increasing, zero-based),
         with the betas that keep its alphas_cumprod (Nichol & Dhariwal 2021, sec. 4).
         ``timestep_map[i]`` is the original timestep of new index i, which the model sees."""
+        timesteps = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in timesteps):
+            raise TypeError(f"respaced timesteps must be ints, got {list(timesteps)[:5]}...")
         steps = sorted(set(int(s) for s in timesteps))
         if not steps or steps[0] < 0 or steps[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps}), got {list(timesteps)[:5]}...")
@@ -256,6 +285,21 @@ class NoiseSchedule:
             f"NoiseSchedule({self.name!r}, timesteps={self.num_timesteps}, "
             f"beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g})"
         )
+
+
+def _as_betas(betas: object) -> torch.Tensor:
+    """Given betas as a float64 CPU tensor: real numbers only (no bools, no complex)."""
+    if isinstance(betas, torch.Tensor):
+        if betas.dtype == torch.bool or betas.is_complex():
+            raise TypeError(f"betas must hold real numbers, got {betas.dtype}")
+        return betas.detach().to("cpu", torch.float64).clone()
+    try:  # lists and arrays straight to float64, never via float32
+        tensor = torch.tensor(betas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"betas must be a tensor or a sequence of numbers, got {type(betas).__name__} ({error})") from None
+    if any(isinstance(b, bool) for b in (betas if isinstance(betas, (list, tuple)) else ())):
+        raise TypeError("betas must hold real numbers, got a bool")
+    return tensor
 
 
 def _check_betas(betas: torch.Tensor) -> None:

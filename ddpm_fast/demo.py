@@ -1,0 +1,104 @@
+"""``ddpm-fast demo``: the whole pipeline in minutes on a laptop CPU — train a
+tiny U-Net on the 8x8 handwritten digits bundled with scikit-learn (no
+download), then sample from its EMA weights.
+
+The recipe is the paper's, shrunk to fit: the same linear schedule over
+T = 1000 steps and L_simple, but a 1.3M-parameter U-Net, a higher learning rate
+with a short warm-up, a faster EMA (0.999, warmed up) and no flips (mirrored
+digits are not digits).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import load_digits
+from .images import save_grid, save_npz, to_uint8
+from .models import UNet
+from .sampler import Sampler
+from .schedules import NoiseSchedule
+from .train import TrainConfig, Trainer
+
+__all__ = ["run_demo", "digit_quality", "DEMO_STEPS"]
+
+DEMO_STEPS = 3000
+
+
+def demo_config(steps: int, seed: int) -> TrainConfig:
+    return TrainConfig(
+        steps=steps, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, flip=False,
+        seed=seed, log_every=50, checkpoint_every=max(steps // 4, 1), keep_checkpoints=1,
+        sample_count=100,
+    )
+
+
+def digit_quality(images: np.ndarray) -> dict[str, float]:
+    """How digit-like uint8 N x 8 x 8 x 1 samples are, judged by an RBF support
+    vector classifier of the real digits with libsvm's pairwise-coupled Platt
+    probabilities (which, unlike a linear model's or a recalibrated one-vs-rest
+    SVM's, stay low on noise and on blends of two digits): the mean top-class
+    probability (``confidence``), the share of samples classified with p > 0.8
+    (``confident``) and how many of the 10 classes those cover (``classes``).
+    Held-out real digits score about 0.93 / 0.91 / 10; uniform noise 0.23 / 0;
+    averages of two digits 0.59 / 0.18."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.svm import SVC
+
+    digits = sklearn_digits()
+    with warnings.catch_warnings():  # `probability=True` is deprecated in 1.9 for a
+        warnings.simplefilter("ignore", FutureWarning)  # wrapper that lacks the coupling
+        classifier = SVC(probability=True, random_state=0).fit(digits.data, digits.target)
+    features = images.reshape(len(images), -1).astype(np.float64) * 16 / 255  # back to the 0..16 scale
+    probs = classifier.predict_proba(features)
+    top = probs.max(1)
+    confident = top > 0.8
+    return {
+        "confidence": float(top.mean()),
+        "confident": float(confident.mean()),
+        "classes": int(len(set(probs.argmax(1)[confident].tolist()))),
+    }
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    samples: int = 100,
+    sample_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> str:
+    """Train, then write ``samples.png``, ``samples.npz`` (key ``images``, uint8
+    N x 8 x 8 x 1) and ``loss.png`` into ``out``; the run itself (checkpoints,
+    log) goes to ``out/run`` and is resumed if the demo is started again."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = DEMO_STEPS if steps is None else steps
+    torch.manual_seed(seed)  # the model's initial weights and dropout
+    dataset = load_digits()
+    schedule = NoiseSchedule("linear", timesteps=1000)
+    model = UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
+    start = time.perf_counter()
+    trainer = Trainer(model, dataset, schedule, demo_config(steps, seed), out / "run", device="cpu", progress=progress)
+    trainer.train(final_samples=False)
+    trained = time.perf_counter() - start
+    sampler = Sampler(trainer.ema, schedule, device="cpu", cuda_graph=False)
+    x = sampler.sample(samples, seed=seed, steps=sample_steps, progress=progress)
+    images = to_uint8(x)
+    save_grid(images, out / "samples.png", nrow=10)
+    save_npz(images, out / "samples.npz")
+    loss_curve = out / "run" / "loss.png"
+    if loss_curve.exists():
+        (out / "loss.png").write_bytes(loss_curve.read_bytes())
+    quality = digit_quality(images)
+    return (
+        f"demo: trained {steps} steps in {trained:.0f} s, sampled {samples} digits in "
+        f"{time.perf_counter() - start - trained:.0f} s; wrote {out / 'samples.png'} and {out / 'samples.npz'}\n"
+        f"a classifier of the real digits is confident (p > 0.8) on {quality['confident']:.0%} of the samples "
+        f"(mean top probability {quality['confidence']:.2f}), which cover {quality['classes']} of the 10 digits"
+    )

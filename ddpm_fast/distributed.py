@@ -1,0 +1,81 @@
+"""Multi-process runs under ``torchrun``: process-group set-up and sampling
+sharded across ranks.
+
+``torchrun --nproc-per-node=K -m ddpm_fast.cli train ...`` sets RANK,
+WORLD_SIZE and LOCAL_RANK; ``setup()`` then joins the group (NCCL on GPUs,
+gloo on CPUs) and picks this rank's device. Without those variables it is a
+no-op and the run is a single process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .images import to_uint8
+from .sampler import Sampler
+
+__all__ = ["setup", "teardown", "rank_and_world", "sample_sharded"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup(device: str | None = None) -> torch.device:
+    """Join the process group if launched by torchrun; return this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if want_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device or "cpu")
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sample_sharded(
+    sampler: Sampler,
+    n: int,
+    *,
+    seed: int,
+    batch_size: int,
+    steps: int | None = None,
+    eta: float | None = None,
+    progress: bool = True,
+) -> np.ndarray | None:
+    """Draw samples 0..n-1 of ``seed``, each rank a contiguous share in batches of
+    ``batch_size``; rank 0 returns all of them as uint8 N x H x W x C, the
+    others None. Sample i is the same whatever the number of ranks or the batch
+    size (the Sampler's per-sample noise streams)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of samples must be a positive int, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rank, world = rank_and_world()
+    share = math.ceil(n / world)
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    parts = []
+    for start in range(lo, hi, batch_size):
+        count = min(batch_size, hi - start)
+        x = sampler.sample(count, seed=seed, steps=steps, eta=eta, first_sample=start, progress=progress and rank == 0)
+        parts.append(to_uint8(x))
+    mine = np.concatenate(parts) if parts else None
+    if world == 1:
+        return mine
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return np.concatenate([p for p in gathered if p is not None]) if rank == 0 else None

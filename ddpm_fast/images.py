@@ -1,0 +1,118 @@
+"""Images out: model samples to uint8, PNG grids, ``.npz`` files and a loss
+plot — with Pillow and NumPy only."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["to_uint8", "make_grid", "save_grid", "save_npz", "plot_curve"]
+
+_MIN_TILE_PX = 32  # small samples (8x8 digits) are upscaled to at least this
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float images in [-1, 1], N x C x H x W, as uint8 N x H x W x C (clamped, rounded)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating N x C x H x W tensor, got {getattr(x, 'shape', type(x))}")
+    scaled = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _check_nhwc(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0 or images.shape[3] not in (1, 3):
+        raise ValueError(f"images must be non-empty uint8 N x H x W x C with C 1 or 3, got {images.dtype} {images.shape}")
+    return images
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, scale: int = 1) -> np.ndarray:
+    """Tile uint8 N x H x W x C images into one H' x W' x C picture, ``nrow``
+    per row (default: a square), each upscaled ``scale`` times (nearest)."""
+    images = _check_nhwc(images)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[top : top + h, left : left + w] = image
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int | None = None) -> None:
+    """Write a PNG grid of uint8 N x H x W x C images; small images are upscaled
+    (by default to at least 32 px a tile) so that the picture is viewable."""
+    from PIL import Image
+
+    images = _check_nhwc(images)
+    if scale is None:
+        scale = max(1, math.ceil(_MIN_TILE_PX / max(images.shape[1:3])))
+    grid = make_grid(images, nrow, scale=scale)
+    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(Path(path), format="PNG")
+
+
+def save_npz(images: np.ndarray, path: str | os.PathLike, **extra: np.ndarray) -> None:
+    """Write uint8 N x H x W x C images under key ``images`` (plus ``extra``
+    arrays), atomically: a killed process leaves no half-written file."""
+    from .checkpoint import atomic_write
+
+    images = _check_nhwc(images)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, **extra)
+
+    atomic_write(path, write)
+
+
+def plot_curve(
+    values: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    title: str = "loss",
+    smooth: int = 20,
+    log_y: bool = True,
+    size: tuple[int, int] = (640, 360),
+) -> None:
+    """A line chart PNG of ``values`` (raw in grey, a ``smooth``-point moving
+    average in blue) on a log (``log_y``) or linear y axis."""
+    from PIL import Image, ImageDraw
+
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        raise ValueError(f"plot_curve needs at least 2 finite values, got {v.size}")
+    if log_y and (v <= 0).any():
+        log_y = False
+    y = np.log10(v) if log_y else v
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 30
+    lo, hi = float(y.min()), float(y.max())
+    hi = hi if hi > lo else lo + 1.0
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+
+    def points(series: np.ndarray) -> list[tuple[float, float]]:
+        xs = left + np.arange(series.size) * (width - left - right) / max(series.size - 1, 1)
+        ys = top + (hi - series) * (height - top - bottom) / (hi - lo)
+        return list(zip(xs.tolist(), ys.tolist()))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.line(points(y), fill=(190, 190, 190), width=1)
+    k = max(1, min(smooth, y.size // 5))
+    if k > 1:
+        draw.line(points(np.convolve(y, np.ones(k) / k, mode="valid")), fill=(30, 90, 200), width=2)
+    label = (lambda z: f"{10 ** z:.3g}") if log_y else (lambda z: f"{z:.3g}")
+    draw.text((5, top - 5), label(hi), fill="black")
+    draw.text((5, height - bottom - 10), label(lo), fill="black")
+    draw.text((left, 8), f"{title} ({v.size} points{', log scale' if log_y else ''})", fill="black")
+    draw.text((left, height - bottom + 8), "0", fill="black")
+    draw.text((width - right - 40, height - bottom + 8), str(v.size - 1), fill="black")
+    image.save(Path(path), format="PNG")

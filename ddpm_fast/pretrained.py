@@ -1,0 +1,84 @@
+"""Loading a trained model and its noise schedule from disk, whatever wrote it:
+a training run folder (its newest checkpoint), one ``checkpoint-<step>``
+folder, a ``UNet.save_pretrained`` folder, or a diffusers ``UNet2DModel`` /
+DDPM pipeline folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, latest_checkpoint
+from .schedules import NoiseSchedule
+
+__all__ = ["load_model"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+
+
+def _diffusers_schedule(folder: Path) -> NoiseSchedule:
+    """The pipeline's DDPMScheduler betas if its config is there, else linear T=1000."""
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    if not config_path.is_file():
+        return NoiseSchedule("linear")
+    config = _read_json(config_path)
+    names = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
+    name = names.get(config.get("beta_schedule", "linear"))
+    if name is None:
+        raise CheckpointError(f"unsupported diffusers beta_schedule {config.get('beta_schedule')!r} in {config_path}")
+    timesteps = int(config.get("num_train_timesteps", 1000))
+    if name == "cosine":
+        return NoiseSchedule("cosine", timesteps=timesteps)
+    return NoiseSchedule(
+        name, timesteps=timesteps, beta_start=config.get("beta_start", 1e-4), beta_end=config.get("beta_end", 0.02)
+    )
+
+
+def load_model(
+    path: str | os.PathLike, *, weights: str = "ema", device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, NoiseSchedule]:
+    """(model in eval mode, its training schedule) from ``path``.
+
+    ``weights``: ``ema`` (the default: what the paper samples from) or ``model``
+    (the raw trained weights) for our checkpoints; ignored for other folders.
+    """
+    from .models import UNet
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")
+    if (folder / "unet" / "config.json").is_file():  # a diffusers pipeline folder
+        model = UNet.from_diffusers(folder / "unet")
+        return model.to(device).eval(), _diffusers_schedule(folder)
+    if (folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json"):
+        return UNet.from_diffusers(folder).to(device).eval(), _diffusers_schedule(folder.parent)
+    if not (folder / "config.json").is_file():  # a run folder: its newest checkpoint
+        newest = latest_checkpoint(folder)
+        if newest is None:
+            raise CheckpointError(f"{folder} holds no checkpoint (no config.json and no checkpoint-* folder)")
+        folder = newest
+    config = _read_json(folder / "config.json")
+    if "train" not in config:  # a UNet.save_pretrained folder
+        return UNet.from_pretrained(folder, map_location=device).eval(), NoiseSchedule("linear")
+    file = f"{weights}.safetensors"
+    if config.get("model") is None:
+        raise CheckpointError(f"{folder / 'config.json'} does not describe a UNet")
+    model = UNet.from_config(config["model"])
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(folder / file)))
+    except Exception as error:
+        raise CheckpointError(f"cannot load {folder / file}: {error}") from error
+    return model.to(device).eval(), NoiseSchedule.from_config(config["schedule"])
+

@@ -1,0 +1,411 @@
+"""Training: the recipe of Ho et al. (2020), sec. 4 and appendix B.
+
+Each step draws a batch x_0, a timestep t ~ U{0..T-1} per sample and noise ε
+in-kernel (fused q-sampling, ``ops.q_sample``), and descends L_simple =
+‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (eq. 14) — or the variational bound
+(``loss="vlb"``) or their sum (``"hybrid"``). Adam at 2e-4 with linear warm-up,
+gradient norm clipped at 1, an EMA of the weights for sampling, optional
+random horizontal flips, bf16/fp16 autocast over fp32 master weights.
+
+Everything random in step s is a function of (seed, s) and of each sample's
+position in the *global* batch, never of the rank: a run resumed from a
+checkpoint continues exactly, and N ranks under DDP take the same steps as one
+process with the same global batch. (Dropout draws from torch's generator,
+whose state the checkpoint saves.)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import diffusion, ops
+from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, write_checkpoint
+from .data import ImageDataset
+from .distributed import rank_and_world
+from .images import plot_curve, save_grid, to_uint8
+from .sampler import Sampler
+from .schedules import NoiseSchedule
+
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSSES = ("simple", "vlb", "hybrid")
+HYBRID_VLB_WEIGHT = 1e-3  # Nichol & Dhariwal (2021), eq. 16
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many non-finite losses in a row."""
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe; the defaults are the paper's CIFAR-10 settings."""
+
+    steps: int = 800_000
+    batch_size: int = 128  # global: split evenly across DDP ranks
+    lr: float = 2e-4
+    warmup: int = 5000  # steps of linear learning-rate warm-up
+    weight_decay: float = 0.0  # > 0 switches Adam to AdamW
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1+s)/(10+s)): useful EMA in short runs
+    flip: bool = True  # random horizontal flips (turn off for data where they do not fit, e.g. digits)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast; master weights stay fp32
+    loss: str = "simple"  # simple | vlb | hybrid
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 0  # write an EMA sample grid every N steps (0: only at the end)
+    sample_count: int = 64
+    sample_steps: int | None = None  # respaced sampling for the grids (None: all T)
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "log_every", "sample_count", "checkpoint_every", "max_nonfinite")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        for name in ("warmup", "sample_every", "keep_checkpoints", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        if not (self.grad_clip > 0 and self.weight_decay >= 0):
+            raise ValueError("TrainConfig.grad_clip must be > 0 and weight_decay >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+class Trainer:
+    """Trains ``model(x_t, t) -> ε`` on ``dataset`` and writes the run into ``out_dir``:
+    ``log.jsonl`` (step, loss, lr, images/s), ``loss.png``, ``samples/``
+    grids of the EMA model, and ``checkpoint-<step>/`` folders
+    (``model.safetensors``, ``ema.safetensors``, ``trainer.pt``, ``config.json``).
+
+    Under ``torchrun`` (``torch.distributed`` initialised before construction) the
+    model is wrapped in DistributedDataParallel, each rank takes its slice of
+    every global batch, and rank 0 alone writes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: ImageDataset,
+        schedule: NoiseSchedule,
+        config: TrainConfig | None = None,
+        out_dir: str | os.PathLike = "runs/ddpm",
+        *,
+        device: torch.device | str | None = None,
+        extra_config: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(dataset, ImageDataset):
+            raise TypeError(f"dataset must be a ddpm_fast.data.ImageDataset, got {type(dataset).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        self.config = config if config is not None else TrainConfig()
+        self.rank, self.world = rank_and_world()
+        if self.config.batch_size % self.world:
+            raise ValueError(f"batch_size {self.config.batch_size} must be divisible by the {self.world} ranks")
+        if len(dataset) < self.config.batch_size:
+            raise ValueError(f"the dataset has {len(dataset)} images, fewer than batch_size {self.config.batch_size}")
+        sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
+        if getattr(model, "in_channels", dataset.channels) != dataset.channels or getattr(
+            model, "image_size", dataset.image_size
+        ) != dataset.image_size:
+            raise ValueError(
+                f"the model takes {model.in_channels}x{model.image_size}x{model.image_size} images, "
+                f"the dataset has {'x'.join(map(str, sample_shape))}"
+            )
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.dataset = dataset
+        self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device
+        self.schedule = schedule
+        self.extra_config = extra_config or {}
+        self.model = model.to(self.device)
+        if self.config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW if self.config.weight_decay > 0 else torch.optim.Adam
+        self.optimizer = optim(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        warmup = self.config.warmup
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        amp = PRECISIONS[self.config.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
+        self.step = 0
+        self._nonfinite_in_row = 0
+
+    # ------------------------------------------------------------ the step
+
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + step) * 4 + stream)
+
+    def _global_batch(self, step: int) -> torch.Tensor:
+        """Indices of step ``step``'s global batch: epochs are fixed permutations."""
+        n, b = len(self.dataset), self.config.batch_size
+        per_epoch = n // b
+        epoch, i = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+        return order[i * b : (i + 1) * b]
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's (x_0, t, noise offset) for step ``step``."""
+        b = self.config.batch_size
+        local = b // self.world
+        lo = self.rank * local
+        index = self._global_batch(step)[lo : lo + local]
+        gen = self._generator(step, 0)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen)[lo : lo + local]
+        flip = torch.rand(b, generator=gen)[lo : lo + local] < 0.5
+        x0 = self.images[index.to(self.device)].float() / 127.5 - 1
+        if self.config.flip:
+            x0 = torch.where(flip.to(self.device)[:, None, None, None], x0.flip(-1), x0)
+        if self.config.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        per_sample = x0[0].numel()
+        offset = (step * b + lo) * per_sample  # counters of the global batch: rank-independent
+        return x0, t.to(self.device), offset
+
+    def _loss(self, step: int) -> torch.Tensor:
+        x0, t, offset = self._batch(step)
+        x_t, eps = ops.q_sample(x0, t, self.schedule, seed=self.config.seed, offset=offset)
+        amp = PRECISIONS[self.config.precision]
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            pred = self.net(x_t, t)
+        pred = pred.float()
+        terms = []
+        if self.config.loss in ("simple", "hybrid"):
+            terms.append(diffusion.loss_simple(eps, pred))
+        if self.config.loss in ("vlb", "hybrid"):
+            vb, _ = diffusion.vb_terms_bpd(self.schedule, pred, x0, x_t, t, clip_denoised=False)
+            terms.append(vb * (HYBRID_VLB_WEIGHT if self.config.loss == "hybrid" else 1.0))
+        # Mean over the local batch; DDP averages over ranks = the global-batch mean.
+        return sum(terms).mean()
+
+    def _ema_update(self) -> None:
+        decay = self.config.ema_decay
+        if self.config.ema_warmup:
+            decay = min(decay, (1 + self.step) / (10 + self.step))
+        ema = [p for p in self.ema.parameters()]
+        live = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, live, 1.0 - decay)
+        for eb, mb in zip(self.ema.buffers(), self.model.buffers()):
+            eb.copy_(mb)
+
+    def train_step(self) -> float | None:
+        """One optimisation step; returns the loss, or None if it was not finite
+        (the update is skipped, with a warning)."""
+        self.net.train()
+        loss = self._loss(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.world > 1:  # every rank must take the same decision, or DDP deadlocks
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = bool(finite)
+        if not finite and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite_in_row += 1
+            warnings.warn(f"step {self.step}: non-finite loss or gradient ({loss.item()}); update skipped")
+            if self._nonfinite_in_row >= self.config.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step}; stopping. "
+                    f"The last good checkpoint in {self.out_dir} is intact: lower the learning rate or check the data"
+                )
+            self.step += 1
+            self.lr_schedule.step()
+            return None
+        self.scaler.step(self.optimizer)  # fp16: the scaler skips overflowed steps itself
+        self.scaler.update()
+        self.lr_schedule.step()
+        self._nonfinite_in_row = 0
+        self.step += 1
+        self._ema_update()
+        return loss.item()
+
+    # ------------------------------------------------------------- the run
+
+    def train(self, *, resume: bool = True, final_samples: bool = True) -> dict[str, Any]:
+        """Train until ``config.steps``, resuming from the newest checkpoint in
+        ``out_dir`` when there is one and ``resume`` is set; then, with
+        ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary."""
+        if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
+            self.load_checkpoint(ckpt)
+        elif self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "log.jsonl").unlink(missing_ok=True)
+        cfg = self.config
+        bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
+        window: list[float] = []
+        tick, tick_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            if loss is not None:
+                window.append(loss)
+            last = self.step == cfg.steps
+            # Never checkpoint inside a run of skipped non-finite steps.
+            checkpoint = (self.step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
+            if self.step % cfg.log_every == 0 or checkpoint:  # a resumed run logs what this one would
+                elapsed = time.perf_counter() - tick
+                rate = (self.step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
+                record = {
+                    "step": self.step,
+                    "loss": sum(window) / len(window) if window else float("nan"),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_s": rate,
+                }
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                window, tick, tick_step = [], time.perf_counter(), self.step
+            bar.update(1)
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and not last:
+                self.sample_grid(self.out_dir / "samples" / f"step-{self.step:08d}.png")
+            if checkpoint:
+                self.save_checkpoint()
+        bar.close()
+        if final_samples and self.rank == 0:
+            self.sample_grid(self.out_dir / "samples.png")
+        return {"steps": self.step, "out_dir": str(self.out_dir)}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        path = self.out_dir / "log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> torch.Tensor:
+        """A grid of ``sample_count`` EMA samples (fixed seed, so grids compare over time)."""
+        sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False)
+        x = sampler.sample(self.config.sample_count, seed=self.config.seed, steps=self.config.sample_steps, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(to_uint8(x), path)
+        return x
+
+    # -------------------------------------------------------- checkpoints
+
+    def run_config(self) -> dict[str, Any]:
+        return {
+            "model": getattr(self.model, "config", None),
+            "schedule": self.schedule.config,
+            "train": asdict(self.config),
+            **self.extra_config,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0), then a fresh loss plot."""
+        path = None
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            def weights(module: nn.Module):
+                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                return lambda p: save_file(state, str(p))
+
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+            config = json.dumps(self.run_config(), indent=2)
+            path = write_checkpoint(
+                self.out_dir,
+                self.step,
+                {
+                    "model.safetensors": weights(self.model),
+                    "ema.safetensors": weights(self.ema),
+                    "trainer.pt": lambda p: torch.save(state, p),
+                    "config.json": lambda p: p.write_text(config),
+                },
+                keep=self.config.keep_checkpoints,
+            )
+            losses = [r["loss"] for r in self.read_log()]
+            if len(losses) > 1:
+                atomic_write(self.out_dir / "loss.png", lambda p: plot_curve(losses, p, title="training loss"))
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore model, EMA, optimizer, schedules, step and RNG state from a
+        checkpoint folder, and cut the log back to that step."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        needed = ("model.safetensors", "ema.safetensors", "trainer.pt")
+        missing = [name for name in needed if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
+        try:
+            self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(self.device)))
+            self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(self.device)))
+            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        except Exception as error:  # corrupt file, wrong architecture, ...
+            raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.rank == 0:
+            kept = [r for r in self.read_log() if r["step"] <= self.step]
+            atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,123 @@
+"""The ``ddpm-fast`` command line: every command end to end on tiny settings,
+and bad arguments answered with a one-line error and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddpm_fast.cli import build_parser, main
+from train_helpers import toy_dataset
+
+COMMANDS = ("info", "train", "sample", "bpd", "demo")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    np.savez(path, images=toy_dataset(n=32).images.permute(0, 2, 3, 1).numpy())  # N x H x W x C uint8
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_file):
+    out = tmp_path_factory.mktemp("run")
+    code = main([
+        "train", "--data", str(data_file), "--out", str(out), "--model", "tiny", "--steps", "4",
+        "--batch-size", "8", "--timesteps", "20", "--checkpoint-every", "2", "--log-every", "1",
+        "--warmup", "2", "--no-flip", "--device", "cpu",
+    ])
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_documents_its_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
+        if action.option_strings and action.help:
+            assert action.option_strings[-1] in text
+
+
+def test_train_writes_a_run(run_dir):
+    assert (run_dir / "checkpoint-00000004" / "ema.safetensors").is_file()
+    assert (run_dir / "samples.png").is_file() and (run_dir / "loss.png").is_file()
+    assert [json.loads(l)["step"] for l in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_train_resumes_a_finished_run_without_retraining(run_dir, data_file, capsys):
+    code = main(["train", "--data", str(data_file), "--out", str(run_dir), "--model", "tiny", "--steps", "4",
+                 "--batch-size", "8", "--timesteps", "20", "--device", "cpu"])
+    assert code == 0 and "trained to step 4" in capsys.readouterr().out
+
+
+def test_sample_writes_png_and_npz(run_dir, tmp_path):
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "-n", "5", "--batch-size", "2",
+                 "--steps", "5", "--device", "cpu"]) == 0
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    assert (out / "samples.png").stat().st_size > 0
+    # sample i does not depend on the batch size
+    again = tmp_path / "again"
+    main(["sample", "--checkpoint", str(run_dir), "--out", str(again), "-n", "5", "--batch-size", "5",
+          "--steps", "5", "--device", "cpu"])
+    np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], images)
+
+
+def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
+    assert main(["bpd", "--checkpoint", str(run_dir), "--data", str(data_file), "-n", "6", "--batch-size", "4",
+                 "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 6 and len(result["terms"]) == 20
+    assert result["total"] == pytest.approx(result["prior"] + result["vb"] + result["decoder"], rel=1e-6)  # summed in float32
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "no/such/folder", "--out", "{tmp}/r"], "no/such/folder"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--model", "cifar10"], "cifar10 takes 3x32x32"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "64"], "fewer than batch_size"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--schedule", "zigzag"], "unknown beta schedule"),
+        (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/s"], "does not exist"),
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/s"], "holds no checkpoint"),
+        (["bpd", "--checkpoint", "{tmp}/missing", "--data", "{data}"], "does not exist"),
+    ],
+)
+def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file, capsys):
+    argv = [a.format(tmp=tmp_path, data=data_file) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ddpm-fast {argv[0]}: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--out", "x"],  # --data missing
+        ["train", "--data", "digits", "--out", "x", "--steps", "0"],
+        ["train", "--data", "digits", "--out", "x", "--precision", "fp8"],
+        ["sample", "--checkpoint", "x", "--out", "y", "-n", "-3"],
+        ["bpd", "--checkpoint", "x"],
+        ["demo"],
+        ["fly"],
+    ],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "ddpm_fast", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("ddpm_fast ")

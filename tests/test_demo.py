@@ -1,0 +1,51 @@
+"""The bundled demo produces recognizable digits, judged by a classifier of
+the real digits — and that judge rejects noise and blends of digits, so the
+check can fail."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from ddpm_fast.demo import digit_quality, run_demo
+
+# The full demo runs 1500+ steps; this shorter run must already give digits.
+SHORT_STEPS = int(os.environ.get("DDPM_FAST_DEMO_TEST_STEPS", "1000"))
+
+
+def _real_digits(count: int, start: int = 0) -> np.ndarray:
+    images = load_digits().images[start : start + count]
+    return np.round(images * 255 / 16).astype(np.uint8)[..., None]
+
+
+def test_judge_accepts_real_digits():
+    quality = digit_quality(_real_digits(300, start=1400))
+    assert quality["confident"] > 0.9 and quality["classes"] == 10
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "blend"])
+def test_judge_rejects_what_is_not_a_digit(kind):
+    rng = np.random.default_rng(0)
+    if kind == "uniform":
+        images = rng.integers(0, 256, (100, 8, 8, 1)).astype(np.uint8)
+    elif kind == "gaussian":
+        images = np.clip(rng.normal(80, 60, (100, 8, 8, 1)), 0, 255).astype(np.uint8)
+    else:  # the average of two real digits of different classes
+        real, labels = _real_digits(400).astype(np.float64), load_digits().target[:400]
+        pairs = [(i, j) for i, j in zip(range(100, 400), np.roll(np.arange(100, 400), 7)) if labels[i] != labels[j]][:100]
+        images = np.round(np.stack([(real[i] + real[j]) / 2 for i, j in pairs])).astype(np.uint8)
+    assert digit_quality(images)["confident"] < 0.3
+
+
+@pytest.mark.slow
+def test_demo_samples_are_recognizable_digits(tmp_path):
+    summary = run_demo(tmp_path, steps=SHORT_STEPS, samples=100, sample_steps=250, progress=False)
+    images = np.load(tmp_path / "samples.npz")["images"]
+    assert images.shape == (100, 8, 8, 1) and images.dtype == np.uint8
+    assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
+    quality = digit_quality(images)
+    assert quality["confident"] >= 0.6, summary
+    assert quality["classes"] >= 9, summary

@@ -1,0 +1,70 @@
+"""Two gloo ranks on the CPU train to the same weights as one process with the
+same global batch, and sharded sampling equals unsharded sampling."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ddpm_fast import Sampler, distributed
+from ddpm_fast.schedules import NoiseSchedule
+from train_helpers import TinyEps, make_trainer
+
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    try:
+        trainer = make_trainer(Path(out) / "run", steps=STEPS)
+        trainer.train(final_samples=False)
+        if rank == 0:
+            torch.save(trainer.model.state_dict(), Path(out) / "weights.pt")
+        torch.manual_seed(0)
+        sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
+        images = distributed.sample_sharded(sampler, 5, seed=9, batch_size=2, progress=False)
+        if rank == 0:
+            np.save(Path(out) / "samples.npy", images)
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    single = make_trainer(tmp_path / "single", steps=STEPS)
+    single.train(final_samples=False)
+    ddp = torch.load(tmp_path / "weights.pt")
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
+    alone = distributed.sample_sharded(sampler, 5, seed=9, batch_size=5, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npy"), alone)
+
+
+def test_batch_size_must_split_over_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr("ddpm_fast.train.rank_and_world", lambda: (0, 3))
+    with pytest.raises(ValueError, match="divisible by the 3 ranks"):
+        make_trainer(tmp_path, batch_size=8)
+
+
+def test_single_process_setup_is_a_no_op():
+    assert not dist.is_initialized()
+    assert distributed.setup("cpu") == torch.device("cpu")
+    assert not dist.is_initialized()

@@ -1,0 +1,189 @@
+"""The Trainer: the loss falls, checkpoints survive SIGKILL, resume is exact,
+DDP equals one process, non-finite losses are skipped then stop the run."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
+from ddpm_fast.train import NonFiniteLossError, TrainConfig
+from train_helpers import make_trainer, run_training
+
+STEPS = 8
+# Killed runs start from a fork server that has imported torch and ddpm_fast
+# once (torch._dynamo too, which the optimizer imports): each trial costs a
+# fork, not a fresh interpreter.
+_PROCESSES = mp.get_context("forkserver")
+_PROCESSES.set_forkserver_preload(["torch", "torch._dynamo", "ddpm_fast.train", "train_helpers"])
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(run)
+    return {**load_file(str(ckpt / "model.safetensors")), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
+
+
+def _start(out: Path, kill_in_write: int | None = None):
+    process = _PROCESSES.Process(target=run_training, args=(str(out), STEPS, kill_in_write))
+    process.start()
+    return process
+
+
+def _run(out: Path, kill_in_write: int | None = None) -> int:
+    process = _start(out, kill_in_write)
+    process.join(120)
+    return process.exitcode
+
+
+def _assert_same_run(out: Path, baseline: Path) -> None:
+    assert _losses(out) == _losses(baseline)
+    want, got = _final_weights(baseline), _final_weights(out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    """An uninterrupted run, in a process like the interrupted ones."""
+    out = tmp_path_factory.mktemp("baseline")
+    assert _run(out) == 0
+    return out
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
+    trainer = make_trainer(tmp_path, lr=3e-3, warmup=0)
+    with torch.no_grad():
+        before = trainer._loss(0).item()
+    trainer.train_step()  # step 0: the same batch, timesteps and noise as _loss(0)
+    with torch.no_grad():
+        after = trainer._loss(0).item()
+    assert after < before
+
+
+def test_loss_falls_over_a_short_run(tmp_path):
+    trainer = make_trainer(tmp_path, steps=60, log_every=10, checkpoint_every=60)
+    trainer.train(final_samples=False)
+    losses = _losses(tmp_path)
+    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
+
+
+def test_run_writes_log_checkpoints_plot_and_samples(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=1, sample_count=4, sample_every=2)
+    trainer.train()
+    assert [json.loads(l)["step"] for l in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000004"]
+    config = json.loads((tmp_path / "checkpoint-00000004" / "config.json").read_text())
+    assert config["train"]["steps"] == 4 and config["schedule"]["name"] == "linear"
+    for name in ("loss.png", "samples.png", "samples/step-00000002.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_resume_in_process_continues_exactly(tmp_path):
+    full = make_trainer(tmp_path / "full", steps=STEPS)
+    full.train(final_samples=False)
+    part = make_trainer(tmp_path / "part", steps=STEPS // 2)
+    part.train(final_samples=False)
+    resumed = make_trainer(tmp_path / "part", steps=STEPS)
+    resumed.train(final_samples=False)
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(20))
+def test_sigkill_at_a_random_moment_then_resume(baseline, tmp_path, trial):
+    """Kill the run at a random moment (often inside a checkpoint write, as it
+    checkpoints every step); the resumed run ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    process = _start(out)
+    deadline = time.monotonic() + 60
+    while not (out / "log.jsonl").exists() and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(random.Random(trial).uniform(0.0, 0.3))
+    process.kill()
+    process.join()
+    assert _run(out) == 0
+    _assert_same_run(out, baseline)
+
+
+def test_sigkill_inside_a_checkpoint_write(baseline, tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, kill_in_write=3) == -signal.SIGKILL  # dies before publishing checkpoint 3
+    assert latest_checkpoint(out).name == "checkpoint-00000002"
+    assert list(out.glob(".tmp-checkpoint-*")), "the kill should have left an unpublished checkpoint"
+    assert _run(out) == 0
+    assert not list(out.glob(".tmp-checkpoint-*"))
+    _assert_same_run(out, baseline)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    ckpt = latest_checkpoint(tmp_path)
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        make_trainer(tmp_path, steps=4).train()
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+        make_trainer(tmp_path, steps=4).train()
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, steps=20, checkpoint_every=2, max_nonfinite=3)
+    trainer.train(final_samples=False)  # a good run to step 20 with its checkpoint
+    good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.config.steps = 40
+    with torch.no_grad():
+        trainer.model.out.bias.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        trainer.train(resume=False)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000020"
+    restored = make_trainer(tmp_path, steps=20)
+    restored.load_checkpoint(latest_checkpoint(tmp_path))
+    assert all(torch.equal(restored.model.state_dict()[k], v) for k, v in good.items())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"loss": "l1"}, "loss must be one of"),
+        ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\)"),
+        ({"batch_size": 1000}, "fewer than batch_size"),
+    ],
+)
+def test_bad_config_is_rejected(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, **overrides)
+
+
+def test_unknown_config_field_is_rejected():
+    with pytest.raises(ValueError, match="unknown TrainConfig fields: lr_max"):
+        TrainConfig.from_dict({"lr_max": 1.0})
+
+
+@pytest.mark.parametrize("loss", ["vlb", "hybrid"])
+def test_vlb_and_hybrid_losses_train(tmp_path, loss):
+    trainer = make_trainer(tmp_path, steps=3, loss=loss)
+    trainer.train(final_samples=False)
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    trainer = make_trainer(tmp_path, steps=3, precision="bf16")
+    trainer.train(final_samples=False)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))

@@ -1,0 +1,74 @@
+"""Small models, data and a runnable training script shared by the Trainer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddpm_fast.data import ImageDataset
+from ddpm_fast.schedules import NoiseSchedule
+from ddpm_fast.train import TrainConfig, Trainer
+
+
+class TinyEps(nn.Module):
+    """A cheap eps-model with the U-Net's interface (conv net + a timestep embedding)."""
+
+    def __init__(self, channels: int = 1, image_size: int = 8, width: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_channels, self.image_size = channels, image_size
+        self.config = {"channels": channels, "image_size": image_size, "width": width}
+        self.embed = nn.Embedding(1000, width)
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.mid = nn.Conv2d(width, width, 3, padding=1)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.inp(x) + self.embed(t)[:, :, None, None])
+        return self.out(self.drop(torch.nn.functional.silu(self.mid(h))))
+
+
+def toy_dataset(n: int = 64, channels: int = 1, size: int = 8, seed: int = 0) -> ImageDataset:
+    """Blobs of random brightness: structured enough that the loss falls quickly."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.randint(2, size - 2, (n, 2), generator=g)
+    d2 = (yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2
+    img = (255 * torch.exp(-d2.float() / 4)).round().to(torch.uint8)
+    return ImageDataset(img[:, None].expand(n, channels, size, size).contiguous(), name="toy")
+
+
+def make_trainer(out_dir, steps: int = 6, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    values = dict(steps=steps, batch_size=8, lr=1e-3, warmup=2, log_every=1, checkpoint_every=2, seed=3, flip=True,
+                  ema_decay=0.9)
+    values.update(overrides)
+    return Trainer(TinyEps(), toy_dataset(), NoiseSchedule("linear", timesteps=100), TrainConfig(**values), out_dir,
+                   device="cpu", progress=False)
+
+
+def _kill_inside_checkpoint_write(step: int) -> None:
+    """SIGKILL this process once checkpoint ``step`` is fully written to its
+    temporary folder but before the rename that publishes it."""
+    import os
+    import signal
+
+    from ddpm_fast import checkpoint
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if f"checkpoint-{step:08d}" in str(dst) and ".tmp-checkpoint-" in str(src):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst)
+
+    checkpoint.os.replace = replace  # process-wide: this process exists to be killed
+
+
+def run_training(out_dir: str, steps: int, kill_in_write: int | None = None) -> None:
+    """A run that checkpoints every step, for the fault tests to kill (one thread,
+    so that every process computes bitwise alike)."""
+    torch.set_num_threads(1)
+    if kill_in_write is not None:
+        _kill_inside_checkpoint_write(kill_in_write)
+    make_trainer(out_dir, steps=steps, checkpoint_every=1).train(final_samples=False)
