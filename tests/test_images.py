@@ -1,0 +1,52 @@
+"""Sample output: uint8 conversion, PNG grids, atomic .npz files, the loss plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_fast.images import make_grid, plot_curve, save_grid, save_npz, to_uint8
+
+
+def test_to_uint8_clamps_rounds_and_moves_channels_last():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).expand(2, 3, 1, 5)
+    out = to_uint8(x)
+    assert out.shape == (2, 1, 5, 3) and out.dtype == np.uint8
+    assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+    with pytest.raises(ValueError, match="floating N x C x H x W"):
+        to_uint8(torch.zeros(3, 4, 4))
+
+
+def test_grid_layout_and_png(tmp_path):
+    images = np.arange(5 * 2 * 3, dtype=np.uint8).reshape(5, 2, 3, 1)
+    grid = make_grid(images, nrow=3, padding=1)
+    assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 1)
+    assert np.array_equal(grid[1:3, 1:4], images[0]) and np.array_equal(grid[4:6, 5:8], images[4])
+    save_grid(images, tmp_path / "g.png")  # 2x3 tiles are upscaled to be viewable
+    with Image.open(tmp_path / "g.png") as png:
+        assert png.size[0] >= 3 * 32 and png.mode == "L"
+    save_grid(np.zeros((4, 8, 8, 3), np.uint8), tmp_path / "rgb.png", scale=1)
+    with Image.open(tmp_path / "rgb.png") as png:
+        assert png.size == (2 * 10 + 2, 2 * 10 + 2) and png.mode == "RGB"
+    with pytest.raises(ValueError, match="uint8 N x H x W x C"):
+        save_grid(np.zeros((4, 8, 8, 2), np.uint8), tmp_path / "x.png")
+
+
+def test_save_npz_round_trip_leaves_no_temporary(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+    save_npz(images, tmp_path / "s.npz", labels=np.arange(3))
+    with np.load(tmp_path / "s.npz") as loaded:
+        assert np.array_equal(loaded["images"], images) and loaded["labels"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
+
+
+def test_plot_curve_writes_a_png(tmp_path):
+    plot_curve(np.exp(-np.linspace(0, 3, 200)) + 0.01, tmp_path / "loss.png")
+    plot_curve([1.0, -1.0, 0.5], tmp_path / "linear.png")  # negative values: linear axis
+    for name in ("loss.png", "linear.png"):
+        with Image.open(tmp_path / name) as png:
+            assert png.size == (640, 360)
+    with pytest.raises(ValueError, match="at least 2 finite values"):
+        plot_curve([1.0, float("nan")], tmp_path / "none.png")
