@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, latest_checkpoint
+from .models.serialization import load_safetensors, load_state_dict_checked
 from .schedules import NoiseSchedule
 
 __all__ = ["load_model"]
@@ -74,11 +75,9 @@ def load_model(
     if config.get("model") is None:
         raise CheckpointError(f"{folder / 'config.json'} does not describe a UNet")
     model = UNet.from_config(config["model"])
-    from safetensors.torch import load_file
-
     try:
-        model.load_state_dict(load_file(str(folder / file)))
-    except Exception as error:
-        raise CheckpointError(f"cannot load {folder / file}: {error}") from error
+        load_state_dict_checked(model, load_safetensors(folder / file), str(folder / file))
+    except (FileNotFoundError, ValueError) as error:
+        raise CheckpointError(str(error)) from error
     return model.to(device).eval(), NoiseSchedule.from_config(config["schedule"])
 

@@ -35,6 +35,7 @@ from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, write_
 from .data import ImageDataset
 from .distributed import rank_and_world
 from .images import plot_curve, save_grid, to_uint8
+from .models.serialization import load_safetensors, load_state_dict_checked
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 
@@ -380,18 +381,16 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, EMA, optimizer, schedules, step and RNG state from a
         checkpoint folder, and cut the log back to that step."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         needed = ("model.safetensors", "ema.safetensors", "trainer.pt")
         missing = [name for name in needed if not (path / name).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
         try:
-            self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(self.device)))
-            self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(self.device)))
-            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
-        except Exception as error:  # corrupt file, wrong architecture, ...
+            for module, name in ((self.model, "model.safetensors"), (self.ema, "ema.safetensors")):
+                load_state_dict_checked(module, load_safetensors(path / name, self.device), str(path / name))
+            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        except Exception as error:  # corrupt file, another architecture, ...
             raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])

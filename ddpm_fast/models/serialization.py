@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["atomic_write", "load_safetensors", "load_state_dict_checked", "save_pretrained", "load_pretrained"]
+from ..checkpoint import atomic_write
+
+__all__ = ["load_safetensors", "load_state_dict_checked", "save_pretrained", "load_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,31 +33,14 @@ def _safetensors():
     return safetensors.torch
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors (channels_last conv weights are not).
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / WEIGHTS_NAME, _safetensors().save(tensors, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG_NAME, (json.dumps(model.config, indent=2) + "\n").encode())
+    weights = _safetensors().save(tensors, metadata={"format": "pt"})
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(weights))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(model.config, indent=2) + "\n"))
 
 
 def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -1,0 +1,92 @@
+"""``load_model`` finds the model and schedule in every kind of folder we or
+diffusers write, and fails clearly on the rest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
+from ddpm_fast.data import ImageDataset
+from ddpm_fast.models import UNet
+from ddpm_fast.pretrained import load_model
+from ddpm_fast.schedules import NoiseSchedule
+from ddpm_fast.train import TrainConfig, Trainer
+
+X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+T = torch.tensor([3, 17])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8))
+    trainer = Trainer(UNet.tiny(), data, NoiseSchedule("cosine", timesteps=30),
+                      TrainConfig(steps=3, batch_size=8, warmup=0, lr=1e-2, ema_decay=0.5, checkpoint_every=3),
+                      out, device="cpu", progress=False)
+    trainer.train(final_samples=False)
+    return out, trainer
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    with torch.no_grad():
+        return torch.equal(a(X, T), b(X, T))
+
+
+def test_run_folder_and_checkpoint_folder_give_ema_weights_and_schedule(run):
+    out, trainer = run
+    for path in (out, latest_checkpoint(out)):
+        model, schedule = load_model(path)
+        assert _same(model, trainer.ema) and not model.training
+        assert schedule.name == "cosine" and schedule.num_timesteps == 30
+    raw, _ = load_model(out, weights="model")
+    assert _same(raw, trainer.model) and not _same(raw, trainer.ema)
+
+
+def test_save_pretrained_folder(run, tmp_path):
+    _, trainer = run
+    trainer.ema.save_pretrained(tmp_path)
+    model, schedule = load_model(tmp_path)
+    assert _same(model, trainer.ema) and schedule.num_timesteps == 1000
+
+
+def test_diffusers_folder_and_pipeline_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+        norm_num_groups=4, attention_head_dim=None,
+    ).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}))
+    for path in (tmp_path, tmp_path / "unet"):
+        model, schedule = load_model(path)
+        with torch.no_grad():
+            torch.testing.assert_close(model(X, T), unet(X, T).sample, rtol=1e-4, atol=1e-5)
+        assert schedule.num_timesteps == 500 and schedule.betas[-1].item() == pytest.approx(0.03)
+
+
+def test_errors(run, tmp_path):
+    out, _ = run
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="weights must be 'ema' or 'model'"):
+        load_model(out, weights="best")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    ckpt = latest_checkpoint(out)
+    (broken / "config.json").write_text((ckpt / "config.json").read_text())
+    (broken / "ema.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(broken)
