@@ -57,7 +57,8 @@ def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torc
             raise ValueError(f"timestep {t} is out of range [0, {num_steps})")
         return table[t].to(x.device, _compute_dtype(x))
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"t must be an int or an integer (int64 or int32) tensor, got {got}")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
         raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
     if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= num_steps):
@@ -78,6 +79,8 @@ def q_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Te
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4), in x0's dtype."""
+    if not x0.is_floating_point():  # x_t in x0's dtype: an integer x0 would truncate it
+        raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
     if noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
     a = extract(schedule.sqrt_alphas_cumprod, t, x0)

@@ -19,13 +19,14 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops
-from .ops._args import as_seed
+from .ops._args import SUPPORTED_DTYPES, as_seed
 from .schedules import NoiseSchedule
 
 __all__ = ["Sampler", "Intermediate", "respaced_timesteps"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SAMPLE_STRIDE = 1 << 32  # counter distance between samples: one 2^32 range each
+_MAX_SAMPLES = 1 << 31  # sample indices below this keep every counter within int64
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -132,7 +133,7 @@ class Sampler:
             steps: respace the chain to this many evenly spread steps (None: all T).
             eta: if given, DDIM with this eta (0: deterministic); else ancestral DDPM.
             first_sample: global index of the first sample (for sharding a run:
-                samples [first_sample, first_sample + N) of the same seed).
+                samples [first_sample, first_sample + N) of the same seed; below 2^31).
             progress: show a progress bar.
             return_intermediates: if k, also return an ``Intermediate`` every k steps.
         """
@@ -140,15 +141,19 @@ class Sampler:
         seed = as_seed(seed, "Sampler.sample")
         if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
             raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
-        if return_intermediates is not None and (not isinstance(return_intermediates, int) or return_intermediates < 1):
+        if return_intermediates is not None and (
+            isinstance(return_intermediates, bool) or not isinstance(return_intermediates, int) or return_intermediates < 1
+        ):
             raise ValueError(f"return_intermediates must be a positive int, got {return_intermediates!r}")
         schedule = self.schedule if steps is None else self.schedule.respace(respaced_timesteps(self.schedule.num_timesteps, steps))
+        # The step's coefficient table, built (and eta checked) before anything runs; the steps reuse it.
+        schedule.step_table("ddim" if eta is not None else self.variance, eta=0.0 if eta is None else eta, device=self.device)
         num_steps = schedule.num_timesteps
         per_sample = math.prod(shape[1:])
         if (num_steps + 1) * per_sample > _SAMPLE_STRIDE:
             raise ValueError(f"{num_steps} steps of {per_sample} elements per sample exceed a sample's 2^32 noise counters")
-        if first_sample + shape[0] > _SAMPLE_STRIDE:
-            raise ValueError("first_sample + N must stay below 2^32")
+        if first_sample + shape[0] >= _MAX_SAMPLES:
+            raise ValueError(f"first_sample + N must stay below 2^31 (noise counters are int64), got {first_sample} + {shape[0]}")
         chain = _Chain(self, schedule, shape, seed, first_sample, eta, per_sample)
         x, intermediates = chain.run(progress, return_intermediates)
         return (x, intermediates) if return_intermediates else x
@@ -160,7 +165,9 @@ class Sampler:
             if self.sample_shape is None:
                 raise ValueError("give the full shape, or sample_shape= to Sampler (the model has no in_channels/image_size)")
             shape = (n_or_shape, *self.sample_shape)
-        elif isinstance(n_or_shape, (tuple, list, torch.Size)) and all(isinstance(s, int) for s in n_or_shape):
+        elif isinstance(n_or_shape, (tuple, list, torch.Size)) and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in n_or_shape
+        ):
             shape = tuple(n_or_shape)
         else:
             raise TypeError(f"n_or_shape must be an int or a shape, got {n_or_shape!r}")
@@ -202,8 +209,7 @@ class _Chain:
         of x in place, writing the next model input too. No host sync."""
         t_model = torch.index_select(self.model_t, 0, k.reshape(1)).expand(self.n)
         eps = self.s.model(self.model_in, t_model)
-        if not isinstance(eps, torch.Tensor) or eps.shape != self.x.shape:
-            raise ValueError(f"the model returned {getattr(eps, 'shape', type(eps))}; expected eps of shape {tuple(self.x.shape)}")
+        _check_model_output(eps, self.x)
         ops.ddpm_step(
             self.x, eps, k, self.schedule, variance=self.s.variance, clip_denoised=self.s.clip_denoised,
             eta=self.eta, seed=self.seed, offset=self.offset, sample_stride=_SAMPLE_STRIDE,
@@ -271,6 +277,18 @@ class _Chain:
         except Exception as error:  # a model that syncs or cannot be captured
             restore()
             raise _CaptureFailed(str(error)) from error
+
+
+def _check_model_output(eps: object, x: torch.Tensor) -> None:
+    """The model's eps as the step takes it (metadata only: no sync, no look at its values)."""
+    if not isinstance(eps, torch.Tensor):
+        raise TypeError(f"the model returned a {type(eps).__name__}; expected eps as a torch.Tensor")
+    if eps.shape != x.shape:
+        raise ValueError(f"the model returned {eps.shape}; expected eps of shape {tuple(x.shape)}")
+    if eps.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the model returned eps of dtype {eps.dtype}; expected float32, float16 or bfloat16")
+    if eps.device != x.device:
+        raise ValueError(f"the model returned eps on {eps.device}; expected it on the sampler's device {x.device}")
 
 
 class _CaptureFailed(RuntimeError):

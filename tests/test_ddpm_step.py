@@ -235,7 +235,7 @@ class TestBadInput:
             (dict(out=torch.empty(2, 3, 4, 5)), ValueError, "out must have x_t's shape"),
             (dict(out=torch.empty(2, 3, 4, 4).to(memory_format=torch.channels_last)), ValueError, "memory format"),
             (dict(out_model_input=torch.empty(2, 3, 4, 4, dtype=torch.int32)), TypeError, "float32, float16 or bfloat16"),
-            (dict(sample_stride=-1), ValueError, "offset"),
+            (dict(sample_stride=-1), ValueError, "sample_stride must lie in"),
             (dict(backend="cuda"), RuntimeError, "unavailable"),
         ],
     )

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -45,9 +46,12 @@ inline int64_t at_index(const NormLayout& l, int64_t n, int64_t c, int64_t s) {
 inline double sigmoid(double u) { return 1.0 / (1.0 + std::exp(-u)); }
 
 // exp(x) for float, Cephes' polynomial on x = k ln2 + r, branch-free so that
-// loops over it vectorize (within 2 ulp of expf over [-87, 88]).
-inline __attribute__((always_inline)) float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+// loops over it vectorize (within 2 ulp of expf over [-87, 88]). The polynomial
+// sees x clamped to that range (NaN too, keeping the int conversion defined);
+// the ends are restored last: exp(NaN) = NaN and exp(x > 88) = +Inf, so that
+// silu(-Inf) = -Inf / (1 + Inf) is NaN, as F.silu has it.
+inline __attribute__((always_inline)) float exp_poly(float x_in) {
+  const float x = x_in >= -87.0f ? (x_in <= 88.0f ? x_in : 88.0f) : -87.0f;
   // floor(x log2e + 0.5) by truncating a positive value (vectorizes without SSE4.1's round).
   const int32_t k_int = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
   const float k = static_cast<float>(k_int);
@@ -62,7 +66,8 @@ inline __attribute__((always_inline)) float exp_poly(float x) {
   const int32_t bits = (k_int + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  const float e = p * scale;
+  return x_in > 88.0f ? std::numeric_limits<float>::infinity() : (x_in == x_in ? e : x_in);
 }
 
 // out[i] = act(in[i] * scale[i * step] + shift[i * step]) over a row; step 0

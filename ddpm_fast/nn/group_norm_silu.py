@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import group_norm_silu
+from ..ops import BACKENDS, group_norm_silu
 
 __all__ = ["GroupNormSiLU", "fuse_group_norm_silu"]
 
@@ -32,11 +32,17 @@ class GroupNormSiLU(nn.GroupNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if not isinstance(act, bool):
+            raise TypeError(f"GroupNormSiLU: act must be a bool, got {type(act).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"GroupNormSiLU: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.act = act
         self.backend = backend
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNormSiLU: x has {x.shape[1]} channels (shape {tuple(x.shape)}), expected num_channels = {self.num_channels}")
         return group_norm_silu(
             x, self.num_groups, self.weight, self.bias, self.eps, add=add, act=self.act, backend=self.backend
         )

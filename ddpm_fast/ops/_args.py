@@ -27,6 +27,41 @@ def check_same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: s
         raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
+def check_param(p: object, name: str, shape: tuple[int, ...], x: torch.Tensor, op: str, what: str = "") -> torch.Tensor:
+    """A per-channel (or per-sample-and-channel) float tensor of exactly ``shape`` on x's device."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(p).__name__}")
+    if not p.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {p.dtype}")
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must be a tensor of shape {what}{tuple(shape)}, got {tuple(p.shape)}")
+    check_same_device(p, x, name, "x", op)
+    return p
+
+
+def _memory_span(x: torch.Tensor) -> tuple[int, int]:
+    start = x.data_ptr()
+    return start, start + x.numel() * x.element_size()
+
+
+def check_no_partial_overlap(out: torch.Tensor, out_name: str, inputs: dict[str, torch.Tensor | None], op: str) -> None:
+    """``out`` (a dense kernel output) may be one of ``inputs`` itself (in place:
+    each element is read before it is written) or share no memory with them; a
+    partial overlap would have kernels read elements already overwritten.
+    Metadata only: no device sync. (Skipped while tracing: fake tensors have no memory.)"""
+    if torch.compiler.is_compiling() or out.numel() == 0:
+        return
+    lo, hi = _memory_span(out)
+    for name, x in inputs.items():
+        if x is None or x.numel() == 0:
+            continue
+        if x.data_ptr() == lo and x.dtype == out.dtype and x.stride() == out.stride():
+            continue  # the same elements: in place
+        x_lo, x_hi = _memory_span(x)
+        if x_lo < hi and lo < x_hi:
+            raise ValueError(f"{op}: {out_name} partially overlaps {name} in memory; give it separate memory or {name} itself")
+
+
 def check_schedule(schedule: object, op: str) -> None:
     from ..schedules import NoiseSchedule
 
@@ -91,13 +126,14 @@ def as_seed(seed: object, op: str) -> int:
     return seed - UINT64 if seed > INT64_MAX else seed
 
 
-def as_offset(offset: object, count: int, op: str) -> int:
-    """The counter of element 0; the counters offset .. offset+count-1 must fit in int64."""
+def as_offset(offset: object, count: int, op: str, name: str = "offset") -> int:
+    """The counter of element 0; the counters offset .. offset+count-1 must fit in int64.
+    (Also the noise strides, with count 0; ``name`` is the argument's.)"""
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
-        raise TypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
+        raise TypeError(f"{op}: {name} must be an int, got {type(offset).__name__}")
     offset = int(offset)
     if offset < 0 or offset + count > INT64_MAX:
-        raise ValueError(f"{op}: offset must lie in [0, 2^63 - {count}], got {offset}")
+        raise ValueError(f"{op}: {name} must lie in [0, 2^63 - {count}], got {offset}")
     return offset
 
 

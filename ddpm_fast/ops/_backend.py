@@ -65,8 +65,9 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
     return f"it runs on {backend} tensors, got {device}"
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+    device = torch.device(device)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":

@@ -114,8 +114,8 @@ def ddpm_step(
         raise TypeError(f"{_OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     t = _args.as_timesteps(t, x_t, schedule.num_timesteps, _OP)
     per_sample = x_t.numel() // x_t.shape[0] if x_t.shape[0] else 0
-    sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP)
-    step_stride = _args.as_offset(step_stride, 0, _OP)
+    sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP, "sample_stride")
+    step_stride = _args.as_offset(step_stride, 0, _OP, "step_stride")
     if noise is not None:
         noise = _args.check_given_noise(noise, x_t, "x_t", seed, _OP)
         seed = 0
@@ -131,6 +131,7 @@ def ddpm_step(
     table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=x_t.device)
 
     x = _args.kernel_layout(x_t)
+    given_out = out is not None
     if out is None:
         out = torch.empty_like(x)
     elif not (out.is_contiguous() if x.is_contiguous() else out.is_contiguous(memory_format=torch.channels_last)):
@@ -139,6 +140,11 @@ def ddpm_step(
         return out
     e = _args.match_layout(eps, x, dtype=eps.dtype)
     z = _args.match_layout(noise, x) if noise is not None else None
+    inputs = {"x_t": x, "eps": e, "noise": z}
+    if given_out:
+        _args.check_no_partial_overlap(out, "out", inputs, _OP)
+    if out_model_input is not None:
+        _args.check_no_partial_overlap(out_model_input, "out_model_input", {**inputs, "out": out}, _OP)
 
     if which == "reference":
         y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)

@@ -4,6 +4,7 @@ and backward (csrc/group_norm_silu.h has the math)."""
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import torch
@@ -20,8 +21,16 @@ _OP = "group_norm_silu"
 
 def _reference(x, num_groups, weight, bias, eps, add, act):
     h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
-    y = F.group_norm(h, num_groups, weight, bias, eps)
+    y = F.group_norm(h, num_groups, _reference_param(weight, x), _reference_param(bias, x), eps)
     return F.silu(y) if act else y
+
+
+def _reference_param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Weight or bias in a dtype F.group_norm takes with x: x's own, or float32
+    for 16-bit x (the kernels read any float dtype, in float32 or x's)."""
+    if p is None or p.dtype == x.dtype:
+        return p
+    return p.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
 
 
 def _check(x, num_groups, weight, bias, eps, add, act):
@@ -35,24 +44,19 @@ def _check(x, num_groups, weight, bias, eps, add, act):
         raise ValueError(f"{_OP}: num_groups must be a positive int, got {num_groups!r}")
     if x.shape[1] % num_groups:
         raise ValueError(f"{_OP}: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
-    if x.numel() and x.numel() // (x.shape[0] * num_groups) == 1:
+    # Whatever the batch size (an empty batch gives an empty result): F.group_norm
+    # refuses groups of one value, and groups of none (C = 0 or H*W = 0).
+    if (x.shape[1] // num_groups) * math.prod(x.shape[2:]) < 2:
         raise ValueError(f"{_OP}: each group needs more than one value to normalize, got shape {tuple(x.shape)} with {num_groups} groups")
-    if not isinstance(eps, numbers.Real) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
     if not isinstance(act, bool):
         raise TypeError(f"{_OP}: act must be a bool, got {type(act).__name__}")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor) or p.shape != (x.shape[1],):
-            raise ValueError(f"{_OP}: {name} must be a tensor of shape ({x.shape[1]},), got {getattr(p, 'shape', p)}")
-        _args.check_same_device(p, x, name, "x", _OP)
+        if p is not None:
+            _args.check_param(p, name, (x.shape[1],), x, _OP)
     if add is not None:
-        if not isinstance(add, torch.Tensor) or add.shape != x.shape[:2]:
-            raise ValueError(f"{_OP}: add must be a tensor of shape (N, C) = {tuple(x.shape[:2])}, got {getattr(add, 'shape', add)}")
-        _args.check_same_device(add, x, "add", "x", _OP)
-        if not add.is_floating_point():
-            raise TypeError(f"{_OP}: add must be floating point, got {add.dtype}")
+        _args.check_param(add, "add", tuple(x.shape[:2]), x, _OP, what="(N, C) = ")
 
 
 def _param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -95,7 +99,7 @@ def group_norm_silu(
     if which == "reference":
         return _reference(x, int(num_groups), weight, bias, float(eps), add, act)
     if x.dtype == torch.float64 and which != "cpu":
-        raise TypeError(f"{_OP}: float64 runs on the cpu and reference backends only")
+        raise TypeError(f"{_OP}: x is float64, which runs on the cpu and reference backends only, not {which}")
     xk = _args.kernel_layout(x) if x.dim() == 4 else x.contiguous()
     args = (xk, _param(weight, x), _param(bias, x), _param(add, x), int(num_groups), float(eps), act)
     if which == "triton":

@@ -106,7 +106,7 @@ def randn(
     seed = _args.as_seed(seed, "randn")
     out = torch.empty(shape, device=device, dtype=dtype)
     per_sample = out.numel() // shape[0] if shape and shape[0] else out.numel()
-    stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, "randn")
+    stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, "randn", "sample_stride")
     if stride < per_sample and len(shape) > 1 and shape[0] > 1:
         raise ValueError(f"randn: sample_stride {stride} is below the {per_sample} elements per sample (streams would overlap)")
     last = (shape[0] - 1) * stride + per_sample if shape else 1
