@@ -77,16 +77,23 @@ def plot_curve(
     values: Sequence[float],
     path: str | os.PathLike,
     *,
+    steps: Sequence[float] | None = None,
     title: str = "loss",
     smooth: int = 20,
     log_y: bool = True,
     size: tuple[int, int] = (640, 360),
 ) -> None:
-    """A line chart PNG of ``values`` (raw in grey, a ``smooth``-point moving
-    average in blue) on a log (``log_y``) or linear y axis."""
+    """A line chart PNG of ``values`` at x positions ``steps`` (default 0, 1, ...):
+    raw in grey, a ``smooth``-point trailing moving average in blue, on a log
+    (``log_y``) or linear y axis. Non-finite values are left out."""
     from PIL import Image, ImageDraw
 
-    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    raw = np.asarray(values, dtype=np.float64)
+    at = np.arange(raw.size, dtype=np.float64) if steps is None else np.asarray(steps, dtype=np.float64)
+    if at.shape != raw.shape:
+        raise ValueError(f"steps has {at.size} entries for {raw.size} values")
+    keep = np.isfinite(raw)
+    v, at = raw[keep], at[keep]
     if v.size < 2:
         raise ValueError(f"plot_curve needs at least 2 finite values, got {v.size}")
     if log_y and (v <= 0).any():
@@ -99,20 +106,22 @@ def plot_curve(
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
 
-    def points(series: np.ndarray) -> list[tuple[float, float]]:
-        xs = left + np.arange(series.size) * (width - left - right) / max(series.size - 1, 1)
+    x_lo, x_hi = float(at[0]), float(at[-1]) if at[-1] > at[0] else float(at[0]) + 1.0
+
+    def points(x: np.ndarray, series: np.ndarray) -> list[tuple[float, float]]:
+        xs = left + (x - x_lo) * (width - left - right) / (x_hi - x_lo)
         ys = top + (hi - series) * (height - top - bottom) / (hi - lo)
         return list(zip(xs.tolist(), ys.tolist()))
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.line(points(y), fill=(190, 190, 190), width=1)
+    draw.line(points(at, y), fill=(190, 190, 190), width=1)
     k = max(1, min(smooth, y.size // 5))
-    if k > 1:
-        draw.line(points(np.convolve(y, np.ones(k) / k, mode="valid")), fill=(30, 90, 200), width=2)
+    if k > 1:  # each average drawn at the last point of its window
+        draw.line(points(at[k - 1 :], np.convolve(y, np.ones(k) / k, mode="valid")), fill=(30, 90, 200), width=2)
     label = (lambda z: f"{10 ** z:.3g}") if log_y else (lambda z: f"{z:.3g}")
     draw.text((5, top - 5), label(hi), fill="black")
     draw.text((5, height - bottom - 10), label(lo), fill="black")
     draw.text((left, 8), f"{title} ({v.size} points{', log scale' if log_y else ''})", fill="black")
-    draw.text((left, height - bottom + 8), "0", fill="black")
-    draw.text((width - right - 40, height - bottom + 8), str(v.size - 1), fill="black")
+    draw.text((left, height - bottom + 8), f"{x_lo:g}", fill="black")
+    draw.text((width - right - 50, height - bottom + 8), f"{x_hi:g}", fill="black")
     image.save(Path(path), format="PNG")

@@ -371,9 +371,10 @@ class Trainer:
                 },
                 keep=self.config.keep_checkpoints,
             )
-            losses = [r["loss"] for r in self.read_log()]
-            if len(losses) > 1:
-                atomic_write(self.out_dir / "loss.png", lambda p: plot_curve(losses, p, title="training loss"))
+            log = self.read_log()
+            losses, steps = [r["loss"] for r in log], [r["step"] for r in log]
+            if sum(map(math.isfinite, losses)) > 1:
+                atomic_write(self.out_dir / "loss.png", lambda p: plot_curve(losses, p, steps=steps, title="training loss (by step)"))
         if self.world > 1:
             dist.barrier()
         return path

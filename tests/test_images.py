@@ -44,9 +44,11 @@ def test_save_npz_round_trip_leaves_no_temporary(tmp_path):
 
 def test_plot_curve_writes_a_png(tmp_path):
     plot_curve(np.exp(-np.linspace(0, 3, 200)) + 0.01, tmp_path / "loss.png")
-    plot_curve([1.0, -1.0, 0.5], tmp_path / "linear.png")  # negative values: linear axis
+    plot_curve([1.0, -1.0, 0.5], tmp_path / "linear.png", steps=[10, 20, 30])  # negative values: linear axis
     for name in ("loss.png", "linear.png"):
         with Image.open(tmp_path / name) as png:
             assert png.size == (640, 360)
     with pytest.raises(ValueError, match="at least 2 finite values"):
         plot_curve([1.0, float("nan")], tmp_path / "none.png")
+    with pytest.raises(ValueError, match="steps has 2 entries for 3 values"):
+        plot_curve([1.0, 2.0, 3.0], tmp_path / "none.png", steps=[1, 2])
