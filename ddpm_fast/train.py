@@ -303,7 +303,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
                 window, tick, tick_step = [], time.perf_counter(), self.step
             bar.update(1)
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and not last:
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and self.rank == 0:
                 self.sample_grid(self.out_dir / "samples" / f"step-{self.step:08d}.png")
             if checkpoint:
                 self.save_checkpoint()
