@@ -1,0 +1,372 @@
+"""Fréchet Inception Distance (Heusel et al., 2017, "GANs trained by a two
+time-scale update rule converge to a local Nash equilibrium", eq. 6):
+
+    FID = ||mu_1 - mu_2||² + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^½),
+
+mu and Sigma the mean and covariance of the 2048-d pool3 activations of the
+Inception-v3 network of the original TF FID code, over each set of images.
+
+The network is the one of the weights file ``pt_inception-2015-12-05-6726825d.pth``
+(the pytorch-fid port of the TF FID graph), which the user supplies: ddpm_fast
+never downloads anything. Its layout is torchvision's Inception3 (no auxiliary
+head, 1008 classes) with the FID variants of the blocks: the average-pooling
+branches of the A, C and E blocks exclude padding from their means, and the
+pooling branch of the last E block (Mixed_7c) takes a max.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ENV_VAR", "WEIGHTS_FILE", "InceptionV3FID", "expected_state_dict_shapes", "check_state_dict",
+           "resolve_weights_path", "load_inception", "preprocess", "activation_statistics", "frechet_distance", "fid"]
+
+ENV_VAR = "DDPM_FAST_INCEPTION_WEIGHTS"
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+INPUT_SIZE = 299
+FEATURES = 2048
+NUM_CLASSES = 1008  # the TF graph's classifier; present in the file, unused for FID
+
+# ------------------------------------------------------------------- network
+
+
+class _Conv(nn.Module):
+    """BasicConv2d: conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
+                 padding: int | tuple[int, int] = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # the TF graph's SAME pooling
+
+
+class _BlockA(nn.Module):  # Mixed_5b/5c/5d, 35x35
+    def __init__(self, cin: int, pool_features: int) -> None:
+        super().__init__()
+        self.branch1x1 = _Conv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = _Conv(cin, 48, 1), _Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = _Conv(64, 96, 3, padding=1), _Conv(96, 96, 3, padding=1)
+        self.branch_pool = _Conv(cin, pool_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg_pool(x)),
+        ], 1)
+
+
+class _BlockB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.branch3x3 = _Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = _Conv(64, 96, 3, padding=1), _Conv(96, 96, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deep = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), deep, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class _BlockC(nn.Module):  # Mixed_6b..6e, 17x17, factorised 7x7 convolutions
+    def __init__(self, cin: int, c7: int) -> None:
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = _Conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = _Conv(cin, c7, 1), _Conv(c7, c7, **row), _Conv(c7, 192, **col)
+        self.branch7x7dbl_1 = _Conv(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = _Conv(c7, c7, **col), _Conv(c7, c7, **row)
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = _Conv(c7, c7, **col), _Conv(c7, 192, **row)
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        d = self.branch7x7dbl_5(self.branch7x7dbl_4(d))
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool(x))], 1)
+
+
+class _BlockD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = _Conv(cin, 192, 1), _Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _Conv(cin, 192, 1)
+        self.branch7x7x3_2 = _Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = _Conv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = _Conv(192, 192, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class _BlockE(nn.Module):  # Mixed_7b (average pooling branch) and Mixed_7c (max pooling branch), 8x8
+    def __init__(self, cin: int, max_pool: bool) -> None:
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = _Conv(cin, 320, 1)
+        self.branch3x3_1 = _Conv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = _Conv(384, 384, (1, 3), padding=(0, 1)), _Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 448, 1), _Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = _Conv(384, 384, (1, 3), padding=(0, 1)), _Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(a), self.branch3x3_2b(a),
+            self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+            self.branch_pool(pooled),
+        ], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """The FID Inception-v3; ``forward`` maps N x 3 x 299 x 299 images in [-1, 1]
+    (see ``preprocess``) to their N x 2048 pool3 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.Conv2d_1a_3x3 = _Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = _Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = _Conv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = _BlockA(192, 32), _BlockA(256, 64), _BlockA(288, 64)
+        self.Mixed_6a = _BlockB(288)
+        self.Mixed_6b, self.Mixed_6c = _BlockC(768, 128), _BlockC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = _BlockC(768, 160), _BlockC(768, 192)
+        self.Mixed_7a = _BlockD(768)
+        self.Mixed_7b, self.Mixed_7c = _BlockE(1280, max_pool=False), _BlockE(2048, max_pool=True)
+        self.fc = nn.Linear(FEATURES, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)
+        return x.mean((2, 3))  # pool3: global average pool, 2048 features
+
+
+def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """Every key of the weights file and its shape: the one place the expected
+    layout is stated (derived from ``InceptionV3FID``, built on the meta device)."""
+    with torch.device("meta"):
+        model = InceptionV3FID()
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------- loading
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The float32 state dict of ``state`` after checking every expected key and
+    shape; ValueError listing missing, unexpected and mismatched keys."""
+    expected = expected_state_dict_shapes()
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} is not a state_dict of tensors (expected the FID Inception weights {WEIGHTS_FILE})")
+    optional = {k for k in expected if k.endswith(".num_batches_tracked")}  # not read by eval-mode BatchNorm
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: {tuple(state[k].shape)} in the file, expected {expected[k]}"
+             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        problems = [f"{len(v)} {what} ({_listing(v)})" for what, v in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
+        raise ValueError(f"{source} does not hold the FID Inception-v3 weights ({WEIGHTS_FILE}): " + "; ".join(problems))
+    out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    for key in optional - set(state):
+        out[key] = torch.tensor(0, dtype=torch.long)
+    return out
+
+
+def resolve_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
+    """``weights_path``, else the ``DDPM_FAST_INCEPTION_WEIGHTS`` variable; clear errors otherwise."""
+    where = (f"FID needs the Inception weights file {WEIGHTS_FILE} (the pytorch-fid release, {WEIGHTS_URL}); "
+             f"ddpm_fast never downloads it: fetch it yourself, then pass its path "
+             f"(--inception-weights / weights_path) or set {ENV_VAR}")
+    if weights_path is None:
+        weights_path = os.environ.get(ENV_VAR) or None
+        if weights_path is None:
+            raise ValueError(f"no Inception weights given and {ENV_VAR} is not set. {where}")
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights file {path} does not exist. {where}")
+    return path
+
+
+def load_inception(weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> InceptionV3FID:
+    """The FID Inception-v3 with the weights of ``weights_path`` (or of the file
+    named by ``DDPM_FAST_INCEPTION_WEIGHTS``), in eval mode on ``device``."""
+    path = resolve_weights_path(weights_path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights_only errors alike
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {first_line}") from error
+    state = check_state_dict(state, str(path))
+    with torch.device("meta"):
+        model = InceptionV3FID()
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False).to(device)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _check_images(images: np.ndarray | torch.Tensor, name: str = "images") -> torch.Tensor:
+    images = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"{name} must be uint8 N x H x W x C with C 1 or 3, got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    if images.shape[0] < 2 or min(images.shape[1:3]) < 1:
+        raise ValueError(f"{name}: a covariance needs at least 2 non-empty images, got shape {tuple(images.shape)}")
+    return images
+
+
+def preprocess(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x C (C 1 or 3) -> float32 N x 3 x 299 x 299 in [-1, 1]:
+    grey repeated to RGB, the [0, 1] image resized bilinearly with
+    align_corners=False and no antialiasing, then scaled by 2x - 1.
+
+    Those are pytorch-fid's choices (its resize is ``F.interpolate`` with its
+    defaults), kept so that FIDs compare with that reference; antialiasing
+    would change only downscaling (inputs above 299 px) anyway."""
+    x = images.permute(0, 3, 1, 2).float() / 255
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    if tuple(x.shape[2:]) != (INPUT_SIZE, INPUT_SIZE):  # at 299 already, the resize is the identity
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=False)
+    return x * 2 - 1
+
+
+@torch.no_grad()
+def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: nn.Module, batch_size: int = 50,
+                          device: torch.device | str = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) — float64, unbiased (N - 1) — of the
+    features ``model(preprocess(batch))`` of N >= 2 uint8 images; accumulated in
+    float64 around the first batch's mean, so memory stays O(D²) for any N."""
+    images = _check_images(images_uint8_nhwc)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(model, nn.Module):
+        model.to(device)
+    starts = range(0, images.shape[0], batch_size)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="inception", unit="batch")
+        except ImportError:
+            pass
+    shift = total = outer = None
+    for start in starts:
+        features = model(preprocess(images[start : start + batch_size].to(device)))
+        if features.dim() != 2:
+            raise ValueError(f"the model must return N x D features, got shape {tuple(features.shape)}")
+        f = features.double().cpu().numpy()
+        if not np.isfinite(f).all():
+            raise ValueError(f"non-finite Inception features for images {start}..{start + len(f) - 1}: corrupt weights?")
+        if shift is None:
+            shift, total, outer = f.mean(0), np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        centred = f - shift
+        total += centred.sum(0)
+        outer += centred.T @ centred
+    n = images.shape[0]
+    mean = total / n
+    return shift + mean, (outer - n * np.outer(mean, mean)) / (n - 1)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
+                     eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """||mu1 - mu2||² + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^½), the
+    Fréchet distance of two Gaussians (Heusel et al. 2017, eq. 6; Dowson & Landau 1982).
+
+    ``method="sqrtm"`` is the reference recipe: ``scipy.linalg.sqrtm`` of the
+    product; if that is not finite (a singular product) both covariances get
+    ``eps`` added to their diagonals; a small imaginary part (|diag| <= 1e-3,
+    rounding) is dropped, a larger one raises. ``method="eigh"`` computes the
+    same trace, Σ √λ_i(√sigma1 sigma2 √sigma1), with symmetric eigensolvers:
+    several times faster at D = 2048 and free of complex rounding.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"statistics must be means (D,) and covariances (D, D) of one D: got mu1 {mu1.shape}, "
+                         f"sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}")
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} has non-finite entries")
+    if method == "sqrtm":
+        trace_sqrt = _trace_sqrt_sqrtm(sigma1, sigma2, eps)
+    elif method == "eigh":
+        trace_sqrt = _trace_sqrt_eigh(sigma1, sigma2)
+    else:
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _trace_sqrt_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    try:
+        from scipy import linalg
+    except ImportError as error:
+        raise ImportError("frechet_distance(method='sqrtm') needs scipy (pip install scipy), "
+                          "or use method='eigh'") from error
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"sigma1 @ sigma2 is singular: adding {eps:g} to the covariances' diagonals", stacklevel=3)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imaginary = np.abs(np.diagonal(covmean).imag).max()
+        if imaginary > 1e-3:
+            raise ValueError(f"sqrtm(sigma1 @ sigma2) has an imaginary part of {imaginary:.3g} on its diagonal: "
+                             "the covariances are too ill-conditioned (too few images?); try method='eigh'")
+        covmean = covmean.real
+    return float(np.trace(covmean))
+
+
+def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    product = root1 @ ((sigma2 + sigma2.T) / 2) @ root1
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum())
+
+
+def fid(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor,
+        weights_path: str | os.PathLike | None = None, *, batch_size: int = 50, device: torch.device | str = "cpu",
+        progress: bool = False, method: str = "sqrtm") -> float:
+    """FID between two sets of uint8 N x H x W x C images (Heusel et al. 2017)."""
+    a, b = _check_images(images_a, "images_a"), _check_images(images_b, "images_b")
+    model = load_inception(weights_path, device)
+    mu1, sigma1 = activation_statistics(a, model, batch_size, device, progress)
+    mu2, sigma2 = activation_statistics(b, model, batch_size, device, progress)
+    return frechet_distance(mu1, sigma1, mu2, sigma2, method=method)

@@ -1,0 +1,269 @@
+"""FID (Heusel et al. 2017): the Inception layout and the checks of a weights
+file, the Fréchet distance against closed forms, activation statistics, and
+the ``ddpm-fast fid`` command end to end.
+
+The real weights (pt_inception-2015-12-05-6726825d.pth) are not available here:
+a randomly initialised extractor is saved to a .pth and loaded back through
+``load_inception``, which exercises the same key and shape checks.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ddpm_fast.cli import build_parser, main
+from ddpm_fast.fid import (ENV_VAR, WEIGHTS_FILE, InceptionV3FID, activation_statistics, expected_state_dict_shapes,
+                           fid, frechet_distance, load_inception, preprocess)
+
+
+def random_inception(seed: int = 0) -> InceptionV3FID:
+    """He-initialised convolutions (so that features neither vanish nor explode
+    through ~50 layers) and non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = InceptionV3FID()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.8, 1.2)
+            module.bias.data.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return random_inception().state_dict()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, state):
+    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILE
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    return load_inception(weights)
+
+
+def images(n: int, size: int = 12, channels: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+# ------------------------------------------------------------ layout, loading
+
+
+def test_layout_matches_the_fid_inception():
+    shapes = expected_state_dict_shapes()
+    # torchvision's inception_v3 has 27,161,264 parameters; less its AuxLogits head
+    # (98,560 + 2,459,136 + 769,000) and with 1008 classes instead of 1000 (+ 8 x 2049):
+    params = sum(int(np.prod(shape)) for key, shape in shapes.items() if not key.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert params == 27_161_264 - 3_326_696 + 8 * 2049
+    assert len(shapes) == 94 * 6 + 2  # 94 BasicConv2d (conv + 5 BatchNorm entries) and fc
+    assert not any(key.startswith("AuxLogits") for key in shapes)
+    for key, shape in {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3), "Mixed_7b.branch3x3dbl_1.conv.weight": (448, 1280, 1, 1),
+        "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048), "fc.bias": (1008,),
+    }.items():
+        assert shapes[key] == shape, key
+
+
+def test_loads_a_weights_file_exactly(model, state):
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_weights_path_from_the_environment(weights, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(weights))
+    assert isinstance(load_inception(None), InceptionV3FID)
+
+
+def test_missing_weights_say_where_they_come_from(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=re.escape(WEIGHTS_FILE)) as error:
+        load_inception(tmp_path / "nope.pth")
+    assert "never downloads" in str(error.value) and ENV_VAR in str(error.value)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match=f"{ENV_VAR} is not set"):
+        load_inception(None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), r"1 missing keys \(Mixed_7c\.branch_pool\.conv\.weight\)"),
+    (lambda s: s.update({"AuxLogits.fc.weight": torch.zeros(1000, 768)}), r"1 unexpected keys \(AuxLogits\.fc\.weight\)"),
+    (lambda s: s.update({"fc.weight": torch.zeros(1000, 2048)}), r"fc\.weight: \(1000, 2048\) in the file, expected \(1008, 2048\)"),
+])
+def test_a_wrong_file_is_named_and_explained(tmp_path, state, edit, message):
+    bad = dict(state)
+    edit(bad)
+    path = tmp_path / "wrong.pth"
+    torch.save(bad, path)
+    with pytest.raises(ValueError, match=message) as error:
+        load_inception(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unreadable_files_and_other_objects(tmp_path, state):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .* as a PyTorch state_dict"):
+        load_inception(garbage)
+    listing = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listing)
+    with pytest.raises(ValueError, match="not a state_dict"):
+        load_inception(listing)
+
+
+def test_num_batches_tracked_is_optional(tmp_path, state):
+    path = tmp_path / "no_counters.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    loaded = load_inception(path).state_dict()
+    assert torch.equal(loaded["fc.weight"], state["fc.weight"])
+
+
+# ------------------------------------------------------------ Fréchet distance
+
+
+def test_frechet_distance_of_diagonal_gaussians_has_a_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=7), rng.normal(size=7)
+    v1, v2 = rng.uniform(0.1, 3, size=7), rng.uniform(0.1, 3, size=7)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
+    for method in ("sqrtm", "eigh"):
+        assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2), method=method) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + (2 - 3) ** 2)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_distance_is_zero_for_identical_and_symmetric(method):
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(50, 16)), rng.normal(1, 2, size=(40, 16)) @ rng.normal(size=(16, 16))
+    (mu1, s1), (mu2, s2) = (a.mean(0), np.cov(a, rowvar=False)), (b.mean(0), np.cov(b, rowvar=False))
+    assert abs(frechet_distance(mu1, s1, mu1, s1, method=method)) < 1e-8
+    forward, backward = frechet_distance(mu1, s1, mu2, s2, method=method), frechet_distance(mu2, s2, mu1, s1, method=method)
+    assert forward > 1 and forward == pytest.approx(backward, rel=1e-9)
+
+
+def test_both_methods_agree_on_singular_covariances():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(5, 64)), rng.normal(0.3, 1.5, size=(6, 64))  # rank 4 and 5 of 64
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    by_sqrtm = frechet_distance(*stats, method="sqrtm")
+    assert by_sqrtm == pytest.approx(frechet_distance(*stats, method="eigh"), rel=1e-4)
+
+
+def test_frechet_distance_rejects_bad_statistics():
+    mu, sigma = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="one D"):
+        frechet_distance(mu, sigma, np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="one D"):
+        frechet_distance(mu, np.eye(2), mu, sigma)
+    with pytest.raises(ValueError, match="sigma2 has non-finite"):
+        frechet_distance(mu, sigma, mu, np.full((3, 3), np.nan))
+    with pytest.raises(ValueError, match="method"):
+        frechet_distance(mu, sigma, mu, sigma, method="svd")
+
+
+# ------------------------------------------------------------ statistics
+
+
+def test_preprocess_resizes_and_scales():
+    x = preprocess(torch.from_numpy(np.full((2, 5, 5, 1), 255, np.uint8)))
+    assert x.shape == (2, 3, 299, 299) and torch.allclose(x, torch.ones_like(x), rtol=0, atol=1e-6)
+    same = images(1, size=299)
+    assert torch.allclose(preprocess(torch.from_numpy(same))[0, 0], torch.from_numpy(same[0, :, :, 0]).float() / 127.5 - 1)
+
+
+def test_statistics_are_the_sample_mean_and_covariance_at_any_batch_size():
+    def mean_colour(x):  # a cheap stand-in for the network: per-channel means and a product
+        m = x.double().mean((2, 3))  # float64: batch-independent rounding
+        return torch.cat([m, m[:, :1] * m[:, 1:2]], 1)
+
+    data = images(7, size=6)
+    features = mean_colour(preprocess(torch.from_numpy(data))).double().numpy()
+    for batch_size in (1, 3, 7, 50):
+        mu, sigma = activation_statistics(data, mean_colour, batch_size=batch_size)
+        np.testing.assert_allclose(mu, features.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-9, atol=1e-12)
+    grey = data[..., :1]
+    mu_grey, _ = activation_statistics(grey, mean_colour)
+    mu_rgb, _ = activation_statistics(np.repeat(grey, 3, axis=3), mean_colour)
+    np.testing.assert_array_equal(mu_grey, mu_rgb)
+
+
+def test_inception_statistics_have_the_pool3_shape(model):
+    mu, sigma = activation_statistics(images(4), model, batch_size=2)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu.dtype == sigma.dtype == np.float64
+    assert np.isfinite(sigma).all() and np.allclose(sigma, sigma.T) and np.trace(sigma) > 0
+    mu_all, sigma_all = activation_statistics(images(4), model, batch_size=4)
+    np.testing.assert_allclose(mu_all, mu, rtol=1e-4, atol=1e-6)
+
+
+def test_grey_images_are_accepted(model):
+    mu, sigma = activation_statistics(images(3, size=8, channels=1), model, batch_size=3)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((4, 8, 8, 3), np.float32), "uint8"), (np.zeros((4, 8, 8, 2), np.uint8), "C 1 or 3"),
+    (np.zeros((4, 8, 8), np.uint8), "uint8 N x H x W x C"), (np.zeros((1, 8, 8, 3), np.uint8), "at least 2"),
+])
+def test_bad_images_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        activation_statistics(bad, lambda x: x.mean((2, 3)))
+
+
+def test_fid_convenience_rejects_bad_images_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="images_b"):
+        fid(images(2), images(1), tmp_path / "never-read.pth")
+
+
+# ------------------------------------------------------------ command line
+
+
+def test_fid_command_documents_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fid", "--help"])
+    text = capsys.readouterr().out
+    for action in build_parser()._subparsers._group_actions[0].choices["fid"]._actions:
+        if action.option_strings and action.help:
+            assert action.option_strings[-1] in text
+
+
+@pytest.fixture(scope="module")
+def npz_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fid-data")
+    np.savez(folder / "samples.npz", images=images(5, size=8, seed=1))
+    np.savez(folder / "data.npz", images=images(6, size=8, channels=1, seed=2))
+    return folder / "samples.npz", folder / "data.npz"
+
+
+def test_fid_command_end_to_end(weights, npz_files, capsys):
+    samples, data = npz_files
+    code = main(["fid", "--samples", str(samples), "--data", str(data), "--inception-weights", str(weights),
+                 "-n", "3", "--batch-size", "2", "--method", "eigh", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    value = float(re.match(r"FID (\S+) \(3 samples .* vs 3 images", out).group(1))
+    assert np.isfinite(value) and value > 0
+
+
+def test_fid_command_errors(tmp_path, npz_files, weights, monkeypatch, capsys):
+    samples, data = npz_files
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    for extra, expected in [([], ENV_VAR), (["--inception-weights", str(tmp_path / "x.pth")], WEIGHTS_FILE),
+                            (["--inception-weights", str(weights), "-n", "6"], "-n 6 exceeds")]:
+        assert main(["fid", "--samples", str(samples), "--data", str(data), "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("ddpm-fast fid: error:") and expected in err
