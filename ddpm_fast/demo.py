@@ -26,7 +26,7 @@ from .train import TrainConfig, Trainer
 
 __all__ = ["run_demo", "digit_quality", "DEMO_STEPS"]
 
-DEMO_STEPS = 3000
+DEMO_STEPS = 1500
 
 
 def demo_config(steps: int, seed: int) -> TrainConfig:
