@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder: samples.png, samples.npz, loss.png and the run")
     demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo recipe's)")
     demo.add_argument("--samples", type=_positive, default=100, help="number of samples (default: 100)")
-    demo.add_argument("--sample-steps", type=_positive, default=None, help="respaced sampling steps (default: all T)")
+    demo.add_argument("--sample-steps", type=_positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
     demo.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0)")
     demo.set_defaults(run=_demo)
     return parser

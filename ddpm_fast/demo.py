@@ -3,7 +3,7 @@ tiny U-Net on the 8x8 handwritten digits bundled with scikit-learn (no
 download), then sample from its EMA weights.
 
 The recipe is the paper's, shrunk to fit: the same linear schedule over
-T = 1000 steps and L_simple, but a 1.3M-parameter U-Net, a higher learning rate
+T = 1000 steps and L_simple, but a 0.18M-parameter U-Net, a higher learning rate
 with a short warm-up, a faster EMA (0.999, warmed up) and no flips (mirrored
 digits are not digits).
 """
@@ -24,9 +24,10 @@ from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .train import TrainConfig, Trainer
 
-__all__ = ["run_demo", "digit_quality", "DEMO_STEPS"]
+__all__ = ["run_demo", "digit_quality", "DEMO_STEPS", "DEMO_SAMPLE_STEPS"]
 
-DEMO_STEPS = 1500
+DEMO_STEPS = 1200
+DEMO_SAMPLE_STEPS = 250  # respaced: 4x faster than all 1000 steps; tests/test_demo.py samples this way too
 
 
 def demo_config(steps: int, seed: int) -> TrainConfig:
@@ -79,6 +80,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = DEMO_STEPS if steps is None else steps
+    sample_steps = DEMO_SAMPLE_STEPS if sample_steps is None else sample_steps
     torch.manual_seed(seed)  # the model's initial weights and dropout
     dataset = load_digits()
     schedule = NoiseSchedule("linear", timesteps=1000)

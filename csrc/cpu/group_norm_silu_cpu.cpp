@@ -1,6 +1,6 @@
 // GroupNorm+SiLU on the CPU (math in csrc/group_norm_silu.h): statistics and
 // sums in double, one task per (sample, group) forward and per (sample,
-// channel) backward.
+// channel) backward (vectorized float rows for float NCHW input).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -166,6 +166,102 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
           y[i] = static_cast<T>(act ? u * sigmoid(u) : u);
         }
       }
+    }
+  });
+}
+
+// dL/du at u = xhat * w + b, through SiLU, in float (grad_u's formula).
+inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
+  const float s = 1.0f / (1.0f + exp_poly(-u));
+  return dy * s * (1.0f + u * (1.0f - s));
+}
+
+// Backward pass 1 over one contiguous (n, c) row of floats: the sums
+// A = sum du * xhat, B = sum du and X = sum xhat, accumulated in double. The
+// `act` branch stays outside the loops, which would not vectorize around it.
+__attribute__((target_clones("avx2", "default"))) void backward_row_sums(const float* dy, const float* x, int64_t count,
+                                                                         float shift, float rstd, float w, float b,
+                                                                         bool act, double* out) {
+  double a_sum = 0.0, b_sum = 0.0, x_sum = 0.0;
+  if (act) {
+#pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
+    for (int64_t i = 0; i < count; ++i) {
+      const float xhat = (x[i] + shift) * rstd;
+      const float du = silu_grad_float(dy[i], xhat * w + b);
+      a_sum += static_cast<double>(du * xhat);
+      b_sum += static_cast<double>(du);
+      x_sum += static_cast<double>(xhat);
+    }
+  } else {
+#pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
+    for (int64_t i = 0; i < count; ++i) {
+      const float xhat = (x[i] + shift) * rstd;
+      a_sum += static_cast<double>(dy[i] * xhat);
+      b_sum += static_cast<double>(dy[i]);
+      x_sum += static_cast<double>(xhat);
+    }
+  }
+  out[0] = a_sum;
+  out[1] = b_sum;
+  out[2] = x_sum;
+}
+
+// Backward pass 2 over one contiguous (n, c) row: dx = rstd (w du - m1 - xhat m2).
+__attribute__((target_clones("avx2", "default"))) void backward_row_dx(const float* dy, const float* x, int64_t count,
+                                                                       float shift, float rstd, float w, float b,
+                                                                       float m1, float m2, bool act, float* dx) {
+  if (act) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const float xhat = (x[i] + shift) * rstd;
+      dx[i] = rstd * (silu_grad_float(dy[i], xhat * w + b) * w - m1 - xhat * m2);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const float xhat = (x[i] + shift) * rstd;
+      dx[i] = rstd * (dy[i] * w - m1 - xhat * m2);
+    }
+  }
+}
+
+// The backward of float NCHW input, row by row in vectorized float (the
+// general path below works element by element in double).
+void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, const Params& p, const float* mean,
+                         const float* rstd, bool act, float* dx, std::vector<double>& A, std::vector<double>& B,
+                         std::vector<double>& dadd) {
+  const int64_t cg = l.c / l.groups;
+  const double count = static_cast<double>(cg * l.hw);
+  std::vector<double> X(l.n * l.c);
+  auto shift_of = [&](int64_t n, int64_t c) {
+    const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
+    return static_cast<float>(a - static_cast<double>(mean[n * l.groups + c / cg]));
+  };
+  at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / l.c, c = nc % l.c;
+      double sums[3];
+      backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), rstd[n * l.groups + c / cg],
+                        static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, sums);
+      A[nc] = sums[0];
+      B[nc] = sums[1];
+      X[nc] = sums[2];
+    }
+  });
+  at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t k = c0; k < c0 + cg; ++k) {
+        s1 += p.w[k] * B[n * l.c + k];
+        s2 += p.w[k] * A[n * l.c + k];
+      }
+      const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
+      const double m1 = s1 / count, m2 = s2 / count;
+      backward_row_dx(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), static_cast<float>(r),
+                      static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), static_cast<float>(m1),
+                      static_cast<float>(m2), act, dx + nc * l.hw);
+      dadd[nc] = r * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
     }
   });
 }
@@ -350,6 +446,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       if (mean.scalar_type() == at::kDouble) {
         backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<double>(),
                  rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
+      } else if (std::is_same_v<scalar_t, float> && !l.channels_last) {
+        backward_float_nchw(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), l, p, mean.const_data_ptr<float>(),
+                            rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<float>(), A, B, dadd);
       } else {
         backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<float>(),
                  rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);

@@ -24,6 +24,10 @@ ENV_VAR = "DDPM_FAST_BACKEND"
 # Fastest first, per device type. CUDA C++ ahead of Triton is provisional until
 # the GPU benchmarks (BENCHMARKS.md) rank them per op.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Per-op exceptions, from measurements: on the CPU, PyTorch's own vectorized
+# GroupNorm and SiLU (our reference) beat our C++ group_norm_silu at every
+# benchmarked shape (BENCHMARKS.md), so `auto` runs the reference there.
+_AUTO_ORDER_BY_OP = {("group_norm_silu", "cpu"): ("reference",)}
 
 
 def triton_interpreting() -> bool:
@@ -77,7 +81,8 @@ def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
                 raise ValueError(f"{ENV_VAR}={env!r} is not a backend; expected one of {', '.join(BACKENDS)}")
             backend = env
         else:
-            for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            order = _AUTO_ORDER_BY_OP.get((op, device.type)) or _AUTO_ORDER.get(device.type, ("reference",))
+            for candidate in order:
                 if _available(candidate, device.type):
                     return candidate
             return "reference"
