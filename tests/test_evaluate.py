@@ -1,0 +1,64 @@
+"""bits/dim of a dataset: a trained model beats an untrained one, and the
+batched evaluation equals one call of the reference bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_fast.data import ImageDataset, load_digits
+from ddpm_fast.diffusion import bits_per_dim
+from ddpm_fast.evaluate import evaluate_bpd
+from ddpm_fast.models import UNet
+from ddpm_fast.schedules import NoiseSchedule
+from ddpm_fast.train import TrainConfig, Trainer
+
+SCHEDULE = NoiseSchedule("linear", timesteps=100, beta_start=1e-3, beta_end=0.2)
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageDataset:
+    data = load_digits()
+    return ImageDataset(data.images[:256], name="digits-256")
+
+
+@pytest.mark.slow
+def test_trained_model_has_lower_bits_per_dim(digits, tmp_path):
+    torch.manual_seed(0)
+    untrained = UNet.tiny()
+    trained = UNet.tiny()
+    trained.load_state_dict(untrained.state_dict())
+    config = TrainConfig(steps=150, batch_size=64, lr=2e-3, warmup=20, flip=False, checkpoint_every=150, ema_decay=0.95)
+    trainer = Trainer(trained, digits, SCHEDULE, config, tmp_path, device="cpu", progress=False)
+    trainer.train(final_samples=False)
+    before = evaluate_bpd(untrained.eval(), digits, SCHEDULE, n=32, batch_size=32)
+    after = evaluate_bpd(trainer.ema, digits, SCHEDULE, n=32, batch_size=32)
+    assert after["total"] < before["total"] - 0.5, (before["summary"], after["summary"])
+    assert after["vb"] < before["vb"]
+
+
+def test_batches_equal_one_call_of_the_bound(digits):
+    torch.manual_seed(1)
+    model = UNet.tiny().eval()
+    result = evaluate_bpd(model, digits, SCHEDULE, n=6, batch_size=6, seed=5)
+    direct = bits_per_dim(model, digits.batch(torch.arange(6)), SCHEDULE, generator=torch.Generator().manual_seed(5))
+    assert result["total"] == pytest.approx(direct.total.double().mean().item(), rel=1e-6)
+    assert result["prior"] == pytest.approx(direct.prior.double().mean().item(), rel=1e-6)
+    assert result["decoder"] == pytest.approx(direct.decoder.double().mean().item(), rel=1e-6)
+    assert result["total"] == pytest.approx(result["prior"] + result["vb"] + result["decoder"], rel=1e-6)
+    assert len(result["terms"]) == 100 and result["images"] == 6
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n": 0}, r"n must be an int in \[1, 256\]"),
+    ({"n": 1000}, r"n must be an int in \[1, 256\]"),
+    ({"batch_size": 0}, "batch_size must be a positive int"),
+])
+def test_bad_arguments(digits, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_bpd(UNet.tiny(), digits, SCHEDULE, **kwargs)
+
+
+def test_model_and_data_must_match(digits):
+    with pytest.raises(ValueError, match="the model takes 3-channel 8px images"):
+        evaluate_bpd(UNet.tiny(in_channels=3), digits, SCHEDULE)
