@@ -18,15 +18,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageDataset", "load_digits", "load_image_folder", "load_cifar10", "load_array", "load_dataset"]
+__all__ = [
+    "ImageDataset",
+    "load_digits",
+    "load_image_folder",
+    "load_cifar10",
+    "load_array",
+    "load_dataset",
+    "shard_indices",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+ARRAY_SUFFIXES = (".npy", ".npz")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = ("test_batch",)
+_ACCEPTED = (
+    "'digits', a .npy/.npz file, a CIFAR-10 python folder (cifar-10-batches-py or its parent) "
+    "or archive (.tar.gz), or a folder of image files"
+)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Square uint8 images N x C x H x W (C 1 or 3), read as float in [-1, 1]."""
+    """Square uint8 images N x C x H x W (C 1 or 3), read as float in [-1, 1].
+
+    ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
+    float32 x / 127.5 - 1. ``labels`` is an int64 tensor of N class labels or
+    None."""
 
     def __init__(self, images: torch.Tensor, *, name: str = "images", labels: torch.Tensor | None = None) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
@@ -39,8 +58,11 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})")
         if h != w:
             raise ValueError(f"images must be square, got {h}x{w}: pass image_size to resize and center-crop")
-        if labels is not None and labels.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be {n} integers (shape ({n},)), got {labels.dtype} {tuple(labels.shape)}")
+            labels = labels.long()
         self.images = images.contiguous()
         self.labels = labels
         self.name = name
@@ -51,193 +73,380 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        """Image ``index`` as float32 C x H x W in [-1, 1]."""
         return self.images[index].float() / 127.5 - 1
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
         """Images ``indices`` as one float32 batch in [-1, 1]."""
         return self.images[indices].float() / 127.5 - 1
 
+    def check_model(self, model: object) -> None:
+        """Raise if ``model`` declares (``in_channels``, ``image_size``) other images than these."""
+        channels = getattr(model, "in_channels", self.channels)
+        size = getattr(model, "image_size", self.image_size)
+        if (channels, size) != (self.channels, self.image_size):
+            raise ValueError(
+                f"the model takes {channels}-channel {size}px images, "
+                f"the dataset has {self.channels}-channel {self.image_size}px images"
+            )
+
     def __repr__(self) -> str:
         return f"ImageDataset({self.name!r}, {len(self)} x {self.channels} x {self.image_size} x {self.image_size})"
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the short side to ``size`` (antialiased bicubic) and center-crop square."""
+def _check_size(image_size: int | None, argument: str = "image_size") -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"{argument} must be a positive int or None, got {image_size!r}")
+
+
+def _check_channels(channels: int | None) -> None:
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+
+
+def _resize(images: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """Resize the short side to ``size`` (antialiased ``mode``) and center-crop square."""
     n, c, h, w = images.shape
     if (h, w) == (size, size):
         return images
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    x = F.interpolate(images.float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+    return x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8).contiguous()
 
 
 def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    _check_channels(channels)
     if channels is None or channels == images.shape[1]:
         return images
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
-    if channels == 1:  # ITU-R 601 luma, as Pillow's "L" conversion
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    # ITU-R 601 luma, as Pillow's "L" conversion
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
 def _finish(images: torch.Tensor, name: str, image_size: int | None, channels: int | None,
             labels: torch.Tensor | None = None) -> ImageDataset:
+    _check_size(image_size)
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         images = _resize(images, image_size)
     return ImageDataset(_set_channels(images, channels), name=name, labels=labels)
 
 
-def load_digits(image_size: int | None = None) -> ImageDataset:
+# ---------------------------------------------------------------- digits
+
+
+def load_digits(image_size: int | None = 8) -> ImageDataset:
     """The 1,797 8x8 handwritten digits bundled with scikit-learn (no download),
-    grey levels 0..16 mapped to 0..255, one channel, with their labels. With
-    ``image_size`` they are upscaled (antialiased bicubic) — only when asked, as
-    every doubling quadruples the cost of training."""
+    grey levels 0..16 mapped to round(v * 255 / 16), one channel, with their
+    labels.
+
+    Any other ``image_size`` resizes them bilinearly (antialiased when
+    shrinking) — only when asked, as every doubling quadruples the cost of
+    training. Bilinear because the digits are smooth pen strokes sampled
+    coarsely: nearest would hand the model 8x8 blocks to learn, and bicubic
+    overshoots at the strokes' edges (halos clipped at 0 and 255)."""
     from sklearn.datasets import load_digits as sklearn_digits
 
+    _check_size(image_size)
     digits = sklearn_digits()
     images = torch.from_numpy(np.round(digits.images * 255 / 16).astype(np.uint8))[:, None]
-    return _finish(images, "digits", image_size, None, torch.from_numpy(digits.target).long())
+    if image_size is not None and image_size != 8:
+        images = _resize(images, image_size, mode="bilinear")
+    return ImageDataset(images, name="digits", labels=torch.from_numpy(digits.target).long())
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted; hidden files and
+    folders (``.name``, e.g. macOS ``._x.png`` resource forks) are skipped."""
+    files = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).parts
+        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in relative) and path.is_file():
+            files.append(path)
+    return sorted(files)
+
+
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _read_image(file: Path, mode: str) -> torch.Tensor:
+    """One image file as uint8 C x H x W (its first frame, upright per its EXIF
+    orientation, converted to Pillow ``mode``)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(file) as image:
+            image.seek(0)
+            image = ImageOps.exif_transpose(image)
+            if image.mode in _WIDE_GREY_MODES:  # 16-bit grey: scale to 8 bits (Pillow's convert would clip at 255)
+                wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+                image = Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8), "L")
+            array = np.asarray(image.convert(mode))
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+        raise ValueError(f"cannot read image {file}: {type(error).__name__}: {error}") from error
+    return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 
 def load_image_folder(path: str | os.PathLike, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
-    """Every image file under ``path`` (recursively, in sorted order; the first
-    frame of a GIF), as RGB (or grey with ``channels=1``). Without ``image_size``
-    all images must share one square size."""
-    from PIL import Image, UnidentifiedImageError
+    """Every image file (png, jpg, jpeg, bmp, webp, gif: the first frame) under
+    ``path``, recursively, in sorted order, as RGB (or grey with ``channels=1``).
 
+    With ``image_size`` each image's short side is resized to it (antialiased
+    bicubic) and the center square cropped; without, all images must share
+    one square size."""
+    _check_size(image_size)
+    _check_channels(channels)
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.exists():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not folder.is_dir():
+        raise NotADirectoryError(f"image folder {folder} is not a folder")
+    files = _image_files(folder)
     if not files:
-        raise ValueError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     mode = "L" if channels == 1 else "RGB"
-    tensors = []
+    tensors, first_size = [], None
     for file in files:
-        try:
-            with Image.open(file) as image:
-                array = np.asarray(image.convert(mode))
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image {file}: {error}") from error
-        x = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
-        tensors.append(_resize(x[None], image_size)[0] if image_size is not None else x)
-    sizes = {tuple(t.shape[1:]) for t in tensors}
-    if len(sizes) > 1:
-        raise ValueError(f"images in {folder} have different sizes {sorted(sizes)[:4]}...: pass image_size to resize them")
-    return _finish(torch.stack(tensors), folder.name, None, channels)
+        x = _read_image(file, mode)
+        if image_size is not None:
+            x = _resize(x[None], image_size)[0]
+        elif first_size is None:
+            first_size = (x.shape[1:], file)
+        elif x.shape[1:] != first_size[0]:
+            (h, w), (h0, w0) = x.shape[1:], first_size[0]
+            raise ValueError(f"images in {folder} have different sizes ({first_size[1].name} is {w0}x{h0}, "
+                             f"{file.name} is {w}x{h}): pass image_size to resize and center-crop them")
+        tensors.append(x)
+    return ImageDataset(torch.stack(tensors), name=folder.resolve().name)
 
 
-def _read_cifar_batches(path: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(N x 3072 uint8, N labels) from a cifar-10-batches-py folder or its .tar.gz."""
-    blobs: dict[str, bytes] = {}
+# ---------------------------------------------------------------- CIFAR-10
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain containers and numpy arrays: a
+    dataset file cannot run code when it is read."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
+        return super().find_class(module, name)
+
+
+def _cifar_blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], str]:
+    """The raw bytes of batches ``names`` and a description of where they were."""
     if path.is_file():
+        blobs: dict[str, bytes] = {}
         try:
-            with tarfile.open(path) as archive:
-                for member in archive.getmembers():
-                    if Path(member.name).name in names and member.isfile():
-                        blobs[Path(member.name).name] = archive.extractfile(member).read()
-        except (tarfile.TarError, OSError) as error:
-            raise ValueError(f"cannot read CIFAR-10 archive {path}: {error}") from error
-    else:
-        folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        blobs = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
-    missing = [name for name in names if name not in blobs]
-    if missing:
-        raise FileNotFoundError(f"CIFAR-10 batches {', '.join(missing)} not found in {path}")
-    data, labels = [], []
-    for name in names:
-        try:
-            batch = pickle.load(io.BytesIO(blobs[name]), encoding="bytes")
-            data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3072))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        except Exception as error:  # a corrupt pickle can raise almost anything
-            raise ValueError(f"CIFAR-10 batch {name} in {path} is corrupt: {error}") from error
-    return np.concatenate(data), np.concatenate(labels)
+            with tarfile.open(path) as archive:  # gzip, bz2, xz or plain, detected
+                for member in archive:
+                    base = member.name.rsplit("/", 1)[-1]
+                    if base in names and base not in blobs and member.isfile():
+                        blobs[base] = archive.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise ValueError(f"cannot read CIFAR-10 archive {path} (expected cifar-10-python.tar.gz): {error}") from error
+        return blobs, f"archive {path}"
+    folder = path / _CIFAR_FOLDER if (path / _CIFAR_FOLDER).is_dir() else path
+    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}, f"folder {folder}"
+
+
+def _parse_cifar_batch(blob: bytes, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"])
+    except Exception as error:  # a corrupt pickle can raise almost anything
+        raise ValueError(f"CIFAR-10 batch {name} in {where} is corrupt: {type(error).__name__}: {error}") from error
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"CIFAR-10 batch {name} in {where} is corrupt: data is {data.dtype} {data.shape}, "
+                         "expected uint8 N x 3072")
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"CIFAR-10 batch {name} in {where} is corrupt: {data.shape[0]} images but labels "
+                         f"{labels.dtype} {labels.shape}")
+    return data, labels.astype(np.int64)
 
 
 def load_cifar10(path: str | os.PathLike, train: bool = True) -> ImageDataset:
     """CIFAR-10 as its python version is kept on disk: the ``cifar-10-batches-py``
-    folder, its parent, or the ``cifar-10-python.tar.gz`` archive (read in place)."""
+    folder, its parent, or the ``cifar-10-python.tar.gz`` archive (read in
+    place, nothing extracted). ``train`` picks ``data_batch_1..5`` (50,000
+    images) or ``test_batch`` (10,000). 3 x 32 x 32 images with labels."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CIFAR-10 path {path} does not exist")
-    data, labels = _read_cifar_batches(path, _CIFAR_TRAIN if train else _CIFAR_TEST)
+    names = _CIFAR_TRAIN if train else _CIFAR_TEST
+    blobs, where = _cifar_blobs(path, names)
+    missing = [name for name in names if name not in blobs]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 batches {', '.join(missing)} not found in {where} "
+                                f"(expected the python version: {_CIFAR_FOLDER}/data_batch_1..5, test_batch)")
+    parts = [_parse_cifar_batch(blobs.pop(name), name, where) for name in names]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
     images = torch.from_numpy(data).reshape(-1, 3, 32, 32)  # R, G, B planes, each row-major
     return ImageDataset(images, name="cifar10" if train else "cifar10-test", labels=torch.from_numpy(labels))
 
 
+# ---------------------------------------------------------------- arrays
+
+
+def _channel_axis(shape: tuple[int, ...]) -> str:
+    """'last' or 'first' for a 4-d image array: channels last (our samples.npz)
+    when both readings are possible, unless only channels-first gives square
+    images."""
+    last_ok, first_ok = shape[3] in (1, 3, 4), shape[1] in (1, 3)
+    if last_ok and first_ok and shape[1] != shape[2] and shape[2] == shape[3]:
+        return "first"  # e.g. N x 3 x 4 x 4: channels last would read 3x4 images
+    if last_ok:
+        return "last"
+    if first_ok:
+        return "first"
+    raise ValueError(f"cannot tell the channel axis of shape {shape}: expected N x H x W x C (C 1, 3 or 4) "
+                     "or N x C x H x W (C 1 or 3)")
+
+
 def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
-    """uint8 N x C x H x W from N x H x W, N x H x W x C (C 1/3/4) or N x C x H x W
-    (C 1/3), uint8 or float in [0, 1] / [-1, 1]."""
+    """uint8 N x C x H x W from N x H x W, N x H x W x C (C 1/3/4, alpha
+    dropped) or N x C x H x W (C 1/3), holding uint8 (or other integers in
+    0..255) or floats in [0, 1] or [-1, 1] (any negative value means [-1, 1])."""
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4:
-        raise ValueError(f"{source}: expected N x H x W (x C) images, got shape {array.shape}")
-    if array.shape[-1] in (1, 3, 4):  # channels last, as our samples.npz: preferred when ambiguous
-        array = array[..., :3] if array.shape[-1] == 4 else array
-        array = array.transpose(0, 3, 1, 2)
-    elif array.shape[1] not in (1, 3):
-        raise ValueError(f"{source}: cannot tell the channel axis of shape {array.shape} (need 1 or 3 channels)")
+        raise ValueError(f"{source}: expected N x H x W, N x H x W x C or N x C x H x W images, got shape {array.shape}")
+    try:
+        axis = _channel_axis(array.shape)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    if axis == "last":
+        array = array[..., :3].transpose(0, 3, 1, 2)  # drops alpha
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
+    if array.size == 0:
+        raise ValueError(f"{source}: holds no images (shape {array.shape})")
+    if np.issubdtype(array.dtype, np.integer):
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{source}: integer images must lie in 0..255, got values in {lo}..{hi}")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{source}: images must be uint8 or float, got {array.dtype}")
+        raise ValueError(f"{source}: images must be uint8, integers in 0..255 or floats, got {array.dtype}")
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 or hi > 1:
-        raise ValueError(f"{source}: float images must lie in [0, 1] or [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
-    unit = (array + 1) / 2 if lo < 0 else array  # any negative value means the [-1, 1] convention
-    return torch.from_numpy(np.round(unit * 255).astype(np.uint8))
+        raise ValueError(f"{source}: float images must lie in [0, 1] or [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    unit = (array.astype(np.float64) + 1) / 2 if lo < 0 else array.astype(np.float64)
+    return torch.from_numpy(np.ascontiguousarray(np.round(unit * 255).astype(np.uint8)))
 
 
 def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: int | None = None,
                channels: int | None = None) -> ImageDataset:
-    """Images from a ``.npy`` file or a ``.npz`` archive (``key``, else ``images``,
-    else its only array)."""
+    """Images from a ``.npy`` file or a ``.npz`` archive (array ``key``; by
+    default ``images``, else its only array).
+
+    Layouts: N x H x W (grey), N x H x W x C (C 1, 3 or 4: alpha dropped) or
+    N x C x H x W (C 1 or 3); channels last wins when both fit (as in
+    ``samples.npz``) unless only channels-first gives square images. Values:
+    uint8 (or integers in 0..255) or floats in [0, 1] or [-1, 1] — floats with
+    any negative value are read as [-1, 1], others as [0, 1]; values outside
+    [-1, 1] are an error. ``image_size``/``channels`` resize and convert."""
+    _check_size(image_size)
+    _check_channels(channels)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"array file {path} does not exist")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.keys())
-            chosen = key or ("images" if "images" in keys else keys[0] if len(keys) == 1 else None)
-            if chosen not in keys:
-                raise ValueError(f"{path} holds arrays {keys}: pass key= (or name one 'images')")
-            array = loaded[chosen]
-    else:
-        array = loaded
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                keys = list(loaded.keys())
+                if key is None:
+                    key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+                    if key is None:
+                        raise KeyError(f"{path} holds arrays {keys}: pass key= (or name one 'images')")
+                elif key not in keys:
+                    raise KeyError(f"{path} has no array {key!r}; it holds arrays {keys}")
+                array = loaded[key]
+        else:
+            array = loaded
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
+    except Exception as error:  # not an npy/npz file, truncated, object arrays, ...
+        raise ValueError(f"cannot read {path} as a .npy/.npz array file: {type(error).__name__}: {error}") from error
     return _finish(_array_to_nchw(array, str(path)), path.stem, image_size, channels)
+
+
+# ---------------------------------------------------------------- dispatch
 
 
 def _is_cifar(path: Path) -> bool:
     if path.is_file():
-        return path.name.endswith((".tar.gz", ".tgz")) and "cifar" in path.name.lower()
-    return (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py").is_dir()
+        return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+    return any((path / name).is_file() for name in _CIFAR_TRAIN + _CIFAR_TEST) or (path / _CIFAR_FOLDER).is_dir()
 
 
 def load_dataset(spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
-    """``digits``, a ``.npy``/``.npz`` file, a CIFAR-10 folder or archive, or a folder of images."""
+    """The dataset ``spec`` names: ``"digits"``, a ``.npy``/``.npz`` file, a
+    CIFAR-10 python folder (or its parent) or archive (the training batches),
+    or a folder of images. ``image_size`` resizes (short side, then a center
+    crop; digits: bilinear) and ``channels`` (1 or 3) converts."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"spec must be a str or path ({_ACCEPTED}), got {type(spec).__name__}")
+    _check_size(image_size)
+    _check_channels(channels)
     if str(spec) == "digits":
-        digits = load_digits()
-        return _finish(digits.images, "digits", image_size, channels, digits.labels)
+        digits = load_digits(image_size)
+        return _finish(digits.images, digits.name, None, channels, digits.labels)
     path = Path(spec)
-    if path.suffix in (".npy", ".npz"):
+    if path.suffix.lower() in ARRAY_SUFFIXES:
         return load_array(path, image_size=image_size, channels=channels)
-    if path.exists() and _is_cifar(path):
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {str(spec)!r} not found: expected {_ACCEPTED}")
+    if _is_cifar(path):
         data = load_cifar10(path)
         return _finish(data.images, data.name, image_size, channels, data.labels)
     if path.is_dir():
         return load_image_folder(path, image_size, channels)
-    raise FileNotFoundError(
-        f"dataset {str(spec)!r} not found: expected 'digits', a .npy/.npz file, "
-        "a CIFAR-10 python folder or archive, or a folder of images"
-    )
+    raise ValueError(f"dataset {str(spec)!r} is not a dataset this loader reads: expected {_ACCEPTED}")
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def shard_indices(n: int, rank: int, world_size: int, *, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's indices (int64) of epoch ``epoch``: every rank draws the same
+    permutation of range(n) from (``seed``, ``epoch``) and takes its own
+    contiguous slice of n // world_size of it; the last n % world_size indices
+    of the permutation are left out, so that all ranks get the same count."""
+    for arg, value in (("n", n), ("rank", rank), ("world_size", world_size), ("seed", seed), ("epoch", epoch)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if n < world_size:
+        raise ValueError(f"n ({n}) must be at least world_size ({world_size}): a rank would get no indices")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    # (seed, epoch) -> one 63-bit generator seed; distinct pairs do not collide as seed + epoch would
+    mixed = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0]) >> 1
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
+    per_rank = n // world_size
+    return order[rank * per_rank : (rank + 1) * per_rank].clone()

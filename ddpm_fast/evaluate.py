@@ -39,13 +39,7 @@ def evaluate_bpd(
         raise ValueError(f"n must be an int in [1, {len(dataset)}] (the dataset's size), got {n!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if getattr(model, "in_channels", dataset.channels) != dataset.channels or getattr(
-        model, "image_size", dataset.image_size
-    ) != dataset.image_size:
-        raise ValueError(
-            f"the model takes {model.in_channels}-channel {model.image_size}px images, "
-            f"the dataset has {dataset.channels}-channel {dataset.image_size}px images"
-        )
+    dataset.check_model(model)
     generator = torch.Generator().manual_seed(seed)
     totals = {"total": 0.0, "prior": 0.0}
     terms = torch.zeros(schedule.num_timesteps, dtype=torch.float64)

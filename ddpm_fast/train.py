@@ -140,14 +140,7 @@ class Trainer:
             raise ValueError(f"batch_size {self.config.batch_size} must be divisible by the {self.world} ranks")
         if len(dataset) < self.config.batch_size:
             raise ValueError(f"the dataset has {len(dataset)} images, fewer than batch_size {self.config.batch_size}")
-        sample_shape = (dataset.channels, dataset.image_size, dataset.image_size)
-        if getattr(model, "in_channels", dataset.channels) != dataset.channels or getattr(
-            model, "image_size", dataset.image_size
-        ) != dataset.image_size:
-            raise ValueError(
-                f"the model takes {model.in_channels}x{model.image_size}x{model.image_size} images, "
-                f"the dataset has {'x'.join(map(str, sample_shape))}"
-            )
+        dataset.check_model(model)
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )

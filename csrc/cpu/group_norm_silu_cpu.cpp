@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../group_norm_silu.h"
@@ -170,6 +171,19 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
   });
 }
 
+// The group means m1 = sum_k w_k B_k / count and m2 = sum_k w_k A_k / count
+// over the channels k of one group of one sample (row offset nc0).
+inline std::pair<double, double> group_means(const Params& p, const std::vector<double>& A,
+                                             const std::vector<double>& B, int64_t nc0, int64_t c0, int64_t cg,
+                                             double count) {
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t k = c0; k < c0 + cg; ++k) {
+    s1 += p.w[k] * B[nc0 + k];
+    s2 += p.w[k] * A[nc0 + k];
+  }
+  return {s1 / count, s2 / count};
+}
+
 // dL/du at u = xhat * w + b, through SiLU, in float (grad_u's formula).
 inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
   const float s = 1.0f / (1.0f + exp_poly(-u));
@@ -251,13 +265,8 @@ void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, c
   at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = c0; k < c0 + cg; ++k) {
-        s1 += p.w[k] * B[n * l.c + k];
-        s2 += p.w[k] * A[n * l.c + k];
-      }
+      const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
       const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
-      const double m1 = s1 / count, m2 = s2 / count;
       backward_row_dx(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), static_cast<float>(r),
                       static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), static_cast<float>(m1),
                       static_cast<float>(m2), act, dx + nc * l.hw);
@@ -295,17 +304,12 @@ void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, con
       X[nc] = x_sum;
     }
   });
-  // Pass 2, per (n, c): dh from the group sums S1 = sum w B, S2 = sum w A.
+  // Pass 2, per (n, c): dh from the group means of w B and w A.
   at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t k = c0; k < c0 + cg; ++k) {
-        s1 += p.w[k] * B[n * l.c + k];
-        s2 += p.w[k] * A[n * l.c + k];
-      }
+      const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
       const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
-      const double m1 = s1 / count, m2 = s2 / count;
       for (int64_t s = 0; s < l.hw; ++s) {
         const int64_t i = at_index(l, n, c, s);
         const double xhat = xhat_of(n, c, i);
