@@ -25,7 +25,6 @@ __all__ = [
     "load_cifar10",
     "load_array",
     "load_dataset",
-    "shard_indices",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -61,7 +60,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if labels is not None:
             labels = torch.as_tensor(labels)
             if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-                raise ValueError(f"labels must be {n} integers (shape ({n},)), got {labels.dtype} {tuple(labels.shape)}")
+                raise ValueError(f"labels must be {n} integers (shape ({n},)), "
+                                 f"got {labels.dtype} {tuple(labels.shape)}")
             labels = labels.long()
         self.images = images.contiguous()
         self.labels = labels
@@ -94,9 +94,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return f"ImageDataset({self.name!r}, {len(self)} x {self.channels} x {self.image_size} x {self.image_size})"
 
 
-def _check_size(image_size: int | None, argument: str = "image_size") -> None:
+def _check_size(image_size: int | None) -> None:
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"{argument} must be a positive int or None, got {image_size!r}")
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
 
 
 def _check_channels(channels: int | None) -> None:
@@ -193,7 +193,9 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 
-def load_image_folder(path: str | os.PathLike, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
+def load_image_folder(
+    path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
+) -> ImageDataset:
     """Every image file (png, jpg, jpeg, bmp, webp, gif: the first frame) under
     ``path``, recursively, in sorted order, as RGB (or grey with ``channels=1``).
 
@@ -262,7 +264,9 @@ def _cifar_blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], 
                     if base in names and base not in blobs and member.isfile():
                         blobs[base] = archive.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as error:
-            raise ValueError(f"cannot read CIFAR-10 archive {path} (expected cifar-10-python.tar.gz): {error}") from error
+            raise ValueError(
+                f"cannot read CIFAR-10 archive {path} (expected cifar-10-python.tar.gz): {error}"
+            ) from error
         return blobs, f"archive {path}"
     folder = path / _CIFAR_FOLDER if (path / _CIFAR_FOLDER).is_dir() else path
     return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}, f"folder {folder}"
@@ -330,7 +334,9 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4:
-        raise ValueError(f"{source}: expected N x H x W, N x H x W x C or N x C x H x W images, got shape {array.shape}")
+        raise ValueError(
+            f"{source}: expected N x H x W, N x H x W x C or N x C x H x W images, got shape {array.shape}"
+        )
     try:
         axis = _channel_axis(array.shape)
     except ValueError as error:
@@ -351,7 +357,8 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 or hi > 1:
         raise ValueError(f"{source}: float images must lie in [0, 1] or [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    unit = (array.astype(np.float64) + 1) / 2 if lo < 0 else array.astype(np.float64)
+    array = array.astype(np.result_type(array.dtype, np.float32), copy=False)  # float16 would round badly
+    unit = (array + 1) / 2 if lo < 0 else array
     return torch.from_numpy(np.ascontiguousarray(np.round(unit * 255).astype(np.uint8)))
 
 
@@ -401,7 +408,9 @@ def _is_cifar(path: Path) -> bool:
     return any((path / name).is_file() for name in _CIFAR_TRAIN + _CIFAR_TEST) or (path / _CIFAR_FOLDER).is_dir()
 
 
-def load_dataset(spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
+def load_dataset(
+    spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None
+) -> ImageDataset:
     """The dataset ``spec`` names: ``"digits"``, a ``.npy``/``.npz`` file, a
     CIFAR-10 python folder (or its parent) or archive (the training batches),
     or a folder of images. ``image_size`` resizes (short side, then a center
@@ -424,29 +433,3 @@ def load_dataset(spec: str | os.PathLike, *, image_size: int | None = None, chan
     if path.is_dir():
         return load_image_folder(path, image_size, channels)
     raise ValueError(f"dataset {str(spec)!r} is not a dataset this loader reads: expected {_ACCEPTED}")
-
-
-# ---------------------------------------------------------------- sharding
-
-
-def shard_indices(n: int, rank: int, world_size: int, *, seed: int, epoch: int) -> torch.Tensor:
-    """This rank's indices (int64) of epoch ``epoch``: every rank draws the same
-    permutation of range(n) from (``seed``, ``epoch``) and takes its own
-    contiguous slice of n // world_size of it; the last n % world_size indices
-    of the permutation are left out, so that all ranks get the same count."""
-    for arg, value in (("n", n), ("rank", rank), ("world_size", world_size), ("seed", seed), ("epoch", epoch)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if n < world_size:
-        raise ValueError(f"n ({n}) must be at least world_size ({world_size}): a rank would get no indices")
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
-    # (seed, epoch) -> one 63-bit generator seed; distinct pairs do not collide as seed + epoch would
-    mixed = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0]) >> 1
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
-    per_rank = n // world_size
-    return order[rank * per_rank : (rank + 1) * per_rank].clone()

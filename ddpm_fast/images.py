@@ -17,10 +17,14 @@ _MIN_TILE_PX = 32  # small samples (8x8 digits) are upscaled to at least this
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Float images in [-1, 1], N x C x H x W, as uint8 N x H x W x C (clamped, rounded)."""
+    """Float images in [-1, 1], N x C x H x W, as uint8 N x H x W x C:
+    round((clamp(x, -1, 1) + 1) * 127.5), so that ``x = u / 127.5 - 1`` comes
+    back as ``u`` exactly. NaN becomes 0 (black)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating N x C x H x W tensor, got {getattr(x, 'shape', type(x))}")
-    scaled = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        raise ValueError(f"x must be a floating N x C x H x W tensor, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    x = torch.nan_to_num(x.detach().float(), nan=-1.0)
+    scaled = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -35,10 +39,14 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, sca
     """Tile uint8 N x H x W x C images into one H' x W' x C picture, ``nrow``
     per row (default: a square), each upscaled ``scale`` times (nearest)."""
     images = _check_nhwc(images)
+    for name, value, least in (("nrow", nrow, 1), ("padding", padding, 0), ("scale", scale, 1)):
+        valid = isinstance(value, int) and not isinstance(value, bool) and value >= least
+        if not valid and not (name == "nrow" and value is None):
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = min(nrow or math.ceil(math.sqrt(n)), n)
     rows = math.ceil(n / nrow)
     grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
     for i, image in enumerate(images):
@@ -102,7 +110,9 @@ def plot_curve(
     width, height = size
     left, right, top, bottom = 70, 20, 30, 30
     lo, hi = float(y.min()), float(y.max())
-    hi = hi if hi > lo else lo + 1.0
+    if hi <= lo:  # a constant series: centre it in a band that keeps the labels true
+        pad = 0.05 if log_y else abs(lo) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
 

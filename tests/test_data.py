@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_fast.data import ImageDataset, load_array, load_cifar10, load_dataset, load_digits, load_image_folder
+from ddpm_fast.data import (
+    ImageDataset,
+    load_array,
+    load_cifar10,
+    load_dataset,
+    load_digits,
+    load_image_folder,
+)
 from ddpm_fast.images import to_uint8
 
 
@@ -23,7 +30,12 @@ def test_digits_are_bundled_and_scaled():
     x = data.batch(torch.arange(5))
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
     assert np.array_equal(to_uint8(x), data.images[:5].permute(0, 2, 3, 1).numpy())  # exact round trip
-    assert load_digits(image_size=16).images.shape == (1797, 1, 16, 16)
+    big = load_digits(image_size=16)
+    assert big.images.shape == (1797, 1, 16, 16) and torch.equal(big.labels, data.labels)
+    assert torch.equal(load_dataset("digits", image_size=16).images, big.images)  # the same (bilinear) upscaling
+    up = big.images.float()
+    assert (up[..., ::2, ::2] != up[..., 1::2, 1::2]).any()  # interpolated, not 2x2 blocks (nearest)
+    assert abs(up.mean() - data.images.float().mean()) < 2
 
 
 def _write_images(folder, sizes, mode="RGB", suffix=".png"):
@@ -173,3 +185,175 @@ def test_image_dataset_checks_its_tensor():
         ImageDataset(torch.zeros(2, 2, 4, 4, dtype=torch.uint8))
     data = ImageDataset(torch.full((3, 1, 4, 4), 255, dtype=torch.uint8))
     assert len(data) == 3 and data[1].shape == (1, 4, 4) and data[1].max() == 1.0
+
+
+# ---------------------------------------------------------------- more image-folder cases
+
+
+def test_image_folder_formats_gif_first_frame_and_hidden_files(tmp_path):
+    red, blue = Image.new("RGB", (5, 5), (255, 0, 0)), Image.new("RGB", (5, 5), (0, 0, 255))
+    red.save(tmp_path / "a.gif", save_all=True, append_images=[blue])
+    Image.new("RGB", (5, 5), (0, 255, 0)).save(tmp_path / "b.BMP")
+    Image.new("RGB", (5, 5), (10, 20, 30)).save(tmp_path / "c.webp", lossless=True)
+    (tmp_path / "._d.png").write_bytes(b"macOS resource fork, not an image")
+    (tmp_path / ".cache").mkdir()
+    Image.new("RGB", (9, 9)).save(tmp_path / ".cache" / "e.png")
+    data = load_image_folder(tmp_path)
+    assert data.images.shape == (3, 3, 5, 5) and data.name == tmp_path.name
+    assert data.images[:, :, 0, 0].tolist() == [[255, 0, 0], [0, 255, 0], [10, 20, 30]]
+
+
+def test_image_folder_exif_orientation_and_16_bit_grey(tmp_path):
+    image = Image.new("RGB", (4, 4))
+    image.putpixel((3, 0), (255, 255, 255))  # top-right corner as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "a.png", exif=exif)
+    data = load_image_folder(tmp_path)
+    assert data.images[0, :, 3, 3].tolist() == [255, 255, 255] and data.images[0, :, 0, 3].sum() == 0  # bottom-right
+    (tmp_path / "a.png").unlink()
+    Image.fromarray(np.array([[0, 65535], [32768, 257]], dtype=np.uint16)).save(tmp_path / "wide.png")
+    assert load_image_folder(tmp_path, channels=1).images[0, 0].tolist() == [[0, 255], [128, 1]]
+
+
+def test_image_folder_more_errors(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        load_image_folder(tmp_path / "file.png")
+    with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
+        load_image_folder(tmp_path, channels=2)
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        load_image_folder(tmp_path, image_size=-3)
+    folder = tmp_path / "photos"
+    _write_images(folder, [(6, 6)], suffix=".jpg")
+    good = (folder / "img0.jpg").read_bytes()
+    (folder / "img1.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    with pytest.raises(ValueError, match="cannot read image .*img1.jpg"):
+        load_image_folder(folder)
+    (folder / "img1.jpg").unlink()
+    _write_images(folder / "wide", [(4, 6)])
+    with pytest.raises(ValueError, match="must be square.*image_size"):
+        load_image_folder(folder / "wide")
+
+
+# ---------------------------------------------------------------- more CIFAR-10 cases
+
+
+def _write_batch(path, batch, protocol=2, numpy_module=None):
+    blob = pickle.dumps(batch, protocol=protocol)
+    if numpy_module:  # as written by older numpy (and by Python 2, as the real files are)
+        blob = blob.replace(b"numpy._core.multiarray", numpy_module)
+    path.write_bytes(blob)
+
+
+@pytest.mark.parametrize("protocol, numpy_module", [(2, b"numpy.core.multiarray"), (4, None), (5, None)])
+def test_cifar10_pickle_flavours(tmp_path, protocol, numpy_module):
+    batch = _cifar_batch(2, 7)
+    batch[b"batch_label"], batch[b"filenames"] = b"testing batch 1 of 1", [b"a.png", b"b.png"]
+    _write_batch(tmp_path / "test_batch", batch, protocol, numpy_module)
+    data = load_cifar10(tmp_path, train=False)
+    assert data.name == "cifar10-test" and data.labels.tolist() == batch[b"labels"]
+    assert np.array_equal(data.images.reshape(2, -1).numpy(), batch[b"data"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_cifar10_refuses_code_and_checks_shapes(tmp_path, capsys):
+    _write_batch(tmp_path / "test_batch", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Exploit()]})
+    with pytest.raises(ValueError, match="test_batch .* is corrupt: UnpicklingError: refusing to load .*print"):
+        load_cifar10(tmp_path, train=False)
+    assert "never run" not in capsys.readouterr().out
+    _write_batch(tmp_path / "test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]})
+    with pytest.raises(ValueError, match="2 images but labels"):
+        load_cifar10(tmp_path, train=False)
+    _write_batch(tmp_path / "test_batch", {b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]})
+    with pytest.raises(ValueError, match=r"expected uint8 N x 3072"):
+        load_cifar10(tmp_path, train=False)
+    _write_batch(tmp_path / "test_batch", {b"pixels": np.zeros((2, 3072), np.uint8)})
+    with pytest.raises(ValueError, match="corrupt: KeyError"):
+        load_cifar10(tmp_path, train=False)
+
+
+def test_cifar10_archive_errors_and_any_archive_name(cifar_folder, tmp_path):
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="cannot read CIFAR-10 archive"):
+        load_cifar10(bad)
+    partial = tmp_path / "data.tgz"
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(cifar_folder / "test_batch", arcname="cifar-10-batches-py/test_batch")
+    assert load_cifar10(partial, train=False).images.shape == (3, 3, 32, 32)
+    with pytest.raises(FileNotFoundError, match=r"data_batch_1, .*data_batch_5 not found in archive"):
+        load_dataset(partial)  # any .tgz is taken for CIFAR-10; the training batches are missing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="test_batch not found in folder"):
+        load_cifar10(empty, train=False)
+
+
+# ---------------------------------------------------------------- more array cases
+
+
+def test_array_integers_and_channel_axis_tie_break(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)  # N x 3 x 4 x 4
+    np.save(tmp_path / "nchw.npy", images)  # channels last would read 3x4 images with 4 channels
+    assert torch.equal(load_array(tmp_path / "nchw.npy").images, torch.from_numpy(images))
+    np.save(tmp_path / "ints.npy", images.astype(np.int64))
+    assert torch.equal(load_array(tmp_path / "ints.npy").images, torch.from_numpy(images))
+    ambiguous = np.random.default_rng(3).integers(0, 256, (2, 3, 3, 3), dtype=np.uint8)
+    np.save(tmp_path / "amb.npy", ambiguous)  # both readings square: channels last, as samples.npz
+    assert torch.equal(load_array(tmp_path / "amb.npy").images, torch.from_numpy(ambiguous).permute(0, 3, 1, 2))
+    np.save(tmp_path / "big.npy", np.full((2, 4, 4), 256, np.int32))
+    with pytest.raises(ValueError, match=r"integer images must lie in 0..255, got values in 256..256"):
+        load_array(tmp_path / "big.npy")
+    np.save(tmp_path / "bool.npy", np.zeros((2, 4, 4), bool))
+    with pytest.raises(ValueError, match="must be uint8, integers in 0..255 or floats, got bool"):
+        load_array(tmp_path / "bool.npy")
+    np.save(tmp_path / "neg.npy", np.full((2, 4, 4), -1.5, np.float32))
+    with pytest.raises(ValueError, match=r"got values in \[-1.5, -1.5\]"):
+        load_array(tmp_path / "neg.npy")
+
+
+def test_array_key_and_file_errors(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"has no array 'pixels'; it holds arrays \['images'\]"):
+        load_array(tmp_path / "a.npz", key="pixels")
+    np.savez(tmp_path / "obj.npz", images=np.array([None, 1], dtype=object))
+    with pytest.raises(ValueError, match="cannot read .*obj.npz"):
+        load_array(tmp_path / "obj.npz")
+    np.save(tmp_path / "flat.npy", np.zeros((2, 16), np.uint8))
+    with pytest.raises(ValueError, match="expected N x H x W"):
+        load_array(tmp_path / "flat.npy")
+    np.savez(tmp_path / "digits.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    data = load_dataset(tmp_path / "digits.npz", image_size=16, channels=3)
+    assert data.images.shape == (2, 3, 16, 16) and data.name == "digits"
+
+
+# ---------------------------------------------------------------- load_dataset, ImageDataset
+
+
+def test_dataset_spec_rejects_what_it_cannot_read(tmp_path):
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a dataset .* expected 'digits', a .npy/.npz file, a CIFAR-10"):
+        load_dataset(tmp_path / "one.png")
+    with pytest.raises(TypeError, match="spec must be a str or path"):
+        load_dataset(3)
+    with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
+        load_dataset("digits", channels=4)
+    _write_images(tmp_path / "folder", [(6, 6)] * 2)
+    data = load_dataset(tmp_path / "folder", channels=1)
+    assert data.images.shape == (2, 1, 6, 6) and data.labels is None
+
+
+def test_image_dataset_labels():
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    assert ImageDataset(images, labels=torch.tensor([1, 2, 3], dtype=torch.int32)).labels.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"labels must be 3 integers"):
+        ImageDataset(images, labels=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"labels must be 3 integers"):
+        ImageDataset(images, labels=torch.tensor([0.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="must be square"):
+        ImageDataset(torch.zeros(3, 1, 4, 5, dtype=torch.uint8))

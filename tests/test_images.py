@@ -52,3 +52,26 @@ def test_plot_curve_writes_a_png(tmp_path):
         plot_curve([1.0, float("nan")], tmp_path / "none.png")
     with pytest.raises(ValueError, match="steps has 2 entries for 3 values"):
         plot_curve([1.0, 2.0, 3.0], tmp_path / "none.png", steps=[1, 2])
+
+
+def test_to_uint8_round_trips_every_level_and_maps_nan_to_black():
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert np.array_equal(to_uint8(levels.float() / 127.5 - 1)[0, :, :, 0], levels[0, 0].numpy())
+    assert to_uint8(torch.full((1, 1, 1, 1), float("nan")))[0, 0, 0, 0] == 0
+
+
+def test_make_grid_arguments():
+    images = np.zeros((3, 2, 2, 3), np.uint8)
+    assert make_grid(images, nrow=10, padding=0).shape == (2, 6, 3)  # no empty columns past the last image
+    assert make_grid(images, padding=0, scale=3).shape == (12, 12, 3)  # 2 x 2 layout, 6 px tiles
+    for bad in (dict(nrow=0), dict(padding=-1), dict(scale=0), dict(scale=1.5), dict(nrow=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an int"):
+            make_grid(images, **bad)
+
+
+def test_plot_curve_of_a_constant_series(tmp_path):
+    for log_y in (True, False):
+        plot_curve([0.5] * 30, tmp_path / "flat.png", log_y=log_y, title="flat")
+        with Image.open(tmp_path / "flat.png") as png:
+            pixels = np.asarray(png.convert("RGB"))
+        assert (pixels != 255).any(axis=2).sum() > 100  # axes, labels and a line were drawn
