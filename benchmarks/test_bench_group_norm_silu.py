@@ -69,6 +69,18 @@ def test_cpu_forward(benchmark, shape, layout, impl):
     benchmark(fn)
 
 
+@pytest.mark.parametrize("shape", [(128, 32, 8, 8), (128, 32, 16, 16), (32, 128, 32, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["eager", "cpu"])
+def test_cpu_forward_backward(benchmark, shape, impl):
+    """Through autograd, as training runs it (the first shape is of the demo's size)."""
+    if impl == "cpu" and not _extension.AVAILABLE:
+        pytest.skip("extension not built")
+    fn = train_fn(impl, *make(shape, torch.float32, "contiguous", "cpu", grad=True))
+    fn()
+    benchmark.group = f"group_norm_silu forward+backward cpu {'x'.join(map(str, shape))}"
+    benchmark(fn)
+
+
 GPU_IMPLS = ["eager", "compile", "cuda", "triton"]
 
 

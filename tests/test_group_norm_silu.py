@@ -3,13 +3,15 @@ backward, on every backend; the module and the fusing helper."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from conftest import backend_params, poison_cuda_allocator, requires_extension
-from ddpm_fast import ops
+from ddpm_fast import _extension, ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 
 # (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L.
@@ -181,3 +183,73 @@ class TestBadInput:
             torch.ops.ddpm_fast.group_norm_silu(self.x, None, None, None, 4, 1e-5, True)
         with pytest.raises(RuntimeError, match=r"add must be contiguous of shape \(N, C\)"):
             torch.ops.ddpm_fast.group_norm_silu(self.x, None, None, torch.randn(6, 2).t(), 3, 1e-5, True)
+
+
+@requires_extension
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_cpu_kernel_long_rows_and_large_mean(layout, offset):
+    """The C++ kernel's float paths on rows longer than its chunks (37x41 pixels:
+    1517 > 1024 values per NCHW row, > 256 pixels per channels_last flush; 12
+    channels: one 8-wide vector and a tail), and on data far from zero, whose
+    float partial sums must not cancel; against a float64 reference."""
+    x, w, b, add = inputs((2, 12, 37, 41), torch.float32, layout, "cpu", True, True)
+    x = (x + offset).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    y = ops.group_norm_silu(leaves[0], 4, leaves[1], leaves[2], add=leaves[3], backend="cpu")
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    y.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, add)]
+    y_ref = reference(ref_leaves[0], 4, ref_leaves[1], ref_leaves[2], ref_leaves[3], True)
+    y_ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(got.grad.double() / scale, want.grad / scale, atol=1e-4, rtol=1e-4, msg=name)
+
+
+class TestAutoOnTheCpu:
+    """`auto` runs the C++ kernel on the CPU except for differentiable calls on
+    tensors under 2^20 elements, where the reference measured faster."""
+
+    @pytest.fixture
+    def ran_reference(self, monkeypatch):
+        module = importlib.import_module("ddpm_fast.ops.group_norm_silu")  # not the function of that name
+        calls = []
+        real = module._reference
+        monkeypatch.setattr(module, "_reference", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.delenv("DDPM_FAST_BACKEND", raising=False)
+        return calls
+
+    @pytest.mark.parametrize(
+        "shape,grad,reference",
+        [
+            ((2, 8, 4, 4), False, False),  # small, no autograd: the kernel
+            ((2, 8, 4, 4), True, True),  # small with autograd: the reference
+            ((2, 8, 256, 256), True, False),  # 2^20 elements with autograd: the kernel
+        ],
+    )
+    @requires_extension
+    def test_choice(self, ran_reference, shape, grad, reference):
+        x = torch.randn(shape, requires_grad=grad)
+        ops.group_norm_silu(x, 4)
+        assert bool(ran_reference) == reference
+
+    @requires_extension
+    def test_no_grad_mode_uses_the_kernel(self, ran_reference):
+        with torch.no_grad():
+            ops.group_norm_silu(torch.randn(2, 8, 4, 4, requires_grad=True), 4)
+        assert not ran_reference
+
+    def test_env_var_and_explicit_backend_win(self, ran_reference, monkeypatch):
+        x = torch.randn(2, 8, 4, 4, requires_grad=True)
+        monkeypatch.setenv("DDPM_FAST_BACKEND", "reference")
+        ops.group_norm_silu(x, 4)
+        assert ran_reference
+        if not _extension.AVAILABLE:
+            return
+        ran_reference.clear()
+        monkeypatch.setenv("DDPM_FAST_BACKEND", "cpu")
+        ops.group_norm_silu(x, 4)
+        ops.group_norm_silu(x, 4, backend="cpu")
+        assert not ran_reference

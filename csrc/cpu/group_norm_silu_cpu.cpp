@@ -1,6 +1,10 @@
-// GroupNorm+SiLU on the CPU (math in csrc/group_norm_silu.h): statistics and
-// sums in double, one task per (sample, group) forward and per (sample,
-// channel) backward (vectorized float rows for float NCHW input).
+// GroupNorm+SiLU on the CPU (math in csrc/group_norm_silu.h).
+// float, half and bfloat16 input: statistics in double from float partial
+// sums; the forward's NCHW tasks are (sample, group) blocks, read a second
+// time while in cache; SiLU and its gradient in AVX2 + FMA where the CPU has
+// them (portable loops otherwise, or with DDPM_FAST_NO_AVX2=1). The backward
+// of float input runs in float rows (NCHW) or pixel rows (channels_last).
+// double input (gradcheck) and the 16-bit backward run element by element in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -16,6 +21,7 @@
 #include <vector>
 
 #include "../group_norm_silu.h"
+#include "group_norm_silu_rows.h"
 
 namespace ddpm_fast {
 namespace {
@@ -45,88 +51,6 @@ inline int64_t at_index(const NormLayout& l, int64_t n, int64_t c, int64_t s) {
 }
 
 inline double sigmoid(double u) { return 1.0 / (1.0 + std::exp(-u)); }
-
-// exp(x) for float, Cephes' polynomial on x = k ln2 + r, branch-free so that
-// loops over it vectorize (within 2 ulp of expf over [-87, 88]). The polynomial
-// sees x clamped to that range (NaN too, keeping the int conversion defined);
-// the ends are restored last: exp(NaN) = NaN and exp(x > 88) = +Inf, so that
-// silu(-Inf) = -Inf / (1 + Inf) is NaN, as F.silu has it.
-inline __attribute__((always_inline)) float exp_poly(float x_in) {
-  const float x = x_in >= -87.0f ? (x_in <= 88.0f ? x_in : 88.0f) : -87.0f;
-  // floor(x log2e + 0.5) by truncating a positive value (vectorizes without SSE4.1's round).
-  const int32_t k_int = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
-  const float k = static_cast<float>(k_int);
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (k_int + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const float e = p * scale;
-  return x_in > 88.0f ? std::numeric_limits<float>::infinity() : (x_in == x_in ? e : x_in);
-}
-
-// out[i] = act(in[i] * scale[i * step] + shift[i * step]) over a row; step 0
-// broadcasts one scale/shift (an NCHW channel row), step 1 reads one per
-// element (an NHWC pixel row, one channel each).
-__attribute__((target_clones("avx2", "default"))) void affine_act_row(const float* in, const float* scale,
-                                                                      const float* shift, int64_t step, int64_t count,
-                                                                      bool act, float* out) {
-  if (step == 0) {
-    const float a = scale[0], b = shift[0];
-    if (act) {
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) {
-        const float u = in[i] * a + b;
-        out[i] = u / (1.0f + exp_poly(-u));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) out[i] = in[i] * a + b;
-    }
-  } else if (act) {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      const float u = in[i] * scale[i] + shift[i];
-      out[i] = u / (1.0f + exp_poly(-u));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) out[i] = in[i] * scale[i] + shift[i];
-  }
-}
-
-// Sum and sum of squares of a row, in double.
-__attribute__((target_clones("avx2", "default"))) void row_moments(const float* in, int64_t count, double* sum,
-                                                                   double* sumsq) {
-  double s = 0.0, q = 0.0;
-#pragma omp simd reduction(+ : s, q)
-  for (int64_t i = 0; i < count; ++i) {
-    const double v = in[i];
-    s += v;
-    q += v * v;
-  }
-  *sum = s;
-  *sumsq = q;
-}
-
-// Rows of any element type through float: converted in chunks where T is not float.
-constexpr int64_t kChunk = 1024;
-
-template <typename T>
-const float* as_float_row(const T* row, int64_t count, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return row;
-  } else {
-    for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<float>(row[i]);
-    return buffer;
-  }
-}
 
 // dL/du from dL/dy at pre-activation u.
 inline double grad_u(double dy, double u, bool act) {
@@ -184,60 +108,6 @@ inline std::pair<double, double> group_means(const Params& p, const std::vector<
   return {s1 / count, s2 / count};
 }
 
-// dL/du at u = xhat * w + b, through SiLU, in float (grad_u's formula).
-inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
-  const float s = 1.0f / (1.0f + exp_poly(-u));
-  return dy * s * (1.0f + u * (1.0f - s));
-}
-
-// Backward pass 1 over one contiguous (n, c) row of floats: the sums
-// A = sum du * xhat, B = sum du and X = sum xhat, accumulated in double. The
-// `act` branch stays outside the loops, which would not vectorize around it.
-__attribute__((target_clones("avx2", "default"))) void backward_row_sums(const float* dy, const float* x, int64_t count,
-                                                                         float shift, float rstd, float w, float b,
-                                                                         bool act, double* out) {
-  double a_sum = 0.0, b_sum = 0.0, x_sum = 0.0;
-  if (act) {
-#pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
-    for (int64_t i = 0; i < count; ++i) {
-      const float xhat = (x[i] + shift) * rstd;
-      const float du = silu_grad_float(dy[i], xhat * w + b);
-      a_sum += static_cast<double>(du * xhat);
-      b_sum += static_cast<double>(du);
-      x_sum += static_cast<double>(xhat);
-    }
-  } else {
-#pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
-    for (int64_t i = 0; i < count; ++i) {
-      const float xhat = (x[i] + shift) * rstd;
-      a_sum += static_cast<double>(dy[i] * xhat);
-      b_sum += static_cast<double>(dy[i]);
-      x_sum += static_cast<double>(xhat);
-    }
-  }
-  out[0] = a_sum;
-  out[1] = b_sum;
-  out[2] = x_sum;
-}
-
-// Backward pass 2 over one contiguous (n, c) row: dx = rstd (w du - m1 - xhat m2).
-__attribute__((target_clones("avx2", "default"))) void backward_row_dx(const float* dy, const float* x, int64_t count,
-                                                                       float shift, float rstd, float w, float b,
-                                                                       float m1, float m2, bool act, float* dx) {
-  if (act) {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      const float xhat = (x[i] + shift) * rstd;
-      dx[i] = rstd * (silu_grad_float(dy[i], xhat * w + b) * w - m1 - xhat * m2);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      const float xhat = (x[i] + shift) * rstd;
-      dx[i] = rstd * (dy[i] * w - m1 - xhat * m2);
-    }
-  }
-}
 
 // The backward of float NCHW input, row by row in vectorized float (the
 // general path below works element by element in double).
@@ -256,7 +126,7 @@ void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, c
       const int64_t n = nc / l.c, c = nc % l.c;
       double sums[3];
       backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), rstd[n * l.groups + c / cg],
-                        static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, sums);
+                        static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, sums, dx + nc * l.hw);
       A[nc] = sums[0];
       B[nc] = sums[1];
       X[nc] = sums[2];
@@ -267,10 +137,73 @@ void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, c
       const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
       const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
       const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
-      backward_row_dx(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), static_cast<float>(r),
-                      static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), static_cast<float>(m1),
-                      static_cast<float>(m2), act, dx + nc * l.hw);
+      const float* du = act ? dx + nc * l.hw : dy + nc * l.hw;  // pass 1 stored du in dx
+      backward_row_dx(du, x + nc * l.hw, l.hw, shift_of(n, c), static_cast<float>(r), static_cast<float>(p.w[c]),
+                      static_cast<float>(m1), static_cast<float>(m2), dx + nc * l.hw);
       dadd[nc] = r * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+    }
+  });
+}
+
+
+// The backward of float channels_last input: per sample, pass 1 over its
+// pixels (float sums flushed to double every kPixelChunk pixels), then pass 2
+// over all pixel rows.
+void backward_float_channels_last(const float* dy, const float* x, const NormLayout& l, const Params& p,
+                                  const float* mean, const float* rstd, bool act, float* dx, std::vector<double>& A,
+                                  std::vector<double>& B, std::vector<double>& dadd) {
+  constexpr int64_t kPixelChunk = 256;
+  const int64_t cg = l.c / l.groups;
+  const double count = static_cast<double>(cg * l.hw);
+  std::vector<double> X(l.n * l.c, 0.0);
+  // Per (n, c) coefficients, as float arrays of N*C.
+  std::vector<float> shift(l.n * l.c), rs(l.n * l.c), w(l.c), b(l.c), m1(l.n * l.c), m2(l.n * l.c);
+  for (int64_t c = 0; c < l.c; ++c) {
+    w[c] = static_cast<float>(p.w[c]);
+    b[c] = static_cast<float>(p.b[c]);
+  }
+  for (int64_t nc = 0; nc < l.n * l.c; ++nc) {
+    const int64_t ng = (nc / l.c) * l.groups + (nc % l.c) / cg;
+    const double a = p.add.empty() ? 0.0 : p.add[nc];
+    shift[nc] = static_cast<float>(a - static_cast<double>(mean[ng]));
+    rs[nc] = rstd[ng];
+  }
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(3 * l.c);
+    for (int64_t n = begin; n < end; ++n) {
+      const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(), b.data(), nullptr, nullptr};
+      for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s) {
+          const int64_t i = (n * l.hw + s) * l.c;
+          (avx2 ? pixel_row_sums_avx2 : pixel_row_sums_portable)(dy + i, x + i, l.c, k, act, acc.data(),
+                                                                 acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
+        }
+        for (int64_t c = 0; c < l.c; ++c) {
+          A[n * l.c + c] += acc[c];
+          B[n * l.c + c] += acc[l.c + c];
+          X[n * l.c + c] += acc[2 * l.c + c];
+        }
+      }
+    }
+  });
+  for (int64_t n = 0; n < l.n; ++n) {
+    for (int64_t c = 0; c < l.c; ++c) {
+      const int64_t nc = n * l.c + c;
+      const auto [g1, g2] = group_means(p, A, B, n * l.c, (c / cg) * cg, cg, count);
+      m1[nc] = static_cast<float>(g1);
+      m2[nc] = static_cast<float>(g2);
+      dadd[nc] = static_cast<double>(rs[nc]) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * g1 - X[nc] * g2);
+    }
+  }
+  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / l.hw;
+      const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
+                         b.data(),               m1.data() + n * l.c, m2.data() + n * l.c};
+      const float* du = act ? dx + r * l.c : dy + r * l.c;  // pass 1 stored du in dx
+      (avx2 ? pixel_row_dx_avx2 : pixel_row_dx_portable)(du, x + r * l.c, l.c, k, dx + r * l.c);
     }
   });
 }
@@ -327,84 +260,119 @@ at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef shape) {
   return t;
 }
 
-// The float path (float, half, bfloat16 input): per-channel moments in
-// double, then one vectorized affine+SiLU pass over rows of memory.
+// One (n, c) row's shifted moments: sum and sum of squares of (x - shift),
+// chunk by chunk through float. The shift is the row's first value, or 0 when
+// that is not finite (the sums then carry the NaN or Inf as unshifted ones would).
+template <typename T>
+void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum, double* sumsq) {
+  float buffer[kChunk];
+  const float first = static_cast<float>(row[0]);
+  const float o = std::isfinite(first) ? first : 0.0f;
+  *shift = o;
+  *sum = *sumsq = 0.0;
+  for (int64_t s0 = 0; s0 < count; s0 += kChunk) {
+    const int64_t n = std::min(kChunk, count - s0);
+    row_moments(as_float_row(row + s0, n, buffer), n, o, sum, sumsq);
+  }
+}
+
+// y = act(x * scale + shift) over one row, chunk by chunk through float.
+template <typename T>
+void affine_act(const T* x, int64_t count, const float* scale, const float* shift, int64_t step, bool act, T* y) {
+  float in_buffer[kChunk], out_buffer[kChunk];
+  for (int64_t i0 = 0; i0 < count; i0 += kChunk) {
+    const int64_t n = std::min(kChunk, count - i0);
+    const float* in = as_float_row(x + i0, n, in_buffer);
+    if constexpr (std::is_same_v<T, float>) {
+      affine_act_row(in, scale + step * i0, shift + step * i0, step, n, act, y + i0);
+    } else {
+      affine_act_row(in, scale + step * i0, shift + step * i0, step, n, act, out_buffer);
+      for (int64_t i = 0; i < n; ++i) y[i0 + i] = static_cast<T>(out_buffer[i]);
+    }
+  }
+}
+
+// Group statistics of h = x + add from per-channel moments of x - o_c over
+// `hw` values each (channels c0..c0+cg of sample n), in double: with
+// d = o_c + add, sum h = S1 + hw d and sum h^2 = S2 + 2 d S1 + hw d^2. Writes
+// mean and rstd, and each channel's float scale and shift (y = act(x scale + shift)).
+void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_total, int64_t hw, const double* o,
+                  const double* s1, const double* s2, double eps, float* mean_out, float* rstd_out, float* scale,
+                  float* shift) {
+  double s = 0.0, q = 0.0;
+  for (int64_t k = 0; k < cg; ++k) {
+    const double d = o[k] + (p.add.empty() ? 0.0 : p.add[n * c_total + c0 + k]);
+    s += s1[k] + hw * d;
+    q += s2[k] + 2.0 * d * s1[k] + hw * d * d;
+  }
+  const double count = static_cast<double>(cg * hw);
+  const double mean = s / count;
+  const double rstd = 1.0 / std::sqrt(std::max(q / count - mean * mean, 0.0) + eps);
+  *mean_out = static_cast<float>(mean);
+  *rstd_out = static_cast<float>(rstd);
+  for (int64_t k = 0; k < cg; ++k) {
+    const double a = p.add.empty() ? 0.0 : p.add[n * c_total + c0 + k];
+    scale[k] = static_cast<float>(rstd * p.w[c0 + k]);
+    shift[k] = static_cast<float>(p.b[c0 + k] + (a - mean) * rstd * p.w[c0 + k]);
+  }
+}
+
+// The float path (float, half, bfloat16 input).
+// NCHW: one task per (sample, group), whose channels are cg contiguous rows:
+// their moments, the group's statistics, then the output rows, read again
+// while the block is still in cache.
+// channels_last: per-channel moments of each sample in double, then one
+// affine+SiLU pass over rows of C contiguous values.
 template <typename T>
 void forward_float(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
                    float* rstd_out) {
   const int64_t cg = l.c / l.groups;
-  std::vector<double> sum(l.n * l.c, 0.0), sumsq(l.n * l.c, 0.0);
-  if (!l.channels_last) {  // rows (n, c) of S contiguous elements
-    at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
-      float buffer[kChunk];
-      for (int64_t nc = begin; nc < end; ++nc) {
-        for (int64_t s0 = 0; s0 < l.hw; s0 += kChunk) {
-          const int64_t count = std::min(kChunk, l.hw - s0);
-          double ps, pq;
-          row_moments(as_float_row(x + nc * l.hw + s0, count, buffer), count, &ps, &pq);
-          sum[nc] += ps;
-          sumsq[nc] += pq;
-        }
+  if (!l.channels_last) {
+    at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> o(cg), s1(cg), s2(cg);
+      std::vector<float> scale(cg), shift(cg);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
+        const T* block = x + (n * l.c + c0) * l.hw;
+        for (int64_t k = 0; k < cg; ++k) shifted_row_moments(block + k * l.hw, l.hw, &o[k], &s1[k], &s2[k]);
+        group_affine(p, n, c0, cg, l.c, l.hw, o.data(), s1.data(), s2.data(), eps, mean_out + ng, rstd_out + ng,
+                     scale.data(), shift.data());
+        for (int64_t k = 0; k < cg; ++k)
+          affine_act(block + k * l.hw, l.hw, &scale[k], &shift[k], 0, act, y + (n * l.c + c0 + k) * l.hw);
       }
     });
-  } else {  // rows (n, s) of C contiguous elements: per-channel sums per sample
-    at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(l.c);
-      for (int64_t n = begin; n < end; ++n) {
-        double* ps = sum.data() + n * l.c;
-        double* pq = sumsq.data() + n * l.c;
-        for (int64_t s = 0; s < l.hw; ++s) {
-          const float* row = as_float_row(x + (n * l.hw + s) * l.c, l.c, buffer.data());
-#pragma omp simd
-          for (int64_t c = 0; c < l.c; ++c) {
-            const double v = row[c];
-            ps[c] += v;
-            pq[c] += v * v;
-          }
-        }
-      }
-    });
+    return;
   }
-  // Group statistics of h = x + add, then each (n, c)'s scale and shift.
-  std::vector<float> scale(l.n * l.c), shift(l.n * l.c);
-  const double count = static_cast<double>(cg * l.hw), hw = static_cast<double>(l.hw);
-  for (int64_t n = 0; n < l.n; ++n) {
-    for (int64_t g = 0; g < l.groups; ++g) {
-      double s = 0.0, q = 0.0;
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-        const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
-        s += sum[n * l.c + c] + hw * a;
-        q += sumsq[n * l.c + c] + 2.0 * a * sum[n * l.c + c] + hw * a * a;
-      }
-      const double mean = s / count;
-      const double rstd = 1.0 / std::sqrt(std::max(q / count - mean * mean, 0.0) + eps);
-      mean_out[n * l.groups + g] = static_cast<float>(mean);
-      rstd_out[n * l.groups + g] = static_cast<float>(rstd);
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-        const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
-        scale[n * l.c + c] = static_cast<float>(rstd * p.w[c]);
-        shift[n * l.c + c] = static_cast<float>(p.b[c] + (a - mean) * rstd * p.w[c]);
+  std::vector<double> sum(l.n * l.c, 0.0), sumsq(l.n * l.c, 0.0);
+  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(l.c);
+    for (int64_t n = begin; n < end; ++n) {
+      double* ps = sum.data() + n * l.c;
+      double* pq = sumsq.data() + n * l.c;
+      for (int64_t s = 0; s < l.hw; ++s) {
+        const float* row = as_float_row(x + (n * l.hw + s) * l.c, l.c, buffer.data());
+#pragma omp simd
+        for (int64_t c = 0; c < l.c; ++c) {
+          const double v = row[c];
+          ps[c] += v;
+          pq[c] += v * v;
+        }
       }
     }
+  });
+  std::vector<float> scale(l.n * l.c), shift(l.n * l.c);
+  const std::vector<double> zero(l.c, 0.0);
+  for (int64_t n = 0; n < l.n; ++n) {
+    for (int64_t g = 0; g < l.groups; ++g) {
+      const int64_t nc0 = n * l.c + g * cg;
+      group_affine(p, n, g * cg, cg, l.c, l.hw, zero.data(), sum.data() + nc0, sumsq.data() + nc0, eps,
+                   mean_out + n * l.groups + g, rstd_out + n * l.groups + g, scale.data() + nc0, shift.data() + nc0);
+    }
   }
-  const int64_t rows = l.channels_last ? l.n * l.hw : l.n * l.c;
-  const int64_t width = l.channels_last ? l.c : l.hw;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    float in_buffer[kChunk], out_buffer[kChunk];
+  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* sc = l.channels_last ? scale.data() + (r / l.hw) * l.c : scale.data() + r;
-      const float* sh = l.channels_last ? shift.data() + (r / l.hw) * l.c : shift.data() + r;
-      for (int64_t i0 = 0; i0 < width; i0 += kChunk) {
-        const int64_t count_i = std::min(kChunk, width - i0);
-        const int64_t step = l.channels_last ? 1 : 0;
-        const float* in = as_float_row(x + r * width + i0, count_i, in_buffer);
-        if constexpr (std::is_same_v<T, float>) {
-          affine_act_row(in, sc + step * i0, sh + step * i0, step, count_i, act, y + r * width + i0);
-        } else {
-          affine_act_row(in, sc + step * i0, sh + step * i0, step, count_i, act, out_buffer);
-          for (int64_t i = 0; i < count_i; ++i) y[r * width + i0 + i] = static_cast<T>(out_buffer[i]);
-        }
-      }
+      const int64_t n = r / l.hw;
+      affine_act(x + r * l.c, l.c, scale.data() + n * l.c, shift.data() + n * l.c, 1, act, y + r * l.c);
     }
   });
 }
@@ -450,9 +418,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       if (mean.scalar_type() == at::kDouble) {
         backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<double>(),
                  rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
-      } else if (std::is_same_v<scalar_t, float> && !l.channels_last) {
-        backward_float_nchw(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), l, p, mean.const_data_ptr<float>(),
-                            rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<float>(), A, B, dadd);
+      } else if (std::is_same_v<scalar_t, float>) {
+        (l.channels_last ? backward_float_channels_last : backward_float_nchw)(
+            dy.const_data_ptr<float>(), x.const_data_ptr<float>(), l, p, mean.const_data_ptr<float>(),
+            rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<float>(), A, B, dadd);
       } else {
         backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<float>(),
                  rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);

@@ -24,10 +24,6 @@ ENV_VAR = "DDPM_FAST_BACKEND"
 # Fastest first, per device type. CUDA C++ ahead of Triton is provisional until
 # the GPU benchmarks (BENCHMARKS.md) rank them per op.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-# Per-op exceptions, from measurements: on the CPU, PyTorch's own vectorized
-# GroupNorm and SiLU (our reference) beat our C++ group_norm_silu at every
-# benchmarked shape (BENCHMARKS.md), so `auto` runs the reference there.
-_AUTO_ORDER_BY_OP = {("group_norm_silu", "cpu"): ("reference",)}
 
 
 def triton_interpreting() -> bool:
@@ -69,8 +65,12 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
     return f"it runs on {backend} tensors, got {device}"
 
 
-def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
-    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+def resolve_backend(backend: str, device: torch.device | str, op: str, *, reference_faster: bool = False) -> str:
+    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``.
+
+    ``reference_faster``: the op's own measured rule says that, for this call,
+    the reference beats the kernels; ``auto`` then picks the reference (an
+    explicit backend or ``DDPM_FAST_BACKEND`` still wins)."""
     device = torch.device(device)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -81,7 +81,7 @@ def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
                 raise ValueError(f"{ENV_VAR}={env!r} is not a backend; expected one of {', '.join(BACKENDS)}")
             backend = env
         else:
-            order = _AUTO_ORDER_BY_OP.get((op, device.type)) or _AUTO_ORDER.get(device.type, ("reference",))
+            order = ("reference",) if reference_faster else _AUTO_ORDER.get(device.type, ("reference",))
             for candidate in order:
                 if _available(candidate, device.type):
                     return candidate

@@ -17,6 +17,21 @@ from ._backend import resolve_backend
 __all__ = ["group_norm_silu"]
 
 _OP = "group_norm_silu"
+# Measured on the 2-core CPU (BENCHMARKS.md): the C++ forward beats PyTorch's
+# GroupNorm + SiLU at every benchmarked size, but a differentiable call also
+# pays about 200 us of Python autograd dispatch (torch.library), and forward +
+# backward only wins from about 2^20 elements; below that, `auto` runs
+# differentiable calls on the reference.
+_CPU_AUTOGRAD_MIN_NUMEL = 1 << 20
+
+
+def _reference_faster(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.numel() < _CPU_AUTOGRAD_MIN_NUMEL
+        and torch.is_grad_enabled()
+        and any(p is not None and p.requires_grad for p in (x, *params))
+    )
 
 
 def _reference(x, num_groups, weight, bias, eps, add, act):
@@ -95,7 +110,7 @@ def group_norm_silu(
     Returns y in x's dtype and memory format.
     """
     _check(x, num_groups, weight, bias, eps, add, act)
-    which = resolve_backend(backend, x.device, _OP)
+    which = resolve_backend(backend, x.device, _OP, reference_faster=_reference_faster(x, weight, bias, add))
     if which == "reference":
         return _reference(x, int(num_groups), weight, bias, float(eps), add, act)
     if x.dtype == torch.float64 and which != "cpu":
