@@ -83,8 +83,10 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
                           extra_config={"data": args.data})
         summary = trainer.train(resume=args.resume)
-    finally:
-        distributed.teardown()
+    except BaseException:
+        distributed.teardown(failed=True)
+        raise
+    distributed.teardown()
     if trainer.rank == 0:
         print(f"trained to step {summary['steps']}; run folder {summary['out_dir']}")
     return 0
@@ -105,8 +107,10 @@ def _sample(args: argparse.Namespace) -> int:
                           channels_last=args.channels_last, device=device)
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
                                             steps=args.steps, eta=args.eta, progress=True)
-    finally:
-        distributed.teardown()
+    except BaseException:
+        distributed.teardown(failed=True)
+        raise
+    distributed.teardown()
     if images is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

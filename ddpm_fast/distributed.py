@@ -42,8 +42,14 @@ def setup(device: str | None = None) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def teardown() -> None:
+def teardown(*, failed: bool = False) -> None:
+    """Leave the process group. After a normal run the ranks first meet at a
+    barrier, so that none closes its connections while a peer is still
+    finishing the last collective (gloo can abort the peer then). After a
+    failure there is no barrier: a crashed peer would never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

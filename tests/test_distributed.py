@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.setup("cpu")
+    failed = True
     try:
         trainer = make_trainer(Path(out) / "run", steps=STEPS)
         trainer.train(final_samples=False)
@@ -40,8 +41,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         images = distributed.sample_sharded(sampler, 5, seed=9, batch_size=2, progress=False)
         if rank == 0:
             np.save(Path(out) / "samples.npy", images)
+        failed = False
     finally:
-        distributed.teardown()
+        distributed.teardown(failed=failed)
 
 
 @pytest.mark.slow

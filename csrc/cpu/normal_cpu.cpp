@@ -116,51 +116,139 @@ void normal_block_portable(uint64_t seed, const uint64_t* ctr, float* z) {
   box_muller_block(c0, c1, z);
 }
 
-// AVX2 path. Each 32-bit Philox word lives zero-extended in a 64-bit lane, so
-// one vpmuludq gives a round's high and low words with no repacking, and four
-// independent vectors per round hide the multiply latency. Same words, same
-// floats (no FMA contraction) as the portable path.
-__attribute__((target("avx2"))) void normal_block_avx2(uint64_t seed, const uint64_t* ctr, float* z) {
-  constexpr int kLanes = 4;    // 64-bit lanes per register
-  constexpr int kChains = 4;   // independent registers per round
-  const __m256i low32 = _mm256_set1_epi64x(0xffffffffLL);
+// ---- AVX2 path: the same words and the same floats as the portable path ----
+//
+// Philox: each 32-bit word lives in the low half of a 64-bit lane, so one
+// vpmuludq gives a round's high and low words with no repacking. The high
+// halves are left holding garbage (vpmuludq reads only the low halves, and
+// the final packing drops them), which saves masking. Box-Muller: intrinsics
+// doing the scalar functions' operations in the same order, without FMA, so
+// the results are bit-identical to the portable path (a test checks).
+
+#define DDPM_AVX2_INLINE __attribute__((target("avx2"))) inline __attribute__((always_inline))
+
+// uint_to_uniform of eight words: v < 0 ? ~v : v is v ^ (v >> 31).
+DDPM_AVX2_INLINE __m256 uniform8(__m256i w) {
+  const __m256i v = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(kUintToUniform));
+}
+
+// log_pos of eight positive normal floats.
+DDPM_AVX2_INLINE __m256 log8(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));  // sign bit is 0
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  const __m256 low = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_add_epi32(e, _mm256_castps_si256(low));  // all-ones lanes: e - 1
+  m = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), low), _mm256_set1_ps(1.0f));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.1514610310e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.2420140846e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.6668057665e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(2.4999993993e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  const __m256 fe = _mm256_cvtepi32_ps(e);
+  y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_set1_ps(-2.12194440e-4f), fe));
+  y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_set1_ps(-0.5f), z));
+  return _mm256_add_ps(_mm256_add_ps(m, y), _mm256_mul_ps(_mm256_set1_ps(0.693359375f), fe));
+}
+
+// cos_pos of eight lanes.
+DDPM_AVX2_INLINE __m256 cos8(__m256 x) {
+  __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_set1_ps(1.27323954473516f), x));
+  j = _mm256_add_epi32(j, _mm256_and_si256(j, _mm256_set1_epi32(1)));
+  const __m256 y = _mm256_cvtepi32_ps(j);
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(y, _mm256_set1_ps(0.78515625f))),
+                                               _mm256_mul_ps(y, _mm256_set1_ps(2.4187564849853515625e-4f))),
+                                 _mm256_mul_ps(y, _mm256_set1_ps(3.77489497744594108e-8f)));
+  const __m256 z = _mm256_mul_ps(r, r);
+  __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(-1.9515295891e-4f), z), _mm256_set1_ps(8.3321608736e-3f));
+  s = _mm256_sub_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(1.6666654611e-1f));
+  s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, z), r), r);
+  __m256 c = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(2.443315711809948e-5f), z),
+                           _mm256_set1_ps(1.388731625493765e-3f));
+  c = _mm256_add_ps(_mm256_mul_ps(c, z), _mm256_set1_ps(4.166664568298827e-2f));
+  c = _mm256_mul_ps(_mm256_mul_ps(c, z), z);
+  c = _mm256_add_ps(_mm256_sub_ps(c, _mm256_mul_ps(_mm256_set1_ps(0.5f), z)), _mm256_set1_ps(1.0f));
+  // j is even, so j & 7 is 0, 2, 4 or 6: sin where bit 1 of j is set, negated
+  // where bit 2 of j + 2 is set. Flipping the sign bit is what the scalar
+  // path's multiplication by -1 does.
+  const __m256 use_sin = _mm256_castsi256_ps(_mm256_slli_epi32(j, 30));  // bit 1 to the sign bit
+  const __m256 negate = _mm256_castsi256_ps(
+      _mm256_and_si256(_mm256_slli_epi32(_mm256_add_epi32(j, _mm256_set1_epi32(2)), 29),  // bit 2 to the sign bit
+                       _mm256_set1_epi32(INT32_MIN)));
+  return _mm256_xor_ps(_mm256_blendv_ps(c, s, use_sin), negate);
+}
+
+// The normals of eight pairs of Philox words.
+DDPM_AVX2_INLINE __m256 box_muller8(__m256i w0, __m256i w1) {
+  const __m256 u1 = _mm256_max_ps(uniform8(w0), _mm256_set1_ps(kMinUniform));
+  const __m256 u2 = uniform8(w1);
+  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
+  return _mm256_mul_ps(radius, cos8(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2)));
+}
+
+// Philox words w0, w1 of the counters ctr[0, 4 * kChains): kChains registers
+// of four lanes each, independent so that their rounds overlap. Three chains
+// keep the state (12 registers) and temporaries within the 16 ymm registers.
+template <int kChains>
+DDPM_AVX2_INLINE void philox_chains(uint64_t seed, const uint64_t* ctr, uint32_t* w0, uint32_t* w1) {
+  constexpr int kLanes = 4;
   const __m256i round_a = _mm256_set1_epi64x(kPhiloxRoundA);
   const __m256i round_b = _mm256_set1_epi64x(kPhiloxRoundB);
-  const __m256i even_words = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  alignas(32) uint32_t w0[kNormalBlock], w1[kNormalBlock];
-  for (int64_t g = 0; g < kNormalBlock; g += kLanes * kChains) {
-    __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+  __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+  uint32_t k0 = static_cast<uint32_t>(seed);
+  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 10
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const __m256i key0 = _mm256_set1_epi64x(k0);
+    const __m256i key1 = _mm256_set1_epi64x(k1);
     for (int v = 0; v < kChains; ++v) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctr + g + kLanes * v));
-      c0[v] = _mm256_and_si256(x, low32);
-      c1[v] = _mm256_srli_epi64(x, 32);
-      c2[v] = _mm256_setzero_si256();
-      c3[v] = _mm256_setzero_si256();
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed);
-    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < kPhiloxRounds; ++r) {
-      const __m256i key0 = _mm256_set1_epi64x(k0);
-      const __m256i key1 = _mm256_set1_epi64x(k1);
-      for (int v = 0; v < kChains; ++v) {
+      if (r == 0) {  // c2 = c3 = 0: the B product is 0, so c0 = c1 ^ k0 and c1 = 0
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctr + kLanes * v));
+        const __m256i pa = _mm256_mul_epu32(x, round_a);
+        c0[v] = _mm256_xor_si256(_mm256_srli_epi64(x, 32), key0);
+        c2[v] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), key1);
+        c3[v] = pa;
+      } else {
         const __m256i pb = _mm256_mul_epu32(c2[v], round_b);
         const __m256i pa = _mm256_mul_epu32(c0[v], round_a);
-        c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), key0);
+        const __m256i hb = _mm256_srli_epi64(pb, 32);
+        c0[v] = _mm256_xor_si256(r == 1 ? hb : _mm256_xor_si256(hb, c1[v]), key0);  // round 2: c1 = 0
         c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), key1);
-        c1[v] = _mm256_and_si256(pb, low32);
-        c3[v] = _mm256_and_si256(pa, low32);
+        c1[v] = pb;
+        c3[v] = pa;
       }
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
     }
-    for (int v = 0; v < kChains; ++v) {  // 64-bit lanes back to packed 32-bit words
-      _mm_store_si128(reinterpret_cast<__m128i*>(w0 + g + kLanes * v),
-                      _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c0[v], even_words)));
-      _mm_store_si128(reinterpret_cast<__m128i*>(w1 + g + kLanes * v),
-                      _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c1[v], even_words)));
-    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
-  box_muller_block(w0, w1, z);
+  const __m256i even_words = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (int v = 0; v < kChains; ++v) {  // low halves of the lanes, packed
+    _mm_store_si128(reinterpret_cast<__m128i*>(w0 + kLanes * v),
+                    _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c0[v], even_words)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(w1 + kLanes * v),
+                    _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c1[v], even_words)));
+  }
+}
+
+__attribute__((target("avx2"))) void normal_block_avx2(uint64_t seed, const uint64_t* ctr, float* z) {
+  constexpr int64_t kGroup = 12;  // three chains of four lanes
+  constexpr int64_t kFull = kNormalBlock / kGroup * kGroup;
+  alignas(32) uint32_t w0[kNormalBlock], w1[kNormalBlock];
+  for (int64_t g = 0; g < kFull; g += kGroup) philox_chains<3>(seed, ctr + g, w0 + g, w1 + g);
+  for (int64_t g = kFull; g < kNormalBlock; g += 4) philox_chains<1>(seed, ctr + g, w0 + g, w1 + g);
+  for (int64_t i = 0; i < kNormalBlock; i += 8) {
+    const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(w0 + i));
+    const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(w1 + i));
+    _mm256_storeu_ps(z + i, box_muller8(a, b));
+  }
 }
 
 }  // namespace
