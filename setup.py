@@ -11,6 +11,8 @@ Environment variables:
 * ``DDPM_FAST_STRICT``: ``1`` (the default when ``CI=true``) makes a failed
   build an error; otherwise the package installs without the extension and
   ``import ddpm_fast`` warns once and runs on the reference backend.
+* ``DDPM_FAST_PORTABLE_CPU``: ``1`` builds the CPU kernels without their x86
+  AVX2 loops, as on machines that are not x86 (where that happens by itself).
 * ``MAX_JOBS``: parallel compile jobs (ninja).
 """
 
@@ -135,6 +137,8 @@ def _extensions():
     kwargs = dict(
         extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], define_macros=[], py_limited_api=True
     )
+    if _flag("DDPM_FAST_PORTABLE_CPU") in ("1", "true", "yes"):
+        kwargs["define_macros"].append(("DDPM_FAST_PORTABLE_CPU", None))
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -253,3 +253,21 @@ class TestAutoOnTheCpu:
         ops.group_norm_silu(x, 4)
         ops.group_norm_silu(x, 4, backend="cpu")
         assert not ran_reference
+
+
+@requires_extension
+def test_cpu_portable_loops_match_reference():
+    """The C++ kernel runs AVX2 + FMA loops where the CPU has them (all CI
+    machines); DDPM_FAST_NO_AVX2=1 forces the portable loops that other CPUs
+    run, which must pass the same float32 tests."""
+    import os
+    import subprocess
+    import sys
+
+    selection = "long_rows or (match_reference and cpu-cpu and float32)"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env={**os.environ, "DDPM_FAST_NO_AVX2": "1"}, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -168,7 +168,8 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
     shift[nc] = static_cast<float>(a - static_cast<double>(mean[ng]));
     rs[nc] = rstd[ng];
   }
-  const bool avx2 = use_avx2();
+  const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums_avx2, pixel_row_sums_portable);
+  const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx_avx2, pixel_row_dx_portable);
   at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(3 * l.c);
     for (int64_t n = begin; n < end; ++n) {
@@ -177,8 +178,7 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s) {
           const int64_t i = (n * l.hw + s) * l.c;
-          (avx2 ? pixel_row_sums_avx2 : pixel_row_sums_portable)(dy + i, x + i, l.c, k, act, acc.data(),
-                                                                 acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
+          pixel_sums(dy + i, x + i, l.c, k, act, acc.data(), acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
         }
         for (int64_t c = 0; c < l.c; ++c) {
           A[n * l.c + c] += acc[c];
@@ -203,7 +203,7 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
       const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
                          b.data(),               m1.data() + n * l.c, m2.data() + n * l.c};
       const float* du = act ? dx + r * l.c : dy + r * l.c;  // pass 1 stored du in dx
-      (avx2 ? pixel_row_dx_avx2 : pixel_row_dx_portable)(du, x + r * l.c, l.c, k, dx + r * l.c);
+      pixel_dx(du, x + r * l.c, l.c, k, dx + r * l.c);
     }
   });
 }

@@ -1,13 +1,12 @@
 // The row loops of the CPU GroupNorm+SiLU (group_norm_silu_cpu.cpp drives
 // them over tensors): SiLU and its gradient over float rows, the moments of a
 // row, and both backward passes over NCHW rows and channels_last pixel rows,
-// each in AVX2 + FMA and portably, picked at run time by use_avx2().
+// each in AVX2 + FMA and portably, picked at run time by DDPM_SIMD_PICK (only
+// the portable loops where simd.h finds no x86).
 //
 // Free of ATen; meant for that one .cpp file only (its functions are internal
 // to the file that includes it).
 #pragma once
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+
+#include "simd.h"
 
 namespace ddpm_fast {
 namespace {
@@ -44,6 +45,7 @@ inline __attribute__((always_inline)) float exp_poly(float x_in) {
   return x_in > 88.0f ? std::numeric_limits<float>::infinity() : (x_in == x_in ? e : x_in);
 }
 
+#if DDPM_FAST_X86_SIMD
 // Whether the AVX2 + FMA loops run: where the CPU has both, unless
 // DDPM_FAST_NO_AVX2 is set (the tests run the portable loops that way too).
 bool use_avx2() {
@@ -53,7 +55,14 @@ bool use_avx2() {
   }();
   return yes;
 }
+#define DDPM_SIMD_PICK(avx2_fn, portable_fn) (use_avx2() ? (avx2_fn) : (portable_fn))
+#define DDPM_CLONES_AVX2 __attribute__((target_clones("avx2", "default")))
+#else
+#define DDPM_SIMD_PICK(avx2_fn, portable_fn) (portable_fn)
+#define DDPM_CLONES_AVX2
+#endif
 
+#if DDPM_FAST_X86_SIMD
 // exp(-u) on 8 floats (AVX2 + FMA): exp_poly's polynomial (with fused
 // multiply-adds, so within an ulp of it), its clamp and its non-finite ends.
 // Written out, the forward's SiLU pass runs about 1.5x faster than gcc's
@@ -112,6 +121,8 @@ __attribute__((target("avx2,fma"))) void affine_act_row_avx2(const float* in, co
   }
 }
 
+#endif  // DDPM_FAST_X86_SIMD
+
 // The same without AVX2.
 void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
                              bool act, float* out) {
@@ -126,15 +137,14 @@ void affine_act_row_portable(const float* in, const float* scale, const float* s
 // element (an NHWC pixel row, one channel each).
 void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count, bool act,
                     float* out) {
-  (use_avx2() ? affine_act_row_avx2 : affine_act_row_portable)(in, scale, shift, step, count, act, out);
+  DDPM_SIMD_PICK(affine_act_row_avx2, affine_act_row_portable)(in, scale, shift, step, count, act, out);
 }
 
 // Sums of (in[i] - shift) and of its squares over a row of at most kChunk
 // values, in float (vectorizes 8-wide), added to the double totals. The shift
 // (about the row's values) keeps the float sums from cancelling; over rows this
 // short their rounding stays far below the tests' tolerances.
-__attribute__((target_clones("avx2", "default"))) void row_moments(const float* in, int64_t count, float shift,
-                                                                   double* sum, double* sumsq) {
+DDPM_CLONES_AVX2 void row_moments(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
   float s = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, q)
   for (int64_t i = 0; i < count; ++i) {
@@ -209,6 +219,7 @@ void backward_row_dx_portable(const float* du, const float* x, int64_t count, fl
   }
 }
 
+#if DDPM_FAST_X86_SIMD
 // Sum of the 8 lanes, in double.
 __attribute__((target("avx2"))) inline double lane_sum(__m256 v) {
   const __m256d wide = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
@@ -267,16 +278,18 @@ __attribute__((target("avx2,fma"))) void backward_row_dx_avx2(const float* du, c
   backward_row_dx_portable(du + vector_end, x + vector_end, count - vector_end, shift, rstd, w, m1, m2, dx + vector_end);
 }
 
+#endif  // DDPM_FAST_X86_SIMD
+
 // Backward pass 1 over one contiguous (n, c) row of floats (see the portable version).
 void backward_row_sums(const float* dy, const float* x, int64_t count, float shift, float rstd, float w, float b,
                        bool act, double* out, float* du_out) {
-  (use_avx2() ? backward_row_sums_avx2 : backward_row_sums_portable)(dy, x, count, shift, rstd, w, b, act, out, du_out);
+  DDPM_SIMD_PICK(backward_row_sums_avx2, backward_row_sums_portable)(dy, x, count, shift, rstd, w, b, act, out, du_out);
 }
 
 // Backward pass 2 over one contiguous (n, c) row (see the portable version).
 void backward_row_dx(const float* du, const float* x, int64_t count, float shift, float rstd, float w, float m1,
                      float m2, float* dx) {
-  (use_avx2() ? backward_row_dx_avx2 : backward_row_dx_portable)(du, x, count, shift, rstd, w, m1, m2, dx);
+  DDPM_SIMD_PICK(backward_row_dx_avx2, backward_row_dx_portable)(du, x, count, shift, rstd, w, m1, m2, dx);
 }
 
 // channels_last rows: one pixel's C channels, with per-channel coefficients
@@ -306,6 +319,7 @@ void pixel_row_dx_portable(const float* du, const float* x, int64_t c_total, con
   }
 }
 
+#if DDPM_FAST_X86_SIMD
 __attribute__((target("avx2,fma"))) void pixel_row_sums_avx2(const float* dy, const float* x, int64_t c_total,
                                                              const PixelCoefs& k, bool act, float* acc_a, float* acc_b,
                                                              float* acc_x, float* du_out) {
@@ -342,6 +356,7 @@ __attribute__((target("avx2,fma"))) void pixel_row_dx_avx2(const float* du, cons
                         nullptr,              k.m1 + vector_end,   k.m2 + vector_end};
   pixel_row_dx_portable(du + vector_end, x + vector_end, c_total - vector_end, tail, dx + vector_end);
 }
+#endif  // DDPM_FAST_X86_SIMD
 
 }  // namespace
 }  // namespace ddpm_fast

@@ -7,13 +7,12 @@
 // the "to float rounding" agreement DESIGN.md asks of the backends.
 #include "normal_cpu.h"
 
-#include <immintrin.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 
 #include "../philox.h"
+#include "simd.h"
 
 namespace ddpm_fast {
 namespace cpu {
@@ -116,6 +115,7 @@ void normal_block_portable(uint64_t seed, const uint64_t* ctr, float* z) {
   box_muller_block(c0, c1, z);
 }
 
+#if DDPM_FAST_X86_SIMD
 // ---- AVX2 path: the same words and the same floats as the portable path ----
 //
 // Philox: each 32-bit word lives in the low half of a 64-bit lane, so one
@@ -250,17 +250,17 @@ __attribute__((target("avx2"))) void normal_block_avx2(uint64_t seed, const uint
     _mm256_storeu_ps(z + i, box_muller8(a, b));
   }
 }
+#endif  // DDPM_FAST_X86_SIMD
 
 }  // namespace
 
 void normal_block(uint64_t seed, const uint64_t* ctr, float* z) {
+#if DDPM_FAST_X86_SIMD
   // DDPM_FAST_NO_AVX2=1 forces the portable path (tests compare the two).
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && std::getenv("DDPM_FAST_NO_AVX2") == nullptr;
-  if (has_avx2) {
-    normal_block_avx2(seed, ctr, z);
-  } else {
-    normal_block_portable(seed, ctr, z);
-  }
+  if (has_avx2) return normal_block_avx2(seed, ctr, z);
+#endif
+  normal_block_portable(seed, ctr, z);
 }
 
 }  // namespace cpu
