@@ -133,66 +133,102 @@ DDPM_AVX2_INLINE __m256 uniform8(__m256i w) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(kUintToUniform));
 }
 
-// log_pos of eight positive normal floats.
-DDPM_AVX2_INLINE __m256 log8(__m256 x) {
-  const __m256i bits = _mm256_castps_si256(x);
-  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));  // sign bit is 0
-  __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
-  const __m256 low = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  e = _mm256_add_epi32(e, _mm256_castps_si256(low));  // all-ones lanes: e - 1
-  m = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), low), _mm256_set1_ps(1.0f));
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.1514610310e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.1676998740e-1f));
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.2420140846e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.4249322787e-1f));
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(1.6668057665e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(2.0000714765e-1f));
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(2.4999993993e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), _mm256_set1_ps(3.3333331174e-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-  const __m256 fe = _mm256_cvtepi32_ps(e);
-  y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_set1_ps(-2.12194440e-4f), fe));
-  y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_set1_ps(-0.5f), z));
-  return _mm256_add_ps(_mm256_add_ps(m, y), _mm256_mul_ps(_mm256_set1_ps(0.693359375f), fe));
+// Box-Muller over kVectors vectors of eight at once. Each function below runs
+// its operations step by step across the vectors (the `for k` loops, unrolled),
+// because one vector's log polynomial is a chain of about 20 dependent
+// operations whose latency, one vector at a time, left the core idle. On the
+// project's Zen 3 VM, one thread: normal_block 4.4 -> 3.9 ns per normal
+// (two vectors: 4.1, eight: 3.9 with more spills).
+constexpr int kVectors = 4;
+#define DDPM_EACH_VECTOR _Pragma("GCC unroll 4") for (int k = 0; k < kVectors; ++k)
+
+// log_pos of positive normal floats.
+DDPM_AVX2_INLINE void log8x(const __m256* x, __m256* out) {
+  __m256 m[kVectors], z[kVectors], y[kVectors], fe[kVectors];
+  DDPM_EACH_VECTOR {
+    const __m256i bits = _mm256_castps_si256(x[k]);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));  // sign bit is 0
+    const __m256 mant = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+    const __m256 low = _mm256_cmp_ps(mant, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_add_epi32(e, _mm256_castps_si256(low));  // all-ones lanes: e - 1
+    m[k] = _mm256_sub_ps(_mm256_blendv_ps(mant, _mm256_add_ps(mant, mant), low), _mm256_set1_ps(1.0f));
+    z[k] = _mm256_mul_ps(m[k], m[k]);
+    fe[k] = _mm256_cvtepi32_ps(e);
+    y[k] = _mm256_set1_ps(7.0376836292e-2f);
+  }
+  // log_pos's Horner steps; adding -c rounds exactly as subtracting c.
+  static constexpr float kPoly[8] = {-1.1514610310e-1f, 1.1676998740e-1f,  -1.2420140846e-1f, 1.4249322787e-1f,
+                                     -1.6668057665e-1f, 2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const __m256 c = _mm256_set1_ps(kPoly[j]);
+    DDPM_EACH_VECTOR y[k] = _mm256_add_ps(_mm256_mul_ps(y[k], m[k]), c);
+  }
+  DDPM_EACH_VECTOR {
+    __m256 r = _mm256_mul_ps(_mm256_mul_ps(y[k], m[k]), z[k]);
+    r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(-2.12194440e-4f), fe[k]));
+    r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_set1_ps(-0.5f), z[k]));
+    out[k] = _mm256_add_ps(_mm256_add_ps(m[k], r), _mm256_mul_ps(_mm256_set1_ps(0.693359375f), fe[k]));
+  }
 }
 
-// cos_pos of eight lanes.
-DDPM_AVX2_INLINE __m256 cos8(__m256 x) {
-  __m256i j = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_set1_ps(1.27323954473516f), x));
-  j = _mm256_add_epi32(j, _mm256_and_si256(j, _mm256_set1_epi32(1)));
-  const __m256 y = _mm256_cvtepi32_ps(j);
-  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(y, _mm256_set1_ps(0.78515625f))),
-                                               _mm256_mul_ps(y, _mm256_set1_ps(2.4187564849853515625e-4f))),
-                                 _mm256_mul_ps(y, _mm256_set1_ps(3.77489497744594108e-8f)));
-  const __m256 z = _mm256_mul_ps(r, r);
-  __m256 s = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(-1.9515295891e-4f), z), _mm256_set1_ps(8.3321608736e-3f));
-  s = _mm256_sub_ps(_mm256_mul_ps(s, z), _mm256_set1_ps(1.6666654611e-1f));
-  s = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s, z), r), r);
-  __m256 c = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(2.443315711809948e-5f), z),
-                           _mm256_set1_ps(1.388731625493765e-3f));
-  c = _mm256_add_ps(_mm256_mul_ps(c, z), _mm256_set1_ps(4.166664568298827e-2f));
-  c = _mm256_mul_ps(_mm256_mul_ps(c, z), z);
-  c = _mm256_add_ps(_mm256_sub_ps(c, _mm256_mul_ps(_mm256_set1_ps(0.5f), z)), _mm256_set1_ps(1.0f));
+// cos_pos of non-negative floats.
+DDPM_AVX2_INLINE void cos8x(const __m256* x, __m256* out) {
+  __m256i j[kVectors];
+  __m256 r[kVectors], z[kVectors], s[kVectors], c[kVectors];
+  DDPM_EACH_VECTOR {
+    j[k] = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_set1_ps(1.27323954473516f), x[k]));
+    j[k] = _mm256_add_epi32(j[k], _mm256_and_si256(j[k], _mm256_set1_epi32(1)));
+    const __m256 y = _mm256_cvtepi32_ps(j[k]);
+    r[k] = _mm256_sub_ps(_mm256_sub_ps(_mm256_sub_ps(x[k], _mm256_mul_ps(y, _mm256_set1_ps(0.78515625f))),
+                                       _mm256_mul_ps(y, _mm256_set1_ps(2.4187564849853515625e-4f))),
+                         _mm256_mul_ps(y, _mm256_set1_ps(3.77489497744594108e-8f)));
+    z[k] = _mm256_mul_ps(r[k], r[k]);
+  }
+  DDPM_EACH_VECTOR {
+    s[k] = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(-1.9515295891e-4f), z[k]), _mm256_set1_ps(8.3321608736e-3f));
+    c[k] = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(2.443315711809948e-5f), z[k]),
+                         _mm256_set1_ps(1.388731625493765e-3f));
+  }
+  DDPM_EACH_VECTOR {
+    s[k] = _mm256_sub_ps(_mm256_mul_ps(s[k], z[k]), _mm256_set1_ps(1.6666654611e-1f));
+    c[k] = _mm256_add_ps(_mm256_mul_ps(c[k], z[k]), _mm256_set1_ps(4.166664568298827e-2f));
+  }
+  DDPM_EACH_VECTOR {
+    s[k] = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(s[k], z[k]), r[k]), r[k]);
+    c[k] = _mm256_mul_ps(_mm256_mul_ps(c[k], z[k]), z[k]);
+    c[k] = _mm256_add_ps(_mm256_sub_ps(c[k], _mm256_mul_ps(_mm256_set1_ps(0.5f), z[k])), _mm256_set1_ps(1.0f));
+  }
   // j is even, so j & 7 is 0, 2, 4 or 6: sin where bit 1 of j is set, negated
   // where bit 2 of j + 2 is set. Flipping the sign bit is what the scalar
   // path's multiplication by -1 does.
-  const __m256 use_sin = _mm256_castsi256_ps(_mm256_slli_epi32(j, 30));  // bit 1 to the sign bit
-  const __m256 negate = _mm256_castsi256_ps(
-      _mm256_and_si256(_mm256_slli_epi32(_mm256_add_epi32(j, _mm256_set1_epi32(2)), 29),  // bit 2 to the sign bit
-                       _mm256_set1_epi32(INT32_MIN)));
-  return _mm256_xor_ps(_mm256_blendv_ps(c, s, use_sin), negate);
+  DDPM_EACH_VECTOR {
+    const __m256 use_sin = _mm256_castsi256_ps(_mm256_slli_epi32(j[k], 30));  // bit 1 to the sign bit
+    const __m256 negate = _mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_slli_epi32(_mm256_add_epi32(j[k], _mm256_set1_epi32(2)), 29),  // bit 2 to the sign bit
+                         _mm256_set1_epi32(INT32_MIN)));
+    out[k] = _mm256_xor_ps(_mm256_blendv_ps(c[k], s[k], use_sin), negate);
+  }
 }
 
-// The normals of eight pairs of Philox words.
-DDPM_AVX2_INLINE __m256 box_muller8(__m256i w0, __m256i w1) {
-  const __m256 u1 = _mm256_max_ps(uniform8(w0), _mm256_set1_ps(kMinUniform));
-  const __m256 u2 = uniform8(w1);
-  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
-  return _mm256_mul_ps(radius, cos8(_mm256_mul_ps(_mm256_set1_ps(kTwoPi), u2)));
+// The normals of 8 * kVectors pairs of Philox words.
+DDPM_AVX2_INLINE void box_muller8x(const uint32_t* w0, const uint32_t* w1, float* out) {
+  __m256 u1[kVectors], angle[kVectors], lg[kVectors], cs[kVectors];
+  DDPM_EACH_VECTOR {
+    u1[k] = _mm256_max_ps(uniform8(_mm256_load_si256(reinterpret_cast<const __m256i*>(w0 + 8 * k))),
+                          _mm256_set1_ps(kMinUniform));
+    angle[k] = _mm256_mul_ps(_mm256_set1_ps(kTwoPi),
+                             uniform8(_mm256_load_si256(reinterpret_cast<const __m256i*>(w1 + 8 * k))));
+  }
+  log8x(u1, lg);
+  cos8x(angle, cs);
+  DDPM_EACH_VECTOR {
+    const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), lg[k]));
+    _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(radius, cs[k]));
+  }
 }
+#undef DDPM_EACH_VECTOR
 
 // Philox words w0, w1 of the counters ctr[0, 4 * kChains): kChains registers
 // of four lanes each, independent so that their rounds overlap. Three chains
@@ -244,11 +280,8 @@ __attribute__((target("avx2"))) void normal_block_avx2(uint64_t seed, const uint
   alignas(32) uint32_t w0[kNormalBlock], w1[kNormalBlock];
   for (int64_t g = 0; g < kFull; g += kGroup) philox_chains<3>(seed, ctr + g, w0 + g, w1 + g);
   for (int64_t g = kFull; g < kNormalBlock; g += 4) philox_chains<1>(seed, ctr + g, w0 + g, w1 + g);
-  for (int64_t i = 0; i < kNormalBlock; i += 8) {
-    const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(w0 + i));
-    const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(w1 + i));
-    _mm256_storeu_ps(z + i, box_muller8(a, b));
-  }
+  static_assert(kNormalBlock % (8 * kVectors) == 0);
+  for (int64_t i = 0; i < kNormalBlock; i += 8 * kVectors) box_muller8x(w0 + i, w1 + i, z + i);
 }
 #endif  // DDPM_FAST_X86_SIMD
 
