@@ -321,8 +321,8 @@ void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_
 // NCHW: one task per (sample, group), whose channels are cg contiguous rows:
 // their moments, the group's statistics, then the output rows, read again
 // while the block is still in cache.
-// channels_last: per-channel moments of each sample in double, then one
-// affine+SiLU pass over rows of C contiguous values.
+// channels_last: per-channel moments of each sample (shifted float sums, as
+// NCHW's), then one affine+SiLU pass over rows of C contiguous values.
 template <typename T>
 void forward_float(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
                    float* rstd_out) {
@@ -343,29 +343,37 @@ void forward_float(const T* x, const NormLayout& l, const Params& p, double eps,
     });
     return;
   }
-  std::vector<double> sum(l.n * l.c, 0.0), sumsq(l.n * l.c, 0.0);
+  // Per-channel moments of each sample: float sums of x - o_c (o_c the
+  // channel's first value, or 0 where that is not finite) over chunks of
+  // kPixelChunk pixels, added in double.
+  constexpr int64_t kPixelChunk = 256;
+  std::vector<double> offset(l.n * l.c), sum(l.n * l.c, 0.0), sumsq(l.n * l.c, 0.0);
   at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(l.c);
+    std::vector<float> buffer(l.c), o(l.c), s1(l.c), s2(l.c);
     for (int64_t n = begin; n < end; ++n) {
-      double* ps = sum.data() + n * l.c;
-      double* pq = sumsq.data() + n * l.c;
-      for (int64_t s = 0; s < l.hw; ++s) {
-        const float* row = as_float_row(x + (n * l.hw + s) * l.c, l.c, buffer.data());
-#pragma omp simd
+      const float* first = as_float_row(x + n * l.hw * l.c, l.c, buffer.data());
+      for (int64_t c = 0; c < l.c; ++c) {
+        o[c] = std::isfinite(first[c]) ? first[c] : 0.0f;
+        offset[n * l.c + c] = o[c];
+      }
+      for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
+        std::fill(s1.begin(), s1.end(), 0.0f);
+        std::fill(s2.begin(), s2.end(), 0.0f);
+        for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s)
+          pixel_moments(as_float_row(x + (n * l.hw + s) * l.c, l.c, buffer.data()), o.data(), l.c, s1.data(),
+                        s2.data());
         for (int64_t c = 0; c < l.c; ++c) {
-          const double v = row[c];
-          ps[c] += v;
-          pq[c] += v * v;
+          sum[n * l.c + c] += s1[c];
+          sumsq[n * l.c + c] += s2[c];
         }
       }
     }
   });
   std::vector<float> scale(l.n * l.c), shift(l.n * l.c);
-  const std::vector<double> zero(l.c, 0.0);
   for (int64_t n = 0; n < l.n; ++n) {
     for (int64_t g = 0; g < l.groups; ++g) {
       const int64_t nc0 = n * l.c + g * cg;
-      group_affine(p, n, g * cg, cg, l.c, l.hw, zero.data(), sum.data() + nc0, sumsq.data() + nc0, eps,
+      group_affine(p, n, g * cg, cg, l.c, l.hw, offset.data() + nc0, sum.data() + nc0, sumsq.data() + nc0, eps,
                    mean_out + n * l.groups + g, rstd_out + n * l.groups + g, scale.data() + nc0, shift.data() + nc0);
     }
   }

@@ -191,6 +191,18 @@ DDPM_CLONES_AVX2 void row_moments(const float* in, int64_t count, float shift, d
   *sumsq += q;
 }
 
+// One channels_last pixel row's part of the per-channel moments: the sums of
+// (row[c] - shift[c]) and of its squares added to float accumulators.
+DDPM_CLONES_AVX2 void pixel_moments(const float* row, const float* shift, int64_t c_total, float* sum,
+                                    float* sumsq) {
+#pragma omp simd
+  for (int64_t c = 0; c < c_total; ++c) {
+    const float v = row[c] - shift[c];
+    sum[c] += v;
+    sumsq[c] += v * v;
+  }
+}
+
 // Rows of any element type through float: converted in chunks where T is not float.
 constexpr int64_t kChunk = 1024;
 
