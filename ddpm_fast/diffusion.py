@@ -275,6 +275,14 @@ def bits_per_dim(
         raise ValueError(f"x0 must be a non-empty batch (N, ...), got shape {tuple(x0.shape)}")
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating tensor of data in [-1, 1], got {x0.dtype}")
+    if mean_type == "eps" and variance in ("fixed_small", "fixed_large"):
+        undefined = schedule.undefined_steps(variance, clip_denoised=True)  # x0 from eps, which divides by sqrt(abar_t)
+        if undefined:
+            raise ValueError(
+                f"bits_per_dim: x0 from an eps prediction is undefined at timestep {undefined[0]} of this schedule "
+                "(abar_t = 0 there, as at t = T-1 of the jsd schedule); evaluate an x0-predicting model "
+                "or use a schedule whose betas stay below 1"
+            )
     n, num_steps = x0.shape[0], schedule.num_timesteps
     dtype = _compute_dtype(x0)
     terms = torch.zeros(n, num_steps, dtype=dtype, device=x0.device)

@@ -147,7 +147,15 @@ class Sampler:
             raise ValueError(f"return_intermediates must be a positive int, got {return_intermediates!r}")
         schedule = self.schedule if steps is None else self.schedule.respace(respaced_timesteps(self.schedule.num_timesteps, steps))
         # The step's coefficient table, built (and eta checked) before anything runs; the steps reuse it.
-        schedule.step_table("ddim" if eta is not None else self.variance, eta=0.0 if eta is None else eta, device=self.device)
+        kind = "ddim" if eta is not None else self.variance
+        schedule.step_table(kind, eta=0.0 if eta is None else eta, device=self.device)
+        undefined = schedule.undefined_steps(kind, eta=0.0 if eta is None else eta, clip_denoised=self.clip_denoised)
+        if undefined:
+            raise ValueError(
+                f"the reverse step is undefined at timestep {undefined[0]} of this schedule (of {schedule.num_timesteps}): "
+                "alpha_t = 0 there (beta_t = 1, as at t = T-1 of the jsd schedule), so the chain cannot start from noise "
+                "through it; use a schedule whose betas stay below 1"
+            )
         num_steps = schedule.num_timesteps
         per_sample = math.prod(shape[1:])
         if (num_steps + 1) * per_sample > _SAMPLE_STRIDE:

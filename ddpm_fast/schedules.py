@@ -217,6 +217,21 @@ class NoiseSchedule:
         make = (lambda: self._ddim_table(eta)) if kind == "ddim" else (lambda: self._ddpm_table(kind))
         return self._cached(f"step:{kind}:{eta!r}", device, make)
 
+    def undefined_steps(self, kind: str = "fixed_large", *, eta: float = 0.0, clip_denoised: bool = False) -> list[int]:
+        """Timesteps where this reverse step is undefined: a coefficient of the
+        form it uses (``step_table``'s a, b, sigma; or, clipped, the x0 and
+        posterior columns) is infinite or NaN. That happens where alpha_t = 0
+        (beta_t = 1, as at t = T-1 of the jsd schedule): every form divides by
+        sqrt(alpha_t) or sqrt(abar_t) there. Empty for the usual schedules."""
+        self.step_table(kind, eta=eta)  # checks kind and eta
+        key = (kind, float(eta), bool(clip_denoised))
+        found = self.__dict__.setdefault("_undefined_steps", {})
+        if key not in found:
+            table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
+            columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
+            found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
+        return found[key]
+
     def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
         """The float32 copy on ``device`` of the float64 table ``make()``, made once per device."""
         device = torch.device("cpu" if device is None else device)

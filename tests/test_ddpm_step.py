@@ -256,3 +256,31 @@ class TestBadInput:
             torch.ops.ddpm_fast.ddpm_step_(x, x, torch.tensor(1), table[:, :7].contiguous(), None, 0, 0, 48, 0, False, out, None)
         with pytest.raises(RuntimeError, match="memory format of x_t"):
             torch.ops.ddpm_fast.ddpm_step_(x, x.to(memory_format=torch.channels_last), torch.tensor(1), table, None, 0, 0, 48, 0, False, out, None)
+
+
+class TestUndefinedSteps:
+    """jsd ends with beta = 1: alpha = 0 at t = T-1, where every form of the step
+    divides by zero. The step refuses it (rather than returning NaN) where t is
+    on the host; other timesteps and schedules are unaffected."""
+
+    jsd = NoiseSchedule("jsd", timesteps=10)
+
+    @pytest.mark.parametrize("kind,clip", [("fixed_large", False), ("fixed_small", True), ("ddim", False), ("ddim", True)])
+    def test_listed(self, kind, clip):
+        assert self.jsd.undefined_steps(kind, clip_denoised=clip) == [9]
+        for name in ("linear", "cosine", "quad", "const", "warmup10"):
+            assert NoiseSchedule(name, timesteps=50).undefined_steps(kind, clip_denoised=clip) == []
+
+    @pytest.mark.parametrize("backend", ["reference", "auto"])
+    @pytest.mark.parametrize("t", [9, torch.tensor(9), torch.tensor([3, 9])], ids=["int", "tensor", "per-sample"])
+    def test_step_refuses(self, backend, t):
+        x = torch.randn(2, 3, 4, 4)
+        with pytest.raises(ValueError, match="undefined at timestep 9"):
+            ops.ddpm_step(x, x, t, self.jsd, seed=0, backend=backend)
+
+    @pytest.mark.parametrize("backend", ["reference", "auto"])
+    def test_other_steps_are_finite(self, backend):
+        x = torch.randn(2, 3, 4, 4)
+        for clip in (False, True):
+            y = ops.ddpm_step(x, x, torch.tensor([0, 8]), self.jsd, seed=0, clip_denoised=clip, backend=backend)
+            assert torch.isfinite(y).all()

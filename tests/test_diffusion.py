@@ -376,3 +376,14 @@ def test_bpd_bad_x0():
         D.bits_per_dim(lambda x, t: x, torch.zeros(5, dtype=torch.float64), BPD_SCHED)
     with pytest.raises(TypeError, match="floating"):
         D.bits_per_dim(lambda x, t: x, torch.zeros(2, 3, dtype=torch.int64), BPD_SCHED)
+
+
+def test_bits_per_dim_refuses_eps_where_x0_is_undefined():
+    """jsd's abar_{T-1} = 0: x0 from eps divides by zero there (NaN before this check);
+    an x0-predicting model is still evaluated."""
+    s = NoiseSchedule("jsd", timesteps=10)
+    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match="undefined at timestep 9"):
+        D.bits_per_dim(model, x0, s, mean_type="eps")
+    assert torch.isfinite(D.bits_per_dim(model, x0, s, mean_type="x0").total).all()

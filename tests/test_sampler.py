@@ -164,3 +164,13 @@ def test_cuda_graph_falls_back_when_capture_fails():
     with pytest.warns(RuntimeWarning, match="capture failed"):
         x = sampler.sample(2, seed=0, steps=10, progress=False)
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("steps,eta", [(None, None), (4, None), (4, 0.0)])
+def test_schedule_with_an_undefined_step_is_refused_before_sampling(steps, eta):
+    calls = []
+    model = lambda x, t: calls.append(1) or torch.zeros_like(x)  # noqa: E731
+    sampler = Sampler(model, NoiseSchedule("jsd", timesteps=10), sample_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match="undefined at timestep"):
+        sampler.sample(2, seed=0, steps=steps, eta=eta, progress=False)
+    assert not calls

@@ -129,6 +129,15 @@ def ddpm_step(
         _check_output(out_model_input, x_t, "out_model_input", same_dtype=False)
     kind = "ddim" if eta is not None else variance
     table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=x_t.device)
+    undefined = schedule.undefined_steps(kind, eta=0.0 if eta is None else eta, clip_denoised=clip_denoised)
+    # Checked where t is on the host (as its range is); on the GPU such a step gives NaN.
+    if undefined and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        hit = sorted(set(t.flatten().tolist()) & set(undefined))
+        if hit:
+            raise ValueError(
+                f"{_OP}: the step is undefined at timestep {hit[0]} of this schedule: alpha_t = 0 there "
+                "(beta_t = 1, as at t = T-1 of the jsd schedule), so its coefficients are infinite"
+            )
 
     x = _args.kernel_layout(x_t)
     given_out = out is not None
