@@ -223,13 +223,16 @@ class NoiseSchedule:
         posterior columns) is infinite or NaN. That happens where alpha_t = 0
         (beta_t = 1, as at t = T-1 of the jsd schedule): every form divides by
         sqrt(alpha_t) or sqrt(abar_t) there. Empty for the usual schedules."""
-        self.step_table(kind, eta=eta)  # checks kind and eta
-        key = (kind, float(eta), bool(clip_denoised))
         found = self.__dict__.setdefault("_undefined_steps", {})
-        if key not in found:
-            table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
-            columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
-            found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
+        key = (kind, eta, bool(clip_denoised))
+        try:  # every reverse step asks: the lookup first, the checks once per key
+            return found[key]
+        except (KeyError, TypeError):
+            pass
+        self.step_table(kind, eta=eta)  # checks kind and eta
+        table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
+        columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
+        found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
         return found[key]
 
     def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
