@@ -1,11 +1,34 @@
 """GroupNorm + SiLU in Triton, forward and backward (math: csrc/group_norm_silu.h).
 
-Forward: one program per (sample, group) computes the mean, then the variance
-about it (two passes, fp32), then writes y. Backward: one program per (sample,
-channel) forms A = sum du*xhat, B = sum du, X = sum xhat; a second kernel turns
-the group sums of w*A and w*B into dx and dadd.
+A program works on a tile of one sample: BLOCK_S positions by BLOCK_C channels,
+loaded in x's memory order (NCHW: positions contiguous; channels_last: channels
+contiguous). A column's channel comes from its index, so no element pays a
+division to find its channel, and every load is coalesced in both layouts.
+
+Two paths, chosen by `_plan`:
+
+* fused: when a group fits in one tile (all its positions and channels, up to
+  MAX_TILE elements), a program holds whole groups in registers. It reads x once,
+  forms the mean and then the variance about it, and writes y. One read, one
+  write: the floor. Small groups are packed several to a program, so that a
+  channels_last row covers at least a 32-byte sector and a program has about
+  TARGET_TILE elements of work.
+* split: for large H*W, pass 1 writes per-(sample, channel, position-tile)
+  partial sums; torch adds them up in a fixed order (deterministic) into the
+  group statistics; pass 2 normalizes each tile. Two reads, one write. The
+  forward's partial sums are of d = h - K and d^2, where K is the group's first
+  value: the shift keeps float32 sums of squares from cancelling when the mean
+  is large against the spread.
+
+The backward follows the same two paths over the per-(n, c) sums
+A = sum du*xhat, B = sum du, X = sum xhat.
+
+Tile sizes are a first choice, not yet tuned on a GPU (see BENCHMARKS.md).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -15,185 +38,290 @@ from torch.library import triton_op
 
 from .philox import launchable
 
-BLOCK = 1024
+MAX_TILE = 16384  # forward elements per program: 32 per thread at 16 warps
+MAX_TILE_BACKWARD = 8192  # the backward holds x and dy
+TARGET_TILE = 4096  # pack small groups until a program has about this many
+MAX_GROUP_COLS = 256  # a fused program's channels
+SPLIT_TILE = 4096  # elements per program on the split path
+MIN_ROW_BYTES = 32  # a channels_last tile row fills at least one 32-byte sector
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a (C, S, G) problem is cut into programs."""
+
+    fused: bool
+    block_c: int  # channels per tile (power of two, padded)
+    block_s: int  # positions per tile (power of two)
+    block_g: int  # groups per fused tile (power of two; 1 on the split path)
+    groups_per_tile: int  # fused: whole groups per program
+    col_tiles: int  # programs across the channels of one sample
+    pos_tiles: int  # programs across the positions (1 when fused)
+    num_warps: int
+
+
+def plan(c: int, s: int, g: int, elem_bytes: int, channels_last: bool, backward: bool = False) -> Plan:
+    """Fused when whole groups fit in a tile of MAX_TILE (MAX_TILE_BACKWARD)
+    elements, split otherwise (read at call time, so tests can shrink them)."""
+    max_tile = MAX_TILE_BACKWARD if backward else MAX_TILE
+    cg = c // g
+    p2 = triton.next_power_of_2
+    gpt = 1
+    if cg <= MAX_GROUP_COLS:
+        while gpt * 2 <= g and p2(gpt * 2 * cg) <= MAX_GROUP_COLS and p2(gpt * 2 * cg) * p2(s) <= max_tile and (
+            p2(gpt * cg) * p2(s) < TARGET_TILE or (channels_last and gpt * cg * elem_bytes < MIN_ROW_BYTES)
+        ):
+            gpt *= 2
+    if cg <= MAX_GROUP_COLS and p2(gpt * cg) * p2(s) <= max_tile:
+        block_c, block_s = p2(gpt * cg), p2(s)
+        return Plan(True, block_c, block_s, p2(gpt), gpt, triton.cdiv(g, gpt), 1, _warps(block_c * block_s))
+    # Split: any column range will do, since torch forms the group sums.
+    block_c = min(p2(c), 64 if channels_last else 4)
+    block_s = min(p2(s), max(1, SPLIT_TILE // block_c))
+    return Plan(False, block_c, block_s, 1, 0, triton.cdiv(c, block_c), triton.cdiv(s, block_s), _warps(block_c * block_s))
+
+
+def _warps(elements: int) -> int:
+    return max(1, min(16, elements // 512))  # about 16 elements per thread
 
 
 @triton.jit
-def _index(n, c, s, C, S, CHANNELS_LAST: tl.constexpr):
-    """Memory index of element (n, c, s) of x viewed as N x C x S."""
+def _tile(x_ptr, add_ptr, pid_row, pid_pos, C, S, COLS_PER_PROGRAM,
+          HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of program (pid_row, pid_pos): sample n = pid_row // col_tiles,
+    channels c0 .. c0 + COLS_PER_PROGRAM (capped at C), positions of tile pid_pos.
+    Returns h = x + add (float32, 0 outside), the mask, the columns' channels, the
+    column mask, the sample's offset and the in-sample memory offsets."""
+    col_tiles = tl.cdiv(C, COLS_PER_PROGRAM)
+    n = (pid_row // col_tiles).to(tl.int64)
+    k = tl.arange(0, BLOCK_C)
+    c = (pid_row % col_tiles) * COLS_PER_PROGRAM + k
+    cmask = (k < COLS_PER_PROGRAM) & (c < C)
+    s = pid_pos * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (s < S)[:, None] & cmask[None, :]
     if CHANNELS_LAST:
-        return (n * S + s) * C + c
-    return (n * C + c) * S + s
-
-
-@triton.jit
-def _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-            BLOCK: tl.constexpr):
-    """Group elements start .. start+BLOCK of h = x + add: group element i is
-    channel c0 + i // S at position i % S. Returns (h, mask, channel, memory index)."""
-    i = start + tl.arange(0, BLOCK)
-    mask = i < count
-    c = c0 + i // S
-    idx = _index(n, c, i % S, C, S, CHANNELS_LAST)
-    h = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        off = s.to(tl.int64)[:, None] * C + c[None, :]
+    else:
+        off = c.to(tl.int64)[None, :] * S + s[:, None]
+    base = n * C * S
+    h = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
-        h += tl.load(add_ptr + n * C + c, mask=mask, other=0.0).to(tl.float32)
-    return h, mask, c, idx
+        h = tl.where(mask, h + tl.load(add_ptr + n * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :], 0.0)
+    return h, mask, n, c, cmask, base, off
 
 
 @triton.jit
-def gn_forward_kernel(
+def _affine_act(xhat, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """u = xhat * w + b per column; returns (u, y = act(u), w per column)."""
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)
+    u = xhat * w[None, :]
+    if HAS_B:
+        u += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y = u
+    if ACT:
+        y = u * tl.sigmoid(u)
+    return u, y, w
+
+
+@triton.jit
+def _group_sum(col, member):
+    """Per-group sums [BLOCK_G] of per-column values [BLOCK_C]."""
+    return tl.sum(tl.where(member, col[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _to_columns(per_group, member):
+    """Per-column copies [BLOCK_C] of per-group values [BLOCK_G]."""
+    return tl.sum(tl.where(member, per_group[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _membership(cmask, CG, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+    """member[k, j]: tile column k holds a channel of the program's j-th group."""
+    k = tl.arange(0, BLOCK_C)
+    return ((k // CG)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
+
+
+@triton.jit
+def gn_forward_fused_kernel(
     x_ptr,  # *T [N, C, S] input, NCHW or NHWC memory
     w_ptr,  # *P [C] weight (HAS_W)
     b_ptr,  # *P [C] bias (HAS_B)
     add_ptr,  # *P [N, C] added before the norm (HAS_ADD)
     y_ptr,  # *T [N, C, S] output, x's memory order
-    mean_ptr,  # *f32 [N, G] group means
-    rstd_ptr,  # *f32 [N, G] group 1/sqrt(var + eps)
-    C,  # channels
-    S,  # spatial elements per channel
-    G,  # groups
+    mean_ptr,  # *f32 [N, G] out: group means
+    rstd_ptr,  # *f32 [N, G] out: group 1/sqrt(var + eps)
+    C, S, G,  # channels, positions per channel, groups
+    CG,  # channels per group
+    GROUPS_PER_TILE,  # whole groups per program
     eps,  # variance epsilon
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_ADD: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
     ACT: tl.constexpr,  # apply SiLU
     CHANNELS_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per iteration
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    cg = C // G
-    count = cg * S
-    c0 = g * cg
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, count, BLOCK):
-        h, mask, c, idx = _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD, CHANNELS_LAST, BLOCK)
-        acc += tl.where(mask, h, 0.0)
-    mean = tl.sum(acc, axis=0) / count
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, count, BLOCK):
-        h, mask, c, idx = _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD, CHANNELS_LAST, BLOCK)
-        d = tl.where(mask, h - mean, 0.0)
-        acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
-    for start in range(0, count, BLOCK):
-        h, mask, c, idx = _load_h(x_ptr, add_ptr, n, c0, start, count, C, S, HAS_ADD, CHANNELS_LAST, BLOCK)
-        u = (h - mean) * rstd
-        if HAS_W:
-            u = u * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
-        if HAS_B:
-            u = u + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        if ACT:
-            u = u * tl.sigmoid(u)
-        tl.store(y_ptr + idx, u.to(y_ptr.dtype.element_ty), mask=mask)
+    h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, pid, 0, C, S, GROUPS_PER_TILE * CG,
+                                            HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    member = _membership(cmask, CG, BLOCK_C, BLOCK_G)
+    g0 = (pid % tl.cdiv(G, GROUPS_PER_TILE)) * GROUPS_PER_TILE
+    count = CG * S
+    # Mean, then the variance about it, both from registers (x is read once).
+    mean_g = _group_sum(tl.sum(h, axis=0), member) / count
+    d = tl.where(mask, h - _to_columns(mean_g, member)[None, :], 0.0)
+    rstd_g = 1.0 / tl.sqrt(_group_sum(tl.sum(d * d, axis=0), member) / count + eps)
+    _, y, _ = _affine_act(d * _to_columns(rstd_g, member)[None, :], w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACT, BLOCK_C)
+    tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    j = tl.arange(0, BLOCK_G)
+    gmask = (j < GROUPS_PER_TILE) & (g0 + j < G)
+    tl.store(mean_ptr + n * G + g0 + j, mean_g, mask=gmask)
+    tl.store(rstd_ptr + n * G + g0 + j, rstd_g, mask=gmask)
 
 
 @triton.jit
-def _xhat_and_du(x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, idx, n, c, C, mean, rstd, mask,
-                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr):
-    h = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ADD:
-        h += tl.load(add_ptr + n * C + c).to(tl.float32)
-    xhat = (h - mean) * rstd
-    w = 1.0
-    if HAS_W:
-        w = tl.load(w_ptr + c).to(tl.float32)
-    u = xhat * w
-    if HAS_B:
-        u = u + tl.load(b_ptr + c).to(tl.float32)
-    du = tl.load(dy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+def gn_moments_kernel(
+    x_ptr, add_ptr,  # as in the fused kernel
+    shift_ptr,  # *f32 [N, G] the group's shift K
+    sum_ptr,  # *f32 [N, C, T] out: per position tile, sum of h - K
+    sq_ptr,  # *f32 [N, C, T] out: sum of (h - K)^2
+    C, S, G, CG, COLS,  # COLS: channels per program
+    HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid, t, tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, pid, t, C, S, COLS, HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    k = tl.load(shift_ptr + n * G + c // CG, mask=cmask, other=0.0)
+    d = tl.where(mask, h - k[None, :], 0.0)
+    out = (n * C + c) * tiles + t
+    tl.store(sum_ptr + out, tl.sum(d, axis=0), mask=cmask)
+    tl.store(sq_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
+
+
+@triton.jit
+def gn_normalize_kernel(
+    x_ptr, w_ptr, b_ptr, add_ptr, y_ptr,  # as in the fused kernel
+    mean_ptr, rstd_ptr,  # *f32 [N, G] group statistics
+    C, S, G, CG, COLS,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, tl.program_id(0), tl.program_id(1), C, S, COLS,
+                                            HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    ng = n * G + c // CG
+    mean = tl.load(mean_ptr + ng, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + ng, mask=cmask, other=0.0)
+    xhat = tl.where(mask, (h - mean[None, :]) * rstd[None, :], 0.0)  # padding stays finite
+    _, y, _ = _affine_act(xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACT, BLOCK_C)
+    tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _xhat_du(x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, pid_row, pid_pos, C, S, G, CG, COLS,
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
+             CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward's per-element terms of a tile: xhat, du = dy * SiLU'(u)
+    (0 outside the tile), and per column w, rstd and the channel."""
+    h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, pid_row, pid_pos, C, S, COLS,
+                                            HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    ng = n * G + c // CG
+    rstd = tl.load(rstd_ptr + ng, mask=cmask, other=0.0)
+    xhat = tl.where(mask, (h - tl.load(mean_ptr + ng, mask=cmask, other=0.0)[None, :]) * rstd[None, :], 0.0)
+    u, _, w = _affine_act(xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, False, BLOCK_C)
+    du = tl.load(dy_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
     if ACT:
-        s = tl.sigmoid(u)
-        du = du * s * (1.0 + u * (1.0 - s))
-    return tl.where(mask, xhat, 0.0), tl.where(mask, du, 0.0), w
+        sg = tl.sigmoid(u)
+        du = du * sg * (1.0 + u * (1.0 - sg))
+    return xhat, tl.where(mask, du, 0.0), w, rstd, n, c, cmask, mask, base, off
 
 
 @triton.jit
-def _channel_and_stats(pid, C, G, mean_ptr, rstd_ptr):
-    """Sample and channel of a backward program (one per (n, c)) and its group's statistics."""
-    n = pid // C
-    c = pid % C
-    ng = n * G + c // (C // G)
-    return n, c, tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
+def gn_backward_fused_kernel(
+    dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr,  # as in the forward; dy in x's memory order
+    mean_ptr, rstd_ptr,  # *f32 [N, G] forward statistics
+    dx_ptr,  # *T [N, C, S] out, x's memory order
+    a_ptr, bsum_ptr,  # *f32 [N, C] out: A = sum du*xhat, B = sum du (for dweight, dbias)
+    dadd_ptr,  # *f32 [N, C] out: sum over positions of dh
+    C, S, G, CG, GROUPS_PER_TILE,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    xhat, du, w, rstd, n, c, cmask, mask, base, off = _xhat_du(
+        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, tl.program_id(0), 0, C, S, G, CG,
+        GROUPS_PER_TILE * CG, HAS_W, HAS_B, HAS_ADD, ACT, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    col_a = tl.sum(du * xhat, axis=0)
+    col_b = tl.sum(du, axis=0)
+    member = _membership(cmask, CG, BLOCK_C, BLOCK_G)
+    count = CG * S
+    m1 = _to_columns(_group_sum(w * col_b, member), member) / count
+    m2 = _to_columns(_group_sum(w * col_a, member), member) / count
+    dx = rstd[None, :] * (du * w[None, :] - m1[None, :] - xhat * m2[None, :])
+    tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(a_ptr + n * C + c, col_a, mask=cmask)
+    tl.store(bsum_ptr + n * C + c, col_b, mask=cmask)
+    tl.store(dadd_ptr + n * C + c, rstd * (w * col_b - S * m1 - tl.sum(xhat, axis=0) * m2), mask=cmask)
 
 
 @triton.jit
 def gn_backward_sums_kernel(
-    dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr,  # as in the forward; dy in x's memory order
-    mean_ptr, rstd_ptr,  # *f32 [N, G] forward statistics
-    a_ptr, bsum_ptr, xsum_ptr,  # *f32 [N, C] outputs: sum du*xhat, sum du, sum xhat
-    C, S, G,
+    dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr,  # as in the fused backward
+    a_ptr, bsum_ptr, xsum_ptr,  # *f32 [N, C, T] out: per position tile, A, B and X
+    C, S, G, CG, COLS,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n, c, mean, rstd = _channel_and_stats(pid, C, G, mean_ptr, rstd_ptr)
-    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_x = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, S, BLOCK):
-        s = start + tl.arange(0, BLOCK)
-        mask = s < S
-        idx = _index(n, c, s, C, S, CHANNELS_LAST)
-        xhat, du, w = _xhat_and_du(x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, idx, n, c, C, mean, rstd, mask,
-                                   HAS_W, HAS_B, HAS_ADD, ACT)
-        acc_a += du * xhat
-        acc_b += du
-        acc_x += xhat
-    tl.store(a_ptr + pid, tl.sum(acc_a, axis=0))
-    tl.store(bsum_ptr + pid, tl.sum(acc_b, axis=0))
-    tl.store(xsum_ptr + pid, tl.sum(acc_x, axis=0))
+    t, tiles = tl.program_id(1), tl.num_programs(1)
+    xhat, du, w, rstd, n, c, cmask, mask, base, off = _xhat_du(
+        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, tl.program_id(0), t, C, S, G, CG, COLS,
+        HAS_W, HAS_B, HAS_ADD, ACT, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    out = (n * C + c) * tiles + t
+    tl.store(a_ptr + out, tl.sum(du * xhat, axis=0), mask=cmask)
+    tl.store(bsum_ptr + out, tl.sum(du, axis=0), mask=cmask)
+    tl.store(xsum_ptr + out, tl.sum(xhat, axis=0), mask=cmask)
 
 
 @triton.jit
 def gn_backward_dx_kernel(
-    dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr,
-    a_ptr, bsum_ptr, xsum_ptr,  # *f32 [N, C] from gn_backward_sums_kernel
-    dx_ptr,  # *T [N, C, S] output, x's memory order
-    dadd_ptr,  # *f32 [N, C] output: sum over S of dh
-    C, S, G,
+    dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr,  # as in the fused backward
+    m1_ptr, m2_ptr,  # *f32 [N, G] group means of w*B and w*A over its elements
+    dx_ptr,  # *T [N, C, S] out, x's memory order
+    C, S, G, CG, COLS,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n, c, mean, rstd = _channel_and_stats(pid, C, G, mean_ptr, rstd_ptr)
-    cg = C // G
-    c0 = (c // cg) * cg
-    k = tl.arange(0, BLOCK_CG)
-    kmask = k < cg
-    if HAS_W:
-        wk = tl.load(w_ptr + c0 + k, mask=kmask, other=0.0).to(tl.float32)
-    else:
-        wk = tl.where(kmask, 1.0, 0.0)
-    s1 = tl.sum(wk * tl.load(bsum_ptr + n * C + c0 + k, mask=kmask, other=0.0), axis=0)
-    s2 = tl.sum(wk * tl.load(a_ptr + n * C + c0 + k, mask=kmask, other=0.0), axis=0)
-    count = cg * S
-    m1 = s1 / count
-    m2 = s2 / count
-    for start in range(0, S, BLOCK):
-        s = start + tl.arange(0, BLOCK)
-        mask = s < S
-        idx = _index(n, c, s, C, S, CHANNELS_LAST)
-        xhat, du, w = _xhat_and_du(x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, idx, n, c, C, mean, rstd, mask,
-                                   HAS_W, HAS_B, HAS_ADD, ACT)
-        dx = rstd * (du * w - m1 - xhat * m2)
-        tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    w_c = 1.0
-    if HAS_W:
-        w_c = tl.load(w_ptr + c).to(tl.float32)
-    dadd = rstd * (w_c * tl.load(bsum_ptr + pid) - S * m1 - tl.load(xsum_ptr + pid) * m2)
-    tl.store(dadd_ptr + pid, dadd)
+    xhat, du, w, rstd, n, c, cmask, mask, base, off = _xhat_du(
+        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, tl.program_id(0), tl.program_id(1), C, S, G, CG,
+        COLS, HAS_W, HAS_B, HAS_ADD, ACT, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    ng = n * G + c // CG
+    m1 = tl.load(m1_ptr + ng, mask=cmask, other=0.0)
+    m2 = tl.load(m2_ptr + ng, mask=cmask, other=0.0)
+    dx = rstd[None, :] * (du * w[None, :] - m1[None, :] - xhat * m2[None, :])
+    tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(x: torch.Tensor):
+def _layout(x: torch.Tensor) -> Tuple[int, int, int, bool]:
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // (n * c) if n * c else 0
     channels_last = x.dim() == 4 and not x.is_contiguous()
     return n, c, s, channels_last
+
+
+def _flags(weight, bias, add, act: bool, channels_last: bool, p: Plan) -> dict:
+    return dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, ACT=act,
+                CHANNELS_LAST=channels_last, BLOCK_S=p.block_s, BLOCK_C=p.block_c, num_warps=p.num_warps)
+
+
+def _or(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else x  # a pointer the kernel never reads (its HAS_* flag is off)
+
+
+def _group_shift(x: torch.Tensor, add: Optional[torch.Tensor], cg: int) -> torch.Tensor:
+    """K[n, g]: h at the group's first channel and first position, in float32."""
+    k = x[(slice(None), slice(None, None, cg)) + (0,) * (x.dim() - 2)].float()
+    if add is not None:
+        k = k + add[:, ::cg].float()
+    return k.contiguous()  # the kernel indexes it as [N, G]
 
 
 @triton_op("ddpm_fast::group_norm_silu_triton", mutates_args=())
@@ -212,12 +340,27 @@ def group_norm_silu_triton(
     rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         return y, mean, rstd
-    launchable(gn_forward_kernel)[(n * num_groups,)](
-        x, weight if weight is not None else x, bias if bias is not None else x, add if add is not None else x,
-        y, mean, rstd, c, s, num_groups, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, ACT=act,
-        CHANNELS_LAST=channels_last, BLOCK=BLOCK,
-    )
+    g, cg = num_groups, c // num_groups
+    p = plan(c, s, g, x.element_size(), channels_last)
+    flags = _flags(weight, bias, add, act, channels_last, p)
+    w, b, a = _or(weight, x), _or(bias, x), _or(add, x)
+    if p.fused:
+        launchable(gn_forward_fused_kernel)[(n * p.col_tiles,)](
+            x, w, b, a, y, mean, rstd, c, s, g, cg, p.groups_per_tile, eps, BLOCK_G=p.block_g, **flags)
+        return y, mean, rstd
+    shift = _group_shift(x, add, cg)
+    sums = torch.empty((2, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
+    grid = (n * p.col_tiles, p.pos_tiles)
+    launchable(gn_moments_kernel)[grid](
+        x, a, shift, sums[0], sums[1], c, s, g, cg, p.block_c,
+        HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_S=p.block_s, BLOCK_C=p.block_c,
+        num_warps=p.num_warps)
+    count = cg * s
+    d_mean = sums[0].view(n, g, -1).sum(-1) / count
+    var = (sums[1].view(n, g, -1).sum(-1) / count - d_mean * d_mean).clamp_min(0.0)
+    mean.copy_(shift + d_mean)
+    rstd.copy_(torch.rsqrt(var + eps))
+    launchable(gn_normalize_kernel)[grid](x, w, b, a, y, mean, rstd, c, s, g, cg, p.block_c, **flags)
     return y, mean, rstd
 
 
@@ -235,18 +378,33 @@ def group_norm_silu_triton_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c, s, channels_last = _layout(x)
     dx = torch.empty_like(x)
-    sums = torch.zeros((3, n, c), device=x.device, dtype=torch.float32)
+    col_a = torch.zeros((n, c), device=x.device, dtype=torch.float32)
+    col_b = torch.zeros((n, c), device=x.device, dtype=torch.float32)
     dadd = torch.zeros((n, c), device=x.device, dtype=torch.float32)
     if x.numel() > 0:
-        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, ACT=act,
-                     CHANNELS_LAST=channels_last, BLOCK=BLOCK)
-        params = (weight if weight is not None else x, bias if bias is not None else x, add if add is not None else x)
-        launchable(gn_backward_sums_kernel)[(n * c,)](dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], c, s, num_groups, **flags)
-        launchable(gn_backward_dx_kernel)[(n * c,)](
-            dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], dx, dadd, c, s, num_groups,
-            BLOCK_CG=triton.next_power_of_2(c // num_groups), **flags,
-        )
+        g, cg = num_groups, c // num_groups
+        p = plan(c, s, g, x.element_size(), channels_last, backward=True)
+        flags = _flags(weight, bias, add, act, channels_last, p)
+        params = (_or(weight, x), _or(bias, x), _or(add, x))
+        if p.fused:
+            launchable(gn_backward_fused_kernel)[(n * p.col_tiles,)](
+                dy, x, *params, mean, rstd, dx, col_a, col_b, dadd, c, s, g, cg, p.groups_per_tile,
+                BLOCK_G=p.block_g, **flags)
+        else:
+            sums = torch.empty((3, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
+            grid = (n * p.col_tiles, p.pos_tiles)
+            launchable(gn_backward_sums_kernel)[grid](
+                dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], c, s, g, cg, p.block_c, **flags)
+            col_a, col_b, col_x = sums.sum(-1)
+            w = weight.float() if weight is not None else torch.ones(c, device=x.device)
+            count = cg * s
+            m1 = (w * col_b).view(n, g, cg).sum(-1) / count
+            m2 = (w * col_a).view(n, g, cg).sum(-1) / count
+            launchable(gn_backward_dx_kernel)[grid](
+                dy, x, *params, mean, rstd, m1, m2, dx, c, s, g, cg, p.block_c, **flags)
+            per_channel = lambda t: t.repeat_interleave(cg, dim=1)  # noqa: E731
+            dadd = per_channel(rstd) * (w * col_b - s * per_channel(m1) - col_x * per_channel(m2))
     w_type = weight.dtype if weight is not None else x.dtype
     b_type = bias.dtype if bias is not None else x.dtype
     a_type = add.dtype if add is not None else x.dtype
-    return dx, sums[0].sum(0).to(w_type), sums[1].sum(0).to(b_type), dadd.to(a_type)
+    return dx, col_a.sum(0).to(w_type), col_b.sum(0).to(b_type), dadd.to(a_type)

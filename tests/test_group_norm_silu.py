@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import backend_params, poison_cuda_allocator, requires_extension
+from conftest import HAS_CUDA, backend_params, poison_cuda_allocator, requires_extension
 from ddpm_fast import _extension, ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
+from ddpm_fast.ops._backend import triton_available
 
 # (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L.
 CASES = [
@@ -59,6 +60,10 @@ def inputs(shape, dtype, layout, device, affine, with_add, seed=0):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
 @pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, True), (True, False, False), (False, True, False)])
 def test_forward_and_backward_match_reference(device, backend, dtype, layout, case, affine, with_add, act):
+    assert_matches_reference(device, backend, dtype, layout, case, affine, with_add, act)
+
+
+def assert_matches_reference(device, backend, dtype, layout, case, affine, with_add, act):
     shape, groups = case
     x, w, b, add = inputs(shape, dtype, layout, device, affine, with_add)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, add)]
@@ -271,3 +276,92 @@ def test_cpu_portable_loops_match_reference():
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def triton_split_path(monkeypatch):
+    """Shrink the Triton tiles so that every case takes the split path (partial
+    sums per position tile, added up by torch) with several position tiles."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    monkeypatch.setattr(gn, "MAX_TILE", 8)
+    monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
+    monkeypatch.setattr(gn, "SPLIT_TILE", 16)
+    return gn
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
+@pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, False)])
+def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, case, affine, with_add, act):
+    shape, groups = case
+    cl = layout == "channels_last" and len(shape) == 4
+    s = 1 if len(shape) < 3 else int(torch.tensor(shape[2:]).prod())
+    p = triton_split_path.plan(shape[1], s, groups, dtype.itemsize, cl)
+    assert not p.fused and p.pos_tiles == -(-s // p.block_s)
+    assert not triton_split_path.plan(shape[1], s, groups, dtype.itemsize, cl, backward=True).fused
+    assert_matches_reference(TRITON_DEVICE, "triton", dtype, layout, case, affine, with_add, act)
+
+
+@requires_triton
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_large_mean_against_float64(request, path, layout):
+    """Data far from zero (mean 1000, spread 2): the fused path's two-pass
+    variance and the split path's shifted partial sums must not cancel."""
+    if path == "split":
+        request.getfixturevalue("triton_split_path")
+    x, w, b, add = inputs((2, 12, 9, 11), torch.float32, layout, TRITON_DEVICE, True, True)
+    x = (x + 1000.0).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    y = ops.group_norm_silu(leaves[0], 4, leaves[1], leaves[2], add=leaves[3], backend="triton")
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(TRITON_DEVICE)
+    y.backward(dy)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b, add)]
+    y_ref = reference(ref_leaves[0], 4, ref_leaves[1], ref_leaves[2], ref_leaves[3], True)
+    y_ref.backward(dy.cpu().double())
+    # float32 x near 1000 is itself rounded to 6e-5: the reference sees the same rounded values.
+    torch.testing.assert_close(y.cpu().double(), y_ref, atol=2e-4, rtol=2e-4)
+    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(got.grad.cpu().double() / scale, want.grad / scale, atol=2e-4, rtol=2e-4, msg=name)
+
+
+class TestTritonPlan:
+    """How the Triton kernels cut the benchmark shapes into programs."""
+
+    @pytest.fixture
+    def gn(self):
+        pytest.importorskip("triton")
+        return importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+
+    # (C, H*W, G): the U-Net's GroupNorms at N = 128, then the large-image shape.
+    UNET = [(128, 1024, 32), (256, 256, 32), (256, 64, 32), (256, 16, 32), (512, 64, 32), (64, 1024, 32)]
+
+    @pytest.mark.parametrize("c,s,g", UNET)
+    @pytest.mark.parametrize("elem_bytes", [4, 2])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("backward", [False, True])
+    def test_unet_shapes_read_once(self, gn, c, s, g, elem_bytes, channels_last, backward):
+        p = gn.plan(c, s, g, elem_bytes, channels_last, backward)
+        assert p.fused and p.pos_tiles == 1
+        assert p.block_s >= s and p.block_c >= p.groups_per_tile * (c // g)
+        assert p.block_c * p.block_s <= (gn.MAX_TILE_BACKWARD if backward else gn.MAX_TILE)
+        assert p.col_tiles * p.groups_per_tile >= g
+        if channels_last:  # a tile row fills a 32-byte sector, unless that would overflow the tile
+            row_bytes = p.groups_per_tile * (c // g) * elem_bytes
+            assert row_bytes >= 32 or 2 * p.block_c * p.block_s > (gn.MAX_TILE_BACKWARD if backward else gn.MAX_TILE)
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_large_images_split(self, gn, channels_last):
+        p = gn.plan(128, 256 * 256, 32, 2, channels_last)
+        assert not p.fused and p.col_tiles * p.block_c >= 128 and p.pos_tiles * p.block_s >= 256 * 256
+        assert p.block_c * p.block_s <= gn.SPLIT_TILE
+
+    def test_wide_groups_split(self, gn):
+        assert not gn.plan(1024, 16, 1, 4, False).fused  # 1024 channels in one group
