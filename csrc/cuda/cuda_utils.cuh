@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../philox.h"
+#include "block_ops.cuh"
 
 namespace ddpm_fast {
 namespace cuda {
@@ -21,32 +22,9 @@ __device__ __forceinline__ float philox_normal(uint64_t seed, uint64_t counter) 
   return sqrtf(-2.0f * logf(u1)) * cosf(kTwoPi * u2);
 }
 
-// N elements of T loaded or stored with one instruction (16 bytes).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Packet {
-  T v[N];
-};
-
 template <int N, typename... Ptrs>
 bool all_aligned(const Ptrs*... ptrs) {
   return ((reinterpret_cast<uintptr_t>(ptrs) % (N) == 0) && ...);
-}
-
-constexpr int kThreads = 256;
-
-// Sum of v over a block of kThreads threads, returned to every thread.
-// `scratch` is kThreads / 32 floats of shared memory, free again on return.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / 32) ? scratch[lane] : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // scratch may be reused by the next call
-  return v;
 }
 
 // Enough blocks to fill the GPU several times over; kernels loop over the rest.

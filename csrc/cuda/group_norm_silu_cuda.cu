@@ -1,136 +1,40 @@
-// GroupNorm+SiLU on the GPU (math in csrc/group_norm_silu.h). Forward: one
-// block per (sample, group): mean, variance about it, then y. Backward: one
-// block per (sample, channel) for the sums A, B, X, then one per (sample,
-// channel) for dx and dadd. Parameters are read as float32.
+// GroupNorm+SiLU on the GPU: the host side of group_norm_silu_kernels.cuh
+// (tiles, fused and split paths, described there).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/ones.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../group_norm_silu.h"
 #include "cuda_utils.cuh"
+#include "group_norm_silu_kernels.cuh"
 
 namespace ddpm_fast {
 namespace {
 
-struct NormArgs {
-  int64_t c, s, groups;
-  bool channels_last;
-  const float* w;    // [C] or null
-  const float* b;    // [C] or null
-  const float* add;  // [N, C] or null
-  bool act;
-};
-
-__device__ __forceinline__ int64_t norm_index(const NormArgs& a, int64_t n, int64_t c, int64_t s) {
-  return a.channels_last ? (n * a.s + s) * a.c + c : (n * a.c + c) * a.s + s;
-}
-
-__device__ __forceinline__ float sigmoidf(float u) { return 1.0f / (1.0f + __expf(-u)); }
-
-template <typename T>
-__global__ void forward_kernel(const T* __restrict__ x,  // [N, C, S] NCHW or NHWC memory
-                               NormArgs a, float eps,
-                               T* __restrict__ y,         // [N, C, S] x's memory order
-                               float* __restrict__ mean_out, float* __restrict__ rstd_out) {  // [N, G]
-  __shared__ float scratch[cuda::kThreads / 32];
-  const int64_t ng = blockIdx.x, n = ng / a.groups, cg = a.c / a.groups, c0 = (ng % a.groups) * cg;
-  const int64_t count = cg * a.s;
-  auto h_at = [&](int64_t i, int64_t& idx, int64_t& c) {
-    c = c0 + i / a.s;
-    idx = norm_index(a, n, c, i % a.s);
-    return static_cast<float>(x[idx]) + (a.add ? a.add[n * a.c + c] : 0.0f);
-  };
-  int64_t idx, c;
-  float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += h_at(i, idx, c);
-  const float mean = cuda::block_sum(sum, scratch) / count;
-  float sq = 0.0f;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const float d = h_at(i, idx, c) - mean;
-    sq += d * d;
-  }
-  const float rstd = rsqrtf(cuda::block_sum(sq, scratch) / count + eps);
-  if (threadIdx.x == 0) {
-    mean_out[ng] = mean;
-    rstd_out[ng] = rstd;
-  }
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    float u = (h_at(i, idx, c) - mean) * rstd;
-    if (a.w) u *= a.w[c];
-    if (a.b) u += a.b[c];
-    y[idx] = static_cast<T>(a.act ? u * sigmoidf(u) : u);
+// Runs launch(std::integral_constant<int, V>) with V = 16 bytes of T when
+// packets fit every tile row and every pointer, else with V = 1.
+template <typename T, typename Launch, typename... Ptrs>
+void with_packet_width(const gn::Geometry& g, Launch&& launch, const Ptrs*... ptrs) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (gn::packets_fit(g, kVec) && cuda::all_aligned<16>(ptrs...)) {
+    launch(std::integral_constant<int, kVec>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void xhat_du(const T* x, const T* dy, const NormArgs& a, int64_t n, int64_t c, int64_t idx,
-                                        float mean, float rstd, float& xhat, float& du) {
-  const float h = static_cast<float>(x[idx]) + (a.add ? a.add[n * a.c + c] : 0.0f);
-  xhat = (h - mean) * rstd;
-  const float u = xhat * (a.w ? a.w[c] : 1.0f) + (a.b ? a.b[c] : 0.0f);
-  du = static_cast<float>(dy[idx]);
-  if (a.act) {
-    const float sg = sigmoidf(u);
-    du *= sg * (1.0f + u * (1.0f - sg));
-  }
-}
-
-template <typename T>
-__global__ void backward_sums_kernel(const T* __restrict__ dy, const T* __restrict__ x, NormArgs a,
-                                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                                     float* __restrict__ sums) {  // [3, N, C]: A, B, X
-  __shared__ float scratch[cuda::kThreads / 32];
-  const int64_t nc = blockIdx.x, n = nc / a.c, c = nc % a.c, ng = n * a.groups + c / (a.c / a.groups);
-  const float m = mean[ng], r = rstd[ng];
-  float sa = 0.0f, sb = 0.0f, sx = 0.0f;
-  for (int64_t s = threadIdx.x; s < a.s; s += blockDim.x) {
-    float xhat, du;
-    xhat_du(x, dy, a, n, c, norm_index(a, n, c, s), m, r, xhat, du);
-    sa += du * xhat;
-    sb += du;
-    sx += xhat;
-  }
-  const int64_t nc_total = gridDim.x;
-  sa = cuda::block_sum(sa, scratch);
-  sb = cuda::block_sum(sb, scratch);
-  sx = cuda::block_sum(sx, scratch);
-  if (threadIdx.x == 0) {
-    sums[nc] = sa;
-    sums[nc_total + nc] = sb;
-    sums[2 * nc_total + nc] = sx;
-  }
-}
-
-template <typename T>
-__global__ void backward_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, NormArgs a,
-                                   const float* __restrict__ mean, const float* __restrict__ rstd,
-                                   const float* __restrict__ sums,  // [3, N, C]
-                                   T* __restrict__ dx, float* __restrict__ dadd) {
-  __shared__ float scratch[cuda::kThreads / 32];
-  const int64_t nc = blockIdx.x, n = nc / a.c, c = nc % a.c, cg = a.c / a.groups, c0 = (c / cg) * cg;
-  const int64_t nc_total = gridDim.x, ng = n * a.groups + c / cg;
-  const float m = mean[ng], r = rstd[ng];
-  float s1 = 0.0f, s2 = 0.0f;  // group sums of w*B and w*A
-  for (int64_t k = threadIdx.x; k < cg; k += blockDim.x) {
-    const float w = a.w ? a.w[c0 + k] : 1.0f;
-    s1 += w * sums[nc_total + n * a.c + c0 + k];
-    s2 += w * sums[n * a.c + c0 + k];
-  }
-  const float count = static_cast<float>(cg * a.s);
-  const float m1 = cuda::block_sum(s1, scratch) / count, m2 = cuda::block_sum(s2, scratch) / count;
-  const float w_c = a.w ? a.w[c] : 1.0f;
-  for (int64_t s = threadIdx.x; s < a.s; s += blockDim.x) {
-    const int64_t idx = norm_index(a, n, c, s);
-    float xhat, du;
-    xhat_du(x, dy, a, n, c, idx, m, r, xhat, du);
-    dx[idx] = static_cast<T>(r * (du * w_c - m1 - xhat * m2));
-  }
-  if (threadIdx.x == 0) {
-    dadd[nc] = r * (w_c * sums[nc_total + nc] - static_cast<float>(a.s) * m1 - sums[2 * nc_total + nc] * m2);
+// Dynamic shared memory beyond 48 KB must be asked for, per kernel.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }
 
@@ -138,16 +42,22 @@ at::Tensor as_float(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-NormArgs make_args(const NormLayout& l, const at::Tensor& w, const at::Tensor& b, const at::Tensor& add, bool act) {
-  return {l.c,
-          l.hw,
-          l.groups,
-          l.channels_last,
-          w.defined() ? w.const_data_ptr<float>() : nullptr,
-          b.defined() ? b.const_data_ptr<float>() : nullptr,
-          add.defined() ? add.const_data_ptr<float>() : nullptr,
-          act};
+gn::Params make_params(const at::Tensor& w, const at::Tensor& b, const at::Tensor& add, bool act) {
+  return {w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
+          add.defined() ? add.const_data_ptr<float>() : nullptr, act};
 }
+
+// K[n, g]: h at the group's first channel and first position (float32), the
+// split path's shift against cancellation.
+at::Tensor group_shift(const at::Tensor& x, const at::Tensor& add, int64_t cg) {
+  at::Tensor k = x.slice(1, 0, x.size(1), cg);
+  while (k.dim() > 2) k = k.select(2, 0);
+  k = k.to(at::kFloat);
+  if (add.defined()) k = k + add.slice(1, 0, add.size(1), cg);
+  return k.contiguous();
+}
+
+int64_t grid_of(const NormLayout& l, const gn::Geometry& g) { return l.n * g.col_tiles * g.pos_tiles; }
 
 }  // namespace
 
@@ -164,13 +74,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
   at::Tensor rstd = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {y, mean, rstd};
   const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
-  const NormArgs args = make_args(l, w, b, a, act);
+  const gn::Params p = make_params(w, b, a, act);
+  const gn::Geometry g = gn::plan(l.c, l.hw, l.groups, x.element_size(), l.channels_last, /*backward=*/false);
+  const int64_t smem = gn::tile_floats(g) * static_cast<int64_t>(sizeof(float));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cuda", [&] {
-    forward_kernel<scalar_t><<<l.n * l.groups, cuda::kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), args, static_cast<float>(eps), y.mutable_data_ptr<scalar_t>(),
-        mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (g.fused) {
+      with_packet_width<scalar_t>(g, [&](auto vec) {
+        const auto kernel = gn::forward_fused_kernel<scalar_t, decltype(vec)::value>;
+        allow_shared_memory(kernel, smem);
+        kernel<<<grid_of(l, g), gn::kBlock, smem, stream>>>(xp, g, p, static_cast<float>(eps), yp,
+                                                            mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }, xp, yp);
+      return;
+    }
+    const at::Tensor shift = group_shift(x, a, l.c / l.groups);
+    at::Tensor sums = at::empty({2, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
+    with_packet_width<scalar_t>(g, [&](auto vec) {
+      gn::moments_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, smem, stream>>>(
+          xp, g, p, shift.const_data_ptr<float>(), sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }, xp);
+    const double count = static_cast<double>(l.c / l.groups * l.hw);
+    const at::Tensor d_mean = sums[0].view({l.n, l.groups, -1}).sum(-1) / count;
+    const at::Tensor var = (sums[1].view({l.n, l.groups, -1}).sum(-1) / count - d_mean * d_mean).clamp_min(0.0);
+    mean.copy_(shift + d_mean);
+    rstd.copy_((var + eps).rsqrt());
+    with_packet_width<scalar_t>(g, [&](auto vec) {
+      gn::normalize_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, 0, stream>>>(
+          xp, g, p, mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), yp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }, xp, yp);
   });
   return {y, mean, rstd};
 }
@@ -185,25 +122,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor dy = x.is_contiguous() ? dy_in.contiguous() : dy_in.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor dx = at::empty_like(x);
-  at::Tensor sums = at::zeros({3, l.n, l.c}, x.options().dtype(at::kFloat));
+  at::Tensor col_a = at::zeros({l.n, l.c}, x.options().dtype(at::kFloat));
+  at::Tensor col_b = at::zeros({l.n, l.c}, x.options().dtype(at::kFloat));
   at::Tensor dadd = at::zeros({l.n, l.c}, x.options().dtype(at::kFloat));
   if (x.numel() > 0) {
     const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
-    const NormArgs args = make_args(l, w, b, a, act);
+    const gn::Params p = make_params(w, b, a, act);
+    const gn::Geometry g = gn::plan(l.c, l.hw, l.groups, x.element_size(), l.channels_last, /*backward=*/true);
+    const int64_t smem = 2 * gn::tile_floats(g) * static_cast<int64_t>(sizeof(float));
+    const int64_t cg = l.c / l.groups;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const float* mp = mean.const_data_ptr<float>();
+    const float* rp = rstd.const_data_ptr<float>();
     DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
-      backward_sums_kernel<scalar_t><<<l.n * l.c, cuda::kThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), args, mean.const_data_ptr<float>(),
-          rstd.const_data_ptr<float>(), sums.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_dx_kernel<scalar_t><<<l.n * l.c, cuda::kThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), args, mean.const_data_ptr<float>(),
-          rstd.const_data_ptr<float>(), sums.const_data_ptr<float>(), dx.mutable_data_ptr<scalar_t>(),
-          dadd.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      if (g.fused) {
+        with_packet_width<scalar_t>(g, [&](auto vec) {
+          const auto kernel = gn::backward_fused_kernel<scalar_t, decltype(vec)::value>;
+          allow_shared_memory(kernel, smem);
+          kernel<<<grid_of(l, g), gn::kBlock, smem, stream>>>(dyp, xp, g, p, mp, rp, dxp, col_a.mutable_data_ptr<float>(),
+                                                              col_b.mutable_data_ptr<float>(), dadd.mutable_data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }, xp, dyp, dxp);
+        return;
+      }
+      at::Tensor sums = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
+      with_packet_width<scalar_t>(g, [&](auto vec) {
+        gn::backward_sums_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, smem, stream>>>(
+            dyp, xp, g, p, mp, rp, sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>(),
+            sums[2].mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }, xp, dyp);
+      const at::Tensor totals = sums.sum(-1);  // [3, N, C]: A, B, X
+      col_a = totals[0];
+      col_b = totals[1];
+      const at::Tensor wf = w.defined() ? w : at::ones({l.c}, x.options().dtype(at::kFloat));
+      const double count = static_cast<double>(cg * l.hw);
+      const at::Tensor m1 = ((wf * col_b).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
+      const at::Tensor m2 = ((wf * col_a).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
+      with_packet_width<scalar_t>(g, [&](auto vec) {
+        gn::backward_dx_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, 0, stream>>>(
+            dyp, xp, g, p, mp, rp, m1.const_data_ptr<float>(), m2.const_data_ptr<float>(), dxp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }, xp, dyp, dxp);
+      const auto per_channel = [&](const at::Tensor& t) { return t.repeat_interleave(cg, 1); };
+      dadd = per_channel(rstd) * (wf * col_b - static_cast<double>(l.hw) * per_channel(m1) - totals[2] * per_channel(m2));
     });
   }
-  const auto [dweight, dbias, dadd_t] = param_grads_as(sums[0].sum(0), sums[1].sum(0), dadd, x, weight, bias, add);
+  const auto [dweight, dbias, dadd_t] = param_grads_as(col_a.sum(0), col_b.sum(0), dadd, x, weight, bias, add);
   return {dx, dweight, dbias, dadd_t};
 }
 

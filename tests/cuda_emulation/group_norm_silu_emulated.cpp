@@ -1,0 +1,237 @@
+// Runs the CUDA GroupNorm+SiLU kernels (csrc/cuda/group_norm_silu_kernels.cuh)
+// under emulate.h against a float64 reference, forward and backward, and
+// prints the worst error of each output. Used by tests/test_cuda_kernels_emulated.py.
+//
+//   group_norm_silu_emulated N C S G LAYOUT DTYPE PATH PACKETS THREADS
+//     LAYOUT nchw|nhwc, DTYPE f32|bf16, PATH fused|split, PACKETS wide|scalar
+// Exit status 0 when every output is within tolerance, 1 otherwise.
+#include "emulate.h"
+// clang-format off: the kernels need the emulation first
+#include "../../csrc/cuda/group_norm_silu_kernels.cuh"
+// clang-format on
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+using namespace ddpm_fast;
+
+namespace {
+
+struct Case {
+  int64_t n, c, s, g;
+  bool channels_last, bf16, split, wide;
+  unsigned threads;
+};
+
+struct Problem {
+  std::vector<double> x, w, b, add, dy;  // x and dy already rounded to the element type
+};
+
+int64_t at(const Case& k, int64_t n, int64_t c, int64_t s) {
+  return k.channels_last ? (n * k.s + s) * k.c + c : (n * k.c + c) * k.s + s;
+}
+
+template <typename T>
+double rounded(double v) {
+  return static_cast<float>(static_cast<T>(static_cast<float>(v)));
+}
+
+// Float64 reference: y, mean, rstd; dx, A, B, dadd (indexed as the kernels write them).
+struct Reference {
+  std::vector<double> y, mean, rstd, dx, a, bsum, dadd;
+};
+
+Reference reference(const Case& k, const Problem& p, bool act) {
+  const int64_t cg = k.c / k.g, m = cg * k.s;
+  Reference r;
+  r.y.resize(k.n * k.c * k.s), r.dx.resize(r.y.size());
+  r.mean.resize(k.n * k.g), r.rstd.resize(k.n * k.g);
+  r.a.assign(k.n * k.c, 0), r.bsum.assign(k.n * k.c, 0), r.dadd.assign(k.n * k.c, 0);
+  auto h = [&](int64_t n, int64_t c, int64_t s) { return p.x[at(k, n, c, s)] + p.add[n * k.c + c]; };
+  for (int64_t n = 0; n < k.n; ++n) {
+    for (int64_t g = 0; g < k.g; ++g) {
+      double sum = 0, sq = 0;
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c)
+        for (int64_t s = 0; s < k.s; ++s) sum += h(n, c, s);
+      const double mean = sum / m;
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c)
+        for (int64_t s = 0; s < k.s; ++s) sq += (h(n, c, s) - mean) * (h(n, c, s) - mean);
+      const double rstd = 1.0 / std::sqrt(sq / m + 1e-5);
+      r.mean[n * k.g + g] = mean, r.rstd[n * k.g + g] = rstd;
+      double s1 = 0, s2 = 0;
+      std::vector<double> xhat(m), du(m);
+      for (int64_t c = g * cg, i = 0; c < (g + 1) * cg; ++c) {
+        for (int64_t s = 0; s < k.s; ++s, ++i) {
+          xhat[i] = (h(n, c, s) - mean) * rstd;
+          const double u = xhat[i] * p.w[c] + p.b[c], sg = 1 / (1 + std::exp(-u));
+          r.y[at(k, n, c, s)] = act ? u * sg : u;
+          du[i] = p.dy[at(k, n, c, s)] * (act ? sg * (1 + u * (1 - sg)) : 1.0);
+          r.a[n * k.c + c] += du[i] * xhat[i];
+          r.bsum[n * k.c + c] += du[i];
+        }
+        s1 += p.w[c] * r.bsum[n * k.c + c];
+        s2 += p.w[c] * r.a[n * k.c + c];
+      }
+      for (int64_t c = g * cg, i = 0; c < (g + 1) * cg; ++c) {
+        for (int64_t s = 0; s < k.s; ++s, ++i) {
+          const double dx = rstd * (du[i] * p.w[c] - s1 / m - xhat[i] * s2 / m);
+          r.dx[at(k, n, c, s)] = dx;
+          r.dadd[n * k.c + c] += dx;
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// Worst |got - want| / (atol + rtol * |want|); NaN (an unwritten output) counts as failed.
+template <typename G>
+double worst(const std::vector<G>& got, const std::vector<double>& want, double atol, double rtol) {
+  double w = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double g = static_cast<float>(got[i]);
+    if (!std::isfinite(g)) return INFINITY;
+    w = std::max(w, std::abs(g - want[i]) / (atol + rtol * std::abs(want[i])));
+  }
+  return w;
+}
+
+template <typename T, int V>
+bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
+  gn::Limits lim;
+  if (k.split) lim.max_tile = lim.max_tile_backward = 8, lim.split_tile = 16;
+  const int64_t cg = k.c / k.g, numel = k.n * k.c * k.s;
+  const unsigned threads = k.threads;
+  std::vector<T> x(numel), dy(numel), y(numel, T(NAN)), dx(numel, T(NAN));
+  for (int64_t i = 0; i < numel; ++i) x[i] = T(static_cast<float>(p.x[i])), dy[i] = T(static_cast<float>(p.dy[i]));
+  std::vector<float> w(p.w.begin(), p.w.end()), b(p.b.begin(), p.b.end()), add(p.add.begin(), p.add.end());
+  const gn::Params prm{w.data(), b.data(), add.data(), act};
+  std::vector<float> mean(k.n * k.g, NAN), rstd(k.n * k.g, NAN);
+
+  // Forward.
+  const gn::Geometry fg = gn::plan(k.c, k.s, k.g, sizeof(T), k.channels_last, false, lim);
+  if (fg.fused == k.split || (V > 1 && !gn::packets_fit(fg, V))) {
+    std::printf("plan: fused=%d, packets fit=%d: not the case asked for\n", fg.fused, gn::packets_fit(fg, V));
+    return false;
+  }
+  const unsigned fgrid = static_cast<unsigned>(k.n * fg.col_tiles * fg.pos_tiles);
+  const size_t fsmem = gn::tile_floats(fg) * sizeof(float);
+  if (fg.fused) {
+    emu::launch(gn::forward_fused_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm, 1e-5f, y.data(), mean.data(),
+                rstd.data());
+  } else {
+    std::vector<float> shift(k.n * k.g), sums(2 * numel / k.s * fg.pos_tiles, NAN);
+    for (int64_t n = 0; n < k.n; ++n)
+      for (int64_t g = 0; g < k.g; ++g) shift[n * k.g + g] = float(x[at(k, n, g * cg, 0)]) + add[n * k.c + g * cg];
+    float* sq = sums.data() + sums.size() / 2;
+    emu::launch(gn::moments_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm,
+                static_cast<const float*>(shift.data()), sums.data(), sq);
+    for (int64_t n = 0; n < k.n; ++n) {
+      for (int64_t g = 0; g < k.g; ++g) {
+        double s1 = 0, s2 = 0;
+        for (int64_t i = (n * k.c + g * cg) * fg.pos_tiles; i < (n * k.c + (g + 1) * cg) * fg.pos_tiles; ++i)
+          s1 += sums[i], s2 += sq[i];
+        const double d = s1 / (cg * k.s), var = std::max(0.0, s2 / (cg * k.s) - d * d);
+        mean[n * k.g + g] = static_cast<float>(shift[n * k.g + g] + d);
+        rstd[n * k.g + g] = static_cast<float>(1 / std::sqrt(var + 1e-5));
+      }
+    }
+    emu::launch(gn::normalize_kernel<T, V>, fgrid, threads, 0, x.data(), fg, prm, static_cast<const float*>(mean.data()),
+                static_cast<const float*>(rstd.data()), y.data());
+  }
+
+  // Backward, from the reference statistics.
+  std::vector<float> rmean(ref.mean.begin(), ref.mean.end()), rrstd(ref.rstd.begin(), ref.rstd.end());
+  std::vector<float> col_a(k.n * k.c, NAN), col_b(k.n * k.c, NAN), dadd(k.n * k.c, NAN);
+  const gn::Geometry bg = gn::plan(k.c, k.s, k.g, sizeof(T), k.channels_last, true, lim);
+  const unsigned bgrid = static_cast<unsigned>(k.n * bg.col_tiles * bg.pos_tiles);
+  const size_t bsmem = 2 * gn::tile_floats(bg) * sizeof(float);
+  const float* mp = rmean.data();
+  const float* rp = rrstd.data();
+  if (bg.fused) {
+    emu::launch(gn::backward_fused_kernel<T, V>, bgrid, threads, bsmem, static_cast<const T*>(dy.data()),
+                static_cast<const T*>(x.data()), bg, prm, mp, rp, dx.data(), col_a.data(), col_b.data(), dadd.data());
+  } else {
+    const int64_t per = k.n * k.c * bg.pos_tiles;
+    std::vector<float> sums(3 * per, NAN), m1(k.n * k.g), m2(k.n * k.g);
+    emu::launch(gn::backward_sums_kernel<T, V>, bgrid, threads, bsmem, static_cast<const T*>(dy.data()),
+                static_cast<const T*>(x.data()), bg, prm, mp, rp, sums.data(), sums.data() + per,
+                sums.data() + 2 * per);
+    std::vector<double> xs(k.n * k.c, 0);
+    for (int64_t nc = 0; nc < k.n * k.c; ++nc) {
+      double sa = 0, sb = 0, sx = 0;
+      for (int64_t t = 0; t < bg.pos_tiles; ++t)
+        sa += sums[nc * bg.pos_tiles + t], sb += sums[per + nc * bg.pos_tiles + t], sx += sums[2 * per + nc * bg.pos_tiles + t];
+      col_a[nc] = static_cast<float>(sa), col_b[nc] = static_cast<float>(sb), xs[nc] = sx;
+    }
+    for (int64_t n = 0; n < k.n; ++n) {
+      for (int64_t g = 0; g < k.g; ++g) {
+        double s1 = 0, s2 = 0;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s1 += w[c] * col_b[n * k.c + c], s2 += w[c] * col_a[n * k.c + c];
+        m1[n * k.g + g] = static_cast<float>(s1 / (cg * k.s)), m2[n * k.g + g] = static_cast<float>(s2 / (cg * k.s));
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          dadd[n * k.c + c] = static_cast<float>(rrstd[n * k.g + g] * (w[c] * col_b[n * k.c + c] - k.s * m1[n * k.g + g] -
+                                                                         xs[n * k.c + c] * m2[n * k.g + g]));
+        }
+      }
+    }
+    emu::launch(gn::backward_dx_kernel<T, V>, bgrid, threads, 0, static_cast<const T*>(dy.data()),
+                static_cast<const T*>(x.data()), bg, prm, mp, rp, static_cast<const float*>(m1.data()),
+                static_cast<const float*>(m2.data()), dx.data());
+  }
+
+  const double tol = k.bf16 ? 2e-2 : 2e-4;  // bf16 outputs are rounded to 8 bits
+  const double errs[] = {worst(y, ref.y, tol, tol),         worst(mean, ref.mean, 1e-4, 1e-4),
+                         worst(rstd, ref.rstd, 1e-4, 1e-4), worst(dx, ref.dx, tol, tol),
+                         worst(col_a, ref.a, 1e-3, 1e-3),   worst(col_b, ref.bsum, 1e-3, 1e-3),
+                         worst(dadd, ref.dadd, 1e-3, 1e-3)};
+  const char* names[] = {"y", "mean", "rstd", "dx", "A", "B", "dadd"};
+  bool ok = true;
+  for (int i = 0; i < 7; ++i) {
+    std::printf("%s %.3g%s\n", names[i], errs[i], errs[i] <= 1 ? "" : "  FAILED");
+    ok = ok && errs[i] <= 1;
+  }
+  std::printf("plan: fused %d/%d, cols %lld, block_s %lld, tiles %lld x %lld, packets %d\n", fg.fused, bg.fused,
+              static_cast<long long>(fg.cols), static_cast<long long>(fg.block_s), static_cast<long long>(fg.col_tiles),
+              static_cast<long long>(fg.pos_tiles), V);
+  return ok;
+}
+
+template <typename T>
+bool dispatch(const Case& k, const Problem& p, const Reference& ref, bool act) {
+  constexpr int kWide = 16 / sizeof(T);
+  return k.wide ? run<T, kWide>(k, p, ref, act) : run<T, 1>(k, p, ref, act);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 10) {
+    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split wide|scalar THREADS\n", argv[0]);
+    return 2;
+  }
+  const Case k{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
+               std::string(argv[5]) == "nhwc", std::string(argv[6]) == "bf16", std::string(argv[7]) == "split",
+               std::string(argv[8]) == "wide", static_cast<unsigned>(std::atoi(argv[9]))};
+  std::mt19937 gen(7);
+  std::normal_distribution<double> normal;
+  const int64_t numel = k.n * k.c * k.s;
+  Problem p;
+  for (int64_t i = 0; i < numel; ++i) {
+    const double x = 2 * normal(gen) + 3, dy = normal(gen);  // mean 3: the statistics must not cancel
+    p.x.push_back(k.bf16 ? rounded<emu::bf16>(x) : rounded<float>(x));
+    p.dy.push_back(k.bf16 ? rounded<emu::bf16>(dy) : rounded<float>(dy));
+  }
+  for (int64_t c = 0; c < k.c; ++c) p.w.push_back(rounded<float>(1 + normal(gen))), p.b.push_back(rounded<float>(normal(gen)));
+  for (int64_t i = 0; i < k.n * k.c; ++i) p.add.push_back(rounded<float>(normal(gen)));
+  bool ok = true;
+  for (bool act : {true, false}) {
+    const Reference ref = reference(k, p, act);
+    std::printf("act=%d\n", act);
+    ok = (k.bf16 ? dispatch<emu::bf16>(k, p, ref, act) : dispatch<float>(k, p, ref, act)) && ok;
+  }
+  return ok ? 0 : 1;
+}
