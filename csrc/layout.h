@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "kernel_args.h"
+
 // The three element types every op accepts (double is not one of them).
 #define DDPM_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                      \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
@@ -17,13 +19,6 @@
 
 namespace ddpm_fast {
 
-struct ElementLayout {
-  int64_t numel;          // elements in the tensor
-  int64_t per_sample;     // elements per index of dim 0
-  int64_t channels;       // C of an N x C x H x W channels_last tensor, else 1
-  int64_t spatial;        // H * W of a channels_last tensor, else 1
-  bool channels_last;     // memory order N, H, W, C
-};
 
 inline bool is_supported_float(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;

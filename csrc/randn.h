@@ -15,12 +15,6 @@ inline void check_randn_out(const at::Tensor& out) {
   TORCH_CHECK(out.is_contiguous(), "ddpm_fast: randn output must be contiguous");
 }
 
-// Counter of element i: offset + (i / per_sample) * sample_stride + i % per_sample.
-struct RandnCounters {
-  uint64_t offset;
-  uint64_t sample_stride;  // == per_sample for one plain stream
-  int64_t per_sample;
-};
 
 inline RandnCounters randn_counters(const at::Tensor& out, int64_t offset, int64_t sample_stride) {
   check_randn_out(out);

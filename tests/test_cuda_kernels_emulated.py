@@ -1,12 +1,20 @@
-"""The CUDA GroupNorm+SiLU kernels, run on the CPU.
+"""The CUDA kernels, run on the CPU.
 
-CI has no GPU, so the kernels of csrc/cuda/group_norm_silu_kernels.cuh are
-compiled with tests/cuda_emulation/emulate.h (a CPU stand-in for the CUDA they
-use: blocks in turn, threads as real threads, barriers, warp shuffles) and
-checked against a float64 reference: forward and backward, fused and split
-paths, both layouts, float32 and bfloat16, 16-byte packets and single
-elements, blocks of one to several warps per channel. This tests the kernels'
-logic; their speed and the host code around them are tested on the GPU.
+CI has no GPU, so the device code of csrc/cuda/*_kernels.cuh is compiled with
+tests/cuda_emulation/emulate.h (a CPU stand-in for the CUDA it uses: blocks in
+turn, threads as real threads, barriers, warp shuffles) and checked against
+references written from the ops' definitions:
+
+* GroupNorm+SiLU against float64: forward and backward, fused and split paths,
+  both layouts, float32 and bfloat16, 16-byte packets and single elements,
+  blocks of one to several warps per channel;
+* fill_randn_, q_sample and ddpm_step_ against the Philox stream in double
+  precision: odd sizes, both layouts, 16- and 32-bit types, counters across
+  2^32, per-sample and out-of-range timesteps, in-place steps, model inputs in
+  either memory format.
+
+This tests the kernels' logic; their speed and the host code around them are
+tested on the GPU.
 """
 
 from __future__ import annotations
@@ -43,17 +51,26 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
+def _build(tmp_path_factory, name: str) -> Path:
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("emu") / "group_norm_silu_emulated"
+    exe = tmp_path_factory.mktemp("emu") / name
     cmd = [compiler, "-std=c++20", "-O2", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-           "-o", str(exe), str(HERE / "group_norm_silu_emulated.cpp")]
+           "-o", str(exe), str(HERE / f"{name}.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "group_norm_silu_emulated")
+
+
+@pytest.fixture(scope="module")
+def elementwise(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "elementwise_emulated")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.replace(" ", "-"))
@@ -61,3 +78,10 @@ def test_group_norm_silu_kernels(emulator: Path, case: str) -> None:
     result = subprocess.run([str(emulator), *case.split()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
     assert result.stdout.count("act=") == 2 and "FAILED" not in result.stdout
+
+
+@pytest.mark.parametrize("op", ["randn", "q_sample", "ddpm_step"])
+def test_elementwise_kernels(elementwise: Path, op: str) -> None:
+    result = subprocess.run([str(elementwise), op], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+    assert "FAILED" not in result.stdout and result.stdout.count("\n") >= 4

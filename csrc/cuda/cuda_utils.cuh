@@ -1,4 +1,4 @@
-// Device-side normal sampling and launch helpers shared by the CUDA kernels.
+// Launch helpers shared by the CUDA kernels' host code (needs c10).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -8,19 +8,11 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../philox.h"
 #include "block_ops.cuh"
+#include "philox_normal.cuh"
 
 namespace ddpm_fast {
 namespace cuda {
-
-// The stream's normal for one counter (csrc/philox.h), with CUDA's libm.
-__device__ __forceinline__ float philox_normal(uint64_t seed, uint64_t counter) {
-  const PhiloxPair r = philox_pair(seed, counter);
-  const float u1 = fmaxf(kMinUniform, uint_to_uniform(r.x));
-  const float u2 = uint_to_uniform(r.y);
-  return sqrtf(-2.0f * logf(u1)) * cosf(kTwoPi * u2);
-}
 
 template <int N, typename... Ptrs>
 bool all_aligned(const Ptrs*... ptrs) {

@@ -5,34 +5,10 @@
 
 #include "../randn.h"
 #include "cuda_utils.cuh"
+#include "randn_kernels.cuh"
 
 namespace ddpm_fast {
 namespace {
-
-__device__ __forceinline__ uint64_t counter_of(int64_t i, const RandnCounters& c) {
-  const int64_t n = i / c.per_sample;
-  return c.offset + static_cast<uint64_t>(n) * c.sample_stride + static_cast<uint64_t>(i - n * c.per_sample);
-}
-
-template <typename T, int kVec>
-__global__ void fill_randn_kernel(T* __restrict__ out, int64_t numel, uint64_t seed, RandnCounters c) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kVec;
-  for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
-       p < numel; p += stride) {
-    if (p + kVec <= numel) {
-      cuda::Packet<T, kVec> pk;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        pk.v[i] = static_cast<T>(cuda::philox_normal(seed, counter_of(p + i, c)));
-      }
-      *reinterpret_cast<cuda::Packet<T, kVec>*>(out + p) = pk;
-    } else {
-      for (int64_t q = p; q < numel; ++q) {
-        out[q] = static_cast<T>(cuda::philox_normal(seed, counter_of(q, c)));
-      }
-    }
-  }
-}
 
 }  // namespace
 
@@ -46,11 +22,11 @@ void fill_randn_cuda(at::Tensor& out, int64_t seed, int64_t offset, int64_t samp
     constexpr int kVec = 16 / sizeof(scalar_t);
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     if (cuda::all_aligned<16>(dst)) {
-      fill_randn_kernel<scalar_t, kVec>
+      cuda::fill_randn_kernel<scalar_t, kVec>
           <<<cuda::grid_size((numel + kVec - 1) / kVec), cuda::kThreads, 0, stream>>>(
               dst, numel, static_cast<uint64_t>(seed), c);
     } else {
-      fill_randn_kernel<scalar_t, 1><<<cuda::grid_size(numel), cuda::kThreads, 0, stream>>>(
+      cuda::fill_randn_kernel<scalar_t, 1><<<cuda::grid_size(numel), cuda::kThreads, 0, stream>>>(
           dst, numel, static_cast<uint64_t>(seed), c);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

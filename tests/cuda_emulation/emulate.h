@@ -89,9 +89,20 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 }
 
 inline float __expf(float v) { return std::exp(v); }
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+inline float __int_as_float(int bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
 namespace emu {
+
+using half = _Float16;  // IEEE binary16, rounded to nearest even like the GPU's
 
 // bfloat16 as the GPU rounds it (to nearest even), to run the 8-wide packets.
 struct bf16 {
