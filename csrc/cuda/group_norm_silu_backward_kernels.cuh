@@ -28,6 +28,32 @@ __device__ __forceinline__ void xhat_du(const ChannelTerms& c, bool act, float x
   du = act ? silu_grad(dy, xhat * c.w + c.b) : dy;
 }
 
+// Copies the tile's x and dy into shared memory (xs, then ds) and gives
+// done(k, {A, B, X}) for each channel k. With kKeep, xs and ds hold xhat and du
+// afterwards.
+template <bool kKeep, int V, typename T, typename Done>
+__device__ __forceinline__ void tile_sums(const T* __restrict__ dy, const T* __restrict__ x, const Geometry& g,
+                                          const Params& p, const float* mean, const float* rstd, const Tile& t,
+                                          float* xs, float* ds, float* scratch, Done&& done) {
+  load_tile<V>(x, t, g.channels_last, xs);
+  load_tile<V>(dy, t, g.channels_last, ds);
+  __syncthreads();
+  channel_sums<3>(
+      t, scratch, [&](int k) { return channel_terms(g, p, t, mean, rstd, k); },
+      [&](const ChannelTerms& c, int i, float* acc) {
+        float xhat, du;
+        xhat_du(c, p.act, xs[i], ds[i], xhat, du);
+        if (kKeep) {
+          xs[i] = xhat;
+          ds[i] = du;
+        }
+        acc[0] += du * xhat;
+        acc[1] += du;
+        acc[2] += xhat;
+      },
+      done);
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlock)
     backward_fused_kernel(const T* __restrict__ dy, const T* __restrict__ x,  // [N, C, S], x's memory order
@@ -40,28 +66,14 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ float col_a[kMaxCols], col_b[kMaxCols], col_x[kMaxCols], g_m1[kMaxCols], g_m2[kMaxCols];
   __shared__ float scratch[kBlock / 32];
   const Tile t = make_tile(g, blockIdx.x);
-  float* xs = smem;                      // x, then xhat
-  float* ds = smem + tile_floats(g);     // dy, then du
-  load_tile<V>(x, t, g.channels_last, xs);
-  load_tile<V>(dy, t, g.channels_last, ds);
-  __syncthreads();
+  float* xs = smem;                   // x, then xhat
+  float* ds = smem + tile_floats(g);  // dy, then du
   const int64_t nc = t.n * g.c + t.c0;
-  channel_sums<3>(
-      t, scratch, [&](int k) { return channel_terms(g, p, t, mean, rstd, k); },
-      [&](const ChannelTerms& c, int i, float* acc) {
-        float xhat, du;
-        xhat_du(c, p.act, xs[i], ds[i], xhat, du);
-        xs[i] = xhat;
-        ds[i] = du;
-        acc[0] += du * xhat;
-        acc[1] += du;
-        acc[2] += xhat;
-      },
-      [&](int k, const float* acc) {
-        col_a[k] = acc[0], col_b[k] = acc[1], col_x[k] = acc[2];
-        a_out[nc + k] = acc[0];
-        b_out[nc + k] = acc[1];
-      });
+  tile_sums<true, V>(dy, x, g, p, mean, rstd, t, xs, ds, scratch, [&](int k, const float* acc) {
+    col_a[k] = acc[0], col_b[k] = acc[1], col_x[k] = acc[2];
+    a_out[nc + k] = acc[0];
+    b_out[nc + k] = acc[1];
+  });
   __syncthreads();
   const int ngroups = t.ncols / static_cast<int>(g.cg);
   const float count = static_cast<float>(g.cg * g.s);
@@ -105,27 +117,13 @@ __global__ void __launch_bounds__(kBlock)
   DDPM_DYNAMIC_SHARED(float, smem);
   __shared__ float scratch[kBlock / 32];
   const Tile t = make_tile(g, blockIdx.x);
-  float* xs = smem;
-  float* ds = smem + tile_floats(g);
-  load_tile<V>(x, t, g.channels_last, xs);
-  load_tile<V>(dy, t, g.channels_last, ds);
-  __syncthreads();
   const int64_t nc = t.n * g.c + t.c0;
-  channel_sums<3>(
-      t, scratch, [&](int k) { return channel_terms(g, p, t, mean, rstd, k); },
-      [&](const ChannelTerms& c, int i, float* acc) {
-        float xhat, du;
-        xhat_du(c, p.act, xs[i], ds[i], xhat, du);
-        acc[0] += du * xhat;
-        acc[1] += du;
-        acc[2] += xhat;
-      },
-      [&](int k, const float* acc) {
-        const int64_t at = (nc + k) * g.pos_tiles + blockIdx.x % g.pos_tiles;
-        a_out[at] = acc[0];
-        b_out[at] = acc[1];
-        x_out[at] = acc[2];
-      });
+  tile_sums<false, V>(dy, x, g, p, mean, rstd, t, smem, smem + tile_floats(g), scratch, [&](int k, const float* acc) {
+    const int64_t at = (nc + k) * g.pos_tiles + blockIdx.x % g.pos_tiles;
+    a_out[at] = acc[0];
+    b_out[at] = acc[1];
+    x_out[at] = acc[2];
+  });
 }
 
 template <typename T, int V>
