@@ -1,6 +1,7 @@
 // The ddpm_fast operator schemas, defined once; CPU and CUDA implementations
-// register under their dispatch keys in csrc/cpu and csrc/cuda, fake
-// implementations and autograd in ddpm_fast/ops (Python).
+// register under their dispatch keys in csrc/cpu and csrc/cuda, the autograd of
+// group_norm_silu in csrc/group_norm_silu_autograd.cpp, fake implementations
+// in ddpm_fast/ops (Python).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -65,12 +65,8 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
     return f"it runs on {backend} tensors, got {device}"
 
 
-def resolve_backend(backend: str, device: torch.device | str, op: str, *, reference_faster: bool = False) -> str:
-    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``.
-
-    ``reference_faster``: the op's own measured rule says that, for this call,
-    the reference beats the kernels; ``auto`` then picks the reference (an
-    explicit backend or ``DDPM_FAST_BACKEND`` still wins)."""
+def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
+    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
     device = torch.device(device)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -81,8 +77,7 @@ def resolve_backend(backend: str, device: torch.device | str, op: str, *, refere
                 raise ValueError(f"{ENV_VAR}={env!r} is not a backend; expected one of {', '.join(BACKENDS)}")
             backend = env
         else:
-            order = ("reference",) if reference_faster else _AUTO_ORDER.get(device.type, ("reference",))
-            for candidate in order:
+            for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
                 if _available(candidate, device.type):
                     return candidate
             return "reference"

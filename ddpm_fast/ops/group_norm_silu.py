@@ -17,23 +17,6 @@ from ._backend import resolve_backend
 __all__ = ["group_norm_silu"]
 
 _OP = "group_norm_silu"
-# Measured on the 2-core CPU (BENCHMARKS.md): the C++ forward beats PyTorch's
-# GroupNorm + SiLU at every benchmarked size, but a differentiable call also
-# pays about 200 us of Python autograd dispatch (torch.library), and forward +
-# backward only wins from about 2^20 elements; below that, `auto` runs
-# differentiable calls on the reference.
-_CPU_AUTOGRAD_MIN_NUMEL = 1 << 20
-
-
-def _reference_faster(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.numel() < _CPU_AUTOGRAD_MIN_NUMEL
-        and torch.is_grad_enabled()
-        and any(p is not None and p.requires_grad for p in (x, *params))
-    )
-
-
 def _reference(x, num_groups, weight, bias, eps, add, act):
     h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
     y = F.group_norm(h, num_groups, _reference_param(weight, x), _reference_param(bias, x), eps)
@@ -110,7 +93,7 @@ def group_norm_silu(
     Returns y in x's dtype and memory format.
     """
     _check(x, num_groups, weight, bias, eps, add, act)
-    which = resolve_backend(backend, x.device, _OP, reference_faster=_reference_faster(x, weight, bias, add))
+    which = resolve_backend(backend, x.device, _OP)
     if which == "reference":
         return _reference(x, int(num_groups), weight, bias, float(eps), add, act)
     if x.dtype == torch.float64 and which != "cpu":
@@ -150,34 +133,37 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(name: str, backward_op, define_fake: bool) -> None:
-    if define_fake:
+def _register_fakes() -> None:
+    """Shapes of the C++ ops for torch.compile. Their autograd is in C++
+    (csrc/group_norm_silu_autograd.cpp)."""
 
-        @torch.library.register_fake(f"ddpm_fast::{name}")
-        def _fake(x, weight, bias, add, num_groups, eps, act):
-            stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-            n, g = x.shape[0], num_groups
-            return torch.empty_like(x), x.new_empty((n, g), dtype=stat), x.new_empty((n, g), dtype=stat)
+    @torch.library.register_fake("ddpm_fast::group_norm_silu")
+    def _fake(x, weight, bias, add, num_groups, eps, act):
+        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        n, g = x.shape[0], num_groups
+        return torch.empty_like(x), x.new_empty((n, g), dtype=stat), x.new_empty((n, g), dtype=stat)
 
-        @torch.library.register_fake(f"ddpm_fast::{name}_backward")
-        def _fake_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act):
-            c = x.shape[1]
-            return (
-                torch.empty_like(x),
-                x.new_empty((c,), dtype=weight.dtype if weight is not None else x.dtype),
-                x.new_empty((c,), dtype=bias.dtype if bias is not None else x.dtype),
-                x.new_empty((x.shape[0], c), dtype=add.dtype if add is not None else x.dtype),
-            )
-
-    torch.library.register_autograd(f"ddpm_fast::{name}", _make_backward(backward_op), setup_context=_setup_context)
+    @torch.library.register_fake("ddpm_fast::group_norm_silu_backward")
+    def _fake_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act):
+        c = x.shape[1]
+        return (
+            torch.empty_like(x),
+            x.new_empty((c,), dtype=weight.dtype if weight is not None else x.dtype),
+            x.new_empty((c,), dtype=bias.dtype if bias is not None else x.dtype),
+            x.new_empty((x.shape[0], c), dtype=add.dtype if add is not None else x.dtype),
+        )
 
 
 @functools.lru_cache(maxsize=None)
 def _load_triton_ops() -> None:
     from ..kernels import group_norm_silu as _triton  # noqa: F401  (registers the ops)
 
-    _register("group_norm_silu_triton", torch.ops.ddpm_fast.group_norm_silu_triton_backward, define_fake=False)
+    torch.library.register_autograd(
+        "ddpm_fast::group_norm_silu_triton",
+        _make_backward(torch.ops.ddpm_fast.group_norm_silu_triton_backward),
+        setup_context=_setup_context,
+    )
 
 
 if _extension.AVAILABLE:
-    _register("group_norm_silu", torch.ops.ddpm_fast.group_norm_silu_backward, define_fake=True)
+    _register_fakes()
