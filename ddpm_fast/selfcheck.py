@@ -14,13 +14,35 @@ from .schedules import NoiseSchedule
 __all__ = ["report"]
 
 
+def _run_ops(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, backend: str) -> dict[str, torch.Tensor]:
+    """Each op's outputs on x's device (moved to the CPU): the noise stream, the
+    forward process, a reverse step with drawn noise, and GroupNorm+SiLU forward
+    and backward (weight, bias and add included)."""
+    device = x.device
+    g = torch.Generator().manual_seed(2)
+    eps = torch.randn(x.shape, generator=g).to(device)
+    h = (torch.randn(4, 6, 17, 13, generator=g) * 2 + 0.5).to(device)
+    w, b, add = (torch.randn(shape, generator=g).to(device) for shape in ((6,), (6,), (4, 6)))
+    dy = torch.randn(h.shape, generator=g).to(device)
+    leaves = [v.clone().requires_grad_() for v in (h, w, b, add)]
+    y = ops.group_norm_silu(leaves[0], 3, leaves[1], leaves[2], add=leaves[3], backend=backend)
+    y.backward(dy)
+    out = {
+        "randn": ops.randn(x.shape, 1, device=device, backend=backend),
+        "q_sample": ops.q_sample(x, t, schedule, seed=1, backend=backend)[0],
+        "ddpm_step": ops.ddpm_step(x, eps, t, schedule, seed=3, backend=backend),
+        "gn_silu": y,
+    }
+    out.update({f"gn_silu d{name}": v.grad for name, v in zip(("x", "w", "b", "add"), leaves)})
+    return {name: v.detach().cpu() for name, v in out.items()}
+
+
 def _self_check(device: torch.device) -> list[tuple[str, str, str]]:
     """(op, backend, verdict) for each backend available on ``device``."""
     schedule = NoiseSchedule("linear")
     x = torch.rand(4, 3, 17, 13, generator=torch.Generator().manual_seed(0)) * 2 - 1
     t = torch.tensor([0, 10, 500, 999])
-    z_ref = ops.randn(x.shape, 1, backend="reference")
-    xt_ref, _ = ops.q_sample(x, t, schedule, seed=1, backend="reference")
+    want = _run_ops(x, t, schedule, "reference")
     rows = []
     candidates = ["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]
     for backend in candidates:
@@ -29,10 +51,10 @@ def _self_check(device: torch.device) -> list[tuple[str, str, str]]:
         except RuntimeError as error:
             rows.append(("*", backend, f"unavailable: {error}"))
             continue
-        z = ops.randn(x.shape, 1, device=device, backend=backend).cpu()
-        xt, _ = ops.q_sample(x.to(device), t.to(device), schedule, seed=1, backend=backend)
-        for op, got, want in (("randn", z, z_ref), ("q_sample", xt.cpu(), xt_ref)):
-            err = (got - want).abs().max().item()
+        got = _run_ops(x.to(device), t.to(device), schedule, backend)
+        for op, value in got.items():
+            scale = max(1.0, want[op].abs().max().item())  # dw, db sum over N*H*W
+            err = ((value - want[op]).abs().max() / scale).item()
             rows.append((op, backend, f"{'ok' if err < 1e-5 else 'MISMATCH'} (max error {err:.1e})"))
     return rows
 
@@ -48,6 +70,6 @@ def report() -> int:
     for device in devices:
         print(f"auto backend on {device.type}: {ops.resolve_backend('auto', device, 'info')}")
         for op, backend, verdict in _self_check(device):
-            print(f"  {op:9s} {backend:8s} {verdict}")
+            print(f"  {op:14s} {backend:8s} {verdict}")
             ok &= "MISMATCH" not in verdict
     return 0 if ok else 1
