@@ -1,7 +1,9 @@
 """One forward of the DDPM U-Net (one sampling step's eps_theta(x_t, t)): our
-fused model against our reference path and diffusers' UNet2DModel (eager fp32,
-eager bf16, bf16 channels_last under torch.compile), all with the same weights
-(ours converted with ``UNet.from_diffusers``).
+fused model (eager, under torch.compile, and replayed as a CUDA graph, as the
+Sampler runs it) against our reference path and diffusers' UNet2DModel (eager
+fp32, eager bf16, bf16 channels_last under torch.compile), all with the same
+weights (ours converted with ``UNet.from_diffusers``). On the GPU, also the
+whole 1000-step sampling of 128 CIFAR-sized images with the Sampler.
 
 GPU: the paper's CIFAR-10 model (35.7M parameters) at batch 1 and 128.
 Floor: reading the weights once plus x in and eps out — the batch-1 floor; at
@@ -67,6 +69,8 @@ def forward_fn(impl: str, name: str, device: str, batch: int):
     run = torch.compile(model, fullgraph=impl.startswith("ours")) if impl.endswith("compile") else model
     if impl.startswith("diffusers"):
         call = lambda: run(x, t).sample  # noqa: E731
+    elif impl.endswith("graph"):
+        call = _graphed(model, x, t)
     else:
         call = lambda: run(x, t)  # noqa: E731
 
@@ -75,6 +79,25 @@ def forward_fn(impl: str, name: str, device: str, batch: int):
             return call()
 
     return fn, model, x, t
+
+
+def _graphed(model, x, t):
+    """model(x, t) captured once as a CUDA graph; the callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):  # warm up outside the graph (cuDNN, the allocator)
+            model(x, t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = model(x, t)
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 CPU_IMPLS = ["diffusers_fp32", "ours_reference_fp32", "ours_fused_fp32", "ours_fused_fp32_cl"]
@@ -90,9 +113,30 @@ def test_cpu_unet_forward(benchmark, impl):
     benchmark(fn)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_sample_cifar10_128_images(benchmark):
+    """The Sampler's default chain (1000 steps, CUDA graphs) on the CIFAR-10
+    model, bf16 channels_last, 128 images: issue 5's target is 7 s. First of
+    the GPU model benchmarks, ahead of the torch.compile peers, so that a
+    time-limited run (benchmarks/run_gpu.sh) reaches it."""
+    from ddpm_fast import NoiseSchedule, Sampler
+
+    model = build("ours_fused_bf16_cl", "cifar10", "cuda")
+    sampler = Sampler(model, NoiseSchedule("linear"), channels_last=True, sample_shape=(3, 32, 32))
+
+    def run():
+        sampler.sample(128, seed=0, progress=False)
+        torch.cuda.synchronize()
+
+    sampler.sample(128, seed=0, steps=50, progress=False)  # warm up: cuDNN, the allocator
+    benchmark.group = "sampling cifar10 128 images 1000 steps bf16 cl"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info["s_per_chain"] = benchmark.stats.stats.median
+
+
 GPU_IMPLS = [
     "diffusers_fp32", "diffusers_bf16", "diffusers_bf16_cl_compile",
-    "ours_reference_bf16_cl", "ours_fused_bf16_cl", "ours_fused_bf16_cl_compile",
+    "ours_reference_bf16_cl", "ours_fused_bf16_cl", "ours_fused_bf16_cl_compile", "ours_fused_bf16_cl_graph",
 ]
 
 
@@ -118,3 +162,4 @@ def test_gpu_unet_forward(record_gpu, benchmark, impl, batch):
         bytes_moved=weight_bytes + 2 * x.numel() * x.element_size(), baseline="diffusers_fp32",
     )
     benchmark.extra_info.update(gflop=flops / 1e9, tflops=flops / (row.median_us * 1e-6) / 1e12)
+
