@@ -17,6 +17,8 @@ from ._backend import resolve_backend
 __all__ = ["group_norm_silu"]
 
 _OP = "group_norm_silu"
+
+
 def _reference(x, num_groups, weight, bias, eps, add, act):
     h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
     y = F.group_norm(h, num_groups, _reference_param(weight, x), _reference_param(bias, x), eps)
