@@ -27,7 +27,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent / "cuda_emulation"
 
-# N, C, S, G, layout, dtype, path, packets, threads.
+# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads.
 CASES = [
     # Packed groups with per-thread loops whose steps wrap rows (S = 36: 9 packets a row).
     "2 8 36 2 nchw f32 fused wide 64",
@@ -48,6 +48,10 @@ CASES = [
     "2 6 35 3 nchw f32 split scalar 64",
     "2 6 35 3 nhwc f32 split scalar 64",
     "1 264 4 1 nhwc f32 split wide 64",
+    # The real tile sizes: a U-Net layer (128 channels of 32x32, 32 groups, 4 groups
+    # a block), and a group too large to fuse (4 x 8192 values) taking the split path.
+    "1 128 1024 32 nhwc bf16 fused wide 512",
+    "1 8 8192 2 nchw f32 large wide 512",
 ]
 
 

@@ -3,7 +3,9 @@
 // prints the worst error of each output. Used by tests/test_cuda_kernels_emulated.py.
 //
 //   group_norm_silu_emulated N C S G LAYOUT DTYPE PATH PACKETS THREADS
-//     LAYOUT nchw|nhwc, DTYPE f32|bf16, PATH fused|split, PACKETS wide|scalar
+//     LAYOUT nchw|nhwc, DTYPE f32|bf16, PACKETS wide|scalar, PATH fused|split|large:
+//     split shrinks the tiles so that small inputs take the split path; large
+//     keeps the real tile sizes and expects an input too large to fuse.
 // Exit status 0 when every output is within tolerance, 1 otherwise.
 #include "emulate.h"
 // clang-format off: the kernels need the emulation first
@@ -24,6 +26,7 @@ struct Case {
   int64_t n, c, s, g;
   bool channels_last, bf16, split, wide;
   unsigned threads;
+  bool shrink;  // small tiles, to force the split path
 };
 
 struct Problem {
@@ -102,7 +105,7 @@ double worst(const std::vector<G>& got, const std::vector<double>& want, double 
 template <typename T, int V>
 bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
   gn::Limits lim;
-  if (k.split) lim.max_tile = lim.max_tile_backward = 8, lim.split_tile = 16;
+  if (k.shrink) lim.max_tile = lim.max_tile_backward = 8, lim.split_tile = 16;
   const int64_t cg = k.c / k.g, numel = k.n * k.c * k.s;
   const unsigned threads = k.threads;
   std::vector<T> x(numel), dy(numel), y(numel, T(NAN)), dx(numel, T(NAN));
@@ -210,12 +213,12 @@ bool dispatch(const Case& k, const Problem& p, const Reference& ref, bool act) {
 
 int main(int argc, char** argv) {
   if (argc != 10) {
-    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split wide|scalar THREADS\n", argv[0]);
+    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split|large wide|scalar THREADS\n", argv[0]);
     return 2;
   }
   const Case k{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
-               std::string(argv[5]) == "nhwc", std::string(argv[6]) == "bf16", std::string(argv[7]) == "split",
-               std::string(argv[8]) == "wide", static_cast<unsigned>(std::atoi(argv[9]))};
+               std::string(argv[5]) == "nhwc", std::string(argv[6]) == "bf16", std::string(argv[7]) != "fused",
+               std::string(argv[8]) == "wide", static_cast<unsigned>(std::atoi(argv[9])), std::string(argv[7]) == "split"};
   std::mt19937 gen(7);
   std::normal_distribution<double> normal;
   const int64_t numel = k.n * k.c * k.s;
