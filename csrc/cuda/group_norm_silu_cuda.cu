@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "../group_norm_silu.h"
 #include "cuda_utils.cuh"
@@ -30,12 +31,17 @@ void with_packet_width(const gn::Geometry& g, Launch&& launch, const Ptrs*... pt
   }
 }
 
-// Dynamic shared memory beyond 48 KB must be asked for, per kernel.
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, int64_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+// kernel<<<blocks, kBlock, smem_bytes, stream>>>(args...), checked. Dynamic
+// shared memory beyond 48 KB must be asked for, per kernel: every launch here
+// goes through this, so no kernel can be given more without asking.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t blocks, int64_t smem_bytes, cudaStream_t stream, Args&&... args) {
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   }
+  kernel<<<blocks, gn::kBlock, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor as_float(const std::optional<at::Tensor>& t) {
@@ -83,20 +89,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (g.fused) {
       with_packet_width<scalar_t>(g, [&](auto vec) {
-        const auto kernel = gn::forward_fused_kernel<scalar_t, decltype(vec)::value>;
-        allow_shared_memory(kernel, smem);
-        kernel<<<grid_of(l, g), gn::kBlock, smem, stream>>>(xp, g, p, static_cast<float>(eps), yp,
-                                                            mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(gn::forward_fused_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), smem, stream, xp, g, p,
+               static_cast<float>(eps), yp, mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>());
       }, xp, yp);
       return;
     }
     const at::Tensor shift = group_shift(x, a, l.c / l.groups);
     at::Tensor sums = at::empty({2, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
     with_packet_width<scalar_t>(g, [&](auto vec) {
-      gn::moments_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, smem, stream>>>(
-          xp, g, p, shift.const_data_ptr<float>(), sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(gn::moments_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), smem, stream, xp, g, p,
+             shift.const_data_ptr<float>(), sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>());
     }, xp);
     const double count = static_cast<double>(l.c / l.groups * l.hw);
     const at::Tensor d_mean = sums[0].view({l.n, l.groups, -1}).sum(-1) / count;
@@ -104,9 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
     mean.copy_(shift + d_mean);
     rstd.copy_((var + eps).rsqrt());
     with_packet_width<scalar_t>(g, [&](auto vec) {
-      gn::normalize_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, 0, stream>>>(
-          xp, g, p, mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), yp);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(gn::normalize_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), 0, stream, xp, g, p,
+             mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), yp);
     }, xp, yp);
   });
   return {y, mean, rstd};
@@ -140,20 +141,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
       if (g.fused) {
         with_packet_width<scalar_t>(g, [&](auto vec) {
-          const auto kernel = gn::backward_fused_kernel<scalar_t, decltype(vec)::value>;
-          allow_shared_memory(kernel, smem);
-          kernel<<<grid_of(l, g), gn::kBlock, smem, stream>>>(dyp, xp, g, p, mp, rp, dxp, col_a.mutable_data_ptr<float>(),
-                                                              col_b.mutable_data_ptr<float>(), dadd.mutable_data_ptr<float>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch(gn::backward_fused_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), smem, stream, dyp, xp, g,
+                 p, mp, rp, dxp, col_a.mutable_data_ptr<float>(), col_b.mutable_data_ptr<float>(),
+                 dadd.mutable_data_ptr<float>());
         }, xp, dyp, dxp);
         return;
       }
       at::Tensor sums = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
       with_packet_width<scalar_t>(g, [&](auto vec) {
-        gn::backward_sums_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, smem, stream>>>(
-            dyp, xp, g, p, mp, rp, sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>(),
-            sums[2].mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(gn::backward_sums_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), smem, stream, dyp, xp, g, p,
+               mp, rp, sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>(),
+               sums[2].mutable_data_ptr<float>());
       }, xp, dyp);
       const at::Tensor totals = sums.sum(-1);  // [3, N, C]: A, B, X
       col_a = totals[0];
@@ -163,9 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       const at::Tensor m1 = ((wf * col_b).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
       const at::Tensor m2 = ((wf * col_a).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
       with_packet_width<scalar_t>(g, [&](auto vec) {
-        gn::backward_dx_kernel<scalar_t, decltype(vec)::value><<<grid_of(l, g), gn::kBlock, 0, stream>>>(
-            dyp, xp, g, p, mp, rp, m1.const_data_ptr<float>(), m2.const_data_ptr<float>(), dxp);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(gn::backward_dx_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), 0, stream, dyp, xp, g, p, mp,
+               rp, m1.const_data_ptr<float>(), m2.const_data_ptr<float>(), dxp);
       }, xp, dyp, dxp);
       const auto per_channel = [&](const at::Tensor& t) { return t.repeat_interleave(cg, 1); };
       dadd = per_channel(rstd) * (wf * col_b - static_cast<double>(l.hw) * per_channel(m1) - totals[2] * per_channel(m2));
