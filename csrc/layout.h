@@ -19,7 +19,6 @@
 
 namespace ddpm_fast {
 
-
 inline bool is_supported_float(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
 }

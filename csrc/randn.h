@@ -15,7 +15,6 @@ inline void check_randn_out(const at::Tensor& out) {
   TORCH_CHECK(out.is_contiguous(), "ddpm_fast: randn output must be contiguous");
 }
 
-
 inline RandnCounters randn_counters(const at::Tensor& out, int64_t offset, int64_t sample_stride) {
   check_randn_out(out);
   TORCH_CHECK(sample_stride >= 0, "ddpm_fast: sample_stride must be >= 0, got ", sample_stride);
