@@ -8,12 +8,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .philox import launchable, philox_normal, split_seed
+from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_ARGS)
 def ddpm_step_kernel(
     x_ptr,  # *X [numel] x_t, memory order of the tensor
     eps_ptr,  # *E [numel] model output, x_t's memory order

@@ -10,14 +10,23 @@ import torch
 import triton
 import triton.language as tl
 
-PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
-PHILOX_ROUNDS: tl.constexpr = 10
-UINT_TO_UNIFORM: tl.constexpr = 4.6566127342e-10  # (2^31 - 1) * scale < 1 in float32
-TWO_PI: tl.constexpr = 6.283185307179586
-MIN_UNIFORM: tl.constexpr = 1.0e-7
+# Globals a kernel reads must be tl.constexpr objects (the compiler rejects
+# plain ones and annotated ones). Expressions put them after a tensor
+# (u * TWO_PI): Triton's CPU interpreter cannot apply a constexpr to a tensor.
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+PHILOX_ROUNDS = tl.constexpr(10)
+UINT_TO_UNIFORM = tl.constexpr(4.6566127342e-10)  # (2^31 - 1) * scale < 1 in float32
+TWO_PI = tl.constexpr(6.283185307179586)
+MIN_UNIFORM = tl.constexpr(1.0e-7)
+
+# The noise arguments of every kernel that calls philox_normal, kept as runtime
+# values: Triton would otherwise compile an int argument equal to 1 into a
+# constant, a Python int without `.to`, and recompile whenever a seed half or
+# the offset happens to be 1.
+NOISE_ARGS = ["seed_lo", "seed_hi", "offset"]
 
 
 @triton.jit
@@ -50,9 +59,9 @@ def philox_normal(seed_lo, seed_hi, counter):
         c3 = p0 * PHILOX_ROUND_A
         k0 = k0 + PHILOX_KEY_A
         k1 = k1 + PHILOX_KEY_B
-    u1 = tl.maximum(MIN_UNIFORM, _uint_to_uniform(c0))
+    u1 = tl.maximum(_uint_to_uniform(c0), MIN_UNIFORM)
     u2 = _uint_to_uniform(c1)
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(TWO_PI * u2)
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * TWO_PI)
 
 
 def split_seed(seed: int) -> tuple[int, int]:

@@ -7,12 +7,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .philox import launchable, philox_normal, split_seed
+from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_ARGS)
 def q_sample_kernel(
     x0_ptr,  # *T [numel] input x_0, in the tensor's memory order
     noise_ptr,  # *T [numel] given noise (HAS_NOISE), else unused

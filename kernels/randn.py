@@ -5,12 +5,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .philox import launchable, philox_normal, split_seed
+from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_ARGS)
 def fill_randn_kernel(
     out_ptr,  # *T [numel] contiguous output
     numel,  # elements to write
