@@ -23,9 +23,13 @@ import contextlib
 import importlib
 import os
 import pkgutil
+import re
+import subprocess
+import tempfile
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 # The kernels must be built as compilable JITFunctions: no interpreter at import.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -86,9 +90,8 @@ class Recorder:
 
         def run(self, *args, grid, warmup, **kwargs):
             kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
-            meta = kernel.metadata
             key = (self.fn.__name__, kernel.hash if hasattr(kernel, "hash") else id(kernel))
-            recorder.kernels.setdefault(key, (recorder.current_case, meta))
+            recorder.kernels.setdefault(key, (recorder.current_case, kernel))
             return kernel
 
         JITFunction.run = run
@@ -188,6 +191,22 @@ def shrunk_tiles(gn, shrink: bool) -> Iterator[None]:
             setattr(gn, n, v)
 
 
+def ptxas_usage(kernel, arch: int) -> str:
+    """Registers per thread and spilled bytes, from ptxas -v on the kernel's PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = kernel.asm["ptx"]
+    gpu = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        info = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(path), "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", info).group(1)
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    return f"regs {registers:>3s} spill {spills:5d} B"
+
+
 def kernel_names() -> list[str]:
     """Every kernel (a JITFunction named *_kernel) in our Triton modules."""
     import ddpm_fast.kernels as package
@@ -203,6 +222,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--quick", action="store_true", help="fewer dtypes and shapes")
+    parser.add_argument("--ptxas-info", action="store_true", help="also print registers and spills (ptxas -v)")
     args = parser.parse_args()
 
     driver.set_active(CompileOnlyDriver(args.arch))
@@ -229,9 +249,11 @@ def main() -> int:
         failures.append((name, "no case launched this kernel: add one"))
     limit = SHARED_LIMIT.get(args.arch, 48 * 1024)
     print(f"triton {triton.__version__}, sm_{args.arch}: {len(recorder.kernels)} kernel specializations compiled")
-    for (kernel_name, _), (case, meta) in sorted(recorder.kernels.items(), key=lambda kv: kv[0][0]):
+    for (kernel_name, _), (case, kernel) in sorted(recorder.kernels.items(), key=lambda kv: kv[0][0]):
+        meta = kernel.metadata
         shared = getattr(meta, "shared", 0)
-        print(f"  {kernel_name:26s} warps {meta.num_warps:2d} shared {shared:6d} B   first from: {case}")
+        usage = f" {ptxas_usage(kernel, args.arch):24s}" if args.ptxas_info else ""
+        print(f"  {kernel_name:26s} warps {meta.num_warps:2d} shared {shared:6d} B{usage}  first from: {case}")
         if shared > limit:
             failures.append((case, f"{kernel_name} asks for {shared} B of shared memory; sm_{args.arch} allows {limit}"))
     for name, error in failures:
