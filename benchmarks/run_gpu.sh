@@ -34,8 +34,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
 
 MAX_JOBS=16 DDPM_FAST_STRICT=1 TORCH_CUDA_ARCH_LIST=9.0 \
   stage build 150 pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$out/build.log"; exit 1; }
-# GPU tests only (CUDA C++ and Triton on the GPU): CI runs the CPU ones.
-stage tests 120 python3 -m pytest tests -q -m gpu -p no:cacheprovider
+# GPU tests only (CUDA C++ and Triton on the GPU): CI runs the CPU ones. Each
+# Triton specialization compiles on first use (a few hundred, about 0.3 s each
+# on one core): with pytest-xdist (a carried wheel) 12 processes compile them.
+parallel=$(python3 -c "import xdist" 2> /dev/null && echo "-n 12")
+stage tests 120 python3 -m pytest tests -q -m gpu -p no:cacheprovider $parallel
 # The op benchmarks first (each a few seconds), then the model ones (torch.compile peers).
 stage bench_ops 120 python3 -m pytest benchmarks/test_bench_q_sample.py benchmarks/test_bench_randn.py \
   benchmarks/test_bench_ddpm_step.py benchmarks/test_bench_group_norm_silu.py --benchmark-only -q \
