@@ -242,7 +242,10 @@ class NoiseSchedule:
             device = torch.device("cuda", torch.cuda.current_device())
         cached = self._device_tables.get((name, device))
         if cached is None:
-            cached = make().to(device=device, dtype=torch.float32)
+            # Not an inference tensor even when first asked for under inference
+            # mode: training may later save it for backward.
+            with torch.inference_mode(False):
+                cached = make().to(device=device, dtype=torch.float32)
             self._device_tables[(name, device)] = cached
         return cached
 

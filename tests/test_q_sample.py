@@ -166,6 +166,24 @@ def test_gradient_flows_to_x0_and_noise(device, backend):
     torch.testing.assert_close(x.grad, a)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_int_timestep_after_inference_mode_still_differentiable(device, backend):
+    """An int t becomes a view of a cached arange; a first call under inference
+    mode must not make that cache an inference tensor that autograd cannot save."""
+    schedule = NoiseSchedule("linear", timesteps=321)  # a step count no other test caches
+    x = make_input((2, 3, 4, 4), torch.float32, "contiguous", device)
+    with torch.inference_mode():
+        ops.q_sample(x, 7, schedule, seed=1, backend=backend)
+    leaf = x.clone().requires_grad_()
+    xt, _ = ops.q_sample(leaf, 7, schedule, seed=1, backend=backend)
+    xt.sum().backward()
+    expected = schedule.table("sqrt_alphas_cumprod", device)[7].expand_as(x)
+    torch.testing.assert_close(leaf.grad, expected)
+    x_later, _ = ops.q_sample(x, 300, schedule, seed=1, backend=backend)
+    x_ref, _ = ops.q_sample(x, torch.tensor(300, device=device), schedule, seed=1, backend=backend)
+    torch.testing.assert_close(x_later, x_ref, atol=0, rtol=0)
+
+
 def _op_args(device="cpu"):
     x = torch.randn(3, 2, 5, 5, device=device)
     t = torch.tensor([0, 4, 999], device=device)

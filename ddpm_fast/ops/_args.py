@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from ..schedules import NoiseSchedule
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 UINT64 = 1 << 64
 INT64_MAX = (1 << 63) - 1
@@ -63,8 +65,6 @@ def check_no_partial_overlap(out: torch.Tensor, out_name: str, inputs: dict[str,
 
 
 def check_schedule(schedule: object, op: str) -> None:
-    from ..schedules import NoiseSchedule
-
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
 
@@ -92,7 +92,7 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         t = int(t)
         if not 0 <= t < num_steps:
             raise ValueError(f"{op}: timestep {t} is out of range [0, {num_steps})")
-        return torch.full((), t, dtype=torch.int64, device=x.device)
+        return _timestep_scalar(t, num_steps, x.device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: t must be an int or an integer tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex():
@@ -111,6 +111,22 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
     if t.dim() == 1 and t.numel() == 1:
         t = t.reshape(())
     return t.to(torch.int64).contiguous()
+
+
+_TIMESTEPS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _timestep_scalar(t: int, num_steps: int, device: torch.device) -> torch.Tensor:
+    """t as a 0-d int64 tensor on ``device``: a view into a cached arange, so that
+    no fill kernel runs before every step on the GPU (the kernels only read t)."""
+    if torch.compiler.is_compiling():
+        return torch.full((), t, dtype=torch.int64, device=device)
+    steps = _TIMESTEPS.get((device, num_steps))
+    if steps is None:
+        with torch.inference_mode(False):  # usable in autograd after an inference-mode first call
+            steps = torch.arange(num_steps, dtype=torch.int64, device=device)
+        _TIMESTEPS[(device, num_steps)] = steps
+    return steps[t]
 
 
 def as_seed(seed: object, op: str) -> int:

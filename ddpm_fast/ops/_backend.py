@@ -67,7 +67,20 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
 
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
-    device = torch.device(device)
+    if isinstance(device, torch.device) and isinstance(backend, str):  # the common case, every op call
+        key = (backend, device.type, os.environ.get(ENV_VAR, ""), triton_interpreting())
+        found = _RESOLVED.get(key)
+        if found is None:
+            found = _RESOLVED[key] = _resolve(backend, device, op)
+        return found
+    return _resolve(backend, torch.device(device), op)
+
+
+# (backend, device type, DDPM_FAST_BACKEND, interpreting) -> the backend; failures are not cached.
+_RESOLVED: dict[tuple[str, str, str, bool], str] = {}
+
+
+def _resolve(backend: str, device: torch.device, op: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
