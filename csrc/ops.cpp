@@ -1,6 +1,6 @@
 // The ddpm_fast operator schemas, defined once; CPU and CUDA implementations
 // register under their dispatch keys in csrc/cpu and csrc/cuda, the autograd of
-// group_norm_silu in csrc/group_norm_silu_autograd.cpp, fake implementations
+// q_sample and group_norm_silu in csrc/<op>_autograd.cpp, fake implementations
 // in ddpm_fast/ops (Python).
 #include <Python.h>
 #include <torch/library.h>

@@ -164,6 +164,14 @@ def test_gradient_flows_to_x0_and_noise(device, backend):
     xt, _ = ops.q_sample(x, t, SCHEDULE, seed=1, backend=backend)
     xt.sum().backward()
     torch.testing.assert_close(x.grad, a)
+    # One timestep for all, bfloat16, channels_last: the gradient keeps x's dtype.
+    x16 = make_input((2, 3, 4, 4), torch.bfloat16, "channels_last", device).requires_grad_()
+    xt, eps = ops.q_sample(x16, 900, SCHEDULE, seed=1, backend=backend)
+    assert not eps.requires_grad
+    (xt.float() * 2).sum().backward()
+    assert x16.grad.dtype == torch.bfloat16
+    expected = 2 * SCHEDULE.table("sqrt_alphas_cumprod", device)[900]
+    torch.testing.assert_close(x16.grad.float(), expected.expand(x16.shape), **TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

@@ -96,6 +96,8 @@ def _setup_context(ctx, inputs, output) -> None:
     x0, t, sqrt_ab, sqrt_1m_ab = inputs[:4]
     ctx.save_for_backward(t, sqrt_ab, sqrt_1m_ab)
     ctx.x0_dtype = x0.dtype
+    if isinstance(output, tuple):  # (x_t, drawn eps): eps depends on no input
+        ctx.mark_non_differentiable(output[1])
 
 
 def _backward_given_noise(ctx, grad_xt):
@@ -114,7 +116,8 @@ def _backward_drawn_noise(ctx, grad_xt, grad_eps):
 
 
 def _register(name: str, drawn: bool) -> None:
-    """Fake implementation (for torch.compile) and autograd of one q_sample op."""
+    """Fake implementation (for torch.compile) of one q_sample op, and the
+    autograd of the Triton ones (the C++ ops have theirs in csrc/q_sample_autograd.cpp)."""
 
     if drawn:
 
@@ -128,6 +131,7 @@ def _register(name: str, drawn: bool) -> None:
 
     if not name.endswith("_triton"):  # triton_op derives its fake from the launcher
         torch.library.register_fake(f"ddpm_fast::{name}")(fake)
+        return
     backward = _backward_drawn_noise if drawn else _backward_given_noise
     torch.library.register_autograd(f"ddpm_fast::{name}", backward, setup_context=_setup_context)
 

@@ -146,7 +146,7 @@ def cases(quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
                     lambda x=x, e=eps, mi=mi: ops.ddpm_step(x, e, 9, schedule, seed=(1 << 32) + 1, eta=0.5,
                                                          out=x, out_model_input=mi, backend="triton"))
 
-    gn = __import__("ddpm_fast.kernels.group_norm_silu", fromlist=["plan"])
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
     # (shape, groups, shrink the tiles): small groups fused and, with shrunk
     # tiles, split; a group too large to fuse at the real tile sizes.
     configs = [((2, 32, 8, 8), 8, False), ((2, 32, 8, 8), 8, True), ((1, 64, 128, 256), 32, False)]
