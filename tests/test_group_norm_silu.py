@@ -254,10 +254,12 @@ class TestAutoOnTheCpu:
 
 
 @requires_extension
-def test_cpu_portable_loops_match_reference():
-    """The C++ kernel runs AVX2 + FMA loops where the CPU has them (all CI
-    machines); DDPM_FAST_NO_AVX2=1 forces the portable loops that other CPUs
-    run, which must pass the same float32 tests."""
+@pytest.mark.parametrize("cap", ["avx2", "none"])
+def test_cpu_narrower_loops_match_reference(cap):
+    """The C++ kernel runs its widest vector loops the CPU has (AVX-512, or
+    AVX2 + FMA as on every CI machine so far); DDPM_FAST_CPU_SIMD caps them
+    (none: the portable loops that other CPUs run). Each must pass the same
+    float32 tests."""
     import os
     import subprocess
     import sys
@@ -265,7 +267,7 @@ def test_cpu_portable_loops_match_reference():
     selection = "long_rows or (match_reference and cpu-cpu and float32)"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env={**os.environ, "DDPM_FAST_NO_AVX2": "1"}, capture_output=True, text=True,
+        env={**os.environ, "DDPM_FAST_CPU_SIMD": cap}, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout

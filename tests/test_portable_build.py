@@ -4,7 +4,7 @@ This machine is x86, so the non-x86 build is checked by compiling the CPU
 sources with DDPM_FAST_PORTABLE_CPU (what csrc/cpu/simd.h selects by itself
 elsewhere): they must compile, and their preprocessed code must hold no x86
 intrinsic or target attribute. The portable loops' results are tested at run
-time with DDPM_FAST_NO_AVX2=1 (test_randn.py, test_group_norm_silu_cpu.py).
+time with DDPM_FAST_CPU_SIMD=none (test_randn.py, test_group_norm_silu.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp")))
-X86_ONLY = re.compile(r"_mm256_|_mm_|__m256|__m128|target\(\"avx|target_clones|__builtin_cpu_supports")
+X86_ONLY = re.compile(r"_mm512_|_mm256_|_mm_|__m512|__m256|__m128|__mmask|target\(\"avx|GCC target|target_clones|"
+                      r"__builtin_cpu_supports")
 
 
 def _compile(source: str, *extra: str) -> subprocess.CompletedProcess:
@@ -46,8 +47,10 @@ def test_portable_sources_hold_no_x86_code(source: str) -> None:
     assert not leftovers, leftovers[:5]
 
 
-@pytest.mark.parametrize("source", [s for s in SOURCES if "simd.h" in Path(s).read_text()
-                                    or "group_norm_silu_rows.h" in Path(s).read_text()], ids=lambda s: Path(s).name)
+VECTORIZED = [s for s in SOURCES if re.search(r'#include "(simd|simd_vec|group_norm_silu_rows)\.h"', Path(s).read_text())]
+
+
+@pytest.mark.parametrize("source", VECTORIZED, ids=lambda s: Path(s).name)
 def test_portable_sources_compile(source: str) -> None:
     result = _compile(source, "-fsyntax-only")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -157,9 +157,11 @@ def test_cpp_op_rejects_bad_output():
 
 
 @requires_extension
-def test_cpu_avx2_and_portable_paths_are_bit_identical(tmp_path):
-    # The CPU kernel picks an AVX2 path at run time; DDPM_FAST_NO_AVX2=1 forces
-    # the portable one. Both must give the same bits.
+@pytest.mark.parametrize("cap", ["avx2", "none"])
+def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
+    # The CPU kernel picks its widest vector path at run time (AVX-512, AVX2);
+    # DDPM_FAST_CPU_SIMD caps it (none: the portable loops). Every path must
+    # give the same bits. Where the CPU lacks a path, the cap changes nothing.
     import os
     import subprocess
     import sys
@@ -169,9 +171,9 @@ def test_cpu_avx2_and_portable_paths_are_bit_identical(tmp_path):
         "z = ddpm_fast.ops.randn(4099, 2**40 + 3, 2**32 - 100, backend='cpu')\n"
         f"torch.save(z, {str(tmp_path / 'z.pt')!r})\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "DDPM_FAST_NO_AVX2": "1"})
-    portable = torch.load(tmp_path / "z.pt")
-    assert torch.equal(portable, ops.randn(4099, 2**40 + 3, 2**32 - 100, backend="cpu"))
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "DDPM_FAST_CPU_SIMD": cap})
+    capped = torch.load(tmp_path / "z.pt")
+    assert torch.equal(capped, ops.randn(4099, 2**40 + 3, 2**32 - 100, backend="cpu"))
 
 
 def test_opcheck_triton():

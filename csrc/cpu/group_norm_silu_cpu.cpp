@@ -1,8 +1,8 @@
 // GroupNorm+SiLU on the CPU (math in csrc/group_norm_silu.h).
 // float, half and bfloat16 input: statistics in double from float partial
 // sums; the forward's NCHW tasks are (sample, group) blocks, read a second
-// time while in cache; SiLU and its gradient in AVX2 + FMA where the CPU has
-// them (portable loops otherwise, or with DDPM_FAST_NO_AVX2=1). The backward
+// time while in cache; SiLU and its gradient in AVX-512 or AVX2 + FMA where the
+// CPU has them (portable loops otherwise, or with DDPM_FAST_CPU_SIMD=none). The backward
 // of float input runs in float rows (NCHW) or pixel rows (channels_last).
 // double input (gradcheck) and the 16-bit backward run element by element in double.
 #include <ATen/Dispatch.h>
@@ -168,8 +168,8 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
     shift[nc] = static_cast<float>(a - static_cast<double>(mean[ng]));
     rs[nc] = rstd[ng];
   }
-  const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums_avx2, pixel_row_sums_portable);
-  const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx_avx2, pixel_row_dx_portable);
+  const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums);
+  const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx);
   at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(3 * l.c);
     for (int64_t n = begin; n < end; ++n) {
@@ -317,6 +317,12 @@ void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_
   }
 }
 
+// NCHW rows shorter than this (the U-Net's 4x4 and 2x2 maps, ...) go through
+// the affine+SiLU pass as one block of cg rows with per-element coefficients:
+// row by row, the vector loops would see too few elements (rows of 4 ran
+// scalar, 12 ns an element at 8x256x2x2 against 0.7 in long rows).
+constexpr int64_t kShortRow = 64;
+
 // The float path (float, half, bfloat16 input).
 // NCHW: one task per (sample, group), whose channels are cg contiguous rows:
 // their moments, the group's statistics, then the output rows, read again
@@ -331,14 +337,25 @@ void forward_float(const T* x, const NormLayout& l, const Params& p, double eps,
     at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> o(cg), s1(cg), s2(cg);
       std::vector<float> scale(cg), shift(cg);
+      const bool short_rows = l.hw < kShortRow;
+      std::vector<float> element_scale(short_rows ? cg * l.hw : 0), element_shift(short_rows ? cg * l.hw : 0);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
         const T* block = x + (n * l.c + c0) * l.hw;
+        T* y_block = y + (n * l.c + c0) * l.hw;
         for (int64_t k = 0; k < cg; ++k) shifted_row_moments(block + k * l.hw, l.hw, &o[k], &s1[k], &s2[k]);
         group_affine(p, n, c0, cg, l.c, l.hw, o.data(), s1.data(), s2.data(), eps, mean_out + ng, rstd_out + ng,
                      scale.data(), shift.data());
-        for (int64_t k = 0; k < cg; ++k)
-          affine_act(block + k * l.hw, l.hw, &scale[k], &shift[k], 0, act, y + (n * l.c + c0 + k) * l.hw);
+        if (short_rows) {
+          for (int64_t k = 0; k < cg; ++k) {
+            std::fill_n(element_scale.begin() + k * l.hw, l.hw, scale[k]);
+            std::fill_n(element_shift.begin() + k * l.hw, l.hw, shift[k]);
+          }
+          affine_act(block, cg * l.hw, element_scale.data(), element_shift.data(), 1, act, y_block);
+        } else {
+          for (int64_t k = 0; k < cg; ++k)
+            affine_act(block + k * l.hw, l.hw, &scale[k], &shift[k], 0, act, y_block + k * l.hw);
+        }
       }
     });
     return;

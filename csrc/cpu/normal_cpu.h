@@ -8,12 +8,13 @@ namespace cpu {
 
 // Elements per call of normal_block: enough independent lanes to hide the
 // latency of a Philox round, few enough to stay in registers and L1.
-// A multiple of 16, the AVX2 path's group.
+// A multiple of what the vector paths (normal_block_simd.inc) step by: 4 or 8
+// Philox counters per register, 32 or 64 normals per Box-Muller step.
 constexpr int64_t kNormalBlock = 64;
 
 // z[i] = the stream's normal for counter ctr[i], i < kNormalBlock.
-// An AVX2 path and a portable one, chosen at first call; both give
-// bit-identical results.
+// AVX-512, AVX2 and portable paths, chosen at first call (simd.h); all
+// give bit-identical results.
 void normal_block(uint64_t seed, const uint64_t* ctr, float* z);
 
 }  // namespace cpu
