@@ -1,8 +1,9 @@
 // Which vector instruction sets the CPU kernels' hand-written loops use.
 //
-// The loops need x86 and GCC/Clang (<immintrin.h>, target pragmas, run-time
-// CPU detection); elsewhere (aarch64, ...) only the portable loops are
-// compiled and the kernels run those. Defining DDPM_FAST_PORTABLE_CPU leaves
+// The loops need x86 and GCC (<immintrin.h>, GCC's target pragmas, run-time
+// CPU detection); elsewhere (aarch64, ..., and builds by Clang, whose
+// handling of GCC's target pragmas no machine of the project can check) only
+// the portable loops are compiled and the kernels run those. Defining DDPM_FAST_PORTABLE_CPU leaves
 // the x86 loops out on x86 too, so that the portable-only build can be checked
 // here (tests/test_portable_build.py).
 //
@@ -13,7 +14,8 @@
 // tests run the narrower paths on a machine that has AVX-512.
 #pragma once
 
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(DDPM_FAST_PORTABLE_CPU)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(DDPM_FAST_PORTABLE_CPU)
 #define DDPM_FAST_X86_SIMD 1
 #include <immintrin.h>
 #else
