@@ -1,0 +1,84 @@
+"""Our CPU ops against their eager peers, interleaved in one process.
+
+pytest-benchmark times each implementation in its own block of rounds, so on a
+noisy VM a peer can be measured in a slow minute and ours in a fast one. This
+script alternates the two (a few calls of ours, a few of eager, forty times)
+and prints both medians and their ratio. Run it after the README's set-up:
+
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
+        .venv/bin/python benchmarks/cpu_interleaved.py
+
+(the two variables keep eager's temporaries off freshly mapped pages; see
+BENCHMARKS.md). DDPM_FAST_CPU_SIMD=avx2 or none runs our narrower loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast import NoiseSchedule, ops
+
+SCHEDULE = NoiseSchedule("linear", timesteps=1000)
+T_STEP = 500
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(name: str, ours: Callable[[], object], eager: Callable[[], object], rounds: int, calls: int = 3) -> None:
+    for _ in range(3):  # warm-up
+        ours()
+        eager()
+    ours_s, eager_s = [], []
+    for _ in range(rounds):
+        ours_s += [_seconds(ours) for _ in range(calls)]
+        eager_s += [_seconds(eager) for _ in range(calls)]
+    a, b = statistics.median(ours_s) * 1e3, statistics.median(eager_s) * 1e3
+    print(f"{name:36s} ours {a:8.3f} ms   eager {b:8.3f} ms   eager/ours {b / a:5.2f}x", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sqrt_ab = SCHEDULE.sqrt_alphas_cumprod.float()
+    sqrt_1m_ab = SCHEDULE.sqrt_one_minus_alphas_cumprod.float()
+    a, b, sigma = (float(SCHEDULE.sqrt_recip_alphas[T_STEP]), float(SCHEDULE.eps_coef[T_STEP]),
+                   float(SCHEDULE.fixed_large_variance[T_STEP].sqrt()))
+    with torch.inference_mode():
+        for shape in [(128, 3, 32, 32), (8, 1, 512, 512)]:
+            label = "x".join(map(str, shape))
+            x0 = torch.randn(shape)
+            t = torch.randint(0, SCHEDULE.num_timesteps, (shape[0],))
+            view = (-1,) + (1,) * (len(shape) - 1)
+
+            def eager_q_sample():
+                eps = torch.randn_like(x0)
+                return sqrt_ab[t].view(view) * x0 + sqrt_1m_ab[t].view(view) * eps, eps
+
+            compare(f"q_sample {label}", lambda: ops.q_sample(x0, t, SCHEDULE, seed=1, backend="cpu"), eager_q_sample,
+                    args.rounds)
+            x_t, eps = torch.randn(shape), torch.randn(shape)
+            compare(f"ddpm_step {label}", lambda: ops.ddpm_step(x_t, eps, T_STEP, SCHEDULE, seed=1, backend="cpu"),
+                    lambda: a * (x_t - b * eps) + sigma * torch.randn_like(x_t), args.rounds)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(32, 128, 32, 32).contiguous(memory_format=layout)
+            w, bias = torch.randn(128), torch.randn(128)
+            compare(f"group_norm_silu 32x128x32x32 {'NHWC' if layout is torch.channels_last else 'NCHW'}",
+                    lambda: ops.group_norm_silu(x, 32, w, bias, backend="cpu"),
+                    lambda: F.silu(F.group_norm(x, 32, w, bias)), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
