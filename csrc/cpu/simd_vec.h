@@ -34,6 +34,7 @@ struct Avx2 {
   static constexpr int kFloats = 8;
   static constexpr int kWords64 = 4;
   static constexpr int kRegisters = 16;
+  static constexpr bool kScalef = false;  // no vscalefps (see Avx512)
 
   DDPM_VEC_FN F set1(float x) { return _mm256_set1_ps(x); }
   DDPM_VEC_FN F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -114,6 +115,9 @@ struct Avx512 {
   static constexpr int kFloats = 16;
   static constexpr int kWords64 = 8;
   static constexpr int kRegisters = 32;
+  // vscalefps and vrndscaleps: exp(x) = 2^k p(r) without building 2^k from
+  // bits, so with none of the clamps and selects that way needs at the ends.
+  static constexpr bool kScalef = true;
 
   DDPM_VEC_FN F set1(float x) { return _mm512_set1_ps(x); }
   DDPM_VEC_FN F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -124,6 +128,11 @@ struct Avx512 {
   DDPM_VEC_FN F div(F a, F b) { return _mm512_div_ps(a, b); }
   DDPM_VEC_FN F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   DDPM_VEC_FN F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
+  DDPM_VEC_FN F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
+  // The nearest integer (ties to even), as a float.
+  DDPM_VEC_FN F round_nearest(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // a * 2^floor(k), overflowing to Inf and underflowing gradually as IEEE does.
+  DDPM_VEC_FN F scalef(F a, F k) { return _mm512_scalef_ps(a, k); }
   DDPM_VEC_FN F max(F a, F b) { return _mm512_max_ps(a, b); }
   DDPM_VEC_FN F min(F a, F b) { return _mm512_min_ps(a, b); }
   DDPM_VEC_FN F sqrt(F a) { return _mm512_sqrt_ps(a); }
