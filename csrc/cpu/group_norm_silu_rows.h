@@ -34,18 +34,18 @@ namespace {
 // sees x clamped to that range (NaN too, keeping the int conversion defined);
 // the ends are restored last: exp(NaN) = NaN and exp(x > 88) = +Inf, so that
 // silu(-Inf) = -Inf / (1 + Inf) is NaN, as F.silu has it.
+// P of exp(r) = 1 + r + r^2 P(r), highest power first (the vector loops use it too).
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline __attribute__((always_inline)) float exp_poly(float x_in) {
   const float x = x_in >= -87.0f ? (x_in <= 88.0f ? x_in : 88.0f) : -87.0f;
   // floor(x log2e + 0.5) by truncating a positive value (vectorizes without SSE4.1's round).
   const int32_t k_int = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
   const float k = static_cast<float>(k_int);
   const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = kExpPoly[0];
+  for (int j = 1; j < 6; ++j) p = p * r + kExpPoly[j];
   p = p * r * r + r + 1.0f;
   const int32_t bits = (k_int + 127) << 23;
   float scale;

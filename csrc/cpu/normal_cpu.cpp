@@ -32,6 +32,12 @@ DDPM_ALWAYS_INLINE float bits_float(int32_t b) {
   return x;
 }
 
+// log_pos's polynomial in m, highest power first; each subtraction of c is
+// written as an addition of -c, which rounds the same (the vector paths use it too).
+constexpr float kLogPoly[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                               -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                               2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+
 // Natural log of a positive normal float.
 DDPM_ALWAYS_INLINE float log_pos(float x) {
   const int32_t bits = float_bits(x);
@@ -41,15 +47,8 @@ DDPM_ALWAYS_INLINE float log_pos(float x) {
   e = low ? e - 1 : e;
   m = low ? m + m - 1.0f : m - 1.0f;
   const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  float y = kLogPoly[0];
+  for (int j = 1; j < 9; ++j) y = y * m + kLogPoly[j];
   y = y * m * z;
   const float fe = static_cast<float>(e);
   y += -2.12194440e-4f * fe;  // ln 2 split in two for accuracy
