@@ -34,16 +34,23 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def compare(name: str, ours: Callable[[], object], eager: Callable[[], object], rounds: int, calls: int = 3) -> None:
+def compare(name: str, ours: Callable[[], object], eager: Callable[[], object], rounds: int, calls: int = 3,
+            floor: Callable[[], object] | None = None) -> None:
+    """Prints the medians of ours and eager (and of `floor`, a copy that moves
+    the bytes the op must move, where given) and their ratios."""
+    fns = [ours, eager] + ([floor] if floor is not None else [])
     for _ in range(3):  # warm-up
-        ours()
-        eager()
-    ours_s, eager_s = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        ours_s += [_seconds(ours) for _ in range(calls)]
-        eager_s += [_seconds(eager) for _ in range(calls)]
-    a, b = statistics.median(ours_s) * 1e3, statistics.median(eager_s) * 1e3
-    print(f"{name:36s} ours {a:8.3f} ms   eager {b:8.3f} ms   eager/ours {b / a:5.2f}x", flush=True)
+        for fn, seconds in zip(fns, times):
+            seconds += [_seconds(fn) for _ in range(calls)]
+    a, b, *c = (statistics.median(seconds) * 1e3 for seconds in times)
+    line = f"{name:36s} ours {a:8.3f} ms   eager {b:8.3f} ms   eager/ours {b / a:5.2f}x"
+    if c:
+        line += f"   copy {c[0]:7.3f} ms (ours at {c[0] / a:4.0%} of its speed; eager/copy {b / c[0]:4.2f}x)"
+    print(line, flush=True)
 
 
 def main() -> None:
@@ -77,7 +84,7 @@ def main() -> None:
             w, bias = torch.randn(128), torch.randn(128)
             compare(f"group_norm_silu 32x128x32x32 {'NHWC' if layout is torch.channels_last else 'NCHW'}",
                     lambda: ops.group_norm_silu(x, 32, w, bias, backend="cpu"),
-                    lambda: F.silu(F.group_norm(x, 32, w, bias)), args.rounds)
+                    lambda: F.silu(F.group_norm(x, 32, w, bias)), args.rounds, floor=x.clone)
 
 
 if __name__ == "__main__":

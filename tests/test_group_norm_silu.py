@@ -191,6 +191,27 @@ class TestBadInput:
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_kernel_forward_task_paths(dtype, layout):
+    """The C++ forward's ways through a batch on 2 threads: 6 samples, each
+    small enough to be normalized in the task that read it while the next is
+    prefetched (channels_last; NCHW prefetches the next (sample, group) block),
+    with rows of 33x35 = 1155 values, which 16-bit input converts in pieces of
+    at most 1024; against a float64 reference."""
+    x, w, b, add = inputs((6, 12, 33, 35), dtype, layout, "cpu", True, True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = ops.group_norm_silu(x, 4, w, b, add=add, backend="cpu")
+        y_ref = reference(x.double(), 4, w.double(), b.double(), add.double(), True)
+    finally:
+        torch.set_num_threads(threads)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    torch.testing.assert_close(y.double(), y_ref, **TOL[dtype][0])
+
+
+@requires_extension
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 def test_cpu_kernel_long_rows_and_large_mean(layout, offset):

@@ -129,8 +129,9 @@ struct Avx512 {
   DDPM_VEC_FN F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   DDPM_VEC_FN F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
   DDPM_VEC_FN F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
-  // The nearest integer (ties to even), as a float.
-  DDPM_VEC_FN F round_nearest(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  DDPM_VEC_FN F fnmsub(F a, F b, F c) { return _mm512_fnmsub_ps(a, b, c); }  // -(a * b) - c, one rounding
+  // sign(a) min(|a|, limit) for limit > 0, in one vrangeps; NaN stays NaN.
+  DDPM_VEC_FN F clamp_abs(F a, float limit) { return _mm512_range_ps(a, _mm512_set1_ps(limit), 0x2); }
   // a * 2^floor(k), overflowing to Inf and underflowing gradually as IEEE does.
   DDPM_VEC_FN F scalef(F a, F k) { return _mm512_scalef_ps(a, k); }
   DDPM_VEC_FN F max(F a, F b) { return _mm512_max_ps(a, b); }
