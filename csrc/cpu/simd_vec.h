@@ -45,6 +45,7 @@ struct Avx2 {
   DDPM_VEC_FN F div(F a, F b) { return _mm256_div_ps(a, b); }
   DDPM_VEC_FN F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, one rounding
   DDPM_VEC_FN F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }  // a * b - c, one rounding
+  DDPM_VEC_FN F fnmsub(F a, F b, F c) { return _mm256_fnmsub_ps(a, b, c); }  // -(a * b) - c, one rounding
   // max/min return b where either is NaN.
   DDPM_VEC_FN F max(F a, F b) { return _mm256_max_ps(a, b); }
   DDPM_VEC_FN F min(F a, F b) { return _mm256_min_ps(a, b); }
