@@ -35,9 +35,16 @@ struct Params {
   std::vector<double> w, b, add;  // add is empty without one
 };
 
+// A contiguous parameter (check_group_norm_args) read into doubles directly:
+// through t.to(kDouble) each cost a tensor and a kernel launch, some
+// microseconds of an op whose small shapes take tens.
 std::vector<double> as_doubles(const at::Tensor& t) {
-  const at::Tensor d = t.to(at::kDouble).contiguous();
-  return std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel());
+  std::vector<double> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "as_doubles", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
 }
 
 Params read_params(const NormLayout& l, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
