@@ -3,7 +3,9 @@
 pytest-benchmark times each implementation in its own block of rounds, so on a
 noisy VM a peer can be measured in a slow minute and ours in a fast one. This
 script alternates the two (a few calls of ours, a few of eager, forty times)
-and prints both medians and their ratio. Run it after the README's set-up:
+and prints both medians and their ratio; for GroupNorm+SiLU also those of
+x.clone(), which moves the bytes the op must move (its floor on the CPU). Run
+it after the README's set-up:
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
         .venv/bin/python benchmarks/cpu_interleaved.py
