@@ -98,7 +98,11 @@ struct Avx2 {
   DDPM_VEC_FN I load_u64(const uint64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   // The 64-bit products of the lanes' low 32-bit halves.
   DDPM_VEC_FN I mul_low_halves(I a, I b) { return _mm256_mul_epu32(a, b); }
+  // The lanes' high 32-bit halves moved to their low halves (the high halves
+  // then hold whatever the vector type leaves there: callers read only low
+  // halves). A shift here; Avx512's shuffle measured 3% slower in AVX2.
   DDPM_VEC_FN I high_halves(I v) { return _mm256_srli_epi64(v, 32); }
+  DDPM_VEC_FN I xor3(I a, I b, I c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   // The lanes' low 32-bit halves, to p[0, kWords64).
   DDPM_VEC_FN void store_low_halves(uint32_t* p, I v) {
     const __m256i even_words = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
@@ -170,7 +174,10 @@ struct Avx512 {
   DDPM_VEC_FN I set1_u64(uint64_t x) { return _mm512_set1_epi64(static_cast<int64_t>(x)); }
   DDPM_VEC_FN I load_u64(const uint64_t* p) { return _mm512_loadu_si512(p); }
   DDPM_VEC_FN I mul_low_halves(I a, I b) { return _mm512_mul_epu32(a, b); }
-  DDPM_VEC_FN I high_halves(I v) { return _mm512_srli_epi64(v, 32); }
+  // A shuffle (the high halves get the old low ones), on port 5 where the
+  // multiplies and shifts take port 0.
+  DDPM_VEC_FN I high_halves(I v) { return _mm512_shuffle_epi32(v, _MM_PERM_CDAB); }
+  DDPM_VEC_FN I xor3(I a, I b, I c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }  // one vpternlogq
   DDPM_VEC_FN void store_low_halves(uint32_t* p, I v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi64_epi32(v));
   }
