@@ -193,22 +193,28 @@ class TestBadInput:
 @requires_extension
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cpu_kernel_forward_task_paths(dtype, layout):
-    """The C++ forward's ways through a batch on 2 threads: 6 samples, each
-    small enough to be normalized in the task that read it while the next is
-    prefetched (channels_last; NCHW prefetches the next (sample, group) block),
-    with rows of 33x35 = 1155 values, which 16-bit input converts in pieces of
-    at most 1024; against a float64 reference."""
-    x, w, b, add = inputs((6, 12, 33, 35), dtype, layout, "cpu", True, True)
+@pytest.mark.parametrize("shape", [(6, 12, 33, 35), (1, 8, 67, 71)], ids=["6-samples", "1-sample"])
+def test_cpu_kernel_forward_task_paths(dtype, layout, shape):
+    """The C++ forward's ways through a batch: 6 samples, each small enough to
+    be normalized in the task that read it while the next is prefetched
+    (channels_last; NCHW prefetches the next (sample, group) block), and one
+    sample of 4757 pixels, whose channels_last moments run in two parts on
+    different threads; rows of more than 1024 values, which 16-bit input
+    converts in pieces. Against a float64 reference, and the same bits on 1
+    and 2 threads."""
+    x, w, b, add = inputs(shape, dtype, layout, "cpu", True, True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
+        torch.set_num_threads(2)
         y = ops.group_norm_silu(x, 4, w, b, add=add, backend="cpu")
-        y_ref = reference(x.double(), 4, w.double(), b.double(), add.double(), True)
+        torch.set_num_threads(1)
+        y_one_thread = ops.group_norm_silu(x, 4, w, b, add=add, backend="cpu")
     finally:
         torch.set_num_threads(threads)
+    y_ref = reference(x.double(), 4, w.double(), b.double(), add.double(), True)
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     torch.testing.assert_close(y.double(), y_ref, **TOL[dtype][0])
+    assert torch.equal(y, y_one_thread)
 
 
 @requires_extension

@@ -375,102 +375,151 @@ int64_t l2_cache_bytes() {
 // lines as well gained 1% there, and is not done.
 constexpr int64_t kPrefetchShare = 4;
 
-// The float path (float, half, bfloat16 input).
-// NCHW: one task per (sample, group), whose channels are cg contiguous rows:
-// their moments, the group's statistics, then the output rows, read again
-// while the block is still in cache.
-// channels_last: per-channel moments of each sample (shifted float sums, as
-// NCHW's), then one affine+SiLU pass over rows of C contiguous values.
+// The float path (float, half, bfloat16 input), NCHW: one task per (sample,
+// group), whose channels are cg contiguous rows: their moments, the group's
+// statistics, then the output rows, read again while the block is still in
+// cache (and the next block prefetched meanwhile).
 template <typename T>
-void forward_float(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
-                   float* rstd_out) {
+void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
+                  float* rstd_out) {
   const int64_t cg = l.c / l.groups;
-  if (!l.channels_last) {
-    at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> o(cg), s1(cg), s2(cg);
-      std::vector<float> scale(cg), shift(cg);
-      const bool short_rows = l.hw < kShortRow;
-      const bool prefetch_next = cg * l.hw * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare;
-      std::vector<float> element_scale(short_rows ? cg * l.hw : 0), element_shift(short_rows ? cg * l.hw : 0);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
-        const T* block = x + (n * l.c + c0) * l.hw;
-        T* y_block = y + (n * l.c + c0) * l.hw;
-        for (int64_t k = 0; k < cg; ++k) shifted_row_moments(block + k * l.hw, l.hw, &o[k], &s1[k], &s2[k]);
-        group_affine(p, n, c0, cg, l.c, l.hw, o.data(), s1.data(), s2.data(), eps, mean_out + ng, rstd_out + ng,
-                     scale.data(), shift.data());
-        if (short_rows) {
-          for (int64_t k = 0; k < cg; ++k) {
-            std::fill_n(element_scale.begin() + k * l.hw, l.hw, scale[k]);
-            std::fill_n(element_shift.begin() + k * l.hw, l.hw, shift[k]);
-          }
-          affine_act(block, cg * l.hw, 1, element_scale.data(), element_shift.data(), 1, act, y_block);
-        } else {
-          const T* next = ng + 1 < end && prefetch_next ? block + cg * l.hw : nullptr;
-          for (int64_t k = 0; k < cg; ++k)  // the next block's row k while computing row k
-            affine_act(block + k * l.hw, l.hw, 1, &scale[k], &shift[k], 0, act, y_block + k * l.hw,
-                       next == nullptr ? nullptr : next + k * l.hw);
+  at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> o(cg), s1(cg), s2(cg);
+    std::vector<float> scale(cg), shift(cg);
+    const bool short_rows = l.hw < kShortRow;
+    const bool prefetch_next = cg * l.hw * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare;
+    std::vector<float> element_scale(short_rows ? cg * l.hw : 0), element_shift(short_rows ? cg * l.hw : 0);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
+      const T* block = x + (n * l.c + c0) * l.hw;
+      T* y_block = y + (n * l.c + c0) * l.hw;
+      for (int64_t k = 0; k < cg; ++k) shifted_row_moments(block + k * l.hw, l.hw, &o[k], &s1[k], &s2[k]);
+      group_affine(p, n, c0, cg, l.c, l.hw, o.data(), s1.data(), s2.data(), eps, mean_out + ng, rstd_out + ng,
+                   scale.data(), shift.data());
+      if (short_rows) {
+        for (int64_t k = 0; k < cg; ++k) {
+          std::fill_n(element_scale.begin() + k * l.hw, l.hw, scale[k]);
+          std::fill_n(element_shift.begin() + k * l.hw, l.hw, shift[k]);
         }
-      }
-    });
-    return;
-  }
-  // Per-channel moments of each sample: float sums of x - o_c (o_c the
-  // channel's first value, or 0 where that is not finite) over chunks of
-  // kPixelChunk pixels, added in double; then the sample's coefficients.
-  constexpr int64_t kPixelChunk = 256;
-  std::vector<float> scale(l.n * l.c), shift(l.n * l.c);
-  auto sample_coefficients = [&](int64_t n, float* buffer, float* o, float* s1, float* s2, double* moments) {
-    double *offset = moments, *sum = moments + l.c, *sumsq = moments + 2 * l.c;
-    std::fill(moments, moments + 3 * l.c, 0.0);
-    const float* first = as_float_row(x + n * l.hw * l.c, l.c, buffer);
-    for (int64_t c = 0; c < l.c; ++c) offset[c] = o[c] = std::isfinite(first[c]) ? first[c] : 0.0f;
-    for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
-      std::fill(s1, s1 + l.c, 0.0f);
-      std::fill(s2, s2 + l.c, 0.0f);
-      for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s)
-        pixel_moments(as_float_row(x + (n * l.hw + s) * l.c, l.c, buffer), o, l.c, s1, s2);
-      for (int64_t c = 0; c < l.c; ++c) {
-        sum[c] += s1[c];
-        sumsq[c] += s2[c];
+        affine_act(block, cg * l.hw, 1, element_scale.data(), element_shift.data(), 1, act, y_block);
+      } else {
+        const T* next = ng + 1 < end && prefetch_next ? block + cg * l.hw : nullptr;
+        for (int64_t k = 0; k < cg; ++k)  // the next block's row k while computing row k
+          affine_act(block + k * l.hw, l.hw, 1, &scale[k], &shift[k], 0, act, y_block + k * l.hw,
+                     next == nullptr ? nullptr : next + k * l.hw);
       }
     }
+  });
+}
+
+// The float path, channels_last: per-channel moments of each sample (float
+// sums of x - o_c, o_c the channel's value at the sample's first pixel, or 0
+// where that is not finite, flushed to double every kPixelChunk pixels), its
+// groups' statistics, then the affine+SiLU pass over pixel rows of C values.
+template <typename T>
+void forward_channels_last(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y,
+                           float* mean_out, float* rstd_out) {
+  constexpr int64_t kPixelChunk = 256;
+  // The moments pass runs in parts of this many pixels (their double sums
+  // added in part order, so that the result does not depend on the thread
+  // count), so that a batch of fewer samples than threads keeps them all busy.
+  constexpr int64_t kPartPixels = 4096;
+  const int64_t cg = l.c / l.groups, sample = l.hw * l.c, c = l.c;
+  const int64_t parts = (l.hw + kPartPixels - 1) / kPartPixels;
+  std::vector<float> offset(l.n * c), scale(l.n * c), shift(l.n * c);
+  struct Scratch {  // per task
+    std::vector<float> buffer, s1, s2;
+    std::vector<double> o, sums;
+  };
+  auto scratch = [&] {
+    return Scratch{std::vector<float>(c), std::vector<float>(c), std::vector<float>(c), std::vector<double>(c),
+                   std::vector<double>(2 * c)};
+  };
+  auto sample_offsets = [&](int64_t n, Scratch& t) {
+    const float* first = as_float_row(x + n * sample, c, t.buffer.data());
+    for (int64_t k = 0; k < c; ++k) offset[n * c + k] = std::isfinite(first[k]) ? first[k] : 0.0f;
+  };
+  // Sum and sum of squares of x - o_c over part `part` of sample n, into
+  // sums[0, c) and sums[c, 2c).
+  auto part_moments = [&](int64_t n, int64_t part, Scratch& t, double* sums) {
+    std::fill(sums, sums + 2 * c, 0.0);
+    const int64_t end = std::min(l.hw, (part + 1) * kPartPixels);
+    for (int64_t s0 = part * kPartPixels; s0 < end; s0 += kPixelChunk) {
+      std::fill(t.s1.begin(), t.s1.end(), 0.0f);
+      std::fill(t.s2.begin(), t.s2.end(), 0.0f);
+      for (int64_t s = s0; s < std::min(s0 + kPixelChunk, end); ++s)
+        pixel_moments(as_float_row(x + n * sample + s * c, c, t.buffer.data()), offset.data() + n * c, c,
+                      t.s1.data(), t.s2.data());
+      for (int64_t k = 0; k < c; ++k) {
+        sums[k] += t.s1[k];
+        sums[c + k] += t.s2[k];
+      }
+    }
+  };
+  // Sample n's statistics and coefficients from its parts' sums.
+  auto sample_coefficients = [&](int64_t n, const double* part_sums, Scratch& t) {
+    std::fill(t.sums.begin(), t.sums.end(), 0.0);
+    for (int64_t part = 0; part < parts; ++part)
+      for (int64_t k = 0; k < 2 * c; ++k) t.sums[k] += part_sums[part * 2 * c + k];
+    for (int64_t k = 0; k < c; ++k) t.o[k] = offset[n * c + k];
     for (int64_t g = 0; g < l.groups; ++g) {
       const int64_t c0 = g * cg;
-      group_affine(p, n, c0, cg, l.c, l.hw, offset + c0, sum + c0, sumsq + c0, eps, mean_out + n * l.groups + g,
-                   rstd_out + n * l.groups + g, scale.data() + n * l.c + c0, shift.data() + n * l.c + c0);
+      group_affine(p, n, c0, cg, c, l.hw, t.o.data() + c0, t.sums.data() + c0, t.sums.data() + c + c0, eps,
+                   mean_out + n * l.groups + g, rstd_out + n * l.groups + g, scale.data() + n * c + c0,
+                   shift.data() + n * c + c0);
     }
   };
   // Pixel rows [begin, end) (rows n * hw + s), those of one sample to a call.
   auto output_rows = [&](int64_t begin, int64_t end, const T* ahead) {
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / l.hw, rows = std::min(end, (n + 1) * l.hw) - r;
-      affine_act(x + r * l.c, l.c, rows, scale.data() + n * l.c, shift.data() + n * l.c, 1, act, y + r * l.c,
-                 ahead);
+      affine_act(x + r * c, c, rows, scale.data() + n * c, shift.data() + n * c, 1, act, y + r * c, ahead);
       r += rows;
     }
   };
   // Samples small enough (see kPrefetchShare) are written in the task that
   // read them, from L2, while the next sample is prefetched, when there are
-  // samples enough to share among the threads; otherwise the output rows are
-  // a second parallel pass. On the AVX-512 VM (2 MiB L2, 32x128x32x32 fp32,
+  // samples enough to share among the threads; otherwise each step is a
+  // parallel pass of its own. On the AVX-512 VM (2 MiB L2, 32x128x32x32 fp32,
   // 512 KiB samples) the first ran 1.10-1.13x faster (alternated in one
   // process: 1.04-1.05 from writing in the same task, 1.06-1.08 more from the
   // prefetch).
-  const int64_t sample = l.hw * l.c;
   const bool in_task = sample * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare &&
                        l.n >= 2 * static_cast<int64_t>(at::get_num_threads());
+  if (in_task) {
+    at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+      Scratch t = scratch();
+      std::vector<double> part_sums(parts * 2 * c);
+      for (int64_t n = begin; n < end; ++n) {
+        sample_offsets(n, t);
+        for (int64_t part = 0; part < parts; ++part) part_moments(n, part, t, part_sums.data() + part * 2 * c);
+        sample_coefficients(n, part_sums.data(), t);
+        output_rows(n * l.hw, (n + 1) * l.hw, n + 1 < end ? x + (n + 1) * sample : nullptr);
+      }
+    });
+    return;
+  }
+  std::vector<double> part_sums(l.n * parts * 2 * c);
   at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffers(4 * l.c);
-    std::vector<double> moments(3 * l.c);
-    for (int64_t n = begin; n < end; ++n) {
-      sample_coefficients(n, buffers.data(), buffers.data() + l.c, buffers.data() + 2 * l.c, buffers.data() + 3 * l.c,
-                          moments.data());
-      if (in_task) output_rows(n * l.hw, (n + 1) * l.hw, n + 1 < end ? x + (n + 1) * sample : nullptr);
-    }
+    Scratch t = scratch();
+    for (int64_t n = begin; n < end; ++n) sample_offsets(n, t);
   });
-  if (!in_task)
-    at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) { output_rows(begin, end, nullptr); });
+  at::parallel_for(0, l.n * parts, 1, [&](int64_t begin, int64_t end) {
+    Scratch t = scratch();
+    for (int64_t i = begin; i < end; ++i) part_moments(i / parts, i % parts, t, part_sums.data() + i * 2 * c);
+  });
+  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    Scratch t = scratch();
+    for (int64_t n = begin; n < end; ++n) sample_coefficients(n, part_sums.data() + n * parts * 2 * c, t);
+  });
+  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) { output_rows(begin, end, nullptr); });
+}
+
+// The float path (float, half, bfloat16 input).
+template <typename T>
+void forward_float(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
+                   float* rstd_out) {
+  (l.channels_last ? forward_channels_last<T> : forward_nchw<T>)(x, l, p, eps, act, y, mean_out, rstd_out);
 }
 
 }  // namespace
