@@ -1,12 +1,13 @@
-// The row loops of the CPU GroupNorm+SiLU (group_norm_silu_cpu.cpp drives
-// them over tensors): SiLU and its gradient over float rows, the moments of a
+// The row loops of the CPU GroupNorm+SiLU (group_norm_silu_cpu.cpp and
+// group_norm_silu_backward_cpu.cpp drive them over tensors): SiLU and its
+// gradient over float rows, the moments of a
 // row, and both backward passes over NCHW rows and channels_last pixel rows,
 // the hand-vectorized ones in AVX2 + FMA, in AVX-512 and portably, picked at
 // run time by DDPM_SIMD_PICK (only the portable loops where simd.h finds no
 // x86).
 //
-// Free of ATen; meant for that one .cpp file only (its functions are internal
-// to the file that includes it).
+// Free of ATen; meant for those two .cpp files (its functions are internal to
+// the file that includes it, and inline, so that each keeps those it uses).
 #pragma once
 
 #include <algorithm>
@@ -56,7 +57,7 @@ inline __attribute__((always_inline)) float exp_poly(float x_in) {
 // values) keeps the float sums from cancelling; over rows this short their
 // rounding stays far below the tests' tolerances. (The vector versions keep
 // several partial sums, so their rounding differs slightly from this loop's.)
-void row_moments_portable(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
+inline void row_moments_portable(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
   float s = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, q)
   for (int64_t i = 0; i < count; ++i) {
@@ -70,7 +71,7 @@ void row_moments_portable(const float* in, int64_t count, float shift, double* s
 
 // One channels_last pixel row's part of the per-channel moments: the sums of
 // (row[c] - shift[c]) and of its squares added to float accumulators.
-void pixel_moments_portable(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
+inline void pixel_moments_portable(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
 #pragma omp simd
   for (int64_t c = 0; c < c_total; ++c) {
     const float v = row[c] - shift[c];
@@ -101,7 +102,7 @@ const float* as_float_row(const T* row, int64_t count, float* buffer) {
 // The four cases are separate loops: with `step` and `act` inside, gcc
 // vectorized none of them (scale[i * step] is a gather to it).
 template <bool kAct, bool kBroadcast>
-void affine_act_loop(const float* in, const float* scale, const float* shift, int64_t count, float* out) {
+inline void affine_act_loop(const float* in, const float* scale, const float* shift, int64_t count, float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const float u = in[i] * scale[kBroadcast ? 0 : i] + shift[kBroadcast ? 0 : i];
@@ -118,7 +119,7 @@ struct Prefetch {
   int64_t size;  // bytes per element
 };
 
-void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
+inline void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
                              int64_t rows, bool act, float* out, const Prefetch* /*ahead*/) {
   const auto loop = step == 0 ? (act ? affine_act_loop<true, true> : affine_act_loop<false, true>)
                               : (act ? affine_act_loop<true, false> : affine_act_loop<false, false>);
@@ -136,7 +137,7 @@ inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
 // `act`, du (dL/du through SiLU) is also stored to `du_out` for pass 2, which
 // then needs no exp. The `act` branch stays outside the loops, which would not
 // vectorize around it.
-void backward_row_sums_portable(const float* dy, const float* x, int64_t count, float shift, float rstd, float w,
+inline void backward_row_sums_portable(const float* dy, const float* x, int64_t count, float shift, float rstd, float w,
                                 float b, bool act, double* out, float* du_out) {
   double a_sum = 0.0, b_sum = 0.0, x_sum = 0.0;
   if (act) {
@@ -165,7 +166,7 @@ void backward_row_sums_portable(const float* dy, const float* x, int64_t count, 
 
 // Backward pass 2 over one contiguous (n, c) row: dx = rstd (w du - m1 - xhat m2),
 // du being dy without SiLU or pass 1's stored du with it. `du` may be `dx`.
-void backward_row_dx_portable(const float* du, const float* x, int64_t count, float shift, float rstd, float w,
+inline void backward_row_dx_portable(const float* du, const float* x, int64_t count, float shift, float rstd, float w,
                               float m1, float m2, float* dx) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
@@ -182,7 +183,7 @@ struct PixelCoefs {
   const float *shift, *rstd, *w, *b, *m1, *m2;  // b only in pass 1, m1 and m2 only in pass 2
 };
 
-void pixel_row_sums_portable(const float* dy, const float* x, int64_t c_total, const PixelCoefs& k, bool act,
+inline void pixel_row_sums_portable(const float* dy, const float* x, int64_t c_total, const PixelCoefs& k, bool act,
                              float* acc_a, float* acc_b, float* acc_x, float* du_out) {
   for (int64_t c = 0; c < c_total; ++c) {
     const float xhat = (x[c] + k.shift[c]) * k.rstd[c];
@@ -194,7 +195,7 @@ void pixel_row_sums_portable(const float* dy, const float* x, int64_t c_total, c
   }
 }
 
-void pixel_row_dx_portable(const float* du, const float* x, int64_t c_total, const PixelCoefs& k, float* dx) {
+inline void pixel_row_dx_portable(const float* du, const float* x, int64_t c_total, const PixelCoefs& k, float* dx) {
   for (int64_t c = 0; c < c_total; ++c) {
     const float xhat = (x[c] + k.shift[c]) * k.rstd[c];
     dx[c] = k.rstd[c] * (du[c] * k.w[c] - k.m1[c] - xhat * k.m2[c]);
@@ -219,25 +220,25 @@ DDPM_TARGET_AVX512_END
 #endif  // DDPM_FAST_X86_SIMD
 
 // The widest of each that this CPU runs (simd.h).
-void row_moments(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
+inline void row_moments(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
   DDPM_SIMD_PICK(row_moments)(in, count, shift, sum, sumsq);
 }
 
-void pixel_moments(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
+inline void pixel_moments(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
   DDPM_SIMD_PICK(pixel_moments)(row, shift, c_total, sum, sumsq);
 }
 
-void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
+inline void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
                     int64_t rows, bool act, float* out, const Prefetch* ahead) {
   DDPM_SIMD_PICK(affine_act_row)(in, scale, shift, step, count, rows, act, out, ahead);
 }
 
-void backward_row_sums(const float* dy, const float* x, int64_t count, float shift, float rstd, float w, float b,
+inline void backward_row_sums(const float* dy, const float* x, int64_t count, float shift, float rstd, float w, float b,
                        bool act, double* out, float* du_out) {
   DDPM_SIMD_PICK(backward_row_sums)(dy, x, count, shift, rstd, w, b, act, out, du_out);
 }
 
-void backward_row_dx(const float* du, const float* x, int64_t count, float shift, float rstd, float w, float m1,
+inline void backward_row_dx(const float* du, const float* x, int64_t count, float shift, float rstd, float w, float m1,
                      float m2, float* dx) {
   DDPM_SIMD_PICK(backward_row_dx)(du, x, count, shift, rstd, w, m1, m2, dx);
 }

@@ -1,0 +1,237 @@
+// GroupNorm+SiLU backward on the CPU (math in csrc/group_norm_silu.h).
+// float input runs in float rows (NCHW) or pixel rows (channels_last), SiLU's
+// gradient in AVX-512 or AVX2 + FMA where the CPU has them; double input
+// (gradcheck) and 16-bit input run element by element in double.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../group_norm_silu.h"
+#include "group_norm_silu_cpu_common.h"
+#include "group_norm_silu_rows.h"
+
+namespace ddpm_fast {
+namespace {
+
+// dL/du from dL/dy at pre-activation u.
+inline double grad_u(double dy, double u, bool act) {
+  if (!act) return dy;
+  const double s = sigmoid(u);
+  return dy * s * (1.0 + u * (1.0 - s));
+}
+
+// The group means m1 = sum_k w_k B_k / count and m2 = sum_k w_k A_k / count
+// over the channels k of one group of one sample (row offset nc0).
+inline std::pair<double, double> group_means(const Params& p, const std::vector<double>& A,
+                                             const std::vector<double>& B, int64_t nc0, int64_t c0, int64_t cg,
+                                             double count) {
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t k = c0; k < c0 + cg; ++k) {
+    s1 += p.w[k] * B[nc0 + k];
+    s2 += p.w[k] * A[nc0 + k];
+  }
+  return {s1 / count, s2 / count};
+}
+
+
+// The backward of float NCHW input, row by row in vectorized float (the
+// general path below works element by element in double).
+void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, const Params& p, const float* mean,
+                         const float* rstd, bool act, float* dx, std::vector<double>& A, std::vector<double>& B,
+                         std::vector<double>& dadd) {
+  const int64_t cg = l.c / l.groups;
+  const double count = static_cast<double>(cg * l.hw);
+  std::vector<double> X(l.n * l.c);
+  auto shift_of = [&](int64_t n, int64_t c) {
+    const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
+    return static_cast<float>(a - static_cast<double>(mean[n * l.groups + c / cg]));
+  };
+  at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / l.c, c = nc % l.c;
+      double sums[3];
+      backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), rstd[n * l.groups + c / cg],
+                        static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, sums, dx + nc * l.hw);
+      A[nc] = sums[0];
+      B[nc] = sums[1];
+      X[nc] = sums[2];
+    }
+  });
+  at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
+      const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
+      const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
+      const float* du = act ? dx + nc * l.hw : dy + nc * l.hw;  // pass 1 stored du in dx
+      backward_row_dx(du, x + nc * l.hw, l.hw, shift_of(n, c), static_cast<float>(r), static_cast<float>(p.w[c]),
+                      static_cast<float>(m1), static_cast<float>(m2), dx + nc * l.hw);
+      dadd[nc] = r * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+    }
+  });
+}
+
+
+// The backward of float channels_last input: per sample, pass 1 over its
+// pixels (float sums flushed to double every kPixelChunk pixels), then pass 2
+// over all pixel rows.
+void backward_float_channels_last(const float* dy, const float* x, const NormLayout& l, const Params& p,
+                                  const float* mean, const float* rstd, bool act, float* dx, std::vector<double>& A,
+                                  std::vector<double>& B, std::vector<double>& dadd) {
+  constexpr int64_t kPixelChunk = 256;
+  const int64_t cg = l.c / l.groups;
+  const double count = static_cast<double>(cg * l.hw);
+  std::vector<double> X(l.n * l.c, 0.0);
+  // Per (n, c) coefficients, as float arrays of N*C.
+  std::vector<float> shift(l.n * l.c), rs(l.n * l.c), w(l.c), b(l.c), m1(l.n * l.c), m2(l.n * l.c);
+  for (int64_t c = 0; c < l.c; ++c) {
+    w[c] = static_cast<float>(p.w[c]);
+    b[c] = static_cast<float>(p.b[c]);
+  }
+  for (int64_t nc = 0; nc < l.n * l.c; ++nc) {
+    const int64_t ng = (nc / l.c) * l.groups + (nc % l.c) / cg;
+    const double a = p.add.empty() ? 0.0 : p.add[nc];
+    shift[nc] = static_cast<float>(a - static_cast<double>(mean[ng]));
+    rs[nc] = rstd[ng];
+  }
+  const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums);
+  const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx);
+  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(3 * l.c);
+    for (int64_t n = begin; n < end; ++n) {
+      const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(), b.data(), nullptr, nullptr};
+      for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s) {
+          const int64_t i = (n * l.hw + s) * l.c;
+          pixel_sums(dy + i, x + i, l.c, k, act, acc.data(), acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
+        }
+        for (int64_t c = 0; c < l.c; ++c) {
+          A[n * l.c + c] += acc[c];
+          B[n * l.c + c] += acc[l.c + c];
+          X[n * l.c + c] += acc[2 * l.c + c];
+        }
+      }
+    }
+  });
+  for (int64_t n = 0; n < l.n; ++n) {
+    for (int64_t c = 0; c < l.c; ++c) {
+      const int64_t nc = n * l.c + c;
+      const auto [g1, g2] = group_means(p, A, B, n * l.c, (c / cg) * cg, cg, count);
+      m1[nc] = static_cast<float>(g1);
+      m2[nc] = static_cast<float>(g2);
+      dadd[nc] = static_cast<double>(rs[nc]) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * g1 - X[nc] * g2);
+    }
+  }
+  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / l.hw;
+      const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
+                         b.data(),               m1.data() + n * l.c, m2.data() + n * l.c};
+      const float* du = act ? dx + r * l.c : dy + r * l.c;  // pass 1 stored du in dx
+      pixel_dx(du, x + r * l.c, l.c, k, dx + r * l.c);
+    }
+  });
+}
+
+template <typename T, typename S>
+void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, const S* mean, const S* rstd, bool act,
+              T* dx, std::vector<double>& A, std::vector<double>& B, std::vector<double>& dadd) {
+  const int64_t cg = l.c / l.groups;
+  const double count = static_cast<double>(cg * l.hw);
+  auto xhat_of = [&](int64_t n, int64_t c, int64_t i) {
+    const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
+    const int64_t ng = n * l.groups + c / cg;
+    return (static_cast<double>(x[i]) + a - static_cast<double>(mean[ng])) * static_cast<double>(rstd[ng]);
+  };
+  std::vector<double> X(l.n * l.c);
+  // Pass 1, per (n, c): A = sum du * xhat, B = sum du, X = sum xhat.
+  at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / l.c, c = nc % l.c;
+      double a_sum = 0.0, b_sum = 0.0, x_sum = 0.0;
+      for (int64_t s = 0; s < l.hw; ++s) {
+        const int64_t i = at_index(l, n, c, s);
+        const double xhat = xhat_of(n, c, i);
+        const double du = grad_u(static_cast<double>(dy[i]), xhat * p.w[c] + p.b[c], act);
+        a_sum += du * xhat;
+        b_sum += du;
+        x_sum += xhat;
+      }
+      A[nc] = a_sum;
+      B[nc] = b_sum;
+      X[nc] = x_sum;
+    }
+  });
+  // Pass 2, per (n, c): dh from the group means of w B and w A.
+  at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
+      const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
+      const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
+      for (int64_t s = 0; s < l.hw; ++s) {
+        const int64_t i = at_index(l, n, c, s);
+        const double xhat = xhat_of(n, c, i);
+        const double du = grad_u(static_cast<double>(dy[i]), xhat * p.w[c] + p.b[c], act);
+        dx[i] = static_cast<T>(r * (du * p.w[c] - m1 - xhat * m2));
+      }
+      dadd[nc] = r * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+    }
+  });
+}
+
+at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef shape) {
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
+  return t;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool act) {
+  const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
+  check_group_norm_backward_args(dy_in, x, mean, rstd, l);
+  const at::Tensor dy = x.is_contiguous() ? dy_in.contiguous() : dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = at::empty_like(x);
+  std::vector<double> A(l.n * l.c, 0.0), B(l.n * l.c, 0.0), dadd(l.n * l.c, 0.0);
+  if (x.numel() > 0) {
+    const Params p = read_params(l, weight, bias, add);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
+      if (mean.scalar_type() == at::kDouble) {
+        backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<double>(),
+                 rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
+      } else if (std::is_same_v<scalar_t, float>) {
+        (l.channels_last ? backward_float_channels_last : backward_float_nchw)(
+            dy.const_data_ptr<float>(), x.const_data_ptr<float>(), l, p, mean.const_data_ptr<float>(),
+            rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<float>(), A, B, dadd);
+      } else {
+        backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<float>(),
+                 rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
+      }
+    });
+  }
+  std::vector<double> dw(l.c, 0.0), db(l.c, 0.0);
+  for (int64_t n = 0; n < l.n; ++n) {
+    for (int64_t c = 0; c < l.c; ++c) {
+      dw[c] += A[n * l.c + c];
+      db[c] += B[n * l.c + c];
+    }
+  }
+  const auto [dweight, dbias, dadd_t] =
+      param_grads_as(from_doubles(dw, {l.c}), from_doubles(db, {l.c}), from_doubles(dadd, {l.n, l.c}), x, weight, bias, add);
+  return {dx, dweight, dbias, dadd_t};
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu); }
+
+}  // namespace ddpm_fast

@@ -1,0 +1,54 @@
+// What the CPU GroupNorm+SiLU's forward and backward files
+// (group_norm_silu_cpu.cpp, group_norm_silu_backward_cpu.cpp) share: the
+// parameters read into doubles and the element indexing. Internal to the file
+// that includes it, as group_norm_silu_rows.h is.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../group_norm_silu.h"
+
+namespace ddpm_fast {
+namespace {
+
+// Per-channel parameters and per-(n, c) adds as double vectors (C and N*C values).
+struct Params {
+  std::vector<double> w, b, add;  // add is empty without one
+};
+
+// A contiguous parameter (check_group_norm_args) read into doubles directly:
+// through t.to(kDouble) each cost a tensor and a kernel launch, some
+// microseconds of an op whose small shapes take tens.
+std::vector<double> as_doubles(const at::Tensor& t) {
+  std::vector<double> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "as_doubles", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
+}
+
+Params read_params(const NormLayout& l, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& add) {
+  Params p;
+  p.w = weight.has_value() ? as_doubles(*weight) : std::vector<double>(l.c, 1.0);
+  p.b = bias.has_value() ? as_doubles(*bias) : std::vector<double>(l.c, 0.0);
+  if (add.has_value()) p.add = as_doubles(*add);
+  return p;
+}
+
+// Memory index of element (n, c, s) of x viewed as N x C x S.
+inline int64_t at_index(const NormLayout& l, int64_t n, int64_t c, int64_t s) {
+  return l.channels_last ? (n * l.hw + s) * l.c + c : (n * l.c + c) * l.hw + s;
+}
+
+inline double sigmoid(double u) { return 1.0 / (1.0 + std::exp(-u)); }
+
+}  // namespace
+}  // namespace ddpm_fast
