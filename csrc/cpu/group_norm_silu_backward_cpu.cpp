@@ -232,6 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
   return {dx, dweight, dbias, dadd_t};
 }
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu); }
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+}
 
 }  // namespace ddpm_fast

@@ -342,6 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   return {y, mean, rstd};
 }
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) { m.impl("group_norm_silu", &group_norm_silu_cpu); }
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
+}
 
 }  // namespace ddpm_fast

@@ -119,8 +119,8 @@ struct Prefetch {
   int64_t size;  // bytes per element
 };
 
-inline void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
-                             int64_t rows, bool act, float* out, const Prefetch* /*ahead*/) {
+inline void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step,
+                                    int64_t count, int64_t rows, bool act, float* out, const Prefetch* /*ahead*/) {
   const auto loop = step == 0 ? (act ? affine_act_loop<true, true> : affine_act_loop<false, true>)
                               : (act ? affine_act_loop<true, false> : affine_act_loop<false, false>);
   for (int64_t r = 0; r < rows; ++r) loop(in + r * count, scale, shift, count, out + r * count);
@@ -138,7 +138,7 @@ inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
 // then needs no exp. The `act` branch stays outside the loops, which would not
 // vectorize around it.
 inline void backward_row_sums_portable(const float* dy, const float* x, int64_t count, float shift, float rstd, float w,
-                                float b, bool act, double* out, float* du_out) {
+                                       float b, bool act, double* out, float* du_out) {
   double a_sum = 0.0, b_sum = 0.0, x_sum = 0.0;
   if (act) {
 #pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
@@ -167,7 +167,7 @@ inline void backward_row_sums_portable(const float* dy, const float* x, int64_t 
 // Backward pass 2 over one contiguous (n, c) row: dx = rstd (w du - m1 - xhat m2),
 // du being dy without SiLU or pass 1's stored du with it. `du` may be `dx`.
 inline void backward_row_dx_portable(const float* du, const float* x, int64_t count, float shift, float rstd, float w,
-                              float m1, float m2, float* dx) {
+                                     float m1, float m2, float* dx) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
     const float xhat = (x[i] + shift) * rstd;
@@ -184,7 +184,7 @@ struct PixelCoefs {
 };
 
 inline void pixel_row_sums_portable(const float* dy, const float* x, int64_t c_total, const PixelCoefs& k, bool act,
-                             float* acc_a, float* acc_b, float* acc_x, float* du_out) {
+                                    float* acc_a, float* acc_b, float* acc_x, float* du_out) {
   for (int64_t c = 0; c < c_total; ++c) {
     const float xhat = (x[c] + k.shift[c]) * k.rstd[c];
     float du = dy[c];
@@ -229,17 +229,17 @@ inline void pixel_moments(const float* row, const float* shift, int64_t c_total,
 }
 
 inline void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
-                    int64_t rows, bool act, float* out, const Prefetch* ahead) {
+                           int64_t rows, bool act, float* out, const Prefetch* ahead) {
   DDPM_SIMD_PICK(affine_act_row)(in, scale, shift, step, count, rows, act, out, ahead);
 }
 
 inline void backward_row_sums(const float* dy, const float* x, int64_t count, float shift, float rstd, float w, float b,
-                       bool act, double* out, float* du_out) {
+                              bool act, double* out, float* du_out) {
   DDPM_SIMD_PICK(backward_row_sums)(dy, x, count, shift, rstd, w, b, act, out, du_out);
 }
 
 inline void backward_row_dx(const float* du, const float* x, int64_t count, float shift, float rstd, float w, float m1,
-                     float m2, float* dx) {
+                            float m2, float* dx) {
   DDPM_SIMD_PICK(backward_row_dx)(du, x, count, shift, rstd, w, m1, m2, dx);
 }
 
