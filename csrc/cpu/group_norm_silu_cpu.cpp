@@ -88,19 +88,15 @@ void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum
 template <typename T>
 void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, const float* shift, int64_t step,
                 bool act, T* y, const T* ahead = nullptr) {
-  auto ahead_of = [&](int64_t offset) {
-    return Prefetch{ahead == nullptr ? nullptr : reinterpret_cast<const char*>(ahead + offset), sizeof(T)};
-  };
+  const Prefetch all{reinterpret_cast<const char*>(ahead), sizeof(T)};
   if constexpr (std::is_same_v<T, float>) {
-    const Prefetch all = ahead_of(0);
-    affine_act_row(x, scale, shift, step, count, rows, act, y, ahead == nullptr ? nullptr : &all);
+    affine_act_row(x, scale, shift, step, count, rows, act, y, all);
   } else {
     float in_buffer[kChunk], out_buffer[kChunk];
     auto piece = [&](int64_t offset, int64_t piece_count, int64_t piece_rows, int64_t column) {
       const int64_t n = piece_count * piece_rows;
-      const Prefetch piece_ahead = ahead_of(offset);
       affine_act_row(as_float_row(x + offset, n, in_buffer), scale + step * column, shift + step * column, step,
-                     piece_count, piece_rows, act, out_buffer, ahead == nullptr ? nullptr : &piece_ahead);
+                     piece_count, piece_rows, act, out_buffer, all.at(offset));
       for (int64_t i = 0; i < n; ++i) y[offset + i] = static_cast<T>(out_buffer[i]);
     };
     if (count <= kChunk) {

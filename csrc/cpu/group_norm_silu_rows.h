@@ -115,12 +115,14 @@ inline void affine_act_loop(const float* in, const float* scale, const float* sh
 // [i size, (i + 1) size) of it. (The vector loops spread these prefetches over
 // the row; the portable loop ignores them.)
 struct Prefetch {
-  const char* in;
-  int64_t size;  // bytes per element
+  const char* in;  // null: none
+  int64_t size;    // bytes per element
+  // The same prefetches for a row `offset` elements on.
+  Prefetch at(int64_t offset) const { return {in == nullptr ? nullptr : in + offset * size, size}; }
 };
 
 inline void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step,
-                                    int64_t count, int64_t rows, bool act, float* out, const Prefetch* /*ahead*/) {
+                                    int64_t count, int64_t rows, bool act, float* out, Prefetch /*ahead*/) {
   const auto loop = step == 0 ? (act ? affine_act_loop<true, true> : affine_act_loop<false, true>)
                               : (act ? affine_act_loop<true, false> : affine_act_loop<false, false>);
   for (int64_t r = 0; r < rows; ++r) loop(in + r * count, scale, shift, count, out + r * count);
@@ -229,7 +231,7 @@ inline void pixel_moments(const float* row, const float* shift, int64_t c_total,
 }
 
 inline void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
-                           int64_t rows, bool act, float* out, const Prefetch* ahead) {
+                           int64_t rows, bool act, float* out, Prefetch ahead) {
   DDPM_SIMD_PICK(affine_act_row)(in, scale, shift, step, count, rows, act, out, ahead);
 }
 

@@ -120,8 +120,8 @@ struct Avx512 {
   static constexpr int kFloats = 16;
   static constexpr int kWords64 = 8;
   static constexpr int kRegisters = 32;
-  // vscalefps and vrndscaleps: exp(x) = 2^k p(r) without building 2^k from
-  // bits, so with none of the clamps and selects that way needs at the ends.
+  // vscalefps: exp(x) = 2^k p(r) without building 2^k from bits, so without
+  // the clamp that keeps k in the exponent's range that way.
   static constexpr bool kScalef = true;
 
   DDPM_VEC_FN F set1(float x) { return _mm512_set1_ps(x); }
@@ -133,7 +133,6 @@ struct Avx512 {
   DDPM_VEC_FN F div(F a, F b) { return _mm512_div_ps(a, b); }
   DDPM_VEC_FN F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   DDPM_VEC_FN F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
-  DDPM_VEC_FN F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
   DDPM_VEC_FN F fnmsub(F a, F b, F c) { return _mm512_fnmsub_ps(a, b, c); }  // -(a * b) - c, one rounding
   // sign(a) min(|a|, limit) for limit > 0, in one vrangeps; NaN stays NaN.
   DDPM_VEC_FN F clamp_abs(F a, float limit) { return _mm512_range_ps(a, _mm512_set1_ps(limit), 0x2); }
