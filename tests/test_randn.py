@@ -166,14 +166,18 @@ def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
     import subprocess
     import sys
 
+    # The first case runs consecutive counters through every block (one
+    # crosses 2^32); in the second, samples of 65 make blocks that span two.
+    cases = [((4099, 2**40 + 3, 2**32 - 100), {}), (((5, 65), 7, 3), {"sample_stride": 2**33})]
     script = (
-        "import torch, ddpm_fast\n"
-        "z = ddpm_fast.ops.randn(4099, 2**40 + 3, 2**32 - 100, backend='cpu')\n"
+        "import torch\n"
+        "from ddpm_fast import ops\n"
+        f"z = [ops.randn(*args, backend='cpu', **kwargs) for args, kwargs in {cases!r}]\n"
         f"torch.save(z, {str(tmp_path / 'z.pt')!r})\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "DDPM_FAST_CPU_SIMD": cap})
-    capped = torch.load(tmp_path / "z.pt")
-    assert torch.equal(capped, ops.randn(4099, 2**40 + 3, 2**32 - 100, backend="cpu"))
+    for (args, kwargs), capped in zip(cases, torch.load(tmp_path / "z.pt")):
+        assert torch.equal(capped, ops.randn(*args, backend="cpu", **kwargs))
 
 
 def test_opcheck_triton():

@@ -69,15 +69,21 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
     uint64_t ctr[B];
     float z[B], y[B], sigma[B];
     int64_t mi_index[B];
+    int64_t n = begin / s.per_sample;  // the sample of p0, advanced (not divided) below
     for (int64_t p0 = begin; p0 < end; p0 += B) {
       const int64_t count = std::min(B, end - p0);
+      while (p0 >= (n + 1) * s.per_sample) ++n;
+      // Runs [i0, i1) of elements within one sample: mostly the whole block,
+      // with one timestep, a scalar sigma and (NCHW) counters that normal_run
+      // makes in registers; else the block's parts, with sigma per element.
+      const bool one_sample = p0 + count <= (n + 1) * s.per_sample;
       bool draw = false;
-      // Runs of elements within one sample: one timestep, scalar coefficients,
-      // loops the compiler vectorizes.
+      float sigma1 = 0.0f;
+      uint64_t first = 0;  // one_sample: the counter of element p0
       for (int64_t i0 = 0; i0 < count;) {
-        const int64_t n = (p0 + i0) / s.per_sample;
-        const int64_t i1 = std::min(count, (n + 1) * s.per_sample - p0);
-        const int64_t step = t[per_sample_t ? n : 0];
+        const int64_t m = one_sample ? n : (p0 + i0) / s.per_sample;
+        const int64_t i1 = one_sample ? count : std::min(count, (m + 1) * s.per_sample - p0);
+        const int64_t step = t[per_sample_t ? m : 0];
         const float* row = table + step * kStepColumns;
         if (clip) {
           for (int64_t i = i0; i < i1; ++i)
@@ -86,29 +92,39 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
           for (int64_t i = i0; i < i1; ++i)
             y[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), false);
         }
-        std::fill(sigma + i0, sigma + i1, row[kSigma]);
+        const uint64_t base =
+            offset + static_cast<uint64_t>(m) * sample_stride + static_cast<uint64_t>(step) * step_stride;
+        if (one_sample) {
+          sigma1 = row[kSigma];
+          first = base + static_cast<uint64_t>(p0 - m * s.per_sample);
+        } else {
+          std::fill(sigma + i0, sigma + i1, row[kSigma]);
+        }
         if (row[kSigma] != 0.0f && noise == nullptr) {
           draw = true;
-          noise_counters(s, p0, i0, i1, n,
-                         offset + static_cast<uint64_t>(n) * sample_stride + static_cast<uint64_t>(step) * step_stride,
-                         ctr);
-        } else {
+          if (!one_sample || s.channels_last) noise_counters(s, p0, i0, i1, m, base, ctr);
+        } else if (!one_sample) {
           std::fill(ctr + i0, ctr + i1, 0);  // not drawn (or drawn and discarded)
         }
         i0 = i1;
       }
+      // Lanes past the end are drawn and discarded.
       if (noise != nullptr) {
         for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+      } else if (draw && one_sample && !s.channels_last) {
+        cpu::normal_run(seed, first, z);
       } else if (draw) {
-        std::fill(ctr + count, ctr + B, 0);  // lanes past the end: discarded
+        std::fill(ctr + count, ctr + B, 0);
         cpu::normal_block(seed, ctr, z);
       } else {
         std::fill(z, z + count, 0.0f);
       }
-      for (int64_t i = 0; i < count; ++i) {
-        y[i] = sigma[i] != 0.0f ? y[i] + sigma[i] * z[i] : y[i];
-        out[p0 + i] = static_cast<X>(y[i]);
+      if (one_sample && sigma1 != 0.0f) {
+        for (int64_t i = 0; i < count; ++i) y[i] = y[i] + sigma1 * z[i];
+      } else if (!one_sample) {
+        for (int64_t i = 0; i < count; ++i) y[i] = sigma[i] != 0.0f ? y[i] + sigma[i] * z[i] : y[i];
       }
+      for (int64_t i = 0; i < count; ++i) out[p0 + i] = static_cast<X>(y[i]);
       if (model_input.has_value()) {
         at::Tensor mi = *model_input;
         model_input_index(s, p0, count, mi_index);

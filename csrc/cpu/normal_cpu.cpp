@@ -114,6 +114,12 @@ void normal_block_portable(uint64_t seed, const uint64_t* ctr, float* z) {
   box_muller_block(c0, c1, z);
 }
 
+void normal_run_portable(uint64_t seed, uint64_t first, float* z) {
+  uint64_t ctr[kNormalBlock];
+  for (int64_t i = 0; i < kNormalBlock; ++i) ctr[i] = first + static_cast<uint64_t>(i);
+  normal_block_portable(seed, ctr, z);
+}
+
 }  // namespace
 
 #if DDPM_FAST_X86_SIMD
@@ -137,10 +143,10 @@ using V = Avx512;
 DDPM_TARGET_AVX512_END
 #endif  // DDPM_FAST_X86_SIMD
 
-void normal_block(uint64_t seed, const uint64_t* ctr, float* z) {
-  // DDPM_FAST_CPU_SIMD=avx2 or none forces a narrower path (tests compare them).
-  DDPM_SIMD_PICK(normal_block)(seed, ctr, z);
-}
+// DDPM_FAST_CPU_SIMD=avx2 or none forces a narrower path (tests compare them).
+void normal_block(uint64_t seed, const uint64_t* ctr, float* z) { DDPM_SIMD_PICK(normal_block)(seed, ctr, z); }
+
+void normal_run(uint64_t seed, uint64_t first, float* z) { DDPM_SIMD_PICK(normal_run)(seed, first, z); }
 
 }  // namespace cpu
 }  // namespace ddpm_fast

@@ -17,5 +17,10 @@ constexpr int64_t kNormalBlock = 64;
 // give bit-identical results.
 void normal_block(uint64_t seed, const uint64_t* ctr, float* z);
 
+// z[i] = the stream's normal for counter first + i (mod 2^64), i < kNormalBlock:
+// normal_block of consecutive counters, which the vector paths make in
+// registers (and draw a little faster, csrc/cpu/normal_block_simd.inc).
+void normal_run(uint64_t seed, uint64_t first, float* z);
+
 }  // namespace cpu
 }  // namespace ddpm_fast

@@ -15,6 +15,21 @@
 namespace ddpm_fast {
 namespace {
 
+// Counters of the NHWC positions [p0 + i0, p0 + i1), all of sample n: offset
+// plus the logical index (n, c, hw).
+void nhwc_counters(const ElementLayout& l, uint64_t offset, int64_t n, int64_t p0, int64_t i0, int64_t i1,
+                   uint64_t* ctr) {
+  const int64_t q0 = p0 + i0 - n * l.per_sample;
+  int64_t c = q0 % l.channels, hw = q0 / l.channels;
+  for (int64_t i = i0; i < i1; ++i) {
+    ctr[i] = offset + static_cast<uint64_t>(n * l.per_sample + c * l.spatial + hw);
+    if (++c == l.channels) {
+      c = 0;
+      ++hw;
+    }
+  }
+}
+
 template <typename scalar_t>
 void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const float* sqrt_ab,
                      const float* sqrt_1m_ab, const scalar_t* noise, uint64_t seed,
@@ -29,39 +44,52 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
     constexpr int64_t B = cpu::kNormalBlock;
     uint64_t ctr[B];
     float z[B], a[B], b[B];
+    int64_t n = begin / l.per_sample;  // the sample of p0, advanced (not divided) below
     for (int64_t p0 = begin; p0 < end; p0 += B) {
       const int64_t count = std::min(B, end - p0);
-      // Runs of elements within one sample: scalar coefficients, and (NCHW)
-      // consecutive counters, in loops the compiler vectorizes.
-      for (int64_t i0 = 0; i0 < count;) {
-        const int64_t n = (p0 + i0) / l.per_sample;
-        const int64_t i1 = std::min(count, (n + 1) * l.per_sample - p0);
+      while (p0 >= (n + 1) * l.per_sample) ++n;
+      // Mostly the block lies in one sample: one timestep, scalar coefficients
+      // and (NCHW) counters that normal_run makes in registers. Otherwise,
+      // runs of elements within one sample, coefficients per element.
+      const bool one_sample = p0 + count <= (n + 1) * l.per_sample;
+      float a1 = 0.0f, b1 = 0.0f;
+      if (one_sample) {
         const int64_t step = t[per_sample_t ? n : 0];
-        std::fill(a + i0, a + i1, sqrt_ab[step]);
-        std::fill(b + i0, b + i1, sqrt_1m_ab[step]);
-        if (noise == nullptr && !l.channels_last) {
-          for (int64_t i = i0; i < i1; ++i) ctr[i] = offset + static_cast<uint64_t>(p0 + i);
-        } else if (noise == nullptr) {  // NHWC memory: logical index (n, c, hw) of each position
-          const int64_t q0 = p0 + i0 - n * l.per_sample;
-          int64_t c = q0 % l.channels, hw = q0 / l.channels;
-          for (int64_t i = i0; i < i1; ++i) {
-            ctr[i] = offset + static_cast<uint64_t>(n * l.per_sample + c * l.spatial + hw);
-            if (++c == l.channels) {
-              c = 0;
-              ++hw;
-            }
-          }
-        }
-        i0 = i1;
-      }
-      if (noise == nullptr) {
-        std::fill(ctr + count, ctr + B, 0);  // lanes past the end: discarded
-        cpu::normal_block(seed, ctr, z);
+        a1 = sqrt_ab[step];
+        b1 = sqrt_1m_ab[step];
+        if (noise == nullptr && l.channels_last) nhwc_counters(l, offset, n, p0, 0, count, ctr);
       } else {
-        for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+        for (int64_t i0 = 0; i0 < count;) {
+          const int64_t m = (p0 + i0) / l.per_sample;
+          const int64_t i1 = std::min(count, (m + 1) * l.per_sample - p0);
+          const int64_t step = t[per_sample_t ? m : 0];
+          std::fill(a + i0, a + i1, sqrt_ab[step]);
+          std::fill(b + i0, b + i1, sqrt_1m_ab[step]);
+          if (noise == nullptr && !l.channels_last) {
+            for (int64_t i = i0; i < i1; ++i) ctr[i] = offset + static_cast<uint64_t>(p0 + i);
+          } else if (noise == nullptr) {
+            nhwc_counters(l, offset, m, p0, i0, i1, ctr);
+          }
+          i0 = i1;
+        }
       }
-      for (int64_t i = 0; i < count; ++i) {
-        out[p0 + i] = static_cast<scalar_t>(a[i] * static_cast<float>(x[p0 + i]) + b[i] * z[i]);
+      // Lanes past the end are drawn and discarded.
+      if (noise != nullptr) {
+        for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+      } else if (one_sample && !l.channels_last) {
+        cpu::normal_run(seed, offset + static_cast<uint64_t>(p0), z);
+      } else {
+        std::fill(ctr + count, ctr + B, 0);
+        cpu::normal_block(seed, ctr, z);
+      }
+      if (one_sample) {
+        for (int64_t i = 0; i < count; ++i) {
+          out[p0 + i] = static_cast<scalar_t>(a1 * static_cast<float>(x[p0 + i]) + b1 * z[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          out[p0 + i] = static_cast<scalar_t>(a[i] * static_cast<float>(x[p0 + i]) + b[i] * z[i]);
+        }
       }
       if (eps_out != nullptr) {
         for (int64_t i = 0; i < count; ++i) eps_out[p0 + i] = static_cast<scalar_t>(z[i]);

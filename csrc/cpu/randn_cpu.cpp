@@ -21,14 +21,24 @@ void fill_randn_cpu(at::Tensor& out, int64_t seed, int64_t offset, int64_t sampl
       int64_t n = begin / c.per_sample, j = begin % c.per_sample;  // then advanced, not divided
       for (int64_t p0 = begin; p0 < end; p0 += cpu::kNormalBlock) {
         const int64_t count = std::min(cpu::kNormalBlock, end - p0);
-        for (int64_t i = 0; i < cpu::kNormalBlock; ++i) {
-          ctr[i] = c.offset + static_cast<uint64_t>(n) * c.sample_stride + static_cast<uint64_t>(j);
-          if (++j == c.per_sample) {
-            j = 0;
-            ++n;
+        const uint64_t first = c.offset + static_cast<uint64_t>(n) * c.sample_stride + static_cast<uint64_t>(j);
+        if (j + count <= c.per_sample) {  // the block lies in one sample: consecutive counters
+          cpu::normal_run(static_cast<uint64_t>(seed), first, z);
+          j += count;
+        } else {
+          for (int64_t i = 0; i < cpu::kNormalBlock; ++i) {
+            ctr[i] = c.offset + static_cast<uint64_t>(n) * c.sample_stride + static_cast<uint64_t>(j);
+            if (i < count && ++j == c.per_sample) {
+              j = 0;
+              ++n;
+            }
           }
+          cpu::normal_block(static_cast<uint64_t>(seed), ctr, z);
         }
-        cpu::normal_block(static_cast<uint64_t>(seed), ctr, z);
+        if (j == c.per_sample) {
+          j = 0;
+          ++n;
+        }
         for (int64_t i = 0; i < count; ++i) dst[p0 + i] = static_cast<scalar_t>(z[i]);
       }
     });

@@ -96,6 +96,8 @@ struct Avx2 {
   // 64-bit lanes (Philox): kWords64 of them.
   DDPM_VEC_FN I set1_u64(uint64_t x) { return _mm256_set1_epi64x(static_cast<int64_t>(x)); }
   DDPM_VEC_FN I load_u64(const uint64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  DDPM_VEC_FN I add_u64(I a, I b) { return _mm256_add_epi64(a, b); }
+  DDPM_VEC_FN I iota_u64() { return _mm256_setr_epi64x(0, 1, 2, 3); }  // lane i holds i
   // The 64-bit products of the lanes' low 32-bit halves.
   DDPM_VEC_FN I mul_low_halves(I a, I b) { return _mm256_mul_epu32(a, b); }
   // The lanes' high 32-bit halves moved to their low halves (the high halves
@@ -108,6 +110,11 @@ struct Avx2 {
     const __m256i even_words = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(v, even_words)));
+  }
+  // Those of a, then those of b, to p[0, 2 * kWords64).
+  DDPM_VEC_FN void store_low_halves2(uint32_t* p, I a, I b) {
+    store_low_halves(p, a);
+    store_low_halves(p + kWords64, b);
   }
 };
 DDPM_TARGET_END
@@ -172,6 +179,8 @@ struct Avx512 {
 
   DDPM_VEC_FN I set1_u64(uint64_t x) { return _mm512_set1_epi64(static_cast<int64_t>(x)); }
   DDPM_VEC_FN I load_u64(const uint64_t* p) { return _mm512_loadu_si512(p); }
+  DDPM_VEC_FN I add_u64(I a, I b) { return _mm512_add_epi64(a, b); }
+  DDPM_VEC_FN I iota_u64() { return _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0); }
   DDPM_VEC_FN I mul_low_halves(I a, I b) { return _mm512_mul_epu32(a, b); }
   // A shuffle (the high halves get the old low ones), on port 5 where the
   // multiplies and shifts take port 0.
@@ -179,6 +188,10 @@ struct Avx512 {
   DDPM_VEC_FN I xor3(I a, I b, I c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }  // one vpternlogq
   DDPM_VEC_FN void store_low_halves(uint32_t* p, I v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi64_epi32(v));
+  }
+  DDPM_VEC_FN void store_low_halves2(uint32_t* p, I a, I b) {  // one vpermt2d, one store
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    _mm512_storeu_si512(p, _mm512_permutex2var_epi32(a, even, b));
   }
 };
 DDPM_TARGET_END
