@@ -160,8 +160,11 @@ def test_cpp_op_rejects_bad_output():
 @pytest.mark.parametrize("cap", ["avx2", "none"])
 def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
     # The CPU kernel picks its widest vector path at run time (AVX-512, AVX2);
-    # DDPM_FAST_CPU_SIMD caps it (none: the portable loops). Every path must
-    # give the same bits. Where the CPU lacks a path, the cap changes nothing.
+    # DDPM_FAST_CPU_SIMD caps it (none: the portable loops). The vector paths
+    # must give the same bits; the portable loops, without fused multiply-adds,
+    # the same normals to float rounding (the tolerance of the backends'
+    # agreement, test_backends_match_reference). Where the CPU lacks a path, the
+    # cap changes nothing.
     import os
     import subprocess
     import sys
@@ -177,7 +180,11 @@ def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
     )
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "DDPM_FAST_CPU_SIMD": cap})
     for (args, kwargs), capped in zip(cases, torch.load(tmp_path / "z.pt")):
-        assert torch.equal(capped, ops.randn(*args, backend="cpu", **kwargs))
+        widest = ops.randn(*args, backend="cpu", **kwargs)
+        if cap == "avx2":
+            assert torch.equal(capped, widest)
+        else:
+            torch.testing.assert_close(capped, widest, atol=2e-6, rtol=2e-6)
 
 
 def test_opcheck_triton():

@@ -13,8 +13,9 @@ namespace cpu {
 constexpr int64_t kNormalBlock = 64;
 
 // z[i] = the stream's normal for counter ctr[i], i < kNormalBlock.
-// AVX-512, AVX2 and portable paths, chosen at first call (simd.h); all
-// give bit-identical results.
+// AVX-512, AVX2 and portable paths, chosen at first call (simd.h). The two
+// vector paths give the same bits; the portable one, which has no fused
+// multiply-add, differs from them in the last bits of some normals.
 void normal_block(uint64_t seed, const uint64_t* ctr, float* z);
 
 // z[i] = the stream's normal for counter first + i (mod 2^64), i < kNormalBlock:

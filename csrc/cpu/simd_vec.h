@@ -46,6 +46,7 @@ struct Avx2 {
   DDPM_VEC_FN F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, one rounding
   DDPM_VEC_FN F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }  // a * b - c, one rounding
   DDPM_VEC_FN F fnmsub(F a, F b, F c) { return _mm256_fnmsub_ps(a, b, c); }  // -(a * b) - c, one rounding
+  DDPM_VEC_FN F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b, one rounding
   // max/min return b where either is NaN.
   DDPM_VEC_FN F max(F a, F b) { return _mm256_max_ps(a, b); }
   DDPM_VEC_FN F min(F a, F b) { return _mm256_min_ps(a, b); }
@@ -141,6 +142,7 @@ struct Avx512 {
   DDPM_VEC_FN F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   DDPM_VEC_FN F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
   DDPM_VEC_FN F fnmsub(F a, F b, F c) { return _mm512_fnmsub_ps(a, b, c); }  // -(a * b) - c, one rounding
+  DDPM_VEC_FN F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   // sign(a) min(|a|, limit) for limit > 0, in one vrangeps; NaN stays NaN.
   DDPM_VEC_FN F clamp_abs(F a, float limit) { return _mm512_range_ps(a, _mm512_set1_ps(limit), 0x2); }
   // a * 2^floor(k), overflowing to Inf and underflowing gradually as IEEE does.
