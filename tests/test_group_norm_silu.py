@@ -220,22 +220,25 @@ def test_cpu_kernel_forward_task_paths(dtype, layout, shape):
 @requires_extension
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
-def test_cpu_kernel_long_rows_and_large_mean(layout, offset):
+@pytest.mark.parametrize("with_add", [True, False])
+def test_cpu_kernel_long_rows_and_large_mean(layout, offset, with_add):
     """The C++ kernel's float paths on rows longer than its chunks (37x41 pixels:
     1517 > 1024 values per NCHW row, > 256 pixels per channels_last flush; 12
     channels: one 8-wide vector and a tail), and on data far from zero, whose
-    float partial sums must not cancel; against a float64 reference."""
-    x, w, b, add = inputs((2, 12, 37, 41), torch.float32, layout, "cpu", True, True)
+    float partial sums must not cancel (without add, NCHW sums each group's
+    values as one row); against a float64 reference."""
+    x, w, b, add = inputs((2, 12, 37, 41), torch.float32, layout, "cpu", True, with_add)
     x = (x + offset).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
-    y = ops.group_norm_silu(leaves[0], 4, leaves[1], leaves[2], add=leaves[3], backend="cpu")
+    names = ("x", "weight", "bias", "add")[: 4 if with_add else 3]
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, add)[: len(names)]]
+    y = ops.group_norm_silu(leaves[0], 4, leaves[1], leaves[2], add=leaves[3] if with_add else None, backend="cpu")
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     y.backward(dy)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, add)]
-    y_ref = reference(ref_leaves[0], 4, ref_leaves[1], ref_leaves[2], ref_leaves[3], True)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, add)[: len(names)]]
+    y_ref = reference(ref_leaves[0], 4, ref_leaves[1], ref_leaves[2], ref_leaves[3] if with_add else None, True)
     y_ref.backward(dy.double())
     torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
-    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
+    for name, got, want in zip(names, leaves, ref_leaves):
         scale = max(1.0, want.grad.abs().max().item())
         torch.testing.assert_close(got.grad.double() / scale, want.grad / scale, atol=1e-4, rtol=1e-4, msg=name)
 

@@ -109,18 +109,21 @@ void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, con
   }
 }
 
-// Group statistics of h = x + add from per-channel moments of x - o_c over
-// `hw` values each (channels c0..c0+cg of sample n), in double: with
-// d = o_c + add, sum h = S1 + hw d and sum h^2 = S2 + 2 d S1 + hw d^2. Writes
-// mean and rstd, and each channel's float scale and shift (y = act(x scale + shift)).
-void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_total, int64_t hw, const double* o,
-                  const double* s1, const double* s2, double eps, float* mean_out, float* rstd_out, float* scale,
-                  float* shift) {
+// Group statistics of h = x + add from the moments of x - o_k over `parts`
+// equal parts of the group's values (its cg channels, or with no add the
+// whole group as one part), in double: with d = o_k (+ add of channel k),
+// sum h = S1 + m d and sum h^2 = S2 + 2 d S1 + m d^2 over a part's m values.
+// Writes mean and rstd, and each channel's float scale and shift
+// (y = act(x scale + shift)).
+void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_total, int64_t hw, int64_t parts,
+                  const double* o, const double* s1, const double* s2, double eps, float* mean_out, float* rstd_out,
+                  float* scale, float* shift) {
+  const double m = static_cast<double>(cg * hw / parts);
   double s = 0.0, q = 0.0;
-  for (int64_t k = 0; k < cg; ++k) {
+  for (int64_t k = 0; k < parts; ++k) {
     const double d = o[k] + (p.add.empty() ? 0.0 : p.add[n * c_total + c0 + k]);
-    s += s1[k] + hw * d;
-    q += s2[k] + 2.0 * d * s1[k] + hw * d * d;
+    s += s1[k] + m * d;
+    q += s2[k] + 2.0 * d * s1[k] + m * d * d;
   }
   const double count = static_cast<double>(cg * hw);
   const double mean = s / count;
@@ -183,9 +186,14 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
       const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
       const T* block = x + (n * l.c + c0) * l.hw;
       T* y_block = y + (n * l.c + c0) * l.hw;
-      for (int64_t k = 0; k < cg; ++k) shifted_row_moments(block + k * l.hw, l.hw, &o[k], &s1[k], &s2[k]);
-      group_affine(p, n, c0, cg, l.c, l.hw, o.data(), s1.data(), s2.data(), eps, mean_out + ng, rstd_out + ng,
-                   scale.data(), shift.data());
+      // The moments of each channel row, or, with no add, of the whole block
+      // as one row: one call, not cg (the U-Net's 8x8 and 4x4 maps have
+      // blocks of 128-512 values, where each call's fixed costs weigh).
+      const int64_t parts = p.add.empty() ? 1 : cg;
+      const int64_t part = cg * l.hw / parts;
+      for (int64_t k = 0; k < parts; ++k) shifted_row_moments(block + k * part, part, &o[k], &s1[k], &s2[k]);
+      group_affine(p, n, c0, cg, l.c, l.hw, parts, o.data(), s1.data(), s2.data(), eps, mean_out + ng,
+                   rstd_out + ng, scale.data(), shift.data());
       if (short_rows) {
         for (int64_t k = 0; k < cg; ++k) {
           std::fill_n(element_scale.begin() + k * l.hw, l.hw, scale[k]);
@@ -254,7 +262,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     for (int64_t k = 0; k < c; ++k) t.o[k] = offset[n * c + k];
     for (int64_t g = 0; g < l.groups; ++g) {
       const int64_t c0 = g * cg;
-      group_affine(p, n, c0, cg, c, l.hw, t.o.data() + c0, t.sums.data() + c0, t.sums.data() + c + c0, eps,
+      group_affine(p, n, c0, cg, c, l.hw, cg, t.o.data() + c0, t.sums.data() + c0, t.sums.data() + c + c0, eps,
                    mean_out + n * l.groups + g, rstd_out + n * l.groups + g, scale.data() + n * c + c0,
                    shift.data() + n * c + c0);
     }
