@@ -55,16 +55,40 @@ def compare(name: str, ours: Callable[[], object], eager: Callable[[], object], 
     print(line, flush=True)
 
 
+SWEEP_SHAPES = [(32, 128, 32, 32), (32, 256, 16, 16), (32, 256, 8, 8), (32, 256, 4, 4), (2, 128, 128, 128),
+                (1, 64, 256, 256)]
+
+
+def sweep(rounds: int) -> None:
+    """GroupNorm+SiLU (fp32, 32 groups, affine) on each shape and layout,
+    without and with the ResBlock's per-(sample, channel) add."""
+    with torch.inference_mode():
+        for shape in SWEEP_SHAPES:
+            for layout in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(shape).contiguous(memory_format=layout)
+                w, bias, add = torch.randn(shape[1]), torch.randn(shape[1]), torch.randn(shape[:2])
+                name = f"{'x'.join(map(str, shape))} {'NHWC' if layout is torch.channels_last else 'NCHW'}"
+                compare(f"group_norm_silu {name}", lambda: ops.group_norm_silu(x, 32, w, bias, backend="cpu"),
+                        lambda: F.silu(F.group_norm(x, 32, w, bias)), rounds, floor=x.clone)
+                compare(f"  with add {name}", lambda: ops.group_norm_silu(x, 32, w, bias, add=add, backend="cpu"),
+                        lambda: F.silu(F.group_norm(x + add[..., None, None], 32, w, bias)), rounds, floor=x.clone)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--sweep", action="store_true",
+                        help="GroupNorm+SiLU over the U-Net's shapes and larger images, with and without add, only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sqrt_ab = SCHEDULE.sqrt_alphas_cumprod.float()
     sqrt_1m_ab = SCHEDULE.sqrt_one_minus_alphas_cumprod.float()
     a, b, sigma = (float(SCHEDULE.sqrt_recip_alphas[T_STEP]), float(SCHEDULE.eps_coef[T_STEP]),
                    float(SCHEDULE.fixed_large_variance[T_STEP].sqrt()))
+    if args.sweep:
+        sweep(args.rounds)
+        return
     with torch.inference_mode():
         for shape in [(128, 3, 32, 32), (8, 1, 512, 512)]:
             label = "x".join(map(str, shape))

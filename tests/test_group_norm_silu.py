@@ -221,13 +221,15 @@ def test_cpu_kernel_forward_task_paths(dtype, layout, shape):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 @pytest.mark.parametrize("with_add", [True, False])
-def test_cpu_kernel_long_rows_and_large_mean(layout, offset, with_add):
+@pytest.mark.parametrize("hw", [(37, 41), (3, 5)])
+def test_cpu_kernel_long_rows_and_large_mean(layout, offset, with_add, hw):
     """The C++ kernel's float paths on rows longer than its chunks (37x41 pixels:
     1517 > 1024 values per NCHW row, > 256 pixels per channels_last flush; 12
-    channels: one 8-wide vector and a tail), and on data far from zero, whose
-    float partial sums must not cancel (without add, NCHW sums each group's
-    values as one row); against a float64 reference."""
-    x, w, b, add = inputs((2, 12, 37, 41), torch.float32, layout, "cpu", True, with_add)
+    channels: one 8-wide vector and a tail) and on short ones (3x5), and on
+    data far from zero, whose float partial sums must not cancel (NCHW sums
+    each group's values as one row without add, and with add in short rows);
+    against a float64 reference."""
+    x, w, b, add = inputs((2, 12) + hw, torch.float32, layout, "cpu", True, with_add)
     x = (x + offset).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     names = ("x", "weight", "bias", "add")[: 4 if with_add else 3]
     leaves = [t.clone().requires_grad_() for t in (x, w, b, add)[: len(names)]]

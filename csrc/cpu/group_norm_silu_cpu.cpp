@@ -65,19 +65,21 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
   });
 }
 
-// One (n, c) row's shifted moments: sum and sum of squares of (x - shift),
-// chunk by chunk through float. The shift is the row's first value, or 0 when
-// that is not finite (the sums then carry the NaN or Inf as unshifted ones would).
+// Shifted moments of a row (an (n, c) row, or a whole NCHW block): sum and
+// sum of squares of (x - shift), or with `add` (a float per value, or null) of
+// (x + add - shift), chunk by chunk through float. The shift is the row's
+// first such value, or 0 when that is not finite (the sums then carry the NaN
+// or Inf as unshifted ones would).
 template <typename T>
-void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum, double* sumsq) {
+void shifted_row_moments(const T* row, const float* add, int64_t count, double* shift, double* sum, double* sumsq) {
   float buffer[kChunk];
-  const float first = static_cast<float>(row[0]);
+  const float first = static_cast<float>(row[0]) + (add == nullptr ? 0.0f : add[0]);
   const float o = std::isfinite(first) ? first : 0.0f;
   *shift = o;
   *sum = *sumsq = 0.0;
   for (int64_t s0 = 0; s0 < count; s0 += kChunk) {
     const int64_t n = std::min(kChunk, count - s0);
-    row_moments(as_float_row(row + s0, n, buffer), n, o, sum, sumsq);
+    row_moments(as_float_row(row + s0, n, buffer), add == nullptr ? nullptr : add + s0, n, o, sum, sumsq);
   }
 }
 
@@ -110,18 +112,18 @@ void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, con
 }
 
 // Group statistics of h = x + add from the moments of x - o_k over `parts`
-// equal parts of the group's values (its cg channels, or with no add the
-// whole group as one part), in double: with d = o_k (+ add of channel k),
-// sum h = S1 + m d and sum h^2 = S2 + 2 d S1 + m d^2 over a part's m values.
-// Writes mean and rstd, and each channel's float scale and shift
-// (y = act(x scale + shift)).
+// equal parts of the group's values (its cg channels, or the whole group as
+// one part), in double: with d = o_k (+ add of channel k, unless
+// `add_in_sums`: the sums were of x + add - o_k), sum h = S1 + m d and
+// sum h^2 = S2 + 2 d S1 + m d^2 over a part's m values. Writes mean and rstd,
+// and each channel's float scale and shift (y = act(x scale + shift)).
 void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_total, int64_t hw, int64_t parts,
-                  const double* o, const double* s1, const double* s2, double eps, float* mean_out, float* rstd_out,
-                  float* scale, float* shift) {
+                  bool add_in_sums, const double* o, const double* s1, const double* s2, double eps, float* mean_out,
+                  float* rstd_out, float* scale, float* shift) {
   const double m = static_cast<double>(cg * hw / parts);
   double s = 0.0, q = 0.0;
   for (int64_t k = 0; k < parts; ++k) {
-    const double d = o[k] + (p.add.empty() ? 0.0 : p.add[n * c_total + c0 + k]);
+    const double d = o[k] + (p.add.empty() || add_in_sums ? 0.0 : p.add[n * c_total + c0 + k]);
     s += s1[k] + m * d;
     q += s2[k] + 2.0 * d * s1[k] + m * d * d;
   }
@@ -181,19 +183,28 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
     std::vector<float> scale(cg), shift(cg);
     const bool short_rows = l.hw < kShortRow;
     const bool prefetch_next = cg * l.hw * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare;
-    std::vector<float> element_scale(short_rows ? cg * l.hw : 0), element_shift(short_rows ? cg * l.hw : 0);
+    const int64_t elements = short_rows ? cg * l.hw : 0;
+    std::vector<float> element_scale(elements), element_shift(elements), element_add(p.add.empty() ? 0 : elements);
+    // The moments of the whole block as one row: one call, not cg (the
+    // U-Net's 8x8 and 4x4 maps have blocks of 128-512 values, where each
+    // call's fixed costs weigh). With add, only for short rows, where the add
+    // goes in per value; else one row per channel, its add applied after.
+    const bool whole_block = p.add.empty() || short_rows;
+    const int64_t parts = whole_block ? 1 : cg;
+    const int64_t part = cg * l.hw / parts;
+    const float* part_add = whole_block && !p.add.empty() ? element_add.data() : nullptr;
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
       const T* block = x + (n * l.c + c0) * l.hw;
       T* y_block = y + (n * l.c + c0) * l.hw;
-      // The moments of each channel row, or, with no add, of the whole block
-      // as one row: one call, not cg (the U-Net's 8x8 and 4x4 maps have
-      // blocks of 128-512 values, where each call's fixed costs weigh).
-      const int64_t parts = p.add.empty() ? 1 : cg;
-      const int64_t part = cg * l.hw / parts;
-      for (int64_t k = 0; k < parts; ++k) shifted_row_moments(block + k * part, part, &o[k], &s1[k], &s2[k]);
-      group_affine(p, n, c0, cg, l.c, l.hw, parts, o.data(), s1.data(), s2.data(), eps, mean_out + ng,
-                   rstd_out + ng, scale.data(), shift.data());
+      if (part_add != nullptr) {
+        for (int64_t k = 0; k < cg; ++k)
+          std::fill_n(element_add.begin() + k * l.hw, l.hw, static_cast<float>(p.add[n * l.c + c0 + k]));
+      }
+      for (int64_t k = 0; k < parts; ++k)
+        shifted_row_moments(block + k * part, part_add, part, &o[k], &s1[k], &s2[k]);
+      group_affine(p, n, c0, cg, l.c, l.hw, parts, part_add != nullptr, o.data(), s1.data(), s2.data(), eps,
+                   mean_out + ng, rstd_out + ng, scale.data(), shift.data());
       if (short_rows) {
         for (int64_t k = 0; k < cg; ++k) {
           std::fill_n(element_scale.begin() + k * l.hw, l.hw, scale[k]);
@@ -262,7 +273,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     for (int64_t k = 0; k < c; ++k) t.o[k] = offset[n * c + k];
     for (int64_t g = 0; g < l.groups; ++g) {
       const int64_t c0 = g * cg;
-      group_affine(p, n, c0, cg, c, l.hw, cg, t.o.data() + c0, t.sums.data() + c0, t.sums.data() + c + c0, eps,
+      group_affine(p, n, c0, cg, c, l.hw, cg, false, t.o.data() + c0, t.sums.data() + c0, t.sums.data() + c + c0, eps,
                    mean_out + n * l.groups + g, rstd_out + n * l.groups + g, scale.data() + n * c + c0,
                    shift.data() + n * c + c0);
     }

@@ -53,20 +53,33 @@ inline __attribute__((always_inline)) float exp_poly(float x_in) {
 }
 
 // Sums of (in[i] - shift) and of its squares over a row of at most kChunk
-// values, in float, added to the double totals. The shift (about the row's
-// values) keeps the float sums from cancelling; over rows this short their
-// rounding stays far below the tests' tolerances. (The vector versions keep
-// several partial sums, so their rounding differs slightly from this loop's.)
-inline void row_moments_portable(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
+// values, in float, added to the double totals; with `add` (not null), of
+// (in[i] + add[i] - shift), the sum rounded to float first as x + add is in
+// the reference. The shift (about the row's values) keeps the float sums from
+// cancelling; over rows this short their rounding stays far below the tests'
+// tolerances. (The vector versions keep several partial sums, so their
+// rounding differs slightly from this loop's.)
+template <bool kAdd>
+inline void row_moments_of_portable(const float* in, const float* add, int64_t count, float shift, double* sum,
+                                    double* sumsq) {
   float s = 0.0f, q = 0.0f;
 #pragma omp simd reduction(+ : s, q)
   for (int64_t i = 0; i < count; ++i) {
-    const float v = in[i] - shift;
+    const float v = (kAdd ? in[i] + add[i] : in[i]) - shift;
     s += v;
     q += v * v;
   }
   *sum += s;
   *sumsq += q;
+}
+
+inline void row_moments_portable(const float* in, const float* add, int64_t count, float shift, double* sum,
+                                 double* sumsq) {
+  if (add == nullptr) {
+    row_moments_of_portable<false>(in, add, count, shift, sum, sumsq);
+  } else {
+    row_moments_of_portable<true>(in, add, count, shift, sum, sumsq);
+  }
 }
 
 // One channels_last pixel row's part of the per-channel moments: the sums of
@@ -222,8 +235,8 @@ DDPM_TARGET_AVX512_END
 #endif  // DDPM_FAST_X86_SIMD
 
 // The widest of each that this CPU runs (simd.h).
-inline void row_moments(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
-  DDPM_SIMD_PICK(row_moments)(in, count, shift, sum, sumsq);
+inline void row_moments(const float* in, const float* add, int64_t count, float shift, double* sum, double* sumsq) {
+  DDPM_SIMD_PICK(row_moments)(in, add, count, shift, sum, sumsq);
 }
 
 inline void pixel_moments(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
