@@ -115,6 +115,20 @@ def test_no_noise_at_t0(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_noise_follows_logical_position_not_memory_order(device, backend):
+    # 7 tiles of 64 pixels a sample (the CPU kernel draws channels_last noise
+    # by tiles), per-sample timesteps, counters that cross 2^32.
+    x = make((3, 5, 19, 23), torch.float32, "contiguous", device, 0)
+    eps = make((3, 5, 19, 23), torch.float32, "contiguous", device, 1)
+    t = torch.tensor([700, 3, 250], device=device)
+    kw = dict(seed=4, offset=2**32 - 3000, backend=backend)
+    contiguous = ops.ddpm_step(x, eps, t, SCHEDULE, **kw)
+    cl = ops.ddpm_step(x.to(memory_format=torch.channels_last), eps.to(memory_format=torch.channels_last), t,
+                       SCHEDULE, **kw)
+    torch.testing.assert_close(cl, contiguous, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_per_sample_streams_do_not_depend_on_the_batch(device, backend):
     # With sample_stride = 2^32 and offset = first_sample << 32, sample i's noise
     # depends on (seed, i, t) only: drawn alone or inside a batch, it is the same.

@@ -100,12 +100,13 @@ def test_reference_is_the_diffusion_formula():
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
-def test_noise_follows_logical_position_not_memory_order(device, backend):
-    x = make_input((2, 3, 5, 7), torch.float32, "contiguous", device)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 5, 19, 23)])  # the second: 7 tiles of 64 pixels a sample
+def test_noise_follows_logical_position_not_memory_order(device, backend, shape):
+    x = make_input(shape, torch.float32, "contiguous", device)
     _, eps_contiguous = ops.q_sample(x, 9, SCHEDULE, seed=11, backend=backend)
     _, eps_cl = ops.q_sample(x.to(memory_format=torch.channels_last), 9, SCHEDULE, seed=11, backend=backend)
     torch.testing.assert_close(eps_cl, eps_contiguous, atol=0, rtol=0)
-    torch.testing.assert_close(eps_contiguous.cpu(), ops.randn((2, 3, 5, 7), 11, backend="reference"), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(eps_contiguous.cpu(), ops.randn(shape, 11, backend="reference"), atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

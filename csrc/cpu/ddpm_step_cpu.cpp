@@ -69,17 +69,19 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
     uint64_t ctr[B];
     float z[B], y[B], sigma[B];
     int64_t mi_index[B];
+    cpu::NhwcNoise nhwc(seed, s.inner, s.outer);  // (C, H*W) where x is channels_last
     int64_t n = begin / s.per_sample;  // the sample of p0, advanced (not divided) below
     for (int64_t p0 = begin; p0 < end; p0 += B) {
       const int64_t count = std::min(B, end - p0);
       while (p0 >= (n + 1) * s.per_sample) ++n;
       // Runs [i0, i1) of elements within one sample: mostly the whole block,
-      // with one timestep, a scalar sigma and (NCHW) counters that normal_run
-      // makes in registers; else the block's parts, with sigma per element.
+      // with one timestep, a scalar sigma and noise from normal_run (NCHW:
+      // consecutive counters) or NhwcNoise; else the block's parts, with sigma
+      // per element and counters one by one.
       const bool one_sample = p0 + count <= (n + 1) * s.per_sample;
       bool draw = false;
       float sigma1 = 0.0f;
-      uint64_t first = 0;  // one_sample: the counter of element p0
+      uint64_t base = 0;  // one_sample: the counter of the sample's logical index 0
       for (int64_t i0 = 0; i0 < count;) {
         const int64_t m = one_sample ? n : (p0 + i0) / s.per_sample;
         const int64_t i1 = one_sample ? count : std::min(count, (m + 1) * s.per_sample - p0);
@@ -92,17 +94,17 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
           for (int64_t i = i0; i < i1; ++i)
             y[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), false);
         }
-        const uint64_t base =
+        const uint64_t run_base =
             offset + static_cast<uint64_t>(m) * sample_stride + static_cast<uint64_t>(step) * step_stride;
         if (one_sample) {
           sigma1 = row[kSigma];
-          first = base + static_cast<uint64_t>(p0 - m * s.per_sample);
+          base = run_base;
         } else {
           std::fill(sigma + i0, sigma + i1, row[kSigma]);
         }
         if (row[kSigma] != 0.0f && noise == nullptr) {
           draw = true;
-          if (!one_sample || s.channels_last) noise_counters(s, p0, i0, i1, m, base, ctr);
+          if (!one_sample) noise_counters(s, p0, i0, i1, m, run_base, ctr);
         } else if (!one_sample) {
           std::fill(ctr + i0, ctr + i1, 0);  // not drawn (or drawn and discarded)
         }
@@ -112,7 +114,9 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
       if (noise != nullptr) {
         for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
       } else if (draw && one_sample && !s.channels_last) {
-        cpu::normal_run(seed, first, z);
+        cpu::normal_run(seed, base + static_cast<uint64_t>(p0 - n * s.per_sample), z);
+      } else if (draw && one_sample) {
+        nhwc.fill(base, p0 - n * s.per_sample, count, z);
       } else if (draw) {
         std::fill(ctr + count, ctr + B, 0);
         cpu::normal_block(seed, ctr, z);

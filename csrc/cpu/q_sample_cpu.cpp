@@ -44,20 +44,21 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
     constexpr int64_t B = cpu::kNormalBlock;
     uint64_t ctr[B];
     float z[B], a[B], b[B];
+    cpu::NhwcNoise nhwc(seed, l.channels, l.spatial);
     int64_t n = begin / l.per_sample;  // the sample of p0, advanced (not divided) below
     for (int64_t p0 = begin; p0 < end; p0 += B) {
       const int64_t count = std::min(B, end - p0);
       while (p0 >= (n + 1) * l.per_sample) ++n;
       // Mostly the block lies in one sample: one timestep, scalar coefficients
-      // and (NCHW) counters that normal_run makes in registers. Otherwise,
-      // runs of elements within one sample, coefficients per element.
+      // and noise from normal_run (NCHW: consecutive counters) or NhwcNoise.
+      // Otherwise, runs of elements within one sample, coefficients per
+      // element, counters one by one.
       const bool one_sample = p0 + count <= (n + 1) * l.per_sample;
       float a1 = 0.0f, b1 = 0.0f;
       if (one_sample) {
         const int64_t step = t[per_sample_t ? n : 0];
         a1 = sqrt_ab[step];
         b1 = sqrt_1m_ab[step];
-        if (noise == nullptr && l.channels_last) nhwc_counters(l, offset, n, p0, 0, count, ctr);
       } else {
         for (int64_t i0 = 0; i0 < count;) {
           const int64_t m = (p0 + i0) / l.per_sample;
@@ -78,6 +79,8 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
         for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
       } else if (one_sample && !l.channels_last) {
         cpu::normal_run(seed, offset + static_cast<uint64_t>(p0), z);
+      } else if (one_sample) {
+        nhwc.fill(offset + static_cast<uint64_t>(n * l.per_sample), p0 - n * l.per_sample, count, z);
       } else {
         std::fill(ctr + count, ctr + B, 0);
         cpu::normal_block(seed, ctr, z);
