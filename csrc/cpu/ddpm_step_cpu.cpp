@@ -45,14 +45,7 @@ void noise_counters(const StepLayout& s, int64_t p0, int64_t i0, int64_t i1, int
     for (int64_t i = i0; i < i1; ++i) ctr[i] = base + static_cast<uint64_t>(q0 + (i - i0));
     return;
   }
-  int64_t outer = q0 / s.inner, inner = q0 % s.inner;  // NHWC: (hw, c); logical j = c * HW + hw
-  for (int64_t i = i0; i < i1; ++i) {
-    ctr[i] = base + static_cast<uint64_t>(inner * s.outer + outer);
-    if (++inner == s.inner) {
-      inner = 0;
-      ++outer;
-    }
-  }
+  cpu::nhwc_counters(base, s.inner, s.outer, q0, i1 - i0, ctr + i0);  // NHWC: (hw, c); j = c * HW + hw
 }
 
 template <typename X, typename E>

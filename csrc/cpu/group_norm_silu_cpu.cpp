@@ -193,23 +193,22 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
     const int64_t parts = whole_block ? 1 : cg;
     const int64_t part = cg * l.hw / parts;
     const float* part_add = whole_block && !p.add.empty() ? element_add.data() : nullptr;
+    // A short-row block's per-element array of channel values value(k).
+    auto spread = [&](std::vector<float>& out, auto value) {
+      for (int64_t k = 0; k < cg; ++k) std::fill_n(out.begin() + k * l.hw, l.hw, static_cast<float>(value(k)));
+    };
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
       const T* block = x + (n * l.c + c0) * l.hw;
       T* y_block = y + (n * l.c + c0) * l.hw;
-      if (part_add != nullptr) {
-        for (int64_t k = 0; k < cg; ++k)
-          std::fill_n(element_add.begin() + k * l.hw, l.hw, static_cast<float>(p.add[n * l.c + c0 + k]));
-      }
+      if (part_add != nullptr) spread(element_add, [&](int64_t k) { return p.add[n * l.c + c0 + k]; });
       for (int64_t k = 0; k < parts; ++k)
         shifted_row_moments(block + k * part, part_add, part, &o[k], &s1[k], &s2[k]);
       group_affine(p, n, c0, cg, l.c, l.hw, parts, part_add != nullptr, o.data(), s1.data(), s2.data(), eps,
                    mean_out + ng, rstd_out + ng, scale.data(), shift.data());
       if (short_rows) {
-        for (int64_t k = 0; k < cg; ++k) {
-          std::fill_n(element_scale.begin() + k * l.hw, l.hw, scale[k]);
-          std::fill_n(element_shift.begin() + k * l.hw, l.hw, shift[k]);
-        }
+        spread(element_scale, [&](int64_t k) { return scale[k]; });
+        spread(element_shift, [&](int64_t k) { return shift[k]; });
         affine_act(block, cg * l.hw, 1, element_scale.data(), element_shift.data(), 1, act, y_block);
       } else {
         const T* next = ng + 1 < end && prefetch_next ? block + cg * l.hw : nullptr;

@@ -25,6 +25,21 @@ void normal_block(uint64_t seed, const uint64_t* ctr, float* z);
 // registers (and draw a little faster, csrc/cpu/normal_block_simd.inc).
 void normal_run(uint64_t seed, uint64_t first, float* z);
 
+// Counters of the channels_last positions [q0, q0 + count) of one sample
+// (pixel q / C, channel q % C), whose channel c has the counters
+// base + c * spatial + pixel, to ctr[0, count).
+inline void nhwc_counters(uint64_t base, int64_t channels, int64_t spatial, int64_t q0, int64_t count,
+                          uint64_t* ctr) {
+  int64_t c = q0 % channels, hw = q0 / channels;
+  for (int64_t i = 0; i < count; ++i) {
+    ctr[i] = base + static_cast<uint64_t>(c * spatial + hw);
+    if (++c == channels) {
+      c = 0;
+      ++hw;
+    }
+  }
+}
+
 // The noise of channels_last samples, in memory order. Position q of a sample
 // (pixel q / C, channel q % C) has the counter base + (q % C) * HW + q / C,
 // so a channel's counters are consecutive along pixels: the noise is drawn a

@@ -15,21 +15,6 @@
 namespace ddpm_fast {
 namespace {
 
-// Counters of the NHWC positions [p0 + i0, p0 + i1), all of sample n: offset
-// plus the logical index (n, c, hw).
-void nhwc_counters(const ElementLayout& l, uint64_t offset, int64_t n, int64_t p0, int64_t i0, int64_t i1,
-                   uint64_t* ctr) {
-  const int64_t q0 = p0 + i0 - n * l.per_sample;
-  int64_t c = q0 % l.channels, hw = q0 / l.channels;
-  for (int64_t i = i0; i < i1; ++i) {
-    ctr[i] = offset + static_cast<uint64_t>(n * l.per_sample + c * l.spatial + hw);
-    if (++c == l.channels) {
-      c = 0;
-      ++hw;
-    }
-  }
-}
-
 template <typename scalar_t>
 void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const float* sqrt_ab,
                      const float* sqrt_1m_ab, const scalar_t* noise, uint64_t seed,
@@ -69,7 +54,8 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
           if (noise == nullptr && !l.channels_last) {
             for (int64_t i = i0; i < i1; ++i) ctr[i] = offset + static_cast<uint64_t>(p0 + i);
           } else if (noise == nullptr) {
-            nhwc_counters(l, offset, m, p0, i0, i1, ctr);
+            cpu::nhwc_counters(offset + static_cast<uint64_t>(m * l.per_sample), l.channels, l.spatial,
+                               p0 + i0 - m * l.per_sample, i1 - i0, ctr + i0);
           }
           i0 = i1;
         }

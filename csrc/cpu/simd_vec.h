@@ -56,8 +56,6 @@ struct Avx2 {
   DDPM_VEC_FN I bits(F v) { return _mm256_castps_si256(v); }
   DDPM_VEC_FN F from_bits(I v) { return _mm256_castsi256_ps(v); }
   DDPM_VEC_FN M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
-  DDPM_VEC_FN M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
-  DDPM_VEC_FN M is_nan(F a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
   DDPM_VEC_FN F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
   // Loops end with a partial vector through these (no scalar code: see the
   // note at the end of this file). The first n lanes, 0 <= n <= kFloats:
@@ -155,8 +153,6 @@ struct Avx512 {
   DDPM_VEC_FN I bits(F v) { return _mm512_castps_si512(v); }
   DDPM_VEC_FN F from_bits(I v) { return _mm512_castsi512_ps(v); }
   DDPM_VEC_FN M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
-  DDPM_VEC_FN M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
-  DDPM_VEC_FN M is_nan(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
   DDPM_VEC_FN F select(M m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
   DDPM_VEC_FN M first(int64_t n) { return static_cast<M>((1u << n) - 1u); }
   DDPM_VEC_FN F load_first(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
