@@ -239,8 +239,11 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     std::vector<float> buffer, s1, s2;
     std::vector<double> o, sums;
   };
+  // Pixel rows per pixel_moments call: a chunk's, or for 16-bit input as many
+  // as one buffer of kChunk floats holds (at least one).
+  const int64_t rows_per_call = std::is_same_v<T, float> ? kPixelChunk : std::max<int64_t>(1, kChunk / c);
   auto scratch = [&] {
-    return Scratch{std::vector<float>(c), std::vector<float>(c), std::vector<float>(c), std::vector<double>(c),
+    return Scratch{std::vector<float>(std::max(c, kChunk)), std::vector<float>(c), std::vector<float>(c), std::vector<double>(c),
                    std::vector<double>(2 * c)};
   };
   auto sample_offsets = [&](int64_t n, Scratch& t) {
@@ -255,9 +258,12 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     for (int64_t s0 = part * kPartPixels; s0 < end; s0 += kPixelChunk) {
       std::fill(t.s1.begin(), t.s1.end(), 0.0f);
       std::fill(t.s2.begin(), t.s2.end(), 0.0f);
-      for (int64_t s = s0; s < std::min(s0 + kPixelChunk, end); ++s)
-        pixel_moments(as_float_row(x + n * sample + s * c, c, t.buffer.data()), offset.data() + n * c, c,
+      const int64_t chunk_end = std::min(s0 + kPixelChunk, end);
+      for (int64_t s = s0; s < chunk_end; s += rows_per_call) {
+        const int64_t rows = std::min(rows_per_call, chunk_end - s);
+        pixel_moments(as_float_row(x + n * sample + s * c, rows * c, t.buffer.data()), offset.data() + n * c, c, rows,
                       t.s1.data(), t.s2.data());
+      }
       for (int64_t k = 0; k < c; ++k) {
         sums[k] += t.s1[k];
         sums[c + k] += t.s2[k];

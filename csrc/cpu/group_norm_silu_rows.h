@@ -82,14 +82,19 @@ inline void row_moments_portable(const float* in, const float* add, int64_t coun
   }
 }
 
-// One channels_last pixel row's part of the per-channel moments: the sums of
-// (row[c] - shift[c]) and of its squares added to float accumulators.
-inline void pixel_moments_portable(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
+// The per-channel moments of `pixels` channels_last pixel rows of c_total
+// channels (row p at rows + p c_total): the sums of (row[c] - shift[c]) and of
+// its squares added to float accumulators.
+inline void pixel_moments_portable(const float* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
+                                   float* sumsq) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* row = rows + p * c_total;
 #pragma omp simd
-  for (int64_t c = 0; c < c_total; ++c) {
-    const float v = row[c] - shift[c];
-    sum[c] += v;
-    sumsq[c] += v * v;
+    for (int64_t c = 0; c < c_total; ++c) {
+      const float v = row[c] - shift[c];
+      sum[c] += v;
+      sumsq[c] += v * v;
+    }
   }
 }
 
@@ -239,8 +244,9 @@ inline void row_moments(const float* in, const float* add, int64_t count, float 
   DDPM_SIMD_PICK(row_moments)(in, add, count, shift, sum, sumsq);
 }
 
-inline void pixel_moments(const float* row, const float* shift, int64_t c_total, float* sum, float* sumsq) {
-  DDPM_SIMD_PICK(pixel_moments)(row, shift, c_total, sum, sumsq);
+inline void pixel_moments(const float* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
+                          float* sumsq) {
+  DDPM_SIMD_PICK(pixel_moments)(rows, shift, c_total, pixels, sum, sumsq);
 }
 
 inline void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
