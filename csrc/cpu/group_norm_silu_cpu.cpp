@@ -243,8 +243,8 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   // as one buffer of kChunk floats holds (at least one).
   const int64_t rows_per_call = std::is_same_v<T, float> ? kPixelChunk : std::max<int64_t>(1, kChunk / c);
   auto scratch = [&] {
-    return Scratch{std::vector<float>(std::max(c, kChunk)), std::vector<float>(c), std::vector<float>(c), std::vector<double>(c),
-                   std::vector<double>(2 * c)};
+    return Scratch{std::vector<float>(std::max(c, kChunk)), std::vector<float>(c), std::vector<float>(c),
+                   std::vector<double>(c), std::vector<double>(2 * c)};
   };
   auto sample_offsets = [&](int64_t n, Scratch& t) {
     const float* first = as_float_row(x + n * sample, c, t.buffer.data());
