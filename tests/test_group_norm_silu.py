@@ -15,7 +15,8 @@ from ddpm_fast import _extension, ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 from ddpm_fast.ops._backend import triton_available
 
-# (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L.
+# (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L,
+# one (sample, group) block (fewer than the threads: the CPU backward's per-row schedule).
 CASES = [
     ((2, 6, 5, 7), 3),
     ((3, 12, 7, 7), 4),
@@ -24,6 +25,7 @@ CASES = [
     ((2, 6, 4, 4), 6),
     ((3, 8, 11), 2),
     ((1, 32, 16, 16), 8),
+    ((1, 3, 9, 5), 1),
 ]
 # (forward atol/rtol, gradient atol/rtol), against a float32 reference of the same rounded inputs.
 TOL = {

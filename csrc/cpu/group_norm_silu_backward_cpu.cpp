@@ -43,38 +43,62 @@ inline std::pair<double, double> group_means(const Params& p, const std::vector<
 
 
 // The backward of float NCHW input, row by row in vectorized float (the
-// general path below works element by element in double).
+// general path below works element by element in double), one task per
+// (sample, group) block: pass 1 over its cg rows, the group's means, then
+// pass 2 over the same rows while they are still in cache. Each pass over the
+// whole tensor, as before, read x, dy and the stored du back from memory:
+// 1.16-1.44x longer (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128
+// on the AVX-512 VM, alternated in one process; prefetching the next block's
+// x and dy rows during pass 2 made it slower). With fewer blocks than threads
+// the passes still run over the whole tensor, one row to a task.
 void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, const Params& p, const float* mean,
                          const float* rstd, bool act, float* dx, std::vector<double>& A, std::vector<double>& B,
                          std::vector<double>& dadd) {
   const int64_t cg = l.c / l.groups;
   const double count = static_cast<double>(cg * l.hw);
   std::vector<double> X(l.n * l.c);
-  auto shift_of = [&](int64_t n, int64_t c) {
-    const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
-    return static_cast<float>(a - static_cast<double>(mean[n * l.groups + c / cg]));
+  auto shift_of = [&](int64_t nc) {
+    const double a = p.add.empty() ? 0.0 : p.add[nc];
+    return static_cast<float>(a - static_cast<double>(mean[nc / cg]));
   };
+  // Row nc = n C + c: pass 1 (its sums, and du into dx with act) and pass 2
+  // (dx and the add's gradient) given its group's means.
+  auto pass1 = [&](int64_t nc) {
+    const int64_t c = nc % l.c;
+    double sums[3];
+    backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]),
+                      static_cast<float>(p.b[c]), act, sums, dx + nc * l.hw);
+    A[nc] = sums[0];
+    B[nc] = sums[1];
+    X[nc] = sums[2];
+  };
+  auto pass2 = [&](int64_t nc, std::pair<double, double> means) {
+    const int64_t c = nc % l.c;
+    const auto [m1, m2] = means;
+    const float r = rstd[nc / cg];
+    const float* du = act ? dx + nc * l.hw : dy + nc * l.hw;  // pass 1 stored du in dx
+    backward_row_dx(du, x + nc * l.hw, l.hw, shift_of(nc), r, static_cast<float>(p.w[c]), static_cast<float>(m1),
+                    static_cast<float>(m2), dx + nc * l.hw);
+    dadd[nc] = static_cast<double>(r) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+  };
+  auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
+    return group_means(p, A, B, (ng / l.groups) * l.c, (ng % l.groups) * cg, cg, count);
+  };
+  if (l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
+    at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass1(nc);
+        const auto means = means_of(ng);
+        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass2(nc, means);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / l.c, c = nc % l.c;
-      double sums[3];
-      backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(n, c), rstd[n * l.groups + c / cg],
-                        static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, sums, dx + nc * l.hw);
-      A[nc] = sums[0];
-      B[nc] = sums[1];
-      X[nc] = sums[2];
-    }
+    for (int64_t nc = begin; nc < end; ++nc) pass1(nc);
   });
   at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
-      const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
-      const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
-      const float* du = act ? dx + nc * l.hw : dy + nc * l.hw;  // pass 1 stored du in dx
-      backward_row_dx(du, x + nc * l.hw, l.hw, shift_of(n, c), static_cast<float>(r), static_cast<float>(p.w[c]),
-                      static_cast<float>(m1), static_cast<float>(m2), dx + nc * l.hw);
-      dadd[nc] = r * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
-    }
+    for (int64_t nc = begin; nc < end; ++nc) pass2(nc, means_of(nc / cg));
   });
 }
 
