@@ -127,25 +127,24 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
   }
   const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums);
   const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx);
-  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(3 * l.c);
-    for (int64_t n = begin; n < end; ++n) {
-      const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(), b.data(), nullptr, nullptr};
-      for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s) {
-          const int64_t i = (n * l.hw + s) * l.c;
-          pixel_sums(dy + i, x + i, l.c, k, act, acc.data(), acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
-        }
-        for (int64_t c = 0; c < l.c; ++c) {
-          A[n * l.c + c] += acc[c];
-          B[n * l.c + c] += acc[l.c + c];
-          X[n * l.c + c] += acc[2 * l.c + c];
-        }
+  // Pass 1 over sample n's pixels (acc: 3 C floats of scratch).
+  auto sample_pass1 = [&](int64_t n, std::vector<float>& acc) {
+    const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(), b.data(), nullptr, nullptr};
+    for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s) {
+        const int64_t i = (n * l.hw + s) * l.c;
+        pixel_sums(dy + i, x + i, l.c, k, act, acc.data(), acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
+      }
+      for (int64_t c = 0; c < l.c; ++c) {
+        A[n * l.c + c] += acc[c];
+        B[n * l.c + c] += acc[l.c + c];
+        X[n * l.c + c] += acc[2 * l.c + c];
       }
     }
-  });
-  for (int64_t n = 0; n < l.n; ++n) {
+  };
+  // Sample n's group means (m1, m2) and add gradients from its pass 1 sums.
+  auto sample_means = [&](int64_t n) {
     for (int64_t c = 0; c < l.c; ++c) {
       const int64_t nc = n * l.c + c;
       const auto [g1, g2] = group_means(p, A, B, n * l.c, (c / cg) * cg, cg, count);
@@ -153,8 +152,9 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
       m2[nc] = static_cast<float>(g2);
       dadd[nc] = static_cast<double>(rs[nc]) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * g1 - X[nc] * g2);
     }
-  }
-  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) {
+  };
+  // Pass 2 over pixel rows [begin, end) (row r = n HW + s).
+  auto rows_pass2 = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / l.hw;
       const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
@@ -162,7 +162,30 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
       const float* du = act ? dx + r * l.c : dy + r * l.c;  // pass 1 stored du in dx
       pixel_dx(du, x + r * l.c, l.c, k, dx + r * l.c);
     }
+  };
+  // Each sample's pass 2 right after its pass 1, in the same task, while its
+  // x and du are still in cache, where the samples share out evenly among the
+  // threads; otherwise each pass runs over the whole tensor. Alternated in one
+  // process on the AVX-512 VM (2 MiB L2), the first took 1.11-1.27x less time
+  // (32x128x32x32, 128x256x8x8, 32x256x16x16, 8x128x64x64).
+  const int64_t threads = at::get_num_threads();
+  if (l.n >= 2 * threads || l.n % threads == 0) {
+    at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(3 * l.c);
+      for (int64_t n = begin; n < end; ++n) {
+        sample_pass1(n, acc);
+        sample_means(n);
+        rows_pass2(n * l.hw, (n + 1) * l.hw);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(3 * l.c);
+    for (int64_t n = begin; n < end; ++n) sample_pass1(n, acc);
   });
+  for (int64_t n = 0; n < l.n; ++n) sample_means(n);
+  at::parallel_for(0, l.n * l.hw, 1, rows_pass2);
 }
 
 template <typename T, typename S>
