@@ -288,17 +288,46 @@ class TestAutoOnTheCpu:
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_16bit_rounding_is_exact(dtype, layout):
+    """Groups of -1 and +1 in equal numbers (mean 0, variance 1) with an eps
+    below double's resolution make plain GroupNorm y = x * w + b: exact in
+    float for 16-bit w and b, so the kernel's rounding of y to 16 bits (its
+    vector conversions, and their tails: rows of 81 values) must give the
+    reference's bits, round to nearest even included. Half of the channels
+    get w + b exactly halfway between two 16-bit values."""
+    g = torch.Generator().manual_seed(3)
+    n, c, h, w_ = 2, 64, 9, 9
+    signs = torch.ones(n, c // 2, 2 * h * w_)
+    signs[:, :, 1::2] = -1
+    x = signs[:, :, torch.randperm(2 * h * w_, generator=g)].reshape(n, c, h, w_).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    weight = (torch.randn(c, generator=g) * 4).to(dtype)
+    bias = (torch.randn(c, generator=g) * 4).to(dtype)
+    ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)  # the spacing of 16-bit values in [1, 2)
+    weight[::2] = torch.linspace(1 + ulp, 2 - ulp, c // 2).to(dtype)
+    bias[::2] = ulp / 2  # w + b and w - b halfway between 16-bit values
+    exact = weight[::2].double() + bias[::2].double()
+    assert (exact.to(dtype).double() != exact).all()  # (ties indeed)
+    got = ops.group_norm_silu(x, c // 2, weight, bias, eps=1e-300, act=False, backend="cpu")
+    want = F.group_norm(x, c // 2, weight, bias, eps=1e-300)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@requires_extension
 @pytest.mark.parametrize("cap", ["avx2", "none"])
 def test_cpu_narrower_loops_match_reference(cap):
     """The C++ kernel runs its widest vector loops the CPU has (AVX-512, or
     AVX2 + FMA as on every CI machine so far); DDPM_FAST_CPU_SIMD caps them
     (none: the portable loops that other CPUs run). Each must pass the same
-    float32 tests."""
+    float32 tests and the exact 16-bit rounding."""
     import os
     import subprocess
     import sys
 
-    selection = "long_rows or (match_reference and cpu-cpu and float32)"
+    selection = "long_rows or 16bit_rounding or (match_reference and cpu-cpu and float32)"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
         env={**os.environ, "DDPM_FAST_CPU_SIMD": cap}, capture_output=True, text=True,

@@ -99,7 +99,7 @@ void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, con
       const int64_t n = piece_count * piece_rows;
       affine_act_row(as_float_row(x + offset, n, in_buffer), scale + step * column, shift + step * column, step,
                      piece_count, piece_rows, act, out_buffer, all.at(offset));
-      for (int64_t i = 0; i < n; ++i) y[offset + i] = static_cast<T>(out_buffer[i]);
+      from_float_row(out_buffer, n, y + offset);
     };
     if (count <= kChunk) {
       const int64_t per_piece = kChunk / count;

@@ -7,11 +7,12 @@
 // the x86 loops out on x86 too, so that the portable-only build can be checked
 // here (tests/test_portable_build.py).
 //
-// On x86 each vector loop is compiled twice, for AVX2 + FMA (8 floats) and for
-// AVX-512 (16 floats), from one width-generic source (simd_vec.h), and
-// simd_level() picks one at run time: the widest the CPU has, capped by the
-// environment variable DDPM_FAST_CPU_SIMD (`avx2` or `none`), with which the
-// tests run the narrower paths on a machine that has AVX-512.
+// On x86 each vector loop is compiled twice, for AVX2 + FMA + F16C (8
+// floats; CPUs with AVX2 have the other two) and for AVX-512 (16 floats),
+// from one width-generic source (simd_vec.h), and simd_level() picks one at
+// run time: the widest the CPU has, capped by the environment variable
+// DDPM_FAST_CPU_SIMD (`avx2` or `none`), with which the tests run the
+// narrower paths on a machine that has AVX-512.
 #pragma once
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && \
@@ -36,7 +37,7 @@ inline SimdLevel simd_level() {
 #if DDPM_FAST_X86_SIMD
     __builtin_cpu_init();
     int cpu = kPortable;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) cpu = kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) cpu = kAvx2;
     if (cpu == kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
       cpu = kAvx512;
@@ -64,14 +65,14 @@ inline SimdLevel simd_level() {
 // Pragmas around code compiled once per instruction set; functions defined
 // between them (templates included) get that target. The target strings are
 // the ones simd_level() checks for.
-#define DDPM_TARGET_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define DDPM_TARGET_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
 //
 // GCC 12 warns that AVX-512 intrinsics that start from an undefined vector
 // (_mm512_undefined_*) use it uninitialized, once inlined (GCC bug 105593,
 // fixed in GCC 13): a false alarm, silenced in these regions only (the AVX2
 // copy of the same code is still checked).
 #define DDPM_TARGET_AVX512_BEGIN                                                                           \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,avx512f,avx512dq,avx512bw,avx512vl\")") \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl\")") \
       _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")       \
           _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
 #define DDPM_TARGET_AVX512_END _Pragma("GCC diagnostic pop") _Pragma("GCC pop_options")
