@@ -1,7 +1,8 @@
 // GroupNorm+SiLU backward on the CPU (math in csrc/group_norm_silu.h).
-// float input runs in float rows (NCHW) or pixel rows (channels_last), SiLU's
-// gradient in AVX-512 or AVX2 + FMA where the CPU has them; double input
-// (gradcheck) and 16-bit input run element by element in double.
+// float, half and bfloat16 input run in float rows (NCHW) or pixel rows
+// (channels_last), 16-bit rows converted to float and back, SiLU's gradient in
+// AVX-512 or AVX2 + FMA where the CPU has them; double input (gradcheck) runs
+// element by element in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -42,43 +43,73 @@ inline std::pair<double, double> group_means(const Params& p, const std::vector<
 }
 
 
-// The backward of float NCHW input, row by row in vectorized float (the
-// general path below works element by element in double), one task per
-// (sample, group) block: pass 1 over its cg rows, the group's means, then
-// pass 2 over the same rows while they are still in cache. Each pass over the
-// whole tensor, as before, read x, dy and the stored du back from memory:
-// 1.16-1.44x longer (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128
-// on the AVX-512 VM, alternated in one process; prefetching the next block's
-// x and dy rows during pass 2 made it slower). With fewer blocks than threads
-// the passes still run over the whole tensor, one row to a task.
-void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, const Params& p, const float* mean,
-                         const float* rstd, bool act, float* dx, std::vector<double>& A, std::vector<double>& B,
-                         std::vector<double>& dadd) {
+// Float views of rows of T (for float, the rows themselves): buffers of
+// `count` floats for x, dy and the output where T is 16-bit.
+template <typename T>
+struct FloatRows {
+  explicit FloatRows(int64_t count) : x(kBuffered ? count : 0), dy(kBuffered ? count : 0), out(kBuffered ? count : 0) {}
+  static constexpr bool kBuffered = !std::is_same_v<T, float>;
+  std::vector<float> x, dy, out;
+};
+
+// `count` floats of output (in t.out for 16-bit T) to dx.
+template <typename T>
+void store_rows(const float* out, int64_t count, T* dx) {
+  if constexpr (!std::is_same_v<T, float>) from_float_row(out, count, dx);
+}
+
+// The backward of float, half and bfloat16 NCHW input, row by row in
+// vectorized float (16-bit rows converted to float and back; the general path
+// below works element by element in double), one task per (sample, group)
+// block: pass 1 over its cg rows, the group's means, then pass 2 over the
+// same rows while they are still in cache. Each pass over the whole tensor,
+// as before, read x, dy and the stored du back from memory: 1.16-1.44x longer
+// (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128 on the AVX-512 VM,
+// alternated in one process; prefetching the next block's x and dy rows
+// during pass 2 made it slower). With fewer blocks than threads the passes
+// still run over the whole tensor, one row to a task.
+template <typename T>
+void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Params& p, const float* mean,
+                        const float* rstd, bool act, T* dx, std::vector<double>& A, std::vector<double>& B,
+                        std::vector<double>& dadd) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
   const int64_t cg = l.c / l.groups;
   const double count = static_cast<double>(cg * l.hw);
   std::vector<double> X(l.n * l.c);
+  // Pass 1's du, read by pass 2 with act: in dx for float, else in floats of its own.
+  std::vector<float> du_store(!kFloat && act ? l.n * l.c * l.hw : 0);
+  auto du_row = [&](int64_t nc) {
+    if constexpr (kFloat) {
+      return dx + nc * l.hw;
+    } else {
+      return du_store.data() + nc * l.hw;
+    }
+  };
   auto shift_of = [&](int64_t nc) {
     const double a = p.add.empty() ? 0.0 : p.add[nc];
     return static_cast<float>(a - static_cast<double>(mean[nc / cg]));
   };
-  // Row nc = n C + c: pass 1 (its sums, and du into dx with act) and pass 2
-  // (dx and the add's gradient) given its group's means.
-  auto pass1 = [&](int64_t nc) {
+  // Row nc = n C + c: pass 1 (its sums, and du with act) and pass 2 (dx and
+  // the add's gradient) given its group's means.
+  auto pass1 = [&](int64_t nc, FloatRows<T>& t) {
     const int64_t c = nc % l.c;
     double sums[3];
-    backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]),
-                      static_cast<float>(p.b[c]), act, sums, dx + nc * l.hw);
+    backward_row_sums(as_float_row(dy + nc * l.hw, l.hw, t.dy.data()), as_float_row(x + nc * l.hw, l.hw, t.x.data()),
+                      l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act,
+                      sums, du_row(nc));
     A[nc] = sums[0];
     B[nc] = sums[1];
     X[nc] = sums[2];
   };
-  auto pass2 = [&](int64_t nc, std::pair<double, double> means) {
+  auto pass2 = [&](int64_t nc, std::pair<double, double> means, FloatRows<T>& t) {
     const int64_t c = nc % l.c;
     const auto [m1, m2] = means;
     const float r = rstd[nc / cg];
-    const float* du = act ? dx + nc * l.hw : dy + nc * l.hw;  // pass 1 stored du in dx
-    backward_row_dx(du, x + nc * l.hw, l.hw, shift_of(nc), r, static_cast<float>(p.w[c]), static_cast<float>(m1),
-                    static_cast<float>(m2), dx + nc * l.hw);
+    const float* du = act ? du_row(nc) : as_float_row(dy + nc * l.hw, l.hw, t.dy.data());
+    float* out = kFloat ? du_row(nc) : t.out.data();  // (du may be out)
+    backward_row_dx(du, as_float_row(x + nc * l.hw, l.hw, t.x.data()), l.hw, shift_of(nc), r,
+                    static_cast<float>(p.w[c]), static_cast<float>(m1), static_cast<float>(m2), out);
+    store_rows(out, l.hw, dx + nc * l.hw);
     dadd[nc] = static_cast<double>(r) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
   };
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
@@ -86,33 +117,47 @@ void backward_float_nchw(const float* dy, const float* x, const NormLayout& l, c
   };
   if (l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
+      FloatRows<T> t(l.hw);
       for (int64_t ng = begin; ng < end; ++ng) {
-        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass1(nc);
+        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass1(nc, t);
         const auto means = means_of(ng);
-        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass2(nc, means);
+        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass2(nc, means, t);
       }
     });
     return;
   }
   at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) pass1(nc);
+    FloatRows<T> t(l.hw);
+    for (int64_t nc = begin; nc < end; ++nc) pass1(nc, t);
   });
   at::parallel_for(0, l.n * l.c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) pass2(nc, means_of(nc / cg));
+    FloatRows<T> t(l.hw);
+    for (int64_t nc = begin; nc < end; ++nc) pass2(nc, means_of(nc / cg), t);
   });
 }
 
 
-// The backward of float channels_last input: per sample, pass 1 over its
-// pixels (float sums flushed to double every kPixelChunk pixels), then pass 2
-// over all pixel rows.
-void backward_float_channels_last(const float* dy, const float* x, const NormLayout& l, const Params& p,
-                                  const float* mean, const float* rstd, bool act, float* dx, std::vector<double>& A,
-                                  std::vector<double>& B, std::vector<double>& dadd) {
+// The backward of float, half and bfloat16 channels_last input: per sample,
+// pass 1 over its pixels (float sums flushed to double every kPixelChunk
+// pixels; 16-bit input converted a chunk at a time), then pass 2 over its
+// pixel rows.
+template <typename T>
+void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, const Params& p, const float* mean,
+                                 const float* rstd, bool act, T* dx, std::vector<double>& A, std::vector<double>& B,
+                                 std::vector<double>& dadd) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
   constexpr int64_t kPixelChunk = 256;
   const int64_t cg = l.c / l.groups;
   const double count = static_cast<double>(cg * l.hw);
   std::vector<double> X(l.n * l.c, 0.0);
+  std::vector<float> du_store(!kFloat && act ? l.n * l.hw * l.c : 0);  // as in backward_rows_nchw
+  auto du_row = [&](int64_t r) {  // pixel row r = n HW + s
+    if constexpr (kFloat) {
+      return dx + r * l.c;
+    } else {
+      return du_store.data() + r * l.c;
+    }
+  };
   // Per (n, c) coefficients, as float arrays of N*C.
   std::vector<float> shift(l.n * l.c), rs(l.n * l.c), w(l.c), b(l.c), m1(l.n * l.c), m2(l.n * l.c);
   for (int64_t c = 0; c < l.c; ++c) {
@@ -127,15 +172,18 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
   }
   const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums);
   const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx);
-  // Pass 1 over sample n's pixels (acc: 3 C floats of scratch).
-  auto sample_pass1 = [&](int64_t n, std::vector<float>& acc) {
+  // Pass 1 over sample n's pixels (acc: 3 C floats of scratch; t: chunks of
+  // kPixelChunk pixel rows).
+  auto sample_pass1 = [&](int64_t n, std::vector<float>& acc, FloatRows<T>& t) {
     const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(), b.data(), nullptr, nullptr};
     for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t s = s0; s < std::min(s0 + kPixelChunk, l.hw); ++s) {
-        const int64_t i = (n * l.hw + s) * l.c;
-        pixel_sums(dy + i, x + i, l.c, k, act, acc.data(), acc.data() + l.c, acc.data() + 2 * l.c, dx + i);
-      }
+      const int64_t rows = std::min(kPixelChunk, l.hw - s0), i0 = (n * l.hw + s0) * l.c;
+      const float* dy_rows = as_float_row(dy + i0, rows * l.c, t.dy.data());
+      const float* x_rows = as_float_row(x + i0, rows * l.c, t.x.data());
+      for (int64_t s = 0; s < rows; ++s)
+        pixel_sums(dy_rows + s * l.c, x_rows + s * l.c, l.c, k, act, acc.data(), acc.data() + l.c,
+                   acc.data() + 2 * l.c, du_row(n * l.hw + s0 + s));
       for (int64_t c = 0; c < l.c; ++c) {
         A[n * l.c + c] += acc[c];
         B[n * l.c + c] += acc[l.c + c];
@@ -153,14 +201,16 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
       dadd[nc] = static_cast<double>(rs[nc]) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * g1 - X[nc] * g2);
     }
   };
-  // Pass 2 over pixel rows [begin, end) (row r = n HW + s).
-  auto rows_pass2 = [&](int64_t begin, int64_t end) {
+  // Pass 2 over pixel rows [begin, end).
+  auto rows_pass2 = [&](int64_t begin, int64_t end, FloatRows<T>& t) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / l.hw;
       const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
                          b.data(),               m1.data() + n * l.c, m2.data() + n * l.c};
-      const float* du = act ? dx + r * l.c : dy + r * l.c;  // pass 1 stored du in dx
-      pixel_dx(du, x + r * l.c, l.c, k, dx + r * l.c);
+      const float* du = act ? du_row(r) : as_float_row(dy + r * l.c, l.c, t.dy.data());
+      float* out = kFloat ? du_row(r) : t.out.data();  // (du may be out)
+      pixel_dx(du, as_float_row(x + r * l.c, l.c, t.x.data()), l.c, k, out);
+      store_rows(out, l.c, dx + r * l.c);
     }
   };
   // Each sample's pass 2 right after its pass 1, in the same task, while its
@@ -172,20 +222,25 @@ void backward_float_channels_last(const float* dy, const float* x, const NormLay
   if (l.n >= 2 * threads || l.n % threads == 0) {
     at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(3 * l.c);
+      FloatRows<T> t(kPixelChunk * l.c);
       for (int64_t n = begin; n < end; ++n) {
-        sample_pass1(n, acc);
+        sample_pass1(n, acc, t);
         sample_means(n);
-        rows_pass2(n * l.hw, (n + 1) * l.hw);
+        rows_pass2(n * l.hw, (n + 1) * l.hw, t);
       }
     });
     return;
   }
   at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(3 * l.c);
-    for (int64_t n = begin; n < end; ++n) sample_pass1(n, acc);
+    FloatRows<T> t(kPixelChunk * l.c);
+    for (int64_t n = begin; n < end; ++n) sample_pass1(n, acc, t);
   });
   for (int64_t n = 0; n < l.n; ++n) sample_means(n);
-  at::parallel_for(0, l.n * l.hw, 1, rows_pass2);
+  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) {
+    FloatRows<T> t(l.c);
+    rows_pass2(begin, end, t);
+  });
 }
 
 template <typename T, typename S>
@@ -254,16 +309,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
   if (x.numel() > 0) {
     const Params p = read_params(l, weight, bias, add);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
-      if (mean.scalar_type() == at::kDouble) {
-        backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<double>(),
-                 rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
-      } else if (std::is_same_v<scalar_t, float>) {
-        (l.channels_last ? backward_float_channels_last : backward_float_nchw)(
-            dy.const_data_ptr<float>(), x.const_data_ptr<float>(), l, p, mean.const_data_ptr<float>(),
-            rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<float>(), A, B, dadd);
+      if constexpr (std::is_same_v<scalar_t, double>) {  // gradcheck precision: all in double
+        backward(dy.const_data_ptr<double>(), x.const_data_ptr<double>(), l, p, mean.const_data_ptr<double>(),
+                 rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<double>(), A, B, dadd);
       } else {
-        backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<float>(),
-                 rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
+        (l.channels_last ? backward_rows_channels_last<scalar_t> : backward_rows_nchw<scalar_t>)(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<float>(),
+            rstd.const_data_ptr<float>(), act, dx.mutable_data_ptr<scalar_t>(), A, B, dadd);
       }
     });
   }
