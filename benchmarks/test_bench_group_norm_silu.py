@@ -81,6 +81,20 @@ def test_cpu_forward_backward(benchmark, shape, impl):
     benchmark(fn)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+@pytest.mark.parametrize("impl", ["eager", "cpu"])
+def test_cpu_bf16(benchmark, layout, passes, impl):
+    """bfloat16 at 32x128x32x32, as CPU autocast hands it to the U-Net's GroupNorms."""
+    if impl == "cpu" and not _extension.AVAILABLE:
+        pytest.skip("extension not built")
+    tensors = make((32, 128, 32, 32), torch.bfloat16, layout, "cpu", grad=passes != "forward")
+    fn = (forward_fn if passes == "forward" else train_fn)(impl, *tensors)
+    fn()
+    benchmark.group = f"group_norm_silu {passes} cpu bf16 32x128x32x32 {layout}"
+    benchmark(fn)
+
+
 GPU_IMPLS = ["eager", "compile", "cuda", "triton"]
 
 
