@@ -53,15 +53,16 @@ struct FloatRows {
   std::vector<float> x, dy, out;
 };
 
-// `count` floats of output (in t.out for 16-bit T) to dx.
+// Pass 2's output rows into dx: for float they are there already (written in
+// place); for 16-bit T rounded from the float buffer.
 template <typename T>
 void store_rows(const float* out, int64_t count, T* dx) {
   if constexpr (!std::is_same_v<T, float>) from_float_row(out, count, dx);
 }
 
 // The backward of float, half and bfloat16 NCHW input, row by row in
-// vectorized float (16-bit rows converted to float and back; the general path
-// below works element by element in double), one task per (sample, group)
+// vectorized float (16-bit rows converted to float and back; double input
+// takes the general path below), one task per (sample, group)
 // block: pass 1 over its cg rows, the group's means, then pass 2 over the
 // same rows while they are still in cache. Each pass over the whole tensor,
 // as before, read x, dy and the stored du back from memory: 1.16-1.44x longer
@@ -245,6 +246,7 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
   });
 }
 
+// The general path, element by element in double: float64 input (gradcheck).
 template <typename T, typename S>
 void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, const S* mean, const S* rstd, bool act,
               T* dx, std::vector<double>& A, std::vector<double>& B, std::vector<double>& dadd) {
