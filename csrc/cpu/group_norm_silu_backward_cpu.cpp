@@ -62,7 +62,7 @@ void store_rows(const float* out, int64_t count, T* dx) {
 
 // The backward of float, half and bfloat16 NCHW input, row by row in
 // vectorized float (16-bit rows converted to float and back; double input
-// takes the general path below), one task per (sample, group)
+// takes backward_double below), one task per (sample, group)
 // block: pass 1 over its cg rows, the group's means, then pass 2 over the
 // same rows while they are still in cache. Each pass over the whole tensor,
 // as before, read x, dy and the stored du back from memory: 1.16-1.44x longer
@@ -247,15 +247,15 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
 }
 
 // The general path, element by element in double: float64 input (gradcheck).
-template <typename T, typename S>
-void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, const S* mean, const S* rstd, bool act,
-              T* dx, std::vector<double>& A, std::vector<double>& B, std::vector<double>& dadd) {
+void backward_double(const double* dy, const double* x, const NormLayout& l, const Params& p, const double* mean,
+                     const double* rstd, bool act, double* dx, std::vector<double>& A, std::vector<double>& B,
+                     std::vector<double>& dadd) {
   const int64_t cg = l.c / l.groups;
   const double count = static_cast<double>(cg * l.hw);
   auto xhat_of = [&](int64_t n, int64_t c, int64_t i) {
     const double a = p.add.empty() ? 0.0 : p.add[n * l.c + c];
     const int64_t ng = n * l.groups + c / cg;
-    return (static_cast<double>(x[i]) + a - static_cast<double>(mean[ng])) * static_cast<double>(rstd[ng]);
+    return (x[i] + a - mean[ng]) * rstd[ng];
   };
   std::vector<double> X(l.n * l.c);
   // Pass 1, per (n, c): A = sum du * xhat, B = sum du, X = sum xhat.
@@ -266,7 +266,7 @@ void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, con
       for (int64_t s = 0; s < l.hw; ++s) {
         const int64_t i = at_index(l, n, c, s);
         const double xhat = xhat_of(n, c, i);
-        const double du = grad_u(static_cast<double>(dy[i]), xhat * p.w[c] + p.b[c], act);
+        const double du = grad_u(dy[i], xhat * p.w[c] + p.b[c], act);
         a_sum += du * xhat;
         b_sum += du;
         x_sum += xhat;
@@ -281,12 +281,12 @@ void backward(const T* dy, const T* x, const NormLayout& l, const Params& p, con
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / l.c, c = nc % l.c, c0 = (c / cg) * cg;
       const auto [m1, m2] = group_means(p, A, B, n * l.c, c0, cg, count);
-      const double r = static_cast<double>(rstd[n * l.groups + c / cg]);
+      const double r = rstd[n * l.groups + c / cg];
       for (int64_t s = 0; s < l.hw; ++s) {
         const int64_t i = at_index(l, n, c, s);
         const double xhat = xhat_of(n, c, i);
-        const double du = grad_u(static_cast<double>(dy[i]), xhat * p.w[c] + p.b[c], act);
-        dx[i] = static_cast<T>(r * (du * p.w[c] - m1 - xhat * m2));
+        const double du = grad_u(dy[i], xhat * p.w[c] + p.b[c], act);
+        dx[i] = r * (du * p.w[c] - m1 - xhat * m2);
       }
       dadd[nc] = r * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
     }
@@ -314,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const Params p = read_params(l, weight, bias, add);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
       if constexpr (std::is_same_v<scalar_t, double>) {  // gradcheck precision: all in double
-        backward(dy.const_data_ptr<double>(), x.const_data_ptr<double>(), l, p, mean.const_data_ptr<double>(),
-                 rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<double>(), A, B, dadd);
+        backward_double(dy.const_data_ptr<double>(), x.const_data_ptr<double>(), l, p, mean.const_data_ptr<double>(),
+                        rstd.const_data_ptr<double>(), act, dx.mutable_data_ptr<double>(), A, B, dadd);
       } else {
         (l.channels_last ? backward_rows_channels_last<scalar_t> : backward_rows_nchw<scalar_t>)(
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), l, p, mean.const_data_ptr<float>(),

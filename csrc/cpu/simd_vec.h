@@ -74,29 +74,23 @@ struct Avx2 {
     return _mm_cvtsd_f64(_mm_add_sd(half, _mm_unpackhi_pd(half, half)));
   }
 
-  // 16-bit floats, as their bits: kFloats IEEE halves (F16C, round to nearest
-  // even) or bfloat16s (the high half of a float; rounded to nearest even,
-  // NaN to the quiet 0x7FC0, as c10::BFloat16 does).
+  // 16-bit values, as their bits: kFloats IEEE halves (F16C, round to nearest
+  // even); kFloats uint16s zero-extended to 32-bit lanes, and lanes holding
+  // values below 2^16 stored as uint16s (bfloat16 in the loop files).
   DDPM_VEC_FN F load_half(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   DDPM_VEC_FN void store_half(uint16_t* p, F v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  DDPM_VEC_FN F load_bf16(const uint16_t* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  DDPM_VEC_FN I load_u16(const uint16_t* p) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  DDPM_VEC_FN void store_bf16(uint16_t* p, F v) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0));
-    top = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(top), quiet_nan, nan));
+  DDPM_VEC_FN void store_u16(uint16_t* p, I v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+                     _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
   }
+  DDPM_VEC_FN M is_nan(F v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
 
   DDPM_VEC_FN I set1_i32(int32_t x) { return _mm256_set1_epi32(x); }
   DDPM_VEC_FN I add_i32(I a, I b) { return _mm256_add_epi32(a, b); }
@@ -186,7 +180,7 @@ struct Avx512 {
                                               _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1))));
   }
 
-  // 16-bit floats, as their bits (see Avx2).
+  // 16-bit values, as their bits (see Avx2).
   DDPM_VEC_FN F load_half(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
@@ -194,17 +188,13 @@ struct Avx512 {
     const __m256i halves = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), halves);
   }
-  DDPM_VEC_FN F load_bf16(const uint16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  DDPM_VEC_FN I load_u16(const uint16_t* p) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  DDPM_VEC_FN void store_bf16(uint16_t* p, F v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i top = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    top = _mm512_mask_mov_epi32(top, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(top));
+  DDPM_VEC_FN void store_u16(uint16_t* p, I v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(v));
   }
+  DDPM_VEC_FN M is_nan(F v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
 
   DDPM_VEC_FN I set1_i32(int32_t x) { return _mm512_set1_epi32(x); }
   DDPM_VEC_FN I add_i32(I a, I b) { return _mm512_add_epi32(a, b); }
