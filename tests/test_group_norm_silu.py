@@ -220,6 +220,33 @@ def test_cpu_kernel_forward_task_paths(dtype, layout, shape):
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("with_add", [True, False], ids=["add", "no-add"])
+@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (4, 4), (5, 9), (8, 8), (9, 9), (1, 127)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_cpu_kernel_short_rows(dtype, with_add, groups, hw):
+    """NCHW rows under 128 values run a (sample, group) block at a time, each
+    vector's per-channel coefficients (and add) permuted from the channels
+    it spans: rows shorter than a vector (1, 4), rows that vectors straddle
+    (45, 81, 127), whole vectors per row (16, 64); 24 channels in one group
+    make blocks over 1024 values, which 16-bit input converts in pieces of
+    whole rows. Against a float64 reference, and the same bits on 1 and 2
+    threads."""
+    x, w, b, add = inputs((3, 24) + hw, dtype, "contiguous", "cpu", True, with_add)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = ops.group_norm_silu(x, groups, w, b, add=add, backend="cpu")
+        torch.set_num_threads(1)
+        y_one_thread = ops.group_norm_silu(x, groups, w, b, add=add, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    y_ref = reference(x.double(), groups, w.double(), b.double(), None if add is None else add.double(), True)
+    torch.testing.assert_close(y.double(), y_ref, **TOL[dtype][0])
+    assert torch.equal(y, y_one_thread)
+
+
+@requires_extension
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 @pytest.mark.parametrize("with_add", [True, False])
@@ -327,7 +354,7 @@ def test_cpu_narrower_loops_match_reference(cap):
     import subprocess
     import sys
 
-    selection = "long_rows or 16bit_rounding or (match_reference and cpu-cpu and float32)"
+    selection = "long_rows or short_rows or 16bit_rounding or (match_reference and cpu-cpu and float32)"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
         env={**os.environ, "DDPM_FAST_CPU_SIMD": cap}, capture_output=True, text=True,

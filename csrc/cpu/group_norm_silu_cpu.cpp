@@ -66,49 +66,89 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
 }
 
 // Shifted moments of a row (an (n, c) row, or a whole NCHW block): sum and
-// sum of squares of (x - shift), or with `add` (a float per value, or null) of
-// (x + add - shift), chunk by chunk through float. The shift is the row's
-// first such value, or 0 when that is not finite (the sums then carry the NaN
-// or Inf as unshifted ones would).
+// sum of squares of (x - shift), chunk by chunk through float. The shift is
+// the row's first value, or 0 when that is not finite (the sums then carry the
+// NaN or Inf as unshifted ones would).
 template <typename T>
-void shifted_row_moments(const T* row, const float* add, int64_t count, double* shift, double* sum, double* sumsq) {
+void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum, double* sumsq) {
   float buffer[kChunk];
-  const float first = static_cast<float>(row[0]) + (add == nullptr ? 0.0f : add[0]);
+  const float first = static_cast<float>(row[0]);
   const float o = std::isfinite(first) ? first : 0.0f;
   *shift = o;
   *sum = *sumsq = 0.0;
   for (int64_t s0 = 0; s0 < count; s0 += kChunk) {
     const int64_t n = std::min(kChunk, count - s0);
-    row_moments(as_float_row(row + s0, n, buffer), add == nullptr ? nullptr : add + s0, n, o, sum, sumsq);
+    row_moments(as_float_row(row + s0, n, buffer), n, o, sum, sumsq);
+  }
+}
+
+// The same over an NCHW block of `rows` short rows (lanes.count values each),
+// of x + add[k] in row k (add padded by kChannelPad), in pieces of whole rows.
+template <typename T>
+void shifted_block_moments_add(const T* block, const float* add, int64_t rows, const RowLanes& lanes, double* shift,
+                               double* sum, double* sumsq) {
+  float buffer[kChunk];
+  const float first = static_cast<float>(block[0]) + add[0];
+  const float o = std::isfinite(first) ? first : 0.0f;
+  *shift = o;
+  *sum = *sumsq = 0.0;
+  const int64_t per_piece = kChunk / lanes.count;
+  for (int64_t k = 0; k < rows; k += per_piece) {
+    const int64_t piece_rows = std::min(per_piece, rows - k);
+    block_moments_add(as_float_row(block + k * lanes.count, piece_rows * lanes.count, buffer), add + k, piece_rows,
+                      lanes, o, sum, sumsq);
+  }
+}
+
+// kernel(in, out, row, rows, column, count) over float views of `rows`
+// consecutive rows of `count` values of x and y: in one call for float; for
+// 16-bit values through float buffers of kChunk values, whole rows where they
+// fit (`rows` of them from row `row`), else pieces of one row (`count` values
+// from column `column` of row `row`).
+template <typename T, typename Kernel>
+void through_float(const T* x, int64_t count, int64_t rows, T* y, Kernel kernel) {
+  if constexpr (std::is_same_v<T, float>) {
+    kernel(x, y, 0, rows, 0, count);
+  } else {
+    float in_buffer[kChunk], out_buffer[kChunk];
+    auto piece = [&](int64_t row, int64_t piece_rows, int64_t column, int64_t piece_count) {
+      const int64_t offset = row * count + column, n = piece_count * piece_rows;
+      kernel(as_float_row(x + offset, n, in_buffer), out_buffer, row, piece_rows, column, piece_count);
+      from_float_row(out_buffer, n, y + offset);
+    };
+    if (count <= kChunk) {
+      const int64_t per_piece = kChunk / count;
+      for (int64_t r = 0; r < rows; r += per_piece) piece(r, std::min(per_piece, rows - r), 0, count);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i0 = 0; i0 < count; i0 += kChunk) piece(r, 1, i0, std::min(kChunk, count - i0));
+    }
   }
 }
 
 // y = act(x * scale + shift) over `rows` consecutive rows of `count` values
 // (affine_act_row's arguments), prefetching as many values from `ahead`
-// meanwhile (unless null). 16-bit input goes through float buffers of kChunk
-// values: whole rows where they fit, else pieces of one row.
+// meanwhile (unless null).
 template <typename T>
 void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, const float* shift, int64_t step,
                 bool act, T* y, const T* ahead = nullptr) {
   const Prefetch all{reinterpret_cast<const char*>(ahead), sizeof(T)};
-  if constexpr (std::is_same_v<T, float>) {
-    affine_act_row(x, scale, shift, step, count, rows, act, y, all);
-  } else {
-    float in_buffer[kChunk], out_buffer[kChunk];
-    auto piece = [&](int64_t offset, int64_t piece_count, int64_t piece_rows, int64_t column) {
-      const int64_t n = piece_count * piece_rows;
-      affine_act_row(as_float_row(x + offset, n, in_buffer), scale + step * column, shift + step * column, step,
-                     piece_count, piece_rows, act, out_buffer, all.at(offset));
-      from_float_row(out_buffer, n, y + offset);
-    };
-    if (count <= kChunk) {
-      const int64_t per_piece = kChunk / count;
-      for (int64_t r = 0; r < rows; r += per_piece) piece(r * count, count, std::min(per_piece, rows - r), 0);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i0 = 0; i0 < count; i0 += kChunk) piece(r * count + i0, std::min(kChunk, count - i0), 1, i0);
-    }
-  }
+  through_float(x, count, rows, y,
+                [&](const float* in, float* out, int64_t row, int64_t piece_rows, int64_t column, int64_t n) {
+                  affine_act_row(in, scale + step * column, shift + step * column, step, n, piece_rows, act, out,
+                                 all.at(row * count + column));
+                });
+}
+
+// The same over an NCHW block of `rows` short rows, row k with scale[k] and
+// shift[k] (affine_act_channels' arguments).
+template <typename T>
+void affine_act_block(const T* x, int64_t rows, const RowLanes& lanes, const float* scale, const float* shift,
+                      bool act, T* y) {
+  through_float(x, lanes.count, rows, y,
+                [&](const float* in, float* out, int64_t row, int64_t piece_rows, int64_t, int64_t) {
+                  affine_act_channels(in, scale + row, shift + row, piece_rows, lanes, act, out);
+                });
 }
 
 // Group statistics of h = x + add from the moments of x - o_k over `parts`
@@ -138,14 +178,6 @@ void group_affine(const Params& p, int64_t n, int64_t c0, int64_t cg, int64_t c_
     shift[k] = static_cast<float>(p.b[c0 + k] + (a - mean) * rstd * p.w[c0 + k]);
   }
 }
-
-// NCHW rows shorter than this (the U-Net's 4x4 and 2x2 maps, ...) go through
-// the affine+SiLU pass as one block of cg rows with per-element coefficients:
-// row by row, the vector loops would run mostly partial vectors (a row of 4
-// fills a quarter of an AVX-512 vector). Measured before the loops had masked
-// tails, when such rows ran scalar: 12 ns an element at 8x256x2x2 against 0.7
-// in long rows; the gain over masked rows is not measured.
-constexpr int64_t kShortRow = 64;
 
 // The L2 cache of a core, in bytes (sysconf; 256 KiB where it says nothing,
 // the smallest of x86 CPUs since 2008).
@@ -180,36 +212,32 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
   const int64_t cg = l.c / l.groups;
   at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> o(cg), s1(cg), s2(cg);
-    std::vector<float> scale(cg), shift(cg);
+    std::vector<float> scale(cg + kChannelPad), shift(cg + kChannelPad);
     const bool short_rows = l.hw < kShortRow;
+    const RowLanes lanes(short_rows ? l.hw : 0);
     const bool prefetch_next = cg * l.hw * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare;
-    const int64_t elements = short_rows ? cg * l.hw : 0;
-    std::vector<float> element_scale(elements), element_shift(elements), element_add(p.add.empty() ? 0 : elements);
-    // The moments of the whole block as one row: one call, not cg (the
-    // U-Net's 8x8 and 4x4 maps have blocks of 128-512 values, where each
-    // call's fixed costs weigh). With add, only for short rows, where the add
-    // goes in per value; else one row per channel, its add applied after.
-    const bool whole_block = p.add.empty() || short_rows;
-    const int64_t parts = whole_block ? 1 : cg;
+    // The moments of the whole block: one call, not cg (the U-Net's 8x8 and
+    // 4x4 maps have blocks of 128-512 values, where each call's fixed costs
+    // weigh). With add, only for short rows, where the add goes in per value;
+    // else one row per channel, its add applied after (in group_affine).
+    const bool block_add = !p.add.empty() && short_rows;
+    const int64_t parts = p.add.empty() || short_rows ? 1 : cg;
     const int64_t part = cg * l.hw / parts;
-    const float* part_add = whole_block && !p.add.empty() ? element_add.data() : nullptr;
-    // A short-row block's per-element array of channel values value(k).
-    auto spread = [&](std::vector<float>& out, auto value) {
-      for (int64_t k = 0; k < cg; ++k) std::fill_n(out.begin() + k * l.hw, l.hw, static_cast<float>(value(k)));
-    };
+    std::vector<float> row_add(block_add ? cg + kChannelPad : 0);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
       const T* block = x + (n * l.c + c0) * l.hw;
       T* y_block = y + (n * l.c + c0) * l.hw;
-      if (part_add != nullptr) spread(element_add, [&](int64_t k) { return p.add[n * l.c + c0 + k]; });
-      for (int64_t k = 0; k < parts; ++k)
-        shifted_row_moments(block + k * part, part_add, part, &o[k], &s1[k], &s2[k]);
-      group_affine(p, n, c0, cg, l.c, l.hw, parts, part_add != nullptr, o.data(), s1.data(), s2.data(), eps,
-                   mean_out + ng, rstd_out + ng, scale.data(), shift.data());
+      if (block_add) {
+        for (int64_t k = 0; k < cg; ++k) row_add[k] = static_cast<float>(p.add[n * l.c + c0 + k]);
+        shifted_block_moments_add(block, row_add.data(), cg, lanes, &o[0], &s1[0], &s2[0]);
+      } else {
+        for (int64_t k = 0; k < parts; ++k) shifted_row_moments(block + k * part, part, &o[k], &s1[k], &s2[k]);
+      }
+      group_affine(p, n, c0, cg, l.c, l.hw, parts, block_add, o.data(), s1.data(), s2.data(), eps, mean_out + ng,
+                   rstd_out + ng, scale.data(), shift.data());
       if (short_rows) {
-        spread(element_scale, [&](int64_t k) { return scale[k]; });
-        spread(element_shift, [&](int64_t k) { return shift[k]; });
-        affine_act(block, cg * l.hw, 1, element_scale.data(), element_shift.data(), 1, act, y_block);
+        affine_act_block(block, cg, lanes, scale.data(), shift.data(), act, y_block);
       } else {
         const T* next = ng + 1 < end && prefetch_next ? block + cg * l.hw : nullptr;
         for (int64_t k = 0; k < cg; ++k)  // the next block's row k while computing row k

@@ -57,6 +57,8 @@ struct Avx2 {
   DDPM_VEC_FN F from_bits(I v) { return _mm256_castsi256_ps(v); }
   DDPM_VEC_FN M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   DDPM_VEC_FN F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+  // Lane j gets table's lane index[j] (0 <= index[j] < kFloats).
+  DDPM_VEC_FN F permute(F table, I index) { return _mm256_permutevar8x32_ps(table, index); }
   // Loops end with a partial vector through these (no scalar code: see the
   // note at the end of this file). The first n lanes, 0 <= n <= kFloats:
   DDPM_VEC_FN M first(int64_t n) {
@@ -172,6 +174,7 @@ struct Avx512 {
   DDPM_VEC_FN F from_bits(I v) { return _mm512_castsi512_ps(v); }
   DDPM_VEC_FN M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   DDPM_VEC_FN F select(M m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  DDPM_VEC_FN F permute(F table, I index) { return _mm512_permutexvar_ps(index, table); }
   DDPM_VEC_FN M first(int64_t n) { return static_cast<M>((1u << n) - 1u); }
   DDPM_VEC_FN F load_first(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   DDPM_VEC_FN void store_first(M m, float* p, F v) { _mm512_mask_storeu_ps(p, m, v); }
