@@ -225,25 +225,37 @@ def test_cpu_kernel_forward_task_paths(dtype, layout, shape):
 @pytest.mark.parametrize("groups", [1, 6])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (4, 4), (5, 9), (8, 8), (9, 9), (1, 127)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
 def test_cpu_kernel_short_rows(dtype, with_add, groups, hw):
-    """NCHW rows under 128 values run a (sample, group) block at a time, each
-    vector's per-channel coefficients (and add) permuted from the channels
-    it spans: rows shorter than a vector (1, 4), rows that vectors straddle
-    (45, 81, 127), whole vectors per row (16, 64); 24 channels in one group
-    make blocks over 1024 values, which 16-bit input converts in pieces of
-    whole rows. Against a float64 reference, and the same bits on 1 and 2
-    threads."""
+    """NCHW rows under 128 values run the forward a (sample, group) block at
+    a time, each vector's per-channel coefficients (and add) permuted from the
+    channels it spans, and rows of at most 64 the backward: rows shorter than
+    a vector (1, 4), rows that vectors straddle (45, 81, 127), whole vectors
+    per row (16, 64); 24 channels in one group make blocks over 1024 values,
+    which 16-bit input converts in pieces of whole rows. Forward and gradients
+    against a float64 reference, and the same bits on 1 and 2 threads."""
     x, w, b, add = inputs((3, 24) + hw, dtype, "contiguous", "cpu", True, with_add)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    names = ("x", "weight", "bias", "add")[: 4 if with_add else 3]
+    runs = []
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        y = ops.group_norm_silu(x, groups, w, b, add=add, backend="cpu")
-        torch.set_num_threads(1)
-        y_one_thread = ops.group_norm_silu(x, groups, w, b, add=add, backend="cpu")
+        for n_threads in (2, 1):
+            torch.set_num_threads(n_threads)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b, add)[: len(names)]]
+            y = ops.group_norm_silu(leaves[0], groups, leaves[1], leaves[2], add=leaves[3] if with_add else None,
+                                    backend="cpu")
+            y.backward(dy)
+            runs.append((y, [t.grad for t in leaves]))
     finally:
         torch.set_num_threads(threads)
-    y_ref = reference(x.double(), groups, w.double(), b.double(), None if add is None else add.double(), True)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, add)[: len(names)]]
+    y_ref = reference(ref_leaves[0], groups, ref_leaves[1], ref_leaves[2], ref_leaves[3] if with_add else None, True)
+    y_ref.backward(dy.double())
+    (y, grads), (y_one_thread, grads_one_thread) = runs
     torch.testing.assert_close(y.double(), y_ref, **TOL[dtype][0])
-    assert torch.equal(y, y_one_thread)
+    for name, got, want in zip(names, grads, ref_leaves):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(got.double() / scale, want.grad / scale, **TOL[dtype][1], msg=name)
+    assert torch.equal(y, y_one_thread) and all(map(torch.equal, grads, grads_one_thread))
 
 
 @requires_extension

@@ -245,6 +245,28 @@ inline void backward_row_dx_portable(const float* du, const float* x, int64_t co
   }
 }
 
+// The backward over an NCHW block of `rows` short rows (RowLanes), row k with
+// shift[k], w[k] and b[k] (arrays padded by kChannelPad), rstd for all:
+// silu_grad_block writes pass 1's du = dL/du through SiLU (whose sums then go
+// row by row, as dy does without act), backward_block_dx pass 2's dx, each
+// with the row loops' arithmetic (same bits) over the whole block at once.
+inline void silu_grad_block_portable(const float* dy, const float* x, int64_t rows, const RowLanes& lanes,
+                                     const float* shift, float rstd, const float* w, const float* b, float* du) {
+  const int64_t count = lanes.count;
+  for (int64_t k = 0; k < rows; ++k) {
+#pragma omp simd
+    for (int64_t i = k * count; i < (k + 1) * count; ++i) {
+      const float xhat = (x[i] + shift[k]) * rstd;
+      du[i] = silu_grad_float(dy[i], xhat * w[k] + b[k]);
+    }
+  }
+}
+inline void backward_block_dx_portable(const float* du, const float* x, int64_t rows, const RowLanes& lanes,
+                                       const float* shift, float rstd, const float* w, float m1, float m2, float* dx) {
+  const int64_t count = lanes.count;
+  for (int64_t k = 0; k < rows; ++k)
+    backward_row_dx_portable(du + k * count, x + k * count, count, shift[k], rstd, w[k], m1, m2, dx + k * count);
+}
 // channels_last rows: one pixel's C channels, with per-channel coefficients
 // (arrays of C floats). Pass 1 adds each channel's du * xhat, du and xhat to
 // float accumulators and, with `act`, stores du to `du_out`; pass 2 writes
@@ -330,6 +352,14 @@ inline void backward_row_sums(const float* dy, const float* x, int64_t count, fl
   DDPM_SIMD_PICK(backward_row_sums)(dy, x, count, shift, rstd, w, b, act, out, du_out);
 }
 
+inline void silu_grad_block(const float* dy, const float* x, int64_t rows, const RowLanes& lanes, const float* shift,
+                            float rstd, const float* w, const float* b, float* du) {
+  DDPM_SIMD_PICK(silu_grad_block)(dy, x, rows, lanes, shift, rstd, w, b, du);
+}
+inline void backward_block_dx(const float* du, const float* x, int64_t rows, const RowLanes& lanes,
+                              const float* shift, float rstd, const float* w, float m1, float m2, float* dx) {
+  DDPM_SIMD_PICK(backward_block_dx)(du, x, rows, lanes, shift, rstd, w, m1, m2, dx);
+}
 inline void backward_row_dx(const float* du, const float* x, int64_t count, float shift, float rstd, float w, float m1,
                             float m2, float* dx) {
   DDPM_SIMD_PICK(backward_row_dx)(du, x, count, shift, rstd, w, m1, m2, dx);
