@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../ddpm_step.h"
+#include "float16_cpu.h"
 #include "normal_cpu.h"
 #include "timesteps_cpu.h"
 
@@ -30,9 +31,16 @@ void model_input_index(const StepLayout& s, int64_t p0, int64_t count, int64_t* 
   }
 }
 
+// The model input of elements [p0, p0 + count), from their values y: in
+// place (a block converted at once) where it has x's memory format, else
+// scattered (index: count of scratch).
 template <typename M>
-void store_model_input(at::Tensor& mi, const int64_t* index, const float* y, int64_t count) {
-  M* dst = mi.mutable_data_ptr<M>();
+void store_model_input(M* dst, const StepLayout& s, int64_t p0, int64_t count, const float* y, int64_t* index) {
+  if (!s.model_input_other) {
+    cpu::from_float_row(y, count, dst + p0);
+    return;
+  }
+  model_input_index(s, p0, count, index);
   for (int64_t i = 0; i < count; ++i) dst[index[i]] = static_cast<M>(y[i]);
 }
 
@@ -57,10 +65,12 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
   X* out = out_t.mutable_data_ptr<X>();
   const bool per_sample_t = t.size() > 1;
   constexpr int64_t B = cpu::kNormalBlock;
+  void* mi_data = model_input.has_value() ? model_input->mutable_data_ptr() : nullptr;
+  const at::ScalarType mi_type = model_input.has_value() ? model_input->scalar_type() : at::kFloat;
 
   at::parallel_for(0, s.numel, 16 * B, [&](int64_t begin, int64_t end) {
     uint64_t ctr[B];
-    float z[B], y[B], sigma[B];
+    float z[B], y[B], sigma[B], x_buffer[B], eps_buffer[B];
     int64_t mi_index[B];
     cpu::NhwcNoise nhwc(seed, s.inner, s.outer);  // (C, H*W) where x is channels_last
     int64_t n = begin / s.per_sample;  // the sample of p0, advanced (not divided) below
@@ -72,6 +82,8 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
       // consecutive counters) or NhwcNoise; else the block's parts, with sigma
       // per element and counters one by one.
       const bool one_sample = p0 + count <= (n + 1) * s.per_sample;
+      const float* xs = cpu::as_float_row(x + p0, count, x_buffer);  // 16-bit: converted a block at a time
+      const float* es = cpu::as_float_row(eps + p0, count, eps_buffer);
       bool draw = false;
       float sigma1 = 0.0f;
       uint64_t base = 0;  // one_sample: the counter of the sample's logical index 0
@@ -81,11 +93,9 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
         const int64_t step = t[per_sample_t ? m : 0];
         const float* row = table + step * kStepColumns;
         if (clip) {
-          for (int64_t i = i0; i < i1; ++i)
-            y[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), true);
+          for (int64_t i = i0; i < i1; ++i) y[i] = step_mean(row, xs[i], es[i], true);
         } else {
-          for (int64_t i = i0; i < i1; ++i)
-            y[i] = step_mean(row, static_cast<float>(x[p0 + i]), static_cast<float>(eps[p0 + i]), false);
+          for (int64_t i = i0; i < i1; ++i) y[i] = step_mean(row, xs[i], es[i], false);
         }
         const uint64_t run_base =
             offset + static_cast<uint64_t>(m) * sample_stride + static_cast<uint64_t>(step) * step_stride;
@@ -104,8 +114,9 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
         i0 = i1;
       }
       // Lanes past the end are drawn and discarded.
+      const float* zs = z;  // the noise: z, or the given noise's values
       if (noise != nullptr) {
-        for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+        zs = cpu::as_float_row(noise + p0, count, z);
       } else if (draw && one_sample && !s.channels_last) {
         cpu::normal_run(seed, base + static_cast<uint64_t>(p0 - n * s.per_sample), z);
       } else if (draw && one_sample) {
@@ -117,16 +128,15 @@ void step_kernel(const at::Tensor& x_t, const at::Tensor& eps_t, const std::vect
         std::fill(z, z + count, 0.0f);
       }
       if (one_sample && sigma1 != 0.0f) {
-        for (int64_t i = 0; i < count; ++i) y[i] = y[i] + sigma1 * z[i];
+        for (int64_t i = 0; i < count; ++i) y[i] = y[i] + sigma1 * zs[i];
       } else if (!one_sample) {
-        for (int64_t i = 0; i < count; ++i) y[i] = sigma[i] != 0.0f ? y[i] + sigma[i] * z[i] : y[i];
+        for (int64_t i = 0; i < count; ++i) y[i] = sigma[i] != 0.0f ? y[i] + sigma[i] * zs[i] : y[i];
       }
-      for (int64_t i = 0; i < count; ++i) out[p0 + i] = static_cast<X>(y[i]);
-      if (model_input.has_value()) {
-        at::Tensor mi = *model_input;
-        model_input_index(s, p0, count, mi_index);
-        DDPM_DISPATCH_FLOAT_TYPES(mi.scalar_type(), "ddpm_step_cpu_model_input",
-                                  [&] { store_model_input<scalar_t>(mi, mi_index, y, count); });
+      cpu::from_float_row(y, count, out + p0);
+      if (mi_data != nullptr) {
+        DDPM_DISPATCH_FLOAT_TYPES(mi_type, "ddpm_step_cpu_model_input", [&] {
+          store_model_input(static_cast<scalar_t*>(mi_data), s, p0, count, y, mi_index);
+        });
       }
     }
   });

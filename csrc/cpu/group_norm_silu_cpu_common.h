@@ -1,6 +1,7 @@
 // What the CPU GroupNorm+SiLU's forward and backward files
 // (group_norm_silu_cpu.cpp, group_norm_silu_backward_cpu.cpp) share: the
-// parameters read into doubles and the element indexing. Internal to the file
+// parameters read into doubles, the element indexing and the 16-bit rows'
+// conversions. Internal to the file
 // that includes it, as group_norm_silu_rows.h is.
 #pragma once
 
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "../group_norm_silu.h"
+#include "float16_cpu.h"
 #include "group_norm_silu_rows.h"
 
 namespace ddpm_fast {
@@ -50,29 +52,9 @@ inline int64_t at_index(const NormLayout& l, int64_t n, int64_t c, int64_t s) {
   return l.channels_last ? (n * l.hw + s) * l.c + c : (n * l.c + c) * l.hw + s;
 }
 
-// A row of `count` values of T as floats: the row itself for float, else
-// converted into `buffer` (vector loops where the CPU has them).
-template <typename T>
-const float* as_float_row(const T* row, int64_t count, float* buffer) {
-  if constexpr (std::is_same_v<T, float>) {
-    return row;
-  } else {
-    static_assert(std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>, "a 16-bit float type");
-    const auto* bits = reinterpret_cast<const uint16_t*>(row);
-    int64_t i = std::is_same_v<T, c10::Half> ? half_to_float(bits, count, buffer) : bf16_to_float(bits, count, buffer);
-    for (; i < count; ++i) buffer[i] = static_cast<float>(row[i]);
-    return buffer;
-  }
-}
-
-// `count` floats rounded to T (to nearest even) into out.
-template <typename T>
-void from_float_row(const float* in, int64_t count, T* out) {
-  static_assert(std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>, "a 16-bit float type");
-  auto* bits = reinterpret_cast<uint16_t*>(out);
-  int64_t i = std::is_same_v<T, c10::Half> ? float_to_half(in, count, bits) : float_to_bf16(in, count, bits);
-  for (; i < count; ++i) out[i] = static_cast<T>(in[i]);
-}
+// 16-bit rows go through float (float16_cpu.h).
+using cpu::as_float_row;
+using cpu::from_float_row;
 
 inline double sigmoid(double u) { return 1.0 / (1.0 + std::exp(-u)); }
 

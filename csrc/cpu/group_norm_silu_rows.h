@@ -138,17 +138,9 @@ inline void pixel_moments_portable(const float* rows, const float* shift, int64_
 }
 
 // Rows of any element type go through float, in chunks of this many values
-// where T is not float (as_float_row and from_float_row in
-// group_norm_silu_cpu_common.h).
+// where T is not float (as_float_row and from_float_row in float16_cpu.h).
 constexpr int64_t kChunk = 1024;
 
-// 16-bit rows (IEEE half or bfloat16, as their bits) to float and back: the
-// vector loops convert whole vectors and return how many values they did; the
-// portable ones do none (the caller converts what is left value by value).
-inline int64_t half_to_float_portable(const uint16_t*, int64_t, float*) { return 0; }
-inline int64_t bf16_to_float_portable(const uint16_t*, int64_t, float*) { return 0; }
-inline int64_t float_to_half_portable(const float*, int64_t, uint16_t*) { return 0; }
-inline int64_t float_to_bf16_portable(const float*, int64_t, uint16_t*) { return 0; }
 
 // out[i] = act(in[i] * scale[i * step] + shift[i * step]) over `rows`
 // consecutive rows of `count` elements (row r from in + r count to
@@ -323,19 +315,6 @@ inline void block_moments_add(const float* in, const float* add, int64_t rows, c
 inline void pixel_moments(const float* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
                           float* sumsq) {
   DDPM_SIMD_PICK(pixel_moments)(rows, shift, c_total, pixels, sum, sumsq);
-}
-
-inline int64_t half_to_float(const uint16_t* in, int64_t count, float* out) {
-  return DDPM_SIMD_PICK(half_to_float)(in, count, out);
-}
-inline int64_t bf16_to_float(const uint16_t* in, int64_t count, float* out) {
-  return DDPM_SIMD_PICK(bf16_to_float)(in, count, out);
-}
-inline int64_t float_to_half(const float* in, int64_t count, uint16_t* out) {
-  return DDPM_SIMD_PICK(float_to_half)(in, count, out);
-}
-inline int64_t float_to_bf16(const float* in, int64_t count, uint16_t* out) {
-  return DDPM_SIMD_PICK(float_to_bf16)(in, count, out);
 }
 
 inline void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,

@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../q_sample.h"
+#include "float16_cpu.h"
 #include "normal_cpu.h"
 #include "timesteps_cpu.h"
 
@@ -24,11 +26,12 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
   scalar_t* eps_out = eps ? eps->mutable_data_ptr<scalar_t>() : nullptr;
   const bool per_sample_t = t.size() > 1;
   const int64_t grain = 16 * cpu::kNormalBlock;
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
 
   at::parallel_for(0, l.numel, grain, [&](int64_t begin, int64_t end) {
     constexpr int64_t B = cpu::kNormalBlock;
     uint64_t ctr[B];
-    float z[B], a[B], b[B];
+    float z[B], a[B], b[B], x_buffer[B], y_buffer[B];
     cpu::NhwcNoise nhwc(seed, l.channels, l.spatial);
     int64_t n = begin / l.per_sample;  // the sample of p0, advanced (not divided) below
     for (int64_t p0 = begin; p0 < end; p0 += B) {
@@ -61,8 +64,9 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
         }
       }
       // Lanes past the end are drawn and discarded.
+      const float* zs = z;  // the noise: z, or the given noise's values
       if (noise != nullptr) {
-        for (int64_t i = 0; i < count; ++i) z[i] = static_cast<float>(noise[p0 + i]);
+        zs = cpu::as_float_row(noise + p0, count, z);
       } else if (one_sample && !l.channels_last) {
         cpu::normal_run(seed, offset + static_cast<uint64_t>(p0), z);
       } else if (one_sample) {
@@ -71,18 +75,16 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
         std::fill(ctr + count, ctr + B, 0);
         cpu::normal_block(seed, ctr, z);
       }
+      // In float; 16-bit values converted a block at a time.
+      const float* xs = cpu::as_float_row(x + p0, count, x_buffer);
+      float* y = kFloat ? reinterpret_cast<float*>(out + p0) : y_buffer;
       if (one_sample) {
-        for (int64_t i = 0; i < count; ++i) {
-          out[p0 + i] = static_cast<scalar_t>(a1 * static_cast<float>(x[p0 + i]) + b1 * z[i]);
-        }
+        for (int64_t i = 0; i < count; ++i) y[i] = a1 * xs[i] + b1 * zs[i];
       } else {
-        for (int64_t i = 0; i < count; ++i) {
-          out[p0 + i] = static_cast<scalar_t>(a[i] * static_cast<float>(x[p0 + i]) + b[i] * z[i]);
-        }
+        for (int64_t i = 0; i < count; ++i) y[i] = a[i] * xs[i] + b[i] * zs[i];
       }
-      if (eps_out != nullptr) {
-        for (int64_t i = 0; i < count; ++i) eps_out[p0 + i] = static_cast<scalar_t>(z[i]);
-      }
+      if constexpr (!kFloat) cpu::from_float_row(y_buffer, count, out + p0);
+      if (eps_out != nullptr) cpu::from_float_row(zs, count, eps_out + p0);
     }
   });
 }
