@@ -205,7 +205,8 @@ constexpr int64_t kPrefetchShare = 4;
 // The float path (float, half, bfloat16 input), NCHW: one task per (sample,
 // group), whose channels are cg contiguous rows: their moments, the group's
 // statistics, then the output rows, read again while the block is still in
-// cache (and the next block prefetched meanwhile).
+// cache (and the next block prefetched meanwhile); short rows (kShortRow) as
+// one row of vectors over the whole block.
 template <typename T>
 void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
                   float* rstd_out) {
