@@ -68,6 +68,9 @@ void store_rows(const float* out, int64_t count, T* dx) {
 // 1.5-1.7x), 1.1-1.2x at 5x5 to 7x7, 1.0-1.1x at 8x8, 0.9-1.0x at 9x9 to
 // 11x11 (whose rows stay rows); same bits.
 constexpr int64_t kBlockRowsBackward = 64;
+// ... when a block holds at most this many values: 16-bit blocks go through
+// float buffers of a whole block (three per thread).
+constexpr int64_t kBlockValuesBackward = 65536;
 
 // The backward of float, half and bfloat16 NCHW input, row by row in
 // vectorized float (16-bit rows converted to float and back; double input
@@ -128,7 +131,8 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
     return group_means(p, A, B, (ng / l.groups) * l.c, (ng % l.groups) * cg, cg, count);
   };
-  if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
+  if (l.hw <= kBlockRowsBackward && cg * l.hw <= kBlockValuesBackward &&
+      l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     // Short rows: each pass over a whole block at once (see kShortRow), with
     // act pass 1's du first (silu_grad_block), then its sums row by row.
     std::vector<float> w(l.c + kChannelPad), b(l.c + kChannelPad);
