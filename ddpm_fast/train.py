@@ -162,8 +162,8 @@ class Trainer:
         optim = torch.optim.AdamW if self.config.weight_decay > 0 else torch.optim.Adam
         # The fused kernel: one call per step instead of a dozen small ops per
         # parameter (the demo's 144 tensors: 7.9 -> 1.8 ms a step on the CPU).
-        fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = optim(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused)
+        self._fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = optim(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=self._fused)
         warmup = self.config.warmup
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
@@ -375,6 +375,19 @@ class Trainer:
             dist.barrier()
         return path
 
+    def _restore_fused(self) -> None:
+        """A loaded optimizer state brings its own ``fused`` flag: checkpoints
+        written before the trainer used the fused kernel say False, and the
+        per-parameter loop then fails under the fp16 GradScaler, which drives
+        the optimizer as a fused one. Keep this trainer's choice (the fused
+        kernel keeps its step counts on the parameters' device)."""
+        for group in self.optimizer.param_groups:
+            group["fused"] = self._fused
+        if self._fused:
+            for param, param_state in self.optimizer.state.items():
+                if "step" in param_state:
+                    param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, EMA, optimizer, schedules, step and RNG state from a
         checkpoint folder, and cut the log back to that step."""
@@ -390,6 +403,7 @@ class Trainer:
         except Exception as error:  # corrupt file, another architecture, ...
             raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
         self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_fused()
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]

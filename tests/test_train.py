@@ -187,3 +187,19 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     trainer.train(final_samples=False)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
+
+
+def test_fp16_resumes_a_checkpoint_of_the_unfused_optimizer(tmp_path):
+    """Checkpoints written before the trainer used fused Adam carry fused=False
+    in their optimizer state; loaded as is, the per-parameter Adam then fails
+    under the fp16 GradScaler. The trainer keeps its own fused choice."""
+    make_trainer(tmp_path, steps=2, precision="fp16").train(final_samples=False)
+    saved = latest_checkpoint(tmp_path) / "trainer.pt"
+    state = torch.load(saved, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:  # as the unfused optimizer wrote it
+        group["fused"] = False
+    torch.save(state, saved)
+    resumed = make_trainer(tmp_path, steps=4, precision="fp16")
+    resumed.train(final_samples=False)
+    assert resumed.optimizer.param_groups[0]["fused"] is True
+    assert resumed.step == 4 and all(torch.isfinite(torch.tensor(_losses(tmp_path))))
