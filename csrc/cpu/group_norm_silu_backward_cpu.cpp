@@ -44,6 +44,13 @@ inline std::pair<double, double> group_means(const Params& p, const std::vector<
 }
 
 
+// v as floats, with `pad` zeros after (the block loops' padding).
+std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
+  std::vector<float> out(v.size() + pad);
+  std::copy(v.begin(), v.end(), out.begin());
+  return out;
+}
+
 // Float views of rows of T (for float, the rows themselves): buffers of
 // `count` floats for x, dy and the output where T is 16-bit.
 template <typename T>
@@ -105,17 +112,27 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
     const double a = p.add.empty() ? 0.0 : p.add[nc];
     return static_cast<float>(a - static_cast<double>(mean[nc / cg]));
   };
-  // Row nc = n C + c: pass 1 (its sums, and du with act) and pass 2 (dx and
-  // the add's gradient) given its group's means.
-  auto pass1 = [&](int64_t nc, FloatRows<T>& t) {
+  // Row nc's pass-1 sums (A, B, X) from its float rows du (dy without act,
+  // which then also gives du_out) and x; and its add gradient from its
+  // group's means.
+  auto row_sums = [&](int64_t nc, const float* du, const float* x_row, bool with_act, float* du_out) {
     const int64_t c = nc % l.c;
     double sums[3];
-    backward_row_sums(as_float_row(dy + nc * l.hw, l.hw, t.dy.data()), as_float_row(x + nc * l.hw, l.hw, t.x.data()),
-                      l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act,
-                      sums, du_row(nc));
+    backward_row_sums(du, x_row, l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]),
+                      static_cast<float>(p.b[c]), with_act, sums, du_out);
     A[nc] = sums[0];
     B[nc] = sums[1];
     X[nc] = sums[2];
+  };
+  auto add_grad = [&](int64_t nc, double m1, double m2) {
+    dadd[nc] = static_cast<double>(rstd[nc / cg]) *
+               (p.w[nc % l.c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+  };
+  // Row nc = n C + c: pass 1 (its sums, and du with act) and pass 2 (dx and
+  // the add's gradient) given its group's means.
+  auto pass1 = [&](int64_t nc, FloatRows<T>& t) {
+    row_sums(nc, as_float_row(dy + nc * l.hw, l.hw, t.dy.data()), as_float_row(x + nc * l.hw, l.hw, t.x.data()), act,
+             du_row(nc));
   };
   auto pass2 = [&](int64_t nc, std::pair<double, double> means, FloatRows<T>& t) {
     const int64_t c = nc % l.c;
@@ -126,20 +143,17 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
     backward_row_dx(du, as_float_row(x + nc * l.hw, l.hw, t.x.data()), l.hw, shift_of(nc), r,
                     static_cast<float>(p.w[c]), static_cast<float>(m1), static_cast<float>(m2), out);
     store_rows(out, l.hw, dx + nc * l.hw);
-    dadd[nc] = static_cast<double>(r) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+    add_grad(nc, m1, m2);
   };
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
     return group_means(p, A, B, (ng / l.groups) * l.c, (ng % l.groups) * cg, cg, count);
   };
   if (l.hw <= kBlockRowsBackward && cg * l.hw <= kBlockValuesBackward &&
       l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
-    // Short rows: each pass over a whole block at once (see kShortRow), with
-    // act pass 1's du first (silu_grad_block), then its sums row by row.
-    std::vector<float> w(l.c + kChannelPad), b(l.c + kChannelPad);
-    for (int64_t c = 0; c < l.c; ++c) {
-      w[c] = static_cast<float>(p.w[c]);
-      b[c] = static_cast<float>(p.b[c]);
-    }
+    // Short rows: each pass over a whole block at once (see
+    // kBlockRowsBackward), with act pass 1's du first (silu_grad_block), then
+    // its sums row by row.
+    const std::vector<float> w = floats_of(p.w, kChannelPad), b = floats_of(p.b, kChannelPad);
     const int64_t size = cg * l.hw;
     at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
       const RowLanes lanes(l.hw);
@@ -154,21 +168,13 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
         float* du_block = act ? du_row(nc0) : nullptr;
         if (act) silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_block);
         const float* du = act ? du_block : dy_block;
-        for (int64_t k = 0; k < cg; ++k) {
-          double sums[3];
-          backward_row_sums(du + k * l.hw, x_block + k * l.hw, l.hw, shift[k], r, w[c0 + k], b[c0 + k], false, sums,
-                            nullptr);
-          A[nc0 + k] = sums[0];
-          B[nc0 + k] = sums[1];
-          X[nc0 + k] = sums[2];
-        }
+        for (int64_t k = 0; k < cg; ++k) row_sums(nc0 + k, du + k * l.hw, x_block + k * l.hw, false, nullptr);
         const auto [m1, m2] = means_of(ng);
         float* out = kFloat ? du_row(nc0) : t.out.data();  // (dx itself for float)
         backward_block_dx(du, x_block, cg, lanes, shift.data(), r, w.data() + c0, static_cast<float>(m1),
                           static_cast<float>(m2), out);
         store_rows(out, size, dx + offset);
-        for (int64_t nc = nc0; nc < nc0 + cg; ++nc)
-          dadd[nc] = static_cast<double>(r) * (p.w[nc % l.c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+        for (int64_t nc = nc0; nc < nc0 + cg; ++nc) add_grad(nc, m1, m2);
       }
     });
     return;
@@ -217,11 +223,8 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
     }
   };
   // Per (n, c) coefficients, as float arrays of N*C.
-  std::vector<float> shift(l.n * l.c), rs(l.n * l.c), w(l.c), b(l.c), m1(l.n * l.c), m2(l.n * l.c);
-  for (int64_t c = 0; c < l.c; ++c) {
-    w[c] = static_cast<float>(p.w[c]);
-    b[c] = static_cast<float>(p.b[c]);
-  }
+  std::vector<float> shift(l.n * l.c), rs(l.n * l.c), m1(l.n * l.c), m2(l.n * l.c);
+  const std::vector<float> w = floats_of(p.w), b = floats_of(p.b);
   for (int64_t nc = 0; nc < l.n * l.c; ++nc) {
     const int64_t ng = (nc / l.c) * l.groups + (nc % l.c) / cg;
     const double a = p.add.empty() ? 0.0 : p.add[nc];

@@ -65,15 +65,17 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
   });
 }
 
+// The shift of float moment sums: the first value they sum, or 0 when that is
+// not finite (the sums then carry the NaN or Inf as unshifted ones would).
+inline float moment_shift(float first) { return std::isfinite(first) ? first : 0.0f; }
+
 // Shifted moments of a row (an (n, c) row, or a whole NCHW block): sum and
-// sum of squares of (x - shift), chunk by chunk through float. The shift is
-// the row's first value, or 0 when that is not finite (the sums then carry the
-// NaN or Inf as unshifted ones would).
+// sum of squares of (x - shift), chunk by chunk through float, the shift
+// moment_shift of the row's first value.
 template <typename T>
 void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum, double* sumsq) {
   float buffer[kChunk];
-  const float first = static_cast<float>(row[0]);
-  const float o = std::isfinite(first) ? first : 0.0f;
+  const float o = moment_shift(static_cast<float>(row[0]));
   *shift = o;
   *sum = *sumsq = 0.0;
   for (int64_t s0 = 0; s0 < count; s0 += kChunk) {
@@ -88,8 +90,7 @@ template <typename T>
 void shifted_block_moments_add(const T* block, const float* add, int64_t rows, const RowLanes& lanes, double* shift,
                                double* sum, double* sumsq) {
   float buffer[kChunk];
-  const float first = static_cast<float>(block[0]) + add[0];
-  const float o = std::isfinite(first) ? first : 0.0f;
+  const float o = moment_shift(static_cast<float>(block[0]) + add[0]);
   *shift = o;
   *sum = *sumsq = 0.0;
   const int64_t per_piece = kChunk / lanes.count;
@@ -277,7 +278,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   };
   auto sample_offsets = [&](int64_t n, Scratch& t) {
     const float* first = as_float_row(x + n * sample, c, t.buffer.data());
-    for (int64_t k = 0; k < c; ++k) offset[n * c + k] = std::isfinite(first[k]) ? first[k] : 0.0f;
+    for (int64_t k = 0; k < c; ++k) offset[n * c + k] = moment_shift(first[k]);
   };
   // Sum and sum of squares of x - o_c over part `part` of sample n, into
   // sums[0, c) and sums[c, 2c).

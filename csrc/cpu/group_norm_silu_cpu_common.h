@@ -1,8 +1,8 @@
 // What the CPU GroupNorm+SiLU's forward and backward files
 // (group_norm_silu_cpu.cpp, group_norm_silu_backward_cpu.cpp) share: the
 // parameters read into doubles, the element indexing and the 16-bit rows'
-// conversions. Internal to the file
-// that includes it, as group_norm_silu_rows.h is.
+// conversions. Internal to the file that includes it, as
+// group_norm_silu_rows.h is.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "../group_norm_silu.h"

@@ -141,7 +141,6 @@ inline void pixel_moments_portable(const float* rows, const float* shift, int64_
 // where T is not float (as_float_row and from_float_row in float16_cpu.h).
 constexpr int64_t kChunk = 1024;
 
-
 // out[i] = act(in[i] * scale[i * step] + shift[i * step]) over `rows`
 // consecutive rows of `count` elements (row r from in + r count to
 // out + r count), each with the same coefficients; step 0 broadcasts one
@@ -188,6 +187,7 @@ inline void affine_act_channels_portable(const float* in, const float* scale, co
     (act ? affine_act_loop<true, true> : affine_act_loop<false, true>)(in + k * count, scale + k, shift + k, count,
                                                                        out + k * count);
 }
+
 // dL/du at u = xhat * w + b, through SiLU, in float (grad_u's formula).
 inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
   const float s = 1.0f / (1.0f + exp_poly(-u));
@@ -259,6 +259,7 @@ inline void backward_block_dx_portable(const float* du, const float* x, int64_t 
   for (int64_t k = 0; k < rows; ++k)
     backward_row_dx_portable(du + k * count, x + k * count, count, shift[k], rstd, w[k], m1, m2, dx + k * count);
 }
+
 // channels_last rows: one pixel's C channels, with per-channel coefficients
 // (arrays of C floats). Pass 1 adds each channel's du * xhat, du and xhat to
 // float accumulators and, with `act`, stores du to `du_out`; pass 2 writes
