@@ -112,27 +112,27 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
     const double a = p.add.empty() ? 0.0 : p.add[nc];
     return static_cast<float>(a - static_cast<double>(mean[nc / cg]));
   };
-  // Row nc's pass-1 sums (A, B, X) from its float rows du (dy without act,
-  // which then also gives du_out) and x; and its add gradient from its
-  // group's means.
-  auto row_sums = [&](int64_t nc, const float* du, const float* x_row, bool with_act, float* du_out) {
-    const int64_t c = nc % l.c;
+  // Row nc (channel c, its group's rstd r): its pass-1 sums (A, B, X) from
+  // its float rows du (dy without act, which then also gives du_out) and x,
+  // and its add gradient from its group's means. The callers hand in what
+  // they have at hand: these run once per row, and short rows are many.
+  auto row_sums = [&](int64_t nc, const float* du, const float* x_row, float shift, float r, float w, float b,
+                      bool with_act, float* du_out) {
     double sums[3];
-    backward_row_sums(du, x_row, l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]),
-                      static_cast<float>(p.b[c]), with_act, sums, du_out);
+    backward_row_sums(du, x_row, l.hw, shift, r, w, b, with_act, sums, du_out);
     A[nc] = sums[0];
     B[nc] = sums[1];
     X[nc] = sums[2];
   };
-  auto add_grad = [&](int64_t nc, double m1, double m2) {
-    dadd[nc] = static_cast<double>(rstd[nc / cg]) *
-               (p.w[nc % l.c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+  auto add_grad = [&](int64_t nc, int64_t c, float r, double m1, double m2) {
+    dadd[nc] = static_cast<double>(r) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
   };
   // Row nc = n C + c: pass 1 (its sums, and du with act) and pass 2 (dx and
   // the add's gradient) given its group's means.
   auto pass1 = [&](int64_t nc, FloatRows<T>& t) {
-    row_sums(nc, as_float_row(dy + nc * l.hw, l.hw, t.dy.data()), as_float_row(x + nc * l.hw, l.hw, t.x.data()), act,
-             du_row(nc));
+    const int64_t c = nc % l.c;
+    row_sums(nc, as_float_row(dy + nc * l.hw, l.hw, t.dy.data()), as_float_row(x + nc * l.hw, l.hw, t.x.data()),
+             shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, du_row(nc));
   };
   auto pass2 = [&](int64_t nc, std::pair<double, double> means, FloatRows<T>& t) {
     const int64_t c = nc % l.c;
@@ -143,7 +143,7 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
     backward_row_dx(du, as_float_row(x + nc * l.hw, l.hw, t.x.data()), l.hw, shift_of(nc), r,
                     static_cast<float>(p.w[c]), static_cast<float>(m1), static_cast<float>(m2), out);
     store_rows(out, l.hw, dx + nc * l.hw);
-    add_grad(nc, m1, m2);
+    add_grad(nc, c, r, m1, m2);
   };
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
     return group_means(p, A, B, (ng / l.groups) * l.c, (ng % l.groups) * cg, cg, count);
@@ -168,13 +168,14 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
         float* du_block = act ? du_row(nc0) : nullptr;
         if (act) silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_block);
         const float* du = act ? du_block : dy_block;
-        for (int64_t k = 0; k < cg; ++k) row_sums(nc0 + k, du + k * l.hw, x_block + k * l.hw, false, nullptr);
+        for (int64_t k = 0; k < cg; ++k)
+          row_sums(nc0 + k, du + k * l.hw, x_block + k * l.hw, shift[k], r, w[c0 + k], b[c0 + k], false, nullptr);
         const auto [m1, m2] = means_of(ng);
         float* out = kFloat ? du_row(nc0) : t.out.data();  // (dx itself for float)
         backward_block_dx(du, x_block, cg, lanes, shift.data(), r, w.data() + c0, static_cast<float>(m1),
                           static_cast<float>(m2), out);
         store_rows(out, size, dx + offset);
-        for (int64_t nc = nc0; nc < nc0 + cg; ++nc) add_grad(nc, m1, m2);
+        for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, r, m1, m2);
       }
     });
     return;
