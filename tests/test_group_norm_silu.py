@@ -109,6 +109,28 @@ def test_opcheck_cpp_ops():
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d)[6:])
+def test_cpu_backward_gradients_in_their_parameters_dtypes(dtype):
+    """Each parameter's gradient comes in that parameter's dtype (float32
+    weight, bias and add beside 16-bit x, as under autocast), or in x's
+    without one; the fake implementation says the same (opcheck)."""
+    x, _, _, _ = inputs((2, 6, 3, 4), dtype, "contiguous", "cpu", False, False)
+    w, b, add = torch.randn(6) + 1, torch.randn(6), torch.randn(2, 6)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, w, b, add, 3, 1e-5, True)
+    dy = torch.randn_like(x)
+    backward = torch.ops.ddpm_fast.group_norm_silu_backward.default
+    _, dw, db, dadd = backward(dy, x, w, b, add, mean, rstd, 3, True)
+    assert (dw.dtype, db.dtype, dadd.dtype) == (torch.float32,) * 3
+    leaves = [t.double().requires_grad_() for t in (w, b, add)]
+    reference(x.double(), 3, *leaves, True).backward(dy.double())
+    for got, want in zip((dw, db, dadd), leaves):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(got.double() / scale, want.grad / scale, **TOL[dtype][1])
+    assert backward(dy, x, None, None, None, mean, rstd, 3, True)[1].dtype == dtype
+    torch.library.opcheck(backward, (dy, x, w, b, add, mean, rstd, 3, True))
+
+
+@requires_extension
 def test_torch_compile_fullgraph_over_a_module():
     block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), GroupNormSiLU(4, 8, backend="cpu"), nn.Conv2d(8, 4, 1))
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
@@ -231,8 +253,11 @@ def test_cpu_kernel_short_rows(dtype, with_add, groups, hw):
     a vector (1, 4), rows that vectors straddle (45, 81, 127), whole vectors
     per row (16, 64); 24 channels in one group make blocks over 1024 values,
     which 16-bit input converts in pieces of whole rows. Forward and gradients
-    against a float64 reference, and the same bits on 1 and 2 threads."""
-    x, w, b, add = inputs((3, 24) + hw, dtype, "contiguous", "cpu", True, with_add)
+    against a float64 reference, and the same bits on 1 and 2 threads (over
+    32k values in all: calls of fewer than 16k, kMinParallelValues in
+    group_norm_silu_cpu_common.h, stay on one thread)."""
+    n = max(3, -(-2 * 16384 // (24 * hw[0] * hw[1])))
+    x, w, b, add = inputs((n, 24) + hw, dtype, "contiguous", "cpu", True, with_add)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     names = ("x", "weight", "bias", "add")[: 4 if with_add else 3]
     runs = []

@@ -34,7 +34,7 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
              S* rstd_out) {
   const int64_t cg = l.c / l.groups;
   const double count = static_cast<double>(cg * l.hw);
-  at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
       double sum = 0.0, sumsq = 0.0;
@@ -212,7 +212,7 @@ template <typename T>
 void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
                   float* rstd_out) {
   const int64_t cg = l.c / l.groups;
-  at::parallel_for(0, l.n * l.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
     std::vector<double> o(cg), s1(cg), s2(cg);
     std::vector<float> scale(cg + kChannelPad), shift(cg + kChannelPad);
     const bool short_rows = l.hw < kShortRow;
@@ -331,7 +331,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   const bool in_task = sample * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare &&
                        l.n >= 2 * static_cast<int64_t>(at::get_num_threads());
   if (in_task) {
-    at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(l.n, sample, [&](int64_t begin, int64_t end) {
       Scratch t = scratch();
       std::vector<double> part_sums(parts * 2 * c);
       for (int64_t n = begin; n < end; ++n) {
@@ -344,19 +344,19 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     return;
   }
   std::vector<double> part_sums(l.n * parts * 2 * c);
-  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(l.n, c, [&](int64_t begin, int64_t end) {
     Scratch t = scratch();
     for (int64_t n = begin; n < end; ++n) sample_offsets(n, t);
   });
-  at::parallel_for(0, l.n * parts, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(l.n * parts, sample / parts, [&](int64_t begin, int64_t end) {
     Scratch t = scratch();
     for (int64_t i = begin; i < end; ++i) part_moments(i / parts, i % parts, t, part_sums.data() + i * 2 * c);
   });
-  at::parallel_for(0, l.n, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(l.n, c, [&](int64_t begin, int64_t end) {
     Scratch t = scratch();
     for (int64_t n = begin; n < end; ++n) sample_coefficients(n, part_sums.data() + n * parts * 2 * c, t);
   });
-  at::parallel_for(0, l.n * l.hw, 1, [&](int64_t begin, int64_t end) { output_rows(begin, end, nullptr); });
+  parallel_tasks(l.n * l.hw, c, [&](int64_t begin, int64_t end) { output_rows(begin, end, nullptr); });
 }
 
 // The float path (float, half, bfloat16 input).
