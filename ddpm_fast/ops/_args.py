@@ -14,6 +14,17 @@ UINT64 = 1 << 64
 INT64_MAX = (1 << 63) - 1
 
 
+def is_int(v: object) -> bool:
+    """An integer, not a bool. (The exact-type test goes first: the ABC check
+    costs almost a microsecond, paid on every op call.)"""
+    return type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral))
+
+
+def is_real(v: object) -> bool:
+    """A real number, not a bool (exact types first, as in ``is_int``)."""
+    return type(v) is float or type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Real))
+
+
 def check_float_tensor(x: object, name: str, op: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -35,7 +46,7 @@ def check_param(p: object, name: str, shape: tuple[int, ...], x: torch.Tensor, o
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(p).__name__}")
     if not p.is_floating_point():
         raise TypeError(f"{op}: {name} must be floating point, got {p.dtype}")
-    if tuple(p.shape) != tuple(shape):
+    if p.shape != shape:
         raise ValueError(f"{op}: {name} must be a tensor of shape {what}{tuple(shape)}, got {tuple(p.shape)}")
     check_same_device(p, x, name, "x", op)
     return p
@@ -134,7 +145,7 @@ def as_seed(seed: object, op: str) -> int:
     torch's default generator (so torch.manual_seed makes runs repeatable)."""
     if seed is None:
         return int(torch.empty((), dtype=torch.int64).random_())
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if not is_int(seed):
         raise TypeError(f"{op}: seed must be an int, got {type(seed).__name__}")
     seed = int(seed)
     if not -(1 << 63) <= seed < UINT64:
@@ -145,7 +156,7 @@ def as_seed(seed: object, op: str) -> int:
 def as_offset(offset: object, count: int, op: str, name: str = "offset") -> int:
     """The counter of element 0; the counters offset .. offset+count-1 must fit in int64.
     (Also the noise strides, with count 0; ``name`` is the argument's.)"""
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+    if not is_int(offset):
         raise TypeError(f"{op}: {name} must be an int, got {type(offset).__name__}")
     offset = int(offset)
     if offset < 0 or offset + count > INT64_MAX:

@@ -68,7 +68,10 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
     if isinstance(device, torch.device) and isinstance(backend, str):  # the common case, every op call
-        key = (backend, device.type, os.environ.get(ENV_VAR, ""), triton_interpreting())
+        # Each os.environ read costs about 1 us (as much as a small kernel's
+        # work), so only the variables this answer depends on are read.
+        env = os.environ.get(ENV_VAR, "") if backend == "auto" else ""
+        key = (backend, device, env, (backend == "triton" or "triton" in env.lower()) and triton_interpreting())
         found = _RESOLVED.get(key)
         if found is None:
             found = _RESOLVED[key] = _resolve(backend, device, op)
@@ -76,8 +79,9 @@ def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     return _resolve(backend, torch.device(device), op)
 
 
-# (backend, device type, DDPM_FAST_BACKEND, interpreting) -> the backend; failures are not cached.
-_RESOLVED: dict[tuple[str, str, str, bool], str] = {}
+# (backend, device, DDPM_FAST_BACKEND, interpreting) -> the backend; failures are not cached.
+# (Keyed by the device itself: device.type builds a new string per call.)
+_RESOLVED: dict[tuple[str, torch.device, str, bool], str] = {}
 
 
 def _resolve(backend: str, device: torch.device, op: str) -> str:

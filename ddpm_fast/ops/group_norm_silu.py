@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from ._backend import resolve_backend
 __all__ = ["group_norm_silu"]
 
 _OP = "group_norm_silu"
+_DTYPES = _args.SUPPORTED_DTYPES + (torch.float64,)
 
 
 def _reference(x, num_groups, weight, bias, eps, add, act):
@@ -36,27 +36,28 @@ def _reference_param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | 
 def _check(x, num_groups, weight, bias, eps, add, act):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _args.SUPPORTED_DTYPES + (torch.float64,):
+    if x.dtype not in _DTYPES:
         raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16 (float64 on the CPU), got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{_OP}: x must be N x C x ..., got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+    shape = tuple(x.shape)  # once: each x.shape builds a torch.Size
+    if len(shape) < 2:
+        raise ValueError(f"{_OP}: x must be N x C x ..., got shape {shape}")
+    if not _args.is_int(num_groups) or num_groups < 1:
         raise ValueError(f"{_OP}: num_groups must be a positive int, got {num_groups!r}")
-    if x.shape[1] % num_groups:
-        raise ValueError(f"{_OP}: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
+    if shape[1] % num_groups:
+        raise ValueError(f"{_OP}: channels ({shape[1]}) must be divisible by num_groups ({num_groups})")
     # Whatever the batch size (an empty batch gives an empty result): F.group_norm
     # refuses groups of one value, and groups of none (C = 0 or H*W = 0).
-    if (x.shape[1] // num_groups) * math.prod(x.shape[2:]) < 2:
-        raise ValueError(f"{_OP}: each group needs more than one value to normalize, got shape {tuple(x.shape)} with {num_groups} groups")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    if (shape[1] // num_groups) * math.prod(shape[2:]) < 2:
+        raise ValueError(f"{_OP}: each group needs more than one value to normalize, got shape {shape} with {num_groups} groups")
+    if not _args.is_real(eps) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
     if not isinstance(act, bool):
         raise TypeError(f"{_OP}: act must be a bool, got {type(act).__name__}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
-            _args.check_param(p, name, (x.shape[1],), x, _OP)
+            _args.check_param(p, name, shape[1:2], x, _OP)
     if add is not None:
-        _args.check_param(add, "add", tuple(x.shape[:2]), x, _OP, what="(N, C) = ")
+        _args.check_param(add, "add", shape[:2], x, _OP, what="(N, C) = ")
 
 
 def _param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
