@@ -237,6 +237,20 @@ inline void backward_row_dx_portable(const float* du, const float* x, int64_t co
   }
 }
 
+// backward_row_sums without act over a block's rows, one call per block (see
+// the SIMD version).
+inline void backward_block_sums_portable(const float* du, const float* x, int64_t rows, int64_t count,
+                                         const float* shift, float rstd, const float* w, const float* b, double* a,
+                                         double* b_sums, double* x_sums) {
+  for (int64_t k = 0; k < rows; ++k) {
+    double sums[3];
+    backward_row_sums_portable(du + k * count, x + k * count, count, shift[k], rstd, w[k], b[k], false, sums, nullptr);
+    a[k] = sums[0];
+    b_sums[k] = sums[1];
+    x_sums[k] = sums[2];
+  }
+}
+
 // The backward over an NCHW block of `rows` short rows (RowLanes), row k with
 // shift[k], w[k] and b[k] (arrays padded by kChannelPad), rstd for all:
 // silu_grad_block writes pass 1's du = dL/du through SiLU (whose sums then go
@@ -332,6 +346,11 @@ inline void backward_row_sums(const float* dy, const float* x, int64_t count, fl
   DDPM_SIMD_PICK(backward_row_sums)(dy, x, count, shift, rstd, w, b, act, out, du_out);
 }
 
+inline void backward_block_sums(const float* du, const float* x, int64_t rows, int64_t count, const float* shift,
+                                float rstd, const float* w, const float* b, double* a, double* b_sums,
+                                double* x_sums) {
+  DDPM_SIMD_PICK(backward_block_sums)(du, x, rows, count, shift, rstd, w, b, a, b_sums, x_sums);
+}
 inline void silu_grad_block(const float* dy, const float* x, int64_t rows, const RowLanes& lanes, const float* shift,
                             float rstd, const float* w, const float* b, float* du) {
   DDPM_SIMD_PICK(silu_grad_block)(dy, x, rows, lanes, shift, rstd, w, b, du);
