@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_fast import NoiseSchedule, ops
+from ddpm_fast.nn import GroupNormSiLU
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
 T_STEP = 500
@@ -74,12 +75,35 @@ def sweep(rounds: int) -> None:
                         lambda: F.silu(F.group_norm(x + add[..., None, None], 32, w, bias)), rounds, floor=x.clone)
 
 
+SMALL_SHAPES = [(1, 16, 8, 8), (1, 32, 4, 4), (16, 32, 4, 4), (128, 64, 4, 4), (128, 256, 4, 4)]
+
+
+def small(rounds: int) -> None:
+    """Per-call costs: the GroupNormSiLU module against nn.GroupNorm + SiLU
+    (fp32, NCHW, groups of 4 channels) on small maps, as the tiny U-Net at
+    batch 1 and 16 and the CIFAR-10 U-Net's 4x4 level meet them, forward in
+    inference mode and forward + backward."""
+    for shape in SMALL_SHAPES:
+        c = shape[1]
+        fused, norm = GroupNormSiLU(c // 4, c), torch.nn.GroupNorm(c // 4, c)
+        norm.load_state_dict(fused.state_dict())
+        x = torch.randn(shape)
+        xg, dy = x.clone().requires_grad_(), torch.randn(shape)
+        name = "x".join(map(str, shape))
+        with torch.inference_mode():
+            compare(f"GroupNormSiLU {name}", lambda: fused(x), lambda: F.silu(norm(x)), rounds)
+        compare(f"  forward+backward {name}", lambda: fused(xg).backward(dy),
+                lambda: F.silu(norm(xg)).backward(dy), rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--sweep", action="store_true",
                         help="GroupNorm+SiLU over the U-Net's shapes and larger images, with and without add, only")
+    parser.add_argument("--small", action="store_true",
+                        help="per-call costs: GroupNorm+SiLU on small maps, forward and forward+backward, only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sqrt_ab = SCHEDULE.sqrt_alphas_cumprod.float()
@@ -88,6 +112,9 @@ def main() -> None:
                    float(SCHEDULE.fixed_large_variance[T_STEP].sqrt()))
     if args.sweep:
         sweep(args.rounds)
+        return
+    if args.small:
+        small(args.rounds)
         return
     with torch.inference_mode():
         for shape in [(128, 3, 32, 32), (8, 1, 512, 512)]:
