@@ -43,6 +43,19 @@ inline std::pair<double, double> group_means(const Params& p, const std::vector<
   return {s1 / count, s2 / count};
 }
 
+// Row nc's shift in float: its add (if any) minus its group's mean, so that
+// xhat = (x + shift) * rstd. Every float path computes it this one way.
+inline float row_shift(const Params& p, int64_t nc, float group_mean) {
+  return static_cast<float>((p.add.empty() ? 0.0 : p.add[nc]) - static_cast<double>(group_mean));
+}
+
+// Row nc's add gradient r (w_c B - hw m1 - X m2), from its pass-1 sums B
+// and X (channel c, its group's rstd r and means m1, m2).
+inline double add_gradient(const Params& p, int64_t c, float r, double b_sum, double x_sum, int64_t hw, double m1,
+                           double m2) {
+  return static_cast<double>(r) * (p.w[c] * b_sum - static_cast<double>(hw) * m1 - x_sum * m2);
+}
+
 
 // v as floats, with `pad` zeros after (the block loops' padding).
 std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
@@ -108,10 +121,7 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
       return du_store ? du_store.get() + nc * l.hw : nullptr;  // (none without act)
     }
   };
-  auto shift_of = [&](int64_t nc) {
-    const double a = p.add.empty() ? 0.0 : p.add[nc];
-    return static_cast<float>(a - static_cast<double>(mean[nc / cg]));
-  };
+  auto shift_of = [&](int64_t nc) { return row_shift(p, nc, mean[nc / cg]); };
   // Row nc (channel c, its group's rstd r): its pass-1 sums (A, B, X) from
   // its float rows du (dy without act, which then also gives du_out) and x,
   // and its add gradient from its group's means. The callers hand in what
@@ -125,7 +135,7 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
     X[nc] = sums[2];
   };
   auto add_grad = [&](int64_t nc, int64_t c, float r, double m1, double m2) {
-    dadd[nc] = static_cast<double>(r) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * m1 - X[nc] * m2);
+    dadd[nc] = add_gradient(p, c, r, B[nc], X[nc], l.hw, m1, m2);
   };
   // Row nc = n C + c: pass 1 (its sums, and du with act) and pass 2 (dx and
   // the add's gradient) given its group's means.
@@ -162,10 +172,9 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t nc0 = ng * cg, c0 = nc0 % l.c, offset = nc0 * l.hw;
         const float r = rstd[ng];
-        // shift_of's, with the block's one mean read once (its division per
-        // row, an idiv, took 3% of a 4x4 backward).
-        const double mean_g = static_cast<double>(mean[ng]);
-        for (int64_t k = 0; k < cg; ++k) shift[k] = static_cast<float>((p.add.empty() ? 0.0 : p.add[nc0 + k]) - mean_g);
+        // The block's one mean, not shift_of's division per row (an idiv: 3%
+        // of a 4x4 backward).
+        for (int64_t k = 0; k < cg; ++k) shift[k] = row_shift(p, nc0 + k, mean[ng]);
         const float* x_block = as_float_row(x + offset, size, t.x.data());
         const float* dy_block = as_float_row(dy + offset, size, t.dy.data());
         float* du_block = act ? du_row(nc0) : nullptr;
@@ -229,13 +238,11 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
   // Per (n, c) coefficients, as float arrays of N*C.
   std::vector<float> shift(l.n * l.c), rs(l.n * l.c), m1(l.n * l.c), m2(l.n * l.c);
   const std::vector<float> w = floats_of(p.w), b = floats_of(p.b);
-  // Group by group, its mean read once: per channel, two integer divisions
-  // found its group. With sample_means' group means once per group (they were
+  // Group by group: per channel, two integer divisions found its group. With sample_means' group means once per group (they were
   // once per channel), the 128x256x4x4 backward ran 1.27-1.47x faster.
   for (int64_t ng = 0; ng < l.n * l.groups; ++ng) {  // group ng's channels: nc = ng cg .. (ng + 1) cg - 1
-    const double mean_g = static_cast<double>(mean[ng]);
     for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) {
-      shift[nc] = static_cast<float>((p.add.empty() ? 0.0 : p.add[nc]) - mean_g);
+      shift[nc] = row_shift(p, nc, mean[ng]);
       rs[nc] = rstd[ng];
     }
   }
@@ -268,7 +275,7 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
         const int64_t nc = n * l.c + c;
         m1[nc] = static_cast<float>(g1);
         m2[nc] = static_cast<float>(g2);
-        dadd[nc] = static_cast<double>(rs[nc]) * (p.w[c] * B[nc] - static_cast<double>(l.hw) * g1 - X[nc] * g2);
+        dadd[nc] = add_gradient(p, c, rs[nc], B[nc], X[nc], l.hw, g1, g2);
       }
     }
   };
