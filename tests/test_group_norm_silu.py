@@ -381,17 +381,44 @@ def test_cpu_16bit_rounding_is_exact(dtype, layout):
 
 
 @requires_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,groups", [
+    ((3, 64, 32, 32), 32),  # NCHW rows of 1024 (a kChunk) and channels_last pixels of 4 vectors
+    ((2, 40, 37, 41), 8),  # rows and pixels ending in partial vectors
+    ((4, 24, 4, 4), 6),  # short NCHW rows, a block at a time
+    ((2, 264, 3, 3), 8),  # channels_last pixels of 16.5 AVX-512 vectors
+])
+def test_cpu_16bit_input_gives_the_float_result_rounded_once(dtype, layout, shape, groups):
+    """The kernel converts 16-bit x to float in registers and computes as for
+    float32 input: the same statistics bit for bit, and y that float32 input's
+    y rounded to dtype (once: the kernel rounds the float value it computed)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    op = torch.ops.ddpm_fast.group_norm_silu
+    for add in (None, torch.randn(shape[:2], generator=g)):
+        for act in (True, False):
+            y, mean, rstd = op(x, w, b, add, groups, 1e-5, act)
+            y32, mean32, rstd32 = op(x.float(), w, b, add, groups, 1e-5, act)
+            assert torch.equal(mean, mean32) and torch.equal(rstd, rstd32)
+            assert torch.equal(y.view(torch.int16), y32.to(dtype).view(torch.int16))
+
+
+@requires_extension
 @pytest.mark.parametrize("cap", ["avx2", "none"])
 def test_cpu_narrower_loops_match_reference(cap):
     """The C++ kernel runs its widest vector loops the CPU has (AVX-512, or
     AVX2 + FMA as on every CI machine so far); DDPM_FAST_CPU_SIMD caps them
     (none: the portable loops that other CPUs run). Each must pass the same
-    float32 tests and the exact 16-bit rounding."""
+    float32 tests and the 16-bit ones (exact rounding, float32 bits)."""
     import os
     import subprocess
     import sys
 
-    selection = "long_rows or short_rows or 16bit_rounding or (match_reference and cpu-cpu and float32)"
+    selection = "long_rows or short_rows or 16bit or (match_reference and cpu-cpu and float32)"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
         env={**os.environ, "DDPM_FAST_CPU_SIMD": cap}, capture_output=True, text=True,

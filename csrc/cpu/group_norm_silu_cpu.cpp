@@ -1,6 +1,7 @@
 // GroupNorm+SiLU forward on the CPU (math in csrc/group_norm_silu.h; the
 // backward is in group_norm_silu_backward_cpu.cpp).
-// float, half and bfloat16 input: statistics in double from float partial
+// float, half and bfloat16 input (16-bit values converted to float and back in
+// the row loops' registers): statistics in double from float partial
 // sums; NCHW tasks are (sample, group) blocks, read a second time while in
 // cache, the next block prefetched meanwhile; channels_last samples are read
 // twice, in one task where they fit in L2; SiLU in AVX-512 or AVX2 + FMA where
@@ -70,18 +71,14 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
 inline float moment_shift(float first) { return std::isfinite(first) ? first : 0.0f; }
 
 // Shifted moments of a row (an (n, c) row, or a whole NCHW block): sum and
-// sum of squares of (x - shift), chunk by chunk through float, the shift
+// sum of squares of (x - shift), chunk by chunk (kChunk), the shift
 // moment_shift of the row's first value.
 template <typename T>
 void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum, double* sumsq) {
-  float buffer[kChunk];
   const float o = moment_shift(static_cast<float>(row[0]));
   *shift = o;
   *sum = *sumsq = 0.0;
-  for (int64_t s0 = 0; s0 < count; s0 += kChunk) {
-    const int64_t n = std::min(kChunk, count - s0);
-    row_moments(as_float_row(row + s0, n, buffer), n, o, sum, sumsq);
-  }
+  for (int64_t s0 = 0; s0 < count; s0 += kChunk) row_moments(row + s0, std::min(kChunk, count - s0), o, sum, sumsq);
 }
 
 // The same over an NCHW block of `rows` short rows (lanes.count values each),
@@ -89,41 +86,13 @@ void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum
 template <typename T>
 void shifted_block_moments_add(const T* block, const float* add, int64_t rows, const RowLanes& lanes, double* shift,
                                double* sum, double* sumsq) {
-  float buffer[kChunk];
   const float o = moment_shift(static_cast<float>(block[0]) + add[0]);
   *shift = o;
   *sum = *sumsq = 0.0;
   const int64_t per_piece = kChunk / lanes.count;
   for (int64_t k = 0; k < rows; k += per_piece) {
     const int64_t piece_rows = std::min(per_piece, rows - k);
-    block_moments_add(as_float_row(block + k * lanes.count, piece_rows * lanes.count, buffer), add + k, piece_rows,
-                      lanes, o, sum, sumsq);
-  }
-}
-
-// kernel(in, out, row, rows, column, count) over float views of `rows`
-// consecutive rows of `count` values of x and y: in one call for float; for
-// 16-bit values through float buffers of kChunk values, whole rows where they
-// fit (`rows` of them from row `row`), else pieces of one row (`count` values
-// from column `column` of row `row`).
-template <typename T, typename Kernel>
-void through_float(const T* x, int64_t count, int64_t rows, T* y, Kernel kernel) {
-  if constexpr (std::is_same_v<T, float>) {
-    kernel(x, y, 0, rows, 0, count);
-  } else {
-    float in_buffer[kChunk], out_buffer[kChunk];
-    auto piece = [&](int64_t row, int64_t piece_rows, int64_t column, int64_t piece_count) {
-      const int64_t offset = row * count + column, n = piece_count * piece_rows;
-      kernel(as_float_row(x + offset, n, in_buffer), out_buffer, row, piece_rows, column, piece_count);
-      from_float_row(out_buffer, n, y + offset);
-    };
-    if (count <= kChunk) {
-      const int64_t per_piece = kChunk / count;
-      for (int64_t r = 0; r < rows; r += per_piece) piece(r, std::min(per_piece, rows - r), 0, count);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i0 = 0; i0 < count; i0 += kChunk) piece(r, 1, i0, std::min(kChunk, count - i0));
-    }
+    block_moments_add(block + k * lanes.count, add + k, piece_rows, lanes, o, sum, sumsq);
   }
 }
 
@@ -133,12 +102,7 @@ void through_float(const T* x, int64_t count, int64_t rows, T* y, Kernel kernel)
 template <typename T>
 void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, const float* shift, int64_t step,
                 bool act, T* y, const T* ahead = nullptr) {
-  const Prefetch all{reinterpret_cast<const char*>(ahead), sizeof(T)};
-  through_float(x, count, rows, y,
-                [&](const float* in, float* out, int64_t row, int64_t piece_rows, int64_t column, int64_t n) {
-                  affine_act_row(in, scale + step * column, shift + step * column, step, n, piece_rows, act, out,
-                                 all.at(row * count + column));
-                });
+  affine_act_row(x, scale, shift, step, count, rows, act, y, Prefetch{reinterpret_cast<const char*>(ahead), sizeof(T)});
 }
 
 // The same over an NCHW block of `rows` short rows, row k with scale[k] and
@@ -146,10 +110,7 @@ void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, con
 template <typename T>
 void affine_act_block(const T* x, int64_t rows, const RowLanes& lanes, const float* scale, const float* shift,
                       bool act, T* y) {
-  through_float(x, lanes.count, rows, y,
-                [&](const float* in, float* out, int64_t row, int64_t piece_rows, int64_t, int64_t) {
-                  affine_act_channels(in, scale + row, shift + row, piece_rows, lanes, act, out);
-                });
+  affine_act_channels(x, scale, shift, rows, lanes, act, y);
 }
 
 // Group statistics of h = x + add from the moments of x - o_k over `parts`
@@ -266,19 +227,14 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   const int64_t parts = (l.hw + kPartPixels - 1) / kPartPixels;
   std::vector<float> offset(l.n * c), scale(l.n * c), shift(l.n * c);
   struct Scratch {  // per task
-    std::vector<float> buffer, s1, s2;
+    std::vector<float> s1, s2;
     std::vector<double> o, sums;
   };
-  // Pixel rows per pixel_moments call: a chunk's, or for 16-bit input as many
-  // as one buffer of kChunk floats holds (at least one).
-  const int64_t rows_per_call = std::is_same_v<T, float> ? kPixelChunk : std::max<int64_t>(1, kChunk / c);
   auto scratch = [&] {
-    return Scratch{std::vector<float>(std::max(c, kChunk)), std::vector<float>(c), std::vector<float>(c),
-                   std::vector<double>(c), std::vector<double>(2 * c)};
+    return Scratch{std::vector<float>(c), std::vector<float>(c), std::vector<double>(c), std::vector<double>(2 * c)};
   };
-  auto sample_offsets = [&](int64_t n, Scratch& t) {
-    const float* first = as_float_row(x + n * sample, c, t.buffer.data());
-    for (int64_t k = 0; k < c; ++k) offset[n * c + k] = moment_shift(first[k]);
+  auto sample_offsets = [&](int64_t n) {
+    for (int64_t k = 0; k < c; ++k) offset[n * c + k] = moment_shift(static_cast<float>(x[n * sample + k]));
   };
   // Sum and sum of squares of x - o_c over part `part` of sample n, into
   // sums[0, c) and sums[c, 2c).
@@ -288,12 +244,8 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     for (int64_t s0 = part * kPartPixels; s0 < end; s0 += kPixelChunk) {
       std::fill(t.s1.begin(), t.s1.end(), 0.0f);
       std::fill(t.s2.begin(), t.s2.end(), 0.0f);
-      const int64_t chunk_end = std::min(s0 + kPixelChunk, end);
-      for (int64_t s = s0; s < chunk_end; s += rows_per_call) {
-        const int64_t rows = std::min(rows_per_call, chunk_end - s);
-        pixel_moments(as_float_row(x + n * sample + s * c, rows * c, t.buffer.data()), offset.data() + n * c, c, rows,
-                      t.s1.data(), t.s2.data());
-      }
+      pixel_moments(x + n * sample + s0 * c, offset.data() + n * c, c, std::min(kPixelChunk, end - s0), t.s1.data(),
+                    t.s2.data());
       for (int64_t k = 0; k < c; ++k) {
         sums[k] += t.s1[k];
         sums[c + k] += t.s2[k];
@@ -335,7 +287,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
       Scratch t = scratch();
       std::vector<double> part_sums(parts * 2 * c);
       for (int64_t n = begin; n < end; ++n) {
-        sample_offsets(n, t);
+        sample_offsets(n);
         for (int64_t part = 0; part < parts; ++part) part_moments(n, part, t, part_sums.data() + part * 2 * c);
         sample_coefficients(n, part_sums.data(), t);
         output_rows(n * l.hw, (n + 1) * l.hw, n + 1 < end ? x + (n + 1) * sample : nullptr);
@@ -345,8 +297,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   }
   std::vector<double> part_sums(l.n * parts * 2 * c);
   parallel_tasks(l.n, c, [&](int64_t begin, int64_t end) {
-    Scratch t = scratch();
-    for (int64_t n = begin; n < end; ++n) sample_offsets(n, t);
+    for (int64_t n = begin; n < end; ++n) sample_offsets(n);
   });
   parallel_tasks(l.n * parts, sample / parts, [&](int64_t begin, int64_t end) {
     Scratch t = scratch();

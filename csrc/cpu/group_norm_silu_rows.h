@@ -6,6 +6,11 @@
 // run time by DDPM_SIMD_PICK (only the portable loops where simd.h finds no
 // x86).
 //
+// The forward's loops (moments, affine+SiLU) take rows of float, c10::Half or
+// c10::BFloat16 and compute in float: the vector loops convert in registers,
+// the portable ones value by value (or a row to a float buffer first, where
+// that keeps their sums in the float loop's order).
+//
 // Free of ATen; meant for those two .cpp files (its functions are internal to
 // the file that includes it, and inline, so that each keeps those it uses).
 #pragma once
@@ -16,7 +21,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
+#include "float16_cpu.h"
 #include "simd_vec.h"
 
 namespace ddpm_fast {
@@ -53,7 +60,8 @@ inline __attribute__((always_inline)) float exp_poly(float x_in) {
 }
 
 // Sums of (in[i] - shift) and of its squares over a row of at most kChunk
-// values, in float, added to the double totals. The shift (about the row's
+// values (of any T, as all the forward's loops), in float, added to the
+// double totals. The shift (about the row's
 // values) keeps the float sums from cancelling; over rows this short their
 // rounding stays far below the tests' tolerances. (The vector versions keep
 // several partial sums, so their rounding differs slightly from this loop's.)
@@ -124,22 +132,40 @@ inline void block_moments_add_portable(const float* in, const float* add, int64_
 // The per-channel moments of `pixels` channels_last pixel rows of c_total
 // channels (row p at rows + p c_total): the sums of (row[c] - shift[c]) and of
 // its squares added to float accumulators.
-inline void pixel_moments_portable(const float* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
+template <class T>
+inline void pixel_moments_portable(const T* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
                                    float* sumsq) {
   for (int64_t p = 0; p < pixels; ++p) {
-    const float* row = rows + p * c_total;
+    const T* row = rows + p * c_total;
 #pragma omp simd
     for (int64_t c = 0; c < c_total; ++c) {
-      const float v = row[c] - shift[c];
+      const float v = static_cast<float>(row[c]) - shift[c];
       sum[c] += v;
       sumsq[c] += v * v;
     }
   }
 }
 
-// Rows of any element type go through float, in chunks of this many values
-// where T is not float (as_float_row and from_float_row in float16_cpu.h).
+// The float moment sums run over at most this many values (the forward calls
+// its moment loops chunk by chunk, whatever T is); the backward's 16-bit rows
+// go through float buffers of this many values (as_float_row and
+// from_float_row in float16_cpu.h).
 constexpr int64_t kChunk = 1024;
+
+// 16-bit rows of the two moment loops above go to a float buffer first:
+// converted value by value inside the loop, gcc leaves the sums unvectorized,
+// and their rounding would differ from that of the same values given as float.
+template <class T>
+inline void row_moments_portable(const T* in, int64_t count, float shift, double* sum, double* sumsq) {
+  float buffer[kChunk];
+  row_moments_portable(cpu::as_float_row(in, count, buffer), count, shift, sum, sumsq);
+}
+template <class T>
+inline void block_moments_add_portable(const T* in, const float* add, int64_t rows, const RowLanes& lanes, float shift,
+                                       double* sum, double* sumsq) {
+  float buffer[kChunk];
+  block_moments_add_portable(cpu::as_float_row(in, rows * lanes.count, buffer), add, rows, lanes, shift, sum, sumsq);
+}
 
 // out[i] = act(in[i] * scale[i * step] + shift[i * step]) over `rows`
 // consecutive rows of `count` elements (row r from in + r count to
@@ -149,12 +175,12 @@ constexpr int64_t kChunk = 1024;
 //
 // The four cases are separate loops: with `step` and `act` inside, gcc
 // vectorized none of them (scale[i * step] is a gather to it).
-template <bool kAct, bool kBroadcast>
-inline void affine_act_loop(const float* in, const float* scale, const float* shift, int64_t count, float* out) {
+template <bool kAct, bool kBroadcast, class T>
+inline void affine_act_loop(const T* in, const float* scale, const float* shift, int64_t count, T* out) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const float u = in[i] * scale[kBroadcast ? 0 : i] + shift[kBroadcast ? 0 : i];
-    out[i] = kAct ? u / (1.0f + exp_poly(-u)) : u;
+    const float u = static_cast<float>(in[i]) * scale[kBroadcast ? 0 : i] + shift[kBroadcast ? 0 : i];
+    out[i] = static_cast<T>(kAct ? u / (1.0f + exp_poly(-u)) : u);
   }
 }
 
@@ -169,10 +195,11 @@ struct Prefetch {
   Prefetch at(int64_t offset) const { return {in == nullptr ? nullptr : in + offset * size, size}; }
 };
 
-inline void affine_act_row_portable(const float* in, const float* scale, const float* shift, int64_t step,
-                                    int64_t count, int64_t rows, bool act, float* out, Prefetch /*ahead*/) {
-  const auto loop = step == 0 ? (act ? affine_act_loop<true, true> : affine_act_loop<false, true>)
-                              : (act ? affine_act_loop<true, false> : affine_act_loop<false, false>);
+template <class T>
+inline void affine_act_row_portable(const T* in, const float* scale, const float* shift, int64_t step, int64_t count,
+                                    int64_t rows, bool act, T* out, Prefetch /*ahead*/) {
+  const auto loop = step == 0 ? (act ? affine_act_loop<true, true, T> : affine_act_loop<false, true, T>)
+                              : (act ? affine_act_loop<true, false, T> : affine_act_loop<false, false, T>);
   for (int64_t r = 0; r < rows; ++r) loop(in + r * count, scale, shift, count, out + r * count);
 }
 
@@ -180,12 +207,13 @@ inline void affine_act_row_portable(const float* in, const float* scale, const f
 // lanes.count values, row k with scale[k] and shift[k] (an NCHW block of short
 // rows; the arrays padded by kChannelPad). The vector loops run the block as
 // one row, each vector's coefficients permuted from the W rows' from its first.
-inline void affine_act_channels_portable(const float* in, const float* scale, const float* shift, int64_t rows,
-                                         const RowLanes& lanes, bool act, float* out) {
+template <class T>
+inline void affine_act_channels_portable(const T* in, const float* scale, const float* shift, int64_t rows,
+                                         const RowLanes& lanes, bool act, T* out) {
   const int64_t count = lanes.count;
   for (int64_t k = 0; k < rows; ++k)
-    (act ? affine_act_loop<true, true> : affine_act_loop<false, true>)(in + k * count, scale + k, shift + k, count,
-                                                                       out + k * count);
+    (act ? affine_act_loop<true, true, T> : affine_act_loop<false, true, T>)(in + k * count, scale + k, shift + k,
+                                                                             count, out + k * count);
 }
 
 // dL/du at u = xhat * w + b, through SiLU, in float (grad_u's formula).
@@ -319,27 +347,32 @@ DDPM_TARGET_AVX512_END
 #endif  // DDPM_FAST_X86_SIMD
 
 // The widest of each that this CPU runs (simd.h).
-inline void row_moments(const float* in, int64_t count, float shift, double* sum, double* sumsq) {
-  DDPM_SIMD_PICK(row_moments)(in, count, shift, sum, sumsq);
+template <class T>
+inline void row_moments(const T* in, int64_t count, float shift, double* sum, double* sumsq) {
+  DDPM_SIMD_CALL(row_moments, in, count, shift, sum, sumsq);
 }
-inline void block_moments_add(const float* in, const float* add, int64_t rows, const RowLanes& lanes, float shift,
+template <class T>
+inline void block_moments_add(const T* in, const float* add, int64_t rows, const RowLanes& lanes, float shift,
                               double* sum, double* sumsq) {
-  DDPM_SIMD_PICK(block_moments_add)(in, add, rows, lanes, shift, sum, sumsq);
+  DDPM_SIMD_CALL(block_moments_add, in, add, rows, lanes, shift, sum, sumsq);
 }
 
-inline void pixel_moments(const float* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
+template <class T>
+inline void pixel_moments(const T* rows, const float* shift, int64_t c_total, int64_t pixels, float* sum,
                           float* sumsq) {
-  DDPM_SIMD_PICK(pixel_moments)(rows, shift, c_total, pixels, sum, sumsq);
+  DDPM_SIMD_CALL(pixel_moments, rows, shift, c_total, pixels, sum, sumsq);
 }
 
-inline void affine_act_row(const float* in, const float* scale, const float* shift, int64_t step, int64_t count,
-                           int64_t rows, bool act, float* out, Prefetch ahead) {
-  DDPM_SIMD_PICK(affine_act_row)(in, scale, shift, step, count, rows, act, out, ahead);
+template <class T>
+inline void affine_act_row(const T* in, const float* scale, const float* shift, int64_t step, int64_t count,
+                           int64_t rows, bool act, T* out, Prefetch ahead) {
+  DDPM_SIMD_CALL(affine_act_row, in, scale, shift, step, count, rows, act, out, ahead);
 }
 
-inline void affine_act_channels(const float* in, const float* scale, const float* shift, int64_t rows,
-                                const RowLanes& lanes, bool act, float* out) {
-  DDPM_SIMD_PICK(affine_act_channels)(in, scale, shift, rows, lanes, act, out);
+template <class T>
+inline void affine_act_channels(const T* in, const float* scale, const float* shift, int64_t rows,
+                                const RowLanes& lanes, bool act, T* out) {
+  DDPM_SIMD_CALL(affine_act_channels, in, scale, shift, rows, lanes, act, out);
 }
 inline void backward_row_sums(const float* dy, const float* x, int64_t count, float shift, float rstd, float w, float b,
                               bool act, double* out, float* du_out) {

@@ -62,6 +62,13 @@ inline SimdLevel simd_level() {
   (::ddpm_fast::cpu::simd_level() == ::ddpm_fast::cpu::kAvx512 ? avx512::fn                         \
    : ::ddpm_fast::cpu::simd_level() == ::ddpm_fast::cpu::kAvx2 ? avx2::fn                           \
                                                                 : fn##_portable)
+// The call fn(...) to fn's AVX-512, AVX2 or portable version, as simd_level()
+// says: for function templates, whose names DDPM_SIMD_PICK cannot choose
+// between (a void call is fine: the conditional operator takes void operands).
+#define DDPM_SIMD_CALL(fn, ...)                                                                       \
+  (::ddpm_fast::cpu::simd_level() == ::ddpm_fast::cpu::kAvx512 ? avx512::fn(__VA_ARGS__)              \
+   : ::ddpm_fast::cpu::simd_level() == ::ddpm_fast::cpu::kAvx2 ? avx2::fn(__VA_ARGS__)                \
+                                                                : fn##_portable(__VA_ARGS__))
 // Pragmas around code compiled once per instruction set; functions defined
 // between them (templates included) get that target. The target strings are
 // the ones simd_level() checks for.
@@ -79,4 +86,5 @@ inline SimdLevel simd_level() {
 #define DDPM_TARGET_END _Pragma("GCC pop_options")
 #else
 #define DDPM_SIMD_PICK(fn) (fn##_portable)
+#define DDPM_SIMD_CALL(fn, ...) (fn##_portable(__VA_ARGS__))
 #endif
