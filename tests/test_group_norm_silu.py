@@ -390,21 +390,29 @@ def test_cpu_16bit_rounding_is_exact(dtype, layout):
     ((2, 264, 3, 3), 8),  # channels_last pixels of 16.5 AVX-512 vectors
 ])
 def test_cpu_16bit_input_gives_the_float_result_rounded_once(dtype, layout, shape, groups):
-    """The kernel converts 16-bit x to float in registers and computes as for
-    float32 input: the same statistics bit for bit, and y that float32 input's
-    y rounded to dtype (once: the kernel rounds the float value it computed)."""
+    """The kernels convert 16-bit x (and dy) to float in registers and compute
+    as for float32 input: the same statistics and parameter gradients bit for
+    bit, and y and dx those of float32 input rounded to dtype (once: the
+    kernels round the float values they computed)."""
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
     w, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
-    op = torch.ops.ddpm_fast.group_norm_silu
+    op, backward = torch.ops.ddpm_fast.group_norm_silu, torch.ops.ddpm_fast.group_norm_silu_backward
     for add in (None, torch.randn(shape[:2], generator=g)):
         for act in (True, False):
             y, mean, rstd = op(x, w, b, add, groups, 1e-5, act)
             y32, mean32, rstd32 = op(x.float(), w, b, add, groups, 1e-5, act)
             assert torch.equal(mean, mean32) and torch.equal(rstd, rstd32)
             assert torch.equal(y.view(torch.int16), y32.to(dtype).view(torch.int16))
+            dx, dw, db, dadd = backward(dy, x, w, b, add, mean, rstd, groups, act)
+            dx32, dw32, db32, dadd32 = backward(dy.float(), x.float(), w, b, add, mean, rstd, groups, act)
+            assert torch.equal(dx.view(torch.int16), dx32.to(dtype).view(torch.int16))
+            assert torch.equal(dw, dw32) and torch.equal(db, db32)
+            if add is not None:
+                assert torch.equal(dadd, dadd32)
 
 
 @requires_extension

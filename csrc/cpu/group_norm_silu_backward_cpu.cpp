@@ -1,8 +1,8 @@
 // GroupNorm+SiLU backward on the CPU (math in csrc/group_norm_silu.h).
-// float, half and bfloat16 input run in float rows (NCHW) or pixel rows
-// (channels_last), 16-bit rows converted to float and back, SiLU's gradient in
-// AVX-512 or AVX2 + FMA where the CPU has them; double input (gradcheck) runs
-// element by element in double.
+// float, half and bfloat16 input run in float by rows (NCHW) or pixel rows
+// (channels_last), 16-bit values converted to float and back in the row loops,
+// SiLU's gradient in AVX-512 or AVX2 + FMA where the CPU has them; double input
+// (gradcheck) runs element by element in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -64,37 +64,17 @@ std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
   return out;
 }
 
-// Float views of rows of T (for float, the rows themselves): buffers of
-// `count` floats for x, dy and the output where T is 16-bit.
-template <typename T>
-struct FloatRows {
-  explicit FloatRows(int64_t count) : x(kBuffered ? count : 0), dy(kBuffered ? count : 0), out(kBuffered ? count : 0) {}
-  static constexpr bool kBuffered = !std::is_same_v<T, float>;
-  std::vector<float> x, dy, out;
-};
-
-// Pass 2's output rows into dx: for float they are there already (written in
-// place); for 16-bit T rounded from the float buffer.
-template <typename T>
-void store_rows(const float* out, int64_t count, T* dx) {
-  if constexpr (!std::is_same_v<T, float>) from_float_row(out, count, dx);
-}
-
 // NCHW rows of at most this many values go through the backward's passes a
 // (sample, group) block at a time (silu_grad_block, backward_block_dx), as
-// the forward's short rows do (kShortRow), and 16-bit blocks are converted
-// once, not once per pass. On the AVX-512 VM (2026-12-01, alternated in one
-// process, 32 groups): 1.2-1.6x faster at 4x4 and 2x2 maps (bfloat16
-// 1.5-1.7x), 1.1-1.2x at 5x5 to 7x7, 1.0-1.1x at 8x8, 0.9-1.0x at 9x9 to
-// 11x11 (whose rows stay rows); same bits.
+// the forward's short rows do (kShortRow). On the AVX-512 VM (2026-12-01,
+// alternated in one process, 32 groups): 1.2-1.6x faster at 4x4 and 2x2 maps
+// (bfloat16 1.5-1.7x), 1.1-1.2x at 5x5 to 7x7, 1.0-1.1x at 8x8, 0.9-1.0x at
+// 9x9 to 11x11 (whose rows stay rows); same bits.
 constexpr int64_t kBlockRowsBackward = 64;
-// ... when a block holds at most this many values: 16-bit blocks go through
-// float buffers of a whole block (three per thread).
-constexpr int64_t kBlockValuesBackward = 65536;
 
 // The backward of float, half and bfloat16 NCHW input, row by row in
-// vectorized float (16-bit rows converted to float and back; double input
-// takes backward_double below), one task per (sample, group)
+// vectorized float (double input takes backward_double below), one task per
+// (sample, group)
 // block: pass 1 over its cg rows, the group's means, then pass 2 over the
 // same rows while they are still in cache. Each pass over the whole tensor,
 // as before, read x, dy and the stored du back from memory: 1.16-1.44x longer
@@ -122,52 +102,45 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
     }
   };
   auto shift_of = [&](int64_t nc) { return row_shift(p, nc, mean[nc / cg]); };
-  // Row nc (channel c, its group's rstd r): its pass-1 sums (A, B, X) from
-  // its float rows du (dy without act, which then also gives du_out) and x,
-  // and its add gradient from its group's means. The callers hand in what
-  // they have at hand: these run once per row, and short rows are many.
-  auto row_sums = [&](int64_t nc, const float* du, const float* x_row, float shift, float r, float w, float b,
-                      bool with_act, float* du_out) {
+  auto add_grad = [&](int64_t nc, int64_t c, float r, double m1, double m2) {
+    dadd[nc] = add_gradient(p, c, r, B[nc], X[nc], l.hw, m1, m2);
+  };
+  // Row nc = n C + c: pass 1 (its sums A, B, X, and du with act) and pass 2
+  // (dx, from du with act, else from dy, and the add's gradient) given its
+  // group's means. For float, du is dx's row: pass 2 writes dx over it.
+  auto pass1 = [&](int64_t nc) {
+    const int64_t c = nc % l.c;
     double sums[3];
-    backward_row_sums(du, x_row, l.hw, shift, r, w, b, with_act, sums, du_out);
+    backward_row_sums(dy + nc * l.hw, x + nc * l.hw, l.hw, shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]),
+                      static_cast<float>(p.b[c]), act, sums, du_row(nc));
     A[nc] = sums[0];
     B[nc] = sums[1];
     X[nc] = sums[2];
   };
-  auto add_grad = [&](int64_t nc, int64_t c, float r, double m1, double m2) {
-    dadd[nc] = add_gradient(p, c, r, B[nc], X[nc], l.hw, m1, m2);
-  };
-  // Row nc = n C + c: pass 1 (its sums, and du with act) and pass 2 (dx and
-  // the add's gradient) given its group's means.
-  auto pass1 = [&](int64_t nc, FloatRows<T>& t) {
-    const int64_t c = nc % l.c;
-    row_sums(nc, as_float_row(dy + nc * l.hw, l.hw, t.dy.data()), as_float_row(x + nc * l.hw, l.hw, t.x.data()),
-             shift_of(nc), rstd[nc / cg], static_cast<float>(p.w[c]), static_cast<float>(p.b[c]), act, du_row(nc));
-  };
-  auto pass2 = [&](int64_t nc, std::pair<double, double> means, FloatRows<T>& t) {
+  auto pass2 = [&](int64_t nc, std::pair<double, double> means) {
     const int64_t c = nc % l.c;
     const auto [m1, m2] = means;
-    const float r = rstd[nc / cg];
-    const float* du = act ? du_row(nc) : as_float_row(dy + nc * l.hw, l.hw, t.dy.data());
-    float* out = kFloat ? du_row(nc) : t.out.data();  // (du may be out)
-    backward_row_dx(du, as_float_row(x + nc * l.hw, l.hw, t.x.data()), l.hw, shift_of(nc), r,
-                    static_cast<float>(p.w[c]), static_cast<float>(m1), static_cast<float>(m2), out);
-    store_rows(out, l.hw, dx + nc * l.hw);
+    const float r = rstd[nc / cg], shift = shift_of(nc), w = static_cast<float>(p.w[c]);
+    const T* x_row = x + nc * l.hw;
+    if (act) {
+      backward_row_dx(du_row(nc), x_row, l.hw, shift, r, w, static_cast<float>(m1), static_cast<float>(m2),
+                      dx + nc * l.hw);
+    } else {
+      backward_row_dx(dy + nc * l.hw, x_row, l.hw, shift, r, w, static_cast<float>(m1), static_cast<float>(m2),
+                      dx + nc * l.hw);
+    }
     add_grad(nc, c, r, m1, m2);
   };
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
     return group_means(p, A, B, (ng / l.groups) * l.c, (ng % l.groups) * cg, cg, count);
   };
-  if (l.hw <= kBlockRowsBackward && cg * l.hw <= kBlockValuesBackward &&
-      l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
+  if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     // Short rows: each pass over a whole block at once (see
     // kBlockRowsBackward), with act pass 1's du first (silu_grad_block), then
     // its sums row by row in one call (backward_block_sums).
     const std::vector<float> w = floats_of(p.w, kChannelPad), b = floats_of(p.b, kChannelPad);
-    const int64_t size = cg * l.hw;
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
       const RowLanes lanes(l.hw);
-      FloatRows<T> t(size);
       std::vector<float> shift(cg + kChannelPad);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t nc0 = ng * cg, c0 = nc0 % l.c, offset = nc0 * l.hw;
@@ -175,49 +148,49 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
         // The block's one mean, not shift_of's division per row (an idiv: 3%
         // of a 4x4 backward).
         for (int64_t k = 0; k < cg; ++k) shift[k] = row_shift(p, nc0 + k, mean[ng]);
-        const float* x_block = as_float_row(x + offset, size, t.x.data());
-        const float* dy_block = as_float_row(dy + offset, size, t.dy.data());
-        float* du_block = act ? du_row(nc0) : nullptr;
-        if (act) silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_block);
-        const float* du = act ? du_block : dy_block;
-        backward_block_sums(du, x_block, cg, l.hw, shift.data(), r, w.data() + c0, b.data() + c0, A.data() + nc0,
-                            B.data() + nc0, X.data() + nc0);
-        const auto [m1, m2] = means_of(ng);
-        float* out = kFloat ? du_row(nc0) : t.out.data();  // (dx itself for float)
-        backward_block_dx(du, x_block, cg, lanes, shift.data(), r, w.data() + c0, static_cast<float>(m1),
-                          static_cast<float>(m2), out);
-        store_rows(out, size, dx + offset);
-        for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, r, m1, m2);
+        const T *x_block = x + offset, *dy_block = dy + offset;
+        // Pass 1's sums and pass 2 from du (with act; stored first) or dy.
+        auto passes = [&](const auto* du) {
+          backward_block_sums(du, x_block, cg, l.hw, shift.data(), r, w.data() + c0, b.data() + c0, A.data() + nc0,
+                              B.data() + nc0, X.data() + nc0);
+          const auto [m1, m2] = means_of(ng);
+          backward_block_dx(du, x_block, cg, lanes, shift.data(), r, w.data() + c0, static_cast<float>(m1),
+                            static_cast<float>(m2), dx + offset);
+          for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, r, m1, m2);
+        };
+        if (act) {
+          float* du_block = du_row(nc0);
+          silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_block);
+          passes(static_cast<const float*>(du_block));
+        } else {
+          passes(dy_block);
+        }
       }
     });
     return;
   }
   if (l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
-      FloatRows<T> t(l.hw);
       for (int64_t ng = begin; ng < end; ++ng) {
-        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass1(nc, t);
+        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass1(nc);
         const auto means = means_of(ng);
-        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass2(nc, means, t);
+        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass2(nc, means);
       }
     });
     return;
   }
   parallel_tasks(l.n * l.c, l.hw, [&](int64_t begin, int64_t end) {
-    FloatRows<T> t(l.hw);
-    for (int64_t nc = begin; nc < end; ++nc) pass1(nc, t);
+    for (int64_t nc = begin; nc < end; ++nc) pass1(nc);
   });
   parallel_tasks(l.n * l.c, l.hw, [&](int64_t begin, int64_t end) {
-    FloatRows<T> t(l.hw);
-    for (int64_t nc = begin; nc < end; ++nc) pass2(nc, means_of(nc / cg), t);
+    for (int64_t nc = begin; nc < end; ++nc) pass2(nc, means_of(nc / cg));
   });
 }
 
 
 // The backward of float, half and bfloat16 channels_last input: per sample,
 // pass 1 over its pixels (float sums flushed to double every kPixelChunk
-// pixels; 16-bit input converted a chunk at a time), then pass 2 over its
-// pixel rows.
+// pixels), then pass 2 over its pixel rows.
 template <typename T>
 void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, const Params& p, const float* mean,
                                  const float* rstd, bool act, T* dx, std::vector<double>& A, std::vector<double>& B,
@@ -246,20 +219,15 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
       rs[nc] = rstd[ng];
     }
   }
-  const auto pixel_sums = DDPM_SIMD_PICK(pixel_row_sums);
-  const auto pixel_dx = DDPM_SIMD_PICK(pixel_row_dx);
-  // Pass 1 over sample n's pixels (acc: 3 C floats of scratch; t: chunks of
-  // kPixelChunk pixel rows).
-  auto sample_pass1 = [&](int64_t n, std::vector<float>& acc, FloatRows<T>& t) {
+  // Pass 1 over sample n's pixels (acc: 3 C floats of scratch).
+  auto sample_pass1 = [&](int64_t n, std::vector<float>& acc) {
     const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(), b.data(), nullptr, nullptr};
     for (int64_t s0 = 0; s0 < l.hw; s0 += kPixelChunk) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       const int64_t rows = std::min(kPixelChunk, l.hw - s0), i0 = (n * l.hw + s0) * l.c;
-      const float* dy_rows = as_float_row(dy + i0, rows * l.c, t.dy.data());
-      const float* x_rows = as_float_row(x + i0, rows * l.c, t.x.data());
       for (int64_t s = 0; s < rows; ++s)
-        pixel_sums(dy_rows + s * l.c, x_rows + s * l.c, l.c, k, act, acc.data(), acc.data() + l.c,
-                   acc.data() + 2 * l.c, du_row(n * l.hw + s0 + s));
+        pixel_row_sums(dy + i0 + s * l.c, x + i0 + s * l.c, l.c, k, act, acc.data(), acc.data() + l.c,
+                       acc.data() + 2 * l.c, du_row(n * l.hw + s0 + s));
       for (int64_t c = 0; c < l.c; ++c) {
         A[n * l.c + c] += acc[c];
         B[n * l.c + c] += acc[l.c + c];
@@ -279,16 +247,18 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
       }
     }
   };
-  // Pass 2 over pixel rows [begin, end).
-  auto rows_pass2 = [&](int64_t begin, int64_t end, FloatRows<T>& t) {
+  // Pass 2 over pixel rows [begin, end), from du (with act) or dy (for
+  // float, du is dx's row: written over).
+  auto rows_pass2 = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / l.hw;
       const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
                          b.data(),               m1.data() + n * l.c, m2.data() + n * l.c};
-      const float* du = act ? du_row(r) : as_float_row(dy + r * l.c, l.c, t.dy.data());
-      float* out = kFloat ? du_row(r) : t.out.data();  // (du may be out)
-      pixel_dx(du, as_float_row(x + r * l.c, l.c, t.x.data()), l.c, k, out);
-      store_rows(out, l.c, dx + r * l.c);
+      if (act) {
+        pixel_row_dx(static_cast<const float*>(du_row(r)), x + r * l.c, l.c, k, dx + r * l.c);
+      } else {
+        pixel_row_dx(dy + r * l.c, x + r * l.c, l.c, k, dx + r * l.c);
+      }
     }
   };
   // Each sample's pass 2 right after its pass 1, in the same task, while its
@@ -300,25 +270,20 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
   if (l.n >= 2 * threads || l.n % threads == 0) {
     parallel_tasks(l.n, l.c * l.hw, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(3 * l.c);
-      FloatRows<T> t(kPixelChunk * l.c);
       for (int64_t n = begin; n < end; ++n) {
-        sample_pass1(n, acc, t);
+        sample_pass1(n, acc);
         sample_means(n);
-        rows_pass2(n * l.hw, (n + 1) * l.hw, t);
+        rows_pass2(n * l.hw, (n + 1) * l.hw);
       }
     });
     return;
   }
   parallel_tasks(l.n, l.c * l.hw, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(3 * l.c);
-    FloatRows<T> t(kPixelChunk * l.c);
-    for (int64_t n = begin; n < end; ++n) sample_pass1(n, acc, t);
+    for (int64_t n = begin; n < end; ++n) sample_pass1(n, acc);
   });
   for (int64_t n = 0; n < l.n; ++n) sample_means(n);
-  parallel_tasks(l.n * l.hw, l.c, [&](int64_t begin, int64_t end) {
-    FloatRows<T> t(l.c);
-    rows_pass2(begin, end, t);
-  });
+  parallel_tasks(l.n * l.hw, l.c, [&](int64_t begin, int64_t end) { rows_pass2(begin, end); });
 }
 
 // The general path, element by element in double: float64 input (gradcheck).

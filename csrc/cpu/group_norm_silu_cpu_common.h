@@ -1,8 +1,7 @@
 // What the CPU GroupNorm+SiLU's forward and backward files
 // (group_norm_silu_cpu.cpp, group_norm_silu_backward_cpu.cpp) share: the
-// parameters read into doubles, the element indexing and the 16-bit rows'
-// conversions. Internal to the file that includes it, as
-// group_norm_silu_rows.h is.
+// parameters read into doubles, the element indexing, the parallel passes.
+// Internal to the file that includes it, as group_norm_silu_rows.h is.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -16,7 +15,6 @@
 #include <vector>
 
 #include "../group_norm_silu.h"
-#include "float16_cpu.h"
 #include "group_norm_silu_rows.h"
 
 namespace ddpm_fast {
@@ -66,10 +64,6 @@ void parallel_tasks(int64_t tasks, int64_t values_per_task, const F& f) {
 inline int64_t at_index(const NormLayout& l, int64_t n, int64_t c, int64_t s) {
   return l.channels_last ? (n * l.hw + s) * l.c + c : (n * l.c + c) * l.hw + s;
 }
-
-// 16-bit rows go through float (float16_cpu.h).
-using cpu::as_float_row;
-using cpu::from_float_row;
 
 inline double sigmoid(double u) { return 1.0 / (1.0 + std::exp(-u)); }
 

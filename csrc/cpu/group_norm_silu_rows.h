@@ -6,10 +6,11 @@
 // run time by DDPM_SIMD_PICK (only the portable loops where simd.h finds no
 // x86).
 //
-// The forward's loops (moments, affine+SiLU) take rows of float, c10::Half or
-// c10::BFloat16 and compute in float: the vector loops convert in registers,
-// the portable ones value by value (or a row to a float buffer first, where
-// that keeps their sums in the float loop's order).
+// The loops take rows of x, dy and dx of float, c10::Half or c10::BFloat16
+// and compute in float (the backward's stored du is float): the vector loops
+// convert in registers, the portable ones value by value (the forward's
+// moment loops a row to a float buffer first, which keeps their sums in the
+// float loop's order).
 //
 // Free of ATen; meant for those two .cpp files (its functions are internal to
 // the file that includes it, and inline, so that each keeps those it uses).
@@ -146,10 +147,9 @@ inline void pixel_moments_portable(const T* rows, const float* shift, int64_t c_
   }
 }
 
-// The float moment sums run over at most this many values (the forward calls
-// its moment loops chunk by chunk, whatever T is); the backward's 16-bit rows
-// go through float buffers of this many values (as_float_row and
-// from_float_row in float16_cpu.h).
+// The float sums of the moment loops and of the backward's pass 1 run over at
+// most this many values (the forward calls its moment loops chunk by chunk,
+// whatever T is).
 constexpr int64_t kChunk = 1024;
 
 // 16-bit rows of the two moment loops above go to a float buffer first:
@@ -227,14 +227,15 @@ inline __attribute__((always_inline)) float silu_grad_float(float dy, float u) {
 // `act`, du (dL/du through SiLU) is also stored to `du_out` for pass 2, which
 // then needs no exp. The `act` branch stays outside the loops, which would not
 // vectorize around it.
-inline void backward_row_sums_portable(const float* dy, const float* x, int64_t count, float shift, float rstd, float w,
+template <class Tdy, class T>
+inline void backward_row_sums_portable(const Tdy* dy, const T* x, int64_t count, float shift, float rstd, float w,
                                        float b, bool act, double* out, float* du_out) {
   double a_sum = 0.0, b_sum = 0.0, x_sum = 0.0;
   if (act) {
 #pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
     for (int64_t i = 0; i < count; ++i) {
-      const float xhat = (x[i] + shift) * rstd;
-      const float du = silu_grad_float(dy[i], xhat * w + b);
+      const float xhat = (static_cast<float>(x[i]) + shift) * rstd;
+      const float du = silu_grad_float(static_cast<float>(dy[i]), xhat * w + b);
       du_out[i] = du;
       a_sum += static_cast<double>(du * xhat);
       b_sum += static_cast<double>(du);
@@ -243,9 +244,10 @@ inline void backward_row_sums_portable(const float* dy, const float* x, int64_t 
   } else {
 #pragma omp simd reduction(+ : a_sum, b_sum, x_sum)
     for (int64_t i = 0; i < count; ++i) {
-      const float xhat = (x[i] + shift) * rstd;
-      a_sum += static_cast<double>(dy[i] * xhat);
-      b_sum += static_cast<double>(dy[i]);
+      const float xhat = (static_cast<float>(x[i]) + shift) * rstd;
+      const float d = static_cast<float>(dy[i]);
+      a_sum += static_cast<double>(d * xhat);
+      b_sum += static_cast<double>(d);
       x_sum += static_cast<double>(xhat);
     }
   }
@@ -256,20 +258,22 @@ inline void backward_row_sums_portable(const float* dy, const float* x, int64_t 
 
 // Backward pass 2 over one contiguous (n, c) row: dx = rstd (w du - m1 - xhat m2),
 // du being dy without SiLU or pass 1's stored du with it. `du` may be `dx`.
-inline void backward_row_dx_portable(const float* du, const float* x, int64_t count, float shift, float rstd, float w,
-                                     float m1, float m2, float* dx) {
+template <class Tdu, class T>
+inline void backward_row_dx_portable(const Tdu* du, const T* x, int64_t count, float shift, float rstd, float w,
+                                     float m1, float m2, T* dx) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const float xhat = (x[i] + shift) * rstd;
-    dx[i] = rstd * (du[i] * w - m1 - xhat * m2);
+    const float xhat = (static_cast<float>(x[i]) + shift) * rstd;
+    dx[i] = static_cast<T>(rstd * (static_cast<float>(du[i]) * w - m1 - xhat * m2));
   }
 }
 
 // backward_row_sums without act over a block's rows, one call per block (see
 // the SIMD version).
-inline void backward_block_sums_portable(const float* du, const float* x, int64_t rows, int64_t count,
-                                         const float* shift, float rstd, const float* w, const float* b, double* a,
-                                         double* b_sums, double* x_sums) {
+template <class Tdu, class T>
+inline void backward_block_sums_portable(const Tdu* du, const T* x, int64_t rows, int64_t count, const float* shift,
+                                         float rstd, const float* w, const float* b, double* a, double* b_sums,
+                                         double* x_sums) {
   for (int64_t k = 0; k < rows; ++k) {
     double sums[3];
     backward_row_sums_portable(du + k * count, x + k * count, count, shift[k], rstd, w[k], b[k], false, sums, nullptr);
@@ -284,19 +288,21 @@ inline void backward_block_sums_portable(const float* du, const float* x, int64_
 // silu_grad_block writes pass 1's du = dL/du through SiLU (whose sums then go
 // row by row, as dy does without act), backward_block_dx pass 2's dx, each
 // with the row loops' arithmetic (same bits) over the whole block at once.
-inline void silu_grad_block_portable(const float* dy, const float* x, int64_t rows, const RowLanes& lanes,
-                                     const float* shift, float rstd, const float* w, const float* b, float* du) {
+template <class T>
+inline void silu_grad_block_portable(const T* dy, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,
+                                     float rstd, const float* w, const float* b, float* du) {
   const int64_t count = lanes.count;
   for (int64_t k = 0; k < rows; ++k) {
 #pragma omp simd
     for (int64_t i = k * count; i < (k + 1) * count; ++i) {
-      const float xhat = (x[i] + shift[k]) * rstd;
-      du[i] = silu_grad_float(dy[i], xhat * w[k] + b[k]);
+      const float xhat = (static_cast<float>(x[i]) + shift[k]) * rstd;
+      du[i] = silu_grad_float(static_cast<float>(dy[i]), xhat * w[k] + b[k]);
     }
   }
 }
-inline void backward_block_dx_portable(const float* du, const float* x, int64_t rows, const RowLanes& lanes,
-                                       const float* shift, float rstd, const float* w, float m1, float m2, float* dx) {
+template <class Tdu, class T>
+inline void backward_block_dx_portable(const Tdu* du, const T* x, int64_t rows, const RowLanes& lanes,
+                                       const float* shift, float rstd, const float* w, float m1, float m2, T* dx) {
   const int64_t count = lanes.count;
   for (int64_t k = 0; k < rows; ++k)
     backward_row_dx_portable(du + k * count, x + k * count, count, shift[k], rstd, w[k], m1, m2, dx + k * count);
@@ -310,11 +316,12 @@ struct PixelCoefs {
   const float *shift, *rstd, *w, *b, *m1, *m2;  // b only in pass 1, m1 and m2 only in pass 2
 };
 
-inline void pixel_row_sums_portable(const float* dy, const float* x, int64_t c_total, const PixelCoefs& k, bool act,
+template <class T>
+inline void pixel_row_sums_portable(const T* dy, const T* x, int64_t c_total, const PixelCoefs& k, bool act,
                                     float* acc_a, float* acc_b, float* acc_x, float* du_out) {
   for (int64_t c = 0; c < c_total; ++c) {
-    const float xhat = (x[c] + k.shift[c]) * k.rstd[c];
-    float du = dy[c];
+    const float xhat = (static_cast<float>(x[c]) + k.shift[c]) * k.rstd[c];
+    float du = static_cast<float>(dy[c]);
     if (act) du_out[c] = du = silu_grad_float(du, xhat * k.w[c] + k.b[c]);
     acc_a[c] += du * xhat;
     acc_b[c] += du;
@@ -322,10 +329,11 @@ inline void pixel_row_sums_portable(const float* dy, const float* x, int64_t c_t
   }
 }
 
-inline void pixel_row_dx_portable(const float* du, const float* x, int64_t c_total, const PixelCoefs& k, float* dx) {
+template <class Tdu, class T>
+inline void pixel_row_dx_portable(const Tdu* du, const T* x, int64_t c_total, const PixelCoefs& k, T* dx) {
   for (int64_t c = 0; c < c_total; ++c) {
-    const float xhat = (x[c] + k.shift[c]) * k.rstd[c];
-    dx[c] = k.rstd[c] * (du[c] * k.w[c] - k.m1[c] - xhat * k.m2[c]);
+    const float xhat = (static_cast<float>(x[c]) + k.shift[c]) * k.rstd[c];
+    dx[c] = static_cast<T>(k.rstd[c] * (static_cast<float>(du[c]) * k.w[c] - k.m1[c] - xhat * k.m2[c]));
   }
 }
 
@@ -374,27 +382,41 @@ inline void affine_act_channels(const T* in, const float* scale, const float* sh
                                 const RowLanes& lanes, bool act, T* out) {
   DDPM_SIMD_CALL(affine_act_channels, in, scale, shift, rows, lanes, act, out);
 }
-inline void backward_row_sums(const float* dy, const float* x, int64_t count, float shift, float rstd, float w, float b,
+template <class Tdy, class T>
+inline void backward_row_sums(const Tdy* dy, const T* x, int64_t count, float shift, float rstd, float w, float b,
                               bool act, double* out, float* du_out) {
-  DDPM_SIMD_PICK(backward_row_sums)(dy, x, count, shift, rstd, w, b, act, out, du_out);
+  DDPM_SIMD_CALL(backward_row_sums, dy, x, count, shift, rstd, w, b, act, out, du_out);
 }
 
-inline void backward_block_sums(const float* du, const float* x, int64_t rows, int64_t count, const float* shift,
+template <class Tdu, class T>
+inline void backward_block_sums(const Tdu* du, const T* x, int64_t rows, int64_t count, const float* shift,
                                 float rstd, const float* w, const float* b, double* a, double* b_sums,
                                 double* x_sums) {
-  DDPM_SIMD_PICK(backward_block_sums)(du, x, rows, count, shift, rstd, w, b, a, b_sums, x_sums);
+  DDPM_SIMD_CALL(backward_block_sums, du, x, rows, count, shift, rstd, w, b, a, b_sums, x_sums);
 }
-inline void silu_grad_block(const float* dy, const float* x, int64_t rows, const RowLanes& lanes, const float* shift,
+template <class T>
+inline void silu_grad_block(const T* dy, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,
                             float rstd, const float* w, const float* b, float* du) {
-  DDPM_SIMD_PICK(silu_grad_block)(dy, x, rows, lanes, shift, rstd, w, b, du);
+  DDPM_SIMD_CALL(silu_grad_block, dy, x, rows, lanes, shift, rstd, w, b, du);
 }
-inline void backward_block_dx(const float* du, const float* x, int64_t rows, const RowLanes& lanes,
-                              const float* shift, float rstd, const float* w, float m1, float m2, float* dx) {
-  DDPM_SIMD_PICK(backward_block_dx)(du, x, rows, lanes, shift, rstd, w, m1, m2, dx);
+template <class Tdu, class T>
+inline void backward_block_dx(const Tdu* du, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,
+                              float rstd, const float* w, float m1, float m2, T* dx) {
+  DDPM_SIMD_CALL(backward_block_dx, du, x, rows, lanes, shift, rstd, w, m1, m2, dx);
 }
-inline void backward_row_dx(const float* du, const float* x, int64_t count, float shift, float rstd, float w, float m1,
-                            float m2, float* dx) {
-  DDPM_SIMD_PICK(backward_row_dx)(du, x, count, shift, rstd, w, m1, m2, dx);
+template <class Tdu, class T>
+inline void backward_row_dx(const Tdu* du, const T* x, int64_t count, float shift, float rstd, float w, float m1,
+                            float m2, T* dx) {
+  DDPM_SIMD_CALL(backward_row_dx, du, x, count, shift, rstd, w, m1, m2, dx);
+}
+template <class T>
+inline void pixel_row_sums(const T* dy, const T* x, int64_t c_total, const PixelCoefs& k, bool act, float* acc_a,
+                           float* acc_b, float* acc_x, float* du_out) {
+  DDPM_SIMD_CALL(pixel_row_sums, dy, x, c_total, k, act, acc_a, acc_b, acc_x, du_out);
+}
+template <class Tdu, class T>
+inline void pixel_row_dx(const Tdu* du, const T* x, int64_t c_total, const PixelCoefs& k, T* dx) {
+  DDPM_SIMD_CALL(pixel_row_dx, du, x, c_total, k, dx);
 }
 
 }  // namespace
