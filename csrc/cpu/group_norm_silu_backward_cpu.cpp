@@ -68,19 +68,19 @@ std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
 // (sample, group) block at a time (silu_grad_block, backward_block_dx), as
 // the forward's short rows do (kShortRow). On the AVX-512 VM (2026-12-01,
 // alternated in one process, 32 groups): 1.2-1.6x faster at 4x4 and 2x2 maps
-// (bfloat16 1.5-1.7x), 1.1-1.2x at 5x5 to 7x7, 1.0-1.1x at 8x8, 0.9-1.0x at
-// 9x9 to 11x11 (whose rows stay rows); same bits.
+// (bfloat16 1.5-1.7x, when 16-bit rows still went through float buffers),
+// 1.1-1.2x at 5x5 to 7x7, 1.0-1.1x at 8x8, 0.9-1.0x at 9x9 to 11x11 (whose
+// rows stay rows); same bits.
 constexpr int64_t kBlockRowsBackward = 64;
 
 // The backward of float, half and bfloat16 NCHW input, row by row in
 // vectorized float (double input takes backward_double below), one task per
-// (sample, group)
-// block: pass 1 over its cg rows, the group's means, then pass 2 over the
-// same rows while they are still in cache. Each pass over the whole tensor,
-// as before, read x, dy and the stored du back from memory: 1.16-1.44x longer
-// (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128 on the AVX-512 VM,
-// alternated in one process; prefetching the next block's x and dy rows
-// during pass 2 made it slower). With fewer blocks than threads the passes
+// (sample, group) block: pass 1 over its cg rows, the group's means, then
+// pass 2 over the same rows while they are still in cache. Each pass over the
+// whole tensor, as before, read x, dy and the stored du back from memory:
+// 1.16-1.44x longer (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128
+// on the AVX-512 VM, alternated in one process; prefetching the next block's
+// x and dy rows during pass 2 made it slower). With fewer blocks than threads the passes
 // still run over the whole tensor, one row to a task. Short rows (see
 // kBlockRowsBackward) run each pass over the block at once.
 template <typename T>

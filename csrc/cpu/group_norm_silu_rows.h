@@ -1,10 +1,9 @@
 // The row loops of the CPU GroupNorm+SiLU (group_norm_silu_cpu.cpp and
 // group_norm_silu_backward_cpu.cpp drive them over tensors): SiLU and its
-// gradient over float rows, the moments of a
-// row, and both backward passes over NCHW rows and channels_last pixel rows,
-// the hand-vectorized ones in AVX2 + FMA, in AVX-512 and portably, picked at
-// run time by DDPM_SIMD_PICK (only the portable loops where simd.h finds no
-// x86).
+// gradient, the moments of a row, and both backward passes over NCHW rows and
+// channels_last pixel rows, the hand-vectorized ones in AVX2 + FMA, in
+// AVX-512 and portably, picked at run time by DDPM_SIMD_CALL (only the
+// portable loops where simd.h finds no x86).
 //
 // The loops take rows of x, dy and dx of float, c10::Half or c10::BFloat16
 // and compute in float (the backward's stored du is float): the vector loops
@@ -61,8 +60,8 @@ inline __attribute__((always_inline)) float exp_poly(float x_in) {
 }
 
 // Sums of (in[i] - shift) and of its squares over a row of at most kChunk
-// values (of any T, as all the forward's loops), in float, added to the
-// double totals. The shift (about the row's
+// values, in float, added to the double totals (16-bit rows: the template
+// overload after kChunk). The shift (about the row's
 // values) keeps the float sums from cancelling; over rows this short their
 // rounding stays far below the tests' tolerances. (The vector versions keep
 // several partial sums, so their rounding differs slightly from this loop's.)
