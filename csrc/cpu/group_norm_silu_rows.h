@@ -307,32 +307,38 @@ inline void backward_block_dx_portable(const Tdu* du, const T* x, int64_t rows, 
     backward_row_dx_portable(du + k * count, x + k * count, count, shift[k], rstd, w[k], m1, m2, dx + k * count);
 }
 
-// channels_last rows: one pixel's C channels, with per-channel coefficients
-// (arrays of C floats). Pass 1 adds each channel's du * xhat, du and xhat to
-// float accumulators and, with `act`, stores du to `du_out`; pass 2 writes
-// dx = rstd (du w - m1 - xhat m2) from du (dy, or the stored du; may be dx).
+// channels_last rows: `rows` consecutive pixel rows of C channels each, with
+// per-channel coefficients (arrays of C floats). Pass 1 adds each channel's
+// du * xhat, du and xhat to float accumulators, row after row, and, with
+// `act`, stores du to `du_out`; pass 2 writes dx = rstd (du w - m1 - xhat m2)
+// from du (dy, or the stored du; may be dx).
 struct PixelCoefs {
   const float *shift, *rstd, *w, *b, *m1, *m2;  // b only in pass 1, m1 and m2 only in pass 2
 };
 
 template <class T>
-inline void pixel_row_sums_portable(const T* dy, const T* x, int64_t c_total, const PixelCoefs& k, bool act,
-                                    float* acc_a, float* acc_b, float* acc_x, float* du_out) {
-  for (int64_t c = 0; c < c_total; ++c) {
-    const float xhat = (static_cast<float>(x[c]) + k.shift[c]) * k.rstd[c];
-    float du = static_cast<float>(dy[c]);
-    if (act) du_out[c] = du = silu_grad_float(du, xhat * k.w[c] + k.b[c]);
-    acc_a[c] += du * xhat;
-    acc_b[c] += du;
-    acc_x[c] += xhat;
+inline void pixel_row_sums_portable(const T* dy, const T* x, int64_t c_total, int64_t rows, const PixelCoefs& k,
+                                    bool act, float* acc_a, float* acc_b, float* acc_x, float* du_out) {
+  for (int64_t p = 0; p < rows; ++p, dy += c_total, x += c_total, du_out += act ? c_total : 0) {
+    for (int64_t c = 0; c < c_total; ++c) {
+      const float xhat = (static_cast<float>(x[c]) + k.shift[c]) * k.rstd[c];
+      float du = static_cast<float>(dy[c]);
+      if (act) du_out[c] = du = silu_grad_float(du, xhat * k.w[c] + k.b[c]);
+      acc_a[c] += du * xhat;
+      acc_b[c] += du;
+      acc_x[c] += xhat;
+    }
   }
 }
 
 template <class Tdu, class T>
-inline void pixel_row_dx_portable(const Tdu* du, const T* x, int64_t c_total, const PixelCoefs& k, T* dx) {
-  for (int64_t c = 0; c < c_total; ++c) {
-    const float xhat = (static_cast<float>(x[c]) + k.shift[c]) * k.rstd[c];
-    dx[c] = static_cast<T>(k.rstd[c] * (static_cast<float>(du[c]) * k.w[c] - k.m1[c] - xhat * k.m2[c]));
+inline void pixel_row_dx_portable(const Tdu* du, const T* x, int64_t c_total, int64_t rows, const PixelCoefs& k,
+                                  T* dx) {
+  for (int64_t p = 0; p < rows; ++p, du += c_total, x += c_total, dx += c_total) {
+    for (int64_t c = 0; c < c_total; ++c) {
+      const float xhat = (static_cast<float>(x[c]) + k.shift[c]) * k.rstd[c];
+      dx[c] = static_cast<T>(k.rstd[c] * (static_cast<float>(du[c]) * k.w[c] - k.m1[c] - xhat * k.m2[c]));
+    }
   }
 }
 
@@ -409,13 +415,13 @@ inline void backward_row_dx(const Tdu* du, const T* x, int64_t count, float shif
   DDPM_SIMD_CALL(backward_row_dx, du, x, count, shift, rstd, w, m1, m2, dx);
 }
 template <class T>
-inline void pixel_row_sums(const T* dy, const T* x, int64_t c_total, const PixelCoefs& k, bool act, float* acc_a,
-                           float* acc_b, float* acc_x, float* du_out) {
-  DDPM_SIMD_CALL(pixel_row_sums, dy, x, c_total, k, act, acc_a, acc_b, acc_x, du_out);
+inline void pixel_row_sums(const T* dy, const T* x, int64_t c_total, int64_t rows, const PixelCoefs& k, bool act,
+                           float* acc_a, float* acc_b, float* acc_x, float* du_out) {
+  DDPM_SIMD_CALL(pixel_row_sums, dy, x, c_total, rows, k, act, acc_a, acc_b, acc_x, du_out);
 }
 template <class Tdu, class T>
-inline void pixel_row_dx(const Tdu* du, const T* x, int64_t c_total, const PixelCoefs& k, T* dx) {
-  DDPM_SIMD_CALL(pixel_row_dx, du, x, c_total, k, dx);
+inline void pixel_row_dx(const Tdu* du, const T* x, int64_t c_total, int64_t rows, const PixelCoefs& k, T* dx) {
+  DDPM_SIMD_CALL(pixel_row_dx, du, x, c_total, rows, k, dx);
 }
 
 }  // namespace
