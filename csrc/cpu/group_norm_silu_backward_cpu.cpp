@@ -257,7 +257,8 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
     }
   };
   // Pass 2 over pixel rows [begin, end), from du (with act) or dy (for
-  // float, du is dx's row: written over).
+  // float, du is dx's row: written over), in calls that stay within one
+  // sample (the coefficients k are per sample).
   auto rows_pass2 = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end;) {
       const int64_t n = r / l.hw, rows = std::min({kPixelRowsPerCall, end - r, (n + 1) * l.hw - r});
