@@ -56,6 +56,16 @@ inline double add_gradient(const Params& p, int64_t c, float r, double b_sum, do
   return static_cast<double>(r) * (p.w[c] * b_sum - static_cast<double>(hw) * m1 - x_sum * m2);
 }
 
+// f(du) with pass 2's du, of the row or rows that `stored` and `dy` point to:
+// pass 1's stored du (float) with act, else dy itself.
+template <typename T, typename F>
+void with_du(bool act, const float* stored, const T* dy, F f) {
+  if (act) {
+    f(stored);
+  } else {
+    f(dy);
+  }
+}
 
 // v as floats, with `pad` zeros after (the block loops' padding).
 std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
@@ -80,9 +90,9 @@ constexpr int64_t kBlockRowsBackward = 64;
 // whole tensor, as before, read x, dy and the stored du back from memory:
 // 1.16-1.44x longer (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128
 // on the AVX-512 VM, alternated in one process; prefetching the next block's
-// x and dy rows during pass 2 made it slower). With fewer blocks than threads the passes
-// still run over the whole tensor, one row to a task. Short rows (see
-// kBlockRowsBackward) run each pass over the block at once.
+// x and dy rows during pass 2 made it slower). With fewer blocks than
+// threads the passes still run over the whole tensor, one row to a task.
+// Short rows (see kBlockRowsBackward) run each pass over the block at once.
 template <typename T>
 void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Params& p, const float* mean,
                         const float* rstd, bool act, T* dx, std::vector<double>& A, std::vector<double>& B,
@@ -120,15 +130,11 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   auto pass2 = [&](int64_t nc, std::pair<double, double> means) {
     const int64_t c = nc % l.c;
     const auto [m1, m2] = means;
-    const float r = rstd[nc / cg], shift = shift_of(nc), w = static_cast<float>(p.w[c]);
-    const T* x_row = x + nc * l.hw;
-    if (act) {
-      backward_row_dx(du_row(nc), x_row, l.hw, shift, r, w, static_cast<float>(m1), static_cast<float>(m2),
-                      dx + nc * l.hw);
-    } else {
-      backward_row_dx(dy + nc * l.hw, x_row, l.hw, shift, r, w, static_cast<float>(m1), static_cast<float>(m2),
-                      dx + nc * l.hw);
-    }
+    const float r = rstd[nc / cg];
+    with_du(act, du_row(nc), dy + nc * l.hw, [&](const auto* du) {
+      backward_row_dx(du, x + nc * l.hw, l.hw, shift_of(nc), r, static_cast<float>(p.w[c]), static_cast<float>(m1),
+                      static_cast<float>(m2), dx + nc * l.hw);
+    });
     add_grad(nc, c, r, m1, m2);
   };
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
@@ -159,12 +165,9 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
           for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, r, m1, m2);
         };
         if (act) {
-          float* du_block = du_row(nc0);
-          silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_block);
-          passes(static_cast<const float*>(du_block));
-        } else {
-          passes(dy_block);
+          silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_row(nc0));
         }
+        with_du(act, du_row(nc0), dy_block, passes);
       }
     });
     return;
@@ -220,8 +223,9 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
   // Per (n, c) coefficients, as float arrays of N*C.
   std::vector<float> shift(l.n * l.c), rs(l.n * l.c), m1(l.n * l.c), m2(l.n * l.c);
   const std::vector<float> w = floats_of(p.w), b = floats_of(p.b);
-  // Group by group: per channel, two integer divisions found its group. With sample_means' group means once per group (they were
-  // once per channel), the 128x256x4x4 backward ran 1.27-1.47x faster.
+  // Group by group: per channel, two integer divisions found its group. With
+  // that and sample_means' group means once per group (they were once per
+  // channel), the 128x256x4x4 backward ran 1.27-1.47x faster.
   for (int64_t ng = 0; ng < l.n * l.groups; ++ng) {  // group ng's channels: nc = ng cg .. (ng + 1) cg - 1
     for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) {
       shift[nc] = row_shift(p, nc, mean[ng]);
@@ -264,11 +268,8 @@ void backward_rows_channels_last(const T* dy, const T* x, const NormLayout& l, c
       const int64_t n = r / l.hw, rows = std::min({kPixelRowsPerCall, end - r, (n + 1) * l.hw - r});
       const PixelCoefs k{shift.data() + n * l.c, rs.data() + n * l.c, w.data(),
                          b.data(),               m1.data() + n * l.c, m2.data() + n * l.c};
-      if (act) {
-        pixel_row_dx(static_cast<const float*>(du_row(r)), x + r * l.c, l.c, rows, k, dx + r * l.c);
-      } else {
-        pixel_row_dx(dy + r * l.c, x + r * l.c, l.c, rows, k, dx + r * l.c);
-      }
+      with_du(act, du_row(r), dy + r * l.c,
+              [&](const auto* du) { pixel_row_dx(du, x + r * l.c, l.c, rows, k, dx + r * l.c); });
       r += rows;
     }
   };

@@ -104,14 +104,6 @@ void affine_act(const T* x, int64_t count, int64_t rows, const float* scale, con
   affine_act_row(x, scale, shift, step, count, rows, act, y, Prefetch{reinterpret_cast<const char*>(ahead), sizeof(T)});
 }
 
-// The same over an NCHW block of `rows` short rows, row k with scale[k] and
-// shift[k] (affine_act_channels' arguments).
-template <typename T>
-void affine_act_block(const T* x, int64_t rows, const RowLanes& lanes, const float* scale, const float* shift,
-                      bool act, T* y) {
-  affine_act_channels(x, scale, shift, rows, lanes, act, y);
-}
-
 // Group statistics of h = x + add from the moments of x - o_k over `parts`
 // equal parts of the group's values (its cg channels, or the whole group as
 // one part), in double: with d = o_k (+ add of channel k, unless
@@ -199,7 +191,7 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
       group_affine(p, n, c0, cg, l.c, l.hw, parts, block_add, o.data(), s1.data(), s2.data(), eps, mean_out + ng,
                    rstd_out + ng, scale.data(), shift.data());
       if (short_rows) {
-        affine_act_block(block, cg, lanes, scale.data(), shift.data(), act, y_block);
+        affine_act_channels(block, scale.data(), shift.data(), cg, lanes, act, y_block);
       } else {
         const T* next = ng + 1 < end && prefetch_next ? block + cg * l.hw : nullptr;
         for (int64_t k = 0; k < cg; ++k)  // the next block's row k while computing row k
