@@ -140,44 +140,68 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   auto means_of = [&](int64_t ng) {  // group ng = n G + g: rows ng cg to (ng + 1) cg
     return group_means(p, A, B, (ng / l.groups) * l.c, (ng % l.groups) * cg, cg, count);
   };
+  // Blocks go in batches (kBatchBytes of x; consecutive blocks are
+  // consecutive in memory): pass 1 over the batch, its groups' means, then
+  // pass 2, so that one block's pass 2 does not wait on its means' divisions.
+  const int64_t batch = std::max<int64_t>(1, kBatchBytes / (cg * l.hw * static_cast<int64_t>(sizeof(T))));
   if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     // Short rows: each pass over a whole block at once (see
     // kBlockRowsBackward), with act pass 1's du first (silu_grad_block), then
     // its sums row by row in one call (backward_block_sums).
-    const std::vector<float> w = floats_of(p.w, kChannelPad), b = floats_of(p.b, kChannelPad);
+    const std::vector<float> w = floats_of(p.w, kChannelPad);
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
       const RowLanes lanes(l.hw);
-      std::vector<float> shift(cg + kChannelPad);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t nc0 = ng * cg, c0 = nc0 % l.c, offset = nc0 * l.hw;
-        const float r = rstd[ng];
-        // The block's one mean, not shift_of's division per row (an idiv: 3%
-        // of a 4x4 backward).
-        for (int64_t k = 0; k < cg; ++k) shift[k] = row_shift(p, nc0 + k, mean[ng]);
-        const T *x_block = x + offset, *dy_block = dy + offset;
-        // Pass 1's sums and pass 2 from du (with act; stored first) or dy.
-        auto passes = [&](const auto* du) {
-          backward_block_sums(du, x_block, cg, l.hw, shift.data(), r, w.data() + c0, b.data() + c0, A.data() + nc0,
-                              B.data() + nc0, X.data() + nc0);
-          const auto [m1, m2] = means_of(ng);
-          backward_block_dx(du, x_block, cg, lanes, shift.data(), r, w.data() + c0, static_cast<float>(m1),
-                            static_cast<float>(m2), dx + offset);
-          for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, r, m1, m2);
-        };
-        if (act) {
-          silu_grad_block(dy_block, x_block, cg, lanes, shift.data(), r, w.data() + c0, b.data() + c0, du_row(nc0));
+      // Per row of the batch: its shift, rstd, w and b (padded).
+      std::vector<float> shift(batch * cg + kChannelPad), rs(shift.size()), wr(shift.size()), br(shift.size());
+      std::vector<std::pair<double, double>> means(batch);
+      for (int64_t ng0 = begin; ng0 < end;) {
+        const int64_t blocks = std::min(batch, end - ng0), rows = blocks * cg, first = ng0 * cg * l.hw;
+        for (int64_t j = 0; j < blocks; ++j) {  // block by block: no divisions per row (an idiv was 3% of a 4x4 backward)
+          const int64_t ng = ng0 + j, c0 = (ng % l.groups) * cg;
+          for (int64_t i = 0; i < cg; ++i) {
+            const int64_t k = j * cg + i;
+            shift[k] = row_shift(p, ng * cg + i, mean[ng]);  // the block's one mean
+            rs[k] = rstd[ng];
+            wr[k] = w[c0 + i];
+            br[k] = static_cast<float>(p.b[c0 + i]);
+          }
         }
-        with_du(act, du_row(nc0), dy_block, passes);
+        // Pass 1: du over the whole batch (with act), then each block's sums.
+        if (act) {
+          silu_grad_block(dy + first, x + first, rows, lanes, shift.data(), rs.data(), wr.data(), br.data(),
+                          du_row(ng0 * cg));
+        }
+        for (int64_t j = 0; j < blocks; ++j) {
+          const int64_t nc0 = (ng0 + j) * cg, offset = nc0 * l.hw;
+          with_du(act, du_row(nc0), dy + offset, [&](const auto* du) {
+            backward_block_sums(du, x + offset, cg, l.hw, &shift[j * cg], rs[j * cg], &wr[j * cg], &br[j * cg],
+                                A.data() + nc0, B.data() + nc0, X.data() + nc0);
+          });
+        }
+        for (int64_t j = 0; j < blocks; ++j) means[j] = means_of(ng0 + j);
+        for (int64_t j = 0; j < blocks; ++j) {  // pass 2, from du (with act) or dy
+          const int64_t ng = ng0 + j, nc0 = ng * cg, c0 = nc0 % l.c, offset = nc0 * l.hw;
+          const auto [m1, m2] = means[j];
+          with_du(act, du_row(nc0), dy + offset, [&](const auto* du) {
+            backward_block_dx(du, x + offset, cg, lanes, &shift[j * cg], rstd[ng], w.data() + c0,
+                              static_cast<float>(m1), static_cast<float>(m2), dx + offset);
+          });
+          for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, rstd[ng], m1, m2);
+        }
+        ng0 += blocks;
       }
     });
     return;
   }
   if (l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) {
-        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass1(nc);
-        const auto means = means_of(ng);
-        for (int64_t nc = ng * cg; nc < (ng + 1) * cg; ++nc) pass2(nc, means);
+      std::vector<std::pair<double, double>> means(batch);
+      for (int64_t ng0 = begin; ng0 < end;) {
+        const int64_t blocks = std::min(batch, end - ng0);
+        for (int64_t nc = ng0 * cg; nc < (ng0 + blocks) * cg; ++nc) pass1(nc);
+        for (int64_t j = 0; j < blocks; ++j) means[j] = means_of(ng0 + j);
+        for (int64_t nc = ng0 * cg; nc < (ng0 + blocks) * cg; ++nc) pass2(nc, means[nc / cg - ng0]);
+        ng0 += blocks;
       }
     });
     return;

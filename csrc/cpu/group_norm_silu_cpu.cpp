@@ -155,49 +155,64 @@ int64_t l2_cache_bytes() {
 // lines as well gained 1% there, and is not done.
 constexpr int64_t kPrefetchShare = 4;
 
-// The float path (float, half, bfloat16 input), NCHW: one task per (sample,
-// group), whose channels are cg contiguous rows: their moments, the group's
-// statistics, then the output rows, read again while the block is still in
-// cache (and the next block prefetched meanwhile); short rows (kShortRow) as
-// one row of vectors over the whole block.
+// The float path (float, half, bfloat16 input), NCHW: tasks are (sample,
+// group) blocks, whose channels are cg contiguous rows, in batches of
+// consecutive blocks (kBatchBytes; consecutive blocks are consecutive in
+// memory): their moments, the groups' statistics, then the output rows, read
+// again while the batch is still in cache (and the next batch prefetched
+// meanwhile); short rows (kShortRow) as one row of vectors over the whole
+// batch.
 template <typename T>
 void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y, float* mean_out,
                   float* rstd_out) {
-  const int64_t cg = l.c / l.groups;
-  parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
-    std::vector<double> o(cg), s1(cg), s2(cg);
-    std::vector<float> scale(cg + kChannelPad), shift(cg + kChannelPad);
+  const int64_t cg = l.c / l.groups, block_values = cg * l.hw;
+  const int64_t block_bytes = block_values * static_cast<int64_t>(sizeof(T));
+  const int64_t batch = std::max<int64_t>(1, kBatchBytes / block_bytes);
+  parallel_tasks(l.n * l.groups, block_values, [&](int64_t begin, int64_t end) {
     const bool short_rows = l.hw < kShortRow;
     const RowLanes lanes(short_rows ? l.hw : 0);
-    const bool prefetch_next = cg * l.hw * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare;
-    // The moments of the whole block: one call, not cg (the U-Net's 8x8 and
+    const bool prefetch_next = batch * block_bytes <= l2_cache_bytes() / kPrefetchShare;
+    // The moments of a whole block: one call, not cg (the U-Net's 8x8 and
     // 4x4 maps have blocks of 128-512 values, where each call's fixed costs
     // weigh). With add, only for short rows, where the add goes in per value;
     // else one row per channel, its add applied after (in group_affine).
     const bool block_add = !p.add.empty() && short_rows;
     const int64_t parts = p.add.empty() || short_rows ? 1 : cg;
-    const int64_t part = cg * l.hw / parts;
+    const int64_t part = block_values / parts;
+    std::vector<double> o(batch * parts), s1(batch * parts), s2(batch * parts);
+    std::vector<float> scale(batch * cg + kChannelPad), shift(batch * cg + kChannelPad);
     std::vector<float> row_add(block_add ? cg + kChannelPad : 0);
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / l.groups, c0 = (ng % l.groups) * cg;
-      const T* block = x + (n * l.c + c0) * l.hw;
-      T* y_block = y + (n * l.c + c0) * l.hw;
-      if (block_add) {
-        for (int64_t k = 0; k < cg; ++k) row_add[k] = static_cast<float>(p.add[n * l.c + c0 + k]);
-        shifted_block_moments_add(block, row_add.data(), cg, lanes, &o[0], &s1[0], &s2[0]);
-      } else {
-        for (int64_t k = 0; k < parts; ++k) shifted_row_moments(block + k * part, part, &o[k], &s1[k], &s2[k]);
+    for (int64_t ng0 = begin; ng0 < end;) {
+      const int64_t blocks = std::min(batch, end - ng0);
+      const T* in = x + ng0 * block_values;
+      T* out = y + ng0 * block_values;
+      for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t ng = ng0 + j, n = ng / l.groups, c0 = (ng % l.groups) * cg;
+        const T* block = in + j * block_values;
+        double *bo = &o[j * parts], *bs1 = &s1[j * parts], *bs2 = &s2[j * parts];
+        if (block_add) {
+          for (int64_t k = 0; k < cg; ++k) row_add[k] = static_cast<float>(p.add[n * l.c + c0 + k]);
+          shifted_block_moments_add(block, row_add.data(), cg, lanes, bo, bs1, bs2);
+        } else {
+          for (int64_t k = 0; k < parts; ++k) shifted_row_moments(block + k * part, part, &bo[k], &bs1[k], &bs2[k]);
+        }
       }
-      group_affine(p, n, c0, cg, l.c, l.hw, parts, block_add, o.data(), s1.data(), s2.data(), eps, mean_out + ng,
-                   rstd_out + ng, scale.data(), shift.data());
+      for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t ng = ng0 + j;
+        group_affine(p, ng / l.groups, (ng % l.groups) * cg, cg, l.c, l.hw, parts, block_add, &o[j * parts],
+                     &s1[j * parts], &s2[j * parts], eps, mean_out + ng, rstd_out + ng, &scale[j * cg],
+                     &shift[j * cg]);
+      }
       if (short_rows) {
-        affine_act_channels(block, scale.data(), shift.data(), cg, lanes, act, y_block);
+        affine_act_channels(in, scale.data(), shift.data(), blocks * cg, lanes, act, out);
       } else {
-        const T* next = ng + 1 < end && prefetch_next ? block + cg * l.hw : nullptr;
-        for (int64_t k = 0; k < cg; ++k)  // the next block's row k while computing row k
-          affine_act(block + k * l.hw, l.hw, 1, &scale[k], &shift[k], 0, act, y_block + k * l.hw,
-                     next == nullptr ? nullptr : next + k * l.hw);
+        // The next batch's row k while computing row k.
+        const int64_t next_rows = prefetch_next ? std::min(blocks, end - ng0 - blocks) * cg : 0;
+        for (int64_t k = 0; k < blocks * cg; ++k)
+          affine_act(in + k * l.hw, l.hw, 1, &scale[k], &shift[k], 0, act, out + k * l.hw,
+                     k < next_rows ? in + (blocks * cg + k) * l.hw : nullptr);
       }
+      ng0 += blocks;
     }
   });
 }

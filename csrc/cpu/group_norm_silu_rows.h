@@ -283,18 +283,20 @@ inline void backward_block_sums_portable(const Tdu* du, const T* x, int64_t rows
 }
 
 // The backward over an NCHW block of `rows` short rows (RowLanes), row k with
-// shift[k], w[k] and b[k] (arrays padded by kChannelPad), rstd for all:
-// silu_grad_block writes pass 1's du = dL/du through SiLU (whose sums then go
-// row by row, as dy does without act), backward_block_dx pass 2's dx, each
-// with the row loops' arithmetic (same bits) over the whole block at once.
+// shift[k], w[k] and b[k] (arrays padded by kChannelPad): silu_grad_block
+// writes pass 1's du = dL/du through SiLU (whose sums then go row by row, as
+// dy does without act), with rstd[k] in row k, so that it can run over
+// several blocks at once; backward_block_dx writes pass 2's dx, with one rstd
+// for the block; each with the row loops' arithmetic (same bits) over all its
+// rows at once.
 template <class T>
 inline void silu_grad_block_portable(const T* dy, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,
-                                     float rstd, const float* w, const float* b, float* du) {
+                                     const float* rstd, const float* w, const float* b, float* du) {
   const int64_t count = lanes.count;
   for (int64_t k = 0; k < rows; ++k) {
 #pragma omp simd
     for (int64_t i = k * count; i < (k + 1) * count; ++i) {
-      const float xhat = (static_cast<float>(x[i]) + shift[k]) * rstd;
+      const float xhat = (static_cast<float>(x[i]) + shift[k]) * rstd[k];
       du[i] = silu_grad_float(static_cast<float>(dy[i]), xhat * w[k] + b[k]);
     }
   }
@@ -401,7 +403,7 @@ inline void backward_block_sums(const Tdu* du, const T* x, int64_t rows, int64_t
 }
 template <class T>
 inline void silu_grad_block(const T* dy, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,
-                            float rstd, const float* w, const float* b, float* du) {
+                            const float* rstd, const float* w, const float* b, float* du) {
   DDPM_SIMD_CALL(silu_grad_block, dy, x, rows, lanes, shift, rstd, w, b, du);
 }
 template <class Tdu, class T>
