@@ -450,10 +450,17 @@ def triton_split_path(monkeypatch):
     return gn
 
 
+# The split path's cases: CASES but 1x32x16x16, whose 64 (NCHW) and 256
+# (channels_last) position tiles took 9-25 s a case in the interpreter (130 s
+# of CI's 12 minutes of tests); the others run 3 to 49 position tiles through
+# the same code.
+SPLIT_CASES = [c for c in CASES if c[0] != (1, 32, 16, 16)]
+
+
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
 @pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, False)])
 def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, case, affine, with_add, act):
     shape, groups = case
