@@ -84,15 +84,17 @@ std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
 constexpr int64_t kBlockRowsBackward = 64;
 
 // The backward of float, half and bfloat16 NCHW input, row by row in
-// vectorized float (double input takes backward_double below), one task per
-// (sample, group) block: pass 1 over its cg rows, the group's means, then
-// pass 2 over the same rows while they are still in cache. Each pass over the
-// whole tensor, as before, read x, dy and the stored du back from memory:
+// vectorized float (double input takes backward_double below), tasks of
+// (sample, group) blocks in batches (kBatchBytes): pass 1 over the batch's
+// rows, its groups' means, then pass 2 over the same rows while they are
+// still in cache. Each pass over the whole tensor, as before, read x, dy and
+// the stored du back from memory:
 // 1.16-1.44x longer (32x128x32x32, 32x256x16x16, 128x256x8x8, 2x128x128x128
 // on the AVX-512 VM, alternated in one process; prefetching the next block's
 // x and dy rows during pass 2 made it slower). With fewer blocks than
 // threads the passes still run over the whole tensor, one row to a task.
-// Short rows (see kBlockRowsBackward) run each pass over the block at once.
+// Short rows (see kBlockRowsBackward) run each pass a block at a time, the
+// SiLU gradient over the whole batch.
 template <typename T>
 void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Params& p, const float* mean,
                         const float* rstd, bool act, T* dx, std::vector<double>& A, std::vector<double>& B,
@@ -146,8 +148,9 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   const int64_t batch = std::max<int64_t>(1, kBatchBytes / (cg * l.hw * static_cast<int64_t>(sizeof(T))));
   if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     // Short rows: each pass over a whole block at once (see
-    // kBlockRowsBackward), with act pass 1's du first (silu_grad_block), then
-    // its sums row by row in one call (backward_block_sums).
+    // kBlockRowsBackward), with act pass 1's du first, over the whole batch
+    // (silu_grad_block), then each block's sums row by row in one call
+    // (backward_block_sums).
     const std::vector<float> w = floats_of(p.w, kChannelPad);
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
       const RowLanes lanes(l.hw);

@@ -2,8 +2,9 @@
 // backward is in group_norm_silu_backward_cpu.cpp).
 // float, half and bfloat16 input (16-bit values converted to float and back in
 // the row loops' registers): statistics in double from float partial
-// sums; NCHW tasks are (sample, group) blocks, read a second time while in
-// cache, the next block prefetched meanwhile; channels_last samples are read
+// sums; NCHW tasks are (sample, group) blocks, in batches of consecutive
+// blocks read a second time while in cache, the next batch prefetched
+// meanwhile; channels_last samples are read
 // twice, in one task where they fit in L2; SiLU in AVX-512 or AVX2 + FMA where
 // the CPU has them (portable loops otherwise, or with DDPM_FAST_CPU_SIMD=none).
 // double input (gradcheck) runs element by element in double.
@@ -145,9 +146,9 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// While computing one task's output (an NCHW block, or a small channels_last
-// sample) the loops prefetch the next task's input into L2, when a task's
-// input is at most this share of L2 (the two tasks' input and output then
+// While computing one task's output (an NCHW batch of blocks, or a small
+// channels_last sample) the loops prefetch the next one's input into L2, when
+// that input is at most this share of L2 (the two inputs and outputs then
 // fill it). Without it each task's first pass (its moments) waits on memory:
 // on the AVX-512 VM (2026-12-01, 32x128x32x32 fp32, 16 KiB NCHW blocks) that
 // pass took 20% of the samples, and the op ran 1.15-1.25x longer (measured

@@ -285,10 +285,10 @@ inline void backward_block_sums_portable(const Tdu* du, const T* x, int64_t rows
 // The backward over an NCHW block of `rows` short rows (RowLanes), row k with
 // shift[k], w[k] and b[k] (arrays padded by kChannelPad): silu_grad_block
 // writes pass 1's du = dL/du through SiLU (whose sums then go row by row, as
-// dy does without act), with rstd[k] in row k, so that it can run over
-// several blocks at once; backward_block_dx writes pass 2's dx, with one rstd
-// for the block; each with the row loops' arithmetic (same bits) over all its
-// rows at once.
+// dy does without act), with rstd[k] in row k (padded too), so that it can
+// run over several blocks at once; backward_block_dx writes pass 2's dx, with
+// one rstd for the block; each with the row loops' arithmetic (same bits) over
+// all its rows at once.
 template <class T>
 inline void silu_grad_block_portable(const T* dy, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,
                                      const float* rstd, const float* w, const float* b, float* du) {
