@@ -67,9 +67,9 @@ void with_du(bool act, const float* stored, const T* dy, F f) {
   }
 }
 
-// v as floats, with `pad` zeros after (the block loops' padding).
-std::vector<float> floats_of(const std::vector<double>& v, int64_t pad = 0) {
-  std::vector<float> out(v.size() + pad);
+// v as floats.
+std::vector<float> floats_of(const std::vector<double>& v) {
+  std::vector<float> out(v.size());
   std::copy(v.begin(), v.end(), out.begin());
   return out;
 }
@@ -145,27 +145,27 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   // Blocks go in batches (kBatchBytes of x; consecutive blocks are
   // consecutive in memory): pass 1 over the batch, its groups' means, then
   // pass 2, so that one block's pass 2 does not wait on its means' divisions.
-  const int64_t batch = std::max<int64_t>(1, kBatchBytes / (cg * l.hw * static_cast<int64_t>(sizeof(T))));
+  const int64_t batch = blocks_per_batch(cg * l.hw * static_cast<int64_t>(sizeof(T)));
   if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     // Short rows: each pass over a whole block at once (see
     // kBlockRowsBackward), with act pass 1's du first, over the whole batch
     // (silu_grad_block), then each block's sums row by row in one call
     // (backward_block_sums).
-    const std::vector<float> w = floats_of(p.w, kChannelPad);
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
       const RowLanes lanes(l.hw);
       // Per row of the batch: its shift, rstd, w and b (padded).
       std::vector<float> shift(batch * cg + kChannelPad), rs(shift.size()), wr(shift.size()), br(shift.size());
       std::vector<std::pair<double, double>> means(batch);
-      for (int64_t ng0 = begin; ng0 < end;) {
-        const int64_t blocks = std::min(batch, end - ng0), rows = blocks * cg, first = ng0 * cg * l.hw;
-        for (int64_t j = 0; j < blocks; ++j) {  // block by block: no divisions per row (an idiv was 3% of a 4x4 backward)
+      for_each_batch(begin, end, batch, [&](int64_t ng0, int64_t blocks) {
+        const int64_t rows = blocks * cg, first = ng0 * cg * l.hw;
+        // Block by block: no divisions per row (an idiv was 3% of a 4x4 backward).
+        for (int64_t j = 0; j < blocks; ++j) {
           const int64_t ng = ng0 + j, c0 = (ng % l.groups) * cg;
           for (int64_t i = 0; i < cg; ++i) {
             const int64_t k = j * cg + i;
             shift[k] = row_shift(p, ng * cg + i, mean[ng]);  // the block's one mean
             rs[k] = rstd[ng];
-            wr[k] = w[c0 + i];
+            wr[k] = static_cast<float>(p.w[c0 + i]);
             br[k] = static_cast<float>(p.b[c0 + i]);
           }
         }
@@ -177,7 +177,7 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
         for (int64_t j = 0; j < blocks; ++j) {
           const int64_t nc0 = (ng0 + j) * cg, offset = nc0 * l.hw;
           with_du(act, du_row(nc0), dy + offset, [&](const auto* du) {
-            backward_block_sums(du, x + offset, cg, l.hw, &shift[j * cg], rs[j * cg], &wr[j * cg], &br[j * cg],
+            backward_block_sums(du, x + offset, cg, l.hw, &shift[j * cg], rstd[ng0 + j], &wr[j * cg], &br[j * cg],
                                 A.data() + nc0, B.data() + nc0, X.data() + nc0);
           });
         }
@@ -186,26 +186,23 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
           const int64_t ng = ng0 + j, nc0 = ng * cg, c0 = nc0 % l.c, offset = nc0 * l.hw;
           const auto [m1, m2] = means[j];
           with_du(act, du_row(nc0), dy + offset, [&](const auto* du) {
-            backward_block_dx(du, x + offset, cg, lanes, &shift[j * cg], rstd[ng], w.data() + c0,
+            backward_block_dx(du, x + offset, cg, lanes, &shift[j * cg], rstd[ng], &wr[j * cg],
                               static_cast<float>(m1), static_cast<float>(m2), dx + offset);
           });
           for (int64_t k = 0; k < cg; ++k) add_grad(nc0 + k, c0 + k, rstd[ng], m1, m2);
         }
-        ng0 += blocks;
-      }
+      });
     });
     return;
   }
   if (l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
       std::vector<std::pair<double, double>> means(batch);
-      for (int64_t ng0 = begin; ng0 < end;) {
-        const int64_t blocks = std::min(batch, end - ng0);
+      for_each_batch(begin, end, batch, [&](int64_t ng0, int64_t blocks) {
         for (int64_t nc = ng0 * cg; nc < (ng0 + blocks) * cg; ++nc) pass1(nc);
         for (int64_t j = 0; j < blocks; ++j) means[j] = means_of(ng0 + j);
         for (int64_t nc = ng0 * cg; nc < (ng0 + blocks) * cg; ++nc) pass2(nc, means[nc / cg - ng0]);
-        ng0 += blocks;
-      }
+      });
     });
     return;
   }

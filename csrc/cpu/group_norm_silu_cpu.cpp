@@ -168,7 +168,7 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
                   float* rstd_out) {
   const int64_t cg = l.c / l.groups, block_values = cg * l.hw;
   const int64_t block_bytes = block_values * static_cast<int64_t>(sizeof(T));
-  const int64_t batch = std::max<int64_t>(1, kBatchBytes / block_bytes);
+  const int64_t batch = blocks_per_batch(block_bytes);
   parallel_tasks(l.n * l.groups, block_values, [&](int64_t begin, int64_t end) {
     const bool short_rows = l.hw < kShortRow;
     const RowLanes lanes(short_rows ? l.hw : 0);
@@ -183,8 +183,7 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
     std::vector<double> o(batch * parts), s1(batch * parts), s2(batch * parts);
     std::vector<float> scale(batch * cg + kChannelPad), shift(batch * cg + kChannelPad);
     std::vector<float> row_add(block_add ? cg + kChannelPad : 0);
-    for (int64_t ng0 = begin; ng0 < end;) {
-      const int64_t blocks = std::min(batch, end - ng0);
+    for_each_batch(begin, end, batch, [&](int64_t ng0, int64_t blocks) {
       const T* in = x + ng0 * block_values;
       T* out = y + ng0 * block_values;
       for (int64_t j = 0; j < blocks; ++j) {
@@ -213,8 +212,7 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
           affine_act(in + k * l.hw, l.hw, 1, &scale[k], &shift[k], 0, act, out + k * l.hw,
                      k < next_rows ? in + (blocks * cg + k) * l.hw : nullptr);
       }
-      ng0 += blocks;
-    }
+    });
   });
 }
 
