@@ -221,6 +221,7 @@ CASES = [
     Case("randn-offset-float", lambda b: ops.randn((2, 3), 0, 1.0, backend=b), TypeError, "offset must be an int"),
     Case("randn-offset-overflow", lambda b: ops.randn((2, 3), 0, 2**63 - 3, backend=b), ValueError, "offset must lie in"),
     Case("randn-sample-stride-overlap", lambda b: ops.randn((3, 4), 0, sample_stride=2, backend=b), ValueError, "sample_stride 2 is below"),
+    Case("randn-sample-stride-zero-1d", lambda b: ops.randn((5,), 0, sample_stride=0, backend=b), ValueError, "sample_stride 0 is below"),
     Case("randn-sample-stride-negative", lambda b: ops.randn((3, 4), 0, sample_stride=-4, backend=b), ValueError, "sample_stride must lie in"),
     Case("randn-empty", empty_result(ops.randn, (0, 3), 0, shape=(0, 3)), None),
     Case("randn-backend-unknown", lambda b: ops.randn((2, 3), 0, backend="gpu"), ValueError, "backend must be one of", per_backend=False),

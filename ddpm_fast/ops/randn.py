@@ -107,7 +107,7 @@ def randn(
     out = torch.empty(shape, device=device, dtype=dtype)
     per_sample = out.numel() // shape[0] if shape and shape[0] else out.numel()
     stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, "randn", "sample_stride")
-    if stride < per_sample and len(shape) > 1 and shape[0] > 1:
+    if stride < per_sample and shape and shape[0] > 1:  # 1-d too: each element is a sample
         raise ValueError(f"randn: sample_stride {stride} is below the {per_sample} elements per sample (streams would overlap)")
     last = (shape[0] - 1) * stride + per_sample if shape else 1
     offset = _args.as_offset(offset, last if out.numel() else 0, "randn")
