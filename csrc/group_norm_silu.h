@@ -68,10 +68,15 @@ inline void check_group_norm_backward_args(const at::Tensor& dy, const at::Tenso
                                            const at::Tensor& rstd, const NormLayout& l) {
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "ddpm_fast: dy must have x's shape and dtype");
+  TORCH_CHECK(dy.device() == x.device(), "ddpm_fast: dy is on ", dy.device(), " but x is on ", x.device());
   const at::ScalarType stat_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const at::Tensor* stat : {&mean, &rstd}) {
-    TORCH_CHECK(stat->numel() == l.n * l.groups && stat->is_contiguous() && stat->scalar_type() == stat_type,
-                "ddpm_fast: mean and rstd must be the forward's contiguous ", stat_type, " (N, G) statistics");
+    TORCH_CHECK(stat->dim() == 2 && stat->size(0) == l.n && stat->size(1) == l.groups && stat->is_contiguous() &&
+                    stat->scalar_type() == stat_type,
+                "ddpm_fast: mean and rstd must be the forward's contiguous ", stat_type, " (N, G) = (", l.n, ", ",
+                l.groups, ") statistics, got ", stat->sizes(), " ", stat->scalar_type());
+    TORCH_CHECK(stat->device() == x.device(), "ddpm_fast: mean/rstd are on ", stat->device(), " but x is on ",
+                x.device());
   }
 }
 

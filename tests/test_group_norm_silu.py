@@ -131,6 +131,24 @@ def test_cpu_backward_gradients_in_their_parameters_dtypes(dtype):
 
 
 @requires_extension
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_backward_op_rejects_statistics_not_of_shape_n_g(device):
+    """The backward op takes the forward's (N, G) statistics only: a flat
+    (N G,) rstd used to pass the CPU check and fail inside the CUDA split path."""
+    x = torch.randn(2, 6, 3, 4, device=device)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, None, None, None, 3, 1e-5, True)
+    backward = torch.ops.ddpm_fast.group_norm_silu_backward
+    for bad_mean, bad_rstd in ((mean, rstd.flatten()), (mean.flatten(), rstd), (mean.t().contiguous(), rstd)):
+        with pytest.raises(RuntimeError, match=r"\(N, G\) = \(2, 3\) statistics"):
+            backward(torch.randn_like(x), x, None, None, None, bad_mean, bad_rstd, 3, True)
+    if device == "cuda":  # statistics or dy on another device than x: an error, not host pointers read by a kernel
+        with pytest.raises(RuntimeError, match="mean/rstd are on cpu"):
+            backward(torch.randn_like(x), x, None, None, None, mean.cpu(), rstd.cpu(), 3, True)
+        with pytest.raises(RuntimeError, match="dy is on cpu"):
+            backward(torch.randn(x.shape), x, None, None, None, mean, rstd, 3, True)
+
+
+@requires_extension
 def test_torch_compile_fullgraph_over_a_module():
     block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), GroupNormSiLU(4, 8, backend="cpu"), nn.Conv2d(8, 4, 1))
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
