@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <type_traits>
 #include <utility>
 
@@ -31,16 +32,30 @@ void with_packet_width(const gn::Geometry& g, Launch&& launch, const Ptrs*... pt
   }
 }
 
-// kernel<<<blocks, kBlock, smem_bytes, stream>>>(args...), checked. Dynamic
-// shared memory beyond 48 KB must be asked for, per kernel: every launch here
-// goes through this, so no kernel can be given more without asking.
+// kernel<<<blocks, kBlock, smem_bytes, stream>>>(args...), checked. Beyond
+// 48 KB of shared memory in all (the kernel's static arrays count too) a
+// kernel must be allowed more, per kernel: every launch here goes through
+// this, and allows the device's whole opt-in limit at once, so that two host
+// threads launching one kernel with different sizes cannot lower it under
+// each other's launch. A request past the device's limit, or a grid past
+// CUDA's 2^31 - 1 blocks, is an error, not a failed or partial launch.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t blocks, int64_t smem_bytes, cudaStream_t stream, Args&&... args) {
-  if (smem_bytes > 48 * 1024) {
+  TORCH_CHECK(blocks <= INT32_MAX, "ddpm_fast: GroupNorm+SiLU needs ", blocks,
+              " thread blocks, more than CUDA's grid allows (2^31 - 1)");
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (smem_bytes > attr.maxDynamicSharedSizeBytes) {
+    int device = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int64_t allowed = static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+    TORCH_CHECK(smem_bytes <= allowed, "ddpm_fast: GroupNorm+SiLU's tile needs ", smem_bytes,
+                " bytes of shared memory; this GPU allows ", allowed, " to this kernel");
     C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(allowed)));
   }
-  kernel<<<blocks, gn::kBlock, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  kernel<<<static_cast<unsigned>(blocks), gn::kBlock, smem_bytes, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
