@@ -29,12 +29,14 @@ __device__ __forceinline__ void store_model_input(void* mi, InputType type, int6
 
 template <typename X, typename E, bool kVectorized, typename Half, typename BFloat16>
 __global__ void ddpm_step_kernel(const X* x,                     // [numel] x_t (out may alias it)
-                                 const E* __restrict__ eps,      // [numel] model output, x_t's layout
+                                 const E* eps,                   // [numel] model output, x_t's layout (out or
+                                                                 // model_input may alias it: no __restrict__)
                                  const int64_t* __restrict__ t,  // [1] or [N] timesteps
                                  bool per_sample_t,              // t has one entry per sample
                                  const float* __restrict__ table,  // [T, 8] step table
                                  int64_t num_steps,              // T; out-of-range t gives NaN
-                                 const X* __restrict__ noise,    // [numel] given z, or null to draw it
+                                 const X* noise,                 // [numel] given z, or null to draw it (out may
+                                                                 // alias it)
                                  uint64_t seed, uint64_t offset, uint64_t sample_stride, uint64_t step_stride,
                                  bool clip, StepLayout s,
                                  X* out,                         // [numel] x_{t-1}; may alias x
@@ -42,8 +44,8 @@ __global__ void ddpm_step_kernel(const X* x,                     // [numel] x_t 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kStepVec;
   for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kStepVec; p < s.numel;
        p += stride) {
-    X xv[kStepVec], nv[kStepVec];
-    E ev[kStepVec];
+    alignas(16) X xv[kStepVec], nv[kStepVec];  // read and written as packets
+    alignas(16) E ev[kStepVec];
     if (kVectorized && p + kStepVec <= s.numel) {
       *reinterpret_cast<cuda::Packet<X, kStepVec>*>(xv) = *reinterpret_cast<const cuda::Packet<X, kStepVec>*>(x + p);
       *reinterpret_cast<cuda::Packet<E, kStepVec>*>(ev) = *reinterpret_cast<const cuda::Packet<E, kStepVec>*>(eps + p);
@@ -64,7 +66,7 @@ __global__ void ddpm_step_kernel(const X* x,                     // [numel] x_t 
     int64_t n = p / s.per_sample;
     const int64_t q0 = p - n * s.per_sample;
     int64_t outer = q0 / s.inner, inner = q0 % s.inner;
-    X yv[kStepVec];
+    alignas(16) X yv[kStepVec];
 #pragma unroll
     for (int i = 0; i < kStepVec; ++i) {
       if (p + i >= s.numel) break;

@@ -44,7 +44,7 @@ __global__ void q_sample_kernel(const T* __restrict__ x0,        // [numel] inpu
   for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
        p < l.numel; p += stride) {
     const bool full = p + kVec <= l.numel;
-    T xv[kVec], nv[kVec];
+    alignas(16) T xv[kVec], nv[kVec];  // read and written as 16-byte packets
     if (full) {
       *reinterpret_cast<cuda::Packet<T, kVec>*>(xv) =
           *reinterpret_cast<const cuda::Packet<T, kVec>*>(x0 + p);
@@ -75,7 +75,7 @@ __global__ void q_sample_kernel(const T* __restrict__ x0,        // [numel] inpu
       n = q / l.spatial;
     }
 
-    T yv[kVec], ev[kVec];
+    alignas(16) T yv[kVec], ev[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const int64_t pi = p + i;
