@@ -130,6 +130,22 @@ def test_cpu_backward_gradients_in_their_parameters_dtypes(dtype):
     torch.library.opcheck(backward, (dy, x, w, b, add, mean, rstd, 3, True))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize(
+    "case,layout",
+    [(((2, 160, 32, 32), 32), "channels_last"), (((2, 320, 32, 32), 32), "channels_last"),
+     (((2, 128, 54, 54), 32), "contiguous"), (((2, 160, 24, 24), 32), "contiguous"),
+     (((2, 32, 6000), 32), "contiguous"), (((2, 2, 128, 128), 2), "channels_last")],
+    ids=lambda c: "x".join(map(str, c[0])) if isinstance(c, tuple) else c,
+)
+def test_cuda_tiles_near_48_kb_of_shared_memory(dtype, case, layout):
+    """Shapes whose tiles ask for just under 48 KB of dynamic shared memory:
+    with the kernels' static arrays they pass 48 KB, which the launch must
+    ask for (it used to count the dynamic part only, and these failed)."""
+    assert_matches_reference("cuda", "cuda", dtype, layout, case, True, True, True)
+
+
 @requires_extension
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_backward_op_rejects_statistics_not_of_shape_n_g(device):
