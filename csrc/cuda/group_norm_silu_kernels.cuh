@@ -39,11 +39,18 @@ constexpr int64_t kMaxCols = 256;  // channels per tile (sizes the per-channel t
 // Tile sizes: a first choice, not yet tuned on a GPU. Tests shrink them to
 // force the split path on small inputs.
 struct Limits {
-  int64_t max_tile = 16384;          // forward: elements in shared memory (68 KB with padding)
+  int64_t max_tile = 16384;          // forward: elements in shared memory (64 KB and padding)
   int64_t max_tile_backward = 8192;  // backward: x and dy
   int64_t target_tile = 4096;        // pack small groups until a block has about this many
   int64_t split_tile = 4096;         // elements per block on the split path
   int64_t min_row_bytes = 32;        // a channels_last row fills a 32-byte sector
+  // A fused tile's shared memory with its padding (tile_floats), at most: so
+  // that it fits the smallest opt-in limit of the GPUs built for (99 KB on
+  // sm_86/sm_89, less the kernels' static arrays), not only the H100's 227
+  // KB. Narrow channels_last tiles (one or two channels of many positions)
+  // pad up to twice their size and take the split path past this.
+  int64_t max_smem_floats = 24000;           // forward: the tile
+  int64_t max_smem_floats_backward = 12000;  // backward: x and dy, two tiles
 };
 
 // How the problem is cut into tiles (the host's plan, read by every kernel).
@@ -68,15 +75,21 @@ struct Params {
 inline Geometry plan(int64_t c, int64_t s, int64_t groups, int64_t elem_bytes, bool channels_last, bool backward,
                      const Limits& lim = Limits{}) {
   const int64_t max_tile = backward ? lim.max_tile_backward : lim.max_tile, cg = c / groups;
+  const int64_t max_padded = backward ? lim.max_smem_floats_backward : lim.max_smem_floats;
+  // Whether a fused tile of `cols` channels fits: its values, and its shared
+  // memory with tile_floats' padding.
+  const auto fits = [&](int64_t cols) {
+    return cols * s <= max_tile && (channels_last ? s * (cols + 1) : cols * (s + 1)) <= max_padded;
+  };
   int64_t gpt = 1;  // groups per fused tile
   if (cg <= kMaxCols) {
-    while (gpt * 2 <= groups && gpt * 2 * cg <= kMaxCols && gpt * 2 * cg * s <= max_tile &&
+    while (gpt * 2 <= groups && gpt * 2 * cg <= kMaxCols && fits(gpt * 2 * cg) &&
            (gpt * cg * s < lim.target_tile || (channels_last && gpt * cg * elem_bytes < lim.min_row_bytes))) {
       gpt *= 2;
     }
   }
   Geometry g{c, s, groups, cg, 0, 0, 0, 0, channels_last, false};
-  if (cg <= kMaxCols && gpt * cg * s <= max_tile) {
+  if (cg <= kMaxCols && fits(gpt * cg)) {
     g.fused = true;
     g.cols = gpt * cg;
     g.block_s = s;
