@@ -146,6 +146,21 @@ def test_cuda_tiles_near_48_kb_of_shared_memory(dtype, case, layout):
     assert_matches_reference("cuda", "cuda", dtype, layout, case, True, True, True)
 
 
+@pytest.mark.gpu
+def test_cuda_split_path_first_value_far_from_the_mean():
+    """The split path shifts its sums by the group's first value: one far
+    from the mean (3e3 in N(0, 1) data, 4M values a group) must not cost the
+    variance more accuracy than it costs the CPU kernel's shifted sums."""
+    x = torch.randn(1, 4, 1024, 1024, generator=torch.Generator().manual_seed(5))
+    x[0, 0, 0, 0] = 3000.0
+    want = 1.0 / (x.double().var(unbiased=False) + 1e-5).sqrt()
+    errors = {}
+    for device in ("cpu", "cuda"):
+        _, _, rstd = torch.ops.ddpm_fast.group_norm_silu(x.to(device), None, None, None, 1, 1e-5, True)
+        errors[device] = abs(rstd.item() / want.item() - 1.0)
+    assert errors["cuda"] <= max(10 * errors["cpu"], 1e-4), errors
+
+
 @requires_extension
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_backward_op_rejects_statistics_not_of_shape_n_g(device):
