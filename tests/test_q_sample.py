@@ -325,3 +325,34 @@ def test_torch_compile_inductor_on_gpu(backend):
     x, t, _ = _op_args("cuda")
     compiled = torch.compile(noisy, fullgraph=True)
     torch.testing.assert_close(compiled(x, t), noisy(x, t))
+
+
+def test_reference_gives_out_of_range_timesteps_nan_rows():
+    """The reference path's table lookup (what runs for a device t, which is
+    not range-checked without a sync): NaN for a timestep outside [0, T), as
+    the GPU kernels give, where indexing wrapped t = -1 to the last row."""
+    import importlib
+
+    _args = importlib.import_module("ddpm_fast.ops._args")
+    q_module = importlib.import_module("ddpm_fast.ops.q_sample")
+    step_module = importlib.import_module("ddpm_fast.ops.ddpm_step")
+
+    table = SCHEDULE.sqrt_alphas_cumprod.float()
+    t = torch.tensor([-1, 0, 1000, 5])
+    rows = _args.timestep_rows(table, t)
+    assert rows[[0, 2]].isnan().all() and torch.equal(rows[[1, 3]], table[[0, 5]])
+    x0 = torch.randn(4, 3, 2, 2)
+    x_t, _ = q_module._reference(x0, t, table, SCHEDULE.sqrt_one_minus_alphas_cumprod.float(), None, 0, 0)
+    assert x_t[[0, 2]].isnan().all() and x_t[[1, 3]].isfinite().all()
+    step_table = torch.randn(1000, 8)
+    x_prev = step_module._reference(x0, torch.randn_like(x0), t, step_table, None, 0, 0, 12, 0, False)
+    assert x_prev[[0, 2]].isnan().all() and x_prev[[1, 3]].isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_gpu_out_of_range_device_timesteps_give_nan_samples(backend):
+    x0 = torch.randn(4, 3, 8, 8, device="cuda")
+    t = torch.tensor([-1, 0, 1000, 5], device="cuda")
+    x_t, _ = ops.q_sample(x0, t, SCHEDULE, seed=0, backend=backend)
+    assert x_t[[0, 2]].isnan().all() and x_t[[1, 3]].isfinite().all()

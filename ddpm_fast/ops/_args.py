@@ -127,6 +127,17 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
 _TIMESTEPS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+def timestep_rows(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` (rows along dim 0), NaN where t lies outside [0, len(table)):
+    what the GPU kernels give for a timestep that a device tensor cannot be
+    checked for without a sync. Plain indexing would wrap a negative t into
+    another row, or stop the device on an assert."""
+    n = table.shape[0]
+    rows = table[t.clamp(0, n - 1)]
+    valid = ((t >= 0) & (t < n)).reshape(t.shape + (1,) * (table.dim() - 1))
+    return torch.where(valid, rows, float("nan"))
+
+
 def _timestep_scalar(t: int, num_steps: int, device: torch.device) -> torch.Tensor:
     """t as a 0-d int64 tensor on ``device``: a view into a cached arange, so that
     no fill kernel runs before every step on the GPU (the kernels only read t)."""

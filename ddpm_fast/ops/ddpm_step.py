@@ -32,7 +32,7 @@ def _noise_counters(x: torch.Tensor, t: torch.Tensor, offset: int, sample_stride
 
 def _reference(x, eps, t, table, noise, seed, offset, sample_stride, step_stride, clip):
     """The definition, in float32 from the float32 step table."""
-    rows = table[t].reshape((-1,) + (1,) * (x.dim() - 1) + (8,)).unbind(-1)
+    rows = _args.timestep_rows(table, t).reshape((-1,) + (1,) * (x.dim() - 1) + (8,)).unbind(-1)
     a, b, k2, k3, c1, c2, sigma = rows[:7]
     xf, ef = x.float(), eps.float()
     if clip:

@@ -25,8 +25,8 @@ def _reference(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset):
         counter = torch.arange(x0.numel(), device=x0.device, dtype=torch.int64).reshape(x0.shape) + offset
         noise = normal_reference(seed, counter).to(x0.dtype)
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    a = sqrt_ab[t].reshape(shape)
-    b = sqrt_1m_ab[t].reshape(shape)
+    a = _args.timestep_rows(sqrt_ab, t).reshape(shape)
+    b = _args.timestep_rows(sqrt_1m_ab, t).reshape(shape)
     x_t = (a * x0.float() + b * noise.float()).to(x0.dtype)
     return x_t, noise
 
@@ -89,7 +89,7 @@ def q_sample(
 
 
 def _coefficients(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return table[t].reshape((-1,) + (1,) * (like.dim() - 1))
+    return _args.timestep_rows(table, t).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def _setup_context(ctx, inputs, output) -> None:
