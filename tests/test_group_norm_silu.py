@@ -163,6 +163,18 @@ def test_cuda_split_path_first_value_far_from_the_mean():
 
 @requires_extension
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_op_statistics_of_empty_groups_are_nan(device):
+    """The raw op over an empty spatial extent (the public function refuses
+    it): groups of no values have no mean or rstd, NaN rather than whatever
+    memory the statistics were given."""
+    x = torch.randn(2, 32, 0, 8, device=device)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, None, None, None, 8, 1e-5, True)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (2, 8)
+    assert mean.isnan().all() and rstd.isnan().all()
+
+
+@requires_extension
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_backward_op_rejects_statistics_not_of_shape_n_g(device):
     """The backward op takes the forward's (N, G) statistics only: a flat
     (N G,) rstd used to pass the CPU check and fail inside the CUDA split path."""

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #if __has_include(<unistd.h>)
@@ -334,7 +335,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({l.n, l.groups}, x.options().dtype(stat_type));
   at::Tensor rstd = at::empty({l.n, l.groups}, x.options().dtype(stat_type));
-  if (x.numel() == 0) return {y, mean, rstd};
+  if (x.numel() == 0) {  // groups of no values (an empty spatial extent): no statistics, NaN
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
   const Params p = read_params(l, weight, bias, add);
   if (x.scalar_type() == at::kDouble) {  // gradcheck precision: all in double
     forward(x.const_data_ptr<double>(), l, p, eps, act, y.mutable_data_ptr<double>(), mean.mutable_data_ptr<double>(),

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -93,7 +94,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
-  if (x.numel() == 0) return {y, mean, rstd};
+  if (x.numel() == 0) {  // groups of no values (an empty spatial extent): no statistics, NaN
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
   const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
   const gn::Params p = make_params(w, b, a, act);
   const gn::Geometry g = gn::plan(l.c, l.hw, l.groups, x.element_size(), l.channels_last, /*backward=*/false);
