@@ -44,7 +44,7 @@ struct Limits {
   int64_t target_tile = 4096;        // pack small groups until a block has about this many
   int64_t split_tile = 4096;         // elements per block on the split path
   int64_t min_row_bytes = 32;        // a channels_last row fills a 32-byte sector
-  // A fused tile's shared memory with its padding (tile_floats), at most: so
+  // A fused tile's shared memory with its padding (padded_tile_floats), at most: so
   // that it fits the smallest opt-in limit of the GPUs built for (99 KB on
   // sm_86/sm_89, less the kernels' static arrays), not only the H100's 227
   // KB. Narrow channels_last tiles (one or two channels of many positions)
@@ -72,14 +72,20 @@ struct Params {
   bool act;
 };
 
+// Floats of shared memory a tile of `cols` channels by `rows_s` positions
+// takes: rows padded by one against bank conflicts.
+__host__ __device__ inline int64_t padded_tile_floats(int64_t cols, int64_t rows_s, bool channels_last) {
+  return channels_last ? rows_s * (cols + 1) : cols * (rows_s + 1);
+}
+
 inline Geometry plan(int64_t c, int64_t s, int64_t groups, int64_t elem_bytes, bool channels_last, bool backward,
                      const Limits& lim = Limits{}) {
   const int64_t max_tile = backward ? lim.max_tile_backward : lim.max_tile, cg = c / groups;
   const int64_t max_padded = backward ? lim.max_smem_floats_backward : lim.max_smem_floats;
   // Whether a fused tile of `cols` channels fits: its values, and its shared
-  // memory with tile_floats' padding.
+  // memory with the padding.
   const auto fits = [&](int64_t cols) {
-    return cols * s <= max_tile && (channels_last ? s * (cols + 1) : cols * (s + 1)) <= max_padded;
+    return cols * s <= max_tile && padded_tile_floats(cols, s, channels_last) <= max_padded;
   };
   int64_t gpt = 1;  // groups per fused tile
   if (cg <= kMaxCols) {
@@ -103,9 +109,9 @@ inline Geometry plan(int64_t c, int64_t s, int64_t groups, int64_t elem_bytes, b
   return g;
 }
 
-// Floats of shared memory a tile takes (rows padded by one against bank conflicts).
+// Floats of shared memory a tile of the plan takes (padded_tile_floats).
 __host__ __device__ inline int64_t tile_floats(const Geometry& g) {
-  return g.channels_last ? g.block_s * (g.cols + 1) : g.cols * (g.block_s + 1);
+  return padded_tile_floats(g.cols, g.block_s, g.channels_last);
 }
 
 // Whether V-element packets fit every tile row: the rows' length, stride and start.
