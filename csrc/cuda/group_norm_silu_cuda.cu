@@ -11,6 +11,8 @@
 
 #include <climits>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 
@@ -33,28 +35,41 @@ void with_packet_width(const gn::Geometry& g, Launch&& launch, const Ptrs*... pt
   }
 }
 
-// kernel<<<blocks, kBlock, smem_bytes, stream>>>(args...), checked. Beyond
-// 48 KB of shared memory in all (the kernel's static arrays count too) a
-// kernel must be allowed more, per kernel: every launch here goes through
-// this, and allows the device's whole opt-in limit at once, so that two host
-// threads launching one kernel with different sizes cannot lower it under
-// each other's launch. A request past the device's limit, or a grid past
-// CUDA's 2^31 - 1 blocks, is an error, not a failed or partial launch.
+// The dynamic shared memory `kernel` may take on the current device: the
+// device's opt-in limit less the kernel's static arrays. Beyond 48 KB in all
+// a kernel must be allowed more; each kernel is allowed all of it once per
+// device, here, so that launches ask the driver nothing more and no two host
+// threads can lower the limit under each other's launch.
+int64_t dynamic_smem_allowed(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;  // by kernel and device
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  if (const auto it = allowed.find(key); it != allowed.end()) return it->second;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t bytes = static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  allowed.emplace(key, bytes);
+  return bytes;
+}
+
+// kernel<<<blocks, kBlock, smem_bytes, stream>>>(args...), checked; every
+// launch here goes through this. A tile past the shared memory the kernel is
+// allowed (dynamic_smem_allowed), or a grid past CUDA's 2^31 - 1 blocks, is
+// an error, not a failed or partial launch.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t blocks, int64_t smem_bytes, cudaStream_t stream, Args&&... args) {
   TORCH_CHECK(blocks <= INT32_MAX, "ddpm_fast: GroupNorm+SiLU needs ", blocks,
               " thread blocks, more than CUDA's grid allows (2^31 - 1)");
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  if (smem_bytes > attr.maxDynamicSharedSizeBytes) {
-    int device = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    const int64_t allowed = static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes);
+  if (smem_bytes > 0) {
+    const int64_t allowed = dynamic_smem_allowed(reinterpret_cast<const void*>(kernel));
     TORCH_CHECK(smem_bytes <= allowed, "ddpm_fast: GroupNorm+SiLU's tile needs ", smem_bytes,
                 " bytes of shared memory; this GPU allows ", allowed, " to this kernel");
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(allowed)));
   }
   kernel<<<static_cast<unsigned>(blocks), gn::kBlock, smem_bytes, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
