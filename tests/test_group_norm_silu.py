@@ -146,6 +146,44 @@ def test_cuda_tiles_near_48_kb_of_shared_memory(dtype, case, layout):
     assert_matches_reference("cuda", "cuda", dtype, layout, case, True, True, True)
 
 
+# (shape, groups, layout, with add, dtype): the CPU kernel's moment paths: NCHW
+# blocks summed whole (no add) and row by row (add, rows of 1024 values),
+# blocks of short rows with add, channels_last samples (parts of 4096 pixels),
+# a 16-bit input.
+CPU_MOMENT_PATHS = [
+    ((2, 64, 64, 64), 32, "contiguous", False, torch.float32),
+    ((2, 64, 32, 32), 16, "contiguous", True, torch.float32),
+    ((4, 64, 8, 8), 16, "contiguous", True, torch.float32),
+    ((2, 32, 96, 96), 8, "channels_last", False, torch.float32),
+    ((2, 32, 64, 64), 8, "channels_last", True, torch.bfloat16),
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("far", [30.0, 1e3, 1e5])
+@pytest.mark.parametrize("case", CPU_MOMENT_PATHS, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[2]}-{c[3]}-{c[4]}")
+def test_cpu_statistics_with_first_values_far_from_the_mean(case, far):
+    """Every channel's first value lies `far` spreads from N(0, 1) data: the
+    float sums about it (the CPU kernel's shift) cancel, and used to cost rstd
+    up to 3e-4 of its accuracy here (2e-6 to 3e-5 at 30 spreads); the chunks
+    whose sums cancelled are now summed again about their own mean.
+    The statistics must be as good as float sums allow: 4e-7 in the vector
+    loops here, 2e-6 in the portable ones (DDPM_FAST_CPU_SIMD=none), whose
+    fewer partial sums round more where one value of 1e5 dominates them."""
+    shape, groups, layout, with_add, dtype = case
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=g)
+    x[:, :, 0, 0] = far
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    add = torch.randn(shape[:2], generator=g).to(dtype) if with_add else None
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, None, None, add, groups, 1e-5, True)
+    h = x.double() + (add.double()[..., None, None] if with_add else 0.0)
+    var, want_mean = torch.var_mean(h.reshape(shape[0], groups, -1), -1, unbiased=False)
+    want_rstd = (var + 1e-5).rsqrt()
+    assert ((rstd.double() - want_rstd).abs() / want_rstd).max().item() < 4e-6
+    assert ((mean.double() - want_mean).abs() * want_rstd).max().item() < 4e-6
+
+
 @pytest.mark.gpu
 def test_cuda_split_path_first_value_far_from_the_mean():
     """The split path shifts its sums by the group's first value: one far
