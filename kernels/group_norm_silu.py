@@ -14,11 +14,13 @@ Two paths, chosen by `_plan`:
   channels_last row covers at least a 32-byte sector and a program has about
   TARGET_TILE elements of work.
 * split: for large H*W, pass 1 writes per-(sample, channel, position-tile)
-  partial sums; torch adds them up in a fixed order (deterministic) into the
+  partial moments; torch combines them in a fixed order (deterministic) into the
   group statistics; pass 2 normalizes each tile. Two reads, one write. The
-  forward's partial sums are of d = h - K and d^2, where K is the group's first
-  value: the shift keeps float32 sums of squares from cancelling when the mean
-  is large against the spread.
+  forward's partial moments are, per column of a tile, the sum of h and the sum
+  of squared deviations about that column's own mean (two passes over
+  registers, as in the fused path); torch combines them in float64 by Chan's
+  parallel formula, so that neither a mean large against the spread nor values
+  far from the mean make float32 sums of squares cancel.
 
 The backward follows the same two paths over the per-(n, c) sums
 A = sum du*xhat, B = sum du, X = sum xhat.
@@ -184,19 +186,21 @@ def gn_forward_fused_kernel(
 @triton.jit
 def gn_moments_kernel(
     x_ptr, add_ptr,  # as in the fused kernel
-    shift_ptr,  # *f32 [N, G] the group's shift K
-    sum_ptr,  # *f32 [N, C, T] out: per position tile, sum of h - K
-    sq_ptr,  # *f32 [N, C, T] out: sum of (h - K)^2
-    C, S, G, CG, COLS,  # COLS: channels per program
+    sum_ptr,  # *f32 [N, C, T] out: per position tile, sum of h
+    m2_ptr,  # *f32 [N, C, T] out: sum of (h - m)^2, m the mean of h over the tile's positions
+    C, S, COLS,  # COLS: channels per program
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid, t, tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, pid, t, C, S, COLS, HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
-    k = tl.load(shift_ptr + n * G + c // CG, mask=cmask, other=0.0)
-    d = tl.where(mask, h - k[None, :], 0.0)
+    # Every column of the tile has the same valid positions, at least one (t < T);
+    # a column outside the channels holds zeros and is not stored.
+    rows = tl.minimum(S - t * BLOCK_S, BLOCK_S)
+    col_sum = tl.sum(h, axis=0)
+    d = tl.where(mask, h - (col_sum / rows)[None, :], 0.0)
     out = (n * C + c) * tiles + t
-    tl.store(sum_ptr + out, tl.sum(d, axis=0), mask=cmask)
-    tl.store(sq_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
+    tl.store(sum_ptr + out, col_sum, mask=cmask)
+    tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -316,14 +320,6 @@ def _or(t: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return t if t is not None else x  # a pointer the kernel never reads (its HAS_* flag is off)
 
 
-def _group_shift(x: torch.Tensor, add: Optional[torch.Tensor], cg: int) -> torch.Tensor:
-    """K[n, g]: h at the group's first channel and first position, in float32."""
-    k = x[(slice(None), slice(None, None, cg)) + (0,) * (x.dim() - 2)].float()
-    if add is not None:
-        k = k + add[:, ::cg].float()
-    return k.contiguous()  # the kernel indexes it as [N, G]
-
-
 @triton_op("ddpm_fast::group_norm_silu_triton", mutates_args=())
 def group_norm_silu_triton(
     x: torch.Tensor,
@@ -348,18 +344,21 @@ def group_norm_silu_triton(
         launchable(gn_forward_fused_kernel)[(n * p.col_tiles,)](
             x, w, b, a, y, mean, rstd, c, s, g, cg, p.groups_per_tile, eps, BLOCK_G=p.block_g, **flags)
         return y, mean, rstd
-    shift = _group_shift(x, add, cg)
     sums = torch.empty((2, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
     grid = (n * p.col_tiles, p.pos_tiles)
     launchable(gn_moments_kernel)[grid](
-        x, a, shift, sums[0], sums[1], c, s, g, cg, p.block_c,
+        x, a, sums[0], sums[1], c, s, p.block_c,
         HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_S=p.block_s, BLOCK_C=p.block_c,
         num_warps=p.num_warps)
+    # Chan's parallel formula in float64, over each group's (channel, tile) parts
+    # in a fixed order: M2 = sum of the parts' M2 + sum of n_t (mean_t - mean)^2.
+    part_sum, part_m2 = sums.double().view(2, n, g, cg * p.pos_tiles)
+    part_n = (s - p.block_s * torch.arange(p.pos_tiles, device=x.device)).clamp(max=p.block_s).double().repeat(cg)
     count = cg * s
-    d_mean = sums[0].view(n, g, -1).sum(-1) / count
-    var = (sums[1].view(n, g, -1).sum(-1) / count - d_mean * d_mean).clamp_min(0.0)
-    mean.copy_(shift + d_mean)
-    rstd.copy_(torch.rsqrt(var + eps))
+    group_mean = part_sum.sum(-1) / count
+    m2 = part_m2.sum(-1) + (part_n * (part_sum / part_n - group_mean[..., None]).square()).sum(-1)
+    mean.copy_(group_mean)
+    rstd.copy_(torch.rsqrt(m2 / count + eps))
     launchable(gn_normalize_kernel)[grid](x, w, b, a, y, mean, rstd, c, s, g, cg, p.block_c, **flags)
     return y, mean, rstd
 

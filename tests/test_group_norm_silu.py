@@ -595,6 +595,33 @@ def test_triton_large_mean_against_float64(request, path, layout):
         torch.testing.assert_close(got.grad.cpu().double() / scale, want.grad / scale, atol=2e-4, rtol=2e-4, msg=name)
 
 
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_add", [False, True], ids=["no-add", "add"])
+def test_triton_split_path_first_value_far_from_the_mean(triton_split_path, layout, with_add):
+    """N(0, 1) data but h = 1e3 at each group's first value: the split path's
+    statistics stay within float32 rounding of float64 truth. Its partial sums
+    used to be shifted by that first value, and their float32 cancellation cost
+    rstd 2e-4 to 3e-4 (relative) here and the mean 1e-4 (absolute), more in
+    larger groups; per-tile moments combined in float64 give 7e-8 and 2e-8."""
+    shape, groups = (2, 4, 32, 32), 2
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen)
+    add = torch.randn(shape[:2], generator=gen) if with_add else None
+    x[:, ::2, 0, 0] = 1e3 - (add[:, ::2] if with_add else 0.0)  # h = 1e3 at (channel 0, position 0) of each group
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    assert not triton_split_path.plan(shape[1], 32 * 32, groups, 4, layout == "channels_last").fused
+    h = x.double() if add is None else x.double() + add.double()[:, :, None, None]
+    want_mean = h.reshape(2, groups, -1).mean(-1)
+    want_rstd = (h.reshape(2, groups, -1).var(-1, unbiased=False) + 1e-5).rsqrt()
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(
+        x.to(TRITON_DEVICE), None, None, None if add is None else add.to(TRITON_DEVICE), groups, 1e-5, True)
+    torch.testing.assert_close(rstd.cpu().double(), want_rstd, atol=0.0, rtol=1e-5)
+    torch.testing.assert_close(mean.cpu().double(), want_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y.cpu().double(), reference(h, groups, None, None, None, True), atol=1e-5, rtol=1e-5)
+
+
 class TestTritonPlan:
     """How the Triton kernels cut the benchmark shapes into programs."""
 

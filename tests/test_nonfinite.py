@@ -7,6 +7,8 @@ One exception, explained at test_group_norm_silu: a +-Inf GroupNorm weight.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -205,3 +207,21 @@ def test_group_norm_silu_backward(device, backend, where):
             assert_same_nonfinite(g, w, 1e-3, 1e-3)
         except AssertionError as error:
             raise AssertionError(f"grad of {name}: {error}") from None
+
+
+@pytest.mark.skipif(not any(b == "triton" for _, b in device_backends()), reason="triton is not installed")
+@pytest.mark.parametrize("where", ["x", "x-inf-only", "bias", "add"])
+def test_group_norm_silu_triton_split_path(monkeypatch, where):
+    """The Triton split path (per-tile moments combined by torch) propagates
+    NaN and Inf as the reference does: tiles shrunk so that the 3x3 groups take
+    it, over several position tiles, the last one partial."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    monkeypatch.setattr(gn, "MAX_TILE", 8)
+    monkeypatch.setattr(gn, "SPLIT_TILE", 8)
+    assert gn.plan(4, 9, 2, 4, False).pos_tiles > 1
+    device = next(d for d, b in device_backends() if b == "triton")
+    x, weight, bias, add = _gn_inputs(where)
+    want = ops.group_norm_silu(x, 2, weight, bias, add=add, backend="reference")
+    on = lambda v: None if v is None else v.to(device)  # noqa: E731
+    got = ops.group_norm_silu(x.to(device), 2, on(weight), on(bias), add=on(add), backend="triton")
+    assert_same_nonfinite(got, want, 1e-4, 1e-4)
