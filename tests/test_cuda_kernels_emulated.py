@@ -7,7 +7,8 @@ references written from the ops' definitions:
 
 * GroupNorm+SiLU against float64: forward and backward, fused and split paths,
   both layouts, float32 and bfloat16, 16-byte packets and single elements,
-  blocks of one to several warps per channel;
+  blocks of one to several warps per channel, groups whose first value lies
+  far from their mean;
 * fill_randn_, q_sample and ddpm_step_ against the Philox stream in double
   precision: odd sizes, both layouts, 16- and 32-bit types, counters across
   2^32, per-sample and out-of-range timesteps, in-place steps, model inputs in
@@ -27,7 +28,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent / "cuda_emulation"
 
-# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads.
+# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads[, far].
 CASES = [
     # Packed groups with per-thread loops whose steps wrap rows (S = 36: 9 packets a row).
     "2 8 36 2 nchw f32 fused wide 64",
@@ -55,6 +56,13 @@ CASES = [
     # One channel a group, channels_last: padding would double the fused tile
     # (128 KB, past sm_86's shared memory), so the split path.
     "1 2 16384 2 nhwc f32 large scalar 512",
+    # The split path with each group's first value far from its mean (1e3 in N(0, 1)
+    # data), statistics and y to float32 rounding: its tiles' moments about their own
+    # means, combined by Chan's formula (sums shifted by the first value cancelled).
+    # 8000 positions: a partial last position tile.
+    "1 4 8000 1 nchw f32 large wide 512 far",
+    "1 8 8000 2 nhwc f32 large wide 512 far",
+    "1 8 8000 2 nhwc bf16 large scalar 512 far",
 ]
 
 

@@ -185,18 +185,24 @@ def test_cpu_statistics_with_first_values_far_from_the_mean(case, far):
 
 
 @pytest.mark.gpu
-def test_cuda_split_path_first_value_far_from_the_mean():
-    """The split path shifts its sums by the group's first value: one far
-    from the mean (3e3 in N(0, 1) data, 4M values a group) must not cost the
-    variance more accuracy than it costs the CPU kernel's shifted sums."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_split_path_first_value_far_from_the_mean(channels_last):
+    """The split path's statistics with the group's first value far from its
+    mean (3e3 in N(0, 1) data, 4M values a group): float32 accuracy against
+    float64. The tiles' moments are about their own columns' means, combined
+    in double (Chan's formula): nothing cancels. The former sums shifted by
+    the first value did (rstd up to 0.1% off in the emulated tests' cases)."""
     x = torch.randn(1, 4, 1024, 1024, generator=torch.Generator().manual_seed(5))
     x[0, 0, 0, 0] = 3000.0
-    want = 1.0 / (x.double().var(unbiased=False) + 1e-5).sqrt()
-    errors = {}
-    for device in ("cpu", "cuda"):
-        _, _, rstd = torch.ops.ddpm_fast.group_norm_silu(x.to(device), None, None, None, 1, 1e-5, True)
-        errors[device] = abs(rstd.item() / want.item() - 1.0)
-    assert errors["cuda"] <= max(10 * errors["cpu"], 1e-4), errors
+    want_mean, want_var = x.double().mean(), x.double().var(unbiased=False)
+    want_rstd = 1.0 / (want_var + 1e-5).sqrt()
+    xc = x.cuda()
+    if channels_last:
+        xc = xc.contiguous(memory_format=torch.channels_last)
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(xc, None, None, None, 1, 1e-5, True)
+    rstd_error = abs(rstd.item() / want_rstd.item() - 1.0)
+    mean_error = abs(mean.item() - want_mean.item()) / want_var.sqrt().item()
+    assert rstd_error <= 1e-5 and mean_error <= 1e-6, (rstd_error, mean_error)
 
 
 @requires_extension

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/zeros.h>
@@ -84,16 +85,6 @@ gn::Params make_params(const at::Tensor& w, const at::Tensor& b, const at::Tenso
           add.defined() ? add.const_data_ptr<float>() : nullptr, act};
 }
 
-// K[n, g]: h at the group's first channel and first position (float32), the
-// split path's shift against cancellation.
-at::Tensor group_shift(const at::Tensor& x, const at::Tensor& add, int64_t cg) {
-  at::Tensor k = x.slice(1, 0, x.size(1), cg);
-  while (k.dim() > 2) k = k.select(2, 0);
-  k = k.to(at::kFloat);
-  if (add.defined()) k = k + add.slice(1, 0, add.size(1), cg);
-  return k.contiguous();
-}
-
 int64_t grid_of(const NormLayout& l, const gn::Geometry& g) { return l.n * g.col_tiles * g.pos_tiles; }
 
 }  // namespace
@@ -129,24 +120,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
       }, xp, yp);
       return;
     }
-    const at::Tensor shift = group_shift(x, a, l.c / l.groups);
-    at::Tensor sums = at::empty({2, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
+    at::Tensor parts = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
     with_packet_width<scalar_t>(g, [&](auto vec) {
-      launch(gn::moments_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), smem, stream, xp, g, p,
-             shift.const_data_ptr<float>(), sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>());
+      launch(gn::moments_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), smem, stream, xp, g,
+             parts[0].mutable_data_ptr<float>(), parts[1].mutable_data_ptr<float>(),
+             parts[2].mutable_data_ptr<float>());
     }, xp);
-    // The tiles' float partial sums added in double: summed in float, the
-    // partials of (h - K)^2 lose the variance where K (the group's first
-    // value) lies far from the mean (a numpy model of these sums: a first
-    // value of 3e3 in N(0, 1) data, 4M values a group, put rstd 20% off).
+    // The tile columns' moments combined in double by Chan's parallel formula:
+    // a column of n values about its float mean m, with D = sum (x - m) and
+    // Q = sum (x - m)^2, has the mean m + D / n and M2 = Q - D^2 / n; the
+    // group's M2 is the columns' M2 plus n (column mean - group mean)^2 summed.
+    // Every float sum is of deviations from its own column's mean, so none
+    // cancels wherever the values lie (sums shifted by the group's first
+    // value, before, lost the variance when that value lay far from the mean).
+    const at::Tensor part = parts.to(at::kDouble);
+    at::Tensor n_t = at::full({g.pos_tiles}, static_cast<double>(g.block_s), x.options().dtype(at::kDouble));
+    n_t.select(0, g.pos_tiles - 1).fill_(static_cast<double>(l.hw - (g.pos_tiles - 1) * g.block_s));
+    const at::Tensor dev = part[1];
+    at::Tensor col_mean = part[0] + dev / n_t;  // [N, C, T]
+    if (a.defined()) col_mean = col_mean + a.to(at::kDouble).view({l.n, l.c, 1});
+    const at::Tensor col_m2 = part[2] - dev * dev / n_t;
     const double count = static_cast<double>(l.c / l.groups * l.hw);
-    auto group_sum = [&](const at::Tensor& part) {
-      return part.view({l.n, l.groups, -1}).sum({-1}, /*keepdim=*/false, at::kDouble);
+    auto group_sum = [&](const at::Tensor& v) {  // [N, C, T] -> [N, G, 1, 1]
+      return v.view({l.n, l.groups, -1, g.pos_tiles}).sum({2, 3}, /*keepdim=*/true);
     };
-    const at::Tensor d_mean = group_sum(sums[0]) / count;
-    const at::Tensor var = (group_sum(sums[1]) / count - d_mean * d_mean).clamp_min(0.0);
-    mean.copy_(shift + d_mean);
-    rstd.copy_((var + eps).rsqrt());
+    const at::Tensor d_mean = group_sum(col_mean * n_t) / count;
+    const at::Tensor spread = col_mean.view({l.n, l.groups, -1, g.pos_tiles}) - d_mean;
+    const at::Tensor var = ((group_sum(col_m2) + (spread * spread * n_t).sum({2, 3}, true)) / count).clamp_min(0.0);
+    mean.copy_(d_mean.view({l.n, l.groups}));
+    rstd.copy_((var + eps).rsqrt().view({l.n, l.groups}));
     with_packet_width<scalar_t>(g, [&](auto vec) {
       launch(gn::normalize_kernel<scalar_t, decltype(vec)::value>, grid_of(l, g), 0, stream, xp, g, p,
              mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), yp);

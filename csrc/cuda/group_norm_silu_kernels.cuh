@@ -13,9 +13,12 @@
 //   it into shared memory (one read of x), forms per-channel sums over it, the
 //   group mean, then the variance about the mean, and writes y from shared
 //   memory (one write): the one-read-one-write floor.
-// * Split path (large H*W): `moments_kernel` writes per (sample, channel,
-//   position tile) partial sums of h - K and (h - K)^2, K being the group's
-//   first value; torch adds them up in a fixed order; `normalize_kernel`
+// * Split path (large H*W): `moments_kernel` copies its tile into shared
+//   memory and writes per (sample, channel, position tile) the tile column's
+//   float mean m of x and, in a second pass over shared memory, the sums of
+//   x - m and (x - m)^2: moments about the column's own mean, so that no
+//   sum cancels wherever the group's values lie. The host combines them in
+//   double (Chan's parallel formula, torch, a fixed order); `normalize_kernel`
 //   writes y. Two reads and one write.
 // The backward has the same two paths over A = sum du*xhat, B = sum du,
 // X = sum xhat per (n, c). All sums are in a fixed order: results are
@@ -282,28 +285,39 @@ __global__ void __launch_bounds__(kBlock)
   });
 }
 
+// Per (sample, channel, position tile), the tile column's moments of x about
+// its own float mean m: m, D = sum (x - m) and Q = sum (x - m)^2 (add only
+// moves the mean: the host adds it). D, of the order of m's rounding, lets the
+// host recover the column's sum n m + D and its M2 = Q - D^2 / n however m
+// was rounded. Two passes over the tile in shared memory, one read of x.
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlock)
-    moments_kernel(const T* __restrict__ x, Geometry g, Params p,
-                   const float* __restrict__ shift,  // [N, G] the group's first value K
-                   float* __restrict__ sum_out,      // [N, C, T]: per position tile, sum of h - K
-                   float* __restrict__ sq_out) {     // [N, C, T]: sum of (h - K)^2
+    moments_kernel(const T* __restrict__ x, Geometry g,
+                   float* __restrict__ mean_out,  // [N, C, T]: m, the tile column's mean of x
+                   float* __restrict__ dev_out,   // [N, C, T]: sum of x - m
+                   float* __restrict__ sq_out) {  // [N, C, T]: sum of (x - m)^2
   DDPM_DYNAMIC_SHARED(float, tile);
+  __shared__ float col_mean[kMaxCols];
   __shared__ float scratch[kBlock / 32];
   const Tile t = make_tile(g, blockIdx.x);
   load_tile<V>(x, t, g.channels_last, tile);
   __syncthreads();
-  const int64_t nc = t.n * g.c + t.c0;
+  auto none = [](int) { return 0.0f; };
+  channel_sums<1>(t, scratch, none, [&](float, int i, float* acc) { acc[0] += tile[i]; },
+                  [&](int k, const float* acc) { col_mean[k] = acc[0] / static_cast<float>(t.ns); });
+  __syncthreads();
+  const int64_t at0 = (t.n * g.c + t.c0) * g.pos_tiles + blockIdx.x % g.pos_tiles;
   channel_sums<2>(
-      t, scratch, [&](int k) { return param(p.add, nc + k, 0.0f) - shift[t.n * g.groups + (t.c0 + k) / g.cg]; },
-      [&](float off, int i, float* acc) {
-        const float d = tile[i] + off;
+      t, scratch, [&](int k) { return col_mean[k]; },
+      [&](float m, int i, float* acc) {
+        const float d = tile[i] - m;
         acc[0] += d;
         acc[1] += d * d;
       },
       [&](int k, const float* acc) {
-        const int64_t at = (nc + k) * g.pos_tiles + blockIdx.x % g.pos_tiles;
-        sum_out[at] = acc[0];
+        const int64_t at = at0 + k * g.pos_tiles;
+        mean_out[at] = col_mean[k];
+        dev_out[at] = acc[0];
         sq_out[at] = acc[1];
       });
 }
