@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from conftest import backend_params
-from ddpm_fast import NoiseSchedule, Sampler, ops
+from ddpm_fast import NoiseSchedule, Sampler, _extension, ops
+from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.sampler import _SAMPLE_STRIDE, respaced_timesteps
 
 SCHEDULE = NoiseSchedule("linear")
 MU, S = 0.5, 0.2
+
+# A CUDA-graph test that silently fell back to the plain loop would compare the
+# plain loop with itself: here a failed capture is an error (pytest.warns, where
+# a test expects one, still records it).
+pytestmark = pytest.mark.filterwarnings("error:ddpm_fast. CUDA graph capture failed:RuntimeWarning")
 
 
 class GaussianOracle:
@@ -21,11 +27,18 @@ class GaussianOracle:
 
     def __init__(self, schedule: NoiseSchedule = SCHEDULE, dtype=torch.float32):
         self.abar = schedule.alphas_cumprod.to(dtype)
+        self.tables: dict[torch.device, torch.Tensor] = {}  # abar on each device it ran on
         self.seen = []
 
     def __call__(self, x, t):
         self.seen.append((x.dtype, x.is_contiguous(), tuple(t.shape)))
-        a = self.abar.to(x.device)[t].reshape(-1, *([1] * (x.dim() - 1)))
+        # Copied to the device once, on the first call (the Sampler's warm-up,
+        # before capture): a copy from pageable host memory syncs the stream,
+        # which a CUDA graph capture forbids.
+        table = self.tables.get(x.device)
+        if table is None:
+            table = self.tables[x.device] = self.abar.to(x.device)
+        a = table[t].reshape(-1, *([1] * (x.dim() - 1)))
         return ((1 - a).sqrt() * (x.to(a.dtype) - a.sqrt() * MU) / (a * S * S + 1 - a)).to(x.dtype)
 
 
@@ -146,11 +159,26 @@ class TestBadInput:
             sampler.sample(2, seed=0, steps=3, progress=False)
 
 
-@pytest.mark.gpu
-def test_cuda_graph_equals_plain_loop():
-    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda")
-    graphed = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=True, **kw).sample(16, seed=2, progress=False)
-    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, seed=2, progress=False)
+def graph_backends() -> list:
+    """The kernel backends a CUDA graph captures: GPU tests, skipped where not built."""
+    built = {"cuda": _extension.WITH_CUDA, "triton": triton_available()}
+    return [
+        pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(not built[b], reason=f"no {b} backend")])
+        for b in built
+    ]
+
+
+@pytest.mark.parametrize("backend", graph_backends())
+@pytest.mark.parametrize(
+    "steps,eta",
+    # 1000 steps: many replays; 120: two replays of 50 and leftover plain steps; DDIM.
+    [(None, None), (120, None), (120, 0.0)],
+)
+def test_cuda_graph_equals_plain_loop(backend, steps, eta):
+    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda", backend=backend)
+    run = dict(seed=2, steps=steps, eta=eta, progress=False)
+    graphed = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=True, **kw).sample(16, **run)
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, **run)
     assert torch.equal(graphed, plain)
 
 
