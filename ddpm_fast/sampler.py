@@ -27,6 +27,13 @@ __all__ = ["Sampler", "Intermediate", "respaced_timesteps"]
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SAMPLE_STRIDE = 1 << 32  # counter distance between samples: one 2^32 range each
 _MAX_SAMPLES = 1 << 31  # sample indices below this keep every counter within int64
+_GRAPH_STEPS = 50  # steps per CUDA graph
+# Real chain steps run on the capture stream before capture, so that what must
+# not happen during capture (lazy initialisation, cuBLAS/cuDNN handles and
+# workspaces, autotuning, Triton compilation) has happened. Every step launches
+# the same kernels on the same shapes, so the first does all that; a few more,
+# as torch's make_graphed_callables does (3), for models that settle later.
+_WARMUP_STEPS = 3
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -63,8 +70,9 @@ class Sampler:
         dtype: the model input's dtype (x_t itself stays float32); default: the
             dtype of the model's first floating parameter, else float32.
         channels_last: feed the model channels_last input.
-        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them
-            (falls back to the plain loop, with a warning, if capture fails).
+        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them.
+            If capture fails it warns, samples with the plain loop and sets
+            ``cuda_graph`` to False, so later calls do not try again.
         sample_shape: one sample's shape (C, H, W); default from the model's
             ``in_channels`` and ``image_size`` attributes.
         device: where to sample; default the model's device, else CUDA if available.
@@ -228,11 +236,8 @@ class _Chain:
     def run(self, progress: bool, every: int | None) -> tuple[torch.Tensor, list[Intermediate]]:
         bar = _progress(self.schedule.num_timesteps, progress)
         intermediates: list[Intermediate] = []
-        if self.s.cuda_graph and self.x.is_cuda and every is None:
-            try:
-                self._run_graphs(bar)
-            except _CaptureFailed as error:
-                warnings.warn(f"ddpm_fast: CUDA graph capture failed ({error}); sampling with the plain loop", RuntimeWarning)
+        if self.s.cuda_graph and _on_cuda(self.x) and every is None:
+            self._run_graphs(bar)
         while self.remaining > 0:
             k = self.remaining - 1
             record = every is not None and k % every == 0
@@ -246,45 +251,78 @@ class _Chain:
         bar.close()
         return self.x, intermediates
 
-    def _run_graphs(self, bar, chunk: int = 50) -> None:
-        """Capture `chunk` steps (each reading, then decrementing, a device step
-        counter) as one CUDA graph and replay it; leftover steps run in the plain loop."""
-        chunk = min(chunk, self.remaining)
-        counter = torch.full((), self.remaining - 1, dtype=torch.int64, device=self.x.device)
-        graph = self._capture(counter, chunk)
+    def _steps(self, n: int) -> None:
+        """n steps at the device step counter, counting it down: the same kernels every step, no host sync."""
+        for _ in range(n):
+            self.step(self.counter)
+            self.counter.sub_(1)
+
+    def _run_graphs(self, bar) -> None:
+        """The steps as CUDA graphs: a few real steps on a side stream (the
+        warm-up), then one graph of up to _GRAPH_STEPS steps captured on that
+        stream and replayed while a whole graph's worth of steps remains; the
+        plain loop runs what is left. A failed capture warns and turns the
+        Sampler's cuda_graph off (the chain is as the warm-up left it)."""
+        self.counter = torch.full((), self.remaining - 1, dtype=torch.int64, device=self.x.device)
+        caller = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        graph = None
+        try:
+            warmup = min(_WARMUP_STEPS, self.remaining)
+            with torch.cuda.stream(side):
+                self._steps(warmup)
+            self.remaining -= warmup
+            bar.update(warmup)
+            chunk = min(_GRAPH_STEPS, self.remaining)
+            if chunk > 0:
+                graph = _capture(lambda: self._steps(chunk), side)
+        except _CaptureFailed as failure:
+            # A model that cannot be captured will not be on the next call either:
+            # remember it rather than repeat the warm-up and the failing capture.
+            self.s.cuda_graph = False
+            warnings.warn(
+                f"ddpm_fast: CUDA graph capture failed ({failure}); sampling with the plain loop "
+                "(this Sampler's cuda_graph is now False: later calls do not try again)",
+                RuntimeWarning,
+            )
+        finally:
+            caller.wait_stream(side)
+        if graph is None:
+            return
         while self.remaining >= chunk:
             graph.replay()
             self.remaining -= chunk
             bar.update(chunk)
 
-    def _capture(self, counter: torch.Tensor, chunk: int) -> "torch.cuda.CUDAGraph":
-        saved = (self.x.clone(), self.model_in.clone(), counter.clone())
 
-        def steps() -> None:
-            for _ in range(chunk):
-                self.step(counter)
-                counter.sub_(1)
+def _on_cuda(x: torch.Tensor) -> bool:
+    """Whether x is on a CUDA device (where the graph path runs); a function
+    of its own so that tests can run the graph path on the CPU with torch.cuda faked."""
+    return x.is_cuda
 
-        def restore() -> None:
-            self.x.copy_(saved[0])
-            self.model_in.copy_(saved[1])
-            counter.copy_(saved[2])
 
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                steps()  # warm-up outside capture: lazy initialisation, autotuning
-            torch.cuda.current_stream().wait_stream(side)
-            restore()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                steps()
-            restore()  # capture records the steps without running them; keep the state exact
-            return graph
-        except Exception as error:  # a model that syncs or cannot be captured
-            restore()
-            raise _CaptureFailed(str(error)) from error
+def _capture(steps: Callable[[], None], stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of the work ``steps()`` queues, captured on ``stream`` (which
+    ran the warm-up). Capture records that work without running it, so a failed
+    capture changes nothing. Raises _CaptureFailed naming the first error."""
+    graph = torch.cuda.CUDAGraph()
+    cause: list[str] = []
+    try:
+        # torch.cuda.graph's exit ends the capture before it restores the caller's
+        # stream; when capture_end raises, as it does after anything failed during
+        # capture, the thread would stay on the capture stream. This outer context
+        # restores the caller's stream whatever happens.
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                try:
+                    steps()
+                except Exception as error:  # the cause (capture_end then fails "due to a previous error")
+                    cause.append(f"{type(error).__name__}: {error}")
+                    raise
+    except Exception as error:  # a model that syncs, or anything else capture cannot record
+        raise _CaptureFailed(cause[0] if cause else f"{type(error).__name__}: {error}") from error
+    return graph
 
 
 def _check_model_output(eps: object, x: torch.Tensor) -> None:

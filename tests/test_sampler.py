@@ -4,10 +4,14 @@ eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
 from conftest import backend_params
+import ddpm_fast.sampler as sampler_module
 from ddpm_fast import NoiseSchedule, Sampler, _extension, ops
 from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.sampler import _SAMPLE_STRIDE, respaced_timesteps
@@ -177,9 +181,14 @@ def graph_backends() -> list:
 def test_cuda_graph_equals_plain_loop(backend, steps, eta):
     kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda", backend=backend)
     run = dict(seed=2, steps=steps, eta=eta, progress=False)
-    graphed = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=True, **kw).sample(16, **run)
+    oracle = GaussianOracle()
+    graphed = Sampler(oracle, SCHEDULE, cuda_graph=True, **kw).sample(16, **run)
     plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, **run)
     assert torch.equal(graphed, plain)
+    # The model ran in Python for the 3 warm-up steps, the capture of 50 and the
+    # leftover steps only: the replays did the rest.
+    total = steps or 1000
+    assert len(oracle.seen) == 3 + 50 + (total - 3) % 50
 
 
 @pytest.mark.gpu
@@ -189,9 +198,16 @@ def test_cuda_graph_falls_back_when_capture_fails():
         return torch.zeros_like(x)
 
     sampler = Sampler(syncing_model, SCHEDULE, sample_shape=(1, 4, 4), device="cuda")
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    caller = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="capture failed") as record:
         x = sampler.sample(2, seed=0, steps=10, progress=False)
+    assert "previous error" not in str(record[0].message)  # the sync's error, not capture_end's
+    assert torch.cuda.current_stream() == caller
     assert torch.isfinite(x).all()
+    assert sampler.cuda_graph is False  # remembered: the next call does not try again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sampler.sample(2, seed=0, steps=10, progress=False), x)
 
 
 @pytest.mark.parametrize("steps,eta", [(None, None), (4, None), (4, 0.0)])
@@ -202,3 +218,200 @@ def test_schedule_with_an_undefined_step_is_refused_before_sampling(steps, eta):
     with pytest.raises(ValueError, match="undefined at timestep"):
         sampler.sample(2, seed=0, steps=steps, eta=eta, progress=False)
     assert not calls
+
+
+# ---------------------------------------------------------------------------
+# The graph path's logic on the CPU, with torch.cuda faked (the GPU tests above
+# check that real graphs compute the same samples).
+
+
+class FakeCuda:
+    """Enough of torch.cuda for the Sampler's graph path to run on CPU tensors.
+
+    Queued work runs at once, except what a capture records: a fake graph runs
+    the recorded steps on each replay (as a real capture records work without
+    running it). ``log`` lists, in order, model calls (with the stream and the
+    device they ran under), warm-up and capture streams, replays, event records
+    and syncs, and progress-bar updates.
+    """
+
+    def __init__(self, monkeypatch, real_capture: bool = False):
+        self.log: list[tuple] = []
+        self.current = FakeStream("caller")  # the current stream
+        self.device = None  # the current device, as torch.cuda.device set it
+        self.streams = 0
+        self.captures = 0
+        self.capturing = False
+        monkeypatch.setattr(sampler_module, "_on_cuda", lambda x: True)
+        if real_capture:  # the Sampler's _capture, on a fake torch.cuda.graph
+            monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda *args, **kwargs: object())
+            monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, stream=None, **kwargs: FakeGraphContext(self, stream))
+        else:
+            monkeypatch.setattr(sampler_module, "_capture", self.capture)
+        monkeypatch.setattr(sampler_module, "_progress", lambda total, enabled: FakeBar(self.log) if enabled else sampler_module._NoBar())
+        monkeypatch.setattr(torch.cuda, "Stream", self.new_stream)
+        monkeypatch.setattr(torch.cuda, "stream", self.stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "device", self.use_device)
+        monkeypatch.setattr(torch.cuda, "Event", lambda blocking=False: FakeEvent(self.log))
+
+    def new_stream(self, *args, **kwargs):
+        self.streams += 1
+        return FakeStream(f"side{self.streams}")
+
+    def stream(self, stream):
+        return FakeStreamContext(self, stream)
+
+    @contextlib.contextmanager
+    def use_device(self, device):
+        previous, self.device = self.device, torch.device(device)
+        try:
+            yield
+        finally:
+            self.device = previous
+
+    def capture(self, steps, stream):
+        self.captures += 1
+        self.log.append(("capture", stream.name))
+        return FakeGraph(steps, self.log)
+
+    def model(self, oracle):
+        def model(x, t):
+            self.log.append(("model", str(self.current), self.device))
+            return oracle(x, t)
+
+        return model
+
+
+class FakeStreamContext:
+    """torch.cuda.stream: sets the current stream; its exit restores the previous one."""
+
+    def __init__(self, fake, stream):
+        self.fake, self.stream = fake, stream
+
+    def __enter__(self):
+        self.previous, self.fake.current = self.fake.current, self.stream
+
+    def __exit__(self, *args):
+        self.fake.current = self.previous
+
+
+class FakeGraphContext:
+    """torch.cuda.graph as torch (2.11 to 2.14) writes it: enter the capture
+    stream, begin capture; on exit end the capture, which raises after any failure
+    during capture, and only then restore the previous stream."""
+
+    def __init__(self, fake, stream):
+        self.fake, self.stream_ctx = fake, fake.stream(stream)
+
+    def __enter__(self):
+        self.stream_ctx.__enter__()
+        self.fake.capturing = True
+
+    def __exit__(self, *args):
+        self.fake.capturing = False
+        if args[0] is not None:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.stream_ctx.__exit__(None, None, None)
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_stream(self, other):
+        pass
+
+    def __str__(self):
+        return self.name
+
+
+class FakeGraph:
+    def __init__(self, steps, log):
+        self.steps, self.log = steps, log
+
+    def replay(self):
+        self.log.append(("replay",))
+        self.steps()
+
+
+class FakeEvent:
+    def __init__(self, log):
+        self.log = log
+
+    def record(self):
+        self.log.append(("record", id(self)))
+
+    def synchronize(self):
+        self.log.append(("sync", id(self)))
+
+
+class FakeBar:
+    def __init__(self, log):
+        self.log = log
+
+    def update(self, n):
+        self.log.append(("bar", n))
+
+    def close(self):
+        pass
+
+
+def model_streams(log):
+    """The streams of the model calls in ``log``, run-length encoded."""
+    runs = []
+    for entry in log:
+        if entry[0] == "model":
+            if runs and runs[-1][0] == entry[1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([entry[1], 1])
+    return [tuple(r) for r in runs]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 53, 120, None])
+def test_graph_path_equals_the_plain_loop_on_fake_cuda(monkeypatch, steps):
+    fake = FakeCuda(monkeypatch)
+    kw = dict(clip_denoised=True, sample_shape=(2, 3, 3))
+    run = dict(seed=5, steps=steps, progress=False)
+    graphed = Sampler(fake.model(GaussianOracle()), SCHEDULE, **kw).sample(4, **run)
+    assert torch.equal(graphed, Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(4, **run))
+    # Warm-up: 3 real chain steps on the side stream, then graphs of up to 50
+    # steps replayed on the caller's stream while 50 remain, then plain steps.
+    total = steps or 1000
+    chunk = min(50, total - 3)
+    replays = (total - 3) // chunk if chunk > 0 else 0
+    leftover = total - 3 - replays * chunk if chunk > 0 else 0
+    expected = [("side1", min(3, total))] + [("caller", replays * chunk + leftover)] * (total > 3)
+    assert model_streams(fake.log) == expected
+    assert fake.captures == (total > 3) and [e for e in fake.log if e[0] == "replay"] == [("replay",)] * replays
+
+
+def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(monkeypatch):
+    fake = FakeCuda(monkeypatch, real_capture=True)
+    oracle = GaussianOracle()
+
+    def syncing(x, t):
+        if fake.capturing:  # as t.item() would on the GPU
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return oracle(x, t)
+
+    kw = dict(clip_denoised=True, sample_shape=(2, 3, 3))
+    sampler = Sampler(fake.model(syncing), SCHEDULE, **kw)
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw)
+    with pytest.warns(RuntimeWarning, match="capture failed") as record:
+        x = sampler.sample(4, seed=5, steps=60, progress=False)
+    message = str(record[0].message)
+    assert "not permitted when stream is capturing" in message and "previous error" not in message
+    assert torch.equal(x, plain.sample(4, seed=5, steps=60, progress=False))
+    # 3 warm-up steps and the failed capture on the side stream; the rest, after
+    # the failure, on the caller's stream again.
+    assert model_streams(fake.log) == [("side1", 4), ("caller", 57)] and str(fake.current) == "caller"
+    # The failure is remembered: the next call neither warms up nor captures.
+    assert sampler.cuda_graph is False
+    fake.log.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = sampler.sample(4, seed=6, steps=60, progress=False)
+    assert torch.equal(y, plain.sample(4, seed=6, steps=60, progress=False))
+    assert model_streams(fake.log) == [("caller", 60)] and fake.streams == 1
