@@ -11,6 +11,7 @@ a batch of 512, and a run is reproducible from its seed alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -236,18 +237,21 @@ class _Chain:
     def run(self, progress: bool, every: int | None) -> tuple[torch.Tensor, list[Intermediate]]:
         bar = _progress(self.schedule.num_timesteps, progress)
         intermediates: list[Intermediate] = []
-        if self.s.cuda_graph and _on_cuda(self.x) and every is None:
-            self._run_graphs(bar)
-        while self.remaining > 0:
-            k = self.remaining - 1
-            record = every is not None and k % every == 0
-            x_t = self.x.clone() if record else None
-            eps = self.step(self.steps[k])
-            if record:
-                pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised)
-                intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), self.x.clone(), pred_x0))
-            self.remaining = k
-            bar.update(1)
+        # Streams, graphs and events are made on the current device, and a model
+        # may allocate there: make it x's (the sampler's device need not be current).
+        with torch.cuda.device(self.x.device) if _on_cuda(self.x) else contextlib.nullcontext():
+            if self.s.cuda_graph and _on_cuda(self.x) and every is None:
+                self._run_graphs(bar)
+            while self.remaining > 0:
+                k = self.remaining - 1
+                record = every is not None and k % every == 0
+                x_t = self.x.clone() if record else None
+                eps = self.step(self.steps[k])
+                if record:
+                    pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised)
+                    intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), self.x.clone(), pred_x0))
+                self.remaining = k
+                bar.update(1)
         bar.close()
         return self.x, intermediates
 

@@ -192,6 +192,19 @@ def test_cuda_graph_equals_plain_loop(backend, steps, eta):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graph_on_a_device_that_is_not_the_current_one():
+    # Streams and graphs made on the current device (cuda:0) would capture nothing
+    # of the work on cuda:1: the replays would do nothing and return about x_T.
+    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda:1")
+    with torch.cuda.device(0):
+        graphed = Sampler(GaussianOracle(), SCHEDULE, **kw).sample(16, seed=2, steps=120, progress=False)
+        assert torch.cuda.current_device() == 0
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, seed=2, steps=120, progress=False)
+    assert graphed.device == torch.device("cuda:1") and torch.equal(graphed, plain)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_falls_back_when_capture_fails():
     def syncing_model(x, t):
         _ = t.max().item()  # a host sync: not capturable
@@ -384,6 +397,8 @@ def test_graph_path_equals_the_plain_loop_on_fake_cuda(monkeypatch, steps):
     leftover = total - 3 - replays * chunk if chunk > 0 else 0
     expected = [("side1", min(3, total))] + [("caller", replays * chunk + leftover)] * (total > 3)
     assert model_streams(fake.log) == expected
+    # ... all with the sampler's device current (torch.cuda.device), graphs or not.
+    assert all(e[2] == torch.device("cpu") for e in fake.log if e[0] == "model")
     assert fake.captures == (total > 3) and [e for e in fake.log if e[0] == "replay"] == [("replay",)] * replays
 
 
