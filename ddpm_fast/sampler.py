@@ -219,7 +219,8 @@ class _Chain:
         self.model_in.copy_(self.x)
         self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars
         self.model_t = schedule.timestep_map.to(device)  # the timestep the model sees at index k
-        self.remaining = num_steps  # steps k < remaining are still to run
+        self.remaining = num_steps  # steps k < remaining are still to run (to queue)
+        self.last_replay: tuple[torch.cuda.Event, int] | None = None  # a graph replay not yet on the bar
 
     def step(self, k: torch.Tensor) -> torch.Tensor:
         """Step index k (0-d int64 on the device): the model, then the fused update
@@ -252,6 +253,7 @@ class _Chain:
                     intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), self.x.clone(), pred_x0))
                 self.remaining = k
                 bar.update(1)
+            self._count_last_replay(bar)  # waited for only now: the plain steps are queued behind it
         bar.close()
         return self.x, intermediates
 
@@ -294,10 +296,26 @@ class _Chain:
             caller.wait_stream(side)
         if graph is None:
             return
+        # The bar counts a replay once it has run, not when it is queued (all of
+        # them are queued at once): after queuing replay k, wait for replay k-1,
+        # while replay k keeps the GPU busy. Without a bar, no events, no waits.
+        track = not isinstance(bar, _NoBar)
         while self.remaining >= chunk:
             graph.replay()
             self.remaining -= chunk
-            bar.update(chunk)
+            if track:
+                done = torch.cuda.Event(blocking=True)  # a wait on it sleeps rather than spin a CPU core
+                done.record()
+                self._count_last_replay(bar)
+                self.last_replay = (done, chunk)
+
+    def _count_last_replay(self, bar) -> None:
+        """Wait for the last replay queued before now, then count its steps on the bar."""
+        if self.last_replay is not None:
+            done, steps = self.last_replay
+            self.last_replay = None
+            done.synchronize()
+            bar.update(steps)
 
 
 def _on_cuda(x: torch.Tensor) -> bool:

@@ -266,7 +266,12 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "stream", self.stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.cuda, "device", self.use_device)
-        monkeypatch.setattr(torch.cuda, "Event", lambda blocking=False: FakeEvent(self.log))
+        monkeypatch.setattr(torch.cuda, "Event", self.new_event)
+        self.events = 0
+
+    def new_event(self, *args, **kwargs):
+        self.events += 1
+        return FakeEvent(self.log, self.events)
 
     def new_stream(self, *args, **kwargs):
         self.streams += 1
@@ -349,14 +354,14 @@ class FakeGraph:
 
 
 class FakeEvent:
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, number):
+        self.log, self.number = log, number
 
     def record(self):
-        self.log.append(("record", id(self)))
+        self.log.append(("record", self.number))
 
     def synchronize(self):
-        self.log.append(("sync", id(self)))
+        self.log.append(("sync", self.number))
 
 
 class FakeBar:
@@ -430,3 +435,32 @@ def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(m
         y = sampler.sample(4, seed=6, steps=60, progress=False)
     assert torch.equal(y, plain.sample(4, seed=6, steps=60, progress=False))
     assert model_streams(fake.log) == [("caller", 60)] and fake.streams == 1
+
+
+@pytest.mark.parametrize("steps", [120, 203])
+def test_progress_bar_counts_a_replay_once_it_has_run(monkeypatch, steps):
+    fake = FakeCuda(monkeypatch)
+    sampler = Sampler(fake.model(GaussianOracle()), SCHEDULE, sample_shape=(1, 2, 2))
+    sampler.sample(2, seed=0, steps=steps, progress=True)
+    log = [(e[0], "abcd"[e[1] - 1]) if e[0] in ("record", "sync") else e for e in fake.log if e[0] != "model"]
+    # Each replay's event is waited for once the next replay is queued (the last,
+    # once the leftover plain steps are), and only then is the replay counted.
+    if steps == 120:  # 3 warm-up steps, 2 replays of 50, 17 plain steps
+        assert log == [
+            ("bar", 3), ("capture", "side1"),
+            ("replay",), ("record", "a"), ("replay",), ("record", "b"), ("sync", "a"), ("bar", 50),
+            *[("bar", 1)] * 17, ("sync", "b"), ("bar", 50),
+        ]
+    else:  # 3 warm-up steps, 4 replays of 50
+        assert log == [
+            ("bar", 3), ("capture", "side1"),
+            ("replay",), ("record", "a"),
+            ("replay",), ("record", "b"), ("sync", "a"), ("bar", 50),
+            ("replay",), ("record", "c"), ("sync", "b"), ("bar", 50),
+            ("replay",), ("record", "d"), ("sync", "c"), ("bar", 50),
+            ("sync", "d"), ("bar", 50),
+        ]
+    # Without a bar: no events, no waits.
+    fake.log.clear()
+    sampler.sample(2, seed=0, steps=steps, progress=False)
+    assert not [e for e in fake.log if e[0] in ("record", "sync")]
