@@ -275,14 +275,21 @@ class _Chain:
         side.wait_stream(caller)
         graph = None
         try:
-            warmup = min(_WARMUP_STEPS, self.remaining)
-            with torch.cuda.stream(side):
-                self._steps(warmup)
-            self.remaining -= warmup
-            bar.update(warmup)
-            chunk = min(_GRAPH_STEPS, self.remaining)
-            if chunk > 0:
-                graph = _capture(lambda: self._steps(chunk), side)
+            # Under the caller's autocast, without its weight cache: with it, the
+            # warm-up would cache the weights' casts (on the side stream) and the
+            # graph would read those casts, which the graph does not own: autocast
+            # frees them when the caller's autocast block exits, while replays may
+            # still be queued. Uncached, the graph makes its own casts every step
+            # (torch's advice for graphs under autocast: cache_enabled=False).
+            with _autocast_without_cache():
+                warmup = min(_WARMUP_STEPS, self.remaining)
+                with torch.cuda.stream(side):
+                    self._steps(warmup)
+                self.remaining -= warmup
+                bar.update(warmup)
+                chunk = min(_GRAPH_STEPS, self.remaining)
+                if chunk > 0:
+                    graph = _capture(lambda: self._steps(chunk), side)
         except _CaptureFailed as failure:
             # A model that cannot be captured will not be on the next call either:
             # remember it rather than repeat the warm-up and the failing capture.
@@ -322,6 +329,13 @@ def _on_cuda(x: torch.Tensor) -> bool:
     """Whether x is on a CUDA device (where the graph path runs); a function
     of its own so that tests can run the graph path on the CPU with torch.cuda faked."""
     return x.is_cuda
+
+
+def _autocast_without_cache() -> torch.autocast:
+    """CUDA autocast as the caller has it (on or off, its dtype), with the weight cache off."""
+    return torch.autocast(
+        "cuda", enabled=torch.is_autocast_enabled("cuda"), dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False
+    )
 
 
 def _capture(steps: Callable[[], None], stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":

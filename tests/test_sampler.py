@@ -205,6 +205,26 @@ def test_cuda_graph_on_a_device_that_is_not_the_current_one():
 
 
 @pytest.mark.gpu
+def test_cuda_graph_under_the_callers_autocast():
+    class ThroughConv(torch.nn.Module):  # the oracle, then a 1x1 identity conv that autocast runs in bfloat16
+        def __init__(self):
+            super().__init__()
+            self.oracle = GaussianOracle()
+            self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
+            torch.nn.init.dirac_(self.conv.weight)
+
+        def forward(self, x, t):
+            return self.conv(self.oracle(x, t))
+
+    model = ThroughConv().cuda()
+    kw = dict(sample_shape=(3, 8, 8), clip_denoised=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = Sampler(model, SCHEDULE, **kw).sample(4, seed=1, steps=120, progress=False)
+        plain = Sampler(model, SCHEDULE, cuda_graph=False, **kw).sample(4, seed=1, steps=120, progress=False)
+    assert torch.equal(graphed, plain)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_falls_back_when_capture_fails():
     def syncing_model(x, t):
         _ = t.max().item()  # a host sync: not capturable
@@ -291,11 +311,12 @@ class FakeCuda:
     def capture(self, steps, stream):
         self.captures += 1
         self.log.append(("capture", stream.name))
+        self.autocast_cache_at_capture = torch.is_autocast_cache_enabled()
         return FakeGraph(steps, self.log)
 
     def model(self, oracle):
         def model(x, t):
-            self.log.append(("model", str(self.current), self.device))
+            self.log.append(("model", str(self.current), self.device, torch.is_autocast_cache_enabled()))
             return oracle(x, t)
 
         return model
@@ -464,3 +485,13 @@ def test_progress_bar_counts_a_replay_once_it_has_run(monkeypatch, steps):
     fake.log.clear()
     sampler.sample(2, seed=0, steps=steps, progress=False)
     assert not [e for e in fake.log if e[0] in ("record", "sync")]
+
+
+def test_warm_up_and_capture_run_without_the_autocast_weight_cache(monkeypatch):
+    # Cached casts made in the warm-up would be read by the graph but freed when
+    # the caller's autocast block exits; uncached, the graph makes its own.
+    fake = FakeCuda(monkeypatch)
+    Sampler(fake.model(GaussianOracle()), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=60, progress=False)
+    cache = [(e[1], e[3]) for e in fake.log if e[0] == "model"]
+    assert cache[:3] == [("side1", False)] * 3 and fake.autocast_cache_at_capture is False
+    assert torch.is_autocast_cache_enabled()  # as it was
