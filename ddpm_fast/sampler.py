@@ -70,7 +70,8 @@ class Sampler:
         backend: op backend for the step (``auto``, ``reference``, ``cpu``, ``cuda``, ``triton``).
         dtype: the model input's dtype (x_t itself stays float32); default: the
             dtype of the model's first floating parameter, else float32.
-        channels_last: feed the model channels_last input.
+        channels_last: feed the model channels_last input (and keep x_t in that
+            format; the samples are the same, and returned contiguous).
         cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them.
             If capture fails it warns, samples with the plain loop and sets
             ``cuda_graph`` to False, so later calls do not try again.
@@ -209,12 +210,16 @@ class _Chain:
         self.n = shape[0]
         device = sampler.device
         num_steps = schedule.num_timesteps
-        # x_T from each sample's stream, slot K (module docstring); the chain's float32 state.
+        # x_T from each sample's stream, slot K (module docstring); the chain's float32
+        # state, in the model input's memory format: a channels_last model's eps then
+        # matches x (no copy to x's format every step) and the step writes the next
+        # model input in its own order. The noise follows the logical index (n, c, h, w)
+        # in either format (ops.ddpm_step), so the samples are the same.
+        fmt = torch.channels_last if sampler.channels_last else torch.contiguous_format
         self.x = ops.randn(
             shape, seed, self.offset + num_steps * per_sample, sample_stride=_SAMPLE_STRIDE,
             device=device, backend=sampler.backend,
-        )
-        fmt = torch.channels_last if sampler.channels_last else torch.contiguous_format
+        ).contiguous(memory_format=fmt)
         self.model_in = torch.empty(shape, dtype=sampler.dtype, device=device).to(memory_format=fmt)
         self.model_in.copy_(self.x)
         self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars
@@ -249,13 +254,14 @@ class _Chain:
                 x_t = self.x.clone() if record else None
                 eps = self.step(self.steps[k])
                 if record:
-                    pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised)
-                    intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), self.x.clone(), pred_x0))
+                    pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised).contiguous()
+                    x_now = self.x.clone(memory_format=torch.contiguous_format)
+                    intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), x_now, pred_x0))
                 self.remaining = k
                 bar.update(1)
             self._count_last_replay(bar)  # waited for only now: the plain steps are queued behind it
         bar.close()
-        return self.x, intermediates
+        return self.x.contiguous(), intermediates  # returned contiguous whatever the chain's format
 
     def _steps(self, n: int) -> None:
         """n steps at the device step counter, counting it down: the same kernels every step, no host sync."""

@@ -111,6 +111,30 @@ def test_model_sees_its_dtype_format_and_original_timesteps():
     assert [int(t[0]) for t in timesteps] == [999, 749, 500, 250, 0]
 
 
+@pytest.mark.parametrize("device,backend", [("cpu", "reference"), *backend_params()])
+def test_channels_last_sampling_gives_the_same_samples(monkeypatch, device, backend):
+    # The noise follows the logical index in either memory format, so keeping the
+    # chain channels_last (no eps copy, no transposed model-input writes) changes nothing.
+    formats = []
+
+    def step(x_t, eps, *args, **kwargs):
+        formats.append((x_t.is_contiguous(), eps.is_contiguous(), kwargs["out_model_input"].is_contiguous()))
+        return ddpm_step(x_t, eps, *args, **kwargs)
+
+    ddpm_step = ops.ddpm_step
+    monkeypatch.setattr(ops, "ddpm_step", step)
+    kw = dict(clip_denoised=True, sample_shape=(3, 5, 4), device=device, backend=backend, cuda_graph=False)
+    nchw = Sampler(GaussianOracle(), SCHEDULE, **kw).sample(3, seed=8, steps=20, progress=False)
+    assert formats == [(True, True, True)] * 20
+    formats.clear()
+    x, pictures = Sampler(GaussianOracle(), SCHEDULE, channels_last=True, **kw).sample(
+        3, seed=8, steps=20, progress=False, return_intermediates=10
+    )
+    assert formats == [(False, False, False)] * 20  # x, eps and the model input all channels_last
+    assert torch.equal(x, nchw) and x.is_contiguous()
+    assert all(p.x_t.is_contiguous() and p.pred_x0.is_contiguous() for p in pictures)
+
+
 def test_intermediates():
     sampler = Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 4, 4))
     x, pictures = sampler.sample(3, seed=1, return_intermediates=250, progress=False)
