@@ -205,7 +205,8 @@ def test_int_timestep_inside_a_graph_capture_is_not_cached(monkeypatch):
     t = _args._timestep_scalar(7, 10, torch.device("cpu"))
     assert t.item() == 7 and t.dim() == 0 and not _args._TIMESTEPS
     monkeypatch.setattr(_args, "_capturing", lambda device: False)
-    assert _args._timestep_scalar(7, 10, torch.device("cpu")).item() == 7 and list(_args._TIMESTEPS) == [(torch.device("cpu"), 10)]
+    assert _args._timestep_scalar(7, 10, torch.device("cpu")).item() == 7
+    assert list(_args._TIMESTEPS) == [(torch.device("cpu"), 10)]
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ from conftest import backend_params
 import ddpm_fast.sampler as sampler_module
 from ddpm_fast import NoiseSchedule, Sampler, _extension, ops
 from ddpm_fast.ops._backend import triton_available
-from ddpm_fast.sampler import _SAMPLE_STRIDE, respaced_timesteps
+from ddpm_fast.sampler import _SAMPLE_STRIDE, _NoBar, respaced_timesteps
 
 SCHEDULE = NoiseSchedule("linear")
 MU, S = 0.5, 0.2
@@ -296,22 +296,20 @@ class FakeCuda:
         self.log: list[tuple] = []
         self.current = FakeStream("caller")  # the current stream
         self.device = None  # the current device, as torch.cuda.device set it
-        self.streams = 0
-        self.captures = 0
+        self.streams = self.events = self.captures = 0
         self.capturing = False
         monkeypatch.setattr(sampler_module, "_on_cuda", lambda x: True)
         if real_capture:  # the Sampler's _capture, on a fake torch.cuda.graph
             monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda *args, **kwargs: object())
-            monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, stream=None, **kwargs: FakeGraphContext(self, stream))
+            monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None, **kw: FakeGraphContext(self, stream))
         else:
             monkeypatch.setattr(sampler_module, "_capture", self.capture)
-        monkeypatch.setattr(sampler_module, "_progress", lambda total, enabled: FakeBar(self.log) if enabled else sampler_module._NoBar())
+        monkeypatch.setattr(sampler_module, "_progress", lambda total, on: FakeBar(self.log) if on else _NoBar())
         monkeypatch.setattr(torch.cuda, "Stream", self.new_stream)
         monkeypatch.setattr(torch.cuda, "stream", self.stream)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(torch.cuda, "device", self.use_device)
         monkeypatch.setattr(torch.cuda, "Event", self.new_event)
-        self.events = 0
 
     def new_event(self, *args, **kwargs):
         self.events += 1
