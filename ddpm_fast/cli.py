@@ -103,6 +103,8 @@ def _sample(args: argparse.Namespace) -> int:
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         dtype = DTYPES[args.dtype]
         model = model.to(dtype)
+        if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
+            model = model.to(memory_format=torch.channels_last)
         sampler = Sampler(model, schedule, variance=args.variance, clip_denoised=args.clip, dtype=dtype,
                           channels_last=args.channels_last, device=device)
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,

@@ -11,6 +11,7 @@ a batch of 512, and a run is reproducible from its seed alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ __all__ = ["Sampler", "Intermediate", "respaced_timesteps"]
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SAMPLE_STRIDE = 1 << 32  # counter distance between samples: one 2^32 range each
 _MAX_SAMPLES = 1 << 31  # sample indices below this keep every counter within int64
+_GRAPH_STEPS = 50  # steps per CUDA graph
+# Real chain steps run on the capture stream before capture, so that what must
+# not happen during capture (lazy initialisation, cuBLAS/cuDNN handles and
+# workspaces, autotuning, Triton compilation) has happened. Every step launches
+# the same kernels on the same shapes, so the first does all that; a few more,
+# as torch's make_graphed_callables does (3), for models that settle later.
+_WARMUP_STEPS = 3
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -62,9 +70,11 @@ class Sampler:
         backend: op backend for the step (``auto``, ``reference``, ``cpu``, ``cuda``, ``triton``).
         dtype: the model input's dtype (x_t itself stays float32); default: the
             dtype of the model's first floating parameter, else float32.
-        channels_last: feed the model channels_last input.
-        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them
-            (falls back to the plain loop, with a warning, if capture fails).
+        channels_last: feed the model channels_last input (and keep x_t in that
+            format; the samples are the same, and returned contiguous).
+        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them.
+            If capture fails it warns, samples with the plain loop and sets
+            ``cuda_graph`` to False, so later calls do not try again.
         sample_shape: one sample's shape (C, H, W); default from the model's
             ``in_channels`` and ``image_size`` attributes.
         device: where to sample; default the model's device, else CUDA if available.
@@ -200,17 +210,22 @@ class _Chain:
         self.n = shape[0]
         device = sampler.device
         num_steps = schedule.num_timesteps
-        # x_T from each sample's stream, slot K (module docstring); the chain's float32 state.
+        # x_T from each sample's stream, slot K (module docstring); the chain's float32
+        # state, in the model input's memory format: a channels_last model's eps then
+        # matches x (no copy to x's format every step) and the step writes the next
+        # model input in its own order. The noise follows the logical index (n, c, h, w)
+        # in either format (ops.ddpm_step), so the samples are the same.
+        fmt = torch.channels_last if sampler.channels_last else torch.contiguous_format
         self.x = ops.randn(
             shape, seed, self.offset + num_steps * per_sample, sample_stride=_SAMPLE_STRIDE,
             device=device, backend=sampler.backend,
-        )
-        fmt = torch.channels_last if sampler.channels_last else torch.contiguous_format
+        ).contiguous(memory_format=fmt)
         self.model_in = torch.empty(shape, dtype=sampler.dtype, device=device).to(memory_format=fmt)
         self.model_in.copy_(self.x)
         self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars
         self.model_t = schedule.timestep_map.to(device)  # the timestep the model sees at index k
-        self.remaining = num_steps  # steps k < remaining are still to run
+        self.remaining = num_steps  # steps k < remaining are still to run (to queue)
+        self.last_replay: tuple[torch.cuda.Event, int] | None = None  # a graph replay not yet on the bar
 
     def step(self, k: torch.Tensor) -> torch.Tensor:
         """Step index k (0-d int64 on the device): the model, then the fused update
@@ -228,63 +243,128 @@ class _Chain:
     def run(self, progress: bool, every: int | None) -> tuple[torch.Tensor, list[Intermediate]]:
         bar = _progress(self.schedule.num_timesteps, progress)
         intermediates: list[Intermediate] = []
-        if self.s.cuda_graph and self.x.is_cuda and every is None:
-            try:
+        # Streams, graphs and events are made on the current device, and a model
+        # may allocate there: make it x's (the sampler's device need not be current).
+        with torch.cuda.device(self.x.device) if _on_cuda(self.x) else contextlib.nullcontext():
+            if self.s.cuda_graph and _on_cuda(self.x) and every is None:
                 self._run_graphs(bar)
-            except _CaptureFailed as error:
-                warnings.warn(f"ddpm_fast: CUDA graph capture failed ({error}); sampling with the plain loop", RuntimeWarning)
-        while self.remaining > 0:
-            k = self.remaining - 1
-            record = every is not None and k % every == 0
-            x_t = self.x.clone() if record else None
-            eps = self.step(self.steps[k])
-            if record:
-                pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised)
-                intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), self.x.clone(), pred_x0))
-            self.remaining = k
-            bar.update(1)
+            while self.remaining > 0:
+                k = self.remaining - 1
+                record = every is not None and k % every == 0
+                x_t = self.x.clone() if record else None
+                eps = self.step(self.steps[k])
+                if record:
+                    pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised).contiguous()
+                    x_now = self.x.clone(memory_format=torch.contiguous_format)
+                    intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), x_now, pred_x0))
+                self.remaining = k
+                bar.update(1)
+            self._count_last_replay(bar)  # waited for only now: the plain steps are queued behind it
         bar.close()
-        return self.x, intermediates
+        return self.x.contiguous(), intermediates  # returned contiguous whatever the chain's format
 
-    def _run_graphs(self, bar, chunk: int = 50) -> None:
-        """Capture `chunk` steps (each reading, then decrementing, a device step
-        counter) as one CUDA graph and replay it; leftover steps run in the plain loop."""
-        chunk = min(chunk, self.remaining)
-        counter = torch.full((), self.remaining - 1, dtype=torch.int64, device=self.x.device)
-        graph = self._capture(counter, chunk)
+    def _steps(self, n: int) -> None:
+        """n steps at the device step counter, counting it down: the same kernels every step, no host sync."""
+        for _ in range(n):
+            self.step(self.counter)
+            self.counter.sub_(1)
+
+    def _run_graphs(self, bar) -> None:
+        """The steps as CUDA graphs: a few real steps on a side stream (the
+        warm-up), then one graph of up to _GRAPH_STEPS steps captured on that
+        stream and replayed while a whole graph's worth of steps remains; the
+        plain loop runs what is left. A failed capture warns and turns the
+        Sampler's cuda_graph off (the chain is as the warm-up left it)."""
+        self.counter = torch.full((), self.remaining - 1, dtype=torch.int64, device=self.x.device)
+        caller = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        graph = None
+        try:
+            # Under the caller's autocast, without its weight cache: with it, the
+            # warm-up would cache the weights' casts (on the side stream) and the
+            # graph would read those casts, which the graph does not own: autocast
+            # frees them when the caller's autocast block exits, while replays may
+            # still be queued. Uncached, the graph makes its own casts every step
+            # (torch's advice for graphs under autocast: cache_enabled=False).
+            with _autocast_without_cache():
+                warmup = min(_WARMUP_STEPS, self.remaining)
+                with torch.cuda.stream(side):
+                    self._steps(warmup)
+                self.remaining -= warmup
+                bar.update(warmup)
+                chunk = min(_GRAPH_STEPS, self.remaining)
+                if chunk > 0:
+                    graph = _capture(lambda: self._steps(chunk), side)
+        except _CaptureFailed as failure:
+            # A model that cannot be captured will not be on the next call either:
+            # remember it rather than repeat the warm-up and the failing capture.
+            self.s.cuda_graph = False
+            warnings.warn(
+                f"ddpm_fast: CUDA graph capture failed ({failure}); sampling with the plain loop "
+                "(this Sampler's cuda_graph is now False: later calls do not try again)",
+                RuntimeWarning,
+            )
+        finally:
+            caller.wait_stream(side)
+        if graph is None:
+            return
+        # The bar counts a replay once it has run, not when it is queued (all of
+        # them are queued at once): after queuing replay k, wait for replay k-1,
+        # while replay k keeps the GPU busy. Without a bar, no events, no waits.
+        track = not isinstance(bar, _NoBar)
         while self.remaining >= chunk:
             graph.replay()
             self.remaining -= chunk
-            bar.update(chunk)
+            if track:
+                done = torch.cuda.Event(blocking=True)  # a wait on it sleeps rather than spin a CPU core
+                done.record()
+                self._count_last_replay(bar)
+                self.last_replay = (done, chunk)
 
-    def _capture(self, counter: torch.Tensor, chunk: int) -> "torch.cuda.CUDAGraph":
-        saved = (self.x.clone(), self.model_in.clone(), counter.clone())
+    def _count_last_replay(self, bar) -> None:
+        """Wait for the last replay queued before now, then count its steps on the bar."""
+        if self.last_replay is not None:
+            done, steps = self.last_replay
+            self.last_replay = None
+            done.synchronize()
+            bar.update(steps)
 
-        def steps() -> None:
-            for _ in range(chunk):
-                self.step(counter)
-                counter.sub_(1)
 
-        def restore() -> None:
-            self.x.copy_(saved[0])
-            self.model_in.copy_(saved[1])
-            counter.copy_(saved[2])
+def _on_cuda(x: torch.Tensor) -> bool:
+    """Whether x is on a CUDA device (where the graph path runs); a function
+    of its own so that tests can run the graph path on the CPU with torch.cuda faked."""
+    return x.is_cuda
 
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                steps()  # warm-up outside capture: lazy initialisation, autotuning
-            torch.cuda.current_stream().wait_stream(side)
-            restore()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                steps()
-            restore()  # capture records the steps without running them; keep the state exact
-            return graph
-        except Exception as error:  # a model that syncs or cannot be captured
-            restore()
-            raise _CaptureFailed(str(error)) from error
+
+def _autocast_without_cache() -> torch.autocast:
+    """CUDA autocast as the caller has it (on or off, its dtype), with the weight cache off."""
+    return torch.autocast(
+        "cuda", enabled=torch.is_autocast_enabled("cuda"), dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False
+    )
+
+
+def _capture(steps: Callable[[], None], stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of the work ``steps()`` queues, captured on ``stream`` (which
+    ran the warm-up). Capture records that work without running it, so a failed
+    capture changes nothing. Raises _CaptureFailed naming the first error."""
+    graph = torch.cuda.CUDAGraph()
+    cause: list[str] = []
+    try:
+        # torch.cuda.graph's exit ends the capture before it restores the caller's
+        # stream; when capture_end raises, as it does after anything failed during
+        # capture, the thread would stay on the capture stream. This outer context
+        # restores the caller's stream whatever happens.
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                try:
+                    steps()
+                except Exception as error:  # the cause (capture_end then fails "due to a previous error")
+                    cause.append(f"{type(error).__name__}: {error}")
+                    raise
+    except Exception as error:  # a model that syncs, or anything else capture cannot record
+        raise _CaptureFailed(cause[0] if cause else f"{type(error).__name__}: {error}") from error
+    return graph
 
 
 def _check_model_output(eps: object, x: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from ddpm_fast.cli import build_parser, main
 from train_helpers import toy_dataset
@@ -70,6 +71,32 @@ def test_sample_writes_png_and_npz(run_dir, tmp_path):
     main(["sample", "--checkpoint", str(run_dir), "--out", str(again), "-n", "5", "--batch-size", "5",
           "--steps", "5", "--device", "cpu"])
     np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], images)
+
+
+def test_sample_channels_last_converts_the_model_and_keeps_the_samples(run_dir, tmp_path, monkeypatch):
+    from ddpm_fast import distributed
+
+    seen = []
+
+    def sample_sharded(sampler, *args, **kwargs):
+        weights = [p for p in sampler.model.parameters() if p.dim() == 4]
+        # (A 1x1 or one-input-channel weight is both contiguous and channels_last.)
+        converted = all(p.is_contiguous(memory_format=torch.channels_last) for p in weights) and any(
+            not p.is_contiguous() for p in weights
+        )
+        seen.append((sampler.channels_last, converted))
+        return real(sampler, *args, **kwargs)
+
+    real = distributed.sample_sharded
+    monkeypatch.setattr(distributed, "sample_sharded", sample_sharded)
+    outs = [tmp_path / "nchw", tmp_path / "nhwc"]
+    for out, flags in zip(outs, ([], ["--channels-last"])):
+        assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "-n", "3", "--steps", "5",
+                     "--device", "cpu", *flags]) == 0
+    assert seen == [(False, False), (True, True)]
+    # The same noise either way; the model's float32 arithmetic may round differently in NHWC.
+    a, b = (np.load(out / "samples.npz")["images"].astype(int) for out in outs)
+    assert np.abs(a - b).max() <= 1
 
 
 def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, TOLERANCES, backend_params, poison_cuda_allocator, requires_extension
-from ddpm_fast import NoiseSchedule, ops
+from ddpm_fast import NoiseSchedule, _extension, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
 T = SCHEDULE.num_timesteps
@@ -191,6 +191,38 @@ def test_int_timestep_after_inference_mode_still_differentiable(device, backend)
     x_later, _ = ops.q_sample(x, 300, schedule, seed=1, backend=backend)
     x_ref, _ = ops.q_sample(x, torch.tensor(300, device=device), schedule, seed=1, backend=backend)
     torch.testing.assert_close(x_later, x_ref, atol=0, rtol=0)
+
+
+def test_int_timestep_inside_a_graph_capture_is_not_cached(monkeypatch):
+    """A first int t inside a (here pretended) CUDA graph capture: the cached
+    arange would only be written when the graph replays, so t is a fill instead."""
+    import importlib
+
+    _args = importlib.import_module("ddpm_fast.ops._args")
+    monkeypatch.setattr(_args, "_TIMESTEPS", {})
+    assert not _args._capturing(torch.device("cpu"))
+    monkeypatch.setattr(_args, "_capturing", lambda device: True)
+    t = _args._timestep_scalar(7, 10, torch.device("cpu"))
+    assert t.item() == 7 and t.dim() == 0 and not _args._TIMESTEPS
+    monkeypatch.setattr(_args, "_capturing", lambda device: False)
+    assert _args._timestep_scalar(7, 10, torch.device("cpu")).item() == 7
+    assert list(_args._TIMESTEPS) == [(torch.device("cpu"), 10)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _extension.WITH_CUDA, reason="the CUDA kernels are not built")
+def test_int_timestep_first_used_inside_a_cuda_graph_capture():
+    schedule = NoiseSchedule("linear", timesteps=323)  # a step count no other test caches
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    ops.q_sample(x, torch.tensor(0, device="cuda"), schedule, seed=1, backend="cuda")  # tables on the device
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = ops.q_sample(x, 7, schedule, seed=1, backend="cuda")
+    # Before any replay, an int t must not read a timestep the capture left unwritten.
+    eager, _ = ops.q_sample(x, 300, schedule, seed=1, backend="cuda")
+    assert torch.equal(eager, ops.q_sample(x, torch.tensor(300, device="cuda"), schedule, seed=1, backend="cuda")[0])
+    graph.replay()
+    assert torch.equal(captured, ops.q_sample(x, torch.tensor(7, device="cuda"), schedule, seed=1, backend="cuda")[0])
 
 
 def _op_args(device="cpu"):

@@ -4,15 +4,25 @@ eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
 from conftest import backend_params
-from ddpm_fast import NoiseSchedule, Sampler, ops
-from ddpm_fast.sampler import _SAMPLE_STRIDE, respaced_timesteps
+import ddpm_fast.sampler as sampler_module
+from ddpm_fast import NoiseSchedule, Sampler, _extension, ops
+from ddpm_fast.ops._backend import triton_available
+from ddpm_fast.sampler import _SAMPLE_STRIDE, _NoBar, respaced_timesteps
 
 SCHEDULE = NoiseSchedule("linear")
 MU, S = 0.5, 0.2
+
+# A CUDA-graph test that silently fell back to the plain loop would compare the
+# plain loop with itself: here a failed capture is an error (pytest.warns, where
+# a test expects one, still records it).
+pytestmark = pytest.mark.filterwarnings("error:ddpm_fast. CUDA graph capture failed:RuntimeWarning")
 
 
 class GaussianOracle:
@@ -21,11 +31,18 @@ class GaussianOracle:
 
     def __init__(self, schedule: NoiseSchedule = SCHEDULE, dtype=torch.float32):
         self.abar = schedule.alphas_cumprod.to(dtype)
+        self.tables: dict[torch.device, torch.Tensor] = {}  # abar on each device it ran on
         self.seen = []
 
     def __call__(self, x, t):
         self.seen.append((x.dtype, x.is_contiguous(), tuple(t.shape)))
-        a = self.abar.to(x.device)[t].reshape(-1, *([1] * (x.dim() - 1)))
+        # Copied to the device once, on the first call (the Sampler's warm-up,
+        # before capture): a copy from pageable host memory syncs the stream,
+        # which a CUDA graph capture forbids.
+        table = self.tables.get(x.device)
+        if table is None:
+            table = self.tables[x.device] = self.abar.to(x.device)
+        a = table[t].reshape(-1, *([1] * (x.dim() - 1)))
         return ((1 - a).sqrt() * (x.to(a.dtype) - a.sqrt() * MU) / (a * S * S + 1 - a)).to(x.dtype)
 
 
@@ -94,6 +111,30 @@ def test_model_sees_its_dtype_format_and_original_timesteps():
     assert [int(t[0]) for t in timesteps] == [999, 749, 500, 250, 0]
 
 
+@pytest.mark.parametrize("device,backend", [("cpu", "reference"), *backend_params()])
+def test_channels_last_sampling_gives_the_same_samples(monkeypatch, device, backend):
+    # The noise follows the logical index in either memory format, so keeping the
+    # chain channels_last (no eps copy, no transposed model-input writes) changes nothing.
+    formats = []
+
+    def step(x_t, eps, *args, **kwargs):
+        formats.append((x_t.is_contiguous(), eps.is_contiguous(), kwargs["out_model_input"].is_contiguous()))
+        return ddpm_step(x_t, eps, *args, **kwargs)
+
+    ddpm_step = ops.ddpm_step
+    monkeypatch.setattr(ops, "ddpm_step", step)
+    kw = dict(clip_denoised=True, sample_shape=(3, 5, 4), device=device, backend=backend, cuda_graph=False)
+    nchw = Sampler(GaussianOracle(), SCHEDULE, **kw).sample(3, seed=8, steps=20, progress=False)
+    assert formats == [(True, True, True)] * 20
+    formats.clear()
+    x, pictures = Sampler(GaussianOracle(), SCHEDULE, channels_last=True, **kw).sample(
+        3, seed=8, steps=20, progress=False, return_intermediates=10
+    )
+    assert formats == [(False, False, False)] * 20  # x, eps and the model input all channels_last
+    assert torch.equal(x, nchw) and x.is_contiguous()
+    assert all(p.x_t.is_contiguous() and p.pred_x0.is_contiguous() for p in pictures)
+
+
 def test_intermediates():
     sampler = Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 4, 4))
     x, pictures = sampler.sample(3, seed=1, return_intermediates=250, progress=False)
@@ -146,11 +187,64 @@ class TestBadInput:
             sampler.sample(2, seed=0, steps=3, progress=False)
 
 
+def graph_backends() -> list:
+    """The kernel backends a CUDA graph captures: GPU tests, skipped where not built."""
+    built = {"cuda": _extension.WITH_CUDA, "triton": triton_available()}
+    return [
+        pytest.param(b, marks=[pytest.mark.gpu, pytest.mark.skipif(not built[b], reason=f"no {b} backend")])
+        for b in built
+    ]
+
+
+@pytest.mark.parametrize("backend", graph_backends())
+@pytest.mark.parametrize(
+    "steps,eta",
+    # 1000 steps: many replays; 120: two replays of 50 and leftover plain steps; DDIM.
+    [(None, None), (120, None), (120, 0.0)],
+)
+def test_cuda_graph_equals_plain_loop(backend, steps, eta):
+    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda", backend=backend)
+    run = dict(seed=2, steps=steps, eta=eta, progress=False)
+    oracle = GaussianOracle()
+    graphed = Sampler(oracle, SCHEDULE, cuda_graph=True, **kw).sample(16, **run)
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, **run)
+    assert torch.equal(graphed, plain)
+    # The model ran in Python for the 3 warm-up steps, the capture of 50 and the
+    # leftover steps only: the replays did the rest.
+    total = steps or 1000
+    assert len(oracle.seen) == 3 + 50 + (total - 3) % 50
+
+
 @pytest.mark.gpu
-def test_cuda_graph_equals_plain_loop():
-    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda")
-    graphed = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=True, **kw).sample(16, seed=2, progress=False)
-    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, seed=2, progress=False)
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graph_on_a_device_that_is_not_the_current_one():
+    # Streams and graphs made on the current device (cuda:0) would capture nothing
+    # of the work on cuda:1: the replays would do nothing and return about x_T.
+    kw = dict(clip_denoised=True, sample_shape=(3, 8, 8), device="cuda:1")
+    with torch.cuda.device(0):
+        graphed = Sampler(GaussianOracle(), SCHEDULE, **kw).sample(16, seed=2, steps=120, progress=False)
+        assert torch.cuda.current_device() == 0
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(16, seed=2, steps=120, progress=False)
+    assert graphed.device == torch.device("cuda:1") and torch.equal(graphed, plain)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_under_the_callers_autocast():
+    class ThroughConv(torch.nn.Module):  # the oracle, then a 1x1 identity conv that autocast runs in bfloat16
+        def __init__(self):
+            super().__init__()
+            self.oracle = GaussianOracle()
+            self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
+            torch.nn.init.dirac_(self.conv.weight)
+
+        def forward(self, x, t):
+            return self.conv(self.oracle(x, t))
+
+    model = ThroughConv().cuda()
+    kw = dict(sample_shape=(3, 8, 8), clip_denoised=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = Sampler(model, SCHEDULE, **kw).sample(4, seed=1, steps=120, progress=False)
+        plain = Sampler(model, SCHEDULE, cuda_graph=False, **kw).sample(4, seed=1, steps=120, progress=False)
     assert torch.equal(graphed, plain)
 
 
@@ -161,9 +255,16 @@ def test_cuda_graph_falls_back_when_capture_fails():
         return torch.zeros_like(x)
 
     sampler = Sampler(syncing_model, SCHEDULE, sample_shape=(1, 4, 4), device="cuda")
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    caller = torch.cuda.current_stream()
+    with pytest.warns(RuntimeWarning, match="capture failed") as record:
         x = sampler.sample(2, seed=0, steps=10, progress=False)
+    assert "previous error" not in str(record[0].message)  # the sync's error, not capture_end's
+    assert torch.cuda.current_stream() == caller
     assert torch.isfinite(x).all()
+    assert sampler.cuda_graph is False  # remembered: the next call does not try again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sampler.sample(2, seed=0, steps=10, progress=False), x)
 
 
 @pytest.mark.parametrize("steps,eta", [(None, None), (4, None), (4, 0.0)])
@@ -174,3 +275,245 @@ def test_schedule_with_an_undefined_step_is_refused_before_sampling(steps, eta):
     with pytest.raises(ValueError, match="undefined at timestep"):
         sampler.sample(2, seed=0, steps=steps, eta=eta, progress=False)
     assert not calls
+
+
+# ---------------------------------------------------------------------------
+# The graph path's logic on the CPU, with torch.cuda faked (the GPU tests above
+# check that real graphs compute the same samples).
+
+
+class FakeCuda:
+    """Enough of torch.cuda for the Sampler's graph path to run on CPU tensors.
+
+    Queued work runs at once, except what a capture records: a fake graph runs
+    the recorded steps on each replay (as a real capture records work without
+    running it). ``log`` lists, in order, model calls (with the stream and the
+    device they ran under), warm-up and capture streams, replays, event records
+    and syncs, and progress-bar updates.
+    """
+
+    def __init__(self, monkeypatch, real_capture: bool = False):
+        self.log: list[tuple] = []
+        self.current = FakeStream("caller")  # the current stream
+        self.device = None  # the current device, as torch.cuda.device set it
+        self.streams = self.events = self.captures = 0
+        self.capturing = False
+        monkeypatch.setattr(sampler_module, "_on_cuda", lambda x: True)
+        if real_capture:  # the Sampler's _capture, on a fake torch.cuda.graph
+            monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda *args, **kwargs: object())
+            monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None, **kw: FakeGraphContext(self, stream))
+        else:
+            monkeypatch.setattr(sampler_module, "_capture", self.capture)
+        monkeypatch.setattr(sampler_module, "_progress", lambda total, on: FakeBar(self.log) if on else _NoBar())
+        monkeypatch.setattr(torch.cuda, "Stream", self.new_stream)
+        monkeypatch.setattr(torch.cuda, "stream", self.stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "device", self.use_device)
+        monkeypatch.setattr(torch.cuda, "Event", self.new_event)
+
+    def new_event(self, *args, **kwargs):
+        self.events += 1
+        return FakeEvent(self.log, self.events)
+
+    def new_stream(self, *args, **kwargs):
+        self.streams += 1
+        return FakeStream(f"side{self.streams}")
+
+    def stream(self, stream):
+        return FakeStreamContext(self, stream)
+
+    @contextlib.contextmanager
+    def use_device(self, device):
+        previous, self.device = self.device, torch.device(device)
+        try:
+            yield
+        finally:
+            self.device = previous
+
+    def capture(self, steps, stream):
+        self.captures += 1
+        self.log.append(("capture", stream.name))
+        self.autocast_cache_at_capture = torch.is_autocast_cache_enabled()
+        return FakeGraph(steps, self.log)
+
+    def model(self, oracle):
+        def model(x, t):
+            self.log.append(("model", str(self.current), self.device, torch.is_autocast_cache_enabled()))
+            return oracle(x, t)
+
+        return model
+
+
+class FakeStreamContext:
+    """torch.cuda.stream: sets the current stream; its exit restores the previous one."""
+
+    def __init__(self, fake, stream):
+        self.fake, self.stream = fake, stream
+
+    def __enter__(self):
+        self.previous, self.fake.current = self.fake.current, self.stream
+
+    def __exit__(self, *args):
+        self.fake.current = self.previous
+
+
+class FakeGraphContext:
+    """torch.cuda.graph as torch (2.11 to 2.14) writes it: enter the capture
+    stream, begin capture; on exit end the capture, which raises after any failure
+    during capture, and only then restore the previous stream."""
+
+    def __init__(self, fake, stream):
+        self.fake, self.stream_ctx = fake, fake.stream(stream)
+
+    def __enter__(self):
+        self.stream_ctx.__enter__()
+        self.fake.capturing = True
+
+    def __exit__(self, *args):
+        self.fake.capturing = False
+        if args[0] is not None:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        self.stream_ctx.__exit__(None, None, None)
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_stream(self, other):
+        pass
+
+    def __str__(self):
+        return self.name
+
+
+class FakeGraph:
+    def __init__(self, steps, log):
+        self.steps, self.log = steps, log
+
+    def replay(self):
+        self.log.append(("replay",))
+        self.steps()
+
+
+class FakeEvent:
+    def __init__(self, log, number):
+        self.log, self.number = log, number
+
+    def record(self):
+        self.log.append(("record", self.number))
+
+    def synchronize(self):
+        self.log.append(("sync", self.number))
+
+
+class FakeBar:
+    def __init__(self, log):
+        self.log = log
+
+    def update(self, n):
+        self.log.append(("bar", n))
+
+    def close(self):
+        pass
+
+
+def model_streams(log):
+    """The streams of the model calls in ``log``, run-length encoded."""
+    runs = []
+    for entry in log:
+        if entry[0] == "model":
+            if runs and runs[-1][0] == entry[1]:
+                runs[-1][1] += 1
+            else:
+                runs.append([entry[1], 1])
+    return [tuple(r) for r in runs]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 53, 120, None])
+def test_graph_path_equals_the_plain_loop_on_fake_cuda(monkeypatch, steps):
+    fake = FakeCuda(monkeypatch)
+    kw = dict(clip_denoised=True, sample_shape=(2, 3, 3))
+    run = dict(seed=5, steps=steps, progress=False)
+    graphed = Sampler(fake.model(GaussianOracle()), SCHEDULE, **kw).sample(4, **run)
+    assert torch.equal(graphed, Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(4, **run))
+    # Warm-up: 3 real chain steps on the side stream, then graphs of up to 50
+    # steps replayed on the caller's stream while 50 remain, then plain steps.
+    total = steps or 1000
+    chunk = min(50, total - 3)
+    replays = (total - 3) // chunk if chunk > 0 else 0
+    leftover = total - 3 - replays * chunk if chunk > 0 else 0
+    expected = [("side1", min(3, total))] + [("caller", replays * chunk + leftover)] * (total > 3)
+    assert model_streams(fake.log) == expected
+    # ... all with the sampler's device current (torch.cuda.device), graphs or not.
+    assert all(e[2] == torch.device("cpu") for e in fake.log if e[0] == "model")
+    assert fake.captures == (total > 3) and [e for e in fake.log if e[0] == "replay"] == [("replay",)] * replays
+
+
+def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(monkeypatch):
+    fake = FakeCuda(monkeypatch, real_capture=True)
+    oracle = GaussianOracle()
+
+    def syncing(x, t):
+        if fake.capturing:  # as t.item() would on the GPU
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return oracle(x, t)
+
+    kw = dict(clip_denoised=True, sample_shape=(2, 3, 3))
+    sampler = Sampler(fake.model(syncing), SCHEDULE, **kw)
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw)
+    with pytest.warns(RuntimeWarning, match="capture failed") as record:
+        x = sampler.sample(4, seed=5, steps=60, progress=False)
+    message = str(record[0].message)
+    assert "not permitted when stream is capturing" in message and "previous error" not in message
+    assert torch.equal(x, plain.sample(4, seed=5, steps=60, progress=False))
+    # 3 warm-up steps and the failed capture on the side stream; the rest, after
+    # the failure, on the caller's stream again.
+    assert model_streams(fake.log) == [("side1", 4), ("caller", 57)] and str(fake.current) == "caller"
+    # The failure is remembered: the next call neither warms up nor captures.
+    assert sampler.cuda_graph is False
+    fake.log.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = sampler.sample(4, seed=6, steps=60, progress=False)
+    assert torch.equal(y, plain.sample(4, seed=6, steps=60, progress=False))
+    assert model_streams(fake.log) == [("caller", 60)] and fake.streams == 1
+
+
+@pytest.mark.parametrize("steps", [120, 203])
+def test_progress_bar_counts_a_replay_once_it_has_run(monkeypatch, steps):
+    fake = FakeCuda(monkeypatch)
+    sampler = Sampler(fake.model(GaussianOracle()), SCHEDULE, sample_shape=(1, 2, 2))
+    sampler.sample(2, seed=0, steps=steps, progress=True)
+    log = [(e[0], "abcd"[e[1] - 1]) if e[0] in ("record", "sync") else e for e in fake.log if e[0] != "model"]
+    # Each replay's event is waited for once the next replay is queued (the last,
+    # once the leftover plain steps are), and only then is the replay counted.
+    if steps == 120:  # 3 warm-up steps, 2 replays of 50, 17 plain steps
+        assert log == [
+            ("bar", 3), ("capture", "side1"),
+            ("replay",), ("record", "a"), ("replay",), ("record", "b"), ("sync", "a"), ("bar", 50),
+            *[("bar", 1)] * 17, ("sync", "b"), ("bar", 50),
+        ]
+    else:  # 3 warm-up steps, 4 replays of 50
+        assert log == [
+            ("bar", 3), ("capture", "side1"),
+            ("replay",), ("record", "a"),
+            ("replay",), ("record", "b"), ("sync", "a"), ("bar", 50),
+            ("replay",), ("record", "c"), ("sync", "b"), ("bar", 50),
+            ("replay",), ("record", "d"), ("sync", "c"), ("bar", 50),
+            ("sync", "d"), ("bar", 50),
+        ]
+    # Without a bar: no events, no waits.
+    fake.log.clear()
+    sampler.sample(2, seed=0, steps=steps, progress=False)
+    assert not [e for e in fake.log if e[0] in ("record", "sync")]
+
+
+def test_warm_up_and_capture_run_without_the_autocast_weight_cache(monkeypatch):
+    # Cached casts made in the warm-up would be read by the graph but freed when
+    # the caller's autocast block exits; uncached, the graph makes its own.
+    fake = FakeCuda(monkeypatch)
+    Sampler(fake.model(GaussianOracle()), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=60, progress=False)
+    cache = [(e[1], e[3]) for e in fake.log if e[0] == "model"]
+    assert cache[:3] == [("side1", False)] * 3 and fake.autocast_cache_at_capture is False
+    assert torch.is_autocast_cache_enabled()  # as it was

@@ -138,6 +138,14 @@ def timestep_rows(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, rows, float("nan"))
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph (False off CUDA)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _timestep_scalar(t: int, num_steps: int, device: torch.device) -> torch.Tensor:
     """t as a 0-d int64 tensor on ``device``: a view into a cached arange, so that
     no fill kernel runs before every step on the GPU (the kernels only read t)."""
@@ -145,6 +153,11 @@ def _timestep_scalar(t: int, num_steps: int, device: torch.device) -> torch.Tens
         return torch.full((), t, dtype=torch.int64, device=device)
     steps = _TIMESTEPS.get((device, num_steps))
     if steps is None:
+        if _capturing(device):
+            # An arange queued now would be recorded into the caller's graph, not
+            # run: the cache would hold unwritten memory until that graph replays.
+            # A fill the graph itself runs, not cached.
+            return torch.full((), t, dtype=torch.int64, device=device)
         with torch.inference_mode(False):  # usable in autograd after an inference-mode first call
             steps = torch.arange(num_steps, dtype=torch.int64, device=device)
         _TIMESTEPS[(device, num_steps)] = steps
