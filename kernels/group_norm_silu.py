@@ -334,7 +334,9 @@ def group_norm_silu_triton(
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
-    if x.numel() == 0:
+    if x.numel() == 0:  # groups of no values (an empty spatial extent): no statistics, NaN
+        mean.fill_(float("nan"))
+        rstd.fill_(float("nan"))
         return y, mean, rstd
     g, cg = num_groups, c // num_groups
     p = plan(c, s, g, x.element_size(), channels_last)

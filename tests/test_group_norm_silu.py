@@ -628,6 +628,17 @@ def test_triton_split_path_first_value_far_from_the_mean(triton_split_path, layo
     torch.testing.assert_close(y.cpu().double(), reference(h, groups, None, None, None, True), atol=1e-5, rtol=1e-5)
 
 
+@requires_triton
+def test_triton_op_statistics_of_empty_groups_are_nan():
+    """test_op_statistics_of_empty_groups_are_nan of the raw Triton op (it
+    returned torch.empty's memory)."""
+    importlib.import_module("ddpm_fast.kernels.group_norm_silu")  # registers the op
+    x = torch.randn(2, 32, 0, 8, device=TRITON_DEVICE)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x, None, None, None, 8, 1e-5, True)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (2, 8)
+    assert mean.isnan().all() and rstd.isnan().all()
+
+
 class TestTritonPlan:
     """How the Triton kernels cut the benchmark shapes into programs."""
 
