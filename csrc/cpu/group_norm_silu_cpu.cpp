@@ -92,7 +92,7 @@ float leading_mean(const T* row, int64_t count) {
 // q / (q - s^2/m) = 1 + ((mean - shift) / spread)^2: harmless while the shift
 // lies near the values, ruinous when it is an outlier (with each channel's
 // first value 30 to 1e5 spreads off N(0, 1) data, rstd was off by 2e-6 to
-// 3e-4; now by at most 4e-7, tests/test_group_norm_silu.py). Sums that lost
+// 1e-3; now by at most 5e-7, tests/test_group_norm_silu.py). Sums that lost
 // more than this factor are taken again about their own mean, which the
 // following chunks keep as their shift.
 constexpr double kMaxCancellation = 4.0;
