@@ -10,8 +10,10 @@ the end of the run.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pytest
 import torch
@@ -19,6 +21,34 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_per_case(fn: Callable, case: tuple) -> Callable:
+    """torch.compile(fn) for one benchmark case (shape, dtype, layout, ...),
+    with static shapes: one compiled function reused across shapes would get
+    dynamic-shape kernels from the second shape on, a weaker baseline than a
+    user who compiles for one shape gets."""
+    _raise_recompile_limit()
+    return torch.compile(fn, dynamic=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _raise_recompile_limit() -> None:
+    # Dynamo keeps compiled code per Python code object, whichever
+    # torch.compile wrapper it came from, and past recompile_limit (8) entries
+    # it runs the function eagerly, with only a logged warning: the
+    # GroupNorm+SiLU peer alone has 21 GPU cases. Raise the limit, and make a
+    # hit an error rather than an eager row under the name "compile".
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = 64
+    else:  # its older name
+        config.cache_size_limit = 64
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
 
 
 @dataclass

@@ -8,13 +8,13 @@ Also the whole 1000-step chain with a trivial model (GPU: launch-bound or not).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from ddpm_fast import NoiseSchedule, Sampler, _extension, ops
 from ddpm_fast.ops._backend import triton_available
+
+from conftest import compiled_per_case
 
 SCHEDULE = NoiseSchedule("linear")
 T_STEP = 500
@@ -26,11 +26,6 @@ def eager_peer(x, eps, coef):
     """x_{t-1} = (x_t - beta/sqrt(1-abar) eps)/sqrt(alpha) + sigma z, in plain PyTorch."""
     a, b, sigma = coef
     return a * (x - b * eps) + sigma * torch.randn_like(x)
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_peer():
-    return torch.compile(eager_peer)
 
 
 def peer_coefficients(t):
@@ -49,7 +44,7 @@ def make_fn(impl, x, eps):
         coef = peer_coefficients(T_STEP)
         return lambda: eager_peer(x, eps, coef)
     if impl == "compile":
-        coef, fn = peer_coefficients(T_STEP), compiled_peer()
+        coef, fn = peer_coefficients(T_STEP), compiled_per_case(eager_peer, (x.shape, x.dtype, x.device.type))
         return lambda: fn(x, eps, coef)
     if impl == "diffusers":
         return diffusers_step_fn(x, eps)

@@ -6,14 +6,14 @@ Floor (forward): one read of x and one write of y.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ddpm_fast import _extension, ops
 from ddpm_fast.ops._backend import triton_available
+
+from conftest import compiled_per_case
 
 GROUPS = 32
 CPU_SHAPES = [(32, 128, 32, 32), (8, 256, 16, 16)]
@@ -22,11 +22,6 @@ GPU_SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (128, 25
 
 def eager(x, w, b):
     return F.silu(F.group_norm(x, GROUPS, w, b))
-
-
-@functools.lru_cache(maxsize=None)
-def compiled():
-    return torch.compile(eager)
 
 
 def make(shape, dtype, layout, device, grad=False):
@@ -42,7 +37,7 @@ def forward_fn(impl, x, w, b):
     if impl == "eager":
         return lambda: eager(x, w, b)
     if impl == "compile":
-        fn = compiled()
+        fn = compiled_per_case(eager, (x.shape, x.stride(), x.dtype, x.device.type, x.requires_grad))
         return lambda: fn(x, w, b)
     return lambda: ops.group_norm_silu(x, GROUPS, w, b, backend=impl)
 

@@ -61,7 +61,7 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
             pred = model(x_t, t).sample
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
-    loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+    loss_fn = torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
 
     def step():
         index = torch.randint(0, len(images), (batch,), device=device)

@@ -66,7 +66,9 @@ def forward_fn(impl: str, name: str, device: str, batch: int):
     if "_cl" in impl:
         x = x.to(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), device=device)
-    run = torch.compile(model, fullgraph=impl.startswith("ours")) if impl.endswith("compile") else model
+    # dynamic=False: the model's forward code is shared by batch 1 and 128, and
+    # without it the second batch size would be compiled with a dynamic batch.
+    run = torch.compile(model, fullgraph=impl.startswith("ours"), dynamic=False) if impl.endswith("compile") else model
     if impl.startswith("diffusers"):
         call = lambda: run(x, t).sample  # noqa: E731
     elif impl.endswith("graph"):
