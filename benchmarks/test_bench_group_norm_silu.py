@@ -6,14 +6,14 @@ Floor (forward): one read of x and one write of y.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ddpm_fast import _extension, ops
 from ddpm_fast.ops._backend import triton_available
+
+from conftest import compiled_per_case
 
 GROUPS = 32
 CPU_SHAPES = [(32, 128, 32, 32), (8, 256, 16, 16)]
@@ -22,11 +22,6 @@ GPU_SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (128, 25
 
 def eager(x, w, b):
     return F.silu(F.group_norm(x, GROUPS, w, b))
-
-
-@functools.lru_cache(maxsize=None)
-def compiled():
-    return torch.compile(eager)
 
 
 def make(shape, dtype, layout, device, grad=False):
@@ -42,17 +37,21 @@ def forward_fn(impl, x, w, b):
     if impl == "eager":
         return lambda: eager(x, w, b)
     if impl == "compile":
-        fn = compiled()
+        fn = compiled_per_case(eager, (x.shape, x.stride(), x.dtype, x.device.type, x.requires_grad))
         return lambda: fn(x, w, b)
     return lambda: ops.group_norm_silu(x, GROUPS, w, b, backend=impl)
 
 
 def train_fn(impl, x, w, b):
+    """Forward and backward, the gradients returned rather than accumulated
+    into x.grad, w.grad, b.grad: as a training step after zero_grad(set_to_none=True)
+    sees it. (.backward() in a loop would add into the previous call's grads
+    from the second call on: one more kernel over 3 x |x| bytes per call.)"""
     forward = forward_fn(impl, x, w, b)
     dy = torch.randn_like(x)
 
     def run():
-        forward().backward(dy)
+        return torch.autograd.grad(forward(), (x, w, b), dy)
 
     return run
 

@@ -6,13 +6,13 @@ Floor: read x0, write x_t and eps (3 x element size per element).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from ddpm_fast import NoiseSchedule, _extension, ops
 from ddpm_fast.ops._backend import triton_available
+
+from conftest import compiled_per_case
 
 SCHEDULE = NoiseSchedule("linear")
 CPU_SHAPES = [(128, 3, 32, 32), (8, 1, 512, 512)]
@@ -32,11 +32,6 @@ def eager_peer(x0, t, sqrt_ab, sqrt_1m_ab):
     return sqrt_ab[t].reshape(shape) * x0 + sqrt_1m_ab[t].reshape(shape) * eps, eps
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_peer():
-    return torch.compile(eager_peer)
-
-
 def inputs(shape, dtype, device):
     x0 = torch.rand(shape, device=device).mul(2).sub(1).to(dtype)
     t = torch.randint(0, SCHEDULE.num_timesteps, (shape[0],), device=device)
@@ -53,7 +48,7 @@ def test_cpu(benchmark, shape, impl):
     if impl == "eager":
         benchmark(eager_peer, x0, t, a, b)
     elif impl == "compile":
-        fn = compiled_peer()
+        fn = compiled_per_case(eager_peer, ("cpu", shape))
         fn(x0, t, a, b)
         benchmark(fn, x0, t, a, b)
     else:
@@ -76,7 +71,7 @@ def test_gpu(record_gpu, case, impl):
     if impl == "eager":
         fn = lambda: eager_peer(x0, t, a, b)  # noqa: E731
     elif impl == "compile":
-        peer = compiled_peer()
+        peer = compiled_per_case(eager_peer, ("cuda", shape, dtype))
         fn = lambda: peer(x0, t, a, b)  # noqa: E731
     else:
         fn = lambda: ops.q_sample(x0, t, SCHEDULE, seed=1, backend=impl)  # noqa: E731

@@ -23,7 +23,7 @@ from ddpm_fast.data import ImageDataset
 from ddpm_fast.schedules import NoiseSchedule
 from ddpm_fast.train import TrainConfig, Trainer
 
-from conftest import TABLE, GpuRow, gpu_median_us
+from conftest import GpuRow, add_gpu_row, time_gpu
 from test_bench_unet import build, diffusers  # noqa: F401  (diffusers: importorskip)
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -61,7 +61,7 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
             pred = model(x_t, t).sample
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
-    loss_fn = torch.compile(loss_fn) if compiled else loss_fn
+    loss_fn = torch.compile(loss_fn, dynamic=False) if compiled else loss_fn
 
     def step():
         index = torch.randint(0, len(images), (batch,), device=device)
@@ -96,7 +96,7 @@ def test_cpu_train_step(benchmark, impl, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["diffusers_eager", "diffusers_compile", "ours"])
-def test_gpu_train_step_cifar10_bf16(benchmark, impl, tmp_path):
+def test_gpu_train_step_cifar10_bf16(benchmark, impl, tmp_path, request):
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = 128
@@ -108,7 +108,7 @@ def test_gpu_train_step_cifar10_bf16(benchmark, impl, tmp_path):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, torch.zeros(batch, dtype=torch.long, device="cuda"))
     floor_us = 3 * counter.get_total_flops() / (H100_BF16_DENSE_TFLOPS * 1e12) * 1e6
-    median = gpu_median_us(step)
-    TABLE.rows.append(GpuRow(f"train step cifar10 b{batch} bf16", impl, median, floor_us, "diffusers_eager"))
-    benchmark.extra_info.update(median_us=median, images_per_s=batch / (median * 1e-6))
+    median, b2b = time_gpu(step)
+    add_gpu_row(GpuRow(f"train step cifar10 b{batch} bf16", impl, median, floor_us, "diffusers_eager", b2b), request.node.nodeid)
+    benchmark.extra_info.update(median_us=median, back_to_back_us=b2b, images_per_s=batch / (median * 1e-6))
     benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)

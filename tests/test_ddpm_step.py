@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, backend_params, poison_cuda_allocator, requires_extension
+from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poison_cuda_allocator, requires_extension
 from ddpm_fast import NoiseSchedule, diffusion, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
@@ -213,6 +213,7 @@ def test_opcheck_cpp_op():
     torch.library.opcheck(torch.ops.ddpm_fast.ddpm_step_.default, (x, eps, t, table, torch.randn_like(x), 0, 0, 50, 0, False, out, None))
 
 
+@gpu_if_present
 def test_opcheck_triton_op():
     pytest.importorskip("triton")
     from ddpm_fast.kernels import ddpm_step as _triton  # noqa: F401

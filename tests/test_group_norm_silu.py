@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import HAS_CUDA, backend_params, poison_cuda_allocator, requires_extension
+from conftest import HAS_CUDA, backend_params, gpu_if_present, poison_cuda_allocator, requires_extension
 from ddpm_fast import _extension, ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 from ddpm_fast.ops._backend import triton_available
@@ -563,6 +563,7 @@ SPLIT_CASES = [c for c in CASES if c[0] != (1, 32, 16, 16)]
 
 
 @requires_triton
+@gpu_if_present
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
@@ -578,6 +579,7 @@ def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, c
 
 
 @requires_triton
+@gpu_if_present
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_large_mean_against_float64(request, path, layout):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, backend_params, poison_cuda_allocator, requires_extension
+from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poison_cuda_allocator, requires_extension
 from ddpm_fast import NoiseSchedule, _extension, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
@@ -241,6 +241,7 @@ def test_opcheck_cpp_ops():
     torch.library.opcheck(torch.ops.ddpm_fast.q_sample_randn.default, (x_cl, t, a, b, 3, 10))
 
 
+@gpu_if_present
 def test_opcheck_triton_ops():
     pytest.importorskip("triton")
     from ddpm_fast.kernels import q_sample  # noqa: F401

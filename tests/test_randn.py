@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import DTYPES, backend_params, requires_extension
+from conftest import DTYPES, backend_params, gpu_if_present, requires_extension
 from ddpm_fast import ops
 from ddpm_fast.ops.randn import normal_reference, philox4x32_reference
 
@@ -38,6 +38,7 @@ def test_low_precision_outputs_are_the_rounded_stream(device, backend, dtype):
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=0, rtol=2**-7)
 
 
+@gpu_if_present
 def test_equals_triton_randn_for_32_bit_counters():
     triton = pytest.importorskip("triton")
     import triton.language as tl
@@ -187,6 +188,7 @@ def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
             torch.testing.assert_close(capped, widest, atol=2e-6, rtol=2e-6)
 
 
+@gpu_if_present
 def test_opcheck_triton():
     pytest.importorskip("triton")
     from ddpm_fast.kernels import randn as _triton  # noqa: F401  (registers the op)
