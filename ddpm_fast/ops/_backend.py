@@ -16,7 +16,13 @@ import torch
 
 from .. import _extension
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpreting"]
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "triton_available",
+    "triton_interpreting",
+    "load_triton_ops",
+]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 ENV_VAR = "DDPM_FAST_BACKEND"
@@ -38,6 +44,29 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# Whether load_triton_ops has run. The ops test this plain module global before
+# calling the loader: torch.compile reads a global bool as a constant (with a
+# guard), so once the ops are loaded a compiled function never traces the
+# loader. (An lru_cache'd loader was traced on every compile, and the
+# registration it did, torch.library.register_autograd, cannot be traced.)
+triton_ops_loaded = False
+
+
+def load_triton_ops() -> None:
+    """Register the Triton ops (``torch.ops.ddpm_fast.*_triton``) and their
+    autograd, on the first call of a Triton backend: importing triton and the
+    kernels costs a second or more, which users of the other backends need not pay.
+
+    The work is done by importing ``._triton``. Under torch.compile an import
+    statement is executed, not traced, so a first Triton call inside a compiled
+    function works too (with fullgraph=True): the registration runs as plain Python.
+    """
+    global triton_ops_loaded
+    from . import _triton  # noqa: F401  (registers the ops on import)
+
+    triton_ops_loaded = True
 
 
 def _available(backend: str, device_type: str) -> bool:
