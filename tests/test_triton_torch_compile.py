@@ -1,4 +1,5 @@
-"""The Triton backend's ops under torch.compile(fullgraph=True).
+"""The Triton backend's ops under torch.compile(fullgraph=True), and the device
+their kernels launch on.
 
 Without a GPU the kernels run in Triton's CPU interpreter, which torch.compile's
 AOT tracing cannot see into (``kernels/philox.py``: ``launchable`` skips fake
@@ -11,6 +12,7 @@ test_torch_compile_inductor_on_gpu covers inductor there.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -126,3 +128,59 @@ def test_first_triton_call_inside_a_fullgraph_compile():
         [sys.executable, "-c", FIRST_USE_SCRIPT, DEVICE], capture_output=True, text=True, timeout=600, env=dict(os.environ)
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@requires_triton
+def test_triton_ops_launch_under_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each op enters its tensors'
+    device around the launch (checked here on the CPU by recording the calls)."""
+    seen = []
+
+    def record(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_backend, "triton_launch_device", record)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    ops.q_sample(x, 3, SCHEDULE, seed=1, backend="triton")
+    ops.q_sample(x, 3, SCHEDULE, noise=x, backend="triton")
+    ops.ddpm_step(x, x, 3, SCHEDULE, seed=1, backend="triton")
+    ops.group_norm_silu(x, 2, backend="triton")
+    ops.randn((2, 3), 1, device=DEVICE, backend="triton")
+    assert seen == [x.device] * 5
+
+
+def test_triton_launch_device_is_the_tensors_cuda_device():
+    guard = _backend.triton_launch_device(torch.device("cuda", 1))  # not entered: no GPU needed
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_backend.triton_launch_device(torch.device("cpu")), contextlib.nullcontext)
+
+
+@pytest.mark.gpu
+@requires_triton
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_triton_ops_on_a_device_that_is_not_current():
+    """cuda:1 tensors while cuda:0 is current: the kernels must run on cuda:1
+    (on device 0 they would read cuda:1 memory without peer access)."""
+    torch.cuda.set_device(0)
+    x = torch.randn(2, 4, 8, 8, device="cuda:1")
+    t = torch.tensor([3, 700], device="cuda:1")
+    w = torch.randn(4, device="cuda:1")
+    grads = {}
+    for backend in ("reference", "triton"):
+        xx = x.clone().requires_grad_()
+        y = ops.group_norm_silu(xx, 2, w, backend=backend)
+        y.square().sum().backward()
+        grads[backend] = (y.detach(), xx.grad)
+    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["triton"][1], grads["reference"][1], atol=1e-4, rtol=1e-4)
+    got, _ = ops.q_sample(x, t, SCHEDULE, seed=3, backend="triton")
+    want, _ = ops.q_sample(x, t, SCHEDULE, seed=3, backend="reference")
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    got = ops.ddpm_step(x, x, t, SCHEDULE, seed=3, backend="triton")
+    want = ops.ddpm_step(x, x, t, SCHEDULE, seed=3, backend="reference")
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    got = ops.randn((3, 5), 4, device="cuda:1", backend="triton")
+    torch.testing.assert_close(got, ops.randn((3, 5), 4, device="cuda:1", backend="reference"), **TOLERANCES[torch.float32])
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0

@@ -9,6 +9,7 @@ otherwise the preference order below.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -22,6 +23,7 @@ __all__ = [
     "triton_available",
     "triton_interpreting",
     "load_triton_ops",
+    "triton_launch_device",
 ]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -67,6 +69,21 @@ def load_triton_ops() -> None:
     from . import _triton  # noqa: F401  (registers the ops on import)
 
     triton_ops_loaded = True
+
+
+def triton_launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch Triton kernels for tensors on ``device`` in.
+
+    Triton launches on the current CUDA device (and that device's current
+    stream), not on its arguments' device, and neither ``triton_op`` nor
+    ``wrap_triton`` sets it: without this, cuda:1 tensors would be handed to a
+    kernel running on device 0. A no-op for CPU tensors (Triton's interpreter).
+    torch.compile traces ``torch.cuda.device``; inductor's own code puts its
+    kernels on their buffers' device.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _available(backend: str, device_type: str) -> bool:

@@ -4,6 +4,8 @@ in-kernel from the shared stream (ops.randn)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _extension
@@ -165,10 +167,11 @@ def ddpm_step(
         if which == "triton":
             if not _backend.triton_ops_loaded:
                 _backend.load_triton_ops()
-            op = torch.ops.ddpm_fast.ddpm_step_triton_
+            op, device = torch.ops.ddpm_fast.ddpm_step_triton_, _backend.triton_launch_device(x.device)
         else:
-            op = torch.ops.ddpm_fast.ddpm_step_
-        op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
+            op, device = torch.ops.ddpm_fast.ddpm_step_, contextlib.nullcontext()  # the C++ op guards its device
+        with device:
+            op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
     return out
 
 

@@ -105,7 +105,8 @@ def group_norm_silu(
     if which == "triton":
         if not _backend.triton_ops_loaded:
             _backend.load_triton_ops()
-        y, _, _ = torch.ops.ddpm_fast.group_norm_silu_triton(*args)
+        with _backend.triton_launch_device(x.device):
+            y, _, _ = torch.ops.ddpm_fast.group_norm_silu_triton(*args)
     else:
         y, _, _ = torch.ops.ddpm_fast.group_norm_silu(*args)
     return y
@@ -160,7 +161,8 @@ def _register_fakes() -> None:
 def register_triton_autograd() -> None:
     """The autograd of the Triton op (which ddpm_fast.kernels.group_norm_silu
     registers, with its backward op); called once, by ``_triton`` (see
-    ``_backend.load_triton_ops``)."""
+    ``_backend.load_triton_ops``). Autograd runs the backward on the tensors'
+    device (its worker thread for a CUDA device sets that device current)."""
     torch.library.register_autograd(
         "ddpm_fast::group_norm_silu_triton",
         _make_backward(torch.ops.ddpm_fast.group_norm_silu_triton_backward),

@@ -76,10 +76,11 @@ def q_sample(
     elif which == "triton":
         if not _backend.triton_ops_loaded:
             _backend.load_triton_ops()
-        if given is None:
-            x_t, eps = torch.ops.ddpm_fast.q_sample_randn_triton(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
-        else:
-            x_t, eps = torch.ops.ddpm_fast.q_sample_triton(x, t, sqrt_ab, sqrt_1m_ab, given), given
+        with _backend.triton_launch_device(x.device):
+            if given is None:
+                x_t, eps = torch.ops.ddpm_fast.q_sample_randn_triton(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
+            else:
+                x_t, eps = torch.ops.ddpm_fast.q_sample_triton(x, t, sqrt_ab, sqrt_1m_ab, given), given
     elif given is None:
         x_t, eps = torch.ops.ddpm_fast.q_sample_randn(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
     else:

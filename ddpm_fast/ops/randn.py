@@ -121,7 +121,8 @@ def randn(
     if which == "triton":
         if not _backend.triton_ops_loaded:
             _backend.load_triton_ops()
-        torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset, stride)
+        with _backend.triton_launch_device(out.device):
+            torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset, stride)
     else:
         torch.ops.ddpm_fast.fill_randn_(out, seed, offset, stride)
     return out
