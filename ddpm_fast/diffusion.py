@@ -48,14 +48,29 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``table[t]`` shaped to broadcast against ``x`` (one value per sample)."""
-    num_steps = table.numel()
+    """``table[t]`` shaped to broadcast against ``x`` (one value per sample).
+
+    The table is copied to t's device on each call; the functions below read a
+    schedule's tables through a copy cached per device instead (``_extract``).
+    """
+    _check_timesteps(t, table.numel(), x)
+    return _rows(table, t, x)
+
+
+def _extract(schedule: NoiseSchedule, name: str, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``extract(getattr(schedule, name), t, x)`` from the table's float64 copy
+    on t's device (x's for an int t), made once per device (``_device_table``)."""
+    _check_timesteps(t, schedule.num_timesteps, x)
+    return _rows(_device_table(schedule, name, t.device if isinstance(t, torch.Tensor) else x.device), t, x)
+
+
+def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> None:
     if isinstance(t, bool):
         raise TypeError("t must be an int or an integer tensor, got a bool")
     if isinstance(t, int):
         if not 0 <= t < num_steps:
             raise ValueError(f"timestep {t} is out of range [0, {num_steps})")
-        return table[t].to(x.device, _compute_dtype(x))
+        return
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
         got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(f"t must be an int or an integer (int64 or int32) tensor, got {got}")
@@ -63,17 +78,54 @@ def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torc
         raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
     if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= num_steps):
         raise ValueError(f"timesteps out of range [0, {num_steps}): min {t.min().item()}, max {t.max().item()}")
-    values = table.to(t.device)[t.long()].to(x.device, _compute_dtype(x))
+
+
+def _rows(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``table[t]`` (t already checked) in x's computation dtype on x's device,
+    shaped to broadcast against x. (index_select: indexing with a 0-d device
+    tensor would read it on the host.)"""
+    if isinstance(t, int):
+        return table[t].to(x.device, _compute_dtype(x))
+    values = table.to(t.device).index_select(0, t.reshape(-1).long()).reshape(t.shape)
+    values = values.to(x.device, _compute_dtype(x))
     if values.dim() == 1:
         values = values.reshape((-1,) + (1,) * (x.dim() - 1))
     return values
 
 
+# Tables made from a schedule's own: name -> (the table it is made from, how).
+_DERIVED = {"one_minus_alphas_cumprod": ("alphas_cumprod", lambda ac: 1.0 - ac)}
+
+
+def _device_table(schedule: NoiseSchedule, name: str, device: torch.device) -> torch.Tensor:
+    """The schedule's float64 table ``name`` on ``device``, copied there once per
+    device and kept on the schedule (so it goes with it): copying it on every
+    call was a synchronizing host-to-device copy, about 8 per training step with
+    the vlb loss and one per table and timestep in bits_per_dim. A table
+    replaced or changed in place since its copy was made is copied again."""
+    source_name, derive = _DERIVED.get(name, (name, None))
+    source = getattr(schedule, source_name)
+    if derive is None and source.device == device:
+        return source
+    if torch.compiler.is_compiling():  # traced: no cache to keep up
+        return (source if derive is None else derive(source)).to(device)
+    # An inference tensor has no version counter (nor can it change outside inference mode).
+    version = None if source.is_inference() else source._version
+    copies = schedule.__dict__.setdefault("_extract_tables", {})
+    cached = copies.get((name, device))
+    if cached is not None and cached[0] is source and cached[1] == version:
+        return cached[2]
+    with torch.inference_mode(False):  # usable by autograd, even when first asked for under inference mode
+        copy = (source if derive is None else derive(source)).to(device)
+    copies[(name, device)] = (source, version, copy)
+    return copy
+
+
 def q_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor):
     """Mean, variance and log-variance of q(x_t | x_0) (eq. 4)."""
-    mean = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
-    variance = extract(1.0 - schedule.alphas_cumprod, t, x0)
-    log_variance = extract(schedule.log_one_minus_alphas_cumprod, t, x0)
+    mean = _extract(schedule, "sqrt_alphas_cumprod", t, x0) * x0
+    variance = _extract(schedule, "one_minus_alphas_cumprod", t, x0)
+    log_variance = _extract(schedule, "log_one_minus_alphas_cumprod", t, x0)
     return mean, variance, log_variance
 
 
@@ -83,27 +135,32 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor, n
         raise TypeError(f"x0 must be a floating tensor, got {x0.dtype}")
     if noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
-    a = extract(schedule.sqrt_alphas_cumprod, t, x0)
-    b = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0)
+    a = _extract(schedule, "sqrt_alphas_cumprod", t, x0)
+    b = _extract(schedule, "sqrt_one_minus_alphas_cumprod", t, x0)
     return (a * x0.to(a.dtype) + b * noise.to(a.dtype)).to(x0.dtype)
 
 
 def q_posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor):
     """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
-    mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + extract(schedule.posterior_mean_coef2, t, x_t) * x_t
-    variance = extract(schedule.posterior_variance, t, x_t)
-    log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t)
+    mean = _extract(schedule, "posterior_mean_coef1", t, x_t) * x0 + _extract(schedule, "posterior_mean_coef2", t, x_t) * x_t
+    variance = _extract(schedule, "posterior_variance", t, x_t)
+    log_variance = _extract(schedule, "posterior_log_variance_clipped", t, x_t)
     return mean, variance, log_variance
 
 
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (eq. 4 solved for x_0)."""
-    return extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+    return (
+        _extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t) * x_t
+        - _extract(schedule, "sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+    )
 
 
 def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """The eps that eq. 4 pairs with x_t and x_0."""
-    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
+    return (_extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / _extract(
+        schedule, "sqrt_recipm1_alphas_cumprod", t, x_t
+    )
 
 
 @dataclass
@@ -145,11 +202,11 @@ def p_mean_variance(
     x_t = x_t.to(dtype)
     model_output = model_output.to(dtype)
     if variance == "fixed_small":
-        var = extract(schedule.posterior_variance, t, x_t)
-        log_var = extract(schedule.posterior_log_variance_clipped, t, x_t)
+        var = _extract(schedule, "posterior_variance", t, x_t)
+        log_var = _extract(schedule, "posterior_log_variance_clipped", t, x_t)
     else:
-        var = extract(schedule.fixed_large_variance, t, x_t)
-        log_var = extract(schedule.fixed_large_log_variance, t, x_t)
+        var = _extract(schedule, "fixed_large_variance", t, x_t)
+        log_var = _extract(schedule, "fixed_large_log_variance", t, x_t)
     if mean_type == "eps":
         pred_x0 = predict_x0_from_eps(schedule, x_t, t, model_output)
     else:
@@ -158,7 +215,7 @@ def p_mean_variance(
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
     if mean_type == "eps" and not clip_denoised:
         # eq. 11: (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
-        mean = extract(schedule.sqrt_recip_alphas, t, x_t) * (x_t - extract(schedule.eps_coef, t, x_t) * model_output)
+        mean = _extract(schedule, "sqrt_recip_alphas", t, x_t) * (x_t - _extract(schedule, "eps_coef", t, x_t) * model_output)
     else:
         mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
     var, log_var = var.expand_as(x_t), log_var.expand_as(x_t)

@@ -172,6 +172,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.step = 0
         self._nonfinite_in_row = 0
+        self._epoch_order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+        self._staged: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
 
     # ------------------------------------------------------------ the step
 
@@ -179,15 +181,23 @@ class Trainer:
         return torch.Generator().manual_seed((self.config.seed * 1_000_003 + step) * 4 + stream)
 
     def _global_batch(self, step: int) -> torch.Tensor:
-        """Indices of step ``step``'s global batch: epochs are fixed permutations."""
+        """Indices of step ``step``'s global batch: epochs are fixed permutations
+        (the current one kept: a permutation of CIFAR-10 costs milliseconds)."""
         n, b = len(self.dataset), self.config.batch_size
         per_epoch = n // b
         epoch, i = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-        return order[i * b : (i + 1) * b]
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1][i * b : (i + 1) * b]
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """This rank's (x_0, t, noise offset) for step ``step``."""
+    def _stage(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's image indices, timesteps and flip flags of step ``step``,
+        on the device: drawn on the host (from the seed and the step), then sent
+        in one copy, from pinned memory on CUDA so that it does not wait for the
+        device (a copy from pageable memory synchronizes with it)."""
+        if self._staged is not None and self._staged[0] == step:
+            return self._staged[1]
         b = self.config.batch_size
         local = b // self.world
         lo = self.rank * local
@@ -195,14 +205,28 @@ class Trainer:
         gen = self._generator(step, 0)
         t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen)[lo : lo + local]
         flip = torch.rand(b, generator=gen)[lo : lo + local] < 0.5
-        x0 = self.images[index.to(self.device)].float() / 127.5 - 1
+        if self.device.type != "cpu":
+            packed = torch.stack([index, t, flip.to(torch.int64)])
+            if self.device.type == "cuda":
+                packed = packed.pin_memory()
+            packed = packed.to(self.device, non_blocking=self.device.type == "cuda")
+            index, t, flip = packed[0], packed[1], packed[2].bool()
+        self._staged = (step, (index, t, flip))
+        return index, t, flip
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's (x_0, t, noise offset) for step ``step``."""
+        b = self.config.batch_size
+        lo = self.rank * (b // self.world)
+        index, t, flip = self._stage(step)
+        x0 = self.images[index].float() / 127.5 - 1
         if self.config.flip:
-            x0 = torch.where(flip.to(self.device)[:, None, None, None], x0.flip(-1), x0)
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         if self.config.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         per_sample = x0[0].numel()
         offset = (step * b + lo) * per_sample  # counters of the global batch: rank-independent
-        return x0, t.to(self.device), offset
+        return x0, t, offset
 
     def _loss(self, step: int) -> torch.Tensor:
         x0, t, offset = self._batch(step)
@@ -232,7 +256,14 @@ class Trainer:
 
     def train_step(self) -> float | None:
         """One optimisation step; returns the loss, or None if it was not finite
-        (the update is skipped, with a warning)."""
+        (the update is skipped, with a warning).
+
+        The step reads the device once, for the loss and whether it and the
+        gradient are finite together: the skip, its warning and the stop after
+        ``max_nonfinite`` in a row are decided on the step itself. The next
+        step's batch is drawn and sent to the device before that read, while
+        the device still computes this one.
+        """
         self.net.train()
         loss = self._loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,11 +274,14 @@ class Trainer:
         if self.world > 1:  # every rank must take the same decision, or DDP deadlocks
             finite = finite.to(torch.int32)
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        finite = bool(finite)
+        self._stage(self.step + 1)
+        # The step's one device-to-host read (float64 holds the float32 loss exactly).
+        finite_flag, loss_value = torch.stack([finite.to(torch.float64), loss.detach().to(torch.float64)]).tolist()
+        finite = finite_flag == 1.0
         if not finite and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite_in_row += 1
-            warnings.warn(f"step {self.step}: non-finite loss or gradient ({loss.item()}); update skipped")
+            warnings.warn(f"step {self.step}: non-finite loss or gradient ({loss_value}); update skipped")
             if self._nonfinite_in_row >= self.config.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step}; stopping. "
@@ -262,7 +296,7 @@ class Trainer:
         self._nonfinite_in_row = 0
         self.step += 1
         self._ema_update()
-        return loss.item()
+        return loss_value
 
     # ------------------------------------------------------------- the run
 

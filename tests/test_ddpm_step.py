@@ -301,3 +301,23 @@ class TestUndefinedSteps:
         for clip in (False, True):
             y = ops.ddpm_step(x, x, torch.tensor([0, 8]), self.jsd, seed=0, clip_denoised=clip, backend=backend)
             assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_captures_the_reference_step():
+    """The reference step reads the Sampler's device step counter (a 0-d
+    tensor) on the device: indexing a table with it was a host read, which
+    failed every CUDA graph capture of Sampler(backend="reference")."""
+    import warnings
+
+    from ddpm_fast import Sampler
+
+    def run(cuda_graph: bool) -> torch.Tensor:
+        sampler = Sampler(lambda x, t: 0.5 * x, SCHEDULE, sample_shape=(3, 8, 8), device="cuda", backend="reference",
+                          cuda_graph=cuda_graph)
+        return sampler.sample(4, seed=2, steps=20, progress=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the plain loop
+        graphed = run(True)
+    assert torch.equal(graphed, run(False))

@@ -15,6 +15,7 @@ import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast import diffusion as D
+from ddpm_fast.schedules import TABLES
 
 T = 40
 SCHEDULES = {
@@ -387,3 +388,87 @@ def test_bits_per_dim_refuses_eps_where_x0_is_undefined():
     with pytest.raises(ValueError, match="undefined at timestep 9"):
         D.bits_per_dim(model, x0, s, mean_type="eps")
     assert torch.isfinite(D.bits_per_dim(model, x0, s, mean_type="x0").total).all()
+
+
+# ---------------------------------------------------------------- device tables
+
+
+@pytest.mark.parametrize("name", ["one_minus_alphas_cumprod", *TABLES])
+def test_cached_tables_give_extract_bitwise(name):
+    """The functions read the schedule's tables through _extract (a copy per
+    device, cached): bitwise what extract gives from the table itself."""
+    sched = SCHEDULES["cosine"][0]
+    table = 1.0 - sched.alphas_cumprod if name == "one_minus_alphas_cumprod" else getattr(sched, name)
+    x = data(0).float()
+    for t, _ in t_cases(SHAPE[0]):
+        assert torch.equal(D._extract(sched, name, t, x), D.extract(table, t, x)), t
+
+
+def _host_to_device_copies(fn) -> int:
+    """How many tensors ``fn`` copies from the CPU to another device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+                if src.device.type == "cpu" and out.device.type != "cpu":
+                    Copies.count += 1
+            return out
+
+    with Copies():
+        fn()
+    return Copies.count
+
+
+def test_vb_terms_copy_the_tables_to_the_device_once():
+    """The vlb loss reads ~8 tables per step: each used to be copied to the
+    device on every call (a synchronizing host-to-device copy). Meta tensors
+    stand in for the device."""
+    sched = NoiseSchedule("linear", timesteps=T)
+    x0, x_t, out = (torch.randn(SHAPE, device="meta") for _ in range(3))
+    t = torch.tensor([0, 3, 9, T - 1], device="meta")
+
+    def step():
+        D.vb_terms_bpd(sched, out, x0, x_t, t)
+        D.q_mean_variance(sched, x0, 5)  # an int t: the table on x's device too
+
+    assert _host_to_device_copies(step) > 0
+    assert _host_to_device_copies(step) == 0
+
+
+def test_device_tables_follow_changes_to_the_schedule():
+    """A table changed in place or replaced is copied again; the copies live on
+    the schedule, so they go with it."""
+    import gc
+    import weakref
+
+    sched = NoiseSchedule("linear", timesteps=T)
+    meta = torch.device("meta")
+    first = D._device_table(sched, "betas", meta)
+    assert D._device_table(sched, "betas", meta) is first
+    sched.betas.mul_(1.0)  # in place: a new version
+    second = D._device_table(sched, "betas", meta)
+    assert second is not first and D._device_table(sched, "betas", meta) is second
+    sched.betas = sched.betas.clone()  # replaced
+    assert D._device_table(sched, "betas", meta) is not second
+    derived = D._device_table(sched, "one_minus_alphas_cumprod", torch.device("cpu"))
+    sched.alphas_cumprod.mul_(0.5)
+    assert torch.equal(D._device_table(sched, "one_minus_alphas_cumprod", torch.device("cpu")), 1.0 - sched.alphas_cumprod)
+    assert not torch.equal(derived, 1.0 - sched.alphas_cumprod)
+    assert D._device_table(sched, "sqrt_alphas_cumprod", torch.device("cpu")) is sched.sqrt_alphas_cumprod  # no copy
+    alive = weakref.ref(sched)
+    del sched
+    gc.collect()
+    assert alive() is None
+
+
+def test_device_tables_of_an_inference_mode_schedule():
+    with torch.inference_mode():
+        sched = NoiseSchedule("linear", timesteps=T)
+        in_mode = D._device_table(sched, "betas", torch.device("meta"))
+    assert D._device_table(sched, "betas", torch.device("meta")) is in_mode
+    assert not in_mode.is_inference()  # usable by autograd later

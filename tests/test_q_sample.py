@@ -382,6 +382,26 @@ def test_reference_gives_out_of_range_timesteps_nan_rows():
     assert x_prev[[0, 2]].isnan().all() and x_prev[[1, 3]].isfinite().all()
 
 
+def test_reference_reads_a_device_timestep_without_a_sync():
+    """A 0-d timestep on a device (an int t becomes one, and the Sampler's step
+    counter is one) is looked up on the device: indexing a table with a 0-d
+    integer tensor reads it on the host (.item(), a sync per step that also
+    breaks CUDA graph capture). Meta tensors stand in for the device: they
+    raise on .item()."""
+    import importlib
+
+    _args = importlib.import_module("ddpm_fast.ops._args")
+    table = torch.randn(1000, 8, device="meta")
+    for t in (torch.tensor(5, device="meta"), torch.tensor([5, 7], device="meta")):
+        assert _args.timestep_rows(table, t).shape == t.shape + (8,)
+        assert _args.timestep_rows(table[:, 0], t).shape == t.shape
+    x = torch.randn(2, 3, 4, 4, device="meta")
+    for t in (5, torch.tensor(5, device="meta")):
+        x_t, eps = ops.q_sample(x, t, SCHEDULE, seed=0, backend="reference")
+        assert x_t.shape == eps.shape == x.shape
+        assert ops.ddpm_step(x, torch.randn_like(x), t, SCHEDULE, seed=0, backend="reference").shape == x.shape
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "cuda"])
 def test_gpu_out_of_range_device_timesteps_give_nan_samples(backend):

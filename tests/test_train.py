@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import ddpm_fast.train
 from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
 from train_helpers import make_trainer, run_training
@@ -152,6 +155,83 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     restored = make_trainer(tmp_path, steps=20)
     restored.load_checkpoint(latest_checkpoint(tmp_path))
     assert all(torch.equal(restored.model.state_dict()[k], v) for k, v in good.items())
+
+
+def _host_reads(monkeypatch) -> list[str]:
+    """Records each read of a tensor's value on the host (what synchronizes
+    with a GPU) that ddpm_fast/train.py itself makes."""
+    reads: list[str] = []
+    source = ddpm_fast.train.__file__
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == source:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_a_step_reads_the_device_once(tmp_path, monkeypatch):
+    """The loss and the finite check come back in one read per step (there
+    were two, plus three synchronizing copies of the batch), skipped or not."""
+    trainer = make_trainer(tmp_path, steps=20)
+    trainer.train_step()
+    reads = _host_reads(monkeypatch)
+    assert isinstance(trainer.train_step(), float) and reads == ["tolist"]
+    with torch.no_grad():
+        trainer.model.out.bias.fill_(float("nan"))
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradient \(nan\); update skipped"):
+        assert trainer.train_step() is None
+    assert reads == ["tolist", "tolist"]
+
+
+def test_the_batch_goes_to_the_device_in_one_copy(tmp_path):
+    """Indices, timesteps and flips of a step travel together (pinned and
+    non-blocking on CUDA); meta tensors stand in for the device here. The next
+    step's batch is staged during a step, as drawn on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    trainer = make_trainer(tmp_path)
+    on_host = trainer._stage(3)
+    trainer.train_step()
+    assert trainer._staged[0] == 1 and all(torch.equal(a, b) for a, b in zip(trainer._stage(1), make_trainer(tmp_path)._stage(1)))
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+                Copies.count += source.device.type == "cpu" and out.device.type == "meta"
+            return out
+
+    trainer.device = torch.device("meta")
+    with Copies():
+        staged = trainer._stage(3)
+    assert Copies.count == 1
+    assert [(a.shape, a.dtype, a.device.type) for a in staged] == [(a.shape, a.dtype, "meta") for a in on_host]
+
+
+@pytest.mark.gpu
+def test_gpu_train_step_synchronizes_once(tmp_path):
+    trainer = make_trainer(tmp_path, steps=20, device="cuda")
+    for _ in range(2):  # first use: allocations, kernel loading
+        trainer.train_step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 3, [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize(

@@ -131,9 +131,11 @@ def timestep_rows(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``table[t]`` (rows along dim 0), NaN where t lies outside [0, len(table)):
     what the GPU kernels give for a timestep that a device tensor cannot be
     checked for without a sync. Plain indexing would wrap a negative t into
-    another row, or stop the device on an assert."""
+    another row, or stop the device on an assert. (index_select, not
+    ``table[t]``: indexing with a 0-d integer tensor reads it on the host, a
+    device sync per call, which also breaks CUDA graph capture.)"""
     n = table.shape[0]
-    rows = table[t.clamp(0, n - 1)]
+    rows = table.index_select(0, t.reshape(-1).clamp(0, n - 1)).reshape(t.shape + table.shape[1:])
     valid = ((t >= 0) & (t < n)).reshape(t.shape + (1,) * (table.dim() - 1))
     return torch.where(valid, rows, float("nan"))
 

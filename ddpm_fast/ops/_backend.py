@@ -9,6 +9,7 @@ otherwise the preference order below.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -16,7 +17,14 @@ import torch
 
 from .. import _extension
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_available", "triton_interpreting"]
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "triton_available",
+    "triton_interpreting",
+    "load_triton_ops",
+    "triton_launch_device",
+]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 ENV_VAR = "DDPM_FAST_BACKEND"
@@ -38,6 +46,44 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# Whether load_triton_ops has run. The ops test this plain module global before
+# calling the loader: torch.compile reads a global bool as a constant (with a
+# guard), so once the ops are loaded a compiled function never traces the
+# loader. (An lru_cache'd loader was traced on every compile, and the
+# registration it did, torch.library.register_autograd, cannot be traced.)
+triton_ops_loaded = False
+
+
+def load_triton_ops() -> None:
+    """Register the Triton ops (``torch.ops.ddpm_fast.*_triton``) and their
+    autograd, on the first call of a Triton backend: importing triton and the
+    kernels costs a second or more, which users of the other backends need not pay.
+
+    The work is done by importing ``._triton``. Under torch.compile an import
+    statement is executed, not traced, so a first Triton call inside a compiled
+    function works too (with fullgraph=True): the registration runs as plain Python.
+    """
+    global triton_ops_loaded
+    from . import _triton  # noqa: F401  (registers the ops on import)
+
+    triton_ops_loaded = True
+
+
+def triton_launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch Triton kernels for tensors on ``device`` in.
+
+    Triton launches on the current CUDA device (and that device's current
+    stream), not on its arguments' device, and neither ``triton_op`` nor
+    ``wrap_triton`` sets it: without this, cuda:1 tensors would be handed to a
+    kernel running on device 0. A no-op for CPU tensors (Triton's interpreter).
+    torch.compile traces ``torch.cuda.device``; inductor's own code puts its
+    kernels on their buffers' device.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _available(backend: str, device_type: str) -> bool:

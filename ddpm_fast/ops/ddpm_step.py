@@ -4,13 +4,13 @@ in-kernel from the shared stream (ops.randn)."""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 
 import torch
 
 from .. import _extension
 from ..schedules import NoiseSchedule
-from . import _args
+from . import _args, _backend
 from ._backend import resolve_backend
 from .randn import normal_reference
 
@@ -129,10 +129,12 @@ def ddpm_step(
         _check_output(out_model_input, x_t, "out_model_input", same_dtype=False)
     kind = "ddim" if eta is not None else variance
     table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=x_t.device)
-    undefined = schedule.undefined_steps(kind, eta=0.0 if eta is None else eta, clip_denoised=clip_denoised)
     # Checked where t is on the host (as its range is); on the GPU such a step gives NaN.
-    if undefined and t.device.type == "cpu" and not torch.compiler.is_compiling():
-        hit = sorted(set(t.flatten().tolist()) & set(undefined))
+    # (Not asked under torch.compile: the first ask for a kind computes the list
+    # with nonzero(), which a fullgraph trace cannot follow.)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        undefined = schedule.undefined_steps(kind, eta=0.0 if eta is None else eta, clip_denoised=clip_denoised)
+        hit = sorted(set(t.flatten().tolist()) & set(undefined)) if undefined else None
         if hit:
             raise ValueError(
                 f"{_OP}: the step is undefined at timestep {hit[0]} of this schedule: alpha_t = 0 there "
@@ -163,17 +165,14 @@ def ddpm_step(
         return out
     with torch.no_grad():
         if which == "triton":
-            _load_triton_ops()
-            op = torch.ops.ddpm_fast.ddpm_step_triton_
+            if not _backend.triton_ops_loaded:
+                _backend.load_triton_ops()
+            op, device = torch.ops.ddpm_fast.ddpm_step_triton_, _backend.triton_launch_device(x.device)
         else:
-            op = torch.ops.ddpm_fast.ddpm_step_
-        op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
+            op, device = torch.ops.ddpm_fast.ddpm_step_, contextlib.nullcontext()  # the C++ op guards its device
+        with device:
+            op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _load_triton_ops() -> None:
-    from ..kernels import ddpm_step as _triton  # noqa: F401  (registers the op)
 
 
 if _extension.AVAILABLE:

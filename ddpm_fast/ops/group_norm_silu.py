@@ -3,14 +3,13 @@ and backward (csrc/group_norm_silu.h has the math)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from . import _args
+from . import _args, _backend
 from ._backend import resolve_backend
 
 __all__ = ["group_norm_silu"]
@@ -104,8 +103,10 @@ def group_norm_silu(
     xk = _args.kernel_layout(x) if x.dim() == 4 else x.contiguous()
     args = (xk, _param(weight, x), _param(bias, x), _param(add, x), int(num_groups), float(eps), act)
     if which == "triton":
-        _load_triton_ops()
-        y, _, _ = torch.ops.ddpm_fast.group_norm_silu_triton(*args)
+        if not _backend.triton_ops_loaded:
+            _backend.load_triton_ops()
+        with _backend.triton_launch_device(x.device):
+            y, _, _ = torch.ops.ddpm_fast.group_norm_silu_triton(*args)
     else:
         y, _, _ = torch.ops.ddpm_fast.group_norm_silu(*args)
     return y
@@ -157,10 +158,11 @@ def _register_fakes() -> None:
         )
 
 
-@functools.lru_cache(maxsize=None)
-def _load_triton_ops() -> None:
-    from ..kernels import group_norm_silu as _triton  # noqa: F401  (registers the ops)
-
+def register_triton_autograd() -> None:
+    """The autograd of the Triton op (which ddpm_fast.kernels.group_norm_silu
+    registers, with its backward op); called once, by ``_triton`` (see
+    ``_backend.load_triton_ops``). Autograd runs the backward on the tensors'
+    device (its worker thread for a CUDA device sets that device current)."""
     torch.library.register_autograd(
         "ddpm_fast::group_norm_silu_triton",
         _make_backward(torch.ops.ddpm_fast.group_norm_silu_triton_backward),

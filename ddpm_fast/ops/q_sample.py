@@ -3,13 +3,11 @@ with eps given or drawn in-kernel from the shared stream (ops.randn)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _extension
 from ..schedules import NoiseSchedule
-from . import _args
+from . import _args, _backend
 from ._backend import resolve_backend
 from .randn import normal_reference
 
@@ -76,11 +74,13 @@ def q_sample(
     if which == "reference":
         x_t, eps = _reference(x, t, sqrt_ab, sqrt_1m_ab, given, seed, offset)
     elif which == "triton":
-        _load_triton_ops()
-        if given is None:
-            x_t, eps = torch.ops.ddpm_fast.q_sample_randn_triton(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
-        else:
-            x_t, eps = torch.ops.ddpm_fast.q_sample_triton(x, t, sqrt_ab, sqrt_1m_ab, given), given
+        if not _backend.triton_ops_loaded:
+            _backend.load_triton_ops()
+        with _backend.triton_launch_device(x.device):
+            if given is None:
+                x_t, eps = torch.ops.ddpm_fast.q_sample_randn_triton(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
+            else:
+                x_t, eps = torch.ops.ddpm_fast.q_sample_triton(x, t, sqrt_ab, sqrt_1m_ab, given), given
     elif given is None:
         x_t, eps = torch.ops.ddpm_fast.q_sample_randn(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
     else:
@@ -136,12 +136,9 @@ def _register(name: str, drawn: bool) -> None:
     torch.library.register_autograd(f"ddpm_fast::{name}", backward, setup_context=_setup_context)
 
 
-@functools.lru_cache(maxsize=None)
-def _load_triton_ops() -> None:
-    """Import the Triton kernels (registering their ops) on first use; importing
-    triton costs a second, which CPU-only users need not pay."""
-    from ..kernels import q_sample as _triton  # noqa: F401
-
+def register_triton_autograd() -> None:
+    """The autograd of the Triton ops (which ddpm_fast.kernels.q_sample
+    registers); called once, by ``_triton`` (see ``_backend.load_triton_ops``)."""
     _register("q_sample_triton", drawn=False)
     _register("q_sample_randn_triton", drawn=True)
 

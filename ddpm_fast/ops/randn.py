@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .. import _extension
-from . import _args
+from . import _args, _backend
 from ._backend import resolve_backend
 
 __all__ = ["randn", "normal_reference", "philox4x32_reference"]
@@ -119,9 +119,10 @@ def randn(
         counter = offset + (i // per_sample) * stride + i % per_sample
         return normal_reference(seed, counter).reshape(shape).to(dtype)
     if which == "triton":
-        from ..kernels import randn as _triton  # noqa: F401  (registers the op)
-
-        torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset, stride)
+        if not _backend.triton_ops_loaded:
+            _backend.load_triton_ops()
+        with _backend.triton_launch_device(out.device):
+            torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset, stride)
     else:
         torch.ops.ddpm_fast.fill_randn_(out, seed, offset, stride)
     return out
