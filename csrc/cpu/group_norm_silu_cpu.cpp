@@ -67,105 +67,77 @@ void forward(const T* x, const NormLayout& l, const Params& p, double eps, bool 
   });
 }
 
-// The shift of float moment sums: `about` (the mean of the first values they
-// sum, see kShiftValues), or 0 when that is not finite (the sums then carry
-// the NaN or Inf as unshifted ones would).
+// The shift of float moment sums: `about` (a value of the row: its first,
+// or for channels_last the mean of a channel's first pixels), or 0 when that
+// is not finite (the sums then carry the NaN or Inf as unshifted ones would).
 inline float moment_shift(float about) { return std::isfinite(about) ? about : 0.0f; }
-
-// The shift is the mean of this many values (fewer where there are fewer) at
-// the start of a row (a channels_last channel: of its first pixels): shifted
-// by one value, N(0, 1) data would set off add_chunk_moments for 8% of rows
-// (and nearly every channels_last chunk of 32 channels or more, one channel
-// sufficing); shifted by the mean of 4, for 0.05%.
-constexpr int64_t kShiftValues = 4;
-
-template <typename T>
-float leading_mean(const T* row, int64_t count) {
-  const int64_t k = std::min(kShiftValues, count);
-  float s = 0.0f;
-  for (int64_t i = 0; i < k; ++i) s += static_cast<float>(row[i]);
-  return s / static_cast<float>(k);
-}
 
 // Float sums s of x - shift and q of its squares over m values lose
 // accuracy to cancellation in q - s^2/m (the variance) by the factor
 // q / (q - s^2/m) = 1 + ((mean - shift) / spread)^2: harmless while the shift
 // lies near the values, ruinous when it is an outlier (with each channel's
-// first value 30 to 1e5 spreads off N(0, 1) data, rstd was off by 2e-6 to
-// 1e-3; now by at most 5e-7, tests/test_group_norm_silu.py). Sums that lost
-// more than this factor are taken again about their own mean, which the
-// following chunks keep as their shift.
-constexpr double kMaxCancellation = 4.0;
+// first value 30 to 1e4 spreads off N(0, 1) data, rstd was off by up to 1e-3;
+// now by at most 5e-7, tests/test_group_norm_silu.py). A row (or
+// channels_last part) whose sums lost more than this factor is summed again
+// about its mean. (N(0, 1) data shifted by one of its values: 0.8% of rows.)
+constexpr double kMaxCancellation = 8.0;
 
-// A better shift for float sums s, q of m values taken about `shift`, when
-// they cancelled past kMaxCancellation: their mean in float. Nothing
-// (false) for non-finite sums, which carry their NaN or Inf as they are.
+// Whether sums s, q of m > 0 values cancelled past kMaxCancellation (false
+// for NaN sums).
+inline bool cancelled(double s, double q, double m) { return q * m > kMaxCancellation * (q * m - s * s); }
+
+// A better shift for sums s, q of m values taken about `shift`, when they
+// cancelled: their mean in float. Nothing (false) for non-finite sums, which
+// carry their NaN or Inf as they are.
 inline bool better_shift(double s, double q, double m, float shift, float* next) {
-  if (!(q * m > kMaxCancellation * (q * m - s * s))) return false;  // well conditioned, or NaN (m > 0)
+  if (!cancelled(s, q, m)) return false;
   const float mean = static_cast<float>(static_cast<double>(shift) + s / m);
   if (!std::isfinite(mean) || mean == shift) return false;
   *next = mean;
   return true;
 }
 
-// Adds sums s of x - o - d and q of its squares over m values to sum and
-// sumsq, sums about o: in double, sum (x - o) = s + m d and
-// sum (x - o)^2 = q + 2 d s + m d^2 (d = 0 adds s and q as they are).
-inline void add_moments_about(double s, double q, double m, double d, double* sum, double* sumsq) {
-  *sum += d == 0.0 ? s : s + m * d;
-  *sumsq += d == 0.0 ? q : q + 2.0 * d * s + m * d * d;
+// Moments of a row (an (n, c) row, or a whole NCHW block) about `shift`: the
+// sums of (x - shift) and of its squares, in float chunk by chunk (kChunk),
+// added in double.
+template <typename T>
+void row_moments_about(const T* row, int64_t count, float shift, double* sum, double* sumsq) {
+  *sum = *sumsq = 0.0;
+  for (int64_t s0 = 0; s0 < count; s0 += kChunk)
+    row_moments(row + s0, std::min(kChunk, count - s0), shift, sum, sumsq);
 }
 
-// Adds to sum and sumsq, the moments of the row about o, those of one chunk
-// of m values: sums(f, &s, &q) adds to s and q the float sums of the chunk
-// about f; `shift` is the float shift of the row's chunks so far (o at
-// first), moved by better_shift where this chunk's sums cancelled.
-template <typename Sums>
-void add_chunk_moments(const Sums& sums, int64_t m, double o, float* shift, double* sum, double* sumsq) {
-  double s = 0.0, q = 0.0;
-  sums(*shift, &s, &q);
-  float next;
-  if (better_shift(s, q, static_cast<double>(m), *shift, &next)) {
-    *shift = next;
-    s = q = 0.0;
-    sums(next, &s, &q);
-  }
-  add_moments_about(s, q, static_cast<double>(m), static_cast<double>(*shift) - o, sum, sumsq);
-}
-
-// Shifted moments of a row (an (n, c) row, or a whole NCHW block): sum and
-// sum of squares of (x - shift), chunk by chunk (kChunk, each chunk's float
-// sums about the shift of add_chunk_moments), the shift moment_shift of the
-// row's leading mean.
+// Shifted moments of a row: about moment_shift of its first value, and again
+// about their mean where those cancelled (better_shift). Writes the shift.
 template <typename T>
 void shifted_row_moments(const T* row, int64_t count, double* shift, double* sum, double* sumsq) {
-  float f = moment_shift(leading_mean(row, count));
-  *shift = f;
-  *sum = *sumsq = 0.0;
-  for (int64_t s0 = 0; s0 < count; s0 += kChunk) {
-    const int64_t m = std::min(kChunk, count - s0);
-    add_chunk_moments([&](float at, double* s, double* q) { row_moments(row + s0, m, at, s, q); }, m, *shift, &f,
-                      sum, sumsq);
-  }
+  float o = moment_shift(static_cast<float>(row[0]));
+  row_moments_about(row, count, o, sum, sumsq);
+  if (better_shift(*sum, *sumsq, static_cast<double>(count), o, &o)) row_moments_about(row, count, o, sum, sumsq);
+  *shift = o;
 }
 
 // The same over an NCHW block of `rows` short rows (lanes.count values each),
 // of x + add[k] in row k (add padded by kChannelPad), in pieces of whole rows.
 template <typename T>
-void shifted_block_moments_add(const T* block, const float* add, int64_t rows, const RowLanes& lanes, double* shift,
-                               double* sum, double* sumsq) {
-  float f = moment_shift(leading_mean(block, lanes.count) + add[0]);
-  *shift = f;
+void block_moments_add_about(const T* block, const float* add, int64_t rows, const RowLanes& lanes, float shift,
+                             double* sum, double* sumsq) {
   *sum = *sumsq = 0.0;
   const int64_t per_piece = kChunk / lanes.count;
   for (int64_t k = 0; k < rows; k += per_piece) {
     const int64_t piece_rows = std::min(per_piece, rows - k);
-    add_chunk_moments(
-        [&](float at, double* s, double* q) {
-          block_moments_add(block + k * lanes.count, add + k, piece_rows, lanes, at, s, q);
-        },
-        piece_rows * lanes.count, *shift, &f, sum, sumsq);
+    block_moments_add(block + k * lanes.count, add + k, piece_rows, lanes, shift, sum, sumsq);
   }
+}
+
+template <typename T>
+void shifted_block_moments_add(const T* block, const float* add, int64_t rows, const RowLanes& lanes, double* shift,
+                               double* sum, double* sumsq) {
+  float o = moment_shift(static_cast<float>(block[0]) + add[0]);
+  block_moments_add_about(block, add, rows, lanes, o, sum, sumsq);
+  if (better_shift(*sum, *sumsq, static_cast<double>(rows * lanes.count), o, &o))
+    block_moments_add_about(block, add, rows, lanes, o, sum, sumsq);
+  *shift = o;
 }
 
 // y = act(x * scale + shift) over `rows` consecutive rows of `count` values
@@ -290,13 +262,18 @@ void forward_nchw(const T* x, const NormLayout& l, const Params& p, double eps, 
 
 // The float path, channels_last: per-channel moments of each sample (float
 // sums of x - o_c, o_c the mean of the channel's values at the sample's first
-// kShiftValues pixels, or 0 where that is not finite, flushed to double every
+// kShiftPixels pixels, or 0 where that is not finite, flushed to double every
 // kPixelChunk pixels), its groups' statistics, then the affine+SiLU pass over
 // pixel rows of C values.
 template <typename T>
 void forward_channels_last(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y,
                            float* mean_out, float* rstd_out) {
   constexpr int64_t kPixelChunk = 256;
+  // A part is summed again where any of its channels' sums cancelled (see
+  // part_moments): shifted by one value, N(0, 1) data would set that off in
+  // 0.8% of channels, so in a quarter of the parts of 32 channels; shifted by
+  // the mean of 4, in 1e-7 of channels.
+  constexpr int64_t kShiftPixels = 4;
   // The moments pass runs in parts of this many pixels (their double sums
   // added in part order, so that the result does not depend on the thread
   // count), so that a batch of fewer samples than threads keeps them all busy.
@@ -305,7 +282,7 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   const int64_t parts = (l.hw + kPartPixels - 1) / kPartPixels;
   std::vector<float> offset(l.n * c), scale(l.n * c), shift(l.n * c);
   struct Scratch {  // per task
-    std::vector<float> s1, s2, at;  // at: the chunk's shifts (add_chunk_moments' `shift`, per channel)
+    std::vector<float> s1, s2, at;  // at: the part's shifts where they moved from o (part_moments)
     std::vector<double> o, sums;
   };
   auto scratch = [&] {
@@ -314,35 +291,48 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   };
   auto sample_offsets = [&](int64_t n) {
     float* o = offset.data() + n * c;
-    const int64_t pixels = std::min(kShiftValues, l.hw);
+    const int64_t pixels = std::min(kShiftPixels, l.hw);
+    const float share = 1.0f / static_cast<float>(pixels);  // any shift near the values will do
     std::fill(o, o + c, 0.0f);
     for (int64_t q = 0; q < pixels; ++q)
       for (int64_t k = 0; k < c; ++k) o[k] += static_cast<float>(x[n * sample + q * c + k]);
-    for (int64_t k = 0; k < c; ++k) o[k] = moment_shift(o[k] / static_cast<float>(pixels));
+    for (int64_t k = 0; k < c; ++k) o[k] = moment_shift(o[k] * share);
   };
   // Sum and sum of squares of x - o_c over part `part` of sample n, into
-  // sums[0, c) and sums[c, 2c): float sums over chunks of kPixelChunk pixels
-  // about per-channel shifts, moved as add_chunk_moments moves them (a chunk
-  // where some channel's sums cancelled is summed again, all channels).
+  // sums[0, c) and sums[c, 2c): float sums about shifts `at` over chunks of
+  // kPixelChunk pixels, added in double. At first at = o; where some
+  // channel's sums cancelled (better_shift), the part is summed again about
+  // its channels' means and the sums moved to be about o (in double: with
+  // d = at - o, sum (x - o) = S1 + m d, sum (x - o)^2 = S2 + 2 d S1 + m d^2).
   auto part_moments = [&](int64_t n, int64_t part, Scratch& t, double* sums) {
-    std::fill(sums, sums + 2 * c, 0.0);
     const float* o = offset.data() + n * c;
-    std::copy(o, o + c, t.at.begin());
-    const int64_t end = std::min(l.hw, (part + 1) * kPartPixels);
-    for (int64_t s0 = part * kPartPixels; s0 < end; s0 += kPixelChunk) {
-      const int64_t pixels = std::min(kPixelChunk, end - s0);
-      const auto chunk_sums = [&] {
+    const int64_t begin = part * kPartPixels, end = std::min(l.hw, begin + kPartPixels);
+    auto sums_about = [&](const float* at) {
+      std::fill(sums, sums + 2 * c, 0.0);
+      for (int64_t s0 = begin; s0 < end; s0 += kPixelChunk) {
         std::fill(t.s1.begin(), t.s1.end(), 0.0f);
         std::fill(t.s2.begin(), t.s2.end(), 0.0f);
-        pixel_moments(x + n * sample + s0 * c, t.at.data(), c, pixels, t.s1.data(), t.s2.data());
-      };
-      const double m = static_cast<double>(pixels);
-      chunk_sums();
-      bool moved = false;
-      for (int64_t k = 0; k < c; ++k) moved |= better_shift(t.s1[k], t.s2[k], m, t.at[k], &t.at[k]);
-      if (moved) chunk_sums();
-      for (int64_t k = 0; k < c; ++k)
-        add_moments_about(t.s1[k], t.s2[k], m, static_cast<double>(t.at[k]) - o[k], &sums[k], &sums[c + k]);
+        pixel_moments(x + n * sample + s0 * c, at, c, std::min(kPixelChunk, end - s0), t.s1.data(), t.s2.data());
+        for (int64_t k = 0; k < c; ++k) {
+          sums[k] += t.s1[k];
+          sums[c + k] += t.s2[k];
+        }
+      }
+    };
+    sums_about(o);
+    const double m = static_cast<double>(end - begin);
+    bool any = false;  // a branch-free test first: it is rarely true
+    for (int64_t k = 0; k < c; ++k) any |= cancelled(sums[k], sums[c + k], m);
+    if (!any) return;
+    bool moved = false;
+    std::copy(o, o + c, t.at.begin());
+    for (int64_t k = 0; k < c; ++k) moved |= better_shift(sums[k], sums[c + k], m, o[k], &t.at[k]);
+    if (!moved) return;
+    sums_about(t.at.data());
+    for (int64_t k = 0; k < c; ++k) {
+      const double d = static_cast<double>(t.at[k]) - o[k], s1 = sums[k];
+      sums[k] = s1 + m * d;
+      sums[c + k] += 2.0 * d * s1 + m * d * d;
     }
   };
   // Sample n's statistics and coefficients from its parts' sums.
