@@ -77,20 +77,21 @@ inline float moment_shift(float about) { return std::isfinite(about) ? about : 0
 // q / (q - s^2/m) = 1 + ((mean - shift) / spread)^2: harmless while the shift
 // lies near the values, ruinous when it is an outlier (with each channel's
 // first value 30 to 1e4 spreads off N(0, 1) data, rstd was off by up to 1e-3;
-// now by at most 5e-7, tests/test_group_norm_silu.py). A row (or
-// channels_last part) whose sums lost more than this factor is summed again
-// about its mean. (N(0, 1) data shifted by one of its values: 0.8% of rows.)
+// now by at most 5e-7, tests/test_group_norm_silu.py). A row whose sums
+// lost more than this factor is summed again about its mean (N(0, 1) data
+// shifted by one of its values: 0.8% of rows); channels_last parts, shifted
+// by a mean of 4 values, are held to half of it (see kShiftPixels).
 constexpr double kMaxCancellation = 8.0;
 
-// Whether sums s, q of m > 0 values cancelled past kMaxCancellation (false
-// for NaN sums).
-inline bool cancelled(double s, double q, double m) { return q * m > kMaxCancellation * (q * m - s * s); }
+// Whether sums s, q of m > 0 values cancelled past `limit` (false for NaN
+// sums).
+inline bool cancelled(double s, double q, double m, double limit) { return q * m > limit * (q * m - s * s); }
 
 // A better shift for sums s, q of m values taken about `shift`, when they
-// cancelled: their mean in float. Nothing (false) for non-finite sums, which
-// carry their NaN or Inf as they are.
-inline bool better_shift(double s, double q, double m, float shift, float* next) {
-  if (!cancelled(s, q, m)) return false;
+// cancelled past `limit`: their mean in float. Nothing (false) for non-finite
+// sums, which carry their NaN or Inf as they are.
+inline bool better_shift(double s, double q, double m, float shift, float* next, double limit = kMaxCancellation) {
+  if (!cancelled(s, q, m, limit)) return false;
   const float mean = static_cast<float>(static_cast<double>(shift) + s / m);
   if (!std::isfinite(mean) || mean == shift) return false;
   *next = mean;
@@ -269,11 +270,13 @@ template <typename T>
 void forward_channels_last(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y,
                            float* mean_out, float* rstd_out) {
   constexpr int64_t kPixelChunk = 256;
-  // A part is summed again where any of its channels' sums cancelled (see
-  // part_moments): shifted by one value, N(0, 1) data would set that off in
-  // 0.8% of channels, so in a quarter of the parts of 32 channels; shifted by
-  // the mean of 4, in 1e-7 of channels.
+  // A part is summed again where any of its channels' sums cancelled past
+  // kPartCancellation (see part_moments). Shifted by one value, N(0, 1) data
+  // would set that off in 8% of channels, so in nearly every part of 32
+  // channels or more; shifted by the mean of 4, in 0.05%. (The limit is half
+  // the rows': an outlier among the 4 moves their mean only part of the way.)
   constexpr int64_t kShiftPixels = 4;
+  constexpr double kPartCancellation = kMaxCancellation / 2;
   // The moments pass runs in parts of this many pixels (their double sums
   // added in part order, so that the result does not depend on the thread
   // count), so that a batch of fewer samples than threads keeps them all busy.
@@ -322,11 +325,11 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     sums_about(o);
     const double m = static_cast<double>(end - begin);
     bool any = false;  // a branch-free test first: it is rarely true
-    for (int64_t k = 0; k < c; ++k) any |= cancelled(sums[k], sums[c + k], m);
+    for (int64_t k = 0; k < c; ++k) any |= cancelled(sums[k], sums[c + k], m, kPartCancellation);
     if (!any) return;
     bool moved = false;
     std::copy(o, o + c, t.at.begin());
-    for (int64_t k = 0; k < c; ++k) moved |= better_shift(sums[k], sums[c + k], m, o[k], &t.at[k]);
+    for (int64_t k = 0; k < c; ++k) moved |= better_shift(sums[k], sums[c + k], m, o[k], &t.at[k], kPartCancellation);
     if (!moved) return;
     sums_about(t.at.data());
     for (int64_t k = 0; k < c; ++k) {
