@@ -186,8 +186,9 @@ def gn_forward_fused_kernel(
 @triton.jit
 def gn_moments_kernel(
     x_ptr, add_ptr,  # as in the fused kernel
-    sum_ptr,  # *f32 [N, C, T] out: per position tile, sum of h
-    m2_ptr,  # *f32 [N, C, T] out: sum of (h - m)^2, m the mean of h over the tile's positions
+    mean_ptr,  # *f32 [N, C, T] out: per position tile, m, the float mean of h over the tile's positions
+    dev_ptr,  # *f32 [N, C, T] out: sum of h - m (m's rounding: the host recovers the exact sum n m + D)
+    m2_ptr,  # *f32 [N, C, T] out: sum of (h - m)^2
     C, S, COLS,  # COLS: channels per program
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -196,10 +197,11 @@ def gn_moments_kernel(
     # Every column of the tile has the same valid positions, at least one (t < T);
     # a column outside the channels holds zeros and is not stored.
     rows = tl.minimum(S - t * BLOCK_S, BLOCK_S)
-    col_sum = tl.sum(h, axis=0)
-    d = tl.where(mask, h - (col_sum / rows)[None, :], 0.0)
+    col_mean = tl.sum(h, axis=0) / rows
+    d = tl.where(mask, h - col_mean[None, :], 0.0)
     out = (n * C + c) * tiles + t
-    tl.store(sum_ptr + out, col_sum, mask=cmask)
+    tl.store(mean_ptr + out, col_mean, mask=cmask)
+    tl.store(dev_ptr + out, tl.sum(d, axis=0), mask=cmask)
     tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
 
 
@@ -346,16 +348,22 @@ def group_norm_silu_triton(
         launchable(gn_forward_fused_kernel)[(n * p.col_tiles,)](
             x, w, b, a, y, mean, rstd, c, s, g, cg, p.groups_per_tile, eps, BLOCK_G=p.block_g, **flags)
         return y, mean, rstd
-    sums = torch.empty((2, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
+    sums = torch.empty((3, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
     grid = (n * p.col_tiles, p.pos_tiles)
     launchable(gn_moments_kernel)[grid](
-        x, a, sums[0], sums[1], c, s, p.block_c,
+        x, a, sums[0], sums[1], sums[2], c, s, p.block_c,
         HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_S=p.block_s, BLOCK_C=p.block_c,
         num_warps=p.num_warps)
     # Chan's parallel formula in float64, over each group's (channel, tile) parts
     # in a fixed order: M2 = sum of the parts' M2 + sum of n_t (mean_t - mean)^2.
-    part_sum, part_m2 = sums.double().view(2, n, g, cg * p.pos_tiles)
+    # A part of n_t values about its float mean m with D = sum (h - m) and
+    # Q = sum (h - m)^2 has the sum n_t m + D and M2 = Q - D^2 / n_t: exact
+    # however m was rounded (a float sum of h would carry its rounding, of
+    # order |mean| against the spread, into the between-part term).
+    part_m, part_d, part_q = sums.double().view(3, n, g, cg * p.pos_tiles)
     part_n = (s - p.block_s * torch.arange(p.pos_tiles, device=x.device)).clamp(max=p.block_s).double().repeat(cg)
+    part_sum = part_m * part_n + part_d
+    part_m2 = part_q - part_d * part_d / part_n
     count = cg * s
     group_mean = part_sum.sum(-1) / count
     m2 = part_m2.sum(-1) + (part_n * (part_sum / part_n - group_mean[..., None]).square()).sum(-1)

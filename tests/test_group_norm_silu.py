@@ -546,7 +546,7 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 @pytest.fixture
 def triton_split_path(monkeypatch):
     """Shrink the Triton tiles so that every case takes the split path (partial
-    sums per position tile, added up by torch) with several position tiles."""
+    moments per position tile, combined by torch) with several position tiles."""
     gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
     monkeypatch.setattr(gn, "MAX_TILE", 8)
     monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
@@ -583,7 +583,7 @@ def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, c
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_large_mean_against_float64(request, path, layout):
     """Data far from zero (mean 1000, spread 2): the fused path's two-pass
-    variance and the split path's shifted partial sums must not cancel."""
+    variance and the split path's per-tile moments must not cancel."""
     if path == "split":
         request.getfixturevalue("triton_split_path")
     x, w, b, add = inputs((2, 12, 9, 11), torch.float32, layout, TRITON_DEVICE, True, True)
@@ -627,6 +627,29 @@ def test_triton_split_path_first_value_far_from_the_mean(triton_split_path, layo
     torch.testing.assert_close(rstd.cpu().double(), want_rstd, atol=0.0, rtol=1e-5)
     torch.testing.assert_close(mean.cpu().double(), want_mean, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(y.cpu().double(), reference(h, groups, None, None, None, True), atol=1e-5, rtol=1e-5)
+
+
+@requires_triton
+@gpu_if_present
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_split_path_large_mean_at_real_tile_sizes(layout):
+    """N(0, 1) data plus 1e4 with the split path's real tiles (hundreds of
+    positions each): each tile's float sum of h carries a rounding of order
+    1e4 ulp into the combination unless the tile writes its deviations' sum
+    too (26bc414, without it, was 3e-5 off in rstd here)."""
+    shape, groups = (1, 8, 64, 64), 1
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) + 1e4
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    p = gn.plan(shape[1], 64 * 64, groups, 4, layout == "channels_last")
+    assert not p.fused and p.pos_tiles > 1
+    want_var, want_mean = torch.var_mean(x.double().reshape(1, groups, -1), -1, unbiased=False)
+    want_rstd = (want_var + 1e-5).rsqrt()
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x.to(TRITON_DEVICE), None, None, None, groups, 1e-5, True)
+    assert ((rstd.cpu().double() - want_rstd).abs() / want_rstd).max().item() < 2e-6
+    # A float32 mean near 1e4 is itself rounded to 1e-3 (half an ulp: 5e-4).
+    assert (mean.cpu().double() - want_mean).abs().max().item() <= 5e-4
 
 
 @requires_triton
