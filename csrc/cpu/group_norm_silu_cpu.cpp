@@ -270,11 +270,11 @@ template <typename T>
 void forward_channels_last(const T* x, const NormLayout& l, const Params& p, double eps, bool act, T* y,
                            float* mean_out, float* rstd_out) {
   constexpr int64_t kPixelChunk = 256;
-  // A part is summed again where any of its channels' sums cancelled past
+  // A channel is summed again where its sums cancelled past
   // kPartCancellation (see part_moments). Shifted by one value, N(0, 1) data
-  // would set that off in 8% of channels, so in nearly every part of 32
-  // channels or more; shifted by the mean of 4, in 0.05%. (The limit is half
-  // the rows': an outlier among the 4 moves their mean only part of the way.)
+  // would set that off in 8% of channels; shifted by the mean of 4, in 0.05%.
+  // (The limit is half the rows': an outlier among the 4 moves their mean
+  // only part of the way.)
   constexpr int64_t kShiftPixels = 4;
   constexpr double kPartCancellation = kMaxCancellation / 2;
   // The moments pass runs in parts of this many pixels (their double sums
@@ -285,12 +285,11 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
   const int64_t parts = (l.hw + kPartPixels - 1) / kPartPixels;
   std::vector<float> offset(l.n * c), scale(l.n * c), shift(l.n * c);
   struct Scratch {  // per task
-    std::vector<float> s1, s2, at;  // at: the part's shifts where they moved from o (part_moments)
+    std::vector<float> s1, s2;
     std::vector<double> o, sums;
   };
   auto scratch = [&] {
-    return Scratch{std::vector<float>(c), std::vector<float>(c), std::vector<float>(c), std::vector<double>(c),
-                   std::vector<double>(2 * c)};
+    return Scratch{std::vector<float>(c), std::vector<float>(c), std::vector<double>(c), std::vector<double>(2 * c)};
   };
   auto sample_offsets = [&](int64_t n) {
     float* o = offset.data() + n * c;
@@ -298,44 +297,48 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
     const float share = 1.0f / static_cast<float>(pixels);  // any shift near the values will do
     std::fill(o, o + c, 0.0f);
     for (int64_t q = 0; q < pixels; ++q)
-      for (int64_t k = 0; k < c; ++k) o[k] += static_cast<float>(x[n * sample + q * c + k]);
-    for (int64_t k = 0; k < c; ++k) o[k] = moment_shift(o[k] * share);
+      for (int64_t k = 0; k < c; ++k) o[k] += static_cast<float>(x[n * sample + q * c + k]) * share;
+    for (int64_t k = 0; k < c; ++k) o[k] = moment_shift(o[k]);
   };
   // Sum and sum of squares of x - o_c over part `part` of sample n, into
-  // sums[0, c) and sums[c, 2c): float sums about shifts `at` over chunks of
-  // kPixelChunk pixels, added in double. At first at = o; where some
-  // channel's sums cancelled (better_shift), the part is summed again about
-  // its channels' means and the sums moved to be about o (in double: with
+  // sums[0, c) and sums[c, 2c): float sums over chunks of kPixelChunk pixels,
+  // added in double. A channel whose sums cancelled (better_shift) is summed
+  // again about its mean `at` and moved to be about o (in double: with
   // d = at - o, sum (x - o) = S1 + m d, sum (x - o)^2 = S2 + 2 d S1 + m d^2).
   auto part_moments = [&](int64_t n, int64_t part, Scratch& t, double* sums) {
     const float* o = offset.data() + n * c;
     const int64_t begin = part * kPartPixels, end = std::min(l.hw, begin + kPartPixels);
-    auto sums_about = [&](const float* at) {
-      std::fill(sums, sums + 2 * c, 0.0);
-      for (int64_t s0 = begin; s0 < end; s0 += kPixelChunk) {
-        std::fill(t.s1.begin(), t.s1.end(), 0.0f);
-        std::fill(t.s2.begin(), t.s2.end(), 0.0f);
-        pixel_moments(x + n * sample + s0 * c, at, c, std::min(kPixelChunk, end - s0), t.s1.data(), t.s2.data());
-        for (int64_t k = 0; k < c; ++k) {
-          sums[k] += t.s1[k];
-          sums[c + k] += t.s2[k];
-        }
+    std::fill(sums, sums + 2 * c, 0.0);
+    for (int64_t s0 = begin; s0 < end; s0 += kPixelChunk) {
+      std::fill(t.s1.begin(), t.s1.end(), 0.0f);
+      std::fill(t.s2.begin(), t.s2.end(), 0.0f);
+      pixel_moments(x + n * sample + s0 * c, o, c, std::min(kPixelChunk, end - s0), t.s1.data(), t.s2.data());
+      for (int64_t k = 0; k < c; ++k) {
+        sums[k] += t.s1[k];
+        sums[c + k] += t.s2[k];
       }
-    };
-    sums_about(o);
+    }
     const double m = static_cast<double>(end - begin);
     bool any = false;  // a branch-free test first: it is rarely true
     for (int64_t k = 0; k < c; ++k) any |= cancelled(sums[k], sums[c + k], m, kPartCancellation);
     if (!any) return;
-    bool moved = false;
-    std::copy(o, o + c, t.at.begin());
-    for (int64_t k = 0; k < c; ++k) moved |= better_shift(sums[k], sums[c + k], m, o[k], &t.at[k], kPartCancellation);
-    if (!moved) return;
-    sums_about(t.at.data());
+    // The channels whose sums cancelled, alone, again (a whole second pass for
+    // one channel cost trained U-Net activations 3-10%), in double over their
+    // strided values: few enough that their speed does not matter.
     for (int64_t k = 0; k < c; ++k) {
-      const double d = static_cast<double>(t.at[k]) - o[k], s1 = sums[k];
+      float at;
+      if (!better_shift(sums[k], sums[c + k], m, o[k], &at, kPartCancellation)) continue;
+      const T* column = x + n * sample + begin * c + k;
+      double a1[4] = {}, a2[4] = {};  // four chains: one add's latency per value would bound the loop
+      for (int64_t q = 0; q < end - begin; ++q) {
+        const double v = static_cast<double>(static_cast<float>(column[q * c])) - at;
+        a1[q & 3] += v;
+        a2[q & 3] += v * v;
+      }
+      const double s1 = (a1[0] + a1[1]) + (a1[2] + a1[3]), s2 = (a2[0] + a2[1]) + (a2[2] + a2[3]);
+      const double d = static_cast<double>(at) - o[k];
       sums[k] = s1 + m * d;
-      sums[c + k] += 2.0 * d * s1 + m * d * d;
+      sums[c + k] = s2 + 2.0 * d * s1 + m * d * d;
     }
   };
   // Sample n's statistics and coefficients from its parts' sums.
