@@ -109,15 +109,19 @@ def _device_table(schedule: NoiseSchedule, name: str, device: torch.device) -> t
         return source
     if torch.compiler.is_compiling():  # traced: no cache to keep up
         return (source if derive is None else derive(source)).to(device)
-    # An inference tensor has no version counter (nor can it change outside inference mode).
-    version = None if source.is_inference() else source._version
+    # An inference tensor has no version counter, yet inference mode may change
+    # it in place: its stamp is a copy of its values (on the host, where a
+    # schedule's tables live: comparing them is cheap there).
+    inference = source.is_inference()
     copies = schedule.__dict__.setdefault("_extract_tables", {})
     cached = copies.get((name, device))
-    if cached is not None and cached[0] is source and cached[1] == version:
-        return cached[2]
+    if cached is not None and cached[0] is source:
+        stamp = cached[1]
+        if (torch.equal(stamp, source) if inference else stamp == source._version):
+            return cached[2]
     with torch.inference_mode(False):  # usable by autograd, even when first asked for under inference mode
         copy = (source if derive is None else derive(source)).to(device)
-    copies[(name, device)] = (source, version, copy)
+    copies[(name, device)] = (source, source.clone() if inference else source._version, copy)
     return copy
 
 

@@ -472,3 +472,11 @@ def test_device_tables_of_an_inference_mode_schedule():
         in_mode = D._device_table(sched, "betas", torch.device("meta"))
     assert D._device_table(sched, "betas", torch.device("meta")) is in_mode
     assert not in_mode.is_inference()  # usable by autograd later
+    cpu = torch.device("cpu")
+    derived = D._device_table(sched, "one_minus_alphas_cumprod", cpu)
+    with torch.inference_mode():  # an inference tensor has no version counter, but can change here
+        sched.alphas_cumprod.mul_(0.5)
+        sched.betas.mul_(2.0)
+    assert torch.equal(D._device_table(sched, "one_minus_alphas_cumprod", cpu), 1.0 - sched.alphas_cumprod)
+    assert not torch.equal(derived, 1.0 - sched.alphas_cumprod)
+    assert D._device_table(sched, "betas", torch.device("meta")) is not in_mode
