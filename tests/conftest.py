@@ -59,6 +59,27 @@ def poison_cuda_allocator(nbytes: int, device: str) -> None:
         del blocks
 
 
+def host_to_device_copies(fn):
+    """(fn(), how many tensors it copied from the CPU to another device): the
+    copies (aten._to_copy, aten.copy_) counted as they dispatch, so that meta
+    tensors can stand in for a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+                Copies.count += source.device.type == "cpu" and out.device.type != "cpu"
+            return out
+
+    with Copies():
+        result = fn()
+    return result, Copies.count
+
+
 def gpu_if_present(test):
     """For a test that runs on the GPU where there is one and on the CPU
     (Triton's interpreter) otherwise: marked `gpu` only where CUDA is present,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import host_to_device_copies
 from ddpm_fast import NoiseSchedule
 from ddpm_fast import diffusion as D
 from ddpm_fast.schedules import TABLES
@@ -404,26 +405,6 @@ def test_cached_tables_give_extract_bitwise(name):
         assert torch.equal(D._extract(sched, name, t, x), D.extract(table, t, x)), t
 
 
-def _host_to_device_copies(fn) -> int:
-    """How many tensors ``fn`` copies from the CPU to another device."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Copies(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-                src = args[1] if func is torch.ops.aten.copy_.default else args[0]
-                if src.device.type == "cpu" and out.device.type != "cpu":
-                    Copies.count += 1
-            return out
-
-    with Copies():
-        fn()
-    return Copies.count
-
-
 def test_vb_terms_copy_the_tables_to_the_device_once():
     """The vlb loss reads ~8 tables per step: each used to be copied to the
     device on every call (a synchronizing host-to-device copy). Meta tensors
@@ -436,8 +417,8 @@ def test_vb_terms_copy_the_tables_to_the_device_once():
         D.vb_terms_bpd(sched, out, x0, x_t, t)
         D.q_mean_variance(sched, x0, 5)  # an int t: the table on x's device too
 
-    assert _host_to_device_copies(step) > 0
-    assert _host_to_device_copies(step) == 0
+    assert host_to_device_copies(step)[1] > 0
+    assert host_to_device_copies(step)[1] == 0
 
 
 def test_device_tables_follow_changes_to_the_schedule():

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import ddpm_fast.train
 from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
+from conftest import host_to_device_copies
 from train_helpers import make_trainer, run_training
 
 STEPS = 8
@@ -192,27 +193,14 @@ def test_the_batch_goes_to_the_device_in_one_copy(tmp_path):
     """Indices, timesteps and flips of a step travel together (pinned and
     non-blocking on CUDA); meta tensors stand in for the device here. The next
     step's batch is staged during a step, as drawn on the host."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     trainer = make_trainer(tmp_path)
     on_host = trainer._stage(3)
     trainer.train_step()
     assert trainer._staged[0] == 1 and all(torch.equal(a, b) for a, b in zip(trainer._stage(1), make_trainer(tmp_path)._stage(1)))
 
-    class Copies(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-                source = args[1] if func is torch.ops.aten.copy_.default else args[0]
-                Copies.count += source.device.type == "cpu" and out.device.type == "meta"
-            return out
-
     trainer.device = torch.device("meta")
-    with Copies():
-        staged = trainer._stage(3)
-    assert Copies.count == 1
+    staged, copies = host_to_device_copies(lambda: trainer._stage(3))
+    assert copies == 1
     assert [(a.shape, a.dtype, a.device.type) for a in staged] == [(a.shape, a.dtype, "meta") for a in on_host]
 
 
