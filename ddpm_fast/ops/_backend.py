@@ -23,6 +23,7 @@ __all__ = [
     "triton_available",
     "triton_interpreting",
     "load_triton_ops",
+    "triton_launch",
     "triton_launch_device",
 ]
 
@@ -48,7 +49,7 @@ def triton_available() -> bool:
     return True
 
 
-# Whether load_triton_ops has run. The ops test this plain module global before
+# Whether load_triton_ops has run. triton_launch tests this plain module global before
 # calling the loader: torch.compile reads a global bool as a constant (with a
 # guard), so once the ops are loaded a compiled function never traces the
 # loader. (An lru_cache'd loader was traced on every compile, and the
@@ -69,6 +70,16 @@ def load_triton_ops() -> None:
     from . import _triton  # noqa: F401  (registers the ops on import)
 
     triton_ops_loaded = True
+
+
+def triton_launch(device: torch.device) -> contextlib.AbstractContextManager:
+    """What an op does before launching a Triton kernel on tensors on
+    ``device``: load the Triton ops on first use (a check of the plain flag,
+    which torch.compile reads as a constant), then return the context to
+    launch in (``triton_launch_device``)."""
+    if not triton_ops_loaded:
+        load_triton_ops()
+    return triton_launch_device(device)
 
 
 def triton_launch_device(device: torch.device) -> contextlib.AbstractContextManager:

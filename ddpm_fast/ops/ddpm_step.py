@@ -165,9 +165,8 @@ def ddpm_step(
         return out
     with torch.no_grad():
         if which == "triton":
-            if not _backend.triton_ops_loaded:
-                _backend.load_triton_ops()
-            op, device = torch.ops.ddpm_fast.ddpm_step_triton_, _backend.triton_launch_device(x.device)
+            device = _backend.triton_launch(x.device)  # loads the op on first use
+            op = torch.ops.ddpm_fast.ddpm_step_triton_
         else:
             op, device = torch.ops.ddpm_fast.ddpm_step_, contextlib.nullcontext()  # the C++ op guards its device
         with device:

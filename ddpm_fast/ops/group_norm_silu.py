@@ -103,9 +103,7 @@ def group_norm_silu(
     xk = _args.kernel_layout(x) if x.dim() == 4 else x.contiguous()
     args = (xk, _param(weight, x), _param(bias, x), _param(add, x), int(num_groups), float(eps), act)
     if which == "triton":
-        if not _backend.triton_ops_loaded:
-            _backend.load_triton_ops()
-        with _backend.triton_launch_device(x.device):
+        with _backend.triton_launch(x.device):
             y, _, _ = torch.ops.ddpm_fast.group_norm_silu_triton(*args)
     else:
         y, _, _ = torch.ops.ddpm_fast.group_norm_silu(*args)

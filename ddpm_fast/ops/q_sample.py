@@ -74,9 +74,7 @@ def q_sample(
     if which == "reference":
         x_t, eps = _reference(x, t, sqrt_ab, sqrt_1m_ab, given, seed, offset)
     elif which == "triton":
-        if not _backend.triton_ops_loaded:
-            _backend.load_triton_ops()
-        with _backend.triton_launch_device(x.device):
+        with _backend.triton_launch(x.device):
             if given is None:
                 x_t, eps = torch.ops.ddpm_fast.q_sample_randn_triton(x, t, sqrt_ab, sqrt_1m_ab, seed, offset)
             else:

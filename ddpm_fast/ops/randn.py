@@ -119,9 +119,7 @@ def randn(
         counter = offset + (i // per_sample) * stride + i % per_sample
         return normal_reference(seed, counter).reshape(shape).to(dtype)
     if which == "triton":
-        if not _backend.triton_ops_loaded:
-            _backend.load_triton_ops()
-        with _backend.triton_launch_device(out.device):
+        with _backend.triton_launch(out.device):
             torch.ops.ddpm_fast.fill_randn_triton_(out, seed, offset, stride)
     else:
         torch.ops.ddpm_fast.fill_randn_(out, seed, offset, stride)
