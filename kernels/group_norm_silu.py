@@ -16,11 +16,11 @@ Two paths, chosen by `_plan`:
 * split: for large H*W, pass 1 writes per-(sample, channel, position-tile)
   partial moments; torch combines them in a fixed order (deterministic) into the
   group statistics; pass 2 normalizes each tile. Two reads, one write. The
-  forward's partial moments are, per column of a tile, the sum of h and the sum
-  of squared deviations about that column's own mean (two passes over
-  registers, as in the fused path); torch combines them in float64 by Chan's
-  parallel formula, so that neither a mean large against the spread nor values
-  far from the mean make float32 sums of squares cancel.
+  forward's partial moments are, per column of a tile, its float mean m and
+  the sums of h - m and of (h - m)^2 (two passes over registers, as in the
+  fused path); torch combines them in float64 by Chan's parallel formula, so
+  that neither a mean large against the spread nor values far from the mean
+  make float32 sums cancel.
 
 The backward follows the same two paths over the per-(n, c) sums
 A = sum du*xhat, B = sum du, X = sum xhat.
