@@ -14,7 +14,7 @@ from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, require
 from ddpm_fast import ops
 from ddpm_fast.ops.randn import normal_reference, philox4x32_reference
 
-SEEDS = [0, 123, 2**40 + 7, 2**64 - 1]
+SEEDS = [0, 123, 2**40 + 7, 2**63 - 1, 2**63, 2**64 - 1]  # 2^63 +- 1: where the signed conversion of the C++ ops turns
 OFFSETS = [0, 12345, 2**32 - 5]  # the last one crosses into the counter's high word
 
 
