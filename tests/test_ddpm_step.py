@@ -161,18 +161,36 @@ def test_reference_is_the_diffusion_math():
             torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
-def test_ddim_eta0_is_deterministic_and_matches_song_et_al():
-    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+def test_ddim_eta0_is_deterministic():
+    x = torch.randn(3, 2, 5, 5)
     eps = torch.randn_like(x)
     t = torch.tensor([999, 300, 0])
-    a = ops.ddpm_step(x.float(), eps.float(), t, SCHEDULE, eta=0.0, seed=1, backend="reference")
-    b = ops.ddpm_step(x.float(), eps.float(), t, SCHEDULE, eta=0.0, seed=2, backend="reference")
-    assert torch.equal(a, b)
+    a = ops.ddpm_step(x, eps, t, SCHEDULE, eta=0.0, seed=1, backend="reference")
+    assert torch.equal(a, ops.ddpm_step(x, eps, t, SCHEDULE, eta=0.0, seed=2, backend="reference"))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_matches_song_et_al(eta, clip):
+    # Song et al. (2021) eq. 12 with sigma of eq. 16, in float64 from the given z;
+    # clipped, eps is recomputed from the clipped x_0 (as guided-diffusion's
+    # ddim_sample does). Observed error ~7e-7 (x_{t-1} up to ~5).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64) * 1.5
+    eps = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    z = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([999, 300, 1, 0])
+    got = ops.ddpm_step(x.float(), eps.float(), t, SCHEDULE, eta=eta, clip_denoised=clip, noise=z.float(), backend="reference")
     ab = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     ab_prev = SCHEDULE.alphas_cumprod_prev[t].reshape(-1, 1, 1, 1)
     x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-    want = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps  # eq. 12 with sigma = 0
-    torch.testing.assert_close(a.double(), want, atol=1e-4, rtol=1e-4)
+    if clip:
+        assert ((x0 < -1) | (x0 > 1)).any() and (x0.abs() < 1).any()  # the clip is exercised
+        x0 = x0.clamp(-1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+    sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+    want = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps + sigma * z
+    torch.testing.assert_close(got.double(), want, atol=5e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])

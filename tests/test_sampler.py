@@ -229,23 +229,67 @@ def test_cuda_graph_on_a_device_that_is_not_the_current_one():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_under_the_callers_autocast():
-    class ThroughConv(torch.nn.Module):  # the oracle, then a 1x1 identity conv that autocast runs in bfloat16
+@pytest.mark.parametrize("weight_cache", ["off", "on"], ids=["sampler", "pre-fix-control"])
+def test_cuda_graph_does_not_read_the_callers_autocast_cache(monkeypatch, weight_cache):
+    """A graph captured under the caller's autocast must not read the weight casts
+    autocast cached in the warm-up: autocast frees them when the caller's block
+    exits, while the replays may still be queued. Here they are: the model sleeps
+    on the GPU every step (~10 ms, ~1 s for the 100 replayed steps), so sample()
+    returns and the block exits long before the replays run. The freed casts'
+    blocks belong to the warm-up's (side) stream, the only stream the caching
+    allocator hands them out on again: the test takes that stream, fills all its
+    free blocks with NaN while the replays are queued, and only then waits for
+    the samples. The Sampler (cache off in warm-up and capture; the graph owns its
+    casts) must then equal the plain loop; the control reruns the same probe on
+    the pre-fix Sampler (cache on: the graph reads the warm-up's cached cast), for
+    which the probe must see different samples, or it could not catch the bug."""
+
+    class SlowThroughConv(torch.nn.Module):  # the oracle, then a 1x1 identity conv that autocast runs in bfloat16
         def __init__(self):
             super().__init__()
             self.oracle = GaussianOracle()
             self.conv = torch.nn.Conv2d(3, 3, 1, bias=False)
             torch.nn.init.dirac_(self.conv.weight)
+            self.sleep_cycles = 0
 
         def forward(self, x, t):
+            if self.sleep_cycles:
+                torch.cuda._sleep(self.sleep_cycles)  # a kernel: captured, and replayed every step
             return self.conv(self.oracle(x, t))
 
-    model = ThroughConv().cuda()
-    kw = dict(sample_shape=(3, 8, 8), clip_denoised=True)
+    model = SlowThroughConv().cuda()
+    kw = dict(sample_shape=(3, 8, 8), clip_denoised=False)  # unclipped: a NaN weight reaches the samples
+    run = dict(seed=1, steps=120, progress=False)  # 3 warm-up steps, 2 replays of 50, 17 plain steps
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        graphed = Sampler(model, SCHEDULE, **kw).sample(4, seed=1, steps=120, progress=False)
-        plain = Sampler(model, SCHEDULE, cuda_graph=False, **kw).sample(4, seed=1, steps=120, progress=False)
-    assert torch.equal(graphed, plain)
+        plain = Sampler(model, SCHEDULE, cuda_graph=False, **kw).sample(4, **run)
+    assert torch.isfinite(plain).all()
+
+    if weight_cache == "on":  # the Sampler before the fix: warm-up and capture under the caller's cache
+        monkeypatch.setattr(sampler_module, "_autocast_without_cache", contextlib.nullcontext)
+    streams = []
+
+    def recording_stream(*args, _stream=torch.cuda.Stream, **kwargs):
+        streams.append(_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(torch.cuda, "Stream", recording_stream)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # few free blocks left over from other tests: a short fill below
+    model.sleep_cycles = 20_000_000  # ~10 ms a step at the H100/H200 clocks
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = Sampler(model, SCHEDULE, **kw).sample(4, **run)
+    # The block has exited: with the cache on, the cached casts are free now.
+    (side,) = streams
+    poison, reserved = [], torch.cuda.memory_reserved()
+    with torch.cuda.stream(side):  # 512-byte NaN blocks until the stream's free blocks run out (a new segment)
+        while torch.cuda.memory_reserved() == reserved and len(poison) < 1 << 16:
+            poison += [torch.full((256,), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(64)]
+    assert torch.cuda.memory_reserved() > reserved, "the side stream's free blocks did not run out"
+    assert not torch.cuda.current_stream().query(), "the chain finished before the probe: it would show nothing"
+    if weight_cache == "off":
+        assert torch.equal(graphed, plain)
+    else:
+        assert not torch.equal(graphed, plain), "the probe did not see the pre-fix Sampler's use-after-free"
 
 
 @pytest.mark.gpu

@@ -94,15 +94,26 @@ def test_run_writes_log_checkpoints_plot_and_samples(tmp_path):
 
 
 def test_resume_in_process_continues_exactly(tmp_path):
-    full = make_trainer(tmp_path / "full", steps=STEPS)
+    # With dropout, so that the step draws from torch's generator and a resume
+    # that did not restore it would differ; the EMA and the optimizer's state
+    # are compared too (the losses and the model alone do not show an EMA that
+    # was not restored).
+    full = make_trainer(tmp_path / "full", steps=STEPS, dropout=0.3)
     full.train(final_samples=False)
-    part = make_trainer(tmp_path / "part", steps=STEPS // 2)
+    part = make_trainer(tmp_path / "part", steps=STEPS // 2, dropout=0.3)
     part.train(final_samples=False)
-    resumed = make_trainer(tmp_path / "part", steps=STEPS)
+    resumed = make_trainer(tmp_path / "part", steps=STEPS, dropout=0.3)
     resumed.train(final_samples=False)
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
-    for name, value in full.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    for module in ("model", "ema"):
+        want, got = getattr(full, module).state_dict(), getattr(resumed, module).state_dict()
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert torch.equal(value, got[name]), f"{module}.{name}"
+    want, got = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert got["param_groups"] == want["param_groups"] and got["state"].keys() == want["state"].keys()
+    for i, state in want["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(got["state"][i][k])) for k, v in state.items()), i
 
 
 @pytest.mark.slow

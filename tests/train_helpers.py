@@ -38,12 +38,12 @@ def toy_dataset(n: int = 64, channels: int = 1, size: int = 8, seed: int = 0) ->
     return ImageDataset(img[:, None].expand(n, channels, size, size).contiguous(), name="toy")
 
 
-def make_trainer(out_dir, steps: int = 6, device: str = "cpu", **overrides) -> Trainer:
+def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 0.0, **overrides) -> Trainer:
     torch.manual_seed(0)
     values = dict(steps=steps, batch_size=8, lr=1e-3, warmup=2, log_every=1, checkpoint_every=2, seed=3, flip=True,
                   ema_decay=0.9)
     values.update(overrides)
-    return Trainer(TinyEps(), toy_dataset(), NoiseSchedule("linear", timesteps=100), TrainConfig(**values), out_dir,
+    return Trainer(TinyEps(dropout=dropout), toy_dataset(), NoiseSchedule("linear", timesteps=100), TrainConfig(**values), out_dir,
                    device=device, progress=False)
 
 
