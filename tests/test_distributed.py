@@ -34,8 +34,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         trainer = make_trainer(Path(out) / "run", steps=STEPS)
         trainer.train(final_samples=False)
+        grads = _next_step_gradients(trainer)
         if rank == 0:
             torch.save(trainer.model.state_dict(), Path(out) / "weights.pt")
+            torch.save(grads, Path(out) / "grads.pt")
         torch.manual_seed(0)
         sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
         images = distributed.sample_sharded(sampler, 5, seed=9, batch_size=2, progress=False)
@@ -46,6 +48,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         distributed.teardown(failed=failed)
 
 
+def _next_step_gradients(trainer) -> list[torch.Tensor]:
+    """The gradients of the next step's loss (through DDP where the trainer
+    wraps the model): Adam barely notices a gradient scaled by a constant, so
+    the weights alone would not show ranks summing where they should average."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._loss(trainer.step).backward()
+    return [p.grad.clone() for p in trainer.model.parameters()]
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
@@ -54,6 +65,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     ddp = torch.load(tmp_path / "weights.pt")
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for k, (ddp_grad, grad) in enumerate(zip(torch.load(tmp_path / "grads.pt"), _next_step_gradients(single))):
+        torch.testing.assert_close(ddp_grad, grad, rtol=1e-5, atol=1e-7, msg=f"gradient {k}")
     torch.manual_seed(0)
     sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
     alone = distributed.sample_sharded(sampler, 5, seed=9, batch_size=5, progress=False)
