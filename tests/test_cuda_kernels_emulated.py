@@ -145,3 +145,25 @@ def test_group_norm_silu_cluster_kernel(cluster_emulator: Path, case: str) -> No
     result = subprocess.run([str(cluster_emulator), *case.split()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
     assert result.stdout.count("act=") == 4 and "FAILED" not in result.stdout
+
+
+# The plan on an H100 (227 KB of shared memory a block at most): C, S, G, layout,
+# element bytes -> cluster size, channels a tile, bytes of shared memory a block.
+# The layer (128 channels of 256 x 256, 32 groups): 8 blocks a group;
+# bfloat16 NCHW blocks (69 KB) leave room for two an SM. channels_last bfloat16
+# packs 2 groups a tile for 16-byte rows. Too large for 8 blocks: no cluster.
+H100_PLANS = [
+    ("128 65536 32 nchw 2", "cluster 8 cols 4 block_s 8192 smem 70216"),
+    ("128 65536 32 nchw 4", "cluster 8 cols 4 block_s 8192 smem 135760"),
+    ("128 65536 32 nhwc 2", "cluster 8 cols 8 block_s 8192 smem 152128"),
+    ("128 65536 32 nhwc 4", "cluster 8 cols 4 block_s 8192 smem 168512"),
+    ("128 16384 32 nchw 2", "cluster 2 cols 4 block_s 8192 smem 70216"),
+    ("128 262144 32 nchw 2", "cluster 0"),
+]
+
+
+@pytest.mark.parametrize("case,want", H100_PLANS, ids=lambda c: c.replace(" ", "-"))
+def test_group_norm_silu_cluster_plan(cluster_emulator: Path, case: str, want: str) -> None:
+    result = subprocess.run([str(cluster_emulator), "plan", *case.split(), str(227 * 1024)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout.strip() + " ").startswith(want + " "), result.stdout

@@ -63,14 +63,16 @@ constexpr int kClusterMinBlocks = 2;
 struct ClusterLimits {
   int max_cluster = 8;                    // blocks per cluster: 8, the portable limit
   int64_t target_block_bytes = 96 << 10;  // more blocks while one asks for more (two blocks an SM fit)
-  int64_t max_block_bytes = 0;            // a block's dynamic shared memory at most (the host: the GPU's opt-in limit); 0: no cluster path
-  int64_t min_row_bytes = 16;             // channels_last: pack groups until a row fills a 16-byte packet
+  // A block's dynamic shared memory at most (the host: the GPU's opt-in
+  // limit); 0: no cluster path.
+  int64_t max_block_bytes = 0;
+  int64_t min_row_bytes = 16;  // channels_last: pack groups until a row fills a 16-byte packet
 };
 
 struct ClusterPlan {
-  Geometry g;          // pos_tiles = cluster: block r of a cluster takes position tile r
-  int cluster = 0;     // blocks per cluster; 0 where the path does not apply
-  int64_t smem_bytes;  // dynamic shared memory per block
+  Geometry g{};            // pos_tiles = cluster: block r of a cluster takes position tile r
+  int cluster = 0;         // blocks per cluster; 0 where the path does not apply
+  int64_t smem_bytes = 0;  // dynamic shared memory per block
 };
 
 // Positions per block when a cluster of k blocks shares s: a multiple of 8, so
@@ -102,7 +104,8 @@ inline ClusterPlan plan_cluster(int64_t c, int64_t s, int64_t groups, int64_t el
     gpt *= 2;
   }
   const int64_t cols = gpt * cg;
-  int64_t k = blocks_for(cols, lim.target_block_bytes < lim.max_block_bytes ? lim.target_block_bytes : lim.max_block_bytes);
+  const int64_t target = lim.target_block_bytes < lim.max_block_bytes ? lim.target_block_bytes : lim.max_block_bytes;
+  int64_t k = blocks_for(cols, target);
   if (k == 0) k = blocks_for(cols, lim.max_block_bytes);
   if (k == 0) return plan;
   Geometry& g = plan.g;

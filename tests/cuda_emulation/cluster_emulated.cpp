@@ -9,6 +9,7 @@
 //     plan must choose. far: N(0, 1) data whose every group starts with 1e3 (its
 //     first value far from its mean), mean, rstd and float32 y held to float32
 //     rounding.
+//   cluster_emulated plan C S G LAYOUT ELEM_BYTES BLOCK_BYTES: prints the plan.
 // Each case runs with and without add, affine parameters and SiLU. Exit status 0
 // when every output is within tolerance, 1 otherwise.
 #include "emulate.h"
@@ -160,6 +161,15 @@ bool dispatch(const Case& k) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 8 && std::string(argv[1]) == "plan") {  // plan C S G nchw|nhwc ELEM_BYTES BLOCK_BYTES: the GPU's plan
+    gn::ClusterLimits lim;
+    lim.max_block_bytes = std::atoll(argv[7]);
+    const gn::ClusterPlan plan = gn::plan_cluster(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
+                                                  std::atoll(argv[6]), std::string(argv[5]) == "nhwc", lim);
+    std::printf("cluster %d cols %lld block_s %lld smem %lld\n", plan.cluster, static_cast<long long>(plan.g.cols),
+                static_cast<long long>(plan.g.block_s), static_cast<long long>(plan.smem_bytes));
+    return 0;
+  }
   if (argc != 11 && !(argc == 12 && std::string(argv[11]) == "far")) {
     std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|f16|bf16 wide|scalar THREADS BLOCK_BYTES K [far]\n", argv[0]);
     return 2;
