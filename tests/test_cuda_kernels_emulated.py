@@ -164,6 +164,7 @@ H100_PLANS = [
 
 @pytest.mark.parametrize("case,want", H100_PLANS, ids=lambda c: c.replace(" ", "-"))
 def test_group_norm_silu_cluster_plan(cluster_emulator: Path, case: str, want: str) -> None:
-    result = subprocess.run([str(cluster_emulator), "plan", *case.split(), str(227 * 1024)], capture_output=True, text=True)
+    cmd = [str(cluster_emulator), "plan", *case.split(), str(227 * 1024)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (result.stdout.strip() + " ").startswith(want + " "), result.stdout

@@ -114,7 +114,10 @@ bool run(const Case& k) {
       for (int64_t g = 0; g < k.g; ++g) x[at(k, n, g * (k.c / k.g), 0)] = 1e3;
   }
   std::vector<double> w, b, add;
-  for (int64_t c = 0; c < k.c; ++c) w.push_back(rounded<float>(1 + normal(gen))), b.push_back(rounded<float>(normal(gen)));
+  for (int64_t c = 0; c < k.c; ++c) {
+    w.push_back(rounded<float>(1 + normal(gen)));
+    b.push_back(rounded<float>(normal(gen)));
+  }
   for (int64_t i = 0; i < k.n * k.c; ++i) add.push_back(rounded<float>(normal(gen)));
   std::vector<T> xt(numel);
   for (int64_t i = 0; i < numel; ++i) xt[i] = T(static_cast<float>(x[i]));

@@ -12,7 +12,6 @@
 
 #include <atomic>
 #include <barrier>
-#include <optional>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -126,7 +126,7 @@ void launch_cluster(Kernel kernel, unsigned grid, unsigned cluster_size, unsigne
           block_idx = {c0 + r, 0, 0};
           kernel(args...);
           if (cluster_completed < state.needed[r]->load()) {
-            std::fprintf(stderr, "emulate.h: block %u exited while another block of its cluster may still read its shared memory\n", c0 + r);
+            std::fprintf(stderr, "emulate.h: block %u exited while its cluster may read its shared memory\n", c0 + r);
             std::abort();
           }
           if (state.running[r]->fetch_sub(1) == 1) {
@@ -181,7 +181,8 @@ struct cluster_group {
   static T* map_shared_rank(T* addr, int rank) {
     if (static_cast<unsigned>(rank) != emu::cluster_rank) {
       std::atomic<unsigned>& needed = *emu::cluster->needed[rank];
-      for (unsigned n = needed.load(); n < emu::cluster_arrivals + 1 && !needed.compare_exchange_weak(n, emu::cluster_arrivals + 1);) {
+      const unsigned want = emu::cluster_arrivals + 1;
+      for (unsigned n = needed.load(); n < want && !needed.compare_exchange_weak(n, want);) {
       }
     }
     const std::ptrdiff_t offset = reinterpret_cast<unsigned char*>(addr) - emu::block->shared.data();
