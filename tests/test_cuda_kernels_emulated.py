@@ -6,7 +6,7 @@ turn, threads as real threads, barriers, warp shuffles) and checked against
 references written from the ops' definitions:
 
 * GroupNorm+SiLU against float64: forward and backward, fused and split paths,
-  the forward's cluster path (a cluster's blocks at once, distributed shared memory),
+  cluster paths (a cluster's blocks at once, distributed shared memory),
   both layouts, float32 and bfloat16, 16-byte packets and single elements,
   blocks of one to several warps per channel, groups whose first value lies
   far from their mean;
@@ -103,11 +103,12 @@ def test_elementwise_kernels(elementwise: Path, op: str) -> None:
     assert "FAILED" not in result.stdout and result.stdout.count("\n") >= 4
 
 
-# The cluster forward (sm_90+, group_norm_silu_cluster_kernels.cuh), a cluster's
-# blocks run at once: N, C, S, G, layout, dtype, packets, threads, the shared
-# memory a block may take (shrunk so that small groups need a cluster), the
-# cluster size the plan must choose[, far]. Each case runs with and without add,
-# affine parameters and SiLU.
+# The cluster kernels (sm_90+, group_norm_silu_cluster_kernels.cuh), forward and
+# backward, a cluster's blocks run at once: N, C, S, G, layout, dtype, packets,
+# threads, the shared memory a forward block may take (shrunk so that small
+# groups need a cluster; twice that for the backward), the cluster size the
+# forward's plan must choose[, far]. Each case runs with and without add, affine
+# parameters and SiLU.
 CLUSTER_CASES = [
     # One group a cluster over 2, 4 and 8 blocks; 16-byte packets; float16 and bfloat16.
     "2 8 1000 2 nchw f32 wide 64 9000 4",
@@ -148,17 +149,21 @@ def test_group_norm_silu_cluster_kernel(cluster_emulator: Path, case: str) -> No
 
 
 # The plan on an H100 (227 KB of shared memory a block at most): C, S, G, layout,
-# element bytes -> cluster size, channels a tile, bytes of shared memory a block.
-# The issue's layer (128 channels of 256 x 256, 32 groups): 8 blocks a group;
-# bfloat16 NCHW blocks (69 KB) leave room for two an SM. channels_last bfloat16
-# packs 2 groups a tile for 16-byte rows. Too large for 8 blocks: no cluster.
+# element bytes, tiles (1: forward, 2: backward) -> cluster size, channels a tile,
+# bytes of shared memory a block. The issue's layer (128 channels of 256 x 256,
+# 32 groups): 8 blocks a group; bfloat16 NCHW forward blocks (69 KB) leave room
+# for two an SM. channels_last bfloat16 packs 2 groups a tile for 16-byte rows.
+# The backward holds x and dy: 16-bit types only. Too large for 8 blocks: no cluster.
 H100_PLANS = [
-    ("128 65536 32 nchw 2", "cluster 8 cols 4 block_s 8192 smem 70216"),
-    ("128 65536 32 nchw 4", "cluster 8 cols 4 block_s 8192 smem 135760"),
-    ("128 65536 32 nhwc 2", "cluster 8 cols 8 block_s 8192 smem 152128"),
-    ("128 65536 32 nhwc 4", "cluster 8 cols 4 block_s 8192 smem 168512"),
-    ("128 16384 32 nchw 2", "cluster 2 cols 4 block_s 8192 smem 70216"),
-    ("128 262144 32 nchw 2", "cluster 0"),
+    ("128 65536 32 nchw 2 1", "cluster 8 cols 4 block_s 8192 smem 70216"),
+    ("128 65536 32 nchw 4 1", "cluster 8 cols 4 block_s 8192 smem 135760"),
+    ("128 65536 32 nhwc 2 1", "cluster 8 cols 8 block_s 8192 smem 152128"),
+    ("128 65536 32 nhwc 4 1", "cluster 8 cols 4 block_s 8192 smem 168512"),
+    ("128 16384 32 nchw 2 1", "cluster 2 cols 4 block_s 8192 smem 70216"),
+    ("128 262144 32 nchw 2 1", "cluster 0"),
+    ("128 65536 32 nchw 2 2", "cluster 8 cols 4 block_s 8192 smem 137296"),
+    ("128 65536 32 nhwc 2 2", "cluster 8 cols 4 block_s 8192 smem 170048"),
+    ("128 65536 32 nchw 4 2", "cluster 0"),
 ]
 
 

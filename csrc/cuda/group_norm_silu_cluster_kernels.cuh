@@ -1,6 +1,6 @@
-// GroupNorm+SiLU forward on a thread-block cluster (Hopper, sm_90+): the third
-// forward path of group_norm_silu_kernels.cuh, for groups too large for one
-// block's shared memory (the fused path) but not for a cluster's.
+// GroupNorm+SiLU on a thread-block cluster (Hopper, sm_90+): the third path of
+// group_norm_silu_kernels.cuh, forward and backward, for groups too large for
+// one block's shared memory (the fused path) but not for a cluster's.
 //
 // A cluster of K blocks (K <= 8, the portable cluster size) holds a tile of
 // whole groups of one sample, all positions: block r of the cluster holds the
@@ -28,12 +28,20 @@
 // keeps is in dynamic shared memory (a header of per-channel and per-group
 // tables, then the tile), none in static arrays.
 //
+// The backward (backward_cluster_kernel) works the same way with x and dy in
+// shared memory (two tiles, so it fits half the group size: bfloat16 and
+// float16 at the issue's layer, 32 x 128 x 256 x 256 in 32 groups, not
+// float32): per-channel sums A, B, X of the
+// slice, summed over the cluster's blocks in rank order, then dx. One read of
+// x and dy, one write of dx, against the split backward's two reads of each.
+//
 // The host (group_norm_silu_cuda.cu) takes this path when the fused one does
 // not fit, the code was compiled for sm_90 or later, the GPU is of compute
 // capability 9.0 or later with cluster launch, plan_cluster finds K <= 8 blocks
-// whose shared memory holds the tile, and cudaOccupancyMaxActiveClusters says
-// such clusters can run; otherwise the split path. Built for an older
-// architecture the kernel only traps: the host never launches it there.
+// whose shared memory holds the tile(s), and cudaOccupancyMaxActiveClusters
+// says such clusters can run; otherwise the split path. DDPM_FAST_GN_CLUSTER=0
+// in the environment turns the path off. Built for an older architecture the
+// kernels only trap: the host never launches them there.
 #pragma once
 
 #include <cstdint>
@@ -79,22 +87,33 @@ struct ClusterPlan {
 // that NCHW rows start 16-byte aligned for packets of any element size.
 inline int64_t cluster_block_s(int64_t s, int64_t k) { return ((s + k - 1) / k + 7) / 8 * 8; }
 
-inline int64_t cluster_smem_bytes(int64_t cols, int64_t block_s, bool channels_last, int64_t elem_bytes) {
-  return kClusterHeaderBytes + padded_tile_floats(cols, block_s, channels_last) * elem_bytes;
+// The backward's header: per-channel float A, B, X (published to the
+// cluster), their cluster totals (then m1 and m2 by channel), per-group m1 and
+// m2, per-channel ChannelTerms, the reductions' scratch.
+constexpr int64_t kClusterBackwardHeaderBytes = 8 * kClusterMaxCols * 4 + kClusterMaxCols * 16 + (kBlock / 32) * 4;
+static_assert(kClusterBackwardHeaderBytes % 16 == 0, "the tiles start 16-byte aligned");
+
+// A block's dynamic shared memory: the header, then `tiles` tiles (forward:
+// x; backward: x and dy) of `cols` channels by `block_s` positions as T.
+inline int64_t cluster_smem_bytes(int64_t cols, int64_t block_s, bool channels_last, int64_t elem_bytes,
+                                  int tiles = 1) {
+  return (tiles == 1 ? kClusterHeaderBytes : kClusterBackwardHeaderBytes) +
+         tiles * padded_tile_floats(cols, block_s, channels_last) * elem_bytes;
 }
 
 // The cluster plan: tiles of whole groups of one sample (NCHW: one group;
 // channels_last: groups packed until a row fills min_row_bytes, where that
 // still fits), over the fewest blocks (a power of two) that keep each block
-// within target_block_bytes, else within max_block_bytes.
+// within target_block_bytes, else within max_block_bytes. tiles: 1 for the
+// forward (x), 2 for the backward (x and dy).
 inline ClusterPlan plan_cluster(int64_t c, int64_t s, int64_t groups, int64_t elem_bytes, bool channels_last,
-                                const ClusterLimits& lim) {
+                                const ClusterLimits& lim, int tiles = 1) {
   ClusterPlan plan;
   const int64_t cg = c / groups;
   if (lim.max_block_bytes <= 0 || cg > kClusterMaxCols || s <= 0) return plan;
   const auto blocks_for = [&](int64_t cols, int64_t limit) -> int64_t {  // 0: none within the limit
     for (int64_t k = 2; k <= lim.max_cluster; k *= 2) {
-      if (cluster_smem_bytes(cols, cluster_block_s(s, k), channels_last, elem_bytes) <= limit) return k;
+      if (cluster_smem_bytes(cols, cluster_block_s(s, k), channels_last, elem_bytes, tiles) <= limit) return k;
     }
     return 0;
   };
@@ -112,7 +131,7 @@ inline ClusterPlan plan_cluster(int64_t c, int64_t s, int64_t groups, int64_t el
   g = Geometry{c, s, groups, cg, cols, cluster_block_s(s, k), (c + cols - 1) / cols, 0, channels_last, false};
   g.pos_tiles = (s + g.block_s - 1) / g.block_s;  // k, or fewer where the rounding up to 8 covers s sooner
   plan.cluster = static_cast<int>(g.pos_tiles);
-  plan.smem_bytes = cluster_smem_bytes(cols, g.block_s, channels_last, elem_bytes);
+  plan.smem_bytes = cluster_smem_bytes(cols, g.block_s, channels_last, elem_bytes, tiles);
   return plan;
 }
 
@@ -249,6 +268,117 @@ __global__ void __launch_bounds__(kBlock, kClusterMinBlocks)
       out.v[v] = static_cast<T>(p.act ? silu(u) : u);
     }
     *reinterpret_cast<cuda::Packet<T, V>*>(y + t.start + row * t.stride + col) = out;
+  });
+  cluster.barrier_wait();
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an architecture without clusters: the host never launches it there
+#endif
+}
+
+// The backward on the cluster plan (tiles = 2): x and dy of a block's slice in
+// its shared memory (one read of each); per channel A = sum du*xhat, B = sum
+// du, X = sum xhat over the slice, published; after a cluster barrier every
+// block sums the cluster's parts in rank order (the same totals in every
+// block), and the rank-0 block writes A, B and dadd; then dx from shared
+// memory (one write), xhat and du formed again from x and dy. The block waits
+// at a second cluster barrier, arrived at after its reads of the others'
+// shared memory, before it exits. Outputs as backward_fused_kernel's.
+// No register bound: its blocks (x and dy) fill an SM's shared memory alone at
+// the issue's layer; bounded to two blocks an SM, ptxas spills.
+template <typename T, int V>
+__global__ void __launch_bounds__(kBlock)
+    backward_cluster_kernel(const T* __restrict__ dy, const T* __restrict__ x,  // [N, C, S], x's memory order
+                            Geometry g, Params p,
+                            const float* __restrict__ mean, const float* __restrict__ rstd,  // [N, G]
+                            T* __restrict__ dx,                                               // [N, C, S]
+                            float* __restrict__ a_out, float* __restrict__ b_out,            // [N, C]: A and B
+                            float* __restrict__ dadd_out) {                                  // [N, C]
+#if defined(DDPM_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  namespace cg = cooperative_groups;
+  DDPM_DYNAMIC_SHARED(double, cluster_smem);
+  float* part = reinterpret_cast<float*>(cluster_smem);  // [3][channels]: this block's A, B, X, read by the cluster
+  float* col_a = part + 3 * kClusterMaxCols;             // the cluster's A, B, X; then m1 and m2 by channel
+  float* col_b = col_a + kClusterMaxCols;
+  float* col_x = col_b + kClusterMaxCols;
+  float* g_m1 = col_x + kClusterMaxCols;  // [groups of the tile]
+  float* g_m2 = g_m1 + kClusterMaxCols;
+  ChannelTerms* terms = reinterpret_cast<ChannelTerms*>(g_m2 + kClusterMaxCols);  // [channels]
+  float* scratch = reinterpret_cast<float*>(terms + kClusterMaxCols);           // [kBlock / 32]
+  T* xs = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(cluster_smem) + kClusterBackwardHeaderBytes);
+  T* ds = xs + tile_floats(g);
+  const cg::cluster_group cluster = cg::this_cluster();
+
+  const Tile t = make_tile(g, blockIdx.x);  // blockIdx.x % pos_tiles: the block's rank in its cluster
+  load_tile_as_is<V, 4>(x, t, xs);
+  load_tile_as_is<V, 4>(dy, t, ds);
+  for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) terms[k] = channel_terms(g, p, t, mean, rstd, k);
+  __syncthreads();
+  channel_sums<3>(
+      t, scratch, [&](int k) { return terms[k]; },
+      [&](const ChannelTerms& c, int i, float* acc) {
+        float xhat, du;
+        xhat_du(c, p.act, static_cast<float>(xs[i]), static_cast<float>(ds[i]), xhat, du);
+        acc[0] += du * xhat;
+        acc[1] += du;
+        acc[2] += xhat;
+      },
+      [&](int k, const float* acc) {
+        part[k] = acc[0];
+        part[kClusterMaxCols + k] = acc[1];
+        part[2 * kClusterMaxCols + k] = acc[2];
+      });
+  cluster.sync();  // every block's part published (release / acquire across the cluster)
+  const int64_t nc = t.n * g.c + t.c0;
+  for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {
+    float a = 0.0f, b = 0.0f, xsum = 0.0f;
+    for (int r = 0; r < static_cast<int>(g.pos_tiles); ++r) {
+      const float* other = cluster.map_shared_rank(part, r);
+      a += other[k];
+      b += other[kClusterMaxCols + k];
+      xsum += other[2 * kClusterMaxCols + k];
+    }
+    col_a[k] = a, col_b[k] = b, col_x[k] = xsum;
+    if (t.s0 == 0) {
+      a_out[nc + k] = a;
+      b_out[nc + k] = b;
+    }
+  }
+  cluster.barrier_arrive();  // this block has read the others' shared memory; it waits before it exits
+  __syncthreads();
+  const int ngroups = t.ncols / static_cast<int>(g.cg);
+  const float count = static_cast<float>(g.cg * g.s);
+  for (int j = threadIdx.x; j < ngroups; j += blockDim.x) {
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int k = j * g.cg; k < (j + 1) * g.cg; ++k) {
+      const float w = param(p.w, t.c0 + k, 1.0f);
+      s1 += w * col_b[k];
+      s2 += w * col_a[k];
+    }
+    g_m1[j] = s1 / count;
+    g_m2[j] = s2 / count;
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {  // dx = rstd * (du * w - m1 - xhat * m2)
+    const int j = k / static_cast<int>(g.cg);
+    if (t.s0 == 0) {
+      dadd_out[nc + k] =
+          terms[k].rstd * (terms[k].w * col_b[k] - static_cast<float>(g.s) * g_m1[j] - col_x[k] * g_m2[j]);
+    }
+    col_a[k] = g_m1[j];
+    col_b[k] = g_m2[j];
+  }
+  __syncthreads();
+  for_each_packet<V>(t, g.channels_last, [&](int row, int col, int k0, int k_step) {
+    cuda::Packet<T, V> out;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int k = k0 + v * k_step, i = row * t.pitch + col + v;
+      const ChannelTerms& c = terms[k];
+      float xhat, du;
+      xhat_du(c, p.act, static_cast<float>(xs[i]), static_cast<float>(ds[i]), xhat, du);
+      out.v[v] = static_cast<T>(c.rstd * (du * c.w - col_a[k] - xhat * col_b[k]));
+    }
+    *reinterpret_cast<cuda::Packet<T, V>*>(dx + t.start + row * t.stride + col) = out;
   });
   cluster.barrier_wait();
 #elif defined(__CUDA_ARCH__)
