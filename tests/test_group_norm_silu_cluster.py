@@ -1,7 +1,7 @@
-"""The CUDA GroupNorm+SiLU forward's cluster path (sm_90+: a group too large
-for one block's shared memory held in a thread-block cluster's, x read once and
-y written once; csrc/cuda/group_norm_silu_cluster_kernels.cuh) against float64,
-on the GPU. Below compute capability 9.0 the same shapes take the split path
+"""The CUDA GroupNorm+SiLU cluster path (sm_90+: a group too large for one
+block's shared memory held in a thread-block cluster's, x read once and y
+written once, x and dy read once in the backward;
+csrc/cuda/group_norm_silu_cluster_kernels.cuh) against float64, on the GPU. Below compute capability 9.0 the same shapes take the split path
 and are checked the same way. Its logic runs without a GPU in
 tests/test_cuda_kernels_emulated.py."""
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, requires_extension
-from test_group_norm_silu import TOL, assert_matches_reference
+from ddpm_fast import ops
+from test_group_norm_silu import TOL, assert_matches_reference, reference
 
 pytestmark = [pytest.mark.gpu, requires_extension]
 
@@ -144,3 +145,30 @@ def test_cluster_path_forward_and_backward(dtype, layout, case):
     """Odd shapes, through ops.group_norm_silu's autograd (the backward from the
     cluster path's statistics) against a float32 reference."""
     assert_matches_reference("cuda", "cuda", dtype, layout, case, True, True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cluster_backward_issue_shape(dtype, layout):
+    """The backward at the issue's layer (2 samples) against float64 autograd.
+    16-bit x and dy fit a cluster (x and dy of a group over 8 blocks); float32
+    does not, and takes the split backward."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(ISSUE_SHAPE, generator=g) * 2 + 0.5).to(dtype)
+    dy = torch.randn(ISSUE_SHAPE, generator=g).to(dtype)
+    w, b = torch.randn(128, generator=g) + 1, torch.randn(128, generator=g)
+    add = torch.randn(ISSUE_SHAPE[:2], generator=g)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    leaves = [t.cuda().contiguous(memory_format=fmt) if t.dim() == 4 else t.cuda() for t in (x, w, b, add)]
+    leaves = [t.requires_grad_() for t in leaves]
+    y = ops.group_norm_silu(leaves[0], 32, leaves[1], leaves[2], add=leaves[3], act=True, backend="cuda")
+    dyc = dy.cuda().contiguous(memory_format=fmt)
+    kernels = cuda_kernel_names(lambda: y.backward(dyc))
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    reference(ref[0], 32, ref[1], ref[2], ref[3], True).backward(dyc.double())
+    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(got.grad.double() / scale, want.grad / scale, **TOL[dtype][1], msg=name)
+    if kernels:
+        cluster = any("backward_cluster_kernel" in n for n in kernels)
+        assert cluster == (has_clusters() and dtype != torch.float32), kernels

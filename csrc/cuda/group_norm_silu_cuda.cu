@@ -152,42 +152,84 @@ bool cluster_launchable(const void* kernel, int device, int cluster, int64_t sme
   known.emplace(std::make_tuple(kernel, device, cluster, smem_bytes), ok);
   return ok;
 }
-#endif
 
-// The forward on the cluster path where it applies (the caller found the fused
-// path does not); false where it does not, and nothing ran. The environment
-// variable DDPM_FAST_GN_CLUSTER=0 turns it off (the split path instead).
-bool forward_cluster(const at::Tensor& x, const NormLayout& l, const gn::Params& p, double eps, at::Tensor& y,
-                     at::Tensor& mean, at::Tensor& rstd, cudaStream_t stream) {
-#if CUDART_VERSION >= 12000
+// The cluster plan for x on the current device (tiles: 1 for the forward, 2
+// for the backward); cluster 0 where the path does not apply: the GPU has no
+// clusters, the tile does not fit, or DDPM_FAST_GN_CLUSTER=0 turns it off.
+gn::ClusterPlan cluster_plan(const at::Tensor& x, const NormLayout& l, int tiles, int& device) {
   const char* env = std::getenv("DDPM_FAST_GN_CLUSTER");
-  if (env != nullptr && env[0] == '0') return false;
-  int device = 0;
+  if (env != nullptr && env[0] == '0') return {};
   C10_CUDA_CHECK(cudaGetDevice(&device));
   gn::ClusterLimits lim;
   lim.max_block_bytes = cluster_smem_optin(device);
-  const gn::ClusterPlan plan = gn::plan_cluster(l.c, l.hw, l.groups, x.element_size(), l.channels_last, lim);
+  const gn::ClusterPlan plan = gn::plan_cluster(l.c, l.hw, l.groups, x.element_size(), l.channels_last, lim, tiles);
+  return l.n * plan.g.col_tiles * plan.g.pos_tiles <= INT32_MAX ? plan : gn::ClusterPlan{};
+}
+
+// kernel<<<the plan's blocks in clusters>>>(args...) where cluster_launchable
+// says it runs; whether it ran.
+template <typename... Params, typename... Args>
+bool launch_in_clusters(void (*kernel)(Params...), const NormLayout& l, const gn::ClusterPlan& plan, int device,
+                        cudaStream_t stream, Args&&... args) {
+  if (!cluster_launchable(reinterpret_cast<const void*>(kernel), device, plan.cluster, plan.smem_bytes)) return false;
+  cudaLaunchAttribute dims;
+  const cudaLaunchConfig_t config =
+      cluster_config(l.n * plan.g.col_tiles * plan.g.pos_tiles, plan.cluster, plan.smem_bytes, stream, &dims);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+#endif
+
+// The forward on the cluster path where it applies (the caller found that the
+// fused path does not); false where it does not, and nothing ran.
+bool forward_cluster(const at::Tensor& x, const NormLayout& l, const gn::Params& p, double eps, at::Tensor& y,
+                     at::Tensor& mean, at::Tensor& rstd, cudaStream_t stream) {
+#if CUDART_VERSION >= 12000
+  int device = 0;
+  const gn::ClusterPlan plan = cluster_plan(x, l, /*tiles=*/1, device);
   if (plan.cluster == 0) return false;
-  const int64_t blocks = l.n * plan.g.col_tiles * plan.g.pos_tiles;
-  if (blocks > INT32_MAX) return false;
   bool ran = false;
   DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cluster", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     with_packet_width<scalar_t>(plan.g, [&](auto vec) {
-      const auto kernel = gn::forward_cluster_kernel<scalar_t, decltype(vec)::value>;
-      if (!cluster_launchable(reinterpret_cast<const void*>(kernel), device, plan.cluster, plan.smem_bytes)) return;
-      cudaLaunchAttribute dims;
-      const cudaLaunchConfig_t config = cluster_config(blocks, plan.cluster, plan.smem_bytes, stream, &dims);
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, xp, plan.g, p, static_cast<float>(eps), yp,
-                                        mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      ran = true;
+      ran = launch_in_clusters(gn::forward_cluster_kernel<scalar_t, decltype(vec)::value>, l, plan, device, stream,
+                               xp, plan.g, p, static_cast<float>(eps), yp, mean.mutable_data_ptr<float>(),
+                               rstd.mutable_data_ptr<float>());
     }, xp, yp);
   });
   return ran;
 #else
   (void)x, (void)l, (void)p, (void)eps, (void)y, (void)mean, (void)rstd, (void)stream;
+  return false;
+#endif
+}
+
+// The backward on the cluster path where it applies (x and dy of a group in a
+// cluster's shared memory); false where it does not, and nothing ran.
+bool backward_cluster(const at::Tensor& dy, const at::Tensor& x, const NormLayout& l, const gn::Params& p,
+                      const float* mean, const float* rstd, at::Tensor& dx, at::Tensor& col_a, at::Tensor& col_b,
+                      at::Tensor& dadd, cudaStream_t stream) {
+#if CUDART_VERSION >= 12000
+  int device = 0;
+  const gn::ClusterPlan plan = cluster_plan(x, l, /*tiles=*/2, device);
+  if (plan.cluster == 0) return false;
+  bool ran = false;
+  DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cluster", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    with_packet_width<scalar_t>(plan.g, [&](auto vec) {
+      ran = launch_in_clusters(gn::backward_cluster_kernel<scalar_t, decltype(vec)::value>, l, plan, device, stream,
+                               dyp, xp, plan.g, p, mean, rstd, dxp, col_a.mutable_data_ptr<float>(),
+                               col_b.mutable_data_ptr<float>(), dadd.mutable_data_ptr<float>());
+    }, xp, dyp, dxp);
+  });
+  return ran;
+#else
+  (void)dy, (void)x, (void)l, (void)p, (void)mean, (void)rstd, (void)dx, (void)col_a, (void)col_b, (void)dadd;
+  (void)stream;
   return false;
 #endif
 }
@@ -286,7 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const float* mp = mean.const_data_ptr<float>();
     const float* rp = rstd.const_data_ptr<float>();
-    DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    // sm_90+: x and dy of a group too large for a block, in a cluster's shared memory (one read of each).
+    const bool clustered = !g.fused && backward_cluster(dy, x, l, p, mp, rp, dx, col_a, col_b, dadd, stream);
+    if (!clustered) DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
