@@ -11,14 +11,17 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
 #include "../group_norm_silu.h"
 #include "cuda_utils.cuh"
+#include "group_norm_silu_cluster_kernels.cuh"
 #include "group_norm_silu_kernels.cuh"
 
 namespace ddpm_fast {
@@ -87,6 +90,150 @@ gn::Params make_params(const at::Tensor& w, const at::Tensor& b, const at::Tenso
 
 int64_t grid_of(const NormLayout& l, const gn::Geometry& g) { return l.n * g.col_tiles * g.pos_tiles; }
 
+// The cluster forward (sm_90+, group_norm_silu_cluster_kernels.cuh).
+#if CUDART_VERSION >= 12000
+// The dynamic shared memory a block of the cluster kernel may ask for on
+// `device`: its opt-in limit (the kernel has no static arrays), or 0 where the
+// GPU has no clusters (compute capability below 9.0, or no cluster launch).
+int64_t cluster_smem_optin(int device) {
+  static std::mutex mutex;
+  static std::map<int, int64_t> by_device;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = by_device.find(device); it != by_device.end()) return it->second;
+  int major = 0, cluster_launch = 0, optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t bytes = major >= 9 && cluster_launch ? optin : 0;
+  by_device.emplace(device, bytes);
+  return bytes;
+}
+
+cudaLaunchConfig_t cluster_config(int64_t blocks, int cluster, int64_t smem_bytes, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr->val.clusterDim.y = attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(gn::kBlock);
+  config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// Whether `kernel` runs in clusters of `cluster` blocks of `smem_bytes` each on
+// `device`: built from sm_90 code or later (elsewhere its body only traps), the
+// shared memory allowed, and cudaOccupancyMaxActiveClusters > 0. Asked once
+// per kernel, device, cluster size and shared memory.
+bool cluster_launchable(const void* kernel, int device, int cluster, int64_t smem_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int64_t>, bool> known;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = known.find({kernel, device, cluster, smem_bytes}); it != known.end()) return it->second;
+  }
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  bool ok = attr.ptxVersion >= 90 && smem_bytes <= dynamic_smem_allowed(kernel);
+  if (ok) {
+    cudaLaunchAttribute dims;
+    const cudaLaunchConfig_t config = cluster_config(cluster, cluster, smem_bytes, nullptr, &dims);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // not launchable: the split path instead
+      clusters = 0;
+    }
+    ok = clusters > 0;
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  known.emplace(std::make_tuple(kernel, device, cluster, smem_bytes), ok);
+  return ok;
+}
+
+// The cluster plan for x on the current device (tiles: 1 for the forward, 2
+// for the backward); cluster 0 where the path does not apply: the GPU has no
+// clusters, the tile does not fit, or DDPM_FAST_GN_CLUSTER=0 turns it off.
+gn::ClusterPlan cluster_plan(const at::Tensor& x, const NormLayout& l, int tiles, int& device) {
+  const char* env = std::getenv("DDPM_FAST_GN_CLUSTER");
+  if (env != nullptr && env[0] == '0') return {};
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  gn::ClusterLimits lim;
+  lim.max_block_bytes = cluster_smem_optin(device);
+  const gn::ClusterPlan plan = gn::plan_cluster(l.c, l.hw, l.groups, x.element_size(), l.channels_last, lim, tiles);
+  return l.n * plan.g.col_tiles * plan.g.pos_tiles <= INT32_MAX ? plan : gn::ClusterPlan{};
+}
+
+// kernel<<<the plan's blocks in clusters>>>(args...) where cluster_launchable
+// says it runs; whether it ran.
+template <typename... Params, typename... Args>
+bool launch_in_clusters(void (*kernel)(Params...), const NormLayout& l, const gn::ClusterPlan& plan, int device,
+                        cudaStream_t stream, Args&&... args) {
+  if (!cluster_launchable(reinterpret_cast<const void*>(kernel), device, plan.cluster, plan.smem_bytes)) return false;
+  cudaLaunchAttribute dims;
+  const cudaLaunchConfig_t config =
+      cluster_config(l.n * plan.g.col_tiles * plan.g.pos_tiles, plan.cluster, plan.smem_bytes, stream, &dims);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+#endif
+
+// The forward on the cluster path where it applies (the caller found that the
+// fused path does not); false where it does not, and nothing ran.
+bool forward_cluster(const at::Tensor& x, const NormLayout& l, const gn::Params& p, double eps, at::Tensor& y,
+                     at::Tensor& mean, at::Tensor& rstd, cudaStream_t stream) {
+#if CUDART_VERSION >= 12000
+  int device = 0;
+  const gn::ClusterPlan plan = cluster_plan(x, l, /*tiles=*/1, device);
+  if (plan.cluster == 0) return false;
+  bool ran = false;
+  DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cluster", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    with_packet_width<scalar_t>(plan.g, [&](auto vec) {
+      ran = launch_in_clusters(gn::forward_cluster_kernel<scalar_t, decltype(vec)::value>, l, plan, device, stream,
+                               xp, plan.g, p, static_cast<float>(eps), yp, mean.mutable_data_ptr<float>(),
+                               rstd.mutable_data_ptr<float>());
+    }, xp, yp);
+  });
+  return ran;
+#else
+  (void)x, (void)l, (void)p, (void)eps, (void)y, (void)mean, (void)rstd, (void)stream;
+  return false;
+#endif
+}
+
+// The backward on the cluster path where it applies (x and dy of a group in a
+// cluster's shared memory); false where it does not, and nothing ran.
+bool backward_cluster(const at::Tensor& dy, const at::Tensor& x, const NormLayout& l, const gn::Params& p,
+                      const float* mean, const float* rstd, at::Tensor& dx, at::Tensor& col_a, at::Tensor& col_b,
+                      at::Tensor& dadd, cudaStream_t stream) {
+#if CUDART_VERSION >= 12000
+  int device = 0;
+  const gn::ClusterPlan plan = cluster_plan(x, l, /*tiles=*/2, device);
+  if (plan.cluster == 0) return false;
+  bool ran = false;
+  DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cluster", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    with_packet_width<scalar_t>(plan.g, [&](auto vec) {
+      ran = launch_in_clusters(gn::backward_cluster_kernel<scalar_t, decltype(vec)::value>, l, plan, device, stream,
+                               dyp, xp, plan.g, p, mean, rstd, dxp, col_a.mutable_data_ptr<float>(),
+                               col_b.mutable_data_ptr<float>(), dadd.mutable_data_ptr<float>());
+    }, xp, dyp, dxp);
+  });
+  return ran;
+#else
+  (void)dy, (void)x, (void)l, (void)p, (void)mean, (void)rstd, (void)dx, (void)col_a, (void)col_b, (void)dadd;
+  (void)stream;
+  return false;
+#endif
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Tensor& x,
@@ -110,6 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
   const gn::Geometry g = gn::plan(l.c, l.hw, l.groups, x.element_size(), l.channels_last, /*backward=*/false);
   const int64_t smem = gn::tile_floats(g) * static_cast<int64_t>(sizeof(float));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // sm_90+: a group too large for a block, in a cluster's shared memory (one read, one write).
+  if (!g.fused && forward_cluster(x, l, p, eps, y, mean, rstd, stream)) return {y, mean, rstd};
   DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -179,7 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const float* mp = mean.const_data_ptr<float>();
     const float* rp = rstd.const_data_ptr<float>();
-    DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+    // sm_90+: x and dy of a group too large for a block, in a cluster's shared memory (one read of each).
+    const bool clustered = !g.fused && backward_cluster(dy, x, l, p, mp, rp, dx, col_a, col_b, dadd, stream);
+    if (!clustered) DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();

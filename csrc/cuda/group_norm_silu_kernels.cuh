@@ -23,6 +23,14 @@
 // The backward has the same two paths over A = sum du*xhat, B = sum du,
 // X = sum xhat per (n, c). All sums are in a fixed order: results are
 // deterministic.
+// * Cluster path, a third path (Hopper, sm_90+;
+//   group_norm_silu_cluster_kernels.cuh): a group too large for the fused
+//   path but not for a thread-block cluster's shared memory (up to 8 blocks)
+//   is spread over the cluster's blocks, one position tile each; the blocks
+//   combine their moments (backward: A, B, X) through distributed shared
+//   memory, then each writes y (dx) from its own. One read and one write, one
+//   launch. The host takes it, where the GPU and the build allow, before the
+//   split path.
 #pragma once
 
 #include <cstdint>
