@@ -119,6 +119,23 @@ def test_gpu_forward(record_gpu, shape, dtype, layout, impl):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_forward_split_path(record_gpu, monkeypatch, dtype, layout):
+    """The large-image shape on the CUDA split path (two reads), which the
+    cluster path (sm_90+, one read) replaces where it runs: its row beside
+    `cuda`'s shows what the cluster path gains (the same where it does not run)."""
+    _gpu_skip("cuda")
+    monkeypatch.setenv("DDPM_FAST_GN_CLUSTER", "0")
+    shape = (32, 128, 256, 256)
+    x, w, b = make(shape, dtype, layout, "cuda")
+    fn = forward_fn("cuda", x, w, b)
+    fn()
+    case = f"gn_silu fwd {'x'.join(map(str, shape))} {str(dtype)[6:]} {'cl' if layout == 'channels_last' else 'nchw'}"
+    record_gpu(case, "cuda_split", fn, bytes_moved=2 * x.numel() * x.element_size())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", GPU_IMPLS)
 def test_gpu_forward_backward(record_gpu, impl):
     _gpu_skip(impl)
