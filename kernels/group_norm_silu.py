@@ -187,7 +187,7 @@ def gn_forward_fused_kernel(
 def gn_moments_kernel(
     x_ptr, add_ptr,  # as in the fused kernel
     mean_ptr,  # *f32 [N, C, T] out: per position tile, m, the float mean of h over the tile's positions
-    dev_ptr,  # *f32 [N, C, T] out: sum of h - m (m's rounding: the host recovers the exact sum n m + D)
+    dev_ptr,  # *f32 [N, C, T] out: D, sum of h - m (m's rounding: the host recovers the exact sum n m + D)
     m2_ptr,  # *f32 [N, C, T] out: sum of (h - m)^2
     C, S, COLS,  # COLS: channels per program
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -201,7 +201,11 @@ def gn_moments_kernel(
     d = tl.where(mask, h - col_mean[None, :], 0.0)
     out = (n * C + c) * tiles + t
     tl.store(mean_ptr + out, col_mean, mask=cmask)
-    tl.store(dev_ptr + out, tl.sum(d, axis=0), mask=cmask)
+    # Where m is not finite (the column holds +-Inf or NaN), D = 0: h - m is NaN
+    # at an infinite h, and n m is the column's sum as it stands (+-Inf, or NaN),
+    # so that the group's mean is +-Inf as the fused path's sum gives it, not
+    # NaN (the sum of squares is NaN there: so is the variance).
+    tl.store(dev_ptr + out, tl.where(tl.abs(col_mean) < float("inf"), tl.sum(d, axis=0), 0.0), mask=cmask)
     tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
 
 
