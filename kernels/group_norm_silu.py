@@ -408,6 +408,13 @@ def group_norm_silu_triton_backward(
             grid = (n * p.col_tiles, p.pos_tiles)
             launchable(gn_backward_sums_kernel)[grid](
                 dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], c, s, g, cg, p.block_c, **flags)
+            # In float32: against float64, at 1x32x512x512 (256 position tiles) and
+            # 1x128x256x256 (64, or 1024 channels_last), N(0.5, 2) x, the largest
+            # error of dx, dweight, dbias and dadd was at most 1e-6 of the
+            # largest value (torch's float32 CPU backward: 3e-6 to 1.4e-5; dadd
+            # of one-channel groups, 0 in float64: 2e-5 absolute, torch 6e-3), and
+            # combining in float64 moved no largest error past its third digit
+            # (Triton interpreter; the CUDA host combines the same way).
             col_a, col_b, col_x = sums.sum(-1)
             w = weight.float() if weight is not None else torch.ones(c, device=x.device)
             count = cg * s

@@ -211,16 +211,18 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
     emu::launch(gn::backward_sums_kernel<T, V>, bgrid, threads, bsmem, static_cast<const T*>(dy.data()),
                 static_cast<const T*>(x.data()), bg, prm, mp, rp, sums.data(), sums.data() + per,
                 sums.data() + 2 * per);
-    std::vector<double> xs(k.n * k.c, 0);
+    // The host's combination (group_norm_silu_cuda.cu) in float32, as torch
+    // does it there: the tiles' sums, then the groups' means of w*B and w*A.
+    std::vector<float> xs(k.n * k.c, 0);
     for (int64_t nc = 0; nc < k.n * k.c; ++nc) {
-      double sa = 0, sb = 0, sx = 0;
+      float sa = 0, sb = 0, sx = 0;
       for (int64_t t = 0; t < bg.pos_tiles; ++t)
         sa += sums[nc * bg.pos_tiles + t], sb += sums[per + nc * bg.pos_tiles + t], sx += sums[2 * per + nc * bg.pos_tiles + t];
-      col_a[nc] = static_cast<float>(sa), col_b[nc] = static_cast<float>(sb), xs[nc] = sx;
+      col_a[nc] = sa, col_b[nc] = sb, xs[nc] = sx;
     }
     for (int64_t n = 0; n < k.n; ++n) {
       for (int64_t g = 0; g < k.g; ++g) {
-        double s1 = 0, s2 = 0;
+        float s1 = 0, s2 = 0;
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s1 += w[c] * col_b[n * k.c + c], s2 += w[c] * col_a[n * k.c + c];
         m1[n * k.g + g] = static_cast<float>(s1 / (cg * k.s)), m2[n * k.g + g] = static_cast<float>(s2 / (cg * k.s));
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
