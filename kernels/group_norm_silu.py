@@ -187,7 +187,7 @@ def gn_forward_fused_kernel(
 def gn_moments_kernel(
     x_ptr, add_ptr,  # as in the fused kernel
     mean_ptr,  # *f32 [N, C, T] out: per position tile, m, the float mean of h over the tile's positions
-    dev_ptr,  # *f32 [N, C, T] out: sum of h - m (m's rounding: the host recovers the exact sum n m + D)
+    dev_ptr,  # *f32 [N, C, T] out: D, sum of h - m (m's rounding: the host recovers the exact sum n m + D)
     m2_ptr,  # *f32 [N, C, T] out: sum of (h - m)^2
     C, S, COLS,  # COLS: channels per program
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -201,7 +201,11 @@ def gn_moments_kernel(
     d = tl.where(mask, h - col_mean[None, :], 0.0)
     out = (n * C + c) * tiles + t
     tl.store(mean_ptr + out, col_mean, mask=cmask)
-    tl.store(dev_ptr + out, tl.sum(d, axis=0), mask=cmask)
+    # Where m is not finite (the column holds +-Inf or NaN), D = 0: h - m is NaN
+    # at an infinite h, and n m is the column's sum as it stands (+-Inf, or NaN),
+    # so that the group's mean is +-Inf as the fused path's sum gives it, not
+    # NaN (the sum of squares is NaN there: so is the variance).
+    tl.store(dev_ptr + out, tl.where(tl.abs(col_mean) < float("inf"), tl.sum(d, axis=0), 0.0), mask=cmask)
     tl.store(m2_ptr + out, tl.sum(d * d, axis=0), mask=cmask)
 
 
@@ -404,6 +408,13 @@ def group_norm_silu_triton_backward(
             grid = (n * p.col_tiles, p.pos_tiles)
             launchable(gn_backward_sums_kernel)[grid](
                 dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], c, s, g, cg, p.block_c, **flags)
+            # In float32: against float64, at 1x32x512x512 (256 position tiles) and
+            # 1x128x256x256 (64, or 1024 channels_last), N(0.5, 2) x, the largest
+            # error of dx, dweight, dbias and dadd was at most 1e-6 of the
+            # largest value (torch's float32 CPU backward: 3e-6 to 1.4e-5; dadd
+            # of one-channel groups, 0 in float64: 2e-5 absolute, torch 6e-3), and
+            # combining in float64 moved no largest error past its third digit
+            # (Triton interpreter; the CUDA host combines the same way).
             col_a, col_b, col_x = sums.sum(-1)
             w = weight.float() if weight is not None else torch.ones(c, device=x.device)
             count = cg * s

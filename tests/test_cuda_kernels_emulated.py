@@ -9,7 +9,7 @@ references written from the ops' definitions:
   cluster paths (a cluster's blocks at once, distributed shared memory),
   both layouts, float32 and bfloat16, 16-byte packets and single elements,
   blocks of one to several warps per channel, groups whose first value lies
-  far from their mean;
+  far from their mean, groups holding NaN, +Inf and -Inf;
 * fill_randn_, q_sample and ddpm_step_ against the Philox stream in double
   precision: odd sizes, both layouts, 16- and 32-bit types, counters across
   2^32, per-sample and out-of-range timesteps, in-place steps, model inputs in
@@ -64,6 +64,18 @@ CASES = [
     "1 4 8000 1 nchw f32 large wide 512 far",
     "1 8 8000 2 nhwc f32 large wide 512 far",
     "1 8 8000 2 nhwc bf16 large scalar 512 far",
+    # Groups holding +Inf, -Inf, both, NaN, an add of +Inf, two +Inf (and finite
+    # groups beside them): NaN, +Inf and -Inf where the float64 reference has
+    # them, in y, the statistics and the gradients. The mean of a group with
+    # +-Inf is +-Inf on both paths: the split path's tiles used to write NaN for
+    # D = sum (x - m) in a column whose mean m is infinite, and the group's mean
+    # came out NaN.
+    "2 16 36 8 nchw f32 fused wide 64 nonfinite",
+    "2 16 36 8 nhwc bf16 fused scalar 64 nonfinite",
+    "2 16 35 8 nchw f32 split scalar 64 nonfinite",
+    "2 16 16 8 nhwc bf16 split wide 64 nonfinite",
+    "1 16 8200 8 nchw f32 large wide 512 nonfinite",
+    "1 16 8200 8 nhwc f32 large scalar 512 nonfinite",
 ]
 
 

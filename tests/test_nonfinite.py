@@ -225,3 +225,111 @@ def test_group_norm_silu_triton_split_path(monkeypatch, where):
     on = lambda v: None if v is None else v.to(device)  # noqa: E731
     got = ops.group_norm_silu(x.to(device), 2, on(weight), on(bias), add=on(add), backend="triton")
     assert_same_nonfinite(got, want, 1e-4, 1e-4)
+
+
+# ------------------------------------------------- group_norm_silu statistics
+
+# The raw op's saved statistics (mean, rstd) of groups holding non-finite
+# values, on every path of every local backend (the CUDA kernels' are tested in
+# their emulation, tests/test_cuda_kernels_emulated.py, "nonfinite" cases).
+# The mean is the group's sum over its count: +Inf for +Inf among finite
+# values, -Inf for -Inf, NaN for both or a NaN; rstd is NaN (the variance about
+# an infinite mean is NaN). torch's native_group_norm is no guide to the mean:
+# its Welford updates make it NaN or +-Inf by where the Inf lies and by the
+# layout (torch 2.14 on the CPU: NaN for a +Inf first in an NCHW group, +Inf for
+# one last in a 1x64x32x32 one, +Inf for one anywhere in channels_last); y is
+# NaN in the group either way.
+STAT_POISON = {"+inf": (INF,), "-inf": (-INF,), "both": (INF, -INF), "nan": (NAN,), "+inf-twice": (INF, INF)}
+
+
+def _stat_inputs(shape, groups, kind, where, channels_last, dtype=torch.float32):
+    """x (and add) with the kind's values in group 0 of sample 0 and the last
+    group of the last sample, the other groups finite: in x, at the group's
+    first and last values (sample 0) or last and middle ones (the last sample);
+    or in add, one channel each from the group's first."""
+    n, c = shape[:2]
+    cg = c // groups
+    x = finite(40, shape)
+    add = finite(41, (n, c)) if where == "add" else None
+    for sample, group, order in ((0, 0, (0, -1)), (n - 1, groups - 1, (-1, None))):
+        if where == "add":
+            for j, v in enumerate(STAT_POISON[kind]):
+                add[sample, group * cg + j] = v
+        else:
+            flat = x[sample, group * cg:(group + 1) * cg].reshape(-1)
+            spots = [i if i is not None else flat.numel() // 2 for i in order]
+            for i, v in zip(spots, STAT_POISON[kind]):
+                flat[i] = v
+            x[sample, group * cg:(group + 1) * cg] = flat.view_as(x[sample, group * cg:(group + 1) * cg])
+    x = x.to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, (None if add is None else add.to(dtype))
+
+
+def _stats_want(x, add, groups, eps=1e-5):
+    h = x.double()
+    if add is not None:
+        h = h + add.double()[:, :, None, None]
+    hg = h.reshape(h.shape[0], groups, -1)
+    mean = hg.sum(-1) / hg.shape[-1]
+    return mean, ((hg - mean[..., None]).square().mean(-1) + eps).rsqrt()
+
+
+def _check_stats(x, add, groups, y, mean, rstd):
+    """mean and rstd as _stats_want has them; y NaN in the poisoned groups, finite elsewhere."""
+    want_mean, want_rstd = _stats_want(x, add, groups)
+    assert not torch.isfinite(want_mean[0, 0]) and not torch.isfinite(want_rstd[-1, -1])
+    assert_same_nonfinite(mean, want_mean, 1e-5, 1e-5)
+    assert_same_nonfinite(rstd, want_rstd, 1e-5, 1e-5)
+    y = y.cpu().reshape(y.shape[0], groups, -1)
+    poisoned_groups = ~torch.isfinite(want_rstd)
+    assert torch.isnan(y[poisoned_groups]).all() and torch.isfinite(y[~poisoned_groups]).all()
+
+
+# (path, shape, groups, channels_last, dtype): the CPU's NCHW short rows (whole
+# blocks, under kShortRow = 128 values a row) and long rows (a part a channel
+# with add), channels_last one sample a task (N >= twice the threads) or in
+# parallel passes, over two 4096-pixel parts, and float64.
+CPU_STAT_PATHS = [
+    ("nchw-short-rows", (2, 4, 3, 3), 2, False, torch.float32),
+    ("nchw-long-rows", (2, 4, 16, 16), 2, False, torch.float32),
+    ("channels_last-in-task", None, 2, True, torch.float32),
+    ("channels_last-passes", (1, 4, 3, 3), 2, True, torch.float32),
+    ("channels_last-parts", (1, 4, 65, 65), 2, True, torch.float32),
+    ("float64", (2, 4, 3, 3), 2, False, torch.float64),
+]
+
+
+@pytest.mark.skipif(not any(b == "cpu" for _, b in device_backends()), reason="the C++ extension is not built")
+@pytest.mark.parametrize("path,shape,groups,channels_last,dtype", CPU_STAT_PATHS, ids=[p[0] for p in CPU_STAT_PATHS])
+@pytest.mark.parametrize("where", ["x", "add"])
+@pytest.mark.parametrize("kind", list(STAT_POISON))
+def test_group_norm_silu_statistics_cpu(path, shape, groups, channels_last, dtype, where, kind):
+    if shape is None:
+        shape = (2 * torch.get_num_threads() + 1, 4, 3, 3)
+    x, add = _stat_inputs(shape, groups, kind, where, channels_last, dtype)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, None, None, add, groups, 1e-5, True)
+    _check_stats(x, add, groups, y, mean, rstd)
+
+
+@pytest.mark.skipif(not any(b == "triton" for _, b in device_backends()), reason="triton is not installed")
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("where", ["x", "add"])
+@pytest.mark.parametrize("kind", list(STAT_POISON))
+def test_group_norm_silu_statistics_triton(monkeypatch, path, channels_last, where, kind):
+    """The split path's tiles wrote D = sum (h - m) = NaN in a column whose
+    float mean m is +-Inf, and the group's mean came out NaN, not +-Inf."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    shape, groups = (2, 4, 5, 5), 2
+    if path == "split":
+        monkeypatch.setattr(gn, "MAX_TILE", 8)
+        monkeypatch.setattr(gn, "SPLIT_TILE", 8)
+    p = gn.plan(shape[1], 25, groups, 4, channels_last)
+    assert p.fused == (path == "fused") and (p.fused or p.pos_tiles > 2)
+    device = next(d for d, b in device_backends() if b == "triton")
+    x, add = _stat_inputs(shape, groups, kind, where, channels_last)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(
+        x.to(device), None, None, None if add is None else add.to(device), groups, 1e-5, True)
+    _check_stats(x, add, groups, y, mean, rstd)

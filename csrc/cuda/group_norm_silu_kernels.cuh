@@ -297,7 +297,11 @@ __global__ void __launch_bounds__(kBlock)
 // its own float mean m: m, D = sum (x - m) and Q = sum (x - m)^2 (add only
 // moves the mean: the host adds it). D, of the order of m's rounding, lets the
 // host recover the column's sum n m + D and its M2 = Q - D^2 / n however m
-// was rounded. Two passes over the tile in shared memory, one read of x.
+// was rounded. Where m is not finite (the column holds +-Inf or NaN), D is 0:
+// x - m is NaN at an infinite x, and n m is the column's sum as it stands
+// (+-Inf, or NaN), so that a group's mean is +-Inf as the fused path's sum
+// gives it, not NaN (Q is NaN there: so is the group's variance). Two passes
+// over the tile in shared memory, one read of x.
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlock)
     moments_kernel(const T* __restrict__ x, Geometry g,
@@ -325,7 +329,7 @@ __global__ void __launch_bounds__(kBlock)
       [&](int k, const float* acc) {
         const int64_t at = at0 + k * g.pos_tiles;
         mean_out[at] = col_mean[k];
-        dev_out[at] = acc[0];
+        dev_out[at] = isfinite(col_mean[k]) ? acc[0] : 0.0f;
         sq_out[at] = acc[1];
       });
 }

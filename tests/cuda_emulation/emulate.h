@@ -205,6 +205,7 @@ inline float __int_as_float(int bits) {
   return f;
 }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+using std::isfinite;  // CUDA's isfinite(float), a device function in the global namespace
 
 namespace emu {
 

@@ -2,12 +2,16 @@
 // under emulate.h against a float64 reference, forward and backward, and
 // prints the worst error of each output. Used by tests/test_cuda_kernels_emulated.py.
 //
-//   group_norm_silu_emulated N C S G LAYOUT DTYPE PATH PACKETS THREADS [far]
+//   group_norm_silu_emulated N C S G LAYOUT DTYPE PATH PACKETS THREADS [far|nonfinite]
 //     LAYOUT nchw|nhwc, DTYPE f32|bf16, PACKETS wide|scalar, PATH fused|split|large:
 //     split shrinks the tiles so that small inputs take the split path; large
 //     keeps the real tile sizes and expects an input too large to fuse.
 //     far: N(0, 1) data whose every group starts with 1e3 (its first value far
 //     from its mean), the forward's mean, rstd and y held to float32 rounding.
+//     nonfinite (G >= 6): groups 0-5 of each sample hold +Inf, -Inf, both, NaN,
+//     an add of +Inf, two +Inf (see poison); every output must be NaN, +Inf
+//     or -Inf exactly where the float64 reference has it: the mean of a group
+//     is its sum over its count (+-Inf, or NaN), its rstd NaN.
 // Exit status 0 when every output is within tolerance, 1 otherwise.
 #include "emulate.h"
 // clang-format off: the kernels need the emulation first
@@ -30,6 +34,7 @@ struct Case {
   unsigned threads;
   bool shrink;  // small tiles, to force the split path
   bool far;     // each group's first value 1e3 in N(0, 1) data
+  bool nonfinite;  // groups 0-5 poisoned (poison)
 };
 
 struct Problem {
@@ -49,6 +54,28 @@ double rounded(double v) {
 struct Reference {
   std::vector<double> y, mean, rstd, dx, a, bsum, dadd;
 };
+
+// Non-finite values in groups 0-5 of each sample: +Inf, -Inf, +Inf and -Inf,
+// NaN, +Inf in the add of the group's first channel, two +Inf. A single value
+// lies at the group's first element (channel 0, position 0) in even samples
+// and at its last (last channel, position S - 1) in odd ones: on the split
+// path, in the first or the last position tile; pairs take both.
+void poison(const Case& k, Problem& p) {
+  const int64_t cg = k.c / k.g;
+  for (int64_t n = 0; n < k.n; ++n) {
+    // Group g's element (channel j of the group, position s).
+    auto x = [&](int64_t g, int64_t j, int64_t s) -> double& { return p.x[at(k, n, g * cg + j, s)]; };
+    auto first = [&](int64_t g) -> double& { return x(g, 0, 0); };
+    auto last = [&](int64_t g) -> double& { return x(g, cg - 1, k.s - 1); };
+    auto one = [&](int64_t g) -> double& { return n % 2 ? last(g) : first(g); };
+    one(0) = INFINITY;
+    one(1) = -INFINITY;
+    first(2) = INFINITY, last(2) = -INFINITY;
+    x(3, cg / 2, k.s / 2) = NAN;
+    p.add[n * k.c + 4 * cg] = INFINITY;
+    first(5) = INFINITY, last(5) = INFINITY;
+  }
+}
 
 Reference reference(const Case& k, const Problem& p, bool act) {
   const int64_t cg = k.c / k.g, m = cg * k.s;
@@ -93,12 +120,18 @@ Reference reference(const Case& k, const Problem& p, bool act) {
   return r;
 }
 
-// Worst |got - want| / (atol + rtol * |want|); NaN (an unwritten output) counts as failed.
+// Worst |got - want| / (atol + rtol * |want|) where want is finite; where it
+// is NaN, +Inf or -Inf, got must be the same (else INFINITY). A non-finite got
+// where want is finite (NaN: an unwritten output) counts as failed.
 template <typename G>
 double worst(const std::vector<G>& got, const std::vector<double>& want, double atol, double rtol) {
   double w = 0;
   for (size_t i = 0; i < want.size(); ++i) {
     const double g = static_cast<float>(got[i]);
+    if (!std::isfinite(want[i])) {
+      if (!(std::isnan(want[i]) ? std::isnan(g) : g == want[i])) return INFINITY;
+      continue;
+    }
     if (!std::isfinite(g)) return INFINITY;
     w = std::max(w, std::abs(g - want[i]) / (atol + rtol * std::abs(want[i])));
   }
@@ -153,7 +186,8 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
         const double mu = sum / (cg * k.s);
         for (size_t j = 0; j < col_mean.size(); ++j) m2 += col_n[j] * (col_mean[j] - mu) * (col_mean[j] - mu);
         mean[n * k.g + g] = static_cast<float>(mu);
-        rstd[n * k.g + g] = static_cast<float>(1 / std::sqrt(std::max(0.0, m2 / (cg * k.s)) + 1e-5));
+        // clamp_min(0) as torch has it: NaN stays NaN (std::max(0.0, NaN) is 0).
+        rstd[n * k.g + g] = static_cast<float>(1 / std::sqrt(std::max(m2 / (cg * k.s), 0.0) + 1e-5));
       }
     }
     emu::launch(gn::normalize_kernel<T, V>, fgrid, threads, 0, x.data(), fg, prm, static_cast<const float*>(mean.data()),
@@ -177,16 +211,18 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
     emu::launch(gn::backward_sums_kernel<T, V>, bgrid, threads, bsmem, static_cast<const T*>(dy.data()),
                 static_cast<const T*>(x.data()), bg, prm, mp, rp, sums.data(), sums.data() + per,
                 sums.data() + 2 * per);
-    std::vector<double> xs(k.n * k.c, 0);
+    // The host's combination (group_norm_silu_cuda.cu) in float32, as torch
+    // does it there: the tiles' sums, then the groups' means of w*B and w*A.
+    std::vector<float> xs(k.n * k.c, 0);
     for (int64_t nc = 0; nc < k.n * k.c; ++nc) {
-      double sa = 0, sb = 0, sx = 0;
+      float sa = 0, sb = 0, sx = 0;
       for (int64_t t = 0; t < bg.pos_tiles; ++t)
         sa += sums[nc * bg.pos_tiles + t], sb += sums[per + nc * bg.pos_tiles + t], sx += sums[2 * per + nc * bg.pos_tiles + t];
-      col_a[nc] = static_cast<float>(sa), col_b[nc] = static_cast<float>(sb), xs[nc] = sx;
+      col_a[nc] = sa, col_b[nc] = sb, xs[nc] = sx;
     }
     for (int64_t n = 0; n < k.n; ++n) {
       for (int64_t g = 0; g < k.g; ++g) {
-        double s1 = 0, s2 = 0;
+        float s1 = 0, s2 = 0;
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s1 += w[c] * col_b[n * k.c + c], s2 += w[c] * col_a[n * k.c + c];
         m1[n * k.g + g] = static_cast<float>(s1 / (cg * k.s)), m2[n * k.g + g] = static_cast<float>(s2 / (cg * k.s));
         for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -233,14 +269,20 @@ bool dispatch(const Case& k, const Problem& p, const Reference& ref, bool act) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 10 && !(argc == 11 && std::string(argv[10]) == "far")) {
-    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split|large wide|scalar THREADS [far]\n", argv[0]);
+  const std::string mode = argc == 11 ? argv[10] : "";
+  if (argc != 10 && !(argc == 11 && (mode == "far" || mode == "nonfinite"))) {
+    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split|large wide|scalar THREADS [far|nonfinite]\n",
+                 argv[0]);
     return 2;
   }
   const Case k{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
                std::string(argv[5]) == "nhwc", std::string(argv[6]) == "bf16", std::string(argv[7]) != "fused",
                std::string(argv[8]) == "wide", static_cast<unsigned>(std::atoi(argv[9])), std::string(argv[7]) == "split",
-               argc == 11};
+               mode == "far", mode == "nonfinite"};
+  if (k.nonfinite && k.g < 6) {
+    std::fprintf(stderr, "nonfinite needs G >= 6\n");
+    return 2;
+  }
   std::mt19937 gen(7);
   std::normal_distribution<double> normal;
   const int64_t numel = k.n * k.c * k.s;
@@ -256,6 +298,7 @@ int main(int argc, char** argv) {
   }
   for (int64_t c = 0; c < k.c; ++c) p.w.push_back(rounded<float>(1 + normal(gen))), p.b.push_back(rounded<float>(normal(gen)));
   for (int64_t i = 0; i < k.n * k.c; ++i) p.add.push_back(rounded<float>(normal(gen)));
+  if (k.nonfinite) poison(k, p);
   bool ok = true;
   for (bool act : {true, false}) {
     const Reference ref = reference(k, p, act);
