@@ -429,7 +429,7 @@ def test_cpu_kernel_long_rows_and_large_mean(layout, offset, with_add, hw):
 class TestAutoOnTheCpu:
     """`auto` runs the C++ kernel on the CPU, with autograd too: its autograd is
     C++ (csrc/group_norm_silu_autograd.cpp), and forward + backward measured
-    faster than the reference from 2^9 elements up (BENCHMARKS.md)."""
+    faster than the reference from 2^9 elements up (docs/benchmarks-history.md, 2026-12-01)."""
 
     @pytest.fixture
     def ran_reference(self, monkeypatch):
