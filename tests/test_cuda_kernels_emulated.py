@@ -119,7 +119,7 @@ def test_elementwise_kernels(elementwise: Path, op: str) -> None:
 # backward, a cluster's blocks run at once: N, C, S, G, layout, dtype, packets,
 # threads, the shared memory a forward block may take (shrunk so that small
 # groups need a cluster; twice that for the backward), the cluster size the
-# forward's plan must choose[, far]. Each case runs with and without add, affine
+# forward's plan must choose[, far|nonfinite]. Each case runs with and without add, affine
 # parameters and SiLU.
 CLUSTER_CASES = [
     # One group a cluster over 2, 4 and 8 blocks; 16-byte packets; float16 and bfloat16.
@@ -145,6 +145,21 @@ CLUSTER_CASES = [
     "1 4 4000 1 nchw f32 wide 128 13000 8 far",
     "1 8 4000 2 nhwc f32 wide 128 15000 8 far",
     "1 8 4000 2 nhwc bf16 scalar 64 14000 8 far",
+    # Groups holding +Inf, -Inf, both, NaN, an add of +Inf, two +Inf (as the
+    # fused and split cases above): NaN, +Inf and -Inf where the float64 reference
+    # has them, in y, mean, rstd and the backward's outputs. A single value lies in
+    # the cluster's first block (even samples) or its last (odd ones), the group's
+    # finite values in the other blocks. The kernel used to give NaN for the mean
+    # of a group holding +-Inf (D = sum (x - m) NaN in a column whose mean m is
+    # infinite; Chan's update Inf + (-Inf) where a finite part followed an infinite
+    # one) and a finite rstd, 1 / sqrt(eps), for every such group (NaN variances
+    # clamped to 0). Clusters of 2, 4 and 8 blocks; channels_last tiles of 2 and 4
+    # groups; 403 positions: a partial last block.
+    "2 16 400 8 nchw f32 wide 64 8000 2 nonfinite",
+    "2 32 301 8 nchw f32 scalar 64 5500 8 nonfinite",
+    "2 16 403 8 nchw bf16 scalar 64 5500 4 nonfinite",
+    "2 16 400 8 nhwc f32 scalar 64 8000 4 nonfinite",
+    "2 16 400 8 nhwc bf16 wide 64 6000 8 nonfinite",
 ]
 
 

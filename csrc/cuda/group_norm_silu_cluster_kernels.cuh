@@ -11,11 +11,14 @@
 //      per thread: the one read of x;
 //   2. forms per channel the float mean m of its slice, then in a second pass
 //      over shared memory D = sum (x - m) and Q = sum (x - m)^2, like the
-//      split path's moments_kernel: no sum cancels wherever the values lie;
-//   3. combines its channels per group in double (Chan's parallel formula, a
-//      fixed order: count, mean with add, M2) and publishes the result in its
-//      shared memory;
-//   4. cluster barrier; reads the K blocks' partials from their shared memory
+//      split path's moments_kernel: no sum cancels wherever the values lie
+//      (D = 0 where m is not finite, as there);
+//   3. combines its channels per group in double, in a fixed order, as the
+//      split path's host combines its tile columns: the mean (with add) as the
+//      sum of the columns' n m_k over the count, then M2 as the sum of the
+//      columns' M2 and of n (m_k - mean)^2 (combine_parts); publishes the
+//      part's mean and M2 in its shared memory;
+//   4. cluster barrier; reads the K blocks' parts from their shared memory
 //      (distributed shared memory, map_shared_rank), in rank order, and
 //      combines them the same way: every block computes the same mean and
 //      rstd, bit for bit, and the rank-0 block writes them out. It then
@@ -168,13 +171,30 @@ __device__ __forceinline__ void load_tile_as_is(const T* __restrict__ src, const
   }
 }
 
-// Adds a part of nb values with mean mb and M2 m2b to (n, mean, m2): Chan's
-// parallel formula, in double.
-__device__ __forceinline__ void chan_add(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
-  const double total = n + nb, delta = mb - mean;
-  mean += delta * (nb / total);
-  m2 += m2b + delta * delta * (n * (nb / total));
-  n = total;
+// The mean and M2 of `parts` parts, part i of count(i) values with mean
+// mean_of(i) and M2 m2_of(i), in double and in order: the mean is the parts'
+// sum of count * mean over the total count (+-Inf where a part's mean is +-Inf
+// among finite ones, NaN for both or a NaN, as the fused path's sum gives it),
+// then M2 = sum (m2 + count (mean_i - mean)^2), exact for exact parts (Chan's
+// parallel formula, with the spread about the final mean). Chan's running
+// update, mean += (mb - mean) nb / n, made the mean NaN where a finite part
+// followed an infinite one (Inf - Inf); here M2 is NaN wherever a part's mean
+// is not finite (mean_i - mean is NaN), whatever the order, and so is rstd.
+template <typename Count, typename Mean, typename M2>
+__device__ __forceinline__ void combine_parts(int parts, Count count, Mean mean_of, M2 m2_of, double& n,
+                                              double& mean, double& m2) {
+  double sum = 0;
+  n = 0;
+  for (int i = 0; i < parts; ++i) {
+    n += count(i);
+    sum += count(i) * mean_of(i);
+  }
+  mean = sum / n;
+  m2 = 0;
+  for (int i = 0; i < parts; ++i) {
+    const double d = mean_of(i) - mean;
+    m2 += m2_of(i) + count(i) * (d * d);
+  }
 }
 
 template <typename T, int V>
@@ -213,35 +233,43 @@ __global__ void __launch_bounds__(kBlock, kClusterMinBlocks)
         acc[1] += d * d;
       },
       [&](int k, const float* acc) {
-        col_d[k] = acc[0];
+        col_d[k] = isfinite(col_m[k]) ? acc[0] : 0.0f;  // x - m is NaN at an infinite x: n m is the sum
         col_q[k] = acc[1];
       });
   __syncthreads();
   const int ngroups = t.ncols / static_cast<int>(g.cg), cg_ = static_cast<int>(g.cg);
   const int64_t nc = t.n * g.c + t.c0;
   for (int j = threadIdx.x; j < ngroups; j += blockDim.x) {  // this block's part of each group
-    double n = 0, mean = 0, m2 = 0;
     const double ns = t.ns;
-    for (int k = j * cg_; k < (j + 1) * cg_; ++k) {
-      const double d = col_d[k], q = col_q[k];
-      const double m2k = q - d * d / ns;  // M2 about the column's own mean m + d / ns
-      chan_add(n, mean, m2, ns, static_cast<double>(col_m[k]) + d / ns + param(p.add, nc + k, 0.0f),
-               m2k > 0 ? m2k : 0.0);
-    }
+    const int k0 = j * cg_;
+    double n, mean, m2;
+    combine_parts(
+        cg_, [&](int) { return ns; },
+        [&](int i) {  // the column's mean of x + add, m + D / ns
+          return static_cast<double>(col_m[k0 + i]) + col_d[k0 + i] / ns + param(p.add, nc + k0 + i, 0.0f);
+        },
+        [&](int i) {  // the column's M2 about its own mean, Q - D^2 / ns; NaN stays NaN
+          const double d = col_d[k0 + i], m2k = col_q[k0 + i] - d * d / ns;
+          return m2k < 0 ? 0.0 : m2k;
+        },
+        n, mean, m2);
     part_mean[j] = mean;
     part_m2[j] = m2;
   }
   cluster.sync();  // every block's part published (release / acquire across the cluster)
   for (int j = threadIdx.x; j < ngroups; j += blockDim.x) {
-    double n = 0, mean = 0, m2 = 0;
-    for (int r = 0; r < static_cast<int>(g.pos_tiles); ++r) {
-      const int64_t ns_r = g.s - r * g.block_s < g.block_s ? g.s - r * g.block_s : g.block_s;
-      chan_add(n, mean, m2, static_cast<double>(g.cg * ns_r), *cluster.map_shared_rank(part_mean + j, r),
-               *cluster.map_shared_rank(part_m2 + j, r));
-    }
-    const double var = m2 / n;
+    double n, mean, m2;
+    combine_parts(
+        static_cast<int>(g.pos_tiles),
+        [&](int r) {
+          const int64_t ns_r = g.s - r * g.block_s < g.block_s ? g.s - r * g.block_s : g.block_s;
+          return static_cast<double>(g.cg * ns_r);
+        },
+        [&](int r) { return *cluster.map_shared_rank(part_mean + j, r); },
+        [&](int r) { return *cluster.map_shared_rank(part_m2 + j, r); }, n, mean, m2);
+    const double var = m2 / n;  // no clamp: every term of m2 is >= 0 (or NaN, which must stay NaN)
     g_mean[j] = static_cast<float>(mean);
-    g_rstd[j] = static_cast<float>(1.0 / sqrt((var > 0 ? var : 0.0) + static_cast<double>(eps)));
+    g_rstd[j] = static_cast<float>(1.0 / sqrt(var + static_cast<double>(eps)));
     if (t.s0 == 0) {
       const int64_t at = t.n * g.groups + t.c0 / g.cg + j;
       mean_out[at] = g_mean[j];

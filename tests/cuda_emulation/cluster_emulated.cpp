@@ -4,14 +4,19 @@
 // backward's dx, A, B and dadd (from the reference statistics). Used by
 // tests/test_cuda_kernels_emulated.py.
 //
-//   cluster_emulated N C S G LAYOUT DTYPE PACKETS THREADS BLOCK_BYTES K [far]
+//   cluster_emulated N C S G LAYOUT DTYPE PACKETS THREADS BLOCK_BYTES K [far|nonfinite]
 //     LAYOUT nchw|nhwc, DTYPE f32|f16|bf16, PACKETS wide|scalar: what the plan must
 //     allow. BLOCK_BYTES: the shared memory a block may take (the GPU's opt-in
 //     limit, shrunk so that small inputs need a cluster; twice that for the
 //     backward, whose blocks hold x and dy); K: the cluster size the forward's plan
 //     must choose (the backward's must choose one). far: N(0, 1) data whose every group starts with 1e3 (its
 //     first value far from its mean), mean, rstd and float32 y held to float32
-//     rounding.
+//     rounding. nonfinite (G >= 6): groups 0-5 of each sample hold +Inf, -Inf, both,
+//     NaN, an add of +Inf, two +Inf, as group_norm_silu_emulated.cpp's (see poison);
+//     every output must be NaN, +Inf or -Inf exactly where the float64 reference has
+//     it: the mean of a group is its sum over its count (+-Inf, or NaN), its rstd
+//     NaN. A single value lies in the first block of its cluster in even samples and
+//     in the last in odd ones; the finite values of its group in the others.
 //   cluster_emulated plan C S G LAYOUT ELEM_BYTES TILES BLOCK_BYTES: prints the plan
 //     (TILES 1: the forward's, 2: the backward's).
 // Each case runs with and without add, affine parameters and SiLU. Exit status 0
@@ -40,6 +45,7 @@ struct Case {
   int64_t block_bytes;
   int cluster;
   bool far;
+  bool nonfinite;  // groups 0-5 poisoned (poison)
 };
 
 int64_t at(const Case& k, int64_t n, int64_t c, int64_t s) {
@@ -96,12 +102,40 @@ Reference reference(const Case& k, const std::vector<double>& x, const std::vect
   return r;
 }
 
-// Worst |got - want| / (atol + rtol * |want|); NaN (an unwritten output) counts as failed.
+// Non-finite values in groups 0-5 of each sample, as group_norm_silu_emulated.cpp
+// places them: +Inf, -Inf, +Inf and -Inf, NaN, +Inf in the add of the group's
+// first channel, two +Inf. A single value lies at the group's first element
+// (channel 0, position 0: the cluster's first block) in even samples and at its
+// last (last channel, position S - 1: the last block) in odd ones; pairs take
+// both, NaN the middle.
+void poison(const Case& k, std::vector<double>& x, std::vector<double>& add) {
+  const int64_t cg = k.c / k.g;
+  for (int64_t n = 0; n < k.n; ++n) {
+    auto at_g = [&](int64_t g, int64_t j, int64_t s) -> double& { return x[at(k, n, g * cg + j, s)]; };
+    auto first = [&](int64_t g) -> double& { return at_g(g, 0, 0); };
+    auto last = [&](int64_t g) -> double& { return at_g(g, cg - 1, k.s - 1); };
+    auto one = [&](int64_t g) -> double& { return n % 2 ? last(g) : first(g); };
+    one(0) = INFINITY;
+    one(1) = -INFINITY;
+    first(2) = INFINITY, last(2) = -INFINITY;
+    at_g(3, cg / 2, k.s / 2) = NAN;
+    add[n * k.c + 4 * cg] = INFINITY;
+    first(5) = INFINITY, last(5) = INFINITY;
+  }
+}
+
+// Worst |got - want| / (atol + rtol * |want|) where want is finite; where it
+// is NaN, +Inf or -Inf, got must be the same (else INFINITY). A non-finite got
+// where want is finite (NaN: an unwritten output) counts as failed.
 template <typename G>
 double worst(const std::vector<G>& got, const std::vector<double>& want, double atol, double rtol) {
   double w = 0;
   for (size_t i = 0; i < want.size(); ++i) {
     const double g = static_cast<float>(got[i]);
+    if (!std::isfinite(want[i])) {
+      if (!(std::isnan(want[i]) ? std::isnan(g) : g == want[i])) return INFINITY;
+      continue;
+    }
     if (!std::isfinite(g)) return INFINITY;
     w = std::max(w, std::abs(g - want[i]) / (atol + rtol * std::abs(want[i])));
   }
@@ -151,6 +185,7 @@ bool run(const Case& k) {
     b.push_back(rounded<float>(normal(gen)));
   }
   for (int64_t i = 0; i < k.n * k.c; ++i) add.push_back(rounded<float>(normal(gen)));
+  if (k.nonfinite) poison(k, x, add);
   std::vector<T> xt(numel), dyt(numel);
   for (int64_t i = 0; i < numel; ++i) xt[i] = T(static_cast<float>(x[i])), dyt[i] = T(static_cast<float>(dy[i]));
   const std::vector<float> wf(w.begin(), w.end()), bf(b.begin(), b.end()), af(add.begin(), add.end());
@@ -194,6 +229,17 @@ bool run(const Case& k) {
       std::printf(" (far: rstd rel %.3g, mean rel %.3g)", worst(rstd, ref.rstd, 0, 1), worst(mean, ref.mean, 0, 1));
     }
     std::printf("\n");
+    if (k.nonfinite) {  // the poisoned groups' statistics, got (want)
+      for (int64_t n = 0; n < k.n; ++n) {
+        std::printf("  n=%lld:", static_cast<long long>(n));
+        for (int64_t g = 0; g < 6; ++g) {
+          const int64_t i = n * k.g + g;
+          std::printf(" g%lld mean %g (%g) rstd %g (%g);", static_cast<long long>(g), mean[i], ref.mean[i], rstd[i],
+                      ref.rstd[i]);
+        }
+        std::printf("\n");
+      }
+    }
   }
   return ok;
 }
@@ -217,13 +263,20 @@ int main(int argc, char** argv) {
                 static_cast<long long>(plan.g.block_s), static_cast<long long>(plan.smem_bytes));
     return 0;
   }
-  if (argc != 11 && !(argc == 12 && std::string(argv[11]) == "far")) {
-    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|f16|bf16 wide|scalar THREADS BLOCK_BYTES K [far]\n", argv[0]);
+  const std::string mode = argc == 12 ? argv[11] : "";
+  if (argc != 11 && !(argc == 12 && (mode == "far" || mode == "nonfinite"))) {
+    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|f16|bf16 wide|scalar THREADS BLOCK_BYTES K [far|nonfinite]\n",
+                 argv[0]);
     return 2;
   }
   const Case k{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
                std::string(argv[5]) == "nhwc", argv[6], std::string(argv[7]) == "wide",
-               static_cast<unsigned>(std::atoi(argv[8])), std::atoll(argv[9]), std::atoi(argv[10]), argc == 12};
+               static_cast<unsigned>(std::atoi(argv[8])), std::atoll(argv[9]), std::atoi(argv[10]), mode == "far",
+               mode == "nonfinite"};
+  if (k.nonfinite && k.g < 6) {
+    std::fprintf(stderr, "nonfinite needs G >= 6\n");
+    return 2;
+  }
   bool ok;
   if (k.dtype == "f32") {
     ok = dispatch<float>(k);
