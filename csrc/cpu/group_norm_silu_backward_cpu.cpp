@@ -147,10 +147,11 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   // pass 2, so that one block's pass 2 does not wait on its means' divisions.
   const int64_t batch = blocks_per_batch(cg * l.hw * static_cast<int64_t>(sizeof(T)));
   if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
-    // Short rows: each pass over a whole block at once (see
-    // kBlockRowsBackward), with act pass 1's du first, over the whole batch
-    // (silu_grad_block), then each block's sums row by row in one call
-    // (backward_block_sums).
+    // Short rows: pass 1 over the whole batch in one call
+    // (backward_rows_sums: du with act, and each row's sums), or where rows are
+    // shorter than a vector du over the whole batch (silu_grad_block), then
+    // each block's sums row by row in one call (backward_block_sums); pass 2
+    // a whole block at once (see kBlockRowsBackward).
     parallel_tasks(l.n * l.groups, cg * l.hw, [&](int64_t begin, int64_t end) {
       const RowLanes lanes(l.hw);
       // Per row of the batch: its shift, rstd, w and b (padded).
@@ -169,17 +170,23 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
             br[k] = static_cast<float>(p.b[c0 + i]);
           }
         }
-        // Pass 1: du over the whole batch (with act), then each block's sums.
-        if (act) {
-          silu_grad_block(dy + first, x + first, rows, lanes, shift.data(), rs.data(), wr.data(), br.data(),
-                          du_row(ng0 * cg));
-        }
-        for (int64_t j = 0; j < blocks; ++j) {
-          const int64_t nc0 = (ng0 + j) * cg, offset = nc0 * l.hw;
-          with_du(act, du_row(nc0), dy + offset, [&](const auto* du) {
-            backward_block_sums(du, x + offset, cg, l.hw, &shift[j * cg], rstd[ng0 + j], &wr[j * cg], &br[j * cg],
-                                A.data() + nc0, B.data() + nc0, X.data() + nc0);
-          });
+        // Pass 1: du (with act) and the rows' sums in one pass over the batch
+        // (backward_rows_sums), or for rows shorter than a vector du over the
+        // whole batch, then each block's sums.
+        const int64_t nc_first = ng0 * cg;
+        if (!backward_rows_sums(dy + first, x + first, rows, l.hw, shift.data(), rs.data(), wr.data(), br.data(), act,
+                                du_row(nc_first), A.data() + nc_first, B.data() + nc_first, X.data() + nc_first)) {
+          if (act) {
+            silu_grad_block(dy + first, x + first, rows, lanes, shift.data(), rs.data(), wr.data(), br.data(),
+                            du_row(nc_first));
+          }
+          for (int64_t j = 0; j < blocks; ++j) {
+            const int64_t nc0 = (ng0 + j) * cg, offset = nc0 * l.hw;
+            with_du(act, du_row(nc0), dy + offset, [&](const auto* du) {
+              backward_block_sums(du, x + offset, cg, l.hw, &shift[j * cg], rstd[ng0 + j], &wr[j * cg], &br[j * cg],
+                                  A.data() + nc0, B.data() + nc0, X.data() + nc0);
+            });
+          }
         }
         for (int64_t j = 0; j < blocks; ++j) means[j] = means_of(ng0 + j);
         for (int64_t j = 0; j < blocks; ++j) {  // pass 2, from du (with act) or dy

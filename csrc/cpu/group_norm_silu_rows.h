@@ -282,6 +282,30 @@ inline void backward_block_sums_portable(const Tdu* du, const T* x, int64_t rows
   }
 }
 
+// Backward pass 1 over `rows` consecutive NCHW rows of `count` values (a
+// batch of blocks of short rows), row k with shift[k], rstd[k], w[k] and b[k]:
+// with `act`, du (dL/du through SiLU) stored to du_out for pass 2; without,
+// du = dy. Each row's sums A = sum du * xhat, B = sum du and X = sum xhat
+// into a[k], b_sums[k] and x_sums[k]. One pass where silu_grad_block then
+// backward_block_sums read each row twice and reduced each row's three sums
+// on their own. The vector loops take rows of at least a vector (false
+// otherwise: silu_grad_block and backward_block_sums then run); each row's
+// sums are float, its lanes summed in a fixed order (see rows_sums).
+template <class Tdy, class T>
+inline bool backward_rows_sums_portable(const Tdy* dy, const T* x, int64_t rows, int64_t count, const float* shift,
+                                        const float* rstd, const float* w, const float* b, bool act, float* du_out,
+                                        double* a, double* b_sums, double* x_sums) {
+  for (int64_t k = 0; k < rows; ++k) {
+    double sums[3];
+    backward_row_sums_portable(dy + k * count, x + k * count, count, shift[k], rstd[k], w[k], b[k], act, sums,
+                               act ? du_out + k * count : nullptr);
+    a[k] = sums[0];
+    b_sums[k] = sums[1];
+    x_sums[k] = sums[2];
+  }
+  return true;
+}
+
 // The backward over an NCHW block of `rows` short rows (RowLanes), row k with
 // shift[k], w[k] and b[k] (arrays padded by kChannelPad): silu_grad_block
 // writes pass 1's du = dL/du through SiLU (whose sums then go row by row, as
@@ -400,6 +424,12 @@ inline void backward_block_sums(const Tdu* du, const T* x, int64_t rows, int64_t
                                 float rstd, const float* w, const float* b, double* a, double* b_sums,
                                 double* x_sums) {
   DDPM_SIMD_CALL(backward_block_sums, du, x, rows, count, shift, rstd, w, b, a, b_sums, x_sums);
+}
+template <class Tdy, class T>
+inline bool backward_rows_sums(const Tdy* dy, const T* x, int64_t rows, int64_t count, const float* shift,
+                               const float* rstd, const float* w, const float* b, bool act, float* du_out, double* a,
+                               double* b_sums, double* x_sums) {
+  return DDPM_SIMD_CALL(backward_rows_sums, dy, x, rows, count, shift, rstd, w, b, act, du_out, a, b_sums, x_sums);
 }
 template <class T>
 inline void silu_grad_block(const T* dy, const T* x, int64_t rows, const RowLanes& lanes, const float* shift,

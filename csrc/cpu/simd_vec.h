@@ -75,6 +75,24 @@ struct Avx2 {
     const __m128d half = _mm_add_pd(_mm256_castpd256_pd128(wide), _mm256_extractf128_pd(wide, 1));
     return _mm_cvtsd_f64(_mm_add_sd(half, _mm_unpackhi_pd(half, half)));
   }
+  // Lane k: the sum of v[k]'s lanes, for kFloats vectors v (rows of a
+  // block's backward, summed kFloats at a time: one sum_double per row cost
+  // more than the row's SiLU gradient at rows of one vector). In float, each
+  // vector's lanes added in one fixed tree, whatever the other vectors hold:
+  // halves folded (permute2f128), then pairs within 128 bits twice (shuffle).
+  DDPM_VEC_FN F transpose_sums(const F* v) {
+    F a[4], b[2];
+    for (int k = 0; k < 4; ++k)  // lanes 0-3: row 2k's 4 partial sums, 4-7: row 2k + 1's
+      a[k] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x20),
+                           _mm256_permute2f128_ps(v[2 * k], v[2 * k + 1], 0x31));
+    for (int k = 0; k < 2; ++k)  // per 128 bits, 2 partials of rows 4k, 4k + 2 | 4k + 1, 4k + 3
+      b[k] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm256_shuffle_ps(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // rows 0, 2, 4, 6 | 1, 3, 5, 7, then in order
+    const F s = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
 
   // 16-bit values, as their bits: kFloats IEEE halves (F16C, round to nearest
   // even); kFloats uint16s zero-extended to 32-bit lanes, and lanes holding
@@ -181,6 +199,27 @@ struct Avx512 {
   DDPM_VEC_FN double sum_double(F v) {
     return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
                                               _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1))));
+  }
+  // Lane k: the sum of v[k]'s lanes (see Avx2), folding each vector's lanes
+  // in halves four times, two vectors' halves into one vector each time
+  // (vpermt2ps).
+  DDPM_VEC_FN F fold(F x, F y, __m512i lo, __m512i hi) {
+    return _mm512_add_ps(_mm512_permutex2var_ps(x, lo, y), _mm512_permutex2var_ps(x, hi, y));
+  }
+  DDPM_VEC_FN F transpose_sums(const F* v) {
+    const __m512i lo8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i hi8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const __m512i lo4 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    const __m512i hi4 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const __m512i lo2 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+    const __m512i hi2 = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    const __m512i lo1 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i hi1 = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    F a[8], b[4], c[2];
+    for (int k = 0; k < 8; ++k) a[k] = fold(v[2 * k], v[2 * k + 1], lo8, hi8);  // 8 partials of 2 rows
+    for (int k = 0; k < 4; ++k) b[k] = fold(a[2 * k], a[2 * k + 1], lo4, hi4);  // 4 of 4
+    for (int k = 0; k < 2; ++k) c[k] = fold(b[2 * k], b[2 * k + 1], lo2, hi2);  // 2 of 8
+    return fold(c[0], c[1], lo1, hi1);
   }
 
   // 16-bit values, as their bits (see Avx2).
