@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -330,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prefix = f"ddpm-fast {args.command}"
     debug = bool(os.environ.get("DDPM_FAST_DEBUG"))
+    formatwarning = warnings.formatwarning
+    if not debug:  # one line per warning, as errors are, not Python's file:line and source line
+        warnings.formatwarning = lambda message, category, *rest: f"{prefix}: warning: {message}\n"
     try:
         return args.run(args)
     except (KeyboardInterrupt, Interrupted) as error:
@@ -345,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _out_of_memory(error) or debug:
             raise
         message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower --batch-size", 2
+    finally:
+        warnings.formatwarning = formatwarning
     # Printed once the error and its frames are gone: a progress bar still open
     # in them (bits/dim, inception) closes then, on its own line, not after the message.
     sys.stderr.flush()

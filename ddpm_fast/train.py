@@ -40,7 +40,7 @@ from .models.serialization import load_safetensors, load_state_dict_checked
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("simple", "vlb", "hybrid")
@@ -53,6 +53,19 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "sample_every", "sample_count", "sample_steps", "checkpoint_every",
     "keep_checkpoints", "max_nonfinite", "channels_last",
 })
+
+
+class ConfigMismatchError(CheckpointError):
+    """A run resumed with another configuration than its checkpoint's:
+    ``differences`` lists each setting as "name: old there, new now"."""
+
+    def __init__(self, path: Path, differences: list[str]) -> None:
+        self.path, self.differences = path, differences
+        super().__init__(
+            f"cannot resume {path} with another configuration ({'; '.join(differences)}): pass the run's own "
+            "settings, or start afresh in another folder (or here with resume=False, --no-resume, which replaces "
+            "this run)"
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -321,6 +334,9 @@ class Trainer:
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
             self._remove_later_checkpoints()
         cfg = self.config
+        if self.step > cfg.steps and self.rank == 0:
+            warnings.warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
+                          "nothing to train")
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
         window: list[float] = []
         tick, tick_step = time.perf_counter(), self.step
@@ -372,8 +388,8 @@ class Trainer:
     def check_resumable(self, path: str | os.PathLike) -> None:
         """Refuse to resume checkpoint ``path`` with another model, schedule or
         training recipe than the one it was trained with (see
-        ``RESUMABLE_CHANGES`` for what may change): raise ``CheckpointError``
-        naming each setting that differs. A checkpoint without ``config.json``
+        ``RESUMABLE_CHANGES`` for what may change): raise ``ConfigMismatchError``
+        (a ``CheckpointError``) naming each setting that differs. A checkpoint without ``config.json``
         is not checked."""
         path = Path(path)
         try:
@@ -396,11 +412,7 @@ class Trainer:
                 if key in old and old.get(key) != new.get(key):
                     differ.append(f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now")
         if differ:
-            raise CheckpointError(
-                f"cannot resume {path} with another configuration ({'; '.join(differ)}): pass the run's own "
-                f"settings, or start afresh: in another folder, or here with resume=False (ddpm-fast train --no-resume), "
-                f"which replaces this run"
-            )
+            raise ConfigMismatchError(path, differ)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:

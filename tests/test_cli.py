@@ -273,3 +273,28 @@ def test_out_of_memory_says_to_lower_the_batch_size(run_dir, tmp_path, monkeypat
     assert capsys.readouterr().err.strip() == (
         "ddpm-fast sample: error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB more details): "
         "lower --batch-size")
+
+
+def test_demo_rerun_with_another_seed_says_to_use_another_out(tmp_path, capsys):
+    """The demo resumes out/run; with another --seed that run was once continued
+    silently (as the seed-0 run), and the Trainer's advice names --no-resume,
+    which the demo does not have."""
+    argv = ["demo", "--out", str(tmp_path), "--steps", "1", "--samples", "2", "--sample-steps", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ddpm-fast demo: error: {tmp_path / 'run'} holds a demo run with other settings "
+                   "(train.seed: 0 there, 1 now): rerun with its settings, or pass another --out")
+
+
+def test_warnings_are_one_line(run_dir, data_file):
+    """Python's own format adds the file, line and source line of the warning."""
+    argv = [sys.executable, "-m", "ddpm_fast", "train", "--data", str(data_file), "--out", str(run_dir), "--model",
+            "tiny", "--steps", "2", "--batch-size", "8", "--timesteps", "20", "--warmup", "2", "--no-flip",
+            "--device", "cpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stderr.replace("\r", "\n").splitlines() if "warn" in l]
+    assert lines == [f"ddpm-fast train: warning: the run in {run_dir} is already at step 4, beyond steps=2: "
+                     "nothing to train"]

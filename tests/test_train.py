@@ -307,3 +307,9 @@ def test_a_fresh_run_replaces_a_longer_one_in_its_folder(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
     saved = load_file(str(tmp_path / "checkpoint-00000002" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in fresh.model.state_dict().items())
+
+
+def test_a_run_already_beyond_steps_warns_that_it_trains_nothing(tmp_path):
+    make_trainer(tmp_path, steps=4).train(final_samples=False)
+    with pytest.warns(UserWarning, match="already at step 4, beyond steps=2: nothing to train"):
+        assert make_trainer(tmp_path, steps=2).train(final_samples=False)["steps"] == 4
