@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["write_checkpoint", "latest_checkpoint", "atomic_write", "CheckpointError"]
+__all__ = ["write_checkpoint", "latest_checkpoint", "checkpoints", "atomic_write", "CheckpointError"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
@@ -86,6 +86,14 @@ def write_checkpoint(
 def _checkpoints(run_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete checkpoints of ``run_dir`` as (step, folder), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return [(int(_NAME.match(p.name).group(1)), p) for p in _checkpoints(run_dir)]
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

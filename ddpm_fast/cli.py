@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +42,43 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    """A device this machine has: checked while parsing, so that a typo or a
+    missing GPU is an argument error, not a traceback from deep in torch."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda or cuda:K") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: expected cpu, cuda or cuda:K")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _check_output_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """Fail before any training or sampling if ``path`` cannot be a folder we
+    write into: it (or a parent) is a file, or its nearest existing folder is
+    not writable. Nothing is created here."""
+    out = Path(path).absolute()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {existing} is not writable")
+
+
+class Interrupted(Exception):
+    """Ctrl-C: reported in one line, exit status 130."""
+
+
 # ----------------------------------------------------------------- commands
 
 
@@ -69,7 +107,10 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer
 
     device = distributed.setup(args.device)
+    trainer = None
     try:
+        if distributed.rank_and_world()[0] == 0:
+            _check_output_folder(args.out)
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
@@ -83,6 +124,9 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
                           extra_config={"data": args.data})
         summary = trainer.train(resume=args.resume)
+    except KeyboardInterrupt:
+        distributed.teardown(failed=True)
+        raise Interrupted(_interrupted_run(args.out, trainer, args.resume)) from None
     except BaseException:
         distributed.teardown(failed=True)
         raise
@@ -90,6 +134,19 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.rank == 0:
         print(f"trained to step {summary['steps']}; run folder {summary['out_dir']}")
     return 0
+
+
+def _interrupted_run(out: str, trainer, resume: bool) -> str:
+    """What a Ctrl-C during training leaves: checkpoints are written whole or
+    not at all, so the newest one is intact and the same command resumes it."""
+    from .checkpoint import latest_checkpoint
+
+    at = f" at step {trainer.step}" if trainer is not None else ""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return f"interrupted{at}, before the first checkpoint: nothing to resume in {out}"
+    again = "the same command" if resume else "the same command with --resume"
+    return f"interrupted{at}; the newest checkpoint, {ckpt}, is intact: run {again} to continue from it"
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -100,6 +157,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = distributed.setup(args.device)
     try:
+        if distributed.rank_and_world()[0] == 0:
+            _check_output_folder(args.out)  # before sampling: a bad --out must not cost a whole run
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         dtype = DTYPES[args.dtype]
         model = model.to(dtype)
@@ -155,8 +214,12 @@ def _fid(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
-                       seed=args.seed, progress=True)
+    _check_output_folder(args.out)
+    try:
+        summary = run_demo(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
+                           seed=args.seed, progress=True)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_run(str(Path(args.out) / "run"), None, True)) from None
     print(summary)
     return 0
 
@@ -165,7 +228,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:K (default: cuda if available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,16 +317,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"ddpm-fast {args.command}"
+    debug = bool(os.environ.get("DDPM_FAST_DEBUG"))
+    formatwarning = warnings.formatwarning
+    if not debug:  # one line per warning, as errors are, not Python's file:line and source line
+        warnings.formatwarning = lambda message, category, *rest: f"{prefix}: warning: {message}\n"
     try:
         return args.run(args)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, ImportError) as error:
-        if os.environ.get("DDPM_FAST_DEBUG"):
+    except (KeyboardInterrupt, Interrupted) as error:
+        if debug:
             raise
-        print(f"ddpm-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        message, code = f"{prefix}: {_one_line(error) if isinstance(error, Interrupted) else 'interrupted'}", 130
+    except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError) as error:
+        # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included)
+        if debug:
+            raise
+        message, code = f"{prefix}: error: {_one_line(error)}", 2
+    except RuntimeError as error:
+        if not _out_of_memory(error) or debug:
+            raise
+        message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower --batch-size", 2
+    finally:
+        warnings.formatwarning = formatwarning
+    # Printed once the error and its frames are gone: a progress bar still open
+    # in them (bits/dim, inception) closes then, on its own line, not after the message.
+    sys.stderr.flush()
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

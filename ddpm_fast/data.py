@@ -264,8 +264,10 @@ def _cifar_blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], 
                     if base in names and base not in blobs and member.isfile():
                         blobs[base] = archive.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as error:
+            reason = "not a tar archive (plain, gzip, bz2 or xz)" if isinstance(error, tarfile.ReadError) else (
+                f"{type(error).__name__}: {' '.join(str(error).split())}")  # tarfile's messages span lines
             raise ValueError(
-                f"cannot read CIFAR-10 archive {path} (expected cifar-10-python.tar.gz): {error}"
+                f"cannot read CIFAR-10 archive {path} (expected cifar-10-python.tar.gz): {reason}"
             ) from error
         return blobs, f"archive {path}"
     folder = path / _CIFAR_FOLDER if (path / _CIFAR_FOLDER).is_dir() else path
@@ -378,6 +380,10 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"array file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy would call anything else a pickle
+        raise ValueError(f"cannot read {path} as a .npy/.npz array file: it is neither (no .npy or zip header)")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -419,6 +425,8 @@ def load_dataset(
         raise TypeError(f"spec must be a str or path ({_ACCEPTED}), got {type(spec).__name__}")
     _check_size(image_size)
     _check_channels(channels)
+    if not str(spec).strip():  # Path("") is the current folder: never what an empty spec means
+        raise ValueError(f"dataset spec is empty: expected {_ACCEPTED}")
     if str(spec) == "digits":
         digits = load_digits(image_size)
         return _finish(digits.images, digits.name, None, channels, digits.labels)

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointError
 from .data import load_digits
 from .images import save_grid, save_npz, to_uint8
 from .models import UNet
 from .sampler import Sampler
 from .schedules import NoiseSchedule
-from .train import TrainConfig, Trainer
+from .train import ConfigMismatchError, TrainConfig, Trainer
 
 __all__ = ["run_demo", "digit_quality", "DEMO_STEPS", "DEMO_SAMPLE_STEPS"]
 
@@ -87,7 +88,11 @@ def run_demo(
     model = UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
     start = time.perf_counter()
     trainer = Trainer(model, dataset, schedule, demo_config(steps, seed), out / "run", device="cpu", progress=progress)
-    trainer.train(final_samples=False)
+    try:
+        trainer.train(final_samples=False)
+    except ConfigMismatchError as error:  # the demo has no --no-resume: say what does apply
+        raise CheckpointError(f"{out / 'run'} holds a demo run with other settings "
+                              f"({'; '.join(error.differences)}): rerun with its settings, or pass another --out") from None
     trained = time.perf_counter() - start
     sampler = Sampler(trainer.ema, schedule, device="cpu", cuda_graph=False)
     x = sampler.sample(samples, seed=seed, steps=sample_steps, progress=progress)

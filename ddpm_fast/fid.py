@@ -229,8 +229,8 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: torch.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors alike
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {first_line}") from error
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {type(error).__name__}: {first_line}") from error
     state = check_state_dict(state, str(path))
     with torch.device("meta"):
         model = InceptionV3FID()

@@ -245,22 +245,24 @@ class _Chain:
         intermediates: list[Intermediate] = []
         # Streams, graphs and events are made on the current device, and a model
         # may allocate there: make it x's (the sampler's device need not be current).
-        with torch.cuda.device(self.x.device) if _on_cuda(self.x) else contextlib.nullcontext():
-            if self.s.cuda_graph and _on_cuda(self.x) and every is None:
-                self._run_graphs(bar)
-            while self.remaining > 0:
-                k = self.remaining - 1
-                record = every is not None and k % every == 0
-                x_t = self.x.clone() if record else None
-                eps = self.step(self.steps[k])
-                if record:
-                    pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised).contiguous()
-                    x_now = self.x.clone(memory_format=torch.contiguous_format)
-                    intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), x_now, pred_x0))
-                self.remaining = k
-                bar.update(1)
-            self._count_last_replay(bar)  # waited for only now: the plain steps are queued behind it
-        bar.close()
+        try:  # closed on Ctrl-C and errors too: a bar left open redraws itself after the message
+            with torch.cuda.device(self.x.device) if _on_cuda(self.x) else contextlib.nullcontext():
+                if self.s.cuda_graph and _on_cuda(self.x) and every is None:
+                    self._run_graphs(bar)
+                while self.remaining > 0:
+                    k = self.remaining - 1
+                    record = every is not None and k % every == 0
+                    x_t = self.x.clone() if record else None
+                    eps = self.step(self.steps[k])
+                    if record:
+                        pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised).contiguous()
+                        x_now = self.x.clone(memory_format=torch.contiguous_format)
+                        intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), x_now, pred_x0))
+                    self.remaining = k
+                    bar.update(1)
+                self._count_last_replay(bar)  # waited for only now: the plain steps are queued behind it
+        finally:
+            bar.close()
         return self.x.contiguous(), intermediates  # returned contiguous whatever the chain's format
 
     def _steps(self, n: int) -> None:

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
-from .checkpoint import CheckpointError, atomic_write, latest_checkpoint, write_checkpoint
+from .checkpoint import LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, write_checkpoint
 from .data import ImageDataset
 from .distributed import rank_and_world
 from .images import plot_curve, save_grid, to_uint8
@@ -39,11 +40,32 @@ from .models.serialization import load_safetensors, load_state_dict_checked
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("simple", "vlb", "hybrid")
 HYBRID_VLB_WEIGHT = 1e-3  # Nichol & Dhariwal (2021), eq. 16
+# TrainConfig fields a resumed run may change: how long it runs and what it
+# writes. Every other field changes the training itself (and the optimizer and
+# learning-rate state restored from the checkpoint would silently keep the old
+# learning rate), so a resume with another value is refused.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "log_every", "sample_every", "sample_count", "sample_steps", "checkpoint_every",
+    "keep_checkpoints", "max_nonfinite", "channels_last",
+})
+
+
+class ConfigMismatchError(CheckpointError):
+    """A run resumed with another configuration than its checkpoint's:
+    ``differences`` lists each setting as "name: old there, new now"."""
+
+    def __init__(self, path: Path, differences: list[str]) -> None:
+        self.path, self.differences = path, differences
+        super().__init__(
+            f"cannot resume {path} with another configuration ({'; '.join(differences)}): pass the run's own "
+            "settings, or start afresh in another folder (or here with resume=False, --no-resume, which replaces "
+            "this run)"
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -305,42 +327,92 @@ class Trainer:
         ``out_dir`` when there is one and ``resume`` is set; then, with
         ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary."""
         if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
+            self.check_resumable(ckpt)
             self.load_checkpoint(ckpt)
         elif self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
+            self._remove_later_checkpoints()
         cfg = self.config
+        if self.step > cfg.steps and self.rank == 0:
+            warnings.warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
+                          "nothing to train")
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
         window: list[float] = []
         tick, tick_step = time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            loss = self.train_step()
-            if loss is not None:
-                window.append(loss)
-            last = self.step == cfg.steps
-            # Never checkpoint inside a run of skipped non-finite steps.
-            checkpoint = (self.step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
-            if self.step % cfg.log_every == 0 or checkpoint:  # a resumed run logs what this one would
-                elapsed = time.perf_counter() - tick
-                rate = (self.step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
-                record = {
-                    "step": self.step,
-                    "loss": sum(window) / len(window) if window else float("nan"),
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "images_per_s": rate,
-                }
-                self._log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
-                window, tick, tick_step = [], time.perf_counter(), self.step
-            bar.update(1)
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and self.rank == 0:
-                self.sample_grid(self.out_dir / "samples" / f"step-{self.step:08d}.png")
-            if checkpoint:
-                self.save_checkpoint()
-        bar.close()
+        try:  # closed on Ctrl-C and errors too: a bar left open redraws itself after the message
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                if loss is not None:
+                    window.append(loss)
+                last = self.step == cfg.steps
+                # Never checkpoint inside a run of skipped non-finite steps.
+                checkpoint = (self.step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
+                if self.step % cfg.log_every == 0 or checkpoint:  # a resumed run logs what this one would
+                    elapsed = time.perf_counter() - tick
+                    rate = (self.step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
+                    record = {
+                        "step": self.step,
+                        "loss": sum(window) / len(window) if window else float("nan"),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": rate,
+                    }
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                    window, tick, tick_step = [], time.perf_counter(), self.step
+                bar.update(1)
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and self.rank == 0:
+                    self.sample_grid(self.out_dir / "samples" / f"step-{self.step:08d}.png")
+                if checkpoint:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
         if final_samples and self.rank == 0:
             self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "out_dir": str(self.out_dir)}
+
+    def _remove_later_checkpoints(self) -> None:
+        """A run started afresh (``resume=False``) in a folder that holds a
+        longer run: that run's checkpoints beyond this trainer's step are
+        removed (its log is replaced too), else they would outrank this run's
+        — pruned first as the oldest-numbered, resumed and sampled instead of it."""
+        later = [path for step, path in checkpoints(self.out_dir) if step > self.step]
+        if not later:
+            return
+        warnings.warn(f"starting afresh in {self.out_dir}: removing the earlier run's "
+                      f"{', '.join(p.name for p in later)}")
+        (self.out_dir / LATEST).unlink(missing_ok=True)
+        for path in later:
+            shutil.rmtree(path)
+
+    def check_resumable(self, path: str | os.PathLike) -> None:
+        """Refuse to resume checkpoint ``path`` with another model, schedule or
+        training recipe than the one it was trained with (see
+        ``RESUMABLE_CHANGES`` for what may change): raise ``ConfigMismatchError``
+        (a ``CheckpointError``) naming each setting that differs. A checkpoint without ``config.json``
+        is not checked."""
+        path = Path(path)
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read {path / 'config.json'}: {error}") from error
+        now = json.loads(json.dumps(self.run_config()))  # tuples as lists, as the file has them
+        differ = []
+        for section in ("model", "schedule", "train"):
+            old, new = saved.get(section), now.get(section)
+            if not (isinstance(old, dict) and isinstance(new, dict)):
+                if section in saved and old != new:
+                    differ.append(f"{section}: {old!r} there, {new!r} now")
+                continue
+            for key in sorted(set(old) | set(new)):
+                if section == "train" and key in RESUMABLE_CHANGES:
+                    continue
+                if key in old and old.get(key) != new.get(key):
+                    differ.append(f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now")
+        if differ:
+            raise ConfigMismatchError(path, differ)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:

@@ -54,9 +54,22 @@ def test_train_writes_a_run(run_dir):
 
 
 def test_train_resumes_a_finished_run_without_retraining(run_dir, data_file, capsys):
+    # The run's recipe again (--warmup, --no-flip); --checkpoint-every and --log-every may differ.
     code = main(["train", "--data", str(data_file), "--out", str(run_dir), "--model", "tiny", "--steps", "4",
-                 "--batch-size", "8", "--timesteps", "20", "--device", "cpu"])
+                 "--batch-size", "8", "--timesteps", "20", "--warmup", "2", "--no-flip", "--device", "cpu"])
     assert code == 0 and "trained to step 4" in capsys.readouterr().out
+
+
+def test_train_refuses_to_resume_with_another_recipe(run_dir, data_file, capsys):
+    """A resume with other settings once trained on silently (another schedule
+    under the old weights, the old learning rate kept under the new warm-up)."""
+    code = main(["train", "--data", str(data_file), "--out", str(run_dir), "--model", "tiny", "--steps", "6",
+                 "--batch-size", "8", "--timesteps", "30", "--lr", "1e-3", "--warmup", "2", "--no-flip",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "schedule.timesteps: 20 there, 30 now; train.lr: 0.0002 there, 0.001 now" in err
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*"))[-1] == "checkpoint-00000004"  # nothing trained
 
 
 def test_sample_writes_png_and_npz(run_dir, tmp_path):
@@ -117,10 +130,16 @@ def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/s"], "does not exist"),
         (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/s"], "holds no checkpoint"),
         (["bpd", "--checkpoint", "{tmp}/missing", "--data", "{data}"], "does not exist"),
+        (["train", "--data", "", "--out", "{tmp}/r"], "dataset spec is empty"),
+        (["train", "--data", "{data}", "--out", "{file}"], "is a file, not a folder"),
+        (["train", "--data", "{data}", "--out", "{file}/run"], "is a file, not a folder"),
+        (["sample", "--checkpoint", "{tmp}/missing", "--out", "{file}"], "is a file, not a folder"),
+        (["demo", "--out", "{file}", "--steps", "1"], "is a file, not a folder"),
     ],
 )
 def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file, capsys):
-    argv = [a.format(tmp=tmp_path, data=data_file) for a in argv]
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = [a.format(tmp=tmp_path, data=data_file, file=tmp_path / "a-file") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ddpm-fast {argv[0]}: error:") and message in err and "\n" not in err
@@ -148,3 +167,134 @@ def test_bad_arguments_exit_2(argv, capsys):
 def test_console_script_and_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "ddpm_fast", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("ddpm_fast ")
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("banana", "unknown device 'banana'"), ("mps", "unsupported device 'mps'"), ("cuda", "CUDA is not available")],
+)
+@pytest.mark.parametrize("command", ["train", "sample", "bpd", "fid"])
+def test_device_is_checked_while_parsing(command, device, message, monkeypatch, capsys):
+    """A mistyped or absent device was a traceback from inside torch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    required = {"train": ["--data", "d", "--out", "o"], "sample": ["--checkpoint", "c", "--out", "o"],
+                "bpd": ["--checkpoint", "c", "--data", "d"], "fid": ["--samples", "s", "--data", "d"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, "--device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"ddpm-fast {command}: error: argument --device: " in err and message in err
+
+
+def test_an_unwritable_out_fails_before_any_work(run_dir, tmp_path, monkeypatch, capsys):
+    """(Checked with os.access: as root every folder is writable.)"""
+    import os
+
+    from ddpm_fast import distributed
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    monkeypatch.setattr(distributed, "sample_sharded", lambda *a, **k: pytest.fail("sampled into an unwritable --out"))
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(locked / "samples"), "-n", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm-fast sample: error: --out {locked / 'samples'}: {locked} is not writable")
+
+
+def test_os_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """A PermissionError, a full disk, ...: OSErrors beyond FileNotFoundError were tracebacks."""
+    from ddpm_fast import cli
+
+    def save_npz(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ddpm_fast.images.save_npz", save_npz)
+    assert cli.main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "s"), "-n", "2",
+                     "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip()  # after the progress bar
+    assert err.splitlines()[-1] == "ddpm-fast sample: error: [Errno 28] No space left on device"
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_in_sample_is_one_line_and_exit_130(run_dir, tmp_path, monkeypatch, capsys):
+    from ddpm_fast import distributed
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "sample_sharded", interrupted)
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "s"), "-n", "2"]) == 130
+    assert capsys.readouterr().err.strip() == "ddpm-fast sample: interrupted"
+    assert not (tmp_path / "s" / "samples.npz").exists()
+
+
+def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, data_file):
+    """A real SIGINT mid-run: exit status 130, one line naming the newest
+    checkpoint (it loads), and the same command resumes from it."""
+    import os
+    import signal
+    import time
+
+    from ddpm_fast.checkpoint import latest_checkpoint
+    from ddpm_fast.pretrained import load_model
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "ddpm_fast", "train", "--data", str(data_file), "--out", str(out), "--model", "tiny",
+            "--steps", "100000", "--batch-size", "8", "--timesteps", "20", "--checkpoint-every", "1",
+            "--log-every", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DDPM_FAST_DEBUG", None)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    ckpt = latest_checkpoint(out)
+    assert "Traceback" not in err
+    assert last.startswith("ddpm-fast train: interrupted at step ")
+    assert last.endswith(f"the newest checkpoint, {ckpt}, is intact: run the same command to continue from it")
+    for weights in ("ema", "model"):
+        load_model(ckpt, weights=weights)  # loads: whole files, the right shapes
+
+
+def test_out_of_memory_says_to_lower_the_batch_size(run_dir, tmp_path, monkeypatch, capsys):
+    from ddpm_fast import distributed
+
+    def sample_sharded(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr(distributed, "sample_sharded", sample_sharded)
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "s"), "--batch-size", "4096"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ddpm-fast sample: error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB more details): "
+        "lower --batch-size")
+
+
+def test_demo_rerun_with_another_seed_says_to_use_another_out(tmp_path, capsys):
+    """The demo resumes out/run; with another --seed that run was once continued
+    silently (as the seed-0 run), and the Trainer's advice names --no-resume,
+    which the demo does not have."""
+    argv = ["demo", "--out", str(tmp_path), "--steps", "1", "--samples", "2", "--sample-steps", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ddpm-fast demo: error: {tmp_path / 'run'} holds a demo run with other settings "
+                   "(train.seed: 0 there, 1 now): rerun with its settings, or pass another --out")
+
+
+def test_warnings_are_one_line(run_dir, data_file):
+    """Python's own format adds the file, line and source line of the warning."""
+    argv = [sys.executable, "-m", "ddpm_fast", "train", "--data", str(data_file), "--out", str(run_dir), "--model",
+            "tiny", "--steps", "2", "--batch-size", "8", "--timesteps", "20", "--warmup", "2", "--no-flip",
+            "--device", "cpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stderr.replace("\r", "\n").splitlines() if "warn" in l]
+    assert lines == [f"ddpm-fast train: warning: the run in {run_dir} is already at step 4, beyond steps=2: "
+                     "nothing to train"]

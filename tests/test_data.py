@@ -357,3 +357,31 @@ def test_image_dataset_labels():
         ImageDataset(images, labels=torch.tensor([0.5, 1.0, 2.0]))
     with pytest.raises(ValueError, match="must be square"):
         ImageDataset(torch.zeros(3, 1, 4, 5, dtype=torch.uint8))
+
+
+def test_an_empty_spec_is_not_the_current_folder(tmp_path, monkeypatch):
+    """Path("") is "."; an empty --data once loaded whatever images the working folder held."""
+    _write_images(tmp_path, [(6, 6)] * 2)
+    monkeypatch.chdir(tmp_path)
+    for spec in ("", "  "):
+        with pytest.raises(ValueError, match="dataset spec is empty"):
+            load_dataset(spec)
+
+
+def test_a_file_that_is_no_array_file_says_so(tmp_path):
+    """numpy reads any file without the .npy or zip header as a pickle, and then
+    complains of "pickled (object) data" in a text file."""
+    for name in ("junk.npz", "junk.npy", "empty.npy"):
+        (tmp_path / name).write_bytes(b"" if name == "empty.npy" else b"some text\n")
+        with pytest.raises(ValueError, match=rf"cannot read .*{name} as a .npy/.npz array file: it is neither") as info:
+            load_array(tmp_path / name)
+        assert "pickle" not in str(info.value)
+
+
+def test_a_file_that_is_no_archive_is_a_one_line_error(tmp_path):
+    """tarfile's own message lists each compression it tried, one per line."""
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(b"not an archive at all")
+    with pytest.raises(ValueError, match=r"cannot read CIFAR-10 archive .*: not a tar archive") as info:
+        load_dataset(bad)
+    assert "\n" not in str(info.value)

@@ -282,3 +282,45 @@ def test_fp16_resumes_a_checkpoint_of_the_unfused_optimizer(tmp_path):
     resumed.train(final_samples=False)
     assert resumed.optimizer.param_groups[0]["fused"] is True
     assert resumed.step == 4 and all(torch.isfinite(torch.tensor(_losses(tmp_path))))
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+    """Resuming with another schedule, model or learning rate once continued
+    silently: the restored optimizer kept the old learning rate under the new
+    warm-up, and config.json then recorded settings the run never had."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    with pytest.raises(CheckpointError, match=r"another configuration \(train.lr: 0.001 there, 0.5 now; "
+                                              r"train.warmup: 2 there, 7 now\)"):
+        make_trainer(tmp_path, steps=4, lr=0.5, warmup=7).train(final_samples=False)
+    other = make_trainer(tmp_path, steps=4)
+    other.schedule = ddpm_fast.train.NoiseSchedule("linear", timesteps=50)
+    with pytest.raises(CheckpointError, match="schedule.timesteps: 100 there, 50 now"):
+        other.train(final_samples=False)
+    other.model.config = {**other.model.config, "width": 32}
+    with pytest.raises(CheckpointError, match="model.width: 16 there, 32 now"):
+        other.train(final_samples=False)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000002"
+    # How long it runs and what it writes may change.
+    resumed = make_trainer(tmp_path, steps=4, log_every=3, checkpoint_every=4, keep_checkpoints=3, sample_every=9)
+    assert resumed.train(final_samples=False)["steps"] == 4
+
+
+def test_a_fresh_run_replaces_a_longer_one_in_its_folder(tmp_path):
+    """resume=False in a folder of a longer run: the earlier run's later
+    checkpoints once outranked the new ones, which were pruned as the oldest
+    the moment they were written, and resuming or sampling took the old run."""
+    make_trainer(tmp_path, steps=6).train(final_samples=False)  # checkpoints 4 and 6
+    fresh = make_trainer(tmp_path, steps=2, lr=2e-3)
+    with pytest.warns(UserWarning, match="removing the earlier run's checkpoint-00000004, checkpoint-00000006"):
+        fresh.train(resume=False, final_samples=False)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000002"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000002"
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    saved = load_file(str(tmp_path / "checkpoint-00000002" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in fresh.model.state_dict().items())
+
+
+def test_a_run_already_beyond_steps_warns_that_it_trains_nothing(tmp_path):
+    make_trainer(tmp_path, steps=4).train(final_samples=False)
+    with pytest.warns(UserWarning, match="already at step 4, beyond steps=2: nothing to train"):
+        assert make_trainer(tmp_path, steps=2).train(final_samples=False)["steps"] == 4
