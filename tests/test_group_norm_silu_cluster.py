@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import HAS_CUDA, requires_extension
 from ddpm_fast import ops
-from test_group_norm_silu import TOL, assert_matches_reference, reference
+from group_norm_silu_helpers import TOL, assert_matches_reference, reference
 
 pytestmark = [pytest.mark.gpu, requires_extension]
 

@@ -4,7 +4,7 @@ This machine is x86, so the non-x86 build is checked by compiling the CPU
 sources with DDPM_FAST_PORTABLE_CPU (what csrc/cpu/simd.h selects by itself
 elsewhere): they must compile, and their preprocessed code must hold no x86
 intrinsic or target attribute. The portable loops' results are tested at run
-time with DDPM_FAST_CPU_SIMD=none (test_randn.py, test_group_norm_silu.py).
+time with DDPM_FAST_CPU_SIMD=none (test_randn.py, test_group_norm_silu_cpu.py).
 """
 
 from __future__ import annotations

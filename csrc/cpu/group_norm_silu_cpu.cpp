@@ -77,7 +77,7 @@ inline float moment_shift(float about) { return std::isfinite(about) ? about : 0
 // q / (q - s^2/m) = 1 + ((mean - shift) / spread)^2: harmless while the shift
 // lies near the values, ruinous when it is an outlier (with each channel's
 // first value 30 to 1e4 spreads off N(0, 1) data, rstd was off by up to 1e-3;
-// now by at most 5e-7, tests/test_group_norm_silu.py). A row whose sums
+// now by at most 5e-7, tests/test_group_norm_silu_cpu.py). A row whose sums
 // lost more than this factor is summed again about its mean (N(0, 1) data
 // shifted by one of its values: 0.8% of rows); channels_last parts, shifted
 // by a mean of 4 values, are held to half of it (see kShiftPixels).

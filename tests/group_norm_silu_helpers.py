@@ -1,0 +1,86 @@
+"""Shared by the GroupNorm+SiLU tests (test_group_norm_silu.py, _cpu.py,
+_triton.py, _cluster.py): the cases, tolerances, the float reference, inputs,
+and the forward+backward comparison against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import poison_cuda_allocator
+from ddpm_fast import ops
+
+# (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L,
+# one (sample, group) block (fewer than the threads: the CPU backward's per-row schedule).
+CASES = [
+    ((2, 6, 5, 7), 3),
+    ((3, 12, 7, 7), 4),
+    ((2, 8, 13, 1), 2),
+    ((2, 5, 3, 3), 1),
+    ((2, 6, 4, 4), 6),
+    ((3, 8, 11), 2),
+    ((1, 32, 16, 16), 8),
+    ((1, 3, 9, 5), 1),
+]
+# (forward atol/rtol, gradient atol/rtol), against a float32 reference of the same rounded inputs.
+TOL = {
+    torch.float32: (dict(atol=1e-5, rtol=1e-5), dict(atol=1e-4, rtol=1e-4)),
+    torch.float16: (dict(atol=4e-3, rtol=4e-3), dict(atol=2e-2, rtol=2e-2)),
+    torch.bfloat16: (dict(atol=3e-2, rtol=3e-2), dict(atol=1e-1, rtol=5e-2)),
+}
+# Gradients against a float32 reference of the same rounded inputs
+# (assert_matches_reference), as fractions of the largest: the gradient's own
+# rounding to its dtype (half an ulp) and float32 differences, with room. Observed
+# on the CPU (C++ and Triton): 1e-6, 2.3e-4 and 3.3e-3. TOL's gradient bounds
+# (100x, 86x and 30x these) passed a Triton backward that rounded float16 dy
+# through bfloat16 (2.8e-3).
+GRAD_TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+}
+
+
+def reference(x, groups, w, b, add, act):
+    h = x if add is None else x + add.reshape(add.shape + (1,) * (x.dim() - 2))
+    y = F.group_norm(h, groups, w, b, 1e-5)
+    return F.silu(y) if act else y
+
+
+def inputs(shape, dtype, layout, device, affine, with_add, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    if layout == "channels_last":
+        if len(shape) != 4:
+            pytest.skip("channels_last needs 4-d")
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w = (torch.randn(c, generator=g) + 1).to(dtype) if affine else None
+    b = torch.randn(c, generator=g).to(dtype) if affine else None
+    add = torch.randn(shape[:2], generator=g).to(dtype) if with_add else None
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(x), move(w), move(b), move(add)
+
+
+def assert_matches_reference(device, backend, dtype, layout, case, affine, with_add, act):
+    shape, groups = case
+    x, w, b, add = inputs(shape, dtype, layout, device, affine, with_add)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, add)]
+    poison_cuda_allocator(x.numel() * 4, device)
+    y = ops.group_norm_silu(leaves[0], groups, leaves[1], leaves[2], add=leaves[3], act=act, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous() == x.is_contiguous()
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype).to(device)
+    y.backward(dy)
+
+    ref_leaves = [t.detach().cpu().float().requires_grad_() if t is not None else None for t in (x, w, b, add)]
+    y_ref = reference(ref_leaves[0], groups, ref_leaves[1], ref_leaves[2], ref_leaves[3], act)
+    y_ref.backward(dy.cpu().float())
+    fwd_tol, grad_tol = TOL[dtype][0], GRAD_TOL[dtype]
+    torch.testing.assert_close(y.cpu().float(), y_ref, **fwd_tol)
+    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
+        if got is None:
+            continue
+        assert got.grad is not None, name
+        scale = max(1.0, want.grad.abs().max().item())  # weight/bias grads sum over N*H*W
+        torch.testing.assert_close(got.grad.cpu().float() / scale, want.grad / scale, **grad_tol, msg=name)

@@ -1,0 +1,173 @@
+"""The Triton kernels of GroupNorm+SiLU (on the GPU, or in Triton's CPU
+interpreter): the split path, data far from the mean, and the plan."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, gpu_if_present
+from ddpm_fast import ops
+from ddpm_fast.ops._backend import triton_available
+from group_norm_silu_helpers import CASES, assert_matches_reference, inputs, reference
+
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def triton_split_path(monkeypatch):
+    """Shrink the Triton tiles so that every case takes the split path (partial
+    moments per position tile, combined by torch) with several position tiles."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    monkeypatch.setattr(gn, "MAX_TILE", 8)
+    monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
+    monkeypatch.setattr(gn, "SPLIT_TILE", 16)
+    return gn
+
+
+# The split path's cases: CASES but 1x32x16x16, whose 64 (NCHW) and 256
+# (channels_last) position tiles took 9-25 s a case in the interpreter (130 s
+# of CI's 12 minutes of tests); the others run 3 to 49 position tiles through
+# the same code.
+SPLIT_CASES = [c for c in CASES if c[0] != (1, 32, 16, 16)]
+
+
+@requires_triton
+@gpu_if_present
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
+@pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, False)])
+def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, case, affine, with_add, act):
+    shape, groups = case
+    cl = layout == "channels_last" and len(shape) == 4
+    s = 1 if len(shape) < 3 else int(torch.tensor(shape[2:]).prod())
+    p = triton_split_path.plan(shape[1], s, groups, dtype.itemsize, cl)
+    assert not p.fused and p.pos_tiles == -(-s // p.block_s)
+    assert not triton_split_path.plan(shape[1], s, groups, dtype.itemsize, cl, backward=True).fused
+    assert_matches_reference(TRITON_DEVICE, "triton", dtype, layout, case, affine, with_add, act)
+
+
+@requires_triton
+@gpu_if_present
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_large_mean_against_float64(request, path, layout):
+    """Data far from zero (mean 1000, spread 2): the fused path's two-pass
+    variance and the split path's per-tile moments must not cancel."""
+    if path == "split":
+        request.getfixturevalue("triton_split_path")
+    x, w, b, add = inputs((2, 12, 9, 11), torch.float32, layout, TRITON_DEVICE, True, True)
+    x = (x + 1000.0).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    y = ops.group_norm_silu(leaves[0], 4, leaves[1], leaves[2], add=leaves[3], backend="triton")
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(TRITON_DEVICE)
+    y.backward(dy)
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b, add)]
+    y_ref = reference(ref_leaves[0], 4, ref_leaves[1], ref_leaves[2], ref_leaves[3], True)
+    y_ref.backward(dy.cpu().double())
+    # float32 x near 1000 is itself rounded to 6e-5: the reference sees the same rounded values.
+    torch.testing.assert_close(y.cpu().double(), y_ref, atol=2e-4, rtol=2e-4)
+    for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
+        scale = max(1.0, want.grad.abs().max().item())
+        torch.testing.assert_close(got.grad.cpu().double() / scale, want.grad / scale, atol=2e-4, rtol=2e-4, msg=name)
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_add", [False, True], ids=["no-add", "add"])
+def test_triton_split_path_first_value_far_from_the_mean(triton_split_path, layout, with_add):
+    """N(0, 1) data but h = 1e3 at each group's first value: the split path's
+    statistics stay within float32 rounding of float64 truth. Its partial sums
+    used to be shifted by that first value, and their float32 cancellation cost
+    rstd 2e-4 to 3e-4 (relative) here and the mean 1e-4 (absolute), more in
+    larger groups; per-tile moments combined in float64 give 7e-8 and 2e-8."""
+    shape, groups = (2, 4, 32, 32), 2
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen)
+    add = torch.randn(shape[:2], generator=gen) if with_add else None
+    x[:, ::2, 0, 0] = 1e3 - (add[:, ::2] if with_add else 0.0)  # h = 1e3 at (channel 0, position 0) of each group
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    assert not triton_split_path.plan(shape[1], 32 * 32, groups, 4, layout == "channels_last").fused
+    h = x.double() if add is None else x.double() + add.double()[:, :, None, None]
+    want_mean = h.reshape(2, groups, -1).mean(-1)
+    want_rstd = (h.reshape(2, groups, -1).var(-1, unbiased=False) + 1e-5).rsqrt()
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(
+        x.to(TRITON_DEVICE), None, None, None if add is None else add.to(TRITON_DEVICE), groups, 1e-5, True)
+    torch.testing.assert_close(rstd.cpu().double(), want_rstd, atol=0.0, rtol=1e-5)
+    torch.testing.assert_close(mean.cpu().double(), want_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y.cpu().double(), reference(h, groups, None, None, None, True), atol=1e-5, rtol=1e-5)
+
+
+@requires_triton
+@gpu_if_present
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_split_path_large_mean_at_real_tile_sizes(layout):
+    """N(0, 1) data plus 1e4 with the split path's real tiles (hundreds of
+    positions each): each tile's float sum of h carries a rounding of order
+    1e4 ulp into the combination unless the tile writes its deviations' sum
+    too (26bc414, without it, was 3e-5 off in rstd here)."""
+    shape, groups = (1, 8, 64, 64), 1
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) + 1e4
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    p = gn.plan(shape[1], 64 * 64, groups, 4, layout == "channels_last")
+    assert not p.fused and p.pos_tiles > 1
+    want_var, want_mean = torch.var_mean(x.double().reshape(1, groups, -1), -1, unbiased=False)
+    want_rstd = (want_var + 1e-5).rsqrt()
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x.to(TRITON_DEVICE), None, None, None, groups, 1e-5, True)
+    assert ((rstd.cpu().double() - want_rstd).abs() / want_rstd).max().item() < 2e-6
+    # A float32 mean near 1e4 is itself rounded to 1e-3 (half an ulp: 5e-4).
+    assert (mean.cpu().double() - want_mean).abs().max().item() <= 5e-4
+
+
+@requires_triton
+def test_triton_op_statistics_of_empty_groups_are_nan():
+    """test_op_statistics_of_empty_groups_are_nan of the raw Triton op (it
+    returned torch.empty's memory)."""
+    importlib.import_module("ddpm_fast.kernels.group_norm_silu")  # registers the op
+    x = torch.randn(2, 32, 0, 8, device=TRITON_DEVICE)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x, None, None, None, 8, 1e-5, True)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (2, 8)
+    assert mean.isnan().all() and rstd.isnan().all()
+
+
+class TestTritonPlan:
+    """How the Triton kernels cut the benchmark shapes into programs."""
+
+    @pytest.fixture
+    def gn(self):
+        pytest.importorskip("triton")
+        return importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+
+    # (C, H*W, G): the U-Net's GroupNorms at N = 128, then the large-image shape.
+    UNET = [(128, 1024, 32), (256, 256, 32), (256, 64, 32), (256, 16, 32), (512, 64, 32), (64, 1024, 32)]
+
+    @pytest.mark.parametrize("c,s,g", UNET)
+    @pytest.mark.parametrize("elem_bytes", [4, 2])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("backward", [False, True])
+    def test_unet_shapes_read_once(self, gn, c, s, g, elem_bytes, channels_last, backward):
+        p = gn.plan(c, s, g, elem_bytes, channels_last, backward)
+        assert p.fused and p.pos_tiles == 1
+        assert p.block_s >= s and p.block_c >= p.groups_per_tile * (c // g)
+        assert p.block_c * p.block_s <= (gn.MAX_TILE_BACKWARD if backward else gn.MAX_TILE)
+        assert p.col_tiles * p.groups_per_tile >= g
+        if channels_last:  # a tile row fills a 32-byte sector, unless that would overflow the tile
+            row_bytes = p.groups_per_tile * (c // g) * elem_bytes
+            assert row_bytes >= 32 or 2 * p.block_c * p.block_s > (gn.MAX_TILE_BACKWARD if backward else gn.MAX_TILE)
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_large_images_split(self, gn, channels_last):
+        p = gn.plan(128, 256 * 256, 32, 2, channels_last)
+        assert not p.fused and p.col_tiles * p.block_c >= 128 and p.pos_tiles * p.block_s >= 256 * 256
+        assert p.block_c * p.block_s <= gn.SPLIT_TILE
+
+    def test_wide_groups_split(self, gn):
+        assert not gn.plan(1024, 16, 1, 4, False).fused  # 1024 channels in one group
