@@ -18,6 +18,8 @@
 #include "../../csrc/cuda/group_norm_silu_kernels.cuh"
 // clang-format on
 
+#include "group_norm_reference.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -25,6 +27,7 @@
 #include <string>
 
 using namespace ddpm_fast;
+using namespace gn_reference;
 
 namespace {
 
@@ -40,103 +43,6 @@ struct Case {
 struct Problem {
   std::vector<double> x, w, b, add, dy;  // x and dy already rounded to the element type
 };
-
-int64_t at(const Case& k, int64_t n, int64_t c, int64_t s) {
-  return k.channels_last ? (n * k.s + s) * k.c + c : (n * k.c + c) * k.s + s;
-}
-
-template <typename T>
-double rounded(double v) {
-  return static_cast<float>(static_cast<T>(static_cast<float>(v)));
-}
-
-// Float64 reference: y, mean, rstd; dx, A, B, dadd (indexed as the kernels write them).
-struct Reference {
-  std::vector<double> y, mean, rstd, dx, a, bsum, dadd;
-};
-
-// Non-finite values in groups 0-5 of each sample: +Inf, -Inf, +Inf and -Inf,
-// NaN, +Inf in the add of the group's first channel, two +Inf. A single value
-// lies at the group's first element (channel 0, position 0) in even samples
-// and at its last (last channel, position S - 1) in odd ones: on the split
-// path, in the first or the last position tile; pairs take both.
-void poison(const Case& k, Problem& p) {
-  const int64_t cg = k.c / k.g;
-  for (int64_t n = 0; n < k.n; ++n) {
-    // Group g's element (channel j of the group, position s).
-    auto x = [&](int64_t g, int64_t j, int64_t s) -> double& { return p.x[at(k, n, g * cg + j, s)]; };
-    auto first = [&](int64_t g) -> double& { return x(g, 0, 0); };
-    auto last = [&](int64_t g) -> double& { return x(g, cg - 1, k.s - 1); };
-    auto one = [&](int64_t g) -> double& { return n % 2 ? last(g) : first(g); };
-    one(0) = INFINITY;
-    one(1) = -INFINITY;
-    first(2) = INFINITY, last(2) = -INFINITY;
-    x(3, cg / 2, k.s / 2) = NAN;
-    p.add[n * k.c + 4 * cg] = INFINITY;
-    first(5) = INFINITY, last(5) = INFINITY;
-  }
-}
-
-Reference reference(const Case& k, const Problem& p, bool act) {
-  const int64_t cg = k.c / k.g, m = cg * k.s;
-  Reference r;
-  r.y.resize(k.n * k.c * k.s), r.dx.resize(r.y.size());
-  r.mean.resize(k.n * k.g), r.rstd.resize(k.n * k.g);
-  r.a.assign(k.n * k.c, 0), r.bsum.assign(k.n * k.c, 0), r.dadd.assign(k.n * k.c, 0);
-  auto h = [&](int64_t n, int64_t c, int64_t s) { return p.x[at(k, n, c, s)] + p.add[n * k.c + c]; };
-  for (int64_t n = 0; n < k.n; ++n) {
-    for (int64_t g = 0; g < k.g; ++g) {
-      double sum = 0, sq = 0;
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c)
-        for (int64_t s = 0; s < k.s; ++s) sum += h(n, c, s);
-      const double mean = sum / m;
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c)
-        for (int64_t s = 0; s < k.s; ++s) sq += (h(n, c, s) - mean) * (h(n, c, s) - mean);
-      const double rstd = 1.0 / std::sqrt(sq / m + 1e-5);
-      r.mean[n * k.g + g] = mean, r.rstd[n * k.g + g] = rstd;
-      double s1 = 0, s2 = 0;
-      std::vector<double> xhat(m), du(m);
-      for (int64_t c = g * cg, i = 0; c < (g + 1) * cg; ++c) {
-        for (int64_t s = 0; s < k.s; ++s, ++i) {
-          xhat[i] = (h(n, c, s) - mean) * rstd;
-          const double u = xhat[i] * p.w[c] + p.b[c], sg = 1 / (1 + std::exp(-u));
-          r.y[at(k, n, c, s)] = act ? u * sg : u;
-          du[i] = p.dy[at(k, n, c, s)] * (act ? sg * (1 + u * (1 - sg)) : 1.0);
-          r.a[n * k.c + c] += du[i] * xhat[i];
-          r.bsum[n * k.c + c] += du[i];
-        }
-        s1 += p.w[c] * r.bsum[n * k.c + c];
-        s2 += p.w[c] * r.a[n * k.c + c];
-      }
-      for (int64_t c = g * cg, i = 0; c < (g + 1) * cg; ++c) {
-        for (int64_t s = 0; s < k.s; ++s, ++i) {
-          const double dx = rstd * (du[i] * p.w[c] - s1 / m - xhat[i] * s2 / m);
-          r.dx[at(k, n, c, s)] = dx;
-          r.dadd[n * k.c + c] += dx;
-        }
-      }
-    }
-  }
-  return r;
-}
-
-// Worst |got - want| / (atol + rtol * |want|) where want is finite; where it
-// is NaN, +Inf or -Inf, got must be the same (else INFINITY). A non-finite got
-// where want is finite (NaN: an unwritten output) counts as failed.
-template <typename G>
-double worst(const std::vector<G>& got, const std::vector<double>& want, double atol, double rtol) {
-  double w = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double g = static_cast<float>(got[i]);
-    if (!std::isfinite(want[i])) {
-      if (!(std::isnan(want[i]) ? std::isnan(g) : g == want[i])) return INFINITY;
-      continue;
-    }
-    if (!std::isfinite(g)) return INFINITY;
-    w = std::max(w, std::abs(g - want[i]) / (atol + rtol * std::abs(want[i])));
-  }
-  return w;
-}
 
 template <typename T, int V>
 bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
@@ -298,10 +204,10 @@ int main(int argc, char** argv) {
   }
   for (int64_t c = 0; c < k.c; ++c) p.w.push_back(rounded<float>(1 + normal(gen))), p.b.push_back(rounded<float>(normal(gen)));
   for (int64_t i = 0; i < k.n * k.c; ++i) p.add.push_back(rounded<float>(normal(gen)));
-  if (k.nonfinite) poison(k, p);
+  if (k.nonfinite) poison(k, p.x, p.add);
   bool ok = true;
   for (bool act : {true, false}) {
-    const Reference ref = reference(k, p, act);
+    const Reference ref = reference(k, p.x, p.dy, p.add, p.w, p.b, act);
     std::printf("act=%d\n", act);
     ok = (k.bf16 ? dispatch<emu::bf16>(k, p, ref, act) : dispatch<float>(k, p, ref, act)) && ok;
   }
