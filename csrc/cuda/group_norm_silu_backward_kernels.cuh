@@ -28,6 +28,24 @@ __device__ __forceinline__ void xhat_du(const ChannelTerms& c, bool act, float x
   du = act ? silu_grad(dy, xhat * c.w + c.b) : dy;
 }
 
+// Per group of the tile, the means over its elements of w * B (m1) and of
+// w * A (m2), from its channels' sums A = col_a, B = col_b, in channel order.
+__device__ __forceinline__ void group_grad_means(const Geometry& g, const Params& p, const Tile& t, const float* col_a,
+                                                 const float* col_b, float* g_m1, float* g_m2) {
+  const int ngroups = t.ncols / static_cast<int>(g.cg);
+  const float count = static_cast<float>(g.cg * g.s);
+  for (int j = threadIdx.x; j < ngroups; j += blockDim.x) {
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int k = j * g.cg; k < (j + 1) * g.cg; ++k) {
+      const float w = param(p.w, t.c0 + k, 1.0f);
+      s1 += w * col_b[k];
+      s2 += w * col_a[k];
+    }
+    g_m1[j] = s1 / count;
+    g_m2[j] = s2 / count;
+  }
+}
+
 // Copies the tile's x and dy into shared memory (xs, then ds) and gives
 // done(k, {A, B, X}) for each channel k. With kKeep, xs and ds hold xhat and du
 // afterwards.
@@ -75,18 +93,7 @@ __global__ void __launch_bounds__(kBlock)
     b_out[nc + k] = acc[1];
   });
   __syncthreads();
-  const int ngroups = t.ncols / static_cast<int>(g.cg);
-  const float count = static_cast<float>(g.cg * g.s);
-  for (int j = threadIdx.x; j < ngroups; j += blockDim.x) {
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int k = j * g.cg; k < (j + 1) * g.cg; ++k) {
-      const float w = param(p.w, t.c0 + k, 1.0f);
-      s1 += w * col_b[k];
-      s2 += w * col_a[k];
-    }
-    g_m1[j] = s1 / count;
-    g_m2[j] = s2 / count;
-  }
+  group_grad_means(g, p, t, col_a, col_b, g_m1, g_m2);
   __syncthreads();
   for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {  // dx = du * col_a + xhat * col_b + col_x
     const int j = k / static_cast<int>(g.cg);

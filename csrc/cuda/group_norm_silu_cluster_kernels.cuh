@@ -373,18 +373,7 @@ __global__ void __launch_bounds__(kBlock)
   }
   cluster.barrier_arrive();  // this block has read the others' shared memory; it waits before it exits
   __syncthreads();
-  const int ngroups = t.ncols / static_cast<int>(g.cg);
-  const float count = static_cast<float>(g.cg * g.s);
-  for (int j = threadIdx.x; j < ngroups; j += blockDim.x) {
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int k = j * g.cg; k < (j + 1) * g.cg; ++k) {
-      const float w = param(p.w, t.c0 + k, 1.0f);
-      s1 += w * col_b[k];
-      s2 += w * col_a[k];
-    }
-    g_m1[j] = s1 / count;
-    g_m2[j] = s2 / count;
-  }
+  group_grad_means(g, p, t, col_a, col_b, g_m1, g_m2);
   __syncthreads();
   for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {  // dx = rstd * (du * w - m1 - xhat * m2)
     const int j = k / static_cast<int>(g.cg);
