@@ -84,3 +84,20 @@ def assert_matches_reference(device, backend, dtype, layout, case, affine, with_
         assert got.grad is not None, name
         scale = max(1.0, want.grad.abs().max().item())  # weight/bias grads sum over N*H*W
         torch.testing.assert_close(got.grad.cpu().float() / scale, want.grad / scale, **grad_tol, msg=name)
+
+
+def assert_far_first_value_statistics(shape, channels_last):
+    """One group (x of `shape`, N = 1) of N(0, 1) data whose first value is
+    3e3, on CUDA: the op's mean and rstd to float32 accuracy against float64
+    (statistics about a shift that is far from the values would cancel)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    x[0, 0, 0, 0] = 3000.0
+    want_mean, want_var = x.double().mean(), x.double().var(unbiased=False)
+    want_rstd = 1.0 / (want_var + 1e-5).sqrt()
+    xc = x.cuda()
+    if channels_last:
+        xc = xc.contiguous(memory_format=torch.channels_last)
+    _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(xc, None, None, None, 1, 1e-5, True)
+    rstd_error = abs(rstd.item() / want_rstd.item() - 1.0)
+    mean_error = abs(mean.item() - want_mean.item()) / want_var.sqrt().item()
+    assert rstd_error <= 1e-5 and mean_error <= 1e-6, (rstd_error, mean_error)
