@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -326,9 +327,8 @@ class Trainer:
         """Train until ``config.steps``, resuming from the newest checkpoint in
         ``out_dir`` when there is one and ``resume`` is set; then, with
         ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary."""
-        if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
-            self.check_resumable(ckpt)
-            self.load_checkpoint(ckpt)
+        if resume and latest_checkpoint(self.out_dir) is not None:
+            self._resume()
         elif self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
@@ -370,6 +370,34 @@ class Trainer:
         if final_samples and self.rank == 0:
             self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "out_dir": str(self.out_dir)}
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint of ``out_dir``; if it cannot be read (a
+        damaged disk, a hand-edited file: writes themselves are atomic), warn
+        and take the next older one, so the run loses the steps since that one
+        rather than stopping. A configuration mismatch with the newest is
+        raised, not skipped: the older ones of the same run have its configuration."""
+        newest = latest_checkpoint(self.out_dir)
+        try:
+            self.check_resumable(newest)
+            self.load_checkpoint(newest)
+            return
+        except ConfigMismatchError:
+            raise
+        except CheckpointError as error:
+            failure = error
+        for _, path in reversed(checkpoints(self.out_dir)):
+            if path == newest:
+                continue
+            try:
+                self.check_resumable(path)
+                self.load_checkpoint(path)
+            except CheckpointError:  # damaged too, or another run's
+                continue
+            if self.rank == 0:
+                warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step})")
+            return
+        raise failure
 
     def _remove_later_checkpoints(self) -> None:
         """A run started afresh (``resume=False``) in a folder that holds a
@@ -502,12 +530,17 @@ class Trainer:
         missing = [name for name in needed if not (path / name).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
+        name = "trainer.pt"
         try:
+            state = torch.load(path / name, map_location="cpu", weights_only=True)
             for module, name in ((self.model, "model.safetensors"), (self.ema, "ema.safetensors")):
                 load_state_dict_checked(module, load_safetensors(path / name, self.device), str(path / name))
-            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        except Exception as error:  # corrupt file, another architecture, ...
-            raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
+        except Exception as error:  # damaged file, another architecture, ...
+            if name == "trainer.pt" and not zipfile.is_zipfile(path / name):
+                reason = "not a torch.save archive (damaged?)"  # torch.load would talk of weights_only
+            else:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"cannot load checkpoint {path}: {name}: {reason}") from error
         self.optimizer.load_state_dict(state["optimizer"])
         self._restore_fused()
         self.lr_schedule.load_state_dict(state["lr_schedule"])

@@ -154,6 +154,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         make_trainer(tmp_path, steps=4).train()
 
 
+def test_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path):
+    make_trainer(tmp_path / "whole", steps=4).train(final_samples=False)
+    out = tmp_path / "run"
+    make_trainer(out, steps=4).train(final_samples=False)  # checkpoints 2 and 4
+    (latest_checkpoint(out) / "trainer.pt").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match=r"cannot load checkpoint .*checkpoint-00000004: trainer.pt: not a torch.save archive \(damaged\?\); resumed from the older checkpoint-00000002 instead \(step 2\)"):
+        make_trainer(out, steps=4).train(final_samples=False)
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    _assert_same_run(out, tmp_path / "whole")
+    for _, path in ddpm_fast.train.checkpoints(out):  # every checkpoint damaged: the newest's error
+        (path / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read .*checkpoint-00000004"):
+        make_trainer(out, steps=6).train(final_samples=False)
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     trainer = make_trainer(tmp_path, steps=20, checkpoint_every=2, max_nonfinite=3)
     trainer.train(final_samples=False)  # a good run to step 20 with its checkpoint
