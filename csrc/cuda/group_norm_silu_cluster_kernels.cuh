@@ -278,25 +278,7 @@ __global__ void __launch_bounds__(kBlock, kClusterMinBlocks)
   }
   cluster.barrier_arrive();  // this block has read the others' shared memory; it waits before it exits
   __syncthreads();
-  float* col_a = col_d;  // y = x * col_a + col_b before SiLU
-  float* col_b = col_q;
-  for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {
-    const int j = k / cg_;
-    const float scale = g_rstd[j] * param(p.w, t.c0 + k, 1.0f);
-    col_a[k] = scale;
-    col_b[k] = (param(p.add, nc + k, 0.0f) - g_mean[j]) * scale + param(p.b, t.c0 + k, 0.0f);
-  }
-  __syncthreads();
-  for_each_packet<V>(t, g.channels_last, [&](int row, int col, int k0, int k_step) {
-    cuda::Packet<T, V> out;
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int k = k0 + v * k_step;
-      const float u = static_cast<float>(tile[row * t.pitch + col + v]) * col_a[k] + col_b[k];
-      out.v[v] = static_cast<T>(p.act ? silu(u) : u);
-    }
-    *reinterpret_cast<cuda::Packet<T, V>*>(y + t.start + row * t.stride + col) = out;
-  });
+  write_y_from_tile<V>(g, p, t, tile, g_mean, g_rstd, col_d, col_q, y);  // col_d, col_q: y's scale and shift
   cluster.barrier_wait();
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for an architecture without clusters: the host never launches it there

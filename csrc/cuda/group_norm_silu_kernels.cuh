@@ -231,6 +231,37 @@ __device__ __forceinline__ float silu_grad(float dy, float u) {
 
 __device__ __forceinline__ float param(const float* p, int64_t i, float fallback) { return p ? p[i] : fallback; }
 
+// The forward's last step, y from the tile in shared memory: per channel the
+// scale and shift of y = x * scale + shift before SiLU into col_a and col_b
+// (the caller's tables; the tile's groups' g_mean and g_rstd are ready), then
+// y in V-element packets. One function for the fused path (tile of S = float)
+// and the cluster path (S = T, x's own type, half the shared memory for
+// 16-bit x), so that both normalize alike, bit for bit: the tile's element is
+// read as float (a no-op for float) and the float operations are the same.
+template <int V, typename S, typename T>
+__device__ __forceinline__ void write_y_from_tile(const Geometry& g, const Params& p, const Tile& t,
+                                                  const S* tile, const float* g_mean, const float* g_rstd,
+                                                  float* col_a, float* col_b, T* __restrict__ y) {
+  const int64_t nc = t.n * g.c + t.c0;
+  for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {
+    const int j = k / static_cast<int>(g.cg);
+    const float scale = g_rstd[j] * param(p.w, t.c0 + k, 1.0f);
+    col_a[k] = scale;
+    col_b[k] = (param(p.add, nc + k, 0.0f) - g_mean[j]) * scale + param(p.b, t.c0 + k, 0.0f);
+  }
+  __syncthreads();
+  for_each_packet<V>(t, g.channels_last, [&](int row, int col, int k0, int k_step) {
+    cuda::Packet<T, V> out;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int k = k0 + v * k_step;
+      const float u = static_cast<float>(tile[row * t.pitch + col + v]) * col_a[k] + col_b[k];
+      out.v[v] = static_cast<T>(p.act ? silu(u) : u);
+    }
+    *reinterpret_cast<cuda::Packet<T, V>*>(y + t.start + row * t.stride + col) = out;
+  });
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kBlock)
     forward_fused_kernel(const T* __restrict__ x,  // [N, C, S], NCHW or NHWC memory
@@ -274,23 +305,7 @@ __global__ void __launch_bounds__(kBlock)
     rstd_out[t.n * g.groups + g0 + j] = g_rstd[j];
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < t.ncols; k += blockDim.x) {  // y = x * col_a + col_b before SiLU
-    const int j = k / static_cast<int>(g.cg);
-    const float scale = g_rstd[j] * param(p.w, t.c0 + k, 1.0f);
-    col_a[k] = scale;
-    col_b[k] = (add_of(k) - g_mean[j]) * scale + param(p.b, t.c0 + k, 0.0f);
-  }
-  __syncthreads();
-  for_each_packet<V>(t, g.channels_last, [&](int row, int col, int k0, int k_step) {
-    cuda::Packet<T, V> out;
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const int k = k0 + v * k_step;
-      const float u = tile[row * t.pitch + col + v] * col_a[k] + col_b[k];
-      out.v[v] = static_cast<T>(p.act ? silu(u) : u);
-    }
-    *reinterpret_cast<cuda::Packet<T, V>*>(y + t.start + row * t.stride + col) = out;
-  });
+  write_y_from_tile<V>(g, p, t, tile, g_mean, g_rstd, col_a, col_b, y);
 }
 
 // Per (sample, channel, position tile), the tile column's moments of x about
