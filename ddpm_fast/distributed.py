@@ -38,6 +38,8 @@ def setup(device: str | None = None) -> torch.device:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if want_cuda else "gloo")
     if want_cuda:
+        if world == 1 and device is not None and torch.device(device).index is not None:
+            return torch.device(device)  # a single process on the GPU it was given (cuda:K)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device or "cpu")
 

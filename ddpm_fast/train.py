@@ -548,7 +548,10 @@ class Trainer:
         self.step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            # One state per GPU of the machine that wrote it, which may have had more
+            # (set_rng_state_all raised IndexError there): restore the GPUs this one has.
+            for index, rng in enumerate(state["cuda_rng"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, index)
         if self.rank == 0:
             kept = [r for r in self.read_log() if r["step"] <= self.step]
             atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))

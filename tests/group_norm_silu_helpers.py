@@ -76,7 +76,12 @@ def assert_matches_reference(device, backend, dtype, layout, case, affine, with_
     ref_leaves = [t.detach().cpu().float().requires_grad_() if t is not None else None for t in (x, w, b, add)]
     y_ref = reference(ref_leaves[0], groups, ref_leaves[1], ref_leaves[2], ref_leaves[3], act)
     y_ref.backward(dy.cpu().float())
-    fwd_tol, grad_tol = TOL[dtype][0], GRAD_TOL[dtype]
+    # The reference backend in a 16-bit dtype is PyTorch's own ops in that dtype,
+    # which round their intermediates (x + add, y before SiLU, the gradients
+    # between the ops) to it: GRAD_TOL, which bounds one rounding of a float32
+    # result, does not hold for it (float16: 1.4e-3 in the add gradient of
+    # groups of one channel, where that gradient cancels to about 0); TOL's does.
+    fwd_tol, grad_tol = TOL[dtype][0], (TOL[dtype][1] if backend == "reference" else GRAD_TOL[dtype])
     torch.testing.assert_close(y.cpu().float(), y_ref, **fwd_tol)
     for name, got, want in zip(("x", "weight", "bias", "add"), leaves, ref_leaves):
         if got is None:

@@ -83,3 +83,14 @@ def test_single_process_setup_is_a_no_op():
     assert not dist.is_initialized()
     assert distributed.setup("cpu") == torch.device("cpu")
     assert not dist.is_initialized()
+
+
+def test_single_process_setup_keeps_the_gpu_it_is_given(monkeypatch):
+    # `--device cuda:1` without torchrun used to give cuda:<current> (cuda:0):
+    # the run went to another GPU than asked. (torch.cuda faked: no GPU needed.)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.setup("cuda:1") == torch.device("cuda", 1)
+    assert distributed.setup("cuda") == torch.device("cuda", 0)
+    assert distributed.setup() == torch.device("cuda", 0)
+    assert not dist.is_initialized()

@@ -299,6 +299,30 @@ def test_fp16_resumes_a_checkpoint_of_the_unfused_optimizer(tmp_path):
     assert resumed.step == 4 and all(torch.isfinite(torch.tensor(_losses(tmp_path))))
 
 
+def test_resume_restores_the_gpu_generators_this_machine_has(tmp_path, monkeypatch):
+    """A checkpoint written on a machine with more GPUs (8 CUDA generator
+    states) resumed on one with fewer: torch.cuda.set_rng_state_all raised
+    IndexError for the GPUs missing here. (torch.cuda faked: no GPU needed.)"""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    saved = latest_checkpoint(tmp_path) / "trainer.pt"
+    state = torch.load(saved, weights_only=True)
+    state["cuda_rng"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    torch.save(state, saved)
+    restored = {}
+
+    def set_rng_state(rng, device):
+        if device >= 2:
+            raise IndexError("tuple index out of range")  # as torch.cuda.default_generators[device] does
+        restored[device] = rng
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(r, i) for i, r in enumerate(states)])
+    make_trainer(tmp_path, steps=4).load_checkpoint(saved.parent)
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], state["cuda_rng"][i]) for i in restored)
+
+
 def test_resume_with_another_recipe_is_refused(tmp_path):
     """Resuming with another schedule, model or learning rate once continued
     silently: the restored optimizer kept the old learning rate under the new
