@@ -5,6 +5,8 @@ test_group_norm_silu_triton.py."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,41 @@ def test_gradcheck_float64_cpu(layout, act):
     args = [t.clone().requires_grad_() for t in (x, w, b, add)]
     fn = lambda x, w, b, a: ops.group_norm_silu(x, 3, w, b, add=a, act=act, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, args)
+
+
+def _float64_group_norm_silu_through_auto(device: str) -> None:
+    """float64 through backend="auto" against float64 autograd of F.group_norm
+    (values and gradients to float64 rounding), and a gradcheck."""
+    x, w, b, add = inputs((2, 6, 3, 4), torch.float64, "channels_last", device, True, True)
+    args = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    fn = lambda x, w, b, a: ops.group_norm_silu(x, 3, w, b, add=a, backend="auto")  # noqa: E731
+    want_args = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    want = F.silu(F.group_norm(want_args[0] + want_args[3][:, :, None, None], 3, want_args[1], want_args[2]))
+    got = fn(*args)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(want)
+    for g, h in zip(torch.autograd.grad(got, args, dy), torch.autograd.grad(want, want_args, dy)):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_auto_runs_float64_on_the_reference_where_the_backend_has_no_float64_kernel(monkeypatch):
+    """Where auto picks a GPU kernel (cuda or triton, neither takes float64),
+    float64 input runs on the reference instead of raising; an explicit GPU
+    backend still raises (test_bad_input). The GPU's choice is stood in for by
+    resolving auto to triton on the CPU."""
+    module = sys.modules["ddpm_fast.ops.group_norm_silu"]  # the package's name is the function's
+    monkeypatch.setattr(module, "resolve_backend", lambda backend, device, op: "triton" if backend == "auto" else backend)
+    _float64_group_norm_silu_through_auto("cpu")
+    with pytest.raises(TypeError, match="x is float64, which runs on the cpu and reference backends only, not triton"):
+        ops.group_norm_silu(torch.randn(2, 6, 3, 4, dtype=torch.float64), 3, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_runs_float64_on_the_gpu():
+    _float64_group_norm_silu_through_auto("cuda")
 
 
 @requires_extension

@@ -90,16 +90,21 @@ def group_norm_silu(
         add: optional (N, C) tensor added to x per sample and channel before the norm
             (the ResBlock's time-embedding projection).
         act: apply SiLU; ``act=False`` gives plain GroupNorm.
-        backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
+        backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``. ``auto``
+            runs float64 on the reference backend where no kernel takes it (the GPU).
 
     Returns y in x's dtype and memory format.
     """
     _check(x, num_groups, weight, bias, eps, add, act)
     which = resolve_backend(backend, x.device, _OP)
+    if x.dtype == torch.float64 and which not in ("cpu", "reference"):
+        if backend != "auto":
+            raise TypeError(f"{_OP}: x is float64, which runs on the cpu and reference backends only, not {which}")
+        # auto on a GPU: no GPU kernel takes float64 (a gradcheck, a float64
+        # model), and the reference computes it in float64 there.
+        which = "reference"
     if which == "reference":
         return _reference(x, int(num_groups), weight, bias, float(eps), add, act)
-    if x.dtype == torch.float64 and which != "cpu":
-        raise TypeError(f"{_OP}: x is float64, which runs on the cpu and reference backends only, not {which}")
     xk = _args.kernel_layout(x) if x.dim() == 4 else x.contiguous()
     args = (xk, _param(weight, x), _param(bias, x), _param(add, x), int(num_groups), float(eps), act)
     if which == "triton":
