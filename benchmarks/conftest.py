@@ -96,6 +96,12 @@ def add_gpu_row(row: GpuRow, test: str) -> GpuRow:
     return row
 
 
+def median_s(benchmark) -> float | None:
+    """pytest-benchmark's median of the last pedantic run, in seconds; None
+    under --benchmark-disable, which runs each benchmark once, untimed."""
+    return None if benchmark.stats is None else benchmark.stats.stats.median
+
+
 def gpu_median_us(fn) -> float:
     from triton.testing import do_bench
 
