@@ -64,8 +64,11 @@ MAX_JOBS=16 DDPM_FAST_STRICT=1 TORCH_CUDA_ARCH_LIST=9.0 \
 # loses the last. pytest-xdist (in the machine's image, or a carried wheel)
 # runs them in 12 processes, which share the Triton compilations out, and
 # keeps that order roughly (each process takes the next tests as it finishes).
+# Each process gets one CPU thread: 12 of torch's default 16 would oversubscribe
+# the 16 cores in the tests' CPU work (references, inputs).
 parallel=$(python3 -c "import xdist" 2> /dev/null && echo "-n 12")
-stage tests 100 python3 -m pytest tests -q -m gpu -p no:cacheprovider -rfE --junitxml="$out/tests.xml" $parallel
+threads=$([ -n "$parallel" ] && echo 1 || nproc)
+OMP_NUM_THREADS=$threads stage tests 100 python3 -m pytest tests -q -m gpu -p no:cacheprovider -rfE --junitxml="$out/tests.xml" $parallel
 # The op benchmarks (GroupNorm+SiLU first, the op with the most cases) and then
 # the model ones. benchmarks/conftest.py orders the GPU benchmarks within a run:
 # ours and the eager peers first, the torch.compile peers (a few seconds of
