@@ -474,6 +474,7 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0), then a fresh loss plot."""
         path = None
+        rank_rng = self._gather_rank_rng() if self.world > 1 else None
         if self.rank == 0:
             from safetensors.torch import save_file
 
@@ -488,6 +489,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "rank_rng": rank_rng,
             }
             config = json.dumps(self.run_config(), indent=2)
             path = write_checkpoint(
@@ -508,6 +510,19 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return path
+
+    def _gather_rank_rng(self) -> list[dict[str, torch.Tensor | None]]:
+        """Each rank's own generator states (the CPU's, its GPU's), in rank order.
+        Under DDP each rank draws its dropout from its own process's generators,
+        which rank 0 cannot read: its state of another rank's GPU is one it never
+        drew from, and ranks seeded apart differ on the CPU too."""
+        mine = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     def _restore_fused(self) -> None:
         """A loaded optimizer state brings its own ``fused`` flag: checkpoints
@@ -552,6 +567,12 @@ class Trainer:
             # (set_rng_state_all raised IndexError there): restore the GPUs this one has.
             for index, rng in enumerate(state["cuda_rng"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(rng, index)
+        rank_rng = state.get("rank_rng")
+        if rank_rng is not None and len(rank_rng) == self.world:  # under DDP, by the same number of ranks
+            own = rank_rng[self.rank]
+            torch.set_rng_state(own["torch_rng"])
+            if own["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda_rng"], self.device)
         if self.rank == 0:
             kept = [r for r in self.read_log() if r["step"] <= self.step]
             atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))

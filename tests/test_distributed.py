@@ -73,6 +73,39 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npy"), alone)
 
 
+def _resume_worker(rank: int, world: int, port: int, out: str, interrupted: bool) -> None:
+    """Train STEPS with dropout, each rank's generator seeded apart (as a user's
+    script may), straight through or as two runs (the second one in a fresh
+    generator state, as a new process has); rank 0 saves the weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    failed = True
+    try:
+        for steps, seed in ((STEPS // 2, 100), (STEPS, 555)) if interrupted else ((STEPS, 100),):
+            trainer = make_trainer(Path(out) / "run", steps=steps, dropout=0.3)
+            torch.manual_seed(seed + rank)
+            trainer.train(final_samples=False)
+        if rank == 0:
+            torch.save(trainer.model.state_dict(), Path(out) / "weights.pt")
+        failed = False
+    finally:
+        distributed.teardown(failed=failed)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_resume_exactly_with_dropout(tmp_path):
+    """Each rank's own generator state is checkpointed and restored: rank 1
+    resumed with rank 0's (as before) draws other dropout masks."""
+    for name, interrupted in (("full", False), ("resumed", True)):
+        (tmp_path / name).mkdir()
+        mp.start_processes(_resume_worker, args=(2, _free_port(), str(tmp_path / name), interrupted), nprocs=2,
+                           join=True, start_method="spawn")
+    full, resumed = (torch.load(tmp_path / name / "weights.pt") for name in ("full", "resumed"))
+    for name, value in full.items():
+        assert torch.equal(resumed[name], value), name
+
+
 def test_batch_size_must_split_over_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr("ddpm_fast.train.rank_and_world", lambda: (0, 3))
     with pytest.raises(ValueError, match="divisible by the 3 ranks"):
