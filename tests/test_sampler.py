@@ -5,6 +5,8 @@ eps*(x_t, t) = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -343,9 +345,15 @@ class FakeCuda:
         self.streams = self.events = self.captures = 0
         self.capturing = False
         monkeypatch.setattr(sampler_module, "_on_cuda", lambda x: True)
-        if real_capture:  # the Sampler's _capture, on a fake torch.cuda.graph
+        if real_capture:  # the Sampler's _capture, on a fake torch.cuda.graph and allocator
+            self.pools: list[tuple] = []  # the pools captures were given
+            self.ended_pools: list[tuple] = []  # (device, pool) of each _cuda_endAllocateToPool call
+            self.end_pool_raises = False  # as torch >= 2.12 does after a failed capture_end
             monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda *args, **kwargs: object())
-            monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None, **kw: FakeGraphContext(self, stream))
+            monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 100 + len(self.pools)))
+            monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+            monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", self.end_allocate_to_pool, raising=False)
+            monkeypatch.setattr(torch.cuda, "graph", self.graph)
         else:
             monkeypatch.setattr(sampler_module, "_capture", self.capture)
         monkeypatch.setattr(sampler_module, "_progress", lambda total, on: FakeBar(self.log) if on else _NoBar())
@@ -373,6 +381,15 @@ class FakeCuda:
             yield
         finally:
             self.device = previous
+
+    def graph(self, graph, pool=None, stream=None, **kwargs):
+        self.pools.append(pool)
+        return FakeGraphContext(self, stream)
+
+    def end_allocate_to_pool(self, device, pool):
+        self.ended_pools.append((device, pool))
+        if self.end_pool_raises:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
 
     def capture(self, steps, stream):
         self.captures += 1
@@ -522,6 +539,49 @@ def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(m
         y = sampler.sample(4, seed=6, steps=60, progress=False)
     assert torch.equal(y, plain.sample(4, seed=6, steps=60, progress=False))
     assert model_streams(fake.log) == [("caller", 60)] and fake.streams == 1
+
+
+@pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "torch-2.12+"])
+def test_failed_capture_stops_the_allocator_recording_to_its_pool(monkeypatch, fixed_torch):
+    """torch before 2.12 leaves the caching allocator recording to a capture's
+    pool when capture_end fails (pytorch#180395); its next synchronize aborts the
+    process. The Sampler ends the recording to the pool its capture was given, on
+    the current device; where torch already did, the allocator's refusal is fine."""
+    fake = FakeCuda(monkeypatch, real_capture=True)
+    fake.end_pool_raises = fixed_torch
+
+    def syncing(x, t):
+        if fake.capturing:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return torch.zeros_like(x)
+
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        x = Sampler(fake.model(syncing), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=60, progress=False)
+    assert torch.isfinite(x).all()
+    assert len(fake.pools) == 1 and fake.ended_pools == [(3, fake.pools[0])]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_process_survives_a_failed_capture_and_empty_cache():
+    """On the GPU, in a process of its own (an abort would take the test run with
+    it): a capture that fails, then the allocator's synchronize (empty_cache)."""
+    script = (
+        "import torch, warnings\n"
+        "from ddpm_fast import Sampler, NoiseSchedule\n"
+        "def syncing(x, t):\n"
+        "    _ = t.max().item()\n"
+        "    return torch.zeros_like(x)\n"
+        "warnings.simplefilter('ignore')\n"
+        "s = Sampler(syncing, NoiseSchedule('linear', timesteps=20), sample_shape=(1, 4, 4), device='cuda')\n"
+        "x = s.sample(2, seed=0, progress=False)\n"
+        "assert s.cuda_graph is False\n"
+        "torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.synchronize()\n"
+        "y = torch.ones(1 << 20, device='cuda').sum().item()\n"
+        "print('ok', float(x.abs().sum()), y)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("steps", [120, 203])
