@@ -35,6 +35,11 @@ _GRAPH_STEPS = 50  # steps per CUDA graph
 # the same kernels on the same shapes, so the first does all that; a few more,
 # as torch's make_graphed_callables does (3), for models that settle later.
 _WARMUP_STEPS = 3
+# Graphs only where at least two replays follow the warm-up: a capture costs the
+# host about what launching its steps does, without running them, so a single
+# replay (capture, then run) cannot beat the plain loop, which launches and runs
+# at once. Shorter chains (up to 102 steps) run the plain loop.
+_MIN_GRAPH_CHAIN = _WARMUP_STEPS + 2 * _GRAPH_STEPS
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -247,7 +252,7 @@ class _Chain:
         # may allocate there: make it x's (the sampler's device need not be current).
         try:  # closed on Ctrl-C and errors too: a bar left open redraws itself after the message
             with torch.cuda.device(self.x.device) if _on_cuda(self.x) else contextlib.nullcontext():
-                if self.s.cuda_graph and _on_cuda(self.x) and every is None:
+                if self.s.cuda_graph and _on_cuda(self.x) and every is None and self.remaining >= _MIN_GRAPH_CHAIN:
                     self._run_graphs(bar)
                 while self.remaining > 0:
                     k = self.remaining - 1

@@ -333,7 +333,7 @@ def test_gpu_sampler_captures_the_reference_step():
     def run(cuda_graph: bool) -> torch.Tensor:
         sampler = Sampler(lambda x, t: 0.5 * x, SCHEDULE, sample_shape=(3, 8, 8), device="cuda", backend="reference",
                           cuda_graph=cuda_graph)
-        return sampler.sample(4, seed=2, steps=20, progress=False)
+        return sampler.sample(4, seed=2, steps=120, progress=False)  # long enough for graphs
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback to the plain loop

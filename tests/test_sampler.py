@@ -303,14 +303,14 @@ def test_cuda_graph_falls_back_when_capture_fails():
     sampler = Sampler(syncing_model, SCHEDULE, sample_shape=(1, 4, 4), device="cuda")
     caller = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="capture failed") as record:
-        x = sampler.sample(2, seed=0, steps=10, progress=False)
+        x = sampler.sample(2, seed=0, steps=120, progress=False)  # long enough for graphs
     assert "previous error" not in str(record[0].message)  # the sync's error, not capture_end's
     assert torch.cuda.current_stream() == caller
     assert torch.isfinite(x).all()
     assert sampler.cuda_graph is False  # remembered: the next call does not try again
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(sampler.sample(2, seed=0, steps=10, progress=False), x)
+        assert torch.equal(sampler.sample(2, seed=0, steps=120, progress=False), x)
 
 
 @pytest.mark.parametrize("steps,eta", [(None, None), (4, None), (4, 0.0)])
@@ -491,24 +491,27 @@ def model_streams(log):
     return [tuple(r) for r in runs]
 
 
-@pytest.mark.parametrize("steps", [1, 3, 4, 53, 120, None])
+@pytest.mark.parametrize("steps", [1, 3, 4, 53, 102, 103, 120, None])
 def test_graph_path_equals_the_plain_loop_on_fake_cuda(monkeypatch, steps):
     fake = FakeCuda(monkeypatch)
     kw = dict(clip_denoised=True, sample_shape=(2, 3, 3))
     run = dict(seed=5, steps=steps, progress=False)
     graphed = Sampler(fake.model(GaussianOracle()), SCHEDULE, **kw).sample(4, **run)
     assert torch.equal(graphed, Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(4, **run))
-    # Warm-up: 3 real chain steps on the side stream, then graphs of up to 50
-    # steps replayed on the caller's stream while 50 remain, then plain steps.
+    # From 103 steps (room for two replays after the warm-up): 3 real chain
+    # steps on the side stream, then graphs of 50 steps replayed on the caller's
+    # stream while 50 remain, then plain steps. Shorter chains: the plain loop.
     total = steps or 1000
-    chunk = min(50, total - 3)
-    replays = (total - 3) // chunk if chunk > 0 else 0
-    leftover = total - 3 - replays * chunk if chunk > 0 else 0
-    expected = [("side1", min(3, total))] + [("caller", replays * chunk + leftover)] * (total > 3)
+    if total >= 103:
+        replays = (total - 3) // 50
+        expected = [("side1", 3), ("caller", total - 3)]
+    else:
+        replays = 0
+        expected = [("caller", total)]
     assert model_streams(fake.log) == expected
     # ... all with the sampler's device current (torch.cuda.device), graphs or not.
     assert all(e[2] == torch.device("cpu") for e in fake.log if e[0] == "model")
-    assert fake.captures == (total > 3) and [e for e in fake.log if e[0] == "replay"] == [("replay",)] * replays
+    assert fake.captures == (replays > 0) and [e for e in fake.log if e[0] == "replay"] == [("replay",)] * replays
 
 
 def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(monkeypatch):
@@ -524,21 +527,21 @@ def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(m
     sampler = Sampler(fake.model(syncing), SCHEDULE, **kw)
     plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw)
     with pytest.warns(RuntimeWarning, match="capture failed") as record:
-        x = sampler.sample(4, seed=5, steps=60, progress=False)
+        x = sampler.sample(4, seed=5, steps=120, progress=False)
     message = str(record[0].message)
     assert "not permitted when stream is capturing" in message and "previous error" not in message
-    assert torch.equal(x, plain.sample(4, seed=5, steps=60, progress=False))
+    assert torch.equal(x, plain.sample(4, seed=5, steps=120, progress=False))
     # 3 warm-up steps and the failed capture on the side stream; the rest, after
     # the failure, on the caller's stream again.
-    assert model_streams(fake.log) == [("side1", 4), ("caller", 57)] and str(fake.current) == "caller"
+    assert model_streams(fake.log) == [("side1", 4), ("caller", 117)] and str(fake.current) == "caller"
     # The failure is remembered: the next call neither warms up nor captures.
     assert sampler.cuda_graph is False
     fake.log.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        y = sampler.sample(4, seed=6, steps=60, progress=False)
-    assert torch.equal(y, plain.sample(4, seed=6, steps=60, progress=False))
-    assert model_streams(fake.log) == [("caller", 60)] and fake.streams == 1
+        y = sampler.sample(4, seed=6, steps=120, progress=False)
+    assert torch.equal(y, plain.sample(4, seed=6, steps=120, progress=False))
+    assert model_streams(fake.log) == [("caller", 120)] and fake.streams == 1
 
 
 @pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "torch-2.12+"])
@@ -556,7 +559,7 @@ def test_failed_capture_stops_the_allocator_recording_to_its_pool(monkeypatch, f
         return torch.zeros_like(x)
 
     with pytest.warns(RuntimeWarning, match="capture failed"):
-        x = Sampler(fake.model(syncing), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=60, progress=False)
+        x = Sampler(fake.model(syncing), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=120, progress=False)
     assert torch.isfinite(x).all()
     assert len(fake.pools) == 1 and fake.ended_pools == [(3, fake.pools[0])]
 
@@ -573,8 +576,8 @@ def test_process_survives_a_failed_capture_and_empty_cache():
         "    _ = t.max().item()\n"
         "    return torch.zeros_like(x)\n"
         "warnings.simplefilter('ignore')\n"
-        "s = Sampler(syncing, NoiseSchedule('linear', timesteps=20), sample_shape=(1, 4, 4), device='cuda')\n"
-        "x = s.sample(2, seed=0, progress=False)\n"
+        "s = Sampler(syncing, NoiseSchedule('linear'), sample_shape=(1, 4, 4), device='cuda')\n"
+        "x = s.sample(2, seed=0, steps=120, progress=False)\n"
         "assert s.cuda_graph is False\n"
         "torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.synchronize()\n"
         "y = torch.ones(1 << 20, device='cuda').sum().item()\n"
@@ -617,7 +620,7 @@ def test_warm_up_and_capture_run_without_the_autocast_weight_cache(monkeypatch):
     # Cached casts made in the warm-up would be read by the graph but freed when
     # the caller's autocast block exits; uncached, the graph makes its own.
     fake = FakeCuda(monkeypatch)
-    Sampler(fake.model(GaussianOracle()), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=60, progress=False)
+    Sampler(fake.model(GaussianOracle()), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=120, progress=False)
     cache = [(e[1], e[3]) for e in fake.log if e[0] == "model"]
     assert cache[:3] == [("side1", False)] * 3 and fake.autocast_cache_at_capture is False
     assert torch.is_autocast_cache_enabled()  # as it was
