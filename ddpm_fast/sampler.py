@@ -77,7 +77,8 @@ class Sampler:
             dtype of the model's first floating parameter, else float32.
         channels_last: feed the model channels_last input (and keep x_t in that
             format; the samples are the same, and returned contiguous).
-        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them.
+        cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them
+            (chains of 103 steps or more: shorter ones gain nothing from a capture).
             If capture fails it warns, samples with the plain loop and sets
             ``cuda_graph`` to False, so later calls do not try again.
         sample_shape: one sample's shape (C, H, W); default from the model's
