@@ -327,8 +327,8 @@ class Trainer:
         """Train until ``config.steps``, resuming from the newest checkpoint in
         ``out_dir`` when there is one and ``resume`` is set; then, with
         ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary."""
-        if resume and latest_checkpoint(self.out_dir) is not None:
-            self._resume()
+        if resume and (newest := latest_checkpoint(self.out_dir)) is not None:
+            self._resume(newest)
         elif self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
@@ -371,30 +371,26 @@ class Trainer:
             self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "out_dir": str(self.out_dir)}
 
-    def _resume(self) -> None:
-        """Load the newest checkpoint of ``out_dir``; if it cannot be read (a
-        damaged disk, a hand-edited file: writes themselves are atomic), warn
-        and take the next older one, so the run loses the steps since that one
-        rather than stopping. A configuration mismatch with the newest is
+    def _resume(self, newest: Path) -> None:
+        """Load ``newest``, the newest checkpoint of ``out_dir``; if it cannot be
+        read (a damaged disk, a hand-edited file: writes themselves are atomic),
+        warn and take the next older one, so the run loses the steps since that
+        one rather than stopping. A configuration mismatch with the newest is
         raised, not skipped: the older ones of the same run have its configuration."""
-        newest = latest_checkpoint(self.out_dir)
-        try:
-            self.check_resumable(newest)
-            self.load_checkpoint(newest)
-            return
-        except ConfigMismatchError:
-            raise
-        except CheckpointError as error:
-            failure = error
-        for _, path in reversed(checkpoints(self.out_dir)):
-            if path == newest:
-                continue
+        older = [path for _, path in reversed(checkpoints(self.out_dir)) if path != newest]
+        failure = None
+        for path in [newest, *older]:
             try:
                 self.check_resumable(path)
                 self.load_checkpoint(path)
-            except CheckpointError:  # damaged too, or another run's
+            except ConfigMismatchError:
+                if path == newest:
+                    raise
+                continue  # another run's
+            except CheckpointError as error:  # damaged
+                failure = failure or error
                 continue
-            if self.rank == 0:
+            if path != newest and self.rank == 0:
                 warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step})")
             return
         raise failure
