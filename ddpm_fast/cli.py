@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sample-every", type=_non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")
     train.add_argument("--sample-steps", type=_positive, default=None, help="respaced steps for sample grids (default: all T)")
     train.add_argument("--checkpoint-every", type=_positive, default=5000, help="checkpoint every N steps (default: 5000)")
-    train.add_argument("--channels-last", action="store_true", help="train in channels_last memory format")
+    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="train in channels_last memory format: faster convolutions (default: on)")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue the run in --out if it has a checkpoint (default: on)")
     _add_device(train)
     train.set_defaults(run=_train)
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
     sample.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model precision (default: fp32)")
-    sample.add_argument("--channels-last", action="store_true", help="run the model channels_last")
+    sample.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the model channels_last: faster convolutions (default: on)")
     sample.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0); sample i is the same for any batch size")
     _add_device(sample)
     sample.set_defaults(run=_sample)

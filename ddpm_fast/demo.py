@@ -94,7 +94,7 @@ def run_demo(
         raise CheckpointError(f"{out / 'run'} holds a demo run with other settings "
                               f"({'; '.join(error.differences)}): rerun with its settings, or pass another --out") from None
     trained = time.perf_counter() - start
-    sampler = Sampler(trainer.ema, schedule, device="cpu", cuda_graph=False)
+    sampler = Sampler(trainer.ema, schedule, device="cpu", cuda_graph=False, channels_last=trainer.config.channels_last)
     x = sampler.sample(samples, seed=seed, steps=sample_steps, progress=progress)
     images = to_uint8(x)
     save_grid(images, out / "samples.png", nrow=10)

@@ -96,7 +96,9 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 2
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row
-    channels_last: bool = False
+    # The model and its batches channels_last: faster convolutions on the CPU (oneDNN)
+    # and, in 16-bit, on the GPU (cuDNN's tensor-core kernels take NHWC).
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "log_every", "sample_count", "checkpoint_every", "max_nonfinite")
@@ -451,7 +453,8 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, path: Path) -> torch.Tensor:
         """A grid of ``sample_count`` EMA samples (fixed seed, so grids compare over time)."""
-        sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False)
+        sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
+                          channels_last=self.config.channels_last)
         x = sampler.sample(self.config.sample_count, seed=self.config.seed, steps=self.config.sample_steps, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(to_uint8(x), path)

@@ -86,7 +86,7 @@ def test_sample_writes_png_and_npz(run_dir, tmp_path):
     np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], images)
 
 
-def test_sample_channels_last_converts_the_model_and_keeps_the_samples(run_dir, tmp_path, monkeypatch):
+def test_sample_channels_last_by_default_converts_the_model_and_keeps_the_samples(run_dir, tmp_path, monkeypatch):
     from ddpm_fast import distributed
 
     seen = []
@@ -103,7 +103,7 @@ def test_sample_channels_last_converts_the_model_and_keeps_the_samples(run_dir, 
     real = distributed.sample_sharded
     monkeypatch.setattr(distributed, "sample_sharded", sample_sharded)
     outs = [tmp_path / "nchw", tmp_path / "nhwc"]
-    for out, flags in zip(outs, ([], ["--channels-last"])):
+    for out, flags in zip(outs, (["--no-channels-last"], [])):  # channels_last is the default
         assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "-n", "3", "--steps", "5",
                      "--device", "cpu", *flags]) == 0
     assert seen == [(False, False), (True, True)]

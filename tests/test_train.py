@@ -93,6 +93,40 @@ def test_run_writes_log_checkpoints_plot_and_samples(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def _formats_seen(trainer, monkeypatch) -> dict[str, list[bool]]:
+    """Whether the model's hidden activations, and the Samplers of sample_grid, were channels_last."""
+    seen: dict[str, list[bool]] = {"hidden": [], "sampler": []}
+    trainer.model.mid.register_forward_pre_hook(
+        lambda _, args: seen["hidden"].append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    real = ddpm_fast.train.Sampler
+
+    def sampler(*args, **kwargs):
+        made = real(*args, **kwargs)
+        seen["sampler"].append(made.channels_last)
+        return made
+
+    monkeypatch.setattr(ddpm_fast.train, "Sampler", sampler)
+    return seen
+
+
+def test_channels_last_is_the_default_and_nchw_trains_the_same_steps(tmp_path, monkeypatch):
+    runs = {}
+    for channels_last in (None, False):
+        overrides = {} if channels_last is None else {"channels_last": channels_last}
+        trainer = make_trainer(tmp_path / str(channels_last), sample_count=2, **overrides)
+        seen = _formats_seen(trainer, monkeypatch)
+        losses = [trainer.train_step() for _ in range(4)]
+        trainer.sample_grid(tmp_path / f"{channels_last}.png")
+        # (16 channels of 8x8: channels_last and contiguous strides differ.)
+        expected = channels_last is None
+        assert trainer.config.channels_last is expected
+        assert trainer.model.mid.weight.is_contiguous(memory_format=torch.channels_last) is expected
+        assert set(seen["hidden"]) == {expected} and seen["sampler"] == [expected]
+        runs[channels_last] = losses
+    # The same batches, timesteps and noise either way: only the convolutions' rounding differs.
+    assert runs[None] == pytest.approx(runs[False], rel=1e-4)
+
+
 def test_resume_in_process_continues_exactly(tmp_path):
     # With dropout, so that the step draws from torch's generator and a resume
     # that did not restore it would differ; the EMA and the optimizer's state
