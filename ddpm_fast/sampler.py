@@ -76,7 +76,9 @@ class Sampler:
         dtype: the model input's dtype (x_t itself stays float32); default: the
             dtype of the model's first floating parameter, else float32.
         channels_last: feed the model channels_last input (and keep x_t in that
-            format; the samples are the same, and returned contiguous).
+            format; the samples are the same, and returned contiguous). Default:
+            the model's format, channels_last when its 4-d weights are (as after
+            ``model.to(memory_format=torch.channels_last)`` or a Trainer's model).
         cuda_graph: on CUDA, capture model + step as CUDA graphs and replay them
             (chains of 103 steps or more: shorter ones gain nothing from a capture).
             If capture fails it warns, samples with the plain loop and sets
@@ -95,7 +97,7 @@ class Sampler:
         clip_denoised: bool = True,
         backend: str = "auto",
         dtype: torch.dtype | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         cuda_graph: bool = True,
         sample_shape: Sequence[int] | None = None,
         device: torch.device | str | None = None,
@@ -113,7 +115,7 @@ class Sampler:
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
         self.backend = backend
-        self.channels_last = bool(channels_last)
+        self.channels_last = _weights_channels_last(model) if channels_last is None else bool(channels_last)
         self.cuda_graph = bool(cuda_graph)
         params = [p for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()]
         self.device = torch.device(device) if device is not None else (
@@ -392,6 +394,14 @@ def _end_allocating_to_pool(pool) -> None:
             end(torch.cuda.current_device(), pool)
         except RuntimeError:  # not recording to that pool: capture_end (or capture_begin's failure) saw to it
             pass
+
+
+def _weights_channels_last(model: Model) -> bool:
+    """Whether the model's 4-d weights are channels_last: then its input should be
+    too (else every convolution converts one of them, every step)."""
+    weights = [p for p in getattr(model, "parameters", lambda: [])() if p.dim() == 4]
+    # A 1x1 or one-input-channel weight is both contiguous and channels_last.
+    return any(not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
 
 def _check_model_output(eps: object, x: torch.Tensor) -> None:

@@ -137,6 +137,21 @@ def test_channels_last_sampling_gives_the_same_samples(monkeypatch, device, back
     assert all(p.x_t.is_contiguous() and p.pred_x0.is_contiguous() for p in pictures)
 
 
+def test_channels_last_defaults_to_the_models_weights():
+    def convs(*sizes) -> torch.nn.Module:  # (in, out, kernel) convolutions
+        return torch.nn.Sequential(*(torch.nn.Conv2d(i, o, k) for i, o, k in sizes))
+
+    model = convs((3, 8, 3), (8, 3, 1))
+    assert Sampler(model, SCHEDULE, sample_shape=(3, 8, 8)).channels_last is False
+    model = model.to(memory_format=torch.channels_last)
+    assert Sampler(model, SCHEDULE, sample_shape=(3, 8, 8)).channels_last is True
+    assert Sampler(model, SCHEDULE, channels_last=False, sample_shape=(3, 8, 8)).channels_last is False
+    # Weights that are both (1x1 kernels, one input channel) say nothing; functions have none.
+    one_by_one = convs((1, 8, 1), (8, 3, 1)).to(memory_format=torch.channels_last)
+    assert Sampler(one_by_one, SCHEDULE, sample_shape=(1, 8, 8)).channels_last is False
+    assert Sampler(GaussianOracle(), SCHEDULE, sample_shape=(3, 8, 8)).channels_last is False
+
+
 def test_intermediates():
     sampler = Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 4, 4))
     x, pictures = sampler.sample(3, seed=1, return_intermediates=250, progress=False)
