@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
             flip=args.flip, precision=args.precision, loss=args.loss, seed=args.seed,
             log_every=args.log_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
-            checkpoint_every=args.checkpoint_every, channels_last=args.channels_last,
+            checkpoint_every=args.checkpoint_every, channels_last=args.channels_last, compile=args.compile,
         )
         schedule = NoiseSchedule(args.schedule, timesteps=args.timesteps)
         model = _build_model(args, dataset.channels, dataset.image_size)
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=_positive, default=5000, help="checkpoint every N steps (default: 5000)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="train in channels_last memory format: faster convolutions (default: on)")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model: the first step compiles, later ones run faster on a GPU (default: off)")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue the run in --out if it has a checkpoint (default: on)")
     _add_device(train)
     train.set_defaults(run=_train)

@@ -53,6 +53,23 @@ def test_train_writes_a_run(run_dir):
     assert [json.loads(l)["step"] for l in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_train_passes_channels_last_and_compile_to_the_trainer(data_file, tmp_path, monkeypatch, capsys):
+    import ddpm_fast.train
+
+    seen = []
+
+    def train(self, **kwargs):  # the Trainer as built, not a run (a compile takes seconds)
+        seen.append((self.config.channels_last, self.config.compile))
+        return {"steps": 0, "out_dir": str(self.out_dir)}
+
+    monkeypatch.setattr(ddpm_fast.train.Trainer, "train", train)
+    base = ["train", "--data", str(data_file), "--model", "tiny", "--steps", "2", "--batch-size", "8",
+            "--timesteps", "20", "--device", "cpu"]
+    for i, flags in enumerate(([], ["--no-channels-last", "--compile"])):
+        assert main([*base, "--out", str(tmp_path / str(i)), *flags]) == 0
+    assert seen == [(True, False), (False, True)]  # the defaults: channels_last, not compiled
+
+
 def test_train_resumes_a_finished_run_without_retraining(run_dir, data_file, capsys):
     # The run's recipe again (--warmup, --no-flip); --checkpoint-every and --log-every may differ.
     code = main(["train", "--data", str(data_file), "--out", str(run_dir), "--model", "tiny", "--steps", "4",

@@ -127,6 +127,19 @@ def test_channels_last_is_the_default_and_nchw_trains_the_same_steps(tmp_path, m
     assert runs[None] == pytest.approx(runs[False], rel=1e-4)
 
 
+def test_compiled_model_trains_the_same_steps(tmp_path):
+    runs = {}
+    for compiled in (False, True):
+        trainer = make_trainer(tmp_path / str(compiled), steps=4, checkpoint_every=4, compile=compiled)
+        trainer.train(final_samples=False)
+        assert hasattr(trainer.net, "_orig_mod") is compiled  # torch.compile's wrapper
+        runs[compiled] = (_losses(tmp_path / str(compiled)), _final_weights(tmp_path / str(compiled)))
+    # The same batches, timesteps and noise; inductor's fused arithmetic rounds differently.
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    for name, weight in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-4, atol=1e-5)
+
+
 def test_resume_in_process_continues_exactly(tmp_path):
     # With dropout, so that the step draws from torch's generator and a resume
     # that did not restore it would differ; the EMA and the optimizer's state
