@@ -188,6 +188,8 @@ def _bpd(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
+    if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
+        model = model.to(memory_format=torch.channels_last)
     dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
     result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
                           device=device, progress=True)
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
     bpd.add_argument("--seed", type=_non_negative, default=0, help="seed of the evaluation noise (default: 0)")
     bpd.add_argument("--json", action="store_true", help="print the full result (total and every term) as JSON")
+    bpd.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="run the model channels_last: faster convolutions (default: on)")
     _add_device(bpd)
     bpd.set_defaults(run=_bpd)
 

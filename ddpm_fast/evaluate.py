@@ -9,6 +9,7 @@ import torch
 
 from .data import ImageDataset
 from .diffusion import bits_per_dim
+from .sampler import _weights_channels_last
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
@@ -24,11 +25,14 @@ def evaluate_bpd(
     batch_size: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    channels_last: bool | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The bound of the first ``n`` images of ``dataset`` (all by default), every
     timestep evaluated as in the original ``calc_bpd_loop``; the noise comes from
     a generator seeded with ``seed``, so the result is reproducible.
+    ``channels_last`` feeds the model channels_last batches; by default it
+    follows the model's 4-d weights, as the Sampler's does.
 
     Returns a dict of dataset means: ``total``, ``prior`` (L_T), ``decoder``
     (L_0), ``vb`` (sum of L_1..L_{T-1}), ``terms`` (one per timestep) and a
@@ -40,12 +44,15 @@ def evaluate_bpd(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dataset.check_model(model)
+    if channels_last is None:
+        channels_last = _weights_channels_last(model)
+    fmt = torch.channels_last if channels_last and dataset.images.dim() == 4 else torch.contiguous_format
     generator = torch.Generator().manual_seed(seed)
     totals = {"total": 0.0, "prior": 0.0}
     terms = torch.zeros(schedule.num_timesteps, dtype=torch.float64)
     for start in range(0, count, batch_size):
         index = torch.arange(start, min(count, start + batch_size))
-        x0 = dataset.batch(index).to(device)
+        x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)
         result = bits_per_dim(model, x0, schedule, generator=generator, progress=progress)
         totals["total"] += result.total.double().sum().item()
         totals["prior"] += result.prior.double().sum().item()

@@ -49,6 +49,24 @@ def test_batches_equal_one_call_of_the_bound(digits):
     assert len(result["terms"]) == 100 and result["images"] == 6
 
 
+def test_channels_last_batches_follow_the_model_and_give_the_same_bound():
+    data = ImageDataset(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)))
+    torch.manual_seed(3)
+    model = UNet.tiny(in_channels=3).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(not args[0].is_contiguous()))  # 3 channels: CL is not contiguous
+    nchw = evaluate_bpd(model, data, SCHEDULE, n=4)
+    assert set(seen) == {False}
+    seen.clear()
+    cl = evaluate_bpd(model.to(memory_format=torch.channels_last), data, SCHEDULE, n=4)
+    assert set(seen) == {True}
+    seen.clear()
+    evaluate_bpd(model, data, SCHEDULE, n=4, channels_last=False)
+    assert set(seen) == {False}
+    # The same noise either way: only the convolutions' rounding differs.
+    assert cl["total"] == pytest.approx(nchw["total"], rel=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"n": 0}, r"n must be an int in \[1, 256\]"),
     ({"n": 1000}, r"n must be an int in \[1, 256\]"),
