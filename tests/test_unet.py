@@ -341,6 +341,22 @@ def test_torch_compile_inductor_on_the_tiny_preset():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, t), model(x, t), **FP32)
 
 
+@pytest.mark.slow
+@requires_extension
+def test_torch_compile_inductor_differentiates_the_tiny_preset():
+    """What TrainConfig(compile=True) runs: inductor's forward and backward
+    around our ops (channels_last, as the Trainer's default), against eager."""
+    model = randomize(UNet.tiny(backend="cpu")).train().to(memory_format=torch.channels_last)
+    x, t = torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,))
+    grads = []
+    for run in (model, torch.compile(model, fullgraph=True)):
+        torch.manual_seed(0)  # the same dropout masks, if the preset draws any
+        loss = run(x, t).square().mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ imports
 
 
