@@ -102,7 +102,7 @@ def test_cpu_train_step(benchmark, impl, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl", ["diffusers_eager", "diffusers_compile", "ours", "ours_compile"])
-def test_gpu_train_step_cifar10_bf16(benchmark, impl, tmp_path, request):
+def test_gpu_train_step_cifar10_bf16(benchmark, copy_bandwidth_gbps, impl, tmp_path, request):  # the fixture: copy_gbps
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = 128

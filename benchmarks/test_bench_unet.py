@@ -118,7 +118,7 @@ def test_cpu_unet_forward(benchmark, impl):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_sample_cifar10_128_images(benchmark, request):
+def test_gpu_sample_cifar10_128_images(benchmark, copy_bandwidth_gbps, request):  # the fixture: the row's copy_gbps
     """The Sampler's default chain (1000 steps, CUDA graphs) on the CIFAR-10
     model, bf16 channels_last, 128 images: issue 5's target is 7 s. First of
     the GPU model benchmarks (benchmarks/conftest.py orders them: ours, then
