@@ -9,7 +9,7 @@ import torch
 
 from .data import ImageDataset
 from .diffusion import bits_per_dim
-from .sampler import _weights_channels_last
+from .nn import has_channels_last_weights
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
@@ -45,7 +45,7 @@ def evaluate_bpd(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dataset.check_model(model)
     if channels_last is None:
-        channels_last = _weights_channels_last(model)
+        channels_last = has_channels_last_weights(model)
     fmt = torch.channels_last if channels_last and dataset.images.dim() == 4 else torch.contiguous_format
     generator = torch.Generator().manual_seed(seed)
     totals = {"total": 0.0, "prior": 0.0}

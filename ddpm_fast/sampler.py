@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import ops
+from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
 from .schedules import NoiseSchedule
 
@@ -115,7 +116,7 @@ class Sampler:
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
         self.backend = backend
-        self.channels_last = _weights_channels_last(model) if channels_last is None else bool(channels_last)
+        self.channels_last = has_channels_last_weights(model) if channels_last is None else bool(channels_last)
         self.cuda_graph = bool(cuda_graph)
         params = [p for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()]
         self.device = torch.device(device) if device is not None else (
@@ -394,14 +395,6 @@ def _end_allocating_to_pool(pool) -> None:
             end(torch.cuda.current_device(), pool)
         except RuntimeError:  # not recording to that pool: capture_end (or capture_begin's failure) saw to it
             pass
-
-
-def _weights_channels_last(model: Model) -> bool:
-    """Whether the model's 4-d weights are channels_last: then its input should be
-    too (else every convolution converts one of them, every step)."""
-    weights = [p for p in getattr(model, "parameters", lambda: [])() if p.dim() == 4]
-    # A 1x1 or one-input-channel weight is both contiguous and channels_last.
-    return any(not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
 
 def _check_model_output(eps: object, x: torch.Tensor) -> None:

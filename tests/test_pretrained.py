@@ -12,7 +12,7 @@ from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
 from ddpm_fast.data import ImageDataset
 from ddpm_fast.models import UNet
 from ddpm_fast.pretrained import load_model
-from ddpm_fast.sampler import _weights_channels_last
+from ddpm_fast.nn import has_channels_last_weights
 from ddpm_fast.schedules import NoiseSchedule
 from ddpm_fast.train import TrainConfig, Trainer
 
@@ -36,7 +36,7 @@ def _same(loaded: torch.nn.Module, trained: torch.nn.Module) -> bool:
     """The same outputs, bit for bit, with the loaded model in the trained one's
     memory format (a Trainer's are channels_last; the convolutions round
     differently in NCHW)."""
-    fmt = torch.channels_last if _weights_channels_last(trained) else torch.contiguous_format
+    fmt = torch.channels_last if has_channels_last_weights(trained) else torch.contiguous_format
     with torch.no_grad():
         return torch.equal(loaded.to(memory_format=fmt)(X, T), trained(X, T))
 

@@ -137,7 +137,7 @@ def test_channels_last_sampling_gives_the_same_samples(monkeypatch, device, back
     assert all(p.x_t.is_contiguous() and p.pred_x0.is_contiguous() for p in pictures)
 
 
-def test_channels_last_defaults_to_the_models_weights():
+def test_channels_last_defaults_to_the_models_weights():  # ddpm_fast.nn.has_channels_last_weights
     def convs(*sizes) -> torch.nn.Module:  # (in, out, kernel) convolutions
         return torch.nn.Sequential(*(torch.nn.Conv2d(i, o, k) for i, o, k in sizes))
 
