@@ -46,7 +46,7 @@ def evaluate_bpd(
     dataset.check_model(model)
     if channels_last is None:
         channels_last = has_channels_last_weights(model)
-    fmt = torch.channels_last if channels_last and dataset.images.dim() == 4 else torch.contiguous_format
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W
     generator = torch.Generator().manual_seed(seed)
     totals = {"total": 0.0, "prior": 0.0}
     terms = torch.zeros(schedule.num_timesteps, dtype=torch.float64)
