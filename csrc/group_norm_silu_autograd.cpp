@@ -4,12 +4,15 @@
 // calls the device kernel below autograd and saves what the backward op needs;
 // the backward calls group_norm_silu_backward. The Triton op keeps its Python
 // autograd (ddpm_fast/ops/group_norm_silu.py).
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace ddpm_fast {
 namespace {
@@ -43,6 +46,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(const at:
 
 OptTensor present(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// Weight or bias as at::group_norm takes it with x: x's dtype, or float32 for
+// 16-bit x (as the Python reference, ops/group_norm_silu.py's _reference_param).
+OptTensor reference_param(const at::Tensor& p, const at::Tensor& x) {
+  if (!p.defined()) return std::nullopt;
+  if (p.scalar_type() == x.scalar_type()) return p;
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  return p.to(half ? at::kFloat : x.scalar_type());
+}
+
+// The backward when autograd records it (create_graph=True: a gradient penalty,
+// a Hessian-vector product). group_norm_silu_backward has no derivative of its
+// own, so these gradients come from ATen's differentiable group_norm and silu,
+// recomputed from the saved inputs, which autograd can differentiate again.
+// Slower than the kernel, and taken only then. s: x, weight, bias, add, ...
+variable_list differentiable_backward(const at::Tensor& dy, const variable_list& s, int64_t groups, double eps,
+                                      bool act) {
+  const at::Tensor& x = s[0];
+  at::Tensor h = x;
+  if (s[3].defined()) {
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[0] = x.size(0);
+    shape[1] = x.size(1);
+    h = x + s[3].to(x.scalar_type()).view(shape);
+  }
+  at::Tensor y = at::group_norm(h, groups, reference_param(s[1], x), reference_param(s[2], x), eps);
+  if (act) y = at::silu(y);
+  variable_list inputs;
+  std::vector<size_t> slots;
+  for (size_t i = 0; i < 4; ++i) {
+    if (s[i].defined() && s[i].requires_grad()) {
+      inputs.push_back(s[i]);
+      slots.push_back(i);
+    }
+  }
+  variable_list out(7);
+  if (inputs.empty()) return out;
+  const variable_list g = torch::autograd::grad({y}, inputs, {dy.to(y.scalar_type())}, /*retain_graph=*/true,
+                                                /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < slots.size(); ++k) out[slots[k]] = g[k];
+  return out;
+}
+
 class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& w, const OptTensor& b,
@@ -52,6 +97,7 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
     ctx->save_for_backward(
         {x, w.value_or(at::Tensor()), b.value_or(at::Tensor()), add.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
@@ -59,12 +105,16 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const bool act = ctx->saved_data["act"].toBool();
+    if (at::GradMode::is_enabled()) {
+      return differentiable_backward(grads[0], s, groups, ctx->saved_data["eps"].toDouble(), act);
+    }
     const at::Tensor& x = s[0];
     // dy in x's dtype and memory format, as the kernels take it.
     const at::Tensor dy = x.is_contiguous() ? grads[0].to(x.scalar_type()).contiguous()
                                             : grads[0].to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
-    auto [dx, dw, db, dadd] = backward_op(dy, x, present(s[1]), present(s[2]), present(s[3]), s[4], s[5],
-                                          ctx->saved_data["groups"].toInt(), ctx->saved_data["act"].toBool());
+    auto [dx, dw, db, dadd] = backward_op(dy, x, present(s[1]), present(s[2]), present(s[3]), s[4], s[5], groups, act);
     const at::Tensor none;
     return {dx, s[1].defined() ? dw : none, s[2].defined() ? db : none, s[3].defined() ? dadd : none, none, none, none};
   }

@@ -46,6 +46,61 @@ def test_gradcheck_float64_cpu(layout, act):
     assert torch.autograd.gradcheck(fn, args)
 
 
+@requires_extension
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [True, False])
+def test_gradgradcheck_float64_cpu(layout, act):
+    """Second derivatives (a gradient penalty, a Hessian-vector product): the
+    backward op has no derivative of its own, and before the differentiable
+    backward, create_graph=True gave a gradient that autograd treated as
+    constant (second derivatives 0, with only torch's fallback warning)."""
+    x, w, b, add = inputs((2, 6, 3, 4), torch.float64, layout, "cpu", True, True)
+    args = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    fn = lambda x, w, b, a: ops.group_norm_silu(x, 3, w, b, add=a, act=act, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("weight_frozen", [False, True])
+def test_second_derivatives_match_reference(device, backend, weight_frozen):
+    """A gradient penalty through the op, differentiated again, as through
+    F.group_norm: float32 on every backend, with x needing its gradient and the
+    weight frozen or not."""
+    x, w, b, add = inputs((3, 4, 5, 3), torch.float32, "contiguous", device, True, True)
+    results = []
+    for which in (backend, "reference"):
+        xs = x.clone().requires_grad_()
+        ws = w.clone().requires_grad_(not weight_frozen)
+        adds = add.clone().requires_grad_()
+        y = ops.group_norm_silu(xs, 2, ws, b, add=adds, backend=which)
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), xs, create_graph=True)
+        leaves = [xs, adds] + ([] if weight_frozen else [ws])
+        results.append(torch.autograd.grad(gx.pow(2).sum(), leaves))
+    for got, want in zip(*results):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@requires_extension
+def test_first_derivatives_use_the_backward_kernel():
+    """The differentiable backward is only for create_graph=True: a plain
+    backward runs the backward op, eagerly and under torch.compile's tracing."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    module = GroupNormSiLU(2, 4)
+    with torch.profiler.profile() as prof:
+        module(x).sum().backward()
+    assert "ddpm_fast::group_norm_silu_backward" in {e.key for e in prof.key_averages()}
+    graphs = []
+    keep = lambda gm, _: graphs.append(gm) or make_boxed_func(gm)  # noqa: E731
+    compiled = torch.compile(module, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    compiled(x).sum().backward()
+    ops_in_backward = {str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"}
+    assert "ddpm_fast.group_norm_silu_backward.default" in ops_in_backward
+
+
 def _float64_group_norm_silu_through_auto(device: str) -> None:
     """float64 through backend="auto" against float64 autograd of F.group_norm
     (values and gradients to float64 rounding), and a gradcheck."""

@@ -119,12 +119,31 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, add, num_groups, eps, act = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, add, mean, rstd)
-    ctx.num_groups, ctx.act = num_groups, act
+    ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+
+
+def _differentiable_backward(ctx, dy, x, weight, bias, add):
+    """The backward when autograd records it (create_graph=True: a gradient
+    penalty, a Hessian-vector product). The backward op has no derivative of its
+    own, so these gradients come from the reference, recomputed from the saved
+    inputs, which autograd can differentiate again (as the C++ op's autograd,
+    csrc/group_norm_silu_autograd.cpp, does)."""
+    inputs = (x, weight, bias, add)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    grads: list[torch.Tensor | None] = [None] * 7
+    if wanted:
+        y = _reference(x, ctx.num_groups, weight, bias, ctx.eps, add, ctx.act)
+        found = torch.autograd.grad(y, [inputs[i] for i in wanted], dy.to(y.dtype), create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    return tuple(grads)
 
 
 def _make_backward(backward_op):
     def backward(ctx, dy, _dmean, _drstd):
         x, weight, bias, add, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, dy, x, weight, bias, add)
         dy = _args.match_layout(dy, x) if x.dim() == 4 else dy.to(x.dtype).contiguous()
         dx, dw, db, dadd = backward_op(dy, x, weight, bias, add, mean, rstd, ctx.num_groups, ctx.act)
         return (
