@@ -68,7 +68,8 @@ class Sampler:
 
     Args:
         model: any callable taking x_t (N x ...) and int64 timesteps (N,) and
-            returning eps of x_t's shape (an nn.Module, a function, ...).
+            returning eps of x_t's shape (an nn.Module, a function, ...). A module
+            should be in eval mode: ``sample`` warns if its dropout is on.
         schedule: the training noise schedule.
         variance: ``fixed_large`` (sigma_t^2 = beta_t, the default as in the paper's
             CIFAR-10 samples) or ``fixed_small`` (beta~_t).
@@ -158,6 +159,12 @@ class Sampler:
         """
         shape = self._shape(n_or_shape)
         seed = as_seed(seed, "Sampler.sample")
+        if _dropout_active(self.model):
+            warnings.warn(
+                "Sampler: the model is in training mode with active dropout, so the samples depend on more "
+                "than the seed (and sample i on the batch); call model.eval() before sampling",
+                RuntimeWarning, stacklevel=2,
+            )
         if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
             raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
         if return_intermediates is not None and (
@@ -340,6 +347,13 @@ class _Chain:
             self.last_replay = None
             done.synchronize()
             bar.update(steps)
+
+
+def _dropout_active(model: Model) -> bool:
+    """Whether ``model`` is a module with dropout on (a module in training mode)."""
+    if not isinstance(model, torch.nn.Module) or not model.training:
+        return False
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
 
 
 def _on_cuda(x: torch.Tensor) -> bool:

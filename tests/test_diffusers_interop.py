@@ -70,7 +70,9 @@ def test_from_an_instance_reproduces_diffusers(narrow, reference):
 
 def test_from_a_saved_folder_and_a_pipeline_folder(narrow, tmp_path):
     narrow.save_pretrained(tmp_path / "unet")
-    _compare(UNet.from_diffusers(tmp_path / "unet").eval(), narrow)
+    loaded = UNet.from_diffusers(tmp_path / "unet")
+    assert not loaded.training  # eval mode, as diffusers' own from_pretrained
+    _compare(loaded, narrow)
     _compare(UNet.from_diffusers(str(tmp_path)).eval(), narrow)  # <pipeline>/unet
 
 

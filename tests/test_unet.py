@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -211,13 +212,14 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     model.save_pretrained(tmp_path / "m")
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "m" / "config.json").read_text()) == model.config
-    loaded = UNet.from_pretrained(tmp_path / "m").eval()
+    loaded = UNet.from_pretrained(tmp_path / "m")
+    assert not loaded.training  # eval mode, as diffusers' from_pretrained: dropout off
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     loaded.to(memory_format=torch.channels_last)  # the same conv algorithms as the original
     x, t = inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x, t), model(x, t))
-        reference = UNet.from_pretrained(tmp_path / "m", reference=True).eval()
+        reference = UNet.from_pretrained(tmp_path / "m", reference=True)
         torch.testing.assert_close(reference(x, t), model(x, t), **FP32)
     assert reference.reference and not loaded.reference
 
@@ -316,6 +318,21 @@ def test_sampler_runs_end_to_end_on_the_tiny_preset():
     assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()
     # the same noise stream; the network itself is batch-independent up to float rounding
     torch.testing.assert_close(sampler.sample(1, seed=0, first_sample=2, progress=False)[0], samples[2], **FP32)
+
+
+def test_sampler_warns_when_dropout_is_on():
+    """A model left in training mode samples with dropout: its samples are not
+    reproducible from the seed, so sample() says so; eval mode, or a model
+    without dropout, samples silently."""
+    schedule = NoiseSchedule("linear", timesteps=3)
+    with_dropout = randomize(UNet.tiny(dropout=0.3))
+    assert with_dropout.training
+    with pytest.warns(RuntimeWarning, match="training mode with active dropout.*model.eval"):
+        Sampler(with_dropout, schedule).sample(1, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampler(with_dropout.eval(), schedule).sample(1, seed=0, progress=False)
+        Sampler(randomize(UNet.tiny(dropout=0.0)).train(), schedule).sample(1, seed=0, progress=False)
 
 
 # ------------------------------------------------------------- torch.compile

@@ -172,7 +172,7 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
     if unexpected:
         raise ValueError(f"{source}: weights {unexpected[:8]} ({len(unexpected)} in all) have no place in the DDPM U-Net")
     load_state_dict_checked(model, {k: v.to("cpu") for k, v in converted.items()}, source)
-    return model
+    return model.eval()
 
 
 # ------------------------------------------------------------ patch_diffusers

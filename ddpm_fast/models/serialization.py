@@ -102,4 +102,4 @@ def load_pretrained(
     state = load_safetensors(folder / weights, map_location)
     model.to(map_location)
     load_state_dict_checked(model, state, str(folder / weights))
-    return model
+    return model.eval()

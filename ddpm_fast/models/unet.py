@@ -325,8 +325,9 @@ class UNet(nn.Module):
         cls, folder: str | os.PathLike, *, weights: str = "model.safetensors",
         map_location: torch.device | str = "cpu", **overrides: Any,
     ) -> "UNet":
-        """Load a ``save_pretrained`` folder; ``overrides`` go to the constructor
-        (``reference``, ``backend``, ``dropout``, ...)."""
+        """Load a ``save_pretrained`` folder, in eval mode (as diffusers' and
+        transformers' ``from_pretrained``: dropout off; ``.train()`` to fine-tune);
+        ``overrides`` go to the constructor (``reference``, ``backend``, ``dropout``, ...)."""
         from .serialization import load_pretrained
 
         return load_pretrained(cls, folder, weights=weights, map_location=map_location, overrides=overrides)
@@ -334,7 +335,7 @@ class UNet(nn.Module):
     @classmethod
     def from_diffusers(cls, model_or_folder: Any, **overrides: Any) -> "UNet":
         """Convert a diffusers ``UNet2DModel`` of the DDPM layout (an instance, or
-        the folder it was saved to) into a float32 ``UNet`` on the CPU."""
+        the folder it was saved to) into a float32 ``UNet`` on the CPU, in eval mode."""
         from .diffusers_interop import from_diffusers
 
         return from_diffusers(cls, model_or_folder, **overrides)
