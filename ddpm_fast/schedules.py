@@ -145,8 +145,10 @@ class NoiseSchedule:
     def from_config(cls, config: dict) -> "NoiseSchedule":
         """The schedule that ``config`` (a ``NoiseSchedule.config``, e.g. read back
         from a checkpoint's JSON) describes."""
-        if not isinstance(config, dict) or not ({"name", "betas"} & config.keys()):
-            raise ValueError(f"a schedule config needs 'name' or 'betas', got {config!r}")
+        if not isinstance(config, dict) or not ({"name", "betas", "respace_of"} & config.keys()):
+            raise ValueError(f"a schedule config needs 'name', 'betas' or 'respace_of', got {config!r}")
+        if "respace_of" in config:  # a respaced schedule: its parent's config and the kept timesteps
+            return cls.from_config(config["respace_of"]).respace(config.get("timesteps", ()))
         if "betas" in config:
             return cls(betas=config["betas"])
         return cls(
@@ -284,7 +286,10 @@ class NoiseSchedule:
     def respace(self, timesteps: Sequence[int]) -> "NoiseSchedule":
         """The schedule of the sub-chain through ``timesteps`` (increasing, zero-based),
         with the betas that keep its alphas_cumprod (Nichol & Dhariwal 2021, sec. 4).
-        ``timestep_map[i]`` is the original timestep of new index i, which the model sees."""
+        ``timestep_map[i]`` is the original timestep of new index i, which the model
+        sees (the parent's original timestep, when this schedule is itself respaced);
+        ``config`` records the parent's config and ``timesteps``, so that
+        ``from_config`` rebuilds the same sub-chain."""
         timesteps = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
         if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in timesteps):
             raise TypeError(f"respaced timesteps must be ints, got {list(timesteps)[:5]}...")
@@ -295,7 +300,8 @@ class NoiseSchedule:
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         respaced = NoiseSchedule(betas=1.0 - ab / ab_prev)
         respaced.name = f"{self.name}[{len(steps)} of {self.num_timesteps}]"
-        respaced.timestep_map = torch.tensor(steps, dtype=torch.int64)
+        respaced.timestep_map = self.timestep_map[steps]
+        respaced.config = {"respace_of": self.config, "timesteps": steps}
         return respaced
 
     def __len__(self) -> int:

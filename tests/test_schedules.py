@@ -7,6 +7,7 @@ calling the code under test.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -197,6 +198,31 @@ def test_custom_betas_round_trip():
     assert torch.equal(s32.betas, b32.double())
     b64 = np.array([0.1, 0.2, 0.3])  # a float64 numpy array keeps its precision
     assert_close64(NoiseSchedule(betas=b64).alphas_cumprod, np.cumprod(1 - b64))
+
+
+def test_respace_keeps_alphas_cumprod_and_maps_original_timesteps():
+    """A sub-chain keeps the parent's alphas_cumprod at its timesteps (Nichol &
+    Dhariwal 2021, sec. 4); respacing a respaced schedule maps back to the
+    first parent's timesteps (before, it mapped to the middle one's indices)."""
+    parent = NoiseSchedule("linear", timesteps=100)
+    ab = np.cumprod(1 - parent.betas.numpy())  # the betas themselves: test_betas_match_definition
+    sub = parent.respace([0, 10, 50, 99])
+    assert sub.timestep_map.tolist() == [0, 10, 50, 99]
+    assert_close64(sub.alphas_cumprod, ab[[0, 10, 50, 99]])
+    subsub = sub.respace([1, 3])
+    assert subsub.timestep_map.tolist() == [10, 99]
+    assert_close64(subsub.alphas_cumprod, ab[[10, 99]])
+
+
+def test_respaced_config_round_trips_through_json():
+    """from_config(config) of a respaced schedule is the same sub-chain, timestep
+    map included (before, it came back as a custom schedule mapping to 0..K-1,
+    so a Sampler fed the model the wrong timesteps)."""
+    sub = NoiseSchedule("cosine", timesteps=50).respace(range(0, 50, 7)).respace([0, 2, 5])
+    again = NoiseSchedule.from_config(json.loads(json.dumps(sub.config)))
+    assert again.name == sub.name and again.timestep_map.tolist() == sub.timestep_map.tolist() == [0, 14, 35]
+    for key in TABLES:
+        assert torch.equal(getattr(again, key), getattr(sub, key)), key
 
 
 def test_custom_betas_from_python_list_keep_float64():
