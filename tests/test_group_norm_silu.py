@@ -243,6 +243,33 @@ def test_fuse_helper_replaces_pairs_and_keeps_outputs():
     torch.testing.assert_close(model(x), before)
 
 
+def test_fuse_helper_keeps_the_norms_parameters_shared_and_frozen():
+    """The fused modules hold the norms' own parameters: a norm used twice stays
+    one module with one set of parameters, a frozen one stays frozen, a non-affine
+    one stays non-affine, and an optimizer built before fusing still trains them
+    (before, each pair got copies: sharing broken, requires_grad reset)."""
+    shared = nn.GroupNorm(2, 4)
+    frozen = nn.GroupNorm(2, 4)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 1), shared, nn.SiLU(), nn.Conv2d(4, 4, 1), shared, nn.SiLU(),
+        frozen, nn.SiLU(), nn.GroupNorm(2, 4, affine=False), nn.SiLU(),
+    )
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(2, 4, 3, 3)
+    before = model(x)
+    assert fuse_group_norm_silu(model) == 4
+    assert model[1] is model[4] and isinstance(model[1], GroupNormSiLU)
+    assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+    assert not model[6].weight.requires_grad and model[8].weight is None and not model[8].affine
+    torch.testing.assert_close(model(x), before)
+    model(x).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[1].weight, torch.ones(4))  # trained through the fused op
+    assert torch.equal(model[6].weight, torch.ones(4)) and model[6].weight.grad is None
+
+
 class TestBadInput:
     x = torch.randn(2, 6, 4, 4)
 

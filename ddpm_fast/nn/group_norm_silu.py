@@ -56,8 +56,14 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     directly followed by ``nn.SiLU`` with one ``GroupNormSiLU`` (the SiLU slot
     becomes ``nn.Identity``, so indices and state_dict keys stay). Returns the
     number of pairs fused. Pairs written as code in a ``forward`` (``F.silu(self.norm(x))``)
-    are not visible here; use ``GroupNormSiLU`` in such modules directly."""
+    are not visible here; use ``GroupNormSiLU`` in such modules directly.
+
+    The replacement holds the norm's own parameters (the same ``nn.Parameter``
+    objects), so a frozen norm stays frozen, an optimizer built before still
+    updates them, and a norm used in several places becomes one shared
+    ``GroupNormSiLU``."""
     fused = 0
+    replacements: dict[int, GroupNormSiLU] = {}  # id(norm) -> its replacement, for shared norms
     for module in model.modules():
         if not isinstance(module, nn.Sequential):
             continue
@@ -65,12 +71,15 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
         for first, second in zip(names, names[1:]):
             norm, act = module._modules[first], module._modules[second]
             if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
-                replacement = GroupNormSiLU(
-                    norm.num_groups, norm.num_channels, norm.eps, norm.affine, act=True, backend=backend,
-                    device=norm.weight.device if norm.affine else None,
-                    dtype=norm.weight.dtype if norm.affine else None,
-                )
-                replacement.load_state_dict(norm.state_dict())
+                replacement = replacements.get(id(norm))
+                if replacement is None:
+                    replacement = GroupNormSiLU(
+                        norm.num_groups, norm.num_channels, norm.eps, affine=False, act=True, backend=backend
+                    )
+                    replacement.affine = norm.affine
+                    replacement.weight, replacement.bias = norm.weight, norm.bias
+                    replacement.train(norm.training)
+                    replacements[id(norm)] = replacement
                 module._modules[first] = replacement
                 module._modules[second] = nn.Identity()
                 fused += 1
