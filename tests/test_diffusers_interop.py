@@ -136,10 +136,13 @@ def test_bad_sources(tmp_path, narrow):
 def test_patch_diffusers_keeps_the_output(narrow, backend):
     patched = copy.deepcopy(narrow)
     keys = patched.state_dict().keys()
+    params = list(patched.parameters())  # an optimizer built before patching keeps training them
     resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in narrow.modules())
     assert ddpm_fast.patch_diffusers(patched, backend=backend) == 2 * resnets + 1
     assert ddpm_fast.patch_diffusers(patched, backend=backend) == 0  # already fused
     assert patched.state_dict().keys() == keys
+    assert len(list(patched.parameters())) == len(params)
+    assert all(a is b for a, b in zip(patched.parameters(), params))
     assert sum(isinstance(m, GroupNormSiLU) for m in patched.modules()) == 2 * resnets + 1
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

@@ -178,17 +178,6 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
 # ------------------------------------------------------------ patch_diffusers
 
 
-def _fused(norm: nn.GroupNorm, backend: str) -> GroupNormSiLU:
-    weight = norm.weight if norm.affine else None
-    fused = GroupNormSiLU(
-        norm.num_groups, norm.num_channels, norm.eps, norm.affine, act=True, backend=backend,
-        device=None if weight is None else weight.device, dtype=None if weight is None else weight.dtype,
-    )
-    fused.load_state_dict(norm.state_dict())
-    fused.train(norm.training)
-    return fused
-
-
 @functools.lru_cache(maxsize=None)
 def _fused_resnet_class() -> type:
     """A subclass of diffusers' ResnetBlock2D whose forward runs norm1+SiLU and
@@ -237,7 +226,8 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
     second norm) and no resampling inside, and the output ``conv_norm_out`` +
     ``conv_act``. Returns how many norms were fused (0 on a second call).
 
-    Parameters and state_dict keys do not change; attention GroupNorms (no SiLU)
+    Parameters (the same objects: an optimizer built before keeps training them)
+    and state_dict keys do not change; attention GroupNorms (no SiLU)
     and ResnetBlock2D variants (scale-shift, up/down inside) are left as they are.
     """
     try:
@@ -250,13 +240,13 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
     for block in list(unet.modules()):
         # Exactly ResnetBlock2D: a subclass may compute something else in its forward.
         if type(block) is ResnetBlock2D and _patchable(block):
-            block.norm1 = _fused(block.norm1, backend)
-            block.norm2 = _fused(block.norm2, backend)
+            block.norm1 = GroupNormSiLU.from_group_norm(block.norm1, backend=backend)
+            block.norm2 = GroupNormSiLU.from_group_norm(block.norm2, backend=backend)
             block.__class__ = _fused_resnet_class()
             fused += 2
     norm, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
     if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
-        unet.conv_norm_out = _fused(norm, backend)
+        unet.conv_norm_out = GroupNormSiLU.from_group_norm(norm, backend=backend)
         unet.conv_act = nn.Identity()
         fused += 1
     return fused

@@ -47,6 +47,16 @@ class GroupNormSiLU(nn.GroupNorm):
             x, self.num_groups, self.weight, self.bias, self.eps, add=add, act=self.act, backend=self.backend
         )
 
+    @classmethod
+    def from_group_norm(cls, norm: nn.GroupNorm, *, act: bool = True, backend: str = "auto") -> "GroupNormSiLU":
+        """A ``GroupNormSiLU`` holding ``norm``'s own parameters (the same
+        ``nn.Parameter`` objects, so frozen ones stay frozen and an optimizer
+        built on ``norm`` trains it), in ``norm``'s training mode."""
+        fused = cls(norm.num_groups, norm.num_channels, norm.eps, affine=False, act=act, backend=backend)
+        fused.affine = norm.affine
+        fused.weight, fused.bias = norm.weight, norm.bias
+        return fused.train(norm.training)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act}, backend={self.backend!r}"
 
@@ -73,13 +83,7 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
             if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
                 replacement = replacements.get(id(norm))
                 if replacement is None:
-                    replacement = GroupNormSiLU(
-                        norm.num_groups, norm.num_channels, norm.eps, affine=False, act=True, backend=backend
-                    )
-                    replacement.affine = norm.affine
-                    replacement.weight, replacement.bias = norm.weight, norm.bias
-                    replacement.train(norm.training)
-                    replacements[id(norm)] = replacement
+                    replacement = replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
                 module._modules[first] = replacement
                 module._modules[second] = nn.Identity()
                 fused += 1
