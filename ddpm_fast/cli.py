@@ -29,17 +29,31 @@ class UsageError(Exception):
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
+
+
+def _path(text: str) -> str:
+    """A path given on the command line: an empty one would mean the current
+    folder (Path("") is "."), which nobody means."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _device(text: str) -> str:
@@ -49,7 +63,7 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda or cuda:K") from None
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: expected cpu, cuda or cuda:K")
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -75,6 +89,11 @@ def _check_output_folder(path: str | os.PathLike, option: str = "--out") -> None
         raise UsageError(f"{option} {path}: {existing} is not writable")
 
 
+class RunFailed(Exception):
+    """A run that stopped on its own, for a reason it states (non-finite losses):
+    reported in one line, exit status 1."""
+
+
 class Interrupted(Exception):
     """Ctrl-C: reported in one line, exit status 130."""
 
@@ -92,25 +111,35 @@ def _build_model(args: argparse.Namespace, channels: int, image_size: int):
     from .models import UNet
 
     overrides = {"dropout": args.dropout} if args.dropout is not None else {}
+    if args.dropout is not None and not 0 <= args.dropout < 1:  # NaN fails too
+        raise UsageError(f"--dropout must lie in [0, 1), got {args.dropout}")
     if args.model == "cifar10":
         if (channels, image_size) != (3, 32):
             raise UsageError(f"--model cifar10 takes 3x32x32 images; the data has {channels}x{image_size}x{image_size}")
         return UNet.ddpm_cifar10(**overrides)
     preset = UNet.tiny if args.model == "tiny" else UNet.small
-    return preset(image_size=image_size, in_channels=channels, **overrides)
+    try:
+        return preset(image_size=image_size, in_channels=channels, **overrides)
+    except ValueError as error:
+        raise UsageError(f"--model {args.model} cannot take {channels}x{image_size}x{image_size} images ({error}); "
+                         "resize them with --image-size") from None
 
 
 def _train(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import load_dataset
     from .schedules import NoiseSchedule
-    from .train import TrainConfig, Trainer
+    from .train import NonFiniteLossError, TrainConfig, Trainer
 
     device = distributed.setup(args.device)
     trainer = None
     try:
         if distributed.rank_and_world()[0] == 0:
             _check_output_folder(args.out)
+        data = Path(args.data).resolve()
+        if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
+            raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
+                             "grids, the loss curve) would become training data; put the run elsewhere")
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
@@ -120,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every, channels_last=args.channels_last, compile=args.compile,
         )
         schedule = NoiseSchedule(args.schedule, timesteps=args.timesteps)
+        torch.manual_seed(args.seed)  # the model's initial weights (and the dropout after them), as the demo
         model = _build_model(args, dataset.channels, dataset.image_size)
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
                           extra_config={"data": args.data})
@@ -127,6 +157,9 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         distributed.teardown(failed=True)
         raise Interrupted(_interrupted_run(args.out, trainer, args.resume)) from None
+    except NonFiniteLossError as error:
+        distributed.teardown(failed=True)
+        raise RunFailed(str(error)) from None
     except BaseException:
         distributed.teardown(failed=True)
         raise
@@ -203,7 +236,7 @@ def _fid(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
-    samples, data = load_array(args.samples, key="images"), load_dataset(args.data)
+    samples, data = load_array(args.samples, key="images"), load_dataset(args.data, image_size=args.image_size)
     if args.n is not None and args.n > min(len(samples), len(data)):
         raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples or the {len(data)} data images")
     sets = [images.images[: args.n].permute(0, 2, 3, 1) for images in (samples, data)]  # uint8 N x H x W x C
@@ -242,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     train = commands.add_parser("train", help="train a U-Net on a dataset (resumes the run in --out)")
-    train.add_argument("--data", required=True, help="'digits' (bundled), a folder of images, a CIFAR-10 python folder/archive, or a .npy/.npz file")
-    train.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples")
+    train.add_argument("--data", required=True, type=_path, help="'digits' (bundled), a folder of images, a CIFAR-10 python folder/archive, or a .npy/.npz file")
+    train.add_argument("--out", required=True, type=_path, help="run folder: checkpoints, log.jsonl, loss.png, samples")
     train.add_argument("--model", choices=MODELS, default="small", help="U-Net preset (default: small)")
     train.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size")
     train.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the data to 1 or 3 channels")
@@ -274,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into samples.png and samples.npz")
-    sample.add_argument("--checkpoint", required=True, help="a run folder, checkpoint-* folder, UNet.save_pretrained folder or diffusers UNet2DModel/pipeline folder")
-    sample.add_argument("--out", required=True, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC)")
+    sample.add_argument("--checkpoint", required=True, type=_path, help="a run folder, checkpoint-* folder, UNet.save_pretrained folder or diffusers UNet2DModel/pipeline folder")
+    sample.add_argument("--out", required=True, type=_path, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC)")
     sample.add_argument("-n", type=_positive, default=64, help="number of samples (default: 64)")
     sample.add_argument("--batch-size", type=_positive, default=256, help="samples per batch (default: 256)")
     sample.add_argument("--steps", type=_positive, default=None, help="respace the chain to this many steps (default: all T)")
@@ -291,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(run=_sample)
 
     bpd = commands.add_parser("bpd", help="negative log-likelihood bound (bits/dim) of a dataset under a checkpoint")
-    bpd.add_argument("--checkpoint", required=True, help="a run folder, checkpoint-* folder or model folder")
-    bpd.add_argument("--data", required=True, help="dataset, as for train")
+    bpd.add_argument("--checkpoint", required=True, type=_path, help="a run folder, checkpoint-* folder or model folder")
+    bpd.add_argument("--data", required=True, type=_path, help="dataset, as for train")
     bpd.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size")
     bpd.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the data to 1 or 3 channels")
     bpd.add_argument("-n", type=_positive, default=None, help="evaluate the first N images (default: all)")
@@ -306,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.set_defaults(run=_bpd)
 
     fid = commands.add_parser("fid", help="Frechet Inception Distance between samples and a dataset (Inception weights supplied by you)")
-    fid.add_argument("--samples", required=True, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or .npy")
-    fid.add_argument("--data", required=True, help="dataset, as for train")
-    fid.add_argument("--inception-weights", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; never downloaded) (default: $DDPM_FAST_INCEPTION_WEIGHTS)")
+    fid.add_argument("--samples", required=True, type=_path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or .npy")
+    fid.add_argument("--data", required=True, type=_path, help="dataset, as for train")
+    fid.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size (for images of several sizes)")
+    fid.add_argument("--inception-weights", type=_path, default=None, help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; never downloaded) (default: $DDPM_FAST_INCEPTION_WEIGHTS)")
     fid.add_argument("-n", type=_positive, default=None, help="use the first N images of each set (default: all of each)")
     fid.add_argument("--batch-size", type=_positive, default=50, help="images per Inception batch (default: 50)")
     fid.add_argument("--method", choices=("sqrtm", "eigh"), default="sqrtm", help="matrix square root: scipy sqrtm as the reference FID code, or the same trace by symmetric eigensolvers, faster (default: sqrtm)")
@@ -316,13 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     fid.set_defaults(run=_fid)
 
     demo = commands.add_parser("demo", help="train a small model on the bundled 8x8 digits and sample from it (minutes on a CPU)")
-    demo.add_argument("--out", required=True, help="output folder: samples.png, samples.npz, loss.png and the run")
+    demo.add_argument("--out", required=True, type=_path, help="output folder: samples.png, samples.npz, loss.png and the run")
     demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo recipe's)")
     demo.add_argument("--samples", type=_positive, default=100, help="number of samples (default: 100)")
     demo.add_argument("--sample-steps", type=_positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
     demo.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0)")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _show_warning(text: str) -> None:
+    """A warning on a line of its own: above any open progress bar, which tqdm
+    then redraws below it (a plain print would land at the end of the bar's line)."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def _one_line(error: BaseException) -> str:
@@ -339,15 +381,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prefix = f"ddpm-fast {args.command}"
     debug = bool(os.environ.get("DDPM_FAST_DEBUG"))
-    formatwarning = warnings.formatwarning
+    showwarning = warnings.showwarning
     if not debug:  # one line per warning, as errors are, not Python's file:line and source line
-        warnings.formatwarning = lambda message, category, *rest: f"{prefix}: warning: {message}\n"
+        warnings.showwarning = lambda message, *rest, **kw: _show_warning(f"{prefix}: warning: {message}")
     try:
         return args.run(args)
     except (KeyboardInterrupt, Interrupted) as error:
         if debug:
             raise
         message, code = f"{prefix}: {_one_line(error) if isinstance(error, Interrupted) else 'interrupted'}", 130
+    except RunFailed as error:
+        if debug:
+            raise
+        message, code = f"{prefix}: error: {_one_line(error)}", 1
     except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError) as error:
         # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included)
         if debug:
@@ -358,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower --batch-size", 2
     finally:
-        warnings.formatwarning = formatwarning
+        warnings.showwarning = showwarning
     # Printed once the error and its frames are gone: a progress bar still open
     # in them (bits/dim, inception) closes then, on its own line, not after the message.
     sys.stderr.flush()

@@ -56,7 +56,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if c not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})")
         if h != w:
-            raise ValueError(f"images must be square, got {h}x{w}: pass image_size to resize and center-crop")
+            raise ValueError(f"images must be square, got {h}x{w}: pass image_size (--image-size) to resize and center-crop")
         if labels is not None:
             labels = torch.as_tensor(labels)
             if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -223,7 +223,7 @@ def load_image_folder(
         elif x.shape[1:] != first_size[0]:
             (h, w), (h0, w0) = x.shape[1:], first_size[0]
             raise ValueError(f"images in {folder} have different sizes ({first_size[1].name} is {w0}x{h0}, "
-                             f"{file.name} is {w}x{h}): pass image_size to resize and center-crop them")
+                             f"{file.name} is {w}x{h}): pass image_size (--image-size) to resize and center-crop them")
         tensors.append(x)
     return ImageDataset(torch.stack(tensors), name=folder.resolve().name)
 
@@ -392,7 +392,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
                 if key is None:
                     key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
                     if key is None:
-                        raise KeyError(f"{path} holds arrays {keys}: pass key= (or name one 'images')")
+                        raise KeyError(f"{path} holds arrays {keys}: name the images 'images' (what the command "
+                                       "line reads), or pass key= to load_array")
                 elif key not in keys:
                     raise KeyError(f"{path} has no array {key!r}; it holds arrays {keys}")
                 array = loaded[key]

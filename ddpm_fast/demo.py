@@ -89,7 +89,7 @@ def run_demo(
     start = time.perf_counter()
     trainer = Trainer(model, dataset, schedule, demo_config(steps, seed), out / "run", device="cpu", progress=progress)
     try:
-        trainer.train(final_samples=False)
+        trained_steps = trainer.train(final_samples=False)["trained"]
     except ConfigMismatchError as error:  # the demo has no --no-resume: say what does apply
         raise CheckpointError(f"{out / 'run'} holds a demo run with other settings "
                               f"({'; '.join(error.differences)}): rerun with its settings, or pass another --out") from None
@@ -104,7 +104,8 @@ def run_demo(
         (out / "loss.png").write_bytes(loss_curve.read_bytes())
     quality = digit_quality(images)
     return (
-        f"demo: trained {steps} steps in {trained:.0f} s, sampled {samples} digits in "
+        f"demo: trained {trained_steps} steps{'' if trained_steps == steps else f' (to step {trainer.step})'} "
+        f"in {trained:.0f} s, sampled {samples} digits in "
         f"{time.perf_counter() - start - trained:.0f} s; wrote {out / 'samples.png'} and {out / 'samples.npz'}\n"
         f"a classifier of the real digits is confident (p > 0.8) on {quality['confident']:.0%} of the samples "
         f"(mean top probability {quality['confidence']:.2f}), which cover {quality['classes']} of the 10 digits"

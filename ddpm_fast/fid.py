@@ -217,6 +217,8 @@ def resolve_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
         if weights_path is None:
             raise ValueError(f"no Inception weights given and {ENV_VAR} is not set. {where}")
     path = Path(weights_path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"Inception weights {path} is a folder; give the weights file itself. {where}")
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file {path} does not exist. {where}")
     return path

@@ -79,5 +79,9 @@ def load_model(
         load_state_dict_checked(model, load_safetensors(folder / file), str(folder / file))
     except (FileNotFoundError, ValueError) as error:
         raise CheckpointError(str(error)) from error
-    return model.to(device).eval(), NoiseSchedule.from_config(config["schedule"])
+    try:
+        schedule = NoiseSchedule.from_config(config["schedule"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / 'config.json'} has no usable noise schedule ('schedule': {error})") from None
+    return model.to(device).eval(), schedule
 

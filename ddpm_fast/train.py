@@ -64,6 +64,23 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after too many non-finite losses in a row."""
 
 
+def _check_samplable(schedule: NoiseSchedule, sample_steps: int | None) -> None:
+    """Refuse, before any training, what the run's sample grids (and later
+    sampling and bits/dim) could not do with this schedule."""
+    if sample_steps is not None and sample_steps > schedule.num_timesteps:
+        raise ValueError(
+            f"TrainConfig.sample_steps (--sample-steps) is {sample_steps}, more than the schedule's "
+            f"{schedule.num_timesteps} timesteps"
+        )
+    undefined = schedule.undefined_steps("fixed_large", clip_denoised=True)
+    if undefined:
+        raise ValueError(
+            f"the reverse step is undefined at timestep {undefined[0]} of this schedule (beta_t = 1 there, as at the "
+            "last step of jsd), so a noise-predicting model trained on it could never be sampled or evaluated; "
+            "use a schedule whose betas stay below 1"
+        )
+
+
 class Trainer:
     """Trains ``model(x_t, t) -> ε`` on ``dataset`` and writes the run into ``out_dir``:
     ``log.jsonl`` (step, loss, lr, images/s), ``loss.png``, ``samples/``
@@ -107,6 +124,7 @@ class Trainer:
         self.progress = progress
         self.dataset = dataset
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device
+        _check_samplable(schedule, self.config.sample_steps)
         self.schedule = schedule
         self.extra_config = extra_config or {}
         self.model = model.to(self.device)
@@ -242,11 +260,12 @@ class Trainer:
         if not finite and not self.scaler.is_enabled():
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite_in_row += 1
-            warnings.warn(f"step {self.step}: non-finite loss or gradient ({loss_value}); update skipped")
+            # Steps are counted from 1 in the log and checkpoints: this is step self.step + 1.
+            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
             if self._nonfinite_in_row >= self.config.max_nonfinite:
                 raise NonFiniteLossError(
-                    f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step}; stopping. "
-                    f"The last good checkpoint in {self.out_dir} is intact: lower the learning rate or check the data"
+                    f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step + 1}; stopping. "
+                    f"{self._last_good_checkpoint()}: lower the learning rate or check the data"
                 )
             self.step += 1
             self.lr_schedule.step()
@@ -264,7 +283,8 @@ class Trainer:
     def train(self, *, resume: bool = True, final_samples: bool = True) -> dict[str, Any]:
         """Train until ``config.steps``, resuming from the newest checkpoint in
         ``out_dir`` when there is one and ``resume`` is set; then, with
-        ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary."""
+        ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary:
+        ``steps`` (the run's step now), ``trained`` (steps this call took), ``out_dir``."""
         if resume and (newest := latest_checkpoint(self.out_dir)) is not None:
             self._resume(newest)
         elif self.rank == 0:
@@ -275,6 +295,7 @@ class Trainer:
         if self.step > cfg.steps and self.rank == 0:
             warnings.warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
                           "nothing to train")
+        first_step = self.step
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
         window: list[float] = []
         tick, tick_step = time.perf_counter(), self.step
@@ -305,9 +326,22 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+        if self._nonfinite_in_row:  # its last steps were skipped: no final checkpoint, no model to show
+            raise NonFiniteLossError(
+                f"the run ended on {self._nonfinite_in_row} non-finite losses in a row (the last at step {self.step}), "
+                f"so its final checkpoint was not written. {self._last_good_checkpoint()}: "
+                "lower the learning rate or check the data"
+            )
         if final_samples and self.rank == 0:
             self.sample_grid(self.out_dir / "samples.png")
-        return {"steps": self.step, "out_dir": str(self.out_dir)}
+        return {"steps": self.step, "trained": self.step - first_step, "out_dir": str(self.out_dir)}
+
+    def _last_good_checkpoint(self) -> str:
+        """Where a run stopped by non-finite losses can resume from, in words."""
+        newest = latest_checkpoint(self.out_dir)
+        if newest is None:
+            return f"No checkpoint was written to {self.out_dir}"
+        return f"The last good checkpoint, {newest}, is intact"
 
     def _resume(self, newest: Path) -> None:
         """Load ``newest``, the newest checkpoint of ``out_dir``; if it cannot be
@@ -375,6 +409,12 @@ class Trainer:
                     differ.append(f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now")
         if differ:
             raise ConfigMismatchError(path, differ)
+        # What the caller recorded besides (the command line's --data): a change may
+        # be deliberate (the data moved), so it is said, not refused.
+        changed = [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in self.extra_config.items()
+                   if key in saved and saved[key] != value]
+        if changed and self.rank == 0:
+            warnings.warn(f"resuming {path} with other settings than it was trained with ({'; '.join(changed)})")
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -383,8 +423,19 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def read_log(self) -> list[dict[str, Any]]:
+        """The log's records. Appends are not atomic, so a process killed in one
+        leaves half a line: such a line is skipped (and dropped from the file when
+        the run resumes, which rewrites the log up to its checkpoint)."""
         path = self.out_dir / "log.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        records = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+        return records
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> torch.Tensor:

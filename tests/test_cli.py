@@ -147,7 +147,13 @@ def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/s"], "does not exist"),
         (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/s"], "holds no checkpoint"),
         (["bpd", "--checkpoint", "{tmp}/missing", "--data", "{data}"], "does not exist"),
-        (["train", "--data", "", "--out", "{tmp}/r"], "dataset spec is empty"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "1"], "--model small cannot take 1x1x1"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--dropout", "1.5"], "--dropout must lie in [0, 1)"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--weight-decay", "inf"], "weight_decay a finite number"),
+        # refused before training, not after it (at the final sample grid)
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--timesteps", "20", "--sample-steps", "21"],
+         "--sample-steps) is 21, more than the schedule's 20 timesteps"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--schedule", "jsd"], "could never be sampled"),
         (["train", "--data", "{data}", "--out", "{file}"], "is a file, not a folder"),
         (["train", "--data", "{data}", "--out", "{file}/run"], "is a file, not a folder"),
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{file}"], "is a file, not a folder"),
@@ -170,6 +176,11 @@ def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file,
         ["train", "--data", "digits", "--out", "x", "--precision", "fp8"],
         ["sample", "--checkpoint", "x", "--out", "y", "-n", "-3"],
         ["bpd", "--checkpoint", "x"],
+        ["train", "--data", "", "--out", "x"],  # an empty path would mean the current folder
+        ["train", "--data", "digits", "--out", " "],
+        ["sample", "--checkpoint", "", "--out", "y"],
+        ["train", "--data", "digits", "--out", "x", "--image-size", "abc"],
+        ["train", "--data", "digits", "--out", "x", "--device", "cpu:1"],
         ["demo"],
         ["fly"],
     ],
@@ -178,7 +189,8 @@ def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and "_positive" not in err and "_path" not in err
 
 
 def test_console_script_and_module_entry_point():
@@ -315,3 +327,17 @@ def test_warnings_are_one_line(run_dir, data_file):
     lines = [l for l in done.stderr.replace("\r", "\n").splitlines() if "warn" in l]
     assert lines == [f"ddpm-fast train: warning: the run in {run_dir} is already at step 4, beyond steps=2: "
                      "nothing to train"]
+
+
+def test_a_checkpoint_without_its_schedule_is_one_line(run_dir, tmp_path, capsys):
+    """A hand-edited config.json without "schedule": a KeyError traceback before."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoint-00000004", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["schedule"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s"), "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast sample: error:") and "has no usable noise schedule" in err and "\n" not in err

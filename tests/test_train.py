@@ -257,7 +257,7 @@ def test_a_step_reads_the_device_once(tmp_path, monkeypatch):
     assert isinstance(trainer.train_step(), float) and reads == ["tolist"]
     with torch.no_grad():
         trainer.model.out.bias.fill_(float("nan"))
-    with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradient \(nan\); update skipped"):
+    with pytest.warns(UserWarning, match=r"step 3: non-finite loss or gradient \(nan\); update skipped"):
         assert trainer.train_step() is None
     assert reads == ["tolist", "tolist"]
 

@@ -1,0 +1,99 @@
+"""``ddpm-fast train`` as a user meets it: repeatable from its seed, one-line
+endings for runs that diverge, resuming past a half-written log line, and
+data folders kept apart from the run (the rest of the CLI: test_cli.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddpm_fast.cli import main
+from train_helpers import toy_dataset
+
+TINY = ["--model", "tiny", "--batch-size", "8", "--timesteps", "20", "--warmup", "2", "--no-flip",
+        "--device", "cpu", "--sample-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    np.savez(path, images=toy_dataset(n=16).images.permute(0, 2, 3, 1).numpy())  # N x H x W x C uint8
+    return path
+
+
+def _train(data, out, *extra: str) -> int:
+    return main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def test_the_same_seed_gives_the_same_run(data_file, tmp_path):
+    """The model's initial weights come from --seed too (they came from torch's
+    unseeded generator), so two runs of one command write the same weights."""
+    from safetensors.torch import load_file
+
+    runs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(runs, ("0", "0", "1")):
+        assert _train(data_file, out, "--steps", "2", "--seed", seed) == 0
+    weights = [load_file(out / "checkpoint-00000002" / "model.safetensors") for out in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
+    assert not all(np.array_equal(weights[0][k].numpy(), weights[2][k].numpy()) for k in weights[0])
+
+
+def test_a_diverging_run_ends_in_one_line_naming_its_last_good_checkpoint(data_file, tmp_path, capsys):
+    """lr 1e9: the first step is finite, every later one is not; after 10 in a
+    row the run stops with exit status 1 (it was a traceback), and the message
+    names the checkpoint of step 1, which exists."""
+    out = tmp_path / "run"
+    assert _train(data_file, out, "--steps", "30", "--lr", "1e9", "--warmup", "0", "--checkpoint-every", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ddpm-fast train: error: 10 non-finite losses in a row at step 11; stopping.")
+    assert f"The last good checkpoint, {out / 'checkpoint-00000001'}, is intact" in err
+    assert (out / "checkpoint-00000001" / "model.safetensors").is_file()
+
+
+def test_a_run_ending_on_non_finite_losses_is_not_reported_as_done(data_file, tmp_path, capsys):
+    """Its last steps were skipped, so its final checkpoint was not written: it
+    said "trained to step 4" with exit status 0, and left nothing to sample."""
+    out = tmp_path / "run"
+    assert _train(data_file, out, "--steps", "4", "--lr", "1e9", "--warmup", "0") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ended on 3 non-finite losses in a row (the last at step 4)" in err
+    assert f"No checkpoint was written to {out}" in err
+    assert not (out / "samples.png").exists()
+
+
+def test_a_half_written_log_line_does_not_block_resuming(data_file, tmp_path, recwarn):
+    """A process killed while appending to log.jsonl leaves half a line; the
+    resume dropped dead on it (a JSON error). It resumes, and the log is whole."""
+    out = tmp_path / "run"
+    assert _train(data_file, out, "--steps", "2", "--checkpoint-every", "2", "--log-every", "1") == 0
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')
+    assert _train(data_file, out, "--steps", "4", "--checkpoint-every", "2", "--log-every", "1") == 0
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_run_inside_its_image_folder_is_refused(tmp_path, capsys):
+    """Its sample grids and loss curve would be read back as training images."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8), 30 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    for out in (folder, folder / "run", tmp_path / "other" / ".." / "images" / "run"):
+        assert _train(folder, out, "--steps", "1") == 2
+        assert "lies inside --data" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i}.png" for i in range(8)]
+
+
+def test_resuming_with_other_data_warns(data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(data_file, out, "--steps", "1") == 0
+    other = tmp_path / "other.npz"
+    other.write_bytes(data_file.read_bytes())
+    capsys.readouterr()
+    assert _train(other, out, "--steps", "2") == 0
+    err = capsys.readouterr().err
+    assert "warning: resuming" in err and f"data: {str(data_file)!r} there, {str(other)!r} now" in err
