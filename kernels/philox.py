@@ -92,9 +92,19 @@ class _InterpretedLauncher:
 
     def __getitem__(self, grid):
         from torch._subclasses.fake_tensor import is_fake
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
         def launch(*args, **kwargs):
             if any(isinstance(a, torch.Tensor) and (is_fake(a) or a.is_meta) for a in args):
+                if get_proxy_mode() is not None:
+                    # AOTAutograd (aot_eager, inductor) is recording a graph: the
+                    # kernel would be left out of it, and the compiled function
+                    # would return unwritten memory.
+                    raise RuntimeError(
+                        "ddpm_fast: the Triton backend under TRITON_INTERPRET=1 cannot be traced by "
+                        "torch.compile's AOTAutograd (aot_eager, inductor): compile with backend='eager', "
+                        "or use ddpm_fast's cpu or reference backend"
+                    )
                 return None
             return self.kernel[grid](*args, **kwargs)
 

@@ -2,8 +2,8 @@
 their kernels launch on.
 
 Without a GPU the kernels run in Triton's CPU interpreter, which torch.compile's
-AOT tracing cannot see into (``kernels/philox.py``: ``launchable`` skips fake
-tensors), so an aot_eager or inductor graph would not run them; these tests
+AOT tracing cannot see into (``kernels/philox.py``: ``launchable`` refuses to
+be traced there), so an aot_eager or inductor graph could not run them; these tests
 compile with ``backend="eager"``: dynamo traces the op wrappers (where the
 loader used to break the graph) and the graph calls the registered ops. On a
 GPU the same tests run the compiled kernels; test_q_sample.py's
@@ -91,6 +91,19 @@ def test_fullgraph_compile_differentiates_through_the_triton_ops():
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="eager")(x, weight), (x, weight))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@requires_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limit: on a GPU the kernels trace")
+@pytest.mark.parametrize("case", range(len(_calls("cpu"))), ids=[name for name, _, _ in _calls("cpu")])
+def test_aot_tracing_under_the_interpreter_is_refused_not_wrong(case):
+    """AOTAutograd cannot see into interpreted kernels: an aot_eager (or inductor)
+    graph of a Triton op left its kernels out and returned unwritten memory.
+    It raises instead, saying what to do."""
+    name, fn, args = _calls("cpu")[case]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot be traced by torch.compile's AOTAutograd"):
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
 
 
 FIRST_USE_SCRIPT = textwrap.dedent(
