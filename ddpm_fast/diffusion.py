@@ -41,6 +41,7 @@ __all__ = [
 MeanType = Literal["eps", "x0"]
 VarianceType = Literal["fixed_small", "fixed_large"]
 _LN2 = math.log(2.0)
+_DATA_TOLERANCE = 1e-6  # float error allowed on bits_per_dim's [-1, 1] data
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -200,6 +201,10 @@ def p_mean_variance(
     """
     _check_choice("mean_type", mean_type, ("eps", "x0"))
     _check_choice("variance", variance, ("fixed_small", "fixed_large"))
+    if not isinstance(model_output, torch.Tensor):  # a model returning a tuple or a dict, say
+        raise TypeError(
+            f"model output must be a torch.Tensor of x_t's shape {tuple(x_t.shape)}, got a {type(model_output).__name__}"
+        )
     if model_output.shape != x_t.shape:
         raise ValueError(f"model output has shape {tuple(model_output.shape)}, x_t has {tuple(x_t.shape)}")
     dtype = _compute_dtype(x_t)
@@ -336,6 +341,12 @@ def bits_per_dim(
         raise ValueError(f"x0 must be a non-empty batch (N, ...), got shape {tuple(x0.shape)}")
     if not x0.is_floating_point():
         raise TypeError(f"x0 must be a floating tensor of data in [-1, 1], got {x0.dtype}")
+    # The decoder L_0 scores the 256 levels of uint8 data scaled to [-1, 1]: data
+    # outside (images left in [0, 255], say) would get a meaningless bound. Checked
+    # once (one sync), with room for float rounding; NaN data fails it too.
+    low, high = (v.item() for v in torch.aminmax(x0))
+    if not (-1 - _DATA_TOLERANCE <= low and high <= 1 + _DATA_TOLERANCE):
+        raise ValueError(f"x0 must be data in [-1, 1] (uint8 images as x / 127.5 - 1), got values in [{low}, {high}]")
     if mean_type == "eps" and variance in ("fixed_small", "fixed_large"):
         undefined = schedule.undefined_steps(variance, clip_denoised=True)  # x0 from eps, which divides by sqrt(abar_t)
         if undefined:

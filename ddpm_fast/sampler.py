@@ -151,7 +151,9 @@ class Sampler:
             n_or_shape: a number of samples (needs ``sample_shape``) or the full shape.
             seed: the run's seed (None: drawn from torch's generator).
             steps: respace the chain to this many evenly spread steps (None: all T).
-            eta: if given, DDIM with this eta (0: deterministic); else ancestral DDPM.
+            eta: if given, DDIM with this eta (0: deterministic); else ancestral DDPM. Above 1
+                a step's direction coefficient is clamped to 0 where sigma_t^2 > 1 - abar_{t-1}
+                (``NoiseSchedule.step_table``).
             first_sample: global index of the first sample (for sharding a run:
                 samples [first_sample, first_sample + N) of the same seed; below 2^31).
             progress: show a progress bar.

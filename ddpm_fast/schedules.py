@@ -206,6 +206,12 @@ class NoiseSchedule:
                      x_{t-1} = c1 x0 + c2 x_t + sigma z
 
         sigma is 0 at t = 0 (no noise on the last step).
+
+        DDIM's sigma_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
+        and its direction coefficient sqrt(1 - abar_{t-1} - sigma_t^2) (Song et al.
+        eq. 12). For eta > 1, where sigma_t^2 exceeds 1 - abar_{t-1}, that square
+        root is clamped to 0 while sigma keeps its formula: such steps add more
+        noise than q(x_{t-1} | x_0) has and drop the eps direction.
         """
         if kind not in STEP_KINDS:
             raise ValueError(f"step kind must be one of {', '.join(STEP_KINDS)}, got {kind!r}")

@@ -163,6 +163,13 @@ def step_partial_overlap(name: str):
     return call
 
 
+def step_given_noise_sample_stride_zero(backend):
+    # Given noise reads no counters: a sample_stride that would overlap drawn streams is harmless.
+    x, eps, z = x4(seed=1), x4(seed=2), x4(seed=3)
+    got = ops.ddpm_step(x, eps, 4, S, noise=z, sample_stride=0, backend=backend)
+    close(got, ops.ddpm_step(x, eps, 4, S, noise=z, backend="reference"))
+
+
 def gn_float64_weight_with_float32_x(backend):
     x, w, b = x4(seed=1), torch.randn(4, generator=gen(2)), torch.randn(4, generator=gen(3))
     got = ops.group_norm_silu(x, 2, w.double(), b.half(), backend=backend)
@@ -234,7 +241,9 @@ CASES = [
     Case("q_sample-schedule-str", lambda b: ops.q_sample(x, 1, "linear", seed=0, backend=b), TypeError, "schedule must be a NoiseSchedule"),
     Case("q_sample-t-bool", qs(t=True), TypeError, "t must be an int or an integer tensor, got a bool"),
     Case("q_sample-t-bool-tensor", qs(t=torch.tensor([True, False])), TypeError, "t must be .*bool"),
-    Case("q_sample-t-float-tensor", qs(t=torch.tensor([1.0, 2.0])), TypeError, "t must hold integers, got torch.float32"),
+    Case("q_sample-t-float-tensor", qs(t=torch.tensor([1.0, 2.0])), TypeError, r"t must hold integers \(int8/16/32/64 or uint8/16/32/64\), got torch.float32"),
+    Case("q_sample-t-complex-tensor", qs(t=torch.tensor([1, 2], dtype=torch.complex64)), TypeError, "t must hold integers .*got torch.complex64"),
+    Case("q_sample-t-uint16-T", qs(t=torch.tensor([0, T]).to(torch.uint16)), ValueError, r"timesteps must lie in \[0, 10\), got min 0, max 10"),
     Case("q_sample-t-python-float", qs(t=2.0), TypeError, "t must be an int or an integer tensor, got float"),
     # timesteps out of range, wrong shape, other device
     Case("q_sample-t-minus-one", qs(t=-1), ValueError, r"timestep -1 is out of range \[0, 10\)"),
@@ -275,6 +284,7 @@ CASES = [
     Case("ddpm_step-t-T", step(t=T), ValueError, "timestep 10 is out of range"),
     Case("ddpm_step-t-tensor-negative", step(t=torch.tensor([-1, 2])), ValueError, "timesteps must lie in"),
     Case("ddpm_step-t-float-tensor", step(t=torch.tensor(3.0)), TypeError, "t must hold integers"),
+    Case("ddpm_step-t-uint64-T", step(t=torch.tensor([T, 2]).to(torch.uint64)), ValueError, r"timesteps must lie in \[0, 10\), got min 2, max 10"),
     Case("ddpm_step-t-wrong-length", step(t=torch.tensor([1, 2, 3])), ValueError, "t must be a scalar or have one entry per sample"),
     # options
     Case("ddpm_step-variance-unknown", step(variance="learned"), ValueError, "variance must be one of fixed_small, fixed_large, got 'learned'"),
@@ -289,6 +299,13 @@ CASES = [
     Case("ddpm_step-seed-too-large", step(seed=2**64), ValueError, "seed must fit in 64 bits"),
     Case("ddpm_step-offset-negative", step(offset=-1), ValueError, "offset must lie in"),
     Case("ddpm_step-sample-stride-negative", step(sample_stride=-1), ValueError, "sample_stride must lie in"),
+    # the counter checks of randn and q_sample: no two samples share noise, every counter fits in int64
+    Case("ddpm_step-sample-stride-zero", step(sample_stride=0), ValueError, "sample_stride 0 is below the 36 elements per sample"),
+    Case("ddpm_step-sample-stride-overlap", step(sample_stride=35), ValueError, "sample_stride 35 is below the 36 elements per sample"),
+    Case("ddpm_step-offset-overflow", step(offset=2**63 - 2), ValueError, r"offset must lie in \[0, 2\^63 - 72\]"),
+    Case("ddpm_step-offset-overflow-at-the-last-timestep", step(offset=2**63 - 5000, step_stride=1000), ValueError, r"offset must lie in \[0, 2\^63 - 9072\]"),
+    Case("ddpm_step-step-stride-overflow", step(step_stride=2**62), ValueError, "the noise counters must fit in int64"),
+    Case("ddpm_step-given-noise-ignores-sample-stride", step_given_noise_sample_stride_zero, None),
     Case("ddpm_step-step-stride-float", step(step_stride=2.0), TypeError, "step_stride must be an int, got float"),
     # outputs
     Case("ddpm_step-out-dtype", step(out=torch.empty(2, 4, 3, 3, dtype=torch.float16)), TypeError, "out must have x_t's dtype torch.float32"),
@@ -427,6 +444,8 @@ CASES = [
     Case("diffusion-loss_simple-shape", once(lambda: diffusion.loss_simple(x4(2, 3), x4(3, 2))), ValueError, "eps has shape .* the prediction", per_backend=False),
     Case("diffusion-bits_per_dim-empty", once(lambda: diffusion.bits_per_dim(never_called, x4(0, 3), S)), ValueError, "x0 must be a non-empty batch", per_backend=False),
     Case("diffusion-bits_per_dim-int", once(lambda: diffusion.bits_per_dim(never_called, torch.ones(2, 3, dtype=torch.uint8), S)), TypeError, "x0 must be a floating tensor", per_backend=False),
+    Case("diffusion-bits_per_dim-x0-range", once(lambda: diffusion.bits_per_dim(never_called, torch.tensor([[0.0, 255.0]]), S)), ValueError, r"x0 must be data in \[-1, 1\] .*got values in \[0.0, 255.0\]", per_backend=False),
+    Case("diffusion-bits_per_dim-model-tuple", once(lambda: diffusion.bits_per_dim(lambda x, t: (x,), x4(2, 3).clamp(-1, 1), S)), TypeError, r"model output must be a torch.Tensor of x_t's shape \(2, 3\), got a tuple", per_backend=False),
     # backend selection
     Case("resolve_backend-device-string", resolve_backend_with_device_string, None),
     Case("backend-env-var-unknown", once(backend_env_var_typo), ValueError, "DDPM_FAST_BACKEND='gpu' is not a backend", per_backend=False),

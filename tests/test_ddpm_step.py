@@ -145,6 +145,31 @@ def test_per_sample_streams_do_not_depend_on_the_batch(device, backend):
     assert not torch.allclose(other_step, batch)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.uint64])
+def test_timesteps_of_every_integer_dtype(device, backend, dtype):
+    # As int64 timesteps (uint16/32/64 are widened: torch has no min/max for them).
+    x = make((3, 2, 4, 4), torch.float32, "contiguous", device, 0)
+    eps = make((3, 2, 4, 4), torch.float32, "contiguous", device, 1)
+    t = torch.tensor([0, 99, 127])
+    want = ops.ddpm_step(x, eps, t.to(device), SCHEDULE, seed=3, backend=backend)
+    got = ops.ddpm_step(x, eps, t.to(dtype).to(device), SCHEDULE, seed=3, backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_counters_of_a_sampler_run_are_accepted(device, backend):
+    # The Sampler's layout (sample_stride 2^32, step_stride the elements per sample,
+    # offset first_sample << 32) up to its largest first_sample + N, 2^31 - 1: the
+    # counter checks (every timestep's counters within int64) let it through.
+    x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
+    kw = dict(seed=9, sample_stride=2**32, step_stride=3 * 4 * 4, backend=backend)
+    out = ops.ddpm_step(x, x, T - 1, SCHEDULE, offset=(2**31 - 3) << 32, **kw)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="offset must lie in"):
+        ops.ddpm_step(x, x, T - 1, SCHEDULE, offset=(2**31 - 1) << 32, **kw)
+
+
 def test_reference_is_the_diffusion_math():
     # x_{t-1} = mean + sigma z of diffusion.p_mean_variance, in float64 from the paper's
     # formulas, for both forms and both variances.

@@ -380,6 +380,35 @@ def test_bpd_bad_x0():
         D.bits_per_dim(lambda x, t: x, torch.zeros(2, 3, dtype=torch.int64), BPD_SCHED)
 
 
+@pytest.mark.parametrize("scale", [1.01, 127.5, -2.0])
+def test_bpd_refuses_data_outside_minus_one_one(scale):
+    """The decoder bins [-1, 1] data (uint8 / 127.5 - 1); other data got a bound
+    of hundreds of bits/dim silently. Checked before the model runs."""
+    never = lambda x, t: pytest.fail("the model ran on data outside [-1, 1]")  # noqa: E731
+    with pytest.raises(ValueError, match=r"x0 must be data in \[-1, 1\]"):
+        D.bits_per_dim(never, bpd_data() * scale, BPD_SCHED)
+    with pytest.raises(ValueError, match=r"x0 must be data in \[-1, 1\] .*nan"):
+        D.bits_per_dim(never, torch.full(BPD_SHAPE, float("nan")), BPD_SCHED)
+
+
+def test_bpd_allows_float_error_at_the_edges():
+    x0 = bpd_data()
+    x0[0, 0, 0, 0], x0[0, 0, 0, 1] = -1 - 1e-7, 1 + 1e-7
+    assert torch.isfinite(D.bits_per_dim(lambda x, t: 0.1 * x, x0, BPD_SCHED).total).all()
+
+
+def test_bpd_refuses_a_model_output_that_is_not_a_tensor():
+    """A model returning (eps, extra) failed with AttributeError ('tuple' object has no
+    attribute 'shape'); p_mean_variance and vb_terms_bpd, which bits_per_dim calls, say so."""
+    with pytest.raises(TypeError, match=r"model output must be a torch.Tensor of x_t's shape \(3, 2, 4, 4\), got a tuple"):
+        run_bpd(lambda x, t: (0.1 * x, None))
+    x = data(0)
+    with pytest.raises(TypeError, match="model output must be a torch.Tensor .*got a dict"):
+        D.vb_terms_bpd(S, {"sample": x}, x, x, 3)
+    with pytest.raises(TypeError, match="model output must be a torch.Tensor .*got a list"):
+        D.p_mean_variance(S, x.tolist(), x, 3)
+
+
 def test_bits_per_dim_refuses_eps_where_x0_is_undefined():
     """jsd's abar_{T-1} = 0: x0 from eps divides by zero there (NaN before this check);
     an x0-predicting model is still evaluated."""

@@ -130,6 +130,28 @@ def test_noise_of_another_dtype_is_cast_first(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_given_noise_is_returned_as_given(device, backend):
+    # eps is the given tensor itself, in its own dtype and memory format; x_t follows x0.
+    x = make_input((2, 3, 4, 4), torch.float32, "contiguous", device)
+    noise = torch.randn(x.shape, device=device).half().to(memory_format=torch.channels_last)
+    xt, eps = ops.q_sample(x, 7, SCHEDULE, noise=noise, backend=backend)
+    assert eps is noise
+    assert xt.dtype == torch.float32 and xt.is_contiguous()
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.uint64])
+def test_timesteps_of_every_integer_dtype(device, backend, dtype):
+    # As int64 timesteps. (torch has no min/max, which the range check takes, for
+    # uint16/32/64: those failed with NotImplementedError before they were widened.)
+    x = make_input((3, 2, 4, 4), torch.float32, "contiguous", device)
+    t = torch.tensor([0, 99, 127])
+    want = ops.q_sample(x, t.to(device), SCHEDULE, seed=3, backend=backend)
+    got = ops.q_sample(x, t.to(dtype).to(device), SCHEDULE, seed=3, backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_same_seed_same_result_and_seed_none_follows_torch_seed(device, backend):
     x = make_input((3, 2, 4, 4), torch.float32, "contiguous", device)
     a = ops.q_sample(x, 5, SCHEDULE, seed=1, backend=backend)

@@ -308,3 +308,30 @@ def test_unknown_table_name():
         s.table("nope")
     with pytest.raises(KeyError, match="unknown table"):
         s.table("_device_tables")
+
+
+@pytest.mark.parametrize("eta", [1.5, 3.0])
+def test_ddim_eta_above_one_clamps_the_direction(eta):
+    """Song et al. eq. 12: sigma_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}),
+    direction sqrt(1 - abar_{t-1} - sigma_t^2). Above eta = 1, sigma_t^2 exceeds
+    1 - abar_{t-1} at the first steps: there the direction is 0 (clamped, as
+    step_table documents) and sigma keeps its formula; elsewhere both follow it."""
+    b = np_betas("linear", 1000)
+    ab = np.cumprod(1 - b)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+    room = 1 - ab_prev - sigma**2
+    k2, k3 = 1 / np.sqrt(ab), np.sqrt(1 / ab - 1)
+    table = NoiseSchedule("linear", timesteps=1000).step_table("ddim", eta=eta).double().numpy()
+    columns = dict(zip(("a", "b", "k2", "k3", "c1", "c2", "sigma"), table.T))
+    clamped = room < 0
+    assert 0 < clamped.sum() < 999 and not clamped[0]  # both kinds of step occur
+    direction = columns["c2"] * columns["k3"] / columns["k2"]  # c2 = direction * k2 / k3
+    assert np.all(direction[clamped] == 0.0)
+    np.testing.assert_allclose(columns["b"][clamped], -np.sqrt(ab_prev[clamped]) * k3[clamped], rtol=1e-6)
+    np.testing.assert_allclose(columns["c1"][clamped], np.sqrt(ab_prev[clamped]), rtol=1e-6)
+    kept = ~clamped
+    kept[0] = False  # t = 0: abar_prev = 1, so sigma = direction = 0
+    np.testing.assert_allclose(direction[kept], np.sqrt(room[kept]), rtol=1e-5)
+    np.testing.assert_allclose(columns["sigma"][1:], sigma[1:], rtol=1e-6)
+    assert columns["sigma"][0] == 0.0 and direction[0] == 0.0

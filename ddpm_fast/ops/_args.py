@@ -10,6 +10,10 @@ import torch
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Integer dtypes a timestep tensor may have. torch has no min/max (the range
+# check) for uint16/32/64, so those are widened to int64 first.
+_TIMESTEP_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+_WIDENED_TIMESTEP_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 UINT64 = 1 << 64
 INT64_MAX = (1 << 63) - 1
 
@@ -106,14 +110,18 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         return _timestep_scalar(t, num_steps, x.device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: t must be an int or an integer tensor, got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{op}: t must hold integers, got {t.dtype}")
+    if t.dtype not in _TIMESTEP_DTYPES:
+        raise TypeError(f"{op}: t must hold integers (int8/16/32/64 or uint8/16/32/64), got {t.dtype}")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
         raise ValueError(
             f"{op}: t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}"
         )
     if t.device != x.device:
         raise ValueError(f"{op}: t is on {t.device} but x is on {x.device}")
+    if t.dtype in _WIDENED_TIMESTEP_DTYPES:
+        # Every timestep fits in int64; a uint64 value from 2^63 on wraps to a
+        # negative one, which fails the range check (or gives NaN) all the same.
+        t = t.to(torch.int64)
     # (Under torch.compile the value is unknown; the CPU kernel checks it.)
     if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(t.min()), int(t.max())
@@ -188,6 +196,25 @@ def as_offset(offset: object, count: int, op: str, name: str = "offset") -> int:
     if offset < 0 or offset + count > INT64_MAX:
         raise ValueError(f"{op}: {name} must lie in [0, 2^63 - {count}], got {offset}")
     return offset
+
+
+def as_noise_counters(
+    offset: object, sample_stride: object, n: int, per_sample: int, op: str, step_span: int = 0
+) -> tuple[int, int]:
+    """``(offset, sample_stride)`` of noise drawn for n samples of per_sample elements:
+    element j of sample k at counter offset + k * sample_stride + j, plus a step's
+    shift of at most ``step_span`` (ops.ddpm_step's t * step_stride). A stride below
+    per_sample would give samples overlapping streams (at 0, the same noise each),
+    so it is refused where there are several samples; None is per_sample (the
+    counters follow the logical index). Every counter must fit in int64."""
+    stride = per_sample if sample_stride is None else as_offset(sample_stride, 0, op, "sample_stride")
+    if stride < per_sample and n > 1:
+        raise ValueError(f"{op}: sample_stride {stride} is below the {per_sample} elements per sample (streams would overlap)")
+    count = (n - 1) * stride + step_span + per_sample if n * per_sample else 0
+    if count > INT64_MAX:  # beyond int64 even from offset 0: the strides are at fault, not the offset
+        steps = f" and step_stride * (T - 1) = {step_span}" if step_span else ""
+        raise ValueError(f"{op}: the noise counters must fit in int64, but sample_stride {stride} for {n} samples{steps} span {count}")
+    return as_offset(offset, count, op), stride
 
 
 def kernel_layout(x: torch.Tensor) -> torch.Tensor:

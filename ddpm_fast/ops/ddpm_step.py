@@ -83,7 +83,7 @@ def ddpm_step(
     Args:
         x_t: the current sample, N x ... (float32/16, bfloat16; contiguous or channels_last).
         eps: the model's noise prediction, x_t's shape and memory format, any of those dtypes.
-        t: zero-based timestep, one for all samples or an int64 tensor with one per sample
+        t: zero-based timestep, one for all samples or an integer tensor with one per sample
             (a device tensor is read on the device: no host sync).
         schedule: the noise schedule (a respaced one for respaced sampling).
         variance: ``fixed_large`` (sigma_t^2 = beta_t) or ``fixed_small`` (beta~_t).
@@ -93,7 +93,9 @@ def ddpm_step(
         seed, offset, sample_stride, step_stride: the drawn z of logical element j of
             sample n is normal(seed, offset + n * sample_stride + t_n * step_stride + j);
             by default sample_stride is the elements per sample and step_stride 0, so
-            the counter is offset + the logical index, as in q_sample.
+            the counter is offset + the logical index, as in q_sample. As in ops.randn,
+            sample_stride must be at least the elements per sample, and the counters
+            (of every timestep of the schedule) must fit in int64.
         out: where to write x_{t-1} (x_t's shape, dtype, memory format; may be x_t itself).
         out_model_input: also write x_{t-1} here, in this tensor's dtype and memory
             format (the next model input), with no separate cast kernel.
@@ -113,15 +115,21 @@ def ddpm_step(
     if not isinstance(clip_denoised, bool):
         raise TypeError(f"{_OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     t = _args.as_timesteps(t, x_t, schedule.num_timesteps, _OP)
-    per_sample = x_t.numel() // x_t.shape[0] if x_t.shape[0] else 0
-    sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP, "sample_stride")
+    n = x_t.shape[0]
+    per_sample = x_t.numel() // n if n else 0
     step_stride = _args.as_offset(step_stride, 0, _OP, "step_stride")
     if noise is not None:
         noise = _args.check_given_noise(noise, x_t, "x_t", seed, _OP)
-        seed = 0
+        # No counters are read (z is given), so no stream can overlap or overflow.
+        sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP, "sample_stride")
+        seed, offset = 0, 0
     else:
         seed = _args.as_seed(seed, _OP)
-        offset = _args.as_offset(offset, 0, _OP)
+        # The counters of every timestep must fit, not only of this t (which a
+        # device tensor holds unread): a chain's later steps then fit as well.
+        offset, sample_stride = _args.as_noise_counters(
+            offset, sample_stride, n, per_sample, _OP, step_span=(schedule.num_timesteps - 1) * step_stride
+        )
     which = resolve_backend(backend, x_t.device, _OP)
     if out is not None:
         _check_output(out, x_t, "out", same_dtype=True)

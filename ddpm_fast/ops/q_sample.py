@@ -43,7 +43,7 @@ def q_sample(
 
     Args:
         x0: data, N x ... (float32/float16/bfloat16; contiguous or channels_last).
-        t: one zero-based timestep for all samples, or an int64 tensor with one per sample.
+        t: one zero-based timestep for all samples, or an integer tensor with one per sample.
         schedule: the noise schedule.
         noise: eps to use; if None it is drawn in-kernel from the shared stream at
             counters ``offset + i`` (i the logical index) under ``seed``.
@@ -51,8 +51,10 @@ def q_sample(
         offset: counter of element 0 of the drawn noise.
         backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
 
-    x_t and eps have x0's dtype and memory format. On the GPU, timesteps outside
-    [0, T) in a device tensor make their sample NaN (checking would need a sync).
+    x_t has x0's dtype and memory format, and so has eps when drawn; a given
+    ``noise`` is returned as eps itself, in its own dtype and memory format (the
+    kernels read a copy cast to x0's, when those differ). On the GPU, timesteps
+    outside [0, T) in a device tensor make their sample NaN (checking would need a sync).
     """
     x0 = _args.check_float_tensor(x0, "x0", _OP)
     _args.check_schedule(schedule, _OP)

@@ -105,12 +105,9 @@ def randn(
     device = torch.device("cpu" if device is None else device)
     seed = _args.as_seed(seed, "randn")
     out = torch.empty(shape, device=device, dtype=dtype)
-    per_sample = out.numel() // shape[0] if shape and shape[0] else out.numel()
-    stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, "randn", "sample_stride")
-    if stride < per_sample and shape and shape[0] > 1:  # 1-d too: each element is a sample
-        raise ValueError(f"randn: sample_stride {stride} is below the {per_sample} elements per sample (streams would overlap)")
-    last = (shape[0] - 1) * stride + per_sample if shape else 1
-    offset = _args.as_offset(offset, last if out.numel() else 0, "randn")
+    n = shape[0] if shape else 1  # 1-d too: each element is a sample
+    per_sample = out.numel() // n if n else 0
+    offset, stride = _args.as_noise_counters(offset, sample_stride, n, per_sample, "randn")
     which = resolve_backend(backend, device, "randn")
     if out.numel() == 0:
         return out
