@@ -333,10 +333,18 @@ def bits_per_dim(
     variance: VarianceType = "fixed_large",
     clip_denoised: bool = True,
     generator: torch.Generator | None = None,
+    noise_fn: Callable[[int], torch.Tensor] | None = None,
     progress: bool = False,
 ) -> BitsPerDim:
     """The full variational bound of ``x0`` (data in [-1, 1]) under ``model(x_t, t)``,
-    evaluated at every timestep as the original ``calc_bpd_loop`` does."""
+    evaluated at every timestep as the original ``calc_bpd_loop`` does.
+
+    The noise of each timestep's q-sample comes from ``torch.randn`` with
+    ``generator``, or, given ``noise_fn``, is ``noise_fn(t)`` (x0's shape): e.g.
+    drawn per sample, so that how a dataset is split into batches does not
+    change it (``ddpm_fast.evaluate.evaluate_bpd``)."""
+    if generator is not None and noise_fn is not None:
+        raise ValueError("bits_per_dim: give generator or noise_fn, not both")
     if x0.dim() < 2 or x0.shape[0] == 0:
         raise ValueError(f"x0 must be a non-empty batch (N, ...), got shape {tuple(x0.shape)}")
     if not x0.is_floating_point():
@@ -369,8 +377,14 @@ def bits_per_dim(
             pass
     for step in steps:
         t = torch.full((n,), step, dtype=torch.int64, device=x0.device)
-        noise_device = x0.device if generator is None else generator.device
-        noise = torch.randn(x0.shape, generator=generator, dtype=dtype, device=noise_device).to(x0.device)
+        if noise_fn is not None:
+            noise = noise_fn(step)
+            if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+                raise ValueError(f"bits_per_dim: noise_fn({step}) must give a tensor of x0's shape {tuple(x0.shape)}")
+            noise = noise.to(device=x0.device, dtype=dtype)
+        else:
+            noise_device = x0.device if generator is None else generator.device
+            noise = torch.randn(x0.shape, generator=generator, dtype=dtype, device=noise_device).to(x0.device)
         x_t = q_sample(schedule, x0.to(dtype), t, noise)
         out = model(x_t, t)
         vb, _ = vb_terms_bpd(schedule, out, x0, x_t, t, mean_type=mean_type, variance=variance, clip_denoised=clip_denoised)

@@ -3,16 +3,27 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
 import torch
 
+from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
 from .nn import has_channels_last_weights
+from .ops._args import as_seed
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
+
+_IMAGE_STRIDE = 1 << 32  # counter distance between images: one 2^32 range each, as the Sampler's samples
+
+
+def _image_noise(shape: torch.Size, seed: int, first: int, per_image: int, device: torch.device, t: int) -> torch.Tensor:
+    """The noise of timestep t for images first, first + 1, ...: each image's own stream."""
+    return ops.randn(shape, seed, first * _IMAGE_STRIDE + t * per_image, sample_stride=_IMAGE_STRIDE, device=device)
 
 
 @torch.no_grad()
@@ -29,8 +40,10 @@ def evaluate_bpd(
     progress: bool = False,
 ) -> dict[str, Any]:
     """The bound of the first ``n`` images of ``dataset`` (all by default), every
-    timestep evaluated as in the original ``calc_bpd_loop``; the noise comes from
-    a generator seeded with ``seed``, so the result is reproducible.
+    timestep evaluated as in the original ``calc_bpd_loop``. Image i's noise at
+    timestep t is its own stream of the project's generator (``ops.randn``:
+    seed, counters from i * 2^32 + t * its size), drawn on ``device``: the result
+    depends on ``seed`` only, not on ``batch_size``.
     ``channels_last`` feeds the model channels_last batches; by default it
     follows the model's 4-d weights, as the Sampler's does.
 
@@ -47,13 +60,18 @@ def evaluate_bpd(
     if channels_last is None:
         channels_last = has_channels_last_weights(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W
-    generator = torch.Generator().manual_seed(seed)
+    seed = as_seed(seed, "evaluate_bpd")
+    per_image = math.prod(dataset.images.shape[1:])
+    if schedule.num_timesteps * per_image > _IMAGE_STRIDE:
+        raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
+                         "2^32 noise counters")
     totals = {"total": 0.0, "prior": 0.0}
     terms = torch.zeros(schedule.num_timesteps, dtype=torch.float64)
     for start in range(0, count, batch_size):
         index = torch.arange(start, min(count, start + batch_size))
         x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)
-        result = bits_per_dim(model, x0, schedule, generator=generator, progress=progress)
+        noise_fn = functools.partial(_image_noise, x0.shape, seed, start, per_image, x0.device)
+        result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress)
         totals["total"] += result.total.double().sum().item()
         totals["prior"] += result.prior.double().sum().item()
         terms += result.terms.double().sum(0).cpu()

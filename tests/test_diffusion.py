@@ -291,6 +291,22 @@ def test_bpd_reproducible_with_generator():
     assert torch.equal(a.prior, c.prior)  # the prior does not depend on noise
 
 
+def test_bpd_takes_its_noise_from_noise_fn():
+    """noise_fn(t) supplies each timestep's noise: the same noise as a generator's
+    gives the same bound; it excludes a generator, and must give x0's shape."""
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    x0 = bpd_data()
+    g = torch.Generator().manual_seed(4)
+    drawn = {t: torch.randn(x0.shape, generator=g, dtype=torch.float64) for t in reversed(range(BPD_SCHED.num_timesteps))}
+    got = D.bits_per_dim(model, x0, BPD_SCHED, noise_fn=drawn.__getitem__)
+    want = run_bpd(model, 4)
+    assert torch.equal(got.total, want.total) and torch.equal(got.terms, want.terms)
+    with pytest.raises(ValueError, match="generator or noise_fn, not both"):
+        D.bits_per_dim(model, x0, BPD_SCHED, generator=g, noise_fn=drawn.__getitem__)
+    with pytest.raises(ValueError, match=r"noise_fn\(\d+\) must give a tensor of x0's shape"):
+        D.bits_per_dim(model, x0, BPD_SCHED, noise_fn=lambda t: torch.zeros(1))
+
+
 def test_bpd_oracle_closed_form():
     """With the exact eps, p's mean is the true posterior mean, so each KL term is the
     variance mismatch alone: 0 for fixed_small, and for fixed_large
