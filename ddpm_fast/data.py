@@ -9,6 +9,7 @@ quarter of float32's size, so whole datasets fit on the GPU), scaled to
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import pickle
 import tarfile
@@ -95,7 +96,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def _check_size(image_size: int | None) -> None:
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
 
 
@@ -367,7 +368,8 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
 def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: int | None = None,
                channels: int | None = None) -> ImageDataset:
     """Images from a ``.npy`` file or a ``.npz`` archive (array ``key``; by
-    default ``images``, else its only array).
+    default ``images``, else its only array; a ``.npy`` file holds one array,
+    and ``key`` does not apply to it).
 
     Layouts: N x H x W (grey), N x H x W x C (C 1, 3 or 4: alpha dropped) or
     N x C x H x W (C 1 or 3); channels last wins when both fit (as in

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .images import to_uint8
+from .ops._args import as_seed
 from .sampler import Sampler
 
 __all__ = ["setup", "teardown", "rank_and_world", "sample_sharded"]
@@ -59,7 +60,7 @@ def sample_sharded(
     sampler: Sampler,
     n: int,
     *,
-    seed: int,
+    seed: int | None,
     batch_size: int,
     steps: int | None = None,
     eta: float | None = None,
@@ -68,12 +69,18 @@ def sample_sharded(
     """Draw samples 0..n-1 of ``seed``, each rank a contiguous share in batches of
     ``batch_size``; rank 0 returns all of them as uint8 N x H x W x C, the
     others None. Sample i is the same whatever the number of ranks or the batch
-    size (the Sampler's per-sample noise streams)."""
+    size (the Sampler's per-sample noise streams). ``seed=None`` draws one seed
+    from torch's generator (rank 0's, shared with the others) for the whole run."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of samples must be a positive int, got {n!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     rank, world = rank_and_world()
+    seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
+    if world > 1:
+        shared = [seed]
+        dist.broadcast_object_list(shared, src=0)
+        seed = shared[0]
     share = math.ceil(n / world)
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
     parts = []

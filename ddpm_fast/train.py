@@ -64,9 +64,17 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after too many non-finite losses in a row."""
 
 
+_SEED_RANGE = 1 << 63  # host generators' seeds, derived from the run's seed, wrap into int64
+
+
 def _check_samplable(schedule: NoiseSchedule, sample_steps: int | None) -> None:
     """Refuse, before any training, what the run's sample grids (and later
     sampling and bits/dim) could not do with this schedule."""
+    if not torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps)):
+        # Training would show the model the sub-chain's indices, and sampling
+        # (through timestep_map) the original timesteps it never saw.
+        raise ValueError(f"the Trainer takes a full schedule, not a respaced one ({schedule.name}); "
+                         "respace for sampling only (Sampler.sample(steps=...))")
     if sample_steps is not None and sample_steps > schedule.num_timesteps:
         raise ValueError(
             f"TrainConfig.sample_steps (--sample-steps) is {sample_steps}, more than the schedule's "
@@ -151,13 +159,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.step = 0
         self._nonfinite_in_row = 0
+        self._last_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the last step taken (logged)
         self._epoch_order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self._staged: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
 
     # ------------------------------------------------------------ the step
 
     def _generator(self, step: int, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + step) * 4 + stream)
+        # Below 2^63 (manual_seed takes an int64); unchanged for seeds below about 2.3e12.
+        return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 4 + stream) % _SEED_RANGE)
 
     def _global_batch(self, step: int) -> torch.Tensor:
         """Indices of step ``step``'s global batch: epochs are fixed permutations
@@ -166,7 +176,7 @@ class Trainer:
         per_epoch = n // b
         epoch, i = divmod(step, per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed((self.config.seed * 7919 + epoch) % _SEED_RANGE))
             self._epoch_order = (epoch, order)
         return self._epoch_order[1][i * b : (i + 1) * b]
 
@@ -249,16 +259,27 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if self.world > 1:  # every rank must take the same decision, or DDP deadlocks
-            finite = finite.to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        # Under fp16 the GradScaler skips steps whose scaled gradients overflowed
+        # (and lowers the scale): routine, not counted. A non-finite loss is no
+        # overflow of the scaling, and is counted in every precision.
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            finite = finite & torch.isfinite(grad_norm)
+        summary = torch.stack([finite.to(torch.float64), loss.detach().to(torch.float64)])
+        if self.world > 1:
+            # One all-reduce: every rank takes the same decision (or DDP deadlocks),
+            # and logs the global batch's loss, the mean of the ranks' local means.
+            dist.all_reduce(summary)
+            summary = torch.stack([(summary[0] == self.world).to(torch.float64), summary[1] / self.world])
         self._stage(self.step + 1)
         # The step's one device-to-host read (float64 holds the float32 loss exactly).
-        finite_flag, loss_value = torch.stack([finite.to(torch.float64), loss.detach().to(torch.float64)]).tolist()
+        finite_flag, loss_value = summary.tolist()
         finite = finite_flag == 1.0
-        if not finite and not self.scaler.is_enabled():
+        self._last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the log's lr)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # ends the step unscale_ began (and lowers the scale)
             self._nonfinite_in_row += 1
             # Steps are counted from 1 in the log and checkpoints: this is step self.step + 1.
             warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
@@ -284,9 +305,15 @@ class Trainer:
         """Train until ``config.steps``, resuming from the newest checkpoint in
         ``out_dir`` when there is one and ``resume`` is set; then, with
         ``final_samples``, write ``samples.png`` of the EMA model. Returns a summary:
-        ``steps`` (the run's step now), ``trained`` (steps this call took), ``out_dir``."""
+        ``steps`` (the run's step now), ``trained`` (steps this call took), ``out_dir``.
+
+        With ``resume=False`` no checkpoint is loaded: a Trainer that has not
+        trained starts the run afresh (the folder's log and any later checkpoints
+        of an earlier run go), one that has continues from where it is."""
         if resume and (newest := latest_checkpoint(self.out_dir)) is not None:
             self._resume(newest)
+        elif self.step > 0:
+            self._nonfinite_in_row = 0  # a new call: a stop for non-finite losses starts counting again
         elif self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
@@ -313,7 +340,7 @@ class Trainer:
                     record = {
                         "step": self.step,
                         "loss": sum(window) / len(window) if window else float("nan"),
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": self._last_lr,
                         "images_per_s": rate,
                     }
                     self._log(record)
@@ -351,6 +378,7 @@ class Trainer:
         raised, not skipped: the older ones of the same run have its configuration."""
         older = [path for _, path in reversed(checkpoints(self.out_dir)) if path != newest]
         failure = None
+        damaged = []
         for path in [newest, *older]:
             try:
                 self.check_resumable(path)
@@ -361,11 +389,29 @@ class Trainer:
                 continue  # another run's
             except CheckpointError as error:  # damaged
                 failure = failure or error
+                damaged.append(path)
                 continue
-            if path != newest and self.rank == 0:
-                warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step})")
+            if damaged:
+                self._set_aside(damaged)
+                if self.rank == 0:
+                    warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
+                                  f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
             return
         raise failure
+
+    def _set_aside(self, damaged: list[Path]) -> None:
+        """Rename damaged checkpoints newer than the one resumed (rank 0, once
+        every rank has passed them): else they would outrank the run's new
+        checkpoints, which pruning would then delete first, and be resumed again."""
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            for path in damaged:
+                target = path.with_name(f"damaged-{path.name}")
+                suffix = 1
+                while target.exists():
+                    target, suffix = path.with_name(f"damaged-{path.name}-{suffix}"), suffix + 1
+                path.rename(target)
 
     def _remove_later_checkpoints(self) -> None:
         """A run started afresh (``resume=False``) in a folder that holds a
@@ -394,6 +440,8 @@ class Trainer:
             return
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot read {path / 'config.json'}: {error}") from error
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"cannot read {path / 'config.json'}: not a JSON object")
         now = json.loads(json.dumps(self.run_config()))  # tuples as lists, as the file has them
         differ = []
         for section in ("model", "schedule", "train"):
@@ -438,11 +486,12 @@ class Trainer:
         return records
 
     @torch.no_grad()
-    def sample_grid(self, path: Path) -> torch.Tensor:
+    def sample_grid(self, path: str | os.PathLike) -> torch.Tensor:
         """A grid of ``sample_count`` EMA samples (fixed seed, so grids compare over time)."""
         sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
                           channels_last=self.config.channels_last)
         x = sampler.sample(self.config.sample_count, seed=self.config.seed, steps=self.config.sample_steps, progress=False)
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(to_uint8(x), path)
         return x
@@ -542,6 +591,18 @@ class Trainer:
             else:
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise CheckpointError(f"cannot load checkpoint {path}: {name}: {reason}") from error
+        try:  # a trainer.pt that loads but holds the wrong things (edited, another version): damaged too
+            self._restore_state(state)
+        except Exception as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"cannot load checkpoint {path}: trainer.pt: {type(error).__name__}: {reason}") from error
+        self._nonfinite_in_row = 0
+        if self.rank == 0:
+            kept = [r for r in self.read_log() if r["step"] <= self.step]
+            atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        """Optimizer, schedules, step and RNG state from a checkpoint's trainer.pt."""
         self.optimizer.load_state_dict(state["optimizer"])
         self._restore_fused()
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -559,9 +620,6 @@ class Trainer:
             torch.set_rng_state(own["torch_rng"])
             if own["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(own["cuda_rng"], self.device)
-        if self.rank == 0:
-            kept = [r for r in self.read_log() if r["step"] <= self.step]
-            atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -4,6 +4,7 @@ fields a resumed run may change. ``ddpm_fast.train`` runs it."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -66,6 +67,19 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+        if self.seed >= 1 << 63:
+            raise ValueError(f"TrainConfig.seed must be below 2^63, got {self.seed}")
+        if self.sample_steps is not None and (
+            isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int) or self.sample_steps < 1
+        ):
+            raise ValueError(f"TrainConfig.sample_steps must be a positive int or None, got {self.sample_steps!r}")
+        for name in ("ema_warmup", "flip", "channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"TrainConfig.{name} must be a number, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.ema_decay < 1:

@@ -385,3 +385,8 @@ def test_a_file_that_is_no_archive_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read CIFAR-10 archive .*: not a tar archive") as info:
         load_dataset(bad)
     assert "\n" not in str(info.value)
+
+
+def test_image_size_may_be_a_numpy_integer():
+    """A size computed with numpy (np.int64) was refused as not an int."""
+    assert tuple(load_dataset("digits", image_size=np.int64(4)).images.shape[2:]) == (4, 4)

@@ -3,6 +3,7 @@ same global batch, and sharded sampling equals unsharded sampling."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -41,8 +42,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.manual_seed(0)
         sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
         images = distributed.sample_sharded(sampler, 5, seed=9, batch_size=2, progress=False)
+        torch.manual_seed(100 + rank)  # seed=None: rank 0's draw, shared (each rank drew its own)
+        drawn = distributed.sample_sharded(sampler, 5, seed=None, batch_size=2, progress=False)
         if rank == 0:
             np.save(Path(out) / "samples.npy", images)
+            np.save(Path(out) / "drawn.npy", drawn)
         failed = False
     finally:
         distributed.teardown(failed=failed)
@@ -71,6 +75,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
     alone = distributed.sample_sharded(sampler, 5, seed=9, batch_size=5, progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npy"), alone)
+    torch.manual_seed(100)
+    np.testing.assert_array_equal(np.load(tmp_path / "drawn.npy"), distributed.sample_sharded(sampler, 5, seed=None, batch_size=5, progress=False))
+    # The log holds the global batch's loss (it held rank 0's half of it).
+    ddp_log, single_log = (_log_losses(run) for run in (tmp_path / "run", tmp_path / "single"))
+    np.testing.assert_allclose(ddp_log, single_log, rtol=1e-5)
+
+
+def _log_losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def _resume_worker(rank: int, world: int, port: int, out: str, interrupted: bool) -> None:

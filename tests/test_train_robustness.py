@@ -1,0 +1,138 @@
+"""The Trainer where runs go wrong: non-finite losses under fp16, damaged
+checkpoints, schedules and settings it cannot use, and what its log says
+(its main behaviour: test_train.py; the command line: test_cli_train.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ddpm_fast.checkpoint import checkpoints, latest_checkpoint
+from ddpm_fast.schedules import NoiseSchedule
+from ddpm_fast.train import NonFiniteLossError, TrainConfig, Trainer
+from train_helpers import TinyEps, make_trainer, toy_dataset
+
+
+class NaNEps(TinyEps):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, t) * float("nan")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_non_finite_losses_stop_the_run_in_every_precision(tmp_path, precision):
+    """Under fp16 the check was left to the GradScaler, which only skips steps:
+    a NaN loss trained on to the end, logging NaN and writing checkpoints."""
+    config = TrainConfig(steps=8, batch_size=8, warmup=0, log_every=1, checkpoint_every=1, max_nonfinite=3,
+                         precision=precision)
+    trainer = Trainer(NaNEps(), toy_dataset(), NoiseSchedule("linear", timesteps=20), config, tmp_path, device="cpu",
+                      progress=False)
+    with pytest.warns(UserWarning, match="step 1: non-finite loss"), pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 3"):
+        trainer.train(final_samples=False)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_a_respaced_schedule_is_refused(tmp_path):
+    """Training would show the model the sub-chain's indices, and sampling
+    (through timestep_map) the original timesteps it never saw."""
+    schedule = NoiseSchedule("linear", timesteps=100).respace(range(0, 100, 10))
+    with pytest.raises(ValueError, match=r"full schedule, not a respaced one \(linear\[10 of 100\]\)"):
+        Trainer(TinyEps(), toy_dataset(), schedule, TrainConfig(batch_size=8), tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["no optimizer", "bad rng", "config a list"])
+def test_a_checkpoint_that_loads_but_is_wrong_falls_back(tmp_path, damage):
+    """trainer.pt that unpickles but lacks or garbles a part, or a config.json
+    that is not an object: a KeyError, RuntimeError or AttributeError escaped
+    instead of the documented fallback to the older checkpoint."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=4).train(final_samples=False)  # checkpoints 2 and 4
+    newest = out / "checkpoint-00000004"
+    if damage == "config a list":
+        (newest / "config.json").write_text("[1, 2]")
+    else:
+        state = torch.load(newest / "trainer.pt", weights_only=True)
+        if damage == "no optimizer":
+            del state["optimizer"]
+        else:
+            state["torch_rng"] = torch.zeros(3, dtype=torch.uint8)
+        torch.save(state, newest / "trainer.pt")
+    trainer = make_trainer(out, steps=4)
+    with pytest.warns(UserWarning, match="resumed from the older checkpoint-00000002"):
+        trainer.train(final_samples=False)
+    assert trainer.step == 4 and (out / "damaged-checkpoint-00000004").is_dir()
+
+
+def test_the_damaged_newer_checkpoint_does_not_outrank_the_run(tmp_path):
+    """With keep_checkpoints=1, pruning by step number deleted the checkpoint the
+    resumed run had just written and kept the damaged newer one, which `latest`
+    then outlived: the run could not be resumed at all."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=4).train(final_samples=False)
+    (out / "checkpoint-00000004" / "model.safetensors").write_bytes(b"junk")
+    with pytest.warns(UserWarning, match="renamed damaged-"):
+        make_trainer(out, steps=3, checkpoint_every=1, keep_checkpoints=1).train(final_samples=False)
+    assert [step for step, _ in checkpoints(out)] == [3] and latest_checkpoint(out).name == "checkpoint-00000003"
+    resumed = make_trainer(out, steps=5, checkpoint_every=1, keep_checkpoints=1)
+    resumed.train(final_samples=False)
+    assert resumed.step == 5
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("sample_steps", 0, ValueError), ("sample_steps", 2.5, ValueError), ("sample_steps", True, ValueError),
+    ("flip", "no", TypeError), ("channels_last", 1, TypeError), ("ema_warmup", None, TypeError),
+    ("lr", True, TypeError), ("lr", "1e-3", TypeError), ("ema_decay", "0.9", TypeError), ("seed", 2**63, ValueError),
+])
+def test_config_fields_are_checked_when_made(field, value, error):
+    """Each was accepted (then failed at the end of a run, or was read as True)."""
+    with pytest.raises(error, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_a_large_seed_trains(tmp_path):
+    """Seeds up to 2^63 - 1 (the host generators' seeds derived from it
+    overflowed int64 from about 2.3e12 on)."""
+    trainer = make_trainer(tmp_path, steps=2, seed=2**63 - 1)
+    trainer.train(final_samples=False)
+    assert trainer.step == 2
+
+
+def test_the_log_records_the_learning_rate_each_step_used(tmp_path):
+    """It recorded the next step's (read after the schedule had stepped)."""
+    trainer = make_trainer(tmp_path, steps=5, warmup=4, lr=1e-3)
+    used = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    trainer.train(final_samples=False)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert logged == pytest.approx(used)
+
+
+def test_train_again_without_resuming_continues_from_memory(tmp_path):
+    """resume=False on a Trainer that has trained: no checkpoint is loaded and
+    the folder's log stays (it was deleted, as for a fresh run), and a stop for
+    non-finite losses counts afresh on the next call."""
+    trainer = make_trainer(tmp_path, steps=3, max_nonfinite=2)
+    trainer.train(final_samples=False)
+    trainer.config.steps = 5
+    trainer.train(resume=False, final_samples=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    trainer.config.steps = 20
+    with torch.no_grad():
+        trainer.model.out.bias.fill_(float("nan"))
+    for _ in range(2):  # each call: two non-finite steps, then the stop
+        with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError, match="^2 non-finite losses in a row"):
+            trainer.train(resume=False, final_samples=False)
+
+
+def test_sample_grid_takes_a_string_path(tmp_path):
+    trainer = make_trainer(tmp_path, steps=1, sample_count=2, sample_steps=2)
+    trainer.sample_grid(str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").is_file()
