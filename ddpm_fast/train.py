@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import shutil
 import time
 import warnings
-import zipfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +29,18 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
-from .checkpoint import LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, write_checkpoint
+from .checkpoint import latest_checkpoint
 from .data import ImageDataset
 from .distributed import rank_and_world
-from .images import plot_curve, save_grid, to_uint8
-from .models.serialization import load_safetensors, load_state_dict_checked
+from .images import save_grid, to_uint8
 from .sampler import Sampler
 from .schedules import NoiseSchedule
-from .train_config import PRECISIONS, RESUMABLE_CHANGES, TrainConfig
+from .train_checkpoints import ConfigMismatchError, TrainerCheckpoints
+from .train_config import PRECISIONS, TrainConfig
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError"]
 
 HYBRID_VLB_WEIGHT = 1e-3  # Nichol & Dhariwal (2021), eq. 16
-
-
-class ConfigMismatchError(CheckpointError):
-    """A run resumed with another configuration than its checkpoint's:
-    ``differences`` lists each setting as "name: old there, new now"."""
-
-    def __init__(self, path: Path, differences: list[str]) -> None:
-        self.path, self.differences = path, differences
-        super().__init__(
-            f"cannot resume {path} with another configuration ({'; '.join(differences)}): pass the run's own "
-            "settings, or start afresh in another folder (or here with resume=False, --no-resume, which replaces "
-            "this run)"
-        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,7 +72,7 @@ def _check_samplable(schedule: NoiseSchedule, sample_steps: int | None) -> None:
         )
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Trains ``model(x_t, t) -> ε`` on ``dataset`` and writes the run into ``out_dir``:
     ``log.jsonl`` (step, loss, lr, images/s), ``loss.png``, ``samples/``
     grids of the EMA model, and ``checkpoint-<step>/`` folders
@@ -363,107 +346,6 @@ class Trainer:
             self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "trained": self.step - first_step, "out_dir": str(self.out_dir)}
 
-    def _last_good_checkpoint(self) -> str:
-        """Where a run stopped by non-finite losses can resume from, in words."""
-        newest = latest_checkpoint(self.out_dir)
-        if newest is None:
-            return f"No checkpoint was written to {self.out_dir}"
-        return f"The last good checkpoint, {newest}, is intact"
-
-    def _resume(self, newest: Path) -> None:
-        """Load ``newest``, the newest checkpoint of ``out_dir``; if it cannot be
-        read (a damaged disk, a hand-edited file: writes themselves are atomic),
-        warn and take the next older one, so the run loses the steps since that
-        one rather than stopping. A configuration mismatch with the newest is
-        raised, not skipped: the older ones of the same run have its configuration."""
-        older = [path for _, path in reversed(checkpoints(self.out_dir)) if path != newest]
-        failure = None
-        damaged = []
-        for path in [newest, *older]:
-            try:
-                self.check_resumable(path)
-                self.load_checkpoint(path)
-            except ConfigMismatchError:
-                if path == newest:
-                    raise
-                continue  # another run's
-            except CheckpointError as error:  # damaged
-                failure = failure or error
-                damaged.append(path)
-                continue
-            if damaged:
-                self._set_aside(damaged)
-                if self.rank == 0:
-                    warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
-                                  f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
-            return
-        raise failure
-
-    def _set_aside(self, damaged: list[Path]) -> None:
-        """Rename damaged checkpoints newer than the one resumed (rank 0, once
-        every rank has passed them): else they would outrank the run's new
-        checkpoints, which pruning would then delete first, and be resumed again."""
-        if self.world > 1:
-            dist.barrier()
-        if self.rank == 0:
-            for path in damaged:
-                target = path.with_name(f"damaged-{path.name}")
-                suffix = 1
-                while target.exists():
-                    target, suffix = path.with_name(f"damaged-{path.name}-{suffix}"), suffix + 1
-                path.rename(target)
-
-    def _remove_later_checkpoints(self) -> None:
-        """A run started afresh (``resume=False``) in a folder that holds a
-        longer run: that run's checkpoints beyond this trainer's step are
-        removed (its log is replaced too), else they would outrank this run's
-        — pruned first as the oldest-numbered, resumed and sampled instead of it."""
-        later = [path for step, path in checkpoints(self.out_dir) if step > self.step]
-        if not later:
-            return
-        warnings.warn(f"starting afresh in {self.out_dir}: removing the earlier run's "
-                      f"{', '.join(p.name for p in later)}")
-        (self.out_dir / LATEST).unlink(missing_ok=True)
-        for path in later:
-            shutil.rmtree(path)
-
-    def check_resumable(self, path: str | os.PathLike) -> None:
-        """Refuse to resume checkpoint ``path`` with another model, schedule or
-        training recipe than the one it was trained with (see
-        ``RESUMABLE_CHANGES`` for what may change): raise ``ConfigMismatchError``
-        (a ``CheckpointError``) naming each setting that differs. A checkpoint without ``config.json``
-        is not checked."""
-        path = Path(path)
-        try:
-            saved = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"cannot read {path / 'config.json'}: {error}") from error
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"cannot read {path / 'config.json'}: not a JSON object")
-        now = json.loads(json.dumps(self.run_config()))  # tuples as lists, as the file has them
-        differ = []
-        for section in ("model", "schedule", "train"):
-            old, new = saved.get(section), now.get(section)
-            if not (isinstance(old, dict) and isinstance(new, dict)):
-                if section in saved and old != new:
-                    differ.append(f"{section}: {old!r} there, {new!r} now")
-                continue
-            for key in sorted(set(old) | set(new)):
-                if section == "train" and key in RESUMABLE_CHANGES:
-                    continue
-                if key in old and old.get(key) != new.get(key):
-                    differ.append(f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now")
-        if differ:
-            raise ConfigMismatchError(path, differ)
-        # What the caller recorded besides (the command line's --data): a change may
-        # be deliberate (the data moved), so it is said, not refused.
-        changed = [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in self.extra_config.items()
-                   if key in saved and saved[key] != value]
-        if changed and self.rank == 0:
-            warnings.warn(f"resuming {path} with other settings than it was trained with ({'; '.join(changed)})")
-
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
@@ -495,131 +377,6 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(to_uint8(x), path)
         return x
-
-    # -------------------------------------------------------- checkpoints
-
-    def run_config(self) -> dict[str, Any]:
-        return {
-            "model": getattr(self.model, "config", None),
-            "schedule": self.schedule.config,
-            "train": asdict(self.config),
-            **self.extra_config,
-        }
-
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0), then a fresh loss plot."""
-        path = None
-        rank_rng = self._gather_rank_rng() if self.world > 1 else None
-        if self.rank == 0:
-            from safetensors.torch import save_file
-
-            def weights(module: nn.Module):
-                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                return lambda p: save_file(state, str(p))
-
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "rank_rng": rank_rng,
-            }
-            config = json.dumps(self.run_config(), indent=2)
-            path = write_checkpoint(
-                self.out_dir,
-                self.step,
-                {
-                    "model.safetensors": weights(self.model),
-                    "ema.safetensors": weights(self.ema),
-                    "trainer.pt": lambda p: torch.save(state, p),
-                    "config.json": lambda p: p.write_text(config),
-                },
-                keep=self.config.keep_checkpoints,
-            )
-            log = self.read_log()
-            losses, steps = [r["loss"] for r in log], [r["step"] for r in log]
-            if sum(map(math.isfinite, losses)) > 1:
-                atomic_write(self.out_dir / "loss.png", lambda p: plot_curve(losses, p, steps=steps, title="training loss (by step)"))
-        if self.world > 1:
-            dist.barrier()
-        return path
-
-    def _gather_rank_rng(self) -> list[dict[str, torch.Tensor | None]]:
-        """Each rank's own generator states (the CPU's, its GPU's), in rank order.
-        Under DDP each rank draws its dropout from its own process's generators,
-        which rank 0 cannot read: its state of another rank's GPU is one it never
-        drew from, and ranks seeded apart differ on the CPU too."""
-        mine = {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        return gathered
-
-    def _restore_fused(self) -> None:
-        """A loaded optimizer state brings its own ``fused`` flag: checkpoints
-        written before the trainer used the fused kernel say False, and the
-        per-parameter loop then fails under the fp16 GradScaler, which drives
-        the optimizer as a fused one. Keep this trainer's choice (the fused
-        kernel keeps its step counts on the parameters' device)."""
-        for group in self.optimizer.param_groups:
-            group["fused"] = self._fused
-        if self._fused:
-            for param, param_state in self.optimizer.state.items():
-                if "step" in param_state:
-                    param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore model, EMA, optimizer, schedules, step and RNG state from a
-        checkpoint folder, and cut the log back to that step."""
-        path = Path(path)
-        needed = ("model.safetensors", "ema.safetensors", "trainer.pt")
-        missing = [name for name in needed if not (path / name).is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
-        name = "trainer.pt"
-        try:
-            state = torch.load(path / name, map_location="cpu", weights_only=True)
-            for module, name in ((self.model, "model.safetensors"), (self.ema, "ema.safetensors")):
-                load_state_dict_checked(module, load_safetensors(path / name, self.device), str(path / name))
-        except Exception as error:  # damaged file, another architecture, ...
-            if name == "trainer.pt" and not zipfile.is_zipfile(path / name):
-                reason = "not a torch.save archive (damaged?)"  # torch.load would talk of weights_only
-            else:
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CheckpointError(f"cannot load checkpoint {path}: {name}: {reason}") from error
-        try:  # a trainer.pt that loads but holds the wrong things (edited, another version): damaged too
-            self._restore_state(state)
-        except Exception as error:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CheckpointError(f"cannot load checkpoint {path}: trainer.pt: {type(error).__name__}: {reason}") from error
-        self._nonfinite_in_row = 0
-        if self.rank == 0:
-            kept = [r for r in self.read_log() if r["step"] <= self.step]
-            atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
-
-    def _restore_state(self, state: dict[str, Any]) -> None:
-        """Optimizer, schedules, step and RNG state from a checkpoint's trainer.pt."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._restore_fused()
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            # One state per GPU of the machine that wrote it, which may have had more
-            # (set_rng_state_all raised IndexError there): restore the GPUs this one has.
-            for index, rng in enumerate(state["cuda_rng"][: torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(rng, index)
-        rank_rng = state.get("rank_rng")
-        if rank_rng is not None and len(rank_rng) == self.world:  # under DDP, by the same number of ranks
-            own = rank_rng[self.rank]
-            torch.set_rng_state(own["torch_rng"])
-            if own["cuda_rng"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(own["cuda_rng"], self.device)
 
 
 def _progress(total: int, initial: int, enabled: bool):

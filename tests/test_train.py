@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import ddpm_fast.train
-from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
+from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
 from conftest import host_to_device_copies
 from train_helpers import make_trainer, run_training
@@ -210,7 +210,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path):
         make_trainer(out, steps=4).train(final_samples=False)
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     _assert_same_run(out, tmp_path / "whole")
-    for _, path in ddpm_fast.train.checkpoints(out):  # every checkpoint damaged: the newest's error
+    for _, path in checkpoints(out):  # every checkpoint damaged: the newest's error
         (path / "config.json").write_text("{")
     with pytest.raises(CheckpointError, match="cannot read .*checkpoint-00000004"):
         make_trainer(out, steps=6).train(final_samples=False)
