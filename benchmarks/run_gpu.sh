@@ -34,7 +34,7 @@ export DDPM_FAST_GPU_ROWS="$out/gpu_rows.jsonl"
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  python3 -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing: its peers skip"
+  python3 -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing or broken: its peer rows skip (ours run on our own seeded weights)"
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"  # (a { } block is no subshell: its PYTHONPATH export holds)
 
@@ -75,10 +75,10 @@ OMP_NUM_THREADS=$threads stage tests 100 python3 -m pytest tests -q -m gpu -p no
 # compilation per op case, 30-60 s per U-Net) last; in the model run our U-Net
 # step, the 1000-step sampling and our training step come first.
 stage bench_ops 110 python3 -m pytest benchmarks/test_bench_group_norm_silu.py benchmarks/test_bench_ddpm_step.py \
-  benchmarks/test_bench_q_sample.py benchmarks/test_bench_randn.py --benchmark-only -q -rfE \
+  benchmarks/test_bench_q_sample.py benchmarks/test_bench_randn.py --benchmark-only -q -rsfE \
   -k "gpu${1:+ and ($1)}" -p no:cacheprovider
 stage bench_models 150 python3 -m pytest benchmarks/test_bench_unet.py benchmarks/test_bench_train.py \
-  --benchmark-only -q -rfE -k "gpu${1:+ and ($1)}" -p no:cacheprovider
+  --benchmark-only -q -rsfE -k "gpu${1:+ and ($1)}" -p no:cacheprovider
 for name in bench_ops bench_models; do  # our table only: it ends at a blank line
   sed -n '/ddpm_fast GPU summary/,/^$/p' "$out/$name.log"
 done

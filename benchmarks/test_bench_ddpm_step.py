@@ -14,7 +14,7 @@ import torch
 from ddpm_fast import NoiseSchedule, Sampler, _extension, ops
 from ddpm_fast.ops._backend import triton_available
 
-from conftest import GpuRow, add_gpu_row, compiled_per_case, median_s
+from conftest import GpuRow, add_gpu_row, check_close, check_standard_normal, compiled_per_case, median_s
 
 SCHEDULE = NoiseSchedule("linear")
 T_STEP = 500
@@ -33,7 +33,10 @@ def peer_coefficients(t):
 
 
 def diffusers_step_fn(x, eps):
-    diffusers = pytest.importorskip("diffusers")
+    try:
+        import diffusers
+    except ImportError:  # not installed, or broken (importorskip lets the latter error out)
+        pytest.skip("diffusers is not installed: its peer rows skip")
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large", clip_sample=False)
     scheduler.set_timesteps(1000)
     return lambda: scheduler.step(eps, T_STEP, x).prev_sample
@@ -48,8 +51,19 @@ def make_fn(impl, x, eps):
         return lambda: fn(x, eps, coef)
     if impl == "diffusers":
         return diffusers_step_fn(x, eps)
-    out = torch.empty_like(x)
-    return lambda: ops.ddpm_step(x, eps, T_STEP, SCHEDULE, seed=1, out=out, backend=impl)
+    # A new output each call, as the peers allocate theirs.
+    return lambda: ops.ddpm_step(x, eps, T_STEP, SCHEDULE, seed=1, backend=impl)
+
+
+def check(impl, x_prev, x, eps):
+    """Ours against the reference (the same noise stream); a peer's noise,
+    recovered from its result through the step's formula, must be N(0, 1)."""
+    what = f"ddpm_step {impl}"
+    if impl in ("eager", "compile", "diffusers"):
+        a, b, sigma = peer_coefficients(T_STEP)
+        check_standard_normal((x_prev - a * (x - b * eps)) / sigma, what)
+    else:
+        check_close(x_prev, ops.ddpm_step(x, eps, T_STEP, SCHEDULE, seed=1, backend="reference"), what)
 
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -59,7 +73,7 @@ def test_cpu(benchmark, shape, impl):
         pytest.skip("extension not built")
     x, eps = torch.randn(shape), torch.randn(shape)
     fn = make_fn(impl, x, eps)
-    fn()
+    check(impl, fn(), x, eps)
     benchmark.group = f"ddpm_step cpu {'x'.join(map(str, shape))}"
     benchmark(fn)
 
@@ -74,13 +88,13 @@ def test_gpu(record_gpu, shape, impl):
         pytest.skip("triton missing")
     x, eps = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
     fn = make_fn(impl, x, eps)
-    fn()
+    check(impl, fn(), x, eps)
     record_gpu(f"ddpm_step {'x'.join(map(str, shape))} fp32", impl, fn, bytes_moved=12 * x.numel())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["loop", "graph"])
-def test_gpu_chain_trivial_model(benchmark, cuda_graph, request):
+def test_gpu_chain_trivial_model(benchmark, copy_bandwidth_gbps, cuda_graph, request):  # the fixture: the row's copy_gbps
     """1000 steps of 256x3x32x32 with model(x, t) = 0.1 x: the chain's cost per step."""
     sampler = Sampler(lambda x, t: x * 0.1, SCHEDULE, sample_shape=(3, 32, 32), device="cuda", cuda_graph=cuda_graph)
 
@@ -89,6 +103,8 @@ def test_gpu_chain_trivial_model(benchmark, cuda_graph, request):
         torch.cuda.synchronize()
 
     run()
+    plain = Sampler(lambda x, t: x * 0.1, SCHEDULE, sample_shape=(3, 32, 32), device="cuda", cuda_graph=False, backend="reference")
+    check_close(sampler.sample(4, seed=0, progress=False), plain.sample(4, seed=0, progress=False), "sampler chain")
     benchmark.group = "sampler chain 1000 steps 256x3x32x32"
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     median = median_s(benchmark)

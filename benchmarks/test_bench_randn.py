@@ -8,6 +8,8 @@ import torch
 from ddpm_fast import _extension, ops
 from ddpm_fast.ops._backend import triton_available
 
+from conftest import check_close
+
 N_CPU = 1 << 20
 N_GPU = [1 << 20, 1 << 24, 1 << 26]
 
@@ -20,6 +22,7 @@ def test_cpu(benchmark, impl):
     if impl == "torch.randn":
         benchmark(torch.randn, N_CPU)
     else:
+        check_close(ops.randn(N_CPU, 1, 0, backend=impl), ops.randn(N_CPU, 1, 0, backend="reference"), f"randn {impl}")
         benchmark(ops.randn, N_CPU, 1, 0, backend=impl)
 
 
@@ -35,5 +38,6 @@ def test_gpu(record_gpu, n, impl):
         fn = lambda: torch.randn(n, device="cuda")  # noqa: E731
     else:
         fn = lambda: ops.randn(n, 1, 0, device="cuda", backend=impl)  # noqa: E731
+        check_close(fn(), ops.randn(n, 1, 0, device="cuda", backend="reference"), f"randn {impl}")
     fn()
     record_gpu(f"randn {n}", impl, fn, bytes_moved=4 * n, baseline="torch.randn")

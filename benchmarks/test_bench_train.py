@@ -26,7 +26,7 @@ from ddpm_fast.schedules import NoiseSchedule
 from ddpm_fast.train import TrainConfig, Trainer
 
 from conftest import GpuRow, add_gpu_row, median_s, time_gpu
-from test_bench_unet import build, diffusers  # noqa: F401  (diffusers: importorskip)
+from test_bench_unet import build
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -77,8 +77,17 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1e-4)
+        return loss.detach()
 
     return step
+
+
+def check(impl: str, loss) -> None:
+    """A step must give a finite loss of the size L_simple has at the start
+    (about 1: the noise's variance) before it is timed."""
+    value = float(loss) if loss is not None else float("nan")
+    if not 0.01 < value < 100:  # NaN fails too
+        pytest.fail(f"train step {impl}: loss {value}, not timed")
 
 
 def _step(impl: str, name: str, device: str, batch: int, precision: str, tmp_path):
@@ -92,7 +101,7 @@ def _step(impl: str, name: str, device: str, batch: int, precision: str, tmp_pat
 @pytest.mark.parametrize("impl", ["diffusers_eager", "ours"])
 def test_cpu_train_step(benchmark, impl, tmp_path):
     step = _step(impl, "narrow", "cpu", 8, "fp32", tmp_path)
-    step()
+    check(impl, step())
     benchmark.group = "train step cpu narrow(32-64ch) batch 8 fp32"
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     median = median_s(benchmark)
@@ -108,8 +117,9 @@ def test_gpu_train_step_cifar10_bf16(benchmark, copy_bandwidth_gbps, impl, tmp_p
     batch = 128
     step = _step(impl, "cifar10", "cuda", batch, "bf16", tmp_path)
     for _ in range(5):  # compile, autotune, warm up
-        step()
-    model = build("diffusers", "cifar10", "cuda")
+        loss = step()
+    check(impl, loss)
+    model = build("ours_reference", "cifar10", "cuda")  # the FLOPs of the layout (diffusers need not be installed)
     x = torch.randn(batch, 3, 32, 32, device="cuda")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, torch.zeros(batch, dtype=torch.long, device="cuda"))

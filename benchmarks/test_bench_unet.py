@@ -1,16 +1,20 @@
 """One forward of the DDPM U-Net (one sampling step's eps_theta(x_t, t)): our
 fused model (eager, under torch.compile, and replayed as a CUDA graph, as the
 Sampler runs it) against our reference path and diffusers' UNet2DModel (eager
-fp32, eager bf16, bf16 channels_last under torch.compile), all with the same
-weights (ours converted with ``UNet.from_diffusers``). On the GPU, also the
-whole 1000-step sampling of 128 CIFAR-sized images with the Sampler.
+fp32, eager bf16, eager bf16 channels_last, the last under torch.compile), all
+with the same weights (ours converted with ``UNet.from_diffusers``; without
+diffusers our rows run alone, on our own seeded weights). Speed-ups are against
+diffusers in our rows' dtype and layout (bf16 channels_last on the GPU). Every
+row's output is first checked against our float32 reference path. On the GPU,
+also the whole 1000-step sampling of 128 CIFAR-sized images with the Sampler.
 
 GPU: the paper's CIFAR-10 model (35.7M parameters) at batch 1 and 128.
 Floor: reading the weights once plus x in and eps out — the batch-1 floor; at
 batch 128 the forward is compute-bound, so ``extra_info`` also carries the FLOP
 count and the TFLOP/s reached.
 CPU: the same layout at a quarter of the width (32..64 channels, 8 groups),
-batch 8, float32 (torch.compile is left out: minutes to compile on a small CPU).
+batch 8, float32, NCHW and channels_last for both sides (torch.compile is left
+out: minutes to compile on a small CPU).
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import torch
 from ddpm_fast import _extension
 from ddpm_fast.models import UNet
 
-from conftest import GpuRow, add_gpu_row, median_s
+from conftest import GpuRow, add_gpu_row, check_relative_error, median_s
 
-diffusers = pytest.importorskip("diffusers")
+try:  # the peers' model; our rows run without it
+    import diffusers
+except ImportError:  # not installed, or broken
+    diffusers = None
 
 CIFAR10 = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
@@ -36,6 +43,11 @@ CIFAR10 = dict(
 )
 NARROW = {**CIFAR10, "block_out_channels": (32, 64, 64, 64), "norm_num_groups": 8}
 CONFIGS = {"cifar10": CIFAR10, "narrow": NARROW}
+# The same layouts as our own UNet, for runs without diffusers.
+OURS = {
+    "cifar10": dict(ch=128, num_groups=32),
+    "narrow": dict(ch=32, num_groups=8),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,12 +58,18 @@ def weights(name: str) -> dict[str, torch.Tensor]:
 
 
 def build(impl: str, name: str, device: str) -> torch.nn.Module:
-    theirs = diffusers.UNet2DModel(**CONFIGS[name])
-    theirs.load_state_dict(weights(name))
-    if impl.startswith("ours"):
-        model = UNet.from_diffusers(theirs, reference="reference" in impl)
+    """``impl``'s model with the config's shared weights: diffusers' (ours
+    converted from them), or, without diffusers, our own seeded ones."""
+    if impl.startswith("diffusers") and diffusers is None:
+        pytest.skip("diffusers is not installed: its peer rows skip")
+    if diffusers is None:
+        torch.manual_seed(0)
+        model = UNet(in_channels=3, image_size=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                     dropout=0.0, eps=1e-6, reference="reference" in impl, **OURS[name])
     else:
-        model = theirs
+        theirs = diffusers.UNet2DModel(**CONFIGS[name])
+        theirs.load_state_dict(weights(name))
+        model = UNet.from_diffusers(theirs, reference="reference" in impl) if impl.startswith("ours") else theirs
     model = model.to(device).eval()
     if "bf16" in impl:
         model = model.to(torch.bfloat16)
@@ -64,10 +82,10 @@ def forward_fn(impl: str, name: str, device: str, batch: int):
     """A no-grad callable running one forward of ``impl``, and its eager model."""
     model = build(impl, name, device)
     dtype = torch.bfloat16 if "bf16" in impl else torch.float32
-    x = torch.randn(batch, 3, 32, 32, device=device, dtype=dtype)
+    x, t = inputs(batch, device)
+    x = x.to(dtype)
     if "_cl" in impl:
         x = x.to(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (batch,), device=device)
     # dynamic=False: the model's forward code is shared by batch 1 and 128, and
     # without it the second batch size would be compiled with a dynamic batch.
     run = torch.compile(model, fullgraph=impl.startswith("ours"), dynamic=False) if impl.endswith("compile") else model
@@ -83,6 +101,30 @@ def forward_fn(impl: str, name: str, device: str, batch: int):
             return call()
 
     return fn, model, x, t
+
+
+def inputs(batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same x_t and t for every implementation (float32; cast per impl)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    return x.to(device), t.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_output(name: str, device: str, batch: int) -> torch.Tensor:
+    """Our reference path in float32 on inputs(): what every row must compute."""
+    model = build("ours_reference_fp32", name, device)
+    with torch.no_grad():
+        return model(*inputs(batch, device)).float()
+
+
+def check(impl: str, out: torch.Tensor, name: str, device: str, batch: int) -> None:
+    """A row's eps against the float32 reference: to float rounding in float32
+    (TF32 convolutions on a GPU), to bfloat16's in bfloat16 (a wrong kernel is
+    off by about 1)."""
+    limit = 0.1 if "bf16" in impl else (2e-2 if device == "cuda" else 1e-4)
+    check_relative_error(out, reference_output(name, device, batch), limit, f"unet {impl}")
 
 
 def _graphed(model, x, t):
@@ -104,7 +146,7 @@ def _graphed(model, x, t):
     return replay
 
 
-CPU_IMPLS = ["diffusers_fp32", "ours_reference_fp32", "ours_fused_fp32", "ours_fused_fp32_cl"]
+CPU_IMPLS = ["diffusers_fp32", "diffusers_fp32_cl", "ours_reference_fp32", "ours_fused_fp32", "ours_fused_fp32_cl"]
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -112,7 +154,7 @@ def test_cpu_unet_forward(benchmark, impl):
     if impl.startswith("ours_fused") and not _extension.AVAILABLE:
         pytest.skip("extension not built")
     fn, *_ = forward_fn(impl, "narrow", "cpu", 8)
-    fn()
+    check(impl, fn(), "narrow", "cpu", 8)
     benchmark.group = "unet forward cpu narrow(32-64ch) 8x3x32x32 fp32"
     benchmark(fn)
 
@@ -133,7 +175,10 @@ def test_gpu_sample_cifar10_128_images(benchmark, copy_bandwidth_gbps, request):
         sampler.sample(128, seed=0, progress=False)
         torch.cuda.synchronize()
 
-    sampler.sample(128, seed=0, steps=50, progress=False)  # warm up: cuDNN, the allocator
+    # Warm up (cuDNN, the allocator) on the graph path: chains from 103 steps on are captured.
+    warm = sampler.sample(128, seed=0, steps=110, progress=False)
+    if not (torch.isfinite(warm).all() and warm.abs().max() <= 1 + 1e-6):  # clipped x0: samples lie in [-1, 1]
+        pytest.fail("sampling: non-finite samples or samples outside [-1, 1], not timed")
     benchmark.group = "sampling cifar10 128 images 1000 steps bf16 cl"
     benchmark.pedantic(run, rounds=1, iterations=1)
     median = median_s(benchmark)
@@ -144,7 +189,7 @@ def test_gpu_sample_cifar10_128_images(benchmark, copy_bandwidth_gbps, request):
 
 
 GPU_IMPLS = [
-    "diffusers_fp32", "diffusers_bf16", "diffusers_bf16_cl_compile",
+    "diffusers_fp32", "diffusers_bf16", "diffusers_bf16_cl", "diffusers_bf16_cl_compile",
     "ours_reference_bf16_cl", "ours_fused_bf16_cl", "ours_fused_bf16_cl_compile", "ours_fused_bf16_cl_graph",
 ]
 
@@ -163,12 +208,14 @@ def _flops(model, x, t) -> int:
 def test_gpu_unet_forward(record_gpu, benchmark, impl, batch):
     fn, model, x, t = forward_fn(impl, "cifar10", "cuda", batch)
     for _ in range(3):  # compile and warm up
-        fn()
+        out = fn()
+    check(impl, out, "cifar10", "cuda", batch)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     flops = _flops(model, x, t)
     row = record_gpu(
         f"unet fwd cifar10 b{batch}", impl, fn,
-        bytes_moved=weight_bytes + 2 * x.numel() * x.element_size(), baseline="diffusers_fp32",
+        # Like for like: our rows are bf16 channels_last, as this peer.
+        bytes_moved=weight_bytes + 2 * x.numel() * x.element_size(), baseline="diffusers_bf16_cl",
     )
     benchmark.extra_info.update(gflop=flops / 1e9, tflops=flops / (row.median_us * 1e-6) / 1e12)
 
