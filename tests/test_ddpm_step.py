@@ -364,3 +364,22 @@ def test_gpu_sampler_captures_the_reference_step():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback to the plain loop
         graphed = run(True)
     assert torch.equal(graphed, run(False))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_to_the_31_elements(backend):
+    """64-bit indexing (issue 7): windows at the start, across 2^31 and at the
+    end, against the reference given the noise the stream holds there."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    n = 2**31 + 2**20 + 3
+    x = torch.rand(1, n, dtype=torch.float16, device="cuda")
+    eps = torch.rand(1, n, dtype=torch.float16, device="cuda")
+    out = ops.ddpm_step(x, eps, 123, SCHEDULE, seed=9, backend=backend)
+    for start in (0, 2**31 - 500, n - 1000):
+        window = slice(start, start + 1000)
+        z = ops.randn((1, 1000), 9, start, backend="reference")  # one sample: counter = offset + index
+        ref = ops.ddpm_step(x[:, window].cpu(), eps[:, window].cpu(), 123, SCHEDULE, noise=z, backend="reference")
+        torch.testing.assert_close(out[:, window].cpu(), ref, **TOLERANCES[torch.float16])

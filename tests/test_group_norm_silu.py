@@ -312,3 +312,24 @@ class TestBadInput:
             torch.ops.ddpm_fast.group_norm_silu(self.x, None, None, None, 4, 1e-5, True)
         with pytest.raises(RuntimeError, match=r"add must be contiguous of shape \(N, C\)"):
             torch.ops.ddpm_fast.group_norm_silu(self.x, None, None, torch.randn(6, 2).t(), 3, 1e-5, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_than_2_to_the_31_elements(backend, layout):
+    """64-bit indexing (issue 7): 1 x 32 x 8192 x 8193 half (2^31 + 262,144
+    elements; groups of one channel, 67M values each, on the large-group
+    paths): the first channel and the last, which holds element 2^31, against
+    F.group_norm in float32."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    x = torch.randn(1, 32, 8192, 8193, dtype=torch.float16, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    y = ops.group_norm_silu(x, 32, backend=backend)
+    for c in (0, 31):
+        want = F.silu(F.group_norm(x[:, c : c + 1].float(), 1))
+        torch.testing.assert_close(y[:, c : c + 1].float(), want, rtol=1e-2, atol=1e-2)

@@ -12,12 +12,12 @@ import importlib
 import pytest
 import torch
 
-from conftest import device_backends
+from conftest import backend_params, device_backends
 from ddpm_fast import NoiseSchedule, ops
 
 NAN, INF = float("nan"), float("inf")
 SCHEDULE = NoiseSchedule("linear", timesteps=50)
-BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d, b in device_backends()]
+BACKENDS = backend_params()  # the GPU pairs marked `gpu`, so that the GPU run (-m gpu) selects them
 # The Triton interpreter computes in numpy, which warns on every Inf - Inf: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 # Positions (flat, logical order) poisoned in an N=2, C=4, 3x3 tensor: sample 0

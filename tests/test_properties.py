@@ -11,13 +11,13 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import TOLERANCES, device_backends
+from conftest import TOLERANCES, backend_params
 from ddpm_fast import NoiseSchedule, ops
 
 SCHEDULE = NoiseSchedule("cosine", timesteps=200)
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 8, 13, 16])
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
-BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d, b in device_backends()]
+BACKENDS = backend_params()  # the GPU pairs marked `gpu`, so that the GPU run (-m gpu) selects them
 # Derandomized in CI, so that a run is repeatable; locally each run explores new examples.
 PROPERTY = settings(
     max_examples=int(os.environ.get("DDPM_FAST_PROPERTY_EXAMPLES", "15")),
