@@ -167,17 +167,30 @@ def test_resume_in_process_continues_exactly(tmp_path):
 @pytest.mark.parametrize("trial", range(20))
 def test_sigkill_at_a_random_moment_then_resume(baseline, tmp_path, trial):
     """Kill the run at a random moment (often inside a checkpoint write, as it
-    checkpoints every step); the resumed run ends as the uninterrupted one."""
+    checkpoints every step); the resumed run ends as the uninterrupted one.
+    The kill lands while the run is alive, after step k (1 to STEPS - 2, by
+    trial) and a random part of the next step: a delay from the first log line
+    alone let short runs end before it, leaving nothing to resume."""
     out = tmp_path / "run"
+    rng = random.Random(trial)
+    after_step = 1 + trial % (STEPS - 2)  # at least two steps left to kill in
     process = _start(out)
     deadline = time.monotonic() + 60
-    while not (out / "log.jsonl").exists() and process.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    time.sleep(random.Random(trial).uniform(0.0, 0.3))
+    while process.is_alive() and time.monotonic() < deadline and _logged_steps(out) < after_step:
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.01))
     process.kill()
     process.join()
+    assert process.exitcode == -signal.SIGKILL, f"the run ended (exit {process.exitcode}) before the kill"
     assert _run(out) == 0
     _assert_same_run(out, baseline)
+
+
+def _logged_steps(out: Path) -> int:
+    try:
+        return (out / "log.jsonl").read_text().count("\n")
+    except FileNotFoundError:
+        return 0
 
 
 def test_sigkill_inside_a_checkpoint_write(baseline, tmp_path):
