@@ -1,0 +1,73 @@
+"""The Trainer's recipe, piece by piece (Ho et al. 2020, appendix B; issue 6):
+the EMA and its decay warm-up, gradient clipping at 1, random horizontal
+flips, and q-sampling with noise drawn in-kernel."""
+
+from __future__ import annotations
+
+import torch
+
+import ddpm_fast.train
+from train_helpers import make_trainer
+
+
+def test_ema_follows_its_warmed_up_decay(tmp_path):
+    """After step s (counted from 1) the EMA moves by (1 - d) towards the
+    weights, d = min(ema_decay, (1 + s) / (10 + s))."""
+    trainer = make_trainer(tmp_path, steps=5, ema_decay=0.5)
+    for s in range(1, 6):
+        before = [p.clone() for p in trainer.ema.parameters()]
+        trainer.train_step()
+        d = min(0.5, (1 + s) / (10 + s))
+        for old, ema, live in zip(before, trainer.ema.parameters(), trainer.model.parameters()):
+            torch.testing.assert_close(ema, old + (1 - d) * (live.detach() - old), rtol=1e-6, atol=1e-7)
+
+
+def test_gradients_are_clipped_to_the_configured_norm(tmp_path, monkeypatch):
+    """The update sees gradients of total norm at most grad_clip (the loss of
+    a fresh model gives a larger one, so the clip acts)."""
+    trainer = make_trainer(tmp_path, steps=1, grad_clip=0.05)
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = real(parameters, max_norm, *args, **kwargs)
+        seen.append((float(norm), max_norm, float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])))))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    trainer.train_step()
+    ((before, max_norm, after),) = seen
+    assert max_norm == 0.05 and before > 0.05 and after <= 0.05 * (1 + 1e-5)
+
+
+def test_flips_mirror_the_images_they_pick(tmp_path):
+    """x_0 of a step: image index[i] scaled to [-1, 1], mirrored left-right
+    exactly where the step's flip flag is set (and never with flip=False)."""
+    for flip in (True, False):
+        trainer = make_trainer(tmp_path / str(flip), steps=1, flip=flip)
+        index, _, flags = trainer._stage(3)
+        x0, _, _ = trainer._batch(3)
+        want = trainer.images[index].float() / 127.5 - 1
+        if flip:
+            assert 0 < int(flags.sum()) < len(flags)
+            want = torch.where(flags[:, None, None, None], want.flip(-1), want)
+        torch.testing.assert_close(x0, want, rtol=0, atol=0)
+
+
+def test_noise_is_drawn_in_kernel(tmp_path, monkeypatch):
+    """Each step q-samples through ops.q_sample with no noise tensor: the op
+    draws it from the run's seed at the step's counters."""
+    calls = []
+    real = ddpm_fast.train.ops.q_sample
+
+    def spy(x0, t, schedule, **kwargs):
+        calls.append(kwargs)
+        return real(x0, t, schedule, **kwargs)
+
+    monkeypatch.setattr(ddpm_fast.train.ops, "q_sample", spy)
+    trainer = make_trainer(tmp_path, steps=2, seed=11)
+    trainer.train_step()
+    trainer.train_step()
+    assert [c.get("noise") for c in calls] == [None, None]
+    assert [c["seed"] for c in calls] == [11, 11] and calls[0]["offset"] != calls[1]["offset"]
