@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import backend_params, requires_extension
+from conftest import backend_params, gpu_if_present, requires_extension
 from ddpm_fast import ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 from group_norm_silu_helpers import CASES, TOL, assert_far_first_value_statistics, assert_matches_reference, inputs
@@ -144,6 +144,25 @@ def test_opcheck_cpp_ops():
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (x_cl, None, None, None, 2, 1e-5, False))
     y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu(x, w, b, add, 3, 1e-5, True)
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu_backward.default, (torch.randn_like(x), x, w, b, add, mean, rstd, 3, True))
+
+
+@gpu_if_present
+def test_opcheck_triton_ops():
+    """The Triton op and its backward op (registered on first use): schema and
+    fake implementation (the latter is what torch.compile traces with)."""
+    pytest.importorskip("triton")
+    from ddpm_fast.kernels import group_norm_silu as _triton  # noqa: F401
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, b, add = inputs((2, 6, 3, 4), torch.float32, "contiguous", device, True, True)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu_triton.default, (x, w, b, add, 3, 1e-5, True), test_utils=checks)
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu_triton.default, (x_cl, None, None, None, 2, 1e-5, False),
+                          test_utils=checks)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x, w, b, add, 3, 1e-5, True)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu_triton_backward.default,
+                          (torch.randn_like(x), x, w, b, add, mean, rstd, 3, True), test_utils=checks)
 
 
 @pytest.mark.gpu
