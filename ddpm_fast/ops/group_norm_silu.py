@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +16,7 @@ __all__ = ["group_norm_silu"]
 
 _OP = "group_norm_silu"
 _DTYPES = _args.SUPPORTED_DTYPES + (torch.float64,)
-_FLOAT32 = np.dtype(np.float32)
+_FLOAT32_TINIEST = 2.0**-149  # float32's smallest positive value (plain floats: torch.compile traces this check)
 
 
 def _reference(x, num_groups, weight, bias, eps, add, act):
@@ -52,7 +51,7 @@ def _check(x, num_groups, weight, bias, eps, add, act):
         raise ValueError(f"{_OP}: each group needs more than one value to normalize, got shape {shape} with {num_groups} groups")
     if not _args.is_real(eps) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
-    if _FLOAT32.type(eps) == 0:  # the GPU kernels take it as float32: 0 would give rsqrt(0) on constant groups
+    if eps < _FLOAT32_TINIEST:  # the GPU kernels take it as float32: 0 would give rsqrt(0) on constant groups
         raise ValueError(f"{_OP}: eps must be representable in float32 (at least about 1.4e-45), got {eps!r}")
     if not isinstance(act, bool):
         raise TypeError(f"{_OP}: act must be a bool, got {type(act).__name__}")
