@@ -213,3 +213,66 @@ def test_sampler_sample_does_not_depend_on_its_batch(backend):
 def test_sampler_seeds_differ():
     assert not torch.equal(make_sampler("reference").sample((1, 2, 2, 2), seed=1, steps=3, progress=False),
                            make_sampler("reference").sample((1, 2, 2, 2), seed=2, steps=3, progress=False))
+
+
+def _gpu_backend(backend: str) -> None:
+    from ddpm_fast import _extension
+    from ddpm_fast.ops._backend import triton_available
+
+    if backend == "cuda" and not _extension.WITH_CUDA:
+        pytest.skip("the CUDA kernels are not built")
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton missing")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+def test_ops_and_sampler_run_bitwise_alike_on_the_gpu(backend):
+    """Issue 7's determinism on the GPU: every op (the norm with its backward,
+    whose weight and bias gradients are reductions) and a whole chain, twice."""
+    _gpu_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    shape = (8, 16, 33, 35)
+    x, eps = (torch.randn(shape, generator=g).cuda() for _ in range(2))
+    t = torch.randint(0, SCHEDULE.num_timesteps, (shape[0],), generator=g).cuda()
+    weight, bias, add, dy = torch.randn(16, generator=g).cuda(), torch.randn(16, generator=g).cuda(), \
+        torch.randn(8, 16, generator=g).cuda(), torch.randn(shape, generator=g).cuda()
+
+    def norm():
+        xs, ws, bs, adds = (v.clone().requires_grad_() for v in (x, weight, bias, add))
+        y = ops.group_norm_silu(xs, 4, ws, bs, add=adds, backend=backend)
+        return (y.detach(), *torch.autograd.grad(y, (xs, ws, bs, adds), dy))
+
+    calls = {
+        "randn": lambda: ops.randn(shape, 7, 3, device="cuda", backend=backend),
+        "q_sample": lambda: ops.q_sample(x, t, SCHEDULE, seed=99, backend=backend),
+        "ddpm_step": lambda: ops.ddpm_step(x, eps, t, SCHEDULE, seed=5, backend=backend),
+        "group_norm_silu": norm,
+    }
+    for name, call in calls.items():
+        assert_bitwise(call(), call())
+    sampler = Sampler(lambda x_t, t: 0.1 * x_t, SCHEDULE, sample_shape=(3, 8, 8), device="cuda", backend=backend)
+    assert_bitwise(sampler.sample(6, seed=3, progress=False), sampler.sample(6, seed=3, progress=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_sampling_on_two_streams_at_once_equals_sampling_in_turn(backend):
+    """Issue 7: two Samplers' chains queued on two CUDA streams, overlapping,
+    give what each gives alone (CUDA graphs included: 120 steps capture them)."""
+    _gpu_backend(backend)
+    schedule = NoiseSchedule("linear", timesteps=120)
+    model = lambda x_t, t: 0.1 * x_t  # noqa: E731
+    samplers = [Sampler(model, schedule, sample_shape=(3, 16, 16), device="cuda", backend=backend) for _ in range(2)]
+    alone = [s.sample(32, seed=seed, progress=False) for s, seed in zip(samplers, (1, 2))]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    together = []
+    for sampler, stream, seed in zip(samplers, streams, (1, 2)):
+        with torch.cuda.stream(stream):
+            together.append(sampler.sample(32, seed=seed, progress=False))
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    for got, want in zip(together, alone):
+        assert_bitwise(got, want)
