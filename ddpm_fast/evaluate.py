@@ -14,16 +14,15 @@ from .data import ImageDataset
 from .diffusion import bits_per_dim
 from .nn import has_channels_last_weights
 from .ops._args import as_seed
+from .sampler import _SAMPLE_STRIDE
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
 
-_IMAGE_STRIDE = 1 << 32  # counter distance between images: one 2^32 range each, as the Sampler's samples
-
-
 def _image_noise(shape: torch.Size, seed: int, first: int, per_image: int, device: torch.device, t: int) -> torch.Tensor:
-    """The noise of timestep t for images first, first + 1, ...: each image's own stream."""
-    return ops.randn(shape, seed, first * _IMAGE_STRIDE + t * per_image, sample_stride=_IMAGE_STRIDE, device=device)
+    """The noise of timestep t for images first, first + 1, ...: each image's own
+    stream, 2^32 counters apart as the Sampler's samples."""
+    return ops.randn(shape, seed, first * _SAMPLE_STRIDE + t * per_image, sample_stride=_SAMPLE_STRIDE, device=device)
 
 
 @torch.no_grad()
@@ -62,7 +61,7 @@ def evaluate_bpd(
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W
     seed = as_seed(seed, "evaluate_bpd")
     per_image = math.prod(dataset.images.shape[1:])
-    if schedule.num_timesteps * per_image > _IMAGE_STRIDE:
+    if schedule.num_timesteps * per_image > _SAMPLE_STRIDE:
         raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
                          "2^32 noise counters")
     totals = {"total": 0.0, "prior": 0.0}
