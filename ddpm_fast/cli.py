@@ -28,24 +28,24 @@ class UsageError(Exception):
     """Bad input from the command line: reported in one line, exit status 2."""
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, low: int, expected: str) -> int:
+    """An integer option of at least ``low``; anything else (not a number too)
+    says what was expected."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _integer(text, 0, "an integer >= 0")
 
 
 def _path(text: str) -> str:
