@@ -31,7 +31,7 @@ from torch import nn
 from . import diffusion, ops
 from .checkpoint import latest_checkpoint
 from .data import ImageDataset
-from .distributed import rank_and_world
+from .distributed import rank_and_world, release_ddp_at_exit
 from .images import save_grid, to_uint8
 from .sampler import Sampler
 from .schedules import NoiseSchedule
@@ -126,6 +126,7 @@ class Trainer(TrainerCheckpoints):
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            release_ddp_at_exit(self)
         if self.config.compile:  # the DDP wrapper too, as torch advises: its gradient hooks stay in place
             self.net = torch.compile(self.net)
         params = [p for p in self.model.parameters() if p.requires_grad]

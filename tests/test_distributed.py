@@ -3,9 +3,11 @@ same global batch, and sharded sampling equals unsharded sampling."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,30 @@ def test_two_gloo_ranks_resume_exactly_with_dropout(tmp_path):
     full, resumed = (torch.load(tmp_path / name / "weights.pt") for name in ("full", "resumed"))
     for name, value in full.items():
         assert torch.equal(resumed[name], value), name
+
+
+def _exit_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Train one step and leave the trainer in a reference cycle (as a stored
+    exception traceback may): a handler registered before the trainer, so run
+    after the library's, records whether the DDP wrapper was gone by then."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    wrapper: list[weakref.ref] = []
+    atexit.register(lambda: (Path(out) / f"released{rank}").write_text(str(wrapper[0]() is None)))
+    trainer = make_trainer(Path(out) / "run", steps=1)
+    trainer.cycle = trainer
+    wrapper.append(weakref.ref(trainer.net))
+    trainer.train(final_samples=False)
+    distributed.teardown()
+
+
+@pytest.mark.slow
+def test_ddp_wrappers_go_before_the_interpreter_finalizes(tmp_path):
+    """A DDP wrapper destroyed during interpreter finalization makes gloo abort
+    the process (SIGABRT) now and then, after a successful run."""
+    mp.start_processes(_exit_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    assert [(tmp_path / f"released{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
 
 
 def test_batch_size_must_split_over_ranks(tmp_path, monkeypatch):
