@@ -332,6 +332,44 @@ def test_bpd_oracle_closed_form():
     np.testing.assert_allclose(large.decoder.numpy(), dec, rtol=1e-9)
 
 
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_bpd_terms_of_an_imperfect_model_closed_form(variance, clip):
+    """For eps_theta(x_t) = 0.1 x_t each term is the KL between the true posterior
+    q(x_{t-1} | x_t, x0) and a Gaussian of another mean (Ho et al. eqs. 5-7; the
+    mean of eq. 11, or with x0 clipped the posterior mean at the clipped x0), and
+    the decoder scores x0's bin under N(mu_theta(x_0, 0), beta~_1); all rebuilt
+    here in numpy from the betas and the same noise."""
+    x0 = bpd_data()
+    g = torch.Generator().manual_seed(5)
+    noise = {t: torch.randn(x0.shape, generator=g, dtype=torch.float64) for t in reversed(range(20))}
+    r = D.bits_per_dim(lambda x, t: 0.1 * x, x0, BPD_SCHED, variance=variance, clip_denoised=clip, noise_fn=noise.__getitem__)
+    b, ab, abp, pv = (BPD_T[k] for k in ("b", "ab", "abp", "pv"))
+    xn = x0.numpy()
+    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))  # noqa: E731
+    for t in range(20):
+        e = noise[t].numpy()
+        xt = np.sqrt(ab[t]) * xn + np.sqrt(1 - ab[t]) * e
+        eps = 0.1 * xt
+        posterior_mean = lambda x: np.sqrt(abp[t]) * b[t] / (1 - ab[t]) * x + np.sqrt(1 - b[t]) * (1 - abp[t]) / (1 - ab[t]) * xt  # noqa: E731
+        if clip:
+            mean_p = posterior_mean(np.clip((xt - np.sqrt(1 - ab[t]) * eps) / np.sqrt(ab[t]), -1, 1))
+        else:
+            mean_p = (xt - b[t] / np.sqrt(1 - ab[t]) * eps) / np.sqrt(1 - b[t])  # eq. 11
+        np.testing.assert_allclose(r.mse[:, t].numpy(), ((e - eps) ** 2).mean(axis=(1, 2, 3)), rtol=1e-10)
+        if t == 0:  # the decoder: std sqrt(beta~_1) in both variance types
+            h, c = (1 / 255) / np.sqrt(pv[1]), (xn - mean_p) / np.sqrt(pv[1])
+            p = np.where(xn < -0.999, cdf(c + h), np.where(xn > 0.999, 1 - cdf(c - h), cdf(c + h) - cdf(c - h)))
+            want = -np.log(p).mean(axis=(1, 2, 3)) / math.log(2)
+        else:
+            mean_q = posterior_mean(xn)
+            var_p = pv[t] if variance == "fixed_small" else b[t]
+            kl = 0.5 * (-1 + np.log(var_p / pv[t]) + pv[t] / var_p + (mean_q - mean_p) ** 2 / var_p)
+            want = kl.mean(axis=(1, 2, 3)) / math.log(2)
+        np.testing.assert_allclose(r.terms[:, t].numpy(), want, rtol=1e-9, err_msg=f"t={t}")
+    assert (r.terms[:, 1:] > 1e-3).all()  # the mean mismatch counts: far from the oracle's terms
+
+
 def test_bpd_better_model_scores_lower():
     """The exact-eps model beats a zero model and a 0.1*x model; an x0-oracle matches it."""
     x0 = bpd_data()
