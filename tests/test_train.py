@@ -82,6 +82,20 @@ def test_loss_falls_over_a_short_run(tmp_path):
     assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
 
 
+def test_the_log_records_images_per_second(tmp_path, monkeypatch):
+    """images_per_s is the window's images (steps x global batch) over its
+    seconds: on a clock that ticks 0.5 s a read, 3 steps of 8 images are 48/s."""
+    import types
+
+    import ddpm_fast.train as train_module
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
+    make_trainer(tmp_path, steps=6, log_every=3, checkpoint_every=6).train(final_samples=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["images_per_s"]) for r in records] == [(3, 48.0), (6, 48.0)]
+
+
 def test_run_writes_log_checkpoints_plot_and_samples(tmp_path):
     trainer = make_trainer(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=1, sample_count=4, sample_every=2)
     trainer.train()
