@@ -7,7 +7,10 @@ first call of a Triton backend.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
 
 import pytest
 import torch
@@ -51,12 +54,33 @@ def backend_params() -> list:
     return [pytest.param(d, b, id=f"{d}-{b}", marks=marks.get(d, [])) for d, b in device_backends()]
 
 
-def poison_cuda_allocator(nbytes: int, device: str) -> None:
-    """Fill the caching allocator's next blocks with NaN so that an output
-    element a kernel fails to write shows up as NaN rather than as stale data."""
+# glibc's malloc fills each block it hands out with the byte perturb ^ 0xFF
+# while M_PERTURB is set (mallopt): 0x80 gives 0x7F bytes, float32 3.4e38,
+# bfloat16 3.4e38 and float16 NaN, so an element no kernel wrote stands out.
+_M_PERTURB = -6
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallopt") else None
+POISON_BYTE = 0x7F
+
+
+@contextlib.contextmanager
+def poisoned_outputs(device: str, nbytes: int):
+    """Inside, new tensors start as garbage rather than as stale or zeroed
+    memory, so that an output element a kernel fails to write (or a scratch
+    buffer it reads unwritten) shows up. On CUDA the caching allocator's next
+    blocks (of about ``nbytes``) are filled with NaN first; on the CPU every
+    block malloc hands out is filled with POISON_BYTE (glibc only)."""
     if device.startswith("cuda"):
         blocks = [torch.full((nbytes // 4 + 1,), float("nan"), device=device) for _ in range(3)]
         del blocks
+        yield
+    elif _LIBC is not None:
+        _LIBC.mallopt(_M_PERTURB, POISON_BYTE ^ 0xFF)
+        try:
+            yield
+        finally:
+            _LIBC.mallopt(_M_PERTURB, 0)
+    else:
+        yield
 
 
 def host_to_device_copies(fn):

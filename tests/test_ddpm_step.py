@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poison_cuda_allocator, requires_extension
+from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poisoned_outputs, requires_extension
 from ddpm_fast import NoiseSchedule, diffusion, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
@@ -66,8 +66,8 @@ def test_matches_reference(device, backend, dtypes, layout, shape, t_kind, form)
     x = make(shape, x_dtype, layout, device, 0)
     eps = make(shape, e_dtype, layout, device, 1)
     t = timesteps(t_kind, shape[0], device)
-    poison_cuda_allocator(x.numel() * 4, device)
-    got = ops.ddpm_step(x, eps, t, SCHEDULE, seed=5, offset=7, backend=backend, **form)
+    with poisoned_outputs(device, x.numel() * 4):
+        got = ops.ddpm_step(x, eps, t, SCHEDULE, seed=5, offset=7, backend=backend, **form)
     ref_t = t.cpu() if isinstance(t, torch.Tensor) else t
     want = ops.ddpm_step(x.cpu(), eps.cpu(), ref_t, SCHEDULE, seed=5, offset=7, backend="reference", **form)
     assert got.dtype == x_dtype and got.shape == x.shape

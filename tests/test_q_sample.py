@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poison_cuda_allocator, requires_extension
+from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poisoned_outputs, requires_extension
 from ddpm_fast import NoiseSchedule, _extension, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
@@ -60,8 +60,8 @@ def assert_layout(out, x):
 def test_drawn_noise_matches_reference(device, backend, dtype, layout, shape, t_kind):
     x = make_input(shape, dtype, layout, device)
     t = timesteps(t_kind, shape[0], device)
-    poison_cuda_allocator(x.numel() * x.element_size(), device)
-    xt, eps = ops.q_sample(x, t, SCHEDULE, seed=77, offset=5, backend=backend)
+    with poisoned_outputs(device, x.numel() * x.element_size()):
+        xt, eps = ops.q_sample(x, t, SCHEDULE, seed=77, offset=5, backend=backend)
     ref_t = t.cpu() if isinstance(t, torch.Tensor) else t
     xt_ref, eps_ref = ops.q_sample(x.cpu(), ref_t, SCHEDULE, seed=77, offset=5, backend="reference")
     assert_layout(xt, x)
@@ -79,8 +79,8 @@ def test_given_noise_matches_reference(device, backend, dtype, layout, shape, t_
     x = make_input(shape, dtype, layout, device)
     noise = make_input(shape, dtype, layout, device, seed=1) * 2
     t = timesteps(t_kind, shape[0], device)
-    poison_cuda_allocator(x.numel() * x.element_size(), device)
-    xt, eps = ops.q_sample(x, t, SCHEDULE, noise=noise, backend=backend)
+    with poisoned_outputs(device, x.numel() * x.element_size()):
+        xt, eps = ops.q_sample(x, t, SCHEDULE, noise=noise, backend=backend)
     ref_t = t.cpu() if isinstance(t, torch.Tensor) else t
     xt_ref, _ = ops.q_sample(x.cpu(), ref_t, SCHEDULE, noise=noise.cpu(), backend="reference")
     assert eps is noise
@@ -431,3 +431,14 @@ def test_gpu_out_of_range_device_timesteps_give_nan_samples(backend):
     t = torch.tensor([-1, 0, 1000, 5], device="cuda")
     x_t, _ = ops.q_sample(x0, t, SCHEDULE, seed=0, backend=backend)
     assert x_t[[0, 2]].isnan().all() and x_t[[1, 3]].isfinite().all()
+
+
+def test_poisoned_outputs_really_poison_new_cpu_tensors():
+    from conftest import POISON_BYTE, _LIBC
+
+    if _LIBC is None:
+        pytest.skip("CPU poisoning needs glibc's mallopt")
+    with poisoned_outputs("cpu", 0):
+        fresh = [torch.empty(n) for n in (3, 1000, 300_000)]
+    assert all(bool((x.view(torch.uint8) == POISON_BYTE).all()) for x in fresh)
+    assert not (torch.empty(1000).view(torch.uint8) == POISON_BYTE).all()  # and only inside
