@@ -244,6 +244,32 @@ def test_agrees_with_diffusers_scheduler(variance, clip, monkeypatch):
         torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [False, True])
+def test_respaced_ddim_agrees_with_diffusers_ddim_scheduler(eta, clip):
+    # diffusers' DDIMScheduler.step over 50 "leading" timesteps (0, 20, ..., 980)
+    # given the same z, against our step on the schedule respaced to them. With
+    # clipping, eps is recomputed from the clipped x_0 in both (diffusers'
+    # use_clipped_model_output=True; its default keeps the raw eps). Its tables
+    # are float32, hence 5e-4 (as for DDPMScheduler above).
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip,
+                                        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    scheduler.set_timesteps(50)
+    timesteps = sorted(scheduler.timesteps.tolist())
+    assert timesteps == list(range(0, 1000, 20))
+    respaced = SCHEDULE.respace(timesteps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g) * 1.5
+    eps = torch.randn(2, 3, 8, 8, generator=g)
+    for k in (49, 30, 1, 0):
+        z = ops.randn(x.shape, 42, k * x.numel(), backend="reference")
+        want = scheduler.step(eps.double(), timesteps[k], x.double(), eta=eta, use_clipped_model_output=True,
+                              variance_noise=z.double()).prev_sample
+        got = ops.ddpm_step(x, eps, k, respaced, eta=eta, clip_denoised=clip, noise=z, backend="reference")
+        torch.testing.assert_close(got.double(), want, atol=5e-4, rtol=0, msg=f"step {k}")
+
+
 @requires_extension
 def test_opcheck_cpp_op():
     x = torch.randn(3, 2, 5, 5)
