@@ -223,7 +223,7 @@ class NoiseSchedule:
         if not (math.isfinite(eta) and eta >= 0.0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         make = (lambda: self._ddim_table(eta)) if kind == "ddim" else (lambda: self._ddpm_table(kind))
-        return self._cached(f"step:{kind}:{eta!r}", device, make)
+        return self._cached(f"step:{kind}:{eta!r}", device, lambda: _cap_x0_columns(make()))
 
     def undefined_steps(self, kind: str = "fixed_large", *, eta: float = 0.0, clip_denoised: bool = False) -> list[int]:
         """Timesteps where this reverse step is undefined: a coefficient of the
@@ -318,6 +318,20 @@ class NoiseSchedule:
             f"NoiseSchedule({self.name!r}, timesteps={self.num_timesteps}, "
             f"beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g})"
         )
+
+
+# The clipped step's x0 = clip(sqrt_recip_ac x_t - sqrt_recipm1_ac eps, -1, 1): where
+# abar_t < ~1e-77 both coefficients overflow float32 and x0 would be inf - inf = NaN.
+# The float32 tables cap them at 2^100. Capping changes nothing: it only applies where
+# abar_t < 2^-200, where the two are equal in float64 as well (sqrt(1 - abar_t) = 1), so
+# x0 saturates to the sign of x_t - eps either way; and 2^100 x_t stays finite for any
+# |x_t| < 2^27.
+_X0_COEF_CAP = 2.0**100
+
+
+def _cap_x0_columns(table: torch.Tensor) -> torch.Tensor:
+    table[:, 2:4] = table[:, 2:4].clamp(max=_X0_COEF_CAP)
+    return table
 
 
 def _as_betas(betas: object) -> torch.Tensor:

@@ -186,6 +186,29 @@ def test_reference_is_the_diffusion_math():
             torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("kind", [dict(variance="fixed_large"), dict(variance="fixed_small"), dict(eta=0.5)], ids=str)
+def test_clipped_step_where_abar_underflows_float32_coefficients(device, backend, kind):
+    # abar_999 = 4.9e-134 on this schedule: 1/sqrt(abar) overflows float32, and the
+    # clipped x0 was inf - inf = NaN. Against float64 (x0 saturates to +-1 there).
+    schedule = NoiseSchedule("linear", timesteps=1000, beta_end=0.5)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) * 2
+    eps, z = (torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    for t in (999, 600, 1):
+        got = ops.ddpm_step(x.float().to(device), eps.float().to(device), t, schedule, clip_denoised=True,
+                            noise=z.float().to(device), backend=backend, **kind).cpu().double()
+        ab, ab_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod_prev[t]
+        x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+        if "eta" in kind:  # Song et al. eq. 12, eps recomputed from the clipped x0
+            sigma = kind["eta"] * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+            want = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * (x - ab.sqrt() * x0) / (1 - ab).sqrt() + sigma * z
+        else:
+            p = diffusion.p_mean_variance(schedule, eps, x, t, variance=kind["variance"], clip_denoised=True)
+            want = p.mean + p.variance.sqrt() * z
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"t={t}")
+
+
 def test_ddim_eta0_is_deterministic():
     x = torch.randn(3, 2, 5, 5)
     eps = torch.randn_like(x)
