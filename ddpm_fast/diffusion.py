@@ -154,17 +154,20 @@ def q_posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: to
 
 
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (eq. 4 solved for x_0)."""
-    return (
-        _extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t) * x_t
-        - _extract(schedule, "sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 4 solved for x_0).
+
+    As one factor 1/sqrt(abar_t) of a difference, not the difference of two
+    products: where abar_t is so small that 1/sqrt(abar_t) overflows float32
+    (abar_t < ~1e-77), x_0 is +-inf, which clipping takes to +-1, not inf - inf."""
+    return _extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t) * (
+        x_t - _extract(schedule, "sqrt_one_minus_alphas_cumprod", t, x_t) * eps
     )
 
 
 def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The eps that eq. 4 pairs with x_t and x_0."""
-    return (_extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / _extract(
-        schedule, "sqrt_recipm1_alphas_cumprod", t, x_t
+    """The eps that eq. 4 pairs with x_t and x_0: (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
+    return (x_t - _extract(schedule, "sqrt_alphas_cumprod", t, x_t) * x0) / _extract(
+        schedule, "sqrt_one_minus_alphas_cumprod", t, x_t
     )
 
 

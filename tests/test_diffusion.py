@@ -370,6 +370,24 @@ def test_bpd_terms_of_an_imperfect_model_closed_form(variance, clip):
     assert (r.terms[:, 1:] > 1e-3).all()  # the mean mismatch counts: far from the oracle's terms
 
 
+def test_float32_where_abar_underflows_float32_coefficients():
+    """abar_999 = 4.9e-134: 1/sqrt(abar) overflows float32. The implied x0 is then
+    +-inf (clipped to +-1), not inf - inf = NaN, and float32 data gets the
+    float64 bound to float32 accuracy."""
+    schedule = NoiseSchedule("linear", timesteps=1000, beta_end=0.5)
+    x, eps = data(20, scale=2.0), data(21)
+    for t in (999, 600):
+        got = D.p_mean_variance(schedule, eps.float(), x.float(), t, clip_denoised=True).mean
+        want = D.p_mean_variance(schedule, eps, x, t, clip_denoised=True).mean
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    x0 = bpd_data()
+    g = torch.Generator().manual_seed(6)
+    noise = {t: torch.randn(x0.shape, generator=g, dtype=torch.float64) for t in range(1000)}
+    got = D.bits_per_dim(lambda x, t: 0.1 * x, x0.float(), schedule, noise_fn=lambda t: noise[t].float())
+    want = D.bits_per_dim(lambda x, t: 0.1 * x, x0, schedule, noise_fn=noise.__getitem__)
+    np.testing.assert_allclose(got.total.numpy(), want.total.numpy(), rtol=1e-4)
+
+
 def test_bpd_better_model_scores_lower():
     """The exact-eps model beats a zero model and a 0.1*x model; an x0-oracle matches it."""
     x0 = bpd_data()
