@@ -181,8 +181,9 @@ class Sampler:
         if undefined:
             raise ValueError(
                 f"the reverse step is undefined at timestep {undefined[0]} of this schedule (of {schedule.num_timesteps}): "
-                "alpha_t = 0 there (beta_t = 1, as at t = T-1 of the jsd schedule), so the chain cannot start from noise "
-                "through it; use a schedule whose betas stay below 1"
+                "alpha_t or abar_t is 0 there (beta_t = 1, as at t = T-1 of the jsd schedule, or abar_t underflowing "
+                "float64), so the chain cannot start from noise through it; use a schedule whose betas stay below 1 "
+                "and whose abar_T stays above ~1e-300"
             )
         num_steps = schedule.num_timesteps
         per_sample = math.prod(shape[1:])

@@ -158,10 +158,15 @@ class NoiseSchedule:
             beta_end=config.get("beta_end"),
         )
 
-    def _compute_tables(self, betas: torch.Tensor) -> None:
-        alphas = 1.0 - betas
-        ac = torch.cumprod(alphas, dim=0)
-        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    def _compute_tables(self, betas: torch.Tensor, alphas_cumprod: torch.Tensor | None = None) -> None:
+        if alphas_cumprod is None:
+            alphas = 1.0 - betas
+            ac = torch.cumprod(alphas, dim=0)
+            ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        else:  # respaced: the parent's abar as it is (rebuilt from 1 - beta it would round, see respace)
+            ac = alphas_cumprod
+            ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+            alphas = ac / ac_prev
         self.betas = betas
         self.alphas = alphas
         self.alphas_cumprod = ac
@@ -229,8 +234,9 @@ class NoiseSchedule:
         """Timesteps where this reverse step is undefined: a coefficient of the
         form it uses (``step_table``'s a, b, sigma; or, clipped, the x0 and
         posterior columns) is infinite or NaN. That happens where alpha_t = 0
-        (beta_t = 1, as at t = T-1 of the jsd schedule): every form divides by
-        sqrt(alpha_t) or sqrt(abar_t) there. Empty for the usual schedules."""
+        (beta_t = 1, as at t = T-1 of the jsd schedule) or abar_t underflows
+        float64 to 0: every form divides by sqrt(alpha_t) or sqrt(abar_t) there.
+        Empty for the usual schedules."""
         found = self.__dict__.setdefault("_undefined_steps", {})
         key = (kind, eta, bool(clip_denoised))
         try:  # every reverse step asks: the lookup first, the checks once per key
@@ -303,8 +309,17 @@ class NoiseSchedule:
         if not steps or steps[0] < 0 or steps[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps}), got {list(timesteps)[:5]}...")
         ab = self.alphas_cumprod[steps]
+        if (ab[:-1] == 0).any():
+            at = steps[int((ab[:-1] == 0).nonzero()[0])]
+            raise ValueError(
+                f"cannot respace this schedule through timestep {at}: its alphas_cumprod is 0 there "
+                "(beta_t = 1 or float64 underflow), so no later step of the sub-chain is defined"
+            )
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         respaced = NoiseSchedule(betas=1.0 - ab / ab_prev)
+        # The tables from abar itself: abar_t / abar_{t-1} through 1 - beta keeps only
+        # ~1e-16 / ratio of its digits, and a ratio below 1e-16 becomes 0.
+        respaced._compute_tables(respaced.betas, alphas_cumprod=ab.clone())
         respaced.name = f"{self.name}[{len(steps)} of {self.num_timesteps}]"
         respaced.timestep_map = self.timestep_map[steps]
         respaced.config = {"respace_of": self.config, "timesteps": steps}

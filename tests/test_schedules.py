@@ -214,6 +214,22 @@ def test_respace_keeps_alphas_cumprod_and_maps_original_timesteps():
     assert_close64(subsub.alphas_cumprod, ab[[10, 99]])
 
 
+def test_respace_keeps_alphas_cumprod_exactly_where_it_is_tiny():
+    """abar_t / abar_s far below 1 would lose its digits (or, below 1e-16, all
+    of them) through beta = 1 - ratio: the sub-chain keeps the parent's abar
+    itself, with alpha = 1 - beta kept consistent where beta rounds."""
+    parent = NoiseSchedule("linear", timesteps=1000, beta_end=0.5)  # abar: 1.4e-44 at 600, 4.9e-134 at 999
+    sub = parent.respace([0, 600, 999])
+    assert torch.equal(sub.alphas_cumprod, parent.alphas_cumprod[[0, 600, 999]])
+    np.testing.assert_allclose(sub.alphas[1:].numpy(), (parent.alphas_cumprod[[600, 999]] / parent.alphas_cumprod[[0, 600]]).numpy(), rtol=1e-15)
+    assert sub.undefined_steps("fixed_large") == [] and sub.undefined_steps("ddim", clip_denoised=True) == []
+    again = NoiseSchedule.from_config(json.loads(json.dumps(sub.config)))
+    assert torch.equal(again.alphas_cumprod, sub.alphas_cumprod)
+    # abar reaching 0 (float64 underflow) leaves no sub-chain through it: said so
+    with pytest.raises(ValueError, match="alphas_cumprod is 0 there"):
+        NoiseSchedule("const", timesteps=400, beta_end=0.9).respace([0, 350, 399])
+
+
 def test_respaced_config_round_trips_through_json():
     """from_config(config) of a respaced schedule is the same sub-chain, timestep
     map included (before, it came back as a custom schedule mapping to 0..K-1,

@@ -145,8 +145,9 @@ def ddpm_step(
         hit = sorted(set(t.flatten().tolist()) & set(undefined)) if undefined else None
         if hit:
             raise ValueError(
-                f"{_OP}: the step is undefined at timestep {hit[0]} of this schedule: alpha_t = 0 there "
-                "(beta_t = 1, as at t = T-1 of the jsd schedule), so its coefficients are infinite"
+                f"{_OP}: the step is undefined at timestep {hit[0]} of this schedule: alpha_t or abar_t is 0 there "
+                "(beta_t = 1, as at t = T-1 of the jsd schedule, or abar_t underflowing float64), "
+                "so its coefficients are infinite"
             )
 
     x = _args.kernel_layout(x_t)
