@@ -70,8 +70,19 @@ variable_list differentiable_backward(const at::Tensor& dy, const variable_list&
     shape[1] = x.size(1);
     h = x + s[3].to(x.scalar_type()).view(shape);
   }
-  at::Tensor y = at::group_norm(h, groups, reference_param(s[1], x), reference_param(s[2], x), eps);
-  if (act) y = at::silu(y);
+  const OptTensor w = reference_param(s[1], x), b = reference_param(s[2], x);
+  const bool mixed = (w && w->scalar_type() != x.scalar_type()) || (b && b->scalar_type() != x.scalar_type());
+  at::Tensor y;
+  if (mixed && !x.is_cpu()) {
+    // 16-bit x with float32 parameters: ATen's GPU group_norm takes one dtype (its
+    // CPU kernel mixes), so in float32, rounded to x's dtype once (as the Python reference).
+    y = at::group_norm(h.to(at::kFloat), groups, w, b, eps);
+    if (act) y = at::silu(y);
+    y = y.to(x.scalar_type());
+  } else {
+    y = at::group_norm(h, groups, w, b, eps);
+    if (act) y = at::silu(y);
+  }
   variable_list inputs;
   std::vector<size_t> slots;
   for (size_t i = 0; i < 4; ++i) {

@@ -352,3 +352,27 @@ def test_more_than_2_to_the_31_elements(backend, layout):
     for c in (0, 31):
         want = F.silu(F.group_norm(x[:, c : c + 1].float(), 1))
         torch.testing.assert_close(y[:, c : c + 1].float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_off_the_cpu_gives_group_norm_one_dtype(dtype):
+    """16-bit x with float32 weight and bias: ATen's CPU group_norm mixes dtypes,
+    its GPU kernel does not, so off the CPU the reference (and the differentiable
+    backward built on it) computes in float32. Meta tensors stand in for a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ddpm_fast.ops.group_norm_silu import _reference
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "group_norm" in str(func):
+                seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 4, 3, 3, dtype=dtype, device="meta")
+    w = torch.randn(4, device="meta")
+    with Record():
+        y = _reference(x, 2, w, w, 1e-5, torch.randn(2, 4, dtype=dtype, device="meta"), True)
+    assert seen == [{torch.float32}] and y.dtype == dtype

@@ -339,7 +339,9 @@ def test_cuda_graph_does_not_read_the_callers_autocast_cache(monkeypatch, weight
     with torch.autocast("cuda", dtype=torch.bfloat16):
         graphed = Sampler(model, SCHEDULE, **kw).sample(4, **run)
     # The block has exited: with the cache on, the cached casts are free now.
-    (side,) = streams
+    # The Sampler's side stream is the first made (a torch.cuda.graph may also make its
+    # class-wide default capture stream through the patch, on a process's first capture).
+    side = streams[0]
     poison, reserved = [], torch.cuda.memory_reserved()
     with torch.cuda.stream(side):  # 512-byte NaN blocks until the stream's free blocks run out (a new segment)
         while torch.cuda.memory_reserved() == reserved and len(poison) < 1 << 16:

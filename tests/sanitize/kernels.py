@@ -57,8 +57,9 @@ def group_norm(shapes) -> int:
     for shape, groups in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             for x in layouts(torch.randn(shape, device="cuda", dtype=dtype)):
-                w, b = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
-                add = torch.randn(shape[:2], device="cuda")
+                # In x's dtype: ATen's GPU group_norm (the reference) takes no mixed dtypes.
+                w, b = torch.randn(shape[1], device="cuda", dtype=dtype), torch.randn(shape[1], device="cuda", dtype=dtype)
+                add = torch.randn(shape[:2], device="cuda", dtype=dtype)
                 dy = torch.randn_like(x)
                 results = []
                 for backend in ("cuda", "reference"):

@@ -7,6 +7,8 @@
 # CUDA kernels (benchmarks/run_gpu.sh's build, kept on a warm machine):
 #   run(command="bash tests/sanitize/run.sh", timeout_s=...)
 # Logs go to $OUT (default ./sanitize_out); the last lines say what each tool found.
+# compute-sanitizer needs a Firecracker machine: on gVisor it refuses the device
+# ("Device not supported", .library/device/KINDS.md), which the logs then show.
 set -uo pipefail
 out=${OUT:-sanitize_out}
 mkdir -p "$out"
@@ -14,6 +16,9 @@ if ! python3 -c "import ddpm_fast._extension as e, sys; sys.exit(0 if e.WITH_CUD
   MAX_JOBS=16 DDPM_FAST_STRICT=1 TORCH_CUDA_ARCH_LIST=9.0 \
     python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 fi
+# The caching allocator hands out pieces of larger blocks, so an access past a
+# tensor's end would land in its neighbour, unseen by memcheck: off for these runs.
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 status=0
 for tool in ${TOOLS:-memcheck racecheck}; do
   start=$SECONDS
