@@ -88,6 +88,16 @@ def _warps(elements: int) -> int:
 
 
 @triton.jit
+def _split_pid(TILES):
+    """(row, position tile) of this program of a split-path launch. Its grid is
+    1-D, N * col_tiles * TILES programs, row-major: CUDA caps a grid's second
+    axis at 65535, which a large image's position tiles pass (64 channels_last
+    channels at 2048 x 2048: 65536), and the first at 2^31 - 1."""
+    pid = tl.program_id(0)
+    return pid // TILES, pid % TILES
+
+
+@triton.jit
 def _tile(x_ptr, add_ptr, pid_row, pid_pos, C, S, COLS_PER_PROGRAM,
           HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """The tile of program (pid_row, pid_pos): sample n = pid_row // col_tiles,
@@ -189,10 +199,11 @@ def gn_moments_kernel(
     mean_ptr,  # *f32 [N, C, T] out: per position tile, m, the float mean of h over the tile's positions
     dev_ptr,  # *f32 [N, C, T] out: D, sum of h - m (m's rounding: the host recovers the exact sum n m + D)
     m2_ptr,  # *f32 [N, C, T] out: sum of (h - m)^2
-    C, S, COLS,  # COLS: channels per program
+    C, S, COLS, TILES,  # COLS: channels per program; TILES: position tiles per row (see _split_pid)
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid, t, tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    pid, t = _split_pid(TILES)
+    tiles = TILES
     h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, pid, t, C, S, COLS, HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
     # Every column of the tile has the same valid positions, at least one (t < T);
     # a column outside the channels holds zeros and is not stored.
@@ -213,12 +224,12 @@ def gn_moments_kernel(
 def gn_normalize_kernel(
     x_ptr, w_ptr, b_ptr, add_ptr, y_ptr,  # as in the fused kernel
     mean_ptr, rstd_ptr,  # *f32 [N, G] group statistics
-    C, S, G, CG, COLS,
+    C, S, G, CG, COLS, TILES,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, tl.program_id(0), tl.program_id(1), C, S, COLS,
-                                            HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    row, t = _split_pid(TILES)
+    h, mask, n, c, cmask, base, off = _tile(x_ptr, add_ptr, row, t, C, S, COLS, HAS_ADD, CHANNELS_LAST, BLOCK_S, BLOCK_C)
     ng = n * G + c // CG
     mean = tl.load(mean_ptr + ng, mask=cmask, other=0.0)
     rstd = tl.load(rstd_ptr + ng, mask=cmask, other=0.0)
@@ -277,13 +288,14 @@ def gn_backward_fused_kernel(
 def gn_backward_sums_kernel(
     dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr,  # as in the fused backward
     a_ptr, bsum_ptr, xsum_ptr,  # *f32 [N, C, T] out: per position tile, A, B and X
-    C, S, G, CG, COLS,
+    C, S, G, CG, COLS, TILES,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    t, tiles = tl.program_id(1), tl.num_programs(1)
+    row, t = _split_pid(TILES)
+    tiles = TILES
     xhat, du, w, rstd, n, c, cmask, mask, base, off = _xhat_du(
-        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, tl.program_id(0), t, C, S, G, CG, COLS,
+        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, row, t, C, S, G, CG, COLS,
         HAS_W, HAS_B, HAS_ADD, ACT, CHANNELS_LAST, BLOCK_S, BLOCK_C)
     out = (n * C + c) * tiles + t
     tl.store(a_ptr + out, tl.sum(du * xhat, axis=0), mask=cmask)
@@ -296,12 +308,13 @@ def gn_backward_dx_kernel(
     dy_ptr, x_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr,  # as in the fused backward
     m1_ptr, m2_ptr,  # *f32 [N, G] group means of w*B and w*A over its elements
     dx_ptr,  # *T [N, C, S] out, x's memory order
-    C, S, G, CG, COLS,
+    C, S, G, CG, COLS, TILES,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, ACT: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    row, t = _split_pid(TILES)
     xhat, du, w, rstd, n, c, cmask, mask, base, off = _xhat_du(
-        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, tl.program_id(0), tl.program_id(1), C, S, G, CG,
+        x_ptr, dy_ptr, w_ptr, b_ptr, add_ptr, mean_ptr, rstd_ptr, row, t, C, S, G, CG,
         COLS, HAS_W, HAS_B, HAS_ADD, ACT, CHANNELS_LAST, BLOCK_S, BLOCK_C)
     ng = n * G + c // CG
     m1 = tl.load(m1_ptr + ng, mask=cmask, other=0.0)
@@ -353,9 +366,9 @@ def group_norm_silu_triton(
             x, w, b, a, y, mean, rstd, c, s, g, cg, p.groups_per_tile, eps, BLOCK_G=p.block_g, **flags)
         return y, mean, rstd
     sums = torch.empty((3, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
-    grid = (n * p.col_tiles, p.pos_tiles)
+    grid = (n * p.col_tiles * p.pos_tiles,)  # 1-D: see _split_pid
     launchable(gn_moments_kernel)[grid](
-        x, a, sums[0], sums[1], sums[2], c, s, p.block_c,
+        x, a, sums[0], sums[1], sums[2], c, s, p.block_c, p.pos_tiles,
         HAS_ADD=add is not None, CHANNELS_LAST=channels_last, BLOCK_S=p.block_s, BLOCK_C=p.block_c,
         num_warps=p.num_warps)
     # Chan's parallel formula in float64, over each group's (channel, tile) parts
@@ -373,7 +386,7 @@ def group_norm_silu_triton(
     m2 = part_m2.sum(-1) + (part_n * (part_sum / part_n - group_mean[..., None]).square()).sum(-1)
     mean.copy_(group_mean)
     rstd.copy_(torch.rsqrt(m2 / count + eps))
-    launchable(gn_normalize_kernel)[grid](x, w, b, a, y, mean, rstd, c, s, g, cg, p.block_c, **flags)
+    launchable(gn_normalize_kernel)[grid](x, w, b, a, y, mean, rstd, c, s, g, cg, p.block_c, p.pos_tiles, **flags)
     return y, mean, rstd
 
 
@@ -405,9 +418,9 @@ def group_norm_silu_triton_backward(
                 BLOCK_G=p.block_g, **flags)
         else:
             sums = torch.empty((3, n, c, p.pos_tiles), device=x.device, dtype=torch.float32)
-            grid = (n * p.col_tiles, p.pos_tiles)
+            grid = (n * p.col_tiles * p.pos_tiles,)  # 1-D: see _split_pid
             launchable(gn_backward_sums_kernel)[grid](
-                dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], c, s, g, cg, p.block_c, **flags)
+                dy, x, *params, mean, rstd, sums[0], sums[1], sums[2], c, s, g, cg, p.block_c, p.pos_tiles, **flags)
             # In float32: against float64, at 1x32x512x512 (256 position tiles) and
             # 1x128x256x256 (64, or 1024 channels_last), N(0.5, 2) x, the largest
             # error of dx, dweight, dbias and dadd was at most 1e-6 of the
@@ -421,7 +434,7 @@ def group_norm_silu_triton_backward(
             m1 = (w * col_b).view(n, g, cg).sum(-1) / count
             m2 = (w * col_a).view(n, g, cg).sum(-1) / count
             launchable(gn_backward_dx_kernel)[grid](
-                dy, x, *params, mean, rstd, m1, m2, dx, c, s, g, cg, p.block_c, **flags)
+                dy, x, *params, mean, rstd, m1, m2, dx, c, s, g, cg, p.block_c, p.pos_tiles, **flags)
             per_channel = lambda t: t.repeat_interleave(cg, dim=1)  # noqa: E731
             dadd = per_channel(rstd) * (w * col_b - s * per_channel(m1) - col_x * per_channel(m2))
     w_type = weight.dtype if weight is not None else x.dtype

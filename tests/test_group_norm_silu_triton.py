@@ -171,3 +171,31 @@ class TestTritonPlan:
 
     def test_wide_groups_split(self, gn):
         assert not gn.plan(1024, 16, 1, 4, False).fused  # 1024 channels in one group
+
+
+@requires_triton
+@pytest.mark.parametrize("shape,channels_last", [((1, 64, 2048, 2048), True), ((1, 32, 8192, 8193), False), ((512, 512, 64, 64), False)])
+def test_launch_grids_stay_within_cuda_limits(monkeypatch, shape, channels_last):
+    """Every launch's grid fits CUDA's limits (2^31 - 1 programs on the first
+    axis, 65535 on the others): the split path's position tiles passed 65535 on
+    the second axis for large images. Launches recorded, not run, on meta tensors."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    grids = []
+
+    class Record:
+        def __init__(self, kernel):
+            pass
+
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(gn, "launchable", Record)
+    x = torch.empty(shape, dtype=torch.float16, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x, None, None, None, 32, 1e-5, True)
+    torch.ops.ddpm_fast.group_norm_silu_triton_backward(torch.empty_like(x), x, None, None, None, mean, rstd, 32, True)
+    assert len(grids) == 4  # the split path, forward and backward: two launches each
+    for grid in grids:
+        assert grid[0] < 2**31 and all(d <= 65535 for d in grid[1:]), grid
