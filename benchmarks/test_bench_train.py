@@ -48,7 +48,8 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
     """The same recipe as plain PyTorch code over diffusers' model, with what
     our Trainer has from torch alone: fused Adam (one kernel a step, as the
     Trainer's; the default, foreach, is slower) and a channels_last model and
-    batch (the Trainer's default; faster for both on the CPU too)."""
+    batch (the Trainer's default; faster for both on the CPU too). Like the
+    Trainer's step it reads its loss on the host once per step."""
     model = build("diffusers", name, device).train()
     model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -77,7 +78,9 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1e-4)
-        return loss.detach()
+        # Read on the host each step, as our train_step reads its loss (its check
+        # for non-finite losses, and the log): the same device sync per step.
+        return loss.item()
 
     return step
 
