@@ -10,6 +10,7 @@ with one entry per sample.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -54,31 +55,36 @@ def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torc
     The table is copied to t's device on each call; the functions below read a
     schedule's tables through a copy cached per device instead (``_extract``).
     """
-    _check_timesteps(t, table.numel(), x)
+    t = _check_timesteps(t, table.numel(), x)
     return _rows(table, t, x)
 
 
 def _extract(schedule: NoiseSchedule, name: str, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``extract(getattr(schedule, name), t, x)`` from the table's float64 copy
     on t's device (x's for an int t), made once per device (``_device_table``)."""
-    _check_timesteps(t, schedule.num_timesteps, x)
+    t = _check_timesteps(t, schedule.num_timesteps, x)
     return _rows(_device_table(schedule, name, t.device if isinstance(t, torch.Tensor) else x.device), t, x)
 
 
-def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> None:
-    if isinstance(t, bool):
+def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> int | torch.Tensor:
+    """t checked, as an int or an integer tensor (a numpy integer becomes an int)."""
+    if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
         raise TypeError("t must be an int or an integer tensor, got a bool")
-    if isinstance(t, int):
+    if isinstance(t, numbers.Integral):
+        t = int(t)
         if not 0 <= t < num_steps:
             raise ValueError(f"timestep {t} is out of range [0, {num_steps})")
-        return
-    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
-        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise TypeError(f"t must be an int or an integer (int64 or int32) tensor, got {got}")
+        return t
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
+        kind = type(t)
+        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else (
+            kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}")
+        raise TypeError(f"t must be an int or an integer tensor, got {got}")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
         raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
     if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= num_steps):
         raise ValueError(f"timesteps out of range [0, {num_steps}): min {t.min().item()}, max {t.max().item()}")
+    return t
 
 
 def _rows(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -445,6 +445,17 @@ def test_t_float_dtype(t):
         D.q_sample(S, data(0), t, data(1))
 
 
+def test_t_of_any_integer_type():
+    """numpy integers and integer tensors of any width are timesteps, as in ops."""
+    x, noise = data(0), data(1)
+    want = D.q_sample(S, x, torch.tensor([3, 5, 0, 39]), noise)
+    assert torch.equal(D.q_sample(S, x, torch.tensor([3, 5, 0, 39], dtype=torch.uint8), noise), want)
+    assert torch.equal(D.q_sample(S, x, torch.tensor([3, 5, 0, 39], dtype=torch.int16), noise), want)
+    assert torch.equal(D.q_sample(S, x, np.int64(7), noise), D.q_sample(S, x, 7, noise))
+    with pytest.raises(TypeError, match="got numpy.float64"):
+        D.q_sample(S, x, np.float64(7), noise)
+
+
 def test_bpd_bad_x0():
     with pytest.raises(ValueError, match="non-empty batch"):
         D.bits_per_dim(lambda x, t: x, torch.zeros(5, dtype=torch.float64), BPD_SCHED)
