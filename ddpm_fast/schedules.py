@@ -125,6 +125,10 @@ class NoiseSchedule:
         betas: torch.Tensor | None = None,
     ) -> None:
         if betas is not None:
+            # Betas define the schedule: a name other than the default, a length or
+            # bounds given beside them would be ignored, so they are refused.
+            if name not in (None, "linear") or timesteps != 1000 or beta_start is not None or beta_end is not None:
+                raise ValueError("give betas= alone, or a schedule name with timesteps/beta_start/beta_end, not both")
             betas = _as_betas(betas)
             self.name = "custom"
             self.config: dict = {"betas": betas.tolist()}

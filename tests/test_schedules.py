@@ -241,6 +241,14 @@ def test_respaced_config_round_trips_through_json():
         assert torch.equal(getattr(again, key), getattr(sub, key)), key
 
 
+@pytest.mark.parametrize("kwargs", [dict(name="cosine"), dict(timesteps=5), dict(beta_start=1e-3), dict(beta_end=0.5)])
+def test_betas_with_a_name_or_bounds_is_refused(kwargs):
+    """Betas define the schedule: anything else given beside them was ignored."""
+    with pytest.raises(ValueError, match="betas= alone"):
+        NoiseSchedule(**kwargs, betas=[0.1, 0.2, 0.3])
+    assert NoiseSchedule("linear", betas=[0.1, 0.2]).num_timesteps == 2  # the default name is no conflict
+
+
 def test_custom_betas_from_python_list_keep_float64():
     """Python floats are float64 data: betas given as a list must not be rounded
     through torch's default float32 dtype on the way in."""
