@@ -1,5 +1,6 @@
 """The README's promises that a test can hold to: CI runs its test command,
-and its CLI commands exist."""
+its CLI commands exist, its command table is complete and its Python
+examples run."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def test_the_command_table_names_every_option():
         and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", rows[name]) for o in action.option_strings)
     ]
     assert not missing, f"options the README's table does not name: {missing}"
+
+
+def test_python_examples_run(tmp_path, monkeypatch):
+    """The README's Python examples run as printed; the training example's 2000
+    steps are cut to 2, its final samples to 5 steps (and its run folder is a
+    temporary one)."""
+    blocks = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    for k, block in enumerate(blocks):
+        if "Trainer(" in block:
+            assert "TrainConfig(steps=2000," in block
+            block = block.replace("TrainConfig(steps=2000,", "TrainConfig(steps=2, checkpoint_every=2, sample_count=4, sample_steps=5,")
+        exec(compile(block, f"README.md python block {k + 1}", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "runs" / "digits" / "log.jsonl").exists()
