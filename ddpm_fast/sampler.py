@@ -193,6 +193,12 @@ class Sampler:
             raise ValueError(f"first_sample + N must stay below 2^31 (noise counters are int64), got {first_sample} + {shape[0]}")
         chain = _Chain(self, schedule, shape, seed, first_sample, eta, per_sample)
         x, intermediates = chain.run(progress, return_intermediates)
+        # One read at the end (the chain never syncs): NaN or Inf here came from
+        # the model, and would otherwise pass unnoticed (as black pixels in a PNG).
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            warnings.warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
+                          "finite at some step", RuntimeWarning, stacklevel=2)
         return (x, intermediates) if return_intermediates else x
 
     # ----------------------------------------------------------------- helpers

@@ -204,6 +204,20 @@ def test_intermediates_hold_the_x0_each_step_implied(clip):
         torch.testing.assert_close(picture.pred_x0.double(), x0.clamp(-1, 1) if clip else x0, atol=1e-5, rtol=1e-5)
 
 
+def test_non_finite_samples_are_reported():
+    """A model that returns NaN at one step gives NaN samples; sample() says so."""
+    def model(x, t):
+        return torch.where(t.view(-1, 1, 1, 1) == 999, float("nan"), 0.1 * x)
+
+    sampler = Sampler(model, SCHEDULE, sample_shape=(1, 2, 2))
+    with pytest.warns(RuntimeWarning, match="8 of 8 sample values are NaN or Inf"):
+        x = sampler.sample(2, seed=0, steps=10, progress=False)
+    assert torch.isnan(x).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampler(lambda x, t: 0.1 * x, SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=10, progress=False)
+
+
 def test_progress_bar_runs(capsys):
     Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=5, progress=True)
     assert "sampling" in capsys.readouterr().err
