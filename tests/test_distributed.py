@@ -7,6 +7,7 @@ import atexit
 import json
 import os
 import socket
+import sys
 import weakref
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _leave(failed: bool) -> None:
+    """Leave the group and end the worker process. After a successful run the
+    process exits without finalizing the interpreter (atexit handlers run
+    first): gloo now and then aborts a rank (SIGABRT, "terminate called without
+    an active exception") during finalization, after its group is destroyed and
+    its results are written, about once in 40 runs here and in CI, cause not
+    established; these tests check what the workers wrote."""
+    distributed.teardown(failed=failed)
+    if not failed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(0)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -51,7 +67,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             np.save(Path(out) / "drawn.npy", drawn)
         failed = False
     finally:
-        distributed.teardown(failed=failed)
+        _leave(failed)
 
 
 def _next_step_gradients(trainer) -> list[torch.Tensor]:
@@ -105,7 +121,7 @@ def _resume_worker(rank: int, world: int, port: int, out: str, interrupted: bool
             torch.save(trainer.model.state_dict(), Path(out) / "weights.pt")
         failed = False
     finally:
-        distributed.teardown(failed=failed)
+        _leave(failed)
 
 
 @pytest.mark.slow
@@ -134,7 +150,7 @@ def _exit_worker(rank: int, world: int, port: int, out: str) -> None:
     trainer.cycle = trainer
     wrapper.append(weakref.ref(trainer.net))
     trainer.train(final_samples=False)
-    distributed.teardown()
+    _leave(failed=False)  # the atexit handlers run (the library's, then this test's)
 
 
 @pytest.mark.slow
