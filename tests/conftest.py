@@ -137,3 +137,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 requires_extension = pytest.mark.skipif(not _extension.AVAILABLE, reason="the C++ extension is not built")
+
+
+def save_tiny_diffusers_pipeline(folder, timesteps: int):
+    """A tiny diffusers UNet2DModel of the DDPM layout (1 x 8 x 8), saved with a
+    linear scheduler config of ``timesteps`` steps (beta 2e-4 to 0.03) as a
+    pipeline folder (``unet/``, ``scheduler/``); returns the model, in eval mode."""
+    import json
+
+    import diffusers
+
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+        norm_num_groups=4, attention_head_dim=None,
+    ).eval()
+    unet.save_pretrained(folder / "unet")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": timesteps}))
+    return unet

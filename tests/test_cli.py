@@ -106,21 +106,13 @@ def test_sample_writes_png_and_npz(run_dir, tmp_path):
 def test_sample_from_a_diffusers_pipeline_folder(tmp_path):
     """A saved diffusers pipeline (its UNet2DModel and scheduler config) samples
     as our Sampler does with the diffusers model itself as the noise predictor."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
+    from conftest import save_tiny_diffusers_pipeline
     from ddpm_fast import NoiseSchedule, Sampler
     from ddpm_fast.images import to_uint8
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
-        norm_num_groups=4, attention_head_dim=None,
-    ).eval()
-    unet.save_pretrained(tmp_path / "pipe" / "unet")
-    (tmp_path / "pipe" / "scheduler").mkdir()
-    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 200}))
+    unet = save_tiny_diffusers_pipeline(tmp_path / "pipe", timesteps=200)
     out = tmp_path / "samples"
     assert main(["sample", "--checkpoint", str(tmp_path / "pipe"), "--out", str(out), "-n", "3", "--steps", "6",
                  "--no-channels-last", "--device", "cpu"]) == 0

@@ -3,11 +3,11 @@ diffusers write, and fails clearly on the rest."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
+from conftest import save_tiny_diffusers_pipeline
 from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
 from ddpm_fast.data import ImageDataset
 from ddpm_fast.models import UNet
@@ -59,17 +59,8 @@ def test_save_pretrained_folder(run, tmp_path):
 
 
 def test_diffusers_folder_and_pipeline_folder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
-        norm_num_groups=4, attention_head_dim=None,
-    ).eval()
-    unet.save_pretrained(tmp_path / "unet")
-    (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": 500}))
+    pytest.importorskip("diffusers")
+    unet = save_tiny_diffusers_pipeline(tmp_path, timesteps=500)
     for path in (tmp_path, tmp_path / "unet"):
         model, schedule = load_model(path)
         with torch.no_grad():
