@@ -290,18 +290,26 @@ def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, data_file):
     from ddpm_fast.pretrained import load_model
 
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "ddpm_fast", "train", "--data", str(data_file), "--out", str(out), "--model", "tiny",
-            "--steps", "100000", "--batch-size", "8", "--timesteps", "20", "--checkpoint-every", "1",
-            "--log-every", "1", "--device", "cpu"]
+    args = ["train", "--data", str(data_file), "--out", str(out), "--model", "tiny", "--steps", "100000", "--batch-size", "8",
+            "--timesteps", "20", "--checkpoint-every", "1", "--log-every", "1", "--device", "cpu"]
+    # Python leaves SIGINT ignored if it started ignored (as a background job's
+    # is): the child installs the default handler itself, before the CLI runs.
+    launcher = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('ddpm_fast', run_name='__main__')")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DDPM_FAST_DEBUG", None)
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    process = subprocess.Popen([sys.executable, "-c", launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # never leave the run behind
+            process.kill()
+            process.wait()
     assert process.returncode == 130, err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     ckpt = latest_checkpoint(out)

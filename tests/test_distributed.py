@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import socket
 import sys
 import weakref
@@ -28,6 +29,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _spawn_two_ranks(worker, *args) -> None:
+    """Run worker(rank, 2, port, *args) in two processes. The port was free a
+    moment before rank 0 binds it; should another process take it meanwhile,
+    the ranks are started again on another port."""
+    for attempt in range(3):
+        try:
+            mp.start_processes(worker, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="spawn")
+            return
+        except mp.ProcessRaisedException as error:
+            if attempt == 2 or not re.search("EADDRINUSE|address already in use", str(error), re.IGNORECASE):
+                raise
 
 
 def _leave(failed: bool) -> None:
@@ -81,7 +95,7 @@ def _next_step_gradients(trainer) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    _spawn_two_ranks(_worker, str(tmp_path))
     single = make_trainer(tmp_path / "single", steps=STEPS)
     single.train(final_samples=False)
     ddp = torch.load(tmp_path / "weights.pt")
@@ -92,12 +106,21 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     torch.manual_seed(0)
     sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
     alone = distributed.sample_sharded(sampler, 5, seed=9, batch_size=5, progress=False)
-    np.testing.assert_array_equal(np.load(tmp_path / "samples.npy"), alone)
+    _assert_same_images(np.load(tmp_path / "samples.npy"), alone)
     torch.manual_seed(100)
-    np.testing.assert_array_equal(np.load(tmp_path / "drawn.npy"), distributed.sample_sharded(sampler, 5, seed=None, batch_size=5, progress=False))
+    _assert_same_images(np.load(tmp_path / "drawn.npy"), distributed.sample_sharded(sampler, 5, seed=None, batch_size=5, progress=False))
     # The log holds the global batch's loss (it held rank 0's half of it).
     ddp_log, single_log = (_log_losses(run) for run in (tmp_path / "run", tmp_path / "single"))
     np.testing.assert_allclose(ddp_log, single_log, rtol=1e-5)
+
+
+def _assert_same_images(got: np.ndarray, want: np.ndarray) -> None:
+    """The same noise gives the same uint8 images; the model's float results
+    may differ in the last bit with the batch's size (2 per rank, 5 alone),
+    which can move a value at a rounding level's edge by one, never more."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).sum())
 
 
 def _log_losses(run: Path) -> list[float]:
@@ -130,8 +153,7 @@ def test_two_gloo_ranks_resume_exactly_with_dropout(tmp_path):
     resumed with rank 0's (as before) draws other dropout masks."""
     for name, interrupted in (("full", False), ("resumed", True)):
         (tmp_path / name).mkdir()
-        mp.start_processes(_resume_worker, args=(2, _free_port(), str(tmp_path / name), interrupted), nprocs=2,
-                           join=True, start_method="spawn")
+        _spawn_two_ranks(_resume_worker, str(tmp_path / name), interrupted)
     full, resumed = (torch.load(tmp_path / name / "weights.pt") for name in ("full", "resumed"))
     for name, value in full.items():
         assert torch.equal(resumed[name], value), name
@@ -157,7 +179,7 @@ def _exit_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_wrappers_go_before_the_interpreter_finalizes(tmp_path):
     """A DDP wrapper destroyed during interpreter finalization makes gloo abort
     the process (SIGABRT) now and then, after a successful run."""
-    mp.start_processes(_exit_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    _spawn_two_ranks(_exit_worker, str(tmp_path))
     assert [(tmp_path / f"released{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
 
 

@@ -76,7 +76,9 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
 
 
 def test_loss_falls_over_a_short_run(tmp_path):
-    trainer = make_trainer(tmp_path, steps=60, log_every=10, checkpoint_every=60)
+    """Over 150 steps the last 25-step window's mean loss is 0.43-0.48 of the
+    first's for training seeds 0-7 (60 steps gave 0.56-0.64: too close to the bar)."""
+    trainer = make_trainer(tmp_path, steps=150, log_every=25, checkpoint_every=150)
     trainer.train(final_samples=False)
     losses = _losses(tmp_path)
     assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
@@ -184,18 +186,24 @@ def test_sigkill_at_a_random_moment_then_resume(baseline, tmp_path, trial):
     checkpoints every step); the resumed run ends as the uninterrupted one.
     The kill lands while the run is alive, after step k (1 to STEPS - 2, by
     trial) and a random part of the next step: a delay from the first log line
-    alone let short runs end before it, leaving nothing to resume."""
-    out = tmp_path / "run"
+    alone let short runs end before it, leaving nothing to resume (which is
+    retried, with shorter delays, should it still happen)."""
     rng = random.Random(trial)
     after_step = 1 + trial % (STEPS - 2)  # at least two steps left to kill in
-    process = _start(out)
-    deadline = time.monotonic() + 60
-    while process.is_alive() and time.monotonic() < deadline and _logged_steps(out) < after_step:
-        time.sleep(0.002)
-    time.sleep(rng.uniform(0.0, 0.01))
-    process.kill()
-    process.join()
-    assert process.exitcode == -signal.SIGKILL, f"the run ended (exit {process.exitcode}) before the kill"
+    for attempt in range(5):  # a fast machine may finish the last steps within the delay: try again
+        out = tmp_path / f"run{attempt}"
+        process = _start(out)
+        deadline = time.monotonic() + 60
+        while process.is_alive() and time.monotonic() < deadline and _logged_steps(out) < after_step:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.01 / 2**attempt))
+        process.kill()
+        process.join()
+        if process.exitcode == -signal.SIGKILL:
+            break
+        assert process.exitcode == 0, f"the run failed (exit {process.exitcode}) before the kill"
+    else:
+        pytest.fail("the run ended before the kill in 5 attempts")
     assert _run(out) == 0
     _assert_same_run(out, baseline)
 
