@@ -412,5 +412,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def entry_point() -> None:
+    """The ``ddpm-fast`` command (and ``python -m ddpm_fast``)."""
+    code = main()
+    distributed = sys.modules.get(f"{__package__}.distributed")  # imported by every command that can join a group
+    if distributed is None:
+        sys.exit(code)
+    distributed.exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

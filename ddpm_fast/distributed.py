@@ -14,6 +14,7 @@ import functools
 import gc
 import math
 import os
+import sys
 import weakref
 from typing import Any
 
@@ -25,7 +26,7 @@ from .images import to_uint8
 from .ops._args import as_seed
 from .sampler import Sampler
 
-__all__ = ["setup", "teardown", "rank_and_world", "sample_sharded"]
+__all__ = ["setup", "teardown", "rank_and_world", "sample_sharded", "exit_process"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -34,8 +35,12 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+_joined = False  # whether setup() joined a process group in this process
+
+
 def setup(device: str | None = None) -> torch.device:
     """Join the process group if launched by torchrun; return this rank's device."""
+    global _joined
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if world > 1 and not dist.is_initialized():
@@ -43,6 +48,7 @@ def setup(device: str | None = None) -> torch.device:
         if want_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if want_cuda else "gloo")
+        _joined = True
     if want_cuda:
         if world == 1 and device is not None and torch.device(device).index is not None:
             return torch.device(device)  # a single process on the GPU it was given (cuda:K)
@@ -86,6 +92,23 @@ def _release_ddp() -> None:
     for owner in list(_DDP_OWNERS):
         owner.net = owner.model
     gc.collect()  # wrappers held only by cycles of garbage
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code``. After a process group was joined (and,
+    by then, left), the atexit handlers run and the output is flushed, but the
+    interpreter is not finalized: gloo now and then aborts a rank there
+    (SIGABRT, "terminate called without an active exception") after the run
+    has succeeded, even with the wrappers released (see release_ddp_at_exit;
+    cause not established), which would turn a finished run's exit status
+    into a crash's. The ``ddpm-fast`` command ends this way; a script that
+    calls ``cli.main`` itself is not ended by it."""
+    if _joined:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def sample_sharded(

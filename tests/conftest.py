@@ -182,3 +182,11 @@ def save_tiny_diffusers_pipeline(folder, timesteps: int):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"beta_schedule": "linear", "beta_start": 2e-4, "beta_end": 0.03, "num_train_timesteps": timesteps}))
     return unet
+
+
+@pytest.fixture(autouse=True)
+def _torch_generator_seeded():
+    """Every test starts from the same torch generator state, whatever ran
+    before it: a test that draws unseeded inputs sees the same ones alone, in
+    the full run, or after a test is added."""
+    torch.manual_seed(0)
