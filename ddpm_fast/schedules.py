@@ -300,7 +300,8 @@ class NoiseSchedule:
         return table
 
     def respace(self, timesteps: Sequence[int]) -> "NoiseSchedule":
-        """The schedule of the sub-chain through ``timesteps`` (increasing, zero-based),
+        """The schedule of the sub-chain through ``timesteps`` (zero-based; a set:
+        taken in increasing order, whatever order they come in, repeats dropped),
         with the betas that keep its alphas_cumprod (Nichol & Dhariwal 2021, sec. 4).
         ``timestep_map[i]`` is the original timestep of new index i, which the model
         sees (the parent's original timestep, when this schedule is itself respaced);

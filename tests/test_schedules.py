@@ -212,6 +212,9 @@ def test_respace_keeps_alphas_cumprod_and_maps_original_timesteps():
     subsub = sub.respace([1, 3])
     assert subsub.timestep_map.tolist() == [10, 99]
     assert_close64(subsub.alphas_cumprod, ab[[10, 99]])
+    # a set of timesteps: diffusers' descending order, or repeats, give the same sub-chain
+    again = parent.respace([99, 50, 10, 10, 0])
+    assert again.timestep_map.tolist() == [0, 10, 50, 99] and torch.equal(again.betas, sub.betas)
 
 
 def test_respace_keeps_alphas_cumprod_exactly_where_it_is_tiny():
