@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import torch
 
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def entry_point() -> None:
+def entry_point() -> NoReturn:
     """The ``ddpm-fast`` command (and ``python -m ddpm_fast``)."""
     code = main()
     distributed = sys.modules.get(f"{__package__}.distributed")  # imported by every command that can join a group

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ def _release_ddp() -> None:
     gc.collect()  # wrappers held only by cycles of garbage
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int) -> NoReturn:
     """End the process with ``code``. After a process group was joined (and,
     by then, left), the atexit handlers run and the output is flushed, but the
     interpreter is not finalized: gloo now and then aborts a rank there
