@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddpm_fast.cli import build_parser, main
-from train_helpers import toy_dataset
+from train_helpers import save_toy_npz
 
 COMMANDS = ("info", "train", "sample", "bpd", "fid", "demo")
 
@@ -20,7 +20,7 @@ COMMANDS = ("info", "train", "sample", "bpd", "fid", "demo")
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "toy.npz"
-    np.savez(path, images=toy_dataset(n=32).images.permute(0, 2, 3, 1).numpy())  # N x H x W x C uint8
+    save_toy_npz(path)
     return path
 
 

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from ddpm_fast import Sampler, distributed
 from ddpm_fast.schedules import NoiseSchedule
-from train_helpers import TinyEps, make_trainer
+from train_helpers import TinyEps, make_trainer, save_toy_npz
 
 STEPS = 4
 
@@ -229,10 +229,9 @@ def test_train_command_under_torchrun(tmp_path):
     every rank, rank 0's one summary line, a checkpoint that loads."""
     from ddpm_fast.checkpoint import latest_checkpoint
     from ddpm_fast.pretrained import load_model
-    from train_helpers import toy_dataset
 
     data = tmp_path / "digits.npz"
-    np.savez(data, images=toy_dataset(n=32).images.permute(0, 2, 3, 1).numpy())
+    save_toy_npz(data)
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ddpm_fast",
             "train", "--data", str(data), "--out", str(out), "--model", "tiny", "--steps", "4", "--batch-size", "8",

@@ -3,7 +3,6 @@ diffusers write, and fails clearly on the rest."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

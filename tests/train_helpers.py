@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,11 @@ def toy_dataset(n: int = 64, channels: int = 1, size: int = 8, seed: int = 0) ->
     d2 = (yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2
     img = (255 * torch.exp(-d2.float() / 4)).round().to(torch.uint8)
     return ImageDataset(img[:, None].expand(n, channels, size, size).contiguous(), name="toy")
+
+
+def save_toy_npz(path) -> None:
+    """toy_dataset(n=32) as a data file the CLI reads: key ``images``, uint8 N x H x W x C."""
+    np.savez(path, images=toy_dataset(n=32).images.permute(0, 2, 3, 1).numpy())
 
 
 def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 0.0, **overrides) -> Trainer:
