@@ -277,6 +277,34 @@ def test_cpu_16bit_input_gives_the_float_result_rounded_once(dtype, layout, shap
 
 
 @requires_extension
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpu_silu_stage_within_a_few_ulp(layout):
+    """The kernel's SiLU, apart from the normalization: act=True's output
+    against float64 silu of act=False's (the same u), over u spanning
+    [-104, 104] (past exp's float range both ways) and at +-Inf and NaN.
+    The vector loops' exp are polynomials on a reduced argument (3.0 ulp
+    worst case measured for AVX2's, 2.3 for the portable loop's); a wrong
+    coefficient, table entry or range reduction shows here as errors of
+    thousands of ulp, which the general tests' 1e-5 would let through."""
+    n, c, h, w = 2, 8, 61, 67  # rows of 4087 values: whole vectors and a partial one
+    x = torch.linspace(-1.0, 1.0, n * c * h * w).reshape(n, c, h, w).contiguous(memory_format=layout)
+    weight = torch.full((c,), 60.0)  # normalized values reach about +-1.73, so u about +-104
+    with torch.inference_mode():
+        u = ops.group_norm_silu(x, 2, weight, act=False, backend="cpu")
+        y = ops.group_norm_silu(x, 2, weight, act=True, backend="cpu")
+    assert u.min() < -100 and u.max() > 100
+    want = F.silu(u.double())
+    # relative: 4 ulp (float spacing is 2^-23 to 2^-24 of a value); absolute
+    # below 1e-30, where silu(u < -88.4) comes out as -0.
+    torch.testing.assert_close(y.double(), want, rtol=2.0**-21, atol=1e-30)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+    with torch.inference_mode():  # weight 0, bias v: u = v whatever the statistics
+        got = ops.group_norm_silu(torch.randn(2, 4, 3, 3).contiguous(memory_format=layout), 2, torch.zeros(4), special,
+                                  backend="cpu")
+    torch.testing.assert_close(got, F.silu(special)[None, :, None, None].expand_as(got), equal_nan=True)
+
+
+@requires_extension
 @pytest.mark.parametrize("cap", ["avx2", "none"])
 def test_cpu_narrower_loops_match_reference(cap):
     """The C++ kernel runs its widest vector loops the CPU has (AVX-512, or
@@ -287,7 +315,7 @@ def test_cpu_narrower_loops_match_reference(cap):
     import subprocess
     import sys
 
-    selection = "long_rows or short_rows or 16bit or (match_reference and cpu-cpu and float32)"
+    selection = "long_rows or short_rows or 16bit or silu_stage or (match_reference and cpu-cpu and float32)"
     cross_backend = os.path.join(os.path.dirname(__file__), "test_group_norm_silu.py")  # match_reference
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, cross_backend, "-k", selection],

@@ -191,10 +191,10 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// While computing one task's output (an NCHW batch of blocks, or a small
-// channels_last sample) the loops prefetch the next one's input into L2, when
-// that input is at most this share of L2 (the two inputs and outputs then
-// fill it). Without it each task's first pass (its moments) waits on memory:
+// While computing one task's output (an NCHW batch of blocks) the loops
+// prefetch the next one's input into L2, when that input is at most this share
+// of L2 (the two inputs and outputs then fill it; channels_last samples, see
+// forward_channels_last, prefetch up to L2's size). Without it each task's first pass (its moments) waits on memory:
 // on the AVX-512 VM (2026-12-01, 32x128x32x32 fp32, 16 KiB NCHW blocks) that
 // pass took 20% of the samples, and the op ran 1.15-1.25x longer (measured
 // alternating the two in one process). Prefetching the next block's output
@@ -362,14 +362,17 @@ void forward_channels_last(const T* x, const NormLayout& l, const Params& p, dou
       r += rows;
     }
   };
-  // Samples small enough (see kPrefetchShare) are written in the task that
-  // read them, from L2, while the next sample is prefetched, when there are
-  // samples enough to share among the threads; otherwise each step is a
-  // parallel pass of its own. On the AVX-512 VM (2 MiB L2, 32x128x32x32 fp32,
-  // 512 KiB samples) the first ran 1.10-1.13x faster (alternated in one
-  // process: 1.04-1.05 from writing in the same task, 1.06-1.08 more from the
-  // prefetch).
-  const bool in_task = sample * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() / kPrefetchShare &&
+  // Samples that fit in L2 are written in the task that read them, from L2
+  // (most of it), while the next sample is prefetched, when there are samples
+  // enough to share among the threads; otherwise each step is a parallel pass
+  // of its own. On the AVX-512 VM (2 MiB L2, 32x128x32x32 fp32, 512 KiB
+  // samples) the first ran 1.10-1.13x faster (alternated in one process:
+  // 1.04-1.05 from writing in the same task, 1.06-1.08 more from the
+  // prefetch). On the AMD AVX2 VM (512 KiB L2, the same shape; 2026-12-03),
+  // where that sample is L2's size, not a quarter of it as there:
+  // 2.19-2.41 ms in the task against 2.51-3.00 in passes, and 2.40-2.51 in the
+  // task without the prefetch.
+  const bool in_task = sample * static_cast<int64_t>(sizeof(T)) <= l2_cache_bytes() &&
                        l.n >= 2 * static_cast<int64_t>(at::get_num_threads());
   if (in_task) {
     parallel_tasks(l.n, sample, [&](int64_t begin, int64_t end) {

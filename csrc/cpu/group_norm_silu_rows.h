@@ -40,9 +40,18 @@ namespace {
 // coefficients rounded to float), highest power first. Cephes' degree-7 form
 // (1 + r + r^2 P(r), 8 operations) was as accurate in float and cost the
 // AVX-512 SiLU loop 0.33 ns a value in cache against 0.29 for these 6 fused
-// multiply-adds. The vector loops use it too.
+// multiply-adds. The AVX-512 loops use it too.
 constexpr float kExpPoly[7] = {1.3836815488e-3f, 8.3748400211e-3f, 4.1668228805e-2f, 1.6666419804e-1f,
                                4.9999991059e-1f, 1.0f,             1.0f};
+
+// The AVX2 loops' exp (group_norm_silu_rows_simd.inc) on a finer reduction:
+// 2^(j / 8) rounded to float, j = 0 .. 7, and exp(r) = 1 + r + r^2 P(r) on
+// |r| <= ln2 / 16, P of degree 1 (the minimax fit in relative error, by
+// Lawson's iteration in double: 2.6e-8 with its coefficients rounded to
+// float), highest power first.
+alignas(32) constexpr float kExp2Eighths[8] = {1.0f,          1.090507746e+00f, 1.189207077e+00f, 1.296839595e+00f,
+                                               1.414213538f, 1.542210817e+00f, 1.681792855e+00f, 1.834008098e+00f};
+constexpr float kExpPolyEighth[2] = {1.6666857898e-01f, 5.0006449223e-01f};
 
 inline __attribute__((always_inline)) float exp_poly(float x_in) {
   const float x = x_in >= -87.0f ? (x_in <= 88.0f ? x_in : 88.0f) : -87.0f;
