@@ -246,6 +246,29 @@ def test_module_is_a_drop_in_for_group_norm():
     torch.testing.assert_close(fused(x, add), F.silu(plain(x + add[:, :, None, None])))
 
 
+def test_module_uses_a_parametrized_weight():
+    """forward reads the parameters from the module's dict, for speed; a
+    weight under torch.nn.utils.parametrize is not there, and must still be
+    used (computed by its parametrization), gradients included."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    fused = GroupNormSiLU(2, 6)
+    nn.init.normal_(fused.bias)
+    parametrize.register_parametrization(fused, "weight", Doubled())
+    with torch.no_grad():
+        fused.parametrizations.weight.original.copy_(torch.randn(6))
+    assert "weight" not in fused._parameters
+    x = torch.randn(2, 6, 4, 4)
+    y = fused(x)
+    torch.testing.assert_close(y, F.silu(F.group_norm(x, 2, fused.weight, fused.bias)))
+    y.sum().backward()
+    assert fused.parametrizations.weight.original.grad is not None
+
+
 def test_fuse_helper_replaces_pairs_and_keeps_outputs():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU(),

@@ -10,6 +10,8 @@ from ..ops import BACKENDS, group_norm_silu
 
 __all__ = ["GroupNormSiLU", "fuse_group_norm_silu"]
 
+_ABSENT = object()  # a parameter name missing from a module's _parameters
+
 
 class GroupNormSiLU(nn.GroupNorm):
     """GroupNorm (+ SiLU when ``act``) in one fused op.
@@ -43,8 +45,22 @@ class GroupNormSiLU(nn.GroupNorm):
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != self.num_channels:
             raise ValueError(f"GroupNormSiLU: x has {x.shape[1]} channels (shape {tuple(x.shape)}), expected num_channels = {self.num_channels}")
+        # The parameters straight from their dict: `self.weight` goes through
+        # nn.Module.__getattr__, about 0.9 us each, a tenth of the op's own cost
+        # on small maps (BENCHMARKS.md). A parametrized weight or bias
+        # (torch.nn.utils.parametrize) is not in the dict: then the attribute.
+        params = self._parameters
+        weight = params.get("weight", _ABSENT)
+        bias = params.get("bias", _ABSENT)
         return group_norm_silu(
-            x, self.num_groups, self.weight, self.bias, self.eps, add=add, act=self.act, backend=self.backend
+            x,
+            self.num_groups,
+            self.weight if weight is _ABSENT else weight,
+            self.bias if bias is _ABSENT else bias,
+            self.eps,
+            add=add,
+            act=self.act,
+            backend=self.backend,
         )
 
     @classmethod
