@@ -295,7 +295,8 @@ def test_cpu_silu_stage_within_a_few_ulp(layout):
     assert u.min() < -100 and u.max() > 100
     want = F.silu(u.double())
     # relative: 4 ulp (float spacing is 2^-23 to 2^-24 of a value); absolute
-    # below 1e-30, where silu(u < -88.4) comes out as -0.
+    # below 1e-30, where silu(u) for u below about -88 (where exp(-u)
+    # overflows) comes out as -0.
     torch.testing.assert_close(y.double(), want, rtol=2.0**-21, atol=1e-30)
     special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
     with torch.inference_mode():  # weight 0, bias v: u = v whatever the statistics
