@@ -19,12 +19,7 @@
 
 namespace ddpm_fast {
 
-struct NormLayout {
-  int64_t n, c, hw;      // x viewed as N x C x (spatial)
-  int64_t groups;        // G; channels per group = c / groups
-  bool channels_last;    // memory order N, spatial, C
-};
-
+// NormLayout: kernel_args.h (via layout.h).
 inline NormLayout check_group_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add,
                                         int64_t num_groups) {

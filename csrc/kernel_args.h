@@ -39,6 +39,42 @@ struct StepLayout {
   bool model_input_other;   // model input is in the other memory format
 };
 
+// x of GroupNorm+SiLU viewed as N x C x (spatial) (check_group_norm_args in
+// group_norm_silu.h builds it).
+struct NormLayout {
+  int64_t n, c, hw;      // x viewed as N x C x (spatial)
+  int64_t groups;        // G; channels per group = c / groups
+  bool channels_last;    // memory order N, spatial, C
+};
+
+namespace cuda {
+// The reverse step's model-input element types, chosen at run time (one
+// uniform branch per store).
+enum class InputType : int { kNone, kFloat, kHalf, kBFloat16 };
+}  // namespace cuda
+
+namespace gn {
+// How the CUDA GroupNorm+SiLU cuts a problem into tiles (gn::plan in
+// cuda/group_norm_silu_kernels.cuh; read by every kernel).
+struct Geometry {
+  int64_t c, s, groups, cg;  // channels, positions, groups, channels per group
+  int64_t cols;              // channels per tile (fused: whole groups)
+  int64_t block_s;           // positions per tile
+  int64_t col_tiles;         // tiles across the channels of one sample
+  int64_t pos_tiles;         // tiles across the positions (1 when fused)
+  bool channels_last;
+  bool fused;
+};
+
+// Affine parameters and the add, as float32 (null when absent).
+struct Params {
+  const float* w;    // [C]
+  const float* b;    // [C]
+  const float* add;  // [N, C]
+  bool act;
+};
+}  // namespace gn
+
 // The noise-free part of the step for one element (row: its timestep's row).
 // The clip keeps NaN as NaN, as torch.clamp does.
 DDPM_HD float step_mean(const float* row, float x, float e, bool clip) {

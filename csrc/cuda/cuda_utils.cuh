@@ -1,8 +1,7 @@
-// Launch helpers shared by the CUDA kernels' host code (needs c10).
+// Launch helpers shared by the *_launch.cu files (C10_CUDA_CHECK needs c10).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>

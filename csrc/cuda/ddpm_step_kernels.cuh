@@ -1,5 +1,6 @@
-// The reverse step's device code (host side: ddpm_step_cuda.cu). Torch-free,
-// so that tests/cuda_emulation can run it on the CPU.
+// The reverse step's device code (host side: ddpm_step_launch.cu,
+// ddpm_step_cuda.cpp). Torch-free, so that tests/cuda_emulation can run it on
+// the CPU.
 #pragma once
 
 #include <cstdint>
@@ -12,9 +13,6 @@ namespace ddpm_fast {
 namespace cuda {
 
 constexpr int kStepVec = 4;  // elements per thread
-
-// Model-input element types, chosen at run time (one uniform branch per store).
-enum class InputType : int { kNone, kFloat, kHalf, kBFloat16 };
 
 // Half and BFloat16: the 16-bit types (c10's on the GPU, the emulation's on the CPU).
 template <typename Half, typename BFloat16>

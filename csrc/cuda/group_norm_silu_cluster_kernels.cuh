@@ -38,8 +38,8 @@
 // slice, summed over the cluster's blocks in rank order, then dx. One read of
 // x and dy, one write of dx, against the split backward's two reads of each.
 //
-// The host (group_norm_silu_cuda.cu) takes this path when the fused one does
-// not fit, the code was compiled for sm_90 or later, the GPU is of compute
+// The host (group_norm_silu_launch.cu) takes this path when the fused one
+// does not fit, the code was compiled for sm_90 or later, the GPU is of compute
 // capability 9.0 or later with cluster launch, plan_cluster finds K <= 8 blocks
 // whose shared memory holds the tile(s), and cudaOccupancyMaxActiveClusters
 // says such clusters can run; otherwise the split path. DDPM_FAST_GN_CLUSTER=0

@@ -35,6 +35,7 @@
 
 #include <cstdint>
 
+#include "../kernel_args.h"
 #include "block_ops.cuh"
 
 #ifndef DDPM_DYNAMIC_SHARED
@@ -62,25 +63,6 @@ struct Limits {
   // pad up to twice their size and take the split path past this.
   int64_t max_smem_floats = 24000;           // forward: the tile
   int64_t max_smem_floats_backward = 12000;  // backward: x and dy, two tiles
-};
-
-// How the problem is cut into tiles (the host's plan, read by every kernel).
-struct Geometry {
-  int64_t c, s, groups, cg;  // channels, positions, groups, channels per group
-  int64_t cols;              // channels per tile (fused: whole groups)
-  int64_t block_s;           // positions per tile
-  int64_t col_tiles;         // tiles across the channels of one sample
-  int64_t pos_tiles;         // tiles across the positions (1 when fused)
-  bool channels_last;
-  bool fused;
-};
-
-// Affine parameters and the add, as float32 (null when absent).
-struct Params {
-  const float* w;    // [C]
-  const float* b;    // [C]
-  const float* add;  // [N, C]
-  bool act;
 };
 
 // Floats of shared memory a tile of `cols` channels by `rows_s` positions

@@ -1,5 +1,5 @@
-// q_sample's device code (host side: q_sample_cuda.cu). Torch-free, so that
-// tests/cuda_emulation can run it on the CPU.
+// q_sample's device code (host side: q_sample_launch.cu, q_sample_cuda.cpp).
+// Torch-free, so that tests/cuda_emulation can run it on the CPU.
 #pragma once
 
 #include <cstdint>

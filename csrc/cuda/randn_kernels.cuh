@@ -1,5 +1,5 @@
-// fill_randn_'s device code (host side: randn_cuda.cu). Torch-free, so that
-// tests/cuda_emulation can run it on the CPU.
+// fill_randn_'s device code (host side: randn_launch.cu, randn_cuda.cpp).
+// Torch-free, so that tests/cuda_emulation can run it on the CPU.
 #pragma once
 
 #include <cstdint>

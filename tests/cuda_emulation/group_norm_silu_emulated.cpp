@@ -68,7 +68,7 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
     emu::launch(gn::forward_fused_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm, 1e-5f, y.data(), mean.data(),
                 rstd.data());
   } else {
-    // The host's combination (group_norm_silu_cuda.cu), in double: Chan's
+    // The host's combination (group_norm_silu_cuda.cpp), in double: Chan's
     // parallel formula over the tile columns' moments about their own means.
     const int64_t per = k.n * k.c * fg.pos_tiles;
     std::vector<float> parts(3 * per, NAN);
@@ -117,7 +117,7 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
     emu::launch(gn::backward_sums_kernel<T, V>, bgrid, threads, bsmem, static_cast<const T*>(dy.data()),
                 static_cast<const T*>(x.data()), bg, prm, mp, rp, sums.data(), sums.data() + per,
                 sums.data() + 2 * per);
-    // The host's combination (group_norm_silu_cuda.cu) in float32, as torch
+    // The host's combination (group_norm_silu_cuda.cpp) in float32, as torch
     // does it there: the tiles' sums, then the groups' means of w*B and w*A.
     std::vector<float> xs(k.n * k.c, 0);
     for (int64_t nc = 0; nc < k.n * k.c; ++nc) {

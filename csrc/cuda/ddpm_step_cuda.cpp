@@ -1,12 +1,12 @@
-// The reverse step on the GPU: one read of x_t and eps (and of given noise),
-// one write of x_{t-1} (and of the next model input); cuda::kStepVec elements per thread.
+// The reverse step on the GPU: the op's checks; the launch is in
+// ddpm_step_launch.cu.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../ddpm_step.h"
-#include "cuda_utils.cuh"
-#include "ddpm_step_kernels.cuh"
+#include "launch.h"
 
 namespace ddpm_fast {
 namespace {
@@ -36,27 +36,12 @@ void ddpm_step_cuda(const at::Tensor& x, const at::Tensor& eps, const at::Tensor
   DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "ddpm_step_cuda", [&] {
     using X = scalar_t;
     DDPM_DISPATCH_FLOAT_TYPES(eps.scalar_type(), "ddpm_step_cuda_eps", [&] {
-      using E = scalar_t;
-      const X* xp = x.const_data_ptr<X>();
-      const E* ep = eps.const_data_ptr<E>();
-      const X* np = noise.has_value() ? noise->const_data_ptr<X>() : nullptr;
-      X* op = out.mutable_data_ptr<X>();
-      const bool vectorized = cuda::all_aligned<sizeof(X) * cuda::kStepVec>(xp, op) && cuda::all_aligned<sizeof(E) * cuda::kStepVec>(ep) &&
-                              (np == nullptr || cuda::all_aligned<sizeof(X) * cuda::kStepVec>(np));
-      const int64_t blocks = cuda::grid_size((s.numel + cuda::kStepVec - 1) / cuda::kStepVec);
-      auto launch = [&](auto kernel) {
-        kernel<<<blocks, cuda::kThreads, 0, stream>>>(
-            xp, ep, t.const_data_ptr<int64_t>(), per_sample_t, coefficients.const_data_ptr<float>(),
-            coefficients.size(0), np, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-            static_cast<uint64_t>(sample_stride), static_cast<uint64_t>(step_stride), clip_denoised, s, op, mi,
-            input_type(model_input));
-      };
-      if (vectorized) {
-        launch(cuda::ddpm_step_kernel<X, E, true, at::Half, at::BFloat16>);
-      } else {
-        launch(cuda::ddpm_step_kernel<X, E, false, at::Half, at::BFloat16>);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch_ddpm_step(x.const_data_ptr<X>(), eps.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
+                             per_sample_t, coefficients.const_data_ptr<float>(), coefficients.size(0),
+                             noise.has_value() ? noise->const_data_ptr<X>() : nullptr, static_cast<uint64_t>(seed),
+                             static_cast<uint64_t>(offset), static_cast<uint64_t>(sample_stride),
+                             static_cast<uint64_t>(step_stride), clip_denoised, s, out.mutable_data_ptr<X>(), mi,
+                             input_type(model_input), stream);
     });
   });
 }

@@ -1,0 +1,158 @@
+// GroupNorm+SiLU on the GPU: the op's checks and outputs, the choice of path
+// (fused, cluster or split; group_norm_silu_kernels.cuh describes them) and
+// the split path's combination of moments between its two launches; the
+// launches are in group_norm_silu_launch.cu.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "../group_norm_silu.h"
+#include "launch.h"
+
+namespace ddpm_fast {
+namespace {
+
+at::Tensor as_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+gn::Params make_params(const at::Tensor& w, const at::Tensor& b, const at::Tensor& add, bool act) {
+  return {w.defined() ? w.const_data_ptr<float>() : nullptr, b.defined() ? b.const_data_ptr<float>() : nullptr,
+          add.defined() ? add.const_data_ptr<float>() : nullptr, act};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const std::optional<at::Tensor>& add,
+                                                                   int64_t num_groups, double eps, bool act) {
+  const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "ddpm_fast: float64 GroupNorm runs on the CPU only");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) {  // groups of no values (an empty spatial extent): no statistics, NaN
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
+  const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
+  const gn::Params p = make_params(w, b, a, act);
+  const gn::Geometry g = cuda::gn_plan(l, x.element_size(), /*backward=*/false);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float eps_f = static_cast<float>(eps);
+  DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    float* mp = mean.mutable_data_ptr<float>();
+    float* rp = rstd.mutable_data_ptr<float>();
+    if (g.fused) {
+      cuda::gn_forward_fused(xp, l, g, p, eps_f, yp, mp, rp, stream);
+      return;
+    }
+    // sm_90+: a group too large for a block, in a cluster's shared memory (one read, one write).
+    if (cuda::gn_forward_cluster(xp, l, p, eps_f, yp, mp, rp, stream)) return;
+    at::Tensor parts = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
+    cuda::gn_moments(xp, l, g, parts[0].mutable_data_ptr<float>(), parts[1].mutable_data_ptr<float>(),
+                     parts[2].mutable_data_ptr<float>(), stream);
+    // The tile columns' moments combined in double by Chan's parallel formula:
+    // a column of n values about its float mean m, with D = sum (x - m) and
+    // Q = sum (x - m)^2, has the mean m + D / n and M2 = Q - D^2 / n; the
+    // group's M2 is the columns' M2 plus n (column mean - group mean)^2 summed.
+    // Every float sum is of deviations from its own column's mean, so none
+    // cancels wherever the values lie (sums shifted by the group's first
+    // value, before, lost the variance when that value lay far from the mean).
+    const at::Tensor part = parts.to(at::kDouble);
+    at::Tensor n_t = at::full({g.pos_tiles}, static_cast<double>(g.block_s), x.options().dtype(at::kDouble));
+    n_t.select(0, g.pos_tiles - 1).fill_(static_cast<double>(l.hw - (g.pos_tiles - 1) * g.block_s));
+    const at::Tensor dev = part[1];
+    at::Tensor col_mean = part[0] + dev / n_t;  // [N, C, T]
+    if (a.defined()) col_mean = col_mean + a.to(at::kDouble).view({l.n, l.c, 1});
+    const at::Tensor col_m2 = part[2] - dev * dev / n_t;
+    const double count = static_cast<double>(l.c / l.groups * l.hw);
+    auto group_sum = [&](const at::Tensor& v) {  // [N, C, T] -> [N, G, 1, 1]
+      return v.view({l.n, l.groups, -1, g.pos_tiles}).sum({2, 3}, /*keepdim=*/true);
+    };
+    const at::Tensor d_mean = group_sum(col_mean * n_t) / count;
+    const at::Tensor spread = col_mean.view({l.n, l.groups, -1, g.pos_tiles}) - d_mean;
+    const at::Tensor var = ((group_sum(col_m2) + (spread * spread * n_t).sum({2, 3}, true)) / count).clamp_min(0.0);
+    mean.copy_(d_mean.view({l.n, l.groups}));
+    rstd.copy_((var + eps).rsqrt().view({l.n, l.groups}));
+    cuda::gn_normalize(xp, l, g, p, mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), yp, stream);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
+    const at::Tensor& dy_in, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool act) {
+  const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "ddpm_fast: float64 GroupNorm runs on the CPU only");
+  check_group_norm_backward_args(dy_in, x, mean, rstd, l);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dy = x.is_contiguous() ? dy_in.contiguous() : dy_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor col_a = at::zeros({l.n, l.c}, x.options().dtype(at::kFloat));
+  at::Tensor col_b = at::zeros({l.n, l.c}, x.options().dtype(at::kFloat));
+  at::Tensor dadd = at::zeros({l.n, l.c}, x.options().dtype(at::kFloat));
+  if (x.numel() > 0) {
+    const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
+    const gn::Params p = make_params(w, b, a, act);
+    const gn::Geometry g = cuda::gn_plan(l, x.element_size(), /*backward=*/true);
+    const int64_t cg = l.c / l.groups;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const float* mp = mean.const_data_ptr<float>();
+    const float* rp = rstd.const_data_ptr<float>();
+    DDPM_DISPATCH_FLOAT_TYPES(x.scalar_type(), "group_norm_silu_backward_cuda", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      float* ap = col_a.mutable_data_ptr<float>();
+      float* bp = col_b.mutable_data_ptr<float>();
+      float* dap = dadd.mutable_data_ptr<float>();
+      if (g.fused) {
+        cuda::gn_backward_fused(dyp, xp, l, g, p, mp, rp, dxp, ap, bp, dap, stream);
+        return;
+      }
+      // sm_90+: x and dy of a group too large for a block, in a cluster's shared memory (one read of each).
+      if (cuda::gn_backward_cluster(dyp, xp, l, p, mp, rp, dxp, ap, bp, dap, stream)) return;
+      at::Tensor sums = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
+      cuda::gn_backward_sums(dyp, xp, l, g, p, mp, rp, sums[0].mutable_data_ptr<float>(),
+                             sums[1].mutable_data_ptr<float>(), sums[2].mutable_data_ptr<float>(), stream);
+      const at::Tensor totals = sums.sum(-1);  // [3, N, C]: A, B, X
+      col_a = totals[0];
+      col_b = totals[1];
+      const at::Tensor wf = w.defined() ? w : at::ones({l.c}, x.options().dtype(at::kFloat));
+      const double count = static_cast<double>(cg * l.hw);
+      const at::Tensor m1 = ((wf * col_b).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
+      const at::Tensor m2 = ((wf * col_a).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
+      cuda::gn_backward_dx(dyp, xp, l, g, p, mp, rp, m1.const_data_ptr<float>(), m2.const_data_ptr<float>(), dxp,
+                           stream);
+      const auto per_channel = [&](const at::Tensor& t) { return t.repeat_interleave(cg, 1); };
+      dadd = per_channel(rstd) * (wf * col_b - static_cast<double>(l.hw) * per_channel(m1) - totals[2] * per_channel(m2));
+    });
+  }
+  const auto [dweight, dbias, dadd_t] = param_grads_as(col_a.sum(0), col_b.sum(0), dadd, x, weight, bias, add);
+  return {dx, dweight, dbias, dadd_t};
+}
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cuda);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cuda);
+}
+
+}  // namespace ddpm_fast
