@@ -195,10 +195,11 @@ int64_t l2_cache_bytes() {
 // prefetch the next one's input into L2, when that input is at most this share
 // of L2 (the two inputs and outputs then fill it; channels_last samples, see
 // forward_channels_last, prefetch up to L2's size). Without it each task's
-// first pass (its moments) waits on memory: on the AVX-512 VM (2026-12-01, 32x128x32x32 fp32, 16 KiB NCHW blocks) that
-// pass took 20% of the samples, and the op ran 1.15-1.25x longer (measured
-// alternating the two in one process). Prefetching the next block's output
-// lines as well gained 1% there, and is not done.
+// first pass (its moments) waits on memory: on the AVX-512 VM (2026-12-01,
+// 32x128x32x32 fp32, 16 KiB NCHW blocks) that pass took 20% of the samples,
+// and the op ran 1.15-1.25x longer (measured alternating the two in one
+// process). Prefetching the next block's output lines as well gained 1%
+// there, and is not done.
 constexpr int64_t kPrefetchShare = 4;
 
 // The float path (float, half, bfloat16 input), NCHW: tasks are (sample,

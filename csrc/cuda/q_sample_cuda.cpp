@@ -23,10 +23,9 @@ void q_sample_impl(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& 
   DDPM_DISPATCH_FLOAT_TYPES(x0.scalar_type(), "q_sample_cuda", [&] {
     cuda::launch_q_sample(x0.const_data_ptr<scalar_t>(), noise ? noise->const_data_ptr<scalar_t>() : nullptr,
                           t.const_data_ptr<int64_t>(), per_sample_t, sqrt_ab.const_data_ptr<float>(),
-                          sqrt_1m_ab.const_data_ptr<float>(), sqrt_ab.numel(), l,
-                          noise ? 0 : static_cast<uint64_t>(seed), noise ? 0 : static_cast<uint64_t>(offset),
-                          xt.mutable_data_ptr<scalar_t>(), eps ? eps->mutable_data_ptr<scalar_t>() : nullptr,
-                          stream);
+                          sqrt_1m_ab.const_data_ptr<float>(), sqrt_ab.numel(), l, static_cast<uint64_t>(seed),
+                          static_cast<uint64_t>(offset), xt.mutable_data_ptr<scalar_t>(),
+                          eps ? eps->mutable_data_ptr<scalar_t>() : nullptr, stream);
   });
 }
 

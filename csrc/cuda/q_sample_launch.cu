@@ -32,13 +32,8 @@ template <typename T>
 void launch_q_sample(const T* x0, const T* noise, const int64_t* t, bool per_sample_t, const float* sqrt_ab,
                      const float* sqrt_1m_ab, int64_t table_size, const ElementLayout& l, uint64_t seed,
                      uint64_t offset, T* xt, T* eps, cudaStream_t stream) {
-  if (noise == nullptr) {
-    launch_q_sample_as<T, true>(x0, nullptr, t, per_sample_t, sqrt_ab, sqrt_1m_ab, table_size, l, seed, offset, xt,
-                                eps, stream);
-  } else {
-    launch_q_sample_as<T, false>(x0, noise, t, per_sample_t, sqrt_ab, sqrt_1m_ab, table_size, l, 0, 0, xt, nullptr,
-                                 stream);
-  }
+  (noise == nullptr ? launch_q_sample_as<T, true> : launch_q_sample_as<T, false>)(
+      x0, noise, t, per_sample_t, sqrt_ab, sqrt_1m_ab, table_size, l, seed, offset, xt, eps, stream);
 }
 
 #define DDPM_INSTANTIATE(T)                                                                                  \
