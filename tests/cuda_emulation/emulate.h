@@ -1,26 +1,36 @@
 // A CPU stand-in for the part of CUDA our kernels use, so that their logic
 // (indexing, packets, reductions, barriers) is tested where there is no GPU.
-// Blocks run one after another; a block's threads run as real threads, with a
-// barrier for __syncthreads and a per-warp exchange for shuffles. The blocks of
-// a thread-block cluster (launch_cluster) run at once, each with its own
-// shared memory, for cooperative_groups' cluster barriers and
+// Blocks run one after another; a block's threads run as fibers (ucontext, each
+// on its own stack with a guard page) that one OS thread switches between at
+// barriers (__syncthreads, a warp's exchange for shuffles, cluster barriers). A
+// fiber runs until it waits at a barrier, and the threads run in ascending
+// order in even blocks, descending in odd ones: a thread that reads another's
+// write with no barrier between them reads it before it is made in one of the
+// two orders, and dynamic shared memory starts as NaN, so the read shows (a
+// missing barrier between a read and a later overwrite may not). A barrier that
+// not every thread reaches (one inside a divergent branch) aborts as a
+// deadlock. The blocks of a thread-block cluster (launch_cluster) run at once,
+// each with its own shared memory, for cooperative_groups' cluster barriers and
 // map_shared_rank; kernels launched so use dynamic shared memory only (a
-// __shared__ static would be shared by the cluster's blocks). It says
-// nothing about speed, and not everything about the memory model: the GPU
-// tests still decide. Include it before the kernels.
+// __shared__ static would be shared by the cluster's blocks). It says nothing
+// about speed, and not everything about the memory model: the GPU tests still
+// decide. Include it before the kernels.
+// (Real threads and std::barrier did this until 2026-12: about 10 times slower
+// on 2 cores, most of it in the OS's scheduler.)
 #pragma once
 
-#include <atomic>
-#include <barrier>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
-#include <optional>
-#include <thread>
 #include <vector>
 
 #define __global__
@@ -39,22 +49,105 @@ struct dim3 {
 
 namespace emu {
 
+// One GPU thread: its saved context, and what CUDA tells it.
+struct Fiber {
+  ucontext_t context;
+  dim3 thread_idx, block_idx;
+  struct Block* block = nullptr;
+  unsigned cluster_rank = 0;
+  unsigned cluster_token = 0;                          // the generation of its pending cluster arrival
+  unsigned cluster_arrivals = 0, cluster_completed = 0;  // its cluster barriers
+  bool done = false;
+};
+
+inline Fiber* current = nullptr;  // the running fiber
+inline ucontext_t scheduler;      // where a fiber yields to
+inline uint64_t events = 0;       // barrier arrivals and finished fibers, to detect a deadlock
+inline dim3 block_dim, grid_dim;
+constexpr size_t kStack = 128 * 1024, kGuard = 4096;
+
+inline void yield() { swapcontext(&current->context, &scheduler); }
+
+// A barrier for `expected` fibers: arrive() returns the generation to wait out.
+struct Barrier {
+  explicit Barrier(unsigned n) : expected(n) {}
+  unsigned arrive() {
+    const unsigned generation_now = generation;
+    if (++count == expected) {
+      count = 0;
+      ++generation;
+    }
+    ++events;
+    return generation_now;
+  }
+  void wait(unsigned token) {
+    while (generation == token) yield();
+  }
+  void arrive_and_wait() { wait(arrive()); }
+  unsigned expected, count = 0, generation = 0;
+};
+
 struct Block {
   explicit Block(unsigned threads, size_t shared_bytes)
-      : all(threads), lanes(threads), shared(shared_bytes + 16, 0xFF) {  // 0xFF..: NaN until written
-    for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
-  }
-  std::barrier<> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+      : all(threads), warps(threads / 32, Barrier(32)), lanes(threads), shared(shared_bytes + 16, 0xFF) {}  // 0xFF..: NaN
+  Barrier all;
+  std::vector<Barrier> warps;
   std::vector<float> lanes;
   std::vector<unsigned char> shared;
 };
 
-inline thread_local dim3 thread_idx, block_idx;
-inline dim3 block_dim, grid_dim;
-inline thread_local Block* block = nullptr;  // the calling thread's block
+inline unsigned char* dynamic_shared() { return current->block->shared.data(); }
 
-inline unsigned char* dynamic_shared() { return block->shared.data(); }
+// Stacks for fibers, each 128 KiB above a guard page (an overflow faults),
+// kept from launch to launch: mapping them per block cost more than the run.
+inline char* stack_of(size_t i) {
+  constexpr size_t kEach = kStack + kGuard;
+  static std::vector<char*> mapped;
+  while (mapped.size() <= i) {
+    void* memory = mmap(nullptr, kEach, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MAP_FAILED || mprotect(memory, kGuard, PROT_NONE) != 0) std::abort();
+    mapped.push_back(static_cast<char*>(memory) + kGuard);
+  }
+  return mapped[i];
+}
+
+// Runs `body` once in each of `fibers` (set up by the caller, not yet started)
+// until all have returned, resuming them in the vector's order; aborts when a
+// whole round leaves every waiting fiber waiting.
+inline void run(std::vector<Fiber>& fibers, const std::function<void()>& body) {
+  static const std::function<void()>* running_body;
+  running_body = &body;
+  const size_t n = fibers.size();
+  for (size_t i = 0; i < n; ++i) {
+    Fiber& f = fibers[i];
+    getcontext(&f.context);
+    f.context.uc_stack = {stack_of(i), 0, kStack};
+    f.context.uc_link = &scheduler;  // where the fiber goes when body returns
+    makecontext(&f.context, +[] {
+      (*running_body)();
+      current->done = true;
+      ++events;
+    }, 0);
+  }
+  for (size_t live = n; live > 0;) {
+    const uint64_t before = events;
+    for (size_t k = 0; k < n; ++k) {
+      Fiber& f = fibers[k];
+      if (f.done) continue;
+      current = &f;
+      swapcontext(&scheduler, &f.context);
+      live -= f.done;
+    }
+    if (live > 0 && events == before) {
+      std::fprintf(stderr, "emulate.h: deadlock: %zu threads wait at barriers no other thread will reach\n", live);
+      std::abort();
+    }
+  }
+  current = nullptr;
+}
+
+// The fibers' order in block b: ascending in even blocks, descending in odd ones.
+inline unsigned thread_in_order(unsigned b, unsigned k, unsigned threads) { return b % 2 ? threads - 1 - k : k; }
 
 // Runs kernel(args...) over `grid` blocks of `threads` threads (a multiple of 32).
 template <typename Kernel, typename... Args>
@@ -63,17 +156,13 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, size_t shared_bytes,
   grid_dim = {grid, 1, 1};
   for (unsigned b = 0; b < grid; ++b) {
     Block state(threads, shared_bytes);
-    block = &state;
-    std::vector<std::thread> pool;
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        block = &state;
-        thread_idx = {t, 0, 0};
-        block_idx = {b, 0, 0};
-        kernel(args...);
-      });
+    std::vector<Fiber> fibers(threads);
+    for (unsigned k = 0; k < threads; ++k) {
+      fibers[k].block = &state;
+      fibers[k].thread_idx = {thread_in_order(b, k, threads), 0, 0};
+      fibers[k].block_idx = {b, 0, 0};
     }
-    for (auto& th : pool) th.join();
+    run(fibers, [&] { kernel(args...); });
   }
 }
 
@@ -82,24 +171,21 @@ struct Cluster {
   Cluster(unsigned blocks, unsigned threads, size_t shared_bytes) : all(blocks * threads) {
     for (unsigned r = 0; r < blocks; ++r) {
       members.push_back(std::make_unique<Block>(threads, shared_bytes));
-      running.push_back(std::make_unique<std::atomic<unsigned>>(threads));
-      needed.push_back(std::make_unique<std::atomic<unsigned>>(0));
+      running.push_back(threads);
+      needed.push_back(0);
     }
   }
-  std::barrier<> all;
+  Barrier all;
   std::vector<std::unique_ptr<Block>> members;
-  std::vector<std::unique_ptr<std::atomic<unsigned>>> running;  // threads of each block not yet returned
+  std::vector<unsigned> running;  // threads of each block not yet returned
   // Per block: 1 + the most cluster-barrier arrivals another block's thread had
   // made when it mapped this block's shared memory (0: never mapped). The
   // block may exit only once it has completed that many barriers: the
   // mapping thread's next arrival (after its reads) is then behind it.
-  std::vector<std::unique_ptr<std::atomic<unsigned>>> needed;
+  std::vector<unsigned> needed;
 };
 
-inline thread_local Cluster* cluster = nullptr;
-inline thread_local unsigned cluster_rank = 0;
-inline thread_local std::optional<std::barrier<>::arrival_token> cluster_token;
-inline thread_local unsigned cluster_arrivals = 0, cluster_completed = 0;  // the calling thread's barriers
+inline Cluster* cluster = nullptr;  // the running cluster
 
 // Runs kernel(args...) over `grid` blocks of `threads` threads in clusters of
 // `cluster_size` consecutive blocks (grid a multiple of it), a cluster's
@@ -115,46 +201,47 @@ void launch_cluster(Kernel kernel, unsigned grid, unsigned cluster_size, unsigne
   if (cluster_size == 0 || grid % cluster_size != 0) std::abort();
   for (unsigned c0 = 0; c0 < grid; c0 += cluster_size) {
     Cluster state(cluster_size, threads, shared_bytes);
-    std::vector<std::thread> pool;
+    cluster = &state;
+    std::vector<Fiber> fibers(cluster_size * threads);
     for (unsigned r = 0; r < cluster_size; ++r) {
-      for (unsigned t = 0; t < threads; ++t) {
-        pool.emplace_back([&, r, t] {
-          block = state.members[r].get();
-          cluster = &state;
-          cluster_rank = r;
-          thread_idx = {t, 0, 0};
-          block_idx = {c0 + r, 0, 0};
-          kernel(args...);
-          if (cluster_completed < state.needed[r]->load()) {
-            std::fprintf(stderr, "emulate.h: block %u exited while its cluster may read its shared memory\n", c0 + r);
-            std::abort();
-          }
-          if (state.running[r]->fetch_sub(1) == 1) {
-            std::memset(block->shared.data(), 0xFF, block->shared.size());
-          }
-        });
+      for (unsigned k = 0; k < threads; ++k) {
+        Fiber& f = fibers[r * threads + k];
+        f.block = state.members[r].get();
+        f.cluster_rank = r;
+        f.thread_idx = {thread_in_order(c0 + r, k, threads), 0, 0};
+        f.block_idx = {c0 + r, 0, 0};
       }
     }
-    for (auto& th : pool) th.join();
+    run(fibers, [&] {
+      kernel(args...);
+      const unsigned r = current->cluster_rank;
+      if (current->cluster_completed < state.needed[r]) {
+        std::fprintf(stderr, "emulate.h: block %u exited while its cluster may read its shared memory\n", c0 + r);
+        std::abort();
+      }
+      if (--state.running[r] == 0) std::memset(current->block->shared.data(), 0xFF, current->block->shared.size());
+    });
+    cluster = nullptr;
   }
 }
 
 }  // namespace emu
 
-#define threadIdx emu::thread_idx
-#define blockIdx emu::block_idx
+#define threadIdx (emu::current->thread_idx)
+#define blockIdx (emu::current->block_idx)
 #define blockDim emu::block_dim
 #define gridDim emu::grid_dim
 
-inline void __syncthreads() { emu::block->all.arrive_and_wait(); }
+inline void __syncthreads() { emu::current->block->all.arrive_and_wait(); }
 
 // Every lane of the warp must call it, as on the GPU with a full mask.
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const unsigned t = threadIdx.x;
-  std::barrier<>& warp = *emu::block->warps[t / 32];
-  emu::block->lanes[t] = v;
+  emu::Block& block = *emu::current->block;
+  emu::Barrier& warp = block.warps[t / 32];
+  block.lanes[t] = v;
   warp.arrive_and_wait();
-  const float other = emu::block->lanes[(t & ~31u) | ((t % 32) ^ static_cast<unsigned>(lane_mask))];
+  const float other = block.lanes[(t & ~31u) | ((t % 32) ^ static_cast<unsigned>(lane_mask))];
   warp.arrive_and_wait();
   return other;
 }
@@ -163,32 +250,28 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 namespace cooperative_groups {
 struct cluster_group {
   static void sync() {
-    ++emu::cluster_arrivals;
-    emu::cluster->all.arrive_and_wait();
-    ++emu::cluster_completed;
+    barrier_arrive();
+    barrier_wait();
   }
   static void barrier_arrive() {
-    ++emu::cluster_arrivals;
-    emu::cluster_token.emplace(emu::cluster->all.arrive());
+    ++emu::current->cluster_arrivals;
+    emu::current->cluster_token = emu::cluster->all.arrive();
   }
   static void barrier_wait() {
-    emu::cluster->all.wait(std::move(*emu::cluster_token));
-    emu::cluster_token.reset();
-    ++emu::cluster_completed;
+    emu::cluster->all.wait(emu::current->cluster_token);
+    ++emu::current->cluster_completed;
   }
   // addr, a shared-memory address of the calling block, in block `rank`'s shared memory.
   template <typename T>
   static T* map_shared_rank(T* addr, int rank) {
-    if (static_cast<unsigned>(rank) != emu::cluster_rank) {
-      std::atomic<unsigned>& needed = *emu::cluster->needed[rank];
-      const unsigned want = emu::cluster_arrivals + 1;
-      for (unsigned n = needed.load(); n < want && !needed.compare_exchange_weak(n, want);) {
-      }
+    if (static_cast<unsigned>(rank) != emu::current->cluster_rank) {
+      unsigned& needed = emu::cluster->needed[rank];
+      needed = std::max(needed, emu::current->cluster_arrivals + 1);
     }
-    const std::ptrdiff_t offset = reinterpret_cast<unsigned char*>(addr) - emu::block->shared.data();
+    const std::ptrdiff_t offset = reinterpret_cast<unsigned char*>(addr) - emu::current->block->shared.data();
     return reinterpret_cast<T*>(emu::cluster->members[rank]->shared.data() + offset);
   }
-  static unsigned block_rank() { return emu::cluster_rank; }
+  static unsigned block_rank() { return emu::current->cluster_rank; }
   static unsigned num_blocks() { return static_cast<unsigned>(emu::cluster->members.size()); }
 };
 inline cluster_group this_cluster() { return {}; }
