@@ -7,6 +7,7 @@ first call of a Triton backend.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -170,10 +171,21 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
     if _WORKERS > 1:
-        # The modules of the slow tests first (xdist hands out whole modules,
-        # in order): the demo's alone takes 2-3 minutes, which last would run
-        # on one worker while the others idle.
-        items.sort(key=lambda item: "slow" not in item.keywords)
+        # The modules with the most slow tests first (xdist hands out whole
+        # modules, in this order: see pytest_configure): the demo's test alone
+        # takes 2-3 minutes, which last would run on one worker while the
+        # others idle. A stable sort: each module's tests stay together, in
+        # their order.
+        slow = collections.Counter(item.nodeid.split("::")[0] for item in items if "slow" in item.keywords)
+        items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+
+
+def pytest_configure(config):
+    # `--dist loadscope` (the README's test command) would hand out modules
+    # in order of their number of tests, putting the demo's (five tests, one
+    # of them 2-3 minutes long) last; keep the order above instead.
+    if getattr(config.option, "dist", "no") == "loadscope":
+        config.option.loadscopereorder = False
 
 
 requires_extension = pytest.mark.skipif(not _extension.AVAILABLE, reason="the C++ extension is not built")

@@ -54,7 +54,7 @@ def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, c
 
 @requires_triton
 @gpu_if_present
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", pytest.param("split", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_large_mean_against_float64(request, path, layout):
     """Data far from zero (mean 1000, spread 2): the fused path's two-pass
@@ -78,6 +78,7 @@ def test_triton_large_mean_against_float64(request, path, layout):
 
 
 @requires_triton
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_add", [False, True], ids=["no-add", "add"])
 def test_triton_split_path_first_value_far_from_the_mean(triton_split_path, layout, with_add):
