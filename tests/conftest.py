@@ -176,8 +176,8 @@ def pytest_collection_modifyitems(config, items):
         # takes 2-3 minutes, which last would run on one worker while the
         # others idle. A stable sort: each module's tests stay together, in
         # their order.
-        slow = collections.Counter(item.nodeid.split("::")[0] for item in items if "slow" in item.keywords)
-        items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+        slow = collections.Counter(item.path for item in items if "slow" in item.keywords)
+        items.sort(key=lambda item: -slow[item.path])
 
 
 def pytest_configure(config):

@@ -149,23 +149,6 @@ inline void run(std::vector<Fiber>& fibers, const std::function<void()>& body) {
 // The fibers' order in block b: ascending in even blocks, descending in odd ones.
 inline unsigned thread_in_order(unsigned b, unsigned k, unsigned threads) { return b % 2 ? threads - 1 - k : k; }
 
-// Runs kernel(args...) over `grid` blocks of `threads` threads (a multiple of 32).
-template <typename Kernel, typename... Args>
-void launch(Kernel kernel, unsigned grid, unsigned threads, size_t shared_bytes, Args... args) {
-  block_dim = {threads, 1, 1};
-  grid_dim = {grid, 1, 1};
-  for (unsigned b = 0; b < grid; ++b) {
-    Block state(threads, shared_bytes);
-    std::vector<Fiber> fibers(threads);
-    for (unsigned k = 0; k < threads; ++k) {
-      fibers[k].block = &state;
-      fibers[k].thread_idx = {thread_in_order(b, k, threads), 0, 0};
-      fibers[k].block_idx = {b, 0, 0};
-    }
-    run(fibers, [&] { kernel(args...); });
-  }
-}
-
 // A thread-block cluster: its blocks, and a barrier over all their threads.
 struct Cluster {
   Cluster(unsigned blocks, unsigned threads, size_t shared_bytes) : all(blocks * threads) {
@@ -223,6 +206,13 @@ void launch_cluster(Kernel kernel, unsigned grid, unsigned cluster_size, unsigne
     });
     cluster = nullptr;
   }
+}
+
+// Runs kernel(args...) over `grid` blocks of `threads` threads (a multiple of
+// 32), one block at a time: clusters of one block.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, unsigned grid, unsigned threads, size_t shared_bytes, Args... args) {
+  launch_cluster(kernel, grid, 1, threads, shared_bytes, args...);
 }
 
 }  // namespace emu
