@@ -11,7 +11,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -57,14 +60,32 @@ inline NormLayout check_group_norm_args(const at::Tensor& x, const std::optional
   return l;
 }
 
+// The dtype of the groups' statistics: float64 for float64 x, else float32.
+inline at::ScalarType group_norm_stat_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The forward's outputs: y like x, and the groups' mean and rstd (N, G) of
+// group_norm_stat_type. An empty x has groups of no values and so no
+// statistics: mean and rstd are NaN (and nothing is left to compute).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_outputs(const at::Tensor& x, const NormLayout& l) {
+  at::Tensor mean = at::empty({l.n, l.groups}, x.options().dtype(group_norm_stat_type(x)));
+  at::Tensor rstd = at::empty_like(mean);
+  if (x.numel() == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return {at::empty_like(x), mean, rstd};
+}
+
 // The backward's own inputs: dy like x, and the forward's (N, G) statistics
-// (float64 for float64 x, else float32), contiguous.
+// (group_norm_stat_type), contiguous.
 inline void check_group_norm_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                            const at::Tensor& rstd, const NormLayout& l) {
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
               "ddpm_fast: dy must have x's shape and dtype");
   TORCH_CHECK(dy.device() == x.device(), "ddpm_fast: dy is on ", dy.device(), " but x is on ", x.device());
-  const at::ScalarType stat_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType stat_type = group_norm_stat_type(x);
   for (const at::Tensor* stat : {&mean, &rstd}) {
     TORCH_CHECK(stat->dim() == 2 && stat->size(0) == l.n && stat->size(1) == l.groups && stat->is_contiguous() &&
                     stat->scalar_type() == stat_type,

@@ -10,14 +10,11 @@
 // double input (gradcheck) runs element by element in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #if __has_include(<unistd.h>)
@@ -418,15 +415,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(const at::Ten
                                                                   const std::optional<at::Tensor>& add,
                                                                   int64_t num_groups, double eps, bool act) {
   const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
-  const at::ScalarType stat_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({l.n, l.groups}, x.options().dtype(stat_type));
-  at::Tensor rstd = at::empty({l.n, l.groups}, x.options().dtype(stat_type));
-  if (x.numel() == 0) {  // groups of no values (an empty spatial extent): no statistics, NaN
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
-  }
+  at::Tensor y, mean, rstd;
+  std::tie(y, mean, rstd) = group_norm_outputs(x, l);
+  if (x.numel() == 0) return {y, mean, rstd};
   const Params p = read_params(l, weight, bias, add);
   if (x.scalar_type() == at::kDouble) {  // gradcheck precision: all in double
     forward(x.const_data_ptr<double>(), l, p, eps, act, y.mutable_data_ptr<double>(), mean.mutable_data_ptr<double>(),

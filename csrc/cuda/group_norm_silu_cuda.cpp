@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 
 #include "../group_norm_silu.h"
@@ -41,14 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
   const NormLayout l = check_group_norm_args(x, weight, bias, add, num_groups);
   TORCH_CHECK(x.scalar_type() != at::kDouble, "ddpm_fast: float64 GroupNorm runs on the CPU only");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({l.n, l.groups}, x.options().dtype(at::kFloat));
-  if (x.numel() == 0) {  // groups of no values (an empty spatial extent): no statistics, NaN
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
-  }
+  at::Tensor y, mean, rstd;
+  std::tie(y, mean, rstd) = group_norm_outputs(x, l);
+  if (x.numel() == 0) return {y, mean, rstd};
   const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
   const gn::Params p = make_params(w, b, a, act);
   const gn::Geometry g = cuda::gn_plan(l, x.element_size(), /*backward=*/false);
