@@ -2,9 +2,11 @@
 # Issue 6's real GPU training run on the bundled digits, for docs/gpu_digits/:
 # the demo's recipe (tiny U-Net, lr 1e-3 with 100 warm-up steps, EMA 0.999, no
 # flips, batch 128) for STEPS steps (default 6000) on the GPU, then 100 EMA
-# samples (250 respaced steps) judged as the demo's are. $OUT (default
-# ./gpu_digits_out) gets samples.png (the run's grid), loss.png, log.jsonl,
-# digits.png / digits.npz (the judged samples) and quality.txt: six files.
+# samples (250 respaced steps, bf16: `sample --dtype auto` on the GPU) judged
+# as the demo's are, and the distance of bf16 and fp16 samples from fp32 ones
+# (benchmarks/sample_precision.py). $OUT (default ./gpu_digits_out) gets
+# samples.png (the run's grid), loss.png, log.jsonl, digits.png / digits.npz
+# (the judged samples), quality.txt and precision.txt: seven files.
 # On a GPU machine: run(command="bash benchmarks/train_digits_gpu.sh", timeout_s=...)
 set -uo pipefail
 out=${OUT:-gpu_digits_out}
@@ -36,3 +38,4 @@ print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: a classifier 
       f"(p > 0.8) on {q['confident']:.0%} of 100 samples (mean top probability {q['confidence']:.2f}), "
       f"covering {q['classes']} of the 10 digits")
 PY
+python3 benchmarks/sample_precision.py "$run" -n 400 --steps 250 --device cuda | tee "$out/precision.txt"

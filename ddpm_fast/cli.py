@@ -73,6 +73,21 @@ def _device(text: str) -> str:
     return text
 
 
+def _sample_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The model's dtype for ``sample --dtype``. ``auto``: bfloat16 on a CUDA
+    device with native bfloat16 (compute capability 8.0 or newer), where a U-Net
+    step runs faster than in float32 (diffusers' CIFAR-10 U-Net on an H100:
+    14.0 ms against 23.7) and the samples keep their quality (x_t stays
+    float32; the README's Sampler section, "Precision");
+    float32 elsewhere: a CPU's bfloat16 convolutions are slower than its float32
+    ones (the demo's model sampled 7x slower in bfloat16 on a 2-core VM)."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
 def _check_output_folder(path: str | os.PathLike, option: str = "--out") -> None:
     """Fail before any training or sampling if ``path`` cannot be a folder we
     write into: it (or a parent) is a file, or its nearest existing folder is
@@ -193,7 +208,7 @@ def _sample(args: argparse.Namespace) -> int:
         if distributed.rank_and_world()[0] == 0:
             _check_output_folder(args.out)  # before sampling: a bad --out must not cost a whole run
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
-        dtype = DTYPES[args.dtype]
+        dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
         if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
             model = model.to(memory_format=torch.channels_last)
@@ -316,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default="fixed_large", help="reverse-process variance (default: fixed_large)")
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
-    sample.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model precision (default: fp32)")
+    sample.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="model precision (default: auto, bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32)")
     sample.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model channels_last: faster convolutions (default: on)")
     sample.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0); sample i is the same for any batch size")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_fast.cli import build_parser, main
+from ddpm_fast.cli import _sample_dtype, build_parser, main
 from train_helpers import save_toy_npz
 
 COMMANDS = ("info", "train", "sample", "bpd", "fid", "demo")
@@ -101,6 +101,27 @@ def test_sample_writes_png_and_npz(run_dir, tmp_path):
     main(["sample", "--checkpoint", str(run_dir), "--out", str(again), "-n", "5", "--batch-size", "5",
           "--steps", "5", "--device", "cpu"])
     np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], images)
+
+
+@pytest.mark.parametrize(
+    "choice, device, capability, want",
+    [
+        ("auto", "cpu", None, torch.float32),  # a CPU's bf16 convolutions are the slow ones
+        ("auto", "cuda", (9, 0), torch.bfloat16),
+        ("auto", "cuda", (8, 0), torch.bfloat16),
+        ("auto", "cuda", (7, 5), torch.float32),  # no native bf16 before sm_80
+        ("fp16", "cuda", (9, 0), torch.float16),  # a choice is kept
+        ("fp32", "cuda", (9, 0), torch.float32),
+        ("bf16", "cpu", None, torch.bfloat16),
+    ],
+)
+def test_sample_dtype_auto_is_bf16_on_ampere_and_newer(monkeypatch, choice, device, capability, want):
+    def get_device_capability(dev):
+        assert dev == torch.device(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    assert _sample_dtype(choice, torch.device(device)) == want
 
 
 def test_sample_from_a_diffusers_pipeline_folder(tmp_path):
