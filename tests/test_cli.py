@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,20 @@ def test_sample_dtype_auto_is_bf16_on_ampere_and_newer(monkeypatch, choice, devi
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
     assert _sample_dtype(choice, torch.device(device)) == want
+
+
+def test_sample_precision_script_compares_dtypes(run_dir):
+    """benchmarks/sample_precision.py (the evidence for --dtype auto) runs: float32
+    against itself is exact, bf16 is close but not identical."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sample_precision.py"
+    result = subprocess.run([sys.executable, str(script), str(run_dir), "-n", "6", "--steps", "3", "--dtypes", "bf16"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["fp32", "bf16"]
+    assert "mean 0.00000 max 0.0000" in lines[0] and "digits: confident" in lines[0]
+    bf16_mean = float(lines[1].split("mean ")[1].split()[0])
+    assert 0 < bf16_mean < 0.05
 
 
 def test_sample_from_a_diffusers_pipeline_folder(tmp_path):
