@@ -79,8 +79,9 @@ def _sample_dtype(choice: str, device: torch.device) -> torch.dtype:
     step runs faster than in float32 (diffusers' CIFAR-10 U-Net on an H100:
     14.0 ms against 23.7) and the samples keep their quality (x_t stays
     float32; the README's Sampler section, "Precision");
-    float32 elsewhere: a CPU's bfloat16 convolutions are slower than its float32
-    ones (the demo's model sampled 7x slower in bfloat16 on a 2-core VM)."""
+    float32 elsewhere: without AMX a CPU's bfloat16 convolutions are slower than
+    its float32 ones (the demo's model sampled 7x slower in bfloat16 on a 2-core
+    AVX2 VM)."""
     if choice != "auto":
         return DTYPES[choice]
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
