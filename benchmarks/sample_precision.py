@@ -17,13 +17,11 @@ import time
 
 import torch
 
+from ddpm_fast.cli import DTYPES
 from ddpm_fast.demo import digit_quality
 from ddpm_fast.images import to_uint8
 from ddpm_fast.pretrained import load_model
 from ddpm_fast.sampler import Sampler
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def sample(checkpoint: str, dtype: torch.dtype, n: int, steps: int | None, seed: int, device: str) -> torch.Tensor:
     model, schedule = load_model(checkpoint, weights="ema", device=device)
@@ -41,9 +39,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    names = args.dtypes.split(",")
-    if names[0] != "fp32":
-        names.insert(0, "fp32")  # the baseline
+    unknown = set(args.dtypes.split(",")) - set(DTYPES)
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(DTYPES)}")
+    names = ["fp32"] + [name for name in args.dtypes.split(",") if name != "fp32"]  # the baseline first, once
     baseline = None
     for name in names:
         start = time.perf_counter()

@@ -107,7 +107,7 @@ def test_sample_writes_png_and_npz(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "choice, device, capability, want",
     [
-        ("auto", "cpu", None, torch.float32),  # a CPU's bf16 convolutions are the slow ones
+        ("auto", "cpu", None, torch.float32),  # without AMX a CPU's bf16 convolutions are the slow ones
         ("auto", "cuda", (9, 0), torch.bfloat16),
         ("auto", "cuda", (8, 0), torch.bfloat16),
         ("auto", "cuda", (7, 5), torch.float32),  # no native bf16 before sm_80
