@@ -103,8 +103,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return None
     pointer = run_dir / LATEST
     if pointer.is_file():
-        named = run_dir / pointer.read_text().strip()
-        if named.is_dir():
-            return named
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        # Only a checkpoint-<step> folder of run_dir itself: a damaged or
+        # hand-edited pointer ("", "..", "samples") must not name another folder
+        # (a resume would rename it damaged-* if it failed to load).
+        if _NAME.fullmatch(name) and (run_dir / name).is_dir():
+            return run_dir / name
     found = _checkpoints(run_dir)  # `latest` lost: every renamed folder is complete
     return found[-1] if found else None

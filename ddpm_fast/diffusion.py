@@ -351,7 +351,9 @@ def bits_per_dim(
     The noise of each timestep's q-sample comes from ``torch.randn`` with
     ``generator``, or, given ``noise_fn``, is ``noise_fn(t)`` (x0's shape): e.g.
     drawn per sample, so that how a dataset is split into batches does not
-    change it (``ddpm_fast.evaluate.evaluate_bpd``)."""
+    change it (``ddpm_fast.evaluate.evaluate_bpd``). On a respaced schedule the
+    bound is that of the shorter chain, and the model is called with the
+    original timesteps it was trained on (``schedule.timestep_map``)."""
     if generator is not None and noise_fn is not None:
         raise ValueError("bits_per_dim: give generator or noise_fn, not both")
     if x0.dim() < 2 or x0.shape[0] == 0:
@@ -395,7 +397,9 @@ def bits_per_dim(
             noise_device = x0.device if generator is None else generator.device
             noise = torch.randn(x0.shape, generator=generator, dtype=dtype, device=noise_device).to(x0.device)
         x_t = q_sample(schedule, x0.to(dtype), t, noise)
-        out = model(x_t, t)
+        # A respaced schedule's index `step` is the model's original timestep
+        # timestep_map[step] (the identity for a full schedule).
+        out = model(x_t, torch.full_like(t, int(schedule.timestep_map[step])))
         vb, _ = vb_terms_bpd(schedule, out, x0, x_t, t, mean_type=mean_type, variance=variance, clip_denoised=clip_denoised)
         terms[:, step] = vb
         target = noise if mean_type == "eps" else x0.to(dtype)

@@ -26,11 +26,27 @@ def _read_json(path: Path) -> dict:
 
 
 def _diffusers_schedule(folder: Path) -> NoiseSchedule:
-    """The pipeline's DDPMScheduler betas if its config is there, else linear T=1000."""
+    """The pipeline's DDPMScheduler betas if its config is there, else linear T=1000.
+
+    Settings this library cannot honour are refused, not ignored: a model
+    trained for v- or x0-prediction, or on a zero-terminal-SNR schedule, would
+    sample silently wrong as an ε-predictor on our schedule."""
     config_path = folder / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
         return NoiseSchedule("linear")
     config = _read_json(config_path)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise CheckpointError(
+            f"{config_path} says prediction_type={prediction!r}; load_model supports only 'epsilon' models"
+        )
+    if config.get("rescale_betas_zero_snr", False):
+        raise CheckpointError(f"{config_path} sets rescale_betas_zero_snr, which ddpm_fast does not support")
+    if config.get("trained_betas") is not None:  # diffusers uses them instead of beta_schedule
+        try:
+            return NoiseSchedule(betas=torch.tensor(config["trained_betas"], dtype=torch.float64))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{config_path} has unusable trained_betas: {error}") from None
     names = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
     name = names.get(config.get("beta_schedule", "linear"))
     if name is None:

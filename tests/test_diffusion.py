@@ -307,6 +307,22 @@ def test_bpd_takes_its_noise_from_noise_fn():
         D.bits_per_dim(model, x0, BPD_SCHED, noise_fn=lambda t: torch.zeros(1))
 
 
+def test_bpd_on_a_respaced_schedule_calls_the_model_with_original_timesteps():
+    """Index k of a respaced schedule is timestep timestep_map[k] of the model's
+    training chain: the full schedule's oracle predicts eps exactly there only
+    if it is called with that original timestep."""
+    respaced = BPD_SCHED.respace([0, 3, 9, 14, 19])
+    seen = []
+
+    def model(x_t, t):
+        seen.extend(t.tolist())
+        return oracle(bpd_data())(x_t, t)
+
+    r = D.bits_per_dim(model, bpd_data(), respaced, generator=torch.Generator().manual_seed(0))
+    assert sorted(set(seen)) == [0, 3, 9, 14, 19] and r.terms.shape[1] == 5
+    assert r.mse.max().item() < 1e-20
+
+
 def test_bpd_oracle_closed_form():
     """With the exact eps, p's mean is the true posterior mean, so each KL term is the
     variance mismatch alone: 0 for fixed_small, and for fixed_large

@@ -85,3 +85,32 @@ def test_errors(run, tmp_path):
     (broken / "ema.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_model(broken)
+
+
+def _scheduler_config(folder, **config):
+    import json
+
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
+    from ddpm_fast.pretrained import _diffusers_schedule
+
+    betas = [0.001, 0.01, 0.1, 0.2]
+    schedule = _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="linear", trained_betas=betas))
+    assert schedule.num_timesteps == 4 and schedule.betas.tolist() == pytest.approx(betas)
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
+    ({"prediction_type": "sample"}, "prediction_type='sample'"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"trained_betas": [0.1, 2.0]}, "unusable trained_betas"),
+])
+def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, setting, match):
+    from ddpm_fast.pretrained import _diffusers_schedule
+
+    with pytest.raises(CheckpointError, match=match):
+        _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="linear", **setting))

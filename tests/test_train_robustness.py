@@ -79,6 +79,21 @@ def test_the_damaged_newer_checkpoint_does_not_outrank_the_run(tmp_path):
     assert resumed.step == 5
 
 
+@pytest.mark.parametrize("pointer", [b"", b"\n", b"..", b"samples", b"checkpoint-00000002/..", b"\xff\xfe"])
+def test_a_damaged_latest_pointer_names_no_other_folder(tmp_path, pointer):
+    """`latest` was trusted whatever it held: empty, it named the run folder
+    itself, and a resume that failed to load that renamed the whole run
+    damaged-*. Now only a checkpoint-<step> folder counts; else the newest one."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=4).train(final_samples=False)
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "latest").write_bytes(pointer)
+    assert latest_checkpoint(out) == out / "checkpoint-00000004"
+    resumed = make_trainer(out, steps=6)
+    resumed.train(final_samples=False)
+    assert resumed.step == 6 and out.is_dir() and (out / "samples").is_dir()
+
+
 @pytest.mark.parametrize("field, value, error", [
     ("sample_steps", 0, ValueError), ("sample_steps", 2.5, ValueError), ("sample_steps", True, ValueError),
     ("flip", "no", TypeError), ("channels_last", 1, TypeError), ("ema_warmup", None, TypeError),
