@@ -107,6 +107,36 @@ def test_in_place_update(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("name", ["out", "out_model_input"])
+def test_given_outputs_behave_as_aten_in_place_writes(device, backend, name):
+    """The C++ op wrote through data pointers without a version bump: autograd
+    then used an overwritten saved tensor silently, and a kernel wrote into a
+    tensor requiring grad or an inference tensor that ATen's copy_ refuses."""
+    x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
+    eps = make((2, 3, 4, 4), torch.float32, "contiguous", device, 1)
+    w = torch.ones_like(x, requires_grad=True)
+    saved = torch.zeros_like(x)
+    product = w * saved  # saves `saved` for backward
+    with torch.no_grad():
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, **{name: saved})
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.sum().backward()
+    leaf = torch.zeros_like(x, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad|leaf Variable that requires grad"):
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, **{name: leaf})
+    with torch.no_grad():  # allowed there, as for ATen's in-place ops
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, **{name: leaf})
+    assert leaf.abs().sum() > 0
+    with torch.inference_mode():
+        frozen = torch.zeros_like(x)
+    with pytest.raises(RuntimeError, match="(?i)inference tensor"):
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, **{name: frozen})
+    with torch.inference_mode():
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, **{name: frozen})
+    assert frozen.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_no_noise_at_t0(device, backend):
     x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
     eps = make((2, 3, 4, 4), torch.float32, "contiguous", device, 1)

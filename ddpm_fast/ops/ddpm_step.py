@@ -60,6 +60,19 @@ def _check_output(out: torch.Tensor, x: torch.Tensor, name: str, same_dtype: boo
         raise ValueError(f"{_OP}: {name} must be contiguous or channels_last")
 
 
+def _check_kernel_writable(buf: torch.Tensor, name: str, backend: str) -> None:
+    """The errors ATen's in-place ops (the reference backend's copy_) give, for
+    a given output a kernel would otherwise overwrite silently."""
+    if buf.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{_OP}: {name} requires grad, but the {backend} backend does not record gradients; "
+            "write into it under torch.no_grad(), or use backend='reference' to differentiate through a step"
+        )
+    if buf.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{_OP}: {name} is an inference tensor: an in-place update to it is allowed only "
+                           "inside torch.inference_mode()")
+
+
 def ddpm_step(
     x_t: torch.Tensor,
     eps: torch.Tensor,
@@ -102,7 +115,10 @@ def ddpm_step(
         backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
 
     No noise is added at t = 0. Kernel backends do not record gradients; use
-    ``backend="reference"`` to differentiate through a step.
+    ``backend="reference"`` to differentiate through a step. Writes into ``out``
+    and ``out_model_input`` act as ATen's in-place ops do on every backend: they
+    bump the version counter, and a tensor requiring grad (outside no_grad) or an
+    inference tensor (outside inference_mode) is refused.
     """
     x_t = _args.check_float_tensor(x_t, "x_t", _OP)
     eps = _args.check_float_tensor(eps, "eps", _OP)
@@ -172,6 +188,10 @@ def ddpm_step(
         if out_model_input is not None:
             out_model_input.copy_(y)
         return out
+    written = [(name, buf) for name, buf in (("out", out if given_out else None), ("out_model_input", out_model_input))
+               if buf is not None]
+    for name, buf in written:
+        _check_kernel_writable(buf, name, which)
     with torch.no_grad():
         if which == "triton":
             device = _backend.triton_launch(x.device)  # loads the op on first use
@@ -180,6 +200,13 @@ def ddpm_step(
             op, device = torch.ops.ddpm_fast.ddpm_step_, contextlib.nullcontext()  # the C++ op guards its device
         with device:
             op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
+    if which != "triton" and not torch.compiler.is_compiling():
+        # The C++ op writes through data pointers: bump the version counters as
+        # an ATen in-place op would (the Triton custom op does so itself), so
+        # autograd detects a tensor it saved being overwritten.
+        for _, buf in written:
+            if not buf.is_inference():
+                torch.autograd.graph.increment_version(buf)
     return out
 
 
