@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -14,7 +15,7 @@ from .data import ImageDataset
 from .diffusion import bits_per_dim
 from .nn import has_channels_last_weights
 from .ops._args import as_seed
-from .sampler import _SAMPLE_STRIDE
+from .sampler import _SAMPLE_STRIDE, _dropout_active
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
@@ -56,6 +57,12 @@ def evaluate_bpd(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dataset.check_model(model)
+    if _dropout_active(model):
+        warnings.warn(
+            "evaluate_bpd: the model is in training mode with active dropout, so the bound depends on more than "
+            "the seed (and on the batch size); call model.eval() before evaluating",
+            RuntimeWarning, stacklevel=2,
+        )
     if channels_last is None:
         channels_last = has_channels_last_weights(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W

@@ -89,3 +89,12 @@ def test_bad_arguments(digits, kwargs, message):
 def test_model_and_data_must_match(digits):
     with pytest.raises(ValueError, match="the model takes 3-channel 8px images"):
         evaluate_bpd(UNet.tiny(in_channels=3), digits, SCHEDULE)
+
+
+def test_active_dropout_is_warned_about(digits):
+    """As the Sampler does: in training mode, dropout makes the bound depend on
+    more than the seed (it was evaluated silently, and differed run to run)."""
+    torch.manual_seed(4)
+    model = UNet.tiny(dropout=0.5)
+    with pytest.warns(RuntimeWarning, match="evaluate_bpd: the model is in training mode with active dropout"):
+        evaluate_bpd(model, digits, NoiseSchedule("linear", timesteps=4), n=2)
