@@ -298,6 +298,8 @@ class Trainer(TrainerCheckpoints):
             self._resume(newest)
         elif self.step > 0:
             self._nonfinite_in_row = 0  # a new call: a stop for non-finite losses starts counting again
+            if self.rank == 0:  # steps taken by train_step() alone made no folder yet
+                self.out_dir.mkdir(parents=True, exist_ok=True)
         elif self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)

@@ -130,6 +130,16 @@ def test_the_log_records_the_learning_rate_each_step_used(tmp_path):
     assert logged == pytest.approx(used)
 
 
+def test_train_after_manual_train_steps_creates_the_folder(tmp_path):
+    """train_step() alone makes no folder; train() then took the resumed-run
+    branch and failed writing log.jsonl into a folder that did not exist."""
+    out = tmp_path / "new" / "run"
+    trainer = make_trainer(out, steps=4)
+    trainer.train_step()
+    trainer.train(final_samples=False)
+    assert trainer.step == 4 and (out / "log.jsonl").is_file() and latest_checkpoint(out).name == "checkpoint-00000004"
+
+
 def test_train_again_without_resuming_continues_from_memory(tmp_path):
     """resume=False on a Trainer that has trained: no checkpoint is loaded and
     the folder's log stays (it was deleted, as for a fresh run), and a stop for
