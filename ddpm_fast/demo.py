@@ -78,13 +78,20 @@ def run_demo(
     """Train, then write ``samples.png``, ``samples.npz`` (key ``images``, uint8
     N x 8 x 8 x 1) and ``loss.png`` into ``out``; the run itself (checkpoints,
     log) goes to ``out/run`` and is resumed if the demo is started again."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     steps = DEMO_STEPS if steps is None else steps
     sample_steps = DEMO_SAMPLE_STEPS if sample_steps is None else sample_steps
+    schedule = NoiseSchedule("linear", timesteps=1000)
+    # Checked before training, not after minutes of it (as the Sampler would).
+    for name, value, most, wanted in (
+        ("sample_steps", sample_steps, schedule.num_timesteps, f"an int in [1, {schedule.num_timesteps}]"),
+        ("samples", samples, None, "a positive int"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the model's initial weights and dropout
     dataset = load_digits()
-    schedule = NoiseSchedule("linear", timesteps=1000)
     model = UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
     start = time.perf_counter()
     trainer = Trainer(model, dataset, schedule, demo_config(steps, seed), out / "run", device="cpu", progress=progress)

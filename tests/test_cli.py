@@ -215,6 +215,7 @@ def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
         (["train", "--data", "{data}", "--out", "{file}/run"], "is a file, not a folder"),
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{file}"], "is a file, not a folder"),
         (["demo", "--out", "{file}", "--steps", "1"], "is a file, not a folder"),
+        (["demo", "--out", "{tmp}/d", "--steps", "1", "--sample-steps", "1001"], "sample_steps must be an int in [1, 1000]"),
     ],
 )
 def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file, capsys):
