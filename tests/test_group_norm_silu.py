@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import backend_params, gpu_if_present, requires_extension
+from conftest import TOLERANCES, backend_params, gpu_if_present, requires_extension
 from ddpm_fast import ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 from group_norm_silu_helpers import CASES, TOL, assert_far_first_value_statistics, assert_matches_reference, inputs
@@ -399,3 +399,18 @@ def test_reference_off_the_cpu_gives_group_norm_one_dtype(dtype):
     with Record():
         y = _reference(x, 2, w, w, 1e-5, torch.randn(2, 4, dtype=dtype, device="meta"), True)
     assert seen == [{torch.float32}] and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_dtypes", [(torch.float32, "x"), ("x", torch.float32), (torch.float64, "x"),
+                                          (torch.float16, torch.bfloat16)], ids=str)
+def test_reference_takes_weight_and_bias_of_different_dtypes(dtype, param_dtypes):
+    """16-bit x with weight and bias of two dtypes: the kernels read each in
+    float32, the reference raised ATen's 'mixed dtype' error; now it computes
+    with both in float32, as the CPU kernel does, and gives x's dtype."""
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    w, b = (torch.randn(8).to(dtype if d == "x" else d) for d in param_dtypes)
+    got = ops.group_norm_silu(x, 4, w, b, backend="reference")
+    want = F.silu(F.group_norm(x.float(), 4, w.float(), b.float())).to(dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])

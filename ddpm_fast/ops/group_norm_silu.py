@@ -21,7 +21,7 @@ _FLOAT32_TINIEST = 2.0**-149  # float32's smallest positive value (plain floats:
 
 def _reference(x, num_groups, weight, bias, eps, add, act):
     h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
-    w, b = _reference_param(weight, x), _reference_param(bias, x)
+    w, b = _reference_params(weight, bias, x)
     if x.device.type != "cpu" and any(p is not None and p.dtype != x.dtype for p in (w, b)):
         # 16-bit x with float32 parameters: ATen's GPU group_norm takes one dtype
         # (its CPU kernel mixes), so in float32, rounded to x's dtype once.
@@ -31,12 +31,17 @@ def _reference(x, num_groups, weight, bias, eps, add, act):
     return F.silu(y) if act else y
 
 
-def _reference_param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """Weight or bias in a dtype F.group_norm takes with x: x's own, or float32
-    for 16-bit x (the kernels read any float dtype, in float32 or x's)."""
-    if p is None or p.dtype == x.dtype:
-        return p
-    return p.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+def _reference_params(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, x: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias in dtypes F.group_norm takes with x: x's own, or both
+    float32 for 16-bit x when either differs from it (ATen takes one parameter
+    dtype; the kernels read any float dtype, in float32 or x's)."""
+    params = (weight, bias)
+    if all(p is None or p.dtype == x.dtype for p in params):
+        return weight, bias
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return tuple(None if p is None else p.to(dtype) for p in params)
 
 
 def _check(x, num_groups, weight, bias, eps, add, act):
