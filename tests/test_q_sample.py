@@ -165,11 +165,28 @@ def test_same_seed_same_result_and_seed_none_follows_torch_seed(device, backend)
     assert not torch.equal(c[1], ops.q_sample(x, 5, SCHEDULE, backend=backend)[1])
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
-def test_empty_batch(device, backend):
-    x = torch.empty(0, 3, 4, 4, device=device)
+@pytest.mark.parametrize("device,backend", backend_params() + [pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4)])
+def test_empty_batch(device, backend, shape):
+    """Empty tensors keep autograd's graph, as non-empty ones do (an early
+    return gave an x_t that did not require grad)."""
+    x = torch.empty(shape, device=device, requires_grad=True)
     xt, eps = ops.q_sample(x, 1, SCHEDULE, seed=0, backend=backend)
-    assert xt.shape == eps.shape == x.shape
+    assert xt.shape == eps.shape == x.shape and xt.requires_grad and not eps.requires_grad
+    noise = torch.empty(shape, device=device, requires_grad=True)
+    xt, eps = ops.q_sample(x, 1, SCHEDULE, noise=noise, backend=backend)
+    assert eps is noise
+    xt.sum().backward()
+    assert x.grad.shape == noise.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_drawn_eps_has_x0s_memory_format(dtype):
+    """As the docstring and the kernels say: eps was contiguous for a channels_last x0."""
+    x = make_input((2, 3, 4, 5), dtype, "channels_last", "cpu")
+    xt, eps = ops.q_sample(x, 7, SCHEDULE, seed=2, backend="reference")
+    assert_layout(xt, x)
+    assert_layout(eps, x)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

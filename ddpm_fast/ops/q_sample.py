@@ -21,7 +21,7 @@ def _reference(x0, t, sqrt_ab, sqrt_1m_ab, noise, seed, offset):
     logical (NCHW) position whatever x0's memory format."""
     if noise is None:
         counter = torch.arange(x0.numel(), device=x0.device, dtype=torch.int64).reshape(x0.shape) + offset
-        noise = normal_reference(seed, counter).to(x0.dtype)
+        noise = _args.match_layout(normal_reference(seed, counter), x0)  # eps in x0's dtype and memory format
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = _args.timestep_rows(sqrt_ab, t).reshape(shape)
     b = _args.timestep_rows(sqrt_1m_ab, t).reshape(shape)
@@ -65,8 +65,8 @@ def q_sample(
         seed = _args.as_seed(seed, _OP)
         offset = _args.as_offset(offset, x0.numel(), _OP)
     which = resolve_backend(backend, x0.device, _OP)
-    if x0.numel() == 0:
-        return torch.empty_like(x0), (noise if noise is not None else torch.empty_like(x0))
+    if x0.numel() == 0:  # nothing to launch: the reference, which keeps autograd's graph (of empty tensors)
+        which = "reference"
 
     x = _args.kernel_layout(x0)
     sqrt_ab = schedule.table("sqrt_alphas_cumprod", x.device)
