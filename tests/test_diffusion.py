@@ -467,6 +467,10 @@ def test_t_of_any_integer_type():
     want = D.q_sample(S, x, torch.tensor([3, 5, 0, 39]), noise)
     assert torch.equal(D.q_sample(S, x, torch.tensor([3, 5, 0, 39], dtype=torch.uint8), noise), want)
     assert torch.equal(D.q_sample(S, x, torch.tensor([3, 5, 0, 39], dtype=torch.int16), noise), want)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):  # min/max of these were not implemented
+        assert torch.equal(D.q_sample(S, x, torch.tensor([3, 5, 0, 39], dtype=dtype), noise), want)
+    with pytest.raises(ValueError, match="out of range"):  # 2^63 + 3 wraps negative as int64
+        D.q_sample(S, x, torch.tensor([2**63 + 3, 5, 0, 39], dtype=torch.uint64), noise)
     assert torch.equal(D.q_sample(S, x, np.int64(7), noise), D.q_sample(S, x, 7, noise))
     with pytest.raises(TypeError, match="got numpy.float64"):
         D.q_sample(S, x, np.float64(7), noise)
