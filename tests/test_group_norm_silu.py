@@ -414,3 +414,18 @@ def test_reference_takes_weight_and_bias_of_different_dtypes(dtype, param_dtypes
     want = F.silu(F.group_norm(x.float(), 4, w.float(), b.float())).to(dtype)
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_params() + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_output_layout_is_the_same_on_every_backend(device, backend):
+    """Contiguous or 4-d channels_last x keeps its format; any other (a 5-d
+    channels_last_3d x, a strided view) gives a contiguous y, which the reference
+    did not (it kept channels_last_3d)."""
+    base = torch.randn(2, 4, 3, 4, 5, device=device)
+    cl3d = base.to(memory_format=torch.channels_last_3d)
+    cl = base[:, :, 0].to(memory_format=torch.channels_last)
+    view = base[:, :, :, ::2, 1:].select(2, 1)
+    for x, channels_last in ((base, False), (cl3d, False), (cl, True), (view, False)):
+        y = ops.group_norm_silu(x, 2, backend=backend)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(y, F.silu(F.group_norm(x, 2)), rtol=1e-5, atol=1e-5)

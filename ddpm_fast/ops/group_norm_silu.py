@@ -119,8 +119,9 @@ def group_norm_silu(
         # The GPU kernels take eps as float32, where it would be 0: rsqrt(0) on
         # a constant group (the CPU kernel and the reference take a double).
         raise ValueError(f"{_OP}: eps must be representable in float32 (at least about 1.4e-45) on the {which} backend, got {eps!r}")
-    if which == "reference":
-        return _reference(x, int(num_groups), weight, bias, float(eps), add, act)
+    if which == "reference":  # in the layout the kernels give (5-d channels_last_3d x: contiguous y)
+        y = _reference(x, int(num_groups), weight, bias, float(eps), add, act)
+        return _args.kernel_layout(y) if x.dim() == 4 else y.contiguous()
     xk = _args.kernel_layout(x) if x.dim() == 4 else x.contiguous()
     args = (xk, _param(weight, x), _param(bias, x), _param(add, x), int(num_groups), float(eps), act)
     if which == "triton":
