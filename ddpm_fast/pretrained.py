@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,14 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {error}") from error
 
 
+def _assumed_schedule(folder: Path) -> NoiseSchedule:
+    """DDPM's linear T=1000 schedule, said out loud: a model trained on another
+    would sample wrongly with it, and nothing in ``folder`` tells."""
+    warnings.warn(f"{folder} records no noise schedule: assuming DDPM's linear schedule of 1000 timesteps",
+                  UserWarning, stacklevel=3)
+    return NoiseSchedule("linear")
+
+
 def _diffusers_schedule(folder: Path) -> NoiseSchedule:
     """The pipeline's DDPMScheduler betas if its config is there, else linear T=1000.
 
@@ -33,7 +42,7 @@ def _diffusers_schedule(folder: Path) -> NoiseSchedule:
     sample silently wrong as an ε-predictor on our schedule."""
     config_path = folder / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
-        return NoiseSchedule("linear")
+        return _assumed_schedule(folder)
     config = _read_json(config_path)
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
@@ -86,7 +95,7 @@ def load_model(
         folder = newest
     config = _read_json(folder / "config.json")
     if "train" not in config:  # a UNet.save_pretrained folder
-        return UNet.from_pretrained(folder, map_location=device).eval(), NoiseSchedule("linear")
+        return UNet.from_pretrained(folder, map_location=device).eval(), _assumed_schedule(folder)
     file = f"{weights}.safetensors"
     if config.get("model") is None:
         raise CheckpointError(f"{folder / 'config.json'} does not describe a UNet")

@@ -131,8 +131,11 @@ bool cluster_launchable(const void* kernel, int device, int cluster, int64_t sme
     cudaLaunchAttribute dims;
     const cudaLaunchConfig_t config = cluster_config(cluster, cluster, smem_bytes, nullptr, &dims);
     int clusters = 0;
+    // An error an earlier call left pending is raised here, not cleared below
+    // as if it were this query's (every launch of ours checks its own).
+    C10_CUDA_CHECK(cudaPeekAtLastError());
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();  // not launchable: the split path instead
+      (void)cudaGetLastError();  // this query's own error: not launchable, the split path instead
       clusters = 0;
     }
     ok = clusters > 0;
