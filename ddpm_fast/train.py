@@ -227,6 +227,15 @@ class Trainer(TrainerCheckpoints):
         for eb, mb in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(mb)
 
+    def _advance_lr(self) -> None:
+        """The learning rate follows the step count, skipped updates included.
+        torch warns when the schedule steps before the optimizer ever has (a
+        first update skipped): that order is meant here, so the warning, which
+        would tell users to reorder calls they never made, is not shown."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.lr_schedule.step()
+
     def train_step(self) -> float | None:
         """One optimisation step; returns the loss, or None if it was not finite
         (the update is skipped, with a warning).
@@ -273,11 +282,11 @@ class Trainer(TrainerCheckpoints):
                     f"{self._last_good_checkpoint()}: lower the learning rate or check the data"
                 )
             self.step += 1
-            self.lr_schedule.step()
+            self._advance_lr()
             return None
         self.scaler.step(self.optimizer)  # fp16: the scaler skips overflowed steps itself
         self.scaler.update()
-        self.lr_schedule.step()
+        self._advance_lr()
         self._nonfinite_in_row = 0
         self.step += 1
         self._ema_update()
