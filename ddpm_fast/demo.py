@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._checks import is_int
 from .checkpoint import CheckpointError
 from .data import load_digits
 from .images import save_grid, save_npz, to_uint8
@@ -86,7 +87,7 @@ def run_demo(
         ("sample_steps", sample_steps, schedule.num_timesteps, f"an int in [1, {schedule.num_timesteps}]"),
         ("samples", samples, None, "a positive int"),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+        if not is_int(value) or value < 1 or (most is not None and value > most):
             raise ValueError(f"{name} must be {wanted}, got {value!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._checks import is_int
 from .images import to_uint8
 from .ops._args import as_seed
 from .sampler import Sampler
@@ -126,10 +127,11 @@ def sample_sharded(
     others None. Sample i is the same whatever the number of ranks or the batch
     size (the Sampler's per-sample noise streams). ``seed=None`` draws one seed
     from torch's generator (rank 0's, shared with the others) for the whole run."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"the number of samples must be a positive int, got {n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n, batch_size = int(n), int(batch_size)
     rank, world = rank_and_world()
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:

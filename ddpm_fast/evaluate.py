@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._checks import is_int
 from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
@@ -52,10 +53,11 @@ def evaluate_bpd(
     printable ``summary``.
     """
     count = len(dataset) if n is None else n
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(dataset):
+    if not is_int(count) or not 1 <= count <= len(dataset):
         raise ValueError(f"n must be an int in [1, {len(dataset)}] (the dataset's size), got {n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    count, batch_size = int(count), int(batch_size)
     dataset.check_model(model)
     if _dropout_active(model):
         warnings.warn(

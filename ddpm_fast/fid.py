@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import is_int
+
 __all__ = ["ENV_VAR", "WEIGHTS_FILE", "InceptionV3FID", "expected_state_dict_shapes", "check_state_dict",
            "resolve_weights_path", "load_inception", "preprocess", "activation_statistics", "frechet_distance", "fid"]
 
@@ -275,8 +277,9 @@ def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: n
     features ``model(preprocess(batch))`` of N >= 2 uint8 images; accumulated in
     float64 around the first batch's mean, so memory stays O(D²) for any N."""
     images = _check_images(images_uint8_nhwc)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
     if isinstance(model, nn.Module):
         model.to(device)
     starts = range(0, images.shape[0], batch_size)

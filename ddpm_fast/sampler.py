@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._checks import is_int
 from . import ops
 from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
@@ -45,8 +46,9 @@ _MIN_GRAPH_CHAIN = _WARMUP_STEPS + 2 * _GRAPH_STEPS
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` timesteps spread evenly over [0, T-1], both ends included."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+    if not is_int(steps) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an int in [1, {num_timesteps}], got {steps!r}")
+    steps = int(steps)
     if steps == 1:
         return [num_timesteps - 1]
     return sorted({round(i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)})
@@ -167,12 +169,13 @@ class Sampler:
                 "than the seed (and sample i on the batch); call model.eval() before sampling",
                 RuntimeWarning, stacklevel=2,
             )
-        if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
+        if not is_int(first_sample) or first_sample < 0:
             raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
-        if return_intermediates is not None and (
-            isinstance(return_intermediates, bool) or not isinstance(return_intermediates, int) or return_intermediates < 1
-        ):
-            raise ValueError(f"return_intermediates must be a positive int, got {return_intermediates!r}")
+        first_sample = int(first_sample)
+        if return_intermediates is not None:
+            if not is_int(return_intermediates) or return_intermediates < 1:
+                raise ValueError(f"return_intermediates must be a positive int, got {return_intermediates!r}")
+            return_intermediates = int(return_intermediates)
         schedule = self.schedule if steps is None else self.schedule.respace(respaced_timesteps(self.schedule.num_timesteps, steps))
         # The step's coefficient table, built (and eta checked) before anything runs; the steps reuse it.
         kind = "ddim" if eta is not None else self.variance
@@ -204,14 +207,12 @@ class Sampler:
     # ----------------------------------------------------------------- helpers
 
     def _shape(self, n_or_shape: int | Sequence[int]) -> tuple[int, ...]:
-        if isinstance(n_or_shape, int) and not isinstance(n_or_shape, bool):
+        if is_int(n_or_shape):
             if self.sample_shape is None:
                 raise ValueError("give the full shape, or sample_shape= to Sampler (the model has no in_channels/image_size)")
-            shape = (n_or_shape, *self.sample_shape)
-        elif isinstance(n_or_shape, (tuple, list, torch.Size)) and all(
-            isinstance(s, int) and not isinstance(s, bool) for s in n_or_shape
-        ):
-            shape = tuple(n_or_shape)
+            shape = (int(n_or_shape), *self.sample_shape)
+        elif isinstance(n_or_shape, (tuple, list, torch.Size)) and all(is_int(s) for s in n_or_shape):
+            shape = tuple(int(s) for s in n_or_shape)
         else:
             raise TypeError(f"n_or_shape must be an int or a shape, got {n_or_shape!r}")
         if len(shape) < 2 or any(s < 1 for s in shape):

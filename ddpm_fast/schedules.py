@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from ._checks import is_int
+
 __all__ = ["NoiseSchedule", "make_betas", "SCHEDULES", "STEP_COLUMNS", "STEP_KINDS"]
 
 SCHEDULES = ("linear", "quad", "const", "warmup10", "warmup50", "jsd", "cosine")
@@ -77,8 +79,9 @@ def make_betas(
     """The float64 betas of a named schedule, as the original works define them."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
+    if not is_int(timesteps) or timesteps < 1:
         raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+    timesteps = int(timesteps)
     if name == "cosine":
         if beta_start is not None or beta_end is not None:
             raise ValueError("the cosine schedule takes no beta_start/beta_end")

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ._checks import is_int
+
 __all__ = ["TrainConfig", "PRECISIONS", "LOSSES", "RESUMABLE_CHANGES"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,18 +63,20 @@ class TrainConfig:
         positive = ("steps", "batch_size", "log_every", "sample_count", "checkpoint_every", "max_nonfinite")
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))  # (numpy's too: the config is written as JSON)
         for name in ("warmup", "sample_every", "keep_checkpoints", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
+            setattr(self, name, int(value))
         if self.seed >= 1 << 63:
             raise ValueError(f"TrainConfig.seed must be below 2^63, got {self.seed}")
-        if self.sample_steps is not None and (
-            isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int) or self.sample_steps < 1
-        ):
-            raise ValueError(f"TrainConfig.sample_steps must be a positive int or None, got {self.sample_steps!r}")
+        if self.sample_steps is not None:
+            if not is_int(self.sample_steps) or self.sample_steps < 1:
+                raise ValueError(f"TrainConfig.sample_steps must be a positive int or None, got {self.sample_steps!r}")
+            self.sample_steps = int(self.sample_steps)
         for name in ("ema_warmup", "flip", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -698,3 +698,16 @@ def test_warm_up_and_capture_run_without_the_autocast_weight_cache(monkeypatch):
     cache = [(e[1], e[3]) for e in fake.log if e[0] == "model"]
     assert cache[:3] == [("side1", False)] * 3 and fake.autocast_cache_at_capture is False
     assert torch.is_autocast_cache_enabled()  # as it was
+
+
+def test_numpy_integers_are_counts_as_ints_are():
+    """Counts read from arrays or configs (np.int64) were refused as 'not an
+    int'; bools and floats still are."""
+    sampler = Sampler(lambda x, t: torch.zeros_like(x), NoiseSchedule("linear", timesteps=np.int64(10)))
+    want = sampler.sample((2, 1, 4, 4), seed=3, steps=5, first_sample=1, return_intermediates=2, progress=False)
+    got = sampler.sample((np.int64(2), np.int32(1), 4, 4), seed=np.int64(3), steps=np.int16(5),
+                         first_sample=np.uint8(1), return_intermediates=np.int64(2), progress=False)
+    assert torch.equal(got[0], want[0]) and len(got[1]) == len(want[1])
+    for bad in (True, 5.0, np.float64(5)):
+        with pytest.raises(ValueError, match="steps must be an int"):
+            sampler.sample((2, 1, 4, 4), steps=bad, progress=False)

@@ -108,6 +108,17 @@ def test_config_fields_are_checked_when_made(field, value, error):
         TrainConfig(**{field: value})
 
 
+def test_config_takes_numpy_integers_as_ints():
+    """They were refused; kept as numpy's, the config could not be written as JSON."""
+    import dataclasses
+
+    import numpy as np
+
+    config = TrainConfig(steps=np.int64(5), seed=np.uint8(3), sample_steps=np.int16(4), warmup=np.int32(0))
+    assert {type(getattr(config, f)) for f in ("steps", "seed", "sample_steps", "warmup")} == {int}
+    json.dumps(dataclasses.asdict(config))
+
+
 def test_a_large_seed_trains(tmp_path):
     """Seeds up to 2^63 - 1 (the host generators' seeds derived from it
     overflowed int64 from about 2.3e12 on)."""

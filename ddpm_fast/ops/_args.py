@@ -7,6 +7,7 @@ import numbers
 
 import torch
 
+from .._checks import is_int
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,12 +17,6 @@ _TIMESTEP_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uin
 _WIDENED_TIMESTEP_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 UINT64 = 1 << 64
 INT64_MAX = (1 << 63) - 1
-
-
-def is_int(v: object) -> bool:
-    """An integer, not a bool. (The exact-type test goes first: the ABC check
-    costs almost a microsecond, paid on every op call.)"""
-    return type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral))
 
 
 def is_real(v: object) -> bool:
