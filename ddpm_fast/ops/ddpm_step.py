@@ -188,10 +188,11 @@ def ddpm_step(
         if out_model_input is not None:
             out_model_input.copy_(y)
         return out
-    written = [(name, buf) for name, buf in (("out", out if given_out else None), ("out_model_input", out_model_input))
-               if buf is not None]
-    for name, buf in written:
-        _check_kernel_writable(buf, name, which)
+    written = [] if not given_out else [out]
+    if out_model_input is not None:
+        written.append(out_model_input)
+    for buf in written:
+        _check_kernel_writable(buf, "out" if buf is out else "out_model_input", which)
     with torch.no_grad():
         if which == "triton":
             device = _backend.triton_launch(x.device)  # loads the op on first use
@@ -204,7 +205,7 @@ def ddpm_step(
         # The C++ op writes through data pointers: bump the version counters as
         # an ATen in-place op would (the Triton custom op does so itself), so
         # autograd detects a tensor it saved being overwritten.
-        for _, buf in written:
+        for buf in written:
             if not buf.is_inference():
                 torch.autograd.graph.increment_version(buf)
     return out
