@@ -58,6 +58,8 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})")
         if h != w:
             raise ValueError(f"images must be square, got {h}x{w}: pass image_size (--image-size) to resize and center-crop")
+        if h == 0:
+            raise ValueError(f"dataset {name!r} holds images of 0 pixels (shape {tuple(images.shape)})")
         if labels is not None:
             labels = torch.as_tensor(labels)
             if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -346,10 +348,10 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
         raise ValueError(f"{source}: {error}") from None
     if axis == "last":
         array = array[..., :3].transpose(0, 3, 1, 2)  # drops alpha
+    if array.size == 0:  # no images, or images of 0 pixels
+        raise ValueError(f"{source}: holds no images (shape {array.shape})")
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
-    if array.size == 0:
-        raise ValueError(f"{source}: holds no images (shape {array.shape})")
     if np.issubdtype(array.dtype, np.integer):
         lo, hi = int(array.min()), int(array.max())
         if lo < 0 or hi > 255:
@@ -380,6 +382,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
     _check_size(image_size)
     _check_channels(channels)
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a .npy/.npz array file")
     if not path.is_file():
         raise FileNotFoundError(f"array file {path} does not exist")
     with open(path, "rb") as f:
@@ -405,6 +409,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
         raise ValueError(error.args[0]) from None
     except Exception as error:  # not an npy/npz file, truncated, object arrays, ...
         raise ValueError(f"cannot read {path} as a .npy/.npz array file: {type(error).__name__}: {error}") from error
+    if not isinstance(array, np.ndarray):  # numpy gives a zip member without the .npy header as bytes
+        raise ValueError(f"cannot read {path} as a .npy/.npz array file: its member {key!r} is not a .npy array")
     return _finish(_array_to_nchw(array, str(path)), path.stem, image_size, channels)
 
 

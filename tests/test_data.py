@@ -332,6 +332,29 @@ def test_array_key_and_file_errors(tmp_path):
     assert data.images.shape == (2, 3, 16, 16) and data.name == "digits"
 
 
+def test_array_files_numpy_did_not_write_and_images_of_no_pixels(tmp_path):
+    """Each was a raw error from deep inside (AttributeError: a zip member
+    without the .npy header comes back as bytes; ZeroDivisionError resizing
+    0-pixel images) or accepted (0 x 0 uint8 images), or a folder was called
+    missing."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "foreign.npz", "w") as archive:
+        archive.writestr("images.npy", b"not an npy payload")
+    with pytest.raises(ValueError, match="member 'images' is not a .npy array"):
+        load_array(tmp_path / "foreign.npz")
+    np.save(tmp_path / "zero_hw.npy", np.zeros((3, 0, 0, 3), np.uint8))
+    np.save(tmp_path / "zero_w.npy", np.zeros((2, 4, 0, 3), np.uint8))
+    for name, size in (("zero_hw", None), ("zero_w", 4)):
+        with pytest.raises(ValueError, match="holds no images"):
+            load_array(tmp_path / f"{name}.npy", image_size=size)
+    with pytest.raises(ValueError, match="images of 0 pixels"):
+        ImageDataset(torch.zeros(2, 1, 0, 0, dtype=torch.uint8))
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder, not a .npy/.npz array file"):
+        load_array(tmp_path / "folder.npz")
+
+
 # ---------------------------------------------------------------- load_dataset, ImageDataset
 
 
