@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
+from .ops import BackendUnavailableError
 
 MODELS = ("tiny", "small", "cifar10")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -413,6 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = f"{prefix}: error: {_one_line(error)}", 1
     except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError) as error:
         # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included)
+        if debug:
+            raise
+        message, code = f"{prefix}: error: {_one_line(error)}", 2
+    except BackendUnavailableError as error:  # a setting (DDPM_FAST_BACKEND), not a failure
         if debug:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 2

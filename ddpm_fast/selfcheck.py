@@ -72,7 +72,11 @@ def report() -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     ok = True
     for device in devices:
-        print(f"auto backend on {device.type}: {ops.resolve_backend('auto', device, 'info')}")
+        try:
+            print(f"auto backend on {device.type}: {ops.resolve_backend('auto', device, 'info')}")
+        except ops.BackendUnavailableError as error:  # DDPM_FAST_BACKEND names one that cannot run here
+            print(f"auto backend on {device.type}: unavailable: {error}")
+            ok = False
         for op, backend, verdict in _self_check(device):
             print(f"  {op:14s} {backend:8s} {verdict}")
             ok &= "MISMATCH" not in verdict

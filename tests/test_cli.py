@@ -407,3 +407,17 @@ def test_a_checkpoint_without_its_schedule_is_one_line(run_dir, tmp_path, capsys
     assert main(["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s"), "-n", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddpm-fast sample: error:") and "has no usable noise schedule" in err and "\n" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the cuda backend cannot run")
+def test_a_backend_the_environment_forces_but_cannot_run_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    """DDPM_FAST_BACKEND=cuda on a CPU-only machine: `sample` gave a raw
+    RuntimeError traceback, and `info` (which diagnoses the setup) crashed."""
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "cuda")
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "s"), "-n", "2", "--steps", "2",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast sample: error:") and "\n" not in err
+    assert "backend 'cuda' is unavailable for cpu tensors" in err and "chosen by DDPM_FAST_BACKEND" in err
+    assert main(["info"]) == 1
+    assert "auto backend on cpu: unavailable:" in capsys.readouterr().out

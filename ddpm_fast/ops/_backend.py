@@ -19,6 +19,7 @@ from .. import _extension
 
 __all__ = [
     "BACKENDS",
+    "BackendUnavailableError",
     "resolve_backend",
     "triton_available",
     "triton_interpreting",
@@ -28,6 +29,11 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for (by name, or by DDPM_FAST_BACKEND) cannot run on
+    these tensors here: a setting to change, not a failure of the op."""
 ENV_VAR = "DDPM_FAST_BACKEND"
 
 # Fastest first, per device type. CUDA C++ ahead of Triton is provisional until
@@ -144,17 +150,20 @@ _RESOLVED: dict[tuple[str, torch.device, str, bool], str] = {}
 def _resolve(backend: str, device: torch.device, op: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    source = ""
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"{ENV_VAR}={env!r} is not a backend; expected one of {', '.join(BACKENDS)}")
-            backend = env
+            backend, source = env, f" (chosen by {ENV_VAR}; unset it or name another)"
         else:
             for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
                 if _available(candidate, device.type):
                     return candidate
             return "reference"
     if not _available(backend, device.type):
-        raise RuntimeError(f"{op}: backend {backend!r} is unavailable for {device} tensors: {_why_unavailable(backend, device)}")
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r} is unavailable for {device} tensors: {_why_unavailable(backend, device)}{source}"
+        )
     return backend
