@@ -99,6 +99,8 @@ def _check_output_folder(path: str | os.PathLike, option: str = "--out") -> None
         raise UsageError(f"{option} {path} is a file, not a folder")
     existing = out
     while not existing.exists():
+        if existing.is_symlink():  # a link to nowhere: creating the folder there fails, after the run
+            raise UsageError(f"{option} {path}: {existing} is a broken symbolic link (to {os.readlink(existing)})")
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{option} {path}: {existing} is a file, not a folder")

@@ -215,11 +215,15 @@ def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
         (["train", "--data", "{data}", "--out", "{file}/run"], "is a file, not a folder"),
         (["sample", "--checkpoint", "{tmp}/missing", "--out", "{file}"], "is a file, not a folder"),
         (["demo", "--out", "{file}", "--steps", "1"], "is a file, not a folder"),
+        # refused before sampling, not when the folder is made after it
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/broken-link"], "is a broken symbolic link"),
+        (["train", "--data", "{data}", "--out", "{tmp}/broken-link/run"], "is a broken symbolic link"),
         (["demo", "--out", "{tmp}/d", "--steps", "1", "--sample-steps", "1001"], "sample_steps must be an int in [1, 1000]"),
     ],
 )
 def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file, capsys):
     (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "broken-link").symlink_to(tmp_path / "nowhere" / "deeper")
     argv = [a.format(tmp=tmp_path, data=data_file, file=tmp_path / "a-file") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
