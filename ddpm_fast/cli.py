@@ -392,6 +392,15 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+# What sets a command's memory: a huge --image-size or --timesteps runs out as
+# surely as a large batch.
+_MEMORY_OPTIONS = {
+    "train": "--batch-size, --image-size, --timesteps or --model",
+    "bpd": "--batch-size or --image-size",
+    "fid": "--batch-size or --image-size",
+}
+
+
 def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
@@ -426,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as error:
         if not _out_of_memory(error) or debug:
             raise
-        message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower --batch-size", 2
+        advice = _MEMORY_OPTIONS.get(args.command, "--batch-size")
+        message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2
     finally:
         warnings.showwarning = showwarning
     # Printed once the error and its frames are gone: a progress bar still open

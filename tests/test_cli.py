@@ -425,3 +425,13 @@ def test_a_backend_the_environment_forces_but_cannot_run_is_one_line(run_dir, tm
     assert "backend 'cuda' is unavailable for cpu tensors" in err and "chosen by DDPM_FAST_BACKEND" in err
     assert main(["info"]) == 1
     assert "auto backend on cpu: unavailable:" in capsys.readouterr().out
+
+
+def test_out_of_memory_in_training_names_every_option_that_sets_memory(data_file, tmp_path, capsys):
+    """A huge --image-size ran out of memory with the advice to lower
+    --batch-size alone (the CPU allocator's error: 'can't allocate memory')."""
+    assert main(["train", "--data", str(data_file), "--out", str(tmp_path / "r"), "--model", "tiny",
+                 "--image-size", "1000000", "--steps", "1", "--batch-size", "8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast train: error: out of memory (") and "\n" not in err
+    assert err.endswith("lower --batch-size, --image-size, --timesteps or --model")
