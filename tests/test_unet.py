@@ -283,6 +283,9 @@ def test_load_errors_are_clear(tmp_path):
         (dict(image_size=2.5), "image_size"),
         (dict(backend="gpu"), "backend"),
         (dict(image_size=2, ch_mult=(1, 1), num_groups=16, attn_resolutions=()), "single value"),
+        # the first ResBlock of the 1x1 level takes the 2x2 level's 32 channels: groups of one value
+        # (accepted, and every forward failed)
+        (dict(image_size=4, ch=32, ch_mult=(1, 1, 2), num_groups=32, attn_resolutions=()), "single value"),
     ],
 )
 def test_bad_constructor_arguments(change, match):
