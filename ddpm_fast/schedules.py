@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ._checks import is_int
@@ -140,7 +141,11 @@ class NoiseSchedule:
                 raise ValueError("give a schedule name or betas")
             betas = make_betas(name, timesteps, beta_start, beta_end)
             self.name = name
-            self.config = {"name": name, "timesteps": timesteps, "beta_start": beta_start, "beta_end": beta_end}
+            self.config = {  # JSON-ready: numpy's numbers (which make_betas takes) as Python's
+                "name": name, "timesteps": int(timesteps),
+                "beta_start": None if beta_start is None else float(beta_start),
+                "beta_end": None if beta_end is None else float(beta_end),
+            }
         _check_betas(betas)
         self.num_timesteps = int(betas.numel())
         self._compute_tables(betas)
@@ -154,6 +159,11 @@ class NoiseSchedule:
         from a checkpoint's JSON) describes."""
         if not isinstance(config, dict) or not ({"name", "betas", "respace_of"} & config.keys()):
             raise ValueError(f"a schedule config needs 'name', 'betas' or 'respace_of', got {config!r}")
+        kind = "respace_of" if "respace_of" in config else "betas" if "betas" in config else "name"
+        unknown = sorted(set(config) - _CONFIG_KEYS[kind], key=str)
+        if unknown:  # a misspelt key would be dropped silently, and the schedule another
+            raise ValueError(f"a schedule config with {kind!r} takes only {sorted(_CONFIG_KEYS[kind])}, "
+                             f"got also {unknown}")
         if "respace_of" in config:  # a respaced schedule: its parent's config and the kept timesteps
             return cls.from_config(config["respace_of"]).respace(config.get("timesteps", ()))
         if "betas" in config:
@@ -310,7 +320,11 @@ class NoiseSchedule:
         sees (the parent's original timestep, when this schedule is itself respaced);
         ``config`` records the parent's config and ``timesteps``, so that
         ``from_config`` rebuilds the same sub-chain."""
-        timesteps = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        if (isinstance(timesteps, torch.Tensor) and timesteps.dim() != 1) or not isinstance(
+            timesteps, (torch.Tensor, Sequence, range, np.ndarray)
+        ):
+            raise TypeError(f"respaced timesteps must be a sequence of ints, got {timesteps!r}")
+        timesteps = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
         if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in timesteps):
             raise TypeError(f"respaced timesteps must be ints, got {list(timesteps)[:5]}...")
         steps = sorted(set(int(s) for s in timesteps))
@@ -357,6 +371,14 @@ def _cap_x0_columns(table: torch.Tensor) -> torch.Tensor:
     return table
 
 
+# The keys of each kind of NoiseSchedule.config.
+_CONFIG_KEYS = {
+    "name": {"name", "timesteps", "beta_start", "beta_end"},
+    "betas": {"betas"},
+    "respace_of": {"respace_of", "timesteps"},
+}
+
+
 def _as_betas(betas: object) -> torch.Tensor:
     """Given betas as a float64 CPU tensor: real numbers only (no bools, no complex)."""
     if isinstance(betas, torch.Tensor):
@@ -367,7 +389,9 @@ def _as_betas(betas: object) -> torch.Tensor:
         tensor = torch.tensor(betas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"betas must be a tensor or a sequence of numbers, got {type(betas).__name__} ({error})") from None
-    if any(isinstance(b, bool) for b in (betas if isinstance(betas, (list, tuple)) else ())):
+    if any(isinstance(b, bool) for b in (betas if isinstance(betas, (list, tuple)) else ())) or (
+        isinstance(betas, np.ndarray) and betas.dtype == np.bool_
+    ):
         raise TypeError("betas must hold real numbers, got a bool")
     return tensor
 
@@ -380,4 +404,14 @@ def _check_betas(betas: torch.Tensor) -> None:
     if (betas <= 0).any() or (betas > 1).any():
         raise ValueError(
             f"betas must lie in (0, 1], got min {betas.min().item():.3g}, max {betas.max().item():.3g}"
+        )
+    # Leading betas below float64's resolution next to 1 (about 1.1e-16) give
+    # abar = 1 exactly: the coefficients that divide by 1 - abar become inf/NaN.
+    no_noise = torch.cumprod(1.0 - betas, dim=0) >= 1.0
+    if no_noise.any():
+        last = int(no_noise.nonzero()[-1])
+        raise ValueError(
+            f"betas[{last}] = {betas[last].item():.3g}: 1 - beta rounds to 1 in float64 through timestep {last}, "
+            "so no noise is added there and the schedule's coefficients (which divide by 1 - abar_t) are infinite; "
+            "use betas of at least about 1e-15"
         )

@@ -244,6 +244,28 @@ def test_respaced_config_round_trips_through_json():
         assert torch.equal(getattr(again, key), getattr(sub, key)), key
 
 
+@pytest.mark.parametrize("config, error, match", [
+    ({"name": "linear", "timestep": 50}, ValueError, r"got also \['timestep'\]"),  # was a 1000-step schedule
+    ({"name": "cosine", "betas": [0.1, 0.2]}, ValueError, r"got also \['name'\]"),  # the name was dropped
+    ({"respace_of": {"name": "linear", "timesteps": 10}, "timesteps": 3}, TypeError, "a sequence of ints"),
+])
+def test_from_config_refuses_what_it_would_ignore(config, error, match):
+    with pytest.raises(error, match=match):
+        NoiseSchedule.from_config(config)
+
+
+def test_config_is_json_ready_for_numpy_numbers_and_respace_takes_arrays():
+    """numpy's numbers are taken, and the config held them: json.dumps failed."""
+    schedule = NoiseSchedule("linear", timesteps=np.int64(10), beta_start=np.float32(1e-4), beta_end=np.float64(0.02))
+    again = NoiseSchedule.from_config(json.loads(json.dumps(schedule.config)))
+    assert torch.equal(again.betas, schedule.betas)
+    assert schedule.respace(np.array([1, 5])).timestep_map.tolist() == [1, 5]
+    with pytest.raises(TypeError, match="a sequence of ints"):
+        schedule.respace(torch.tensor(3))
+    with pytest.raises(TypeError, match="real numbers, got a bool"):
+        NoiseSchedule(betas=np.array([True, False]))
+
+
 @pytest.mark.parametrize("kwargs", [dict(name="cosine"), dict(timesteps=5), dict(beta_start=1e-3), dict(beta_end=0.5)])
 def test_betas_with_a_name_or_bounds_is_refused(kwargs):
     """Betas define the schedule: anything else given beside them was ignored."""
@@ -307,6 +329,9 @@ def test_no_name_no_betas():
         ([0.1, 1.0 + 1e-9], r"\(0, 1\]"),
         ([[0.1, 0.2], [0.3, 0.4]], "1-d"),
         ([], "non-empty"),
+        # 1 - beta rounds to 1: abar_0 = 1 and inf/NaN coefficients (were accepted)
+        ([1e-17, 0.1], r"betas\[0\] = 1e-17: 1 - beta rounds to 1"),
+        ([1e-20, 1e-18, 0.1], r"betas\[1\] = 1e-18: 1 - beta rounds to 1 .* through timestep 1"),
     ],
 )
 def test_bad_betas(betas, match):
