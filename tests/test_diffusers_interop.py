@@ -175,3 +175,22 @@ def test_patched_diffusers_trains_like_the_original(narrow):
         grads.append({k: p.grad for k, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_image_size_override_replaces_sample_size_and_moves_the_attention():
+    """from_diffusers(..., image_size=) was refused for a config without
+    sample_size (the case it is for), and with one its attention resolution was
+    the config size's: 8 px with attention at 4 became 16 px asking for 4."""
+    small = dict(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                 norm_num_groups=4, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
+                 downsample_padding=0, norm_eps=1e-6)
+    for sample_size in (None, 8):
+        theirs = randomize(diffusers.UNet2DModel(sample_size=sample_size, **small), seed=1).eval()
+        ours = UNet.from_diffusers(theirs, image_size=16)
+        assert ours.config["image_size"] == 16 and ours.config["attn_resolutions"] == [8]
+        x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 700])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, t), theirs(x, t).sample, **TOL)
+    with pytest.raises(ValueError, match=r"sample_size=None \(need one square image size, or pass image_size=\)"):
+        UNet.from_diffusers(diffusers.UNet2DModel(sample_size=None, **small))

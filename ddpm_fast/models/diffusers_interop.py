@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .._checks import is_int
 from ..nn import GroupNormSiLU
 from .serialization import load_safetensors, load_state_dict_checked, read_json
 
@@ -45,9 +46,11 @@ _REQUIRED: dict[str, tuple] = {
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def diffusers_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+def diffusers_config_to_kwargs(config: Mapping[str, Any], image_size: int | None = None) -> dict[str, Any]:
     """Our constructor's arguments for a ``UNet2DModel`` config, or a ValueError
-    naming each setting that is not the DDPM layout."""
+    naming each setting that is not the DDPM layout. ``image_size`` replaces the
+    config's ``sample_size`` (which it then need not have); the attention
+    resolutions follow it."""
     cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     bad = [f"{k}={cfg[k]!r} (need {' or '.join(map(repr, ok))})" for k, ok in _REQUIRED.items() if cfg[k] not in ok]
     channels = [int(c) for c in cfg["block_out_channels"]]
@@ -67,17 +70,19 @@ def diffusers_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         bad.append(f"attn_norm_num_groups={cfg['attn_norm_num_groups']!r} (need None)")
     if cfg["time_embedding_dim"] not in (None, 4 * ch):
         bad.append(f"time_embedding_dim={cfg['time_embedding_dim']!r} (need None or {4 * ch})")
-    size = cfg["sample_size"]
+    size = cfg["sample_size"] if image_size is None else image_size
     if isinstance(size, (list, tuple)):
         size = size[0] if len(size) == 2 and size[0] == size[1] else None
-    if not isinstance(size, int):
-        bad.append(f"sample_size={cfg['sample_size']!r} (need one square image size)")
+    if not is_int(size) and image_size is None:
+        bad.append(f"sample_size={cfg['sample_size']!r} (need one square image size, or pass image_size=)")
     if bad:
         raise ValueError("not a DDPM UNet2DModel (the layout UNet.from_diffusers converts): " + "; ".join(bad))
     return dict(
         in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], image_size=size, ch=ch,
         ch_mult=[c // ch for c in channels], num_res_blocks=cfg["layers_per_block"],
-        attn_resolutions=[size // 2**i for i, a in enumerate(attn) if a], dropout=float(cfg["dropout"]),
+        # (a bad image_size= is refused by the constructor, naming it)
+        attn_resolutions=[size // 2**i for i, a in enumerate(attn) if a] if is_int(size) else [],
+        dropout=float(cfg["dropout"]),
         num_groups=cfg["norm_num_groups"], eps=float(cfg["norm_eps"]),
     )
 
@@ -158,9 +163,7 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
         raise TypeError(
             f"UNet.from_diffusers takes a diffusers UNet2DModel or the folder it was saved to, got {type(model_or_folder).__name__}"
         )
-    kwargs = diffusers_config_to_kwargs(config)
-    if "image_size" in overrides:  # e.g. for a config without sample_size
-        kwargs["image_size"] = overrides.pop("image_size")
+    kwargs = diffusers_config_to_kwargs(config, overrides.pop("image_size", None))  # e.g. for a config without sample_size
     model = cls(**kwargs, **overrides)
     converted, used = {}, set()
     for ours, candidates in diffusers_key_map(model).items():
