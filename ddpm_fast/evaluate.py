@@ -63,7 +63,7 @@ def evaluate_bpd(
         warnings.warn(
             "evaluate_bpd: the model is in training mode with active dropout, so the bound depends on more than "
             "the seed (and on the batch size); call model.eval() before evaluating",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning, stacklevel=3,  # past torch.no_grad's wrapper: the caller
         )
     if channels_last is None:
         channels_last = has_channels_last_weights(model)

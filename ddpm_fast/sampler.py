@@ -114,6 +114,15 @@ class Sampler:
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
+        for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
+            if not isinstance(flag, bool) and not (flag is None and name == "channels_last"):  # "no" would be True
+                raise TypeError(f"{name} must be a bool{' or None' if name == 'channels_last' else ''}, got {flag!r}")
+        if sample_shape is not None and (
+            not isinstance(sample_shape, (tuple, list, torch.Size))
+            or not all(is_int(s) and s >= 1 for s in sample_shape)
+            or not sample_shape
+        ):
+            raise ValueError(f"sample_shape must be a sequence of positive ints (C, H, W, ...), got {sample_shape!r}")
         self.model = model
         self.schedule = schedule
         self.variance = variance
@@ -131,7 +140,7 @@ class Sampler:
         if sample_shape is None and hasattr(model, "in_channels") and hasattr(model, "image_size"):
             size = model.image_size
             sample_shape = (model.in_channels, *((size, size) if isinstance(size, int) else size))
-        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else None
 
     # ------------------------------------------------------------------ public
 
@@ -167,7 +176,7 @@ class Sampler:
             warnings.warn(
                 "Sampler: the model is in training mode with active dropout, so the samples depend on more "
                 "than the seed (and sample i on the batch); call model.eval() before sampling",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning, stacklevel=3,  # past torch.no_grad's wrapper: the caller
             )
         if not is_int(first_sample) or first_sample < 0:
             raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
@@ -201,7 +210,7 @@ class Sampler:
         bad = int((~torch.isfinite(x)).sum())
         if bad:
             warnings.warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
-                          "finite at some step", RuntimeWarning, stacklevel=2)
+                          "finite at some step", RuntimeWarning, stacklevel=3)
         return (x, intermediates) if return_intermediates else x
 
     # ----------------------------------------------------------------- helpers

@@ -429,3 +429,24 @@ def test_output_layout_is_the_same_on_every_backend(device, backend):
         y = ops.group_norm_silu(x, 2, backend=backend)
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         torch.testing.assert_close(y, F.silu(F.group_norm(x, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_module_takes_group_norms_bias_flag_and_refuses_a_parametrized_norm():
+    """nn.GroupNorm(bias=False) (newer torch) has no counterpart here before
+    (a TypeError), and from_group_norm of a parametrized norm failed inside
+    nn.Module's attribute assignment."""
+    import torch.nn.utils.parametrize as parametrize
+
+    fused = GroupNormSiLU(2, 4, bias=False)
+    assert fused.bias is None and list(fused.state_dict()) == ["weight"]
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(fused(x), F.silu(F.group_norm(x, 2, fused.weight)))
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    norm = nn.GroupNorm(2, 4)
+    parametrize.register_parametrization(norm, "weight", Double())
+    with pytest.raises(TypeError, match="weight or bias is parametrized"):
+        GroupNormSiLU.from_group_norm(norm)

@@ -235,6 +235,20 @@ class TestBadInput:
             Sampler(GaussianOracle(), SCHEDULE, backend="fastest")
         with pytest.raises(TypeError, match="dtype"):
             Sampler(GaussianOracle(), SCHEDULE, dtype=torch.float64)
+        # Each was a raw error at sample() ('int' object is not iterable, ...), or read as True.
+        for bad in (5, "ab", (1, 2.0, 2), (1, 0, 2), ()):
+            with pytest.raises(ValueError, match="sample_shape must be a sequence of positive ints"):
+                Sampler(GaussianOracle(), SCHEDULE, sample_shape=bad)
+        for name in ("clip_denoised", "cuda_graph", "channels_last"):
+            with pytest.raises(TypeError, match=f"{name} must be a bool"):
+                Sampler(GaussianOracle(), SCHEDULE, **{name: "no"})
+
+    def test_warnings_point_at_the_caller(self):
+        """Not at torch.no_grad's wrapper in torch/utils/_contextlib.py."""
+        sampler = Sampler(lambda x, t: torch.full_like(x, float("nan")), SCHEDULE, sample_shape=(1, 2, 2))
+        with pytest.warns(RuntimeWarning, match="NaN or Inf") as seen:
+            sampler.sample(1, seed=0, steps=2, progress=False)
+        assert [w.filename for w in seen] == [__file__]
 
     @pytest.mark.parametrize(
         "args,kwargs,error,match",

@@ -33,12 +33,17 @@ class GroupNormSiLU(nn.GroupNorm):
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        bias: bool = True,
     ) -> None:
         if not isinstance(act, bool):
             raise TypeError(f"GroupNormSiLU: act must be a bool, got {type(act).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"GroupNormSiLU: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"GroupNormSiLU: bias must be a bool, got {type(bias).__name__}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        if affine and not bias:  # nn.GroupNorm's bias=False (newer torch): a weight and no bias
+            self.register_parameter("bias", None)
         self.act = act
         self.backend = backend
 
@@ -68,6 +73,9 @@ class GroupNormSiLU(nn.GroupNorm):
         """A ``GroupNormSiLU`` holding ``norm``'s own parameters (the same
         ``nn.Parameter`` objects, so frozen ones stay frozen and an optimizer
         built on ``norm`` trains it), in ``norm``'s training mode."""
+        if "weight" in getattr(norm, "parametrizations", {}) or "bias" in getattr(norm, "parametrizations", {}):
+            raise TypeError("GroupNormSiLU.from_group_norm: the norm's weight or bias is parametrized "
+                            "(torch.nn.utils.parametrize); build GroupNormSiLU(...) and register the parametrization on it")
         fused = cls(norm.num_groups, norm.num_channels, norm.eps, affine=False, act=act, backend=backend)
         fused.affine = norm.affine
         fused.weight, fused.bias = norm.weight, norm.bias
