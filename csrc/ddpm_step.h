@@ -8,9 +8,11 @@
 // for element j (logical NCHW order) of sample n; drawn only where sigma != 0.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 #include "layout.h"
 
@@ -55,6 +57,18 @@ inline StepLayout check_ddpm_step_args(const at::Tensor& x, const at::Tensor& ep
     TORCH_CHECK(mi.is_contiguous() || is_channels_last_4d(mi),
                 "ddpm_fast: model_input must be contiguous or channels_last");
     s.model_input_other = mi.is_contiguous() ? s.channels_last : !s.channels_last;
+  }
+  // An output may be an input itself (in place: each element is read before it
+  // is written) or share no memory with the inputs; a partial overlap (another
+  // offset, dtype or memory format over the same bytes) would have the kernel
+  // read elements a block or thread already overwrote. (ops.ddpm_step checks
+  // this in Python too; here for callers of the raw op.)
+  std::vector<const at::Tensor*> inputs = {&x, &eps};
+  if (noise.has_value()) inputs.push_back(&*noise);
+  for (const at::Tensor* input : inputs) at::assert_no_partial_overlap(out, *input);
+  if (model_input.has_value()) {
+    inputs.push_back(&out);
+    for (const at::Tensor* other : inputs) at::assert_no_partial_overlap(*model_input, *other);
   }
   return s;
 }

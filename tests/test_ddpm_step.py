@@ -396,6 +396,32 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="memory format of x_t"):
             torch.ops.ddpm_fast.ddpm_step_(x, x.to(memory_format=torch.channels_last), torch.tensor(1), table, None, 0, 0, 48, 0, False, out, None)
 
+    @requires_extension
+    def test_cpp_op_refuses_outputs_partially_overlapping_inputs(self):
+        """The raw op computed wrong values silently for an out shifted over x
+        (9536 of 9600 wrong) or a model_input that is x's memory in the other
+        memory format; out = x itself (in place) stays allowed."""
+        table = SCHEDULE.step_table("fixed_large")
+        t, op = torch.tensor([1, 7]), torch.ops.ddpm_fast.ddpm_step_
+        n = 2 * 3 * 40 * 40
+        buf = torch.randn(n + 64)
+        x, shifted = buf[:n].view(2, 3, 40, 40), buf[64:].view(2, 3, 40, 40)
+        eps, z = torch.randn_like(x), torch.randn_like(x)
+        x_as_channels_last = x.as_strided(x.shape, (4800, 1, 120, 3))
+        cases = [  # (x_t, eps, noise, out, model_input); buf[:n] is x, buf[64:] shifted
+            (x, eps, z, shifted, None),  # out over x_t
+            (eps, x, z, shifted, None),  # out over eps
+            (eps, z, x, shifted, None),  # out over noise
+            (x, eps, z, torch.empty_like(x), x_as_channels_last),  # model_input over x_t
+            (eps, z, None, x, shifted),  # model_input over out
+        ]
+        for x_t, e, noise, out, model_input in cases:
+            with pytest.raises(RuntimeError, match="refer to a single memory location"):
+                op(x_t, e, t, table, noise, 0, 0, 0, 0, False, out, model_input)
+        want = ops.ddpm_step(x, eps, t, SCHEDULE, noise=z, backend="reference")
+        op(x, eps, t, table, z, 0, 0, 0, 0, False, x, None)  # in place
+        torch.testing.assert_close(x, want)
+
 
 class TestUndefinedSteps:
     """jsd ends with beta = 1: alpha = 0 at t = T-1, where every form of the step
