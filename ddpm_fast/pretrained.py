@@ -34,15 +34,17 @@ def _assumed_schedule(folder: Path) -> NoiseSchedule:
     return NoiseSchedule("linear")
 
 
-def _diffusers_schedule(folder: Path) -> NoiseSchedule:
-    """The pipeline's DDPMScheduler betas if its config is there, else linear T=1000.
+def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> NoiseSchedule:
+    """The DDPMScheduler betas of the pipeline in ``folder`` if its config is
+    there, else linear T=1000 (with a warning naming ``model_folder``, the
+    UNet's own folder when it is not the pipeline's).
 
     Settings this library cannot honour are refused, not ignored: a model
     trained for v- or x0-prediction, or on a zero-terminal-SNR schedule, would
     sample silently wrong as an ε-predictor on our schedule."""
     config_path = folder / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
-        return _assumed_schedule(folder)
+        return _assumed_schedule(folder if model_folder is None else model_folder)
     config = _read_json(config_path)
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
@@ -87,7 +89,7 @@ def load_model(
         model = UNet.from_diffusers(folder / "unet")
         return model.to(device).eval(), _diffusers_schedule(folder)
     if (folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json"):
-        return UNet.from_diffusers(folder).to(device).eval(), _diffusers_schedule(folder.parent)
+        return UNet.from_diffusers(folder).to(device).eval(), _diffusers_schedule(folder.parent, folder)
     if not (folder / "config.json").is_file():  # a run folder: its newest checkpoint
         newest = latest_checkpoint(folder)
         if newest is None:

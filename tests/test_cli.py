@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_fast.checkpoint import CheckpointError
 from ddpm_fast.cli import _sample_dtype, build_parser, main
 from train_helpers import save_toy_npz
 
@@ -435,3 +436,14 @@ def test_out_of_memory_in_training_names_every_option_that_sets_memory(data_file
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddpm-fast train: error: out of memory (") and "\n" not in err
     assert err.endswith("lower --batch-size, --image-size, --timesteps or --model")
+
+
+def test_ddpm_fast_debug_is_read_as_setup_py_reads_it(tmp_path, monkeypatch, capsys):
+    """DDPM_FAST_DEBUG=0 turned tracebacks on (any non-empty value did); only
+    1/true/yes do, as for the build."""
+    argv = ["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]
+    monkeypatch.setenv("DDPM_FAST_DEBUG", "0")
+    assert main(argv) == 2 and "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("DDPM_FAST_DEBUG", "1")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main(argv)

@@ -66,6 +66,10 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(X, T), unet(X, T).sample, rtol=1e-4, atol=1e-5)
         assert schedule.num_timesteps == 500 and schedule.betas[-1].item() == pytest.approx(0.03)
+    # A UNet folder alone: the warning names it, not the folder above it.
+    (tmp_path / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.warns(UserWarning, match=f"^{tmp_path / 'unet'} records no noise schedule"):
+        load_model(tmp_path / "unet")
 
 
 def test_errors(run, tmp_path):
