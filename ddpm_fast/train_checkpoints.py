@@ -211,13 +211,20 @@ class TrainerCheckpoints:
         written before the trainer used the fused kernel say False, and the
         per-parameter loop then fails under the fp16 GradScaler, which drives
         the optimizer as a fused one. Keep this trainer's choice (the fused
-        kernel keeps its step counts on the parameters' device)."""
+        kernel keeps its step counts on the parameters' device), and give the
+        state tensors their parameters' memory layout."""
         for group in self.optimizer.param_groups:
             group["fused"] = self._fused
-        if self._fused:
-            for param, param_state in self.optimizer.state.items():
-                if "step" in param_state:
-                    param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)
+        for param, param_state in self.optimizer.state.items():
+            if self._fused and "step" in param_state:
+                param_state["step"] = param_state["step"].to(device=param.device, dtype=torch.float32)
+            for key, value in param_state.items():
+                # Moments (exp_avg, ...) keep the strides they were saved with: after
+                # a channels_last switch on resume (a resumable change) they no longer
+                # match the parameters', and the fused kernel pairs elements by
+                # memory position, so it would update each weight with another's moments.
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, EMA, optimizer, schedules, step and RNG state from a

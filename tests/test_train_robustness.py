@@ -154,6 +154,21 @@ def test_train_after_manual_train_steps_creates_the_folder(tmp_path):
     assert trainer.step == 4 and (out / "log.jsonl").is_file() and latest_checkpoint(out).name == "checkpoint-00000004"
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["cl-then-nchw", "nchw-then-cl"])
+def test_switching_channels_last_on_resume_keeps_the_optimizer_state_right(tmp_path, first):
+    """channels_last is a resumable change (rounding only), but Adam's moments
+    came back with their saved strides, which the fused kernel pairs with the
+    parameters' by memory position: each weight got another's moments (weights
+    0.005 apart after 4 steps, against 1e-6 between the two formats)."""
+    straight = make_trainer(tmp_path / "straight", steps=8, channels_last=not first)
+    straight.train(final_samples=False)
+    make_trainer(tmp_path / "switched", steps=4, channels_last=first).train(final_samples=False)
+    switched = make_trainer(tmp_path / "switched", steps=8, channels_last=not first)
+    switched.train(final_samples=False)
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(switched.model.state_dict()[name], value, rtol=0, atol=1e-5, msg=name)
+
+
 def test_train_again_without_resuming_continues_from_memory(tmp_path):
     """resume=False on a Trainer that has trained: no checkpoint is loaded and
     the folder's log stays (it was deleted, as for a fresh run), and a stop for
