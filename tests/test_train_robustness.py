@@ -169,6 +169,23 @@ def test_switching_channels_last_on_resume_keeps_the_optimizer_state_right(tmp_p
         torch.testing.assert_close(switched.model.state_dict()[name], value, rtol=0, atol=1e-5, msg=name)
 
 
+def test_models_the_trainer_cannot_checkpoint_or_train_are_refused_when_made(tmp_path):
+    """A config JSON cannot encode failed at the first checkpoint, after
+    training (a raw TypeError); a float64 or half model at the first step, and
+    a bfloat16 one trained with bfloat16 master weights, against the recipe."""
+    unencodable = TinyEps()
+    unencodable.config = {"width": object()}
+    with pytest.raises(TypeError, match="must be JSON-serializable"):
+        Trainer(unencodable, toy_dataset(), NoiseSchedule("linear", timesteps=20), TrainConfig(batch_size=8), tmp_path)
+    with pytest.raises(TypeError, match="must be JSON-serializable"):
+        Trainer(TinyEps(), toy_dataset(), NoiseSchedule("linear", timesteps=20), TrainConfig(batch_size=8), tmp_path,
+                extra_config={"when": object()})
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="trains float32 parameters"):
+            Trainer(TinyEps().to(dtype), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                    TrainConfig(batch_size=8), tmp_path)
+
+
 def test_train_again_without_resuming_continues_from_memory(tmp_path):
     """resume=False on a Trainer that has trained: no checkpoint is loaded and
     the folder's log stays (it was deleted, as for a fresh run), and a stop for
