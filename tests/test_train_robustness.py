@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from ddpm_fast.checkpoint import checkpoints, latest_checkpoint
 from ddpm_fast.schedules import NoiseSchedule
@@ -184,6 +185,34 @@ def test_models_the_trainer_cannot_checkpoint_or_train_are_refused_when_made(tmp
         with pytest.raises(TypeError, match="trains float32 parameters"):
             Trainer(TinyEps().to(dtype), toy_dataset(), NoiseSchedule("linear", timesteps=20),
                     TrainConfig(batch_size=8), tmp_path)
+
+
+class BatchNormEps(TinyEps):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.bn(self.inp(x)) + self.embed(t)[:, :, None, None])
+        return self.out(torch.nn.functional.silu(self.mid(h)))
+
+
+def test_a_model_with_integer_buffers_resumes(tmp_path):
+    """BatchNorm's int64 num_batches_tracked made every checkpoint 'damaged'
+    (its tensors were refused as not floating point), so no run resumed."""
+    config = dict(batch_size=8, warmup=0, log_every=1, checkpoint_every=2, seed=3)
+    trainer = Trainer(BatchNormEps(), toy_dataset(), NoiseSchedule("linear", timesteps=20), TrainConfig(steps=2, **config),
+                      tmp_path, device="cpu", progress=False)
+    trainer.train(final_samples=False)
+    resumed = Trainer(BatchNormEps(), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                      TrainConfig(steps=4, **config), tmp_path, device="cpu", progress=False)
+    resumed.train(final_samples=False)
+    assert resumed.step == 4 and int(resumed.model.bn.num_batches_tracked) == 4
+    from ddpm_fast.models.serialization import load_state_dict_checked
+
+    state = dict(resumed.model.state_dict(), **{"inp.weight": torch.zeros(16, 1, 3, 3, dtype=torch.int64)})
+    with pytest.raises(ValueError, match=r"\['inp.weight'\] are not floating point where the model's are"):
+        load_state_dict_checked(resumed.model, state, "edited")  # would be cast silently
 
 
 def test_train_again_without_resuming_continues_from_memory(tmp_path):

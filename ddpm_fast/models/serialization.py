@@ -69,9 +69,12 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
             problems.append(f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)} in all)")
     if problems:
         raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
-    bad = sorted(k for k, v in state.items() if not v.is_floating_point())
+    # An integer tensor for a float one (or the reverse) would be cast silently
+    # by load_state_dict; integer buffers of the model's own (BatchNorm's
+    # num_batches_tracked) load as they are.
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() != own[k].is_floating_point())
     if bad:
-        raise ValueError(f"{source}: tensors {bad[:8]} are not floating point")
+        raise ValueError(f"{source}: tensors {bad[:8]} are not floating point where the model's are, or the reverse")
     model.load_state_dict(state, strict=True)
 
 
