@@ -322,6 +322,7 @@ class Trainer(TrainerCheckpoints):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
             self._remove_later_checkpoints()
+            self._remove_earlier_pictures()
         cfg = self.config
         if self.step > cfg.steps and self.rank == 0:
             warnings.warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
@@ -351,7 +352,8 @@ class Trainer(TrainerCheckpoints):
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
                     window, tick, tick_step = [], time.perf_counter(), self.step
                 bar.update(1)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and not last and self.rank == 0:
+                # (At the last step too: a run resumed to more steps then has every grid.)
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
                     self.sample_grid(self.out_dir / "samples" / f"step-{self.step:08d}.png")
                 if checkpoint:
                     self.save_checkpoint()

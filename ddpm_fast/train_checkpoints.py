@@ -108,6 +108,18 @@ class TrainerCheckpoints:
         for path in later:
             shutil.rmtree(path)
 
+    def _remove_earlier_pictures(self) -> None:
+        """A run started afresh: the earlier run's sample grids and loss curve
+        would pass for this one's until overwritten (some never are)."""
+        found = [self.out_dir / name for name in ("samples.png", "loss.png") if (self.out_dir / name).is_file()]
+        found += sorted((self.out_dir / "samples").glob("step-*.png"))
+        if not found:
+            return
+        warnings.warn(f"starting afresh in {self.out_dir}: removing the earlier run's pictures "
+                      f"({', '.join(str(p.relative_to(self.out_dir)) for p in found[:4])}{' ...' if len(found) > 4 else ''})")
+        for path in found:
+            path.unlink(missing_ok=True)
+
     def check_resumable(self, path: str | os.PathLike) -> None:
         """Refuse to resume checkpoint ``path`` with another model, schedule or
         training recipe than the one it was trained with (see

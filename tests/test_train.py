@@ -430,10 +430,16 @@ def test_a_fresh_run_replaces_a_longer_one_in_its_folder(tmp_path):
     """resume=False in a folder of a longer run: the earlier run's later
     checkpoints once outranked the new ones, which were pruned as the oldest
     the moment they were written, and resuming or sampling took the old run."""
-    make_trainer(tmp_path, steps=6).train(final_samples=False)  # checkpoints 4 and 6
+    make_trainer(tmp_path, steps=6, sample_every=3, sample_count=2).train()  # checkpoints 4 and 6
+    earlier = ["loss.png", "samples.png", "samples/step-00000003.png", "samples/step-00000006.png"]
+    assert all((tmp_path / name).is_file() for name in earlier)  # (step 6, the last, has its grid too)
     fresh = make_trainer(tmp_path, steps=2, lr=2e-3)
-    with pytest.warns(UserWarning, match="removing the earlier run's checkpoint-00000004, checkpoint-00000006"):
+    with pytest.warns(UserWarning, match="removing the earlier run's checkpoint-00000004, checkpoint-00000006"), \
+            pytest.warns(UserWarning, match="removing the earlier run's pictures"):
         fresh.train(resume=False, final_samples=False)
+    # Its pictures passed for the new run's (grids of steps it never took; the
+    # loss curve until this run's first checkpoint redraws it).
+    assert not any((tmp_path / name).exists() for name in earlier[1:])
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000002"]
     assert latest_checkpoint(tmp_path).name == "checkpoint-00000002"
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
