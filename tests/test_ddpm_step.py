@@ -137,6 +137,27 @@ def test_given_outputs_behave_as_aten_in_place_writes(device, backend, name):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_in_place_step_compiles_with_fullgraph(device, backend):
+    """out=x_t and out_model_input under torch.compile(fullgraph=True): the
+    in-place checks asked is_inference(), which dynamo cannot trace."""
+    def step(x, eps, model_input):
+        ops.ddpm_step(x, eps, 300, SCHEDULE, seed=4, out=x, out_model_input=model_input, backend=backend)
+        return x * 1
+
+    x = make((2, 3, 4, 4), torch.float32, "channels_last", device, 0)
+    eps = make((2, 3, 4, 4), torch.float32, "channels_last", device, 1)
+    compile_backends = ["eager"] if backend == "triton" else ["eager", "aot_eager"]  # (interpreted Triton: no AOT)
+    for compile_backend in compile_backends:
+        torch._dynamo.reset()
+        want_x, want_mi = x.clone(), torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            step(want_x, eps, want_mi)
+            got_x, got_mi = x.clone(), torch.empty_like(want_mi)
+            out = torch.compile(step, fullgraph=True, backend=compile_backend)(got_x, eps, got_mi)
+        assert torch.equal(got_x, want_x) and torch.equal(out, want_x) and torch.equal(got_mi, want_mi)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_no_noise_at_t0(device, backend):
     x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
     eps = make((2, 3, 4, 4), torch.float32, "contiguous", device, 1)

@@ -450,3 +450,16 @@ def test_module_takes_group_norms_bias_flag_and_refuses_a_parametrized_norm():
     parametrize.register_parametrization(norm, "weight", Double())
     with pytest.raises(TypeError, match="weight or bias is parametrized"):
         GroupNormSiLU.from_group_norm(norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_differentiates_16_bit_x_with_a_float32_bias_alone(dtype):
+    """F.group_norm's CPU backward refused a float32 bias without a weight for
+    16-bit x ('expected scalar type Float'), which the kernels take."""
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    bias = torch.randn(4, requires_grad=True)
+    y = ops.group_norm_silu(x, 2, None, bias, act=False, backend="reference")
+    dx, db = torch.autograd.grad(y.float().sum(), (x, bias))
+    want = F.group_norm(x.detach().float().requires_grad_(), 2, None, bias.detach().requires_grad_())
+    assert y.dtype == dtype and dx.dtype == dtype and db.dtype == torch.float32
+    torch.testing.assert_close(y, want.to(dtype), **TOLERANCES[dtype])

@@ -68,7 +68,9 @@ def _check_kernel_writable(buf: torch.Tensor, name: str, backend: str) -> None:
             f"{_OP}: {name} requires grad, but the {backend} backend does not record gradients; "
             "write into it under torch.no_grad(), or use backend='reference' to differentiate through a step"
         )
-    if buf.is_inference() and not torch.is_inference_mode_enabled():
+    # (Not asked while tracing: dynamo cannot trace is_inference(), and the
+    # compiled graph's functionalized write needs no such check.)
+    if not torch.compiler.is_compiling() and buf.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(f"{_OP}: {name} is an inference tensor: an in-place update to it is allowed only "
                            "inside torch.inference_mode()")
 

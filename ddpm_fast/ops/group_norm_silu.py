@@ -22,9 +22,10 @@ _FLOAT32_TINIEST = 2.0**-149  # float32's smallest positive value (plain floats:
 def _reference(x, num_groups, weight, bias, eps, add, act):
     h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
     w, b = _reference_params(weight, bias, x)
-    if x.device.type != "cpu" and any(p is not None and p.dtype != x.dtype for p in (w, b)):
-        # 16-bit x with float32 parameters: ATen's GPU group_norm takes one dtype
-        # (its CPU kernel mixes), so in float32, rounded to x's dtype once.
+    if any(p is not None and p.dtype != x.dtype for p in (w, b)):
+        # 16-bit x with float32 parameters: ATen's GPU group_norm takes one
+        # dtype, and its CPU backward refuses a float32 bias without a weight
+        # (the forward mixes), so in float32, rounded to x's dtype once.
         y = F.group_norm(h.float(), num_groups, w, b, eps)
         return (F.silu(y) if act else y).to(x.dtype)
     y = F.group_norm(h, num_groups, w, b, eps)
