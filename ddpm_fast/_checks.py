@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["is_int"]
+import torch
+
+__all__ = ["is_int", "WIDENED_TIMESTEP_DTYPES"]
+
+# Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
+# first. (A uint64 from 2^63 on wraps negative, which fails the range check.)
+WIDENED_TIMESTEP_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def is_int(value: object) -> bool:

@@ -423,12 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 1
-    except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError) as error:
-        # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included)
-        if debug:
-            raise
-        message, code = f"{prefix}: error: {_one_line(error)}", 2
-    except BackendUnavailableError as error:  # a setting (DDPM_FAST_BACKEND), not a failure
+    except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError, BackendUnavailableError) as error:
+        # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included);
+        # BackendUnavailableError (a RuntimeError): a setting (DDPM_FAST_BACKEND), not a failure
         if debug:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 2

@@ -83,12 +83,10 @@ def run_demo(
     sample_steps = DEMO_SAMPLE_STEPS if sample_steps is None else sample_steps
     schedule = NoiseSchedule("linear", timesteps=1000)
     # Checked before training, not after minutes of it (as the Sampler would).
-    for name, value, most, wanted in (
-        ("sample_steps", sample_steps, schedule.num_timesteps, f"an int in [1, {schedule.num_timesteps}]"),
-        ("samples", samples, None, "a positive int"),
-    ):
-        if not is_int(value) or value < 1 or (most is not None and value > most):
-            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    if not is_int(sample_steps) or not 1 <= sample_steps <= schedule.num_timesteps:
+        raise ValueError(f"sample_steps must be an int in [1, {schedule.num_timesteps}], got {sample_steps!r}")
+    if not is_int(samples) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the model's initial weights and dropout

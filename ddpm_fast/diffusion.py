@@ -16,6 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
+from ._checks import WIDENED_TIMESTEP_DTYPES
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -82,8 +83,8 @@ def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> 
         raise TypeError(f"t must be an int or an integer tensor, got {got}")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
         raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
-    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few ops take these (min/max do not): int64
-        t = t.to(torch.int64)  # (a uint64 from 2^63 on wraps negative and fails the range check)
+    if t.dtype in WIDENED_TIMESTEP_DTYPES:
+        t = t.to(torch.int64)
     if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= num_steps):
         raise ValueError(f"timesteps out of range [0, {num_steps}): min {t.min().item()}, max {t.max().item()}")
     return t

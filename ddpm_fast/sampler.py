@@ -114,9 +114,11 @@ class Sampler:
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
-        for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
-            if not isinstance(flag, bool) and not (flag is None and name == "channels_last"):  # "no" would be True
-                raise TypeError(f"{name} must be a bool{' or None' if name == 'channels_last' else ''}, got {flag!r}")
+        for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph)):
+            if not isinstance(flag, bool):  # bool("no") would be True
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if channels_last is not None and not isinstance(channels_last, bool):
+            raise TypeError(f"channels_last must be a bool or None, got {channels_last!r}")
         if sample_shape is not None and (
             not isinstance(sample_shape, (tuple, list, torch.Size))
             or not all(is_int(s) and s >= 1 for s in sample_shape)

@@ -122,12 +122,12 @@ class Trainer(TrainerCheckpoints):
         if floats - {torch.float32}:  # the recipe's master weights are float32 (precision= sets autocast)
             raise TypeError(f"the Trainer trains float32 parameters (precision= chooses the autocast dtype), "
                             f"got {sorted(map(str, floats))}: call model.float() first")
+        self.model = model.to(self.device)
         try:  # written into every checkpoint: refused now, not at the first one after hours of training
-            json.dumps({"model": getattr(model, "config", None), **self.extra_config})
+            json.dumps(self.run_config())
         except (TypeError, ValueError) as error:
             raise TypeError(f"the model's config and extra_config must be JSON-serializable (checkpoints record "
                             f"them): {error}") from None
-        self.model = model.to(self.device)
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)

@@ -7,14 +7,13 @@ import numbers
 
 import torch
 
-from .._checks import is_int
+from .._checks import WIDENED_TIMESTEP_DTYPES, is_int
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Integer dtypes a timestep tensor may have. torch has no min/max (the range
 # check) for uint16/32/64, so those are widened to int64 first.
 _TIMESTEP_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
-_WIDENED_TIMESTEP_DTYPES = (torch.uint16, torch.uint32, torch.uint64)
 UINT64 = 1 << 64
 INT64_MAX = (1 << 63) - 1
 
@@ -113,7 +112,7 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         )
     if t.device != x.device:
         raise ValueError(f"{op}: t is on {t.device} but x is on {x.device}")
-    if t.dtype in _WIDENED_TIMESTEP_DTYPES:
+    if t.dtype in WIDENED_TIMESTEP_DTYPES:
         # Every timestep fits in int64; a uint64 value from 2^63 on wraps to a
         # negative one, which fails the range check (or gives NaN) all the same.
         t = t.to(torch.int64)

@@ -34,6 +34,8 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 class BackendUnavailableError(RuntimeError):
     """A backend asked for (by name, or by DDPM_FAST_BACKEND) cannot run on
     these tensors here: a setting to change, not a failure of the op."""
+
+
 ENV_VAR = "DDPM_FAST_BACKEND"
 
 # Fastest first, per device type. CUDA C++ ahead of Triton is provisional until
