@@ -258,6 +258,9 @@ def _fid(args: argparse.Namespace) -> int:
     samples, data = load_array(args.samples, key="images"), load_dataset(args.data, image_size=args.image_size)
     if args.n is not None and args.n > min(len(samples), len(data)):
         raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples or the {len(data)} data images")
+    for option, count in (("-n", args.n), ("--samples", len(samples)), ("--data", len(data))):
+        if count is not None and count < 2:  # a covariance needs two images
+            raise UsageError(f"FID needs at least 2 images of each set, but {option} gives {count}")
     sets = [images.images[: args.n].permute(0, 2, 3, 1) for images in (samples, data)]  # uint8 N x H x W x C
     stats = [activation_statistics(x, model, batch_size=args.batch_size, device=device, progress=True) for x in sets]
     value = frechet_distance(*stats[0], *stats[1], method=args.method)

@@ -246,7 +246,8 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: torch.
 
 
 def _check_images(images: np.ndarray | torch.Tensor, name: str = "images") -> torch.Tensor:
-    images = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    # ascontiguousarray: torch cannot view a numpy array of negative strides (a flipped view)
+    images = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] not in (1, 3):
         raise ValueError(f"{name} must be uint8 N x H x W x C with C 1 or 3, got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
@@ -329,22 +330,27 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(value).all():
             raise ValueError(f"{name} has non-finite entries")
-    if method == "sqrtm":
-        trace_sqrt = _trace_sqrt_sqrtm(sigma1, sigma2, eps)
-    elif method == "eigh":
-        trace_sqrt = _trace_sqrt_eigh(sigma1, sigma2)
-    else:
-        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+    _check_method(method)
+    trace_sqrt = _trace_sqrt_sqrtm(sigma1, sigma2, eps) if method == "sqrtm" else _trace_sqrt_eigh(sigma1, sigma2)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
+def _check_method(method: str) -> None:
+    """Refuse an unknown method, or sqrtm without scipy (fid calls this before its
+    Inception passes, which take minutes)."""
+    if method not in ("sqrtm", "eigh"):
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+    if method == "sqrtm":
+        try:
+            import scipy.linalg  # noqa: F401
+        except ImportError as error:
+            raise ImportError("FID with method='sqrtm' needs scipy (pip install scipy), or use method='eigh'") from error
+
+
 def _trace_sqrt_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
-    try:
-        from scipy import linalg
-    except ImportError as error:
-        raise ImportError("frechet_distance(method='sqrtm') needs scipy (pip install scipy), "
-                          "or use method='eigh'") from error
+    from scipy import linalg
+
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"sigma1 @ sigma2 is singular: adding {eps:g} to the covariances' diagonals", stacklevel=3)
@@ -371,6 +377,7 @@ def fid(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor
         progress: bool = False, method: str = "sqrtm") -> float:
     """FID between two sets of uint8 N x H x W x C images (Heusel et al. 2017)."""
     a, b = _check_images(images_a, "images_a"), _check_images(images_b, "images_b")
+    _check_method(method)
     model = load_inception(weights_path, device)
     mu1, sigma1 = activation_statistics(a, model, batch_size, device, progress)
     mu2, sigma2 = activation_statistics(b, model, batch_size, device, progress)

@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._checks import is_int
+
 __all__ = ["to_uint8", "make_grid", "save_grid", "save_npz", "plot_curve"]
 
 _MIN_TILE_PX = 32  # small samples (8x8 digits) are upscaled to at least this
@@ -20,9 +22,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float images in [-1, 1], N x C x H x W, as uint8 N x H x W x C:
     round((clamp(x, -1, 1) + 1) * 127.5), so that ``x = u / 127.5 - 1`` comes
     back as ``u`` exactly. NaN becomes 0 (black)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating N x C x H x W tensor, got {getattr(x, 'dtype', type(x))} "
-                         f"{tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.shape[1] not in (1, 3):
+        raise ValueError(f"x must be a floating N x C x H x W tensor (channels first) with C 1 or 3, got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
     x = torch.nan_to_num(x.detach().float(), nan=-1.0)
     scaled = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
@@ -40,9 +42,10 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, sca
     per row (default: a square), each upscaled ``scale`` times (nearest)."""
     images = _check_nhwc(images)
     for name, value, least in (("nrow", nrow, 1), ("padding", padding, 0), ("scale", scale, 1)):
-        valid = isinstance(value, int) and not isinstance(value, bool) and value >= least
+        valid = is_int(value) and value >= least
         if not valid and not (name == "nrow" and value is None):
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    nrow, padding, scale = None if nrow is None else int(nrow), int(padding), int(scale)
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
@@ -73,10 +76,14 @@ def save_npz(images: np.ndarray, path: str | os.PathLike, **extra: np.ndarray) -
     from .checkpoint import atomic_write
 
     images = _check_nhwc(images)
+    clash = sorted({"file", "allow_pickle"} & extra.keys())  # names np.savez would take itself
+    if clash:
+        raise ValueError(f"save_npz: extra arrays may not be named {', '.join(clash)}")
+    arrays = {"images": images, **extra}
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, images=images, **extra)
+            np.savez(f, **arrays)
 
     atomic_write(path, write)
 

@@ -227,6 +227,16 @@ def test_bad_images_are_rejected(bad, message):
 def test_fid_convenience_rejects_bad_images_before_loading(tmp_path):
     with pytest.raises(ValueError, match="images_b"):
         fid(images(2), images(1), tmp_path / "never-read.pth")
+    with pytest.raises(ValueError, match="method must be 'sqrtm' or 'eigh', got 'svd'"):  # not after the Inception passes
+        fid(images(2), images(2), tmp_path / "never-read.pth", method="svd")
+
+
+def test_flipped_numpy_views_are_taken(model):
+    x = images(3, size=8)
+    flipped = x[:, ::-1]  # negative strides: torch.as_tensor refused them
+    mu, sigma = activation_statistics(flipped, model)
+    mu_copy, sigma_copy = activation_statistics(flipped.copy(), model)
+    assert np.array_equal(mu, mu_copy) and np.array_equal(sigma, sigma_copy)
 
 
 # ------------------------------------------------------------ command line
@@ -263,7 +273,12 @@ def test_fid_command_errors(tmp_path, npz_files, weights, monkeypatch, capsys):
     samples, data = npz_files
     monkeypatch.delenv(ENV_VAR, raising=False)
     for extra, expected in [([], ENV_VAR), (["--inception-weights", str(tmp_path / "x.pth")], WEIGHTS_FILE),
-                            (["--inception-weights", str(weights), "-n", "6"], "-n 6 exceeds")]:
+                            (["--inception-weights", str(weights), "-n", "6"], "-n 6 exceeds"),
+                            (["--inception-weights", str(weights), "-n", "1"], "at least 2 images of each set, but -n gives 1")]:
         assert main(["fid", "--samples", str(samples), "--data", str(data), "--device", "cpu", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("ddpm-fast fid: error:") and expected in err
+    np.savez(tmp_path / "one.npz", images=images(1, size=8))
+    assert main(["fid", "--samples", str(tmp_path / "one.npz"), "--data", str(data), "--device", "cpu",
+                 "--inception-weights", str(weights)]) == 2
+    assert "but --samples gives 1" in capsys.readouterr().err

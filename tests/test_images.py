@@ -17,6 +17,8 @@ def test_to_uint8_clamps_rounds_and_moves_channels_last():
     assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
     with pytest.raises(ValueError, match="floating N x C x H x W"):
         to_uint8(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match=r"channels first\) with C 1 or 3, got .* \(2, 8, 8, 3\)"):
+        to_uint8(torch.zeros(2, 8, 8, 3))  # channels last by mistake: it was permuted into (2, 8, 3, 8)
 
 
 def test_grid_layout_and_png(tmp_path):
@@ -40,6 +42,9 @@ def test_save_npz_round_trip_leaves_no_temporary(tmp_path):
     with np.load(tmp_path / "s.npz") as loaded:
         assert np.array_equal(loaded["images"], images) and loaded["labels"].tolist() == [0, 1, 2]
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
+    for name in ("allow_pickle", "file"):  # np.savez took these itself: the array was dropped or a TypeError raised
+        with pytest.raises(ValueError, match=f"may not be named {name}"):
+            save_npz(images, tmp_path / "t.npz", **{name: np.arange(3)})
 
 
 def test_plot_curve_writes_a_png(tmp_path):
@@ -64,6 +69,7 @@ def test_make_grid_arguments():
     images = np.zeros((3, 2, 2, 3), np.uint8)
     assert make_grid(images, nrow=10, padding=0).shape == (2, 6, 3)  # no empty columns past the last image
     assert make_grid(images, padding=0, scale=3).shape == (12, 12, 3)  # 2 x 2 layout, 6 px tiles
+    assert make_grid(images, nrow=np.int64(3), padding=np.int32(0)).shape == (2, 6, 3)  # counts read from arrays
     for bad in (dict(nrow=0), dict(padding=-1), dict(scale=0), dict(scale=1.5), dict(nrow=True)):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an int"):
             make_grid(images, **bad)
