@@ -132,6 +132,10 @@ def sample_sharded(
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     n, batch_size = int(n), int(batch_size)
+    shape = sampler.sample_shape
+    if shape is None or len(shape) != 3 or shape[0] not in (1, 3):  # before the chain, not after it
+        raise ValueError(f"sample_sharded returns images, so the Sampler's sample_shape must be (C, H, W) with C 1 or 3, "
+                         f"got {shape}")
     rank, world = rank_and_world()
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:

@@ -241,3 +241,13 @@ def test_train_command_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("trained to step 4;") == 1, run.stdout
     load_model(latest_checkpoint(out), weights="ema")
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8), (3, 8), None])
+def test_sample_sharded_refuses_non_images_before_sampling(shape):
+    def model(x, t):
+        pytest.fail("sampled a chain whose images could not be returned")
+
+    sampler = Sampler(model, NoiseSchedule("linear", timesteps=10), sample_shape=shape, device="cpu", cuda_graph=False)
+    with pytest.raises(ValueError, match=r"sample_shape must be \(C, H, W\) with C 1 or 3"):
+        distributed.sample_sharded(sampler, 2, seed=0, batch_size=2, progress=False)
