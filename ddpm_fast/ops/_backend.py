@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import torch
 
@@ -43,9 +44,25 @@ ENV_VAR = "DDPM_FAST_BACKEND"
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
+_ON = ("1", "true", "on", "yes", "y")  # the values triton reads as on (any case)
+
+
 def triton_interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1).
+
+    Triton fixes the mode when it is imported (its own jit functions, tl.sigmoid's
+    kind, are made then), so once it is imported that mode counts, not the
+    variable: set later, the variable would send CPU tensors to compiled kernels."""
+    standard = sys.modules.get("triton.language.standard")
+    sigmoid = getattr(standard, "sigmoid", None)
+    if sigmoid is not None:
+        return type(sigmoid).__name__ == "InterpretedFunction"
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON
+
+
+def _interpret_set_late() -> bool:
+    """Whether TRITON_INTERPRET is on now but triton was imported without it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON and not triton_interpreting()
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,8 +142,11 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
         return "the extension was built without its CUDA kernels (see setup.py: DDPM_FAST_CUDA)"
     if backend == "triton" and not triton_available():
         return "triton is not installed"
+    if backend == "triton" and device.type == "cpu" and _interpret_set_late():
+        return ("TRITON_INTERPRET=1 was set after triton was imported, which fixes its mode then: "
+                "set it before the process starts")
     if backend == "triton":
-        return f"triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got {device}"
+        return f"triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set before triton is imported), got {device}"
     return f"it runs on {backend} tensors, got {device}"
 
 
