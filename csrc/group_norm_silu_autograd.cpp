@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace ddpm_fast {
@@ -46,13 +47,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(const at:
 
 OptTensor present(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// Weight or bias as at::group_norm takes it with x: x's dtype, or float32 for
-// 16-bit x (as the Python reference, ops/group_norm_silu.py's _reference_param).
-OptTensor reference_param(const at::Tensor& p, const at::Tensor& x) {
-  if (!p.defined()) return std::nullopt;
-  if (p.scalar_type() == x.scalar_type()) return p;
+// Weight and bias as at::group_norm takes them with x: x's dtype, or both float32
+// for 16-bit x when either differs from it (as the Python reference,
+// ops/group_norm_silu.py's _reference_params: ATen takes one parameter dtype).
+std::pair<OptTensor, OptTensor> reference_params(const at::Tensor& w, const at::Tensor& b, const at::Tensor& x) {
+  const auto differs = [&](const at::Tensor& p) { return p.defined() && p.scalar_type() != x.scalar_type(); };
+  if (!differs(w) && !differs(b)) return {present(w), present(b)};
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  return p.to(half ? at::kFloat : x.scalar_type());
+  const auto cast = [&](const at::Tensor& p) -> OptTensor {
+    return p.defined() ? OptTensor(p.to(half ? at::kFloat : x.scalar_type())) : std::nullopt;
+  };
+  return {cast(w), cast(b)};
 }
 
 // The backward when autograd records it (create_graph=True: a gradient penalty,
@@ -70,12 +75,13 @@ variable_list differentiable_backward(const at::Tensor& dy, const variable_list&
     shape[1] = x.size(1);
     h = x + s[3].to(x.scalar_type()).view(shape);
   }
-  const OptTensor w = reference_param(s[1], x), b = reference_param(s[2], x);
+  const auto [w, b] = reference_params(s[1], s[2], x);
   const bool mixed = (w && w->scalar_type() != x.scalar_type()) || (b && b->scalar_type() != x.scalar_type());
   at::Tensor y;
-  if (mixed && !x.is_cpu()) {
-    // 16-bit x with float32 parameters: ATen's GPU group_norm takes one dtype (its
-    // CPU kernel mixes), so in float32, rounded to x's dtype once (as the Python reference).
+  if (mixed) {
+    // 16-bit x with float32 parameters: ATen's GPU group_norm takes one dtype and its
+    // CPU backward refuses a float32 bias alone, so in float32, rounded to x's dtype
+    // once (as the Python reference).
     y = at::group_norm(h.to(at::kFloat), groups, w, b, eps);
     if (act) y = at::silu(y);
     y = y.to(x.scalar_type());

@@ -81,6 +81,27 @@ def test_second_derivatives_match_reference(device, backend, weight_frozen):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("x_dtype, w_dtype, b_dtype", [
+    (torch.float16, torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.bfloat16, None, torch.float32), (torch.float32, torch.float64, torch.float32),
+], ids=lambda d: "none" if d is None else str(d)[6:])
+def test_second_derivatives_with_parameters_of_other_dtypes(device, backend, x_dtype, w_dtype, b_dtype):
+    """The differentiable backward takes weight and bias of two dtypes, as the
+    forward does (the C++ op's converted each alone: ATen refused half with float)."""
+    x, w, b, _ = inputs((2, 8, 3, 3), torch.float32, "contiguous", device, True, False)
+    results = []
+    for which in (backend, "reference"):
+        xs = x.to(x_dtype).requires_grad_()
+        params = [p.to(d).requires_grad_() for p, d in ((w, w_dtype), (b, b_dtype)) if d is not None]
+        weight, bias = (params[0], params[1]) if w_dtype is not None else (None, params[0])
+        y = ops.group_norm_silu(xs, 4, weight, bias, backend=which)
+        grads = torch.autograd.grad(y.float().square().sum(), [xs, *params], create_graph=True)
+        results.append(torch.autograd.grad(sum(g.float().sum() for g in grads), [xs, *params]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOLERANCES[x_dtype])
+
+
 @requires_extension
 def test_first_derivatives_use_the_backward_kernel():
     """The differentiable backward is only for create_graph=True: a plain
