@@ -153,8 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     trainer = None
     try:
-        if distributed.rank_and_world()[0] == 0:
-            _check_output_folder(args.out)
+        distributed.run_on_rank0(lambda: _check_output_folder(args.out))
         data = Path(args.data).resolve()
         if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
@@ -170,6 +169,9 @@ def _train(args: argparse.Namespace) -> int:
         schedule = NoiseSchedule(args.schedule, timesteps=args.timesteps)
         torch.manual_seed(args.seed)  # the model's initial weights (and the dropout after them), as the demo
         model = _build_model(args, dataset.channels, dataset.image_size)
+        rank, world = distributed.rank_and_world()
+        if world > 1:  # each rank its own dropout masks (with one seed, every rank drew the same ones)
+            torch.manual_seed((args.seed * 1_000_003 + rank + 1) % 2**63)
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
                           extra_config={"data": args.data})
         summary = trainer.train(resume=args.resume)
@@ -209,8 +211,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = distributed.setup(args.device)
     try:
-        if distributed.rank_and_world()[0] == 0:
-            _check_output_folder(args.out)  # before sampling: a bad --out must not cost a whole run
+        distributed.run_on_rank0(lambda: _check_output_folder(args.out))  # before sampling: not after a whole run
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
@@ -234,18 +235,26 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _bpd(args: argparse.Namespace) -> int:
+    from . import distributed
     from .data import load_dataset
     from .evaluate import evaluate_bpd
     from .pretrained import load_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
-    if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
-        model = model.to(memory_format=torch.channels_last)
-    dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
-    result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                          device=device, progress=True)
-    print(json.dumps(result, indent=2) if args.json else result["summary"])
+    device = distributed.setup(args.device)
+    try:
+        model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
+        if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
+            model = model.to(memory_format=torch.channels_last)
+        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
+        result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
+                              device=device, progress=True)
+        rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
+    except BaseException:
+        distributed.teardown(failed=True)
+        raise
+    distributed.teardown()
+    if rank == 0:
+        print(json.dumps(result, indent=2) if args.json else result["summary"])
     return 0
 
 

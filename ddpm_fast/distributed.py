@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import weakref
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -27,13 +27,59 @@ from .images import to_uint8
 from .ops._args import as_seed
 from .sampler import Sampler
 
-__all__ = ["setup", "teardown", "rank_and_world", "sample_sharded", "exit_process"]
+__all__ = ["setup", "teardown", "rank_and_world", "sample_sharded", "exit_process", "RankMismatchError",
+           "check_ranks_agree", "run_on_rank0"]
 
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class RankMismatchError(ValueError):
+    """The ranks of one run hold different settings or states (they would
+    deadlock, or train on a mix): raised on every rank alike."""
+
+
+def check_ranks_agree(what: str, value: Any, advice: str) -> None:
+    """Raise ``RankMismatchError`` on every rank unless all ranks hold an equal
+    ``value`` (for dicts the message names the keys that differ). A collective:
+    every rank must call it; a no-op in a single process."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    other = next((r for r in range(1, world) if values[r] != values[0]), None)
+    if other is None:
+        return
+    first, second = values[0], values[other]
+    if isinstance(first, dict) and isinstance(second, dict):
+        keys = sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
+        shown = "; ".join(f"{k}: {first.get(k)!r} on rank 0, {second.get(k)!r} on rank {other}" for k in keys[:4])
+    else:
+        shown = f"{first!r} on rank 0, {second!r} on rank {other}"
+    raise RankMismatchError(f"the ranks differ in {what} ({shown}): {advice}")
+
+
+def run_on_rank0(check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 alone and raise what it raised on every rank (the
+    others would otherwise wait at the run's first collective until a timeout,
+    and then print their own traceback). A collective: every rank calls it."""
+    rank, world = rank_and_world()
+    error = None
+    if rank == 0:
+        try:
+            check()
+        except Exception as caught:  # noqa: BLE001 (raised again below, on every rank)
+            error = caught
+    if world > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
 
 
 _joined = False  # whether setup() joined a process group in this process

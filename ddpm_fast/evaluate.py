@@ -9,11 +9,13 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from ._checks import is_int
 from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
+from .distributed import rank_and_world
 from .nn import has_channels_last_weights
 from .ops._args import as_seed
 from .sampler import _SAMPLE_STRIDE, _dropout_active
@@ -44,7 +46,9 @@ def evaluate_bpd(
     timestep evaluated as in the original ``calc_bpd_loop``. Image i's noise at
     timestep t is its own stream of the project's generator (``ops.randn``:
     seed, counters from i * 2^32 + t * its size), drawn on ``device``: the result
-    depends on ``seed`` only, not on ``batch_size``.
+    depends on ``seed`` only, not on ``batch_size``, nor on the number of ranks:
+    under torchrun (a joined process group) each rank evaluates a contiguous
+    share of the images, and every rank returns the whole result.
     ``channels_last`` feeds the model channels_last batches; by default it
     follows the model's 4-d weights, as the Sampler's does.
 
@@ -73,18 +77,27 @@ def evaluate_bpd(
     if schedule.num_timesteps * per_image > _SAMPLE_STRIDE:
         raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
                          "2^32 noise counters")
-    totals = {"total": 0.0, "prior": 0.0}
-    terms = torch.zeros(schedule.num_timesteps, dtype=torch.float64)
-    for start in range(0, count, batch_size):
-        index = torch.arange(start, min(count, start + batch_size))
+    rank, world = rank_and_world()
+    share = math.ceil(count / world)
+    lo, hi = min(count, rank * share), min(count, (rank + 1) * share)
+    # Sums of the total, the prior and each timestep's term over this rank's images.
+    sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64)
+    for start in range(lo, hi, batch_size):
+        index = torch.arange(start, min(hi, start + batch_size))
         x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)
         noise_fn = functools.partial(_image_noise, x0.shape, seed, start, per_image, x0.device)
-        result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress)
-        totals["total"] += result.total.double().sum().item()
-        totals["prior"] += result.prior.double().sum().item()
-        terms += result.terms.double().sum(0).cpu()
-    terms /= count
-    out: dict[str, Any] = {k: v / count for k, v in totals.items()}
+        result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress and rank == 0)
+        sums[0] += result.total.double().sum().item()
+        sums[1] += result.prior.double().sum().item()
+        sums[2:] += result.terms.double().sum(0).cpu()
+    if world > 1:  # NCCL reduces CUDA tensors only
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = sums.to(on)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    sums /= count
+    terms = sums[2:]
+    out: dict[str, Any] = {"total": sums[0].item(), "prior": sums[1].item()}
     out["decoder"] = terms[0].item()
     out["vb"] = terms[1:].sum().item()
     out["terms"] = terms.tolist()

@@ -31,7 +31,7 @@ from torch import nn
 from . import diffusion, ops
 from .checkpoint import latest_checkpoint
 from .data import ImageDataset
-from .distributed import rank_and_world, release_ddp_at_exit
+from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit
 from .images import save_grid, to_uint8
 from .sampler import Sampler
 from .schedules import NoiseSchedule
@@ -48,6 +48,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 _SEED_RANGE = 1 << 63  # host generators' seeds, derived from the run's seed, wrap into int64
+# What ranks that found different checkpoints (or steps) to resume need.
+_SHARED_FOLDER = ("every rank must see the same run folder: for a run over several machines, put it (--out, "
+                  "out_dir) on a filesystem they share")
 
 
 def _check_samplable(schedule: NoiseSchedule, sample_steps: int | None) -> None:
@@ -284,7 +287,8 @@ class Trainer(TrainerCheckpoints):
                 self.scaler.update()  # ends the step unscale_ began (and lowers the scale)
             self._nonfinite_in_row += 1
             # Steps are counted from 1 in the log and checkpoints: this is step self.step + 1.
-            warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
+            if self.rank == 0:  # the ranks share the decision (and the loss): one warning
+                warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
             if self._nonfinite_in_row >= self.config.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step + 1}; stopping. "
@@ -312,8 +316,12 @@ class Trainer(TrainerCheckpoints):
         With ``resume=False`` no checkpoint is loaded: a Trainer that has not
         trained starts the run afresh (the folder's log and any later checkpoints
         of an earlier run go), one that has continues from where it is."""
-        if resume and (newest := latest_checkpoint(self.out_dir)) is not None:
+        newest = latest_checkpoint(self.out_dir) if resume else None
+        if self.world > 1:  # ranks that differ here would train on a mix of states, then deadlock
+            self._check_ranks_agree(newest)
+        if newest is not None:
             self._resume(newest)
+            check_ranks_agree("the step resumed", self.step, _SHARED_FOLDER)
         elif self.step > 0:
             self._nonfinite_in_row = 0  # a new call: a stop for non-finite losses starts counting again
             if self.rank == 0:  # steps taken by train_step() alone made no folder yet
@@ -368,6 +376,13 @@ class Trainer(TrainerCheckpoints):
         if final_samples and self.rank == 0:
             self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "trained": self.step - first_step, "out_dir": str(self.out_dir)}
+
+    def _check_ranks_agree(self, newest: Path | None) -> None:
+        """Every rank holds the same settings and finds the same checkpoint to resume."""
+        settings = {f"{section}.{key}": value for section in ("model", "schedule", "train")
+                    for key, value in (self.run_config()[section] or {}).items()}
+        check_ranks_agree("their settings", settings, "launch every rank with the same settings")
+        check_ranks_agree("the checkpoint to resume", newest.name if newest is not None else None, _SHARED_FOLDER)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:

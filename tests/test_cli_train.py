@@ -97,3 +97,30 @@ def test_resuming_with_other_data_warns(data_file, tmp_path, capsys):
     assert _train(other, out, "--steps", "2") == 0
     err = capsys.readouterr().err
     assert "warning: resuming" in err and f"data: {str(data_file)!r} there, {str(other)!r} now" in err
+
+
+def test_ranks_draw_their_own_dropout_masks(data_file, tmp_path, monkeypatch):
+    """Under torchrun every rank ran torch.manual_seed(--seed): all drew the same
+    dropout masks, so a global batch had only batch/ranks distinct ones. (The
+    ranks are faked: the generator's state is read where the Trainer starts.)"""
+    import torch
+
+    from ddpm_fast import distributed, train
+
+    class Started(Exception):
+        pass
+
+    def trainer(*args, **kwargs):
+        raise Started(torch.rand(4))
+
+    monkeypatch.setattr(distributed, "setup", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(distributed, "run_on_rank0", lambda check: check())
+    monkeypatch.setattr(train, "Trainer", trainer)
+    draws = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(distributed, "rank_and_world", lambda: (rank, world))
+        with pytest.raises(Started) as started:
+            _train(data_file, tmp_path / f"run{rank}{world}", "--steps", "2", "--seed", "5")
+        draws[rank, world] = started.value.args[0]
+    assert not torch.equal(draws[0, 2], draws[1, 2])
+    assert not torch.equal(draws[0, 1], draws[0, 2]) and not torch.equal(draws[0, 1], draws[1, 2])

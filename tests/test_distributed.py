@@ -10,6 +10,8 @@ import re
 import socket
 import subprocess
 import sys
+import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch.multiprocessing as mp
 
 from ddpm_fast import Sampler, distributed
 from ddpm_fast.schedules import NoiseSchedule
-from train_helpers import TinyEps, make_trainer, save_toy_npz
+from train_helpers import TinyEps, make_trainer, save_toy_npz, toy_dataset
 
 STEPS = 4
 
@@ -38,7 +40,13 @@ def _spawn_two_ranks(worker, *args) -> None:
     the ranks are started again on another port."""
     for attempt in range(3):
         try:
-            mp.start_processes(worker, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="spawn")
+            context = mp.start_processes(worker, args=(2, _free_port(), *args), nprocs=2, join=False, start_method="spawn")
+            deadline = time.monotonic() + 300
+            while not context.join(timeout=2):
+                if time.monotonic() > deadline:  # ranks whose collectives parted wait forever
+                    for process in context.processes:
+                        process.kill()
+                    pytest.fail("the ranks did not finish within 300 s: deadlocked?")
             return
         except mp.ProcessRaisedException as error:
             if attempt == 2 or not re.search("EADDRINUSE|address already in use", str(error), re.IGNORECASE):
@@ -226,7 +234,8 @@ def test_exit_process_skips_finalization_only_after_joining_a_group(joined):
 @pytest.mark.slow
 def test_train_command_under_torchrun(tmp_path):
     """`ddpm-fast train` as two gloo ranks under torchrun: exit status 0 on
-    every rank, rank 0's one summary line, a checkpoint that loads."""
+    every rank, rank 0's one summary line, a checkpoint that loads; then
+    `ddpm-fast bpd` over the two ranks (each evaluated every image before)."""
     from ddpm_fast.checkpoint import latest_checkpoint
     from ddpm_fast.pretrained import load_model
 
@@ -241,6 +250,128 @@ def test_train_command_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("trained to step 4;") == 1, run.stdout
     load_model(latest_checkpoint(out), weights="ema")
+    # bits/dim sharded over the two ranks: rank 0's one line, the bound of one process
+    bpd = ["bpd", "--checkpoint", str(out), "--data", str(data), "-n", "5", "--batch-size", "2", "--device", "cpu"]
+    run = subprocess.run([*argv[:argv.index("train")], *bpd], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = subprocess.run([sys.executable, "-m", "ddpm_fast", *bpd], capture_output=True, text=True, env=env, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    got, want = (float(re.match(r"5 images: (\S+) bits/dim", r.stdout).group(1)) for r in (run, alone))
+    assert run.stdout.count("bits/dim") == 1 and got == pytest.approx(want, rel=1e-5), (run.stdout, alone.stdout)
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
+    """Ranks that differ in a setting, or find different checkpoints to resume
+    (rank 1's folder empty, as a second machine's local disk): every rank
+    records the error it raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    folder = Path(out) / ("run" if mode == "settings" or rank == 0 else "local")
+    trainer = make_trainer(folder, steps=STEPS + (rank if mode == "settings" else 0))
+    try:
+        trainer.train(final_samples=False)
+        message = "trained"
+    except distributed.RankMismatchError as error:
+        message = str(error)
+    (Path(out) / f"error{rank}").write_text(message)
+    _leave(failed=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, expected", [
+    ("settings", "the ranks differ in their settings (train.steps: 4 on rank 0, 5 on rank 1)"),
+    ("folder", "the ranks differ in the checkpoint to resume ('checkpoint-00000002' on rank 0, None on rank 1): "
+               "every rank must see the same run folder"),
+])
+def test_ranks_that_differ_stop_alike_before_training(tmp_path, mode, expected):
+    """Rank 0 resumed step 2 while rank 1 started afresh: a checkpoint mixed
+    from both was written, then the ranks' loops parted and the run hung."""
+    if mode == "folder":
+        make_trainer(tmp_path / "run", steps=2).train(final_samples=False)
+    _spawn_two_ranks(_mismatch_worker, str(tmp_path), mode)
+    for rank in (0, 1):
+        assert expected in (tmp_path / f"error{rank}").read_text()
+
+
+def _bpd_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    from ddpm_fast.evaluate import evaluate_bpd
+
+    torch.manual_seed(0)
+    model, seen = TinyEps().eval(), []
+    model.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    result = evaluate_bpd(model, toy_dataset(n=5), NoiseSchedule("linear", timesteps=10), batch_size=2, seed=4)
+    result = {k: v for k, v in result.items() if k != "summary"}
+    (Path(out) / f"bpd{rank}.json").write_text(json.dumps({**result, "seen": sum(seen)}))
+    _leave(failed=False)
+
+
+@pytest.mark.slow
+def test_bits_per_dim_sharded_over_ranks_equals_one_process(tmp_path):
+    """Each rank takes its share of the 5 images (3 and 2); every rank returns
+    the whole dataset's bound (each evaluated all 5 before)."""
+    from ddpm_fast.evaluate import evaluate_bpd
+
+    _spawn_two_ranks(_bpd_worker, str(tmp_path))
+    torch.manual_seed(0)
+    alone = evaluate_bpd(TinyEps().eval(), toy_dataset(n=5), NoiseSchedule("linear", timesteps=10), batch_size=5, seed=4)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"bpd{rank}.json").read_text())
+        assert got["images"] == 5 and got["seen"] == (3, 2)[rank] * 10  # its share, at each of the 10 timesteps
+        for key in ("total", "prior", "vb", "decoder", "terms"):
+            np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=key)
+
+
+def _nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+    from ddpm_fast.train import NonFiniteLossError
+
+    trainer = make_trainer(Path(out) / "run", steps=STEPS, max_nonfinite=2)
+    with torch.no_grad():
+        trainer.model.out.bias.fill_(float("nan"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            trainer.train(final_samples=False)
+        except NonFiniteLossError:
+            pass
+    (Path(out) / f"warnings{rank}").write_text(str(sum("non-finite loss" in str(w.message) for w in seen)))
+    _leave(failed=False)
+
+
+@pytest.mark.slow
+def test_only_rank_0_warns_of_a_skipped_step(tmp_path):
+    """The ranks share the decision and the loss: each rank warned the same line."""
+    _spawn_two_ranks(_nonfinite_worker, str(tmp_path))
+    assert [(tmp_path / f"warnings{rank}").read_text() for rank in (0, 1)] == ["2", "0"]
+
+
+def _rank0_check_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    distributed.setup("cpu")
+
+    def check() -> None:
+        raise ValueError(f"--out is bad (checked on rank {rank})")
+
+    try:
+        distributed.run_on_rank0(check)
+        message = "passed"
+    except ValueError as error:
+        message = str(error)
+    (Path(out) / f"error{rank}").write_text(message)
+    _leave(failed=False)
+
+
+def test_run_on_rank0_raises_rank_0s_error_on_every_rank(tmp_path):
+    """The CLI checks --out on rank 0: the other ranks waited at the run's first
+    collective, then printed their own traceback once rank 0 had left."""
+    _spawn_two_ranks(_rank0_check_worker, str(tmp_path))
+    assert [(tmp_path / f"error{rank}").read_text() for rank in (0, 1)] == ["--out is bad (checked on rank 0)"] * 2
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8), (3, 8), None])
