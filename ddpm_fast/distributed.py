@@ -93,6 +93,9 @@ def setup(device: str | None = None) -> torch.device:
     if world > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if want_cuda:
+            if local >= (count := torch.cuda.device_count()):  # else a raw error from torch.cuda.set_device
+                raise ValueError(f"this rank is local rank {local}, but {count} GPU(s) are visible: start at most "
+                                 f"{count} processes per machine (torchrun --nproc-per-node)")
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if want_cuda else "gloo")
         _joined = True

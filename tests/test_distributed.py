@@ -210,6 +210,17 @@ def test_single_process_setup_keeps_the_gpu_it_is_given(monkeypatch):
     assert not dist.is_initialized()
 
 
+def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set a GPU that is not there"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"local rank 2, but 2 GPU\(s\) are visible: start at most 2 processes"):
+        distributed.setup("cuda")
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("joined", [False, True])
 def test_exit_process_skips_finalization_only_after_joining_a_group(joined):
     """After a group was joined the process ends with the code, the atexit
