@@ -53,6 +53,13 @@ def _spawn_two_ranks(worker, *args) -> None:
                 raise
 
 
+def _join(rank: int, world: int, port: int) -> None:
+    """Join the gloo group as torchrun's rank ``rank`` would, on one thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup("cpu")
+
+
 def _leave(failed: bool) -> None:
     """Leave the group; after a successful run, end the worker process as the
     ddpm-fast command does (distributed.exit_process): gloo now and then
@@ -64,9 +71,7 @@ def _leave(failed: bool) -> None:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup("cpu")
+    _join(rank, world, port)
     failed = True
     try:
         trainer = make_trainer(Path(out) / "run", steps=STEPS)
@@ -135,9 +140,7 @@ def _resume_worker(rank: int, world: int, port: int, out: str, interrupted: bool
     """Train STEPS with dropout, each rank's generator seeded apart (as a user's
     script may), straight through or as two runs (the second one in a fresh
     generator state, as a new process has); rank 0 saves the weights."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup("cpu")
+    _join(rank, world, port)
     failed = True
     try:
         for steps, seed in ((STEPS // 2, 100), (STEPS, 555)) if interrupted else ((STEPS, 100),):
@@ -167,9 +170,7 @@ def _exit_worker(rank: int, world: int, port: int, out: str) -> None:
     """Train one step and leave the trainer in a reference cycle (as a stored
     exception traceback may): a handler registered before the trainer, so run
     after the library's, records whether the DDP wrapper was gone by then."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup("cpu")
+    _join(rank, world, port)
     wrapper: list[weakref.ref] = []
     atexit.register(lambda: (Path(out) / f"released{rank}").write_text(str(wrapper[0]() is None)))
     trainer = make_trainer(Path(out) / "run", steps=1)
@@ -275,9 +276,7 @@ def _mismatch_worker(rank: int, world: int, port: int, out: str, mode: str) -> N
     """Ranks that differ in a setting, or find different checkpoints to resume
     (rank 1's folder empty, as a second machine's local disk): every rank
     records the error it raised."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup("cpu")
+    _join(rank, world, port)
     folder = Path(out) / ("run" if mode == "settings" or rank == 0 else "local")
     trainer = make_trainer(folder, steps=STEPS + (rank if mode == "settings" else 0))
     try:
@@ -306,9 +305,7 @@ def test_ranks_that_differ_stop_alike_before_training(tmp_path, mode, expected):
 
 
 def _bpd_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup("cpu")
+    _join(rank, world, port)
     from ddpm_fast.evaluate import evaluate_bpd
 
     torch.manual_seed(0)
@@ -337,9 +334,7 @@ def test_bits_per_dim_sharded_over_ranks_equals_one_process(tmp_path):
 
 
 def _nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    distributed.setup("cpu")
+    _join(rank, world, port)
     from ddpm_fast.train import NonFiniteLossError
 
     trainer = make_trainer(Path(out) / "run", steps=STEPS, max_nonfinite=2)
@@ -363,8 +358,7 @@ def test_only_rank_0_warns_of_a_skipped_step(tmp_path):
 
 
 def _rank0_check_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    distributed.setup("cpu")
+    _join(rank, world, port)
 
     def check() -> None:
         raise ValueError(f"--out is bad (checked on rank {rank})")
