@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, warmed up)")
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (default: on)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
-    train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss (default: simple)")
+    train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss: simple (MSE on eps), vlb (one sampled bound term per image), hybrid (simple + 0.001 x T x that term; see the README) (default: simple)")
     train.add_argument("--seed", type=_non_negative, default=0, help="run seed (default: 0)")
     train.add_argument("--log-every", type=_positive, default=100, help="log every N steps (default: 100)")
     train.add_argument("--sample-every", type=_non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")

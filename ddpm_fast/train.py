@@ -40,7 +40,10 @@ from .train_config import PRECISIONS, TrainConfig
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError"]
 
-HYBRID_VLB_WEIGHT = 1e-3  # Nichol & Dhariwal (2021), eq. 16
+# Nichol & Dhariwal (2021), eq. 16: L_simple + lambda * L_vlb. One sampled term L_t
+# per sample estimates L_vlb / T, so it is weighted lambda * T (improved-diffusion's
+# rescaling, T / 1000).
+HYBRID_VLB_WEIGHT = 1e-3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -224,8 +227,12 @@ class Trainer(TrainerCheckpoints):
         if self.config.loss in ("simple", "hybrid"):
             terms.append(diffusion.loss_simple(eps, pred))
         if self.config.loss in ("vlb", "hybrid"):
+            # L_t in bits/dim: the KL to the posterior (the decoder's NLL at t = 0). With the
+            # fixed variances it trains the mean (there is no learned variance, which
+            # Nichol & Dhariwal's hybrid loss trains alone, the mean's gradient stopped).
             vb, _ = diffusion.vb_terms_bpd(self.schedule, pred, x0, x_t, t, clip_denoised=False)
-            terms.append(vb * (HYBRID_VLB_WEIGHT if self.config.loss == "hybrid" else 1.0))
+            hybrid = self.config.loss == "hybrid"
+            terms.append(vb * (HYBRID_VLB_WEIGHT * self.schedule.num_timesteps if hybrid else 1.0))
         # Mean over the local batch; DDP averages over ranks = the global-batch mean.
         return sum(terms).mean()
 

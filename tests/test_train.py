@@ -358,6 +358,18 @@ def test_vlb_and_hybrid_losses_train(tmp_path, loss):
     assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
 
 
+def test_hybrid_loss_weighs_the_sampled_bound_term_by_lambda_times_t(tmp_path):
+    """L_hybrid = L_simple + 0.001 L_vlb, and one sampled term L_t estimates
+    L_vlb / T: the term was weighted 0.001 alone, T times too little (at
+    T = 1000 'hybrid' trained as 'simple')."""
+    from ddpm_fast.train import HYBRID_VLB_WEIGHT
+
+    losses = {name: make_trainer(tmp_path / name, loss=name)._loss(5).item() for name in ("simple", "vlb", "hybrid")}
+    timesteps = 100  # make_trainer's schedule
+    want = losses["simple"] + HYBRID_VLB_WEIGHT * timesteps * losses["vlb"]
+    assert losses["vlb"] > 0 and losses["hybrid"] == pytest.approx(want, rel=1e-5)
+
+
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     trainer = make_trainer(tmp_path, steps=3, precision="bf16")
     trainer.train(final_samples=False)
