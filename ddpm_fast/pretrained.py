@@ -40,8 +40,9 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     UNet's own folder when it is not the pipeline's).
 
     Settings this library cannot honour are refused, not ignored: a model
-    trained for v- or x0-prediction, or on a zero-terminal-SNR schedule, would
-    sample silently wrong as an ε-predictor on our schedule."""
+    trained for v- or x0-prediction, with a learned variance, or on a
+    zero-terminal-SNR schedule, would sample silently wrong as an ε-predictor on
+    our schedule, and dynamic thresholding is not offered."""
     config_path = folder / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
         return _assumed_schedule(folder if model_folder is None else model_folder)
@@ -53,6 +54,12 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
         )
     if config.get("rescale_betas_zero_snr", False):
         raise CheckpointError(f"{config_path} sets rescale_betas_zero_snr, which ddpm_fast does not support")
+    if config.get("variance_type") in ("learned", "learned_range"):  # the model also predicts the variance
+        raise CheckpointError(f"{config_path} says variance_type={config['variance_type']!r}; load_model supports "
+                              "only models of fixed variances (eps-prediction alone)")
+    if config.get("thresholding", False):
+        raise CheckpointError(f"{config_path} sets thresholding (dynamic thresholding of x0), which ddpm_fast's "
+                              "Sampler does not do")
     if config.get("trained_betas") is not None:  # diffusers uses them instead of beta_schedule
         try:
             return NoiseSchedule(betas=torch.tensor(config["trained_betas"], dtype=torch.float64))

@@ -68,6 +68,14 @@ def test_from_an_instance_reproduces_diffusers(narrow, reference):
     _compare(ours, narrow)
 
 
+def test_overrides_replace_the_configs_values(narrow):
+    """dropout= to fine-tune a dropout-free model: Python's 'got multiple values
+    for keyword argument' before."""
+    ours = UNet.from_diffusers(narrow, dropout=0.1).eval()
+    assert ours.config["dropout"] == 0.1
+    _compare(ours, narrow)  # in eval mode dropout changes nothing
+
+
 def test_from_a_saved_folder_and_a_pipeline_folder(narrow, tmp_path):
     narrow.save_pretrained(tmp_path / "unet")
     loaded = UNet.from_diffusers(tmp_path / "unet")

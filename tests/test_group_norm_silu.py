@@ -306,6 +306,37 @@ def test_fuse_helper_replaces_pairs_and_keeps_outputs():
     torch.testing.assert_close(model(x), before)
 
 
+def test_fuse_helper_leaves_subclasses_and_hooked_modules_alone():
+    """A Sequential subclass may not run its children in order, a SiLU subclass
+    may compute another function (both were fused, with wrong outputs), and a
+    hook on a norm or SiLU would stop running."""
+
+    class Parallel(nn.Sequential):
+        def forward(self, x):
+            return sum(m(x) for m in self)
+
+    class ScaledSiLU(nn.SiLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked_norm, hooked_act = nn.GroupNorm(2, 4), nn.SiLU()
+    calls = []
+    hooked_norm.register_forward_hook(lambda *args: calls.append("norm"))
+    hooked_act.register_forward_pre_hook(lambda *args: calls.append("act"))
+    model = nn.Sequential(
+        Parallel(nn.GroupNorm(2, 4), nn.SiLU()),
+        nn.Sequential(nn.GroupNorm(2, 4), ScaledSiLU()),
+        nn.Sequential(hooked_norm, nn.SiLU()),
+        nn.Sequential(nn.GroupNorm(2, 4), hooked_act),
+    )
+    x = torch.randn(2, 4, 3, 3)
+    before = model(x)
+    assert fuse_group_norm_silu(model) == 0
+    calls.clear()
+    torch.testing.assert_close(model(x), before)
+    assert calls == ["norm", "act"]
+
+
 def test_fuse_helper_keeps_the_norms_parameters_shared_and_frozen():
     """The fused modules hold the norms' own parameters: a norm used twice stays
     one module with one set of parameters, a frozen one stays frozen, a non-affine

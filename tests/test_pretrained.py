@@ -112,6 +112,9 @@ def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
     ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
     ({"prediction_type": "sample"}, "prediction_type='sample'"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"variance_type": "learned_range"}, "variance_type='learned_range'"),
+    ({"variance_type": "learned"}, "variance_type='learned'"),
+    ({"thresholding": True}, "thresholding"),
     ({"trained_betas": [0.1, 2.0]}, "unusable trained_betas"),
 ])
 def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, setting, match):

@@ -164,7 +164,7 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
             f"UNet.from_diffusers takes a diffusers UNet2DModel or the folder it was saved to, got {type(model_or_folder).__name__}"
         )
     kwargs = diffusers_config_to_kwargs(config, overrides.pop("image_size", None))  # e.g. for a config without sample_size
-    model = cls(**kwargs, **overrides)
+    model = cls(**{**kwargs, **overrides})  # an override (dropout= to fine-tune) replaces the config's value
     converted, used = {}, set()
     for ours, candidates in diffusers_key_map(model).items():
         found = [c for c in candidates if c in state]
@@ -217,7 +217,7 @@ def _patchable(block: nn.Module) -> bool:
         getattr(block, "time_embedding_norm", None) == "default"
         and getattr(block, "upsample", None) is None
         and getattr(block, "downsample", None) is None
-        and isinstance(getattr(block, "nonlinearity", None), nn.SiLU)
+        and type(getattr(block, "nonlinearity", None)) is nn.SiLU  # a subclass may compute another function
         and type(block.norm1) is nn.GroupNorm
         and type(block.norm2) is nn.GroupNorm
     )
@@ -248,7 +248,7 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
             block.__class__ = _fused_resnet_class()
             fused += 2
     norm, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
-    if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
+    if type(norm) is nn.GroupNorm and type(act) is nn.SiLU:
         unet.conv_norm_out = GroupNormSiLU.from_group_norm(norm, backend=backend)
         unet.conv_act = nn.Identity()
         fused += 1

@@ -95,16 +95,21 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     The replacement holds the norm's own parameters (the same ``nn.Parameter``
     objects), so a frozen norm stays frozen, an optimizer built before still
     updates them, and a norm used in several places becomes one shared
-    ``GroupNormSiLU``."""
+    ``GroupNormSiLU``. It replaces the norm wherever that slot is reached: a
+    ``forward`` that also calls the norm alone (``self.block[0](x)``) gets the
+    SiLU there too. Only exact ``nn.Sequential``, ``nn.GroupNorm`` and
+    ``nn.SiLU`` (not subclasses, whose ``forward`` may do otherwise) are
+    fused, and not a norm or SiLU with hooks (they would stop running)."""
     fused = 0
     replacements: dict[int, GroupNormSiLU] = {}  # id(norm) -> its replacement, for shared norms
     for module in model.modules():
-        if not isinstance(module, nn.Sequential):
+        # A subclass's forward may not run its children in order.
+        if type(module).forward is not nn.Sequential.forward:
             continue
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             norm, act = module._modules[first], module._modules[second]
-            if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
+            if type(norm) is nn.GroupNorm and type(act) is nn.SiLU and not (_hooked(norm) or _hooked(act)):
                 replacement = replacements.get(id(norm))
                 if replacement is None:
                     replacement = replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
@@ -112,3 +117,8 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
                 module._modules[second] = nn.Identity()
                 fused += 1
     return fused
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks, which a replacement would drop."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
