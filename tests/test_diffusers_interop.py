@@ -158,6 +158,21 @@ def test_patch_diffusers_keeps_the_output(narrow, backend):
             torch.testing.assert_close(patched(x, t).sample, narrow(x, t).sample, **TOL)
 
 
+def test_patch_diffusers_leaves_hooked_norms_alone(narrow):
+    """A forward hook on a replaced norm stopped running."""
+    patched = copy.deepcopy(narrow)
+    calls = []
+    first = next(m for m in patched.modules() if type(m).__name__ == "ResnetBlock2D")
+    first.norm1.register_forward_hook(lambda *args: calls.append("norm1"))
+    patched.conv_norm_out.register_forward_hook(lambda *args: calls.append("out"))
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in narrow.modules())
+    assert ddpm_fast.patch_diffusers(patched) == 2 * (resnets - 1)
+    x, t = torch.randn(2, 3, 32, 32), TIMESTEPS[0]
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, t).sample, narrow(x, t).sample, **TOL)
+    assert calls == ["norm1", "out"]
+
+
 def test_a_patched_model_pickles(narrow):
     import io
 

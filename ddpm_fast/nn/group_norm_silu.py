@@ -109,7 +109,8 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             norm, act = module._modules[first], module._modules[second]
-            if type(norm) is nn.GroupNorm and type(act) is nn.SiLU and not (_hooked(norm) or _hooked(act)):
+            exact = type(norm) is nn.GroupNorm and type(act) is nn.SiLU
+            if exact and not (has_forward_hooks(norm) or has_forward_hooks(act)):
                 replacement = replacements.get(id(norm))
                 if replacement is None:
                     replacement = replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
@@ -119,6 +120,6 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     return fused
 
 
-def _hooked(module: nn.Module) -> bool:
+def has_forward_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks, which a replacement would drop."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
