@@ -1,13 +1,14 @@
 """Shared benchmark machinery (``pytest benchmarks/ --benchmark-only``).
 
 CPU timings come from pytest-benchmark itself. GPU timings are CUDA-event
-medians from ``triton.testing.do_bench`` (warm-up, L2 flushed before every
-run), and beside them a back-to-back time: N calls between two CUDA events,
-no flush, so that host launch costs show where a case is launch-bound (do_bench
-queues its L2 flush ahead of the start event, which hides them). The
-pytest-benchmark rows of GPU tests include a synchronize per call and are only
-a cross-check. Each GPU row is also set against the memory floor (bytes that
-must move / measured copy bandwidth), printed in one table at the end of the
+medians (``gpu_median_us``: warm-up, then each run timed alone after a read of
+256 MB has emptied L2 of its inputs), and beside them a back-to-back time: N
+calls between two CUDA events, no flush, so that host launch costs show where
+a case is launch-bound (the flush queued ahead of each start event hides
+them). The pytest-benchmark rows of GPU tests include a synchronize per call
+and are only a cross-check. Each GPU row is also set against its floor (bytes
+that must move / measured copy bandwidth; for the U-Net and training rows also
+FLOPs / measured bf16 matrix rate), printed in one table at the end of the
 run, and, where DDPM_FAST_GPU_ROWS names a file (benchmarks/run_gpu.sh sets
 it), appended to it as a JSON line as soon as it is measured, so that a run
 stopped at a time limit keeps the rows it had.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -96,7 +98,7 @@ def _raise_recompile_limit() -> None:
 class GpuRow:
     case: str  # op and shape
     impl: str  # implementation
-    median_us: float  # do_bench median, L2 flushed before each run
+    median_us: float  # gpu_median_us: L2 emptied before each run
     floor_us: float | None  # None where no floor is computed
     baseline: str | None  # impl the speed-up is measured against
     back_to_back_us: float | None = None  # per call, N calls back to back, no flush
@@ -106,6 +108,7 @@ class GpuRow:
 class GpuTable:
     rows: list[GpuRow] = field(default_factory=list)
     copy_gbps: float | None = None
+    matmul_tflops: float | None = None
     device: str | None = None
 
     def speedup(self, row: GpuRow) -> float | None:
@@ -124,7 +127,7 @@ def add_gpu_row(row: GpuRow, test: str) -> GpuRow:
     TABLE.device = TABLE.device or torch.cuda.get_device_name()
     path = os.environ.get("DDPM_FAST_GPU_ROWS")
     if path:
-        record = {**asdict(row), "test": test, "copy_gbps": TABLE.copy_gbps,
+        record = {**asdict(row), "test": test, "copy_gbps": TABLE.copy_gbps, "matmul_tflops": TABLE.matmul_tflops,
                   "device": TABLE.device, "torch": torch.__version__}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -137,10 +140,44 @@ def median_s(benchmark) -> float | None:
     return None if benchmark.stats is None else benchmark.stats.stats.median
 
 
-def gpu_median_us(fn) -> float:
-    from triton.testing import do_bench
+# Larger than any GPU's L2 (50 MB on the H100, 60 MB on the H200).
+_FLUSH_ELEMENTS = 64 * 2**20  # float32: 256 MB
 
-    return 1000.0 * do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.randn(_FLUSH_ELEMENTS, device="cuda")
+
+
+def gpu_median_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 200.0) -> float:
+    """The median of fn's runs, each between two CUDA events after L2 was
+    emptied of fn's data by reading a 256 MB buffer, in microseconds. A read,
+    not triton.testing.do_bench's zero_() of its buffer: a write leaves L2 full
+    of dirty lines, whose write-back the timed run would pay (up to L2's size,
+    some 15 us, against a 22 us floor for the U-Net's largest GroupNorm).
+    After a warm-up of about ``warmup_ms``, runs for about ``rep_ms`` (10 to 1000)."""
+    flush = _flush_buffer()
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    end.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(int(min(1000, max(1, warmup_ms / estimate_ms)))):
+        fn()
+    runs = int(min(1000, max(10, rep_ms / estimate_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+    for begin, finish in zip(starts, ends):
+        flush.sum()
+        begin.record()
+        fn()
+        finish.record()
+    torch.cuda.synchronize()
+    return 1000.0 * statistics.median(b.elapsed_time(f) for b, f in zip(starts, ends))
 
 
 def back_to_back_us(fn, median_us: float, budget_us: float = 10_000.0) -> float:
@@ -165,7 +202,7 @@ def back_to_back_us(fn, median_us: float, budget_us: float = 10_000.0) -> float:
 
 
 def time_gpu(fn) -> tuple[float, float]:
-    """(do_bench median, back-to-back per-call time), in microseconds."""
+    """(median, back-to-back per-call time), in microseconds."""
     median = gpu_median_us(fn)
     return median, back_to_back_us(fn, median)
 
@@ -173,21 +210,40 @@ def time_gpu(fn) -> tuple[float, float]:
 @pytest.fixture(scope="session")
 def copy_bandwidth_gbps() -> float:
     """Device-to-device copy bandwidth: 2 x 512 MiB moved per copy."""
-    src = torch.empty(128 * 2**20, device="cuda")
+    src = torch.randn(128 * 2**20, device="cuda")  # data, not whatever fresh memory holds (zeros, often)
     dst = torch.empty_like(src)
     us = gpu_median_us(lambda: dst.copy_(src))
     TABLE.copy_gbps = 2 * src.numel() * 4 / (us * 1e-6) / 1e9
     return TABLE.copy_gbps
 
 
+@pytest.fixture(scope="session")
+def matmul_tflops() -> float:
+    """Dense bf16 matrix rate: products of two random 8192 x 8192 matrices
+    (2 x 8192^3 FLOPs each). Measured, as the bandwidth is: the spec's 989
+    TFLOP/s on the H100 is not reached on random data."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    us = gpu_median_us(lambda: a @ b)
+    TABLE.matmul_tflops = 2 * 8192**3 / (us * 1e-6) / 1e12
+    return TABLE.matmul_tflops
+
+
+def flop_floor_us(flops: float, tflops: float) -> float:
+    return flops / (tflops * 1e12) * 1e6
+
+
 @pytest.fixture
 def record_gpu(benchmark, copy_bandwidth_gbps, request):
     """Time fn on the GPU, add a row to the summary table, and let
-    pytest-benchmark time it too (synchronized)."""
+    pytest-benchmark time it too (synchronized). The floor is the bytes over
+    the copy bandwidth or, given ``flops``, the FLOPs over the bf16 matrix
+    rate where that is longer."""
 
-    def record(case: str, impl: str, fn, bytes_moved: int, baseline: str = "eager") -> GpuRow:
+    def record(case: str, impl: str, fn, bytes_moved: int, baseline: str = "eager", flops: float | None = None) -> GpuRow:
         median, b2b = time_gpu(fn)
         floor = bytes_moved / (copy_bandwidth_gbps * 1e9) * 1e6
+        if flops is not None:
+            floor = max(floor, flop_floor_us(flops, request.getfixturevalue("matmul_tflops")))
         row = add_gpu_row(GpuRow(case, impl, median, floor, baseline, b2b), request.node.nodeid)
         benchmark.extra_info.update(median_us=median, back_to_back_us=b2b, floor_us=floor, floor_fraction=floor / median)
 
@@ -237,8 +293,9 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("ddpm_fast GPU summary (CUDA-event medians)")
     copy = "not measured" if TABLE.copy_gbps is None else f"{TABLE.copy_gbps:.0f} GB/s"
-    tr.write_line(f"device: {TABLE.device}, torch {torch.__version__}, copy bandwidth {copy}")
-    tr.write_line("median: do_bench, L2 flushed before each run (rows without a floor, whole sampling chains: pytest-benchmark's)")
+    rate = "not measured" if TABLE.matmul_tflops is None else f"{TABLE.matmul_tflops:.0f} TFLOP/s"
+    tr.write_line(f"device: {TABLE.device}, torch {torch.__version__}, copy bandwidth {copy}, bf16 matmul {rate}")
+    tr.write_line("median: CUDA events, L2 emptied (a 256 MB read) before each run (rows without a floor, whole sampling chains: pytest-benchmark's)")
     tr.write_line("b2b: per call, calls back to back (host launch costs included, L2 warm); % floor, speed-up: of the median")
     tr.write_line(f"{'case':44s} {'impl':16s} {'median us':>10s} {'b2b us':>10s} {'floor us':>9s} {'% floor':>8s} {'speed-up':>9s}")
 

@@ -3,8 +3,9 @@
 # Sized for that tool: one command runs at most 600 s, and a session has 15
 # minutes of device time, the machine's start included. The stages' limits add
 # up to 480 s (build 120, tests 100, op benchmarks 110, model benchmarks 150),
-# the set-up before them takes some 15 s; a stage still running 20 s after its
-# limit is killed, so even four such stages end the script before 600 s.
+# the set-up before them takes some 15-30 s on a cold machine; a stage still
+# running 10 s after its limit is killed, so even four such stages end the
+# script before 600 s.
 #
 # At its limit a stage gets SIGINT, not timeout's default SIGTERM: pytest takes
 # it as a KeyboardInterrupt and still prints its terminal summary (-rfE's
@@ -33,8 +34,15 @@ export DDPM_FAST_GPU_ROWS="$out/gpu_rows.jsonl"
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  python3 -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing or broken: its peer rows skip (ours run on our own seeded weights)"
+  python3 -c "
+import torch, triton
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+try:
+    import diffusers
+    print('diffusers', diffusers.__version__)
+except Exception as error:
+    print('diffusers missing or broken (%s): its peer rows skip (ours run on our own seeded weights)' % error)
+"
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"  # (a { } block is no subshell: its PYTHONPATH export holds)
 
@@ -42,11 +50,11 @@ recap=""
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  timeout -s INT -k 20 "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   local line="$name: rc=$rc ($((SECONDS - start)) s) $(grep -E '(passed|failed|error|skipped|deselected)' "$out/$name.log" | tail -1)"
   [ $rc = 124 ] && line+=$'\n'"  $name got SIGINT at its ${limit} s limit; its log holds what ran, and the summary"
-  [ $rc = 137 ] && line+=$'\n'"  $name was killed 20 s after its ${limit} s limit: no summary in its log"
+  [ $rc = 137 ] && line+=$'\n'"  $name was killed 10 s after its ${limit} s limit: no summary in its log"
   echo "$line"
   recap+="$line"$'\n'
   return $rc

@@ -1,7 +1,8 @@
 """One forward of the DDPM U-Net (one sampling step's eps_theta(x_t, t)): our
 fused model (eager, under torch.compile, and replayed as a CUDA graph, as the
 Sampler runs it) against our reference path and diffusers' UNet2DModel (eager
-fp32, eager bf16, eager bf16 channels_last, the last under torch.compile), all
+fp32, eager bf16, eager bf16 channels_last, the last also under torch.compile
+and replayed as a CUDA graph), all
 with the same weights (ours converted with ``UNet.from_diffusers``; without
 diffusers our rows run alone, on our own seeded weights). Speed-ups are against
 diffusers in our rows' dtype and layout (bf16 channels_last on the GPU). Every
@@ -9,9 +10,9 @@ row's output is first checked against our float32 reference path. On the GPU,
 also the whole 1000-step sampling of 128 CIFAR-sized images with the Sampler.
 
 GPU: the paper's CIFAR-10 model (35.7M parameters) at batch 1 and 128.
-Floor: reading the weights once plus x in and eps out — the batch-1 floor; at
-batch 128 the forward is compute-bound, so ``extra_info`` also carries the FLOP
-count and the TFLOP/s reached.
+Floor: reading the weights once plus x in and eps out, or the FLOPs at the
+measured bf16 matrix rate where that is longer (batch 128, compute-bound);
+``extra_info`` also carries the FLOP count and the TFLOP/s reached.
 CPU: the same layout at a quarter of the width (32..64 channels, 8 groups),
 batch 8, float32, NCHW and channels_last for both sides (torch.compile is left
 out: minutes to compile on a small CPU).
@@ -91,10 +92,10 @@ def forward_fn(impl: str, name: str, device: str, batch: int):
     run = torch.compile(model, fullgraph=impl.startswith("ours"), dynamic=False) if impl.endswith("compile") else model
     if impl.startswith("diffusers"):
         call = lambda: run(x, t).sample  # noqa: E731
-    elif impl.endswith("graph"):
-        call = _graphed(model, x, t)
     else:
         call = lambda: run(x, t)  # noqa: E731
+    if impl.endswith("graph"):
+        call = _graphed(call)
 
     def fn():
         with torch.no_grad():
@@ -127,17 +128,18 @@ def check(impl: str, out: torch.Tensor, name: str, device: str, batch: int) -> N
     check_relative_error(out, reference_output(name, device, batch), limit, f"unet {impl}")
 
 
-def _graphed(model, x, t):
-    """model(x, t) captured once as a CUDA graph; the callable replays it."""
+def _graphed(call):
+    """call() (a forward on fixed inputs) captured once as a CUDA graph; the
+    callable returned replays it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(3):  # warm up outside the graph (cuDNN, the allocator)
-            model(x, t)
+            call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        out = model(x, t)
+        out = call()
 
     def replay():
         graph.replay()
@@ -188,8 +190,8 @@ def test_gpu_sample_cifar10_128_images(benchmark, copy_bandwidth_gbps, request):
                     request.node.nodeid)
 
 
-GPU_IMPLS = [
-    "diffusers_fp32", "diffusers_bf16", "diffusers_bf16_cl", "diffusers_bf16_cl_compile",
+GPU_IMPLS = [  # the graph peer: what a user can do for diffusers' model, as the Sampler does for ours
+    "diffusers_fp32", "diffusers_bf16", "diffusers_bf16_cl", "diffusers_bf16_cl_graph", "diffusers_bf16_cl_compile",
     "ours_reference_bf16_cl", "ours_fused_bf16_cl", "ours_fused_bf16_cl_compile", "ours_fused_bf16_cl_graph",
 ]
 
@@ -215,7 +217,7 @@ def test_gpu_unet_forward(record_gpu, benchmark, impl, batch):
     row = record_gpu(
         f"unet fwd cifar10 b{batch}", impl, fn,
         # Like for like: our rows are bf16 channels_last, as this peer.
-        bytes_moved=weight_bytes + 2 * x.numel() * x.element_size(), baseline="diffusers_bf16_cl",
+        bytes_moved=weight_bytes + 2 * x.numel() * x.element_size(), baseline="diffusers_bf16_cl", flops=flops,
     )
     benchmark.extra_info.update(gflop=flops / 1e9, tflops=flops / (row.median_us * 1e-6) / 1e12)
 
