@@ -5,7 +5,7 @@ medians (``gpu_median_us``: warm-up, then each run timed alone after a read of
 256 MB has emptied L2 of its inputs), and beside them a back-to-back time: N
 calls between two CUDA events, no flush, so that host launch costs show where
 a case is launch-bound (the flush queued ahead of each start event hides
-them). The pytest-benchmark rows of GPU tests include a synchronize per call
+those shorter than its own ~60-85 us on the GPU). The pytest-benchmark rows of GPU tests include a synchronize per call
 and are only a cross-check. Each GPU row is also set against its floor (bytes
 that must move / measured copy bandwidth; for the U-Net and training rows also
 FLOPs / measured bf16 matrix rate), printed in one table at the end of the

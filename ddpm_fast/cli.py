@@ -247,7 +247,7 @@ def _bpd(args: argparse.Namespace) -> int:
             model = model.to(memory_format=torch.channels_last)
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
         result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                              device=device, progress=True)
+                              device=device, progress=True, sharded=True)
         rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
     except BaseException:
         distributed.teardown(failed=True)

@@ -14,6 +14,7 @@ import functools
 import gc
 import math
 import os
+import pickle
 import sys
 import weakref
 from typing import Any, Callable, NoReturn
@@ -74,6 +75,11 @@ def run_on_rank0(check: Callable[[], None]) -> None:
             check()
         except Exception as caught:  # noqa: BLE001 (raised again below, on every rank)
             error = caught
+        if error is not None and world > 1:
+            try:  # the broadcast pickles it: one that cannot be would leave the others waiting
+                pickle.dumps(error)
+            except Exception:  # noqa: BLE001
+                error = RuntimeError(f"{type(error).__name__}: {error}")
     if world > 1:
         shared = [error]
         dist.broadcast_object_list(shared, src=0)

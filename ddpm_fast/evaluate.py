@@ -41,14 +41,16 @@ def evaluate_bpd(
     device: torch.device | str = "cpu",
     channels_last: bool | None = None,
     progress: bool = False,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     """The bound of the first ``n`` images of ``dataset`` (all by default), every
     timestep evaluated as in the original ``calc_bpd_loop``. Image i's noise at
     timestep t is its own stream of the project's generator (``ops.randn``:
     seed, counters from i * 2^32 + t * its size), drawn on ``device``: the result
-    depends on ``seed`` only, not on ``batch_size``, nor on the number of ranks:
-    under torchrun (a joined process group) each rank evaluates a contiguous
-    share of the images, and every rank returns the whole result.
+    depends on ``seed`` only, not on ``batch_size``.
+    ``sharded``: in a joined process group (under torchrun), each rank evaluates
+    a contiguous share of the images and every rank returns the whole result,
+    the same as one process's; a collective, so every rank must call it.
     ``channels_last`` feeds the model channels_last batches; by default it
     follows the model's 4-d weights, as the Sampler's does.
 
@@ -77,7 +79,7 @@ def evaluate_bpd(
     if schedule.num_timesteps * per_image > _SAMPLE_STRIDE:
         raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
                          "2^32 noise counters")
-    rank, world = rank_and_world()
+    rank, world = rank_and_world() if sharded else (0, 1)
     share = math.ceil(count / world)
     lo, hi = min(count, rank * share), min(count, (rank + 1) * share)
     # Sums of the total, the prior and each timestep's term over this rank's images.
@@ -90,8 +92,11 @@ def evaluate_bpd(
         sums[0] += result.total.double().sum().item()
         sums[1] += result.prior.double().sum().item()
         sums[2:] += result.terms.double().sum(0).cpu()
-    if world > 1:  # NCCL reduces CUDA tensors only
-        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if world > 1:  # NCCL reduces CUDA tensors only: this rank's, where the images went
+        on = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            on = torch.device(device)
+            on = on if on.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
         reduced = sums.to(on)
         dist.all_reduce(reduced)
         sums = reduced.cpu()

@@ -4,6 +4,7 @@ same global batch, and sharded sampling equals unsharded sampling."""
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import re
@@ -305,15 +306,22 @@ def test_ranks_that_differ_stop_alike_before_training(tmp_path, mode, expected):
 
 
 def _bpd_worker(rank: int, world: int, port: int, out: str) -> None:
+    """evaluate_bpd sharded over the ranks, then (rank 0 alone, as a script's
+    `if rank == 0:` may call it) not sharded: no collective to wait in."""
     _join(rank, world, port)
     from ddpm_fast.evaluate import evaluate_bpd
 
     torch.manual_seed(0)
     model, seen = TinyEps().eval(), []
     model.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
-    result = evaluate_bpd(model, toy_dataset(n=5), NoiseSchedule("linear", timesteps=10), batch_size=2, seed=4)
-    result = {k: v for k, v in result.items() if k != "summary"}
-    (Path(out) / f"bpd{rank}.json").write_text(json.dumps({**result, "seen": sum(seen)}))
+    bpd = functools.partial(evaluate_bpd, model, toy_dataset(n=5), NoiseSchedule("linear", timesteps=10), batch_size=2, seed=4)
+    results = {"sharded": bpd(sharded=True)}
+    results["sharded"]["seen"] = sum(seen)
+    if rank == 0:
+        seen.clear()
+        results["alone"] = bpd()
+        results["alone"]["seen"] = sum(seen)
+    (Path(out) / f"bpd{rank}.json").write_text(json.dumps(results))
     _leave(failed=False)
 
 
@@ -326,11 +334,12 @@ def test_bits_per_dim_sharded_over_ranks_equals_one_process(tmp_path):
     _spawn_two_ranks(_bpd_worker, str(tmp_path))
     torch.manual_seed(0)
     alone = evaluate_bpd(TinyEps().eval(), toy_dataset(n=5), NoiseSchedule("linear", timesteps=10), batch_size=5, seed=4)
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"bpd{rank}.json").read_text())
-        assert got["images"] == 5 and got["seen"] == (3, 2)[rank] * 10  # its share, at each of the 10 timesteps
+    results = [json.loads((tmp_path / f"bpd{rank}.json").read_text()) for rank in (0, 1)]
+    got = [(results[0]["sharded"], 3), (results[1]["sharded"], 2), (results[0]["alone"], 5)]
+    for result, images in got:
+        assert result["images"] == 5 and result["seen"] == images * 10  # its images, at each of the 10 timesteps
         for key in ("total", "prior", "vb", "decoder", "terms"):
-            np.testing.assert_allclose(got[key], alone[key], rtol=1e-6, err_msg=key)
+            np.testing.assert_allclose(result[key], alone[key], rtol=1e-6, err_msg=key)
 
 
 def _nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -357,18 +366,25 @@ def test_only_rank_0_warns_of_a_skipped_step(tmp_path):
     assert [(tmp_path / f"warnings{rank}").read_text() for rank in (0, 1)] == ["2", "0"]
 
 
+class _Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.callback = lambda: None  # pickle cannot take it
+
+
 def _rank0_check_worker(rank: int, world: int, port: int, out: str) -> None:
     _join(rank, world, port)
+    messages = []
+    for error in (ValueError(f"--out is bad (checked on rank {rank})"), _Unpicklable("no pickle")):
+        def check() -> None:
+            raise error
 
-    def check() -> None:
-        raise ValueError(f"--out is bad (checked on rank {rank})")
-
-    try:
-        distributed.run_on_rank0(check)
-        message = "passed"
-    except ValueError as error:
-        message = str(error)
-    (Path(out) / f"error{rank}").write_text(message)
+        try:
+            distributed.run_on_rank0(check)
+            messages.append("passed")
+        except Exception as caught:  # noqa: BLE001
+            messages.append(f"{type(caught).__name__}: {caught}")
+    (Path(out) / f"error{rank}").write_text("\n".join(messages))
     _leave(failed=False)
 
 
@@ -376,7 +392,9 @@ def test_run_on_rank0_raises_rank_0s_error_on_every_rank(tmp_path):
     """The CLI checks --out on rank 0: the other ranks waited at the run's first
     collective, then printed their own traceback once rank 0 had left."""
     _spawn_two_ranks(_rank0_check_worker, str(tmp_path))
-    assert [(tmp_path / f"error{rank}").read_text() for rank in (0, 1)] == ["--out is bad (checked on rank 0)"] * 2
+    for rank in (0, 1):  # an error pickle cannot take reaches the others as a RuntimeError naming it
+        assert (tmp_path / f"error{rank}").read_text().splitlines() == [
+            "ValueError: --out is bad (checked on rank 0)", "RuntimeError: _Unpicklable: no pickle"]
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8), (3, 8), None])

@@ -319,22 +319,24 @@ def test_fuse_helper_leaves_subclasses_and_hooked_modules_alone():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    hooked_norm, hooked_act = nn.GroupNorm(2, 4), nn.SiLU()
+    hooked_norm, hooked_act, backward_hooked = nn.GroupNorm(2, 4), nn.SiLU(), nn.GroupNorm(2, 4)
     calls = []
     hooked_norm.register_forward_hook(lambda *args: calls.append("norm"))
     hooked_act.register_forward_pre_hook(lambda *args: calls.append("act"))
+    backward_hooked.register_full_backward_hook(lambda *args: None)
     model = nn.Sequential(
         Parallel(nn.GroupNorm(2, 4), nn.SiLU()),
         nn.Sequential(nn.GroupNorm(2, 4), ScaledSiLU()),
         nn.Sequential(hooked_norm, nn.SiLU()),
         nn.Sequential(nn.GroupNorm(2, 4), hooked_act),
+        nn.Sequential(backward_hooked, nn.SiLU()),
     )
     x = torch.randn(2, 4, 3, 3)
     before = model(x)
     assert fuse_group_norm_silu(model) == 0
     calls.clear()
     torch.testing.assert_close(model(x), before)
-    assert calls == ["norm", "act"]
+    assert calls == ["norm", "act"] and type(model[4][0]) is nn.GroupNorm
 
 
 def test_fuse_helper_keeps_the_norms_parameters_shared_and_frozen():

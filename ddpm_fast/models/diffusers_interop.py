@@ -19,7 +19,7 @@ from torch import nn
 
 from .._checks import is_int
 from ..nn import GroupNormSiLU
-from ..nn.group_norm_silu import has_forward_hooks
+from ..nn.group_norm_silu import has_hooks
 from .serialization import load_safetensors, load_state_dict_checked, read_json
 
 __all__ = ["from_diffusers", "patch_diffusers", "diffusers_config_to_kwargs", "diffusers_key_map"]
@@ -221,7 +221,7 @@ def _patchable(block: nn.Module) -> bool:
         and type(getattr(block, "nonlinearity", None)) is nn.SiLU  # a subclass may compute another function
         and type(block.norm1) is nn.GroupNorm
         and type(block.norm2) is nn.GroupNorm
-        and not any(has_forward_hooks(m) for m in (block.norm1, block.norm2, block.nonlinearity))
+        and not any(has_hooks(m) for m in (block.norm1, block.norm2, block.nonlinearity))
     )
 
 
@@ -233,8 +233,8 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
 
     Parameters (the same objects: an optimizer built before keeps training them)
     and state_dict keys do not change; attention GroupNorms (no SiLU),
-    ResnetBlock2D variants (scale-shift, up/down inside) and blocks, norms or
-    SiLUs with hooks (they would stop running) are left as they are.
+    ResnetBlock2D variants (scale-shift, up/down inside) and norms or SiLUs
+    with hooks (they would stop running) are left as they are.
     """
     try:
         from diffusers.models.resnet import ResnetBlock2D
@@ -251,7 +251,7 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
             block.__class__ = _fused_resnet_class()
             fused += 2
     norm, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
-    if type(norm) is nn.GroupNorm and type(act) is nn.SiLU and not (has_forward_hooks(norm) or has_forward_hooks(act)):
+    if type(norm) is nn.GroupNorm and type(act) is nn.SiLU and not (has_hooks(norm) or has_hooks(act)):
         unet.conv_norm_out = GroupNormSiLU.from_group_norm(norm, backend=backend)
         unet.conv_act = nn.Identity()
         fused += 1

@@ -97,9 +97,10 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     updates them, and a norm used in several places becomes one shared
     ``GroupNormSiLU``. It replaces the norm wherever that slot is reached: a
     ``forward`` that also calls the norm alone (``self.block[0](x)``) gets the
-    SiLU there too. Only exact ``nn.Sequential``, ``nn.GroupNorm`` and
-    ``nn.SiLU`` (not subclasses, whose ``forward`` may do otherwise) are
-    fused, and not a norm or SiLU with hooks (they would stop running)."""
+    SiLU there too. Only ``nn.Sequential``s that run ``nn.Sequential.forward``,
+    and exact ``nn.GroupNorm`` and ``nn.SiLU`` (not subclasses, whose
+    ``forward`` may do otherwise), are fused, and not a norm or SiLU with
+    hooks (they would stop running)."""
     fused = 0
     replacements: dict[int, GroupNormSiLU] = {}  # id(norm) -> its replacement, for shared norms
     for module in model.modules():
@@ -110,7 +111,7 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
         for first, second in zip(names, names[1:]):
             norm, act = module._modules[first], module._modules[second]
             exact = type(norm) is nn.GroupNorm and type(act) is nn.SiLU
-            if exact and not (has_forward_hooks(norm) or has_forward_hooks(act)):
+            if exact and not (has_hooks(norm) or has_hooks(act)):
                 replacement = replacements.get(id(norm))
                 if replacement is None:
                     replacement = replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
@@ -120,6 +121,7 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     return fused
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks, which a replacement would drop."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks (forward or backward), which a replacement would drop."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
