@@ -21,9 +21,14 @@ def _real_digits(count: int, start: int = 0) -> np.ndarray:
     return np.round(images * 255 / 16).astype(np.uint8)[..., None]
 
 
-def test_judge_accepts_real_digits():
-    quality = digit_quality(_real_digits(300, start=1400))
-    assert quality["confident"] > 0.9 and quality["classes"] == 10
+@pytest.mark.parametrize("start", [0, 1400])
+def test_judge_accepts_real_digits_it_was_not_fit_on(start):
+    """As the demo's samples are new images: 400 real digits held out of the
+    judge's fit (these scored 0.96 once fit on too, 0.85-0.86 held out)."""
+    held_out = slice(start, start + 400)
+    fit = np.setdiff1d(np.arange(len(load_digits().target)), np.arange(1797)[held_out])
+    quality = digit_quality(_real_digits(400, start=start), fit=fit)
+    assert quality["confident"] > 0.75 and quality["classes"] == 10
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "blend"])
