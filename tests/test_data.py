@@ -61,6 +61,15 @@ def test_image_folder_resizes_and_center_crops(tmp_path):
     _write_images(tmp_path, [(10, 20), (16, 16), (30, 12)])
     data = load_image_folder(tmp_path, image_size=8)
     assert data.images.shape == (3, 3, 8, 8)
+    # Red | green | blue thirds across the long side: the centre crop keeps the green
+    # third (a corner crop would keep red, a squash all three).
+    thirds = np.zeros((16, 48, 3), np.uint8)
+    for k in range(3):
+        thirds[:, 16 * k : 16 * (k + 1), k] = 255
+    Image.fromarray(thirds).save(tmp_path / "wide.png")
+    Image.fromarray(np.ascontiguousarray(thirds.transpose(1, 0, 2))).save(tmp_path / "wider.png")
+    crops = load_image_folder(tmp_path, image_size=8).images[-2:]  # wide.png, wider.png (sorted)
+    assert crops[:, :, 1:7, 1:7].float().mean((2, 3)).tolist() == [[0.0, 255.0, 0.0]] * 2
 
 
 def test_image_folder_errors(tmp_path):
