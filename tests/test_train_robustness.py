@@ -37,6 +37,51 @@ def test_non_finite_losses_stop_the_run_in_every_precision(tmp_path, precision):
     assert [str(w.message) for w in seen if "lr_scheduler" in str(w.message)] == []
 
 
+class FlakyEps(TinyEps):
+    """Non-finite at chosen calls (one call a training step): a NaN output, or a
+    finite output whose gradient is NaN (0 * d sqrt(p)/dp at p = 0)."""
+
+    def __init__(self, nan_output: set[int], nan_gradient: set[int]) -> None:
+        super().__init__()
+        self.nan_output, self.nan_gradient, self.calls = nan_output, nan_gradient, 0
+        self.probe = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = super().forward(x, t)
+        if self.calls in self.nan_output:
+            return out * float("nan")
+        if self.calls in self.nan_gradient:
+            return out + 0 * torch.sqrt(self.probe)
+        return out + 0 * self.probe
+
+
+def _state(trainer: Trainer) -> list[torch.Tensor]:
+    optimizer = [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return [t.detach().clone() for t in (*trainer.model.parameters(), *trainer.ema.parameters(), *optimizer)]
+
+
+def test_a_skipped_step_changes_nothing_and_a_good_one_resets_the_count(tmp_path):
+    """Steps 3 (NaN loss), 5 (NaN gradient of a finite loss) and 6 (NaN loss):
+    each leaves the weights, the EMA and Adam's state as they were, and with
+    max_nonfinite=3 the run goes on (step 4 reset the count: 3, 5, 6 are not
+    3 in a row). The tests before poisoned every step, so neither an update
+    taken anyway nor a count never reset could be seen."""
+    config = TrainConfig(steps=8, batch_size=8, warmup=0, log_every=1, checkpoint_every=100, max_nonfinite=3, ema_decay=0.9)
+    trainer = Trainer(FlakyEps(nan_output={3, 6}, nan_gradient={5}), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                      config, tmp_path, device="cpu", progress=False)
+    losses = []
+    with pytest.warns(UserWarning, match="non-finite"):
+        for step in range(1, 9):
+            before = _state(trainer)
+            losses.append(trainer.train_step())
+            after = _state(trainer)
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+            assert unchanged == (step in (3, 5, 6)), step
+    assert [loss is None for loss in losses] == [step in (3, 5, 6) for step in range(1, 9)]
+    assert trainer.step == 8
+
+
 def test_a_respaced_schedule_is_refused(tmp_path):
     """Training would show the model the sub-chain's indices, and sampling
     (through timestep_map) the original timesteps it never saw."""
