@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddpm_fast.cli import main
@@ -103,8 +104,6 @@ def test_ranks_draw_their_own_dropout_masks(data_file, tmp_path, monkeypatch):
     """Under torchrun every rank ran torch.manual_seed(--seed): all drew the same
     dropout masks, so a global batch had only batch/ranks distinct ones. (The
     ranks are faked: the generator's state is read where the Trainer starts.)"""
-    import torch
-
     from ddpm_fast import distributed, train
 
     class Started(Exception):
@@ -124,3 +123,20 @@ def test_ranks_draw_their_own_dropout_masks(data_file, tmp_path, monkeypatch):
         draws[rank, world] = started.value.args[0]
     assert not torch.equal(draws[0, 2], draws[1, 2])
     assert not torch.equal(draws[0, 1], draws[0, 2]) and not torch.equal(draws[0, 1], draws[1, 2])
+
+
+def test_a_resumed_command_ends_as_one_uninterrupted_run(data_file, tmp_path):
+    """Through the command line and the real U-Net (fused GroupNorm+SiLU),
+    with dropout and flips: the API's resume tests use a toy model."""
+    from safetensors.torch import load_file
+
+    common = ("--dropout", "0.2", "--flip", "--checkpoint-every", "2", "--log-every", "1")
+    assert _train(data_file, tmp_path / "whole", "--steps", "4", *common) == 0
+    for steps in ("2", "4"):
+        assert _train(data_file, tmp_path / "split", "--steps", steps, *common) == 0
+    logs = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("whole", "split")]
+    assert len(logs[0]) == 4 and logs[0] == logs[1]
+    for name in ("model.safetensors", "ema.safetensors"):
+        whole, split = (load_file(tmp_path / run / "checkpoint-00000004" / name) for run in ("whole", "split"))
+        assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), name
