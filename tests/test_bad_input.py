@@ -1,5 +1,6 @@
 """Bad input, table-driven: every public op, the GroupNormSiLU module,
-NoiseSchedule, the Sampler and the diffusion math reject it with a clear
+NoiseSchedule, the Sampler, the diffusion math, the Trainer and the command
+line (exit status 2, one line) reject it with a clear
 exception (its type, and a message naming the argument) or, where the input is
 merely unusual (strided views, empty batches, negative seeds), handle it
 correctly. Each case says which: ``error`` and ``match``, or ``error=None`` and
@@ -13,7 +14,13 @@ CUDA tensor next to a CPU one.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import pathlib
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 from unittest import mock
@@ -125,6 +132,64 @@ def sample(n=2, model=lambda x, t: 0.1 * x, sampler_kwargs=None, **kwargs):
 
 def once(fn: Callable[[], object]) -> Callable[[str], object]:
     return lambda backend: fn()
+
+
+def trainer(model: Callable[[], object] | None = None, dataset: Callable[[], object] | None = None,
+            schedule: object = S) -> Callable[[str], object]:
+    """Makes a Trainer (into a temporary folder) of the toy model and 16 toy
+    images, batch 8, with the model or dataset made by the given callable instead."""
+    from ddpm_fast.train import TrainConfig, Trainer
+    from train_helpers import TinyEps
+
+    def call(backend):
+        with tempfile.TemporaryDirectory() as tmp:
+            Trainer((model or TinyEps)(), (dataset or toy(16))(), schedule, TrainConfig(batch_size=8),
+                    tmp, device="cpu", progress=False)
+
+    return call
+
+
+def tiny_eps(**kwargs) -> Callable[[], object]:
+    from train_helpers import TinyEps
+
+    return lambda: TinyEps(**kwargs)
+
+
+def toy(n: int) -> Callable[[], object]:
+    from train_helpers import toy_dataset
+
+    return lambda: toy_dataset(n)
+
+
+class CommandFailed(Exception):
+    """ddpm-fast ended with exit status 2, a usage error: its last line."""
+
+
+def cli(*argv: str) -> Callable[[str], object]:
+    """Runs ddpm-fast with ``argv`` ({tmp}: a temporary folder that holds a
+    tiny model folder ``good``, the same with damaged weights ``bad``, and
+    8 px and 16 px one-channel data files ``d8.npz``, ``d16.npz``)."""
+    import numpy as np
+
+    from ddpm_fast.cli import main
+    from ddpm_fast.models import UNet
+
+    def call(backend):
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the folders record no schedule: assumed, with a warning
+            UNet.tiny(image_size=8, in_channels=1).save_pretrained(f"{tmp}/good")
+            shutil.copytree(f"{tmp}/good", f"{tmp}/bad")
+            (pathlib.Path(tmp) / "bad" / "model.safetensors").write_bytes(b"damaged")
+            for size in (8, 16):
+                np.savez(f"{tmp}/d{size}.npz", images=np.zeros((4, size, size, 1), np.uint8))
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = main([arg.format(tmp=tmp) for arg in argv])
+        if code != 2:
+            raise AssertionError(f"ddpm-fast {argv[0]} exited {code}, not 2: {err.getvalue()[-500:]}")
+        raise CommandFailed(err.getvalue().strip().splitlines()[-1])
+
+    return call
 
 
 # ---------------------------------------------------------------------- checks
@@ -451,6 +516,19 @@ CASES = [
     Case("diffusion-bits_per_dim-int", once(lambda: diffusion.bits_per_dim(never_called, torch.ones(2, 3, dtype=torch.uint8), S)), TypeError, "x0 must be a floating tensor", per_backend=False),
     Case("diffusion-bits_per_dim-x0-range", once(lambda: diffusion.bits_per_dim(never_called, torch.tensor([[0.0, 255.0]]), S)), ValueError, r"x0 must be data in \[-1, 1\] .*got values in \[0.0, 255.0\]", per_backend=False),
     Case("diffusion-bits_per_dim-model-tuple", once(lambda: diffusion.bits_per_dim(lambda x, t: (x,), x4(2, 3).clamp(-1, 1), S)), TypeError, r"model output must be a torch.Tensor of x_t's shape \(2, 3\), got a tuple", per_backend=False),
+    # the Trainer
+    Case("Trainer-model-function", trainer(model=lambda: (lambda x, t: x)), TypeError, "model must be an nn.Module, got function", per_backend=False),
+    Case("Trainer-dataset-tensor", trainer(dataset=lambda: torch.zeros(16, 1, 8, 8)), TypeError, "dataset must be a ddpm_fast.data.ImageDataset, got Tensor", per_backend=False),
+    Case("Trainer-schedule-name", trainer(schedule="linear"), TypeError, "schedule must be a NoiseSchedule, got str", per_backend=False),
+    Case("Trainer-model-other-size", trainer(model=tiny_eps(image_size=16)), ValueError, "the model takes 1-channel 16px images, the dataset has 1-channel 8px images", per_backend=False),
+    Case("Trainer-model-float64", trainer(model=lambda: tiny_eps()().double()), TypeError, r"the Trainer trains float32 parameters .*torch.float64", per_backend=False),
+    Case("Trainer-batch-above-data", trainer(dataset=toy(4)), ValueError, "the dataset has 4 images, fewer than batch_size 8", per_backend=False),
+    # the command line (exit status 2 and one line naming what is wrong)
+    Case("cli-sample-damaged-weights", cli("sample", "--checkpoint", "{tmp}/bad", "--out", "{tmp}/out", "-n", "2", "--device", "cpu"), CommandFailed, r"ddpm-fast sample: error: .*bad/model.safetensors is not a readable safetensors file", per_backend=False),
+    Case("cli-bpd-damaged-weights", cli("bpd", "--checkpoint", "{tmp}/bad", "--data", "{tmp}/d8.npz", "--device", "cpu"), CommandFailed, r"ddpm-fast bpd: error: .*bad/model.safetensors is not a readable safetensors file", per_backend=False),
+    Case("cli-bpd-other-image-size", cli("bpd", "--checkpoint", "{tmp}/good", "--data", "{tmp}/d16.npz", "--device", "cpu"), CommandFailed, "ddpm-fast bpd: error: the model takes 1-channel 8px images, the dataset has 1-channel 16px images", per_backend=False),
+    Case("cli-train-missing-data", cli("train", "--data", "{tmp}/none.npz", "--out", "{tmp}/run", "--device", "cpu"), CommandFailed, r"ddpm-fast train: error: .*none.npz", per_backend=False),
+    Case("cli-fid-missing-weights", cli("fid", "--samples", "{tmp}/d8.npz", "--data", "{tmp}/d16.npz", "--inception-weights", "{tmp}/none.pth", "--device", "cpu"), CommandFailed, r"ddpm-fast fid: error: Inception weights file .*none.pth does not exist", per_backend=False),
     # backend selection
     Case("resolve_backend-device-string", resolve_backend_with_device_string, None),
     Case("backend-env-var-unknown", once(backend_env_var_typo), ValueError, "DDPM_FAST_BACKEND='gpu' is not a backend", per_backend=False),
