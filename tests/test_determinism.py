@@ -1,7 +1,7 @@
 """The same seed gives bitwise-identical results on the same backend and device,
 run after run: ops.randn, q_sample, ddpm_step, group_norm_silu (forward and
-backward) and Sampler samples, twice in one process and with 1 vs 2 torch
-threads (the CPU kernels split their work over torch's intra-op threads; no
+backward) and Sampler samples, twice in one process, in fresh processes, and
+with 1 vs 2 torch threads (the CPU kernels split their work over torch's intra-op threads; no
 element's value may depend on the split).
 
 Bitwise (torch.equal), not "close": reproducibility from a seed is a promise
@@ -12,6 +12,10 @@ its threads.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -185,6 +189,52 @@ def sample_call(backend, run, n=None, first_sample=0):
     kwargs = {k: v for k, v in cfg.items() if k != "sampler"}
     size = shape if n is None else (n, *shape[1:])
     return lambda: sampler.sample(size, seed=2024, first_sample=first_sample, progress=False, **kwargs)
+
+
+def digest(backends: list[str]) -> str:
+    """SHA-256 of every op's and sampler run's results (bytes, dtypes, shapes
+    and strides) on ``backends``."""
+    h = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                feed(item)
+            return
+        h.update(repr((value.dtype, tuple(value.shape), value.stride())).encode())
+        h.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+
+    for backend in backends:
+        for name in OPS:
+            feed(OPS[name](backend)())
+        for run in SAMPLER_RUNS:
+            feed(sample_call(backend, run)())
+    return h.hexdigest()
+
+
+DIGEST_SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+sys.path.insert(0, sys.argv[2])
+import test_determinism
+print(test_determinism.digest(sys.argv[3:]))
+"""
+
+
+def test_run_after_run_in_fresh_processes():
+    """Separate processes (other hash seeds, 1 and 2 threads) and this one
+    give bitwise the same results: nothing carries over from a process's
+    state (the in-process tests could miss a value cached at import)."""
+    backends = THREADED
+    want = digest(backends)
+    tests = str(pathlib.Path(__file__).parent)
+    for threads, hash_seed in ((1, "1"), (2, "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": str(threads)}
+        run = subprocess.run([sys.executable, "-c", DIGEST_SCRIPT, str(threads), tests, *backends],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip() == want, (threads, hash_seed)
 
 
 @pytest.mark.parametrize("backend", ALL)
