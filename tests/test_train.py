@@ -20,7 +20,7 @@ import ddpm_fast.train
 from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
 from conftest import host_to_device_copies
-from train_helpers import make_trainer, run_training
+from train_helpers import KILL_POINTS, make_trainer, run_training
 
 STEPS = 8
 # Killed runs start from a fork server that has imported torch and ddpm_fast
@@ -39,14 +39,14 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return {**load_file(str(ckpt / "model.safetensors")), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
 
 
-def _start(out: Path, kill_in_write: int | None = None):
-    process = _PROCESSES.Process(target=run_training, args=(str(out), STEPS, kill_in_write))
+def _start(out: Path, kill_in_write: int | None = None, kill_point: str = "publish"):
+    process = _PROCESSES.Process(target=run_training, args=(str(out), STEPS, kill_in_write, kill_point))
     process.start()
     return process
 
 
-def _run(out: Path, kill_in_write: int | None = None) -> int:
-    process = _start(out, kill_in_write)
+def _run(out: Path, kill_in_write: int | None = None, kill_point: str = "publish") -> int:
+    process = _start(out, kill_in_write, kill_point)
     process.join(120)
     return process.exitcode
 
@@ -215,11 +215,19 @@ def _logged_steps(out: Path) -> int:
         return 0
 
 
-def test_sigkill_inside_a_checkpoint_write(baseline, tmp_path):
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_inside_a_checkpoint_write(baseline, tmp_path, point):
+    """Killed at each stage of writing checkpoint 3 (train_helpers' kill
+    points): the newest complete checkpoint resumes, and the run ends as the
+    uninterrupted one."""
     out = tmp_path / "run"
-    assert _run(out, kill_in_write=3) == -signal.SIGKILL  # dies before publishing checkpoint 3
-    assert latest_checkpoint(out).name == "checkpoint-00000002"
-    assert list(out.glob(".tmp-checkpoint-*")), "the kill should have left an unpublished checkpoint"
+    assert _run(out, kill_in_write=3, kill_point=point) == -signal.SIGKILL
+    published = point in ("pointer", "prune")  # the folder was renamed into place before the kill
+    assert (out / "checkpoint-00000003").is_dir() == published
+    assert bool(list(out.glob(".tmp-checkpoint-*"))) == (not published), "an unpublished checkpoint was left"
+    assert latest_checkpoint(out).name == ("checkpoint-00000003" if point == "prune" else "checkpoint-00000002")
+    if point == "prune":
+        assert (out / "checkpoint-00000001").is_dir()  # partly deleted when the process died
     assert _run(out) == 0
     assert not list(out.glob(".tmp-checkpoint-*"))
     _assert_same_run(out, baseline)

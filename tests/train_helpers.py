@@ -53,28 +53,61 @@ def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 
                    device=device, progress=False)
 
 
-def _kill_inside_checkpoint_write(step: int) -> None:
-    """SIGKILL this process once checkpoint ``step`` is fully written to its
-    temporary folder but before the rename that publishes it."""
+KILL_POINTS = ("mid-files", "publish", "pointer", "prune")
+
+
+def _kill_inside_checkpoint_write(step: int, point: str) -> None:
+    """SIGKILL this process inside the write of checkpoint ``step``, at
+    ``point``: ``mid-files`` after its first file is synced, with the others
+    unsynced; ``publish`` with every file written, before the rename that
+    publishes the folder; ``pointer`` after that rename, before ``latest``
+    names it; ``prune`` while the oldest checkpoint is being deleted."""
     import os
+    import shutil
     import signal
 
-    from ddpm_fast import checkpoint
+    from ddpm_fast import checkpoint, train_checkpoints
 
-    real_replace = os.replace
+    armed, fsyncs = [False], [0]
+    real_write, real_fsync, real_replace, real_rmtree = (
+        train_checkpoints.write_checkpoint, os.fsync, os.replace, shutil.rmtree)
+
+    def kill_if(reached: bool) -> None:
+        if armed[0] and reached:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def write_checkpoint(run_dir, at_step, *args, **kwargs):
+        armed[0] = at_step == step
+        try:
+            return real_write(run_dir, at_step, *args, **kwargs)
+        finally:
+            armed[0] = False
+
+    def fsync(fd):
+        real_fsync(fd)
+        fsyncs[0] += armed[0]
+        kill_if(point == "mid-files" and fsyncs[0] == 1)
 
     def replace(src, dst):
-        if f"checkpoint-{step:08d}" in str(dst) and ".tmp-checkpoint-" in str(src):
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_if(point == "publish" and f"checkpoint-{step:08d}" in str(dst))
+        kill_if(point == "pointer" and str(dst).endswith(checkpoint.LATEST))
         return real_replace(src, dst)
 
-    checkpoint.os.replace = replace  # process-wide: this process exists to be killed
+    def rmtree(path, *args, **kwargs):
+        if armed[0] and point == "prune" and checkpoint._NAME.match(os.path.basename(path)):
+            children = sorted(os.listdir(path))
+            os.remove(os.path.join(path, children[0]))  # part of it gone, as a kill mid-rmtree leaves it
+            kill_if(True)
+        return real_rmtree(path, *args, **kwargs)
+
+    # Process-wide: this process exists to be killed.
+    train_checkpoints.write_checkpoint, os.fsync, os.replace, shutil.rmtree = write_checkpoint, fsync, replace, rmtree
 
 
-def run_training(out_dir: str, steps: int, kill_in_write: int | None = None) -> None:
+def run_training(out_dir: str, steps: int, kill_in_write: int | None = None, kill_point: str = "publish") -> None:
     """A run that checkpoints every step, for the fault tests to kill (one thread,
     so that every process computes bitwise alike)."""
     torch.set_num_threads(1)
     if kill_in_write is not None:
-        _kill_inside_checkpoint_write(kill_in_write)
+        _kill_inside_checkpoint_write(kill_in_write, kill_point)
     make_trainer(out_dir, steps=steps, checkpoint_every=1).train(final_samples=False)
