@@ -1,9 +1,12 @@
 """Property tests: every op on every backend of this machine equals its
 reference over random shapes (size 1 and primes included), dtypes, memory
-formats, strides, timesteps and seeds."""
+formats, strides (sliced, transposed, broadcast, offset views) for every
+tensor argument, timesteps of every integer dtype, seeds and noise counters;
+GroupNorm+SiLU also on the Triton split path (tiles shrunk to reach it)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -20,32 +23,46 @@ DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 BACKENDS = backend_params()  # the GPU pairs marked `gpu`, so that the GPU run (-m gpu) selects them
 # Derandomized in CI, so that a run is repeatable; locally each run explores new examples.
 PROPERTY = settings(
-    max_examples=int(os.environ.get("DDPM_FAST_PROPERTY_EXAMPLES", "15")),
+    max_examples=int(os.environ.get("DDPM_FAST_PROPERTY_EXAMPLES", "40")),
     deadline=None,
     derandomize=os.environ.get("CI") == "true",
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed", "broadcast", "offset"]
+TIMESTEP_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8]  # SCHEDULE's 200 steps fit uint8
+
+
+def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in one of LAYOUTS (a view where the layout is one)."""
+    if layout == "channels_last":
+        return x.to(memory_format=torch.channels_last)
+    if layout == "sliced":
+        return torch.cat([x, x], dim=3)[..., ::2]  # every other column of a wider tensor
+    if layout == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)  # H and W strides swapped
+    if layout == "broadcast":
+        return x[:1].expand(x.shape)  # stride 0 along N: every sample the first one's values
+    if layout == "offset":
+        return torch.cat([x.new_zeros(5), x.flatten()])[5:].view(x.shape)  # a storage offset of 5
+    return x
 
 
 @st.composite
-def tensors(draw, channels_multiple_of: int = 1):
-    n, h, w = draw(SIZES), draw(SIZES), draw(SIZES)
-    c = channels_multiple_of * draw(st.sampled_from([1, 2, 3]))
-    dtype = draw(DTYPES)
+def tensors(draw, channels_multiple_of: int = 1, dtypes=DTYPES, shape=None):
+    if shape is None:
+        n, h, w = draw(SIZES), draw(SIZES), draw(SIZES)
+        shape = (n, channels_multiple_of * draw(st.sampled_from([1, 2, 3])), h, w)
     seed = draw(st.integers(0, 2**31))
-    x = torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(seed)).to(dtype)
-    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"]))
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    elif layout == "strided":
-        x = torch.cat([x, x], dim=3)[..., ::2]  # a non-contiguous view with the same values
-    return x
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(draw(dtypes))
+    return laid_out(x, draw(st.sampled_from(LAYOUTS)))
 
 
 def timesteps(draw, n: int, num_steps: int):
     if draw(st.booleans()):
         return draw(st.integers(0, num_steps - 1))
-    return torch.tensor(draw(st.lists(st.integers(0, num_steps - 1), min_size=n, max_size=n)))
+    values = torch.tensor(draw(st.lists(st.integers(0, num_steps - 1), min_size=n, max_size=n)))
+    return laid_out(values.to(draw(st.sampled_from(TIMESTEP_DTYPES))).reshape(n, 1, 1, 1),
+                    draw(st.sampled_from(["contiguous", "offset"]))).reshape(n)
 
 
 def on(device, value):
@@ -69,14 +86,21 @@ def test_q_sample_equals_reference(device, backend, data):
 @PROPERTY
 @given(data=st.data())
 def test_ddpm_step_equals_reference(device, backend, data):
-    x = data.draw(tensors()).float()
-    eps = torch.randn(x.shape).to(data.draw(DTYPES))
+    x = data.draw(tensors())
+    eps = data.draw(tensors(shape=x.shape))
     t = timesteps(data.draw, x.shape[0], SCHEDULE.num_timesteps)
     kind = data.draw(st.sampled_from([dict(variance="fixed_large"), dict(variance="fixed_small"), dict(eta=0.5)]))
     clip, seed = data.draw(st.booleans()), data.draw(st.integers(0, 2**63))
-    got = ops.ddpm_step(x.to(device), eps.to(device), on(device, t), SCHEDULE, clip_denoised=clip, seed=seed, backend=backend, **kind)
-    want = ops.ddpm_step(x, eps, t, SCHEDULE, clip_denoised=clip, seed=seed, backend="reference", **kind)
-    torch.testing.assert_close(got.cpu(), want, atol=5e-5, rtol=1e-4)  # |x_{t-1}| reaches ~100 near T-1
+    per_sample = x[0].numel()
+    counters = dict(offset=data.draw(st.integers(0, 2**40)),
+                    sample_stride=data.draw(st.sampled_from([None, per_sample + 3, 2**32])),
+                    step_stride=data.draw(st.sampled_from([0, per_sample])))
+    got = ops.ddpm_step(x.to(device), eps.to(device), on(device, t), SCHEDULE, clip_denoised=clip, seed=seed,
+                        backend=backend, **counters, **kind)
+    want = ops.ddpm_step(x, eps, t, SCHEDULE, clip_denoised=clip, seed=seed, backend="reference", **counters, **kind)
+    # |x_{t-1}| reaches ~100 near T-1; 16-bit x_t rounds it to its own precision.
+    tol = dict(atol=5e-5, rtol=1e-4) if x.dtype == torch.float32 else TOLERANCES[x.dtype]
+    torch.testing.assert_close(got.cpu(), want, **tol)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -89,6 +113,8 @@ def test_group_norm_silu_equals_reference(device, backend, data):
     act, affine = data.draw(st.booleans()), data.draw(st.booleans())
     w = torch.randn(x.shape[1]).to(x.dtype) if affine else None
     b = torch.randn(x.shape[1]).to(x.dtype) if affine else None
+    if affine and data.draw(st.booleans()):  # parameters as strided views too
+        w, b = torch.stack([w, w], 1)[:, 0], torch.stack([b, b], 1)[:, 1]
     got = ops.group_norm_silu(x.to(device), groups, on(device, w), on(device, b), act=act, backend=backend)
     want = ops.group_norm_silu(x.float(), groups, None if w is None else w.float(), None if b is None else b.float(), act=act, backend="reference")
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[x.dtype]
@@ -101,7 +127,7 @@ def test_group_norm_silu_equals_reference(device, backend, data):
 def test_given_noise_equals_reference(device, backend, data):
     """q_sample and ddpm_step with the noise passed in rather than drawn."""
     x = data.draw(tensors())
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))).to(x.dtype)
+    noise = data.draw(tensors(shape=x.shape, dtypes=st.just(x.dtype)))
     t = timesteps(data.draw, x.shape[0], SCHEDULE.num_timesteps)
     got, _ = ops.q_sample(x.to(device), on(device, t), SCHEDULE, noise=noise.to(device), backend=backend)
     want, _ = ops.q_sample(x, t, SCHEDULE, noise=noise, backend="reference")
@@ -149,8 +175,9 @@ def test_group_norm_silu_with_add_forward_and_backward_equal_reference(device, b
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     act, affine = data.draw(st.booleans()), data.draw(st.booleans())
     w, b = ((torch.randn(x.shape[1], generator=g) + 1).to(x.dtype), torch.randn(x.shape[1], generator=g).to(x.dtype)) if affine else (None, None)
-    add = torch.randn(x.shape[:2], generator=g).to(x.dtype)
-    dy = torch.randn(x.shape, generator=g).to(x.dtype)
+    add = laid_out(torch.randn(x.shape[:2], generator=g).to(x.dtype)[..., None, None],
+                   data.draw(st.sampled_from(["contiguous", "broadcast", "offset"])))[:, :, 0, 0]
+    dy = data.draw(tensors(shape=x.shape, dtypes=st.just(x.dtype)))
     ours = _gn_with_grads([t if t is None else t.to(device) for t in (x, w, b, add)], groups, act, dy.to(device), backend)
     exact = _gn_with_grads([t if t is None else t.double() for t in (x, w, b, add)], groups, act, dy.double(), "reference")
     eager = _gn_with_grads([t if t is None else t.float() for t in (x, w, b, add)], groups, act, dy.float(), "reference")
@@ -162,3 +189,18 @@ def test_group_norm_silu_with_add_forward_and_backward_equal_reference(device, b
         bound = tol * max(1.0, want.abs().max().item()) + tol * want.abs() + 4 * (torch_fp32.double() - want).abs()
         error = (mine.cpu().double() - want).abs()
         assert (error <= bound).all(), f"{name}: error {error.max().item():.3g} where at most {bound[error > bound].min().item():.3g}"
+
+
+TRITON = [pytest.param(*p.values, marks=p.marks, id=p.id) for p in BACKENDS if p.values[1] == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+@settings(PROPERTY, max_examples=max(1, PROPERTY.max_examples // 3))  # many tiles each: slow in the interpreter
+@given(data=st.data())
+def test_group_norm_silu_triton_split_path_equals_reference(device, backend, data, monkeypatch):
+    """The Triton split path (per-tile moments combined by torch) over the same
+    inputs: tiles shrunk to 8 values so that these small groups take it."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    monkeypatch.setattr(gn, "MAX_TILE", 8)
+    monkeypatch.setattr(gn, "SPLIT_TILE", 8)
+    test_group_norm_silu_with_add_forward_and_backward_equal_reference.hypothesis.inner_test(device, backend, data)
