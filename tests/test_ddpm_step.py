@@ -509,3 +509,25 @@ def test_more_than_2_to_the_31_elements(backend):
         z = ops.randn((1, 1000), 9, start, backend="reference")  # one sample: counter = offset + index
         ref = ops.ddpm_step(x[:, window].cpu(), eps[:, window].cpu(), 123, SCHEDULE, noise=z, backend="reference")
         torch.testing.assert_close(out[:, window].cpu(), ref, **TOLERANCES[torch.float16])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_more_than_2_to_the_31_elements_over_many_samples(backend):
+    """1025 samples with their own t: the sample index, each sample's
+    coefficients and its noise counters past 2^31 (windows in the first
+    sample, across element 2^31 in sample 1023, at the end of the last)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    samples, per_sample = 1025, 2**21 + 1
+    x = torch.rand(samples, per_sample, dtype=torch.float16, device="cuda")
+    eps = torch.rand(samples, per_sample, dtype=torch.float16, device="cuda")
+    t = torch.randint(0, SCHEDULE.num_timesteps, (samples,), generator=torch.Generator().manual_seed(1)).cuda()
+    out = ops.ddpm_step(x, eps, t, SCHEDULE, seed=9, backend=backend)
+    for k, start in ((0, 0), (1023, 2**31 - 1023 * per_sample - 500), (1024, per_sample - 1000)):
+        window, rows = slice(start, start + 1000), slice(k, k + 1)
+        z = ops.randn((1, 1000), 9, k * per_sample + start, backend="reference")  # sample k's stream, from its start
+        ref = ops.ddpm_step(x[rows, window].cpu(), eps[rows, window].cpu(), t[rows].cpu(), SCHEDULE, noise=z,
+                            backend="reference")
+        torch.testing.assert_close(out[rows, window].cpu(), ref, **TOLERANCES[torch.float16])
