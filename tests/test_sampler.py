@@ -120,10 +120,13 @@ def test_seed_none_follows_torch_manual_seed():
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
-def test_backends_agree(device, backend):
-    kw = dict(clip_denoised=True, sample_shape=(2, 5, 3), device=device)
-    ours = Sampler(GaussianOracle(), SCHEDULE, backend=backend, **kw).sample(6, seed=4, steps=25, progress=False)
-    ref = Sampler(GaussianOracle(), SCHEDULE, backend="reference", **kw).sample(6, seed=4, steps=25, progress=False)
+@pytest.mark.parametrize("variance, clip, eta", [("fixed_large", True, None), ("fixed_small", False, None),
+                                                 ("fixed_large", True, 0.0), ("fixed_small", False, 0.5)])
+def test_backends_agree(device, backend, variance, clip, eta):
+    kw = dict(variance=variance, clip_denoised=clip, sample_shape=(2, 5, 3), device=device)
+    run = dict(seed=4, steps=25, eta=eta, progress=False)
+    ours = Sampler(GaussianOracle(), SCHEDULE, backend=backend, **kw).sample(6, **run)
+    ref = Sampler(GaussianOracle(), SCHEDULE, backend="reference", **kw).sample(6, **run)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -305,6 +308,26 @@ def test_cuda_graph_equals_plain_loop(backend, steps, eta):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", graph_backends())
+def test_cuda_graph_of_the_unet_equals_plain_loop(backend):
+    """The configuration the Sampler's defaults run: the U-Net (fused
+    GroupNorm+SiLU with the time-embedding add, attention) in bf16
+    channels_last, its input written by the step (out_model_input)."""
+    from ddpm_fast.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet.tiny(image_size=8, in_channels=3).cuda().eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    kw = dict(dtype=torch.bfloat16, channels_last=True, device="cuda", backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the plain loop, no non-finite samples
+        graphed = Sampler(model, SCHEDULE, cuda_graph=True, **kw).sample(16, seed=5, steps=120, progress=False)
+    assert len(calls) == 3 + 50 + (120 - 3) % 50  # the replays ran the rest
+    plain = Sampler(model, SCHEDULE, cuda_graph=False, **kw).sample(16, seed=5, steps=120, progress=False)
+    assert torch.equal(graphed, plain)
+
+
 def test_cuda_graph_on_a_device_that_is_not_the_current_one():
     # Streams and graphs made on the current device (cuda:0) would capture nothing
     # of the work on cuda:1: the replays would do nothing and return about x_T.
