@@ -1,8 +1,10 @@
 """Every CUDA C++ kernel path once, on small inputs, for compute-sanitizer
 (issue 7: memcheck and racecheck report nothing): q_sample (drawn and given
 noise), ddpm_step (each variance, the clipped form, DDIM, the model-input
-output), randn, and GroupNorm+SiLU forward (fused, split and cluster paths)
-and backward, in float32 and bfloat16, NCHW and channels_last. Each result is
+output, 16-bit x_t, given noise), randn (with per-sample streams too), and
+GroupNorm+SiLU forward (fused, split and cluster paths) and backward, in
+float32 and bfloat16 (float16 too for the elementwise ops), NCHW and
+channels_last, one sample and empty tensors. Each result is
 compared with the reference, so a run that reports nothing also computed
 right. Run by tests/sanitize/run.sh on a GPU machine."""
 
@@ -15,7 +17,8 @@ import torch
 from ddpm_fast import NoiseSchedule, _extension, ops
 
 SCHEDULE = NoiseSchedule("linear")
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
+       torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
 
 def layouts(x: torch.Tensor):
@@ -49,7 +52,30 @@ def elementwise() -> int:
                 close(model_input, want.to(dtype), f"ddpm_step model input {kwargs} {dtype}")
                 count += 1
     close(ops.randn(100_003, 5, 7, device="cuda", backend="cuda"), ops.randn(100_003, 5, 7, device="cuda", backend="reference"), "randn")
-    return count + 1
+    strided = dict(sample_stride=2**32, device="cuda")  # per-sample streams
+    close(ops.randn((7, 1001), 5, 3, backend="cuda", **strided), ops.randn((7, 1001), 5, 3, backend="reference", **strided),
+          "randn sample_stride")
+    return count + 2 + edge_cases()
+
+
+def edge_cases() -> int:
+    """float16 and 16-bit x_t (the step's x_t in its own dtype), given noise,
+    one sample, and empty tensors (no launch at all)."""
+    count = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(1, 3, 5, 5, device="cuda", dtype=dtype)
+        eps, z, t = torch.randn_like(x), torch.randn_like(x), torch.tensor([7], device="cuda")
+        close(ops.q_sample(x, t, SCHEDULE, seed=1, backend="cuda")[0],
+              ops.q_sample(x, t, SCHEDULE, seed=1, backend="reference")[0], f"q_sample one sample {dtype}")
+        for noise in (dict(noise=z), dict(seed=3)):
+            close(ops.ddpm_step(x, eps, t, SCHEDULE, backend="cuda", **noise),
+                  ops.ddpm_step(x, eps, t, SCHEDULE, backend="reference", **noise), f"ddpm_step {dtype} x_t {list(noise)}")
+        count += 3
+    empty = torch.empty(0, 3, 4, 4, device="cuda")
+    assert ops.q_sample(empty, 5, SCHEDULE, seed=1, backend="cuda")[0].shape == empty.shape
+    assert ops.ddpm_step(empty, empty, 5, SCHEDULE, seed=1, backend="cuda").shape == empty.shape
+    assert ops.randn((0, 5), 1, device="cuda", backend="cuda").shape == (0, 5)
+    return count + 3
 
 
 def group_norm(shapes) -> int:
