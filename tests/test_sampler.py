@@ -306,8 +306,6 @@ def test_cuda_graph_equals_plain_loop(backend, steps, eta):
     assert len(oracle.seen) == 3 + 50 + (total - 3) % 50
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", graph_backends())
 def test_cuda_graph_of_the_unet_equals_plain_loop(backend):
     """The configuration the Sampler's defaults run: the U-Net (fused
@@ -328,6 +326,8 @@ def test_cuda_graph_of_the_unet_equals_plain_loop(backend):
     assert torch.equal(graphed, plain)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_graph_on_a_device_that_is_not_the_current_one():
     # Streams and graphs made on the current device (cuda:0) would capture nothing
     # of the work on cuda:1: the replays would do nothing and return about x_T.
