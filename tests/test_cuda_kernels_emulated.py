@@ -54,6 +54,9 @@ CASES = [
     # a block), and a group too large to fuse (4 x 8192 values) taking the split path.
     "1 128 1024 32 nhwc bf16 fused wide 512",
     "1 8 8192 2 nchw f32 large wide 512",
+    # Three channels, NCHW, too large to fuse: 4096 / 3 rows rounded to 1360, a
+    # multiple of the packets (1365 left the whole tensor to single elements).
+    "1 3 20000 3 nchw f32 large wide 512",
     # One channel a group, channels_last: padding would double the fused tile
     # (128 KB, past sm_86's shared memory), so the split path.
     "1 2 16384 2 nhwc f32 large scalar 512",

@@ -94,7 +94,10 @@ inline Geometry plan(int64_t c, int64_t s, int64_t groups, int64_t elem_bytes, b
     g.block_s = s;
   } else {  // any column range will do: torch forms the group sums
     g.cols = c < (channels_last ? 64 : 4) ? c : (channels_last ? 64 : 4);
-    const int64_t rows = lim.split_tile / g.cols > 1 ? lim.split_tile / g.cols : 1;
+    // Rows a multiple of 8 (a 16-byte packet of the narrowest type) where there are
+    // 8 or more: 3 channels' 4096 / 3 = 1365 rows left no tile start packet-aligned.
+    int64_t rows = lim.split_tile / g.cols;
+    rows = rows >= 8 ? rows / 8 * 8 : (rows > 1 ? rows : 1);
     g.block_s = s < rows ? s : rows;
   }
   g.col_tiles = (c + g.cols - 1) / g.cols;
