@@ -56,8 +56,9 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 @dataclass
 class Intermediate:
-    """A picture of the chain: x_t after the step to index ``t`` (original
-    timestep ``timestep``) and the x_0 that the model's prediction implied."""
+    """A picture of the chain: x_t after the step at index ``t`` (from original
+    timestep ``timestep`` to the one before it) and the x_0 that the model's
+    prediction there implied."""
 
     t: int
     timestep: int

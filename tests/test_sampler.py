@@ -748,3 +748,53 @@ def test_numpy_integers_are_counts_as_ints_are():
     for bad in (True, 5.0, np.float64(5)):
         with pytest.raises(ValueError, match="steps must be an int"):
             sampler.sample((2, 1, 4, 4), steps=bad, progress=False)
+
+
+def _wide_oracle(x, t):
+    """The exact eps-predictor for N(0.5, 0.9^2) data: wide enough that x0 is clipped."""
+    a = SCHEDULE.alphas_cumprod[t.cpu()].reshape(-1, *([1] * (x.dim() - 1)))
+    return ((1 - a).sqrt() * (x.double() - a.sqrt() * 0.5) / (a * 0.81 + 1 - a)).to(x.dtype)
+
+
+@pytest.mark.parametrize("scheduler, setting", [
+    ("ddim", dict(timestep_spacing="leading", eta=0.0)), ("ddim", dict(timestep_spacing="trailing", eta=0.0)),
+    ("ddim", dict(timestep_spacing="leading", eta=0.5)), ("ddim", dict(timestep_spacing="trailing", eta=0.5)),
+    ("ddpm", dict(variance="fixed_small")), ("ddpm", dict(variance="fixed_large")),
+])
+@pytest.mark.parametrize("clip", [False, True])
+def test_whole_chains_equal_diffusers_schedulers(scheduler, setting, clip, monkeypatch):
+    """50 steps of diffusers' DDIMScheduler (alpha 1 after the last step, the
+    clipped x0's eps) or DDPMScheduler ('leading' timesteps), given our noise
+    stream (x_T in slot K, step i's z in slot i), against the Sampler over the
+    same timesteps: the chain's timestep map, noise slots and last step, which
+    the single-step comparisons (test_ddpm_step.py) do not see."""
+    diffusers = pytest.importorskip("diffusers")
+    import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
+
+    shape, seed = (4, 2, 4, 4), 5
+    z = lambda i: ops.randn(shape, seed, i * 32, sample_stride=_SAMPLE_STRIDE, backend="reference").double()  # noqa: E731
+    common = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip, steps_offset=0)
+    if scheduler == "ddim":
+        theirs = diffusers.DDIMScheduler(set_alpha_to_one=True, timestep_spacing=setting["timestep_spacing"], **common)
+        step = lambda eps, t, x, i: theirs.step(eps, t, x, eta=setting["eta"], use_clipped_model_output=True,  # noqa: E731
+                                                variance_noise=z(i)).prev_sample
+        ours = dict(eta=setting["eta"])
+    else:
+        theirs = diffusers.DDPMScheduler(variance_type=setting["variance"], timestep_spacing="leading", **common)
+
+        def step(eps, t, x, i):
+            monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: z(i).reshape(shape))
+            return theirs.step(eps, t, x).prev_sample
+
+        ours = dict(variance=setting["variance"])
+    theirs.set_timesteps(50)
+    timesteps = sorted(theirs.timesteps.tolist())
+    x = z(len(timesteps))
+    for t in reversed(timesteps):
+        x = step(_wide_oracle(x, torch.full((shape[0],), t)), t, x, timesteps.index(t))
+    monkeypatch.setattr(sampler_module, "respaced_timesteps", lambda num_timesteps, steps: list(timesteps))
+    sampler = Sampler(_wide_oracle, SCHEDULE, sample_shape=shape[1:], clip_denoised=clip,
+                      **{k: v for k, v in ours.items() if k == "variance"})
+    got = sampler.sample(shape[0], seed=seed, steps=50, eta=ours.get("eta"), progress=False)
+    assert not clip or (x.abs() > 1 - 1e-9).any()  # the data is wide enough for clipping to matter
+    torch.testing.assert_close(got.double(), x, atol=1e-4, rtol=1e-4)
