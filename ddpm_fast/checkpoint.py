@@ -63,6 +63,9 @@ def write_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in run_dir.glob(".*.tmp-*"):  # atomic_write's files (latest, the loss plot) of a killed process
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
     tmp = run_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     tmp.mkdir()
     for name, write in writers.items():

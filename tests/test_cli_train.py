@@ -132,8 +132,11 @@ def test_a_resumed_command_ends_as_one_uninterrupted_run(data_file, tmp_path):
 
     common = ("--dropout", "0.2", "--flip", "--checkpoint-every", "2", "--log-every", "1")
     assert _train(data_file, tmp_path / "whole", "--steps", "4", *common) == 0
-    for steps in ("2", "4"):
-        assert _train(data_file, tmp_path / "split", "--steps", steps, *common) == 0
+    assert _train(data_file, tmp_path / "split", "--steps", "2", *common) == 0
+    first = (tmp_path / "split" / "checkpoint-00000002").stat().st_ino
+    assert _train(data_file, tmp_path / "split", "--steps", "4", *common) == 0
+    # Resumed, not restarted: a run from step 0 would have written checkpoint 2 anew.
+    assert (tmp_path / "split" / "checkpoint-00000002").stat().st_ino == first
     logs = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("whole", "split")]
     assert len(logs[0]) == 4 and logs[0] == logs[1]

@@ -67,8 +67,8 @@ def test_image_folder_resizes_and_center_crops(tmp_path):
     for k in range(3):
         thirds[:, 16 * k : 16 * (k + 1), k] = 255
     Image.fromarray(thirds).save(tmp_path / "wide.png")
-    Image.fromarray(np.ascontiguousarray(thirds.transpose(1, 0, 2))).save(tmp_path / "wider.png")
-    crops = load_image_folder(tmp_path, image_size=8).images[-2:]  # wide.png, wider.png (sorted)
+    Image.fromarray(np.ascontiguousarray(thirds.transpose(1, 0, 2))).save(tmp_path / "tall.png")
+    crops = load_image_folder(tmp_path, image_size=8).images[-2:]  # tall.png, wide.png (sorted)
     assert crops[:, :, 1:7, 1:7].float().mean((2, 3)).tolist() == [[0.0, 255.0, 0.0]] * 2
 
 

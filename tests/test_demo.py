@@ -21,7 +21,7 @@ def _real_digits(count: int, start: int = 0) -> np.ndarray:
     return np.round(images * 255 / 16).astype(np.uint8)[..., None]
 
 
-@pytest.mark.parametrize("start", [0, 1400])
+@pytest.mark.parametrize("start", [0, 1397])  # 1397: the last 400 of the 1797
 def test_judge_accepts_real_digits_it_was_not_fit_on(start):
     """As the demo's samples are new images: 400 real digits held out of the
     judge's fit (these scored 0.96 once fit on too, 0.85-0.86 held out)."""

@@ -218,14 +218,16 @@ import torch
 torch.set_num_threads(int(sys.argv[1]))
 sys.path.insert(0, sys.argv[2])
 import test_determinism
+test_determinism.SPLIT = True  # shapes the kernels split over threads
 print(test_determinism.digest(sys.argv[3:]))
 """
 
 
-def test_run_after_run_in_fresh_processes():
-    """Separate processes (other hash seeds, 1 and 2 threads) and this one
-    give bitwise the same results: nothing carries over from a process's
-    state (the in-process tests could miss a value cached at import)."""
+def test_run_after_run_in_fresh_processes(monkeypatch):
+    """Separate processes (other hash seeds, 1 and 2 threads, shapes split over
+    them) and this one give bitwise the same results: nothing carries over from
+    a process's state (the in-process tests could miss a value cached at import)."""
+    monkeypatch.setattr(sys.modules[__name__], "SPLIT", True)
     backends = THREADED
     want = digest(backends)
     tests = str(pathlib.Path(__file__).parent)

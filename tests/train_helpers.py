@@ -58,10 +58,12 @@ KILL_POINTS = ("mid-files", "publish", "pointer", "prune")
 
 def _kill_inside_checkpoint_write(step: int, point: str) -> None:
     """SIGKILL this process inside the write of checkpoint ``step``, at
-    ``point``: ``mid-files`` after its first file is synced, with the others
-    unsynced; ``publish`` with every file written, before the rename that
-    publishes the folder; ``pointer`` after that rename, before ``latest``
-    names it; ``prune`` while the oldest checkpoint is being deleted."""
+    ``point``: ``mid-files`` once its first file is written and synced, before
+    the others are written; ``publish`` with every file written, before the
+    rename that publishes the folder; ``pointer`` after that rename, before
+    ``latest`` names it; ``prune`` while the oldest checkpoint is being deleted.
+    (A kill leaves written data in the page cache: what a missing fsync would
+    lose only a power cut shows.)"""
     import os
     import shutil
     import signal

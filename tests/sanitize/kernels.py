@@ -3,8 +3,8 @@
 noise), ddpm_step (each variance, the clipped form, DDIM, the model-input
 output, 16-bit x_t, given noise), randn (with per-sample streams too), and
 GroupNorm+SiLU forward (fused, split and cluster paths) and backward, in
-float32 and bfloat16 (float16 too for the elementwise ops), NCHW and
-channels_last, one sample and empty tensors. Each result is
+float32 and bfloat16, NCHW and channels_last; and q_sample and ddpm_step on
+one sample in float16 and bfloat16, and on empty tensors. Each result is
 compared with the reference, so a run that reports nothing also computed
 right. Run by tests/sanitize/run.sh on a GPU machine."""
 
