@@ -5,9 +5,11 @@ into, found even under pip's build isolation (see ``_import_target_torch``).
 Environment variables:
 
 * ``DDPM_FAST_CUDA``: ``1`` forces the CUDA kernels (an error without nvcc or a
-  CUDA build of torch), ``0`` skips them; unset builds them whenever torch is a
-  CUDA build and nvcc is found, GPU or not.
-* ``TORCH_CUDA_ARCH_LIST``: the GPU architectures; default ``8.0;9.0+PTX``.
+  CUDA build of torch), ``0`` skips them (also ``true``/``false``, ``yes``/``no``,
+  ``on``/``off``; another value is an error); unset builds them whenever torch
+  is a CUDA build and nvcc is found, GPU or not.
+* ``TORCH_CUDA_ARCH_LIST``: the GPU architectures; default (also when empty)
+  ``8.0;9.0+PTX``.
 * ``DDPM_FAST_STRICT``: ``1`` (the default when ``CI=true``) makes a failed
   build an error; otherwise the package installs without the extension and
   ``import ddpm_fast`` warns once and runs on the reference backend.
@@ -38,6 +40,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _flag(name: str) -> str | None:
     value = os.environ.get(name)
     return None if value in (None, "") else value.strip().lower()
+
+
+_ON, _OFF = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
+
+
+def _switch(name: str) -> bool | None:
+    """An on/off environment variable: True, False, or None when unset; any
+    other value is an error (a misspelt 'of' must not mean 'auto')."""
+    value = _flag(name)
+    if value is None:
+        return None
+    if value not in _ON + _OFF:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected one of {', '.join(_ON + _OFF)}")
+    return value in _ON
 
 
 def _strict() -> bool:
@@ -118,18 +134,21 @@ def _extensions():
         return [], None
 
     _set_cuda_home()
+    # The environment's own tools first: torch looks for ninja on PATH only, and the
+    # README's commands run the venv's pip without activating it (else a serial build).
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     from torch.utils import cpp_extension
 
-    want_cuda = _flag("DDPM_FAST_CUDA")
+    want_cuda = _switch("DDPM_FAST_CUDA")
     has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
     cuda_torch = torch.version.cuda is not None
-    if want_cuda in ("1", "true", "yes"):
+    if want_cuda is True:
         if not (has_nvcc and cuda_torch):
             raise RuntimeError(
                 f"DDPM_FAST_CUDA=1 but nvcc found={has_nvcc}, torch CUDA build={cuda_torch}"
             )
         with_cuda = True
-    elif want_cuda in ("0", "false", "no"):
+    elif want_cuda is False:
         with_cuda = False
     else:
         with_cuda = has_nvcc and cuda_torch
@@ -148,7 +167,8 @@ def _extensions():
     if _flag("DDPM_FAST_PORTABLE_CPU") in ("1", "true", "yes"):
         kwargs["define_macros"].append(("DDPM_FAST_PORTABLE_CPU", None))
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():  # empty: torch would ask the GPUs, none here
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         # The ops' CUDA entry points (host compiler) and their launches (nvcc; csrc/cuda/launch.h).
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

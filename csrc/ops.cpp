@@ -4,6 +4,7 @@
 // in ddpm_fast/ops (Python).
 #include <Python.h>
 #include <torch/library.h>
+#include <torch/version.h>  // TORCH_VERSION_MAJOR, _MINOR: the torch this library is built against
 
 TORCH_LIBRARY(ddpm_fast, m) {
   // Fill `out` (contiguous) with the shared Philox normal stream: element j of
@@ -37,7 +38,9 @@ TORCH_LIBRARY(ddpm_fast, m) {
 }
 
 // `import ddpm_fast._C` loads this library, which registers the operators
-// above; the module itself only says whether the CUDA kernels are in it.
+// above; the module itself says whether the CUDA kernels are in it and which
+// torch (major, minor) it was built against: torch's C++ ABI changes between
+// versions, so ddpm_fast/_extension.py refuses it under another torch.
 static struct PyModuleDef ddpm_fast_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
@@ -48,7 +51,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
-  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
+      PyModule_AddIntConstant(module, "TORCH_MAJOR", TORCH_VERSION_MAJOR) != 0 ||
+      PyModule_AddIntConstant(module, "TORCH_MINOR", TORCH_VERSION_MINOR) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

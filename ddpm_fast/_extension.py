@@ -6,13 +6,24 @@ from __future__ import annotations
 
 import warnings
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+import torch  # loads libtorch, which _C links against
 
 __all__ = ["AVAILABLE", "WITH_CUDA", "LOAD_ERROR"]
+
+
+
+def _running_torch() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
 
 try:
     from . import _C  # noqa: F401  (registers the operators)
 
+    _built = (getattr(_C, "TORCH_MAJOR", None), getattr(_C, "TORCH_MINOR", None))
+    if _built != _running_torch():  # torch's C++ ABI differs between versions: its ops could crash
+        raise ImportError(f"it was built against torch {_built[0]}.{_built[1]}, but torch {torch.__version__} "
+                          "is running: rebuild it with `pip install -e .`")
     AVAILABLE: bool = True
     WITH_CUDA: bool = bool(_C.WITH_CUDA)
     LOAD_ERROR: str | None = None
@@ -23,7 +34,8 @@ except ImportError as error:  # not built, or built for another torch
     warnings.warn(
         "ddpm_fast: the compiled extension ddpm_fast._C could not be loaded "
         f"({error}); every op falls back to the plain PyTorch reference backend. "
-        "Build it with `pip install -e .` in an environment that has torch.",
+        "Build it with `pip install -e .` in an environment that has torch and a C++ compiler "
+        "(`DDPM_FAST_STRICT=1 pip install -v -e .` shows why a build fails).",
         RuntimeWarning,
         stacklevel=2,
     )

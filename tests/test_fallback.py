@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import importlib.abc, sys, warnings
 
@@ -41,3 +43,29 @@ def test_import_and_ops_without_the_extension():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+OTHER_TORCH = r"""
+import warnings
+import torch
+torch.__version__ = "2.99.0+fake"  # as if torch had been upgraded since the build
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import ddpm_fast
+    from ddpm_fast import NoiseSchedule, _extension, ops
+ours = [str(w.message) for w in caught if "ddpm_fast" in str(w.message)]
+assert len(ours) == 1 and "built against torch" in ours[0] and "2.99.0+fake is running" in ours[0], ours
+assert not _extension.AVAILABLE
+assert ops.resolve_backend("auto", torch.device("cpu"), "test") == "reference"
+ops.q_sample(torch.rand(2, 3, 4, 4), 5, NoiseSchedule("linear"), seed=1)
+print("ok")
+"""
+
+
+def test_an_extension_built_for_another_torch_is_not_used():
+    """torch's C++ ABI changes between versions: a _C built for another torch
+    (an upgrade since `pip install -e .`) is refused with one warning, not
+    loaded to crash or compute wrongly."""
+    pytest.importorskip("ddpm_fast._C")
+    result = subprocess.run([sys.executable, "-c", OTHER_TORCH], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
