@@ -11,7 +11,6 @@ import torch  # loads libtorch, which _C links against
 __all__ = ["AVAILABLE", "WITH_CUDA", "LOAD_ERROR"]
 
 
-
 def _running_torch() -> tuple[int, int]:
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return int(major), int(minor)

@@ -38,6 +38,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def shard(count: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share [lo, hi) of ``count`` items (the last
+    ranks' shares may be short or empty)."""
+    share = math.ceil(count / world)
+    return min(count, rank * share), min(count, (rank + 1) * share)
+
+
 class RankMismatchError(ValueError):
     """The ranks of one run hold different settings or states (they would
     deadlock, or train on a mix): raised on every rank alike."""
@@ -47,7 +54,7 @@ def check_ranks_agree(what: str, value: Any, advice: str) -> None:
     """Raise ``RankMismatchError`` on every rank unless all ranks hold an equal
     ``value`` (for dicts the message names the keys that differ). A collective:
     every rank must call it; a no-op in a single process."""
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     if world == 1:
         return
     values: list[Any] = [None] * world
@@ -197,8 +204,7 @@ def sample_sharded(
         shared = [seed]
         dist.broadcast_object_list(shared, src=0)
         seed = shared[0]
-    share = math.ceil(n / world)
-    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    lo, hi = shard(n, rank, world)
     parts = []
     for start in range(lo, hi, batch_size):
         count = min(batch_size, hi - start)

@@ -15,7 +15,7 @@ from ._checks import is_int
 from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
-from .distributed import rank_and_world
+from .distributed import rank_and_world, shard
 from .nn import has_channels_last_weights
 from .ops._args import as_seed
 from .sampler import _SAMPLE_STRIDE, _dropout_active
@@ -80,8 +80,7 @@ def evaluate_bpd(
         raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
                          "2^32 noise counters")
     rank, world = rank_and_world() if sharded else (0, 1)
-    share = math.ceil(count / world)
-    lo, hi = min(count, rank * share), min(count, (rank + 1) * share)
+    lo, hi = shard(count, rank, world)
     # Sums of the total, the prior and each timestep's term over this rank's images.
     sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64)
     for start in range(lo, hi, batch_size):

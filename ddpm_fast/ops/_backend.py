@@ -44,7 +44,9 @@ ENV_VAR = "DDPM_FAST_BACKEND"
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
-_ON = ("1", "true", "on", "yes", "y")  # the values triton reads as on (any case)
+def _interpret_variable() -> bool:
+    """Whether TRITON_INTERPRET says on, as triton reads it (1, true, on, yes, y; any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 def triton_interpreting() -> bool:
@@ -57,12 +59,12 @@ def triton_interpreting() -> bool:
     sigmoid = getattr(standard, "sigmoid", None)
     if sigmoid is not None:
         return type(sigmoid).__name__ == "InterpretedFunction"
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON
+    return _interpret_variable()
 
 
 def _interpret_set_late() -> bool:
     """Whether TRITON_INTERPRET is on now but triton was imported without it."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON and not triton_interpreting()
+    return _interpret_variable() and not triton_interpreting()
 
 
 @functools.lru_cache(maxsize=None)
