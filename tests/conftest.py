@@ -45,6 +45,24 @@ TOLERANCES = {
 DTYPES = list(TOLERANCES)
 
 
+def skip_without_gpu_memory(gib: int = 40) -> None:
+    """Skip a huge-tensor test on a GPU of less memory."""
+    if torch.cuda.get_device_properties(0).total_memory < gib * 2**30:
+        pytest.skip(f"needs {gib} GiB of GPU memory")
+
+
+# Issue 7's huge tensors over many samples: 1025 samples of 2^21 + 1 values (2.15e9
+# elements), each with its own t (huge_timesteps); the windows (sample, start) of 1000
+# values checked lie in the first sample, across element 2^31 (in sample 1023) and
+# at the end of the last.
+HUGE_SAMPLES, HUGE_PER_SAMPLE = 1025, 2**21 + 1
+HUGE_WINDOWS = ((0, 0), (1023, 2**31 - 1023 * HUGE_PER_SAMPLE - 500), (1024, HUGE_PER_SAMPLE - 1000))
+
+
+def huge_timesteps(num_timesteps: int) -> torch.Tensor:
+    return torch.randint(0, num_timesteps, (HUGE_SAMPLES,), generator=torch.Generator().manual_seed(1)).cuda()
+
+
 def device_backends() -> list[tuple[str, str]]:
     """(device, backend) pairs to test against the reference on this machine."""
     pairs = []

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poisoned_outputs, requires_extension
+from conftest import (
+    DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES,
+    backend_params, gpu_if_present, huge_timesteps, poisoned_outputs, requires_extension, skip_without_gpu_memory,
+)
 from ddpm_fast import NoiseSchedule, diffusion, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
@@ -498,8 +501,7 @@ def test_gpu_sampler_captures_the_reference_step():
 def test_more_than_2_to_the_31_elements(backend):
     """64-bit indexing (issue 7): windows at the start, across 2^31 and at the
     end, against the reference given the noise the stream holds there."""
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
-        pytest.skip("needs 40 GiB of GPU memory")
+    skip_without_gpu_memory()
     n = 2**31 + 2**20 + 3
     x = torch.rand(1, n, dtype=torch.float16, device="cuda")
     eps = torch.rand(1, n, dtype=torch.float16, device="cuda")
@@ -515,19 +517,15 @@ def test_more_than_2_to_the_31_elements(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_more_than_2_to_the_31_elements_over_many_samples(backend):
-    """1025 samples with their own t: the sample index, each sample's
-    coefficients and its noise counters past 2^31 (windows in the first
-    sample, across element 2^31 in sample 1023, at the end of the last)."""
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
-        pytest.skip("needs 40 GiB of GPU memory")
-    samples, per_sample = 1025, 2**21 + 1
-    x = torch.rand(samples, per_sample, dtype=torch.float16, device="cuda")
-    eps = torch.rand(samples, per_sample, dtype=torch.float16, device="cuda")
-    t = torch.randint(0, SCHEDULE.num_timesteps, (samples,), generator=torch.Generator().manual_seed(1)).cuda()
+    """Many samples with their own t (conftest's HUGE_*): the sample index,
+    each sample's coefficients and its noise counters past 2^31."""
+    skip_without_gpu_memory()
+    x, eps = (torch.rand(HUGE_SAMPLES, HUGE_PER_SAMPLE, dtype=torch.float16, device="cuda") for _ in range(2))
+    t = huge_timesteps(SCHEDULE.num_timesteps)
     out = ops.ddpm_step(x, eps, t, SCHEDULE, seed=9, backend=backend)
-    for k, start in ((0, 0), (1023, 2**31 - 1023 * per_sample - 500), (1024, per_sample - 1000)):
+    for k, start in HUGE_WINDOWS:
         window, rows = slice(start, start + 1000), slice(k, k + 1)
-        z = ops.randn((1, 1000), 9, k * per_sample + start, backend="reference")  # sample k's stream, from its start
+        z = ops.randn((1, 1000), 9, k * HUGE_PER_SAMPLE + start, backend="reference")  # sample k's stream, from its start
         ref = ops.ddpm_step(x[rows, window].cpu(), eps[rows, window].cpu(), t[rows].cpu(), SCHEDULE, noise=z,
                             backend="reference")
         torch.testing.assert_close(out[rows, window].cpu(), ref, **TOLERANCES[torch.float16])

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TOLERANCES, backend_params, gpu_if_present, requires_extension
+from conftest import TOLERANCES, backend_params, gpu_if_present, requires_extension, skip_without_gpu_memory
 from ddpm_fast import ops
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 from group_norm_silu_helpers import CASES, TOL, assert_far_first_value_statistics, assert_matches_reference, inputs
@@ -419,8 +419,7 @@ def test_more_than_2_to_the_31_elements(backend, layout):
     elements; groups of one channel, 67M values each, on the large-group
     paths): the first channel and the last, which holds element 2^31, against
     F.group_norm in float32."""
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
-        pytest.skip("needs 40 GiB of GPU memory")
+    skip_without_gpu_memory()
     x = torch.randn(1, 32, 8192, 8193, dtype=torch.float16, device="cuda")
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, poisoned_outputs, requires_extension
+from conftest import (
+    DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES,
+    backend_params, gpu_if_present, huge_timesteps, poisoned_outputs, requires_extension, skip_without_gpu_memory,
+)
 from ddpm_fast import NoiseSchedule, _extension, ops
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
@@ -374,8 +377,7 @@ class TestBadInput:
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_more_than_2_to_the_31_elements(backend):
     # 64-bit indexing: check windows at the start, across 2^31 and at the end.
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
-        pytest.skip("needs 40 GiB of GPU memory")
+    skip_without_gpu_memory()
     n = 2**31 + 2**20 + 3
     x = torch.rand(n, dtype=torch.float16, device="cuda").reshape(-1, 1)[: n // 1].reshape(1, n)
     xt, eps = ops.q_sample(x, 123, SCHEDULE, seed=9, offset=0, backend=backend)
@@ -391,18 +393,15 @@ def test_more_than_2_to_the_31_elements(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_more_than_2_to_the_31_elements_over_many_samples(backend):
-    """1025 samples with their own t: the sample index, each sample's
-    coefficients and its noise counters past 2^31 (windows in the first
-    sample, across element 2^31 in sample 1023, at the end of the last)."""
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
-        pytest.skip("needs 40 GiB of GPU memory")
-    samples, per_sample = 1025, 2**21 + 1
-    x = torch.rand(samples, per_sample, dtype=torch.float16, device="cuda")
-    t = torch.randint(0, SCHEDULE.num_timesteps, (samples,), generator=torch.Generator().manual_seed(1)).cuda()
+    """Many samples with their own t (conftest's HUGE_*): the sample index,
+    each sample's coefficients and its noise counters past 2^31."""
+    skip_without_gpu_memory()
+    x = torch.rand(HUGE_SAMPLES, HUGE_PER_SAMPLE, dtype=torch.float16, device="cuda")
+    t = huge_timesteps(SCHEDULE.num_timesteps)
     xt, eps = ops.q_sample(x, t, SCHEDULE, seed=9, offset=0, backend=backend)
-    for k, start in ((0, 0), (1023, 2**31 - 1023 * per_sample - 500), (1024, per_sample - 1000)):
+    for k, start in HUGE_WINDOWS:
         window, rows = slice(start, start + 1000), slice(k, k + 1)
-        z = ops.randn((1, 1000), 9, k * per_sample + start, backend="reference").half()  # counters: the logical index
+        z = ops.randn((1, 1000), 9, k * HUGE_PER_SAMPLE + start, backend="reference").half()  # counters: the logical index
         torch.testing.assert_close(eps[rows, window].cpu(), z, **TOLERANCES[torch.float16])
         ref, _ = ops.q_sample(x[rows, window].cpu(), t[rows].cpu(), SCHEDULE, noise=eps[rows, window].cpu(), backend="reference")
         torch.testing.assert_close(xt[rows, window].cpu(), ref, **TOLERANCES[torch.float16])
