@@ -5,14 +5,17 @@ into, found even under pip's build isolation (see ``_import_target_torch``).
 Environment variables:
 
 * ``DDPM_FAST_CUDA``: ``1`` forces the CUDA kernels (an error without nvcc or a
-  CUDA build of torch), ``0`` skips them (also ``true``/``false``, ``yes``/``no``,
-  ``on``/``off``; another value is an error); unset builds them whenever torch
-  is a CUDA build and nvcc is found, GPU or not.
+  CUDA build of torch, or when they fail to build), ``0`` skips them (also
+  ``true``/``false``, ``yes``/``no``, ``on``/``off``; another value is an
+  error); unset builds them whenever torch is a CUDA build and nvcc is found,
+  GPU or not, and if they fail to build (outside strict mode) builds the CPU
+  kernels alone.
 * ``TORCH_CUDA_ARCH_LIST``: the GPU architectures; default (also when empty)
   ``8.0;9.0+PTX``.
 * ``DDPM_FAST_STRICT``: ``1`` (the default when ``CI=true``) makes a failed
-  build an error; otherwise the package installs without the extension and
-  ``import ddpm_fast`` warns once and runs on the reference backend.
+  build an error; otherwise a build whose CPU kernels fail installs the package
+  without the extension, and ``import ddpm_fast`` warns once and runs on the
+  reference backend.
 * ``DDPM_FAST_PORTABLE_CPU``: ``1`` builds the CPU kernels without their x86
   AVX2 loops, as on machines that are not x86 (where that happens by itself).
 * ``DDPM_FAST_DEBUG``: ``1`` keeps the debug information (``-g``) that Python's
@@ -131,7 +134,7 @@ def _extensions():
         if _strict():
             raise RuntimeError(message)
         warnings.warn(message)
-        return [], None
+        return [], None, None
 
     _set_cuda_home()
     # The environment's own tools first: torch looks for ninja on PATH only, and the
@@ -161,50 +164,83 @@ def _extensions():
         # After Python's own flags (which hold -g): group_norm_silu_autograd.cpp took
         # 48 -> 31 s, its object 12 MB -> 0.4 MB (2026-12-03, 2-core VM).
         cxx_flags.append("-g0")
-    kwargs = dict(
-        extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"], define_macros=[], py_limited_api=True
-    )
-    if _flag("DDPM_FAST_PORTABLE_CPU") in ("1", "true", "yes"):
-        kwargs["define_macros"].append(("DDPM_FAST_PORTABLE_CPU", None))
+
+    def cpu_kwargs() -> dict:  # a fresh copy each time: the build appends flags to these lists
+        kwargs = dict(extra_compile_args={"cxx": list(cxx_flags)}, extra_link_args=["-fopenmp"], define_macros=[],
+                      py_limited_api=True)
+        if _flag("DDPM_FAST_PORTABLE_CPU") in ("1", "true", "yes"):
+            kwargs["define_macros"].append(("DDPM_FAST_PORTABLE_CPU", None))
+        return kwargs
+
+    cpu_only = cpp_extension.CppExtension("ddpm_fast._C", list(sources), **cpu_kwargs())
+    fallback = None
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():  # empty: torch would ask the GPUs, none here
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        kwargs = cpu_kwargs()
         # The ops' CUDA entry points (host compiler) and their launches (nvcc; csrc/cuda/launch.h).
-        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+        cuda_sources = sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["define_macros"].append(("DDPM_FAST_WITH_CUDA", None))
         kwargs["include_dirs"] = _nvidia_include_dirs()
-        ext = cpp_extension.CUDAExtension("ddpm_fast._C", sources, **kwargs)
+        ext = cpp_extension.CUDAExtension("ddpm_fast._C", cuda_sources, **kwargs)
+        # Chosen by itself (not DDPM_FAST_CUDA=1): a CUDA part that fails to build (an
+        # nvcc that does not match torch's CUDA, ...) must not cost the CPU kernels too.
+        fallback = cpu_only if want_cuda is None else None
     else:
-        ext = cpp_extension.CppExtension("ddpm_fast._C", sources, **kwargs)
+        ext = cpu_only
     print(f"ddpm_fast: building against torch {torch.__version__} from {torch.__file__}; "
-          f"CUDA kernels: {'yes' if with_cuda else 'no'}; sources: {' '.join(sources)}")
-    return [ext], cpp_extension.BuildExtension
+          f"CUDA kernels: {'yes' if with_cuda else 'no'}; sources: {' '.join(ext.sources)}")
+    return [ext], cpp_extension.BuildExtension, fallback
 
 
-def _build_ext_class(torch_build_ext):
+def _build_ext_class(torch_build_ext, cpu_fallback):
     base = torch_build_ext.with_options(use_ninja=True) if torch_build_ext else build_ext
 
     class BuildExtension(base):
-        """Builds the extension; a failure is fatal only in strict mode."""
+        """Builds the extension. Outside strict mode a failed CUDA part (when it was
+        not forced) is retried without it, and a failed CPU build leaves the package
+        pure Python; in strict mode every failure is an error."""
 
         def run(self) -> None:
+            # run() changes the command (compiler object for the option, inplace off
+            # while it builds): a retry starts from the state the first try did.
+            start = dict(vars(self))
             try:
                 super().run()
+                return
             except Exception as error:  # compiler missing or failing
-                if _strict():
+                if _strict() or (cpu_fallback is None and _switch("DDPM_FAST_CUDA")):
                     raise
+                failure = error
+            if cpu_fallback is not None:
                 warnings.warn(
-                    f"ddpm_fast: the C++/CUDA extension failed to build ({error}); installing "
-                    "the pure-Python package, which runs on the reference backend."
+                    f"ddpm_fast: the CUDA kernels failed to build ({failure}); building the CPU "
+                    "kernels only (CUDA tensors run on the Triton or reference backend). "
+                    "`DDPM_FAST_CUDA=1 pip install -v -e .` shows the CUDA build's error."
                 )
+                # What finalize_options recorded on the extension (setuptools' file name,
+                # stub flags) holds for its CPU-only twin: same name, same place.
+                for key, value in vars(self.extensions[0]).items():
+                    if key.startswith("_"):
+                        setattr(cpu_fallback, key, value)
+                vars(self).update(start, extensions=[cpu_fallback])
+                try:
+                    super().run()
+                    return
+                except Exception as error:
+                    failure = error
+            warnings.warn(
+                f"ddpm_fast: the C++/CUDA extension failed to build ({failure}); installing "
+                "the pure-Python package, which runs on the reference backend."
+            )
 
     return BuildExtension
 
 
-ext_modules, torch_build_ext = _extensions()
+ext_modules, torch_build_ext, cpu_fallback = _extensions()
 setup(
     ext_modules=ext_modules,
-    cmdclass={"build_ext": _build_ext_class(torch_build_ext)},
+    cmdclass={"build_ext": _build_ext_class(torch_build_ext, cpu_fallback)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
