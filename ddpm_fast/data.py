@@ -9,10 +9,12 @@ quarter of float32's size, so whole datasets fit on the GPU), scaled to
 from __future__ import annotations
 
 import io
+import lzma
 import numbers
 import os
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -165,13 +167,21 @@ def load_digits(image_size: int | None = 8) -> ImageDataset:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted; hidden files and
+    """Image files under ``folder``, recursively and through symlinked folders
+    (each real folder once, so a link loop ends), sorted; hidden files and
     folders (``.name``, e.g. macOS ``._x.png`` resource forks) are skipped."""
-    files = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder).parts
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in relative) and path.is_file():
-            files.append(path)
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root) / name
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                files.append(path)
     return sorted(files)
 
 
@@ -180,7 +190,8 @@ _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 def _read_image(file: Path, mode: str) -> torch.Tensor:
     """One image file as uint8 C x H x W (its first frame, upright per its EXIF
-    orientation, converted to Pillow ``mode``)."""
+    orientation, transparent parts composited over black, converted to Pillow
+    ``mode``)."""
     from PIL import Image, ImageOps
 
     try:
@@ -190,6 +201,11 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
             if image.mode in _WIDE_GREY_MODES:  # 16-bit grey: scale to 8 bits (Pillow's convert would clip at 255)
                 wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
                 image = Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8), "L")
+            if "A" in image.getbands() or "transparency" in image.info:
+                # Over black: what lies under a transparent pixel is whatever the saving
+                # tool left there, and two images that look the same must load the same.
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image)
             array = np.asarray(image.convert(mode))
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
         raise ValueError(f"cannot read image {file}: {type(error).__name__}: {error}") from error
@@ -266,7 +282,12 @@ def _cifar_blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], 
                     base = member.name.rsplit("/", 1)[-1]
                     if base in names and base not in blobs and member.isfile():
                         blobs[base] = archive.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as error:
+                # tarfile stops at the end-of-archive blocks (or, quietly, at a damaged
+                # header), before a compressed stream's checksum: read on to it, so a
+                # corrupt archive is an error, not wrong pixels or "batches not found".
+                while archive.fileobj.read(1 << 20):
+                    pass
+        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
             reason = "not a tar archive (plain, gzip, bz2 or xz)" if isinstance(error, tarfile.ReadError) else (
                 f"{type(error).__name__}: {' '.join(str(error).split())}")  # tarfile's messages span lines
             raise ValueError(
@@ -335,8 +356,12 @@ def _channel_axis(shape: tuple[int, ...]) -> str:
 def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     """uint8 N x C x H x W from N x H x W, N x H x W x C (C 1/3/4, alpha
     dropped) or N x C x H x W (C 1/3), holding uint8 (or other integers in
-    0..255) or floats in [0, 1] or [-1, 1] (any negative value means [-1, 1])."""
+    0..255) or floats in [0, 1] or [-1, 1] (any negative value means [-1, 1]; a minimum
+    in (-0.5, 0) is refused as ambiguous)."""
     if array.ndim == 3:
+        if array.shape[2] in (3, 4) and array.shape[1] != array.shape[2]:
+            raise ValueError(f"{source}: shape {array.shape} looks like one H x W x C image, not N x H x W grey "
+                             "images: add the batch axis (array[None])")
         array = array[..., None]
     if array.ndim != 4:
         raise ValueError(
@@ -362,6 +387,10 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 or hi > 1:
         raise ValueError(f"{source}: float images must lie in [0, 1] or [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    if -0.5 < lo < 0:  # a [0, 1] range that undershoots (a resize's ringing), or [-1, 1] without dark pixels?
+        raise ValueError(f"{source}: float images in [{lo:.4g}, {hi:.4g}] are ambiguous: any negative value means "
+                         "[-1, 1], yet nothing is darker than a quarter grey there; clip [0, 1] images "
+                         "(np.clip(a, 0, 1)) or map them to [-1, 1] yourself")
     array = array.astype(np.result_type(array.dtype, np.float32), copy=False)  # float16 would round badly
     unit = (array + 1) / 2 if lo < 0 else array
     return torch.from_numpy(np.ascontiguousarray(np.round(unit * 255).astype(np.uint8)))

@@ -422,3 +422,93 @@ def test_a_file_that_is_no_archive_is_a_one_line_error(tmp_path):
 def test_image_size_may_be_a_numpy_integer():
     """A size computed with numpy (np.int64) was refused as not an int."""
     assert tuple(load_dataset("digits", image_size=np.int64(4)).images.shape[2:]) == (4, 4)
+
+
+# ---------------------------------------------------------------- damaged or unusual input (audit, 2026-12-04)
+
+
+def test_a_damaged_cifar_archive_is_an_error_never_other_pixels(cifar_folder, tmp_path):
+    """One flipped bit anywhere in a .tar.gz: the load either fails with a clear
+    error or gives the intact archive's images. tarfile stops at the tar's end
+    (or quietly at a damaged header) before gzip's checksum, so such flips gave
+    other pixels without a word, a bare zlib.error, or 'batches not found'."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cifar_folder, arcname="cifar-10-batches-py")
+    intact, raw = load_cifar10(archive).images, archive.read_bytes()
+    damaged, outcomes = tmp_path / "damaged.tar.gz", {"error": 0, "intact": 0}
+    for position in range(10, len(raw), max(1, len(raw) // 150)):
+        flipped = bytearray(raw)
+        flipped[position] ^= 1 << (position % 8)
+        damaged.write_bytes(bytes(flipped))
+        try:
+            images = load_cifar10(damaged).images
+        except ValueError as error:
+            assert "CIFAR-10" in str(error), error
+            outcomes["error"] += 1
+            continue
+        assert torch.equal(images, intact), f"a flip at byte {position} loaded other pixels"
+        outcomes["intact"] += 1
+    assert outcomes["error"] > 100, outcomes
+
+
+def test_image_folder_follows_symlinked_folders_once(tmp_path):
+    """Path.rglob does not enter symlinked folders (Python < 3.13): a linked class
+    folder was skipped without a word. A link back up must not loop or repeat."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    _write_images(data / "dogs", [(8, 8)] * 2)
+    _write_images(elsewhere / "cats", [(8, 8)] * 3)
+    (data / "cats").symlink_to(elsewhere / "cats", target_is_directory=True)
+    (data / "dogs" / "up").symlink_to(data, target_is_directory=True)
+    assert len(load_image_folder(data)) == 5
+
+
+def test_transparent_pixels_load_over_black(tmp_path):
+    """Two pictures that look the same (a transparent background, whatever colour
+    the saving tool left under it) load the same: composited over black."""
+    folder = tmp_path / "alpha"
+    folder.mkdir()
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[1:3, 1:3] = (200, 100, 50, 255)
+    rgba[0, 0] = (255, 255, 255, 128)  # half transparent white
+    hidden = rgba.copy()
+    hidden[..., :3][rgba[..., 3] == 0] = (255, 0, 0)  # red under the transparent pixels
+    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
+    Image.fromarray(hidden, "RGBA").save(folder / "b.png")
+    palette = Image.fromarray(hidden, "RGBA").convert("P")
+    palette.info["transparency"] = palette.getpixel((3, 3))  # the red of the background
+    palette.save(folder / "c.png", transparency=palette.getpixel((3, 3)))
+    images = load_image_folder(folder).images
+    assert torch.equal(images[0], images[1])
+    assert images[0, :, 3, 3].tolist() == [0, 0, 0] and images[0, :, 1, 1].tolist() == [200, 100, 50]
+    assert images[0, :, 0, 0].tolist() == [128, 128, 128]
+    assert images[2, :, 3, 3].tolist() == [0, 0, 0]  # a palette's transparent index too
+    grey = load_image_folder(folder, channels=1).images
+    assert grey[1, 0, 3, 3].item() == 0
+
+
+def test_array_of_one_image_without_its_batch_axis(tmp_path):
+    """An H x W x 3 array was read as H grey images H x 3 ('must be square: pass
+    image_size', which then gave thin strips upscaled)."""
+    path = tmp_path / "one.npy"
+    np.save(path, np.zeros((32, 32, 3), np.uint8))
+    for size in (None, 32):
+        with pytest.raises(ValueError, match=r"one\.npy.*looks like one H x W x C image.*array\[None\]"):
+            load_array(path, image_size=size)
+    np.save(path, np.zeros((32, 32, 32), np.uint8))  # N x H x W grey: still read so
+    assert load_array(path).images.shape == (32, 1, 32, 32)
+
+
+def test_float_arrays_whose_range_is_ambiguous_are_refused(tmp_path):
+    """Any negative value means [-1, 1]: a [0, 1] array that undershoots a little
+    (a resize's ringing) was read as [-1, 1], black turning mid grey."""
+    path = tmp_path / "x.npy"
+    unit = np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32)
+    unit[0, 0, 0, 0] = -0.004
+    np.save(path, unit)
+    with pytest.raises(ValueError, match=r"ambiguous.*np\.clip"):
+        load_array(path)
+    np.save(path, np.clip(unit, 0, 1))
+    assert load_array(path).images.float().mean().item() > 100  # read as [0, 1]
+    np.save(path, unit * 0.8 - 0.6)  # [-1, 1] data in [-0.6, 0.2]: as before
+    assert load_array(path).images.max().item() < 160
