@@ -38,6 +38,7 @@ TABLES = (
     "alphas_cumprod",
     "alphas_cumprod_prev",
     "sqrt_alphas_cumprod",
+    "one_minus_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod",
     "sqrt_recip_alphas_cumprod",
@@ -175,34 +176,39 @@ class NoiseSchedule:
             beta_end=config.get("beta_end"),
         )
 
-    def _compute_tables(self, betas: torch.Tensor, alphas_cumprod: torch.Tensor | None = None) -> None:
+    def _compute_tables(self, betas: torch.Tensor, alphas_cumprod: torch.Tensor | None = None,
+                        one_minus_alphas_cumprod: torch.Tensor | None = None) -> None:
         if alphas_cumprod is None:
             alphas = 1.0 - betas
             ac = torch.cumprod(alphas, dim=0)
-            ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+            # 1 - abar from log abar: 1 - cumprod(1 - beta) keeps only ~1e-16 / beta_0 of
+            # its digits near t = 0 (beta_0 = 2e-16 put posterior_mean_coef1[0] at 0.90, not 1).
+            om = -torch.expm1(torch.cumsum(torch.log1p(-betas), dim=0))
         else:  # respaced: the parent's abar as it is (rebuilt from 1 - beta it would round, see respace)
-            ac = alphas_cumprod
-            ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-            alphas = ac / ac_prev
+            ac, om = alphas_cumprod, one_minus_alphas_cumprod
+            alphas = ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        om_prev = torch.cat([torch.zeros(1, dtype=torch.float64), om[:-1]])
         self.betas = betas
         self.alphas = alphas
         self.alphas_cumprod = ac
         self.alphas_cumprod_prev = ac_prev
+        self.one_minus_alphas_cumprod = om
         self.sqrt_alphas_cumprod = ac.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - ac).sqrt()
-        self.log_one_minus_alphas_cumprod = torch.log1p(-ac)
+        self.sqrt_one_minus_alphas_cumprod = om.sqrt()
+        self.log_one_minus_alphas_cumprod = torch.where(ac < 0.5, torch.log1p(-ac), om.log())  # each exact where it is used
         self.sqrt_recip_alphas_cumprod = ac.rsqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1.0 / ac - 1.0).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (om / ac).sqrt()
         self.sqrt_recip_alphas = alphas.rsqrt()
         # The epsilon-form reverse step: x_{t-1} = (x_t - eps_coef * eps) / sqrt(alpha_t) + ...
-        self.eps_coef = betas / (1.0 - ac).sqrt()
+        self.eps_coef = betas / om.sqrt()
         # q(x_{t-1} | x_t, x_0), Ho et al. eqs. 6-7.
-        self.posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+        self.posterior_variance = betas * om_prev / om
         # posterior_variance[0] is 0; log uses the next value in its place.
         pv = self.posterior_variance
         self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if pv.numel() > 1 else torch.log(betas)
-        self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1.0 - ac)
-        self.posterior_mean_coef2 = (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac)
+        self.posterior_mean_coef1 = betas * ac_prev.sqrt() / om
+        self.posterior_mean_coef2 = om_prev * alphas.sqrt() / om
         # sigma_t^2 = beta_t ("fixed_large"); the original code puts beta~_1 at t = 0.
         large = torch.cat([pv[1:2], betas[1:]]) if pv.numel() > 1 else betas.clone()
         self.fixed_large_variance = large
@@ -338,10 +344,15 @@ class NoiseSchedule:
                 "(beta_t = 1 or float64 underflow), so no later step of the sub-chain is defined"
             )
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        respaced = NoiseSchedule(betas=1.0 - ab / ab_prev)
+        om = self.one_minus_alphas_cumprod[steps]
+        om_prev = torch.cat([torch.zeros(1, dtype=torch.float64), om[:-1]])
+        # beta = 1 - abar_t / abar_s, from 1 - abar while it is small (exact there; the
+        # ratio's 1 - ... would keep only ~1e-16 / beta of beta's digits), else from the ratio.
+        betas = torch.where(om < 0.5, (om - om_prev) / ab_prev, 1.0 - ab / ab_prev)
+        respaced = NoiseSchedule(betas=betas)
         # The tables from abar itself: abar_t / abar_{t-1} through 1 - beta keeps only
         # ~1e-16 / ratio of its digits, and a ratio below 1e-16 becomes 0.
-        respaced._compute_tables(respaced.betas, alphas_cumprod=ab.clone())
+        respaced._compute_tables(respaced.betas, alphas_cumprod=ab.clone(), one_minus_alphas_cumprod=om)
         respaced.name = f"{self.name}[{len(steps)} of {self.num_timesteps}]"
         respaced.timestep_map = self.timestep_map[steps]
         respaced.config = {"respace_of": self.config, "timesteps": steps}

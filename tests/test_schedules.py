@@ -60,6 +60,7 @@ def np_tables(b: np.ndarray) -> dict[str, np.ndarray]:
             "alphas_cumprod": ab,
             "alphas_cumprod_prev": abp,
             "sqrt_alphas_cumprod": np.sqrt(ab),
+            "one_minus_alphas_cumprod": 1.0 - ab,
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ab),
             "log_one_minus_alphas_cumprod": np.log1p(-ab),  # accurate where abar is tiny
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ab),
@@ -215,6 +216,25 @@ def test_respace_keeps_alphas_cumprod_and_maps_original_timesteps():
     # a set of timesteps: diffusers' descending order, or repeats, give the same sub-chain
     again = parent.respace([99, 50, 10, 10, 0])
     assert again.timestep_map.tolist() == [0, 10, 50, 99] and torch.equal(again.betas, sub.betas)
+
+
+@pytest.mark.parametrize("beta0", [2e-16, 6e-16, 1e-14, 1e-12])
+def test_tiny_first_betas_keep_their_coefficients(beta0):
+    """1 - abar_0 = beta_0 exactly, so posterior_mean_coef1[0] = 1 and
+    sqrt(1 - abar_0) = eps_coef[0] = sqrt(beta_0). Computed as 1 - cumprod(1 - beta),
+    a beta_0 near float64's resolution lost most of its digits (coef1[0] was 0.90 at
+    2e-16: the clipped sampler's last step shrank samples by 10%)."""
+    betas = torch.tensor([beta0, 0.01, 0.02], dtype=torch.float64)
+    for s in (NoiseSchedule(betas=betas), NoiseSchedule(betas=betas).respace([0, 2])):
+        assert s.posterior_mean_coef1[0].item() == pytest.approx(1.0, rel=1e-14)
+        assert s.one_minus_alphas_cumprod[0].item() == pytest.approx(beta0, rel=1e-14)
+        assert s.sqrt_one_minus_alphas_cumprod[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14)
+        assert s.eps_coef[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14)
+        assert s.sqrt_recipm1_alphas_cumprod[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14)
+        assert s.step_table("fixed_small")[0, 4].item() == pytest.approx(1.0, rel=1e-6)  # c1, float32
+    # t = 1: 1 - (1 - b0)(1 - b1) = b0 + b1 - b0 b1, exact enough in float64
+    s = NoiseSchedule(betas=betas)
+    assert s.one_minus_alphas_cumprod[1].item() == pytest.approx(beta0 + 0.01 - beta0 * 0.01, rel=1e-14)
 
 
 def test_respace_keeps_alphas_cumprod_exactly_where_it_is_tiny():
