@@ -162,7 +162,8 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-            flip=args.flip, precision=args.precision, loss=args.loss, seed=args.seed,
+            flip=args.flip if args.flip is not None else dataset.name != "digits",  # a mirrored digit is none
+            precision=args.precision, loss=args.loss, seed=args.seed,
             log_every=args.log_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
             checkpoint_every=args.checkpoint_every, channels_last=args.channels_last, compile=args.compile,
         )
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, plain Adam)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     train.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, warmed up)")
-    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips (default: on)")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on, but off for --data digits, whose mirror images are no digits)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss: simple (MSE on eps), vlb (one sampled bound term per image), hybrid (simple + 0.001 x T x that term; see the README) (default: simple)")
     train.add_argument("--seed", type=_non_negative, default=0, help="run seed (default: 0)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -345,7 +346,9 @@ class Trainer(TrainerCheckpoints):
         first_step = self.step
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
         window: list[float] = []
-        tick, tick_step = time.perf_counter(), self.step
+        # images/s counts training steps only: the time of grids and checkpoints is left out.
+        tick, tick_step, aside = time.perf_counter(), self.step, 0.0
+        grid_of_last_step = None
         try:  # closed on Ctrl-C and errors too: a bar left open redraws itself after the message
             while self.step < cfg.steps:
                 loss = self.train_step()
@@ -355,7 +358,7 @@ class Trainer(TrainerCheckpoints):
                 # Never checkpoint inside a run of skipped non-finite steps.
                 checkpoint = (self.step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
                 if self.step % cfg.log_every == 0 or checkpoint:  # a resumed run logs what this one would
-                    elapsed = time.perf_counter() - tick
+                    elapsed = time.perf_counter() - tick - aside
                     rate = (self.step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
                     record = {
                         "step": self.step,
@@ -365,13 +368,17 @@ class Trainer(TrainerCheckpoints):
                     }
                     self._log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
-                    window, tick, tick_step = [], time.perf_counter(), self.step
+                    window, tick, tick_step, aside = [], time.perf_counter(), self.step, 0.0
                 bar.update(1)
-                # (At the last step too: a run resumed to more steps then has every grid.)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
-                    self.sample_grid(self.out_dir / "samples" / f"step-{self.step:08d}.png")
+                started = time.perf_counter()
+                # Every sample_every steps and at the last step (a run resumed to more steps
+                # then still has every multiple's grid).
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last) and self.rank == 0:
+                    grid_of_last_step = self.out_dir / "samples" / f"step-{self.step:08d}.png"
+                    self.sample_grid(grid_of_last_step)
                 if checkpoint:
                     self.save_checkpoint()
+                aside += time.perf_counter() - started
         finally:
             bar.close()
         if self._nonfinite_in_row:  # its last steps were skipped: no final checkpoint, no model to show
@@ -381,7 +388,10 @@ class Trainer(TrainerCheckpoints):
                 "lower the learning rate or check the data"
             )
         if final_samples and self.rank == 0:
-            self.sample_grid(self.out_dir / "samples.png")
+            if grid_of_last_step is not None and self.step == cfg.steps:  # the same samples: not drawn twice
+                shutil.copyfile(grid_of_last_step, self.out_dir / "samples.png")
+            else:
+                self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "trained": self.step - first_step, "out_dir": str(self.out_dir)}
 
     def _check_ranks_agree(self, newest: Path | None) -> None:
@@ -415,8 +425,9 @@ class Trainer(TrainerCheckpoints):
     @torch.no_grad()
     def sample_grid(self, path: str | os.PathLike) -> torch.Tensor:
         """A grid of ``sample_count`` EMA samples (fixed seed, so grids compare over time)."""
+        images = self.dataset.images  # the data's shape: the model need not tell it (in_channels, image_size)
         sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
-                          channels_last=self.config.channels_last)
+                          channels_last=self.config.channels_last, sample_shape=tuple(images.shape[1:]))
         x = sampler.sample(self.config.sample_count, seed=self.config.seed, steps=self.config.sample_steps, progress=False)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -143,3 +143,16 @@ def test_a_resumed_command_ends_as_one_uninterrupted_run(data_file, tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         whole, split = (load_file(tmp_path / run / "checkpoint-00000004" / name) for run in ("whole", "split"))
         assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), name
+
+
+@pytest.mark.parametrize("data, extra, flip", [("digits", (), False), ("digits", ("--flip",), True),
+                                               ("file", (), True), ("file", ("--no-flip",), False)])
+def test_flips_default_off_for_digits_only(data_file, tmp_path, data, extra, flip):
+    """A mirrored digit is no digit (the demo trains without flips): --data digits
+    trained with flips unless told; other data keeps them on by default."""
+    common = [a for a in TINY if a != "--no-flip"]
+    spec = "digits" if data == "digits" else str(data_file)
+    assert main(["train", "--data", spec, "--out", str(tmp_path / "run"), *common, "--steps", "1",
+                 "--image-size", "8", *extra]) == 0
+    config = json.loads((tmp_path / "run" / "checkpoint-00000001" / "config.json").read_text())
+    assert config["train"]["flip"] is flip

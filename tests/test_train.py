@@ -85,17 +85,38 @@ def test_loss_falls_over_a_short_run(tmp_path):
 
 
 def test_the_log_records_images_per_second(tmp_path, monkeypatch):
-    """images_per_s is the window's images (steps x global batch) over its
-    seconds: on a clock that ticks 0.5 s a read, 3 steps of 8 images are 48/s."""
+    """images_per_s is the window's images (steps x global batch) over the seconds
+    its steps took: on a clock where a step takes 0.5 s, 3 steps of 8 images are
+    16/s, however long the sample grids and checkpoints between them take (they
+    counted: a window after a grid logged 125 images/s for 4,712)."""
     import types
 
     import ddpm_fast.train as train_module
 
-    ticks = iter(range(1000))
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
-    make_trainer(tmp_path, steps=6, log_every=3, checkpoint_every=6).train(final_samples=False)
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer = make_trainer(tmp_path, steps=6, log_every=3, checkpoint_every=2, sample_every=1)
+    real_step, real_save = trainer.train_step, trainer.save_checkpoint
+
+    def step():
+        clock[0] += 0.5
+        return real_step()
+
+    def save():
+        clock[0] += 7.0
+        return real_save()
+
+    def grid(path):
+        clock[0] += 10.0
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    monkeypatch.setattr(trainer, "sample_grid", grid)
+    trainer.train(final_samples=False)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["images_per_s"]) for r in records] == [(3, 48.0), (6, 48.0)]
+    assert [(r["step"], r["images_per_s"]) for r in records] == [(2, 16.0), (3, 16.0), (4, 16.0), (6, 16.0)]
 
 
 def test_run_writes_log_checkpoints_plot_and_samples(tmp_path):
@@ -107,6 +128,42 @@ def test_run_writes_log_checkpoints_plot_and_samples(tmp_path):
     assert config["train"]["steps"] == 4 and config["schedule"]["name"] == "linear"
     for name in ("loss.png", "samples.png", "samples/step-00000002.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("steps, grids", [(7, [3, 6, 7]), (6, [3, 6])])
+def test_grids_every_n_steps_and_at_the_last_one_drawn_once(tmp_path, monkeypatch, steps, grids):
+    """sample_every=3 writes grids at 3, 6, ... and at the last step (7 had none),
+    and samples.png is that last grid, not drawn again (steps=6 sampled it twice)."""
+    trainer = make_trainer(tmp_path, steps=steps, checkpoint_every=10, sample_count=4, sample_every=3)
+    drawn = []
+    real = trainer.sample_grid
+    monkeypatch.setattr(trainer, "sample_grid", lambda path: drawn.append(Path(path).name) or real(path))
+    trainer.train()
+    assert drawn == [f"step-{g:08d}.png" for g in grids]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == drawn
+    assert (tmp_path / "samples.png").read_bytes() == (tmp_path / "samples" / drawn[-1]).read_bytes()
+
+
+def test_a_model_that_does_not_tell_its_image_shape_trains_and_samples(tmp_path):
+    """Any nn.Module model(x_t, t) -> eps trains; its grids take the data's shape.
+    One without in_channels/image_size trained every step, then failed at the grid."""
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    from ddpm_fast.schedules import NoiseSchedule
+    from train_helpers import toy_dataset
+
+    trainer = ddpm_fast.train.Trainer(Plain(), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                                      TrainConfig(steps=3, batch_size=8, sample_every=2, sample_count=4),
+                                      tmp_path, device="cpu", progress=False)
+    assert trainer.train()["steps"] == 3
+    assert (tmp_path / "samples.png").stat().st_size > 0 and (tmp_path / "samples" / "step-00000002.png").exists()
 
 
 def _formats_seen(trainer, monkeypatch) -> dict[str, list[bool]]:
