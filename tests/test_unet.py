@@ -251,6 +251,13 @@ def test_load_errors_are_clear(tmp_path):
         UNet.from_pretrained(tmp_path, num_res_blocks=2)  # mismatched architectures
     with pytest.raises(ValueError, match=r"shape mismatch \(file vs model\): conv_in.bias: \(16,\) vs \(32,\)"):
         UNet.from_pretrained(tmp_path, ch=32)
+    # a good file onto a bad or missing device: an error about the device, not "unreadable file"
+    with pytest.raises(ValueError, match="onto 'bogus': not a device"):
+        UNet.from_pretrained(tmp_path, map_location="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError)) as missing:
+            UNet.from_pretrained(tmp_path, map_location="cuda")
+        assert "safetensors" not in str(missing.value)
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         UNet.from_pretrained(tmp_path)
@@ -286,6 +293,9 @@ def test_load_errors_are_clear(tmp_path):
         # the first ResBlock of the 1x1 level takes the 2x2 level's 32 channels: groups of one value
         # (accepted, and every forward failed)
         (dict(image_size=4, ch=32, ch_mult=(1, 1, 2), num_groups=32, attn_resolutions=()), "single value"),
+        # level 0's first ResBlock normalizes conv_in's ch channels, not ch * ch_mult[0] (accepted;
+        # the fused path refused every forward, the reference path ran)
+        (dict(image_size=1, ch=4, ch_mult=(2,), num_res_blocks=1, num_groups=4, attn_resolutions=()), "single value"),
     ],
 )
 def test_bad_constructor_arguments(change, match):

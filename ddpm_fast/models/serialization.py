@@ -45,12 +45,18 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
 
 def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, with a clear error for a missing or unreadable one."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"cannot load {path.name} onto {device!r}: not a device ({error})") from None
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        return _safetensors().load_file(str(path), device=str(torch.device(device)))
+        tensors = _safetensors().load_file(str(path), device="cpu")
     except Exception as error:
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
+    # Moved after reading: a device that is missing here is not a damaged file.
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

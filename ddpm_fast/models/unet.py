@@ -141,8 +141,8 @@ class UNet(nn.Module):
         if unknown:
             raise ValueError(f"UNet: attn_resolutions {unknown} are not among the model's resolutions {resolutions}")
         # The narrowest width normalized at resolution i: level i's own, or the
-        # previous level's, which its first ResBlock takes in.
-        narrowest = [min(ch_mult[max(i - 1, 0)], m) for i, m in enumerate(ch_mult)]
+        # previous level's (at level 0, conv_in's ch), which its first ResBlock takes in.
+        narrowest = [min(ch_mult[i - 1] if i else 1, m) for i, m in enumerate(ch_mult)]
         if any(ch * m // num_groups * r * r < 2 for m, r in zip(narrowest, resolutions)):
             raise ValueError(f"UNet: with num_groups={num_groups} some GroupNorm group would hold a single value")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
