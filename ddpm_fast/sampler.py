@@ -72,7 +72,9 @@ class Sampler:
     Args:
         model: any callable taking x_t (N x ...) and int64 timesteps (N,) and
             returning eps of x_t's shape (an nn.Module, a function, ...). A module
-            should be in eval mode: ``sample`` warns if its dropout is on.
+            should be in eval mode: ``sample`` warns if its dropout is on. Its
+            input is one buffer that every step rewrites in place: a model that
+            keeps x_t for later must keep a copy (``x_t.clone()``).
         schedule: the training noise schedule.
         variance: ``fixed_large`` (sigma_t^2 = beta_t, the default as in the paper's
             CIFAR-10 samples) or ``fixed_small`` (beta~_t).
@@ -173,6 +175,8 @@ class Sampler:
             progress: show a progress bar.
             return_intermediates: if k, also return an ``Intermediate`` every k steps.
         """
+        if not isinstance(progress, bool):  # bool("no") is True
+            raise TypeError(f"progress must be a bool, got {progress!r}")
         shape = self._shape(n_or_shape)
         seed = as_seed(seed, "Sampler.sample")
         if _dropout_active(self.model):
@@ -268,7 +272,8 @@ class _Chain:
     def step(self, k: torch.Tensor) -> torch.Tensor:
         """Step index k (0-d int64 on the device): the model, then the fused update
         of x in place, writing the next model input too. No host sync."""
-        t_model = torch.index_select(self.model_t, 0, k.reshape(1)).expand(self.n)
+        # A real (N,) tensor, not a stride-0 view: a model may change it in place or hand it to a kernel.
+        t_model = torch.index_select(self.model_t, 0, k.reshape(1).expand(self.n))
         eps = self.s.model(self.model_in, t_model)
         _check_model_output(eps, self.x)
         ops.ddpm_step(

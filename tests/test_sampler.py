@@ -227,6 +227,27 @@ def test_progress_bar_runs(capsys):
     assert "sampling" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_the_model_gets_timesteps_it_may_change_in_place(n):
+    """t was a stride-0 view of one value: a model changing it in place (t.clamp_)
+    failed for N > 1 only, and a kernel reading N values from its pointer would read
+    past the one it held."""
+    seen = []
+
+    def model(x, t):
+        seen.append((t.is_contiguous(), t.stride(), t.dtype, t.shape))
+        t.clamp_(max=999)
+        return 0.1 * x
+
+    Sampler(model, SCHEDULE, sample_shape=(1, 2, 2)).sample(n, seed=0, steps=3, progress=False)
+    assert seen == [(True, (1,), torch.int64, torch.Size([n]))] * 3
+
+
+def test_progress_must_be_a_bool():
+    with pytest.raises(TypeError, match="progress must be a bool, got 'no'"):
+        Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=2, progress="no")
+
+
 class TestBadInput:
     def test_constructor(self):
         with pytest.raises(TypeError, match="callable"):
