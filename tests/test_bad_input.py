@@ -330,7 +330,7 @@ CASES = [
     Case("q_sample-seed-str", qs(seed="7"), TypeError, "seed must be an int, got str"),
     Case("q_sample-seed-too-large", qs(seed=2**64), ValueError, "seed must fit in 64 bits"),
     Case("q_sample-offset-negative", qs(offset=-5), ValueError, "offset must lie in"),
-    Case("q_sample-offset-overflow", qs(offset=2**63 - 10), ValueError, r"offset must lie in \[0, 2\^63 - 72\]"),
+    Case("q_sample-offset-overflow", qs(offset=2**63 - 10), ValueError, r"offset must lie in \[0, 2\^63 - 1 - 72\]"),
     # empty batches: an empty result
     Case("q_sample-empty-batch", empty_result(ops.q_sample, x4(0, 4, 3, 3), 3, S, seed=0, shape=(0, 4, 3, 3)), None),
     Case("q_sample-empty-batch-t-tensor", empty_result(ops.q_sample, x4(0, 4, 3, 3), torch.zeros(0, dtype=torch.int64), S, seed=0, shape=(0, 4, 3, 3)), None),
@@ -371,8 +371,8 @@ CASES = [
     # the counter checks of randn and q_sample: no two samples share noise, every counter fits in int64
     Case("ddpm_step-sample-stride-zero", step(sample_stride=0), ValueError, "sample_stride 0 is below the 36 elements per sample"),
     Case("ddpm_step-sample-stride-overlap", step(sample_stride=35), ValueError, "sample_stride 35 is below the 36 elements per sample"),
-    Case("ddpm_step-offset-overflow", step(offset=2**63 - 2), ValueError, r"offset must lie in \[0, 2\^63 - 72\]"),
-    Case("ddpm_step-offset-overflow-at-the-last-timestep", step(offset=2**63 - 5000, step_stride=1000), ValueError, r"offset must lie in \[0, 2\^63 - 9072\]"),
+    Case("ddpm_step-offset-overflow", step(offset=2**63 - 2), ValueError, r"offset must lie in \[0, 2\^63 - 1 - 72\]"),
+    Case("ddpm_step-offset-overflow-at-the-last-timestep", step(offset=2**63 - 5000, step_stride=1000), ValueError, r"offset must lie in \[0, 2\^63 - 1 - 9072\]"),
     Case("ddpm_step-step-stride-overflow", step(step_stride=2**62), ValueError, "the noise counters must fit in int64"),
     Case("ddpm_step-given-noise-ignores-sample-stride", step_given_noise_sample_stride_zero, None),
     Case("ddpm_step-step-stride-float", step(step_stride=2.0), TypeError, "step_stride must be an int, got float"),
@@ -560,3 +560,11 @@ def test_bad_input(case: Case, backend: str | None):
         return
     with pytest.raises(case.error, match=case.match):
         case.call(backend)
+
+
+def test_the_largest_offset_the_message_names_is_accepted():
+    """The message said [0, 2^63 - count] while 2^63 - count itself was refused."""
+    x = torch.randn(2, 3, 2, 2)  # 24 counters
+    ops.q_sample(x, 3, NoiseSchedule("linear", timesteps=10), seed=1, offset=2**63 - 1 - 24, backend="reference")
+    with pytest.raises(ValueError, match=r"\[0, 2\^63 - 1 - 24\], got 9223372036854775784"):
+        ops.q_sample(x, 3, NoiseSchedule("linear", timesteps=10), seed=1, offset=2**63 - 24, backend="reference")

@@ -193,7 +193,7 @@ def as_offset(offset: object, count: int, op: str, name: str = "offset") -> int:
         raise TypeError(f"{op}: {name} must be an int, got {type(offset).__name__}")
     offset = int(offset)
     if offset < 0 or offset + count > INT64_MAX:
-        raise ValueError(f"{op}: {name} must lie in [0, 2^63 - {count}], got {offset}")
+        raise ValueError(f"{op}: {name} must lie in [0, 2^63 - 1 - {count}], got {offset}")
     return offset
 
 
