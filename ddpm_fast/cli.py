@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -47,6 +49,19 @@ def _positive(text: str) -> int:
 
 def _non_negative(text: str) -> int:
     return _integer(text, 0, "an integer >= 0")
+
+
+def _seed_below(bits: int):
+    """A --seed type: an integer in [0, 2^bits) (the run's seeds are int64, the
+    noise streams' uint64), checked while parsing."""
+
+    def seed(text: str) -> int:
+        value = _integer(text, 0, f"an integer in [0, 2^{bits})")
+        if value >= 2**bits:
+            raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^{bits}), got {text!r}")
+        return value
+
+    return seed
 
 
 def _path(text: str) -> str:
@@ -90,13 +105,18 @@ def _sample_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _check_output_folder(path: str | os.PathLike, option: str = "--out") -> None:
+def _check_output_folder(path: str | os.PathLike, option: str = "--out", files: Sequence[str] = ()) -> None:
     """Fail before any training or sampling if ``path`` cannot be a folder we
-    write into: it (or a parent) is a file, or its nearest existing folder is
-    not writable. Nothing is created here."""
+    write into: it (or a parent) is a file, one of the ``files`` to be written
+    there is a folder, or its nearest existing folder takes no new file (tried
+    with a temporary file: os.access says yes to root, and on read-only or
+    special file systems). Nothing is left behind."""
     out = Path(path).absolute()
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {path} is a file, not a folder")
+    for name in files:
+        if (out / name).is_dir():
+            raise UsageError(f"{option} {path}: {out / name} is a folder, so the file {name} cannot be written there")
     existing = out
     while not existing.exists():
         if existing.is_symlink():  # a link to nowhere: creating the folder there fails, after the run
@@ -104,8 +124,27 @@ def _check_output_folder(path: str | os.PathLike, option: str = "--out") -> None
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: {existing} is not writable")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ddpm-fast-probe-", dir=existing)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: {existing} is not writable ({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _option_errors(make):
+    """``make`` with its errors in the command line's words: TrainConfig.grad_clip
+    (or a bare sample_steps) becomes --grad-clip (--sample-steps)."""
+
+    def call(*args, **kwargs):
+        try:
+            return make(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            text = re.sub(r"\bTrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+            text = re.sub(r"^(sample_steps|samples)\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
+            raise UsageError(text) from None
+
+    return call
 
 
 class RunFailed(Exception):
@@ -159,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
                              "grids, the loss curve) would become training data; put the run elsewhere")
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
-        config = TrainConfig(
+        config = _option_errors(TrainConfig)(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
             flip=args.flip if args.flip is not None else dataset.name != "digits",  # a mirrored digit is none
@@ -212,7 +251,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = distributed.setup(args.device)
     try:
-        distributed.run_on_rank0(lambda: _check_output_folder(args.out))  # before sampling: not after a whole run
+        # before sampling: not after a whole run
+        distributed.run_on_rank0(lambda: _check_output_folder(args.out, files=("samples.png", "samples.npz")))
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
@@ -229,8 +269,9 @@ def _sample(args: argparse.Namespace) -> int:
     if images is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        save_grid(images, out / "samples.png")
+        # Each written whole or not at all; the data first: a failure leaves no new grid beside old data.
         save_npz(images, out / "samples.npz")
+        save_grid(images, out / "samples.png")
         print(f"wrote {len(images)} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
     return 0
 
@@ -283,7 +324,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     _check_output_folder(args.out)
     try:
-        summary = run_demo(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
+        summary = _option_errors(run_demo)(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
                            seed=args.seed, progress=True)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_run(str(Path(args.out) / "run"), None, True)) from None
@@ -298,8 +339,16 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:K (default: cuda if available, else cpu)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, as every other error (argparse prints the
+    whole usage first); its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description="DDPM training, sampling and evaluation on fused kernels.")
+    parser = _Parser(prog="ddpm-fast", description="DDPM training, sampling and evaluation on fused kernels.")
     parser.add_argument("--version", action="version", version=f"ddpm_fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -325,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on, but off for --data digits, whose mirror images are no digits)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss: simple (MSE on eps), vlb (one sampled bound term per image), hybrid (simple + 0.001 x T x that term; see the README) (default: simple)")
-    train.add_argument("--seed", type=_non_negative, default=0, help="run seed (default: 0)")
+    train.add_argument("--seed", type=_seed_below(63), default=0, help="run seed, below 2^63 (default: 0)")
     train.add_argument("--log-every", type=_positive, default=100, help="log every N steps (default: 100)")
     train.add_argument("--sample-every", type=_non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")
     train.add_argument("--sample-steps", type=_positive, default=None, help="respaced steps for sample grids (default: all T)")
@@ -340,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into samples.png and samples.npz")
     sample.add_argument("--checkpoint", required=True, type=_path, help="a run folder, checkpoint-* folder, UNet.save_pretrained folder or diffusers UNet2DModel/pipeline folder")
-    sample.add_argument("--out", required=True, type=_path, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC)")
+    sample.add_argument("--out", required=True, type=_path, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC); files of those names there are replaced")
     sample.add_argument("-n", type=_positive, default=64, help="number of samples (default: 64)")
     sample.add_argument("--batch-size", type=_positive, default=256, help="samples per batch (default: 256)")
     sample.add_argument("--steps", type=_positive, default=None, help="respace the chain to this many steps (default: all T)")
@@ -352,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model precision (default: auto, bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32)")
     sample.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model channels_last: faster convolutions (default: on)")
-    sample.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0); sample i is the same for any batch size")
+    sample.add_argument("--seed", type=_seed_below(64), default=0, help="seed, below 2^64 (default: 0); sample i is the same for any batch size")
     _add_device(sample)
     sample.set_defaults(run=_sample)
 
@@ -364,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("-n", type=_positive, default=None, help="evaluate the first N images (default: all)")
     bpd.add_argument("--batch-size", type=_positive, default=256, help="images per batch (default: 256)")
     bpd.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
-    bpd.add_argument("--seed", type=_non_negative, default=0, help="seed of the evaluation noise (default: 0)")
+    bpd.add_argument("--seed", type=_seed_below(64), default=0, help="seed of the evaluation noise, below 2^64 (default: 0)")
     bpd.add_argument("--json", action="store_true", help="print the full result (total and every term) as JSON")
     bpd.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="run the model channels_last: faster convolutions (default: on)")
@@ -387,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo recipe's)")
     demo.add_argument("--samples", type=_positive, default=100, help="number of samples (default: 100)")
     demo.add_argument("--sample-steps", type=_positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
-    demo.add_argument("--seed", type=_non_negative, default=0, help="seed (default: 0)")
+    demo.add_argument("--seed", type=_seed_below(63), default=0, help="seed, below 2^63 (default: 0)")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -88,13 +88,14 @@ def run_demo(
         raise ValueError(f"sample_steps must be an int in [1, {schedule.num_timesteps}], got {sample_steps!r}")
     if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
+    config = demo_config(steps, seed)  # checks steps and seed, before anything is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the model's initial weights and dropout
     dataset = load_digits()
     model = UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
     start = time.perf_counter()
-    trainer = Trainer(model, dataset, schedule, demo_config(steps, seed), out / "run", device="cpu", progress=progress)
+    trainer = Trainer(model, dataset, schedule, config, out / "run", device="cpu", progress=progress)
     try:
         trained_steps = trainer.train(final_samples=False)["trained"]
     except ConfigMismatchError as error:  # the demo has no --no-resume: say what does apply

@@ -60,14 +60,18 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, sca
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int | None = None) -> None:
     """Write a PNG grid of uint8 N x H x W x C images; small images are upscaled
-    (by default to at least 32 px a tile) so that the picture is viewable."""
+    (by default to at least 32 px a tile) so that the picture is viewable.
+    Written atomically: a killed process leaves the old picture or the new one."""
     from PIL import Image
+
+    from .checkpoint import atomic_write
 
     images = _check_nhwc(images)
     if scale is None:
         scale = max(1, math.ceil(_MIN_TILE_PX / max(images.shape[1:3])))
     grid = make_grid(images, nrow, scale=scale)
-    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(Path(path), format="PNG")
+    picture = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def save_npz(images: np.ndarray, path: str | os.PathLike, **extra: np.ndarray) -> None:

@@ -88,11 +88,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
-        if not (self.grad_clip > 0 and 0 <= self.weight_decay < math.inf):
-            raise ValueError(
-                f"TrainConfig.grad_clip must be > 0 and weight_decay a finite number >= 0, "
-                f"got {self.grad_clip!r} and {self.weight_decay!r}"
-            )
+        if not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.loss not in LOSSES:

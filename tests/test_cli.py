@@ -210,7 +210,11 @@ def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
         (["bpd", "--checkpoint", "{tmp}/missing", "--data", "{data}"], "does not exist"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "1"], "--model small cannot take 1x1x1"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--dropout", "1.5"], "--dropout must lie in [0, 1)"),
-        (["train", "--data", "{data}", "--out", "{tmp}/r", "--weight-decay", "inf"], "weight_decay a finite number"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+        # TrainConfig's and run_demo's checks in the options' names (they named the Python fields)
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "--lr must be a positive number"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/with-folders"], "samples.npz is a folder"),
         # refused before training, not after it (at the final sample grid)
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--timesteps", "20", "--sample-steps", "21"],
          "--sample-steps) is 21, more than the schedule's 20 timesteps"),
@@ -222,12 +226,13 @@ def test_bpd_reports_terms_that_add_up(run_dir, data_file, capsys):
         # refused before sampling, not when the folder is made after it
         (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/broken-link"], "is a broken symbolic link"),
         (["train", "--data", "{data}", "--out", "{tmp}/broken-link/run"], "is a broken symbolic link"),
-        (["demo", "--out", "{tmp}/d", "--steps", "1", "--sample-steps", "1001"], "sample_steps must be an int in [1, 1000]"),
+        (["demo", "--out", "{tmp}/d", "--steps", "1", "--sample-steps", "1001"], "--sample-steps must be an int in [1, 1000]"),
     ],
 )
 def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file, capsys):
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "broken-link").symlink_to(tmp_path / "nowhere" / "deeper")
+    (tmp_path / "with-folders" / "samples.npz").mkdir(parents=True)  # found before sampling, not after it
     argv = [a.format(tmp=tmp_path, data=data_file, file=tmp_path / "a-file") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -249,14 +254,23 @@ def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, data_file,
         ["train", "--data", "digits", "--out", "x", "--device", "cpu:1"],
         ["demo"],
         ["fly"],
+        ["train", "--data", "digits", "--out", "x", "--seed", str(2**63)],
+        ["demo", "--out", "x", "--seed", "99999999999999999999"],
+        ["sample", "--checkpoint", "x", "--out", "y", "--seed", str(2**64)],
+        ["bpd", "--checkpoint", "x", "--data", "digits", "--seed", "-1"],
     ],
 )
-def test_bad_arguments_exit_2(argv, capsys):
+def test_bad_arguments_exit_2(argv, capsys, tmp_path, monkeypatch):
+    """In one line, as every other error (argparse printed its usage first), and
+    before anything is made (a too-large demo seed left an empty folder)."""
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and "_positive" not in err and "_path" not in err
+    err = capsys.readouterr().err.strip()
+    assert "error:" in err and "_positive" not in err and "_path" not in err and "_seed" not in err
+    assert "\n" not in err and err.endswith("--help)"), err
+    assert not list(tmp_path.iterdir())
 
 
 def test_console_script_and_module_entry_point():
@@ -282,19 +296,31 @@ def test_device_is_checked_while_parsing(command, device, message, monkeypatch, 
 
 
 def test_an_unwritable_out_fails_before_any_work(run_dir, tmp_path, monkeypatch, capsys):
-    """(Checked with os.access: as root every folder is writable.)"""
-    import os
+    """Tried with a temporary file: os.access says yes to root, and on read-only
+    or special file systems (/proc), which then failed after the whole run."""
+    import tempfile
 
     from ddpm_fast import distributed
 
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if str(dir) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     monkeypatch.setattr(distributed, "sample_sharded", lambda *a, **k: pytest.fail("sampled into an unwritable --out"))
     assert main(["sample", "--checkpoint", str(run_dir), "--out", str(locked / "samples"), "-n", "2"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"ddpm-fast sample: error: --out {locked / 'samples'}: {locked} is not writable")
+        f"ddpm-fast sample: error: --out {locked / 'samples'}: {locked} is not writable (Permission denied)")
+    assert list(locked.iterdir()) == []
+    if Path("/proc/self").is_dir():  # a special file system: no file can be made in /proc
+        assert main(["sample", "--checkpoint", str(run_dir), "--out", "/proc/ddpm-fast-out", "-n", "2"]) == 2
+        assert "/proc is not writable" in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob(".ddpm-fast-probe-*")]
 
 
 def test_os_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
@@ -310,6 +336,7 @@ def test_os_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.replace("\r", "\n").strip()  # after the progress bar
     assert err.splitlines()[-1] == "ddpm-fast sample: error: [Errno 28] No space left on device"
     assert "Traceback" not in err
+    assert not (tmp_path / "s" / "samples.png").exists()  # the data first: no new grid without it
 
 
 def test_ctrl_c_in_sample_is_one_line_and_exit_130(run_dir, tmp_path, monkeypatch, capsys):

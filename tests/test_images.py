@@ -47,6 +47,27 @@ def test_save_npz_round_trip_leaves_no_temporary(tmp_path):
             save_npz(images, tmp_path / "t.npz", **{name: np.arange(3)})
 
 
+def test_save_grid_replaces_a_picture_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A grid written in place was half a PNG when the process died mid-write."""
+    from PIL import Image
+
+    path = tmp_path / "g.png"
+    save_grid(np.zeros((4, 8, 8, 1), np.uint8), path)
+    before = path.read_bytes()
+    real_save = Image.Image.save
+
+    def dies_mid_write(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_grid(np.full((4, 8, 8, 1), 255, np.uint8), path)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
 def test_plot_curve_writes_a_png(tmp_path):
     plot_curve(np.exp(-np.linspace(0, 3, 200)) + 0.01, tmp_path / "loss.png")
     plot_curve([1.0, -1.0, 0.5], tmp_path / "linear.png", steps=[10, 20, 30])  # negative values: linear axis
