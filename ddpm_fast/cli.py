@@ -142,7 +142,7 @@ def _option_errors(make):
         except (ValueError, TypeError) as error:
             text = re.sub(r"\bTrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
             text = re.sub(r"^(sample_steps|samples)\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
-            raise UsageError(text) from None
+            raise UsageError(text) from error  # the cause stays for DDPM_FAST_DEBUG=1's traceback
 
     return call
 
