@@ -92,9 +92,11 @@ def _split_pid(TILES):
     """(row, position tile) of this program of a split-path launch. Its grid is
     1-D, N * col_tiles * TILES programs, row-major: CUDA caps a grid's second
     axis at 65535, which a large image's position tiles pass (64 channels_last
-    channels at 2048 x 2048: 65536), and the first at 2^31 - 1."""
+    channels at 2048 x 2048: 65536), and the first at 2^31 - 1. The tile index is
+    int64: its first position, tile * BLOCK_S, passes 2^31 in a channel of more
+    than 2^31 positions (int32 wrapped negative there, and loads ran before the tensor)."""
     pid = tl.program_id(0)
-    return pid // TILES, pid % TILES
+    return pid // TILES, (pid % TILES).to(tl.int64)
 
 
 @triton.jit

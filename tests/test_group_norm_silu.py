@@ -430,6 +430,29 @@ def test_more_than_2_to_the_31_elements(backend, layout):
         torch.testing.assert_close(y[:, c : c + 1].float(), want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_one_channel_of_more_than_2_to_the_31_positions(backend):
+    """A channel of 46341 x 46341 half values (2^31 + 4,633): the split path's
+    last position tiles start past 2^31 (Triton's tile start was int32, and
+    wrapped). Forward and backward, the first and last 2^20 values against
+    F.group_norm in float32."""
+    skip_without_gpu_memory(75)
+    x = torch.randn(1, 1, 46341, 46341, dtype=torch.float16, device="cuda").requires_grad_()
+    y = ops.group_norm_silu(x, 1, backend=backend)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y, dx = y.detach().flatten(), dx.flatten()
+    xr = x.detach().float().requires_grad_()
+    want = F.silu(F.group_norm(xr, 1))
+    (dx_want,) = torch.autograd.grad(want, xr, dy.float())
+    want, dx_want = want.detach().flatten(), dx_want.flatten()
+    for part in (slice(0, 2**20), slice(-(2**20), None)):
+        torch.testing.assert_close(y[part].float(), want[part], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(dx[part].float(), dx_want[part], rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reference_off_the_cpu_gives_group_norm_one_dtype(dtype):
     """16-bit x with float32 weight and bias: ATen's CPU group_norm mixes dtypes,

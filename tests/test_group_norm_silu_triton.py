@@ -200,3 +200,48 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch, shape, channels_last)
     assert len(grids) == 4  # the split path, forward and backward: two launches each
     for grid in grids:
         assert grid[0] < 2**31 and all(d <= 65535 for d in grid[1:]), grid
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    _gn_kernels = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+
+    @triton.jit
+    def _split_pid_probe(out_ptr, TILES, BLOCK_S: tl.constexpr):
+        row, t = _gn_kernels._split_pid(TILES)
+        tl.store(out_ptr, row)
+        tl.store(out_ptr + 1, t * BLOCK_S)  # a tile's first position, as _tile computes it
+
+
+@requires_triton
+@pytest.mark.skipif(HAS_CUDA, reason="moves the interpreter's program ids; the GPU's huge-tensor tests run the kernels")
+def test_split_tiles_past_2_31_positions_are_indexed_in_64_bits(monkeypatch):
+    """One channel of more than 2^31 positions (1 x 1 x 46341 x 46341): the last
+    position tiles start past 2^31. In int32 that start wrapped negative, so the
+    split kernels read (and wrote) about 2^31 elements before the tensor. The
+    interpreter runs the last programs of that launch, their ids moved there."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from ddpm_fast.ops._backend import triton_interpreting
+
+    if not triton_interpreting() or not hasattr(interpreter.InterpreterBuilder, "create_get_program_id"):
+        pytest.skip("needs Triton's interpreter (and its program-id hook)")
+    s = 46341 * 46341
+    plan = _gn_kernels.plan(1, s, 1, 4, False)
+    assert not plan.fused and plan.pos_tiles * plan.block_s >= s > 2**31
+    first = [0]
+    real = interpreter.InterpreterBuilder.create_get_program_id
+
+    def moved(self, axis):
+        handle = real(self, axis)
+        return interpreter.TensorHandle(np.array([handle.data[0] + first[0]], dtype=np.int32), tl.int32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_get_program_id", moved)
+    out = torch.zeros(2, dtype=torch.int64)
+    for pid in (plan.pos_tiles - 2, plan.pos_tiles - 1, 3 * plan.pos_tiles - 1):  # rows 0 and 2
+        first[0] = pid
+        _split_pid_probe[(1,)](out, plan.pos_tiles, BLOCK_S=plan.block_s)
+        assert out.tolist() == [pid // plan.pos_tiles, (pid % plan.pos_tiles) * plan.block_s]
