@@ -146,7 +146,10 @@ void backward_rows_nchw(const T* dy, const T* x, const NormLayout& l, const Para
   // consecutive in memory): pass 1 over the batch, its groups' means, then
   // pass 2, so that one block's pass 2 does not wait on its means' divisions.
   const int64_t batch = blocks_per_batch(cg * l.hw * static_cast<int64_t>(sizeof(T)));
-  if (l.hw <= kBlockRowsBackward && l.n * l.groups >= static_cast<int64_t>(at::get_num_threads())) {
+  // Short rows take this route whatever the thread count (also with fewer blocks than
+  // threads): its row sums round differently from pass1's, and the gradients must not
+  // depend on the number of threads (1 and 2 threads differed at 1 x 32 x 8 x 8, G = 1).
+  if (l.hw <= kBlockRowsBackward) {
     // Short rows: pass 1 over the whole batch in one call
     // (backward_rows_sums: du with act, and each row's sums), or where rows are
     // shorter than a vector du over the whole batch (silu_grad_block), then
