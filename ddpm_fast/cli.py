@@ -192,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     trainer = None
     try:
-        distributed.run_on_rank0(lambda: _check_output_folder(args.out))
+        distributed.run_on_rank0(lambda: _check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl")))
         data = Path(args.data).resolve()
         if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
@@ -201,7 +201,7 @@ def _train(args: argparse.Namespace) -> int:
         config = _option_errors(TrainConfig)(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-            flip=args.flip if args.flip is not None else dataset.name != "digits",  # a mirrored digit is none
+            flip=args.flip if args.flip is not None else _default_flip(args),
             precision=args.precision, loss=args.loss, seed=args.seed,
             log_every=args.log_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
             checkpoint_every=args.checkpoint_every, channels_last=args.channels_last, compile=args.compile,
@@ -228,6 +228,24 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.rank == 0:
         print(f"trained to step {summary['steps']}; run folder {summary['out_dir']}")
     return 0
+
+
+def _default_flip(args: argparse.Namespace) -> bool:
+    """--flip unset: a run being resumed keeps its own setting (runs of --data
+    digits made before flips defaulted off there had them on); a new run flips,
+    except the bundled digits (by name, not a dataset that happens to be called
+    so), whose mirror images are no digits."""
+    from .checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
+    if newest is not None:
+        try:
+            saved = json.loads((newest / "config.json").read_text())["train"]["flip"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None  # resuming says what is wrong with the checkpoint
+        if isinstance(saved, bool):
+            return saved
+    return args.data != "digits"
 
 
 def _interrupted_run(out: str, trainer, resume: bool) -> str:
@@ -322,7 +340,7 @@ def _fid(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _check_output_folder(args.out)
+    _check_output_folder(args.out, files=("samples.png", "samples.npz", "loss.png"))
     try:
         summary = _option_errors(run_demo)(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
                            seed=args.seed, progress=True)
@@ -371,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, plain Adam)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     train.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, warmed up)")
-    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: on, but off for --data digits, whose mirror images are no digits)")
+    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: a resumed run's own setting; else on, but off for --data digits, whose mirror images are no digits)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss: simple (MSE on eps), vlb (one sampled bound term per image), hybrid (simple + 0.001 x T x that term; see the README) (default: simple)")
     train.add_argument("--seed", type=_seed_below(63), default=0, help="run seed, below 2^63 (default: 0)")

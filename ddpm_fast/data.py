@@ -177,7 +177,7 @@ def _image_files(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # a linked folder's files: under the first name in order
         for name in names:
             path = Path(root) / name
             if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
@@ -200,7 +200,10 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
             image = ImageOps.exif_transpose(image)
             if image.mode in _WIDE_GREY_MODES:  # 16-bit grey: scale to 8 bits (Pillow's convert would clip at 255)
                 wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+                key = image.info.get("transparency")  # a transparent grey level (PNG tRNS), lost with the mode
                 image = Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8), "L")
+                if isinstance(key, int):
+                    image.putalpha(Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8), "L"))
             if "A" in image.getbands() or "transparency" in image.info:
                 # Over black: what lies under a transparent pixel is whatever the saving
                 # tool left there, and two images that look the same must load the same.
@@ -216,7 +219,8 @@ def load_image_folder(
     path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
 ) -> ImageDataset:
     """Every image file (png, jpg, jpeg, bmp, webp, gif: the first frame) under
-    ``path``, recursively, in sorted order, as RGB (or grey with ``channels=1``).
+    ``path``, recursively (through symlinked folders too), in sorted order, as RGB
+    (or grey with ``channels=1``), transparent parts composited over black.
 
     With ``image_size`` each image's short side is resized to it (antialiased
     bicubic) and the center square cropped; without, all images must share
@@ -407,7 +411,9 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
     ``samples.npz``) unless only channels-first gives square images. Values:
     uint8 (or integers in 0..255) or floats in [0, 1] or [-1, 1] — floats with
     any negative value are read as [-1, 1], others as [0, 1]; values outside
-    [-1, 1] are an error. ``image_size``/``channels`` resize and convert."""
+    [-1, 1], and a minimum in (-0.5, 0) (a [0, 1] range that undershoots, or
+    [-1, 1] without dark pixels?), are an error. One H x W x C image needs its
+    batch axis. ``image_size``/``channels`` resize and convert."""
     _check_size(image_size)
     _check_channels(channels)
     path = Path(path)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
-from .checkpoint import latest_checkpoint
+from .checkpoint import atomic_write, latest_checkpoint
 from .data import ImageDataset
 from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit
 from .images import save_grid, to_uint8
@@ -389,7 +389,7 @@ class Trainer(TrainerCheckpoints):
             )
         if final_samples and self.rank == 0:
             if grid_of_last_step is not None and self.step == cfg.steps:  # the same samples: not drawn twice
-                shutil.copyfile(grid_of_last_step, self.out_dir / "samples.png")
+                atomic_write(self.out_dir / "samples.png", lambda tmp: shutil.copyfile(grid_of_last_step, tmp))
             else:
                 self.sample_grid(self.out_dir / "samples.png")
         return {"steps": self.step, "trained": self.step - first_step, "out_dir": str(self.out_dir)}

@@ -146,13 +146,28 @@ def test_a_resumed_command_ends_as_one_uninterrupted_run(data_file, tmp_path):
 
 
 @pytest.mark.parametrize("data, extra, flip", [("digits", (), False), ("digits", ("--flip",), True),
-                                               ("file", (), True), ("file", ("--no-flip",), False)])
+                                               ("file", (), True), ("file", ("--no-flip",), False),
+                                               ("digits.npz", (), True)])
 def test_flips_default_off_for_digits_only(data_file, tmp_path, data, extra, flip):
     """A mirrored digit is no digit (the demo trains without flips): --data digits
-    trained with flips unless told; other data keeps them on by default."""
+    trained with flips unless told; other data keeps them on by default, also a
+    file that happens to be called digits."""
     common = [a for a in TINY if a != "--no-flip"]
-    spec = "digits" if data == "digits" else str(data_file)
+    spec = {"digits": "digits", "file": str(data_file)}.get(data)
+    if spec is None:
+        spec = str(tmp_path / data)
+        (tmp_path / data).write_bytes(data_file.read_bytes())
     assert main(["train", "--data", spec, "--out", str(tmp_path / "run"), *common, "--steps", "1",
                  "--image-size", "8", *extra]) == 0
     config = json.loads((tmp_path / "run" / "checkpoint-00000001" / "config.json").read_text())
     assert config["train"]["flip"] is flip
+
+
+def test_a_digits_run_made_with_flips_resumes_without_the_option(tmp_path):
+    """Runs of --data digits made when flips defaulted on there: the same command
+    (no --flip) resumes them with their own setting, not a configuration error."""
+    common = [a for a in TINY if a != "--no-flip"] + ["--data", "digits", "--out", str(tmp_path / "run")]
+    assert main(["train", *common, "--steps", "1", "--flip"]) == 0
+    assert main(["train", *common, "--steps", "2"]) == 0
+    config = json.loads((tmp_path / "run" / "checkpoint-00000002" / "config.json").read_text())
+    assert config["train"]["flip"] is True

@@ -512,3 +512,38 @@ def test_float_arrays_whose_range_is_ambiguous_are_refused(tmp_path):
     assert load_array(path).images.float().mean().item() > 100  # read as [0, 1]
     np.save(path, unit * 0.8 - 0.6)  # [-1, 1] data in [-0.6, 0.2]: as before
     assert load_array(path).images.max().item() < 160
+
+
+def test_16_bit_grey_with_a_transparent_level_loads_over_black(tmp_path):
+    """A 16-bit grey PNG's transparent level (tRNS) was lost with the 8-bit
+    conversion, while 8-bit grey's was composited."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    wide = np.full((4, 4), 60000, np.uint16)
+    wide[1:3, 1:3] = 30000
+    Image.fromarray(wide).save(folder / "a.png", transparency=60000)
+    Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8), "L").save(folder / "b.png", transparency=233)
+    images = load_image_folder(folder, channels=1).images
+    assert images[0, 0, 0, 0].item() == 0 and images[0, 0, 1, 1].item() == round(30000 * 255 / 65535)
+    assert torch.equal(images[0], images[1])
+
+
+def test_a_linked_folder_is_listed_under_the_first_name_in_order(tmp_path):
+    """Which name a folder reached twice (itself and a link to it) lists its files
+    under depended on the order the folders were created in."""
+    import shutil
+
+    orders = []
+    for first in ("real", "link"):
+        root = tmp_path / first / "data"
+        root.mkdir(parents=True)
+        if first == "link":
+            (root / "a_link").symlink_to(root / "z_real", target_is_directory=True)
+        _write_images(root / "z_real", [(8, 8)])
+        if first == "real":
+            (root / "a_link").symlink_to(root / "z_real", target_is_directory=True)
+        from ddpm_fast.data import _image_files
+
+        orders.append([p.relative_to(root).as_posix() for p in _image_files(root)])
+        shutil.rmtree(tmp_path / first)
+    assert orders[0] == orders[1] == ["a_link/img0.png"]

@@ -54,3 +54,10 @@ def test_demo_samples_are_recognizable_digits(tmp_path):
     quality = digit_quality(images)
     assert quality["confident"] >= 0.6, summary
     assert quality["classes"] >= 9, summary
+
+
+def test_progress_is_checked_before_training(tmp_path):
+    """A progress that is no bool failed when sampling began, after the training."""
+    with pytest.raises(TypeError, match="progress must be a bool, got 0"):
+        run_demo(tmp_path / "demo", steps=1, progress=0)
+    assert not (tmp_path / "demo").exists()

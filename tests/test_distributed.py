@@ -405,3 +405,11 @@ def test_sample_sharded_refuses_non_images_before_sampling(shape):
     sampler = Sampler(model, NoiseSchedule("linear", timesteps=10), sample_shape=shape, device="cpu", cuda_graph=False)
     with pytest.raises(ValueError, match=r"sample_shape must be \(C, H, W\) with C 1 or 3"):
         distributed.sample_sharded(sampler, 2, seed=0, batch_size=2, progress=False)
+
+
+def test_sample_sharded_checks_progress_on_every_rank():
+    """progress was only read as `progress and rank == 0` (0 on rank 0, by the
+    Sampler, after the other ranks' work): checked first now, on every rank."""
+    sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
+    with pytest.raises(TypeError, match="progress must be a bool, got 'no'"):
+        distributed.sample_sharded(sampler, 2, seed=0, batch_size=2, progress="no")
