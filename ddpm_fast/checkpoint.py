@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["write_checkpoint", "latest_checkpoint", "checkpoints", "atomic_write", "CheckpointError"]
+__all__ = ["write_checkpoint", "latest_checkpoint", "checkpoints", "atomic_write", "lock_run_folder", "CheckpointError",
+           "RunInUseError"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
@@ -26,6 +27,49 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
+
+
+class RunInUseError(CheckpointError):
+    """Another process is training in the run folder."""
+
+
+_LOCK = ".lock"
+
+
+def lock_run_folder(run_dir: str | os.PathLike) -> Callable[[], None]:
+    """Hold the run folder for this process (an exclusive ``flock`` on its
+    ``.lock`` file, released by the returned function or when the process ends,
+    even by SIGKILL; keep that function: the lock goes with it). A second run
+    started in the same folder would write its
+    checkpoints and log between the first one's: it raises ``RunInUseError``.
+    Where the file system has no locks, nothing is held."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return lambda: None
+    path = Path(run_dir) / _LOCK
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise RunInUseError(f"another process (pid {holder}) is training in {run_dir}: two runs in one folder "
+                            "would overwrite each other's checkpoints and log; wait for it, or use another folder") from None
+    except OSError:  # no locks on this file system
+        handle.close()
+        return lambda: None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+
+    def release() -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+    return release
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,16 +30,16 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
-from .checkpoint import atomic_write, latest_checkpoint
+from .checkpoint import RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
-from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit
+from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0
 from .images import save_grid, to_uint8
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .train_checkpoints import ConfigMismatchError, TrainerCheckpoints
 from .train_config import PRECISIONS, TrainConfig
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError", "RunInUseError"]
 
 # Nichol & Dhariwal (2021), eq. 16: L_simple + lambda * L_vlb. One sampled term L_t
 # per sample estimates L_vlb / T, so it is weighted lambda * T (improved-diffusion's
@@ -323,7 +323,24 @@ class Trainer(TrainerCheckpoints):
 
         With ``resume=False`` no checkpoint is loaded: a Trainer that has not
         trained starts the run afresh (the folder's log and any later checkpoints
-        of an earlier run go), one that has continues from where it is."""
+        of an earlier run go), one that has continues from where it is.
+
+        The folder is held while it trains: a second run started in it raises
+        ``RunInUseError`` (on every rank)."""
+        releases = []
+
+        def hold() -> None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            releases.append(lock_run_folder(self.out_dir))
+
+        run_on_rank0(hold)
+        try:
+            return self._train(resume, final_samples)
+        finally:
+            for release in releases:
+                release()
+
+    def _train(self, resume: bool, final_samples: bool) -> dict[str, Any]:
         newest = latest_checkpoint(self.out_dir) if resume else None
         if self.world > 1:  # ranks that differ here would train on a mix of states, then deadlock
             self._check_ranks_agree(newest)

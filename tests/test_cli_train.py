@@ -171,3 +171,16 @@ def test_a_digits_run_made_with_flips_resumes_without_the_option(tmp_path):
     assert main(["train", *common, "--steps", "2"]) == 0
     config = json.loads((tmp_path / "run" / "checkpoint-00000002" / "config.json").read_text())
     assert config["train"]["flip"] is True
+
+
+def test_train_in_a_folder_another_run_holds_is_one_line(data_file, tmp_path, capsys):
+    from ddpm_fast.checkpoint import lock_run_folder
+
+    (tmp_path / "run").mkdir()
+    release = lock_run_folder(tmp_path / "run")  # as another process's run would
+    try:
+        assert _train(data_file, tmp_path / "run", "--steps", "1") == 2
+    finally:
+        release()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast train: error: another process (pid ") and "\n" not in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -533,3 +534,27 @@ def test_a_run_already_beyond_steps_warns_that_it_trains_nothing(tmp_path):
     make_trainer(tmp_path, steps=4).train(final_samples=False)
     with pytest.warns(UserWarning, match="already at step 4, beyond steps=2: nothing to train"):
         assert make_trainer(tmp_path, steps=2).train(final_samples=False)["steps"] == 4
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path):
+    """Two runs started in one folder wrote their checkpoints and log between each
+    other's. The folder is held while one trains (a lock the system drops when its
+    process dies, SIGKILL too); the second raises, naming the first's pid."""
+    from ddpm_fast.checkpoint import RunInUseError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ddpm_fast.checkpoint import lock_run_folder; "
+         f"release = lock_run_folder({str(tmp_path)!r}); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUseError, match=rf"another process \(pid {holder.pid}\) is training in"):
+            make_trainer(tmp_path, steps=2).train(final_samples=False)
+        assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "log.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert make_trainer(tmp_path, steps=2).train(final_samples=False)["steps"] == 2  # released by the kill
+    trainer = make_trainer(tmp_path, steps=3)
+    trainer.train(final_samples=False)  # released when train returns: the same folder trains again
+    assert trainer.train(final_samples=False)["steps"] == 3
