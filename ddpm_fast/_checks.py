@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-__all__ = ["is_int", "WIDENED_TIMESTEP_DTYPES"]
+__all__ = ["is_int", "check_bool", "WIDENED_TIMESTEP_DTYPES"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
 # first. (A uint64 from 2^63 on wraps negative, which fails the range check.)
@@ -18,3 +18,10 @@ def is_int(value: object) -> bool:
     from arrays or configs), but not a bool (True is no count). (The exact-type
     test goes first: the ABC check costs almost a microsecond, paid on every op call.)"""
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
+
+
+def check_bool(value: object, name: str) -> None:
+    """A flag must be a bool: ``bool("no")`` would be True, and 0 or None could
+    mean a default."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")

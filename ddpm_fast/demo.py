@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import is_int
+from ._checks import check_bool, is_int
 from .checkpoint import CheckpointError
 from .data import load_digits
 from .images import save_grid, save_npz, to_uint8
@@ -88,8 +88,7 @@ def run_demo(
         raise ValueError(f"sample_steps must be an int in [1, {schedule.num_timesteps}], got {sample_steps!r}")
     if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    if not isinstance(progress, bool):  # before training, not when sampling starts after it
-        raise TypeError(f"progress must be a bool, got {progress!r}")
+    check_bool(progress, "progress")  # before training, not when sampling starts after it
     config = demo_config(steps, seed)  # checks steps and seed, before anything is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

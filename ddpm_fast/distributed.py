@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._checks import is_int
+from ._checks import check_bool, is_int
 from .images import to_uint8
 from .ops._args import as_seed
 from .sampler import Sampler
@@ -193,8 +193,7 @@ def sample_sharded(
         raise ValueError(f"the number of samples must be a positive int, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(progress, bool):  # checked here, not on rank 0 alone after other ranks' work
-        raise TypeError(f"progress must be a bool, got {progress!r}")
+    check_bool(progress, "progress")  # here, not on rank 0 alone after the other ranks' work
     n, batch_size = int(n), int(batch_size)
     shape = sampler.sample_shape
     if shape is None or len(shape) != 3 or shape[0] not in (1, 3):  # before the chain, not after it

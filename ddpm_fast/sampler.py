@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._checks import is_int
+from ._checks import check_bool, is_int
 from . import ops
 from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
@@ -117,9 +117,8 @@ class Sampler:
             raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(ops.BACKENDS)}, got {backend!r}")
-        for name, flag in (("clip_denoised", clip_denoised), ("cuda_graph", cuda_graph)):
-            if not isinstance(flag, bool):  # bool("no") would be True
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        check_bool(clip_denoised, "clip_denoised")
+        check_bool(cuda_graph, "cuda_graph")
         if channels_last is not None and not isinstance(channels_last, bool):
             raise TypeError(f"channels_last must be a bool or None, got {channels_last!r}")
         if sample_shape is not None and (
@@ -175,8 +174,7 @@ class Sampler:
             progress: show a progress bar.
             return_intermediates: if k, also return an ``Intermediate`` every k steps.
         """
-        if not isinstance(progress, bool):  # bool("no") is True
-            raise TypeError(f"progress must be a bool, got {progress!r}")
+        check_bool(progress, "progress")
         shape = self._shape(n_or_shape)
         seed = as_seed(seed, "Sampler.sample")
         if _dropout_active(self.model):
