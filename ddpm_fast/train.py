@@ -349,10 +349,7 @@ class Trainer(TrainerCheckpoints):
             check_ranks_agree("the step resumed", self.step, _SHARED_FOLDER)
         elif self.step > 0:
             self._nonfinite_in_row = 0  # a new call: a stop for non-finite losses starts counting again
-            if self.rank == 0:  # steps taken by train_step() alone made no folder yet
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-        elif self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        elif self.rank == 0:  # (train() made the folder, to hold it)
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
             self._remove_later_checkpoints()
             self._remove_earlier_pictures()
