@@ -59,11 +59,13 @@ def _switch(name: str) -> bool | None:
     return value in _ON
 
 
-def _strict() -> bool:
-    strict = _flag("DDPM_FAST_STRICT")
-    if strict is not None:
-        return strict in ("1", "true", "yes")
-    return _flag("CI") == "true"
+# Every switch is read once, before anything is built, so a misspelt one stops the
+# build at once (DDPM_FAST_DEBUG=of had quietly meant "off", DDPM_FAST_STRICT=on too).
+WANT_CUDA = _switch("DDPM_FAST_CUDA")  # None: build the CUDA kernels when torch and nvcc allow
+STRICT = _switch("DDPM_FAST_STRICT")
+STRICT = _flag("CI") == "true" if STRICT is None else STRICT  # every failure an error
+DEBUG = bool(_switch("DDPM_FAST_DEBUG"))  # keep the C++ debug info
+PORTABLE_CPU = bool(_switch("DDPM_FAST_PORTABLE_CPU"))  # leave the AVX2/NEON kernels out
 
 
 def _import_target_torch():
@@ -131,7 +133,7 @@ def _extensions():
             "extension is not built. Install torch first (pip install -r requirements.txt), "
             "then pip install -e . again."
         )
-        if _strict():
+        if STRICT:
             raise RuntimeError(message)
         warnings.warn(message)
         return [], None, None
@@ -142,16 +144,15 @@ def _extensions():
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     from torch.utils import cpp_extension
 
-    want_cuda = _switch("DDPM_FAST_CUDA")
     has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
     cuda_torch = torch.version.cuda is not None
-    if want_cuda is True:
+    if WANT_CUDA is True:
         if not (has_nvcc and cuda_torch):
             raise RuntimeError(
                 f"DDPM_FAST_CUDA=1 but nvcc found={has_nvcc}, torch CUDA build={cuda_torch}"
             )
         with_cuda = True
-    elif want_cuda is False:
+    elif WANT_CUDA is False:
         with_cuda = False
     else:
         with_cuda = has_nvcc and cuda_torch
@@ -160,7 +161,7 @@ def _extensions():
     # -fopenmp: at::parallel_for is inline OpenMP in torch's headers (serial without it);
     # at load time the libgomp.so.1 that torch already loaded serves us too.
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
-    if _flag("DDPM_FAST_DEBUG") not in ("1", "true", "yes"):
+    if not DEBUG:
         # After Python's own flags (which hold -g): group_norm_silu_autograd.cpp took
         # 48 -> 31 s, its object 12 MB -> 0.4 MB (2026-12-03, 2-core VM).
         cxx_flags.append("-g0")
@@ -168,7 +169,7 @@ def _extensions():
     def cpu_kwargs() -> dict:  # a fresh copy each time: the build appends flags to these lists
         kwargs = dict(extra_compile_args={"cxx": list(cxx_flags)}, extra_link_args=["-fopenmp"], define_macros=[],
                       py_limited_api=True)
-        if _flag("DDPM_FAST_PORTABLE_CPU") in ("1", "true", "yes"):
+        if PORTABLE_CPU:
             kwargs["define_macros"].append(("DDPM_FAST_PORTABLE_CPU", None))
         return kwargs
 
@@ -186,7 +187,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension("ddpm_fast._C", cuda_sources, **kwargs)
         # Chosen by itself (not DDPM_FAST_CUDA=1): a CUDA part that fails to build (an
         # nvcc that does not match torch's CUDA, ...) must not cost the CPU kernels too.
-        fallback = cpu_only if want_cuda is None else None
+        fallback = cpu_only if WANT_CUDA is None else None
     else:
         ext = cpu_only
     print(f"ddpm_fast: building against torch {torch.__version__} from {torch.__file__}; "
@@ -210,7 +211,7 @@ def _build_ext_class(torch_build_ext, cpu_fallback):
                 super().run()
                 return
             except Exception as error:  # compiler missing or failing
-                if _strict() or (cpu_fallback is None and _switch("DDPM_FAST_CUDA")):
+                if STRICT or (cpu_fallback is None and WANT_CUDA):
                     raise
                 failure = error
             if cpu_fallback is not None:

@@ -26,16 +26,21 @@ def test_ci_builds_the_cuda_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_fast::{op}", "CUDA"), f"{op} has no CUDA kernel"
 
 
-@pytest.mark.parametrize("value, says", [("off", "CUDA kernels: no"), ("No", "CUDA kernels: no"),
-                                         ("of", "DDPM_FAST_CUDA='of': expected one of")])
-def test_ddpm_fast_cuda_is_read_as_a_switch(value, says):
-    """'off' (or any spelling but 0/false/no) meant 'auto', which builds the
-    CUDA kernels wherever nvcc is found; a misspelling is now an error."""
+@pytest.mark.parametrize("name, value, says", [
+    ("DDPM_FAST_CUDA", "off", "CUDA kernels: no"), ("DDPM_FAST_CUDA", "No", "CUDA kernels: no"),
+    ("DDPM_FAST_CUDA", "of", "DDPM_FAST_CUDA='of': expected one of"),
+    # These three had read 1/true/yes as on and anything else (a misspelt "on" too) as off.
+    ("DDPM_FAST_STRICT", "of", "DDPM_FAST_STRICT='of': expected one of"),
+    ("DDPM_FAST_DEBUG", "ye", "DDPM_FAST_DEBUG='ye': expected one of"),
+    ("DDPM_FAST_PORTABLE_CPU", "onn", "DDPM_FAST_PORTABLE_CPU='onn': expected one of")])
+def test_build_switches_are_read_as_switches(name, value, says):
+    """DDPM_FAST_CUDA=off (or any spelling but 0/false/no) meant 'auto', which
+    builds the CUDA kernels wherever nvcc is found; a misspelling is now an error."""
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {**os.environ, "DDPM_FAST_CUDA": value}
+    env = {**os.environ, "DDPM_FAST_CUDA": "0", name: value}
     run = subprocess.run([sys.executable, "setup.py", "--version"], cwd=Path(__file__).parents[1], env=env,
                          capture_output=True, text=True, timeout=300)
     assert says in run.stdout + run.stderr and (run.returncode == 0) == ("expected" not in says), run.stderr[-1500:]
