@@ -186,8 +186,9 @@ class NoiseSchedule:
             om = -torch.expm1(torch.cumsum(torch.log1p(-betas), dim=0))
         else:  # respaced: the parent's abar as it is (rebuilt from 1 - beta it would round, see respace)
             ac, om = alphas_cumprod, one_minus_alphas_cumprod
-            alphas = ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        if alphas_cumprod is not None:
+            alphas = ac / ac_prev
         om_prev = torch.cat([torch.zeros(1, dtype=torch.float64), om[:-1]])
         self.betas = betas
         self.alphas = alphas
