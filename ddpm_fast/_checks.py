@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-__all__ = ["is_int", "check_bool", "WIDENED_TIMESTEP_DTYPES"]
+__all__ = ["is_int", "check_bool", "type_name", "WIDENED_TIMESTEP_DTYPES"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
 # first. (A uint64 from 2^63 on wraps negative, which fails the range check.)
@@ -18,6 +18,13 @@ def is_int(value: object) -> bool:
     from arrays or configs), but not a bool (True is no count). (The exact-type
     test goes first: the ABC check costs almost a microsecond, paid on every op call.)"""
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
+
+
+def type_name(value: object) -> str:
+    """``value``'s type for an error message, qualified unless built in: numpy's
+    bool is "numpy.bool", not a "bool" that a flag "must be"."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def check_bool(value: object, name: str) -> None:

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Callable
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import TOLERANCES, device_backends
 from ddpm_fast import NoiseSchedule, Sampler, diffusion, ops
-from ddpm_fast.nn import GroupNormSiLU
+from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 
 T = 10
 S = NoiseSchedule("linear", timesteps=T)
@@ -358,11 +359,12 @@ CASES = [
     # options
     Case("ddpm_step-variance-unknown", step(variance="learned"), ValueError, "variance must be one of fixed_small, fixed_large, got 'learned'"),
     Case("ddpm_step-clip-int", step(clip_denoised=1), TypeError, "clip_denoised must be a bool, got int"),
-    Case("ddpm_step-eta-negative", step(eta=-0.5), ValueError, "eta must be a finite number >= 0"),
-    Case("ddpm_step-eta-nan", step(eta=NAN), ValueError, "eta must be a finite number >= 0"),
-    Case("ddpm_step-eta-inf", step(eta=INF), ValueError, "eta must be a finite number >= 0"),
-    Case("ddpm_step-eta-str", step(eta="0.5"), TypeError, "eta must be a number, got str"),
-    Case("ddpm_step-eta-bool", step(eta=True), TypeError, "eta must be a number, got bool"),
+    Case("ddpm_step-clip-numpy-bool", step(clip_denoised=np.True_), TypeError, "clip_denoised must be a bool, got numpy.bool"),
+    Case("ddpm_step-eta-negative", step(eta=-0.5), ValueError, "ddpm_step: eta must be a finite number >= 0"),
+    Case("ddpm_step-eta-nan", step(eta=NAN), ValueError, "ddpm_step: eta must be a finite number >= 0"),
+    Case("ddpm_step-eta-inf", step(eta=INF), ValueError, "ddpm_step: eta must be a finite number >= 0"),
+    Case("ddpm_step-eta-str", step(eta="0.5"), TypeError, "ddpm_step: eta must be a number, got str"),
+    Case("ddpm_step-eta-bool", step(eta=True), TypeError, "ddpm_step: eta must be a number, got bool"),
     Case("ddpm_step-noise-shape", step(noise=x4(2, 4, 9), seed=None), ValueError, "noise has shape"),
     Case("ddpm_step-noise-and-seed", step(noise=x4(seed=3)), ValueError, "not both"),
     Case("ddpm_step-seed-too-large", step(seed=2**64), ValueError, "seed must fit in 64 bits"),
@@ -424,6 +426,7 @@ CASES = [
     Case("group_norm_silu-eps-bool", gn(eps=True), ValueError, "eps must be a positive number, got True"),
     Case("group_norm_silu-eps-below-float32", gn(eps=1e-50), ValueError, r"eps must be representable in float32 \(at least about 1.4e-45\) on the triton backend, got 1e-50", backends=("triton",)),
     Case("group_norm_silu-act-int", gn(act=1), TypeError, "act must be a bool, got int"),
+    Case("group_norm_silu-act-numpy-bool", gn(act=np.False_), TypeError, "act must be a bool, got numpy.bool"),
     Case("group_norm_silu-x-transposed", same_as_contiguous(ops.group_norm_silu, x4(2, 4, 5, 3).transpose(2, 3), 2), None),
     Case("group_norm_silu-x-step2-3d", same_as_contiguous(ops.group_norm_silu, x4(2, 4, 10)[..., ::2], 4, torch.randn(4)), None),
     Case("group_norm_silu-x-expanded", same_as_contiguous(ops.group_norm_silu, x4(1, 4, 3, 3).expand(3, 4, 3, 3), 2), None),
@@ -438,6 +441,8 @@ CASES = [
     Case("GroupNormSiLU-add-shape", module(2, 4, add=torch.ones(4)), ValueError, r"add must be a tensor of shape \(N, C\)"),
     Case("GroupNormSiLU-act-int", module(2, 4, act=1), TypeError, "GroupNormSiLU: act must be a bool, got int"),
     Case("GroupNormSiLU-backend-unknown", lambda b: GroupNormSiLU(2, 4, backend="gpu"), ValueError, "GroupNormSiLU: backend must be one of .*got 'gpu'", per_backend=False),
+    # also for a model with nothing to fuse: the misspelling must not wait for one that has
+    Case("fuse_group_norm_silu-backend-unknown", lambda b: fuse_group_norm_silu(torch.nn.Linear(2, 2), backend="gpu"), ValueError, "fuse_group_norm_silu: backend must be one of .*got 'gpu'", per_backend=False),
     # NoiseSchedule
     Case("NoiseSchedule-name-unknown", once(lambda: NoiseSchedule("sigmoid")), ValueError, "unknown beta schedule 'sigmoid'; expected one of linear", per_backend=False),
     Case("NoiseSchedule-name-none", once(lambda: NoiseSchedule(None)), ValueError, "give a schedule name or betas", per_backend=False),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import type_name
 from ..ops import BACKENDS, group_norm_silu
 
 __all__ = ["GroupNormSiLU", "fuse_group_norm_silu"]
@@ -36,11 +37,11 @@ class GroupNormSiLU(nn.GroupNorm):
         bias: bool = True,
     ) -> None:
         if not isinstance(act, bool):
-            raise TypeError(f"GroupNormSiLU: act must be a bool, got {type(act).__name__}")
+            raise TypeError(f"GroupNormSiLU: act must be a bool, got {type_name(act)}")
         if backend not in BACKENDS:
             raise ValueError(f"GroupNormSiLU: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if not isinstance(bias, bool):
-            raise TypeError(f"GroupNormSiLU: bias must be a bool, got {type(bias).__name__}")
+            raise TypeError(f"GroupNormSiLU: bias must be a bool, got {type_name(bias)}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         if affine and not bias:  # nn.GroupNorm's bias=False (newer torch): a weight and no bias
             self.register_parameter("bias", None)
@@ -101,6 +102,8 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     and exact ``nn.GroupNorm`` and ``nn.SiLU`` (not subclasses, whose
     ``forward`` may do otherwise), are fused, and not a norm or SiLU with
     hooks (they would stop running)."""
+    if backend not in BACKENDS:  # here, not only once a model has a pair to fuse
+        raise ValueError(f"fuse_group_norm_silu: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     fused = 0
     replacements: dict[int, GroupNormSiLU] = {}  # id(norm) -> its replacement, for shared norms
     for module in model.modules():

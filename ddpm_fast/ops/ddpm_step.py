@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 from .. import _extension
+from .._checks import type_name
 from ..schedules import NoiseSchedule
 from . import _args, _backend
 from ._backend import resolve_backend
@@ -131,7 +132,7 @@ def ddpm_step(
     if variance not in _VARIANCES:
         raise ValueError(f"{_OP}: variance must be one of {', '.join(_VARIANCES)}, got {variance!r}")
     if not isinstance(clip_denoised, bool):
-        raise TypeError(f"{_OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
+        raise TypeError(f"{_OP}: clip_denoised must be a bool, got {type_name(clip_denoised)}")
     t = _args.as_timesteps(t, x_t, schedule.num_timesteps, _OP)
     n = x_t.shape[0]
     per_sample = x_t.numel() // n if n else 0
@@ -154,7 +155,10 @@ def ddpm_step(
     if out_model_input is not None:
         _check_output(out_model_input, x_t, "out_model_input", same_dtype=False)
     kind = "ddim" if eta is not None else variance
-    table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=x_t.device)
+    try:
+        table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=x_t.device)
+    except (TypeError, ValueError) as error:  # a bad eta: named as this op's argument
+        raise type(error)(f"{_OP}: {error}") from None
     # Checked where t is on the host (as its range is); on the GPU such a step gives NaN.
     # (Not asked under torch.compile: the first ask for a kind computes the list
     # with nonzero(), which a fullgraph trace cannot follow.)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
+from .._checks import type_name
 from . import _args, _backend
 from ._backend import resolve_backend
 
@@ -64,7 +65,7 @@ def _check(x, num_groups, weight, bias, eps, add, act):
     if not _args.is_real(eps) or not eps > 0:
         raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
     if not isinstance(act, bool):
-        raise TypeError(f"{_OP}: act must be a bool, got {type(act).__name__}")
+        raise TypeError(f"{_OP}: act must be a bool, got {type_name(act)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             _args.check_param(p, name, shape[1:2], x, _OP)
