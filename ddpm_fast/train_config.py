@@ -84,6 +84,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"TrainConfig.{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))  # numpy's, a Fraction: the config is written as JSON
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.ema_decay < 1:
@@ -92,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip!r}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("precision", "loss"):
+            if not isinstance(getattr(self, name), str):  # (a list is not even hashable)
+                raise TypeError(f"TrainConfig.{name} must be a str, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.loss not in LOSSES:

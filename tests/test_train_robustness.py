@@ -147,6 +147,7 @@ def test_a_damaged_latest_pointer_names_no_other_folder(tmp_path, pointer):
     ("sample_steps", 0, ValueError), ("sample_steps", 2.5, ValueError), ("sample_steps", True, ValueError),
     ("flip", "no", TypeError), ("channels_last", 1, TypeError), ("ema_warmup", None, TypeError),
     ("lr", True, TypeError), ("lr", "1e-3", TypeError), ("ema_decay", "0.9", TypeError), ("seed", 2**63, ValueError),
+    ("precision", ["fp32"], TypeError), ("loss", {"simple"}, TypeError),  # were "unhashable type"
 ])
 def test_config_fields_are_checked_when_made(field, value, error):
     """Each was accepted (then failed at the end of a run, or was read as True)."""
@@ -162,6 +163,20 @@ def test_config_takes_numpy_integers_as_ints():
 
     config = TrainConfig(steps=np.int64(5), seed=np.uint8(3), sample_steps=np.int16(4), warmup=np.int32(0))
     assert {type(getattr(config, f)) for f in ("steps", "seed", "sample_steps", "warmup")} == {int}
+    json.dumps(dataclasses.asdict(config))
+
+
+def test_config_takes_numpy_and_fraction_numbers_as_floats():
+    """They passed the check as they were, and the Trainer then refused the
+    config as not JSON-serializable, blaming the model's config."""
+    import dataclasses
+    from fractions import Fraction
+
+    import numpy as np
+
+    config = TrainConfig(lr=np.float32(1e-3), ema_decay=np.float64(0.9), grad_clip=Fraction(1, 2), weight_decay=np.int8(0))
+    assert {type(getattr(config, f)) for f in ("lr", "ema_decay", "grad_clip", "weight_decay")} == {float}
+    assert config.grad_clip == 0.5
     json.dumps(dataclasses.asdict(config))
 
 
