@@ -21,9 +21,12 @@ __all__ = ["load_model"]
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from error
+    if not isinstance(config, dict):  # `"x" in 5` raised "argument of type 'int' is not iterable"
+        raise CheckpointError(f"cannot read {path}: it must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _assumed_schedule(folder: Path) -> NoiseSchedule:

@@ -83,6 +83,9 @@ def test_errors(run, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text("5")  # JSON, not an object: was a TypeError from `in`
+    with pytest.raises(CheckpointError, match="must hold a JSON object, got int"):
+        load_model(tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     ckpt = latest_checkpoint(out)
