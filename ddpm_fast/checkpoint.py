@@ -26,7 +26,7 @@ LATEST = "latest"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable."""
+    """A checkpoint is missing, incomplete or unreadable, or could not be written."""
 
 
 class RunInUseError(CheckpointError):
@@ -112,12 +112,23 @@ def write_checkpoint(
             stale.unlink(missing_ok=True)
     tmp = run_dir / f"{_TMP_PREFIX}{step}-{os.getpid()}"
     tmp.mkdir()
-    for name, write in writers.items():
-        write(tmp / name)
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
     final = run_dir / f"checkpoint-{step:08d}"
+    name = ""
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except Exception as error:
+        # A full disk reaches here as safetensors' or torch.save's own error (not an
+        # OSError; torch's reads "unexpected pos 186688 vs 186580"): said as the
+        # checkpoint's, with the free space, and the partial folder's space given back.
+        free = shutil.disk_usage(run_dir).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"cannot write checkpoint {final} ({name}): {reason} "
+                              f"[{free / 2**20:.1f} MiB free on its disk]") from error
     if final.exists():  # a resumed run writing the same step again: swap it out first
         old = run_dir / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
         os.replace(final, old)

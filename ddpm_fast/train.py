@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
-from .checkpoint import RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
+from .checkpoint import CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
 from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0
 from .images import save_grid, to_uint8
@@ -159,6 +159,7 @@ class Trainer(TrainerCheckpoints):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.step = 0
         self._nonfinite_in_row = 0
+        self._failed_resume: str | None = None  # why a resume that loaded part of a checkpoint failed
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the last step taken (logged)
         self._epoch_order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self._staged: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
@@ -341,6 +342,9 @@ class Trainer(TrainerCheckpoints):
                 release()
 
     def _train(self, resume: bool, final_samples: bool) -> dict[str, Any]:
+        if self._failed_resume is not None:  # its model, EMA, optimizer: part one checkpoint's, part another's or fresh
+            raise CheckpointError(f"this Trainer's state was partly overwritten by a resume that failed "
+                                  f"({self._failed_resume}); make a new Trainer")
         newest = latest_checkpoint(self.out_dir) if resume else None
         if self.world > 1:  # ranks that differ here would train on a mix of states, then deadlock
             self._check_ranks_agree(newest)

@@ -59,6 +59,7 @@ class TrainerCheckpoints:
         raised, not skipped: the older ones of the same run have its configuration."""
         older = [path for _, path in reversed(checkpoints(self.out_dir)) if path != newest]
         failure = None
+        self._loaded_part = False  # set by load_checkpoint once it begins to overwrite the state
         damaged = []
         for path in [newest, *older]:
             try:
@@ -78,6 +79,8 @@ class TrainerCheckpoints:
                     warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
                                   f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
             return
+        if self._loaded_part:  # the model, say, and not the EMA: no longer fresh, nor any checkpoint's
+            self._failed_resume = str(failure)
         raise failure
 
     def _set_aside(self, damaged: list[Path]) -> None:
@@ -124,13 +127,14 @@ class TrainerCheckpoints:
         """Refuse to resume checkpoint ``path`` with another model, schedule or
         training recipe than the one it was trained with (see
         ``RESUMABLE_CHANGES`` for what may change): raise ``ConfigMismatchError``
-        (a ``CheckpointError``) naming each setting that differs. A checkpoint without ``config.json``
-        is not checked."""
+        (a ``CheckpointError``) naming each setting that differs. A checkpoint
+        without ``config.json`` (every one written has it) is damaged: a
+        ``CheckpointError``, as a resume falls back past."""
         path = Path(path)
         try:
             saved = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            return
+        except FileNotFoundError:  # was "not checked": any recipe resumed, and its config.json recorded
+            raise CheckpointError(f"checkpoint {path} is missing config.json") from None
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot read {path / 'config.json'}: {error}") from error
         if not isinstance(saved, dict):
@@ -173,7 +177,10 @@ class TrainerCheckpoints:
             from safetensors.torch import save_file
 
             def weights(module: nn.Module):
-                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                # Copies: tied weights (two names, one tensor) share memory, which
+                # safetensors refuses (at the first checkpoint, after hours of training).
+                state = {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                         for k, v in module.state_dict().items()}
                 return lambda p: save_file(state, str(p))
 
             state = {
@@ -242,13 +249,14 @@ class TrainerCheckpoints:
         """Restore model, EMA, optimizer, schedules, step and RNG state from a
         checkpoint folder, and cut the log back to that step."""
         path = Path(path)
-        needed = ("model.safetensors", "ema.safetensors", "trainer.pt")
+        needed = ("model.safetensors", "ema.safetensors", "trainer.pt", "config.json")
         missing = [name for name in needed if not (path / name).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
         name = "trainer.pt"
         try:
             state = torch.load(path / name, map_location="cpu", weights_only=True)
+            self._loaded_part = True
             for module, name in ((self.model, "model.safetensors"), (self.ema, "ema.safetensors")):
                 load_state_dict_checked(module, load_safetensors(path / name, self.device), str(path / name))
         except Exception as error:  # damaged file, another architecture, ...

@@ -184,3 +184,21 @@ def test_train_in_a_folder_another_run_holds_is_one_line(data_file, tmp_path, ca
         release()
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddpm-fast train: error: another process (pid ") and "\n" not in err
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(data_file, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError, a plain Exception (no
+    OSError): `ddpm-fast train` ended in its traceback."""
+    import safetensors.torch
+
+    class SafetensorError(Exception):  # safetensors' own is made in Rust; its kind matters, not its module
+        pass
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert _train(data_file, tmp_path / "run", "--steps", "1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("ddpm-fast train: error: cannot write checkpoint "), err
+    assert "(model.safetensors): Error while serializing: I/O error: No space left on device" in err

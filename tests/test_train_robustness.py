@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_fast.checkpoint import checkpoints, latest_checkpoint
+from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint, write_checkpoint
 from ddpm_fast.schedules import NoiseSchedule
 from ddpm_fast.train import NonFiniteLossError, TrainConfig, Trainer
 from train_helpers import TinyEps, make_trainer, toy_dataset
@@ -90,7 +90,7 @@ def test_a_respaced_schedule_is_refused(tmp_path):
         Trainer(TinyEps(), toy_dataset(), schedule, TrainConfig(batch_size=8), tmp_path, device="cpu")
 
 
-@pytest.mark.parametrize("damage", ["no optimizer", "bad rng", "config a list"])
+@pytest.mark.parametrize("damage", ["no optimizer", "bad rng", "config a list", "config missing"])
 def test_a_checkpoint_that_loads_but_is_wrong_falls_back(tmp_path, damage):
     """trainer.pt that unpickles but lacks or garbles a part, or a config.json
     that is not an object: a KeyError, RuntimeError or AttributeError escaped
@@ -100,6 +100,8 @@ def test_a_checkpoint_that_loads_but_is_wrong_falls_back(tmp_path, damage):
     newest = out / "checkpoint-00000004"
     if damage == "config a list":
         (newest / "config.json").write_text("[1, 2]")
+    elif damage == "config missing":  # was "not checked": any recipe resumed, and recorded in the next config.json
+        (newest / "config.json").unlink()
     else:
         state = torch.load(newest / "trainer.pt", weights_only=True)
         if damage == "no optimizer":
@@ -296,3 +298,66 @@ def test_sample_grid_takes_a_string_path(tmp_path):
     trainer = make_trainer(tmp_path, steps=1, sample_count=2, sample_steps=2)
     trainer.sample_grid(str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_a_failed_checkpoint_write_is_a_checkpoint_error_and_leaves_no_partial_folder(tmp_path):
+    """A full disk reached the user as safetensors' SafetensorError or torch.save's
+    "unexpected pos 186688 vs 186580" (neither an OSError, so the command line
+    printed a traceback), and the partial folder kept its space until the next write."""
+    write_checkpoint(tmp_path, 1, {"a.bin": lambda p: p.write_bytes(b"1")})
+
+    def full_disk(path):
+        path.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 186688 vs 186580")
+
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*checkpoint-00000002 \(b.bin\): \[enforce fail"
+                                              r".*unexpected pos 186688 vs 186580 \[[0-9.]+ MiB free on its disk\]"):
+        write_checkpoint(tmp_path, 2, {"a.bin": lambda p: p.write_bytes(b"2"), "b.bin": full_disk})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001", "latest"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000001"
+
+
+class TiedEps(TinyEps):
+    """A model with one weight under two names (as tied embeddings are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_again = self.out
+
+
+def test_a_model_with_tied_weights_writes_checkpoints_and_resumes(tmp_path):
+    """safetensors refuses tensors that share memory: the run trained to its
+    first checkpoint, then stopped ("Some tensors share memory")."""
+    def trainer(steps):
+        torch.manual_seed(0)
+        return Trainer(TiedEps(), toy_dataset(), NoiseSchedule("linear", timesteps=100),
+                       TrainConfig(steps=steps, batch_size=8, warmup=0, checkpoint_every=2), tmp_path, device="cpu",
+                       progress=False)
+
+    trainer(2).train(final_samples=False)
+    resumed = trainer(4)
+    resumed.train(final_samples=False)
+    assert resumed.step == 4 and resumed.model.out_again is resumed.model.out
+
+
+def test_a_resume_that_loaded_part_of_a_checkpoint_and_failed_spoils_the_trainer(tmp_path):
+    """The model loaded, then the EMA failed and no older checkpoint was left:
+    train(resume=False) on the same Trainer then trained a "fresh" run from the
+    loaded weights. A failure before anything loaded leaves the Trainer usable."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=2, keep_checkpoints=1).train(final_samples=False)
+    ema = out / "checkpoint-00000002" / "ema.safetensors"
+    good = ema.read_bytes()
+    ema.write_bytes(good[: len(good) // 2])
+    trainer = make_trainer(out, steps=4)
+    with pytest.raises(CheckpointError, match="ema.safetensors"):
+        trainer.train(final_samples=False)
+    with pytest.raises(CheckpointError, match="partly overwritten by a resume that failed .*make a new Trainer"):
+        trainer.train(resume=False, final_samples=False)
+    ema.unlink()  # now found missing before anything loads
+    trainer = make_trainer(out, steps=4)
+    with pytest.raises(CheckpointError, match="missing ema.safetensors"):
+        trainer.train(final_samples=False)
+    with pytest.warns(UserWarning, match="starting afresh"):
+        trainer.train(resume=False, final_samples=False)
+    assert trainer.step == 4

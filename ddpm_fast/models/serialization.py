@@ -37,7 +37,9 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors (channels_last conv weights are not).
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # Copies: tied weights share memory, which safetensors refuses.
+    tensors = {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+               for k, v in model.state_dict().items()}
     weights = _safetensors().save(tensors, metadata={"format": "pt"})
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(weights))
     atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(model.config, indent=2) + "\n"))
