@@ -140,6 +140,28 @@ def test_given_outputs_behave_as_aten_in_place_writes(device, backend, name):
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("name", ["x_t", "eps", "noise"])
+def test_inputs_requiring_grad_are_differentiated_or_refused(device, backend, name):
+    """A kernel backend returned a result cut from the graph, silently (the
+    gradient through the step went missing). ``auto`` now takes the reference,
+    which records it; a kernel backend named refuses, as for a given ``out``."""
+    inputs = {key: make((2, 3, 4, 4), torch.float32, "contiguous", device, i) for i, key in enumerate(("x_t", "eps", "noise"))}
+    inputs[name].requires_grad_()
+
+    def step(b):
+        return ops.ddpm_step(inputs["x_t"], inputs["eps"], 500, SCHEDULE, noise=inputs["noise"], backend=b)
+
+    (want,) = torch.autograd.grad(step("reference").square().sum(), inputs[name])
+    (got,) = torch.autograd.grad(step("auto").square().sum(), inputs[name])
+    torch.testing.assert_close(got, want)
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match=f"{name} requires grad, but the {backend} backend does not record gradients"):
+            step(backend)
+        with torch.no_grad():
+            torch.testing.assert_close(step(backend), step("reference"))
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_in_place_step_compiles_with_fullgraph(device, backend):
     """out=x_t and out_model_input under torch.compile(fullgraph=True): the
     in-place checks asked is_inference(), which dynamo cannot trace."""

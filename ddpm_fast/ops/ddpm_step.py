@@ -117,8 +117,9 @@ def ddpm_step(
             format (the next model input), with no separate cast kernel.
         backend: ``auto``, ``reference``, ``cpu``, ``cuda`` or ``triton``.
 
-    No noise is added at t = 0. Kernel backends do not record gradients; use
-    ``backend="reference"`` to differentiate through a step. Writes into ``out``
+    No noise is added at t = 0. Kernel backends do not record gradients: with
+    an input that requires grad (outside no_grad) ``auto`` takes the reference,
+    which does, and a kernel backend named refuses. Writes into ``out``
     and ``out_model_input`` act as ATen's in-place ops do on every backend: they
     bump the version counter, and a tensor requiring grad (outside no_grad) or an
     inference tensor (outside inference_mode) is refused.
@@ -150,6 +151,16 @@ def ddpm_step(
             offset, sample_stride, n, per_sample, _OP, step_span=(schedule.num_timesteps - 1) * step_stride
         )
     which = resolve_backend(backend, x_t.device, _OP)
+    if which != "reference" and torch.is_grad_enabled():
+        wants_grad = [name for name, v in (("x_t", x_t), ("eps", eps), ("noise", noise)) if v is not None and v.requires_grad]
+        if wants_grad and backend == "auto":  # the kernels record no gradient: the reference, which does
+            which = "reference"
+        elif wants_grad:  # (was a result silently cut from the graph)
+            raise RuntimeError(
+                f"{_OP}: {' and '.join(wants_grad)} require{'s' if len(wants_grad) == 1 else ''} grad, but the "
+                f"{which} backend does not record gradients; call it under torch.no_grad(), or use "
+                "backend='reference' (or 'auto') to differentiate through a step"
+            )
     if out is not None:
         _check_output(out, x_t, "out", same_dtype=True)
     if out_model_input is not None:
