@@ -120,7 +120,8 @@ FIRST_USE_SCRIPT = textwrap.dedent(
     def step(x, t, weight):
         x_t, eps = ops.q_sample(x, t, schedule, seed=5, backend="triton")
         h = ops.group_norm_silu(x_t, 2, weight, backend="triton")
-        return ops.ddpm_step(x_t, h, t, schedule, seed=7, backend="triton") + eps
+        # (detached: a kernel backend refuses inputs that require grad; it records no gradient)
+        return ops.ddpm_step(x_t.detach(), h.detach(), t, schedule, seed=7, backend="triton") + eps
 
     x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
     t = torch.tensor([3, 700], device=device)
