@@ -116,8 +116,11 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         # Every timestep fits in int64; a uint64 value from 2^63 on wraps to a
         # negative one, which fails the range check (or gives NaN) all the same.
         t = t.to(torch.int64)
-    # (Under torch.compile the value is unknown; the CPU kernel checks it.)
-    if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
+    if t.device.type == "cpu" and t.numel() > 0 and torch.compiler.is_compiling():
+        # The value is unknown while tracing: checked in the graph (the reference
+        # backend gave NaN, silently, where eager raises).
+        torch._assert_async(((t >= 0) & (t < num_steps)).all(), f"{op}: timesteps must lie in [0, {num_steps})")
+    elif t.device.type == "cpu" and t.numel() > 0:
         if t.numel() == 1:  # read, checked and served as an int is (one read instead of two reductions: 3 us, not 11)
             value = int(t.item())
             if not 0 <= value < num_steps:
