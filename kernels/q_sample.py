@@ -12,6 +12,17 @@ from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 BLOCK = 1024
 
 
+@triton.jit
+def round_to_bfloat16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as a float32,
+    so that its cast to bfloat16 is exact whatever rounding the cast does: a GPU
+    rounds to nearest, Triton's CPU interpreter truncates (CI's kernels would
+    then make x_t from noise up to one unit off the reference's). Finite x."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=NOISE_ARGS)
 def q_sample_kernel(
     x0_ptr,  # *T [numel] input x_0, in the tensor's memory order
@@ -50,8 +61,14 @@ def q_sample_kernel(
             logical = (q // spatial * channels + c) * spatial + q % spatial
         else:
             logical = p
+        # x_t from eps as stored (rounded to x0's dtype, as the reference makes
+        # it), so the eps returned is exactly the noise in x_t.
         z = philox_normal(seed_lo, seed_hi, offset + logical)
-        tl.store(eps_ptr + p, z.to(eps_ptr.dtype.element_ty), mask=mask)
+        if eps_ptr.dtype.element_ty == tl.bfloat16:
+            z = round_to_bfloat16(z)
+        z = z.to(eps_ptr.dtype.element_ty)
+        tl.store(eps_ptr + p, z, mask=mask)
+        z = z.to(tl.float32)
     y = a * x + b * z
     tl.store(xt_ptr + p, y.to(xt_ptr.dtype.element_ty), mask=mask)
 

@@ -88,7 +88,8 @@ __global__ void q_sample_kernel(const T* __restrict__ x0,        // [numel] inpu
       float z;
       if (kDraw) {
         const int64_t logical = l.channels_last ? (n * l.channels + c) * l.spatial + hw : pi;
-        z = cuda::philox_normal(seed, offset + static_cast<uint64_t>(logical));
+        // Rounded to T first (as the reference does): x_t is made from the eps returned.
+        z = static_cast<float>(static_cast<T>(cuda::philox_normal(seed, offset + static_cast<uint64_t>(logical))));
         if (l.channels_last && ++c == l.channels) {
           c = 0;
           if (++hw == l.spatial) {

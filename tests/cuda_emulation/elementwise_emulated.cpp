@@ -141,6 +141,12 @@ bool q_sample_case(const Shape& s, bool per_sample_t) {
         step >= steps ? NAN : sqrt_ab[step] * value(x0[p]) + static_cast<double>(sqrt_1m_ab[step]) * z;
     worst = std::max(worst, error(xt[p], want, tolerance<T>()));
     if (kDraw) worst = std::max(worst, error(eps[p], z, tolerance<T>()));
+    // x_t is made from eps as returned (rounded to T), as the reference makes it:
+    // exactly (the test builds this file with -ffp-contract=off).
+    if (kDraw && step < steps) {
+      const float from_eps = sqrt_ab[step] * static_cast<float>(x0[p]) + sqrt_1m_ab[step] * static_cast<float>(eps[p]);
+      if (value(static_cast<T>(from_eps)) != value(xt[p])) worst = INFINITY;
+    }
   }
   return report(std::string("q_sample ") + (kDraw ? "drawn" : "given") + (s.channels_last ? " NHWC " : " NCHW ") +
                     std::to_string(sizeof(T) * 8) + "-bit V=" + std::to_string(V) +
