@@ -10,7 +10,9 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // Fill `out` (contiguous) with the shared Philox normal stream: element j of
   // sample n (index of dim 0) gets normal(seed, offset + n * sample_stride + j);
   // sample_stride 0 means the elements per sample, i.e. counter offset + i.
-  m.def("fill_randn_(Tensor(a!) out, int seed, int offset, int sample_stride=0) -> ()");
+  // Counters are SymInt: derived from shapes (the elements per sample), they
+  // would pin a torch.compile'd graph to one image size as plain ints.
+  m.def("fill_randn_(Tensor(a!) out, int seed, SymInt offset, SymInt sample_stride=0) -> ()");
   // x_t = sqrt_ab[t] * x0 + sqrt_1m_ab[t] * noise with the given noise.
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
@@ -18,12 +20,12 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // The same with the noise drawn in-kernel; returns (x_t, noise).
   m.def(
       "q_sample_randn(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
-      "Tensor sqrt_one_minus_alphas_cumprod, int seed, int offset) -> (Tensor, Tensor)");
+      "Tensor sqrt_one_minus_alphas_cumprod, int seed, SymInt offset) -> (Tensor, Tensor)");
   // One reverse step written into `out` (and, cast, into `model_input`);
   // see csrc/ddpm_step.h for the coefficients and the noise counters.
   m.def(
       "ddpm_step_(Tensor x_t, Tensor eps, Tensor t, Tensor coefficients, Tensor? noise, int seed, "
-      "int offset, int sample_stride, int step_stride, bool clip_denoised, Tensor(a!) out, "
+      "SymInt offset, SymInt sample_stride, SymInt step_stride, bool clip_denoised, Tensor(a!) out, "
       "Tensor(b!)? model_input) -> ()");
   // y = SiLU(GroupNorm(x + add[:, :, None, ...])) (SiLU only if act); returns
   // y and the float32 statistics (N, G) the backward needs. csrc/group_norm_silu.h.

@@ -161,6 +161,25 @@ def test_inputs_requiring_grad_are_differentiated_or_refused(device, backend, na
             torch.testing.assert_close(step(backend), step("reference"))
 
 
+@requires_extension
+def test_cpp_op_compiles_for_a_dynamic_image_size():
+    """Its counters (sample_stride: the elements per sample) were plain ints in
+    the C++ schema: a compiled graph was pinned to one image size (with
+    mark_dynamic: a ConstraintViolationError)."""
+    def step(x, eps):
+        return ops.ddpm_step(x, eps, torch.tensor([3, 7]), SCHEDULE, seed=1, backend="cpu")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for both heights
+        for height in (4, 6):
+            x, eps = (make((2, 3, height, 5), torch.float32, "contiguous", "cpu", i) for i in (0, 1))
+            for tensor in (x, eps):
+                torch._dynamo.mark_dynamic(tensor, 2)
+            want = step(x, eps)  # (eager first: it fills the backend cache, which the graph guards on)
+            torch.testing.assert_close(compiled(x, eps), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_in_place_step_compiles_with_fullgraph(device, backend):
     """out=x_t and out_model_input under torch.compile(fullgraph=True): the

@@ -220,3 +220,21 @@ def test_sample_stride_gives_each_sample_its_own_range(device, backend):
 def test_sample_stride_must_not_overlap():
     with pytest.raises(ValueError, match="overlap"):
         ops.randn((3, 10), 0, sample_stride=5)
+
+
+@requires_extension
+def test_cpp_op_compiles_for_a_dynamic_image_size():
+    """The C++ op's counters were plain ints in its schema: the elements per
+    sample (its default sample_stride) pinned a compiled graph to one image
+    size (with mark_dynamic: a ConstraintViolationError)."""
+    def noisy(x):
+        return x + ops.randn(x.shape, 5, backend="cpu")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(noisy, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for both heights
+        for height in (4, 6):
+            x = torch.zeros(2, 3, height, 5)
+            torch._dynamo.mark_dynamic(x, 2)
+            want = noisy(x)  # (eager first: it fills the backend cache, which the graph guards on)
+            torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
