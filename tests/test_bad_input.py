@@ -328,6 +328,8 @@ CASES = [
     Case("q_sample-noise-meta", qs(noise=torch.empty(2, 4, 3, 3, **meta)), ValueError, "noise is on meta but x0 is on cpu"),
     Case("q_sample-noise-int", qs(noise=torch.ones(2, 4, 3, 3, dtype=torch.int32)), TypeError, "noise must be float32"),
     Case("q_sample-noise-and-seed", qs(noise=x4(seed=2), seed=3), ValueError, "give noise or a seed to draw it, not both"),
+    # counters were ignored (a negative offset too) when noise was given
+    Case("q_sample-noise-and-offset", qs(noise=x4(seed=2), offset=-5), ValueError, r"give noise or the counters to draw it \(offset=-5\), not both"),
     Case("q_sample-seed-str", qs(seed="7"), TypeError, "seed must be an int, got str"),
     Case("q_sample-seed-too-large", qs(seed=2**64), ValueError, "seed must fit in 64 bits"),
     Case("q_sample-offset-negative", qs(offset=-5), ValueError, "offset must lie in"),
@@ -377,6 +379,9 @@ CASES = [
     Case("ddpm_step-offset-overflow-at-the-last-timestep", step(offset=2**63 - 5000, step_stride=1000), ValueError, r"offset must lie in \[0, 2\^63 - 1 - 9072\]"),
     Case("ddpm_step-step-stride-overflow", step(step_stride=2**62), ValueError, "the noise counters must fit in int64"),
     Case("ddpm_step-given-noise-ignores-sample-stride", step_given_noise_sample_stride_zero, None),
+    # other counters were ignored silently when noise was given
+    Case("ddpm_step-noise-and-offset", step(noise=x4(seed=3), seed=None, offset=3), ValueError, r"give noise or the counters to draw it \(offset=3\), not both"),
+    Case("ddpm_step-noise-and-strides", step(noise=x4(seed=3), seed=None, sample_stride=64, step_stride=7), ValueError, r"\(sample_stride=64, step_stride=7\), not both"),
     Case("ddpm_step-step-stride-float", step(step_stride=2.0), TypeError, "step_stride must be an int, got float"),
     # outputs
     Case("ddpm_step-out-dtype", step(out=torch.empty(2, 4, 3, 3, dtype=torch.float16)), TypeError, "out must have x_t's dtype torch.float32"),

@@ -88,8 +88,8 @@ def q_sample_call(backend, given_noise=False, dtype=torch.float32):
     shape = big(backend)
     x0, t = data(shape, 1, dtype), torch.arange(shape[0]) * 5
     noise = data(shape, 2, dtype) if given_noise else None
-    seed = None if given_noise else 99
-    return lambda: ops.q_sample(x0, t, SCHEDULE, noise=noise, seed=seed, offset=3, backend=backend)
+    seed, offset = (None, 0) if given_noise else (99, 3)
+    return lambda: ops.q_sample(x0, t, SCHEDULE, noise=noise, seed=seed, offset=offset, backend=backend)
 
 
 def ddpm_step_call(backend, clip=False, eta=None, variance="fixed_large", eps_dtype=torch.float32):

@@ -78,14 +78,19 @@ def check_schedule(schedule: object, op: str) -> None:
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
 
 
-def check_given_noise(noise: object, x: torch.Tensor, x_name: str, seed: object, op: str) -> torch.Tensor:
-    """Noise given to an op that could also draw it: x's shape and device, a supported dtype, no seed."""
+def check_given_noise(noise: object, x: torch.Tensor, x_name: str, seed: object, op: str, **counters: object) -> torch.Tensor:
+    """Noise given to an op that could also draw it: x's shape and device, a
+    supported dtype, no seed, and ``counters`` (where drawn noise would come
+    from: offset, ...) left at None or 0, as they would be ignored."""
     noise = check_float_tensor(noise, "noise", op)
     check_same_device(noise, x, "noise", x_name, op)
     if noise.shape != x.shape:
         raise ValueError(f"{op}: noise has shape {tuple(noise.shape)} but {x_name} has {tuple(x.shape)}")
     if seed is not None:
         raise ValueError(f"{op}: give noise or a seed to draw it, not both")
+    placed = [f"{name}={value!r}" for name, value in counters.items() if value is not None and not (is_int(value) and value == 0)]
+    if placed:
+        raise ValueError(f"{op}: give noise or the counters to draw it ({', '.join(placed)}), not both")
     return noise
 
 

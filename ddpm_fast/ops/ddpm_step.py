@@ -105,7 +105,7 @@ def ddpm_step(
         variance: ``fixed_large`` (sigma_t^2 = beta_t) or ``fixed_small`` (beta~_t).
         clip_denoised: use the x0-form with the predicted x0 clipped to [-1, 1].
         eta: if given, a DDIM step with this eta (0 = deterministic) instead of DDPM.
-        noise: z to use instead of drawing it.
+        noise: z to use instead of drawing it (seed, offset and the strides then left out).
         seed, offset, sample_stride, step_stride: the drawn z of logical element j of
             sample n is normal(seed, offset + n * sample_stride + t_n * step_stride + j);
             by default sample_stride is the elements per sample and step_stride 0, so
@@ -137,13 +137,12 @@ def ddpm_step(
     t = _args.as_timesteps(t, x_t, schedule.num_timesteps, _OP)
     n = x_t.shape[0]
     per_sample = x_t.numel() // n if n else 0
-    step_stride = _args.as_offset(step_stride, 0, _OP, "step_stride")
-    if noise is not None:
-        noise = _args.check_given_noise(noise, x_t, "x_t", seed, _OP)
-        # No counters are read (z is given), so no stream can overlap or overflow.
-        sample_stride = per_sample if sample_stride is None else _args.as_offset(sample_stride, 0, _OP, "sample_stride")
-        seed, offset = 0, 0
+    if noise is not None:  # no counters are read (z is given): each at its default
+        noise = _args.check_given_noise(noise, x_t, "x_t", seed, _OP, offset=offset, sample_stride=sample_stride,
+                                        step_stride=step_stride)
+        seed, offset, sample_stride, step_stride = 0, 0, per_sample, 0
     else:
+        step_stride = _args.as_offset(step_stride, 0, _OP, "step_stride")
         seed = _args.as_seed(seed, _OP)
         # The counters of every timestep must fit, not only of this t (which a
         # device tensor holds unread): a chain's later steps then fit as well.

@@ -45,7 +45,7 @@ def q_sample(
         x0: data, N x ... (float32/float16/bfloat16; contiguous or channels_last).
         t: one zero-based timestep for all samples, or an integer tensor with one per sample.
         schedule: the noise schedule.
-        noise: eps to use; if None it is drawn in-kernel from the shared stream at
+        noise: eps to use (seed and offset then left out); if None it is drawn in-kernel from the shared stream at
             counters ``offset + i`` (i the logical index) under ``seed``.
         seed: 64-bit seed for the drawn noise; None draws one from torch's generator.
         offset: counter of element 0 of the drawn noise.
@@ -60,7 +60,7 @@ def q_sample(
     _args.check_schedule(schedule, _OP)
     t = _args.as_timesteps(t, x0, schedule.num_timesteps, _OP)
     if noise is not None:
-        noise = _args.check_given_noise(noise, x0, "x0", seed, _OP)
+        noise = _args.check_given_noise(noise, x0, "x0", seed, _OP, offset=offset)
     else:
         seed = _args.as_seed(seed, _OP)
         offset = _args.as_offset(offset, x0.numel(), _OP)
