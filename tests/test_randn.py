@@ -132,6 +132,7 @@ class TestStatistics:
     [
         (dict(shape=(-1, 3), seed=0), ValueError, "negative"),
         (dict(shape="abc", seed=0), TypeError, "shape"),
+        (dict(shape=(2, True), seed=0), TypeError, "shape"),
         (dict(shape=(3,), seed=0, dtype=torch.float64), TypeError, "float32, float16 or bfloat16"),
         (dict(shape=(3,), seed=1.5), TypeError, "seed must be an int"),
         (dict(shape=(3,), seed=2**64), ValueError, "64 bits"),
@@ -144,6 +145,14 @@ class TestStatistics:
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         ops.randn(**kwargs)
+
+
+def test_numpy_sizes_are_ints():
+    """Refused ("shape must be an int or a sequence of ints, got (np.int64(2), 3)"),
+    though every other count the ops take may be numpy's."""
+    got = ops.randn((np.int64(2), np.int32(3)), 1)
+    assert got.shape == (2, 3) and torch.equal(got, ops.randn((2, 3), 1))
+    assert torch.equal(ops.randn(np.uint8(5), 1), ops.randn(5, 1))
 
 
 def test_empty():

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from .. import _extension
+from .._checks import is_int
 from . import _args, _backend
 from ._backend import resolve_backend
 
@@ -71,15 +72,15 @@ def normal_reference(seed: int, counter: torch.Tensor) -> torch.Tensor:
 
 
 def _check_shape(shape: object) -> tuple[int, ...]:
-    if isinstance(shape, int):
+    if is_int(shape):
         shape = (shape,)
-    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
-        isinstance(s, int) and not isinstance(s, bool) for s in shape
-    ):
+    # numpy's ints too (sizes read from arrays), as every other count the ops take
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(is_int(s) for s in shape):
         raise TypeError(f"randn: shape must be an int or a sequence of ints, got {shape!r}")
+    shape = tuple(s if type(s) is int else int(s) for s in shape)  # (a traced size stays symbolic)
     if any(s < 0 for s in shape):
-        raise ValueError(f"randn: shape must not have negative sizes, got {tuple(shape)}")
-    return tuple(shape)
+        raise ValueError(f"randn: shape must not have negative sizes, got {shape}")
+    return shape
 
 
 def randn(
