@@ -9,6 +9,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
+from .rounding import to_element_type
 
 BLOCK = 1024
 
@@ -71,11 +72,11 @@ def ddpm_step_kernel(
             j = q
         z = philox_normal(seed_lo, seed_hi, offset + n * sample_stride + step * step_stride + j)
     y = tl.where(sigma != 0.0, y + sigma * z, y)
-    tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + p, to_element_type(y, out_ptr.dtype.element_ty), mask=mask)
     if MODEL_INPUT == 1:
-        tl.store(mi_ptr + p, y.to(mi_ptr.dtype.element_ty), mask=mask)
+        tl.store(mi_ptr + p, to_element_type(y, mi_ptr.dtype.element_ty), mask=mask)
     if MODEL_INPUT == 2:
-        tl.store(mi_ptr + n * per_sample + q_other, y.to(mi_ptr.dtype.element_ty), mask=mask)
+        tl.store(mi_ptr + n * per_sample + q_other, to_element_type(y, mi_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("ddpm_fast::ddpm_step_triton_", mutates_args={"out", "model_input"})

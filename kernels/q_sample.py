@@ -8,19 +8,9 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
+from .rounding import to_element_type
 
 BLOCK = 1024
-
-
-@triton.jit
-def round_to_bfloat16(x):
-    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as a float32,
-    so that its cast to bfloat16 is exact whatever rounding the cast does: a GPU
-    rounds to nearest, Triton's CPU interpreter truncates (CI's kernels would
-    then make x_t from noise up to one unit off the reference's). Finite x."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=NOISE_ARGS)
@@ -63,14 +53,11 @@ def q_sample_kernel(
             logical = p
         # x_t from eps as stored (rounded to x0's dtype, as the reference makes
         # it), so the eps returned is exactly the noise in x_t.
-        z = philox_normal(seed_lo, seed_hi, offset + logical)
-        if eps_ptr.dtype.element_ty == tl.bfloat16:
-            z = round_to_bfloat16(z)
-        z = z.to(eps_ptr.dtype.element_ty)
+        z = to_element_type(philox_normal(seed_lo, seed_hi, offset + logical), eps_ptr.dtype.element_ty)
         tl.store(eps_ptr + p, z, mask=mask)
         z = z.to(tl.float32)
     y = a * x + b * z
-    tl.store(xt_ptr + p, y.to(xt_ptr.dtype.element_ty), mask=mask)
+    tl.store(xt_ptr + p, to_element_type(y, xt_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x0, t, sqrt_ab, sqrt_1m_ab, noise: Optional[torch.Tensor], seed: int, offset: int, xt, eps) -> None:

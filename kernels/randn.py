@@ -6,6 +6,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
+from .rounding import to_element_type
 
 BLOCK = 1024
 
@@ -25,7 +26,7 @@ def fill_randn_kernel(
     mask = p < numel
     n = p // per_sample
     z = philox_normal(seed_lo, seed_hi, offset + n * sample_stride + (p - n * per_sample))
-    tl.store(out_ptr + p, z.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + p, to_element_type(z, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("ddpm_fast::fill_randn_triton_", mutates_args={"out"})

@@ -161,6 +161,17 @@ def test_inputs_requiring_grad_are_differentiated_or_refused(device, backend, na
             torch.testing.assert_close(step(backend), step("reference"))
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_a_nan_of_any_payload_stays_nan_in_16_bit_outputs(device, backend):
+    """The Triton kernels round to bfloat16 by bits (kernels/rounding.py): a NaN
+    whose payload carried into the sign bit would have come out -0."""
+    x = torch.tensor([0x7FFFFFFF, 0x7FC00000, 0xFFFFFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = x.reshape(1, 3).to(device)
+    model_input = torch.zeros(1, 3, dtype=torch.bfloat16, device=device)
+    ops.ddpm_step(x, torch.zeros_like(x), 5, SCHEDULE, seed=1, out_model_input=model_input, backend=backend)
+    assert model_input.float().isnan().all(), model_input
+
+
 @requires_extension
 def test_cpp_op_compiles_for_a_dynamic_image_size():
     """Its counters (sample_stride: the elements per sample) were plain ints in

@@ -43,6 +43,10 @@ def test_low_precision_outputs_are_the_rounded_stream(device, backend, dtype):
     tol = TOLERANCES[torch.float32]
     rtol = tol["rtol"] if dtype == torch.float32 else torch.finfo(dtype).eps
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=tol["atol"], rtol=rtol)
+    # ... and only there: rare. (Under Triton's CPU interpreter, whose bfloat16
+    # cast truncates, about half differed before the kernels rounded by bits.)
+    if dtype != torch.float32:
+        assert (got.cpu() != expected).float().mean() < 0.01
 
 
 @gpu_if_present
