@@ -267,19 +267,25 @@ class _Chain:
         self.remaining = num_steps  # steps k < remaining are still to run (to queue)
         self.last_replay: tuple[torch.cuda.Event, int] | None = None  # a graph replay not yet on the bar
 
-    def step(self, k: torch.Tensor) -> torch.Tensor:
+    def step(self, k: torch.Tensor, pred_x0_at: int | None = None) -> torch.Tensor | None:
         """Step index k (0-d int64 on the device): the model, then the fused update
-        of x in place, writing the next model input too. No host sync."""
+        of x in place, writing the next model input too. No host sync. With
+        ``pred_x0_at`` (k as an int), returns the x_0 that eps implies, taken
+        before the update: eps may share memory with the model's input
+        (``lambda x, t: x.mul_(s)``), which the update overwrites."""
         # A real (N,) tensor, not a stride-0 view: a model may change it in place or hand it to a kernel.
         t_model = torch.index_select(self.model_t, 0, k.reshape(1).expand(self.n))
         eps = self.s.model(self.model_in, t_model)
         _check_model_output(eps, self.x)
+        pred_x0 = None
+        if pred_x0_at is not None:
+            pred_x0 = _pred_x0(self.schedule, self.x, pred_x0_at, eps, self.s.clip_denoised).contiguous()
         ops.ddpm_step(
             self.x, eps, k, self.schedule, variance=self.s.variance, clip_denoised=self.s.clip_denoised,
             eta=self.eta, seed=self.seed, offset=self.offset, sample_stride=_SAMPLE_STRIDE,
             step_stride=self.per_sample, out=self.x, out_model_input=self.model_in, backend=self.s.backend,
         )
-        return eps
+        return pred_x0
 
     def run(self, progress: bool, every: int | None) -> tuple[torch.Tensor, list[Intermediate]]:
         bar = _progress(self.schedule.num_timesteps, progress)
@@ -293,10 +299,8 @@ class _Chain:
                 while self.remaining > 0:
                     k = self.remaining - 1
                     record = every is not None and k % every == 0
-                    x_t = self.x.clone() if record else None
-                    eps = self.step(self.steps[k])
+                    pred_x0 = self.step(self.steps[k], pred_x0_at=k if record else None)
                     if record:
-                        pred_x0 = _pred_x0(self.schedule, x_t, k, eps, self.s.clip_denoised).contiguous()
                         x_now = self.x.clone(memory_format=torch.contiguous_format)
                         intermediates.append(Intermediate(k, int(self.schedule.timestep_map[k]), x_now, pred_x0))
                     self.remaining = k

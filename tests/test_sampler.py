@@ -208,6 +208,22 @@ def test_intermediates_hold_the_x0_each_step_implied(clip):
         torch.testing.assert_close(picture.pred_x0.double(), x0.clamp(-1, 1) if clip else x0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_pred_x0_of_a_model_whose_eps_is_its_input(clip):
+    """eps that shares memory with the model's input (x.mul_(s), or x itself):
+    pred_x0 was computed after the step had written the next model input
+    there, so it was made from x_{t-1} (errors of 2 on [-1, 1]); samples and
+    x_t were right."""
+    results = []
+    for model in (lambda x, t: 0.1 * x, lambda x, t: x.mul_(0.1)):
+        sampler = Sampler(model, SCHEDULE, clip_denoised=clip, sample_shape=(1, 4, 4))
+        results.append(sampler.sample(2, seed=0, steps=10, return_intermediates=1, progress=False))
+    (x, pictures), (x_aliased, pictures_aliased) = results
+    assert torch.equal(x, x_aliased)
+    for p, q in zip(pictures, pictures_aliased):
+        assert torch.equal(p.x_t, q.x_t) and torch.equal(p.pred_x0, q.pred_x0), p.t
+
+
 def test_non_finite_samples_are_reported():
     """A model that returns NaN at one step gives NaN samples; sample() says so."""
     def model(x, t):
