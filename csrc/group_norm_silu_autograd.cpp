@@ -68,27 +68,28 @@ std::pair<OptTensor, OptTensor> reference_params(const at::Tensor& w, const at::
 variable_list differentiable_backward(const at::Tensor& dy, const variable_list& s, int64_t groups, double eps,
                                       bool act) {
   const at::Tensor& x = s[0];
-  at::Tensor h = x;
+  auto [w, b] = reference_params(s[1], s[2], x);
+  const bool mixed = (w && w->scalar_type() != x.scalar_type()) || (b && b->scalar_type() != x.scalar_type());
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  // 16-bit x with an add or with float32 parameters: in float32, rounded to x's dtype
+  // once, as the Python reference. x + add as the kernels add it (rounded to 16 bits,
+  // a large add left little of x: dx 61% off); ATen's GPU group_norm takes one dtype
+  // and its CPU backward refuses a float32 bias alone.
+  const bool in_float = half && (mixed || s[3].defined());
+  at::Tensor h = in_float ? x.to(at::kFloat) : x;
   if (s[3].defined()) {
     std::vector<int64_t> shape(x.dim(), 1);
     shape[0] = x.size(0);
     shape[1] = x.size(1);
-    h = x + s[3].to(x.scalar_type()).view(shape);
+    h = h + s[3].to(h.scalar_type()).view(shape);
   }
-  const auto [w, b] = reference_params(s[1], s[2], x);
-  const bool mixed = (w && w->scalar_type() != x.scalar_type()) || (b && b->scalar_type() != x.scalar_type());
-  at::Tensor y;
-  if (mixed) {
-    // 16-bit x with float32 parameters: ATen's GPU group_norm takes one dtype and its
-    // CPU backward refuses a float32 bias alone, so in float32, rounded to x's dtype
-    // once (as the Python reference).
-    y = at::group_norm(h.to(at::kFloat), groups, w, b, eps);
-    if (act) y = at::silu(y);
-    y = y.to(x.scalar_type());
-  } else {
-    y = at::group_norm(h, groups, w, b, eps);
-    if (act) y = at::silu(y);
+  if (in_float) {
+    if (w) w = w->to(at::kFloat);
+    if (b) b = b->to(at::kFloat);
   }
+  at::Tensor y = at::group_norm(h, groups, w, b, eps);
+  if (act) y = at::silu(y);
+  if (in_float) y = y.to(x.scalar_type());
   variable_list inputs;
   std::vector<size_t> slots;
   for (size_t i = 0; i < 4; ++i) {

@@ -102,6 +102,28 @@ def test_second_derivatives_with_parameters_of_other_dtypes(device, backend, x_d
         torch.testing.assert_close(got, want, **TOLERANCES[x_dtype])
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_recorded_gradients_of_16_bit_x_with_a_large_add(device, backend, dtype):
+    """create_graph=True takes the differentiable backward, which on the C++
+    backends added x + add in x's 16-bit dtype (the forward adds in float32):
+    with an add of 300, dx was 61% off in bfloat16."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 6, 6, generator=g).to(dtype)
+    add = torch.full((2, 4), 300.0) + torch.randn(2, 4, generator=g)
+    dy = torch.randn(2, 4, 6, 6, generator=g)
+    exact = x.double().requires_grad_()
+    y = F.silu(F.group_norm(exact + add.double()[:, :, None, None], 2))
+    (want,) = torch.autograd.grad(y, exact, dy.double())
+    xs = x.to(device).requires_grad_()
+    y = ops.group_norm_silu(xs, 2, add=add.to(device), backend=backend)
+    (got,) = torch.autograd.grad(y, xs, dy.to(device, dtype), create_graph=True)
+    # dx in x's dtype: within one unit of its rounding at the gradient's scale
+    # (the errors seen: 0.4 and 0.1 of that, as without create_graph).
+    scale = torch.finfo(dtype).eps * want.abs().max().item()
+    torch.testing.assert_close(got.double().cpu(), want, atol=scale, rtol=0)
+
+
 @requires_extension
 def test_first_derivatives_use_the_backward_kernel():
     """The differentiable backward is only for create_graph=True: a plain
