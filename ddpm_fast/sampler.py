@@ -93,6 +93,10 @@ class Sampler:
         sample_shape: one sample's shape (C, H, W); default from the model's
             ``in_channels`` and ``image_size`` attributes.
         device: where to sample; default the model's device, else CUDA if available.
+
+    The defaults of ``dtype``, ``channels_last`` and ``device`` follow the model
+    as it is when ``sample`` runs: a model cast or moved after the Sampler was
+    made (``model.half()``, ``.to(memory_format=...)``, ``.cuda()``) is sampled so.
     """
 
     def __init__(
@@ -132,19 +136,51 @@ class Sampler:
         self.variance = variance
         self.clip_denoised = bool(clip_denoised)
         self.backend = backend
-        self.channels_last = has_channels_last_weights(model) if channels_last is None else bool(channels_last)
         self.cuda_graph = bool(cuda_graph)
-        params = [p for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()]
-        self.device = torch.device(device) if device is not None else (
-            params[0].device if params else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        self.dtype = dtype if dtype is not None else (params[0].dtype if params else torch.float32)
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        # None: the model's, read when sampling (properties below), so a model cast
+        # or moved later is followed (it was read here once: fed float32 to a model
+        # cast to bfloat16 after, which failed or ran at the wrong precision).
+        self.channels_last = channels_last
+        self.device = device
+        self.dtype = dtype
+        _check_model_dtype(self.dtype)  # now too: a float64 model or dtype is refused when made
         if sample_shape is None and hasattr(model, "in_channels") and hasattr(model, "image_size"):
             size = model.image_size
             sample_shape = (model.in_channels, *((size, size) if isinstance(size, int) else size))
         self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model input's dtype: as given, else the model's now."""
+        if self._dtype is not None:
+            return self._dtype
+        param = _first_float_parameter(self.model)
+        return param.dtype if param is not None else torch.float32
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype | None) -> None:
+        self._dtype = value
+
+    @property
+    def device(self) -> torch.device:
+        """Where to sample: as given, else the model's device now, else CUDA if available."""
+        if self._device is not None:
+            return self._device
+        param = _first_float_parameter(self.model)
+        return param.device if param is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @device.setter
+    def device(self, value: torch.device | str | None) -> None:
+        self._device = torch.device(value) if value is not None else None
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model gets channels_last input: as given, else as its 4-d weights are now."""
+        return has_channels_last_weights(self.model) if self._channels_last is None else self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool | None) -> None:
+        self._channels_last = None if value is None else bool(value)
 
     # ------------------------------------------------------------------ public
 
@@ -260,7 +296,9 @@ class _Chain:
             shape, seed, self.offset + num_steps * per_sample, sample_stride=_SAMPLE_STRIDE,
             device=device, backend=sampler.backend,
         ).contiguous(memory_format=fmt)
-        self.model_in = torch.empty(shape, dtype=sampler.dtype, device=device).to(memory_format=fmt)
+        dtype = sampler.dtype
+        _check_model_dtype(dtype)  # (a model cast to float64 since the Sampler was made)
+        self.model_in = torch.empty(shape, dtype=dtype, device=device).to(memory_format=fmt)
         self.model_in.copy_(self.x)
         self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars
         self.model_t = schedule.timestep_map.to(device)  # the timestep the model sees at index k
@@ -454,6 +492,15 @@ def _check_model_output(eps: object, x: torch.Tensor) -> None:
 
 class _CaptureFailed(RuntimeError):
     pass
+
+
+def _check_model_dtype(dtype: object) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
+def _first_float_parameter(model: Model) -> torch.Tensor | None:
+    return next((p for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()), None)
 
 
 def _pred_x0(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, eps: torch.Tensor, clip: bool) -> torch.Tensor:

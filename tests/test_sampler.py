@@ -224,6 +224,35 @@ def test_pred_x0_of_a_model_whose_eps_is_its_input(clip):
         assert torch.equal(p.x_t, q.x_t) and torch.equal(p.pred_x0, q.pred_x0), p.t
 
 
+def test_defaults_follow_the_model_as_it_is_when_sampling():
+    """dtype, channels_last and device were read from the model once, when the
+    Sampler was made: a model cast to bfloat16 after was fed float32 ("Input
+    type (float) and bias type (c10::BFloat16) should be the same")."""
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            # (4 -> 1: its channels_last weight differs from a contiguous one)
+            self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 1, 3, padding=1))
+
+        def forward(self, x, t):
+            seen.append(x.dtype)
+            return self.conv(x)
+
+    seen = []
+    model = Conv()
+    schedule = NoiseSchedule("linear", timesteps=10)
+    sampler = Sampler(model, schedule, sample_shape=(1, 8, 8))
+    fixed = Sampler(model, schedule, sample_shape=(1, 8, 8), dtype=torch.float32, channels_last=False)
+    model.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    assert (sampler.dtype, sampler.channels_last, sampler.device) == (torch.bfloat16, True, torch.device("cpu"))
+    x = sampler.sample(2, seed=0, progress=False)
+    assert x.dtype == torch.float32 and x.isfinite().all() and set(seen) == {torch.bfloat16}
+    assert (fixed.dtype, fixed.channels_last) == (torch.float32, False)  # given ones stay
+    model.double()
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16, got torch.float64"):
+        sampler.sample(2, seed=0, progress=False)
+
+
 def test_non_finite_samples_are_reported():
     """A model that returns NaN at one step gives NaN samples; sample() says so."""
     def model(x, t):
