@@ -362,6 +362,15 @@ class NoiseSchedule:
     def __len__(self) -> int:
         return self.num_timesteps
 
+    def __getstate__(self) -> dict:
+        """Without the per-device caches, made again on demand: a pickle (a
+        checkpoint, a spawned worker's copy) of a schedule used on a GPU carried
+        its CUDA tables, which a machine without one cannot load."""
+        state = dict(self.__dict__)
+        state["_device_tables"] = {}
+        state.pop("_undefined_steps", None)
+        return state
+
     def __repr__(self) -> str:
         return (
             f"NoiseSchedule({self.name!r}, timesteps={self.num_timesteps}, "

@@ -407,3 +407,21 @@ def test_ddim_eta_above_one_clamps_the_direction(eta):
     np.testing.assert_allclose(direction[kept], np.sqrt(room[kept]), rtol=1e-5)
     np.testing.assert_allclose(columns["sigma"][1:], sigma[1:], rtol=1e-6)
     assert columns["sigma"][0] == 0.0 and direction[0] == 0.0
+
+
+@pytest.mark.parametrize("copy_kind", ["pickle", "deepcopy", "copy"])
+def test_copies_leave_the_per_device_caches_behind(copy_kind):
+    """They carried the float32 tables cached per device: a schedule used on a
+    GPU pickled with CUDA tensors, which a machine without one cannot load."""
+    import copy
+    import pickle
+
+    schedule = NoiseSchedule("linear", timesteps=50)
+    table = schedule.table("sqrt_alphas_cumprod")
+    schedule.step_table("fixed_small")
+    schedule.undefined_steps("fixed_small")
+    made = {"pickle": lambda s: pickle.loads(pickle.dumps(s)), "deepcopy": copy.deepcopy, "copy": copy.copy}[copy_kind]
+    twin = made(schedule)
+    assert twin._device_tables == {} and "_undefined_steps" not in vars(twin)
+    assert torch.equal(twin.table("sqrt_alphas_cumprod"), table) and twin.undefined_steps("fixed_small") == []
+    assert schedule.table("sqrt_alphas_cumprod") is table  # the original keeps its own
