@@ -29,12 +29,14 @@ at::Tensor q_sample_op(const at::Tensor& x0, const at::Tensor& t, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> q_sample_randn_op(const at::Tensor& x0, const at::Tensor& t,
                                                      const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab,
-                                                     int64_t seed, int64_t offset) {
+                                                     int64_t seed, c10::SymInt offset) {
+  // offset a SymInt (as in the schema) all the way: an int64_t here would pin a
+  // shape-derived offset, and so the image size, of a torch.compile'd graph.
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("ddpm_fast::q_sample_randn", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                        const at::Tensor&, const at::Tensor&, int64_t,
-                                                                       int64_t)>();
+                                                                       c10::SymInt)>();
   return op.call(x0, t, sqrt_ab, sqrt_1m_ab, seed, offset);
 }
 
@@ -77,10 +79,11 @@ class QSampleFunction : public torch::autograd::Function<QSampleFunction> {
 class QSampleRandnFunction : public torch::autograd::Function<QSampleRandnFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& t,
-                               const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab, int64_t seed, int64_t offset) {
+                               const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab, int64_t seed,
+                               c10::SymInt offset) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     save(ctx, x0, t, sqrt_ab, sqrt_1m_ab);
-    auto [x_t, eps] = q_sample_randn_op(x0, t, sqrt_ab, sqrt_1m_ab, seed, offset);
+    auto [x_t, eps] = q_sample_randn_op(x0, t, sqrt_ab, sqrt_1m_ab, seed, std::move(offset));
     ctx->mark_non_differentiable({eps});
     return {x_t, eps};
   }
@@ -100,8 +103,8 @@ at::Tensor q_sample_autograd(const at::Tensor& x0, const at::Tensor& t, const at
 
 std::tuple<at::Tensor, at::Tensor> q_sample_randn_autograd(const at::Tensor& x0, const at::Tensor& t,
                                                            const at::Tensor& sqrt_ab, const at::Tensor& sqrt_1m_ab,
-                                                           int64_t seed, int64_t offset) {
-  const variable_list out = QSampleRandnFunction::apply(x0, t, sqrt_ab, sqrt_1m_ab, seed, offset);
+                                                           int64_t seed, c10::SymInt offset) {
+  const variable_list out = QSampleRandnFunction::apply(x0, t, sqrt_ab, sqrt_1m_ab, seed, std::move(offset));
   return {out[0], out[1]};
 }
 

@@ -309,6 +309,24 @@ def test_torch_compile_fullgraph_traces_through_the_op():
     torch.testing.assert_close(compiled(x, t), noisy(x, t))
 
 
+@requires_extension
+def test_cpp_op_compiles_for_a_dynamic_image_size():
+    """q_sample_randn's offset was a plain int in its schema and in its C++
+    autograd kernel: a shape-derived offset pinned a compiled graph to one
+    image size (with mark_dynamic: a ConstraintViolationError)."""
+    def noisy(x):
+        return ops.q_sample(x, torch.tensor([3, 7]), SCHEDULE, seed=5, offset=x.shape[2] * 7, backend="cpu")[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(noisy, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for both heights
+        for height in (4, 6):
+            x = torch.randn(2, 3, height, 5)
+            torch._dynamo.mark_dynamic(x, 2)
+            want = noisy(x)  # (eager first: it fills the backend cache, which the graph guards on)
+            torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("op", ["q_sample", "ddpm_step"])
 def test_compiled_reference_refuses_out_of_range_cpu_timesteps(op):
     """Eager checks a CPU t's range; compiled, the check was left to the CPU
