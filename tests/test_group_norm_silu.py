@@ -266,7 +266,6 @@ def test_backward_op_rejects_statistics_not_of_shape_n_g(device):
 
 
 @requires_extension
-@requires_extension
 def test_torch_export_over_a_module_with_a_dynamic_batch():
     """What the README says of torch.export: the C++ op's fake implementation
     lets it export, and the exported program runs the op."""
@@ -277,6 +276,7 @@ def test_torch_export_over_a_module_with_a_dynamic_batch():
     assert torch.equal(exported.module()(x), module(x))
 
 
+@requires_extension
 def test_torch_compile_fullgraph_over_a_module():
     block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), GroupNormSiLU(4, 8, backend="cpu"), nn.Conv2d(8, 4, 1))
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
