@@ -162,7 +162,7 @@ def test_inputs_requiring_grad_are_differentiated_or_refused(device, backend, na
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
-def test_a_nan_of_any_payload_stays_nan_in_16_bit_outputs(device, backend):
+def test_a_nan_stays_nan_in_16_bit_outputs(device, backend):
     """The Triton kernels round to bfloat16 by bits (kernels/rounding.py): a NaN
     whose payload carried into the sign bit would have come out -0."""
     x = torch.tensor([0x7FFFFFFF, 0x7FC00000, 0xFFFFFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
