@@ -489,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prefix = f"ddpm-fast {args.command}"
-    debug = os.environ.get("DDPM_FAST_DEBUG", "").strip().lower() in ("1", "true", "yes", "y", "on")  # as setup.py
+    # Its on values as setup.py reads them (where a misspelling is an error; here, off)
+    debug = os.environ.get("DDPM_FAST_DEBUG", "").strip().lower() in ("1", "true", "yes", "y", "on")
     showwarning = warnings.showwarning
     if not debug:  # one line per warning, as errors are, not Python's file:line and source line
         warnings.showwarning = lambda message, *rest, **kw: _show_warning(f"{prefix}: warning: {message}")

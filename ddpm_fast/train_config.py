@@ -84,7 +84,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"TrainConfig.{name} must be a number, got {value!r}")
-            setattr(self, name, float(value))  # numpy's, a Fraction: the config is written as JSON
+            try:
+                setattr(self, name, float(value))  # numpy's, a Fraction: the config is written as JSON
+            except OverflowError:  # an int beyond float's range (10**400)
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}") from None
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.ema_decay < 1:

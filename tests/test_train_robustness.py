@@ -150,6 +150,7 @@ def test_a_damaged_latest_pointer_names_no_other_folder(tmp_path, pointer):
     ("flip", "no", TypeError), ("channels_last", 1, TypeError), ("ema_warmup", None, TypeError),
     ("lr", True, TypeError), ("lr", "1e-3", TypeError), ("ema_decay", "0.9", TypeError), ("seed", 2**63, ValueError),
     ("precision", ["fp32"], TypeError), ("loss", {"simple"}, TypeError),  # were "unhashable type"
+    ("weight_decay", 10**400, ValueError),  # not an OverflowError from float()
 ])
 def test_config_fields_are_checked_when_made(field, value, error):
     """Each was accepted (then failed at the end of a run, or was read as True)."""
