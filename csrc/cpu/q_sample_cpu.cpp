@@ -75,11 +75,11 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
         std::fill(ctr + count, ctr + B, 0);
         cpu::normal_block(seed, ctr, z);
       }
-      if (!kFloat && eps_out != nullptr) {
-        // Drawn noise for 16-bit x0: x_t from eps as returned, rounded to x0's
-        // dtype (as the reference makes it), so eps is exactly the noise in x_t.
+      if (eps_out != nullptr) {
+        // Drawn noise: x_t from eps as returned, rounded to x0's dtype (as the
+        // reference makes it), so eps is exactly the noise in x_t.
         cpu::from_float_row(zs, count, eps_out + p0);
-        zs = cpu::as_float_row(eps_out + p0, count, z);
+        if constexpr (!kFloat) zs = cpu::as_float_row(eps_out + p0, count, z);
       }
       // In float; 16-bit values converted a block at a time.
       const float* xs = cpu::as_float_row(x + p0, count, x_buffer);
@@ -90,7 +90,6 @@ void q_sample_kernel(const at::Tensor& x0, const std::vector<int64_t>& t, const 
         for (int64_t i = 0; i < count; ++i) y[i] = a[i] * xs[i] + b[i] * zs[i];
       }
       if constexpr (!kFloat) cpu::from_float_row(y_buffer, count, out + p0);
-      if (kFloat && eps_out != nullptr) cpu::from_float_row(zs, count, eps_out + p0);
     }
   });
 }
