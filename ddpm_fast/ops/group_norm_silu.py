@@ -22,20 +22,20 @@ _FLOAT32_TINIEST = 2.0**-149  # float32's smallest positive value (plain floats:
 
 def _reference(x, num_groups, weight, bias, eps, add, act):
     w, b = _reference_params(weight, bias, x)
-    sixteen_bit = x.dtype in (torch.float16, torch.bfloat16)
-    if sixteen_bit and (add is not None or any(p is not None and p.dtype != x.dtype for p in (w, b))):
-        # In float32, rounded to x's dtype once: x + add as the kernels add it
-        # (rounded to 16 bits, a large add left little of a small x: errors of
-        # 2.35 for the kernels' 0.008 in bf16); float32 parameters too (ATen's
-        # GPU group_norm takes one dtype, and its CPU backward refuses a
-        # float32 bias without a weight).
-        h = x.float() if add is None else x.float() + add.float().reshape(add.shape + (1,) * (x.dim() - 2))
-        w, b = (None if p is None else p.float() for p in (w, b))
-        y = F.group_norm(h, num_groups, w, b, eps)
-        return (F.silu(y) if act else y).to(x.dtype)
-    h = x if add is None else x + add.to(x.dtype).reshape(add.shape + (1,) * (x.dim() - 2))
+    mixed = any(p is not None and p.dtype != x.dtype for p in (w, b))
+    # 16-bit x with an add or float32 parameters: in float32, rounded to x's dtype
+    # once. x + add as the kernels add it (rounded to 16 bits, a large add left
+    # little of a small x: errors of 2.35 for the kernels' 0.008 in bf16); ATen's
+    # GPU group_norm takes one dtype, and its CPU backward refuses a float32 bias
+    # without a weight. (Otherwise every .to below is x's own dtype: no copy.)
+    in_float = x.dtype in (torch.float16, torch.bfloat16) and (add is not None or mixed)
+    dtype = torch.float32 if in_float else x.dtype
+    h = x.to(dtype)
+    if add is not None:
+        h = h + add.to(dtype).reshape(add.shape + (1,) * (x.dim() - 2))
+    w, b = (None if p is None else p.to(dtype) for p in (w, b))
     y = F.group_norm(h, num_groups, w, b, eps)
-    return F.silu(y) if act else y
+    return (F.silu(y) if act else y).to(x.dtype)
 
 
 def _reference_params(
