@@ -158,6 +158,21 @@ def host_to_device_copies(fn):
     return result, Copies.count
 
 
+def assert_one_graph_for_every_height(fn, make_inputs, heights=(4, 6)) -> None:
+    """``fn(*make_inputs(height))`` compiled once (fullgraph, aot_eager) serves
+    every height, marked dynamic on the inputs' dim 2, bit for bit as eager: a
+    plain-int argument derived from the shape would pin the graph to one."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for height in heights:
+            inputs = make_inputs(height)
+            for tensor in inputs:
+                torch._dynamo.mark_dynamic(tensor, 2)
+            want = fn(*inputs)  # (eager first: it fills the backend cache, which the graph guards on)
+            torch.testing.assert_close(compiled(*inputs), want, rtol=0, atol=0)
+
+
 def gpu_if_present(test):
     """For a test that runs on the GPU where there is one and on the CPU
     (Triton's interpreter) otherwise: marked `gpu` only where CUDA is present,

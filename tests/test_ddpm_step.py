@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import (
-    DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES,
+    DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES, assert_one_graph_for_every_height,
     backend_params, gpu_if_present, huge_timesteps, poisoned_outputs, requires_extension, skip_without_gpu_memory,
 )
 from ddpm_fast import NoiseSchedule, diffusion, ops
@@ -180,15 +180,9 @@ def test_cpp_op_compiles_for_a_dynamic_image_size():
     def step(x, eps):
         return ops.ddpm_step(x, eps, torch.tensor([3, 7]), SCHEDULE, seed=1, backend="cpu")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for both heights
-        for height in (4, 6):
-            x, eps = (make((2, 3, height, 5), torch.float32, "contiguous", "cpu", i) for i in (0, 1))
-            for tensor in (x, eps):
-                torch._dynamo.mark_dynamic(tensor, 2)
-            want = step(x, eps)  # (eager first: it fills the backend cache, which the graph guards on)
-            torch.testing.assert_close(compiled(x, eps), want, rtol=0, atol=0)
+    assert_one_graph_for_every_height(
+        step, lambda height: tuple(make((2, 3, height, 5), torch.float32, "contiguous", "cpu", i) for i in (0, 1))
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

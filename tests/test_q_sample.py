@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import (
-    DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES,
+    DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES, assert_one_graph_for_every_height,
     backend_params, gpu_if_present, huge_timesteps, poisoned_outputs, requires_extension, skip_without_gpu_memory,
 )
 from ddpm_fast import NoiseSchedule, _extension, ops
@@ -317,14 +317,7 @@ def test_cpp_op_compiles_for_a_dynamic_image_size():
     def noisy(x):
         return ops.q_sample(x, torch.tensor([3, 7]), SCHEDULE, seed=5, offset=x.shape[2] * 7, backend="cpu")[0]
 
-    torch._dynamo.reset()
-    compiled = torch.compile(noisy, fullgraph=True, backend="aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for both heights
-        for height in (4, 6):
-            x = torch.randn(2, 3, height, 5)
-            torch._dynamo.mark_dynamic(x, 2)
-            want = noisy(x)  # (eager first: it fills the backend cache, which the graph guards on)
-            torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+    assert_one_graph_for_every_height(noisy, lambda height: (torch.randn(2, 3, height, 5),))
 
 
 @pytest.mark.parametrize("op", ["q_sample", "ddpm_step"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import DTYPES, TOLERANCES, backend_params, gpu_if_present, requires_extension
+from conftest import DTYPES, TOLERANCES, assert_one_graph_for_every_height, backend_params, gpu_if_present, requires_extension
 from ddpm_fast import ops
 from ddpm_fast.ops.randn import normal_reference, philox4x32_reference
 
@@ -243,11 +243,4 @@ def test_cpp_op_compiles_for_a_dynamic_image_size():
     def noisy(x):
         return x + ops.randn(x.shape, 5, backend="cpu")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(noisy, fullgraph=True, backend="aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for both heights
-        for height in (4, 6):
-            x = torch.zeros(2, 3, height, 5)
-            torch._dynamo.mark_dynamic(x, 2)
-            want = noisy(x)  # (eager first: it fills the backend cache, which the graph guards on)
-            torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+    assert_one_graph_for_every_height(noisy, lambda height: (torch.zeros(2, 3, height, 5),))
