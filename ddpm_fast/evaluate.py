@@ -84,7 +84,7 @@ def evaluate_bpd(
     # Sums of the total, the prior and each timestep's term over this rank's images.
     sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64)
     for start in range(lo, hi, batch_size):
-        index = torch.arange(start, min(hi, start + batch_size))
+        index = torch.arange(start, min(hi, start + batch_size), device="cpu")
         x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)
         noise_fn = functools.partial(_image_noise, x0.shape, seed, start, per_image, x0.device)
         result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress and rank == 0)

@@ -7,6 +7,7 @@ float32 copies on the tensor's device (``NoiseSchedule.table``).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -54,6 +55,21 @@ TABLES = (
 )
 
 
+def _on_cpu(function):
+    """``function`` run with the CPU as torch's default device: a schedule is
+    host-side float64 data, made there whatever ``torch.set_default_device``
+    says (under "meta" it could not be built; under "cuda" every table lookup
+    would wait for the device, and respaced schedules, made from CPU betas,
+    would not match their parents)."""
+
+    @functools.wraps(function)
+    def on_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return function(*args, **kwargs)
+
+    return on_cpu
+
+
 def _warmup(beta_start: float, beta_end: float, timesteps: int, fraction: float) -> torch.Tensor:
     betas = torch.full((timesteps,), beta_end, dtype=torch.float64)
     warmup_steps = int(timesteps * fraction)
@@ -72,6 +88,7 @@ def _cosine(timesteps: int) -> torch.Tensor:
     return torch.tensor(betas, dtype=torch.float64)
 
 
+@_on_cpu
 def make_betas(
     name: str,
     timesteps: int = 1000,
@@ -120,6 +137,7 @@ class NoiseSchedule:
     ``num_timesteps``; ``table(name, device)`` gives a cached float32 copy for kernels.
     """
 
+    @_on_cpu
     def __init__(
         self,
         name: str | None = "linear",
@@ -287,6 +305,7 @@ class NoiseSchedule:
             self._device_tables[(name, device)] = cached
         return cached
 
+    @_on_cpu
     def _ddpm_table(self, variance: str) -> torch.Tensor:
         table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), dtype=torch.float64)
         # eq. 11: (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
@@ -301,6 +320,7 @@ class NoiseSchedule:
         table[0, 6] = 0.0
         return table
 
+    @_on_cpu
     def _ddim_table(self, eta: float) -> torch.Tensor:
         # Song et al. (2021), eq. 12: x_{t-1} = sqrt(abar_prev) x0 + dir * eps + sigma z,
         # dir = sqrt(1 - abar_prev - sigma^2), eps recomputed from x0 when x0 is clipped.
@@ -319,6 +339,7 @@ class NoiseSchedule:
         table[0, 6] = 0.0
         return table
 
+    @_on_cpu
     def respace(self, timesteps: Sequence[int]) -> "NoiseSchedule":
         """The schedule of the sub-chain through ``timesteps`` (zero-based; a set:
         taken in increasing order, whatever order they come in, repeats dropped),

@@ -22,10 +22,11 @@ def _run_ops(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, backend:
     and backward (weight, bias and add included)."""
     device = x.device
     g = torch.Generator().manual_seed(2)
-    eps = torch.randn(x.shape, generator=g).to(device)
-    h = (torch.randn(4, 6, 17, 13, generator=g) * 2 + 0.5).to(device)
-    w, b, add = (torch.randn(shape, generator=g).to(device) for shape in ((6,), (6,), (4, 6)))
-    dy = torch.randn(h.shape, generator=g).to(device)
+    f32 = torch.float32  # whatever torch's default dtype
+    eps = torch.randn(x.shape, generator=g, dtype=f32).to(device)
+    h = (torch.randn(4, 6, 17, 13, generator=g, dtype=f32) * 2 + 0.5).to(device)
+    w, b, add = (torch.randn(shape, generator=g, dtype=f32).to(device) for shape in ((6,), (6,), (4, 6)))
+    dy = torch.randn(h.shape, generator=g, dtype=f32).to(device)
     leaves = [v.clone().requires_grad_() for v in (h, w, b, add)]
     y = ops.group_norm_silu(leaves[0], 3, leaves[1], leaves[2], add=leaves[3], backend=backend)
     y.backward(dy)
@@ -42,7 +43,7 @@ def _run_ops(x: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, backend:
 def _self_check(device: torch.device) -> list[tuple[str, str, str]]:
     """(op, backend, verdict) for each backend available on ``device``."""
     schedule = NoiseSchedule("linear")
-    x = torch.rand(4, 3, 17, 13, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.rand(4, 3, 17, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2 - 1
     t = torch.tensor([0, 10, 500, 999])
     want = _run_ops(x, t, schedule, "reference")
     rows = []

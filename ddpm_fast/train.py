@@ -60,7 +60,7 @@ _SHARED_FOLDER = ("every rank must see the same run folder: for a run over sever
 def _check_samplable(schedule: NoiseSchedule, sample_steps: int | None) -> None:
     """Refuse, before any training, what the run's sample grids (and later
     sampling and bits/dim) could not do with this schedule."""
-    if not torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps)):
+    if not torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps, device="cpu")):
         # Training would show the model the sub-chain's indices, and sampling
         # (through timestep_map) the original timesteps it never saw.
         raise ValueError(f"the Trainer takes a full schedule, not a respaced one ({schedule.name}); "
@@ -177,7 +177,7 @@ class Trainer(TrainerCheckpoints):
         per_epoch = n // b
         epoch, i = divmod(step, per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed((self.config.seed * 7919 + epoch) % _SEED_RANGE))
+            order = torch.randperm(n, device="cpu", generator=torch.Generator().manual_seed((self.config.seed * 7919 + epoch) % _SEED_RANGE))
             self._epoch_order = (epoch, order)
         return self._epoch_order[1][i * b : (i + 1) * b]
 
@@ -193,8 +193,10 @@ class Trainer(TrainerCheckpoints):
         lo = self.rank * local
         index = self._global_batch(step)[lo : lo + local]
         gen = self._generator(step, 0)
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen)[lo : lo + local]
-        flip = torch.rand(b, generator=gen)[lo : lo + local] < 0.5
+        # dtype and device fixed: a float64 draw (under torch.set_default_dtype)
+        # takes other bits from the generator, and so other flips.
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen, device="cpu")[lo : lo + local]
+        flip = torch.rand(b, generator=gen, dtype=torch.float32, device="cpu")[lo : lo + local] < 0.5
         if self.device.type != "cpu":
             packed = torch.stack([index, t, flip.to(torch.int64)])
             if self.device.type == "cuda":

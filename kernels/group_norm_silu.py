@@ -431,7 +431,7 @@ def group_norm_silu_triton_backward(
             # combining in float64 moved no largest error past its third digit
             # (Triton interpreter; the CUDA host combines the same way).
             col_a, col_b, col_x = sums.sum(-1)
-            w = weight.float() if weight is not None else torch.ones(c, device=x.device)
+            w = weight.float() if weight is not None else torch.ones(c, dtype=torch.float32, device=x.device)
             count = cg * s
             m1 = (w * col_b).view(n, g, cg).sum(-1) / count
             m2 = (w * col_a).view(n, g, cg).sum(-1) / count

@@ -165,7 +165,9 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
             f"UNet.from_diffusers takes a diffusers UNet2DModel or the folder it was saved to, got {type(model_or_folder).__name__}"
         )
     kwargs = diffusers_config_to_kwargs(config, overrides.pop("image_size", None))  # e.g. for a config without sample_size
-    model = cls(**{**kwargs, **overrides})  # an override (dropout= to fine-tune) replaces the config's value
+    # An override (dropout= to fine-tune) replaces the config's value; float32
+    # whatever torch's default dtype.
+    model = cls(**{**kwargs, **overrides}).float()
     converted, used = {}, set()
     for ours, candidates in diffusers_key_map(model).items():
         found = [c for c in candidates if c in state]

@@ -1,0 +1,134 @@
+"""The library under torch's global defaults that a user may have changed:
+``torch.set_default_dtype(torch.float64)`` and a default device
+(``torch.set_default_device``, or ``torch.device`` as a context manager; "meta"
+stands in here for "cuda", which would put the library's host-side tensors on
+the GPU the same way). What the library makes for itself keeps its own dtype
+and device, so results do not change."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+
+from conftest import save_tiny_diffusers_pipeline
+from ddpm_fast import NoiseSchedule, Sampler, ops
+from ddpm_fast.data import _set_channels
+from ddpm_fast.models import UNet
+from ddpm_fast.ops._backend import triton_available
+from ddpm_fast.pretrained import load_model
+from ddpm_fast.schedules import make_betas
+from ddpm_fast.selfcheck import _self_check
+from train_helpers import make_trainer
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_training_draws_do_not_depend_on_the_default_dtype(tmp_path):
+    """The flips were drawn with torch.rand in the default dtype: a float64 draw
+    takes other bits from the generator, so the same seed flipped other images."""
+    want = [make_trainer(tmp_path / "a")._stage(step) for step in (0, 1)]
+    trainer = make_trainer(tmp_path / "b")
+    with default_dtype(torch.float64):
+        got = [trainer._stage(step) for step in (0, 1)]
+    for a, b in zip(want, got):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_training_under_another_default_device_gives_the_same_losses(tmp_path):
+    a, b = make_trainer(tmp_path / "a", steps=4), make_trainer(tmp_path / "b", steps=4)
+    want = [a.train_step() for _ in range(3)]
+    with torch.device("meta"):
+        got = [b.train_step() for _ in range(3)]
+    assert got == want
+
+
+def test_pretrained_models_load_as_float32_under_a_float64_default(tmp_path):
+    """The README: from_pretrained and from_diffusers give float32 models. Built in
+    the default dtype, they were float64, and the Sampler refused them."""
+    UNet.tiny(image_size=8, in_channels=1).save_pretrained(tmp_path / "ours")
+    theirs = save_tiny_diffusers_pipeline(tmp_path / "pipeline", timesteps=10)
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float32), torch.tensor([3, 7])
+    with torch.no_grad():
+        want = {"ours": UNet.from_pretrained(tmp_path / "ours")(x, t), "diffusers": theirs(x, t).sample}
+    with default_dtype(torch.float64):
+        models = {
+            "ours": UNet.from_pretrained(tmp_path / "ours"),
+            "diffusers": UNet.from_diffusers(tmp_path / "pipeline" / "unet"),
+        }
+        with pytest.warns(UserWarning, match="records no noise schedule"):
+            models["load_model"] = load_model(tmp_path / "ours")[0]
+        for name, model in models.items():
+            assert {p.dtype for p in model.parameters()} == {torch.float32}, name
+        with torch.no_grad():
+            torch.testing.assert_close(models["ours"](x, t), want["ours"], rtol=0, atol=0)
+            torch.testing.assert_close(models["diffusers"](x, t), want["diffusers"], rtol=1e-5, atol=1e-5)
+        samples = Sampler(models["ours"], NoiseSchedule("linear", timesteps=5)).sample(1, seed=0, progress=False)
+    assert samples.dtype == torch.float32
+
+
+def test_grey_conversion_does_not_depend_on_the_default_dtype():
+    """Luma weights in float64 rounded some pixels to the other level."""
+    rgb = torch.randint(0, 256, (8, 3, 80, 80), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    want = _set_channels(rgb, 1)
+    with default_dtype(torch.float64):
+        assert torch.equal(_set_channels(rgb, 1), want)
+
+
+def test_self_check_runs_under_a_float64_default():
+    """`ddpm-fast info`'s self-check drew its inputs in the default dtype, which
+    the ops refuse as float64."""
+    with default_dtype(torch.float64):
+        rows = _self_check(torch.device("cpu"))
+    assert rows and not [row for row in rows if "MISMATCH" in row[2] or "unavailable" in row[2] and row[1] == "cpu"]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_backward_without_weight_does_not_depend_on_the_default_dtype(monkeypatch):
+    """The split backward's stand-in weight was made in the default dtype: its
+    float64 moments moved dx by an ulp."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    monkeypatch.setattr(gn, "MAX_TILE", 8)  # the split path, with several position tiles
+    monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
+    monkeypatch.setattr(gn, "SPLIT_TILE", 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float32)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float32)
+
+    def dx() -> torch.Tensor:
+        leaf = x.clone().requires_grad_()
+        ops.group_norm_silu(leaf, 3, backend="triton").backward(dy)
+        return leaf.grad
+
+    want = dx()
+    with default_dtype(torch.float64):
+        assert torch.equal(dx(), want)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_schedules_are_built_on_the_cpu_whatever_the_default_device(device):
+    """Under a meta default device a schedule could not be built at all."""
+    want = NoiseSchedule("cosine", timesteps=12)
+    with torch.device(device):
+        made = {
+            "named": NoiseSchedule("cosine", timesteps=12),
+            "betas": NoiseSchedule(betas=want.betas.tolist()),
+            "respaced": want.respace([0, 5, 11]),
+            "from_config": NoiseSchedule.from_config(want.respace([0, 5, 11]).config),
+        }
+        tables = [want.step_table("fixed_small"), want.step_table("ddim", eta=0.5), make_betas("linear", 10)]
+        assert {t.device.type for t in tables} == {"cpu"}
+        for name, schedule in made.items():
+            assert {v.device.type for v in vars(schedule).values() if isinstance(v, torch.Tensor)} == {"cpu"}, name
+    torch.testing.assert_close(made["named"].alphas_cumprod, want.alphas_cumprod, rtol=0, atol=0)
+    torch.testing.assert_close(made["respaced"].alphas_cumprod, made["from_config"].alphas_cumprod, rtol=0, atol=0)
