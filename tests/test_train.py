@@ -4,6 +4,7 @@ DDP equals one process, non-finite losses are skipped then stop the run."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import ddpm_fast.train
 from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
 from conftest import host_to_device_copies
-from train_helpers import KILL_POINTS, make_trainer, run_training
+from train_helpers import KILL_POINTS, RESUMABLE, make_trainer, run_training
 
 STEPS = 8
 # Killed runs start from a fork server that has imported torch and ddpm_fast
@@ -215,17 +216,18 @@ def test_compiled_model_trains_the_same_steps(tmp_path):
 
 
 def test_resume_in_process_continues_exactly(tmp_path):
-    # With dropout, so that the step draws from torch's generator and a resume
-    # that did not restore it would differ; the EMA and the optimizer's state
-    # are compared too (the losses and the model alone do not show an EMA that
-    # was not restored).
-    full = make_trainer(tmp_path / "full", steps=STEPS, dropout=0.3)
+    # RESUMABLE: torch's generator, the learning-rate warm-up and the epoch's
+    # permutation all matter after the resume; the EMA, the optimizer's and the
+    # learning-rate schedule's state are compared too (the losses and the model
+    # alone do not show an EMA that was not restored).
+    full = make_trainer(tmp_path / "full", steps=STEPS, **RESUMABLE)
     full.train(final_samples=False)
-    part = make_trainer(tmp_path / "part", steps=STEPS // 2, dropout=0.3)
+    part = make_trainer(tmp_path / "part", steps=STEPS // 2, **RESUMABLE)
     part.train(final_samples=False)
-    resumed = make_trainer(tmp_path / "part", steps=STEPS, dropout=0.3)
+    resumed = make_trainer(tmp_path / "part", steps=STEPS, **RESUMABLE)
     resumed.train(final_samples=False)
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    assert resumed.lr_schedule.state_dict() == full.lr_schedule.state_dict()
     for module in ("model", "ema"):
         want, got = getattr(full, module).state_dict(), getattr(resumed, module).state_dict()
         assert got.keys() == want.keys()
@@ -264,6 +266,29 @@ def test_sigkill_at_a_random_moment_then_resume(baseline, tmp_path, trial):
         pytest.fail("the run ended before the kill in 5 attempts")
     assert _run(out) == 0
     _assert_same_run(out, baseline)
+
+
+@pytest.mark.slow
+def test_training_is_bitwise_alike_in_fresh_interpreters(baseline, tmp_path):
+    """Run after run: new processes with other hash seeds train the same losses
+    and weights as the baseline (the kill tests' runs all fork from one server,
+    which shares its hash seed and anything cached at import)."""
+    tests = str(Path(__file__).parent)
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        script = f"import sys; sys.path.insert(0, {tests!r}); import train_helpers; train_helpers.run_training({str(out)!r}, {STEPS})"
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert run.returncode == 0, run.stderr[-2000:]
+        _assert_same_run(out, baseline)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_data(tmp_path):
+    trainer = make_trainer(tmp_path, images=24)  # 3 steps of 8 an epoch
+    epochs = [torch.cat([trainer._global_batch(3 * epoch + i) for i in range(3)]) for epoch in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(24))
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
 
 
 def _logged_steps(out: Path) -> int:

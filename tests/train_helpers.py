@@ -44,13 +44,21 @@ def save_toy_npz(path) -> None:
     np.savez(path, images=toy_dataset(n=32).images.permute(0, 2, 3, 1).numpy())
 
 
-def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 0.0, **overrides) -> Trainer:
+def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 0.0, images: int = 64,
+                 **overrides) -> Trainer:
     torch.manual_seed(0)
     values = dict(steps=steps, batch_size=8, lr=1e-3, warmup=2, log_every=1, checkpoint_every=2, seed=3, flip=True,
                   ema_decay=0.9)
     values.update(overrides)
-    return Trainer(TinyEps(dropout=dropout), toy_dataset(), NoiseSchedule("linear", timesteps=100), TrainConfig(**values), out_dir,
-                   device=device, progress=False)
+    return Trainer(TinyEps(dropout=dropout), toy_dataset(n=images), NoiseSchedule("linear", timesteps=100),
+                   TrainConfig(**values), out_dir, device=device, progress=False)
+
+
+# The fault tests' run: every part of the state a resume must restore matters
+# in it. Dropout draws from torch's generator; the learning rate is still
+# warming up when it is killed; 24 images of batch 8 make epochs of 3 steps, so
+# a resume lands in a later epoch than the first, with its own permutation.
+RESUMABLE = dict(dropout=0.3, warmup=6, images=24)
 
 
 KILL_POINTS = ("mid-files", "publish", "pointer", "prune")
@@ -112,4 +120,4 @@ def run_training(out_dir: str, steps: int, kill_in_write: int | None = None, kil
     torch.set_num_threads(1)
     if kill_in_write is not None:
         _kill_inside_checkpoint_write(kill_in_write, kill_point)
-    make_trainer(out_dir, steps=steps, checkpoint_every=1).train(final_samples=False)
+    make_trainer(out_dir, steps=steps, checkpoint_every=1, **RESUMABLE).train(final_samples=False)
