@@ -11,6 +11,7 @@ from conftest import (
     backend_params, gpu_if_present, huge_timesteps, poisoned_outputs, requires_extension, skip_without_gpu_memory,
 )
 from ddpm_fast import NoiseSchedule, diffusion, ops
+from ddpm_fast.ops.randn import normal_reference
 
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
 T = SCHEDULE.num_timesteps
@@ -228,6 +229,32 @@ def test_noise_follows_logical_position_not_memory_order(device, backend):
     cl = ops.ddpm_step(x.to(memory_format=torch.channels_last), eps.to(memory_format=torch.channels_last), t,
                        SCHEDULE, **kw)
     torch.testing.assert_close(cl, contiguous, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", [*backend_params(), pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_drawn_noise_is_normal_at_the_documented_counters(device, backend, layout):
+    """z of logical element j of sample n is normal(seed, offset + n * sample_stride
+    + t_n * step_stride + j): with x_t = eps = 0 the step is sigma_t z. (A reference
+    that ignored step_stride passed every other test.)"""
+    zeros = make((3, 2, 5, 7), torch.float32, layout, device, 0, scale=0.0)
+    t = torch.tensor([4, 731, 999])
+    seed, offset, sample_stride, step_stride = 11, 5, 200, 1000
+    out = ops.ddpm_step(zeros, zeros.clone(), t.to(device), SCHEDULE, seed=seed, offset=offset,
+                        sample_stride=sample_stride, step_stride=step_stride, backend=backend)
+    n, t4 = torch.arange(3).reshape(3, 1, 1, 1), t.reshape(3, 1, 1, 1)
+    j = torch.arange(70).reshape(1, 2, 5, 7)
+    sigma = SCHEDULE.betas[t4].sqrt().float()  # fixed_large, t > 0
+    want = sigma * normal_reference(seed, offset + n * sample_stride + t4 * step_stride + j)
+    torch.testing.assert_close(out.cpu(), want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_a_one_element_t_tensor_is_every_samples_timestep(device, backend):
+    x, eps = (make((3, 2, 5, 7), torch.float32, "contiguous", device, seed) for seed in (0, 1))
+    want = ops.ddpm_step(x, eps, 640, SCHEDULE, seed=2, backend=backend)
+    got = ops.ddpm_step(x, eps, torch.tensor([640], device=device), SCHEDULE, seed=2, backend=backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

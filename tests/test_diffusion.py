@@ -427,8 +427,9 @@ def test_bpd_better_model_scores_lower():
     best = run_bpd(oracle(x0)).total
     assert torch.all(best < run_bpd(lambda x, t: torch.zeros_like(x)).total)
     assert torch.all(best < run_bpd(lambda x, t: 0.1 * x).total)
-    x0_oracle = run_bpd(lambda x, t: x0.clone(), mean_type="x0").total
-    np.testing.assert_allclose(x0_oracle.numpy(), best.numpy(), rtol=1e-8)
+    x0_oracle = run_bpd(lambda x, t: x0.clone(), mean_type="x0")
+    np.testing.assert_allclose(x0_oracle.total.numpy(), best.numpy(), rtol=1e-8)
+    assert x0_oracle.mse.abs().max().item() == 0  # an x0 model's mse is against x0, not the noise
 
 
 # ---------------------------------------------------------------- bad input

@@ -113,6 +113,15 @@ def test_noise_follows_logical_position_not_memory_order(device, backend, shape)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
+def test_a_one_element_t_tensor_is_every_samples_timestep(device, backend):
+    x = make_input((3, 2, 5, 7), torch.float32, "contiguous", device)
+    want = ops.q_sample(x, 640, SCHEDULE, seed=2, backend=backend)
+    got = ops.q_sample(x, torch.tensor([640], device=device), SCHEDULE, seed=2, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
 def test_strided_views_are_handled(device, backend):
     base = make_input((4, 6, 10, 10), torch.float32, "contiguous", device)
     x = base[:, ::2, 1:, ::3]  # neither contiguous nor channels_last

@@ -210,6 +210,8 @@ def test_respace_keeps_alphas_cumprod_and_maps_original_timesteps():
     sub = parent.respace([0, 10, 50, 99])
     assert sub.timestep_map.tolist() == [0, 10, 50, 99]
     assert_close64(sub.alphas_cumprod, ab[[0, 10, 50, 99]])
+    # beta of the sub-chain's step s -> s': 1 - abar_s' / abar_s (1 - abar_0 at the first)
+    assert_close64(sub.betas, 1 - ab[[0, 10, 50, 99]] / np.r_[1.0, ab[[0, 10, 50]]], rtol=1e-10)
     subsub = sub.respace([1, 3])
     assert subsub.timestep_map.tolist() == [10, 99]
     assert_close64(subsub.alphas_cumprod, ab[[10, 99]])
