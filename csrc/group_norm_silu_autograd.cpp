@@ -87,6 +87,9 @@ variable_list differentiable_backward(const at::Tensor& dy, const variable_list&
     if (w) w = w->to(at::kFloat);
     if (b) b = b->to(at::kFloat);
   }
+  // A bias alone with a weight of ones: torch 2.11's group_norm backward fails
+  // on a bias without a weight ("tensor does not have a device").
+  if (b && !w) w = at::ones_like(*b);
   at::Tensor y = at::group_norm(h, groups, w, b, eps);
   if (act) y = at::silu(y);
   if (in_float) y = y.to(x.scalar_type());

@@ -7,7 +7,6 @@ float32 copies on the tensor's device (``NoiseSchedule.table``).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -55,25 +54,19 @@ TABLES = (
 )
 
 
-def _on_cpu(function):
-    """``function`` run with the CPU as torch's default device: a schedule is
-    host-side float64 data, made there whatever ``torch.set_default_device``
-    says (under "meta" it could not be built; under "cuda" every table lookup
-    would wait for the device, and respaced schedules, made from CPU betas,
-    would not match their parents)."""
-
-    @functools.wraps(function)
-    def on_cpu(*args, **kwargs):
-        with torch.device("cpu"):
-            return function(*args, **kwargs)
-
-    return on_cpu
+# A schedule is host-side float64 data: made on the CPU whatever
+# torch.set_default_device / set_default_dtype say (under "meta" it could not
+# be built; under "cuda" every lookup would wait for the device, and respaced
+# schedules, made from CPU betas, would not match their parents). Explicit
+# arguments, not a torch.device("cpu") context, which Dynamo before torch 2.12
+# cannot enter where a table is first made inside a compiled function.
+_F64 = {"dtype": torch.float64, "device": "cpu"}
 
 
 def _warmup(beta_start: float, beta_end: float, timesteps: int, fraction: float) -> torch.Tensor:
-    betas = torch.full((timesteps,), beta_end, dtype=torch.float64)
+    betas = torch.full((timesteps,), beta_end, **_F64)
     warmup_steps = int(timesteps * fraction)
-    betas[:warmup_steps] = torch.linspace(beta_start, beta_end, warmup_steps, dtype=torch.float64)
+    betas[:warmup_steps] = torch.linspace(beta_start, beta_end, warmup_steps, **_F64)
     return betas
 
 
@@ -85,10 +78,9 @@ def _cosine(timesteps: int) -> torch.Tensor:
         min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), COSINE_MAX_BETA)
         for i in range(timesteps)
     ]
-    return torch.tensor(betas, dtype=torch.float64)
+    return torch.tensor(betas, **_F64)
 
 
-@_on_cpu
 def make_betas(
     name: str,
     timesteps: int = 1000,
@@ -108,15 +100,15 @@ def make_betas(
     if name == "jsd":  # 1/T, 1/(T-1), ..., 1
         if beta_start is not None or beta_end is not None:
             raise ValueError("the jsd schedule takes no beta_start/beta_end")
-        return 1.0 / torch.linspace(timesteps, 1, timesteps, dtype=torch.float64)
+        return 1.0 / torch.linspace(timesteps, 1, timesteps, **_F64)
     start = DEFAULT_BETA_START if beta_start is None else _beta_bound(beta_start, "beta_start")
     end = DEFAULT_BETA_END if beta_end is None else _beta_bound(beta_end, "beta_end")
     if name == "linear":
-        return torch.linspace(start, end, timesteps, dtype=torch.float64)
+        return torch.linspace(start, end, timesteps, **_F64)
     if name == "quad":
-        return torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
+        return torch.linspace(start**0.5, end**0.5, timesteps, **_F64) ** 2
     if name == "const":
-        return torch.full((timesteps,), end, dtype=torch.float64)
+        return torch.full((timesteps,), end, **_F64)
     return _warmup(start, end, timesteps, 0.1 if name == "warmup10" else 0.5)
 
 
@@ -137,7 +129,6 @@ class NoiseSchedule:
     ``num_timesteps``; ``table(name, device)`` gives a cached float32 copy for kernels.
     """
 
-    @_on_cpu
     def __init__(
         self,
         name: str | None = "linear",
@@ -169,7 +160,7 @@ class NoiseSchedule:
         self.num_timesteps = int(betas.numel())
         self._compute_tables(betas)
         # Original timestep of each index (the identity unless respaced).
-        self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
+        self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64, device="cpu")
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     @classmethod
@@ -204,10 +195,10 @@ class NoiseSchedule:
             om = -torch.expm1(torch.cumsum(torch.log1p(-betas), dim=0))
         else:  # respaced: the parent's abar as it is (rebuilt from 1 - beta it would round, see respace)
             ac, om = alphas_cumprod, one_minus_alphas_cumprod
-        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        ac_prev = torch.cat([torch.ones(1, **_F64), ac[:-1]])
         if alphas_cumprod is not None:
             alphas = ac / ac_prev
-        om_prev = torch.cat([torch.zeros(1, dtype=torch.float64), om[:-1]])
+        om_prev = torch.cat([torch.zeros(1, **_F64), om[:-1]])
         self.betas = betas
         self.alphas = alphas
         self.alphas_cumprod = ac
@@ -305,9 +296,8 @@ class NoiseSchedule:
             self._device_tables[(name, device)] = cached
         return cached
 
-    @_on_cpu
     def _ddpm_table(self, variance: str) -> torch.Tensor:
-        table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), dtype=torch.float64)
+        table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), **_F64)
         # eq. 11: (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t)
         table[:, 0] = self.sqrt_recip_alphas
         table[:, 1] = -self.sqrt_recip_alphas * self.eps_coef
@@ -320,7 +310,6 @@ class NoiseSchedule:
         table[0, 6] = 0.0
         return table
 
-    @_on_cpu
     def _ddim_table(self, eta: float) -> torch.Tensor:
         # Song et al. (2021), eq. 12: x_{t-1} = sqrt(abar_prev) x0 + dir * eps + sigma z,
         # dir = sqrt(1 - abar_prev - sigma^2), eps recomputed from x0 when x0 is clipped.
@@ -328,7 +317,7 @@ class NoiseSchedule:
         sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
         direction = (1 - ab_prev - sigma**2).clamp_min(0.0).sqrt()
         k2, k3 = self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod
-        table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), dtype=torch.float64)
+        table = torch.zeros(self.num_timesteps, len(STEP_COLUMNS), **_F64)
         table[:, 0] = ab_prev.sqrt() * k2
         table[:, 1] = direction - ab_prev.sqrt() * k3
         table[:, 2] = k2
@@ -339,7 +328,6 @@ class NoiseSchedule:
         table[0, 6] = 0.0
         return table
 
-    @_on_cpu
     def respace(self, timesteps: Sequence[int]) -> "NoiseSchedule":
         """The schedule of the sub-chain through ``timesteps`` (zero-based; a set:
         taken in increasing order, whatever order they come in, repeats dropped),
@@ -365,9 +353,9 @@ class NoiseSchedule:
                 f"cannot respace this schedule through timestep {at}: its alphas_cumprod is 0 there "
                 "(beta_t = 1 or float64 underflow), so no later step of the sub-chain is defined"
             )
-        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        ab_prev = torch.cat([torch.ones(1, **_F64), ab[:-1]])
         om = self.one_minus_alphas_cumprod[steps]
-        om_prev = torch.cat([torch.zeros(1, dtype=torch.float64), om[:-1]])
+        om_prev = torch.cat([torch.zeros(1, **_F64), om[:-1]])
         # beta = 1 - abar_t / abar_s, from 1 - abar while it is small (exact there; the
         # ratio's 1 - ... would keep only ~1e-16 / beta of beta's digits), else from the ratio.
         betas = torch.where(om < 0.5, (om - om_prev) / ab_prev, 1.0 - ab / ab_prev)
@@ -428,7 +416,7 @@ def _as_betas(betas: object) -> torch.Tensor:
             raise TypeError(f"betas must hold real numbers, got {betas.dtype}")
         return betas.detach().to("cpu", torch.float64).clone()
     try:  # lists and arrays straight to float64, never via float32
-        tensor = torch.tensor(betas, dtype=torch.float64)
+        tensor = torch.tensor(betas, **_F64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"betas must be a tensor or a sequence of numbers, got {type(betas).__name__} ({error})") from None
     if any(isinstance(b, bool) for b in (betas if isinstance(betas, (list, tuple)) else ())) or (

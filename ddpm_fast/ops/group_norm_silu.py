@@ -34,6 +34,8 @@ def _reference(x, num_groups, weight, bias, eps, add, act):
     if add is not None:
         h = h + add.to(dtype).reshape(add.shape + (1,) * (x.dim() - 2))
     w, b = (None if p is None else p.to(dtype) for p in (w, b))
+    if b is not None and w is None:  # torch 2.11's backward fails on a bias alone ("tensor does not have a device")
+        w = torch.ones_like(b)
     y = F.group_norm(h, num_groups, w, b, eps)
     return (F.silu(y) if act else y).to(x.dtype)
 
