@@ -108,18 +108,22 @@ def test_triton_split_path_first_value_far_from_the_mean(triton_split_path, layo
 @requires_triton
 @gpu_if_present
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_triton_split_path_large_mean_at_real_tile_sizes(layout):
+@pytest.mark.parametrize("height,width", [(64, 64), (63, 65)], ids=["whole-tiles", "partial-last-tile"])
+def test_triton_split_path_large_mean_at_real_tile_sizes(layout, height, width):
     """N(0, 1) data plus 1e4 with the split path's real tiles (hundreds of
     positions each): each tile's float sum of h carries a rounding of order
     1e4 ulp into the combination unless the tile writes its deviations' sum
-    too (26bc414, without it, was 3e-5 off in rstd here)."""
-    shape, groups = (1, 8, 64, 64), 1
+    too (26bc414, without it, was 3e-5 off in rstd here). 63 x 65 leaves the
+    last tile one position short: its deviations must be taken from its own
+    rows' mean (a mean over the whole tile's length cancelled the same way)."""
+    shape, groups = (1, 8, height, width), 1
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) + 1e4
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
-    p = gn.plan(shape[1], 64 * 64, groups, 4, layout == "channels_last")
+    p = gn.plan(shape[1], height * width, groups, 4, layout == "channels_last")
     assert not p.fused and p.pos_tiles > 1
+    assert (height * width) % p.block_s == (0 if height == width else p.block_s - 1)
     want_var, want_mean = torch.var_mean(x.double().reshape(1, groups, -1), -1, unbiased=False)
     want_rstd = (want_var + 1e-5).rsqrt()
     _, mean, rstd = torch.ops.ddpm_fast.group_norm_silu_triton(x.to(TRITON_DEVICE), None, None, None, groups, 1e-5, True)
