@@ -29,7 +29,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent / "cuda_emulation"
 
-# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads[, far].
+# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads[, far|nonfinite|eps].
 CASES = [
     # Packed groups with per-thread loops whose steps wrap rows (S = 36: 9 packets a row).
     "2 8 36 2 nchw f32 fused wide 64",
@@ -65,6 +65,11 @@ CASES = [
     # means, combined by Chan's formula (sums shifted by the first value cancelled).
     # 8000 positions: a partial last position tile.
     "1 4 8000 1 nchw f32 large wide 512 far",
+    # eps 0.25 (a sixteenth of the data's variance) on the fused and split paths:
+    # a kernel that dropped eps passed every case with 1e-5.
+    "2 8 36 2 nchw f32 fused wide 64 eps",
+    "3 12 49 4 nhwc bf16 fused scalar 64 eps",
+    "2 6 35 3 nhwc f32 split scalar 64 eps",
     "1 8 8000 2 nhwc f32 large wide 512 far",
     "1 8 8000 2 nhwc bf16 large scalar 512 far",
     # Groups holding +Inf, -Inf, both, NaN, an add of +Inf, two +Inf (and finite
@@ -150,7 +155,7 @@ def test_elementwise_kernels(elementwise: Path, op: str) -> None:
 # backward, a cluster's blocks run at once: N, C, S, G, layout, dtype, packets,
 # threads, the shared memory a forward block may take (shrunk so that small
 # groups need a cluster; twice that for the backward), the cluster size the
-# forward's plan must choose[, far|nonfinite]. Each case runs with and without add, affine
+# forward's plan must choose[, far|nonfinite|eps]. Each case runs with and without add, affine
 # parameters and SiLU.
 CLUSTER_CASES = [
     # One group a cluster over 2, 4 and 8 blocks; 16-byte packets; float16 and bfloat16.
@@ -174,6 +179,9 @@ CLUSTER_CASES = [
     "1 4 3000 1 nchw f32 wide 512 29000 2",
     # Each group's first value 1e3 in N(0, 1) data: statistics and float32 y to float32 rounding.
     "1 4 4000 1 nchw f32 wide 128 13000 8 far",
+    # eps 0.25 (see CASES).
+    "2 8 1000 2 nchw f32 wide 64 9000 4 eps",
+    "2 16 1500 4 nhwc f32 wide 64 13000 4 eps",
     "1 8 4000 2 nhwc f32 wide 128 15000 8 far",
     "1 8 4000 2 nhwc bf16 scalar 64 14000 8 far",
     # Groups holding +Inf, -Inf, both, NaN, an add of +Inf, two +Inf (as the

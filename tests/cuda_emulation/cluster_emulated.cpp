@@ -49,6 +49,7 @@ struct Case {
   int cluster;
   bool far;
   bool nonfinite;  // groups 0-5 poisoned (poison)
+  double eps;  // 0.25 with the eps mode (see group_norm_silu_emulated.cpp), else 1e-5
 };
 
 template <typename T, int V>
@@ -108,7 +109,7 @@ bool run(const Case& k) {
     std::vector<float> mean(k.n * k.g, NAN), rstd(k.n * k.g, NAN);
     const unsigned grid = static_cast<unsigned>(k.n * plan.g.col_tiles * plan.g.pos_tiles);
     emu::launch_cluster(gn::forward_cluster_kernel<T, V>, grid, static_cast<unsigned>(plan.cluster), k.threads,
-                        static_cast<size_t>(plan.smem_bytes), static_cast<const T*>(xt.data()), plan.g, prm, 1e-5f,
+                        static_cast<size_t>(plan.smem_bytes), static_cast<const T*>(xt.data()), plan.g, prm, static_cast<float>(k.eps),
                         y.data(), mean.data(), rstd.data());
     // The backward, from the reference statistics.
     const std::vector<float> rmean(ref.mean.begin(), ref.mean.end()), rrstd(ref.rstd.begin(), ref.rstd.end());
@@ -168,15 +169,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::string mode = argc == 12 ? argv[11] : "";
-  if (argc != 11 && !(argc == 12 && (mode == "far" || mode == "nonfinite"))) {
-    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|f16|bf16 wide|scalar THREADS BLOCK_BYTES K [far|nonfinite]\n",
+  if (argc != 11 && !(argc == 12 && (mode == "far" || mode == "nonfinite" || mode == "eps"))) {
+    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|f16|bf16 wide|scalar THREADS BLOCK_BYTES K [far|nonfinite|eps]\n",
                  argv[0]);
     return 2;
   }
   const Case k{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
                std::string(argv[5]) == "nhwc", argv[6], std::string(argv[7]) == "wide",
                static_cast<unsigned>(std::atoi(argv[8])), std::atoll(argv[9]), std::atoi(argv[10]), mode == "far",
-               mode == "nonfinite"};
+               mode == "nonfinite", mode == "eps" ? 0.25 : 1e-5};
   if (k.nonfinite && k.g < 6) {
     std::fprintf(stderr, "nonfinite needs G >= 6\n");
     return 2;

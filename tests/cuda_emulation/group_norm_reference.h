@@ -1,7 +1,7 @@
 // What the GroupNorm+SiLU emulators (group_norm_silu_emulated.cpp,
 // cluster_emulated.cpp) share: the float64 reference, the non-finite poison,
-// the error measure. Templates over each emulator's Case, which has n, c, s, g
-// and channels_last.
+// the error measure. Templates over each emulator's Case, which has n, c, s, g,
+// channels_last and eps.
 #pragma once
 
 #include <algorithm>
@@ -45,7 +45,7 @@ Reference reference(const Case& k, const std::vector<double>& x, const std::vect
       const double mean = sum / m;
       for (int64_t c = g * cg; c < (g + 1) * cg; ++c)
         for (int64_t s = 0; s < k.s; ++s) sq += (h(n, c, s) - mean) * (h(n, c, s) - mean);
-      const double rstd = 1.0 / std::sqrt(sq / m + 1e-5);
+      const double rstd = 1.0 / std::sqrt(sq / m + k.eps);
       r.mean[n * k.g + g] = mean, r.rstd[n * k.g + g] = rstd;
       double s1 = 0, s2 = 0;
       std::vector<double> xhat(m), du(m);

@@ -2,7 +2,7 @@
 // under emulate.h against a float64 reference, forward and backward, and
 // prints the worst error of each output. Used by tests/test_cuda_kernels_emulated.py.
 //
-//   group_norm_silu_emulated N C S G LAYOUT DTYPE PATH PACKETS THREADS [far|nonfinite]
+//   group_norm_silu_emulated N C S G LAYOUT DTYPE PATH PACKETS THREADS [far|nonfinite|eps]
 //     LAYOUT nchw|nhwc, DTYPE f32|bf16, PACKETS wide|scalar, PATH fused|split|large:
 //     split shrinks the tiles so that small inputs take the split path; large
 //     keeps the real tile sizes and expects an input too large to fuse.
@@ -12,6 +12,8 @@
 //     an add of +Inf, two +Inf (see poison); every output must be NaN, +Inf
 //     or -Inf exactly where the float64 reference has it: the mean of a group
 //     is its sum over its count (+-Inf, or NaN), its rstd NaN.
+//     eps: eps 0.25 instead of 1e-5, a sixteenth of the data's variance (4), so
+//     that a kernel that drops or replaces it is off by 3% in rstd.
 // Exit status 0 when every output is within tolerance, 1 otherwise.
 #include "emulate.h"
 // clang-format off: the kernels need the emulation first
@@ -38,6 +40,7 @@ struct Case {
   bool shrink;  // small tiles, to force the split path
   bool far;     // each group's first value 1e3 in N(0, 1) data
   bool nonfinite;  // groups 0-5 poisoned (poison)
+  double eps;
 };
 
 struct Problem {
@@ -65,7 +68,7 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
   const unsigned fgrid = static_cast<unsigned>(k.n * fg.col_tiles * fg.pos_tiles);
   const size_t fsmem = gn::tile_floats(fg) * sizeof(float);
   if (fg.fused) {
-    emu::launch(gn::forward_fused_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm, 1e-5f, y.data(), mean.data(),
+    emu::launch(gn::forward_fused_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm, static_cast<float>(k.eps), y.data(), mean.data(),
                 rstd.data());
   } else {
     // The host's combination (group_norm_silu_cuda.cpp), in double: Chan's
@@ -93,7 +96,7 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
         for (size_t j = 0; j < col_mean.size(); ++j) m2 += col_n[j] * (col_mean[j] - mu) * (col_mean[j] - mu);
         mean[n * k.g + g] = static_cast<float>(mu);
         // clamp_min(0) as torch has it: NaN stays NaN (std::max(0.0, NaN) is 0).
-        rstd[n * k.g + g] = static_cast<float>(1 / std::sqrt(std::max(m2 / (cg * k.s), 0.0) + 1e-5));
+        rstd[n * k.g + g] = static_cast<float>(1 / std::sqrt(std::max(m2 / (cg * k.s), 0.0) + k.eps));
       }
     }
     emu::launch(gn::normalize_kernel<T, V>, fgrid, threads, 0, x.data(), fg, prm, static_cast<const float*>(mean.data()),
@@ -176,15 +179,15 @@ bool dispatch(const Case& k, const Problem& p, const Reference& ref, bool act) {
 
 int main(int argc, char** argv) {
   const std::string mode = argc == 11 ? argv[10] : "";
-  if (argc != 10 && !(argc == 11 && (mode == "far" || mode == "nonfinite"))) {
-    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split|large wide|scalar THREADS [far|nonfinite]\n",
+  if (argc != 10 && !(argc == 11 && (mode == "far" || mode == "nonfinite" || mode == "eps"))) {
+    std::fprintf(stderr, "usage: %s N C S G nchw|nhwc f32|bf16 fused|split|large wide|scalar THREADS [far|nonfinite|eps]\n",
                  argv[0]);
     return 2;
   }
   const Case k{std::atoll(argv[1]), std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]),
                std::string(argv[5]) == "nhwc", std::string(argv[6]) == "bf16", std::string(argv[7]) != "fused",
                std::string(argv[8]) == "wide", static_cast<unsigned>(std::atoi(argv[9])), std::string(argv[7]) == "split",
-               mode == "far", mode == "nonfinite"};
+               mode == "far", mode == "nonfinite", mode == "eps" ? 0.25 : 1e-5};
   if (k.nonfinite && k.g < 6) {
     std::fprintf(stderr, "nonfinite needs G >= 6\n");
     return 2;
