@@ -117,6 +117,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t num_groups, bool act);
 
+// The CUDA split paths' host combinations (group_norm_silu_combine.cpp); add and
+// weight float32 or undefined. Moments: parts (3, N, C, tiles) float32 of each
+// tile column's float mean m (of x, without add), D = sum (x - m) and
+// Q = sum (x - m)^2 -> float64 (mean, rstd) of (N, G). Backward: sums
+// (3, N, C, tiles) of A, B, X (above), rstd (N, G) -> (A, B, m1, m2, dadd) with
+// m1 = S1 / M, m2 = S2 / M.
+std::tuple<at::Tensor, at::Tensor> group_norm_combine_moments(const at::Tensor& parts, const at::Tensor& add,
+                                                              int64_t groups, int64_t hw, int64_t block_s, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_combine_backward(
+    const at::Tensor& sums, const at::Tensor& weight, const at::Tensor& rstd, int64_t groups, int64_t hw);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Tensor& x,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,

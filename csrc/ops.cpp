@@ -37,6 +37,13 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def(
       "group_norm_silu_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? add, "
       "Tensor mean, Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Internal: the CUDA split paths' host combinations (group_norm_silu_combine.cpp),
+  // an op so that the CPU tests run them. (mean, rstd) of (N, G) from the tiles'
+  // (m, D, Q); (A, B, m1, m2, dadd) from the tiles' (A, B, X) sums.
+  m.def("_group_norm_combine_moments(Tensor parts, Tensor? add, int num_groups, int hw, int block_s, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("_group_norm_combine_backward(Tensor sums, Tensor? weight, Tensor rstd, int num_groups, int hw) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import ddpm_fast._C` loads this library, which registers the operators

@@ -1,13 +1,10 @@
-// GroupNorm+SiLU on the GPU: the op's checks and outputs, the choice of path
-// (fused, cluster or split; group_norm_silu_kernels.cuh describes them) and
-// the split path's combination of moments between its two launches; the
-// launches are in group_norm_silu_launch.cu.
+// GroupNorm+SiLU on the GPU: the op's checks and outputs and the choice of path
+// (fused, cluster or split; group_norm_silu_kernels.cuh describes them); the
+// launches are in group_norm_silu_launch.cu, the split path's host combinations
+// between them in ../group_norm_silu_combine.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/ones.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -62,29 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(const at::Te
     at::Tensor parts = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
     cuda::gn_moments(xp, l, g, parts[0].mutable_data_ptr<float>(), parts[1].mutable_data_ptr<float>(),
                      parts[2].mutable_data_ptr<float>(), stream);
-    // The tile columns' moments combined in double by Chan's parallel formula:
-    // a column of n values about its float mean m, with D = sum (x - m) and
-    // Q = sum (x - m)^2, has the mean m + D / n and M2 = Q - D^2 / n; the
-    // group's M2 is the columns' M2 plus n (column mean - group mean)^2 summed.
-    // Every float sum is of deviations from its own column's mean, so none
-    // cancels wherever the values lie (sums shifted by the group's first
-    // value, before, lost the variance when that value lay far from the mean).
-    const at::Tensor part = parts.to(at::kDouble);
-    at::Tensor n_t = at::full({g.pos_tiles}, static_cast<double>(g.block_s), x.options().dtype(at::kDouble));
-    n_t.select(0, g.pos_tiles - 1).fill_(static_cast<double>(l.hw - (g.pos_tiles - 1) * g.block_s));
-    const at::Tensor dev = part[1];
-    at::Tensor col_mean = part[0] + dev / n_t;  // [N, C, T]
-    if (a.defined()) col_mean = col_mean + a.to(at::kDouble).view({l.n, l.c, 1});
-    const at::Tensor col_m2 = part[2] - dev * dev / n_t;
-    const double count = static_cast<double>(l.c / l.groups * l.hw);
-    auto group_sum = [&](const at::Tensor& v) {  // [N, C, T] -> [N, G, 1, 1]
-      return v.view({l.n, l.groups, -1, g.pos_tiles}).sum({2, 3}, /*keepdim=*/true);
-    };
-    const at::Tensor d_mean = group_sum(col_mean * n_t) / count;
-    const at::Tensor spread = col_mean.view({l.n, l.groups, -1, g.pos_tiles}) - d_mean;
-    const at::Tensor var = ((group_sum(col_m2) + (spread * spread * n_t).sum({2, 3}, true)) / count).clamp_min(0.0);
-    mean.copy_(d_mean.view({l.n, l.groups}));
-    rstd.copy_((var + eps).rsqrt().view({l.n, l.groups}));
+    const auto [d_mean, d_rstd] = group_norm_combine_moments(parts, a, l.groups, l.hw, g.block_s, eps);
+    mean.copy_(d_mean);
+    rstd.copy_(d_rstd);
     cuda::gn_normalize(xp, l, g, p, mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(), yp, stream);
   });
   return {y, mean, rstd};
@@ -107,7 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const at::Tensor w = as_float(weight), b = as_float(bias), a = as_float(add);
     const gn::Params p = make_params(w, b, a, act);
     const gn::Geometry g = cuda::gn_plan(l, x.element_size(), /*backward=*/true);
-    const int64_t cg = l.c / l.groups;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const float* mp = mean.const_data_ptr<float>();
     const float* rp = rstd.const_data_ptr<float>();
@@ -127,17 +103,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
       at::Tensor sums = at::empty({3, l.n, l.c, g.pos_tiles}, x.options().dtype(at::kFloat));
       cuda::gn_backward_sums(dyp, xp, l, g, p, mp, rp, sums[0].mutable_data_ptr<float>(),
                              sums[1].mutable_data_ptr<float>(), sums[2].mutable_data_ptr<float>(), stream);
-      const at::Tensor totals = sums.sum(-1);  // [3, N, C]: A, B, X
-      col_a = totals[0];
-      col_b = totals[1];
-      const at::Tensor wf = w.defined() ? w : at::ones({l.c}, x.options().dtype(at::kFloat));
-      const double count = static_cast<double>(cg * l.hw);
-      const at::Tensor m1 = ((wf * col_b).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
-      const at::Tensor m2 = ((wf * col_a).view({l.n, l.groups, cg}).sum(-1) / count).contiguous();
+      at::Tensor m1, m2;
+      std::tie(col_a, col_b, m1, m2, dadd) = group_norm_combine_backward(sums, w, rstd, l.groups, l.hw);
       cuda::gn_backward_dx(dyp, xp, l, g, p, mp, rp, m1.const_data_ptr<float>(), m2.const_data_ptr<float>(), dxp,
                            stream);
-      const auto per_channel = [&](const at::Tensor& t) { return t.repeat_interleave(cg, 1); };
-      dadd = per_channel(rstd) * (wf * col_b - static_cast<double>(l.hw) * per_channel(m1) - totals[2] * per_channel(m2));
     });
   }
   const auto [dweight, dbias, dadd_t] = param_grads_as(col_a.sum(0), col_b.sum(0), dadd, x, weight, bias, add);
