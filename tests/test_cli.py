@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,55 @@ def test_every_command_documents_its_options(command, capsys):
             # Every option has help of its own (the usage line names every flag anyway).
             assert action.help not in (None, "", argparse.SUPPRESS), action.option_strings
             assert "".join(action.help.split()).replace("%%", "%") in text, action.option_strings
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_default_the_help_states_is_the_default(command):
+    """An option's "(default: X)" in --help, where X is a value (a number, a
+    choice, on/off), is what the parser gives (a changed default with stale
+    help passed before)."""
+    checked = 0
+    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
+        stated = re.search(r"\(default: ([^,;) ]+)[,;)]", action.help or "")
+        if not stated or not action.option_strings:
+            continue
+        text = stated.group(1)
+        if text in ("on", "off"):
+            assert action.default is (text == "on"), action.option_strings
+        elif re.fullmatch(r"-?[0-9.e+-]+", text):
+            assert action.default == float(text), action.option_strings
+        elif action.choices is not None and text in action.choices:
+            assert action.default == text, action.option_strings
+        else:
+            continue
+        checked += 1
+    assert checked or command == "info"
+
+
+def test_sample_and_bpd_options_reach_the_sampler_and_the_evaluation(run_dir, data_file, tmp_path, monkeypatch):
+    from ddpm_fast import distributed, evaluate
+
+    seen = {}
+
+    def sample_sharded(sampler, n, **kwargs):
+        seen["sample"] = dict(n=n, variance=sampler.variance, clip=sampler.clip_denoised, **kwargs)
+        return real_sample(sampler, n, **kwargs)
+
+    def evaluate_bpd(model, dataset, schedule, **kwargs):
+        seen["bpd"] = kwargs
+        return real_bpd(model, dataset, schedule, **kwargs)
+
+    real_sample, real_bpd = distributed.sample_sharded, evaluate.evaluate_bpd
+    monkeypatch.setattr(distributed, "sample_sharded", sample_sharded)
+    monkeypatch.setattr(evaluate, "evaluate_bpd", evaluate_bpd)
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "s"), "-n", "3", "--batch-size", "2",
+                 "--steps", "5", "--eta", "0.5", "--variance", "fixed_small", "--no-clip", "--seed", "7",
+                 "--device", "cpu"]) == 0
+    got = {k: seen["sample"][k] for k in ("n", "variance", "clip", "batch_size", "steps", "eta", "seed")}
+    assert got == dict(n=3, variance="fixed_small", clip=False, batch_size=2, steps=5, eta=0.5, seed=7)
+    assert main(["bpd", "--checkpoint", str(run_dir), "--data", str(data_file), "-n", "3", "--batch-size", "2",
+                 "--seed", "5", "--device", "cpu"]) == 0
+    assert {k: seen["bpd"][k] for k in ("n", "batch_size", "seed")} == dict(n=3, batch_size=2, seed=5)
 
 
 def test_train_writes_a_run(run_dir):

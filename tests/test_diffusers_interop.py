@@ -76,6 +76,14 @@ def test_overrides_replace_the_configs_values(narrow):
     _compare(ours, narrow)  # in eval mode dropout changes nothing
 
 
+def test_the_configs_norm_eps_is_kept():
+    """(Every other test uses diffusers' 1e-6, which a converter that ignored
+    norm_eps would give anyway.)"""
+    ours = UNet.from_diffusers(diffusers.UNet2DModel(**{**NARROW, "norm_eps": 1e-3}))
+    assert ours.config["eps"] == 1e-3
+    assert {m.eps for m in ours.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-3}
+
+
 def test_from_a_saved_folder_and_a_pipeline_folder(narrow, tmp_path):
     narrow.save_pretrained(tmp_path / "unet")
     loaded = UNet.from_diffusers(tmp_path / "unet")

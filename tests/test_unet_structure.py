@@ -1,0 +1,55 @@
+"""The U-Net's structure where the fused-vs-reference comparisons cannot see
+it (both paths share it): the presets' architecture, the ResBlock's order of
+layers in training, gradients through every path, and the modules' modes.
+Each test failed on a mutant that every other test passed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_fast.models import UNet
+from ddpm_fast.models.layers import ResBlock
+from ddpm_fast.nn import GroupNormSiLU
+from test_unet import MINI, randomize
+
+
+def test_presets_keep_their_documented_architecture():
+    """README: small is ch 64, mult (1, 2, 2), 6.5M parameters; tiny 0.18M."""
+    small, tiny = UNet.small(), UNet.tiny()
+    assert (small.config["ch"], small.config["ch_mult"], small.config["attn_resolutions"]) == (64, [1, 2, 2], [16])
+    assert (tiny.config["ch"], tiny.config["ch_mult"], tiny.config["attn_resolutions"]) == (16, [1, 2], [4])
+    assert sum(p.numel() for p in small.parameters()) == 6_472_195
+    assert sum(p.numel() for p in tiny.parameters()) == 176_849
+
+
+def test_resblock_drops_out_between_the_second_norm_and_its_conv():
+    """Ho et al.'s resnet_block: GN+SiLU, conv, + temb, GN+SiLU, dropout, conv
+    (dropout after the last conv passed: no other test trains with dropout)."""
+    block = randomize(ResBlock(8, 8, 16, dropout=0.5, num_groups=4, eps=1e-6, reference=True, backend="auto")).train()
+    g = torch.Generator().manual_seed(0)
+    x, temb = torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 16, generator=g)
+    torch.manual_seed(3)
+    got = block(x, temb)
+    torch.manual_seed(3)
+    h = block.conv1(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias, 1e-6)))
+    h = h + block.temb_proj(temb)[:, :, None, None]
+    h = F.silu(F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, 1e-6))
+    want = x + block.conv2(F.dropout(h, 0.5, training=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_the_input_through_every_path():
+    """Float64 gradcheck of the reference path with respect to x: a skip
+    connection kept without its gradient (h.detach()) passed the fused-vs-
+    reference gradient comparisons, which share it."""
+    model = randomize(UNet(**MINI, reference=True)).double().eval()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    t = torch.tensor([321])
+    assert torch.autograd.gradcheck(lambda v: model(v, t), (x,), fast_mode=True)
+
+
+def test_a_fused_norm_keeps_the_mode_of_the_norm_it_replaces():
+    for training in (True, False):
+        assert GroupNormSiLU.from_group_norm(nn.GroupNorm(2, 4).train(training)).training is training
