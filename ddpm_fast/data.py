@@ -128,7 +128,7 @@ def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
     # ITU-R 601 luma, as Pillow's "L" conversion
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -82,7 +82,7 @@ def evaluate_bpd(
     rank, world = rank_and_world() if sharded else (0, 1)
     lo, hi = shard(count, rank, world)
     # Sums of the total, the prior and each timestep's term over this rank's images.
-    sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64)
+    sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64, device="cpu")
     for start in range(lo, hi, batch_size):
         index = torch.arange(start, min(hi, start + batch_size), device="cpu")
         x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)

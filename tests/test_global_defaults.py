@@ -16,12 +16,13 @@ import torch
 from conftest import save_tiny_diffusers_pipeline
 from ddpm_fast import NoiseSchedule, Sampler, ops
 from ddpm_fast.data import _set_channels
+from ddpm_fast.evaluate import evaluate_bpd
 from ddpm_fast.models import UNet
 from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.pretrained import load_model
 from ddpm_fast.schedules import make_betas
 from ddpm_fast.selfcheck import _self_check
-from train_helpers import make_trainer
+from train_helpers import make_trainer, toy_dataset
 
 
 @contextlib.contextmanager
@@ -77,6 +78,24 @@ def test_pretrained_models_load_as_float32_under_a_float64_default(tmp_path):
     assert samples.dtype == torch.float32
 
 
+def test_loading_and_evaluating_under_another_default_device(tmp_path):
+    """Models loaded under a meta default device came out on meta (from_diffusers,
+    with only torch's no-op load warning) or failed (from_pretrained), and so did
+    evaluate_bpd's sums and the grey conversion."""
+    UNet.tiny(image_size=8, in_channels=1).save_pretrained(tmp_path / "ours")
+    save_tiny_diffusers_pipeline(tmp_path / "pipeline", timesteps=10)
+    model, data, schedule = UNet.from_pretrained(tmp_path / "ours"), toy_dataset(n=4), NoiseSchedule("linear", timesteps=5)
+    kw = dict(n=4, batch_size=2, seed=0, progress=False)
+    want = evaluate_bpd(model, data, schedule, **kw)
+    rgb = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.device("meta"):
+        for loaded in (UNet.from_pretrained(tmp_path / "ours"), UNet.from_diffusers(tmp_path / "pipeline" / "unet")):
+            assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+        got = evaluate_bpd(model, data, schedule, **kw)
+        grey = _set_channels(rgb, 1)
+    assert got["total"] == want["total"] and grey.device.type == "cpu"
+
+
 def test_grey_conversion_does_not_depend_on_the_default_dtype():
     """Luma weights in float64 rounded some pixels to the other level."""
     rgb = torch.randint(0, 256, (8, 3, 80, 80), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -90,7 +109,7 @@ def test_self_check_runs_under_a_float64_default():
     the ops refuse as float64."""
     with default_dtype(torch.float64):
         rows = _self_check(torch.device("cpu"))
-    assert rows and not [row for row in rows if "MISMATCH" in row[2] or "unavailable" in row[2] and row[1] == "cpu"]
+    assert rows and not [row for row in rows if "MISMATCH" in row[2] or ("unavailable" in row[2] and row[1] == "cpu")]
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

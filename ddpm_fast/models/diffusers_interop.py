@@ -166,8 +166,9 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
         )
     kwargs = diffusers_config_to_kwargs(config, overrides.pop("image_size", None))  # e.g. for a config without sample_size
     # An override (dropout= to fine-tune) replaces the config's value; float32
-    # whatever torch's default dtype.
-    model = cls(**{**kwargs, **overrides}).float()
+    # on the CPU whatever torch's default dtype and device.
+    with torch.device("cpu"):
+        model = cls(**{**kwargs, **overrides}).float()
     converted, used = {}, set()
     for ours, candidates in diffusers_key_map(model).items():
         found = [c for c in candidates if c in state]

@@ -109,7 +109,8 @@ def load_pretrained(
         raise ValueError(
             f"UNet.from_pretrained: {folder} holds a diffusers {config['_class_name']}; load it with UNet.from_diffusers"
         )
-    model = cls.from_config(config, **overrides).float()  # float32 whatever torch's default dtype
+    with torch.device("cpu"):  # float32 on the CPU whatever torch's default dtype and device
+        model = cls.from_config(config, **overrides).float()
     state = load_safetensors(folder / weights, map_location)
     model.to(map_location)
     load_state_dict_checked(model, state, str(folder / weights))

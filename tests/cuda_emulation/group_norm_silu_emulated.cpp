@@ -13,7 +13,7 @@
 //     or -Inf exactly where the float64 reference has it: the mean of a group
 //     is its sum over its count (+-Inf, or NaN), its rstd NaN.
 //     eps: eps 0.25 instead of 1e-5, a sixteenth of the data's variance (4), so
-//     that a kernel that drops or replaces it is off by 3% in rstd.
+//     that a fused kernel that drops or replaces it is off by 3% in rstd.
 // Exit status 0 when every output is within tolerance, 1 otherwise.
 #include "emulate.h"
 // clang-format off: the kernels need the emulation first
@@ -68,11 +68,12 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
   const unsigned fgrid = static_cast<unsigned>(k.n * fg.col_tiles * fg.pos_tiles);
   const size_t fsmem = gn::tile_floats(fg) * sizeof(float);
   if (fg.fused) {
-    emu::launch(gn::forward_fused_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm, static_cast<float>(k.eps), y.data(), mean.data(),
-                rstd.data());
+    emu::launch(gn::forward_fused_kernel<T, V>, fgrid, threads, fsmem, x.data(), fg, prm, static_cast<float>(k.eps),
+                y.data(), mean.data(), rstd.data());
   } else {
-    // The host's combination (group_norm_silu_cuda.cpp), in double: Chan's
-    // parallel formula over the tile columns' moments about their own means.
+    // The host's combination (csrc/group_norm_silu_combine.cpp, which has no
+    // torch-free form: tested itself in test_group_norm_silu_combine.py), here
+    // in double: Chan's parallel formula over the tile columns' moments.
     const int64_t per = k.n * k.c * fg.pos_tiles;
     std::vector<float> parts(3 * per, NAN);
     emu::launch(gn::moments_kernel<T, V>, fgrid, threads, fsmem, static_cast<const T*>(x.data()), fg, parts.data(),
@@ -120,8 +121,8 @@ bool run(const Case& k, const Problem& p, const Reference& ref, bool act) {
     emu::launch(gn::backward_sums_kernel<T, V>, bgrid, threads, bsmem, static_cast<const T*>(dy.data()),
                 static_cast<const T*>(x.data()), bg, prm, mp, rp, sums.data(), sums.data() + per,
                 sums.data() + 2 * per);
-    // The host's combination (group_norm_silu_cuda.cpp) in float32, as torch
-    // does it there: the tiles' sums, then the groups' means of w*B and w*A.
+    // The host's combination (csrc/group_norm_silu_combine.cpp; see the forward)
+    // in float32, as torch does it there: the tiles' sums, then the groups' means of w*B and w*A.
     std::vector<float> xs(k.n * k.c, 0);
     for (int64_t nc = 0; nc < k.n * k.c; ++nc) {
       float sa = 0, sb = 0, sx = 0;
