@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import importlib
 import os
 import sys
 
@@ -251,3 +252,14 @@ def _torch_generator_seeded():
     before it: a test that draws unseeded inputs sees the same ones alone, in
     the full run, or after a test is added."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def triton_split_path(monkeypatch):
+    """Shrink the Triton tiles so that every case takes the split path (partial
+    moments per position tile, combined by torch) with several position tiles."""
+    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+    monkeypatch.setattr(gn, "MAX_TILE", 8)
+    monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
+    monkeypatch.setattr(gn, "SPLIT_TILE", 16)
+    return gn

@@ -8,7 +8,6 @@ and device, so results do not change."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import pytest
 import torch
@@ -113,13 +112,9 @@ def test_self_check_runs_under_a_float64_default():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-def test_triton_backward_without_weight_does_not_depend_on_the_default_dtype(monkeypatch):
+def test_triton_backward_without_weight_does_not_depend_on_the_default_dtype(triton_split_path):
     """The split backward's stand-in weight was made in the default dtype: its
     float64 moments moved dx by an ulp."""
-    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
-    monkeypatch.setattr(gn, "MAX_TILE", 8)  # the split path, with several position tiles
-    monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
-    monkeypatch.setattr(gn, "SPLIT_TILE", 16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float32)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float32)

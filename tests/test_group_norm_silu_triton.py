@@ -18,17 +18,6 @@ requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is n
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.fixture
-def triton_split_path(monkeypatch):
-    """Shrink the Triton tiles so that every case takes the split path (partial
-    moments per position tile, combined by torch) with several position tiles."""
-    gn = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
-    monkeypatch.setattr(gn, "MAX_TILE", 8)
-    monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
-    monkeypatch.setattr(gn, "SPLIT_TILE", 16)
-    return gn
-
-
 # The split path's cases: CASES but 1x32x16x16, whose 64 (NCHW) and 256
 # (channels_last) position tiles took 9-25 s a case in the interpreter (130 s
 # of CI's 12 minutes of tests); the others run 3 to 49 position tiles through
