@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ddpm_fast.sampler as sampler_module
-from ddpm_fast import NoiseSchedule, Sampler, _extension
+from ddpm_fast import Sampler, _extension
 from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.sampler import _NoBar
 from test_sampler import SCHEDULE, GaussianOracle
