@@ -400,6 +400,8 @@ def test_ddim_eta_above_one_clamps_the_direction(eta):
     columns = dict(zip(("a", "b", "k2", "k3", "c1", "c2", "sigma"), table.T))
     clamped = room < 0
     assert 0 < clamped.sum() < 999 and not clamped[0]  # both kinds of step occur
+    np.testing.assert_allclose(columns["k2"], k2, rtol=1e-6)  # eta does not touch x0's coefficients
+    np.testing.assert_allclose(columns["k3"], k3, rtol=1e-6)
     direction = columns["c2"] * columns["k3"] / columns["k2"]  # c2 = direction * k2 / k3
     assert np.all(direction[clamped] == 0.0)
     np.testing.assert_allclose(columns["b"][clamped], -np.sqrt(ab_prev[clamped]) * k3[clamped], rtol=1e-6)
