@@ -375,7 +375,7 @@ def test_whole_chains_equal_diffusers_schedulers(scheduler, setting, clip, monke
     clipped x0's eps) or DDPMScheduler ('leading' timesteps), given our noise
     stream (x_T in slot K, step i's z in slot i), against the Sampler over the
     same timesteps: the chain's timestep map, noise slots and last step, which
-    the single-step comparisons (test_ddpm_step.py) do not see."""
+    the single-step comparisons (test_ddpm_step_math.py) do not see."""
     diffusers = pytest.importorskip("diffusers")
     import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
 
