@@ -1,70 +1,25 @@
-"""The Trainer: the loss falls, checkpoints survive SIGKILL, resume is exact,
-DDP equals one process, non-finite losses are skipped then stop the run."""
+"""The Trainer: the loss falls, the log, checkpoints, grids and samples it
+writes, channels_last and torch.compile, one device read and copy a step,
+its losses and precisions, a run's folder (resuming: test_train_resume.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import ddpm_fast.train
-from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint
+from ddpm_fast.checkpoint import latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
 from conftest import host_to_device_copies
-from train_helpers import KILL_POINTS, RESUMABLE, make_trainer, run_training
-
-STEPS = 8
-# Killed runs start from a fork server that has imported torch and ddpm_fast
-# once (torch._dynamo too, which the optimizer imports): each trial costs a
-# fork, not a fresh interpreter.
-_PROCESSES = mp.get_context("forkserver")
-_PROCESSES.set_forkserver_preload(["torch", "torch._dynamo", "ddpm_fast.train", "train_helpers"])
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    ckpt = latest_checkpoint(run)
-    return {**load_file(str(ckpt / "model.safetensors")), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
-
-
-def _start(out: Path, kill_in_write: int | None = None, kill_point: str = "publish"):
-    process = _PROCESSES.Process(target=run_training, args=(str(out), STEPS, kill_in_write, kill_point))
-    process.start()
-    return process
-
-
-def _run(out: Path, kill_in_write: int | None = None, kill_point: str = "publish") -> int:
-    process = _start(out, kill_in_write, kill_point)
-    process.join(120)
-    return process.exitcode
-
-
-def _assert_same_run(out: Path, baseline: Path) -> None:
-    assert _losses(out) == _losses(baseline)
-    want, got = _final_weights(baseline), _final_weights(out)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
-    """An uninterrupted run, in a process like the interrupted ones."""
-    out = tmp_path_factory.mktemp("baseline")
-    assert _run(out) == 0
-    return out
+from train_helpers import final_weights, logged_losses, make_trainer
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
@@ -82,7 +37,7 @@ def test_loss_falls_over_a_short_run(tmp_path):
     first's for training seeds 0-7 (60 steps gave 0.56-0.64: too close to the bar)."""
     trainer = make_trainer(tmp_path, steps=150, log_every=25, checkpoint_every=150)
     trainer.train(final_samples=False)
-    losses = _losses(tmp_path)
+    losses = logged_losses(tmp_path)
     assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
 
 
@@ -208,143 +163,11 @@ def test_compiled_model_trains_the_same_steps(tmp_path):
         trainer = make_trainer(tmp_path / str(compiled), steps=4, checkpoint_every=4, compile=compiled)
         trainer.train(final_samples=False)
         assert hasattr(trainer.net, "_orig_mod") is compiled  # torch.compile's wrapper
-        runs[compiled] = (_losses(tmp_path / str(compiled)), _final_weights(tmp_path / str(compiled)))
+        runs[compiled] = (logged_losses(tmp_path / str(compiled)), final_weights(tmp_path / str(compiled)))
     # The same batches, timesteps and noise; inductor's fused arithmetic rounds differently.
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     for name, weight in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], weight, rtol=1e-4, atol=1e-5)
-
-
-def test_resume_in_process_continues_exactly(tmp_path):
-    # RESUMABLE: torch's generator, the learning-rate warm-up and the epoch's
-    # permutation all matter after the resume; the EMA, the optimizer's and the
-    # learning-rate schedule's state are compared too (the losses and the model
-    # alone do not show an EMA that was not restored).
-    full = make_trainer(tmp_path / "full", steps=STEPS, **RESUMABLE)
-    full.train(final_samples=False)
-    part = make_trainer(tmp_path / "part", steps=STEPS // 2, **RESUMABLE)
-    part.train(final_samples=False)
-    resumed = make_trainer(tmp_path / "part", steps=STEPS, **RESUMABLE)
-    resumed.train(final_samples=False)
-    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
-    assert resumed.lr_schedule.state_dict() == full.lr_schedule.state_dict()
-    for module in ("model", "ema"):
-        want, got = getattr(full, module).state_dict(), getattr(resumed, module).state_dict()
-        assert got.keys() == want.keys()
-        for name, value in want.items():
-            assert torch.equal(value, got[name]), f"{module}.{name}"
-    want, got = full.optimizer.state_dict(), resumed.optimizer.state_dict()
-    assert got["param_groups"] == want["param_groups"] and got["state"].keys() == want["state"].keys()
-    for i, state in want["state"].items():
-        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(got["state"][i][k])) for k, v in state.items()), i
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trial", range(20))
-def test_sigkill_at_a_random_moment_then_resume(baseline, tmp_path, trial):
-    """Kill the run at a random moment (often inside a checkpoint write, as it
-    checkpoints every step); the resumed run ends as the uninterrupted one.
-    The kill lands while the run is alive, after step k (1 to STEPS - 2, by
-    trial) and a random part of the next step: a delay from the first log line
-    alone let short runs end before it, leaving nothing to resume (which is
-    retried, with shorter delays, should it still happen)."""
-    rng = random.Random(trial)
-    after_step = 1 + trial % (STEPS - 2)  # at least two steps left to kill in
-    for attempt in range(5):  # a fast machine may finish the last steps within the delay: try again
-        out = tmp_path / f"run{attempt}"
-        process = _start(out)
-        deadline = time.monotonic() + 60
-        while process.is_alive() and time.monotonic() < deadline and _logged_steps(out) < after_step:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.01 / 2**attempt))
-        process.kill()
-        process.join()
-        if process.exitcode == -signal.SIGKILL:
-            break
-        assert process.exitcode == 0, f"the run failed (exit {process.exitcode}) before the kill"
-    else:
-        pytest.fail("the run ended before the kill in 5 attempts")
-    assert _run(out) == 0
-    _assert_same_run(out, baseline)
-
-
-@pytest.mark.slow
-def test_training_is_bitwise_alike_in_fresh_interpreters(baseline, tmp_path):
-    """Run after run: new processes with other hash seeds train the same losses
-    and weights as the baseline (the kill tests' runs all fork from one server,
-    which shares its hash seed and anything cached at import)."""
-    tests = str(Path(__file__).parent)
-    for hash_seed in ("1", "2"):
-        out = tmp_path / f"run{hash_seed}"
-        script = f"import sys; sys.path.insert(0, {tests!r}); import train_helpers; train_helpers.run_training({str(out)!r}, {STEPS})"
-        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
-        assert run.returncode == 0, run.stderr[-2000:]
-        _assert_same_run(out, baseline)
-
-
-def test_each_epoch_is_a_new_permutation_of_the_data(tmp_path):
-    trainer = make_trainer(tmp_path, images=24)  # 3 steps of 8 an epoch
-    epochs = [torch.cat([trainer._global_batch(3 * epoch + i) for i in range(3)]) for epoch in range(3)]
-    for order in epochs:
-        assert sorted(order.tolist()) == list(range(24))
-    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
-
-
-def _logged_steps(out: Path) -> int:
-    try:
-        return (out / "log.jsonl").read_text().count("\n")
-    except FileNotFoundError:
-        return 0
-
-
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_inside_a_checkpoint_write(baseline, tmp_path, point):
-    """Killed at each stage of writing checkpoint 3 (train_helpers' kill
-    points): the newest complete checkpoint resumes, and the run ends as the
-    uninterrupted one."""
-    out = tmp_path / "run"
-    assert _run(out, kill_in_write=3, kill_point=point) == -signal.SIGKILL
-    published = point in ("pointer", "prune")  # the folder was renamed into place before the kill
-    assert (out / "checkpoint-00000003").is_dir() == published
-    unpublished = list(out.glob(".tmp-checkpoint-*"))
-    assert bool(unpublished) == (not published), "an unpublished checkpoint was left"
-    if not published:  # its first file alone, or all of them
-        complete = {p.name for p in latest_checkpoint(baseline).iterdir()}
-        held = {p.name for p in unpublished[0].iterdir()}
-        assert held <= complete and len(held) == (1 if point == "mid-files" else len(complete)), held
-    assert latest_checkpoint(out).name == ("checkpoint-00000003" if point == "prune" else "checkpoint-00000002")
-    if point == "prune":
-        assert (out / "checkpoint-00000001").is_dir()  # partly deleted when the process died
-    assert _run(out) == 0
-    assert not list(out.glob(".tmp-checkpoint-*")) and not list(out.glob(".*.tmp-*"))  # no temporary left
-    _assert_same_run(out, baseline)
-
-
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    make_trainer(tmp_path, steps=2).train(final_samples=False)
-    ckpt = latest_checkpoint(tmp_path)
-    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
-        make_trainer(tmp_path, steps=4).train()
-    (ckpt / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing model.safetensors"):
-        make_trainer(tmp_path, steps=4).train()
-
-
-def test_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path):
-    make_trainer(tmp_path / "whole", steps=4).train(final_samples=False)
-    out = tmp_path / "run"
-    make_trainer(out, steps=4).train(final_samples=False)  # checkpoints 2 and 4
-    (latest_checkpoint(out) / "trainer.pt").write_bytes(b"damaged")
-    with pytest.warns(UserWarning, match=r"cannot load checkpoint .*checkpoint-00000004: trainer.pt: not a torch.save archive \(damaged\?\); resumed from the older checkpoint-00000002 instead \(step 2\)"):
-        make_trainer(out, steps=4).train(final_samples=False)
-    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    _assert_same_run(out, tmp_path / "whole")
-    for _, path in checkpoints(out):  # every checkpoint damaged: the newest's error
-        (path / "config.json").write_text("{")
-    with pytest.raises(CheckpointError, match="cannot read .*checkpoint-00000004"):
-        make_trainer(out, steps=6).train(final_samples=False)
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
@@ -451,7 +274,7 @@ def test_unknown_config_field_is_rejected():
 def test_vlb_and_hybrid_losses_train(tmp_path, loss):
     trainer = make_trainer(tmp_path, steps=3, loss=loss)
     trainer.train(final_samples=False)
-    assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
+    assert all(torch.isfinite(torch.tensor(logged_losses(tmp_path))))
 
 
 def test_hybrid_loss_weighs_the_sampled_bound_term_by_lambda_times_t(tmp_path):
@@ -470,68 +293,7 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     trainer = make_trainer(tmp_path, steps=3, precision="bf16")
     trainer.train(final_samples=False)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-    assert all(torch.isfinite(torch.tensor(_losses(tmp_path))))
-
-
-def test_fp16_resumes_a_checkpoint_of_the_unfused_optimizer(tmp_path):
-    """Checkpoints written before the trainer used fused Adam carry fused=False
-    in their optimizer state; loaded as is, the per-parameter Adam then fails
-    under the fp16 GradScaler. The trainer keeps its own fused choice."""
-    make_trainer(tmp_path, steps=2, precision="fp16").train(final_samples=False)
-    saved = latest_checkpoint(tmp_path) / "trainer.pt"
-    state = torch.load(saved, weights_only=True)
-    for group in state["optimizer"]["param_groups"]:  # as the unfused optimizer wrote it
-        group["fused"] = False
-    torch.save(state, saved)
-    resumed = make_trainer(tmp_path, steps=4, precision="fp16")
-    resumed.train(final_samples=False)
-    assert resumed.optimizer.param_groups[0]["fused"] is True
-    assert resumed.step == 4 and all(torch.isfinite(torch.tensor(_losses(tmp_path))))
-
-
-def test_resume_restores_the_gpu_generators_this_machine_has(tmp_path, monkeypatch):
-    """A checkpoint written on a machine with more GPUs (8 CUDA generator
-    states) resumed on one with fewer: torch.cuda.set_rng_state_all raised
-    IndexError for the GPUs missing here. (torch.cuda faked: no GPU needed.)"""
-    make_trainer(tmp_path, steps=2).train(final_samples=False)
-    saved = latest_checkpoint(tmp_path) / "trainer.pt"
-    state = torch.load(saved, weights_only=True)
-    state["cuda_rng"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
-    torch.save(state, saved)
-    restored = {}
-
-    def set_rng_state(rng, device):
-        if device >= 2:
-            raise IndexError("tuple index out of range")  # as torch.cuda.default_generators[device] does
-        restored[device] = rng
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(r, i) for i, r in enumerate(states)])
-    make_trainer(tmp_path, steps=4).load_checkpoint(saved.parent)
-    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], state["cuda_rng"][i]) for i in restored)
-
-
-def test_resume_with_another_recipe_is_refused(tmp_path):
-    """Resuming with another schedule, model or learning rate once continued
-    silently: the restored optimizer kept the old learning rate under the new
-    warm-up, and config.json then recorded settings the run never had."""
-    make_trainer(tmp_path, steps=2).train(final_samples=False)
-    with pytest.raises(CheckpointError, match=r"another configuration \(train.lr: 0.001 there, 0.5 now; "
-                                              r"train.warmup: 2 there, 7 now\)"):
-        make_trainer(tmp_path, steps=4, lr=0.5, warmup=7).train(final_samples=False)
-    other = make_trainer(tmp_path, steps=4)
-    other.schedule = ddpm_fast.train.NoiseSchedule("linear", timesteps=50)
-    with pytest.raises(CheckpointError, match="schedule.timesteps: 100 there, 50 now"):
-        other.train(final_samples=False)
-    other.model.config = {**other.model.config, "width": 32}
-    with pytest.raises(CheckpointError, match="model.width: 16 there, 32 now"):
-        other.train(final_samples=False)
-    assert latest_checkpoint(tmp_path).name == "checkpoint-00000002"
-    # How long it runs and what it writes may change.
-    resumed = make_trainer(tmp_path, steps=4, log_every=3, checkpoint_every=4, keep_checkpoints=3, sample_every=9)
-    assert resumed.train(final_samples=False)["steps"] == 4
+    assert all(torch.isfinite(torch.tensor(logged_losses(tmp_path))))
 
 
 def test_a_fresh_run_replaces_a_longer_one_in_its_folder(tmp_path):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from ddpm_fast.checkpoint import latest_checkpoint
 from ddpm_fast.data import ImageDataset
 from ddpm_fast.schedules import NoiseSchedule
 from ddpm_fast.train import TrainConfig, Trainer
@@ -121,3 +126,14 @@ def run_training(out_dir: str, steps: int, kill_in_write: int | None = None, kil
     if kill_in_write is not None:
         _kill_inside_checkpoint_write(kill_in_write, kill_point)
     make_trainer(out_dir, steps=steps, checkpoint_every=1, **RESUMABLE).train(final_samples=False)
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The loss of each line of a run's log.jsonl."""
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The model's and the EMA's weights ('ema.' names) in a run's latest checkpoint."""
+    ckpt = latest_checkpoint(run)
+    return {**load_file(str(ckpt / "model.safetensors")), **{f"ema.{k}": v for k, v in load_file(str(ckpt / "ema.safetensors")).items()}}
