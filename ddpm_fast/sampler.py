@@ -29,7 +29,9 @@ __all__ = ["Sampler", "Intermediate", "respaced_timesteps"]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SAMPLE_STRIDE = 1 << 32  # counter distance between samples: one 2^32 range each
-_MAX_SAMPLES = 1 << 31  # sample indices below this keep every counter within int64
+# first_sample + N stays below this: the last sample's counters, up to
+# (2^31 - 2) * 2^32 + 2^32 - 1, then stay within ops' bound (offset + count <= 2^63 - 1).
+_MAX_SAMPLES = 1 << 31
 _GRAPH_STEPS = 50  # steps per CUDA graph
 # Real chain steps run on the capture stream before capture, so that what must
 # not happen during capture (lazy initialisation, cuBLAS/cuDNN handles and

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
-from ddpm_fast.demo import DEMO_STEPS, digit_quality, run_demo
+import ddpm_fast.demo as demo
+from ddpm_fast.demo import DEMO_SAMPLE_STEPS, DEMO_STEPS, digit_quality, run_demo
 
 # The demo as shipped. Over 400 samples its share of confident digits was
 # 0.68-0.72 for seeds 0-2 (2026-12-03); 100 samples (groups of those 400) gave
@@ -61,3 +63,50 @@ def test_progress_is_checked_before_training(tmp_path):
     with pytest.raises(TypeError, match="progress must be a bool, got 0"):
         run_demo(tmp_path / "demo", steps=1, progress=0)
     assert not (tmp_path / "demo").exists()
+
+
+def test_samples_is_checked_before_training(tmp_path):
+    with pytest.raises(ValueError, match="samples must be a positive int, got 0"):
+        run_demo(tmp_path / "demo", steps=1, samples=0, progress=False)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_samples_the_ema_weights_as_documented(tmp_path, monkeypatch):
+    """The EMA weights (not the raw model), the run's seed, and DEMO_SAMPLE_STEPS
+    respaced steps by default: settings the slow quality test alone would not tell apart."""
+    calls, trainers = [], []
+
+    class RecordingSampler(demo.Sampler):
+        def sample(self, *args, **kwargs):
+            calls.append((self.model, args, kwargs))
+            return torch.zeros(args[0], 1, 8, 8)  # not run: 250 steps take a minute on a small CPU
+
+    def recording_trainer(*args, **kwargs):
+        trainers.append(trainer_class(*args, **kwargs))
+        return trainers[-1]
+
+    trainer_class = demo.Trainer
+    monkeypatch.setattr(demo, "Sampler", RecordingSampler)
+    monkeypatch.setattr(demo, "Trainer", recording_trainer)
+    run_demo(tmp_path, steps=1, samples=2, seed=3, progress=False)
+    [(model, args, kwargs)] = calls
+    assert model is trainers[0].ema and model is not trainers[0].model
+    assert args == (2,) and kwargs == dict(seed=3, steps=DEMO_SAMPLE_STEPS, progress=False)
+
+
+def test_demo_is_reproducible_from_its_seed(tmp_path, monkeypatch):
+    """The model's initial weights come from the seed, not from torch's global
+    state: two demos of one seed train the same weights. (Their uint8 samples
+    after a step of training are saturated noise, too alike to tell.)"""
+    trainers = []
+
+    def recording_trainer(*args, **kwargs):
+        trainers.append(trainer_class(*args, **kwargs))
+        return trainers[-1]
+
+    trainer_class = demo.Trainer
+    monkeypatch.setattr(demo, "Trainer", recording_trainer)
+    for name in ("a", "b"):
+        run_demo(tmp_path / name, steps=1, samples=2, sample_steps=1, seed=1, progress=False)
+    a, b = (t.ema.state_dict() for t in trainers)
+    assert all(torch.equal(a[k], b[k]) for k in a)

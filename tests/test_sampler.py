@@ -263,9 +263,10 @@ def test_non_finite_samples_are_reported():
         Sampler(lambda x, t: 0.1 * x, SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=10, progress=False)
 
 
-def test_progress_bar_runs(capsys):
+def test_progress_bar_runs_and_counts_every_step(capsys):
     Sampler(GaussianOracle(), SCHEDULE, sample_shape=(1, 2, 2)).sample(2, seed=0, steps=5, progress=True)
-    assert "sampling" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sampling" in err and "5/5" in err
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -407,3 +408,85 @@ def test_whole_chains_equal_diffusers_schedulers(scheduler, setting, clip, monke
     got = sampler.sample(shape[0], seed=seed, steps=50, eta=ours.get("eta"), progress=False)
     assert not clip or (x.abs() > 1 - 1e-9).any()  # the data is wide enough for clipping to matter
     torch.testing.assert_close(got.double(), x, atol=1e-4, rtol=1e-4)
+
+
+def test_respacing_ends_one_step_and_every_step():
+    """steps=1 is the one step from T-1 (where x_T is) to x_0, not from 0; steps=T
+    is the whole chain, the same samples as steps=None."""
+    assert respaced_timesteps(1000, 1) == [999] and respaced_timesteps(1000, 1000) == list(range(1000))
+    schedule = NoiseSchedule("linear", timesteps=10)
+    seen = []
+    sampler = Sampler(lambda x, t: (seen.append(int(t[0])), 0.1 * x)[1], schedule, sample_shape=(1, 2, 2))
+    sampler.sample(2, seed=0, steps=1, progress=False)
+    assert seen == [9]
+    seen.clear()
+    full = sampler.sample(2, seed=0, steps=10, progress=False)
+    assert seen == list(range(9, -1, -1))
+    torch.testing.assert_close(full, sampler.sample(2, seed=0, progress=False), atol=1e-6, rtol=1e-6)
+
+
+def test_a_chain_past_a_samples_2_32_noise_counters_is_refused():
+    """The K steps and x_T (slot K) take (K + 1) * D counters of a sample's 2^32:
+    at K * D <= 2^32 < (K + 1) * D, x_T would run into the next sample's stream."""
+    per_sample = 2**32 // 1000  # 1000 * D fits in 2^32, 1001 * D does not
+
+    def never_called(x, t):
+        raise AssertionError("the model ran although the chain's noise does not fit")
+
+    sampler = Sampler(never_called, NoiseSchedule("linear", timesteps=1000), sample_shape=(1, per_sample))
+    with pytest.raises(ValueError, match=r"exceed a sample's 2\^32 noise counters"):
+        sampler.sample(1, seed=0, progress=False)
+
+
+def test_infinite_samples_are_reported_too():
+    """Inf, not only NaN: an unclipped chain of a model returning inf ends at -inf."""
+    sampler = Sampler(lambda x, t: torch.full_like(x, float("inf")), SCHEDULE, clip_denoised=False, sample_shape=(1, 2, 2))
+    with pytest.warns(RuntimeWarning, match="8 of 8 sample values are NaN or Inf"):
+        x = sampler.sample(2, seed=0, steps=3, progress=False)
+    assert torch.isinf(x).all()
+
+
+def test_defaults_are_fixed_large_and_clipped():
+    """The documented defaults: variance fixed_large (sigma_t^2 = beta_t), clip_denoised on."""
+    kw = dict(sample_shape=(1, 4, 4))
+    run = dict(seed=0, steps=10, progress=False)
+    model = lambda x, t: 0.1 * x  # noqa: E731  (implies x0 outside [-1, 1]: clipping shows)
+    default = Sampler(model, SCHEDULE, **kw).sample(4, **run)
+    assert torch.equal(default, Sampler(model, SCHEDULE, variance="fixed_large", clip_denoised=True, **kw).sample(4, **run))
+    assert not torch.equal(default, Sampler(model, SCHEDULE, variance="fixed_small", **kw).sample(4, **run))
+
+
+def test_sample_shape_defaults_from_a_models_image_size():
+    """A model's in_channels and image_size (an int, or (H, W))."""
+    model = GaussianOracle()
+    model.in_channels, model.image_size = 2, (4, 6)
+    assert Sampler(model, SCHEDULE).sample_shape == (2, 4, 6)
+    model.image_size = 5
+    assert Sampler(model, SCHEDULE).sample_shape == (2, 5, 5)
+
+
+def test_device_defaults_to_the_models():
+    """Not CUDA-if-available: a model's parameters on a device say where to sample
+    (the meta device shows it without a GPU)."""
+    model = torch.nn.Conv2d(1, 1, 1, device="meta")
+    assert Sampler(model, SCHEDULE, sample_shape=(1, 2, 2)).device == torch.device("meta")
+    assert Sampler(model, SCHEDULE, sample_shape=(1, 2, 2), device="cpu").device == torch.device("cpu")
+
+
+class DropoutModel(torch.nn.Module):  # eps = dropout(0.1 x_t), in training mode as made
+    def __init__(self, p: float):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(p)
+
+    def forward(self, x, t):
+        return self.dropout(0.1 * x)
+
+
+def test_dropout_warning_points_at_the_caller():
+    """As the NaN warning does: not at torch.no_grad's wrapper; and p = 0 is no dropout."""
+    with pytest.warns(RuntimeWarning, match="active dropout") as seen:
+        Sampler(DropoutModel(0.5), SCHEDULE, sample_shape=(1, 2, 2)).sample(1, seed=0, steps=2, progress=False)
+    assert [w.filename for w in seen] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampler(DropoutModel(0.0), SCHEDULE, sample_shape=(1, 2, 2)).sample(1, seed=0, steps=2, progress=False)

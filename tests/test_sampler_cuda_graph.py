@@ -470,3 +470,15 @@ def test_warm_up_and_capture_run_without_the_autocast_weight_cache(monkeypatch):
     cache = [(e[1], e[3]) for e in fake.log if e[0] == "model"]
     assert cache[:3] == [("side1", False)] * 3 and fake.autocast_cache_at_capture is False
     assert torch.is_autocast_cache_enabled()  # as it was
+
+
+def test_intermediates_run_the_plain_loop_on_fake_cuda(monkeypatch):
+    """Graph replays record nothing: a chain long enough for graphs, asked for
+    intermediates, runs the plain loop and returns every picture."""
+    fake = FakeCuda(monkeypatch)
+    kw = dict(sample_shape=(1, 2, 2))
+    run = dict(seed=0, steps=120, return_intermediates=10, progress=False)
+    x, pictures = Sampler(fake.model(GaussianOracle()), SCHEDULE, **kw).sample(2, **run)
+    want, want_pictures = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(2, **run)
+    assert fake.captures == 0 and [p.t for p in pictures] == [p.t for p in want_pictures] == list(range(110, -1, -10))
+    assert torch.equal(x, want) and all(torch.equal(p.x_t, q.x_t) for p, q in zip(pictures, want_pictures))
