@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import ddpm_fast.train
-from ddpm_fast.checkpoint import latest_checkpoint
+from ddpm_fast.checkpoint import checkpoints, latest_checkpoint
 from ddpm_fast.train import NonFiniteLossError, TrainConfig
 from conftest import host_to_device_copies
 from train_helpers import final_weights, logged_losses, make_trainer
@@ -345,3 +345,34 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, steps=3)
     trainer.train(final_samples=False)  # released when train returns: the same folder trains again
     assert trainer.train(final_samples=False)["steps"] == 3
+
+
+def test_the_log_records_the_mean_loss_of_each_window(tmp_path, monkeypatch):
+    """Each log line's loss is the mean of the losses of the steps since the
+    line before (log_every=3: steps 1-3, then 4-6), not the last step's alone
+    nor a running mean since the start."""
+    trainer = make_trainer(tmp_path, steps=6, log_every=3, checkpoint_every=6)
+    losses = []
+    real = trainer.train_step
+
+    def step():
+        losses.append(real())
+        return losses[-1]
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    trainer.train(final_samples=False)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    assert [r["loss"] for r in records] == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-12)
+
+
+def test_keep_checkpoints_0_keeps_them_all(tmp_path):
+    make_trainer(tmp_path, steps=6, keep_checkpoints=0).train(final_samples=False)
+    assert [step for step, _ in checkpoints(tmp_path)] == [2, 4, 6]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000006"
+
+
+def test_sample_steps_may_be_every_timestep_but_no_more(tmp_path):
+    make_trainer(tmp_path, sample_steps=100)  # make_trainer's schedule: T = 100
+    with pytest.raises(ValueError, match="sample_steps .* is 101, more than the schedule's 100 timesteps"):
+        make_trainer(tmp_path, sample_steps=101)

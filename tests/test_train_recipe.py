@@ -4,6 +4,7 @@ flips, and q-sampling with noise drawn in-kernel."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ddpm_fast.train
@@ -71,3 +72,66 @@ def test_noise_is_drawn_in_kernel(tmp_path, monkeypatch):
     trainer.train_step()
     assert [c.get("noise") for c in calls] == [None, None]
     assert [c["seed"] for c in calls] == [11, 11] and calls[0]["offset"] != calls[1]["offset"]
+
+
+def test_fp16_clips_the_unscaled_gradients(tmp_path):
+    """Under fp16 the GradScaler's gradients are unscaled before the clip:
+    clipped while still scaled (by 65536), the update would see gradients of
+    norm grad_clip / 65536. The update sees norm grad_clip exactly."""
+    trainer = make_trainer(tmp_path, steps=1, grad_clip=0.05, precision="fp16")
+    seen = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad.float().norm() for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    assert trainer.train_step() is not None
+    assert seen == [pytest.approx(0.05, rel=1e-3)]
+
+
+def test_ema_without_warmup_takes_its_decay_from_the_first_step(tmp_path):
+    """ema_warmup=False: the EMA moves by 1 - ema_decay from step 1 on (with
+    the warm-up it would move by 1 - 2/11 at step 1)."""
+    trainer = make_trainer(tmp_path, steps=2, ema_decay=0.5, ema_warmup=False)
+    for _ in range(2):
+        before = [p.clone() for p in trainer.ema.parameters()]
+        trainer.train_step()
+        for old, ema, live in zip(before, trainer.ema.parameters(), trainer.model.parameters()):
+            torch.testing.assert_close(ema, old + 0.5 * (live.detach() - old), rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_switches_to_decoupled_adamw(tmp_path):
+    """weight_decay > 0 is AdamW's decoupled decay (Adam's weight_decay would add
+    it to the gradient, where Adam's scaling undoes most of it); 0 is plain Adam."""
+    assert type(make_trainer(tmp_path / "a", weight_decay=0.1).optimizer) is torch.optim.AdamW
+    assert type(make_trainer(tmp_path / "b").optimizer) is torch.optim.Adam
+
+
+def test_timesteps_are_drawn_from_all_of_0_to_t_minus_1(tmp_path):
+    """t ~ U{0, ..., T-1}: over 200 steps of 8 (T = 100) every timestep is drawn,
+    the first and the last included."""
+    trainer = make_trainer(tmp_path)
+    drawn = torch.cat([trainer._stage(step)[1] for step in range(200)])
+    assert sorted(set(drawn.tolist())) == list(range(100))
+
+
+def test_each_sample_of_each_step_gets_its_own_noise(tmp_path, monkeypatch):
+    """The noise counters of a step follow on from the step before's: no sample
+    of step 1 reuses the noise of a sample of step 0 (offsets one sample apart
+    would shift step 0's noise into step 1's)."""
+    noises = []
+    real = ddpm_fast.train.ops.q_sample
+
+    def spy(*args, **kwargs):
+        x_t, eps = real(*args, **kwargs)
+        noises.append(eps.detach().flatten(1).clone())
+        return x_t, eps
+
+    monkeypatch.setattr(ddpm_fast.train.ops, "q_sample", spy)
+    trainer = make_trainer(tmp_path, steps=2)
+    trainer.train_step()
+    trainer.train_step()
+    assert float(torch.cdist(noises[0], noises[1]).min()) > 1.0

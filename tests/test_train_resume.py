@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import ddpm_fast.train
 from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint
+from ddpm_fast.train import ConfigMismatchError
 from train_helpers import KILL_POINTS, RESUMABLE, final_weights, logged_losses, make_trainer, run_training
 
 STEPS = 8
@@ -247,3 +248,67 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
     # How long it runs and what it writes may change.
     resumed = make_trainer(tmp_path, steps=4, log_every=3, checkpoint_every=4, keep_checkpoints=3, sample_every=9)
     assert resumed.train(final_samples=False)["steps"] == 4
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_next_older_one(tmp_path):
+    """With three checkpoints kept (2, 4, 6) and 6 damaged, the resume takes 4,
+    the newest that loads, not the oldest (which would lose two more steps)."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=6, keep_checkpoints=3).train(final_samples=False)
+    (out / "checkpoint-00000006" / "trainer.pt").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match=r"resumed from the older checkpoint-00000004 instead \(step 4\)"):
+        summary = make_trainer(out, steps=6, keep_checkpoints=3).train(final_samples=False)
+    assert summary["trained"] == 2
+
+
+def test_resume_restores_the_fp16_loss_scale(tmp_path):
+    """The GradScaler's scale (lowered by overflows, raised every 2000 good
+    steps) comes back with the checkpoint: a resume at the initial 65536 would
+    overflow again the steps it had learned to avoid."""
+    make_trainer(tmp_path, steps=2, precision="fp16").train(final_samples=False)
+    saved = latest_checkpoint(tmp_path) / "trainer.pt"
+    state = torch.load(saved, weights_only=True)
+    state["scaler"]["scale"], state["scaler"]["_growth_tracker"] = 1024.0, 7
+    torch.save(state, saved)
+    resumed = make_trainer(tmp_path, steps=4, precision="fp16")
+    resumed.load_checkpoint(saved.parent)
+    assert resumed.scaler.get_scale() == 1024.0 and resumed.scaler.state_dict()["_growth_tracker"] == 7
+
+
+def test_which_training_settings_a_resume_may_change(tmp_path):
+    """Every setting of the training itself is refused on resume (the seed: other
+    batches and noise; the EMA, clipping, loss, precision: another recipe than
+    the checkpoint's); how long it runs, what it writes and how it computes may change."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    ckpt = latest_checkpoint(tmp_path)
+    refused = dict(seed=4, ema_decay=0.5, ema_warmup=False, grad_clip=0.5, batch_size=4, flip=False, loss="vlb",
+                   precision="bf16", weight_decay=0.1)
+    for field, value in refused.items():
+        with pytest.raises(ConfigMismatchError, match=rf"train\.{field}: "):
+            make_trainer(tmp_path, steps=4, **{field: value}).check_resumable(ckpt)
+    allowed = dict(steps=9, log_every=5, sample_every=3, sample_count=4, sample_steps=10, checkpoint_every=3,
+                   keep_checkpoints=5, max_nonfinite=2, channels_last=False, compile=True)
+    make_trainer(tmp_path, **allowed).check_resumable(ckpt)
+
+
+def test_a_model_config_with_tuples_resumes(tmp_path):
+    """config.json holds a tuple of the model's config as a list: compared as
+    they are, (1, 2) there and [1, 2] now differ, and every resume was refused."""
+    def trainer(steps):
+        made = make_trainer(tmp_path, steps=steps)
+        made.model.config = {**made.model.config, "mult": (1, 2)}
+        return made
+
+    trainer(2).train(final_samples=False)
+    assert trainer(4).train(final_samples=False)["steps"] == 4
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
+    """A setting the checkpoint's config.json does not have (written by a
+    version before it existed) is not a mismatch: the run resumes."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    path = latest_checkpoint(tmp_path) / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["train"]["ema_warmup"]
+    path.write_text(json.dumps(saved))
+    assert make_trainer(tmp_path, steps=4).train(final_samples=False)["steps"] == 4

@@ -362,3 +362,62 @@ def test_a_resume_that_loaded_part_of_a_checkpoint_and_failed_spoils_the_trainer
     with pytest.warns(UserWarning, match="starting afresh"):
         trainer.train(resume=False, final_samples=False)
     assert trainer.step == 4
+
+
+def test_the_ema_takes_the_models_buffers_each_step(tmp_path):
+    """Buffers (BatchNorm's running statistics) are not averaged but copied
+    into the EMA after each step: left at their initial values, the EMA model
+    would sample with statistics of mean 0 and variance 1."""
+    trainer = Trainer(BatchNormEps(), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                      TrainConfig(steps=2, batch_size=8, warmup=0), tmp_path, device="cpu", progress=False)
+    for step in (1, 2):
+        trainer.train_step()
+        for (name, live), ema in zip(trainer.model.named_buffers(), trainer.ema.buffers()):
+            assert torch.equal(ema, live), name
+        assert int(trainer.ema.bn.num_batches_tracked) == step
+
+
+def test_the_learning_rate_follows_the_step_count_through_skipped_steps(tmp_path):
+    """A skipped (non-finite) step still advances the warm-up: step 3 uses
+    step 3's learning rate, not step 2's."""
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup=4, checkpoint_every=100)
+    trainer = Trainer(FlakyEps(nan_output={2}, nan_gradient=set()), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                      config, tmp_path, device="cpu", progress=False)
+    used = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    with pytest.warns(UserWarning, match="step 2: non-finite"):
+        for _ in range(4):
+            trainer.train_step()
+    assert used == pytest.approx([2.5e-4, 7.5e-4, 1e-3])
+    assert trainer.lr_schedule.last_epoch == trainer.step == 4
+
+
+def test_the_config_defaults_are_the_papers_cifar10_recipe():
+    """Ho et al. (2020), appendix B: Adam at 2e-4, 5000 warm-up steps, batch 128,
+    gradients clipped at norm 1, EMA decay 0.9999, random flips, L_simple, 800k steps."""
+    config = TrainConfig()
+    assert (config.lr, config.warmup, config.batch_size, config.grad_clip, config.ema_decay, config.flip, config.loss,
+            config.steps, config.weight_decay) == (2e-4, 5000, 128, 1.0, 0.9999, True, "simple", 800_000, 0.0)
+
+
+def test_an_fp16_overflow_is_skipped_by_the_scaler_not_counted(tmp_path):
+    """A finite loss whose scaled gradients overflow (a scale far too high) is
+    the GradScaler's routine: it skips the update and halves the scale. It is
+    no non-finite step: no warning, not counted towards max_nonfinite."""
+    import warnings
+
+    trainer = make_trainer(tmp_path, steps=2, precision="fp16", max_nonfinite=1)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = trainer.train_step()
+    assert loss is not None and trainer._nonfinite_in_row == 0
+    assert trainer.scaler.get_scale() == 2.0**99
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))  # the scaler skipped it
