@@ -98,3 +98,12 @@ def test_active_dropout_is_warned_about(digits):
     model = UNet.tiny(dropout=0.5)
     with pytest.warns(RuntimeWarning, match="evaluate_bpd: the model is in training mode with active dropout"):
         evaluate_bpd(model, digits, NoiseSchedule("linear", timesteps=4), n=2)
+
+
+def test_terms_are_listed_by_timestep(digits):
+    """terms[t] is L_t: terms[0] the decoder, terms[1:] adding up to vb."""
+    torch.manual_seed(4)
+    result = evaluate_bpd(UNet.tiny().eval(), digits, NoiseSchedule("linear", timesteps=4), n=2)
+    assert len(result["terms"]) == 4 and result["terms"][0] == result["decoder"]
+    assert sum(result["terms"][1:]) == pytest.approx(result["vb"], rel=1e-12)
+    assert result["terms"][0] != pytest.approx(result["terms"][-1], rel=1e-3)

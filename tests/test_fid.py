@@ -14,8 +14,10 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import ddpm_fast.fid as fid_module
 from ddpm_fast.cli import build_parser, main
 from ddpm_fast.fid import (ENV_VAR, WEIGHTS_FILE, InceptionV3FID, activation_statistics, expected_state_dict_shapes,
                            fid, frechet_distance, load_inception, preprocess)
@@ -282,3 +284,87 @@ def test_fid_command_errors(tmp_path, npz_files, weights, monkeypatch, capsys):
     assert main(["fid", "--samples", str(tmp_path / "one.npz"), "--data", str(data), "--device", "cpu",
                  "--inception-weights", str(weights)]) == 2
     assert "but --samples gives 1" in capsys.readouterr().err
+
+
+def test_preprocess_keeps_channels_apart_and_resizes_as_pytorch_fid():
+    """Each channel stays itself (red is not grey), and the resize is pytorch-fid's:
+    bilinear, align_corners=False, no antialiasing; FIDs compare with its only so."""
+    red = np.zeros((2, 4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    x = preprocess(torch.from_numpy(red))
+    assert torch.allclose(x[:, 0], torch.tensor(1.0), atol=1e-6) and torch.allclose(x[:, 1:], torch.tensor(-1.0), atol=1e-6)
+    # Upscaling black | white: with align_corners=False the outer 74 columns of 299 lie past
+    # the pixel centres and keep the edge pixel's value (align_corners=True ramps from column 1 on).
+    pair = np.zeros((2, 1, 2, 1), np.uint8)
+    pair[:, :, 1] = 255
+    row = preprocess(torch.from_numpy(pair))[0, 0, 0]
+    assert (row[:74] == -1).all() and (row[-74:] == 1).all() and abs(row[149].item()) < 1e-6
+    # Downscaling 598 -> 299 px, 2:1: output pixel i is the mean of input pixels 2i and 2i + 1
+    # (antialiasing would blend in their neighbours too).
+    lines = np.zeros((2, 2, 598, 1), np.uint8)
+    lines[:, :, 1::4] = 255  # columns 1, 5, 9, ...
+    row = preprocess(torch.from_numpy(lines))[0, 0, 0]
+    assert torch.allclose(row[0::2], torch.tensor(0.0), atol=1e-6) and torch.allclose(row[1::2], torch.tensor(-1.0), atol=1e-6)
+
+
+def test_fid_convenience_is_the_distance_of_the_two_sets(monkeypatch):
+    """fid() on its own (the command computes the statistics itself): set a against set b."""
+    def features(x):  # a cheap stand-in for the network
+        m = x.double().mean((2, 3))
+        return torch.cat([m, m[:, :1] * m[:, 1:2]], 1)
+
+    monkeypatch.setattr(fid_module, "load_inception", lambda path, device: features)
+    a, b = images(6, size=6, seed=1), images(5, size=6, seed=2)
+    expected = frechet_distance(*activation_statistics(a, features), *activation_statistics(b, features))
+    assert expected > 0
+    assert fid(a, b, "unused.pth", batch_size=4) == pytest.approx(expected, rel=1e-9)
+    assert fid(b, a, "unused.pth", method="eigh") == pytest.approx(expected, rel=1e-6)
+    assert abs(fid(a, a, "unused.pth")) < 1e-9
+
+
+def test_network_pools_as_the_fid_graph(model):
+    """The FID variants the real weights need (not checkable without them otherwise):
+    average pools exclude padding, Mixed_7b's pool branch averages, Mixed_7c's takes a
+    max, and pool3 is the global mean of Mixed_7c's output."""
+    ones = torch.ones(1, 4, 5, 5)
+    assert torch.equal(fid_module._avg_pool(ones), ones)  # the borders too
+    seen, handles = {}, []
+    for name in ("Mixed_7b", "Mixed_7c"):
+        block = getattr(model, name)
+        handles.append(block.register_forward_pre_hook(lambda m, args, name=name: seen.update({name + " in": args[0]})))
+        handles.append(block.branch_pool.register_forward_pre_hook(lambda m, args, name=name: seen.update({name + " pool": args[0]})))
+    handles.append(model.Mixed_7c.register_forward_hook(lambda m, args, out: seen.update(out=out)))
+    try:
+        features = model(preprocess(torch.from_numpy(images(1, size=8))))
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(seen["Mixed_7b pool"], F.avg_pool2d(seen["Mixed_7b in"], 3, 1, 1, count_include_pad=False))
+    torch.testing.assert_close(seen["Mixed_7c pool"], F.max_pool2d(seen["Mixed_7c in"], 3, 1, 1))
+    torch.testing.assert_close(features, seen["out"].mean((2, 3)))
+
+
+def test_half_precision_weights_load_as_float32(tmp_path, state):
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    model = load_inception(path)
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+
+
+def test_sqrtm_falls_back_to_eps_on_both_diagonals(monkeypatch):
+    """Where scipy's sqrtm of the product is not finite, both covariances get eps."""
+    from scipy import linalg
+
+    real, seen = linalg.sqrtm, []
+
+    def flaky(m, *args, **kwargs):
+        seen.append(m)
+        return np.full_like(m, np.nan) if len(seen) == 1 else real(m, *args, **kwargs)
+
+    monkeypatch.setattr(linalg, "sqrtm", flaky)
+    s1, s2 = np.diag([1.0, 0.0]), np.diag([0.0, 4.0])
+    with pytest.warns(UserWarning, match="singular"):
+        value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=0.01)
+    offset = 0.01 * np.eye(2)
+    np.testing.assert_allclose(seen[1], (s1 + offset) @ (s2 + offset))
+    assert value == pytest.approx(5 - 2 * (np.sqrt(1.01 * 0.01) + np.sqrt(0.01 * 4.01)), rel=1e-9)

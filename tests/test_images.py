@@ -102,3 +102,21 @@ def test_plot_curve_of_a_constant_series(tmp_path):
         with Image.open(tmp_path / "flat.png") as png:
             pixels = np.asarray(png.convert("RGB"))
         assert (pixels != 255).any(axis=2).sum() > 100  # axes, labels and a line were drawn
+
+
+def test_to_uint8_of_half_precision_equals_float32():
+    """Samples in float16/bfloat16 get the same pixels as in float32 (the arithmetic
+    in 16 bits moved levels by one)."""
+    x = torch.linspace(-1, 1, 256).view(1, 1, 16, 16)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = x.to(dtype)
+        assert np.array_equal(to_uint8(low), to_uint8(low.float())), dtype
+
+
+def test_grid_padding_is_black_and_small_tiles_reach_32_px(tmp_path):
+    grid = make_grid(np.full((2, 2, 2, 1), 200, np.uint8), nrow=2, padding=1)
+    assert grid.shape == (4, 7, 1)
+    assert grid[0].max() == grid[-1].max() == grid[:, 0].max() == grid[:, 3].max() == grid[:, 6].max() == 0
+    save_grid(np.zeros((5, 2, 3, 1), np.uint8), tmp_path / "g.png")  # 2 x 3 px tiles, scale ceil(32 / 3) = 11
+    with Image.open(tmp_path / "g.png") as png:
+        assert png.size == (3 * (33 + 2) + 2, 2 * (22 + 2) + 2)
