@@ -201,6 +201,11 @@ def randn_negative_seed_is_its_64_bit_twin(backend):
     close(ops.randn((2, 5), -1, backend=backend), ops.randn((2, 5), 2**64 - 1, backend=backend))
 
 
+def randn_most_negative_seed(backend):
+    # -2^63, the low end of the seed range, is the same key as 2^63
+    close(ops.randn((2, 5), -(2**63), backend=backend), ops.randn((2, 5), 2**63, backend=backend))
+
+
 def step_in_place(backend):
     x, eps = x4(seed=1), x4(seed=2)
     want = ops.ddpm_step(x, eps, 4, S, seed=9, backend="reference")
@@ -227,6 +232,24 @@ def step_partial_overlap(name: str):
         return ops.ddpm_step(x, x4(seed=2), 4, S, seed=9, backend=backend, **kwargs)
 
     return call
+
+
+def step_model_input_over_x_in_the_other_memory_format(backend):
+    x = x4(seed=1)
+    as_channels_last = x.as_strided(x.shape, (36, 1, 12, 4))  # x's own memory, read channels_last
+    return ops.ddpm_step(x, x4(seed=2), 4, S, seed=9, out_model_input=as_channels_last, backend=backend)
+
+
+def step_model_input_over_x_in_another_dtype(backend):
+    buf = torch.randn(72, generator=gen(1))
+    as_half = buf.view(torch.float16)[:72].view(2, 4, 3, 3)  # the first half of x's bytes, as float16
+    return ops.ddpm_step(buf.view(2, 4, 3, 3), x4(seed=2), 4, S, seed=9, out_model_input=as_half, backend=backend)
+
+
+def step_model_input_over_out(backend):
+    buf = torch.empty(77)
+    out, shifted = buf[:72].view(2, 4, 3, 3), buf[5:77].view(2, 4, 3, 3)
+    return ops.ddpm_step(x4(seed=1), x4(seed=2), 4, S, seed=9, out=out, out_model_input=shifted, backend=backend)
 
 
 def step_given_noise_sample_stride_zero(backend):
@@ -274,6 +297,13 @@ def backend_env_var_typo():
         ops.q_sample(x4(), 1, S, seed=0)
 
 
+
+def backend_env_var_auto():
+    want = ops.q_sample(x4(), 1, S, seed=0)
+    with mock.patch.dict(os.environ, {"DDPM_FAST_BACKEND": "auto"}):
+        got = ops.q_sample(x4(), 1, S, seed=0)
+    close(got, want)
+
 # ----------------------------------------------------------------------- cases
 
 x = x4()
@@ -290,6 +320,7 @@ CASES = [
     Case("randn-seed-too-large", lambda b: ops.randn((2, 3), 2**64, backend=b), ValueError, "seed must fit in 64 bits"),
     Case("randn-seed-too-negative", lambda b: ops.randn((2, 3), -(2**63) - 1, backend=b), ValueError, "seed must fit in 64 bits"),
     Case("randn-seed-negative", randn_negative_seed_is_its_64_bit_twin, None),
+    Case("randn-seed-most-negative", randn_most_negative_seed, None),
     Case("randn-offset-negative", lambda b: ops.randn((2, 3), 0, -1, backend=b), ValueError, r"offset must lie in \[0, 2\^63"),
     Case("randn-offset-float", lambda b: ops.randn((2, 3), 0, 1.0, backend=b), TypeError, "offset must be an int"),
     Case("randn-offset-overflow", lambda b: ops.randn((2, 3), 0, 2**63 - 3, backend=b), ValueError, "offset must lie in"),
@@ -392,6 +423,12 @@ CASES = [
     Case("ddpm_step-out-memory-format", step(out=torch.empty(2, 4, 3, 3).to(memory_format=torch.channels_last)), ValueError, "out must have the memory format of x_t"),
     Case("ddpm_step-out-partial-overlap", step_partial_overlap("out"), ValueError, "out partially overlaps x_t"),
     Case("ddpm_step-out_model_input-partial-overlap", step_partial_overlap("out_model_input"), ValueError, "out_model_input partially overlaps x_t"),
+    Case("ddpm_step-out_model_input-over-x_t-in-the-other-memory-format", step_model_input_over_x_in_the_other_memory_format,
+         ValueError, "out_model_input partially overlaps x_t"),
+    Case("ddpm_step-out_model_input-over-x_t-in-another-dtype", step_model_input_over_x_in_another_dtype, ValueError,
+         "out_model_input partially overlaps x_t"),
+    Case("ddpm_step-out_model_input-partial-overlap-with-out", step_model_input_over_out, ValueError,
+         "out_model_input partially overlaps out"),
     Case("ddpm_step-out_model_input-int", step(out_model_input=torch.empty(2, 4, 3, 3, dtype=torch.int32)), TypeError, "out_model_input must be float32, float16 or bfloat16"),
     Case("ddpm_step-out_model_input-transposed", step(out_model_input=torch.empty(2, 4, 3, 3).transpose(2, 3)), ValueError, "out_model_input must be contiguous or channels_last"),
     Case("ddpm_step-out-in-place", step_in_place, None),
@@ -542,6 +579,7 @@ CASES = [
     # backend selection
     Case("resolve_backend-device-string", resolve_backend_with_device_string, None),
     Case("backend-env-var-unknown", once(backend_env_var_typo), ValueError, "DDPM_FAST_BACKEND='gpu' is not a backend", per_backend=False),
+    Case("backend-env-var-auto", once(backend_env_var_auto), None, per_backend=False),
 ]
 
 

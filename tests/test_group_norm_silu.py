@@ -203,6 +203,13 @@ def test_auto_runs_float64_on_the_gpu():
 
 
 @requires_extension
+def test_opcheck_cpp_op_float64():
+    """float64 x: mean and rstd are float64, in the fake implementation too (torch.compile traces with it)."""
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (x, None, None, None, 3, 1e-5, True))
+
+
+@requires_extension
 def test_opcheck_cpp_ops():
     x, w, b, add = inputs((2, 6, 3, 4), torch.float32, "contiguous", "cpu", True, True)
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm_silu.default, (x, w, b, add, 3, 1e-5, True))

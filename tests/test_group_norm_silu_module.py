@@ -166,3 +166,21 @@ def test_module_takes_group_norms_bias_flag_and_refuses_a_parametrized_norm():
     parametrize.register_parametrization(norm, "weight", Double())
     with pytest.raises(TypeError, match="weight or bias is parametrized"):
         GroupNormSiLU.from_group_norm(norm)
+
+
+def test_from_group_norm_keeps_the_norms_mode_and_affine():
+    """An eval norm gives an eval module, and the fusing helper's Identity takes
+    the SiLU's mode (it was left training in an eval model)."""
+    norm = nn.GroupNorm(2, 4).eval()
+    fused = GroupNormSiLU.from_group_norm(norm)
+    assert fused.training is False and fused.affine is True
+    assert GroupNormSiLU.from_group_norm(nn.GroupNorm(2, 4, affine=False)).affine is False
+    model = nn.Sequential(nn.GroupNorm(2, 4), nn.SiLU()).eval()
+    assert fuse_group_norm_silu(model) == 1 and not model[0].training and not model[1].training
+
+
+def test_fuse_helper_leaves_a_norm_with_a_backward_pre_hook_alone():
+    norm = nn.GroupNorm(2, 4)
+    norm.register_full_backward_pre_hook(lambda *args: None)
+    model = nn.Sequential(norm, nn.SiLU())
+    assert fuse_group_norm_silu(model) == 0 and model[0] is norm

@@ -119,7 +119,7 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
                 if replacement is None:
                     replacement = replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
                 module._modules[first] = replacement
-                module._modules[second] = nn.Identity()
+                module._modules[second] = nn.Identity().train(act.training)  # keeps model.training consistent
                 fused += 1
     return fused
 
