@@ -87,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.manual_seed(100 + rank)  # seed=None: rank 0's draw, shared (each rank drew its own)
         drawn = distributed.sample_sharded(sampler, 5, seed=None, batch_size=2, progress=False)
         if rank != 0:  # rank 0 alone holds the samples (the sample command writes what it is given)
-            assert images is None and drawn is None, "sample_sharded returned images on rank 1"
+            assert images is None and drawn is None, f"sample_sharded returned images on rank {rank}"
         if rank == 0:
             np.save(Path(out) / "samples.npy", images)
             np.save(Path(out) / "drawn.npy", drawn)

@@ -376,3 +376,11 @@ def test_sample_steps_may_be_every_timestep_but_no_more(tmp_path):
     make_trainer(tmp_path, sample_steps=100)  # make_trainer's schedule: T = 100
     with pytest.raises(ValueError, match="sample_steps .* is 101, more than the schedule's 100 timesteps"):
         make_trainer(tmp_path, sample_steps=101)
+
+
+def test_each_epoch_is_a_new_permutation_of_the_data(tmp_path):
+    trainer = make_trainer(tmp_path, images=24)  # 3 steps of 8 an epoch
+    epochs = [torch.cat([trainer._global_batch(3 * epoch + i) for i in range(3)]) for epoch in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(24))
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])

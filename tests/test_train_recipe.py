@@ -1,6 +1,7 @@
 """The Trainer's recipe, piece by piece (Ho et al. 2020, appendix B; issue 6):
-the EMA and its decay warm-up, gradient clipping at 1, random horizontal
-flips, and q-sampling with noise drawn in-kernel."""
+its defaults, the EMA and its decay warm-up, gradient clipping at 1, the
+optimizer, the timesteps drawn, random horizontal flips, and q-sampling with
+noise drawn in-kernel."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import ddpm_fast.train
+from ddpm_fast.train import TrainConfig
 from train_helpers import make_trainer
 
 
@@ -80,14 +82,12 @@ def test_fp16_clips_the_unscaled_gradients(tmp_path):
     norm grad_clip / 65536. The update sees norm grad_clip exactly."""
     trainer = make_trainer(tmp_path, steps=1, grad_clip=0.05, precision="fp16")
     seen = []
-    real_step = trainer.optimizer.step
 
-    def step(*args, **kwargs):
+    def record(optimizer, args, kwargs):
         grads = [p.grad.float().norm() for p in trainer.model.parameters() if p.grad is not None]
         seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
-        return real_step(*args, **kwargs)
 
-    trainer.optimizer.step = step
+    trainer.optimizer.register_step_pre_hook(record)
     assert trainer.train_step() is not None
     assert seen == [pytest.approx(0.05, rel=1e-3)]
 
@@ -135,3 +135,11 @@ def test_each_sample_of_each_step_gets_its_own_noise(tmp_path, monkeypatch):
     trainer.train_step()
     trainer.train_step()
     assert float(torch.cdist(noises[0], noises[1]).min()) > 1.0
+
+
+def test_the_config_defaults_are_the_papers_cifar10_recipe():
+    """Ho et al. (2020), appendix B: Adam at 2e-4, 5000 warm-up steps, batch 128,
+    gradients clipped at norm 1, EMA decay 0.9999, random flips, L_simple, 800k steps."""
+    config = TrainConfig()
+    assert (config.lr, config.warmup, config.batch_size, config.grad_clip, config.ema_decay, config.flip, config.loss,
+            config.steps, config.weight_decay) == (2e-4, 5000, 128, 1.0, 0.9999, True, "simple", 800_000, 0.0)
