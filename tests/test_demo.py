@@ -71,42 +71,41 @@ def test_samples_is_checked_before_training(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_demo_samples_the_ema_weights_as_documented(tmp_path, monkeypatch):
+@pytest.fixture
+def demo_trainers(monkeypatch) -> list:
+    """The Trainers the demo makes, in order (the demo otherwise keeps them to itself)."""
+    trainers, trainer_class = [], demo.Trainer
+
+    def recording_trainer(*args, **kwargs):
+        trainers.append(trainer_class(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setattr(demo, "Trainer", recording_trainer)
+    return trainers
+
+
+def test_demo_samples_the_ema_weights_as_documented(tmp_path, monkeypatch, demo_trainers):
     """The EMA weights (not the raw model), the run's seed, and DEMO_SAMPLE_STEPS
     respaced steps by default: settings the slow quality test alone would not tell apart."""
-    calls, trainers = [], []
+    calls = []
 
     class RecordingSampler(demo.Sampler):
         def sample(self, *args, **kwargs):
             calls.append((self.model, args, kwargs))
             return torch.zeros(args[0], 1, 8, 8)  # not run: 250 steps take a minute on a small CPU
 
-    def recording_trainer(*args, **kwargs):
-        trainers.append(trainer_class(*args, **kwargs))
-        return trainers[-1]
-
-    trainer_class = demo.Trainer
     monkeypatch.setattr(demo, "Sampler", RecordingSampler)
-    monkeypatch.setattr(demo, "Trainer", recording_trainer)
     run_demo(tmp_path, steps=1, samples=2, seed=3, progress=False)
     [(model, args, kwargs)] = calls
-    assert model is trainers[0].ema and model is not trainers[0].model
+    assert model is demo_trainers[0].ema and model is not demo_trainers[0].model
     assert args == (2,) and kwargs == dict(seed=3, steps=DEMO_SAMPLE_STEPS, progress=False)
 
 
-def test_demo_is_reproducible_from_its_seed(tmp_path, monkeypatch):
+def test_demo_is_reproducible_from_its_seed(tmp_path, demo_trainers):
     """The model's initial weights come from the seed, not from torch's global
     state: two demos of one seed train the same weights. (Their uint8 samples
     after a step of training are saturated noise, too alike to tell.)"""
-    trainers = []
-
-    def recording_trainer(*args, **kwargs):
-        trainers.append(trainer_class(*args, **kwargs))
-        return trainers[-1]
-
-    trainer_class = demo.Trainer
-    monkeypatch.setattr(demo, "Trainer", recording_trainer)
     for name in ("a", "b"):
         run_demo(tmp_path / name, steps=1, samples=2, sample_steps=1, seed=1, progress=False)
-    a, b = (t.ema.state_dict() for t in trainers)
+    a, b = (t.ema.state_dict() for t in demo_trainers)
     assert all(torch.equal(a[k], b[k]) for k in a)
