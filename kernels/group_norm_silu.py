@@ -39,6 +39,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .philox import launchable
+from .rounding import to_element_type
 
 MAX_TILE = 16384  # forward elements per program: 32 per thread at 16 warps
 MAX_TILE_BACKWARD = 8192  # the backward holds x and dy
@@ -188,7 +189,7 @@ def gn_forward_fused_kernel(
     d = tl.where(mask, h - _to_columns(mean_g, member)[None, :], 0.0)
     rstd_g = 1.0 / tl.sqrt(_group_sum(tl.sum(d * d, axis=0), member) / count + eps)
     _, y, _ = _affine_act(d * _to_columns(rstd_g, member)[None, :], w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACT, BLOCK_C)
-    tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + base + off, to_element_type(y, y_ptr.dtype.element_ty), mask=mask)
     j = tl.arange(0, BLOCK_G)
     gmask = (j < GROUPS_PER_TILE) & (g0 + j < G)
     tl.store(mean_ptr + n * G + g0 + j, mean_g, mask=gmask)
@@ -237,7 +238,7 @@ def gn_normalize_kernel(
     rstd = tl.load(rstd_ptr + ng, mask=cmask, other=0.0)
     xhat = tl.where(mask, (h - mean[None, :]) * rstd[None, :], 0.0)  # padding stays finite
     _, y, _ = _affine_act(xhat, w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACT, BLOCK_C)
-    tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + base + off, to_element_type(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -280,7 +281,7 @@ def gn_backward_fused_kernel(
     m1 = _to_columns(_group_sum(w * col_b, member), member) / count
     m2 = _to_columns(_group_sum(w * col_a, member), member) / count
     dx = rstd[None, :] * (du * w[None, :] - m1[None, :] - xhat * m2[None, :])
-    tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + base + off, to_element_type(dx, dx_ptr.dtype.element_ty), mask=mask)
     tl.store(a_ptr + n * C + c, col_a, mask=cmask)
     tl.store(bsum_ptr + n * C + c, col_b, mask=cmask)
     tl.store(dadd_ptr + n * C + c, rstd * (w * col_b - S * m1 - tl.sum(xhat, axis=0) * m2), mask=cmask)
@@ -322,7 +323,7 @@ def gn_backward_dx_kernel(
     m1 = tl.load(m1_ptr + ng, mask=cmask, other=0.0)
     m2 = tl.load(m2_ptr + ng, mask=cmask, other=0.0)
     dx = rstd[None, :] * (du * w[None, :] - m1[None, :] - xhat * m2[None, :])
-    tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + base + off, to_element_type(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _layout(x: torch.Tensor) -> Tuple[int, int, int, bool]:

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from conftest import TOLERANCES, backend_params, gpu_if_present, requires_extension, skip_without_gpu_memory
 from ddpm_fast import ops
 from ddpm_fast.nn import GroupNormSiLU
-from group_norm_silu_helpers import CASES, TOL, assert_far_first_value_statistics, assert_matches_reference, inputs
+from group_norm_silu_helpers import (
+    CASES,
+    TOL,
+    assert_bfloat16_rounded_once,
+    assert_far_first_value_statistics,
+    assert_matches_reference,
+    inputs,
+)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -462,3 +469,9 @@ def test_16_bit_x_plus_a_large_add_is_not_rounded_before_the_norm(device, backen
     got = ops.group_norm_silu(x.to(device), 2, add=add.to(device), backend=backend)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double().cpu(), exact, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_outputs_are_the_float32_result_rounded_once(device, backend, layout):
+    assert_bfloat16_rounded_once(device, backend, layout, (2, 32, 16, 16), 8)

@@ -11,7 +11,7 @@ import torch
 from conftest import HAS_CUDA, gpu_if_present
 from ddpm_fast import ops
 from ddpm_fast.ops._backend import triton_available
-from group_norm_silu_helpers import CASES, assert_matches_reference, inputs, reference
+from group_norm_silu_helpers import CASES, assert_bfloat16_rounded_once, assert_matches_reference, inputs, reference
 
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -39,6 +39,16 @@ def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, c
     assert not p.fused and p.pos_tiles == -(-s // p.block_s)
     assert not triton_split_path.plan(shape[1], s, groups, dtype.itemsize, cl, backward=True).fused
     assert_matches_reference(TRITON_DEVICE, "triton", dtype, layout, case, affine, with_add, act)
+
+
+@requires_triton
+@gpu_if_present
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_split_path_rounds_bfloat16_once(triton_split_path, layout):
+    """The split path's normalize and backward kernels store y and dx rounded
+    to nearest, as the fused kernels do."""
+    assert not triton_split_path.plan(8, 36, 2, 2, layout == "channels_last").fused
+    assert_bfloat16_rounded_once(TRITON_DEVICE, "triton", layout, (2, 8, 6, 6), 2)
 
 
 @requires_triton
