@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -21,72 +19,12 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
+from . import cli_options as options
+from .cli_options import UsageError
 from .ops import BackendUnavailableError
 
 MODELS = ("tiny", "small", "cifar10")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported in one line, exit status 2."""
-
-
-def _integer(text: str, low: int, expected: str) -> int:
-    """An integer option of at least ``low``; anything else (not a number too)
-    says what was expected."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _integer(text, 1, "a positive integer")
-
-
-def _non_negative(text: str) -> int:
-    return _integer(text, 0, "an integer >= 0")
-
-
-def _seed_below(bits: int):
-    """A --seed type: an integer in [0, 2^bits) (the run's seeds are int64, the
-    noise streams' uint64), checked while parsing."""
-
-    def seed(text: str) -> int:
-        value = _integer(text, 0, f"an integer in [0, 2^{bits})")
-        if value >= 2**bits:
-            raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^{bits}), got {text!r}")
-        return value
-
-    return seed
-
-
-def _path(text: str) -> str:
-    """A path given on the command line: an empty one would mean the current
-    folder (Path("") is "."), which nobody means."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def _device(text: str) -> str:
-    """A device this machine has: checked while parsing, so that a typo or a
-    missing GPU is an argument error, not a traceback from deep in torch."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda or cuda:K") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: expected cpu, cuda or cuda:K")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return text
 
 
 def _sample_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -103,48 +41,6 @@ def _sample_dtype(choice: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float32
-
-
-def _check_output_folder(path: str | os.PathLike, option: str = "--out", files: Sequence[str] = ()) -> None:
-    """Fail before any training or sampling if ``path`` cannot be a folder we
-    write into: it (or a parent) is a file, one of the ``files`` to be written
-    there is a folder, or its nearest existing folder takes no new file (tried
-    with a temporary file: os.access says yes to root, and on read-only or
-    special file systems). Nothing is left behind."""
-    out = Path(path).absolute()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{option} {path} is a file, not a folder")
-    for name in files:
-        if (out / name).is_dir():
-            raise UsageError(f"{option} {path}: {out / name} is a folder, so the file {name} cannot be written there")
-    existing = out
-    while not existing.exists():
-        if existing.is_symlink():  # a link to nowhere: creating the folder there fails, after the run
-            raise UsageError(f"{option} {path}: {existing} is a broken symbolic link (to {os.readlink(existing)})")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".ddpm-fast-probe-", dir=existing)
-    except OSError as error:
-        raise UsageError(f"{option} {path}: {existing} is not writable ({error.strerror or error})") from None
-    os.close(handle)
-    os.unlink(probe)
-
-
-def _option_errors(make):
-    """``make`` with its errors in the command line's words: TrainConfig.grad_clip
-    (or a bare sample_steps) becomes --grad-clip (--sample-steps)."""
-
-    def call(*args, **kwargs):
-        try:
-            return make(*args, **kwargs)
-        except (ValueError, TypeError) as error:
-            text = re.sub(r"\bTrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
-            text = re.sub(r"^(sample_steps|samples)\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
-            raise UsageError(text) from error  # the cause stays for DDPM_FAST_DEBUG=1's traceback
-
-    return call
 
 
 class RunFailed(Exception):
@@ -192,13 +88,13 @@ def _train(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     trainer = None
     try:
-        distributed.run_on_rank0(lambda: _check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl")))
+        distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl")))
         data = Path(args.data).resolve()
         if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
                              "grids, the loss curve) would become training data; put the run elsewhere")
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
-        config = _option_errors(TrainConfig)(
+        config = options.option_errors(TrainConfig)(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
             flip=args.flip if args.flip is not None else _default_flip(args),
@@ -270,7 +166,7 @@ def _sample(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     try:
         # before sampling: not after a whole run
-        distributed.run_on_rank0(lambda: _check_output_folder(args.out, files=("samples.png", "samples.npz")))
+        distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "samples.npz")))
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
@@ -340,9 +236,9 @@ def _fid(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _check_output_folder(args.out, files=("samples.png", "samples.npz", "loss.png"))
+    options.check_output_folder(args.out, files=("samples.png", "samples.npz", "loss.png"))
     try:
-        summary = _option_errors(run_demo)(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
+        summary = options.option_errors(run_demo)(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
                            seed=args.seed, progress=True)
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_run(str(Path(args.out) / "run"), None, True)) from None
@@ -354,7 +250,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:K (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=options.device, default=None, help="cpu, cuda or cuda:K (default: cuda if available, else cpu)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -374,29 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     train = commands.add_parser("train", help="train a U-Net on a dataset (resumes the run in --out)")
-    train.add_argument("--data", required=True, type=_path, help="'digits' (bundled), a folder of images, a CIFAR-10 python folder/archive, or a .npy/.npz file")
-    train.add_argument("--out", required=True, type=_path, help="run folder: checkpoints, log.jsonl, loss.png, samples")
+    train.add_argument("--data", required=True, type=options.path, help="'digits' (bundled), a folder of images, a CIFAR-10 python folder/archive, or a .npy/.npz file")
+    train.add_argument("--out", required=True, type=options.path, help="run folder: checkpoints, log.jsonl, loss.png, samples")
     train.add_argument("--model", choices=MODELS, default="small", help="U-Net preset (default: small)")
-    train.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size")
+    train.add_argument("--image-size", type=options.positive, default=None, help="resize/crop the data to this size")
     train.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the data to 1 or 3 channels")
     train.add_argument("--dropout", type=float, default=None, help="dropout of the U-Net (default: the preset's)")
     train.add_argument("--schedule", default="linear", help="beta schedule: linear, cosine, quad, ... (default: linear)")
-    train.add_argument("--timesteps", type=_positive, default=1000, help="diffusion steps T (default: 1000)")
-    train.add_argument("--steps", type=_positive, default=100_000, help="training steps (default: 100000)")
-    train.add_argument("--batch-size", type=_positive, default=128, help="global batch size (default: 128)")
+    train.add_argument("--timesteps", type=options.positive, default=1000, help="diffusion steps T (default: 1000)")
+    train.add_argument("--steps", type=options.positive, default=100_000, help="training steps (default: 100000)")
+    train.add_argument("--batch-size", type=options.positive, default=128, help="global batch size (default: 128)")
     train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
-    train.add_argument("--warmup", type=_non_negative, default=5000, help="learning-rate warm-up steps (default: 5000)")
+    train.add_argument("--warmup", type=options.non_negative, default=5000, help="learning-rate warm-up steps (default: 5000)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, plain Adam)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     train.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, warmed up)")
     train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: a resumed run's own setting; else on, but off for --data digits, whose mirror images are no digits)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss: simple (MSE on eps), vlb (one sampled bound term per image), hybrid (simple + 0.001 x T x that term; see the README) (default: simple)")
-    train.add_argument("--seed", type=_seed_below(63), default=0, help="run seed, below 2^63 (default: 0)")
-    train.add_argument("--log-every", type=_positive, default=100, help="log every N steps (default: 100)")
-    train.add_argument("--sample-every", type=_non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")
-    train.add_argument("--sample-steps", type=_positive, default=None, help="respaced steps for sample grids (default: all T)")
-    train.add_argument("--checkpoint-every", type=_positive, default=5000, help="checkpoint every N steps (default: 5000)")
+    train.add_argument("--seed", type=options.seed_below(63), default=0, help="run seed, below 2^63 (default: 0)")
+    train.add_argument("--log-every", type=options.positive, default=100, help="log every N steps (default: 100)")
+    train.add_argument("--sample-every", type=options.non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")
+    train.add_argument("--sample-steps", type=options.positive, default=None, help="respaced steps for sample grids (default: all T)")
+    train.add_argument("--checkpoint-every", type=options.positive, default=5000, help="checkpoint every N steps (default: 5000)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="train in channels_last memory format: faster convolutions (default: on)")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -406,11 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into samples.png and samples.npz")
-    sample.add_argument("--checkpoint", required=True, type=_path, help="a run folder, checkpoint-* folder, UNet.save_pretrained folder or diffusers UNet2DModel/pipeline folder")
-    sample.add_argument("--out", required=True, type=_path, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC); files of those names there are replaced")
-    sample.add_argument("-n", type=_positive, default=64, help="number of samples (default: 64)")
-    sample.add_argument("--batch-size", type=_positive, default=256, help="samples per batch (default: 256)")
-    sample.add_argument("--steps", type=_positive, default=None, help="respace the chain to this many steps (default: all T)")
+    sample.add_argument("--checkpoint", required=True, type=options.path, help="a run folder, checkpoint-* folder, UNet.save_pretrained folder or diffusers UNet2DModel/pipeline folder")
+    sample.add_argument("--out", required=True, type=options.path, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC); files of those names there are replaced")
+    sample.add_argument("-n", type=options.positive, default=64, help="number of samples (default: 64)")
+    sample.add_argument("--batch-size", type=options.positive, default=256, help="samples per batch (default: 256)")
+    sample.add_argument("--steps", type=options.positive, default=None, help="respace the chain to this many steps (default: all T)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM with this eta (0: deterministic; default: ancestral DDPM)")
     sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default="fixed_large", help="reverse-process variance (default: fixed_large)")
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
@@ -419,19 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model precision (default: auto, bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32)")
     sample.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model channels_last: faster convolutions (default: on)")
-    sample.add_argument("--seed", type=_seed_below(64), default=0, help="seed, below 2^64 (default: 0); sample i is the same for any batch size")
+    sample.add_argument("--seed", type=options.seed_below(64), default=0, help="seed, below 2^64 (default: 0); sample i is the same for any batch size")
     _add_device(sample)
     sample.set_defaults(run=_sample)
 
     bpd = commands.add_parser("bpd", help="negative log-likelihood bound (bits/dim) of a dataset under a checkpoint")
-    bpd.add_argument("--checkpoint", required=True, type=_path, help="a run folder, checkpoint-* folder or model folder")
-    bpd.add_argument("--data", required=True, type=_path, help="dataset, as for train")
-    bpd.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size")
+    bpd.add_argument("--checkpoint", required=True, type=options.path, help="a run folder, checkpoint-* folder or model folder")
+    bpd.add_argument("--data", required=True, type=options.path, help="dataset, as for train")
+    bpd.add_argument("--image-size", type=options.positive, default=None, help="resize/crop the data to this size")
     bpd.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert the data to 1 or 3 channels")
-    bpd.add_argument("-n", type=_positive, default=None, help="evaluate the first N images (default: all)")
-    bpd.add_argument("--batch-size", type=_positive, default=256, help="images per batch (default: 256)")
+    bpd.add_argument("-n", type=options.positive, default=None, help="evaluate the first N images (default: all)")
+    bpd.add_argument("--batch-size", type=options.positive, default=256, help="images per batch (default: 256)")
     bpd.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
-    bpd.add_argument("--seed", type=_seed_below(64), default=0, help="seed of the evaluation noise, below 2^64 (default: 0)")
+    bpd.add_argument("--seed", type=options.seed_below(64), default=0, help="seed of the evaluation noise, below 2^64 (default: 0)")
     bpd.add_argument("--json", action="store_true", help="print the full result (total and every term) as JSON")
     bpd.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                      help="run the model channels_last: faster convolutions (default: on)")
@@ -439,22 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.set_defaults(run=_bpd)
 
     fid = commands.add_parser("fid", help="Frechet Inception Distance between samples and a dataset (Inception weights supplied by you)")
-    fid.add_argument("--samples", required=True, type=_path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or .npy")
-    fid.add_argument("--data", required=True, type=_path, help="dataset, as for train")
-    fid.add_argument("--image-size", type=_positive, default=None, help="resize/crop the data to this size (for images of several sizes)")
-    fid.add_argument("--inception-weights", type=_path, default=None, help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; never downloaded) (default: $DDPM_FAST_INCEPTION_WEIGHTS)")
-    fid.add_argument("-n", type=_positive, default=None, help="use the first N images of each set (default: all of each)")
-    fid.add_argument("--batch-size", type=_positive, default=50, help="images per Inception batch (default: 50)")
+    fid.add_argument("--samples", required=True, type=options.path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or .npy")
+    fid.add_argument("--data", required=True, type=options.path, help="dataset, as for train")
+    fid.add_argument("--image-size", type=options.positive, default=None, help="resize/crop the data to this size (for images of several sizes)")
+    fid.add_argument("--inception-weights", type=options.path, default=None, help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; never downloaded) (default: $DDPM_FAST_INCEPTION_WEIGHTS)")
+    fid.add_argument("-n", type=options.positive, default=None, help="use the first N images of each set (default: all of each)")
+    fid.add_argument("--batch-size", type=options.positive, default=50, help="images per Inception batch (default: 50)")
     fid.add_argument("--method", choices=("sqrtm", "eigh"), default="sqrtm", help="matrix square root: scipy sqrtm as the reference FID code, or the same trace by symmetric eigensolvers, faster (default: sqrtm)")
     _add_device(fid)
     fid.set_defaults(run=_fid)
 
     demo = commands.add_parser("demo", help="train a small model on the bundled 8x8 digits and sample from it (minutes on a CPU)")
-    demo.add_argument("--out", required=True, type=_path, help="output folder: samples.png, samples.npz, loss.png and the run")
-    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the demo recipe's)")
-    demo.add_argument("--samples", type=_positive, default=100, help="number of samples (default: 100)")
-    demo.add_argument("--sample-steps", type=_positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
-    demo.add_argument("--seed", type=_seed_below(63), default=0, help="seed, below 2^63 (default: 0)")
+    demo.add_argument("--out", required=True, type=options.path, help="output folder: samples.png, samples.npz, loss.png and the run")
+    demo.add_argument("--steps", type=options.positive, default=None, help="training steps (default: the demo recipe's)")
+    demo.add_argument("--samples", type=options.positive, default=100, help="number of samples (default: 100)")
+    demo.add_argument("--sample-steps", type=options.positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
+    demo.add_argument("--seed", type=options.seed_below(63), default=0, help="seed, below 2^63 (default: 0)")
     demo.set_defaults(run=_demo)
     return parser
 

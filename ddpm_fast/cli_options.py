@@ -1,0 +1,119 @@
+"""The ``ddpm-fast`` command line's option types and checks: each bad value is
+a one-line usage error (exit status 2) raised before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported in one line, exit status 2."""
+
+
+def integer(text: str, low: int, expected: str) -> int:
+    """An integer option of at least ``low``; anything else (not a number too)
+    says what was expected."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
+
+def positive(text: str) -> int:
+    return integer(text, 1, "a positive integer")
+
+
+def non_negative(text: str) -> int:
+    return integer(text, 0, "an integer >= 0")
+
+
+def seed_below(bits: int) -> Callable[[str], int]:
+    """A --seed type: an integer in [0, 2^bits) (the run's seeds are int64, the
+    noise streams' uint64), checked while parsing."""
+
+    def seed(text: str) -> int:
+        value = integer(text, 0, f"an integer in [0, 2^{bits})")
+        if value >= 2**bits:
+            raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^{bits}), got {text!r}")
+        return value
+
+    return seed
+
+
+def path(text: str) -> str:
+    """A path given on the command line: an empty one would mean the current
+    folder (Path("") is "."), which nobody means."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def device(text: str) -> str:
+    """A device this machine has: checked while parsing, so that a typo or a
+    missing GPU is an argument error, not a traceback from deep in torch."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda or cuda:K") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: expected cpu, cuda or cuda:K")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out", files: Sequence[str] = ()) -> None:
+    """Fail before any training or sampling if ``path`` cannot be a folder we
+    write into: it (or a parent) is a file, one of the ``files`` to be written
+    there is a folder, or its nearest existing folder takes no new file (tried
+    with a temporary file: os.access says yes to root, and on read-only or
+    special file systems). Nothing is left behind."""
+    out = Path(path).absolute()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a folder")
+    for name in files:
+        if (out / name).is_dir():
+            raise UsageError(f"{option} {path}: {out / name} is a folder, so the file {name} cannot be written there")
+    existing = out
+    while not existing.exists():
+        if existing.is_symlink():  # a link to nowhere: creating the folder there fails, after the run
+            raise UsageError(f"{option} {path}: {existing} is a broken symbolic link (to {os.readlink(existing)})")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ddpm-fast-probe-", dir=existing)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: {existing} is not writable ({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def option_errors(make: Callable[..., T]) -> Callable[..., T]:
+    """``make`` with its errors in the command line's words: TrainConfig.grad_clip
+    (or a bare sample_steps) becomes --grad-clip (--sample-steps)."""
+
+    def call(*args, **kwargs) -> T:
+        try:
+            return make(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            text = re.sub(r"\bTrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+            text = re.sub(r"^(sample_steps|samples)\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
+            raise UsageError(text) from error  # the cause stays for DDPM_FAST_DEBUG=1's traceback
+
+    return call
