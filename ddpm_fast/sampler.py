@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._checks import check_bool, is_int
-from . import ops
+from . import graph_capture, ops
 from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
 from .schedules import NoiseSchedule
@@ -374,7 +374,7 @@ class _Chain:
             # frees them when the caller's autocast block exits, while replays may
             # still be queued. Uncached, the graph makes its own casts every step
             # (torch's advice for graphs under autocast: cache_enabled=False).
-            with _autocast_without_cache():
+            with graph_capture.autocast_without_cache():
                 warmup = min(_WARMUP_STEPS, self.remaining)
                 with torch.cuda.stream(side):
                     self._steps(warmup)
@@ -382,8 +382,8 @@ class _Chain:
                 bar.update(warmup)
                 chunk = min(_GRAPH_STEPS, self.remaining)
                 if chunk > 0:
-                    graph = _capture(lambda: self._steps(chunk), side)
-        except _CaptureFailed as failure:
+                    graph = graph_capture.capture(lambda: self._steps(chunk), side)
+        except graph_capture.CaptureFailed as failure:
             # A model that cannot be captured will not be on the next call either:
             # remember it rather than repeat the warm-up and the failing capture.
             self.s.cuda_graph = False
@@ -431,55 +431,6 @@ def _on_cuda(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _autocast_without_cache() -> torch.autocast:
-    """CUDA autocast as the caller has it (on or off, its dtype), with the weight cache off."""
-    return torch.autocast(
-        "cuda", enabled=torch.is_autocast_enabled("cuda"), dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False
-    )
-
-
-def _capture(steps: Callable[[], None], stream: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":
-    """A CUDA graph of the work ``steps()`` queues, captured on ``stream`` (which
-    ran the warm-up). Capture records that work without running it, so a failed
-    capture changes nothing. Raises _CaptureFailed naming the first error."""
-    graph = torch.cuda.CUDAGraph()
-    # The capture's memory pool, named here (capture would make one itself) so
-    # that a failed capture can be closed: _end_allocating_to_pool.
-    pool = torch.cuda.graph_pool_handle()
-    cause: list[str] = []
-    try:
-        # torch.cuda.graph's exit ends the capture before it restores the caller's
-        # stream; when capture_end raises, as it does after anything failed during
-        # capture, the thread would stay on the capture stream. This outer context
-        # restores the caller's stream whatever happens.
-        with torch.cuda.stream(stream):
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                try:
-                    steps()
-                except Exception as error:  # the cause (capture_end then fails "due to a previous error")
-                    cause.append(f"{type(error).__name__}: {error}")
-                    raise
-    except Exception as error:  # a model that syncs, or anything else capture cannot record
-        _end_allocating_to_pool(pool)
-        raise _CaptureFailed(cause[0] if cause else f"{type(error).__name__}: {error}") from error
-    return graph
-
-
-def _end_allocating_to_pool(pool) -> None:
-    """After a failed capture, stop the caching allocator sending this thread's
-    allocations to the capture's pool. torch before 2.12 (pytorch#180395, so the
-    GPU machine's 2.11) skips that when capture_end fails, and the allocator's next
-    synchronize (empty_cache, for one) then aborts the process on its
-    captures_underway.empty() assertion. Where capture_end did stop it, the
-    allocator refuses (it is not recording to the pool), which is as it should be."""
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    if end is not None:
-        try:
-            end(torch.cuda.current_device(), pool)
-        except RuntimeError:  # not recording to that pool: capture_end (or capture_begin's failure) saw to it
-            pass
-
-
 def _check_model_output(eps: object, x: torch.Tensor) -> None:
     """The model's eps as the step takes it (metadata only: no sync, no look at its values)."""
     if not isinstance(eps, torch.Tensor):
@@ -490,10 +441,6 @@ def _check_model_output(eps: object, x: torch.Tensor) -> None:
         raise TypeError(f"the model returned eps of dtype {eps.dtype}; expected float32, float16 or bfloat16")
     if eps.device != x.device:
         raise ValueError(f"the model returned eps on {eps.device}; expected it on the sampler's device {x.device}")
-
-
-class _CaptureFailed(RuntimeError):
-    pass
 
 
 def _check_model_dtype(dtype: object) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ddpm_fast.sampler as sampler_module
-from ddpm_fast import Sampler, _extension
+from ddpm_fast import Sampler, _extension, graph_capture
 from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.sampler import _NoBar
 from test_sampler import SCHEDULE, GaussianOracle
@@ -121,7 +121,7 @@ def test_cuda_graph_does_not_read_the_callers_autocast_cache(monkeypatch, weight
     assert torch.isfinite(plain).all()
 
     if weight_cache == "on":  # the Sampler before the fix: warm-up and capture under the caller's cache
-        monkeypatch.setattr(sampler_module, "_autocast_without_cache", contextlib.nullcontext)
+        monkeypatch.setattr(graph_capture, "autocast_without_cache", contextlib.nullcontext)
     streams = []
 
     def recording_stream(*args, _stream=torch.cuda.Stream, **kwargs):
@@ -191,7 +191,7 @@ class FakeCuda:
         self.streams = self.events = self.captures = 0
         self.capturing = False
         monkeypatch.setattr(sampler_module, "_on_cuda", lambda x: True)
-        if real_capture:  # the Sampler's _capture, on a fake torch.cuda.graph and allocator
+        if real_capture:  # graph_capture.capture, on a fake torch.cuda.graph and allocator
             self.pools: list[tuple] = []  # the pools captures were given
             self.ended_pools: list[tuple] = []  # (device, pool) of each _cuda_endAllocateToPool call
             self.end_pool_raises = False  # as torch >= 2.12 does after a failed capture_end
@@ -201,7 +201,7 @@ class FakeCuda:
             monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", self.end_allocate_to_pool, raising=False)
             monkeypatch.setattr(torch.cuda, "graph", self.graph)
         else:
-            monkeypatch.setattr(sampler_module, "_capture", self.capture)
+            monkeypatch.setattr(graph_capture, "capture", self.capture)
         monkeypatch.setattr(sampler_module, "_progress", lambda total, on: FakeBar(self.log) if on else _NoBar())
         monkeypatch.setattr(torch.cuda, "Stream", self.new_stream)
         monkeypatch.setattr(torch.cuda, "stream", self.stream)
