@@ -1,0 +1,117 @@
+"""q_sample under torch.compile (fullgraph, dynamic shapes, inductor),
+torch.library.opcheck of its ops, and inside CUDA graph capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_one_graph_for_every_height, gpu_if_present, requires_extension
+from ddpm_fast import NoiseSchedule, _extension, ops
+from test_q_sample import SCHEDULE, _op_args
+
+
+def test_int_timestep_inside_a_graph_capture_is_not_cached(monkeypatch):
+    """A first int t inside a (here pretended) CUDA graph capture: the cached
+    arange would only be written when the graph replays, so t is a fill instead."""
+    import importlib
+
+    _args = importlib.import_module("ddpm_fast.ops._args")
+    monkeypatch.setattr(_args, "_TIMESTEPS", {})
+    assert not _args._capturing(torch.device("cpu"))
+    monkeypatch.setattr(_args, "_capturing", lambda device: True)
+    t = _args._timestep_scalar(7, 10, torch.device("cpu"))
+    assert t.item() == 7 and t.dim() == 0 and not _args._TIMESTEPS
+    monkeypatch.setattr(_args, "_capturing", lambda device: False)
+    assert _args._timestep_scalar(7, 10, torch.device("cpu")).item() == 7
+    assert list(_args._TIMESTEPS) == [(torch.device("cpu"), 10)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _extension.WITH_CUDA, reason="the CUDA kernels are not built")
+def test_int_timestep_first_used_inside_a_cuda_graph_capture():
+    schedule = NoiseSchedule("linear", timesteps=323)  # a step count no other test caches
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    ops.q_sample(x, torch.tensor(0, device="cuda"), schedule, seed=1, backend="cuda")  # tables on the device
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _ = ops.q_sample(x, 7, schedule, seed=1, backend="cuda")
+    # Before any replay, an int t must not read a timestep the capture left unwritten.
+    eager, _ = ops.q_sample(x, 300, schedule, seed=1, backend="cuda")
+    assert torch.equal(eager, ops.q_sample(x, torch.tensor(300, device="cuda"), schedule, seed=1, backend="cuda")[0])
+    graph.replay()
+    assert torch.equal(captured, ops.q_sample(x, torch.tensor(7, device="cuda"), schedule, seed=1, backend="cuda")[0])
+
+
+@requires_extension
+def test_opcheck_cpp_ops():
+    x, t, (a, b) = _op_args()
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample_randn.default, (x, t, a, b, 3, 10))
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample.default, (x, t, a, b, torch.randn_like(x)))
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample_randn.default, (x_cl, t, a, b, 3, 10))
+
+
+@gpu_if_present
+def test_opcheck_triton_ops():
+    pytest.importorskip("triton")
+    from ddpm_fast.kernels import q_sample  # noqa: F401
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, t, (a, b) = _op_args(device)
+    torch.library.opcheck(
+        torch.ops.ddpm_fast.q_sample_randn_triton.default, (x, t, a, b, 3, 10), test_utils=("test_schema", "test_faketensor")
+    )
+    torch.library.opcheck(
+        torch.ops.ddpm_fast.q_sample_triton.default, (x, t, a, b, torch.randn_like(x)), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+@requires_extension
+def test_torch_compile_fullgraph_traces_through_the_op():
+    def noisy(x, t):
+        xt, eps = ops.q_sample(x, t, SCHEDULE, seed=5, backend="cpu")
+        return xt * 2 + eps
+
+    x, t, _ = _op_args()
+    compiled = torch.compile(noisy, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, t), noisy(x, t))
+
+
+@requires_extension
+def test_cpp_op_compiles_for_a_dynamic_image_size():
+    """q_sample_randn's offset was a plain int in its schema and in its C++
+    autograd kernel: a shape-derived offset pinned a compiled graph to one
+    image size (with mark_dynamic: a ConstraintViolationError)."""
+    def noisy(x):
+        return ops.q_sample(x, torch.tensor([3, 7]), SCHEDULE, seed=5, offset=x.shape[2] * 7, backend="cpu")[0]
+
+    assert_one_graph_for_every_height(noisy, lambda height: (torch.randn(2, 3, height, 5),))
+
+
+@pytest.mark.parametrize("op", ["q_sample", "ddpm_step"])
+def test_compiled_reference_refuses_out_of_range_cpu_timesteps(op):
+    """Eager checks a CPU t's range; compiled, the check was left to the CPU
+    kernel, so the reference backend gave NaN silently."""
+    def call(x, t):
+        if op == "q_sample":
+            return ops.q_sample(x, t, SCHEDULE, seed=5, backend="reference")[0]
+        return ops.ddpm_step(x, x, t, SCHEDULE, seed=5, backend="reference")
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 4, 4)
+    assert compiled(x, torch.tensor([5, 6])).isfinite().all()
+    with pytest.raises(RuntimeError, match=r"timesteps must lie in \[0, 1000\)"):
+        compiled(x, torch.tensor([5, 1500]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_compile_inductor_on_gpu(backend):
+    def noisy(x, t):
+        xt, eps = ops.q_sample(x, t, SCHEDULE, seed=5, backend=backend)
+        return xt * 2 + eps
+
+    x, t, _ = _op_args("cuda")
+    compiled = torch.compile(noisy, fullgraph=True)
+    torch.testing.assert_close(compiled(x, t), noisy(x, t))
