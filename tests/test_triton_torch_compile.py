@@ -6,7 +6,7 @@ AOT tracing cannot see into (``kernels/philox.py``: ``launchable`` refuses to
 be traced there), so an aot_eager or inductor graph could not run them; these tests
 compile with ``backend="eager"``: dynamo traces the op wrappers (where the
 loader used to break the graph) and the graph calls the registered ops. On a
-GPU the same tests run the compiled kernels; test_q_sample.py's
+GPU the same tests run the compiled kernels; test_q_sample_compile.py's
 test_torch_compile_inductor_on_gpu covers inductor there.
 """
 
