@@ -263,3 +263,28 @@ def triton_split_path(monkeypatch):
     monkeypatch.setattr(gn, "MAX_TILE_BACKWARD", 8)
     monkeypatch.setattr(gn, "SPLIT_TILE", 16)
     return gn
+
+
+# The command line's tests (test_cli*.py): a small .npz dataset and a finished
+# 4-step run of the tiny U-Net on it, made once per module.
+@pytest.fixture(scope="module")
+def toy_npz(tmp_path_factory):
+    from train_helpers import save_toy_npz
+
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    save_toy_npz(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, toy_npz):
+    from ddpm_fast.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("run")
+    code = cli_main([
+        "train", "--data", str(toy_npz), "--out", str(out), "--model", "tiny", "--steps", "4",
+        "--batch-size", "8", "--timesteps", "20", "--checkpoint-every", "2", "--log-every", "1",
+        "--warmup", "2", "--no-flip", "--device", "cpu",
+    ])
+    assert code == 0
+    return out

@@ -1,6 +1,6 @@
 """``ddpm-fast train`` as a user meets it: repeatable from its seed, one-line
 endings for runs that diverge, resuming past a half-written log line, and
-data folders kept apart from the run (the rest of the CLI: test_cli.py)."""
+data folders kept apart from the run (the rest of the CLI: test_cli.py, its errors: test_cli_errors.py)."""
 
 from __future__ import annotations
 

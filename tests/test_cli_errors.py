@@ -1,0 +1,299 @@
+"""The ``ddpm-fast`` command line's errors: bad arguments and unusable inputs
+answered with one line and exit status 2, OS errors, out of memory, Ctrl-C
+(130), warnings in one line, DDPM_FAST_DEBUG's tracebacks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_fast.checkpoint import CheckpointError
+from ddpm_fast.cli import main
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "no/such/folder", "--out", "{tmp}/r"], "no/such/folder"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--model", "cifar10"], "cifar10 takes 3x32x32"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "64"], "fewer than batch_size"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--schedule", "zigzag"], "unknown beta schedule"),
+        (["sample", "--checkpoint", "{tmp}/missing", "--out", "{tmp}/s"], "does not exist"),
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/s"], "holds no checkpoint"),
+        (["bpd", "--checkpoint", "{tmp}/missing", "--data", "{data}"], "does not exist"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "1"], "--model small cannot take 1x1x1"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--dropout", "1.5"], "--dropout must lie in [0, 1)"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+        # TrainConfig's and run_demo's checks in the options' names (they named the Python fields)
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "--lr must be a positive number"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/with-folders"], "samples.npz is a folder"),
+        # refused before training, not after it (at the final sample grid)
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--timesteps", "20", "--sample-steps", "21"],
+         "--sample-steps) is 21, more than the schedule's 20 timesteps"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--schedule", "jsd"], "could never be sampled"),
+        (["train", "--data", "{data}", "--out", "{file}"], "is a file, not a folder"),
+        (["train", "--data", "{data}", "--out", "{file}/run"], "is a file, not a folder"),
+        (["sample", "--checkpoint", "{tmp}/missing", "--out", "{file}"], "is a file, not a folder"),
+        (["demo", "--out", "{file}", "--steps", "1"], "is a file, not a folder"),
+        # refused before sampling, not when the folder is made after it
+        (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/broken-link"], "is a broken symbolic link"),
+        (["train", "--data", "{data}", "--out", "{tmp}/broken-link/run"], "is a broken symbolic link"),
+        (["demo", "--out", "{tmp}/d", "--steps", "1", "--sample-steps", "1001"], "--sample-steps must be an int in [1, 1000]"),
+    ],
+)
+def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, toy_npz, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "broken-link").symlink_to(tmp_path / "nowhere" / "deeper")
+    (tmp_path / "with-folders" / "samples.npz").mkdir(parents=True)  # found before sampling, not after it
+    argv = [a.format(tmp=tmp_path, data=toy_npz, file=tmp_path / "a-file") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ddpm-fast {argv[0]}: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--out", "x"],  # --data missing
+        ["train", "--data", "digits", "--out", "x", "--steps", "0"],
+        ["train", "--data", "digits", "--out", "x", "--precision", "fp8"],
+        ["sample", "--checkpoint", "x", "--out", "y", "-n", "-3"],
+        ["bpd", "--checkpoint", "x"],
+        ["train", "--data", "", "--out", "x"],  # an empty path would mean the current folder
+        ["train", "--data", "digits", "--out", " "],
+        ["sample", "--checkpoint", "", "--out", "y"],
+        ["train", "--data", "digits", "--out", "x", "--image-size", "abc"],
+        ["train", "--data", "digits", "--out", "x", "--device", "cpu:1"],
+        ["demo"],
+        ["fly"],
+        ["train", "--data", "digits", "--out", "x", "--seed", str(2**63)],
+        ["demo", "--out", "x", "--seed", "99999999999999999999"],
+        ["sample", "--checkpoint", "x", "--out", "y", "--seed", str(2**64)],
+        ["bpd", "--checkpoint", "x", "--data", "digits", "--seed", "-1"],
+    ],
+)
+def test_bad_arguments_exit_2(argv, capsys, tmp_path, monkeypatch):
+    """In one line, as every other error (argparse printed its usage first), and
+    before anything is made (a too-large demo seed left an empty folder)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    # argparse names a type function in "invalid <name> value" when it raises a
+    # plain ValueError: ours raise ArgumentTypeError, whose message it prints as it is
+    assert "error:" in err and not re.search(r"invalid \w+ value", err), err
+    assert "\n" not in err and err.endswith("--help)"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_console_script_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "ddpm_fast", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("ddpm_fast ")
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("banana", "unknown device 'banana'"), ("mps", "unsupported device 'mps'"), ("cuda", "CUDA is not available")],
+)
+@pytest.mark.parametrize("command", ["train", "sample", "bpd", "fid"])
+def test_device_is_checked_while_parsing(command, device, message, monkeypatch, capsys):
+    """A mistyped or absent device was a traceback from inside torch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    required = {"train": ["--data", "d", "--out", "o"], "sample": ["--checkpoint", "c", "--out", "o"],
+                "bpd": ["--checkpoint", "c", "--data", "d"], "fid": ["--samples", "s", "--data", "d"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, "--device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"ddpm-fast {command}: error: argument --device: " in err and message in err
+
+
+def test_an_unwritable_out_fails_before_any_work(tiny_run, tmp_path, monkeypatch, capsys):
+    """Tried with a temporary file: os.access says yes to root, and on read-only
+    or special file systems (/proc), which then failed after the whole run."""
+    import tempfile
+
+    from ddpm_fast import distributed
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if str(dir) == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(distributed, "sample_sharded", lambda *a, **k: pytest.fail("sampled into an unwritable --out"))
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(locked / "samples"), "-n", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm-fast sample: error: --out {locked / 'samples'}: {locked} is not writable (Permission denied)")
+    assert list(locked.iterdir()) == []
+    if Path("/proc/self").is_dir():  # a special file system: no file can be made in /proc
+        assert main(["sample", "--checkpoint", str(tiny_run), "--out", "/proc/ddpm-fast-out", "-n", "2"]) == 2
+        assert "/proc is not writable" in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob(".ddpm-fast-probe-*")]
+
+
+def test_os_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    """A PermissionError, a full disk, ...: OSErrors beyond FileNotFoundError were tracebacks."""
+    from ddpm_fast import cli
+
+    def save_npz(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ddpm_fast.images.save_npz", save_npz)
+    assert cli.main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "-n", "2",
+                     "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").strip()  # after the progress bar
+    assert err.splitlines()[-1] == "ddpm-fast sample: error: [Errno 28] No space left on device"
+    assert "Traceback" not in err
+    assert not (tmp_path / "s" / "samples.png").exists()  # the data first: no new grid without it
+
+
+def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_run, tmp_path, monkeypatch, capsys):
+    from ddpm_fast import distributed
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "sample_sharded", interrupted)
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "-n", "2"]) == 130
+    assert capsys.readouterr().err.strip() == "ddpm-fast sample: interrupted"
+    assert not (tmp_path / "s" / "samples.npz").exists()
+
+
+def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, toy_npz):
+    """A real SIGINT mid-run: exit status 130, one line naming the newest
+    checkpoint (it loads), and the same command resumes from it."""
+    import os
+    import signal
+    import time
+
+    from ddpm_fast.checkpoint import latest_checkpoint
+    from ddpm_fast.pretrained import load_model
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(toy_npz), "--out", str(out), "--model", "tiny", "--steps", "100000", "--batch-size", "8",
+            "--timesteps", "20", "--checkpoint-every", "1", "--log-every", "1", "--device", "cpu"]
+    # Python leaves SIGINT ignored if it started ignored (as a background job's
+    # is): the child installs the default handler itself, before the CLI runs.
+    launcher = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('ddpm_fast', run_name='__main__')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DDPM_FAST_DEBUG", None)
+    process = subprocess.Popen([sys.executable, "-c", launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # never leave the run behind
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    ckpt = latest_checkpoint(out)
+    assert "Traceback" not in err
+    assert last.startswith("ddpm-fast train: interrupted at step ")
+    assert last.endswith(f"the newest checkpoint, {ckpt}, is intact: run the same command to continue from it")
+    for weights in ("ema", "model"):
+        load_model(ckpt, weights=weights)  # loads: whole files, the right shapes
+
+
+def test_out_of_memory_says_to_lower_the_batch_size(tiny_run, tmp_path, monkeypatch, capsys):
+    from ddpm_fast import distributed
+
+    def sample_sharded(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr(distributed, "sample_sharded", sample_sharded)
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "--batch-size", "4096"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ddpm-fast sample: error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB more details): "
+        "lower --batch-size")
+
+
+def test_demo_rerun_with_another_seed_says_to_use_another_out(tmp_path, capsys):
+    """The demo resumes out/run; with another --seed that run was once continued
+    silently (as the seed-0 run), and the Trainer's advice names --no-resume,
+    which the demo does not have."""
+    argv = ["demo", "--out", str(tmp_path), "--steps", "1", "--samples", "2", "--sample-steps", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ddpm-fast demo: error: {tmp_path / 'run'} holds a demo run with other settings "
+                   "(train.seed: 0 there, 1 now): rerun with its settings, or pass another --out")
+
+
+def test_warnings_are_one_line(tiny_run, toy_npz):
+    """Python's own format adds the file, line and source line of the warning."""
+    argv = [sys.executable, "-m", "ddpm_fast", "train", "--data", str(toy_npz), "--out", str(tiny_run), "--model",
+            "tiny", "--steps", "2", "--batch-size", "8", "--timesteps", "20", "--warmup", "2", "--no-flip",
+            "--device", "cpu"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stderr.replace("\r", "\n").splitlines() if "warn" in l]
+    assert lines == [f"ddpm-fast train: warning: the run in {tiny_run} is already at step 4, beyond steps=2: "
+                     "nothing to train"]
+
+
+def test_a_checkpoint_without_its_schedule_is_one_line(tiny_run, tmp_path, capsys):
+    """A hand-edited config.json without "schedule": a KeyError traceback before."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "checkpoint-00000004", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["schedule"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s"), "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast sample: error:") and "has no usable noise schedule" in err and "\n" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the cuda backend cannot run")
+def test_a_backend_the_environment_forces_but_cannot_run_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    """DDPM_FAST_BACKEND=cuda on a CPU-only machine: `sample` gave a raw
+    RuntimeError traceback, and `info` (which diagnoses the setup) crashed."""
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "cuda")
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "-n", "2", "--steps", "2",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast sample: error:") and "\n" not in err
+    assert "backend 'cuda' is unavailable for cpu tensors" in err and "chosen by DDPM_FAST_BACKEND" in err
+    assert main(["info"]) == 1
+    assert "auto backend on cpu: unavailable:" in capsys.readouterr().out
+
+
+def test_out_of_memory_in_training_names_every_option_that_sets_memory(toy_npz, tmp_path, capsys):
+    """A huge --image-size ran out of memory with the advice to lower
+    --batch-size alone (the CPU allocator's error: 'can't allocate memory')."""
+    assert main(["train", "--data", str(toy_npz), "--out", str(tmp_path / "r"), "--model", "tiny",
+                 "--image-size", "1000000", "--steps", "1", "--batch-size", "8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast train: error: out of memory (") and "\n" not in err
+    assert err.endswith("lower --batch-size, --image-size, --timesteps or --model")
+
+
+def test_ddpm_fast_debug_is_read_as_setup_py_reads_it(tmp_path, monkeypatch, capsys):
+    """DDPM_FAST_DEBUG=0 turned tracebacks on (any non-empty value did); only
+    1/true/yes do, as for the build."""
+    argv = ["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]
+    monkeypatch.setenv("DDPM_FAST_DEBUG", "0")
+    assert main(argv) == 2 and "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("DDPM_FAST_DEBUG", "1")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main(argv)
