@@ -89,6 +89,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """Raise if ``model`` declares (``in_channels``, ``image_size``) other images than these."""
         channels = getattr(model, "in_channels", self.channels)
         size = getattr(model, "image_size", self.image_size)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+            size = size[0]  # (H, W), as the Sampler also reads it: a square (8, 8) is 8
         if (channels, size) != (self.channels, self.image_size):
             raise ValueError(
                 f"the model takes {channels}-channel {size}px images, "

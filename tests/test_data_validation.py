@@ -1,0 +1,132 @@
+"""Inputs the loaders must refuse (or accept) that test_data.py does not reach:
+bools for sizes and labels, float CIFAR labels, same-height images of other
+widths, and upper-case file suffixes."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_fast.data import ImageDataset, load_cifar10, load_dataset, load_digits, load_image_folder
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=True), "image_size must be a positive int"),  # True == 1: one-pixel images
+    (dict(channels=True), "channels must be 1, 3 or None"),  # True == 1: grey
+])
+def test_bools_are_not_sizes_or_channel_counts(kwargs, message):
+    """A stray flag passed as image_size/channels must not pass as the int 1."""
+    with pytest.raises(ValueError, match=message):
+        load_dataset("digits", **kwargs)
+
+
+@pytest.mark.parametrize("labels", [
+    torch.tensor([True, False, True]),
+    torch.tensor([1 + 0j, 2 + 0j, 3 + 0j]),
+])
+def test_bool_and_complex_labels_are_refused(labels):
+    """Class labels are integers; bool or complex would be cast to int64 silently."""
+    with pytest.raises(ValueError, match="labels must be 3 integers"):
+        ImageDataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels=labels)
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": np.array([1.5, 2.0])}, "2 images but labels float64"),
+    ({b"data": np.zeros((2, 3072), np.int64), b"labels": [1, 2]}, r"data is int64 \(2, 3072\), expected uint8"),
+])
+def test_cifar_batch_of_other_dtypes_is_corrupt(tmp_path, batch, message):
+    """Float labels were truncated to int64 without a word; non-uint8 data must name the batch."""
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=r"test_batch .* is corrupt: " + message):
+        load_cifar10(tmp_path, train=False)
+
+
+def _cifar_folder(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        batch = {b"data": np.full((1, 3072), k, np.uint8), b"labels": [k]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+def test_load_dataset_reads_cifar_from_the_parent_folder(tmp_path):
+    """The documented spec "a CIFAR-10 python folder (or its parent)": e.g. --data ~/datasets."""
+    _cifar_folder(tmp_path / "cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)])
+    data = load_dataset(tmp_path, channels=1)
+    assert data.name == "cifar10" and data.labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_cifar_folder_with_only_the_test_batch_names_the_missing_batches(tmp_path):
+    """Not "holds no images": load_dataset reads the training batches, and says which are missing."""
+    _cifar_folder(tmp_path, ["test_batch"])
+    with pytest.raises(FileNotFoundError, match=r"data_batch_1, .*data_batch_5 not found in folder"):
+        load_dataset(tmp_path)
+
+
+def test_image_folder_sizes_differing_only_in_width_are_a_clear_error(tmp_path):
+    """6x6 then 8-wide, 6-high: the same height must not hide the other width."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(ValueError, match=r"different sizes \(a.png is 6x6, b.png is 8x6\)"):
+        load_image_folder(tmp_path)
+
+
+def test_upper_case_array_and_archive_names_load(tmp_path):
+    """IMAGES.NPY and CIFAR-10-PYTHON.TAR.GZ (e.g. from a case-insensitive file system)."""
+    images = np.random.default_rng(1).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    with open(tmp_path / "IMAGES.NPY", "wb") as f:  # np.save(path) would append .npy
+        np.save(f, images)
+    assert np.array_equal(load_dataset(tmp_path / "IMAGES.NPY").images.permute(0, 2, 3, 1).numpy(), images)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for k in range(1, 6):
+        batch = {b"data": np.full((1, 3072), k, np.uint8), b"labels": [k]}
+        (folder / f"data_batch_{k}").write_bytes(pickle.dumps(batch))
+    archive = tmp_path / "CIFAR-10-PYTHON.TAR.GZ"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    data = load_dataset(archive)
+    assert data.name == "cifar10" and data.labels.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_image_folder_named_dot_is_named_after_the_folder(tmp_path, monkeypatch):
+    """load_image_folder(".") names the dataset after the real folder, not ''."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    assert load_image_folder(".").name == tmp_path.name
+
+
+def test_a_folder_named_like_an_image_is_searched_not_read(tmp_path):
+    """A folder called album.png is a folder: its images load, it is no unreadable image."""
+    Image.new("RGB", (4, 4), (9, 8, 7)).save(tmp_path / "a.png")
+    (tmp_path / "album.png").mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "album.png" / "b.png")
+    data = load_image_folder(tmp_path)
+    assert data.images[:, :, 0, 0].tolist() == [[9, 8, 7], [1, 2, 3]]
+
+
+@pytest.mark.parametrize("size", [0, True])
+def test_load_digits_checks_image_size_itself(size):
+    """load_digits is public: 0 failed deep in interpolate, True gave 1x1 digits."""
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        load_digits(image_size=size)
+
+
+def test_check_model_accepts_a_square_height_width_image_size():
+    """A model's image_size may be (H, W), as the Sampler reads it: (8, 8) matches 8px
+    data (was refused: "takes 1-channel (8, 8)px images"); (8, 6) and 3 channels do not."""
+    data = ImageDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    model = torch.nn.Identity()
+    model.in_channels, model.image_size = 1, (8, 8)
+    data.check_model(model)
+    model.image_size = [8, 6]
+    with pytest.raises(ValueError, match=r"the model takes 1-channel \[8, 6\]px images"):
+        data.check_model(model)
+    model.in_channels, model.image_size = 3, (8, 8)
+    with pytest.raises(ValueError, match="the model takes 3-channel 8px images, the dataset has 1-channel 8px"):
+        data.check_model(model)
