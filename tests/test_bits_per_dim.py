@@ -251,3 +251,26 @@ def test_bits_per_dim_refuses_eps_where_x0_is_undefined():
     with pytest.raises(ValueError, match="undefined at timestep 9"):
         D.bits_per_dim(model, x0, s, mean_type="eps")
     assert torch.isfinite(D.bits_per_dim(model, x0, s, mean_type="x0").total).all()
+
+
+# Why: vb_terms_bpd takes an int t as well as a tensor; at t = 0 the term must be the
+# decoder NLL (eq. 5's L_0), not a KL, whichever form t comes in.
+@pytest.mark.parametrize("t", [0, 1, 19])
+def test_vb_terms_int_t_is_the_same_term_as_tensor_t(t):
+    x0 = bpd_data()
+    noise = data(7, BPD_SHAPE)
+    t_vec = torch.full((BPD_SHAPE[0],), t, dtype=torch.int64)
+    x_t = D.q_sample(BPD_SCHED, x0, t_vec, noise)
+    out = oracle(x0)(x_t, t_vec)  # the exact eps: p's mean is the true posterior mean
+    got_int, _ = D.vb_terms_bpd(BPD_SCHED, out, x0, x_t, t, variance="fixed_large")
+    got_vec, _ = D.vb_terms_bpd(BPD_SCHED, out, x0, x_t, t_vec, variance="fixed_large")
+    pv, b = BPD_T["pv"], BPD_T["b"]
+    if t == 0:  # -log P(bin of x0 | N(x0, beta~_1)) per dim, tanh CDF
+        cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))  # noqa: E731
+        h = (1 / 255) / math.sqrt(pv[1])
+        xn = x0.numpy()
+        want = -np.log(np.where(np.abs(xn) > 0.999, cdf(h), cdf(h) - cdf(-h))).mean(axis=(1, 2, 3)) / math.log(2)
+    else:  # same mean: the variance mismatch KL(N(., beta~_t) || N(., beta_t)) alone
+        want = np.full(BPD_SHAPE[0], 0.5 * (np.log(b[t] / pv[t]) + pv[t] / b[t] - 1) / math.log(2))
+    np.testing.assert_allclose(got_vec.numpy(), want, rtol=1e-9)
+    np.testing.assert_allclose(got_int.numpy(), want, rtol=1e-9)

@@ -110,6 +110,31 @@ def test_q_sample_float32_stays_float32():
     torch.testing.assert_close(out.double(), D.q_sample(s, x0, t, eps), rtol=1e-6, atol=1e-6)
 
 
+# Why: at the end of a T=1000 chain abar ~ 4e-5, so log(1 - abar) ~ -abar; taken as
+# log of a rounded 1 - abar it keeps only ~1e-7 / abar of its digits (1.5e-4 relative
+# in float32), which the prior term L_T reads.
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-14), (torch.float32, 1e-7)])
+def test_q_log_variance_exact_where_abar_is_small(dtype, rtol):
+    s = NoiseSchedule("linear", timesteps=1000)
+    ab = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    t = torch.tensor([999, 900, 500])
+    _, _, logvar = D.q_mean_variance(s, torch.zeros(3, 2, dtype=dtype), t)
+    assert logvar.dtype == dtype
+    np.testing.assert_allclose(logvar.double().numpy().ravel(), np.log1p(-ab[[999, 900, 500]]), rtol=rtol, atol=0.0)
+
+
+# Why: a one-element t (shape (1,)) is a scalar timestep for the whole batch, as
+# diffusers passes it; it must broadcast, not be refused as "one entry per sample".
+def test_one_element_t_broadcasts_over_the_batch():
+    s, b = SCHEDULES["linear"]
+    ab = np_tables(b)["ab"][13]
+    x0, eps = data(0), data(1)
+    close(D.q_sample(s, x0, torch.tensor([13]), eps), np.sqrt(ab) * x0.numpy() + np.sqrt(1 - ab) * eps.numpy())
+    mean, _, logvar = D.q_mean_variance(s, x0, torch.tensor([13], dtype=torch.int32))
+    close(mean, np.sqrt(ab) * x0.numpy())
+    close(logvar, np.full(SHAPE, np.log(1 - ab)))
+
+
 @params
 @t_params
 def test_q_posterior(sched, case):
