@@ -111,7 +111,8 @@ def load_model(
     file = f"{weights}.safetensors"
     if config.get("model") is None:
         raise CheckpointError(f"{folder / 'config.json'} does not describe a UNet")
-    model = UNet.from_config(config["model"])
+    with torch.device("cpu"):  # float32 on the CPU whatever torch's default dtype and device
+        model = UNet.from_config(config["model"]).float()
     try:
         load_state_dict_checked(model, load_safetensors(folder / file), str(folder / file))
     except (FileNotFoundError, ValueError) as error:

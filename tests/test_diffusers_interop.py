@@ -225,3 +225,51 @@ def test_image_size_override_replaces_sample_size_and_moves_the_attention():
             torch.testing.assert_close(ours(x, t), theirs(x, t).sample, **TOL)
     with pytest.raises(ValueError, match=r"sample_size=None \(need one square image size, or pass image_size=\)"):
         UNet.from_diffusers(diffusers.UNet2DModel(sample_size=None, **small))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(center_input_sample=True), "center_input_sample"),  # 2x-1 on the input, which we do not do
+        (dict(attn_norm_num_groups=4), "attn_norm_num_groups"),  # other groups in the attention norms
+        (dict(time_embedding_dim=256), "time_embedding_dim"),  # a wider time embedding than 4 ch
+        (dict(sample_size=(32, 16)), "sample_size"),  # not square
+        # one 64-wide head at 64 channels, but two in the 128-channel mid block
+        (dict(block_out_channels=(32, 64, 64, 128), attention_head_dim=64), "attention_head_dim"),
+    ],
+)
+def test_more_layouts_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        UNet.from_diffusers(diffusers.UNet2DModel(**{**NARROW, **change}))
+
+
+def test_a_folder_with_extra_weights_is_refused(narrow, tmp_path):
+    """Weights of a layer the DDPM U-Net lacks (a class embedding) were dropped silently."""
+    from safetensors.torch import load_file, save_file
+
+    narrow.save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(path), "class_embedding.weight": torch.zeros(10, 128)}, path)
+    with pytest.raises(ValueError, match=r"\['class_embedding.weight'\] \(1 in all\) have no place"):
+        UNet.from_diffusers(tmp_path)
+
+
+@pytest.mark.parametrize("variant, fused_norms", [
+    (dict(output_scale_factor=2.0), 2),  # the (x + h) / output_scale_factor was dropped
+    (dict(skip_time_act=True), 2),  # the time embedding went through SiLU anyway
+    (dict(out_channels=16), 2),  # a width change: through conv_shortcut
+    (dict(time_embedding_norm="scale_shift"), 0),  # another computation: left alone
+    (dict(down=True), 0),  # resampling between norm1 and conv1: left alone
+], ids=["output_scale", "skip_time_act", "shortcut", "scale_shift", "down"])
+def test_patch_diffusers_keeps_each_resnet_block_variants_output(variant, fused_norms):
+    """Every block of a UNet2DModel of the DDPM layout has scale 1, time act
+    and default norm, so the U-Net-level comparisons cannot see these settings."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = randomize(ResnetBlock2D(**{"in_channels": 8, "temb_channels": 12, "groups": 4, **variant}), seed=3).eval()
+    patched = copy.deepcopy(block)
+    assert ddpm_fast.patch_diffusers(patched, backend="reference") == fused_norms
+    gen = torch.Generator().manual_seed(4)
+    x, temb = torch.randn(2, 8, 6, 6, generator=gen), torch.randn(2, 12, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, temb), block(x, temb), **TOL)

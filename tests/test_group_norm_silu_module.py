@@ -184,3 +184,16 @@ def test_fuse_helper_leaves_a_norm_with_a_backward_pre_hook_alone():
     norm.register_full_backward_pre_hook(lambda *args: None)
     model = nn.Sequential(norm, nn.SiLU())
     assert fuse_group_norm_silu(model) == 0 and model[0] is norm
+
+
+def test_from_group_norm_keeps_the_norms_eps():
+    """A large eps (0.5) against inputs of variance ~0.01: normalizing with
+    another eps changes the output by far more than rounding (the diffusers
+    comparisons that would also see it skip without diffusers)."""
+    norm = nn.GroupNorm(2, 4, eps=0.5)
+    fused = GroupNormSiLU.from_group_norm(norm, backend="reference")
+    x = 0.1 * torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    mean, var = x.view(2, 2, -1).mean(-1), x.view(2, 2, -1).var(-1, unbiased=False)
+    normed = (x.view(2, 2, -1) - mean[..., None]) / (var[..., None] + 0.5).sqrt()
+    assert fused.eps == 0.5
+    torch.testing.assert_close(fused(x), F.silu(normed.view(2, 4, 3, 3)))

@@ -125,3 +125,31 @@ def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, set
 
     with pytest.raises(CheckpointError, match=match):
         _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="linear", **setting))
+
+
+@pytest.mark.parametrize("config, want", [
+    # diffusers' scaled_linear: linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2 (was read as plain linear)
+    (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=10),
+     torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 10, dtype=torch.float64) ** 2),
+    # DDPMScheduler's defaults for keys an old config lacks: linear, 1e-4 .. 0.02
+    (dict(num_train_timesteps=10), torch.linspace(1e-4, 0.02, 10, dtype=torch.float64)),
+], ids=["scaled_linear", "defaults"])
+def test_diffusers_scheduler_betas_follow_diffusers(tmp_path, config, want):
+    from ddpm_fast.pretrained import _diffusers_schedule
+
+    schedule = _diffusers_schedule(_scheduler_config(tmp_path, **config))
+    torch.testing.assert_close(schedule.betas.to(torch.float64), want, rtol=1e-6, atol=0)
+
+
+def test_a_checkpoint_loads_as_float32_on_the_cpu_whatever_the_defaults(run):
+    """The README: loaded models are float32; a checkpoint's was built in the
+    default dtype and device (float64 here), unlike from_pretrained's."""
+    out, trainer = run
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model, _ = load_model(out)
+    finally:
+        torch.set_default_dtype(before)
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.float32, "cpu")}
+    assert _same(model, trainer.ema)

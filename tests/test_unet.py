@@ -271,6 +271,18 @@ def test_load_errors_are_clear(tmp_path):
         UNet.from_config({"channels": 3})
 
 
+def test_integer_weights_for_float_parameters_are_refused(tmp_path):
+    """load_state_dict would cast them silently."""
+    from safetensors.torch import load_file, save_file
+
+    UNet(**MINI).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["conv_in.bias"] = torch.zeros(16, dtype=torch.int64)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"\['conv_in.bias'\] are not floating point"):
+        UNet.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -5,14 +5,16 @@ Each test failed on a mutant that every other test passed."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast.models import UNet
-from ddpm_fast.models.layers import ResBlock
+from ddpm_fast.models.layers import ResBlock, timestep_embedding
 from ddpm_fast.nn import GroupNormSiLU
-from test_unet import MINI, randomize
+from test_unet import MINI, inputs, randomize
 
 
 def test_presets_keep_their_documented_architecture():
@@ -53,3 +55,23 @@ def test_gradients_reach_the_input_through_every_path():
 def test_a_fused_norm_keeps_the_mode_of_the_norm_it_replaces():
     for training in (True, False):
         assert GroupNormSiLU.from_group_norm(nn.GroupNorm(2, 4).train(training)).training is training
+
+
+def test_timestep_embedding_values_for_an_odd_width():
+    """[sin(t f_i), cos(t f_i)] with f_i = 10000^(-i/(half-1)), then one zero (not
+    at the front); checked without diffusers, whose comparisons skip without it."""
+    t = torch.tensor([0.0, 3.0, 999.0])
+    got = timestep_embedding(t, 7)  # half = 3: f = 1, 10000^-0.5, 10000^-1
+    freqs = [1.0, 0.01, 1e-4]
+    want = torch.tensor([[math.sin(v * f) for f in freqs] + [math.cos(v * f) for f in freqs] + [0.0] for v in t.tolist()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_timestep_is_not_truncated():
+    """A Python float t (DDIM-style fractional steps) must mean the same as a float tensor, not int(t)."""
+    model = randomize(UNet(**MINI)).eval()
+    x, _ = inputs()
+    with torch.no_grad():
+        got = model(x, 2.5)
+        assert torch.equal(got, model(x, torch.full((4,), 2.5)))
+        assert not torch.equal(got, model(x, 2))
