@@ -28,11 +28,13 @@ from ddpm_fast.cli import main
         (["bpd", "--checkpoint", "{tmp}/missing", "--data", "{data}"], "does not exist"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--image-size", "1"], "--model small cannot take 1x1x1"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--dropout", "1.5"], "--dropout must lie in [0, 1)"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),  # drops everything
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
         # TrainConfig's and run_demo's checks in the options' names (they named the Python fields)
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "--lr must be a positive number"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
         (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/with-folders"], "samples.npz is a folder"),
+        (["train", "--data", "{data}", "--out", "{tmp}/with-folders"], "log.jsonl is a folder"),  # not after training
         # refused before training, not after it (at the final sample grid)
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--timesteps", "20", "--sample-steps", "21"],
          "--sample-steps) is 21, more than the schedule's 20 timesteps"),
@@ -51,6 +53,7 @@ def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, toy_npz, c
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "broken-link").symlink_to(tmp_path / "nowhere" / "deeper")
     (tmp_path / "with-folders" / "samples.npz").mkdir(parents=True)  # found before sampling, not after it
+    (tmp_path / "with-folders" / "log.jsonl").mkdir()
     argv = [a.format(tmp=tmp_path, data=toy_npz, file=tmp_path / "a-file") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -113,6 +116,19 @@ def test_device_is_checked_while_parsing(command, device, message, monkeypatch, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"ddpm-fast {command}: error: argument --device: " in err and message in err
+
+
+def test_a_device_index_is_checked_against_the_devices_there_are(monkeypatch):
+    """cuda:K exists for K below the device count (cuda:2 on two GPUs failed deep in torch); cpu:0 is the CPU."""
+    from argparse import ArgumentTypeError
+
+    from ddpm_fast import cli_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [cli_options.device(d) for d in ("cuda", "cuda:1", "cpu", "cpu:0")] == ["cuda", "cuda:1", "cpu", "cpu:0"]
+    with pytest.raises(ArgumentTypeError, match=r"cuda:2: this machine has 2 CUDA device\(s\)"):
+        cli_options.device("cuda:2")
 
 
 def test_an_unwritable_out_fails_before_any_work(tiny_run, tmp_path, monkeypatch, capsys):
@@ -210,6 +226,54 @@ def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, toy_npz):
     assert last.endswith(f"the newest checkpoint, {ckpt}, is intact: run the same command to continue from it")
     for weights in ("ema", "model"):
         load_model(ckpt, weights=weights)  # loads: whole files, the right shapes
+
+
+def test_ctrl_c_in_a_run_started_with_no_resume_says_to_add_resume(toy_npz, tmp_path, monkeypatch, capsys):
+    """The same --no-resume command would start afresh and replace the checkpoint it names."""
+    import ddpm_fast.train
+    from ddpm_fast.checkpoint import write_checkpoint
+
+    def train(self, **kwargs):  # a checkpoint, then Ctrl-C
+        self.step = 3
+        write_checkpoint(self.out_dir, 3, {"config.json": lambda p: p.write_text("{}")})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddpm_fast.train.Trainer, "train", train)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(toy_npz), "--out", str(out), "--model", "tiny", "--batch-size", "8",
+                 "--timesteps", "20", "--no-resume", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm-fast train: interrupted at step 3; the newest checkpoint, {out / 'checkpoint-00000003'}, is intact: "
+        "run the same command with --resume to continue from it")
+
+
+def test_ctrl_c_in_the_demo_names_the_checkpoint_of_its_run(tmp_path, monkeypatch, capsys):
+    """The demo trains in OUT/run: its checkpoint is there, not in OUT itself."""
+    import ddpm_fast.demo
+    from ddpm_fast.checkpoint import write_checkpoint
+
+    def run_demo(out, **kwargs):
+        write_checkpoint(Path(out) / "run", 5, {"config.json": lambda p: p.write_text("{}")})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddpm_fast.demo, "run_demo", run_demo)
+    assert main(["demo", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"ddpm-fast demo: interrupted; the newest checkpoint, {tmp_path / 'run' / 'checkpoint-00000005'}, is intact: "
+        "run the same command to continue from it")
+
+
+def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch, capsys):
+    """An ImportError (a diffusers folder without diffusers installed, say) is a setup problem, not a traceback."""
+    import ddpm_fast.pretrained
+
+    def load_model(*args, **kwargs):
+        raise ImportError("loading a diffusers folder needs diffusers: pip install diffusers")
+
+    monkeypatch.setattr(ddpm_fast.pretrained, "load_model", load_model)
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ddpm-fast sample: error: loading a diffusers folder needs diffusers: pip install diffusers")
 
 
 def test_out_of_memory_says_to_lower_the_batch_size(tiny_run, tmp_path, monkeypatch, capsys):

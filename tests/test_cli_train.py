@@ -173,6 +173,20 @@ def test_a_digits_run_made_with_flips_resumes_without_the_option(tmp_path):
     assert config["train"]["flip"] is True
 
 
+@pytest.mark.parametrize("resume, flip", [(True, False), (False, True)])
+def test_only_a_resumed_run_keeps_its_own_flip_setting(data_file, tmp_path, resume, flip):
+    """--no-resume replaces the run in --out: its checkpoint's --no-flip no longer applies."""
+    import argparse
+
+    from ddpm_fast.checkpoint import write_checkpoint
+    from ddpm_fast.cli import _default_flip
+
+    config = json.dumps({"train": {"flip": False}})
+    write_checkpoint(tmp_path, 1, {"config.json": lambda p: p.write_text(config)})
+    args = argparse.Namespace(data=str(data_file), out=str(tmp_path), resume=resume)
+    assert _default_flip(args) is flip
+
+
 def test_train_in_a_folder_another_run_holds_is_one_line(data_file, tmp_path, capsys):
     from ddpm_fast.checkpoint import lock_run_folder
 

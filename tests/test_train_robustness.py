@@ -82,6 +82,19 @@ def test_a_skipped_step_changes_nothing_and_a_good_one_resets_the_count(tmp_path
     assert trainer.step == 8
 
 
+def test_loading_a_checkpoint_restarts_the_non_finite_count(tmp_path):
+    # The count of skipped steps in a row belongs to the steps a checkpoint rewinds: one more after it is no stop.
+    config = TrainConfig(steps=2, batch_size=8, warmup=0, log_every=1, checkpoint_every=2, max_nonfinite=2)
+    trainer = Trainer(FlakyEps(nan_output={3, 4}, nan_gradient=set()), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                      config, tmp_path, device="cpu", progress=False)
+    trainer.train(final_samples=False)
+    with pytest.warns(UserWarning, match="non-finite"):
+        assert trainer.train_step() is None  # call 3: skipped, one in a row
+        trainer.load_checkpoint(tmp_path / "checkpoint-00000002")
+        assert trainer.train_step() is None  # call 4: skipped again, the first in a row since the checkpoint
+    assert trainer.step == 3  # 2 again, then the skipped step 3
+
+
 def test_a_respaced_schedule_is_refused(tmp_path):
     """Training would show the model the sub-chain's indices, and sampling
     (through timestep_map) the original timesteps it never saw."""
@@ -128,6 +141,17 @@ def test_the_damaged_newer_checkpoint_does_not_outrank_the_run(tmp_path):
     resumed = make_trainer(out, steps=5, checkpoint_every=1, keep_checkpoints=1)
     resumed.train(final_samples=False)
     assert resumed.step == 5
+
+
+def test_a_checkpoint_damaged_again_is_set_aside_beside_the_first(tmp_path):
+    # A second damaged checkpoint of the same step (damaged-* taken) was renamed onto it: OSError, no resume.
+    trainer = make_trainer(tmp_path, steps=1)
+    for name in ("damaged-checkpoint-00000004", "checkpoint-00000004"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer.pt").write_text(name)
+    trainer._set_aside([tmp_path / "checkpoint-00000004"])
+    assert (tmp_path / "damaged-checkpoint-00000004" / "trainer.pt").read_text() == "damaged-checkpoint-00000004"
+    assert (tmp_path / "damaged-checkpoint-00000004-1" / "trainer.pt").read_text() == "checkpoint-00000004"
 
 
 @pytest.mark.parametrize("pointer", [b"", b"\n", b"..", b"samples", b"checkpoint-00000002/..", b"\xff\xfe"])
