@@ -84,6 +84,13 @@ def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, toy_npz, c
 def test_bad_arguments_exit_2(argv, capsys, tmp_path, monkeypatch):
     """In one line, as every other error (argparse printed its usage first), and
     before anything is made (a too-large demo seed left an empty folder)."""
+    from ddpm_fast import cli
+
+    def accepted(args):  # fail at once, rather than train for 100,000 steps on a broken check
+        raise AssertionError(f"{argv} was accepted")
+
+    for command in ("_info", "_train", "_sample", "_bpd", "_fid", "_demo"):
+        monkeypatch.setattr(cli, command, accepted)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
