@@ -248,3 +248,33 @@ def test_split_tiles_past_2_31_positions_are_indexed_in_64_bits(monkeypatch):
         first[0] = pid
         _split_pid_probe[(1,)](out, plan.pos_tiles, BLOCK_S=plan.block_s)
         assert out.tolist() == [pid // plan.pos_tiles, (pid % plan.pos_tiles) * plan.block_s]
+
+
+@requires_triton
+@pytest.mark.skipif(HAS_CUDA, reason="reverses the interpreter's program order")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_programs_write_only_their_own_channels(monkeypatch, layout):
+    """Groups of 3 channels: a fused tile is a power of two wide, wider than
+    its groups, and its last columns are the next program's channels, which it
+    must neither write (forward y, backward dx) nor count. The interpreter runs
+    a launch's programs in order, so that the next program would overwrite such
+    a write; here it runs them in reverse, as a GPU may."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from ddpm_fast.ops._backend import triton_interpreting
+
+    if not triton_interpreting() or not hasattr(interpreter.InterpreterBuilder, "create_get_program_id"):
+        pytest.skip("needs Triton's interpreter (and its program-id hook)")
+    monkeypatch.setattr(_gn_kernels, "TARGET_TILE", 1)  # as few groups a program as a row's 32 bytes allow
+
+    def reversed_id(self, axis):
+        pid = self.grid_dim[axis] - 1 - self.grid_idx[axis]
+        return interpreter.TensorHandle(np.array([pid], dtype=np.int32), tl.int32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_get_program_id", reversed_id)
+    shape, groups = (2, 24, 4, 4), 8
+    for backward in (False, True):
+        p = _gn_kernels.plan(24, 16, groups, 4, layout == "channels_last", backward)
+        assert p.fused and p.col_tiles > 1 and p.block_c > 3 * p.groups_per_tile
+    assert_matches_reference(TRITON_DEVICE, "triton", torch.float32, layout, (shape, groups), True, True, True)

@@ -29,6 +29,25 @@ def test_backends_match_reference(device, backend, seed, offset, shape):
     torch.testing.assert_close(got.cpu(), expected, atol=2e-6, rtol=2e-6)
 
 
+# Counters of seed 7 whose first Philox word folds to a uniform u1 below 1e-6
+# (found by scanning philox4x32_reference): the stream's deep tail, where z
+# shows the fold of a negative word (-x - 1, not -x: 1 part in 2000 of u1
+# there) and the floor of u1 (1e-7, not 1e-6), which other counters never reach.
+TAIL_SEED, TAIL_COUNTERS = 7, [1714520, 5454458, 6566458, 9182813]
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_deep_tail_counters_match_reference(device, backend):
+    c0 = philox4x32_reference(TAIL_SEED, torch.tensor(TAIL_COUNTERS))[0]
+    folded = torch.where(c0 > 0x7FFFFFFF, (1 << 32) - 1 - c0, c0)
+    assert (folded < 2147).all() and (c0 > 0x7FFFFFFF).sum() >= 2  # u1 < 1e-6; negative words among them
+    for counter in TAIL_COUNTERS:
+        want = normal_reference(TAIL_SEED, torch.arange(counter - 1, counter + 2))
+        assert want[1].abs() > 3.5  # the tail indeed
+        got = ops.randn((3,), TAIL_SEED, counter - 1, device=device, backend=backend).cpu()
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_low_precision_outputs_are_the_rounded_stream(device, backend, dtype):
