@@ -362,3 +362,53 @@ def test_cpu_backward_does_not_depend_on_the_thread_count(shape, groups):
     for other in grads[1:]:
         for a, o in zip(grads[0], other):
             assert torch.equal(a, o)
+
+
+@requires_extension
+@pytest.mark.parametrize("act", [True, False], ids=["silu", "plain"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_backward_of_one_long_row_group(act, threads):
+    """The NCHW backward with fewer (sample, group) blocks than threads and rows
+    longer than the short-row route's (1 sample, 1 group, 12x12 maps): its
+    passes then run over the channels' rows, each row a task; every row's dx and
+    add gradient must come out (on 2 threads no other test took this route).
+    Against a float64 reference."""
+    x, w, b, add = inputs((1, 8, 12, 12), torch.float32, "contiguous", "cpu", True, True)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+        y = ops.group_norm_silu(leaves[0], 1, leaves[1], leaves[2], add=leaves[3], act=act, backend="cpu")
+        grads = torch.autograd.grad(y, leaves, dy)
+    finally:
+        torch.set_num_threads(before)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b, add)]
+    x64, w64, b64, add64 = ref_leaves
+    want = torch.autograd.grad(reference(x64, 1, w64, b64, add64, act), ref_leaves, dy.double())
+    for name, got, expected in zip(("x", "weight", "bias", "add"), grads, want):
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got.double() / scale, expected / scale, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@requires_extension
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("eps", [1e-6, 3e-3])
+def test_cpu_float64_kernel_takes_the_eps_given(layout, eps):
+    """The C++ kernel's float64 path (gradcheck's) with small-variance data
+    (0.05^2), where eps matters: against F.group_norm in float64 with that eps,
+    to float64 rounding (the float32 paths are checked in test_group_norm_silu.py)."""
+    g = torch.Generator().manual_seed(5)
+    x = 0.05 * torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    w, b, dy = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((6,), (6,), (2, 6, 5, 7)))
+    add = 0.05 * torch.randn(2, 6, generator=g, dtype=torch.float64)
+    leaves = [v.clone().requires_grad_() for v in (x, w, b, add)]
+    y = ops.group_norm_silu(leaves[0], 3, leaves[1], leaves[2], eps, add=leaves[3], backend="cpu")
+    grads = torch.autograd.grad(y, leaves, dy)
+    want_leaves = [v.clone().requires_grad_() for v in (x, w, b, add)]
+    xw, ww, bw, aw = want_leaves
+    want = F.silu(F.group_norm(xw + aw[:, :, None, None], 3, ww, bw, eps))
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    for name, got, ref in zip(("x", "weight", "bias", "add"), grads, torch.autograd.grad(want, want_leaves, dy)):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9, msg=name)

@@ -210,8 +210,11 @@ def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
     import sys
 
     # The first case runs consecutive counters through every block (one
-    # crosses 2^32); in the second, samples of 65 make blocks that span two.
-    cases = [((4099, 2**40 + 3, 2**32 - 100), {}), (((5, 65), 7, 3), {"sample_stride": 2**33})]
+    # crosses 2^32); in the second, samples of 65 make blocks that span two;
+    # the last two draw the clamped uniform of test_cpu_clamps_the_smallest_uniforms
+    # (in a run, and in a block across samples).
+    cases = [((4099, 2**40 + 3, 2**32 - 100), {}), (((5, 65), 7, 3), {"sample_stride": 2**33}),
+             ((64, 0, 17758991 - 5), {}), (((2, 40), 0, 17758991 - 45), {})]
     script = (
         "import torch\n"
         "from ddpm_fast import ops\n"
@@ -263,3 +266,21 @@ def test_cpp_op_compiles_for_a_dynamic_image_size():
         return x + ops.randn(x.shape, 5, backend="cpu")
 
     assert_one_graph_for_every_height(noisy, lambda height: (torch.zeros(2, 3, height, 5),))
+
+
+@requires_extension
+def test_cpu_clamps_the_smallest_uniforms():
+    """Counter 17758991 under seed 0 draws Philox word u1 = 121 * 2^-31 < 1e-7
+    (found by searching the reference stream), which the stream clamps to 1e-7
+    before the log (|z| <= 5.68). The C++ kernel must give the clamped normal
+    both where it draws runs of consecutive counters (one sample) and where
+    it draws counters one by one (a block across two samples)."""
+    counter = 17758991
+    c0 = philox4x32_reference(0, torch.tensor([counter]))[0].item()
+    assert min(c0, 2**32 - 1 - c0) * 2.0**-31 < 1e-7
+    run = ops.randn((64,), 0, offset=counter - 5, backend="cpu")
+    block = ops.randn((2, 40), 0, offset=counter - 45, backend="cpu")
+    want = normal_reference(0, torch.arange(counter - 45, counter + 59))
+    assert want[45].abs() <= math.sqrt(-2 * math.log(1e-7)) + 1e-5
+    torch.testing.assert_close(run, want[40:], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(block.flatten(), want[:80], atol=2e-6, rtol=2e-6)
