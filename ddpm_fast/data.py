@@ -92,8 +92,9 @@ class ImageDataset(torch.utils.data.Dataset):
         if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
             size = size[0]  # (H, W), as the Sampler also reads it: a square (8, 8) is 8
         if (channels, size) != (self.channels, self.image_size):
+            shown = "x".join(map(str, size)) if isinstance(size, (tuple, list)) else size  # (8, 6): 8x6
             raise ValueError(
-                f"the model takes {channels}-channel {size}px images, "
+                f"the model takes {channels}-channel {shown}px images, "
                 f"the dataset has {self.channels}-channel {self.image_size}px images"
             )
 

@@ -19,7 +19,7 @@ import torch
 
 from ._checks import check_bool, is_int
 from .checkpoint import CheckpointError
-from .data import load_digits
+from .data import ImageDataset, load_digits
 from .images import save_grid, save_npz, to_uint8
 from .models import UNet
 from .sampler import Sampler
@@ -68,6 +68,19 @@ def digit_quality(images: np.ndarray, *, fit: slice | np.ndarray = slice(None)) 
     }
 
 
+def _tiny_unet(dataset: ImageDataset) -> UNet:
+    """The demo's U-Net: float32 on the CPU, with the same initial weights whatever
+    torch's default dtype and device (under a float64 default it came out float64,
+    which the Trainer refuses)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            return UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -94,7 +107,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the model's initial weights and dropout
     dataset = load_digits()
-    model = UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
+    model = _tiny_unet(dataset)
     start = time.perf_counter()
     trainer = Trainer(model, dataset, schedule, config, out / "run", device="cpu", progress=progress)
     try:

@@ -47,7 +47,7 @@ def capture(steps: Callable[[], None], stream: "torch.cuda.Stream") -> "torch.cu
     return graph
 
 
-def end_allocating_to_pool(pool) -> None:
+def end_allocating_to_pool(pool: tuple[int, int]) -> None:
     """After a failed capture, stop the caching allocator sending this thread's
     allocations to the capture's pool. torch before 2.12 (pytorch#180395, so the
     GPU machine's 2.11) skips that when capture_end fails, and the allocator's next

@@ -265,7 +265,7 @@ def triton_split_path(monkeypatch):
     return gn
 
 
-# The command line's tests (test_cli*.py): a small .npz dataset and a finished
+# test_cli.py's and test_cli_errors.py's: a small .npz dataset and a finished
 # 4-step run of the tiny U-Net on it, made once per module.
 @pytest.fixture(scope="module")
 def toy_npz(tmp_path_factory):

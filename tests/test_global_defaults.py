@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import save_tiny_diffusers_pipeline
 from ddpm_fast import NoiseSchedule, Sampler, ops
 from ddpm_fast.data import _set_channels
+from ddpm_fast.demo import run_demo
 from ddpm_fast.evaluate import evaluate_bpd
 from ddpm_fast.models import UNet
 from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.pretrained import load_model
 from ddpm_fast.schedules import make_betas
+from ddpm_fast.train import TrainConfig, Trainer
 from ddpm_fast.selfcheck import _self_check
 from train_helpers import make_trainer, toy_dataset
 
@@ -94,6 +97,37 @@ def test_loading_and_evaluating_under_another_default_device(tmp_path):
         grey = _set_channels(rgb, 1)
     assert got["total"] == want["total"] and grey.device.type == "cpu"
 
+
+
+def test_a_run_loads_as_float32_on_the_cpu_whatever_the_defaults(tmp_path):
+    """load_model of a run's checkpoint built its U-Net in the default dtype and
+    device (float64; meta), unlike from_pretrained and from_diffusers."""
+    torch.manual_seed(0)
+    trainer = Trainer(UNet.tiny(), toy_dataset(n=8), NoiseSchedule("linear", timesteps=10),
+                      TrainConfig(steps=1, batch_size=4, warmup=0, checkpoint_every=1), tmp_path, device="cpu", progress=False)
+    trainer.train(final_samples=False)
+    want = [p.detach().clone() for p in load_model(tmp_path)[0].parameters()]
+    with default_dtype(torch.float64):
+        as_float64 = load_model(tmp_path)[0]
+    with torch.device("meta"):
+        as_meta = load_model(tmp_path)[0]
+    for model in (as_float64, as_meta):
+        assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.float32, "cpu")}
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want))
+
+
+def test_the_demo_does_not_depend_on_the_default_dtype_or_device(tmp_path):
+    """The demo built its U-Net in the default dtype, which the Trainer refused as
+    float64; its initial weights must not depend on the default either."""
+    kw = dict(steps=1, samples=2, sample_steps=2, progress=False)
+    run_demo(tmp_path / "plain", **kw)
+    with default_dtype(torch.float64):
+        run_demo(tmp_path / "float64", **kw)
+    with torch.device("meta"):
+        run_demo(tmp_path / "meta", **kw)
+    want = np.load(tmp_path / "plain" / "samples.npz")["images"]
+    for name in ("float64", "meta"):
+        assert np.array_equal(np.load(tmp_path / name / "samples.npz")["images"], want), name
 
 def test_grey_conversion_does_not_depend_on_the_default_dtype():
     """Luma weights in float64 rounded some pixels to the other level."""

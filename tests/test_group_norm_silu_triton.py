@@ -47,7 +47,8 @@ def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, c
 def test_triton_split_path_rounds_bfloat16_once(triton_split_path, layout):
     """The split path's normalize and backward kernels store y and dx rounded
     to nearest, as the fused kernels do."""
-    assert not triton_split_path.plan(8, 36, 2, 2, layout == "channels_last").fused
+    for backward in (False, True):
+        assert not triton_split_path.plan(8, 36, 2, 2, layout == "channels_last", backward=backward).fused
     assert_bfloat16_rounded_once(TRITON_DEVICE, "triton", layout, (2, 8, 6, 6), 2)
 
 

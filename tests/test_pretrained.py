@@ -139,17 +139,3 @@ def test_diffusers_scheduler_betas_follow_diffusers(tmp_path, config, want):
 
     schedule = _diffusers_schedule(_scheduler_config(tmp_path, **config))
     torch.testing.assert_close(schedule.betas.to(torch.float64), want, rtol=1e-6, atol=0)
-
-
-def test_a_checkpoint_loads_as_float32_on_the_cpu_whatever_the_defaults(run):
-    """The README: loaded models are float32; a checkpoint's was built in the
-    default dtype and device (float64 here), unlike from_pretrained's."""
-    out, trainer = run
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        model, _ = load_model(out)
-    finally:
-        torch.set_default_dtype(before)
-    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.float32, "cpu")}
-    assert _same(model, trainer.ema)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import requires_extension
 from ddpm_fast import selfcheck
 
 
@@ -26,6 +27,7 @@ def _verdicts(op: str) -> dict[str, str]:
     return {backend: verdict for name, backend, verdict in selfcheck._self_check(torch.device("cpu")) if name == op}
 
 
+@requires_extension
 def test_an_absolute_error_of_1_5e_5_is_a_mismatch(monkeypatch):
     # The tolerance is 1e-5 absolute for the non-summed ops: a looser or relative check passed broken kernels.
     _perturbed(monkeypatch, "q_sample", lambda v: torch.full_like(v, 1.5e-5))
@@ -33,6 +35,7 @@ def test_an_absolute_error_of_1_5e_5_is_a_mismatch(monkeypatch):
     assert verdicts["cpu"].startswith("MISMATCH"), verdicts
 
 
+@requires_extension
 def test_summed_gradients_are_compared_relative_to_their_largest_value(monkeypatch):
     # dw sums over every position: its error is measured relative to its size, so rounding there is no mismatch.
     scale = {}
