@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, latest_checkpoint
-from .models.serialization import load_safetensors, load_state_dict_checked
+from .models.serialization import float32_on_cpu, load_safetensors, load_state_dict_checked
 from .schedules import NoiseSchedule
 
 __all__ = ["load_model"]
@@ -111,8 +111,7 @@ def load_model(
     file = f"{weights}.safetensors"
     if config.get("model") is None:
         raise CheckpointError(f"{folder / 'config.json'} does not describe a UNet")
-    with torch.device("cpu"):  # float32 on the CPU whatever torch's default dtype and device
-        model = UNet.from_config(config["model"]).float()
+    model = float32_on_cpu(lambda: UNet.from_config(config["model"]))
     try:
         load_state_dict_checked(model, load_safetensors(folder / file), str(folder / file))
     except (FileNotFoundError, ValueError) as error:

@@ -20,7 +20,7 @@ from torch import nn
 from .._checks import is_int
 from ..nn import GroupNormSiLU
 from ..nn.group_norm_silu import has_hooks
-from .serialization import load_safetensors, load_state_dict_checked, read_json
+from .serialization import float32_on_cpu, load_safetensors, load_state_dict_checked, read_json
 
 __all__ = ["from_diffusers", "patch_diffusers", "diffusers_config_to_kwargs", "diffusers_key_map"]
 
@@ -165,10 +165,8 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
             f"UNet.from_diffusers takes a diffusers UNet2DModel or the folder it was saved to, got {type(model_or_folder).__name__}"
         )
     kwargs = diffusers_config_to_kwargs(config, overrides.pop("image_size", None))  # e.g. for a config without sample_size
-    # An override (dropout= to fine-tune) replaces the config's value; float32
-    # on the CPU whatever torch's default dtype and device.
-    with torch.device("cpu"):
-        model = cls(**{**kwargs, **overrides}).float()
+    # An override (dropout= to fine-tune) replaces the config's value.
+    model = float32_on_cpu(lambda: cls(**{**kwargs, **overrides}))
     converted, used = {}, set()
     for ours, candidates in diffusers_key_map(model).items():
         found = [c for c in candidates if c in state]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 from ..checkpoint import atomic_write
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["load_safetensors", "load_state_dict_checked", "save_pretrained", "load_pretrained"]
 
@@ -59,6 +61,14 @@ def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
     # Moved after reading: a device that is missing here is not a damaged file.
     return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def float32_on_cpu(make: Callable[[], M]) -> M:
+    """The module ``make()`` builds, as float32 on the CPU whatever torch's default
+    dtype and device: a model for weights to be loaded into (under a float64 or
+    meta default it came out float64, or on meta)."""
+    with torch.device("cpu"):
+        return make().float()
 
 
 def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -109,8 +119,7 @@ def load_pretrained(
         raise ValueError(
             f"UNet.from_pretrained: {folder} holds a diffusers {config['_class_name']}; load it with UNet.from_diffusers"
         )
-    with torch.device("cpu"):  # float32 on the CPU whatever torch's default dtype and device
-        model = cls.from_config(config, **overrides).float()
+    model = float32_on_cpu(lambda: cls.from_config(config, **overrides))
     state = load_safetensors(folder / weights, map_location)
     model.to(map_location)
     load_state_dict_checked(model, state, str(folder / weights))
