@@ -64,15 +64,15 @@ def device(text: str) -> str:
     """A device this machine has: checked while parsing, so that a typo or a
     missing GPU is an argument error, not a traceback from deep in torch."""
     try:
-        device = torch.device(text)
+        parsed = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda or cuda:K") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+    if parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index not in (None, 0)):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: expected cpu, cuda or cuda:K")
-    if device.type == "cuda":
+    if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
 

@@ -83,15 +83,12 @@ def test_upper_case_array_and_archive_names_load(tmp_path):
         np.save(f, images)
     assert np.array_equal(load_dataset(tmp_path / "IMAGES.NPY").images.permute(0, 2, 3, 1).numpy(), images)
     folder = tmp_path / "src"
-    folder.mkdir()
-    for k in range(1, 6):
-        batch = {b"data": np.full((1, 3072), k, np.uint8), b"labels": [k]}
-        (folder / f"data_batch_{k}").write_bytes(pickle.dumps(batch))
+    _cifar_folder(folder, [f"data_batch_{k}" for k in range(1, 6)])
     archive = tmp_path / "CIFAR-10-PYTHON.TAR.GZ"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
     data = load_dataset(archive)
-    assert data.name == "cifar10" and data.labels.tolist() == [1, 2, 3, 4, 5]
+    assert data.name == "cifar10" and data.labels.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_image_folder_named_dot_is_named_after_the_folder(tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ from ddpm_fast.models import UNet
 from ddpm_fast.ops._backend import triton_available
 from ddpm_fast.pretrained import load_model
 from ddpm_fast.schedules import make_betas
-from ddpm_fast.train import TrainConfig, Trainer
 from ddpm_fast.selfcheck import _self_check
+from ddpm_fast.train import TrainConfig, Trainer
 from train_helpers import make_trainer, toy_dataset
 
 
@@ -98,7 +98,6 @@ def test_loading_and_evaluating_under_another_default_device(tmp_path):
     assert got["total"] == want["total"] and grey.device.type == "cpu"
 
 
-
 def test_a_run_loads_as_float32_on_the_cpu_whatever_the_defaults(tmp_path):
     """load_model of a run's checkpoint built its U-Net in the default dtype and
     device (float64; meta), unlike from_pretrained and from_diffusers."""
@@ -128,6 +127,7 @@ def test_the_demo_does_not_depend_on_the_default_dtype_or_device(tmp_path):
     want = np.load(tmp_path / "plain" / "samples.npz")["images"]
     for name in ("float64", "meta"):
         assert np.array_equal(np.load(tmp_path / name / "samples.npz")["images"], want), name
+
 
 def test_grey_conversion_does_not_depend_on_the_default_dtype():
     """Luma weights in float64 rounded some pixels to the other level."""
