@@ -1,6 +1,6 @@
-"""Inputs the loaders must refuse (or accept) that test_data.py does not reach:
-bools for sizes and labels, float CIFAR labels, same-height images of other
-widths, and upper-case file suffixes."""
+"""Inputs the loaders must refuse (or accept) that test_data.py and
+test_data_cifar10.py do not reach: bools for sizes and labels, float CIFAR
+labels, same-height images of other widths, and upper-case file suffixes."""
 
 from __future__ import annotations
 
