@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 
 import ddpm_fast.demo as demo
 from ddpm_fast.demo import DEMO_SAMPLE_STEPS, DEMO_STEPS, digit_quality, run_demo
+from ddpm_fast.images import to_uint8
 
 # The demo as shipped. Over 400 samples its share of confident digits was
 # 0.68-0.72 for seeds 0-2 (2026-12-03); 100 samples (groups of those 400) gave
@@ -99,6 +100,26 @@ def test_demo_samples_the_ema_weights_as_documented(tmp_path, monkeypatch, demo_
     [(model, args, kwargs)] = calls
     assert model is demo_trainers[0].ema and model is not demo_trainers[0].model
     assert args == (2,) and kwargs == dict(seed=3, steps=DEMO_SAMPLE_STEPS, progress=False)
+
+
+def test_demo_takes_every_sample_steps_up_to_t_and_writes_its_samples(tmp_path, monkeypatch):
+    """sample_steps = T (the whole chain) is allowed, and samples.npz holds the
+    samples as uint8 N x 8 x 8 x 1 beside samples.png (the chain faked: the
+    slow quality test alone reads these files otherwise)."""
+    calls, drawn = [], torch.linspace(-1, 1, 2 * 64).reshape(2, 1, 8, 8)
+
+    class RecordingSampler(demo.Sampler):
+        def sample(self, *args, **kwargs):
+            calls.append(kwargs)
+            return drawn.clone()
+
+    monkeypatch.setattr(demo, "Sampler", RecordingSampler)
+    run_demo(tmp_path, steps=1, samples=2, sample_steps=1000, seed=0, progress=False)
+    assert [c["steps"] for c in calls] == [1000]
+    images = np.load(tmp_path / "samples.npz")["images"]
+    assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 1)
+    assert np.array_equal(images, to_uint8(drawn))
+    assert (tmp_path / "samples.png").stat().st_size > 0
 
 
 def test_demo_is_reproducible_from_its_seed(tmp_path, demo_trainers):

@@ -122,6 +122,7 @@ def test_the_demo_does_not_depend_on_the_default_dtype_or_device(tmp_path):
     run_demo(tmp_path / "plain", **kw)
     with default_dtype(torch.float64):
         run_demo(tmp_path / "float64", **kw)
+        assert torch.get_default_dtype() == torch.float64  # the caller's default, put back
     with torch.device("meta"):
         run_demo(tmp_path / "meta", **kw)
     want = np.load(tmp_path / "plain" / "samples.npz")["images"]
