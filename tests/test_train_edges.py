@@ -1,0 +1,122 @@
+"""Trainer edges the other training tests do not reach (found by mutation
+testing of train.py, train_config.py and train_checkpoints.py): a dataset of
+exactly one batch, the vlb loss on the unclipped x0, an EMA out of autograd,
+grids of one noise, a model handed over in eval mode, resuming at steps=,
+rank states of another world size, config sections, edge config values and a
+third damaged checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from ddpm_fast import diffusion, ops
+from ddpm_fast.checkpoint import latest_checkpoint
+from ddpm_fast.train import ConfigMismatchError, TrainConfig
+from train_helpers import make_trainer
+
+
+def test_a_dataset_of_exactly_one_batch_trains(tmp_path):
+    """len(dataset) == batch_size is enough (one batch per epoch): only fewer is refused."""
+    trainer = make_trainer(tmp_path, steps=2, images=8)
+    assert trainer.train(final_samples=False)["steps"] == 2
+
+
+def test_the_vlb_loss_trains_on_the_unclipped_x0_prediction(tmp_path):
+    """L_t of the 'vlb' loss is the KL with the model's x_0 prediction unclipped:
+    clipping (as sampling may) zeroes the gradient wherever the prediction
+    leaves [-1, 1], i.e. at most large t."""
+    trainer = make_trainer(tmp_path, loss="vlb")
+    step = 5
+    x0, t, offset = trainer._batch(step)
+    x_t, _ = ops.q_sample(x0, t, trainer.schedule, seed=trainer.config.seed, offset=offset)
+    with torch.no_grad():
+        pred = trainer.net(x_t, t).float()
+        want = diffusion.vb_terms_bpd(trainer.schedule, pred, x0, x_t, t, clip_denoised=False)[0].mean()
+        clipped = diffusion.vb_terms_bpd(trainer.schedule, pred, x0, x_t, t, clip_denoised=True)[0].mean()
+        got = trainer._loss(step)
+    assert not torch.allclose(want, clipped)  # the case tells them apart
+    torch.testing.assert_close(got, want)
+
+
+def test_the_ema_stays_out_of_autograd(tmp_path):
+    """The EMA update reads the weights detached: else every EMA tensor
+    requires grad and chains a graph through all the steps (memory that grows
+    with the run, and an EMA that is no leaf)."""
+    trainer = make_trainer(tmp_path, steps=3)
+    for _ in range(3):
+        trainer.train_step()
+    assert all(not p.requires_grad and p.grad_fn is None for p in trainer.ema.parameters())
+
+
+def test_sample_grids_use_the_same_noise_at_every_step(tmp_path):
+    """Grids are drawn from the run's seed, not the step: the same weights give
+    the same grid, so grids of a run compare over time."""
+    trainer = make_trainer(tmp_path, steps=1, sample_count=2, sample_steps=5)
+    first = trainer.sample_grid(tmp_path / "a.png")
+    trainer.step = 7
+    torch.testing.assert_close(trainer.sample_grid(tmp_path / "b.png"), first, rtol=0, atol=0)
+
+
+def test_a_step_trains_a_model_handed_over_in_eval_mode(tmp_path):
+    """A model passed in eval mode (say, loaded for fine-tuning) still trains
+    with its dropout on."""
+    trainer = make_trainer(tmp_path, steps=1, dropout=0.5)
+    trainer.model.eval()
+    trainer.train_step()
+    assert trainer.model.training
+
+
+def test_a_finished_run_resumed_with_its_own_steps_does_not_warn(tmp_path):
+    """Only a run beyond steps= is told it has nothing to train; one exactly
+    at it (a finished run started again) just returns."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_trainer(tmp_path, steps=2).train(final_samples=False)["trained"] == 0
+
+
+def test_a_single_process_resume_ignores_the_rank_states_of_another_world_size(tmp_path):
+    """trainer.pt of a 2-rank run holds each rank's generator states; one
+    process resuming it takes the checkpoint's own torch_rng, not rank 0's."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    saved = latest_checkpoint(tmp_path) / "trainer.pt"
+    state = torch.load(saved, weights_only=True)
+    other = torch.Generator().manual_seed(123).get_state()
+    state["rank_rng"] = [{"torch_rng": other, "cuda_rng": None}, {"torch_rng": other, "cuda_rng": None}]
+    torch.save(state, saved)
+    make_trainer(tmp_path, steps=2).load_checkpoint(saved.parent)
+    assert torch.equal(torch.get_rng_state(), state["torch_rng"])
+
+
+def test_resuming_a_model_with_a_config_by_one_without_is_refused(tmp_path):
+    """A section that is no dict on one side (a model without .config) is
+    compared whole: a checkpoint of a configured model is not resumed into another."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    other = make_trainer(tmp_path, steps=4)
+    del other.model.config
+    with pytest.raises(ConfigMismatchError, match="model: "):
+        other.check_resumable(latest_checkpoint(tmp_path))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("grad_clip", 0.0), ("weight_decay", float("inf")), ("lr", float("inf")), ("seed", -1), ("warmup", -1),
+])
+def test_config_edge_values_are_refused(field, value):
+    """Values at the edge of each range: a clip at 0 zeroes every update, an
+    infinite decay or lr wrecks the weights, a negative seed or warm-up is no count."""
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_a_checkpoint_damaged_a_third_time_is_set_aside_beside_the_others(tmp_path):
+    trainer = make_trainer(tmp_path, steps=1)
+    for name in ("damaged-checkpoint-00000004", "damaged-checkpoint-00000004-1", "checkpoint-00000004"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer.pt").write_text(name)
+    trainer._set_aside([tmp_path / "checkpoint-00000004"])
+    for name in ("damaged-checkpoint-00000004", "damaged-checkpoint-00000004-1"):
+        assert (tmp_path / name / "trainer.pt").read_text() == name
+    assert (tmp_path / "damaged-checkpoint-00000004-2" / "trainer.pt").read_text() == "checkpoint-00000004"
