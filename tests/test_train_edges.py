@@ -2,8 +2,9 @@
 testing of train.py, train_config.py and train_checkpoints.py): a dataset of
 exactly one batch, the vlb loss on the unclipped x0, an EMA out of autograd,
 grids of one noise, a model handed over in eval mode, resuming at steps=,
-rank states of another world size, config sections, edge config values and a
-third damaged checkpoint."""
+rank states of another world size, config sections, edge config values, a
+third damaged checkpoint, a schedule that cannot be sampled, and the defaults
+test_train_recipe.py does not pin."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import warnings
 import pytest
 import torch
 
-from ddpm_fast import diffusion, ops
+from ddpm_fast import NoiseSchedule, diffusion, ops
 from ddpm_fast.checkpoint import latest_checkpoint
-from ddpm_fast.train import ConfigMismatchError, TrainConfig
-from train_helpers import make_trainer
+from ddpm_fast.train import ConfigMismatchError, TrainConfig, Trainer
+from train_helpers import TinyEps, make_trainer, toy_dataset
 
 
 def test_a_dataset_of_exactly_one_batch_trains(tmp_path):
@@ -120,3 +121,22 @@ def test_a_checkpoint_damaged_a_third_time_is_set_aside_beside_the_others(tmp_pa
     for name in ("damaged-checkpoint-00000004", "damaged-checkpoint-00000004-1"):
         assert (tmp_path / name / "trainer.pt").read_text() == name
     assert (tmp_path / "damaged-checkpoint-00000004-2" / "trainer.pt").read_text() == "checkpoint-00000004"
+
+
+def test_a_schedule_whose_reverse_step_is_undefined_is_refused_before_training(tmp_path):
+    """jsd's last beta is 1: a model trained on it could never be sampled, so
+    the Trainer refuses it when made, not at the first sample grid."""
+    with pytest.raises(ValueError, match="reverse step is undefined at timestep 9"):
+        Trainer(TinyEps(), toy_dataset(n=16), NoiseSchedule("jsd", timesteps=10), TrainConfig(batch_size=8),
+                tmp_path, device="cpu", progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_other_config_defaults():
+    """The defaults test_train_recipe does not pin: fp32 unless autocast is
+    asked for (the CLI's --precision default too), and the run's bookkeeping."""
+    config = TrainConfig()
+    assert config.precision == "fp32"
+    assert (config.ema_warmup, config.seed, config.log_every, config.sample_every, config.sample_count,
+            config.sample_steps, config.checkpoint_every, config.keep_checkpoints, config.max_nonfinite,
+            config.channels_last, config.compile) == (True, 0, 100, 0, 64, None, 5000, 2, 10, True, False)
