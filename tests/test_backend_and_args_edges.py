@@ -22,7 +22,9 @@ def fresh_resolution(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("value, on", [(None, False), ("0", False), ("off", False), ("", False), ("1", True), ("YES", True), ("y", True)])
+@pytest.mark.parametrize("value, on", [
+    (None, False), ("0", False), ("off", False), ("", False), ("1", True), ("YES", True), ("y", True),
+])
 def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
     """Unset means compiled mode: with the interpreter assumed, CPU tensors would
     be sent to Triton in a process that imports triton compiled."""
@@ -56,6 +58,7 @@ def test_cuda_backend_needs_the_cuda_kernels(fresh_resolution, with_cuda):
 
 
 def test_without_triton_the_triton_backend_is_refused(fresh_resolution):
+    """backend='triton' names the missing package; auto falls back to the reference."""
     fresh_resolution.setattr(_extension, "WITH_CUDA", False)
     fresh_resolution.setattr(_backend, "triton_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="triton is not installed"):
@@ -91,11 +94,13 @@ def test_an_overlap_is_measured_in_bytes_not_elements():
     x = buf[:72].view(2, 4, 3, 3)
     out = buf[40:112].view(2, 4, 3, 3)
     with pytest.raises(ValueError, match="out partially overlaps x_t"):
-        ops.ddpm_step(x, torch.randn(2, 4, 3, 3), 4, NoiseSchedule("linear", timesteps=10), seed=9, out=out, backend="reference")
+        ops.ddpm_step(x, torch.randn(2, 4, 3, 3), 4, NoiseSchedule("linear", timesteps=10), seed=9, out=out,
+                      backend="reference")
 
 
 def test_the_env_var_is_read_trimmed_and_in_any_case(fresh_resolution):
-    """DDPM_FAST_BACKEND=' Reference ' (a shell quote, a capital) still names a backend."""
+    """DDPM_FAST_BACKEND=' Reference' plus a newline (as a file or a shell quote
+    leaves it, a capital) still names a backend."""
     fresh_resolution.setenv("DDPM_FAST_BACKEND", " Reference\n")
     assert _backend.resolve_backend("auto", torch.device("cpu"), "op") == "reference"
 

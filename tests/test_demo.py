@@ -102,7 +102,7 @@ def test_demo_samples_the_ema_weights_as_documented(tmp_path, monkeypatch, demo_
     assert args == (2,) and kwargs == dict(seed=3, steps=DEMO_SAMPLE_STEPS, progress=False)
 
 
-def test_demo_takes_every_sample_steps_up_to_t_and_writes_its_samples(tmp_path, monkeypatch):
+def test_demo_accepts_sample_steps_equal_to_t_and_writes_its_samples(tmp_path, monkeypatch):
     """sample_steps = T (the whole chain) is allowed, and samples.npz holds the
     samples as uint8 N x 8 x 8 x 1 beside samples.png (the chain faked: the
     slow quality test alone reads these files otherwise)."""

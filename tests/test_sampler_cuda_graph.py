@@ -191,6 +191,9 @@ class FakeCuda:
         self.streams = self.events = self.captures = 0
         self.capturing = False
         monkeypatch.setattr(sampler_module, "_on_cuda", lambda x: True)
+        # CPU tensors on a GPU machine too (the Sampler's default device would be
+        # cuda there, and with real_capture the faked current device, cuda:3).
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         if real_capture:  # graph_capture.capture, on a fake torch.cuda.graph and allocator
             self.pools: list[tuple] = []  # the pools captures were given
             self.ended_pools: list[tuple] = []  # (device, pool) of each _cuda_endAllocateToPool call

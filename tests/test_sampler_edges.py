@@ -17,9 +17,10 @@ from ddpm_fast import NoiseSchedule, Sampler, graph_capture
 from test_sampler import SCHEDULE, GaussianOracle
 from test_sampler_cuda_graph import FakeCuda, FakeGraphContext, FakeStream
 
-# abar_t underflows float64 to 0 from t = 24 on, while alpha_t = 2^-52 stays
-# positive: the unclipped ancestral step (1/sqrt(alpha_t) columns) is defined
-# there, every form through 1/sqrt(abar_t) (clipped x0, DDIM) is not.
+# abar_t falls below 1e-308 from t = 24 (1/abar_t overflows float64; it is 0
+# from t = 25), while alpha_t = 2^-52 stays positive: the unclipped ancestral
+# step (1/sqrt(alpha_t) columns) is defined there, every form through
+# 1/sqrt(abar_t) (clipped x0, DDIM) is not.
 UNDERFLOWING = NoiseSchedule(betas=torch.tensor([1e-4] * 5 + [1 - 2**-52] * 25, dtype=torch.float64))
 
 
@@ -48,9 +49,8 @@ def test_unclipped_ancestral_chain_is_not_refused_for_the_clipped_forms_undefine
 
 
 def test_first_sample_bound_is_exclusive():
-    """Samples [first_sample, first_sample + N) must lie below 2^31: N = 1 at
-    first_sample = 2^31 - 1 ends exactly at the bound and is refused, one
-    below it is not."""
+    """first_sample + N must stay below 2^31 (sample 2^31 - 1's noise counters
+    would reach 2^63): N = 1 at first_sample = 2^31 - 2 is the last run allowed."""
     sampler = Sampler(lambda x, t: 0.1 * x, NoiseSchedule("linear", timesteps=10), sample_shape=(1, 2, 2))
     with pytest.raises(ValueError, match=r"first_sample \+ N must stay below 2\^31"):
         sampler.sample(1, seed=0, steps=1, first_sample=2**31 - 1, progress=False)
@@ -107,20 +107,23 @@ def test_graph_path_joins_the_side_stream_before_replaying(monkeypatch):
 
 @pytest.mark.parametrize("enabled, dtype", [(True, torch.bfloat16), (False, torch.float16), (True, torch.float16)])
 def test_graph_autocast_is_the_callers_without_its_cache(monkeypatch, enabled, dtype):
-    """The warm-up and capture run under CUDA autocast as the caller has it (on
-    or off, its dtype), only with the weight cache off. (torch.cuda faked as
-    available so that torch.autocast keeps what it is given on a CPU machine.)"""
+    """The context the warm-up and capture run under: CUDA autocast as the
+    caller has it (on or off, its dtype), only with the weight cache off.
+    (torch.cuda faked as available so that torch.autocast keeps what it is
+    given on a CPU machine.)"""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     was = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     torch.set_autocast_enabled("cuda", enabled)
     torch.set_autocast_dtype("cuda", dtype)
     try:
-        made = graph_capture.autocast_without_cache()
+        with graph_capture.autocast_without_cache():
+            inside = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                      torch.is_autocast_cache_enabled())
     finally:
         torch.set_autocast_enabled("cuda", was[0])
         torch.set_autocast_dtype("cuda", was[1])
-    assert (made.device, made._enabled, made.fast_dtype, made._cache_enabled) == ("cuda", enabled, dtype, False)
+    assert inside == (enabled, dtype, False)
 
 
 def test_no_progress_bar_without_progress(capsys):
@@ -161,14 +164,17 @@ def test_capture_failing_with_any_exception_falls_back(monkeypatch):
     kw = dict(sample_shape=(1, 2, 2))
     with pytest.warns(RuntimeWarning, match="capture failed .*ValueError: cannot trace"):
         x = Sampler(fake.model(model), SCHEDULE, **kw).sample(2, seed=0, steps=120, progress=False)
-    assert torch.equal(x, Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw).sample(2, seed=0, steps=120, progress=False))
+    plain = Sampler(GaussianOracle(), SCHEDULE, cuda_graph=False, **kw)
+    assert torch.equal(x, plain.sample(2, seed=0, steps=120, progress=False))
     assert len(fake.ended_pools) == 1
 
 
-@pytest.mark.parametrize("name", ["clip_denoised", "cuda_graph"])
+@pytest.mark.parametrize("name", ["clip_denoised", "cuda_graph", "progress"])
 def test_flags_refuse_ints(name):
-    """1 or 0 is no bool (0 could mean a default): refused as "no" is."""
+    """A flag takes True or False only: 1 is refused as "yes" is."""
+    schedule = NoiseSchedule("linear", timesteps=10)
     with pytest.raises(TypeError, match=f"{name} must be a bool, got 1"):
-        Sampler(never_called, NoiseSchedule("linear", timesteps=10), sample_shape=(1, 2, 2), **{name: 1})
-    with pytest.raises(TypeError, match="progress must be a bool, got 0"):
-        Sampler(never_called, NoiseSchedule("linear", timesteps=10), sample_shape=(1, 2, 2)).sample(1, progress=0)
+        if name == "progress":
+            Sampler(never_called, schedule, sample_shape=(1, 2, 2)).sample(1, progress=1)
+        else:
+            Sampler(never_called, schedule, sample_shape=(1, 2, 2), **{name: 1})

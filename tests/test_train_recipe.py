@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ddpm_fast.train
+from ddpm_fast.cli import build_parser
 from ddpm_fast.train import TrainConfig
 from train_helpers import make_trainer
 
@@ -143,3 +144,14 @@ def test_the_config_defaults_are_the_papers_cifar10_recipe():
     config = TrainConfig()
     assert (config.lr, config.warmup, config.batch_size, config.grad_clip, config.ema_decay, config.flip, config.loss,
             config.steps, config.weight_decay) == (2e-4, 5000, 128, 1.0, 0.9999, True, "simple", 800_000, 0.0)
+
+
+def test_the_other_config_defaults():
+    """fp32 unless autocast is asked for, in TrainConfig and in `ddpm-fast train`
+    alike, and the run's bookkeeping as the README gives it."""
+    config = TrainConfig()
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert config.precision == "fp32" and train_parser.get_default("precision") == "fp32"
+    assert (config.ema_warmup, config.seed, config.log_every, config.sample_every, config.sample_count,
+            config.sample_steps, config.checkpoint_every, config.keep_checkpoints, config.max_nonfinite,
+            config.channels_last, config.compile) == (True, 0, 100, 0, 64, None, 5000, 2, 10, True, False)

@@ -143,15 +143,19 @@ def test_the_damaged_newer_checkpoint_does_not_outrank_the_run(tmp_path):
     assert resumed.step == 5
 
 
-def test_a_checkpoint_damaged_again_is_set_aside_beside_the_first(tmp_path):
-    # A second damaged checkpoint of the same step (damaged-* taken) was renamed onto it: OSError, no resume.
+@pytest.mark.parametrize("earlier", [1, 2])
+def test_a_checkpoint_damaged_again_is_set_aside_beside_the_others(tmp_path, earlier):
+    """A second damaged checkpoint of the same step (damaged-* taken) was renamed
+    onto it: OSError, no resume. A third goes beside both (-2), not onto -1."""
     trainer = make_trainer(tmp_path, steps=1)
-    for name in ("damaged-checkpoint-00000004", "checkpoint-00000004"):
+    taken = ["damaged-checkpoint-00000004"] + [f"damaged-checkpoint-00000004-{k}" for k in range(1, earlier)]
+    for name in taken + ["checkpoint-00000004"]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer.pt").write_text(name)
     trainer._set_aside([tmp_path / "checkpoint-00000004"])
-    assert (tmp_path / "damaged-checkpoint-00000004" / "trainer.pt").read_text() == "damaged-checkpoint-00000004"
-    assert (tmp_path / "damaged-checkpoint-00000004-1" / "trainer.pt").read_text() == "checkpoint-00000004"
+    for name in taken:
+        assert (tmp_path / name / "trainer.pt").read_text() == name
+    assert (tmp_path / f"damaged-checkpoint-00000004-{earlier}" / "trainer.pt").read_text() == "checkpoint-00000004"
 
 
 @pytest.mark.parametrize("pointer", [b"", b"\n", b"..", b"samples", b"checkpoint-00000002/..", b"\xff\xfe"])
@@ -175,6 +179,9 @@ def test_a_damaged_latest_pointer_names_no_other_folder(tmp_path, pointer):
     ("lr", True, TypeError), ("lr", "1e-3", TypeError), ("ema_decay", "0.9", TypeError), ("seed", 2**63, ValueError),
     ("precision", ["fp32"], TypeError), ("loss", {"simple"}, TypeError),  # were "unhashable type"
     ("weight_decay", 10**400, ValueError),  # not an OverflowError from float()
+    # at the edge of each range: a clip at 0 zeroes every update, an infinite decay or lr wrecks the weights
+    ("grad_clip", 0.0, ValueError), ("weight_decay", float("inf"), ValueError), ("lr", float("inf"), ValueError),
+    ("seed", -1, ValueError), ("warmup", -1, ValueError),
 ])
 def test_config_fields_are_checked_when_made(field, value, error):
     """Each was accepted (then failed at the end of a run, or was read as True)."""
