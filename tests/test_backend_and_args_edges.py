@@ -1,6 +1,8 @@
 """Edge cases of backend resolution, argument checks and randn that the other
-tests left open (found by mutation testing). CPU-only: a cuda device object is
-only resolved, never used, so no GPU is needed."""
+tests left open (found by mutation testing): the resolution cache, env vars
+and error messages, overlap spans, seeds at the int64 edge, sample strides,
+empty shapes and default counters. CPU-only: a cuda device object is only
+resolved, never used, so no GPU is needed."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import torch
 
 from ddpm_fast import NoiseSchedule, _extension, ops
 from ddpm_fast.ops import BackendUnavailableError, _args, _backend
+from ddpm_fast.ops.randn import normal_reference
 
 CUDA = torch.device("cuda")
+needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason="needs the C++ extension")
 
 
 @pytest.fixture
@@ -118,3 +122,67 @@ def test_randn_takes_a_list_shape():
     got = ops.randn([2, 3], seed=5, backend="reference")
     assert got.shape == (2, 3)
     torch.testing.assert_close(got, ops.randn((2, 3), seed=5, backend="reference"), rtol=0, atol=0)
+
+
+def test_int_timesteps_are_views_of_one_cached_arange_per_schedule_length():
+    """The arange an int t is viewed from is cached per (device, T): a second
+    call reuses it (a key ignoring T would rebuild it on every call)."""
+    device = torch.device("cpu")
+    first = _args._timestep_scalar(3, 7, device)
+    cached = _args._TIMESTEPS[(device, 7)]
+    second = _args._timestep_scalar(4, 7, device)
+    assert int(first) == 3 and int(second) == 4
+    assert second.untyped_storage().data_ptr() == cached.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() == cached.untyped_storage().data_ptr()
+
+
+@needs_cpp
+def test_the_largest_signed_seed_is_passed_through_unchanged():
+    """2^63 - 1 is already an int64 and passes unchanged; only seeds above it wrap."""
+    assert _args.as_seed(2**63 - 1, "t") == 2**63 - 1
+    assert _args.as_seed(2**63, "t") == -(2**63)
+    want = ops.randn(8, seed=2**63 - 1, backend="reference")
+    torch.testing.assert_close(ops.randn(8, seed=2**63 - 1, backend="cpu"), want, rtol=2e-6, atol=2e-6)
+
+
+def test_one_sample_may_have_a_sample_stride_below_its_size():
+    """Overlapping noise streams need two samples: one sample with stride 0 is fine."""
+    got = ops.randn((1, 6), seed=5, sample_stride=0, backend="reference")
+    torch.testing.assert_close(got, ops.randn((1, 6), seed=5, backend="reference"), rtol=0, atol=0)
+
+
+def test_an_empty_batch_has_no_counters_to_overflow():
+    """No element, no counter: a huge offset with a step_stride cannot overflow."""
+    schedule = NoiseSchedule("linear", timesteps=1000)
+    x = torch.zeros(0, 3, 4, 4)
+    out = ops.ddpm_step(x, x, 5, schedule, seed=1, offset=2**63 - 1, step_stride=1, backend="reference")
+    assert out.shape == x.shape
+
+
+def test_randn_checks_the_backend_of_an_empty_result_too():
+    """An unknown or unusable backend is refused for an empty shape too."""
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.randn((0, 4), seed=0, backend="no-such-backend")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable for cpu tensors"):
+        ops.randn((0, 4), seed=0, device="cpu", backend="cuda")
+
+
+def test_reference_randn_follows_the_sample_stride():
+    """With sample_stride, sample k starts at counter offset + k * sample_stride."""
+    got = ops.randn((2, 3), seed=9, offset=4, sample_stride=10, backend="reference")
+    torch.testing.assert_close(got[0], ops.randn(3, seed=9, offset=4, backend="reference"), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ops.randn(3, seed=9, offset=14, backend="reference"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_randn_has_the_requested_dtype(dtype):
+    """The reference path casts to the dtype asked for, as the kernels do."""
+    got = ops.randn((2, 3), seed=1, dtype=dtype, backend="reference")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ops.randn((2, 3), seed=1, backend="reference").to(dtype), rtol=0, atol=0)
+
+
+def test_randn_counters_start_at_zero_by_default():
+    """The default offset is 0: element i takes counter i."""
+    want = normal_reference(2, torch.arange(5, dtype=torch.int64))
+    torch.testing.assert_close(ops.randn(5, seed=2, backend="reference"), want, rtol=0, atol=0)
