@@ -12,8 +12,10 @@ references written from the ops' definitions:
   far from their mean, groups holding NaN, +Inf and -Inf;
 * fill_randn_, q_sample and ddpm_step_ against the Philox stream in double
   precision: odd sizes, both layouts, 16- and 32-bit types, counters across
-  2^32, per-sample and out-of-range timesteps, in-place steps, model inputs in
-  either memory format.
+  2^32, per-sample and out-of-range timesteps, one timestep for all samples
+  (t = 0: sigma 0, no noise added, even +Inf), NaN kept by the clip, in-place
+  steps, float, bfloat16 and half model inputs in either memory format; built
+  with AddressSanitizer, so that a tail read or written past a tensor fails.
 
 This tests the kernels' logic; their speed and the host code around them are
 tested on the GPU.
@@ -87,14 +89,14 @@ CASES = [
 ]
 
 
-def _build(tmp_path_factory, name: str) -> Path:
+def _build(tmp_path_factory, name: str, extra: tuple[str, ...] = ()) -> Path:
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path_factory.mktemp("emu") / name
     # No fused multiply-adds (GCC contracts by default where the target has them):
     # some checks compare a kernel's float arithmetic with the same written out.
-    cmd = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+    cmd = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Werror", "-Wno-unknown-pragmas", *extra,
            "-o", str(exe), str(HERE / f"{name}.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,7 +110,9 @@ def emulator(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def elementwise(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory, "elementwise_emulated")
+    # With AddressSanitizer: the kernels' tails (a partial last packet) must
+    # neither read nor write past the tensors, which are allocated to the element.
+    return _build(tmp_path_factory, "elementwise_emulated", ("-fsanitize=address", "-fno-omit-frame-pointer"))
 
 
 # What emulate.h promises about barriers, checked, so that the tests below can

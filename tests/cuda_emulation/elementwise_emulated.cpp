@@ -67,11 +67,12 @@ double value(T v) {
   return static_cast<float>(v);
 }
 
-// |got - want| / (tol * max(1, |want|)); NaN where NaN is wanted counts as 0, elsewhere as a failure.
+// |got - want| / (tol * max(1, |want|)); NaN (+-Inf) where NaN (the same Inf) is wanted counts as 0, elsewhere as a failure.
 template <typename T>
 double error(T got, double want, double tol) {
   const double g = value(got);
   if (std::isnan(want)) return std::isnan(g) ? 0.0 : INFINITY;
+  if (std::isinf(want)) return g == want ? 0.0 : INFINITY;
   if (!std::isfinite(g)) return INFINITY;
   return std::abs(g - want) / (tol * std::max(1.0, std::abs(want)));
 }
@@ -107,6 +108,7 @@ bool randn_cases() {
   ok &= randn_case<float, 1>(3 * 77, 77, 100, 5);
   ok &= randn_case<emu::bf16, 8>(3 * 77, 77, 77, (1ull << 32) - 100);  // counters cross 2^32
   ok &= randn_case<emu::half, 8>(2 * 50, 50, 64, 7);
+  ok &= randn_case<float, 4>(2 * 39, 39, 40, (5ull << 32) + 3);  // an offset past 2^32: its high word counts
   return ok;
 }
 
@@ -167,9 +169,13 @@ bool q_sample_cases() {
   return ok;
 }
 
-// model input: none, or float / bf16 in x's memory format or the other one.
+// model input: none, or float / bf16 / half in x's memory format or the other one.
+// one_t >= 0: one timestep for all samples (per_sample_t false; t's later entries
+// differ, so that a kernel reading t[n] is caught). poison: NaN in some eps
+// (the clip keeps NaN) and +Inf in some given noise (ignored where sigma is 0).
 template <typename X, typename E, bool kVectorized>
-bool step_case(const Shape& s, bool clip, bool drawn, bool in_place, cuda::InputType mi_type, bool mi_other) {
+bool step_case(const Shape& s, bool clip, bool drawn, bool in_place, cuda::InputType mi_type, bool mi_other,
+               int64_t one_t = -1, bool poison = false) {
   const int64_t steps = 6, numel = s.numel();
   std::vector<float> table(steps * kStepColumns);
   for (int64_t k = 0; k < steps; ++k) {
@@ -177,26 +183,37 @@ bool step_case(const Shape& s, bool clip, bool drawn, bool in_place, cuda::Input
     row[kA] = 1.1f + 0.01f * k, row[kB] = -0.2f - 0.01f * k, row[kSqrtRecipAc] = 1.3f, row[kSqrtRecipm1Ac] = 0.5f;
     row[kC1] = 0.3f, row[kC2] = 0.8f, row[kSigma] = k == 0 ? 0.0f : 0.1f * k;  // no noise at t = 0
   }
-  const std::vector<int64_t> t = timesteps(s.n, steps, false);
-  const std::vector<double> xd = randoms(numel), ed = randoms(numel), nd = randoms(numel);
+  const bool per_sample_t = one_t < 0;
+  std::vector<int64_t> t = timesteps(s.n, steps, false);
+  if (!per_sample_t) {
+    for (auto& v : t) v = (one_t + 1) % steps;
+    t[0] = one_t;
+  }
+  std::vector<double> xd = randoms(numel), ed = randoms(numel), nd = randoms(numel);
+  if (poison) {
+    for (int64_t p = 0; p < numel; p += 7) ed[p] = NAN;
+    for (int64_t p = 3; p < numel; p += 11) nd[p] = INFINITY;
+  }
   std::vector<X> x = as<X>(xd), noise = as<X>(nd), out(numel, static_cast<X>(NAN));
   const std::vector<E> eps = as<E>(ed);
   const std::vector<X> x_in = x;
   std::vector<float> mi_f(numel, NAN);
   std::vector<emu::bf16> mi_b(numel, emu::bf16(NAN));
+  std::vector<emu::half> mi_h(numel, emu::half(NAN));
   void* mi = mi_type == cuda::InputType::kFloat ? static_cast<void*>(mi_f.data())
-             : mi_type == cuda::InputType::kBFloat16 ? static_cast<void*>(mi_b.data()) : nullptr;
+             : mi_type == cuda::InputType::kBFloat16 ? static_cast<void*>(mi_b.data())
+             : mi_type == cuda::InputType::kHalf ? static_cast<void*>(mi_h.data()) : nullptr;
   StepLayout l{numel, s.per_sample(), s.channels_last ? s.c : s.h * s.w, s.channels_last ? s.h * s.w : s.c,
                s.channels_last, mi_other};
   const uint64_t offset = 5, sample_stride = 1000, step_stride = 100000;
   X* dst = in_place ? x.data() : out.data();
   emu::launch(cuda::ddpm_step_kernel<X, E, kVectorized, emu::half, emu::bf16>, kGrid, kThreadsPerBlock, 0,
               static_cast<const X*>(x.data()), static_cast<const E*>(eps.data()), static_cast<const int64_t*>(t.data()),
-              true, static_cast<const float*>(table.data()), steps, static_cast<const X*>(drawn ? nullptr : noise.data()),
+              per_sample_t, static_cast<const float*>(table.data()), steps, static_cast<const X*>(drawn ? nullptr : noise.data()),
               kSeed, offset, sample_stride, step_stride, clip, l, dst, mi, mi_type);
   double worst = 0;
   for (int64_t p = 0; p < numel; ++p) {
-    const int64_t n = p / s.per_sample(), step = t[n];
+    const int64_t n = p / s.per_sample(), step = t[per_sample_t ? n : 0];
     double want = NAN;
     if (step < steps) {
       const float* row = table.data() + step * kStepColumns;
@@ -205,17 +222,19 @@ bool step_case(const Shape& s, bool clip, bool drawn, bool in_place, cuda::Input
                   : row[kA] * xv + row[kB] * ev;
       const double z = drawn ? normal(offset + n * sample_stride + step * step_stride + (s.logical(p) - n * s.per_sample()))
                              : value(noise[p]);
-      want += row[kSigma] * z;
+      if (row[kSigma] != 0.0f) want += row[kSigma] * z;  // no noise at sigma 0, whatever z is
     }
     worst = std::max(worst, error(dst[p], want, tolerance<X>()));
     const int64_t at = mi_other ? s.other(p) : p;
     if (mi_type == cuda::InputType::kFloat) worst = std::max(worst, error(mi_f[at], want, 1e-5));
     if (mi_type == cuda::InputType::kBFloat16) worst = std::max(worst, error(mi_b[at], want, 1e-2));
+    if (mi_type == cuda::InputType::kHalf) worst = std::max(worst, error(mi_h[at], want, 1e-3));
   }
   return report(std::string("ddpm_step") + (s.channels_last ? " NHWC" : " NCHW") + (clip ? " clip" : "") +
                     (drawn ? " drawn" : " given") + (in_place ? " in place" : "") + " mi " +
                     std::to_string(static_cast<int>(mi_type)) + (mi_other ? " other" : "") +
-                    (kVectorized ? " packets" : ""),
+                    (kVectorized ? " packets" : "") + (per_sample_t ? "" : " one t " + std::to_string(one_t)) +
+                    (poison ? " poison" : ""),
                 worst);
 }
 
@@ -229,6 +248,11 @@ bool ddpm_step_cases() {
     ok &= step_case<float, emu::bf16, true>(odd, false, false, false, InputType::kBFloat16, true);
     ok &= step_case<emu::bf16, float, true>(even, true, true, true, InputType::kFloat, true);
     ok &= step_case<emu::half, emu::half, false>(odd, false, true, false, InputType::kNone, false);
+    // One timestep for all samples: t = 0 (sigma 0: the given noise, +Inf in places,
+    // is not added), and t = 2 drawn; NaN in eps kept by the clip; a half model input.
+    ok &= step_case<float, float, true>(odd, true, false, false, InputType::kHalf, true, 0, true);
+    ok &= step_case<float, float, false>(odd, true, false, false, InputType::kHalf, false, 2, true);
+    ok &= step_case<float, float, true>(even, false, true, false, InputType::kFloat, false, 2, false);
   }
   return ok;
 }

@@ -6,8 +6,10 @@
 // fiber runs until it waits at a barrier, and the threads run in ascending
 // order in even blocks, descending in odd ones: a thread that reads another's
 // write with no barrier between them reads it before it is made in one of the
-// two orders, and dynamic shared memory starts as NaN, so the read shows (a
-// missing barrier between a read and a later overwrite may not). A barrier that
+// two orders, and dynamic shared memory starts as NaN, so the read shows. A
+// missing barrier between a read and a later overwrite shows in every fourth
+// block, where thread 0 is starved (it runs only when no other thread can, so
+// the others overwrite what it has yet to read). A barrier that
 // not every thread reaches (one inside a divergent branch) aborts as a
 // deadlock. The blocks of a thread-block cluster (launch_cluster) run at once,
 // each with its own shared memory, for cooperative_groups' cluster barriers and
@@ -56,6 +58,7 @@ struct Fiber {
   struct Block* block = nullptr;
   unsigned cluster_rank = 0;
   unsigned cluster_token = 0;                          // the generation of its pending cluster arrival
+  bool starved = false;  // resumed only in rounds after one where no other fiber moved (see run)
   unsigned cluster_arrivals = 0, cluster_completed = 0;  // its cluster barriers
   bool done = false;
 };
@@ -129,15 +132,23 @@ inline void run(std::vector<Fiber>& fibers, const std::function<void()>& body) {
       ++events;
     }, 0);
   }
+  bool stalled = false;  // the last round moved no fiber: starved ones run in this one
   for (size_t live = n; live > 0;) {
     const uint64_t before = events;
+    bool skipped = false;
     for (size_t k = 0; k < n; ++k) {
       Fiber& f = fibers[k];
       if (f.done) continue;
+      if (f.starved && !stalled) {
+        skipped = true;
+        continue;
+      }
       current = &f;
       swapcontext(&scheduler, &f.context);
       live -= f.done;
     }
+    stalled = events == before;
+    if (stalled && skipped) continue;
     if (live > 0 && events == before) {
       std::fprintf(stderr, "emulate.h: deadlock: %zu threads wait at barriers no other thread will reach\n", live);
       std::abort();
@@ -148,6 +159,12 @@ inline void run(std::vector<Fiber>& fibers, const std::function<void()>& body) {
 
 // The fibers' order in block b: ascending in even blocks, descending in odd ones.
 inline unsigned thread_in_order(unsigned b, unsigned k, unsigned threads) { return b % 2 ? threads - 1 - k : k; }
+// In every fourth block (b % 4 == 3) thread 0 is starved: it runs only when no
+// other thread can, and yields after each block barrier, so that the other
+// warps run ahead past it. A shared value thread 0 reads after a barrier but
+// another thread overwrites with no barrier between (a write-after-read race,
+// e.g. scratch reused by the next reduction) is then overwritten first.
+inline bool starved_in(unsigned b, unsigned thread) { return b % 4 == 3 && thread == 0; }
 
 // A thread-block cluster: its blocks, and a barrier over all their threads.
 struct Cluster {
@@ -192,6 +209,7 @@ void launch_cluster(Kernel kernel, unsigned grid, unsigned cluster_size, unsigne
         f.block = state.members[r].get();
         f.cluster_rank = r;
         f.thread_idx = {thread_in_order(c0 + r, k, threads), 0, 0};
+        f.starved = starved_in(c0 + r, f.thread_idx.x);
         f.block_idx = {c0 + r, 0, 0};
       }
     }
@@ -222,7 +240,13 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, size_t shared_bytes,
 #define blockDim emu::block_dim
 #define gridDim emu::grid_dim
 
-inline void __syncthreads() { emu::current->block->all.arrive_and_wait(); }
+inline void __syncthreads() {
+  emu::current->block->all.arrive_and_wait();
+  if (emu::current->starved) {  // released last, it lets the others run ahead (a step: no deadlock)
+    ++emu::events;
+    emu::yield();
+  }
+}
 
 // Every lane of the warp must call it, as on the GPU with a full mask.
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
