@@ -15,7 +15,8 @@ references written from the ops' definitions:
   2^32, per-sample and out-of-range timesteps, one timestep for all samples
   (t = 0: sigma 0, no noise added, even +Inf), NaN kept by the clip, in-place
   steps, float, bfloat16 and half model inputs in either memory format; built
-  with AddressSanitizer, so that a tail read or written past a tensor fails.
+  with AddressSanitizer, so that a tail read or written past a tensor fails (as
+  are three small cluster cases).
 
 This tests the kernels' logic; their speed and the host code around them are
 tested on the GPU.
@@ -214,6 +215,28 @@ def cluster_emulator(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", CLUSTER_CASES, ids=lambda c: c.replace(" ", "-"))
 def test_group_norm_silu_cluster_kernel(cluster_emulator: Path, case: str) -> None:
     result = subprocess.run([str(cluster_emulator), *case.split()], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+    assert result.stdout.count("act=") == 4 and "FAILED" not in result.stdout
+
+
+# Three small cluster cases (NCHW scalar and packets, channels_last bfloat16)
+# again built with AddressSanitizer: a tile's loads must not read past the
+# tensor. (All the cases so built take about 30 s more; these, under a second.)
+CLUSTER_ASAN_CASES = [
+    "1 4 17 1 nchw f32 scalar 32 4900 3",
+    "1 4 2000 1 nchw f32 wide 64 21000 2",
+    "1 10 997 5 nhwc bf16 scalar 64 10000 4",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster_emulator_asan(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "cluster_emulated", ("-fsanitize=address", "-fno-omit-frame-pointer"))
+
+
+@pytest.mark.parametrize("case", CLUSTER_ASAN_CASES, ids=lambda c: c.replace(" ", "-"))
+def test_group_norm_silu_cluster_kernel_stays_in_bounds(cluster_emulator_asan: Path, case: str) -> None:
+    result = subprocess.run([str(cluster_emulator_asan), *case.split()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
     assert result.stdout.count("act=") == 4 and "FAILED" not in result.stdout
 
