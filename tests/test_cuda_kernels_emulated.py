@@ -90,6 +90,11 @@ CASES = [
 ]
 
 
+# AddressSanitizer: a kernel reading or writing past a tensor, which the
+# harnesses allocate to the element, aborts.
+ASAN = ("-fsanitize=address", "-fno-omit-frame-pointer")
+
+
 def _build(tmp_path_factory, name: str, extra: tuple[str, ...] = ()) -> Path:
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
@@ -111,9 +116,7 @@ def emulator(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def elementwise(tmp_path_factory) -> Path:
-    # With AddressSanitizer: the kernels' tails (a partial last packet) must
-    # neither read nor write past the tensors, which are allocated to the element.
-    return _build(tmp_path_factory, "elementwise_emulated", ("-fsanitize=address", "-fno-omit-frame-pointer"))
+    return _build(tmp_path_factory, "elementwise_emulated", ASAN)  # the tails: a partial last packet
 
 
 # What emulate.h promises about barriers, checked, so that the tests below can
@@ -212,11 +215,15 @@ def cluster_emulator(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "cluster_emulated")
 
 
-@pytest.mark.parametrize("case", CLUSTER_CASES, ids=lambda c: c.replace(" ", "-"))
-def test_group_norm_silu_cluster_kernel(cluster_emulator: Path, case: str) -> None:
-    result = subprocess.run([str(cluster_emulator), *case.split()], capture_output=True, text=True, timeout=300)
+def _check_cluster_case(exe: Path, case: str) -> None:
+    result = subprocess.run([str(exe), *case.split()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
     assert result.stdout.count("act=") == 4 and "FAILED" not in result.stdout
+
+
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=lambda c: c.replace(" ", "-"))
+def test_group_norm_silu_cluster_kernel(cluster_emulator: Path, case: str) -> None:
+    _check_cluster_case(cluster_emulator, case)
 
 
 # Three small cluster cases (NCHW scalar and packets, channels_last bfloat16)
@@ -231,14 +238,12 @@ CLUSTER_ASAN_CASES = [
 
 @pytest.fixture(scope="module")
 def cluster_emulator_asan(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory, "cluster_emulated", ("-fsanitize=address", "-fno-omit-frame-pointer"))
+    return _build(tmp_path_factory, "cluster_emulated", ASAN)
 
 
 @pytest.mark.parametrize("case", CLUSTER_ASAN_CASES, ids=lambda c: c.replace(" ", "-"))
 def test_group_norm_silu_cluster_kernel_stays_in_bounds(cluster_emulator_asan: Path, case: str) -> None:
-    result = subprocess.run([str(cluster_emulator_asan), *case.split()], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
-    assert result.stdout.count("act=") == 4 and "FAILED" not in result.stdout
+    _check_cluster_case(cluster_emulator_asan, case)
 
 
 # The plan on an H100 (227 KB of shared memory a block at most): C, S, G, layout,
