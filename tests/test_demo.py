@@ -85,40 +85,44 @@ def demo_trainers(monkeypatch) -> list:
     return trainers
 
 
-def test_demo_samples_the_ema_weights_as_documented(tmp_path, monkeypatch, demo_trainers):
-    """The EMA weights (not the raw model), the run's seed, and DEMO_SAMPLE_STEPS
-    respaced steps by default: settings the slow quality test alone would not tell apart."""
+def _drawn(n: int) -> torch.Tensor:
+    return torch.linspace(-1, 1, n * 64).reshape(n, 1, 8, 8)
+
+
+@pytest.fixture
+def demo_sample_calls(monkeypatch) -> list:
+    """The demo's Sampler.sample calls, as (the sampler's model, args, kwargs);
+    each returns _drawn(N) without running the chain (250 steps take a minute on
+    a small CPU)."""
     calls = []
 
     class RecordingSampler(demo.Sampler):
         def sample(self, *args, **kwargs):
             calls.append((self.model, args, kwargs))
-            return torch.zeros(args[0], 1, 8, 8)  # not run: 250 steps take a minute on a small CPU
+            return _drawn(args[0])
 
     monkeypatch.setattr(demo, "Sampler", RecordingSampler)
+    return calls
+
+
+def test_demo_samples_the_ema_weights_as_documented(tmp_path, demo_trainers, demo_sample_calls):
+    """The EMA weights (not the raw model), the run's seed, and DEMO_SAMPLE_STEPS
+    respaced steps by default: settings the slow quality test alone would not tell apart."""
     run_demo(tmp_path, steps=1, samples=2, seed=3, progress=False)
-    [(model, args, kwargs)] = calls
+    [(model, args, kwargs)] = demo_sample_calls
     assert model is demo_trainers[0].ema and model is not demo_trainers[0].model
     assert args == (2,) and kwargs == dict(seed=3, steps=DEMO_SAMPLE_STEPS, progress=False)
 
 
-def test_demo_accepts_sample_steps_equal_to_t_and_writes_its_samples(tmp_path, monkeypatch):
+def test_demo_accepts_sample_steps_equal_to_t_and_writes_its_samples(tmp_path, demo_sample_calls):
     """sample_steps = T (the whole chain) is allowed, and samples.npz holds the
     samples as uint8 N x 8 x 8 x 1 beside samples.png (the chain faked: the
     slow quality test alone reads these files otherwise)."""
-    calls, drawn = [], torch.linspace(-1, 1, 2 * 64).reshape(2, 1, 8, 8)
-
-    class RecordingSampler(demo.Sampler):
-        def sample(self, *args, **kwargs):
-            calls.append(kwargs)
-            return drawn.clone()
-
-    monkeypatch.setattr(demo, "Sampler", RecordingSampler)
     run_demo(tmp_path, steps=1, samples=2, sample_steps=1000, seed=0, progress=False)
-    assert [c["steps"] for c in calls] == [1000]
+    assert [kwargs["steps"] for _, _, kwargs in demo_sample_calls] == [1000]
     images = np.load(tmp_path / "samples.npz")["images"]
     assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 1)
-    assert np.array_equal(images, to_uint8(drawn))
+    assert np.array_equal(images, to_uint8(_drawn(2)))
     assert (tmp_path / "samples.png").stat().st_size > 0
 
 
