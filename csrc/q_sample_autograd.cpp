@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -41,11 +42,17 @@ std::tuple<at::Tensor, at::Tensor> q_sample_randn_op(const at::Tensor& x0, const
 }
 
 // table[t] * grad in float32, per sample (t one per sample or one for all), in
-// the dtype of the input the gradient is for.
+// the dtype of the input the gradient is for. A t outside [0, T) gives NaN,
+// as the forward's x_t is there: a device tensor's timesteps are not checked
+// on the host (a sync), and indexing with them unclamped would stop the GPU
+// on a device-side assert (ddpm_fast/ops/_args.py's timestep_rows, in C++).
 at::Tensor scaled(const at::Tensor& table, const at::Tensor& t, const at::Tensor& grad, at::ScalarType dtype) {
   std::vector<int64_t> shape(grad.dim(), 1);
   shape[0] = -1;
-  const at::Tensor coefficient = table.index_select(0, t.reshape(-1)).reshape(shape);
+  const int64_t steps = table.size(0);
+  const at::Tensor flat = t.reshape(-1);
+  const at::Tensor rows = table.index_select(0, flat.clamp(0, steps - 1));
+  const at::Tensor coefficient = at::where((flat >= 0) & (flat < steps), rows, NAN).reshape(shape);
   return (coefficient * grad.to(at::kFloat)).to(dtype);
 }
 

@@ -393,12 +393,71 @@ def test_reference_reads_a_device_timestep_without_a_sync():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "cuda"])
-def test_gpu_out_of_range_device_timesteps_give_nan_samples(backend):
-    x0 = torch.randn(4, 3, 8, 8, device="cuda")
+@pytest.mark.parametrize("backend", ["reference", "cuda", "triton"])
+@pytest.mark.parametrize("noise", ["drawn", "given"])
+def test_gpu_out_of_range_device_timesteps_give_nan_samples_and_gradients(backend, noise):
+    """Forward and backward: NaN rows, not a device-side assert (which would
+    fail every later CUDA call of the process, hence the synchronize)."""
+    x0 = torch.randn(4, 3, 8, 8, device="cuda", requires_grad=True)
+    given = torch.randn(4, 3, 8, 8, device="cuda", requires_grad=True) if noise == "given" else None
     t = torch.tensor([-1, 0, 1000, 5], device="cuda")
-    x_t, _ = ops.q_sample(x0, t, SCHEDULE, seed=0, backend=backend)
+    x_t, _ = ops.q_sample(x0, t, SCHEDULE, noise=given, seed=0, backend=backend)
     assert x_t[[0, 2]].isnan().all() and x_t[[1, 3]].isfinite().all()
+    x_t.sum().backward()
+    for grad in [x0.grad] + ([given.grad] if given is not None else []):
+        assert grad[[0, 2]].isnan().all() and grad[[1, 3]].isfinite().all()
+    torch.cuda.synchronize()
+
+
+# The C++ autograd of the q_sample ops (csrc/q_sample_autograd.cpp) is the
+# backward of the CPU and CUDA kernels. The CPU kernels refuse an out-of-range
+# t before any backward, so here they are replaced (in a process of their own)
+# by kernels that give NaN rows as the CUDA ones do.
+_UNCHECKED_KERNELS = r"""
+import warnings
+import torch
+from ddpm_fast import NoiseSchedule
+from ddpm_fast.ops import _args
+
+def rows(table, t, like):
+    return _args.timestep_rows(table, t).reshape((-1,) + (1,) * (like.dim() - 1))
+
+def q_sample(x0, t, a, b, noise):
+    return (rows(a, t, x0) * x0 + rows(b, t, x0) * noise).to(x0.dtype)
+
+def q_sample_randn(x0, t, a, b, seed, offset):
+    eps = torch.randn_like(x0)
+    return q_sample(x0, t, a, b, eps), eps
+
+library = torch.library.Library("ddpm_fast", "IMPL")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+    library.impl("q_sample", q_sample, "CPU")
+    library.impl("q_sample_randn", q_sample_randn, "CPU")
+
+schedule = NoiseSchedule("linear")
+a, b = schedule.sqrt_alphas_cumprod.float(), schedule.sqrt_one_minus_alphas_cumprod.float()
+t = torch.tensor([-1, 0, 1000, 5])
+x0, noise = (torch.randn(4, 3, 2, 2, requires_grad=True) for _ in range(2))
+torch.ops.ddpm_fast.q_sample(x0, t, a, b, noise).sum().backward()
+x0_drawn = torch.randn(4, 3, 2, 2, requires_grad=True)
+torch.ops.ddpm_fast.q_sample_randn(x0_drawn, t, a, b, 0, 0)[0].sum().backward()
+for grad in (x0.grad, noise.grad, x0_drawn.grad):
+    assert grad[[0, 2]].isnan().all() and grad[[1, 3]].isfinite().all(), grad[:, 0, 0, 0]
+print("ok")
+"""
+
+
+@requires_extension
+def test_cpp_backward_gives_out_of_range_timesteps_nan_gradients():
+    """The backward's table lookup, as the forward's: NaN for a t outside
+    [0, T). Indexing with t unclamped raised here, and on the GPU would stop
+    the device on an assert."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _UNCHECKED_KERNELS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-3000:]
 
 
 def test_poisoned_outputs_really_poison_new_cpu_tensors():
