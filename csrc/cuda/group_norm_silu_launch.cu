@@ -1,10 +1,14 @@
 // GroupNorm+SiLU's launches (launch.h; the kernels, their tiles and paths are
 // described in group_norm_silu_kernels.cuh). group_norm_silu_cuda.cpp picks
 // the path and, on the split path, combines the moments between launches.
+#include <algorithm>
+#include <cctype>
 #include <climits>
 #include <cstdlib>
+#include <initializer_list>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -81,21 +85,19 @@ int64_t tile_bytes(const gn::Geometry& g, int tiles) {
 
 // The cluster path (sm_90+, group_norm_silu_cluster_kernels.cuh).
 #if CUDART_VERSION >= 12000
-// The dynamic shared memory a block of the cluster kernel may ask for on
-// `device`: its opt-in limit (the kernel has no static arrays), or 0 where the
-// GPU has no clusters (compute capability below 9.0, or no cluster launch).
-int64_t cluster_smem_optin(int device) {
+// Whether `device` runs thread-block clusters: compute capability 9.0 or
+// later, with cluster launch.
+bool has_clusters(int device) {
   static std::mutex mutex;
-  static std::map<int, int64_t> by_device;
+  static std::map<int, bool> by_device;
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto it = by_device.find(device); it != by_device.end()) return it->second;
-  int major = 0, cluster_launch = 0, optin = 0;
+  int major = 0, cluster_launch = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int64_t bytes = major >= 9 && cluster_launch ? optin : 0;
-  by_device.emplace(device, bytes);
-  return bytes;
+  const bool yes = major >= 9 && cluster_launch;
+  by_device.emplace(device, yes);
+  return yes;
 }
 
 cudaLaunchConfig_t cluster_config(int64_t blocks, int cluster, int64_t smem_bytes, cudaStream_t stream,
@@ -145,15 +147,41 @@ bool cluster_launchable(const void* kernel, int device, int cluster, int64_t sme
   return ok;
 }
 
-// The cluster plan for x on the current device (tiles: 1 for the forward, 2
-// for the backward); cluster 0 where the path does not apply: the GPU has no
-// clusters, the tile does not fit, or DDPM_FAST_GN_CLUSTER=0 turns it off.
-gn::ClusterPlan cluster_plan(const NormLayout& l, int64_t elem_bytes, int tiles, int& device) {
+// Whether DDPM_FAST_GN_CLUSTER leaves the cluster path on: unset, empty, 1,
+// true, on or yes (any case) on; 0, false, off or no off; anything else is an
+// error rather than a guess.
+bool cluster_path_enabled() {
   const char* env = std::getenv("DDPM_FAST_GN_CLUSTER");
-  if (env != nullptr && env[0] == '0') return {};
+  if (env == nullptr) return true;
+  std::string value(env);
+  for (char& ch : value) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (value.empty() || value == "1" || value == "true" || value == "on" || value == "yes") return true;
+  TORCH_CHECK(value == "0" || value == "false" || value == "off" || value == "no",
+              "ddpm_fast: DDPM_FAST_GN_CLUSTER=", env, " is not one of 1, true, on, yes (the cluster path, the "
+              "default) or 0, false, off, no (the split path)");
+  return false;
+}
+
+// The cluster plan for x on the current device (tiles: 1 for the forward, 2
+// for the backward), for `kernels` (the path's kernel at both packet widths,
+// either of which may run it); cluster 0 where the path does not apply: the
+// GPU has no clusters, the tile does not fit, or DDPM_FAST_GN_CLUSTER turns it
+// off. A block's budget is the dynamic shared memory each kernel is allowed,
+// as launch_in_clusters checks it: the opt-in limit less the kernel's static
+// shared memory. The cluster kernels have no static arrays, but their sm_90
+// code has 1 KB of it all the same (cuobjdump -res-usage: SHARED:1024, the
+// .nv.shared.reserved section every sm_90 kernel gets). Planned against the
+// whole opt-in limit, a block in that last 1 KB would fail cluster_launchable
+// wherever the driver counts that 1 KB, and send the op down the split path
+// where a larger cluster would have fit.
+gn::ClusterPlan cluster_plan(const NormLayout& l, int64_t elem_bytes, int tiles,
+                             std::initializer_list<const void*> kernels, int& device) {
+  if (!cluster_path_enabled()) return {};
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (!has_clusters(device)) return {};
   gn::ClusterLimits lim;
-  lim.max_block_bytes = cluster_smem_optin(device);
+  lim.max_block_bytes = INT64_MAX;
+  for (const void* kernel : kernels) lim.max_block_bytes = std::min(lim.max_block_bytes, dynamic_smem_allowed(kernel));
   const gn::ClusterPlan plan = gn::plan_cluster(l.c, l.hw, l.groups, elem_bytes, l.channels_last, lim, tiles);
   return l.n * plan.g.col_tiles * plan.g.pos_tiles <= INT32_MAX ? plan : gn::ClusterPlan{};
 }
@@ -184,7 +212,11 @@ bool gn_forward_cluster(const T* x, const NormLayout& l, const gn::Params& p, fl
                         float* rstd, cudaStream_t stream) {
 #if CUDART_VERSION >= 12000
   int device = 0;
-  const gn::ClusterPlan plan = cluster_plan(l, sizeof(T), /*tiles=*/1, device);
+  constexpr int kVec = 16 / sizeof(T);
+  const gn::ClusterPlan plan = cluster_plan(l, sizeof(T), /*tiles=*/1,
+                                            {reinterpret_cast<const void*>(gn::forward_cluster_kernel<T, 1>),
+                                             reinterpret_cast<const void*>(gn::forward_cluster_kernel<T, kVec>)},
+                                            device);
   if (plan.cluster == 0) return false;
   bool ran = false;
   with_packet_width<T>(plan.g, [&](auto vec) {
@@ -228,7 +260,11 @@ bool gn_backward_cluster(const T* dy, const T* x, const NormLayout& l, const gn:
                          const float* rstd, T* dx, float* col_a, float* col_b, float* dadd, cudaStream_t stream) {
 #if CUDART_VERSION >= 12000
   int device = 0;
-  const gn::ClusterPlan plan = cluster_plan(l, sizeof(T), /*tiles=*/2, device);
+  constexpr int kVec = 16 / sizeof(T);
+  const gn::ClusterPlan plan = cluster_plan(l, sizeof(T), /*tiles=*/2,
+                                            {reinterpret_cast<const void*>(gn::backward_cluster_kernel<T, 1>),
+                                             reinterpret_cast<const void*>(gn::backward_cluster_kernel<T, kVec>)},
+                                            device);
   if (plan.cluster == 0) return false;
   bool ran = false;
   with_packet_width<T>(plan.g, [&](auto vec) {
