@@ -297,7 +297,7 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"device: {TABLE.device}, torch {torch.__version__}, copy bandwidth {copy}, bf16 matmul {rate}")
     tr.write_line("median: CUDA events, L2 emptied (a 256 MB read) before each run (rows without a floor, whole sampling chains: pytest-benchmark's)")
     tr.write_line("b2b: per call, calls back to back (host launch costs included, L2 warm); % floor, speed-up: of the median")
-    tr.write_line(f"{'case':44s} {'impl':16s} {'median us':>10s} {'b2b us':>10s} {'floor us':>9s} {'% floor':>8s} {'speed-up':>9s}")
+    tr.write_line(f"{'case':44s} {'impl':26s} {'median us':>10s} {'b2b us':>10s} {'floor us':>9s} {'% floor':>8s} {'speed-up':>9s}")
 
     def fmt(value: float | None, spec: str, width: int) -> str:
         return f"{'-' if value is None else format(value, spec):>{width}s}"
@@ -306,6 +306,6 @@ def pytest_terminal_summary(terminalreporter):
         speedup = TABLE.speedup(row)
         percent = "-" if row.floor_us is None else f"{100 * row.floor_us / row.median_us:.0f}%"
         tr.write_line(
-            f"{row.case:44s} {row.impl:16s} {row.median_us:10.2f} {fmt(row.back_to_back_us, '.2f', 10)} "
+            f"{row.case:44s} {row.impl:26s} {row.median_us:10.2f} {fmt(row.back_to_back_us, '.2f', 10)} "
             f"{fmt(row.floor_us, '.2f', 9)} {percent:>8s} {'' if speedup is None else f'{speedup:8.2f}x':>9s}"
         )

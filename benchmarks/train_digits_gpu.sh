@@ -25,8 +25,12 @@ timeout -s INT -k 20 "${TRAIN_LIMIT:-300}" python3 -m ddpm_fast train --data dig
   --checkpoint-every "$steps" --sample-steps 250 --device cuda --out "$run" > /tmp/digits_train.log 2>&1
 echo "train: rc=$? ($((SECONDS - start)) s); $(tail -c 300 /tmp/digits_train.log | tr '\r' '\n' | tail -2 | tr '\n' ' ')"
 cp "$run/samples.png" "$run/loss.png" "$run/log.jsonl" "$out/" 2> /dev/null
-python3 -m ddpm_fast sample --checkpoint "$run" --out /tmp/gpu_digits_samples -n 100 --steps 250 --device cuda > /dev/null 2>&1 \
-  && cp /tmp/gpu_digits_samples/samples.png "$out/digits.png" && cp /tmp/gpu_digits_samples/samples.npz "$out/digits.npz"
+if python3 -m ddpm_fast sample --checkpoint "$run" --out /tmp/gpu_digits_samples -n 100 --steps 250 --device cuda \
+  > /tmp/digits_sample.log 2>&1; then
+  cp /tmp/gpu_digits_samples/samples.png "$out/digits.png" && cp /tmp/gpu_digits_samples/samples.npz "$out/digits.npz"
+else  # the judging below then fails on the missing digits.npz: say why here
+  echo "sample failed:"; tail -c 1500 /tmp/digits_sample.log | tr '\r' '\n' | tail -15
+fi
 python3 - "$out" << 'PY' | tee "$out/quality.txt"
 import sys
 import numpy as np

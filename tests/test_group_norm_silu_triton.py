@@ -77,6 +77,7 @@ def test_triton_large_mean_against_float64(request, path, layout):
         torch.testing.assert_close(got.grad.cpu().double() / scale, want.grad / scale, atol=2e-4, rtol=2e-4, msg=name)
 
 
+@gpu_if_present
 @requires_triton
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -132,6 +133,7 @@ def test_triton_split_path_large_mean_at_real_tile_sizes(layout, height, width):
     assert (mean.cpu().double() - want_mean).abs().max().item() <= 5e-4
 
 
+@gpu_if_present
 @requires_triton
 def test_triton_op_statistics_of_empty_groups_are_nan():
     """test_op_statistics_of_empty_groups_are_nan of the raw Triton op (it

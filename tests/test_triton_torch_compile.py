@@ -22,7 +22,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, gpu_if_present
 from ddpm_fast import NoiseSchedule, ops
 from ddpm_fast.ops._backend import triton_available
 
@@ -67,6 +67,7 @@ def _calls(device: str):
     ]
 
 
+@gpu_if_present
 @requires_triton
 @pytest.mark.parametrize("case", range(len(_calls("cpu"))), ids=[name for name, _, _ in _calls("cpu")])
 def test_fullgraph_compile_traces_through_the_triton_ops(case):
@@ -76,6 +77,7 @@ def test_fullgraph_compile_traces_through_the_triton_ops(case):
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=0, atol=0)
 
 
+@gpu_if_present
 @requires_triton
 def test_fullgraph_compile_differentiates_through_the_triton_ops():
     x = torch.randn(2, 4, 3, 3, device=DEVICE, requires_grad=True)
@@ -134,6 +136,7 @@ FIRST_USE_SCRIPT = textwrap.dedent(
 )
 
 
+@gpu_if_present
 @requires_triton
 def test_first_triton_call_inside_a_fullgraph_compile():
     """In a fresh process (the ops not yet registered), the first Triton call
@@ -144,6 +147,7 @@ def test_first_triton_call_inside_a_fullgraph_compile():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-3000:] + result.stderr[-6000:]
 
 
+@gpu_if_present
 @requires_triton
 def test_triton_ops_launch_under_their_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device: each op enters its tensors'
