@@ -110,7 +110,11 @@ def setup(device: str | None = None) -> torch.device:
                 raise ValueError(f"this rank is local rank {local}, but {count} GPU(s) are visible: start at most "
                                  f"{count} processes per machine (torchrun --nproc-per-node)")
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+            # The group bound to this rank's GPU: NCCL's barriers then know it
+            # (unbound, torch warns at the first one that it guesses the device).
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group("gloo")
         _joined = True
     if want_cuda:
         if world == 1 and device is not None and torch.device(device).index is not None:
@@ -214,6 +218,7 @@ def sample_sharded(
     mine = np.concatenate(parts) if parts else None
     if world == 1:
         return mine
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
+    # To rank 0 only: an all-gather would hold every rank's images on every rank.
+    gathered: list | None = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
     return np.concatenate([p for p in gathered if p is not None]) if rank == 0 else None

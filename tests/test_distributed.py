@@ -225,6 +225,23 @@ def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
     assert not dist.is_initialized()
 
 
+def test_torchrun_on_gpus_binds_the_nccl_group_to_the_ranks_gpu(monkeypatch):
+    """The group is bound to the rank's GPU (device_id): NCCL's barriers know
+    their device, where torch warned at the first one that it guessed it.
+    (torch.cuda and the group's set-up faked: no GPU needed.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(distributed, "_joined", False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.setup("cuda") == torch.device("cuda", 3)
+    assert calls == [("set_device", 3), ("nccl", {"device_id": torch.device("cuda", 3)})]
+
+
 @pytest.mark.parametrize("joined", [False, True])
 def test_exit_process_skips_finalization_only_after_joining_a_group(joined):
     """After a group was joined the process ends with the code, the atexit
