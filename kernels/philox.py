@@ -24,8 +24,12 @@ MIN_UNIFORM = tl.constexpr(1.0e-7)
 
 # The noise arguments of every kernel that calls philox_normal, kept as runtime
 # values: Triton would otherwise compile an int argument equal to 1 into a
-# constant, a Python int without `.to`, and recompile whenever a seed half or
-# the offset happens to be 1.
+# constant, and recompile whenever a seed half or the offset happens to be 1.
+# torch.compile's inductor ignores this list when it compiles a triton_op's
+# kernel (an int argument it knows to be 1 becomes a constant all the same),
+# so the kernels must also compile with these arguments as constants:
+# philox_normal takes the seed halves with tl.cast (a constant has no `.to`;
+# tests/triton_compile/compile_kernels.py --as-inductor checks it).
 NOISE_ARGS = ["seed_lo", "seed_hi", "offset"]
 
 
@@ -48,8 +52,9 @@ def philox_normal(seed_lo, seed_hi, counter):
     c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
-    k0 = seed_lo.to(tl.uint32)
-    k1 = seed_hi.to(tl.uint32)
+    # tl.cast, not .to: a seed half may arrive as a constant (below).
+    k0 = tl.cast(seed_lo, tl.uint32)
+    k1 = tl.cast(seed_hi, tl.uint32)
     for _ in tl.static_range(PHILOX_ROUNDS):
         p0 = c0
         p2 = c2

@@ -12,7 +12,12 @@ Triton bundles) and returns without running it. The outputs are therefore
 garbage; only compilation is checked, plus the shared memory each kernel asks
 for against the GPU's limit.
 
-Usage: python tests/triton_compile/compile_kernels.py --arch 90 [--quick]
+With --as-inductor, every int argument equal to 1 becomes a constant, whatever
+a kernel's do_not_specialize list says: what torch.compile's inductor does when
+it compiles a triton_op's kernel into its graph (a seed of 1 made the noise
+kernels fail to compile there).
+
+Usage: python tests/triton_compile/compile_kernels.py --arch 90 [--quick] [--as-inductor]
 Prints one line per compiled specialization and exits non-zero if any case failed.
 """
 
@@ -207,15 +212,23 @@ def ptxas_usage(kernel, arch: int) -> str:
     return f"regs {registers:>3s} spill {spills:5d} B"
 
 
-def kernel_names() -> list[str]:
-    """Every kernel (a JITFunction named *_kernel) in our Triton modules."""
+def kernels() -> dict[str, JITFunction]:
+    """Every kernel (a JITFunction named *_kernel) in our Triton modules, by name."""
     import ddpm_fast.kernels as package
 
-    names = []
+    found = {}
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
-        names += [k for k, v in vars(module).items() if isinstance(v, JITFunction) and k.endswith("_kernel")]
-    return names
+        found.update({k: v for k, v in vars(module).items() if isinstance(v, JITFunction) and k.endswith("_kernel")})
+    return found
+
+
+def specialize_like_inductor(kernel: JITFunction) -> None:
+    """Drop ``kernel``'s do_not_specialize (before its first launch, which
+    builds the argument binder from these flags): an int argument equal to 1
+    then compiles as a constant, as inductor compiles it."""
+    for param in kernel.params:
+        param.do_not_specialize = False
 
 
 def main() -> int:
@@ -223,6 +236,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--quick", action="store_true", help="fewer dtypes and shapes")
     parser.add_argument("--ptxas-info", action="store_true", help="also print registers and spills (ptxas -v)")
+    parser.add_argument("--as-inductor", action="store_true",
+                        help="int arguments equal to 1 become constants despite do_not_specialize, as under inductor")
     args = parser.parse_args()
 
     driver.set_active(CompileOnlyDriver(args.arch))
@@ -230,9 +245,13 @@ def main() -> int:
 
     # Import the kernels while they compile, then let the ops accept CPU tensors
     # for the Triton backend (what TRITON_INTERPRET=1 does for the tests).
-    expected = kernel_names()
-    if not expected:
+    found = kernels()
+    if not found:
         raise SystemExit("no compilable Triton kernels found (is TRITON_INTERPRET set?)")
+    if args.as_inductor:
+        for kernel in found.values():
+            specialize_like_inductor(kernel)
+    expected = list(found)
     _backend.triton_interpreting = lambda: True
 
     recorder = Recorder()
@@ -249,7 +268,8 @@ def main() -> int:
     for name in sorted(set(expected) - launched):
         failures.append((name, "no case launched this kernel: add one"))
     limit = SHARED_LIMIT.get(args.arch, 48 * 1024)
-    print(f"triton {triton.__version__}, sm_{args.arch}: {len(recorder.kernels)} kernel specializations compiled")
+    mode = ", as inductor specializes" if args.as_inductor else ""
+    print(f"triton {triton.__version__}, sm_{args.arch}{mode}: {len(recorder.kernels)} kernel specializations compiled")
     for (kernel_name, _), (case, kernel) in sorted(recorder.kernels.items(), key=lambda kv: kv[0][0]):
         meta = kernel.metadata
         shared = getattr(meta, "shared", 0)
