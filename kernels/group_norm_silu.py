@@ -187,7 +187,10 @@ def gn_forward_fused_kernel(
     # Mean, then the variance about it, both from registers (x is read once).
     mean_g = _group_sum(tl.sum(h, axis=0), member) / count
     d = tl.where(mask, h - _to_columns(mean_g, member)[None, :], 0.0)
-    rstd_g = 1.0 / tl.sqrt(_group_sum(tl.sum(d * d, axis=0), member) / count + eps)
+    # sqrt_rn, not sqrt: on the GPU tl.sqrt is sqrt.approx.ftz, which flushes
+    # a subnormal variance + eps (a constant group, eps below 1.2e-38) to 0,
+    # and rstd would be inf (y NaN) where the reference gives 1 / sqrt(eps).
+    rstd_g = 1.0 / tl.sqrt_rn(_group_sum(tl.sum(d * d, axis=0), member) / count + eps)
     _, y, _ = _affine_act(d * _to_columns(rstd_g, member)[None, :], w_ptr, b_ptr, c, cmask, HAS_W, HAS_B, ACT, BLOCK_C)
     tl.store(y_ptr + base + off, to_element_type(y, y_ptr.dtype.element_ty), mask=mask)
     j = tl.arange(0, BLOCK_G)

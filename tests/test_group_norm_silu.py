@@ -66,6 +66,26 @@ def test_eps_is_the_one_given(device, backend, layout, eps):
         torch.testing.assert_close(got.grad.cpu().double(), ref.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("device,backend", [*backend_params(), pytest.param("cpu", "reference", id="cpu-reference")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_subnormal_eps_on_a_constant_group_gives_silu_of_the_bias(device, backend, layout):
+    """eps = 1e-40, a float32 subnormal, and one group of zeros: its variance
+    + eps is subnormal, rstd 1e20, and its y SiLU(bias). On the GPU the Triton
+    forward's tl.sqrt flushed the subnormal to 0 (sqrt.approx.ftz): rstd was
+    inf and the group's y NaN. (Triton's CPU interpreter computes in numpy,
+    without the flush: this fails only on the GPU.)"""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    x[1, 2:4] = 0.0  # sample 1's group 1 (3 groups of 2 channels)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    w, b = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    y = ops.group_norm_silu(x.to(device), 3, w.to(device), b.to(device), 1e-40, backend=backend).cpu()
+    assert y.isfinite().all()
+    torch.testing.assert_close(y[1, 2:4], F.silu(b[2:4])[:, None, None].expand(2, 5, 7))
+    want = F.silu(F.group_norm(x.double(), 3, w.double(), b.double(), 1e-40))
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @requires_extension
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", [True, False])
