@@ -17,6 +17,7 @@ from typing import Callable, Literal
 import torch
 
 from ._checks import WIDENED_TIMESTEP_DTYPES
+from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -389,12 +390,7 @@ def bits_per_dim(
     mse = torch.zeros(n, num_steps, dtype=dtype, device=x0.device)
     steps = range(num_steps - 1, -1, -1)
     if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="bits/dim", unit="step")
-        except ImportError:
-            pass
+        steps = progress_bar(steps, desc="bits/dim", unit="step")
     for step in steps:
         t = torch.full((n,), step, dtype=torch.int64, device=x0.device)
         if noise_fn is not None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import is_int
+from ._progress import progress_bar
 
 __all__ = ["ENV_VAR", "WEIGHTS_FILE", "InceptionV3FID", "expected_state_dict_shapes", "check_state_dict",
            "resolve_weights_path", "load_inception", "preprocess", "activation_statistics", "frechet_distance", "fid"]
@@ -285,12 +286,7 @@ def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: n
         model.to(device)
     starts = range(0, images.shape[0], batch_size)
     if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="inception", unit="batch")
-        except ImportError:
-            pass
+        starts = progress_bar(starts, desc="inception", unit="batch")
     shift = total = outer = None
     for start in starts:
         features = model(preprocess(images[start : start + batch_size].to(device)))

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ._checks import check_bool, is_int
+from ._progress import progress_bar
 from . import graph_capture, ops
 from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
@@ -472,8 +473,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="sampling", unit="step")
+    return progress_bar(total=total, desc="sampling", unit="step")

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
+from ._progress import progress_bar
 from .checkpoint import CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
 from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0
@@ -456,6 +457,5 @@ class Trainer(TrainerCheckpoints):
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, desc="training", unit="step", disable=not enabled,
+                        dynamic_ncols=True)

@@ -1,0 +1,35 @@
+"""Progress bars for long work: tqdm.auto's (a widget in a notebook, text
+elsewhere). A text bar redraws ten times a second, which suits a terminal but
+not a log: where stderr is not a terminal (output redirected, a batch job) it
+redraws every 30 s instead, so that a day of training leaves some thousands of
+lines in its log rather than megabytes of carriage returns. tqdm still draws
+the bar's first and last state."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+LOG_INTERVAL_S = 30.0  # seconds between redraws of a text bar that is not on a terminal
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
+    """``tqdm.auto.tqdm(iterable, **kwargs)``, redrawn every LOG_INTERVAL_S
+    seconds where stderr is not a terminal (unless kwargs set mininterval)."""
+    from tqdm.auto import tqdm
+
+    if not _draws_a_widget(tqdm) and not _is_terminal(sys.stderr):
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    return tqdm(iterable, **kwargs)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty (None, a stand-in), or closed
+        return False
+
+
+def _draws_a_widget(bar_class: type) -> bool:
+    """Whether tqdm.auto chose its notebook widget (a Jupyter kernel)."""
+    return any("notebook" in cls.__module__ for cls in bar_class.__mro__)
