@@ -234,8 +234,12 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: torch.
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors alike
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {type(error).__name__}: {first_line}") from error
+        if "Weights only load failed" in str(error):  # torch's text goes on to advise weights_only=False: unsafe
+            reason = ("it is not a torch.save file of tensors alone (damaged, another format, or other objects "
+                      "pickled in it, which are not loaded: unpickling them could run code)")
+        else:
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {reason}") from error
     state = check_state_dict(state, str(path))
     with torch.device("meta"):
         model = InceptionV3FID()

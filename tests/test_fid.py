@@ -116,11 +116,23 @@ def test_a_wrong_file_is_named_and_explained(tmp_path, state, edit, message):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+class Stranger:  # an object that a weights_only load refuses
+    pass
+
+
 def test_unreadable_files_and_other_objects(tmp_path, state):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read .* as a PyTorch state_dict"):
+    with pytest.raises(ValueError, match="cannot read .* as a PyTorch state_dict") as error:
         load_inception(garbage)
+    # Not torch's advice to load with weights_only=False (unsafe, and no help for a damaged file).
+    assert "weights_only" not in str(error.value) and "not a torch.save file of tensors alone" in str(error.value)
+
+    pickled = tmp_path / "objects.pth"
+    torch.save({"conv.weight": torch.zeros(1), "other": Stranger()}, pickled)
+    with pytest.raises(ValueError, match="other objects pickled in it, which are not loaded") as error:
+        load_inception(pickled)
+    assert "weights_only" not in str(error.value)
     listing = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], listing)
     with pytest.raises(ValueError, match="not a state_dict"):
