@@ -371,6 +371,7 @@ def _one_line(error: BaseException) -> str:
 # What sets a command's memory: a huge --image-size or --timesteps runs out as
 # surely as a large batch.
 _MEMORY_OPTIONS = {
+    "demo": "--samples",  # its training recipe is fixed; it samples all at once
     "train": "--batch-size, --image-size, --timesteps or --model",
     "bpd": "--batch-size or --image-size",
     "fid": "--batch-size or --image-size",

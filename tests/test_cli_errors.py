@@ -296,6 +296,18 @@ def test_out_of_memory_says_to_lower_the_batch_size(tiny_run, tmp_path, monkeypa
         "lower --batch-size")
 
 
+def test_out_of_memory_in_the_demo_names_its_own_option(tmp_path, monkeypatch, capsys):
+    """The demo has no --batch-size, which the advice named."""
+    import ddpm_fast.demo
+
+    def run_demo(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+
+    monkeypatch.setattr(ddpm_fast.demo, "run_demo", run_demo)
+    assert main(["demo", "--out", str(tmp_path), "--samples", "100000000"]) == 2
+    assert capsys.readouterr().err.strip().endswith("): lower --samples")
+
+
 def test_demo_rerun_with_another_seed_says_to_use_another_out(tmp_path, capsys):
     """The demo resumes out/run; with another --seed that run was once continued
     silently (as the seed-0 run), and the Trainer's advice names --no-resume,
