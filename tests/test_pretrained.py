@@ -50,6 +50,14 @@ def test_run_folder_and_checkpoint_folder_give_ema_weights_and_schedule(run):
     assert _same(raw, trainer.model) and not _same(raw, trainer.ema)
 
 
+def test_from_pretrained_of_a_training_checkpoint_names_load_model(run):
+    """The checkpoint folder holds model.safetensors and config.json, so
+    from_pretrained is a natural first try: it said the config had unknown keys."""
+    out, _ = run
+    with pytest.raises(ValueError, match=r"is a training checkpoint .* load it with ddpm_fast\.pretrained\.load_model"):
+        UNet.from_pretrained(latest_checkpoint(out))
+
+
 def test_save_pretrained_folder(run, tmp_path):
     _, trainer = run
     trainer.ema.save_pretrained(tmp_path)

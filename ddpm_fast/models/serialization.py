@@ -119,6 +119,11 @@ def load_pretrained(
         raise ValueError(
             f"UNet.from_pretrained: {folder} holds a diffusers {config['_class_name']}; load it with UNet.from_diffusers"
         )
+    if isinstance(config.get("model"), dict) and "train" in config:  # a Trainer's checkpoint (or run) config
+        raise ValueError(
+            f"UNet.from_pretrained: {folder} is a training checkpoint (its config.json holds the whole run's); "
+            "load it with ddpm_fast.pretrained.load_model (the model and its schedule; the EMA weights by default)"
+        )
     model = float32_on_cpu(lambda: cls.from_config(config, **overrides))
     state = load_safetensors(folder / weights, map_location)
     model.to(map_location)
