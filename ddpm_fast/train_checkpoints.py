@@ -174,14 +174,16 @@ class TrainerCheckpoints:
         path = None
         rank_rng = self._gather_rank_rng() if self.world > 1 else None
         if self.rank == 0:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             def weights(module: nn.Module):
                 # Copies: tied weights (two names, one tensor) share memory, which
                 # safetensors refuses (at the first checkpoint, after hours of training).
                 state = {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
                          for k, v in module.state_dict().items()}
-                return lambda p: save_file(state, str(p))
+                # Written by Python, whose files follow the umask (safetensors'
+                # save_file made them readable by their owner alone).
+                return lambda p: Path(p).write_bytes(save(state))
 
             state = {
                 "step": self.step,

@@ -64,3 +64,30 @@ def test_the_writability_probe_leaves_nothing_behind(tmp_path, out):
     (tmp_path / "new").mkdir()
     check_output_folder(tmp_path / out)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["new", "run"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_files_follow_the_umask(tmp_path, umask):
+    """safetensors' save_file created the weights readable by their owner
+    alone, whatever the umask, while config.json and trainer.pt followed it:
+    on a shared machine others could read a run's config but not sample it."""
+    import torch
+
+    from ddpm_fast import NoiseSchedule
+    from ddpm_fast.data import ImageDataset
+    from ddpm_fast.models import UNet
+    from ddpm_fast.train import TrainConfig, Trainer
+
+    data = ImageDataset(torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8))
+    config = TrainConfig(steps=1, batch_size=4, warmup=0, checkpoint_every=1)
+    old = os.umask(umask)
+    try:
+        Trainer(UNet.tiny(), data, NoiseSchedule("linear", timesteps=20), config, tmp_path / "run", device="cpu",
+                progress=False).train(final_samples=False)
+    finally:
+        os.umask(old)
+    folder = latest_checkpoint(tmp_path / "run")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes) >= {"model.safetensors", "ema.safetensors", "config.json", "trainer.pt"}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes
