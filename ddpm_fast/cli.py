@@ -163,6 +163,8 @@ def _sample(args: argparse.Namespace) -> int:
     from .pretrained import load_model
     from .sampler import Sampler
 
+    if args.eta is not None and args.variance is not None:  # DDIM's variance is eta's: --variance would do nothing
+        raise UsageError("--variance sets the DDPM chain's variance; with --eta (DDIM) eta sets it: pass one of the two")
     device = distributed.setup(args.device)
     try:
         # before sampling: not after a whole run
@@ -172,7 +174,7 @@ def _sample(args: argparse.Namespace) -> int:
         model = model.to(dtype)
         if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
             model = model.to(memory_format=torch.channels_last)
-        sampler = Sampler(model, schedule, variance=args.variance, clip_denoised=args.clip, dtype=dtype,
+        sampler = Sampler(model, schedule, variance=args.variance or "fixed_large", clip_denoised=args.clip, dtype=dtype,
                           channels_last=args.channels_last, device=device)
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
                                             steps=args.steps, eta=args.eta, progress=True)
@@ -308,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=options.positive, default=256, help="samples per batch (default: 256)")
     sample.add_argument("--steps", type=options.positive, default=None, help="respace the chain to this many steps (default: all T)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM with this eta (0: deterministic; default: ancestral DDPM)")
-    sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default="fixed_large", help="reverse-process variance (default: fixed_large)")
+    sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default=None,
+                        help="the DDPM chain's variance (default: fixed_large; not with --eta, whose DDIM chain eta sets)")
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
     sample.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",

@@ -71,11 +71,15 @@ def test_sample_and_bpd_options_reach_the_sampler_and_the_evaluation(tiny_run, t
     real_sample, real_bpd = distributed.sample_sharded, evaluate.evaluate_bpd
     monkeypatch.setattr(distributed, "sample_sharded", sample_sharded)
     monkeypatch.setattr(evaluate, "evaluate_bpd", evaluate_bpd)
+    keys = ("n", "variance", "clip", "batch_size", "steps", "eta", "seed")
     assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "-n", "3", "--batch-size", "2",
-                 "--steps", "5", "--eta", "0.5", "--variance", "fixed_small", "--no-clip", "--seed", "7",
-                 "--device", "cpu"]) == 0
-    got = {k: seen["sample"][k] for k in ("n", "variance", "clip", "batch_size", "steps", "eta", "seed")}
-    assert got == dict(n=3, variance="fixed_small", clip=False, batch_size=2, steps=5, eta=0.5, seed=7)
+                 "--steps", "5", "--variance", "fixed_small", "--no-clip", "--seed", "7", "--device", "cpu"]) == 0
+    got = {k: seen["sample"][k] for k in keys}
+    assert got == dict(n=3, variance="fixed_small", clip=False, batch_size=2, steps=5, eta=None, seed=7)
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "-n", "2", "--steps", "4",
+                 "--eta", "0.5", "--seed", "8", "--device", "cpu"]) == 0
+    got = {k: seen["sample"][k] for k in keys}
+    assert got == dict(n=2, variance="fixed_large", clip=True, batch_size=256, steps=4, eta=0.5, seed=8)
     assert main(["bpd", "--checkpoint", str(tiny_run), "--data", str(toy_npz), "-n", "3", "--batch-size", "2",
                  "--seed", "5", "--device", "cpu"]) == 0
     assert {k: seen["bpd"][k] for k in ("n", "batch_size", "seed")} == dict(n=3, batch_size=2, seed=5)

@@ -296,6 +296,18 @@ def test_out_of_memory_says_to_lower_the_batch_size(tiny_run, tmp_path, monkeypa
         "lower --batch-size")
 
 
+def test_variance_with_eta_is_refused_before_anything_runs(tmp_path, capsys):
+    """With --eta the chain is DDIM's, whose variance eta sets: --variance did
+    nothing (the samples were byte-identical either way), silently."""
+    argv = ["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "s"), "--eta", "0",
+            "--variance", "fixed_small"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ddpm-fast sample: error: --variance sets the DDPM chain's variance; with --eta (DDIM) eta sets it: "
+        "pass one of the two")
+    assert not (tmp_path / "s").exists()
+
+
 def test_out_of_memory_in_the_demo_names_its_own_option(tmp_path, monkeypatch, capsys):
     """The demo has no --batch-size, which the advice named."""
     import ddpm_fast.demo
