@@ -157,13 +157,21 @@ def _interrupted_run(out: str, trainer, resume: bool) -> str:
     return f"interrupted{at}; the newest checkpoint, {ckpt}, is intact: run {again} to continue from it"
 
 
+class _Default(str):
+    """An option's default as argparse gives it where the option is absent: an
+    object of its own, told apart (``is``) from the same value given."""
+
+
+_VARIANCE_DEFAULT = _Default("fixed_large")
+
+
 def _sample(args: argparse.Namespace) -> int:
     from . import distributed
     from .images import save_grid, save_npz
     from .pretrained import load_model
     from .sampler import Sampler
 
-    if args.eta is not None and args.variance is not None:  # DDIM's variance is eta's: --variance would do nothing
+    if args.eta is not None and args.variance is not _VARIANCE_DEFAULT:  # DDIM's variance is eta's: it would do nothing
         raise UsageError("--variance sets the DDPM chain's variance; with --eta (DDIM) eta sets it: pass one of the two")
     device = distributed.setup(args.device)
     try:
@@ -174,7 +182,7 @@ def _sample(args: argparse.Namespace) -> int:
         model = model.to(dtype)
         if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
             model = model.to(memory_format=torch.channels_last)
-        sampler = Sampler(model, schedule, variance=args.variance or "fixed_large", clip_denoised=args.clip, dtype=dtype,
+        sampler = Sampler(model, schedule, variance=str(args.variance), clip_denoised=args.clip, dtype=dtype,
                           channels_last=args.channels_last, device=device)
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
                                             steps=args.steps, eta=args.eta, progress=True)
@@ -310,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=options.positive, default=256, help="samples per batch (default: 256)")
     sample.add_argument("--steps", type=options.positive, default=None, help="respace the chain to this many steps (default: all T)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM with this eta (0: deterministic; default: ancestral DDPM)")
-    sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default=None,
+    sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default=_VARIANCE_DEFAULT,
                         help="the DDPM chain's variance (default: fixed_large; not with --eta, whose DDIM chain eta sets)")
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")

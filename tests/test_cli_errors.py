@@ -296,11 +296,12 @@ def test_out_of_memory_says_to_lower_the_batch_size(tiny_run, tmp_path, monkeypa
         "lower --batch-size")
 
 
-def test_variance_with_eta_is_refused_before_anything_runs(tmp_path, capsys):
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])  # the default's value, given, too
+def test_variance_with_eta_is_refused_before_anything_runs(tmp_path, capsys, variance):
     """With --eta the chain is DDIM's, whose variance eta sets: --variance did
     nothing (the samples were byte-identical either way), silently."""
     argv = ["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "s"), "--eta", "0",
-            "--variance", "fixed_small"]
+            "--variance", variance]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
         "ddpm-fast sample: error: --variance sets the DDPM chain's variance; with --eta (DDIM) eta sets it: "
