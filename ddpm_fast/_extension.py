@@ -4,6 +4,7 @@ backend after one warning."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch  # loads libtorch, which _C links against
@@ -35,6 +36,19 @@ except ImportError as error:  # not built, or built for another torch
         f"({error}); every op falls back to the plain PyTorch reference backend. "
         "Build it with `pip install -e .` in an environment that has torch and a C++ compiler "
         "(`DDPM_FAST_STRICT=1 pip install -v -e .` shows why a build fails).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+# The CPU kernels' vector loops read DDPM_FAST_CPU_SIMD themselves, at their
+# first use, and take any other value as no cap: a misspelt cap would run the
+# widest loops without a word. Said here, once, at import.
+_SIMD_CAPS = ("avx512", "avx2", "none")
+_simd_cap = os.environ.get("DDPM_FAST_CPU_SIMD")
+if AVAILABLE and _simd_cap not in (None, "", *_SIMD_CAPS):
+    warnings.warn(
+        f"ddpm_fast: DDPM_FAST_CPU_SIMD={_simd_cap!r} is not one of {', '.join(_SIMD_CAPS)} (lower case): ignored, "
+        "the CPU kernels use the widest vector loops this CPU has",
         RuntimeWarning,
         stacklevel=2,
     )

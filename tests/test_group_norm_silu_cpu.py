@@ -341,6 +341,22 @@ def test_cpu_narrower_loops_match_reference(cap):
 
 
 @requires_extension
+@pytest.mark.parametrize("cap, warned", [("avx9", True), ("AVX2", True), ("off", True), ("avx2", False), ("none", False),
+                                         ("avx512", False), ("", False)])
+def test_an_unknown_simd_cap_is_warned_of(cap, warned):
+    """The kernels take any value but avx2 and none as no cap: a misspelt cap
+    ran the widest loops without a word."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import ddpm_fast"], env={**os.environ, "DDPM_FAST_CPU_SIMD": cap},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"DDPM_FAST_CPU_SIMD={cap!r} is not one of avx512, avx2, none" in result.stderr) is warned, result.stderr
+
+
+@requires_extension
 @pytest.mark.parametrize("shape, groups", [((1, 32, 8, 8), 1), ((1, 4, 4, 4), 1), ((1, 8, 8, 8), 1),
                                            ((1, 6, 3, 5), 2), ((3, 12, 5, 7), 4), ((2, 16, 9, 9), 8)])
 def test_cpu_backward_does_not_depend_on_the_thread_count(shape, groups):
