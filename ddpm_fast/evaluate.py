@@ -58,6 +58,9 @@ def evaluate_bpd(
     (L_0), ``vb`` (sum of L_1..L_{T-1}), ``terms`` (one per timestep) and a
     printable ``summary``.
     """
+    if not isinstance(dataset, ImageDataset):  # a tensor has a len, and failed later on a missing method
+        raise TypeError(f"evaluate_bpd: dataset must be a ddpm_fast.data.ImageDataset (ImageDataset(images) wraps "
+                        f"uint8 N x C x H x W images), got {type(dataset).__name__}")
     count = len(dataset) if n is None else n
     if not is_int(count) or not 1 <= count <= len(dataset):
         raise ValueError(f"n must be an int in [1, {len(dataset)}] (the dataset's size), got {n!r}")

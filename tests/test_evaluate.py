@@ -86,6 +86,14 @@ def test_bad_arguments(digits, kwargs, message):
         evaluate_bpd(UNet.tiny(), digits, SCHEDULE, **kwargs)
 
 
+@pytest.mark.parametrize("dataset", [torch.rand(4, 1, 8, 8), [torch.zeros(1, 8, 8)] * 4])
+def test_the_dataset_must_be_an_image_dataset(dataset):
+    """A tensor of images (it has a len) failed with an AttributeError on a
+    missing method; the Trainer already said what it wants."""
+    with pytest.raises(TypeError, match=r"evaluate_bpd: dataset must be a ddpm_fast.data.ImageDataset .* got (Tensor|list)"):
+        evaluate_bpd(UNet.tiny(), dataset, SCHEDULE)
+
+
 def test_model_and_data_must_match(digits):
     with pytest.raises(ValueError, match="the model takes 3-channel 8px images"):
         evaluate_bpd(UNet.tiny(in_channels=3), digits, SCHEDULE)
