@@ -93,7 +93,8 @@ def _train(args: argparse.Namespace) -> int:
         if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
                              "grids, the loss curve) would become training data; put the run elsewhere")
-        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
+        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels,
+                               progress=distributed.rank_and_world()[0] == 0)
         config = options.option_errors(TrainConfig)(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
@@ -211,7 +212,8 @@ def _bpd(args: argparse.Namespace) -> int:
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
             model = model.to(memory_format=torch.channels_last)
-        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels)
+        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels,
+                               progress=distributed.rank_and_world()[0] == 0)
         result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
                               device=device, progress=True, sharded=True)
         rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
@@ -230,7 +232,8 @@ def _fid(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
-    samples, data = load_array(args.samples, key="images"), load_dataset(args.data, image_size=args.image_size)
+    samples = load_array(args.samples, key="images")
+    data = load_dataset(args.data, image_size=args.image_size, progress=True)
     if args.n is not None and args.n > min(len(samples), len(data)):
         raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples or the {len(data)} data images")
     for option, count in (("-n", args.n), ("--samples", len(samples)), ("--data", len(data))):

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._progress import progress_bar
+
 __all__ = [
     "ImageDataset",
     "load_digits",
@@ -32,6 +34,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 ARRAY_SUFFIXES = (".npy", ".npz")
+PROGRESS_MIN_FILES = 1000  # an image folder this large gets a progress bar, where asked for
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -219,7 +222,7 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
 
 
 def load_image_folder(
-    path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
+    path: str | os.PathLike, image_size: int | None = None, channels: int | None = None, *, progress: bool = False
 ) -> ImageDataset:
     """Every image file (png, jpg, jpeg, bmp, webp, gif: the first frame) under
     ``path``, recursively (through symlinked folders too), in sorted order, as RGB
@@ -227,7 +230,9 @@ def load_image_folder(
 
     With ``image_size`` each image's short side is resized to it (antialiased
     bicubic) and the center square cropped; without, all images must share
-    one square size."""
+    one square size. ``progress``: a progress bar for folders of
+    PROGRESS_MIN_FILES images or more (some seconds of reading, minutes for
+    tens of thousands)."""
     _check_size(image_size)
     _check_channels(channels)
     folder = Path(path)
@@ -240,6 +245,8 @@ def load_image_folder(
         raise ValueError(f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     mode = "L" if channels == 1 else "RGB"
     tensors, first_size = [], None
+    if progress and len(files) >= PROGRESS_MIN_FILES:
+        files = progress_bar(files, desc="loading images", unit="image")
     for file in files:
         x = _read_image(file, mode)
         if image_size is not None:
@@ -462,12 +469,13 @@ def _is_cifar(path: Path) -> bool:
 
 
 def load_dataset(
-    spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None
+    spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None, progress: bool = False
 ) -> ImageDataset:
     """The dataset ``spec`` names: ``"digits"``, a ``.npy``/``.npz`` file, a
     CIFAR-10 python folder (or its parent) or archive (the training batches),
     or a folder of images. ``image_size`` resizes (short side, then a center
-    crop; digits: bilinear) and ``channels`` (1 or 3) converts."""
+    crop; digits: bilinear) and ``channels`` (1 or 3) converts. ``progress``:
+    a bar while a large folder of images loads (load_image_folder)."""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a str or path ({_ACCEPTED}), got {type(spec).__name__}")
     _check_size(image_size)
@@ -486,5 +494,5 @@ def load_dataset(
         data = load_cifar10(path)
         return _finish(data.images, data.name, image_size, channels, data.labels)
     if path.is_dir():
-        return load_image_folder(path, image_size, channels)
+        return load_image_folder(path, image_size, channels, progress=progress)
     raise ValueError(f"dataset {str(spec)!r} is not a dataset this loader reads: expected {_ACCEPTED}")

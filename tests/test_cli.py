@@ -229,3 +229,27 @@ def test_bpd_reports_terms_that_add_up(tiny_run, toy_npz, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 6 and len(result["terms"]) == 20
     assert result["total"] == pytest.approx(result["prior"] + result["vb"] + result["decoder"], rel=1e-6)  # summed in float32
+
+
+@pytest.mark.parametrize("command", ["train", "bpd", "fid"])
+def test_commands_load_image_folders_with_a_progress_bar(command, tiny_run, tmp_path, monkeypatch):
+    import ddpm_fast.data
+    import ddpm_fast.fid
+    from ddpm_fast.cli_options import UsageError
+
+    seen = {}
+
+    def load_dataset(spec, **kwargs):
+        seen.update(kwargs)
+        raise UsageError("recorded")  # no need to go further
+
+    monkeypatch.setattr(ddpm_fast.data, "load_dataset", load_dataset)
+    monkeypatch.setattr(ddpm_fast.fid, "load_inception", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ddpm_fast.data, "load_array", lambda *args, **kwargs: None)
+    data = tmp_path / "images"
+    data.mkdir()
+    argv = {"train": ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu"],
+            "bpd": ["bpd", "--checkpoint", str(tiny_run), "--data", str(data), "--device", "cpu"],
+            "fid": ["fid", "--samples", str(tmp_path / "s.npz"), "--data", str(data), "--device", "cpu"]}[command]
+    assert main(argv) == 2
+    assert seen.get("progress") is True

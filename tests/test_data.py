@@ -410,3 +410,23 @@ def test_a_linked_folder_is_listed_under_the_first_name_in_order(tmp_path):
         orders.append([p.relative_to(root).as_posix() for p in _image_files(root)])
         shutil.rmtree(tmp_path / first)
     assert orders[0] == orders[1] == ["a_link/img0.png"]
+
+
+def test_a_large_image_folder_loads_under_a_progress_bar(tmp_path, monkeypatch):
+    """Reading tens of thousands of images takes minutes, which passed with no
+    word before the training bar; a bar from PROGRESS_MIN_FILES files on, where
+    asked for (the command line asks on rank 0)."""
+    import io
+
+    import ddpm_fast.data
+
+    _write_images(tmp_path, [(6, 6)] * 5)
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    load_dataset(tmp_path, progress=True)
+    assert log.getvalue() == ""  # 5 files: below the bar's threshold
+    monkeypatch.setattr(ddpm_fast.data, "PROGRESS_MIN_FILES", 5)
+    load_dataset(tmp_path)
+    assert log.getvalue() == ""  # not asked for
+    data = load_dataset(tmp_path, progress=True)
+    assert "loading images" in log.getvalue() and "5/5" in log.getvalue() and len(data) == 5
