@@ -110,7 +110,7 @@ def _train(args: argparse.Namespace) -> int:
         if world > 1:  # each rank its own dropout masks (with one seed, every rank drew the same ones)
             torch.manual_seed((args.seed * 1_000_003 + rank + 1) % 2**63)
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
-                          extra_config={"data": args.data})
+                          extra_config={"data": _data_record(args.data)})
         summary = trainer.train(resume=args.resume)
     except KeyboardInterrupt:
         distributed.teardown(failed=True)
@@ -156,6 +156,13 @@ def _interrupted_run(out: str, trainer, resume: bool) -> str:
         return f"interrupted{at}, before the first checkpoint: nothing to resume in {out}"
     again = "the same command" if resume else "the same command with --resume"
     return f"interrupted{at}; the newest checkpoint, {ckpt}, is intact: run {again} to continue from it"
+
+
+def _data_record(spec: str) -> str:
+    """--data as a run records it: a path made absolute, so that resuming from
+    another folder, or with the path written as ./x, is not taken for a resume
+    on other data; "digits" as it is."""
+    return spec if spec == "digits" else os.path.abspath(spec)
 
 
 class _Default(str):

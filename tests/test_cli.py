@@ -253,3 +253,23 @@ def test_commands_load_image_folders_with_a_progress_bar(command, tiny_run, tmp_
             "fid": ["fid", "--samples", str(tmp_path / "s.npz"), "--data", str(data), "--device", "cpu"]}[command]
     assert main(argv) == 2
     assert seen.get("progress") is True
+
+
+def test_resuming_with_the_same_data_written_another_way_is_not_other_settings(toy_npz, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """--data was compared as written: x.npz, ./x.npz and its absolute path
+    (from another folder) each warned of a resume 'with other settings'."""
+    monkeypatch.chdir(toy_npz.parent)
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--model", "tiny", "--batch-size", "8", "--timesteps", "20", "--warmup", "1",
+              "--no-flip", "--device", "cpu", "--checkpoint-every", "1"]
+    for step, data in enumerate([toy_npz.name, f"./{toy_npz.name}", str(toy_npz)], start=1):
+        if step == 3:
+            monkeypatch.chdir(tmp_path)
+        assert main(["train", "--data", data, "--steps", str(step), *common]) == 0
+        assert "other settings" not in capsys.readouterr().err
+    import shutil
+
+    other = shutil.copy(toy_npz, tmp_path / "copy.npz")  # other data (the same images, but it cannot know)
+    assert main(["train", "--data", str(other), "--steps", "4", *common]) == 0
+    assert f"(data: {str(toy_npz)!r} there, {str(other)!r} now)" in capsys.readouterr().err
