@@ -88,13 +88,13 @@ def _train(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     trainer = None
     try:
+        rank, world = distributed.rank_and_world()
         distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl")))
         data = Path(args.data).resolve()
         if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
                              "grids, the loss curve) would become training data; put the run elsewhere")
-        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels,
-                               progress=distributed.rank_and_world()[0] == 0)
+        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels, progress=rank == 0)
         config = options.option_errors(TrainConfig)(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
@@ -106,7 +106,6 @@ def _train(args: argparse.Namespace) -> int:
         schedule = NoiseSchedule(args.schedule, timesteps=args.timesteps)
         torch.manual_seed(args.seed)  # the model's initial weights (and the dropout after them), as the demo
         model = _build_model(args, dataset.channels, dataset.image_size)
-        rank, world = distributed.rank_and_world()
         if world > 1:  # each rank its own dropout masks (with one seed, every rank drew the same ones)
             torch.manual_seed((args.seed * 1_000_003 + rank + 1) % 2**63)
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
@@ -216,14 +215,13 @@ def _bpd(args: argparse.Namespace) -> int:
 
     device = distributed.setup(args.device)
     try:
+        rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
         model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
         if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
             model = model.to(memory_format=torch.channels_last)
-        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels,
-                               progress=distributed.rank_and_world()[0] == 0)
+        dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels, progress=rank == 0)
         result = evaluate_bpd(model, dataset, schedule, n=args.n, batch_size=args.batch_size, seed=args.seed,
                               device=device, progress=True, sharded=True)
-        rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
     except BaseException:
         distributed.teardown(failed=True)
         raise

@@ -52,7 +52,7 @@ def philox_normal(seed_lo, seed_hi, counter):
     c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
-    # tl.cast, not .to: a seed half may arrive as a constant (below).
+    # tl.cast, not .to: a seed half may arrive as a constant (see NOISE_ARGS).
     k0 = tl.cast(seed_lo, tl.uint32)
     k1 = tl.cast(seed_hi, tl.uint32)
     for _ in tl.static_range(PHILOX_ROUNDS):
