@@ -50,12 +50,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
     float32 x / 127.5 - 1. ``labels`` is an int64 tensor of N class labels or
-    None."""
+    None. ``images`` may be a numpy array too (copied)."""
 
-    def __init__(self, images: torch.Tensor, *, name: str = "images", labels: torch.Tensor | None = None) -> None:
+    def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
+                 labels: torch.Tensor | None = None) -> None:
+        if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+            images = torch.from_numpy(images.copy())  # a copy: np.load's arrays may be read-only
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {getattr(images, 'dtype', type(images))} "
-                             f"{tuple(getattr(images, 'shape', ()))}")
+            got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, (torch.Tensor, np.ndarray))
+                   else f"a {type(images).__name__}")
+            raise ValueError(f"images must be a uint8 N x C x H x W tensor or numpy array, got {got}")
         n, c, h, w = images.shape
         if n == 0:
             raise ValueError(f"dataset {name!r} holds no images")

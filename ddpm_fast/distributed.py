@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_bool, is_int
+from ._progress import batch_of
 from .images import to_uint8
 from .ops._args import as_seed
 from .sampler import Sampler
@@ -211,9 +212,12 @@ def sample_sharded(
         seed = shared[0]
     lo, hi = shard(n, rank, world)
     parts = []
-    for start in range(lo, hi, batch_size):
+    starts = range(lo, hi, batch_size)
+    for index, start in enumerate(starts):
         count = min(batch_size, hi - start)
-        x = sampler.sample(count, seed=seed, steps=steps, eta=eta, first_sample=start, progress=progress and rank == 0)
+        with batch_of(index, len(starts)):
+            x = sampler.sample(count, seed=seed, steps=steps, eta=eta, first_sample=start,
+                               progress=progress and rank == 0)
         parts.append(to_uint8(x))
     mine = np.concatenate(parts) if parts else None
     if world == 1:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import is_int
+from ._progress import batch_of
 from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
@@ -86,11 +87,13 @@ def evaluate_bpd(
     lo, hi = shard(count, rank, world)
     # Sums of the total, the prior and each timestep's term over this rank's images.
     sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64, device="cpu")
-    for start in range(lo, hi, batch_size):
+    starts = range(lo, hi, batch_size)
+    for number, start in enumerate(starts):
         index = torch.arange(start, min(hi, start + batch_size), device="cpu")
         x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)
         noise_fn = functools.partial(_image_noise, x0.shape, seed, start, per_image, x0.device)
-        result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress and rank == 0)
+        with batch_of(number, len(starts)):
+            result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress and rank == 0)
         sums[0] += result.total.double().sum().item()
         sums[1] += result.prior.double().sum().item()
         sums[2:] += result.terms.double().sum(0).cpu()

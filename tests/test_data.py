@@ -3,6 +3,8 @@ synthetic files, and each of their errors (CIFAR-10: test_data_cifar10.py)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -141,14 +143,29 @@ def test_dataset_spec_errors_and_conversions(tmp_path):
 
 
 def test_image_dataset_checks_its_tensor():
-    with pytest.raises(ValueError, match="uint8 N x C x H x W"):
+    with pytest.raises(ValueError, match=r"uint8 N x C x H x W tensor or numpy array, got torch.float32 \(2, 1, 4, 4\)"):
         ImageDataset(torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"numpy array, got float64 \(2, 1, 4, 4\)"):
+        ImageDataset(np.zeros((2, 1, 4, 4)))
+    with pytest.raises(ValueError, match="numpy array, got a list"):
+        ImageDataset([[[[0]]]])
     with pytest.raises(ValueError, match="holds no images"):
         ImageDataset(torch.zeros(0, 1, 4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="1 or 3 channels"):
         ImageDataset(torch.zeros(2, 2, 4, 4, dtype=torch.uint8))
     data = ImageDataset(torch.full((3, 1, 4, 4), 255, dtype=torch.uint8))
     assert len(data) == 3 and data[1].shape == (1, 4, 4) and data[1].max() == 1.0
+
+
+def test_image_dataset_takes_a_numpy_array_as_a_copy():
+    array = np.full((2, 1, 3, 3), 255, dtype=np.uint8)
+    array.flags.writeable = False  # as np.load(mmap_mode="r") gives: torch warns when it shares such memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = ImageDataset(array)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (2, 1, 3, 3) and data[0].min() == 1.0
+    data.images[0] = 0
+    assert array.min() == 255
 
 
 # ---------------------------------------------------------------- more image-folder cases

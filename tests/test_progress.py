@@ -1,15 +1,22 @@
 """Progress bars: drawn as usual on a terminal, redrawn every 30 s where stderr
-is not one (a log), so that long work does not fill its log with redraws."""
+is not one (a log), so that long work does not fill its log with redraws; work
+in several batches names each bar's batch."""
 
 from __future__ import annotations
 
 import io
 import time
 
+import re
+
+import numpy as np
 import torch
 
 from ddpm_fast import NoiseSchedule, Sampler
-from ddpm_fast._progress import LOG_INTERVAL_S, _draws_a_widget, progress_bar
+from ddpm_fast._progress import LOG_INTERVAL_S, _draws_a_widget, batch_of, progress_bar
+from ddpm_fast.data import ImageDataset
+from ddpm_fast.distributed import sample_sharded
+from ddpm_fast.evaluate import evaluate_bpd
 
 
 class Terminal(io.StringIO):
@@ -51,3 +58,34 @@ def test_a_sampling_chain_logged_to_a_file_is_a_few_lines(monkeypatch):
     sampler.sample(1, seed=0, progress=True)
     redraws = log.getvalue().count("\r")
     assert "100/100" in log.getvalue() and redraws <= 3, log.getvalue()
+
+
+def bar_names(log: str) -> list[str]:
+    """Each bar's description, once per bar, in order."""
+    names = re.findall(r"([a-z/ ,0-9]+): +100%", log)
+    return list(dict.fromkeys(name.strip() for name in names))
+
+
+def test_batches_are_named_in_their_bars(capsys):
+    sampler = Sampler(lambda x, t: 0.1 * x, NoiseSchedule("linear", timesteps=4), sample_shape=(1, 2, 2), device="cpu")
+    sample_sharded(sampler, 5, seed=0, batch_size=2)
+    assert bar_names(capsys.readouterr().err) == ["sampling, batch 1/3", "sampling, batch 2/3", "sampling, batch 3/3"]
+    sample_sharded(sampler, 2, seed=0, batch_size=2)  # one batch: named as before
+    assert bar_names(capsys.readouterr().err) == ["sampling"]
+
+    images = ImageDataset(np.random.default_rng(0).integers(0, 256, (3, 1, 2, 2), dtype=np.uint8))
+    evaluate_bpd(lambda x, t: 0.1 * x, images, NoiseSchedule("linear", timesteps=4), batch_size=2, progress=True)
+    assert bar_names(capsys.readouterr().err) == ["bits/dim, batch 1/2", "bits/dim, batch 2/2"]
+
+
+def test_a_batch_name_lasts_as_long_as_its_batch():
+    with batch_of(1, 4):
+        assert progress_bar(range(1), desc="work", file=io.StringIO()).desc == "work, batch 2/4"
+        assert progress_bar(range(1), file=io.StringIO()).desc == ""  # no description: nothing to add to
+    assert progress_bar(range(1), desc="work", file=io.StringIO()).desc == "work"
+    try:
+        with batch_of(0, 2):
+            raise KeyError
+    except KeyError:
+        pass
+    assert progress_bar(range(1), desc="work", file=io.StringIO()).desc == "work"
