@@ -50,12 +50,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
     float32 x / 127.5 - 1. ``labels`` is an int64 tensor of N class labels or
-    None. ``images`` may be a numpy array too (copied)."""
+    None. ``images`` may be a numpy array too; either is kept, not copied (a
+    read-only array is copied)."""
 
     def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
                  labels: torch.Tensor | None = None) -> None:
         if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-            images = torch.from_numpy(images.copy())  # a copy: np.load's arrays may be read-only
+            images = torch.from_numpy(images if images.flags.writeable else images.copy())  # torch warns of sharing one
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, (torch.Tensor, np.ndarray))
                    else f"a {type(images).__name__}")
@@ -64,7 +65,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if n == 0:
             raise ValueError(f"dataset {name!r} holds no images")
         if c not in (1, 3):
-            raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)})")
+            hint = " (channels last, N x H x W x C? then permute(0, 3, 1, 2) them)" if w in (1, 3) else ""
+            raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)}){hint}")
         if h != w:
             raise ValueError(f"images must be square, got {h}x{w}: pass image_size (--image-size) to resize and center-crop")
         if h == 0:

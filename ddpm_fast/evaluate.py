@@ -19,7 +19,7 @@ from .diffusion import bits_per_dim
 from .distributed import rank_and_world, shard
 from .nn import has_channels_last_weights
 from .ops._args import as_seed
-from .sampler import _SAMPLE_STRIDE, _dropout_active
+from .sampler import _SAMPLE_STRIDE, _dropout_active, _first_float_parameter
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
@@ -39,7 +39,7 @@ def evaluate_bpd(
     n: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     channels_last: bool | None = None,
     progress: bool = False,
     sharded: bool = False,
@@ -53,7 +53,9 @@ def evaluate_bpd(
     a contiguous share of the images and every rank returns the whole result,
     the same as one process's; a collective, so every rank must call it.
     ``channels_last`` feeds the model channels_last batches; by default it
-    follows the model's 4-d weights, as the Sampler's does.
+    follows the model's 4-d weights, as the Sampler's does. ``device``: where
+    the images go and the noise is drawn; by default the model's (the CPU for
+    a model without parameters).
 
     Returns a dict of dataset means: ``total``, ``prior`` (L_T), ``decoder``
     (L_0), ``vb`` (sum of L_1..L_{T-1}), ``terms`` (one per timestep) and a
@@ -77,6 +79,9 @@ def evaluate_bpd(
         )
     if channels_last is None:
         channels_last = has_channels_last_weights(model)
+    if device is None:
+        param = _first_float_parameter(model)
+        device = param.device if param is not None else torch.device("cpu")
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W
     seed = as_seed(seed, "evaluate_bpd")
     per_image = math.prod(dataset.images.shape[1:])

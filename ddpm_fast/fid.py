@@ -238,7 +238,8 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: torch.
             reason = ("it is not a torch.save file of tensors alone (damaged, another format, or other objects "
                       "pickled in it, which are not loaded: unpickling them could run code)")
         else:
-            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            reason = (f"it is not a torch.save file, or it is damaged ({type(error).__name__}: "
+                      f"{(str(error).strip().splitlines() or [''])[0]})")
         raise ValueError(f"cannot read {path} as a PyTorch state_dict: {reason}") from error
     state = check_state_dict(state, str(path))
     with torch.device("meta"):
@@ -333,7 +334,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     _check_method(method)
     trace_sqrt = _trace_sqrt_sqrtm(sigma1, sigma2, eps) if method == "sqrtm" else _trace_sqrt_eigh(sigma1, sigma2)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    return max(distance, 0.0)  # a distance: below 0 (-1e-14 for equal statistics) only by rounding
 
 
 def _check_method(method: str) -> None:

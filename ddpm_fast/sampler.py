@@ -146,7 +146,7 @@ class Sampler:
         self.channels_last = channels_last
         self.device = device
         self.dtype = dtype
-        _check_model_dtype(self.dtype)  # now too: a float64 model or dtype is refused when made
+        _check_model_dtype(self.dtype, from_model=dtype is None)  # now too: a float64 model or dtype is refused when made
         if sample_shape is None and hasattr(model, "in_channels") and hasattr(model, "image_size"):
             size = model.image_size
             sample_shape = (model.in_channels, *((size, size) if isinstance(size, int) else size))
@@ -300,7 +300,7 @@ class _Chain:
             device=device, backend=sampler.backend,
         ).contiguous(memory_format=fmt)
         dtype = sampler.dtype
-        _check_model_dtype(dtype)  # (a model cast to float64 since the Sampler was made)
+        _check_model_dtype(dtype, from_model=sampler._dtype is None)  # (a model cast to float64 since it was made)
         self.model_in = torch.empty(shape, dtype=dtype, device=device).to(memory_format=fmt)
         self.model_in.copy_(self.x)
         self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars
@@ -444,9 +444,13 @@ def _check_model_output(eps: object, x: torch.Tensor) -> None:
         raise ValueError(f"the model returned eps on {eps.device}; expected it on the sampler's device {x.device}")
 
 
-def _check_model_dtype(dtype: object) -> None:
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+def _check_model_dtype(dtype: object, from_model: bool) -> None:
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return
+    if from_model:
+        raise TypeError(f"the model's parameters are {dtype}, and the Sampler feeds a model float32, float16 or "
+                        "bfloat16 input: cast the model (model.float()) or pass dtype=")
+    raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
 
 
 def _first_float_parameter(model: Model) -> torch.Tensor | None:

@@ -109,6 +109,9 @@ class Trainer(TrainerCheckpoints):
             raise TypeError(f"dataset must be a ddpm_fast.data.ImageDataset, got {type(dataset).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if config is not None and not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig (from a dict: TrainConfig.from_dict(d)), "
+                            f"got {type(config).__name__}")
         self.config = config if config is not None else TrainConfig()
         self.rank, self.world = rank_and_world()
         if self.config.batch_size % self.world:
@@ -120,6 +123,8 @@ class Trainer(TrainerCheckpoints):
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():  # now, not at the first checkpoint
+            raise NotADirectoryError(f"the Trainer's out_dir {str(self.out_dir)!r} is a file, not a folder")
         self.progress = progress
         self.dataset = dataset
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device
@@ -147,6 +152,8 @@ class Trainer(TrainerCheckpoints):
         if self.config.compile:  # the DDP wrapper too, as torch advises: its gradient hooks stay in place
             self.net = torch.compile(self.net)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:  # torch's own error names an empty list, not the model
+            raise ValueError("the model has no trainable parameters (none, or all requires_grad=False)")
         optim = torch.optim.AdamW if self.config.weight_decay > 0 else torch.optim.Adam
         # The fused kernel: one call per step instead of a dozen small ops per
         # parameter (the demo's 144 tensors: 7.9 -> 1.8 ms a step on the CPU).

@@ -157,15 +157,19 @@ def test_image_dataset_checks_its_tensor():
     assert len(data) == 3 and data[1].shape == (1, 4, 4) and data[1].max() == 1.0
 
 
-def test_image_dataset_takes_a_numpy_array_as_a_copy():
+def test_image_dataset_keeps_a_numpy_array_as_it_keeps_a_tensor():
+    array = np.full((2, 1, 3, 3), 255, dtype=np.uint8)
+    data = ImageDataset(array)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (2, 1, 3, 3) and data[0].min() == 1.0
+    array[0] = 0
+    assert data[0].max() == -1.0  # the same memory, as the README says
     array = np.full((2, 1, 3, 3), 255, dtype=np.uint8)
     array.flags.writeable = False  # as np.load(mmap_mode="r") gives: torch warns when it shares such memory
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        data = ImageDataset(array)
-    assert data.images.dtype == torch.uint8 and data.images.shape == (2, 1, 3, 3) and data[0].min() == 1.0
-    data.images[0] = 0
-    assert array.min() == 255
+        assert ImageDataset(array)[1].min() == 1.0
+    with pytest.raises(ValueError, match=r"got 8 \(shape \(4, 8, 8, 3\)\) \(channels last, N x H x W x C\? then permute"):
+        ImageDataset(np.zeros((4, 8, 8, 3), np.uint8))
 
 
 # ---------------------------------------------------------------- more image-folder cases

@@ -114,3 +114,24 @@ def test_terms_are_listed_by_timestep(digits):
     result = evaluate_bpd(UNet.tiny().eval(), digits, NoiseSchedule("linear", timesteps=4), n=2)
     assert len(result["terms"]) == 4 and result["terms"][0] == result["decoder"]
     assert sum(result["terms"][1:]) == pytest.approx(result["vb"], rel=1e-12)
+
+
+def test_the_images_go_to_the_models_device_by_default(digits, monkeypatch):
+    """device=None follows the model's parameters (as the Sampler's does): a
+    CUDA model was fed CPU images by the old default, device="cpu". Here a
+    model on the meta device stands in for one on a GPU."""
+    import ddpm_fast.evaluate as evaluate
+
+    class Seen(Exception):
+        pass
+
+    def bound(model, x0, schedule, noise_fn, progress):
+        raise Seen(x0.device, noise_fn(0).device)
+
+    on_meta = torch.nn.Conv2d(1, 1, 1, device="meta")
+    on_meta.in_channels, on_meta.image_size = 1, 8
+    monkeypatch.setattr(evaluate, "bits_per_dim", bound)
+    for model, device in [(on_meta, "meta"), (lambda x, t: x, "cpu")]:  # no parameters: the CPU
+        with pytest.raises(Seen) as seen:
+            evaluate_bpd(model, digits, SCHEDULE, n=2)
+        assert seen.value.args == (torch.device(device),) * 2

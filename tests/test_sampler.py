@@ -245,8 +245,11 @@ def test_defaults_follow_the_model_as_it_is_when_sampling():
     assert x.dtype == torch.float32 and x.isfinite().all() and set(seen) == {torch.bfloat16}
     assert (fixed.dtype, fixed.channels_last) == (torch.float32, False)  # given ones stay
     model.double()
-    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16, got torch.float64"):
+    with pytest.raises(TypeError, match=r"the model's parameters are torch.float64.*model.float\(\)\) or pass dtype="):
         sampler.sample(2, seed=0, progress=False)
+    with pytest.raises(TypeError, match="the model's parameters are torch.float64"):  # when made, too
+        Sampler(model, schedule, sample_shape=(1, 8, 8))
+    Sampler(model, schedule, sample_shape=(1, 8, 8), dtype=torch.float32)  # dtype= feeds it float32
 
 
 def test_non_finite_samples_are_reported():

@@ -108,3 +108,19 @@ def test_a_schedule_whose_reverse_step_is_undefined_is_refused_before_training(t
         Trainer(TinyEps(), toy_dataset(n=16), NoiseSchedule("jsd", timesteps=10), TrainConfig(batch_size=8),
                 tmp_path, device="cpu", progress=False)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_config_a_model_without_parameters_or_a_file_as_out_dir_is_refused_when_made(tmp_path):
+    """Each was a deep error: the dict's missing attribute, torch's empty
+    parameter list, or mkdir's FileExistsError at the first write, after training."""
+    schedule = NoiseSchedule("linear", timesteps=100)
+    config = TrainConfig(batch_size=8)
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig \(from a dict: TrainConfig.from_dict\(d\)\), got dict"):
+        Trainer(TinyEps(), toy_dataset(), schedule, {"batch_size": 8}, tmp_path / "a", device="cpu")
+    frozen = TinyEps().requires_grad_(False)
+    with pytest.raises(ValueError, match="the model has no trainable parameters"):
+        Trainer(frozen, toy_dataset(), schedule, config, tmp_path / "b", device="cpu")
+    (tmp_path / "c").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="out_dir '.*/c' is a file, not a folder"):
+        Trainer(TinyEps(), toy_dataset(), schedule, config, tmp_path / "c", device="cpu")
+    Trainer(TinyEps(), toy_dataset(), schedule, config, tmp_path / "d", device="cpu")  # a new folder is fine

@@ -104,7 +104,8 @@ def ddpm_step(
         schedule: the noise schedule (a respaced one for respaced sampling).
         variance: ``fixed_large`` (sigma_t^2 = beta_t) or ``fixed_small`` (beta~_t).
         clip_denoised: use the x0-form with the predicted x0 clipped to [-1, 1].
-        eta: if given, a DDIM step with this eta (0 = deterministic) instead of DDPM.
+        eta: if given, a DDIM step with this eta (0 = deterministic) instead of DDPM
+            (``variance``, the DDPM step's, is then not used: eta sets DDIM's).
         noise: z to use instead of drawing it (seed, offset and the strides then left out).
         seed, offset, sample_stride, step_stride: the drawn z of logical element j of
             sample n is normal(seed, offset + n * sample_stride + t_n * step_stride + j);
