@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -33,8 +34,8 @@ from . import diffusion, ops
 from ._progress import progress_bar
 from .checkpoint import CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
-from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0
-from .images import save_grid, to_uint8
+from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0, sample_sharded
+from .images import save_grid
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .train_checkpoints import ConfigMismatchError, TrainerCheckpoints
@@ -401,7 +402,7 @@ class Trainer(TrainerCheckpoints):
                 started = time.perf_counter()
                 # Every sample_every steps and at the last step (a run resumed to more steps
                 # then still has every multiple's grid).
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last) and self.rank == 0:
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):  # every rank: a share each
                     grid_of_last_step = self.out_dir / "samples" / f"step-{self.step:08d}.png"
                     self.sample_grid(grid_of_last_step)
                 if checkpoint:
@@ -415,11 +416,11 @@ class Trainer(TrainerCheckpoints):
                 f"so its final checkpoint was not written. {self._last_good_checkpoint()}: "
                 "lower the learning rate or check the data"
             )
-        if final_samples and self.rank == 0:
-            if grid_of_last_step is not None and self.step == cfg.steps:  # the same samples: not drawn twice
-                atomic_write(self.out_dir / "samples.png", lambda tmp: shutil.copyfile(grid_of_last_step, tmp))
-            else:
+        if final_samples:
+            if grid_of_last_step is None or self.step != cfg.steps:
                 self.sample_grid(self.out_dir / "samples.png")
+            elif self.rank == 0:  # the same samples: not drawn twice
+                atomic_write(self.out_dir / "samples.png", lambda tmp: shutil.copyfile(grid_of_last_step, tmp))
         return {"steps": self.step, "trained": self.step - first_step, "out_dir": str(self.out_dir)}
 
     def _check_ranks_agree(self, newest: Path | None) -> None:
@@ -451,16 +452,24 @@ class Trainer(TrainerCheckpoints):
         return records
 
     @torch.no_grad()
-    def sample_grid(self, path: str | os.PathLike) -> torch.Tensor:
-        """A grid of ``sample_count`` EMA samples (fixed seed, so grids compare over time)."""
+    def sample_grid(self, path: str | os.PathLike) -> np.ndarray | None:
+        """A grid of ``sample_count`` EMA samples (fixed seed, so grids compare
+        over time), written to ``path``; returns them, uint8 N x H x W x C.
+        Under DDP every rank calls it and draws a share: rank 0 alone drawing
+        them all kept the others waiting at the next collective, past its
+        timeout for a long chain on CPUs. Rank 0 writes the grid and returns
+        the samples, the others None."""
         images = self.dataset.images  # the data's shape: the model need not tell it (in_channels, image_size)
         sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
                           channels_last=self.config.channels_last, sample_shape=tuple(images.shape[1:]))
-        x = sampler.sample(self.config.sample_count, seed=self.config.seed, steps=self.config.sample_steps, progress=False)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(to_uint8(x), path)
-        return x
+        count = self.config.sample_count
+        drawn = sample_sharded(sampler, count, seed=self.config.seed, batch_size=count, steps=self.config.sample_steps,
+                               progress=False)
+        if drawn is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(drawn, path)
+        return drawn
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -432,3 +432,42 @@ def test_sample_sharded_checks_progress_on_every_rank():
     sampler = Sampler(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
     with pytest.raises(TypeError, match="progress must be a bool, got 'no'"):
         distributed.sample_sharded(sampler, 2, seed=0, batch_size=2, progress="no")
+
+
+def _grid_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A run with grids; each rank records the samples its Sampler drew."""
+    _join(rank, world, port)
+    failed = True
+    try:
+        real = Sampler.sample
+
+        def sample(self, n, **kwargs):
+            with open(Path(out) / f"drawn-{rank}.txt", "a") as f:
+                f.write(f"{kwargs.get('first_sample', 0)} {n}\n")
+            return real(self, n, **kwargs)
+
+        Sampler.sample = sample
+        trainer = make_trainer(Path(out) / "run", steps=2, sample_every=2, sample_count=5, sample_steps=3)
+        trainer.train(final_samples=True)
+        grid = trainer.sample_grid(Path(out) / "again.png")
+        if rank == 0:
+            np.save(Path(out) / "grid.npy", grid)
+        elif grid is not None:
+            raise AssertionError(f"sample_grid returned images on rank {rank}")
+        failed = False
+    finally:
+        _leave(failed)
+
+
+@pytest.mark.slow
+def test_every_rank_draws_a_share_of_the_grids(tmp_path):
+    """Rank 0 drew every grid alone while the others waited in the next
+    collective: for a long chain on CPUs past gloo's 30-minute timeout, which
+    crashed the run. Each rank now draws its share; the grid is one process's."""
+    _spawn_two_ranks(_grid_worker, str(tmp_path))
+    drawn = [(tmp_path / f"drawn-{rank}.txt").read_text().split("\n")[:-1] for rank in (0, 1)]
+    assert drawn == [["0 3"] * 2, ["3 2"] * 2]  # the step-2 grid (samples.png is its copy) and the one asked for
+    assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "samples" / "step-00000002.png").is_file()
+    single = make_trainer(tmp_path / "single", steps=2, sample_count=5, sample_steps=3)
+    single.train(final_samples=False)
+    _assert_same_images(np.load(tmp_path / "grid.npy"), single.sample_grid(tmp_path / "single.png"))
