@@ -175,7 +175,7 @@ _VARIANCE_DEFAULT = _Default("fixed_large")
 def _sample(args: argparse.Namespace) -> int:
     from . import distributed
     from .images import save_grid, save_npz
-    from .pretrained import load_model
+    from .pretrained import load_model, resolve_run_folder
     from .sampler import Sampler
 
     if args.eta is not None and args.variance is not _VARIANCE_DEFAULT:  # DDIM's variance is eta's: it would do nothing
@@ -184,7 +184,10 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         # before sampling: not after a whole run
         distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "samples.npz")))
-        model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
+        # Resolved on rank 0: each rank reading a run folder's newest checkpoint
+        # for itself loaded different models when training wrote one meanwhile.
+        checkpoint = distributed.run_on_rank0(lambda: resolve_run_folder(args.checkpoint))
+        model, schedule = load_model(checkpoint, weights=args.weights, device=device)
         dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
         if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
@@ -211,12 +214,15 @@ def _bpd(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import load_dataset
     from .evaluate import evaluate_bpd
-    from .pretrained import load_model
+    from .pretrained import load_model, resolve_run_folder
 
     device = distributed.setup(args.device)
     try:
         rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
-        model, schedule = load_model(args.checkpoint, weights=args.weights, device=device)
+        # Resolved on rank 0: each rank reading a run folder's newest checkpoint
+        # for itself loaded different models when training wrote one meanwhile.
+        checkpoint = distributed.run_on_rank0(lambda: resolve_run_folder(args.checkpoint))
+        model, schedule = load_model(checkpoint, weights=args.weights, device=device)
         if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
             model = model.to(memory_format=torch.channels_last)
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels, progress=rank == 0)

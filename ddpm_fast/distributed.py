@@ -17,7 +17,7 @@ import os
 import pickle
 import sys
 import weakref
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from ._progress import batch_of
 from .images import to_uint8
 from .ops._args import as_seed
 from .sampler import Sampler
+
+T = TypeVar("T")
 
 __all__ = ["setup", "teardown", "rank_and_world", "sample_sharded", "exit_process", "RankMismatchError",
            "check_ranks_agree", "run_on_rank0"]
@@ -72,15 +74,16 @@ def check_ranks_agree(what: str, value: Any, advice: str) -> None:
     raise RankMismatchError(f"the ranks differ in {what} ({shown}): {advice}")
 
 
-def run_on_rank0(check: Callable[[], None]) -> None:
-    """Run ``check`` on rank 0 alone and raise what it raised on every rank (the
-    others would otherwise wait at the run's first collective until a timeout,
-    and then print their own traceback). A collective: every rank calls it."""
+def run_on_rank0(check: Callable[[], T]) -> T:
+    """Run ``check`` on rank 0 alone and return its result on every rank, or
+    raise what it raised on every rank (the others would otherwise wait at the
+    run's first collective until a timeout, and then print their own
+    traceback). A collective: every rank calls it."""
     rank, world = rank_and_world()
-    error = None
+    error = result = None
     if rank == 0:
         try:
-            check()
+            result = check()
         except Exception as caught:  # noqa: BLE001 (raised again below, on every rank)
             error = caught
         if error is not None and world > 1:
@@ -89,11 +92,12 @@ def run_on_rank0(check: Callable[[], None]) -> None:
             except Exception:  # noqa: BLE001
                 error = RuntimeError(f"{type(error).__name__}: {error}")
     if world > 1:
-        shared = [error]
+        shared = [error, result]
         dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+        error, result = shared
     if error is not None:
         raise error
+    return result
 
 
 _joined = False  # whether setup() joined a process group in this process

@@ -80,6 +80,20 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     )
 
 
+def resolve_run_folder(path: str | os.PathLike) -> Path:
+    """The folder ``load_model(path)`` reads: a run folder's newest checkpoint
+    (``CheckpointError`` if it holds none), any other folder itself. Resolved
+    once, on rank 0, by the commands that load a model on several ranks: a
+    checkpoint written meanwhile would give ranks different models."""
+    folder = Path(path)
+    if not folder.is_dir() or (folder / "config.json").is_file() or (folder / "unet" / "config.json").is_file():
+        return folder
+    newest = latest_checkpoint(folder)
+    if newest is None:
+        raise CheckpointError(f"{folder} holds no checkpoint (no config.json and no checkpoint-* folder)")
+    return newest
+
+
 def load_model(
     path: str | os.PathLike, *, weights: str = "ema", device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, NoiseSchedule]:
@@ -100,11 +114,7 @@ def load_model(
         return model.to(device).eval(), _diffusers_schedule(folder)
     if (folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json"):
         return UNet.from_diffusers(folder).to(device).eval(), _diffusers_schedule(folder.parent, folder)
-    if not (folder / "config.json").is_file():  # a run folder: its newest checkpoint
-        newest = latest_checkpoint(folder)
-        if newest is None:
-            raise CheckpointError(f"{folder} holds no checkpoint (no config.json and no checkpoint-* folder)")
-        folder = newest
+    folder = resolve_run_folder(folder)
     config = _read_json(folder / "config.json")
     if "train" not in config:  # a UNet.save_pretrained folder
         return UNet.from_pretrained(folder, map_location=device).eval(), _assumed_schedule(folder)

@@ -471,3 +471,42 @@ def test_every_rank_draws_a_share_of_the_grids(tmp_path):
     single = make_trainer(tmp_path / "single", steps=2, sample_count=5, sample_steps=3)
     single.train(final_samples=False)
     _assert_same_images(np.load(tmp_path / "grid.npy"), single.sample_grid(tmp_path / "single.png"))
+
+
+def _sample_race_worker(rank: int, world: int, port: int, out: str) -> None:
+    """`ddpm-fast sample` on a run folder, with rank 1 finding an older newest
+    checkpoint, as when training writes a checkpoint while the ranks start."""
+    import ddpm_fast.pretrained as pretrained
+    from ddpm_fast.cli import main
+
+    _join(rank, world, port)
+    failed = True
+    try:
+        if rank == 1:
+            older = Path(out) / "run" / "checkpoint-00000002"
+            pretrained.latest_checkpoint = lambda folder: older
+        code = main(["sample", "--checkpoint", str(Path(out) / "run"), "--out", str(Path(out) / "two"), "-n", "2",
+                     "--steps", "4", "--batch-size", "1", "--weights", "model", "--device", "cpu"])
+        failed = code != 0
+    finally:
+        _leave(failed)
+
+
+@pytest.mark.slow
+def test_sample_ranks_load_the_checkpoint_rank_0_found(tmp_path):
+    """Each rank read the run's newest checkpoint itself: samples.npz mixed two
+    models when a checkpoint was written meanwhile, silently."""
+    from ddpm_fast.cli import main
+
+    data = tmp_path / "toy.npz"
+    save_toy_npz(data)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "tiny", "--steps", "4",
+                 "--batch-size", "8", "--timesteps", "20", "--checkpoint-every", "2", "--lr", "0.01", "--warmup", "1",
+                 "--device", "cpu"]) == 0
+    _spawn_two_ranks(_sample_race_worker, str(tmp_path))
+    for step in (4, 2):
+        assert main(["sample", "--checkpoint", str(tmp_path / "run" / f"checkpoint-0000000{step}"), "--out",
+                     str(tmp_path / f"one-{step}"), "-n", "2", "--steps", "4", "--weights", "model", "--device", "cpu"]) == 0
+    two, newest, older = (np.load(tmp_path / name / "samples.npz")["images"] for name in ("two", "one-4", "one-2"))
+    assert not np.array_equal(newest[1], older[1])  # the case tells the two checkpoints apart
+    _assert_same_images(two, newest)
