@@ -296,3 +296,9 @@ class TrainerCheckpoints:
             torch.set_rng_state(own["torch_rng"])
             if own["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(own["cuda_rng"], self.device)
+        elif self.world > 1:
+            # Written by another number of ranks (one process, say): every rank
+            # would go on from the same state and draw the same dropout masks.
+            # Each seeds its own from that state and its rank, reproducibly.
+            base = int(torch.randint(2**62, (1,)).item())
+            torch.manual_seed((base * 1_000_003 + self.rank + 1) % 2**63)

@@ -510,3 +510,23 @@ def test_sample_ranks_load_the_checkpoint_rank_0_found(tmp_path):
     two, newest, older = (np.load(tmp_path / name / "samples.npz")["images"] for name in ("two", "one-4", "one-2"))
     assert not np.array_equal(newest[1], older[1])  # the case tells the two checkpoints apart
     _assert_same_images(two, newest)
+
+
+def _resume_other_world_worker(rank: int, world: int, port: int, out: str) -> None:
+    _join(rank, world, port)
+    failed = True
+    try:
+        make_trainer(Path(out) / "run", steps=4, dropout=0.3).train(final_samples=False)
+        failed = False
+    finally:
+        _leave(failed)
+
+
+@pytest.mark.slow
+def test_ranks_resuming_a_single_process_run_draw_their_own_dropout(tmp_path):
+    """A checkpoint of one process holds one generator state: every rank
+    restored it and drew the same dropout masks from then on."""
+    make_trainer(tmp_path / "run", steps=2, dropout=0.3).train(final_samples=False)
+    _spawn_two_ranks(_resume_other_world_worker, str(tmp_path))
+    states = torch.load(tmp_path / "run" / "checkpoint-00000004" / "trainer.pt", weights_only=False)["rank_rng"]
+    assert not torch.equal(states[0]["torch_rng"], states[1]["torch_rng"])
