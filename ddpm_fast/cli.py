@@ -260,6 +260,8 @@ def _fid(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its ranks would each take the run folder's lock: one fails
+        raise UsageError("demo runs in one process: start it without torchrun (train, sample and bpd run distributed)")
     options.check_output_folder(args.out, files=("samples.png", "samples.npz", "loss.png"))
     try:
         summary = options.option_errors(run_demo)(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,

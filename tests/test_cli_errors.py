@@ -334,6 +334,16 @@ def test_demo_rerun_with_another_seed_says_to_use_another_out(tmp_path, capsys):
                    "(train.seed: 0 there, 1 now): rerun with its settings, or pass another --out")
 
 
+def test_the_demo_under_torchrun_says_it_runs_in_one_process(tmp_path, monkeypatch, capsys):
+    """Its ranks each took the run folder's lock: rank 1 reported another
+    process training there (its sibling), and torchrun then killed rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "1", "--samples", "2", "--sample-steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("ddpm-fast demo: error: demo runs in one process: start it without "
+                                               "torchrun (train, sample and bpd run distributed)")
+    assert not (tmp_path / "d").exists()
+
+
 def test_warnings_are_one_line(tiny_run, toy_npz):
     """Python's own format adds the file, line and source line of the warning."""
     argv = [sys.executable, "-m", "ddpm_fast", "train", "--data", str(toy_npz), "--out", str(tiny_run), "--model",
