@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -48,8 +49,17 @@ class RunFailed(Exception):
     reported in one line, exit status 1."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, a batch system ending a job, torchrun
+    stopping the ranks): handled as Ctrl-C is, exit status 143 (128 + 15)."""
+
+
 class Interrupted(Exception):
-    """Ctrl-C: reported in one line, exit status 130."""
+    """Ctrl-C or SIGTERM during a run: reported in one line, exit status 130 or 143."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ----------------------------------------------------------------- commands
@@ -111,9 +121,9 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
                           extra_config={"data": _data_record(args.data)})
         summary = trainer.train(resume=args.resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         distributed.teardown(failed=True)
-        raise Interrupted(_interrupted_run(args.out, trainer, args.resume)) from None
+        raise _interrupted_run(args.out, trainer, args.resume, stop) from None
     except NonFiniteLossError as error:
         distributed.teardown(failed=True)
         raise RunFailed(str(error)) from None
@@ -144,17 +154,36 @@ def _default_flip(args: argparse.Namespace) -> bool:
     return args.data != "digits"
 
 
-def _interrupted_run(out: str, trainer, resume: bool) -> str:
-    """What a Ctrl-C during training leaves: checkpoints are written whole or
-    not at all, so the newest one is intact and the same command resumes it."""
+def _interrupted_run(out: str, trainer, resume: bool, stop: KeyboardInterrupt) -> Interrupted:
+    """What a Ctrl-C (or SIGTERM) during training leaves: checkpoints are written
+    whole or not at all, so the newest one is intact and the same command resumes it."""
     from .checkpoint import latest_checkpoint
 
+    what, code = _stopped(stop)
     at = f" at step {trainer.step}" if trainer is not None else ""
     ckpt = latest_checkpoint(out)
     if ckpt is None:
-        return f"interrupted{at}, before the first checkpoint: nothing to resume in {out}"
+        return Interrupted(f"{what}{at}, before the first checkpoint: nothing to resume in {out}", code)
     again = "the same command" if resume else "the same command with --resume"
-    return f"interrupted{at}; the newest checkpoint, {ckpt}, is intact: run {again} to continue from it"
+    return Interrupted(f"{what}{at}; the newest checkpoint, {ckpt}, is intact: run {again} to continue from it", code)
+
+
+def _stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
+    return ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+
+
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    raise Terminated()
+
+
+def _catch_sigterm() -> object:
+    """Have SIGTERM raise Terminated; returns the handler it replaced to put
+    back after (None off the main thread, where signals cannot be set, and for
+    a handler set outside Python, which cannot be put back)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _data_record(spec: str) -> str:
@@ -266,8 +295,8 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         summary = options.option_errors(run_demo)(args.out, steps=args.steps, samples=args.samples, sample_steps=args.sample_steps,
                            seed=args.seed, progress=True)
-    except KeyboardInterrupt:
-        raise Interrupted(_interrupted_run(str(Path(args.out) / "run"), None, True)) from None
+    except KeyboardInterrupt as stop:
+        raise _interrupted_run(str(Path(args.out) / "run"), None, True, stop) from None
     print(summary)
     return 0
 
@@ -418,12 +447,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     showwarning = warnings.showwarning
     if not debug:  # one line per warning, as errors are, not Python's file:line and source line
         warnings.showwarning = lambda message, *rest, **kw: _show_warning(f"{prefix}: warning: {message}")
+    sigterm = _catch_sigterm()
     try:
         return args.run(args)
-    except (KeyboardInterrupt, Interrupted) as error:
+    except Interrupted as error:
         if debug:
             raise
-        message, code = f"{prefix}: {_one_line(error) if isinstance(error, Interrupted) else 'interrupted'}", 130
+        message, code = f"{prefix}: {_one_line(error)}", error.code
+    except KeyboardInterrupt as error:
+        if debug:
+            raise
+        what, code = _stopped(error)
+        message = f"{prefix}: {what}"
     except RunFailed as error:
         if debug:
             raise
@@ -441,6 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2
     finally:
         warnings.showwarning = showwarning
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     # Printed once the error and its frames are gone: a progress bar still open
     # in them (bits/dim, inception) closes then, on its own line, not after the message.
     sys.stderr.flush()

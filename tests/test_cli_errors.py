@@ -194,9 +194,36 @@ def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_run, tmp_path, monkeypat
     assert not (tmp_path / "s" / "samples.npz").exists()
 
 
-def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, toy_npz):
-    """A real SIGINT mid-run: exit status 130, one line naming the newest
-    checkpoint (it loads), and the same command resumes from it."""
+def test_sigterm_is_handled_as_ctrl_c_is_and_only_while_a_command_runs(tiny_run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, docker stop, a batch system) ended the process at once,
+    without a word; now one line and exit status 143. The handler is put back after."""
+    import os
+    import signal
+
+    from ddpm_fast import distributed
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the command")
+
+    def not_caught(signum, frame):  # else SIGTERM's default action would end the test run itself
+        pytest.fail("SIGTERM reached the handler from before the command: the command did not catch it")
+
+    monkeypatch.setattr(distributed, "sample_sharded", terminated)
+    before = signal.signal(signal.SIGTERM, not_caught)
+    try:
+        assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "s"), "-n", "2"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is not_caught
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err.strip() == "ddpm-fast sample: terminated (SIGTERM)"
+
+
+@pytest.mark.parametrize("sent, code, what", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, toy_npz, sent, code, what):
+    """A real SIGINT (or SIGTERM, which ended the process without a word)
+    mid-run: exit status 130 (143), one line naming the newest checkpoint (it
+    loads), and the same command resumes from it."""
     import os
     import signal
     import time
@@ -219,17 +246,17 @@ def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, toy_npz):
         deadline = time.monotonic() + 120
         while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, sent))
         _, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:  # never leave the run behind
             process.kill()
             process.wait()
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     ckpt = latest_checkpoint(out)
     assert "Traceback" not in err
-    assert last.startswith("ddpm-fast train: interrupted at step ")
+    assert last.startswith(f"ddpm-fast train: {what} at step ")
     assert last.endswith(f"the newest checkpoint, {ckpt}, is intact: run the same command to continue from it")
     for weights in ("ema", "model"):
         load_model(ckpt, weights=weights)  # loads: whole files, the right shapes
