@@ -99,7 +99,7 @@ def check_output_folder(path: str | os.PathLike, option: str = "--out", files: S
     try:
         handle, probe = tempfile.mkstemp(prefix=".ddpm-fast-probe-", dir=existing)
     except OSError as error:
-        raise UsageError(f"{option} {path}: {existing} is not writable ({error.strerror or error})") from None
+        raise UsageError(f"{option} {path}: no file can be created in {existing} ({error.strerror or error})") from None
     os.close(handle)
     os.unlink(probe)
 

@@ -51,7 +51,8 @@ def evaluate_bpd(
     depends on ``seed`` only, not on ``batch_size``.
     ``sharded``: in a joined process group (under torchrun), each rank evaluates
     a contiguous share of the images and every rank returns the whole result,
-    the same as one process's; a collective, so every rank must call it.
+    the same as one process's up to float rounding; a collective, so every
+    rank must call it.
     ``channels_last`` feeds the model channels_last batches; by default it
     follows the model's 4-d weights, as the Sampler's does. ``device``: where
     the images go and the noise is drawn; by default the model's (the CPU for
