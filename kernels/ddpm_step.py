@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from .checks import check_ddpm_step_args
 from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 from .rounding import to_element_type
 
@@ -94,6 +95,7 @@ def ddpm_step_triton_(
     out: torch.Tensor,
     model_input: Optional[torch.Tensor],
 ) -> None:
+    check_ddpm_step_args(x_t, eps, t, coefficients, noise, sample_stride, step_stride, out, model_input)
     numel = x_t.numel()
     if numel == 0:
         return

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from .checks import check_group_norm_args, check_group_norm_backward_args
 from .philox import launchable
 from .rounding import to_element_type
 
@@ -355,6 +356,7 @@ def group_norm_silu_triton(
     eps: float,
     act: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_group_norm_args(x, weight, bias, add, num_groups)
     n, c, s, channels_last = _layout(x)
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
@@ -408,7 +410,10 @@ def group_norm_silu_triton_backward(
     num_groups: int,
     act: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_group_norm_args(x, weight, bias, add, num_groups)
+    check_group_norm_backward_args(dy, x, mean, rstd, num_groups)
     n, c, s, channels_last = _layout(x)
+    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # as x: as read
     dx = torch.empty_like(x)
     col_a = torch.zeros((n, c), device=x.device, dtype=torch.float32)
     col_b = torch.zeros((n, c), device=x.device, dtype=torch.float32)

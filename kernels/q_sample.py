@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from .checks import check_q_sample_args
 from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 from .rounding import to_element_type
 
@@ -61,6 +62,7 @@ def q_sample_kernel(
 
 
 def _launch(x0, t, sqrt_ab, sqrt_1m_ab, noise: Optional[torch.Tensor], seed: int, offset: int, xt, eps) -> None:
+    check_q_sample_args(x0, t, sqrt_ab, sqrt_1m_ab, noise)
     numel = x0.numel()
     if numel == 0:
         return

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from .checks import check_randn_out
 from .philox import NOISE_ARGS, launchable, philox_normal, split_seed
 from .rounding import to_element_type
 
@@ -31,6 +32,7 @@ def fill_randn_kernel(
 
 @triton_op("ddpm_fast::fill_randn_triton_", mutates_args={"out"})
 def fill_randn_triton_(out: torch.Tensor, seed: int, offset: int, sample_stride: int = 0) -> None:
+    check_randn_out(out, sample_stride)
     numel = out.numel()
     if numel == 0:
         return

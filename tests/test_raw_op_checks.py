@@ -1,0 +1,143 @@
+"""The raw ops, called as torch.ops.ddpm_fast.* (the wrappers in ddpm_fast.ops
+check first, so only direct callers reach these): bad arguments are a
+RuntimeError naming them, from the Triton ops in the C++ ops' own words.
+
+The Triton ops checked nothing: an out shorter than x corrupted the heap
+(SIGABRT), an empty t segfaulted, noise of another shape was read past its
+end (values of 4e18), and a wrong dtype or layout silently gave garbage. On a
+GPU each would have been an illegal memory access or a wrong result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_fast import NoiseSchedule
+from conftest import requires_extension
+
+pytest.importorskip("triton")
+from ddpm_fast.ops import _backend  # noqa: E402
+
+S = NoiseSchedule("linear", timesteps=100)
+X = torch.randn(2, 3, 4, 5)
+CL = X.to(memory_format=torch.channels_last)
+T2 = torch.tensor([3, 7])
+SAB = S.sqrt_alphas_cumprod.float()
+S1M = S.sqrt_one_minus_alphas_cumprod.float()
+TABLE = S.step_table("fixed_large")
+
+
+def q_sample(x0=X, t=T2, sab=SAB, s1m=S1M, noise=None):
+    if noise is None:
+        return "q_sample_randn", (x0, t, sab, s1m, 1, 0)
+    return "q_sample", (x0, t, sab, s1m, noise)
+
+
+def ddpm_step(x=X, eps=None, t=T2, table=TABLE, noise=None, sample_stride=60, step_stride=0, out=None, mi=None):
+    eps = torch.randn_like(x) if eps is None else eps
+    out = torch.empty_like(x) if out is None else out
+    return "ddpm_step_", (x, eps, t, table, noise, 1, 0, sample_stride, step_stride, False, out, mi)
+
+
+def randn(out=torch.empty(2, 3), sample_stride=0):
+    return "fill_randn_", (out, 1, 0, sample_stride)
+
+
+def gn(x=X, weight=None, bias=None, add=None, groups=3):
+    return "group_norm_silu", (x, weight, bias, add, groups, 1e-5, True)
+
+
+def gn_backward(dy=X, x=X, mean=torch.zeros(2, 3), rstd=torch.ones(2, 3), groups=3):
+    return "group_norm_silu_backward", (dy, x, None, None, None, mean, rstd, groups, True)
+
+
+CASES = {
+    # q_sample
+    "noise-of-another-shape": (q_sample(noise=torch.randn(2, 3, 4, 4)), "noise has shape"),
+    "noise-of-another-dtype": (q_sample(noise=X.half()), "noise is Half but x0 is Float"),
+    "noise-in-another-layout": (q_sample(noise=torch.randn_like(CL)), "noise must have the memory format of x0"),
+    "empty-t": (q_sample(t=torch.tensor([], dtype=torch.long)), r"t must be a scalar or have one entry per sample \(2\), got shape \[0\]"),
+    "int32-t": (q_sample(t=T2.int()), "t must be int64"),
+    "2-d-t": (q_sample(t=T2.view(2, 1)), "t must be a scalar or have one entry per sample"),
+    "float64-x0": (q_sample(x0=X.double()), "x0 must be float32, float16 or bfloat16"),
+    "0-d-x0": (q_sample(x0=torch.tensor(1.0), t=torch.tensor(1)), "x0 must have a batch dimension"),
+    "transposed-x0": (q_sample(x0=X.transpose(2, 3)), "x0 must be contiguous or channels_last"),
+    "float64-table": (q_sample(sab=SAB.double()), "sqrt_alphas_cumprod must be a contiguous 1-d float32 table"),
+    "empty-table": (q_sample(sab=SAB[:0], s1m=S1M[:0]), "sqrt_alphas_cumprod is empty"),
+    "tables-of-two-lengths": (q_sample(s1m=S1M[:50]), "coefficient tables differ in length: 100 vs 50"),
+    # ddpm_step_
+    "short-out": (ddpm_step(out=torch.empty(1, 3, 4, 5)), "out has shape"),
+    "model-input-of-another-shape": (ddpm_step(mi=torch.empty(2, 3, 4)), "model_input has shape"),
+    "float64-model-input": (ddpm_step(mi=X.double()), "model_input must be float32, float16 or bfloat16"),
+    "transposed-model-input": (ddpm_step(mi=torch.randn(2, 3, 5, 4).transpose(2, 3)), "model_input must be contiguous or channels_last"),
+    "out-of-another-dtype": (ddpm_step(out=X.half()), "out is Half but x_t is Float"),
+    "eps-of-another-shape": (ddpm_step(eps=torch.randn(2, 3, 4, 4)), "eps has shape"),
+    "eps-in-another-layout": (ddpm_step(eps=torch.randn_like(CL)), "eps must have the memory format of x_t"),
+    "7-column-table": (ddpm_step(table=TABLE[:, :7].contiguous()), r"coefficients must be a contiguous float32 \(T, 8\) step table, got Float \[100, 7\]"),
+    "negative-stride": (ddpm_step(step_stride=-1), "noise strides must be >= 0"),
+    "step-noise-of-another-shape": (ddpm_step(noise=torch.randn(3, 3, 4, 5)), "noise has shape"),
+    "step-t-too-long": (ddpm_step(t=torch.tensor([1, 2, 3])), "t must be a scalar or have one entry per sample"),
+    # fill_randn_
+    "float64-randn-out": (randn(out=torch.empty(2, 3, dtype=torch.float64)), "randn output must be float32"),
+    "transposed-randn-out": (randn(out=torch.empty(3, 2).t()), "randn output must be contiguous"),
+    "negative-sample-stride": (randn(sample_stride=-1), "sample_stride must be >= 0"),
+    # group_norm_silu and its backward
+    "no-groups": (gn(groups=0), r"channels \(3\) must be divisible by num_groups \(0\)"),
+    "groups-not-dividing-channels": (gn(groups=2), r"channels \(3\) must be divisible by num_groups \(2\)"),
+    "weight-of-another-length": (gn(weight=torch.ones(4)), r"weight and bias must be contiguous of shape \(C,\)"),
+    "strided-bias": (gn(bias=torch.ones(6)[::2]), r"weight and bias must be contiguous of shape \(C,\)"),
+    "float64-weight": (gn(weight=torch.ones(3, dtype=torch.float64)), "weight/bias must be float32 or x's dtype"),
+    "add-of-another-shape": (gn(add=torch.ones(2, 4)), r"add must be contiguous of shape \(N, C\)"),
+    "1-d-x": (gn(x=torch.randn(6), groups=1), "x must be N x C x ..., got 1 dims"),
+    "transposed-x": (gn(x=X.transpose(2, 3)), "x must be contiguous or channels_last"),
+    "dy-of-another-shape": (gn_backward(dy=torch.randn(2, 3, 4, 4)), "dy must have x's shape and dtype"),
+    "mean-of-another-shape": (gn_backward(mean=torch.zeros(2, 4)), "mean and rstd must be the forward's"),
+    "float64-rstd": (gn_backward(rstd=torch.ones(2, 3, dtype=torch.float64)), "mean and rstd must be the forward's"),
+}
+
+
+TRITON_NAMES = {"q_sample_randn": "q_sample_randn_triton", "q_sample": "q_sample_triton",
+                "ddpm_step_": "ddpm_step_triton_", "fill_randn_": "fill_randn_triton_",
+                "group_norm_silu": "group_norm_silu_triton", "group_norm_silu_backward": "group_norm_silu_triton_backward"}
+
+
+def _triton(name: str):
+    _backend.load_triton_ops()
+    return getattr(torch.ops.ddpm_fast, TRITON_NAMES[name])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_ops_refuse_bad_arguments(case):
+    (name, args), message = CASES[case]
+    with pytest.raises(RuntimeError, match=f"^ddpm_fast: {message}"):
+        _triton(name)(*args)
+
+
+@requires_extension
+@pytest.mark.parametrize("case", CASES)
+def test_the_cpp_ops_refuse_them_in_the_same_words(case):
+    (name, args), message = CASES[case]
+    with pytest.raises(RuntimeError, match=f"ddpm_fast: {message}"):
+        getattr(torch.ops.ddpm_fast, name)(*args)
+
+
+def test_a_triton_step_refuses_an_out_partially_over_its_input():
+    """In place (out is x_t) stays allowed; an out shifted over x_t would be
+    read after other programs wrote it."""
+    buf = torch.randn(2 * 60 + 8)
+    x, shifted = buf[:120].view(2, 3, 4, 5), buf[8:].view(2, 3, 4, 5)
+    step = _triton("ddpm_step_")
+    with pytest.raises(ValueError, match="out partially overlaps x_t"):
+        step(*ddpm_step(x=x, out=shifted)[1])
+    step(*ddpm_step(x=x, out=x)[1])
+
+
+def test_a_triton_backward_takes_dy_in_either_layout():
+    """As the C++ backward does: dy is read in x's memory order."""
+    x = CL.clone()
+    y, mean, rstd = _triton("group_norm_silu")(x, None, None, None, 3, 1e-5, True)
+    dy = torch.randn(x.shape)  # contiguous, x channels_last
+    backward = _triton("group_norm_silu_backward")
+    got = backward(dy, x, None, None, None, mean, rstd, 3, True)[0]
+    want = backward(dy.contiguous(memory_format=torch.channels_last), x, None, None, None, mean, rstd, 3, True)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
