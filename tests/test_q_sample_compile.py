@@ -105,6 +105,39 @@ def test_compiled_reference_refuses_out_of_range_cpu_timesteps(op):
         compiled(x, torch.tensor([5, 1500]))
 
 
+_REFERENCE_UNDER_INDUCTOR = """
+import functools, torch
+from ddpm_fast import NoiseSchedule, ops
+S = NoiseSchedule("linear")
+
+def noisy(x, t, seed):
+    xt, eps = ops.q_sample(x, t, S, seed=seed, backend="reference")
+    return xt, eps, ops.ddpm_step(x, eps, t, S, seed=seed, backend="reference")
+
+x, t = torch.randn(2, 3, 4, 5), torch.tensor([3, 700])
+for seed in (1, (1 << 63) + 5):
+    compiled = torch.compile(functools.partial(noisy, seed=seed), fullgraph=True)  # inductor
+    for got, want in zip(compiled(x, t), noisy(x, t, seed)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+"""
+
+
+def test_inductor_compiles_the_reference_noise_quickly_and_alike():
+    """Inductor inlined the 10 Philox rounds into one expression rebuilt at
+    every use: this compile had not ended after 7 minutes (now a few seconds;
+    in a process of its own, so that a regression fails rather than hangs).
+    Seeds at and above 2^63 pass to the op as their int64 bits."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _REFERENCE_UNDER_INDUCTOR], capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("inductor did not compile the reference noise in 240 s")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("seed", [5, 1, 1 << 32], ids=["seed-5", "seed-1", "seed-high-half-1"])

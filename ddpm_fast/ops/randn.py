@@ -64,6 +64,25 @@ def philox4x32_reference(seed: int, counter: torch.Tensor) -> list[torch.Tensor]
 
 def normal_reference(seed: int, counter: torch.Tensor) -> torch.Tensor:
     """The stream's float32 normals at the int64 counters ``counter`` (any shape)."""
+    if torch.compiler.is_compiling():
+        # Inductor inlines each op into its readers, so the 10 rounds became one
+        # expression rebuilt at every use of every word: a compile of q_sample
+        # on this backend had not ended after 7 minutes. One opaque op instead.
+        return torch.ops.ddpm_fast.normal_reference(seed - (1 << 64) if seed >= 1 << 63 else seed, counter)
+    return _normal(seed, counter)
+
+
+@torch.library.custom_op("ddpm_fast::normal_reference", mutates_args=())
+def _normal_op(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    return _normal(seed, counter)
+
+
+@_normal_op.register_fake
+def _normal_fake(seed: int, counter: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(counter, dtype=torch.float32)
+
+
+def _normal(seed: int, counter: torch.Tensor) -> torch.Tensor:
     c0, c1, _, _ = philox4x32_reference(seed, counter)
     u1 = torch.clamp_min(_uniform(c0), torch.tensor(1.0e-7, dtype=torch.float32))
     u2 = _uniform(c1)
