@@ -124,12 +124,10 @@ def group_norm_silu(
         # auto on a GPU: no GPU kernel takes float64 (a gradcheck, a float64
         # model), and the reference computes it in float64 there.
         which = "reference"
-    if (which in ("cuda", "triton") or x.dtype != torch.float64) and eps < _FLOAT32_TINIEST:
-        # The GPU kernels take eps as float32, and every backend computes a
-        # float32 (or half) x's statistics in float32: there eps would be 0,
-        # and a constant group's rsqrt(0) NaN. A float64 x on the CPU keeps it.
-        where = f"on the {which} backend" if which in ("cuda", "triton") else f"for {x.dtype} x"
-        raise ValueError(f"{_OP}: eps must be representable in float32 (at least about 1.4e-45) {where}, got {eps!r}")
+    if which in ("cuda", "triton") and eps < _FLOAT32_TINIEST:
+        # The GPU kernels take eps as float32, where it would be 0: rsqrt(0) on
+        # a constant group (the CPU kernel and the reference take a double).
+        raise ValueError(f"{_OP}: eps must be representable in float32 (at least about 1.4e-45) on the {which} backend, got {eps!r}")
     if which == "reference":  # in the layout the kernels give (5-d channels_last_3d x: contiguous y)
         y = _reference(x, int(num_groups), weight, bias, float(eps), add, act)
         return _args.kernel_layout(y) if x.dim() == 4 else y.contiguous()
