@@ -141,3 +141,20 @@ def test_a_triton_backward_takes_dy_in_either_layout():
     got = backward(dy, x, None, None, None, mean, rstd, 3, True)[0]
     want = backward(dy.contiguous(memory_format=torch.channels_last), x, None, None, None, mean, rstd, 3, True)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_a_checked_triton_step_still_traces_with_fake_tensors(mode):
+    """The overlap check read data pointers, which a fake tensor has none of:
+    make_fx (and, on torch 2.11, torch.compile's fake run) failed there."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    step = _triton("ddpm_step_")
+
+    def call(x, eps, t, table, out):
+        step(x, eps, t, table, None, 1, 0, 60, 0, False, out, None)
+        return out
+
+    graph = make_fx(call, tracing_mode=mode)(X, torch.randn_like(X), T2, TABLE, torch.empty_like(X))
+    x, eps = torch.randn_like(X), torch.randn_like(X)
+    torch.testing.assert_close(graph(x, eps, T2, TABLE, torch.empty_like(x)), call(x, eps, T2, TABLE, torch.empty_like(x)))
