@@ -14,7 +14,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn, Sequence
 
 import torch
 
@@ -23,6 +23,9 @@ from .checkpoint import CheckpointError
 from . import cli_options as options
 from .cli_options import UsageError
 from .ops import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from .schedules import NoiseSchedule
 
 MODELS = ("tiny", "small", "cifar10")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)  # the model's initial weights (and the dropout after them), as the demo
         model = _build_model(args, dataset.channels, dataset.image_size)
         if world > 1:  # each rank its own dropout masks (with one seed, every rank drew the same ones)
-            torch.manual_seed((args.seed * 1_000_003 + rank + 1) % 2**63)
+            torch.manual_seed(distributed.rank_seed(args.seed, rank))
         trainer = Trainer(model, dataset, schedule, config, args.out, device=device,
                           extra_config={"data": _data_record(args.data)})
         summary = trainer.train(resume=args.resume)
@@ -173,14 +176,21 @@ def _stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    # A second SIGTERM ends the process at once, as before: the handler runs
+    # only between Python bytecodes, so a rank stuck in a collective (a dead
+    # peer) would otherwise ignore every further one.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
 def _catch_sigterm() -> object:
-    """Have SIGTERM raise Terminated; returns the handler it replaced to put
-    back after (None off the main thread, where signals cannot be set, and for
-    a handler set outside Python, which cannot be put back)."""
+    """Have SIGTERM raise Terminated; returns the handler it replaced, to put
+    back after. None where it sets none: off the main thread (signals cannot
+    be set there) or where the handler was set outside Python (it could not be
+    put back)."""
     try:
+        if signal.getsignal(signal.SIGTERM) is None:
+            return None
         return signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread
         return None
@@ -204,7 +214,6 @@ _VARIANCE_DEFAULT = _Default("fixed_large")
 def _sample(args: argparse.Namespace) -> int:
     from . import distributed
     from .images import save_grid, save_npz
-    from .pretrained import load_model, resolve_run_folder
     from .sampler import Sampler
 
     if args.eta is not None and args.variance is not _VARIANCE_DEFAULT:  # DDIM's variance is eta's: it would do nothing
@@ -213,10 +222,7 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         # before sampling: not after a whole run
         distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "samples.npz")))
-        # Resolved on rank 0: each rank reading a run folder's newest checkpoint
-        # for itself loaded different models when training wrote one meanwhile.
-        checkpoint = distributed.run_on_rank0(lambda: resolve_run_folder(args.checkpoint))
-        model, schedule = load_model(checkpoint, weights=args.weights, device=device)
+        model, schedule = _load_on_every_rank(args, device)
         dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
         if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
@@ -239,19 +245,26 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_on_every_rank(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, NoiseSchedule]:
+    """--checkpoint's model and schedule. A run folder's newest checkpoint is
+    resolved on rank 0: each rank reading it for itself loaded different models
+    when training wrote one meanwhile."""
+    from . import distributed
+    from .pretrained import load_model, resolve_run_folder
+
+    checkpoint = distributed.run_on_rank0(lambda: resolve_run_folder(args.checkpoint))
+    return load_model(checkpoint, weights=args.weights, device=device)
+
+
 def _bpd(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import load_dataset
     from .evaluate import evaluate_bpd
-    from .pretrained import load_model, resolve_run_folder
 
     device = distributed.setup(args.device)
     try:
         rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
-        # Resolved on rank 0: each rank reading a run folder's newest checkpoint
-        # for itself loaded different models when training wrote one meanwhile.
-        checkpoint = distributed.run_on_rank0(lambda: resolve_run_folder(args.checkpoint))
-        model, schedule = load_model(checkpoint, weights=args.weights, device=device)
+        model, schedule = _load_on_every_rank(args, device)
         if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
             model = model.to(memory_format=torch.channels_last)
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels, progress=rank == 0)

@@ -51,12 +51,14 @@ class ImageDataset(torch.utils.data.Dataset):
     ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
     float32 x / 127.5 - 1. ``labels`` is an int64 tensor of N class labels or
     None. ``images`` may be a numpy array too; either is kept, not copied (a
-    read-only array is copied)."""
+    read-only or flipped array, with negative strides, is copied)."""
 
     def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
                  labels: torch.Tensor | None = None) -> None:
         if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-            images = torch.from_numpy(images if images.flags.writeable else images.copy())  # torch warns of sharing one
+            # Copied where torch cannot share it: read-only (torch warns) or with negative strides (flipped).
+            shareable = images.flags.writeable and all(stride >= 0 for stride in images.strides)
+            images = torch.from_numpy(images if shareable else images.copy())
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, (torch.Tensor, np.ndarray))
                    else f"a {type(images).__name__}")

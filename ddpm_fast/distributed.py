@@ -53,6 +53,12 @@ class RankMismatchError(ValueError):
     deadlock, or train on a mix): raised on every rank alike."""
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of rank ``rank``'s own from one shared ``seed``: each rank's
+    generator then draws its own dropout masks."""
+    return (seed * 1_000_003 + rank + 1) % 2**63
+
+
 def check_ranks_agree(what: str, value: Any, advice: str) -> None:
     """Raise ``RankMismatchError`` on every rank unless all ranks hold an equal
     ``value`` (for dicts the message names the keys that differ). A collective:
@@ -86,6 +92,11 @@ def run_on_rank0(check: Callable[[], T]) -> T:
             result = check()
         except Exception as caught:  # noqa: BLE001 (raised again below, on every rank)
             error = caught
+        if error is None and world > 1:
+            try:  # the broadcast pickles it too
+                pickle.dumps(result)
+            except Exception as caught:  # noqa: BLE001
+                error, result = RuntimeError(f"rank 0's result cannot be sent to the other ranks: {caught}"), None
         if error is not None and world > 1:
             try:  # the broadcast pickles it: one that cannot be would leave the others waiting
                 pickle.dumps(error)

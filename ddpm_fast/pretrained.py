@@ -16,7 +16,7 @@ from .checkpoint import CheckpointError, latest_checkpoint
 from .models.serialization import float32_on_cpu, load_safetensors, load_state_dict_checked
 from .schedules import NoiseSchedule
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "resolve_run_folder"]
 
 
 def _read_json(path: Path) -> dict:

@@ -136,6 +136,8 @@ class Trainer(TrainerCheckpoints):
         if floats - {torch.float32}:  # the recipe's master weights are float32 (precision= sets autocast)
             raise TypeError(f"the Trainer trains float32 parameters (precision= chooses the autocast dtype), "
                             f"got {sorted(map(str, floats))}: call model.float() first")
+        if not any(p.requires_grad for p in model.parameters()):  # (torch's errors: DDP's, the optimizer's empty list)
+            raise ValueError("the model has no trainable parameters (none, or all requires_grad=False)")
         self.model = model.to(self.device)
         try:  # written into every checkpoint: refused now, not at the first one after hours of training
             json.dumps(self.run_config())
@@ -153,8 +155,6 @@ class Trainer(TrainerCheckpoints):
         if self.config.compile:  # the DDP wrapper too, as torch advises: its gradient hooks stay in place
             self.net = torch.compile(self.net)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:  # torch's own error names an empty list, not the model
-            raise ValueError("the model has no trainable parameters (none, or all requires_grad=False)")
         optim = torch.optim.AdamW if self.config.weight_decay > 0 else torch.optim.Adam
         # The fused kernel: one call per step instead of a dozen small ops per
         # parameter (the demo's 144 tensors: 7.9 -> 1.8 ms a step on the CPU).

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, write_checkpoint
+from .distributed import rank_seed
 from .images import plot_curve
 from .models.serialization import load_safetensors, load_state_dict_checked
 from .train_config import RESUMABLE_CHANGES
@@ -301,4 +302,4 @@ class TrainerCheckpoints:
             # would go on from the same state and draw the same dropout masks.
             # Each seeds its own from that state and its rank, reproducibly.
             base = int(torch.randint(2**62, (1,)).item())
-            torch.manual_seed((base * 1_000_003 + self.rank + 1) % 2**63)
+            torch.manual_seed(rank_seed(base, self.rank))

@@ -159,6 +159,6 @@ def check_group_norm_backward_args(dy: torch.Tensor, x: torch.Tensor, mean: torc
     for stat in (mean, rstd):
         _check(stat.dim() == 2 and stat.shape[0] == x.shape[0] and stat.shape[1] == num_groups
                and stat.is_contiguous() and stat.dtype == torch.float32,
-               "mean and rstd must be the forward's contiguous float32 (N, G) = (", x.shape[0], ", ", num_groups,
+               "mean and rstd must be the forward's contiguous ", torch.float32, " (N, G) = (", x.shape[0], ", ", num_groups,
                ") statistics, got ", tuple(stat.shape), " ", stat.dtype)
         _check(stat.device == x.device, "mean/rstd are on ", stat.device, " but x is on ", x.device)

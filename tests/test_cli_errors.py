@@ -219,6 +219,22 @@ def test_sigterm_is_handled_as_ctrl_c_is_and_only_while_a_command_runs(tiny_run,
     assert capsys.readouterr().err.strip() == "ddpm-fast sample: terminated (SIGTERM)"
 
 
+def test_a_second_sigterm_ends_the_process_at_once():
+    """The handler runs only between bytecodes: a rank stuck in a collective
+    would ignore every further SIGTERM if the first left it installed."""
+    import signal
+
+    from ddpm_fast.cli import Terminated, _raise_terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Terminated):
+            _raise_terminated(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("sent, code, what", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
 def test_ctrl_c_in_train_names_the_intact_checkpoint(tmp_path, toy_npz, sent, code, what):
     """A real SIGINT (or SIGTERM, which ended the process without a word)

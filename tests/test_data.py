@@ -168,6 +168,8 @@ def test_image_dataset_keeps_a_numpy_array_as_it_keeps_a_tensor():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ImageDataset(array)[1].min() == 1.0
+    flipped = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 3)[..., ::-1].transpose(0, 3, 1, 2)  # BGR to RGB
+    assert torch.equal(ImageDataset(flipped).images, torch.from_numpy(flipped.copy()))  # torch refuses to share it
     with pytest.raises(ValueError, match=r"got 8 \(shape \(4, 8, 8, 3\)\) \(channels last, N x H x W x C\? then permute"):
         ImageDataset(np.zeros((4, 8, 8, 3), np.uint8))
 

@@ -403,6 +403,11 @@ def _rank0_check_worker(rank: int, world: int, port: int, out: str) -> None:
             messages.append("passed")
         except Exception as caught:  # noqa: BLE001
             messages.append(f"{type(caught).__name__}: {caught}")
+    messages.append(f"result: {distributed.run_on_rank0(lambda: f'found on rank {rank}')}")
+    try:  # a result pickle cannot take: an error on every rank, not rank 0's alone with the others waiting
+        distributed.run_on_rank0(lambda: lambda: None)
+    except RuntimeError as caught:
+        messages.append(str(caught).split(":")[0])
     (Path(out) / f"error{rank}").write_text("\n".join(messages))
     _leave(failed=False)
 
@@ -413,7 +418,8 @@ def test_run_on_rank0_raises_rank_0s_error_on_every_rank(tmp_path):
     _spawn_two_ranks(_rank0_check_worker, str(tmp_path))
     for rank in (0, 1):  # an error pickle cannot take reaches the others as a RuntimeError naming it
         assert (tmp_path / f"error{rank}").read_text().splitlines() == [
-            "ValueError: --out is bad (checked on rank 0)", "RuntimeError: _Unpicklable: no pickle"]
+            "ValueError: --out is bad (checked on rank 0)", "RuntimeError: _Unpicklable: no pickle",
+            "result: found on rank 0", "rank 0's result cannot be sent to the other ranks"]
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8), (3, 8), None])

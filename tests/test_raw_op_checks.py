@@ -91,7 +91,7 @@ CASES = {
     "1-d-x": (gn(x=torch.randn(6), groups=1), "x must be N x C x ..., got 1 dims"),
     "transposed-x": (gn(x=X.transpose(2, 3)), "x must be contiguous or channels_last"),
     "dy-of-another-shape": (gn_backward(dy=torch.randn(2, 3, 4, 4)), "dy must have x's shape and dtype"),
-    "mean-of-another-shape": (gn_backward(mean=torch.zeros(2, 4)), "mean and rstd must be the forward's"),
+    "mean-of-another-shape": (gn_backward(mean=torch.zeros(2, 4)), r"mean and rstd must be the forward's contiguous Float \(N, G\) = \(2, 3\) statistics, got \[2, 4\] Float"),
     "float64-rstd": (gn_backward(rstd=torch.ones(2, 3, dtype=torch.float64)), "mean and rstd must be the forward's"),
 }
 
