@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ from . import __version__
 from .checkpoint import CheckpointError
 from . import cli_options as options
 from .cli_options import UsageError
+from .cli_signals import catch_sigterm, restore_sigterm, stopped
 from .ops import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -50,11 +50,6 @@ def _sample_dtype(choice: str, device: torch.device) -> torch.dtype:
 class RunFailed(Exception):
     """A run that stopped on its own, for a reason it states (non-finite losses):
     reported in one line, exit status 1."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, ``docker stop``, a batch system ending a job, torchrun
-    stopping the ranks): handled as Ctrl-C is, exit status 143 (128 + 15)."""
 
 
 class Interrupted(Exception):
@@ -162,38 +157,13 @@ def _interrupted_run(out: str, trainer, resume: bool, stop: KeyboardInterrupt) -
     whole or not at all, so the newest one is intact and the same command resumes it."""
     from .checkpoint import latest_checkpoint
 
-    what, code = _stopped(stop)
+    what, code = stopped(stop)
     at = f" at step {trainer.step}" if trainer is not None else ""
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return Interrupted(f"{what}{at}, before the first checkpoint: nothing to resume in {out}", code)
     again = "the same command" if resume else "the same command with --resume"
     return Interrupted(f"{what}{at}; the newest checkpoint, {ckpt}, is intact: run {again} to continue from it", code)
-
-
-def _stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
-    return ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
-
-
-def _raise_terminated(signum: int, frame: object) -> NoReturn:
-    # A second SIGTERM ends the process at once, as before: the handler runs
-    # only between Python bytecodes, so a rank stuck in a collective (a dead
-    # peer) would otherwise ignore every further one.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated()
-
-
-def _catch_sigterm() -> object:
-    """Have SIGTERM raise Terminated; returns the handler it replaced, to put
-    back after. None where it sets none: off the main thread (signals cannot
-    be set there) or where the handler was set outside Python (it could not be
-    put back)."""
-    try:
-        if signal.getsignal(signal.SIGTERM) is None:
-            return None
-        return signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        return None
 
 
 def _data_record(spec: str) -> str:
@@ -460,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     showwarning = warnings.showwarning
     if not debug:  # one line per warning, as errors are, not Python's file:line and source line
         warnings.showwarning = lambda message, *rest, **kw: _show_warning(f"{prefix}: warning: {message}")
-    sigterm = _catch_sigterm()
+    sigterm = catch_sigterm()
     try:
         return args.run(args)
     except Interrupted as error:
@@ -470,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         if debug:
             raise
-        what, code = _stopped(error)
+        what, code = stopped(error)
         message = f"{prefix}: {what}"
     except RunFailed as error:
         if debug:
@@ -489,8 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2
     finally:
         warnings.showwarning = showwarning
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
+        restore_sigterm(sigterm)
     # Printed once the error and its frames are gone: a progress bar still open
     # in them (bits/dim, inception) closes then, on its own line, not after the message.
     sys.stderr.flush()

@@ -224,7 +224,7 @@ def test_a_second_sigterm_ends_the_process_at_once():
     would ignore every further SIGTERM if the first left it installed."""
     import signal
 
-    from ddpm_fast.cli import Terminated, _raise_terminated
+    from ddpm_fast.cli_signals import Terminated, _raise_terminated
 
     before = signal.getsignal(signal.SIGTERM)
     try:
