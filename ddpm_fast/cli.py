@@ -270,9 +270,10 @@ def _fid(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from . import distributed
     from .demo import run_demo
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its ranks would each take the run folder's lock: one fails
+    if distributed.launched_world_size() > 1:  # its ranks would each take the run folder's lock: one fails
         raise UsageError("demo runs in one process: start it without torchrun (train, sample and bpd run distributed)")
     options.check_output_folder(args.out, files=("samples.png", "samples.npz", "loss.png"))
     try:

@@ -114,10 +114,15 @@ def run_on_rank0(check: Callable[[], T]) -> T:
 _joined = False  # whether setup() joined a process group in this process
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun launched (its WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: str | None = None) -> torch.device:
     """Join the process group if launched by torchrun; return this rank's device."""
     global _joined
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     want_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if world > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))

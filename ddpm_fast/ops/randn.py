@@ -68,7 +68,9 @@ def normal_reference(seed: int, counter: torch.Tensor) -> torch.Tensor:
         # Inductor inlines each op into its readers, so the 10 rounds became one
         # expression rebuilt at every use of every word: a compile of q_sample
         # on this backend had not ended after 7 minutes. One opaque op instead.
-        return torch.ops.ddpm_fast.normal_reference(seed - (1 << 64) if seed >= 1 << 63 else seed, counter)
+        # The op's int is int64: any int seed, as its low 64 bits (the key), in as_seed's signed form.
+        key = _args.as_seed(seed & (_args.UINT64 - 1), "normal_reference")
+        return torch.ops.ddpm_fast.normal_reference(key, counter)
     return _normal(seed, counter)
 
 
