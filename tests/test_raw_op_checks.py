@@ -93,6 +93,15 @@ CASES = {
     "dy-of-another-shape": (gn_backward(dy=torch.randn(2, 3, 4, 4)), "dy must have x's shape and dtype"),
     "mean-of-another-shape": (gn_backward(mean=torch.zeros(2, 4)), r"mean and rstd must be the forward's contiguous Float \(N, G\) = \(2, 3\) statistics, got \[2, 4\] Float"),
     "float64-rstd": (gn_backward(rstd=torch.ones(2, 3, dtype=torch.float64)), "mean and rstd must be the forward's"),
+    # One argument on the meta device: the call dispatches to the op's fake,
+    # which returned uninitialized memory on x's device for the C++ ops.
+    "meta-t": (q_sample(t=T2.to("meta")), "t is on meta but"),
+    "meta-table": (q_sample(sab=SAB.to("meta"), noise=X), "sqrt_alphas_cumprod is on meta but"),
+    "meta-noise": (q_sample(noise=X.to("meta")), "noise is on meta but x0 is on cpu"),
+    "meta-step-eps": (ddpm_step(eps=X.to("meta")), "eps is on meta but x_t is on cpu"),
+    "meta-step-out": (ddpm_step(out=X.to("meta")), "out is on meta but x_t is on cpu"),
+    "meta-add": (gn(add=torch.ones(2, 3, device="meta")), "add is on meta but x is on cpu"),
+    "meta-dy": (gn_backward(dy=X.to("meta")), "dy is on meta but x is on cpu"),
 }
 
 

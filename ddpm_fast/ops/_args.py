@@ -38,6 +38,16 @@ def check_same_device(x: torch.Tensor, ref: torch.Tensor, name: str, ref_name: s
         raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
+def check_fake_devices(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """For the fake (meta) implementations of the C++ ops. A call with one
+    tensor on the meta device and the others real dispatches to the fake, which
+    would return uninitialized memory on the real device: refuse it as the C++
+    ops refuse mixed devices (RuntimeError, their words)."""
+    for name, v in others.items():
+        if v is not None and v.device != ref.device:
+            raise RuntimeError(f"ddpm_fast: {name} is on {v.device} but {ref_name} is on {ref.device}")
+
+
 def check_param(p: object, name: str, shape: tuple[int, ...], x: torch.Tensor, op: str, what: str = "") -> torch.Tensor:
     """A per-channel (or per-sample-and-channel) float tensor of exactly ``shape`` on x's device."""
     if not isinstance(p, torch.Tensor):

@@ -191,12 +191,14 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("ddpm_fast::group_norm_silu")
     def _fake(x, weight, bias, add, num_groups, eps, act):
+        _args.check_fake_devices("x", x, weight=weight, bias=bias, add=add)
         stat = torch.float64 if x.dtype == torch.float64 else torch.float32
         n, g = x.shape[0], num_groups
         return torch.empty_like(x), x.new_empty((n, g), dtype=stat), x.new_empty((n, g), dtype=stat)
 
     @torch.library.register_fake("ddpm_fast::group_norm_silu_backward")
     def _fake_backward(dy, x, weight, bias, add, mean, rstd, num_groups, act):
+        _args.check_fake_devices("x", x, dy=dy, weight=weight, bias=bias, add=add, mean=mean, rstd=rstd)
         c = x.shape[1]
         return (
             torch.empty_like(x),
