@@ -126,6 +126,10 @@ class Trainer(TrainerCheckpoints):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():  # now, not at the first checkpoint
             raise NotADirectoryError(f"the Trainer's out_dir {str(self.out_dir)!r} is a file, not a folder")
+        grids = self.out_dir / "samples"
+        if self.config.sample_every and grids.exists() and not grids.is_dir():  # else found at the first grid, its steps lost
+            raise NotADirectoryError(f"{str(grids)!r} is a file, but the sample grids go into a folder of that name "
+                                     "(sample_every > 0): move it away")
         self.progress = progress
         self.dataset = dataset
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device

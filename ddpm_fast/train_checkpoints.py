@@ -64,8 +64,7 @@ class TrainerCheckpoints:
         damaged = []
         for path in [newest, *older]:
             try:
-                self.check_resumable(path)
-                self.load_checkpoint(path)
+                self.load_checkpoint(path)  # refuses another run's (ConfigMismatchError) first
             except ConfigMismatchError:
                 if path == newest:
                     raise
@@ -250,12 +249,15 @@ class TrainerCheckpoints:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore model, EMA, optimizer, schedules, step and RNG state from a
-        checkpoint folder, and cut the log back to that step."""
+        checkpoint folder, and cut the log back to that step. A checkpoint of
+        another model or recipe is refused first (``check_resumable``): its
+        optimizer state would bring its own learning rate and betas along."""
         path = Path(path)
         needed = ("model.safetensors", "ema.safetensors", "trainer.pt", "config.json")
         missing = [name for name in needed if not (path / name).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
+        self.check_resumable(path)
         name = "trainer.pt"
         try:
             state = torch.load(path / name, map_location="cpu", weights_only=True)
@@ -274,7 +276,7 @@ class TrainerCheckpoints:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise CheckpointError(f"cannot load checkpoint {path}: trainer.pt: {type(error).__name__}: {reason}") from error
         self._nonfinite_in_row = 0
-        if self.rank == 0:
+        if self.rank == 0 and (self.out_dir / "log.jsonl").is_file():  # no run folder yet: no log to cut
             kept = [r for r in self.read_log() if r["step"] <= self.step]
             atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 

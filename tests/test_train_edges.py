@@ -126,3 +126,33 @@ def test_a_config_a_model_without_parameters_or_a_file_as_out_dir_is_refused_whe
     with pytest.raises(NotADirectoryError, match="out_dir '.*/c' is a file, not a folder"):
         Trainer(TinyEps(), toy_dataset(), schedule, config, tmp_path / "c", device="cpu")
     Trainer(TinyEps(), toy_dataset(), schedule, config, tmp_path / "d", device="cpu")  # a new folder is fine
+
+
+def test_a_file_named_samples_is_refused_when_made_if_grids_are_drawn(tmp_path):
+    """The grids go into out_dir/samples/: a file there was found at the first
+    grid, after sample_every steps of training, whose checkpoint was then lost."""
+    schedule = NoiseSchedule("linear", timesteps=100)
+    (tmp_path / "samples").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="samples' is a file, but the sample grids go into a folder"):
+        Trainer(TinyEps(), toy_dataset(), schedule, TrainConfig(batch_size=8, sample_every=2), tmp_path, device="cpu")
+    Trainer(TinyEps(), toy_dataset(), schedule, TrainConfig(batch_size=8, sample_every=0), tmp_path, device="cpu")
+
+
+def test_load_checkpoint_refuses_another_recipe(tmp_path):
+    """Called directly, load_checkpoint skipped the config check: the other
+    run's optimizer state brought its learning rate along (training at 5e-2
+    while every config.json written said 1e-3)."""
+    make_trainer(tmp_path / "other", steps=2, lr=5e-2).train(final_samples=False)
+    mine = make_trainer(tmp_path / "mine", steps=4)
+    with pytest.raises(ConfigMismatchError, match="train.lr: 0.05 there, 0.001 now"):
+        mine.load_checkpoint(latest_checkpoint(tmp_path / "other"))
+    assert mine.step == 0 and mine.optimizer.param_groups[0]["lr"] != 5e-2
+
+
+def test_load_checkpoint_into_a_trainer_whose_out_dir_does_not_exist_yet(tmp_path):
+    """Cutting the log back wrote log.jsonl into a folder that did not exist:
+    a FileNotFoundError after the state had been overwritten."""
+    make_trainer(tmp_path / "run", steps=2).train(final_samples=False)
+    fresh = make_trainer(tmp_path / "new", steps=4)
+    fresh.load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert fresh.step == 2 and not (tmp_path / "new").exists()
