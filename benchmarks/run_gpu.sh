@@ -47,6 +47,7 @@ except Exception as error:
 cat "$out/env.txt"  # (a { } block is no subshell: its PYTHONPATH export holds)
 
 recap=""
+failed=0  # the script's exit status: 1 if any stage failed or was cut
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
@@ -57,6 +58,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $out/N
   [ $rc = 137 ] && line+=$'\n'"  $name was killed 10 s after its ${limit} s limit: no summary in its log"
   echo "$line"
   recap+="$line"$'\n'
+  [ $rc = 0 ] || failed=1
   return $rc
 }
 
@@ -92,3 +94,4 @@ for name in bench_ops bench_models; do  # our table only: it ends at a blank lin
 done
 printf '%s' "$recap"
 [ -f "$out/gpu_rows.jsonl" ] && echo "$(wc -l < "$out/gpu_rows.jsonl") GPU rows in $out/gpu_rows.jsonl"
+exit $failed

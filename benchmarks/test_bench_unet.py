@@ -165,9 +165,9 @@ def test_cpu_unet_forward(benchmark, impl):
 def test_gpu_sample_cifar10_128_images(benchmark, copy_bandwidth_gbps, request):  # the fixture: the row's copy_gbps
     """The Sampler's default chain (1000 steps, CUDA graphs) on the CIFAR-10
     model, bf16 channels_last, 128 images: issue 5's target is 7 s. First of
-    the GPU model benchmarks (benchmarks/conftest.py orders them: ours, then
-    the eager peers, then the torch.compile peers), so that a time-limited run
-    (benchmarks/run_gpu.sh) reaches it."""
+    this file's GPU benchmarks (benchmarks/conftest.py orders them: ours, then
+    the eager peers, then the torch.compile peers; benchmarks/run_gpu.sh runs
+    this file before test_bench_train.py), so that a time-limited run reaches it."""
     from ddpm_fast import NoiseSchedule, Sampler
 
     model = build("ours_fused_bf16_cl", "cifar10", "cuda")
