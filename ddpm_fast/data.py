@@ -123,16 +123,25 @@ def _check_channels(channels: int | None) -> None:
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
 
 
+RESIZE_CHUNK = 256  # images resized at once: float32 copies of all of them took ~8x the uint8 data
+
+
 def _resize(images: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
-    """Resize the short side to ``size`` (antialiased ``mode``) and center-crop square."""
+    """Resize the short side to ``size`` (antialiased ``mode``) and center-crop
+    square, a chunk of images at a time (each image is resized on its own, so
+    chunks change no value)."""
     n, c, h, w = images.shape
     if (h, w) == (size, size):
         return images
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(images.float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return x[:, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8).contiguous()
+    out = torch.empty((n, c, size, size), dtype=torch.uint8, device=images.device)
+    for start in range(0, n, RESIZE_CHUNK):
+        x = F.interpolate(images[start : start + RESIZE_CHUNK].float(), size=(new_h, new_w), mode=mode,
+                          antialias=True, align_corners=False)
+        out[start : start + RESIZE_CHUNK] = x[:, :, top : top + size, left : left + size].round().clamp(0, 255)
+    return out
 
 
 def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
@@ -363,10 +372,16 @@ def load_cifar10(path: str | os.PathLike, train: bool = True) -> ImageDataset:
 def _channel_axis(shape: tuple[int, ...]) -> str:
     """'last' or 'first' for a 4-d image array: channels last (our samples.npz)
     when both readings are possible, unless only channels-first gives square
-    images."""
+    images; refused when neither does."""
     last_ok, first_ok = shape[3] in (1, 3, 4), shape[1] in (1, 3)
-    if last_ok and first_ok and shape[1] != shape[2] and shape[2] == shape[3]:
-        return "first"  # e.g. N x 3 x 4 x 4: channels last would read 3x4 images
+    if last_ok and first_ok and shape[1] != shape[2]:
+        if shape[2] == shape[3]:
+            return "first"  # e.g. N x 3 x 4 x 4: channels last would read 3x4 images
+        # Neither reading gives square images (N x 3 x 8 x 4: 3x8 RGBA or 8x4 RGB?):
+        # image_size would resize either without a word, so the wrong one silently.
+        raise ValueError(f"cannot tell the channel axis of shape {shape}: N x H x W x C reads {shape[1]}x{shape[2]} "
+                         f"images, N x C x H x W reads {shape[2]}x{shape[3]} images, and neither is square; "
+                         "crop or resize them to square images first")
     if last_ok:
         return "last"
     if first_ok:
@@ -381,7 +396,7 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     0..255) or floats in [0, 1] or [-1, 1] (any negative value means [-1, 1]; a minimum
     in (-0.5, 0) is refused as ambiguous)."""
     if array.ndim == 3:
-        if array.shape[2] in (3, 4) and array.shape[1] != array.shape[2]:
+        if array.shape[2] in (1, 3, 4) and array.shape[1] != array.shape[2]:  # grey images 1 pixel wide are none
             raise ValueError(f"{source}: shape {array.shape} looks like one H x W x C image, not N x H x W grey "
                              "images: add the batch axis (array[None])")
         array = array[..., None]
@@ -408,7 +423,8 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
         raise ValueError(f"{source}: images must be uint8, integers in 0..255 or floats, got {array.dtype}")
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 or hi > 1:
-        raise ValueError(f"{source}: float images must lie in [0, 1] or [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        # repr, not .4g: a value one ulp past 1 would print as 1
+        raise ValueError(f"{source}: float images must lie in [0, 1] or [-1, 1], got values in [{lo!r}, {hi!r}]")
     if -0.5 < lo < 0:  # a [0, 1] range that undershoots (a resize's ringing), or [-1, 1] without dark pixels?
         raise ValueError(f"{source}: float images in [{lo:.4g}, {hi:.4g}] are ambiguous: any negative value means "
                          "[-1, 1], yet nothing is darker than a quarter grey there; clip [0, 1] images "
@@ -426,7 +442,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
 
     Layouts: N x H x W (grey), N x H x W x C (C 1, 3 or 4: alpha dropped) or
     N x C x H x W (C 1 or 3); channels last wins when both fit (as in
-    ``samples.npz``) unless only channels-first gives square images. Values:
+    ``samples.npz``) unless only channels-first gives square images; when
+    neither reading gives square images, the shape is refused. Values:
     uint8 (or integers in 0..255) or floats in [0, 1] or [-1, 1] — floats with
     any negative value are read as [-1, 1], others as [0, 1]; values outside
     [-1, 1], and a minimum in (-0.5, 0) (a [0, 1] range that undershoots, or

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_fast.data import ImageDataset, load_cifar10, load_dataset, load_digits, load_image_folder
+from ddpm_fast.data import ImageDataset, load_array, load_cifar10, load_dataset, load_digits, load_image_folder
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -127,3 +127,48 @@ def test_check_model_accepts_a_square_height_width_image_size():
     model.in_channels, model.image_size = 3, (8, 8)
     with pytest.raises(ValueError, match="the model takes 3-channel 8px images, the dataset has 1-channel 8px"):
         data.check_model(model)
+
+
+def test_one_grey_image_without_its_batch_axis_is_refused(tmp_path):
+    """32 x 32 x 1 is one grey image: it read as 32 grey images 1 pixel wide,
+    which image_size then stretched into 32 images of garbage."""
+    np.save(tmp_path / "one.npy", np.zeros((32, 32, 1), np.uint8))
+    for size in (None, 32):
+        with pytest.raises(ValueError, match=r"looks like one H x W x C image.*add the batch axis"):
+            load_array(tmp_path / "one.npy", image_size=size)
+
+
+def test_a_shape_square_in_neither_channel_layout_is_refused(tmp_path):
+    """2 x 3 x 8 x 4 is 8x4 RGB (channels first) or 3x8 RGBA (channels last):
+    it read as the latter, and image_size turned red images into grey stripes."""
+    np.save(tmp_path / "odd.npy", np.zeros((2, 3, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"reads 3x8 images, N x C x H x W reads 8x4 images, and neither is square"):
+        load_array(tmp_path / "odd.npy", image_size=4)
+    np.save(tmp_path / "square.npy", np.zeros((2, 3, 4, 4), np.uint8))  # only channels first is square: as before
+    assert load_array(tmp_path / "square.npy").images.shape == (2, 3, 4, 4)
+
+
+def test_a_float_just_past_one_is_shown_exactly(tmp_path):
+    """With .4g the message said 'got values in [0, 1]', which looks allowed."""
+    array = np.full((1, 4, 4), 0.5, np.float32)
+    array[0, 0, 0] = np.nextafter(np.float32(1), np.float32(2))
+    np.save(tmp_path / "over.npy", array)
+    with pytest.raises(ValueError, match=r"got values in \[0.5, 1.00000011920928\d*\]"):
+        load_array(tmp_path / "over.npy")
+
+
+def test_arrays_are_resized_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """All N images went through interpolate at once in float32 (~8x the file
+    in memory); chunks give the same values."""
+    from ddpm_fast import data
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 12, 12, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    whole = load_array(tmp_path / "a.npy", image_size=8).images
+    seen = []
+    interpolate = data.F.interpolate
+    monkeypatch.setattr(data.F, "interpolate", lambda x, **kw: seen.append(x.shape[0]) or interpolate(x, **kw))
+    monkeypatch.setattr(data, "RESIZE_CHUNK", 3)
+    chunked = load_array(tmp_path / "a.npy", image_size=8).images
+    assert seen == [3, 3, 1]
+    assert torch.equal(chunked, whole) and chunked.dtype == torch.uint8 and chunked.is_contiguous()
