@@ -45,7 +45,8 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     Settings this library cannot honour are refused, not ignored: a model
     trained for v- or x0-prediction, with a learned variance, or on a
     zero-terminal-SNR schedule, would sample silently wrong as an ε-predictor on
-    our schedule, and dynamic thresholding is not offered."""
+    our schedule, and neither dynamic thresholding nor clipping x0 to a range
+    other than [-1, 1] is offered."""
     config_path = folder / "scheduler" / "scheduler_config.json"
     if not config_path.is_file():
         return _assumed_schedule(folder if model_folder is None else model_folder)
@@ -63,6 +64,10 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     if config.get("thresholding", False):
         raise CheckpointError(f"{config_path} sets thresholding (dynamic thresholding of x0), which ddpm_fast's "
                               "Sampler does not do")
+    clip_range = config.get("clip_sample_range", 1.0)
+    if config.get("clip_sample", True) and clip_range != 1.0:
+        raise CheckpointError(f"{config_path} clips x0 to [-{clip_range}, {clip_range}] (clip_sample_range); "
+                              "ddpm_fast's Sampler clips to [-1, 1] only")
     if config.get("trained_betas") is not None:  # diffusers uses them instead of beta_schedule
         try:
             return NoiseSchedule(betas=torch.tensor(config["trained_betas"], dtype=torch.float64))

@@ -223,7 +223,7 @@ def test_image_size_override_replaces_sample_size_and_moves_the_attention():
         x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 700])
         with torch.no_grad():
             torch.testing.assert_close(ours(x, t), theirs(x, t).sample, **TOL)
-    with pytest.raises(ValueError, match=r"sample_size=None \(need one square image size, or pass image_size=\)"):
+    with pytest.raises(ValueError, match=r"sample_size=None \(need one square image size: pass UNet.from_diffusers\(..., image_size=N\), or set sample_size in its config.json\)"):
         UNet.from_diffusers(diffusers.UNet2DModel(sample_size=None, **small))
 
 

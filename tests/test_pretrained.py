@@ -58,6 +58,18 @@ def test_from_pretrained_of_a_training_checkpoint_names_load_model(run):
         UNet.from_pretrained(latest_checkpoint(out))
 
 
+def test_from_diffusers_of_our_folders_names_their_loaders(run, tmp_path):
+    """Either folder was read as a diffusers one without weights: 'has no
+    diffusion_pytorch_model.safetensors'."""
+    out, trainer = run
+    with pytest.raises(ValueError, match=r"is a checkpoint of ddpm_fast's Trainer, not a diffusers one: load it with "
+                                         r"ddpm_fast\.pretrained\.load_model"):
+        UNet.from_diffusers(latest_checkpoint(out))
+    trainer.ema.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a UNet.save_pretrained folder, not a diffusers one: load it with UNet.from_pretrained"):
+        UNet.from_diffusers(tmp_path)
+
+
 def test_save_pretrained_folder(run, tmp_path):
     _, trainer = run
     trainer.ema.save_pretrained(tmp_path)
@@ -127,6 +139,7 @@ def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
     ({"variance_type": "learned"}, "variance_type='learned'"),
     ({"thresholding": True}, "thresholding"),
     ({"trained_betas": [0.1, 2.0]}, "unusable trained_betas"),
+    ({"clip_sample_range": 3.0}, r"clips x0 to \[-3.0, 3.0\] \(clip_sample_range\)"),  # was accepted, then clipped to [-1, 1]
 ])
 def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, setting, match):
     from ddpm_fast.pretrained import _diffusers_schedule

@@ -75,7 +75,8 @@ def diffusers_config_to_kwargs(config: Mapping[str, Any], image_size: int | None
     if isinstance(size, (list, tuple)):
         size = size[0] if len(size) == 2 and size[0] == size[1] else None
     if not is_int(size) and image_size is None:
-        bad.append(f"sample_size={cfg['sample_size']!r} (need one square image size, or pass image_size=)")
+        bad.append(f"sample_size={cfg['sample_size']!r} (need one square image size: pass "
+                   "UNet.from_diffusers(..., image_size=N), or set sample_size in its config.json)")
     if bad:
         raise ValueError("not a DDPM UNet2DModel (the layout UNet.from_diffusers converts): " + "; ".join(bad))
     return dict(
@@ -137,6 +138,11 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"  # a pipeline folder
     config = read_json(folder / "config.json")
+    if "_class_name" not in config and ({"ch", "ch_mult"} <= config.keys() or "model" in config):
+        # ours: read as a diffusers folder it was "has no diffusion_pytorch_model.safetensors"
+        kind, use = (("a checkpoint of ddpm_fast's Trainer", "ddpm_fast.pretrained.load_model") if "model" in config
+                     else ("a UNet.save_pretrained folder", "UNet.from_pretrained"))
+        raise ValueError(f"UNet.from_diffusers: {folder} is {kind}, not a diffusers one: load it with {use}")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"UNet.from_diffusers: {folder} holds a {config['_class_name']}, not a UNet2DModel")
     for name in _WEIGHT_FILES:
