@@ -200,9 +200,13 @@ def check_state_dict(state: Mapping[str, torch.Tensor], source: str) -> dict[str
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k}: {tuple(state[k].shape)} in the file, expected {expected[k]}"
              for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
+    # weights and statistics must be floats (load_state_dict raised a bare RuntimeError on an int one)
+    not_float = [f"{k}: {state[k].dtype}" for k in expected
+                 if k in state and k not in optional and not state[k].is_floating_point()]
+    if missing or unexpected or wrong or not_float:
         problems = [f"{len(v)} {what} ({_listing(v)})" for what, v in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if v]
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong),
+                     ("non-float weights", not_float)) if v]
         raise ValueError(f"{source} does not hold the FID Inception-v3 weights ({WEIGHTS_FILE}): " + "; ".join(problems))
     out = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     for key in optional - set(state):

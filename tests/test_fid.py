@@ -105,6 +105,8 @@ def test_missing_weights_say_where_they_come_from(tmp_path, monkeypatch):
     (lambda s: s.pop("Mixed_7c.branch_pool.conv.weight"), r"1 missing keys \(Mixed_7c\.branch_pool\.conv\.weight\)"),
     (lambda s: s.update({"AuxLogits.fc.weight": torch.zeros(1000, 768)}), r"1 unexpected keys \(AuxLogits\.fc\.weight\)"),
     (lambda s: s.update({"fc.weight": torch.zeros(1000, 2048)}), r"fc\.weight: \(1000, 2048\) in the file, expected \(1008, 2048\)"),
+    # was a bare RuntimeError from load_state_dict (a traceback from the fid command)
+    (lambda s: s.update({"fc.bias": s["fc.bias"].int()}), r"1 non-float weights \(fc\.bias: torch\.int32\)"),
 ])
 def test_a_wrong_file_is_named_and_explained(tmp_path, state, edit, message):
     bad = dict(state)
