@@ -192,12 +192,13 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         # before sampling: not after a whole run
         distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "samples.npz")))
-        model, schedule = _load_on_every_rank(args, device)
+        model, schedule, checkpoint = _load_on_every_rank(args, device)
+        variance, clip = _chain_settings(args, checkpoint, rank0=distributed.rank_and_world()[0] == 0)
         dtype = _sample_dtype(args.dtype, device)
         model = model.to(dtype)
         if args.channels_last:  # the weights too: else cuDNN converts every conv weight at every step
             model = model.to(memory_format=torch.channels_last)
-        sampler = Sampler(model, schedule, variance=str(args.variance), clip_denoised=args.clip, dtype=dtype,
+        sampler = Sampler(model, schedule, variance=variance, clip_denoised=clip, dtype=dtype,
                           channels_last=args.channels_last, device=device)
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
                                             steps=args.steps, eta=args.eta, progress=True)
@@ -215,15 +216,31 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_on_every_rank(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, NoiseSchedule]:
-    """--checkpoint's model and schedule. A run folder's newest checkpoint is
-    resolved on rank 0: each rank reading it for itself loaded different models
-    when training wrote one meanwhile."""
+def _load_on_every_rank(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, NoiseSchedule, Path]:
+    """--checkpoint's model and schedule, and the folder they came from. A run
+    folder's newest checkpoint is resolved on rank 0: each rank reading it for
+    itself loaded different models when training wrote one meanwhile."""
     from . import distributed
     from .pretrained import load_model, resolve_run_folder
 
     checkpoint = distributed.run_on_rank0(lambda: resolve_run_folder(args.checkpoint))
-    return load_model(checkpoint, weights=args.weights, device=device)
+    return (*load_model(checkpoint, weights=args.weights, device=device), checkpoint)
+
+
+def _chain_settings(args: argparse.Namespace, checkpoint: Path, rank0: bool) -> tuple[str, bool]:
+    """--variance and --clip, where not given: a diffusers pipeline's own (so
+    that its chain is the one DDPMPipeline draws), else fixed_large and clip on."""
+    from .pretrained import diffusers_sampling
+
+    pipeline = diffusers_sampling(checkpoint)
+    variance = str(args.variance) if args.variance is not _VARIANCE_DEFAULT else pipeline.get("variance", str(args.variance))
+    clip = args.clip if args.clip is not None else pipeline.get("clip_denoised", True)
+    taken = [f"{name} {value}" for name, value, given in (
+        ("variance", variance, args.variance is not _VARIANCE_DEFAULT or args.eta is not None),
+        ("clip", "on" if clip else "off", args.clip is not None)) if not given and pipeline]
+    if taken and rank0:
+        print(f"following {pipeline['source']}: {', '.join(taken)} (--variance/--clip override)", file=sys.stderr)
+    return variance, clip
 
 
 def _bpd(args: argparse.Namespace) -> int:
@@ -234,7 +251,7 @@ def _bpd(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     try:
         rank = distributed.rank_and_world()[0]  # before teardown, which leaves every rank rank 0 of 1
-        model, schedule = _load_on_every_rank(args, device)
+        model, schedule, _ = _load_on_every_rank(args, device)
         if args.channels_last:  # evaluate_bpd then feeds it channels_last batches
             model = model.to(memory_format=torch.channels_last)
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels, progress=rank == 0)
@@ -348,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=options.positive, default=None, help="respace the chain to this many steps (default: all T)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM with this eta (0: deterministic; default: ancestral DDPM)")
     sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default=_VARIANCE_DEFAULT,
-                        help="the DDPM chain's variance (default: fixed_large; not with --eta, whose DDIM chain eta sets)")
-    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True, help="clip predicted x0 to [-1, 1] (default: on)")
+                        help="the DDPM chain's variance (default: a diffusers pipeline's variance_type, else fixed_large; "
+                             "not with --eta, whose DDIM chain eta sets)")
+    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip predicted x0 to [-1, 1] (default: a diffusers pipeline's clip_sample, else on)")
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
     sample.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="model precision (default: auto, bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32)")

@@ -9,6 +9,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ from .checkpoint import CheckpointError, latest_checkpoint
 from .models.serialization import float32_on_cpu, load_safetensors, load_state_dict_checked
 from .schedules import NoiseSchedule
 
-__all__ = ["load_model", "resolve_run_folder"]
+__all__ = ["diffusers_sampling", "load_model", "resolve_run_folder"]
 
 
 def _read_json(path: Path) -> dict:
@@ -97,6 +98,29 @@ def resolve_run_folder(path: str | os.PathLike) -> Path:
     if newest is None:
         raise CheckpointError(f"{folder} holds no checkpoint (no config.json and no checkpoint-* folder)")
     return newest
+
+
+def diffusers_sampling(path: str | os.PathLike) -> dict[str, Any]:
+    """How the diffusers pipeline in ``path`` (a pipeline folder, or its
+    ``unet`` folder) samples: ``{"variance": "fixed_small" | "fixed_large",
+    "clip_denoised": bool, "source": Path}`` from its scheduler_config.json,
+    with DDPMScheduler's defaults (fixed_small, clip on) for keys it lacks;
+    ``{}`` for any other folder. ``ddpm-fast sample`` takes these as its
+    defaults, so that it draws the chain the pipeline draws."""
+    folder = Path(path)
+    if not (folder / "unet" / "config.json").is_file():
+        if not ((folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json")):
+            return {}
+        folder = folder.parent  # a diffusers UNet folder: its pipeline's scheduler, if any
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    if not config_path.is_file():
+        return {}
+    config = _read_json(config_path)
+    variance = str(config.get("variance_type", "fixed_small")).removesuffix("_log")  # *_log: the same variance
+    if variance not in ("fixed_small", "fixed_large"):
+        raise CheckpointError(f"{config_path} says variance_type={config.get('variance_type')!r}; ddpm_fast samples "
+                              "with fixed_small or fixed_large only")
+    return {"variance": variance, "clip_denoised": bool(config.get("clip_sample", True)), "source": config_path}
 
 
 def load_model(

@@ -176,9 +176,17 @@ def test_sample_precision_script_compares_dtypes(tiny_run):
     assert 0 < bf16_mean < 0.05
 
 
-def test_sample_from_a_diffusers_pipeline_folder(tmp_path):
+@pytest.mark.parametrize("scheduler, flags, variance, clip, said", [
+    # DDPMScheduler's defaults where the config is silent: fixed_small, clip on
+    ({}, [], "fixed_small", True, "variance fixed_small, clip on"),
+    ({"variance_type": "fixed_large_log", "clip_sample": False}, [], "fixed_large", False, "variance fixed_large, clip off"),
+    ({"clip_sample": False}, ["--variance", "fixed_large", "--clip"], "fixed_large", True, None),  # the options win
+], ids=["defaults", "from-config", "overridden"])
+def test_sample_from_a_diffusers_pipeline_folder(tmp_path, capsys, scheduler, flags, variance, clip, said):
     """A saved diffusers pipeline (its UNet2DModel and scheduler config) samples
-    as our Sampler does with the diffusers model itself as the noise predictor."""
+    as our Sampler does with the diffusers model itself as the noise predictor,
+    with the variance and clipping its scheduler config gives DDPMPipeline
+    (it took fixed_large and clip on whatever the config said)."""
     pytest.importorskip("diffusers")
     from conftest import save_tiny_diffusers_pipeline
     from ddpm_fast import NoiseSchedule, Sampler
@@ -186,15 +194,20 @@ def test_sample_from_a_diffusers_pipeline_folder(tmp_path):
 
     torch.manual_seed(0)
     unet = save_tiny_diffusers_pipeline(tmp_path / "pipe", timesteps=200)
+    config = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **scheduler}))
     out = tmp_path / "samples"
     assert main(["sample", "--checkpoint", str(tmp_path / "pipe"), "--out", str(out), "-n", "3", "--steps", "6",
-                 "--no-channels-last", "--device", "cpu"]) == 0
+                 "--no-channels-last", "--device", "cpu", *flags]) == 0
     images = np.load(out / "samples.npz")["images"]
     schedule = NoiseSchedule("linear", timesteps=200, beta_start=2e-4, beta_end=0.03)
     with torch.no_grad():
-        want = Sampler(lambda x, t: unet(x, t).sample, schedule, sample_shape=(1, 8, 8)).sample(3, seed=0, steps=6, progress=False)
+        want = Sampler(lambda x, t: unet(x, t).sample, schedule, sample_shape=(1, 8, 8), variance=variance,
+                       clip_denoised=clip).sample(3, seed=0, steps=6, progress=False)
     assert images.shape == (3, 8, 8, 1)
     assert np.abs(images.astype(int) - to_uint8(want).astype(int)).max() <= 1  # float rounding at a level's edge
+    err = capsys.readouterr().err
+    assert (f"following {config}: {said} (--variance/--clip override)" in err) if said else "following" not in err
 
 
 def test_sample_channels_last_by_default_converts_the_model_and_keeps_the_samples(tiny_run, tmp_path, monkeypatch):
