@@ -253,6 +253,46 @@ def test_bits_per_dim_refuses_eps_where_x0_is_undefined():
     assert torch.isfinite(D.bits_per_dim(model, x0, s, mean_type="x0").total).all()
 
 
+@pytest.mark.parametrize("clip", [True, False])
+def test_bits_per_dim_refuses_eps_where_only_abar_underflows(clip):
+    """const beta 0.9 over 400 steps: abar underflows to 0 from t = 308 while
+    alpha_t stays 0.1, so only x0 from eps (which every term needs, clipped or
+    not) is undefined there; a check of the unclipped step alone passes it, and
+    the bound came out NaN."""
+    s = NoiseSchedule("const", timesteps=400, beta_end=0.9)
+    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    model = lambda x, t: x.clone()  # noqa: E731
+    with pytest.raises(ValueError, match="undefined at timestep 308"):
+        D.bits_per_dim(model, x0, s, mean_type="eps", clip_denoised=clip)
+    assert torch.isfinite(D.bits_per_dim(model, x0, s, mean_type="x0", clip_denoised=clip).total).all()
+
+
+@pytest.mark.parametrize("x, mean", [(-1.0, 1.0), (1.0, -1.0)], ids=["left-edge", "right-edge"])
+def test_decoder_likelihood_of_an_edge_bin_far_off_is_floored_not_infinite(x, mean):
+    """The edge bin's CDF underflows to 0 ten standard deviations (of 2^-5...)
+    away: log 0 gave -inf bits/dim and NaN gradients in the vlb/hybrid losses;
+    the original floors it at 1e-12."""
+    x = torch.tensor([x], dtype=torch.float64)
+    mean = torch.tensor([mean], dtype=torch.float64, requires_grad=True)
+    log_p = D.discretized_gaussian_log_likelihood(x, mean, torch.tensor([-5.0], dtype=torch.float64))
+    assert log_p.item() == pytest.approx(math.log(1e-12))
+    log_p.sum().backward()
+    assert torch.isfinite(mean.grad).all()
+
+
+@pytest.mark.parametrize("t, error, message", [
+    (-1, ValueError, r"timestep -1 is out of range \[0, 10\)"),  # indexing would wrap to the last entry
+    (10, ValueError, r"timestep 10 is out of range \[0, 10\)"),
+    (torch.tensor([0, 10]), ValueError, r"timesteps out of range \[0, 10\): min 0, max 10"),
+    (True, TypeError, "t must be an int or an integer tensor, got a bool"),
+    (torch.tensor([0.5, 1.0]), TypeError, "got a torch.float32 tensor"),
+    (torch.tensor([1, 2, 3]), ValueError, r"one entry per sample \(2\), got shape \(3,\)"),
+])
+def test_public_extract_checks_its_timesteps(t, error, message):
+    with pytest.raises(error, match=message):
+        D.extract(torch.arange(10.0), t, torch.zeros(2, 3))
+
+
 # Why: vb_terms_bpd takes an int t as well as a tensor; at t = 0 the term must be the
 # decoder NLL (eq. 5's L_0), not a KL, whichever form t comes in.
 @pytest.mark.parametrize("t", [0, 1, 19])

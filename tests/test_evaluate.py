@@ -135,3 +135,18 @@ def test_the_images_go_to_the_models_device_by_default(digits, monkeypatch):
         with pytest.raises(Seen) as seen:
             evaluate_bpd(model, digits, SCHEDULE, n=2)
         assert seen.value.args == (torch.device(device),) * 2
+
+
+def test_more_noise_than_an_images_counters_is_refused_before_any_work(monkeypatch):
+    """Image i's noise lives in counters [i * 2^32, (i + 1) * 2^32): past them it
+    would reuse image i+1's, a silently wrong bound. A smaller range stands in."""
+    import ddpm_fast.evaluate
+
+    monkeypatch.setattr(ddpm_fast.evaluate, "_SAMPLE_STRIDE", 64)
+    data = ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+
+    def model(x, t):
+        raise AssertionError("the model ran")
+
+    with pytest.raises(ValueError, match=r"10 timesteps of 16 values per image exceed an image's 2\^32 noise counters"):
+        evaluate_bpd(model, data, NoiseSchedule("linear", timesteps=10), device="cpu")

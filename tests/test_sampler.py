@@ -87,7 +87,8 @@ def test_ddim_eta0_is_deterministic_and_is_ddim(steps):
     assert torch.equal(x, sampler.sample(64, seed=3, steps=steps, eta=0.0, progress=False))
     # An independent float64 DDIM (Song et al. eq. 12, sigma = 0) from the same x_T.
     ts = respaced_timesteps(1000, steps)
-    y = ops.randn((64, 1, 4, 4), 3, len(ts) * 16, sample_stride=_SAMPLE_STRIDE, backend="reference").double()
+    # sample i's stream starts at counter i << 32 (the layout sampler.py documents), x_T in slot len(ts)
+    y = ops.randn((64, 1, 4, 4), 3, len(ts) * 16, sample_stride=1 << 32, backend="reference").double()
     oracle, abar = GaussianOracle(dtype=torch.float64), SCHEDULE.alphas_cumprod
     for i in range(len(ts) - 1, -1, -1):
         a = abar[ts[i]]
