@@ -201,6 +201,11 @@ def test_image_folder_exif_orientation_and_16_bit_grey(tmp_path):
     (tmp_path / "a.png").unlink()
     Image.fromarray(np.array([[0, 65535], [32768, 257]], dtype=np.uint16)).save(tmp_path / "wide.png")
     assert load_image_folder(tmp_path, channels=1).images[0, 0].tolist() == [[0, 255], [128, 1]]
+    # every level rounds v * 255 / 65535 (levels 257 k alone cannot tell it from v // 256)
+    levels = np.arange(0, 65536, 97).reshape(26, 26)
+    Image.fromarray(levels.astype(np.uint16)).save(tmp_path / "wide.png")
+    want = np.round(levels * 255 / 65535)
+    assert np.array_equal(load_image_folder(tmp_path, channels=1).images[0, 0].numpy(), want)
 
 
 def test_image_folder_more_errors(tmp_path):

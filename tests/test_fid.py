@@ -291,6 +291,9 @@ def test_fid_command_end_to_end(weights, npz_files, capsys):
     assert code == 0, out
     value = float(re.match(r"FID (\S+) \(3 samples .* vs 3 images", out).group(1))
     assert np.isfinite(value) and value > 0
+    # the library's value for the same images (a transposing mutant of the command's layout change survived)
+    want = fid(np.load(samples)["images"][:3], np.load(data)["images"][:3], weights, method="eigh")
+    assert value == pytest.approx(want, rel=1e-4)
 
 
 def test_fid_command_errors(tmp_path, npz_files, weights, monkeypatch, capsys):
@@ -371,6 +374,23 @@ def test_half_precision_weights_load_as_float32(tmp_path, state):
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
     model = load_inception(path)
     assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
+
+
+def test_a_large_imaginary_part_of_sqrtm_is_an_error_a_small_one_is_dropped(monkeypatch):
+    """Rounding leaves |imag| <= 1e-3 on the diagonal; more means covariances too
+    ill-conditioned for the recipe, which must not pass as a number."""
+    from scipy import linalg
+
+    real = linalg.sqrtm
+    s1, s2 = np.diag([1.0, 2.0]), np.diag([3.0, 4.0])
+    want = frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+    for imaginary, raises in ((1e-2, True), (1e-4, False)):
+        monkeypatch.setattr(linalg, "sqrtm", lambda m, *a, **k: real(m, *a, **k) + imaginary * 1j * np.eye(2))
+        if raises:
+            with pytest.raises(ValueError, match="has an imaginary part of 0.01 on its diagonal"):
+                frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+        else:
+            assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(want, rel=1e-12)
 
 
 def test_sqrtm_falls_back_to_eps_on_both_diagonals(monkeypatch):

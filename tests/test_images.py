@@ -47,6 +47,26 @@ def test_save_npz_round_trip_leaves_no_temporary(tmp_path):
             save_npz(images, tmp_path / "t.npz", **{name: np.arange(3)})
 
 
+def test_save_npz_keeps_colour_images_as_they_are(tmp_path):
+    """Channel order and every value of RGB images (the round trip above is grey)."""
+    images = np.random.default_rng(1).integers(0, 256, (2, 5, 3, 3), dtype=np.uint8)
+    save_npz(images, tmp_path / "rgb.npz")
+    with np.load(tmp_path / "rgb.npz") as loaded:
+        assert np.array_equal(loaded["images"], images)
+
+
+def test_plot_curve_draws_the_moving_average_only_where_asked(tmp_path):
+    """The smoothed line (blue, 30 90 200) over the raw one (grey): there with
+    the default smoothing of 200 values, absent with smooth=1."""
+    loss = np.exp(-np.linspace(0, 3, 200)) + 0.05 * np.random.default_rng(0).random(200)
+    blue = []
+    for smooth in (None, 1):
+        plot_curve(loss, tmp_path / "loss.png", **({} if smooth is None else {"smooth": smooth}))
+        with Image.open(tmp_path / "loss.png") as png:
+            blue.append(int((np.asarray(png.convert("RGB")) == (30, 90, 200)).all(axis=2).sum()))
+    assert blue[0] > 100 and blue[1] == 0
+
+
 def test_save_grid_replaces_a_picture_whole_or_not_at_all(tmp_path, monkeypatch):
     """A grid written in place was half a PNG when the process died mid-write."""
     from PIL import Image
