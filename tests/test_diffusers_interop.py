@@ -30,6 +30,13 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 TIMESTEPS = [0, 999, torch.tensor([0, 1, 500, 999])]
 
 
+# A small UNet2DModel of the DDPM layout (1 x 8 x 8).
+_DDPM_SMALL = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                   norm_num_groups=4, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
+                   downsample_padding=0, norm_eps=1e-6)
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random weights (a fresh UNet2DModel zeroes nothing, but keeps GroupNorm at
     identity; randomise everything so that every tensor matters)."""
@@ -212,10 +219,7 @@ def test_image_size_override_replaces_sample_size_and_moves_the_attention():
     """from_diffusers(..., image_size=) was refused for a config without
     sample_size (the case it is for), and with one its attention resolution was
     the config size's: 8 px with attention at 4 became 16 px asking for 4."""
-    small = dict(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                 norm_num_groups=4, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
-                 downsample_padding=0, norm_eps=1e-6)
+    small = {k: v for k, v in _DDPM_SMALL.items() if k != "sample_size"}
     for sample_size in (None, 8):
         theirs = randomize(diffusers.UNet2DModel(sample_size=sample_size, **small), seed=1).eval()
         ours = UNet.from_diffusers(theirs, image_size=16)
@@ -260,7 +264,8 @@ def test_a_folder_with_extra_weights_is_refused(narrow, tmp_path):
     (dict(out_channels=16), 2),  # a width change: through conv_shortcut
     (dict(time_embedding_norm="scale_shift"), 0),  # another computation: left alone
     (dict(down=True), 0),  # resampling between norm1 and conv1: left alone
-], ids=["output_scale", "skip_time_act", "shortcut", "scale_shift", "down"])
+    (dict(up=True), 0),  # likewise (patching it dropped the upsampling: 4x4 out of 8x8)
+], ids=["output_scale", "skip_time_act", "shortcut", "scale_shift", "down", "up"])
 def test_patch_diffusers_keeps_each_resnet_block_variants_output(variant, fused_norms):
     """Every block of a UNet2DModel of the DDPM layout has scale 1, time act
     and default norm, so the U-Net-level comparisons cannot see these settings."""
@@ -273,3 +278,41 @@ def test_patch_diffusers_keeps_each_resnet_block_variants_output(variant, fused_
     x, temb = torch.randn(2, 8, 6, 6, generator=gen), torch.randn(2, 12, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(patched(x, temb), block(x, temb), **TOL)
+
+
+def test_patch_diffusers_gives_every_fused_norm_the_backend_asked_for():
+    theirs = randomize(diffusers.UNet2DModel(**_DDPM_SMALL), seed=2)
+    assert ddpm_fast.patch_diffusers(theirs, backend="reference") > 0
+    assert {m.backend for m in theirs.modules() if isinstance(m, GroupNormSiLU)} == {"reference"}
+
+
+def test_from_diffusers_keeps_out_channels_and_dropout():
+    """Every other test had in == out channels and dropout 0: out_channels read
+    from in_channels, or a dropout left behind, passed unseen."""
+    theirs = randomize(diffusers.UNet2DModel(**{**_DDPM_SMALL, "out_channels": 2, "dropout": 0.1}), seed=5).eval()
+    ours = UNet.from_diffusers(theirs)
+    assert ours.config["out_channels"] == 2 and ours.config["dropout"] == 0.1
+    assert {m.p for m in ours.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t), theirs(x, t).sample, **TOL)
+
+
+class _Payload:
+    """Pickled into a .bin: loading it with weights_only=False would create the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_bin_file_is_loaded_without_running_its_pickle(tmp_path):
+    theirs = diffusers.UNet2DModel(**_DDPM_SMALL)
+    theirs.save_pretrained(tmp_path, safe_serialization=False)
+    ran = tmp_path / "payload-ran"
+    torch.save({"payload": _Payload(str(ran))}, tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="is not a readable PyTorch weights file"):
+        UNet.from_diffusers(tmp_path)
+    assert not ran.exists()

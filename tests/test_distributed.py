@@ -439,3 +439,21 @@ def test_sample_sharded_checks_progress_on_every_rank():
     with pytest.raises(TypeError, match="progress must be a bool, got 'no'"):
         distributed.sample_sharded(sampler, 2, seed=0, batch_size=2, progress="no")
 
+
+
+def test_sample_sharded_draws_a_progress_bar_on_rank_0_only(monkeypatch):
+    """Every rank's bar over the others' on one terminal: rank 1 of 2 (faked,
+    its collectives no-ops) samples its share without one."""
+    seen = []
+
+    class Recording(Sampler):
+        def sample(self, *args, progress=True, **kwargs):
+            seen.append(progress)
+            return super().sample(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", lambda objects, src=0: None)
+    monkeypatch.setattr(distributed.dist, "gather_object", lambda obj, gathered=None, dst=0: None)
+    sampler = Recording(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
+    assert distributed.sample_sharded(sampler, 4, seed=0, batch_size=1, progress=True) is None
+    assert seen == [False, False]

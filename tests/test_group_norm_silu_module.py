@@ -197,3 +197,14 @@ def test_from_group_norm_keeps_the_norms_eps():
     normed = (x.view(2, 2, -1) - mean[..., None]) / (var[..., None] + 0.5).sqrt()
     assert fused.eps == 0.5
     torch.testing.assert_close(fused(x), F.silu(normed.view(2, 4, 3, 3)))
+
+
+def test_from_group_norm_without_act_is_the_group_norm_itself():
+    gn = torch.nn.GroupNorm(2, 6)
+    with torch.no_grad():
+        gn.weight.uniform_(-1, 1), gn.bias.uniform_(-1, 1)
+    fused = GroupNormSiLU.from_group_norm(gn, act=False, backend="reference")
+    x = torch.randn(3, 6, 5, 5)
+    assert fused.act is False and fused.backend == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), gn(x))

@@ -70,6 +70,16 @@ def test_from_diffusers_of_our_folders_names_their_loaders(run, tmp_path):
         UNet.from_diffusers(tmp_path)
 
 
+def test_loaders_put_the_model_on_the_device_asked_for(run, tmp_path):
+    """The meta device stands in for a GPU here: a loader that skipped its .to()
+    returned a CPU model (ddpm-fast sample --device cuda would run on the CPU)."""
+    out, trainer = run
+    model, _ = load_model(latest_checkpoint(out), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    trainer.ema.save_pretrained(tmp_path)
+    assert {p.device.type for p in UNet.from_pretrained(tmp_path, map_location="meta").parameters()} == {"meta"}
+
+
 def test_save_pretrained_folder(run, tmp_path):
     _, trainer = run
     trainer.ema.save_pretrained(tmp_path)
@@ -146,6 +156,14 @@ def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, set
 
     with pytest.raises(CheckpointError, match=match):
         _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="linear", **setting))
+
+
+def test_a_clip_range_of_a_scheduler_that_does_not_clip_is_no_reason_to_refuse(tmp_path):
+    from ddpm_fast.pretrained import _diffusers_schedule
+
+    config = _scheduler_config(tmp_path, beta_schedule="linear", num_train_timesteps=10, clip_sample=False,
+                               clip_sample_range=2.0)
+    assert _diffusers_schedule(config).num_timesteps == 10
 
 
 @pytest.mark.parametrize("config, want", [
