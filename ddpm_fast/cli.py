@@ -235,9 +235,11 @@ def _chain_settings(args: argparse.Namespace, checkpoint: Path, rank0: bool) -> 
     pipeline = diffusers_sampling(checkpoint)
     variance = str(args.variance) if args.variance is not _VARIANCE_DEFAULT else pipeline.get("variance", str(args.variance))
     clip = args.clip if args.clip is not None else pipeline.get("clip_denoised", True)
-    taken = [f"{name} {value}" for name, value, given in (
-        ("variance", variance, args.variance is not _VARIANCE_DEFAULT or args.eta is not None),
-        ("clip", "on" if clip else "off", args.clip is not None)) if not given and pipeline]
+    taken = []  # what the pipeline decided (DDIM's variance is eta's: none taken then)
+    if pipeline and args.variance is _VARIANCE_DEFAULT and args.eta is None:
+        taken.append(f"variance {variance}")
+    if pipeline and args.clip is None:
+        taken.append(f"clip {'on' if clip else 'off'}")
     if taken and rank0:
         print(f"following {pipeline['source']}: {', '.join(taken)} (--variance/--clip override)", file=sys.stderr)
     return variance, clip

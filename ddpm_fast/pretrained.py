@@ -41,7 +41,7 @@ def _assumed_schedule(folder: Path) -> NoiseSchedule:
 def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> NoiseSchedule:
     """The DDPMScheduler betas of the pipeline in ``folder`` if its config is
     there, else linear T=1000 (with a warning naming ``model_folder``, the
-    UNet's own folder when it is not the pipeline's).
+    folder the model was loaded from, else ``folder``).
 
     Settings this library cannot honour are refused, not ignored: a model
     trained for v- or x0-prediction, with a learned variance, or on a
@@ -100,6 +100,17 @@ def resolve_run_folder(path: str | os.PathLike) -> Path:
     return newest
 
 
+def _diffusers_layout(folder: Path) -> tuple[Path, Path] | None:
+    """(the UNet folder, the pipeline folder) where ``folder`` is a diffusers
+    pipeline folder (``unet/`` in it) or a diffusers UNet folder (whose
+    pipeline, if any, is its parent); None for any other folder."""
+    if (folder / "unet" / "config.json").is_file():
+        return folder / "unet", folder
+    if (folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json"):
+        return folder, folder.parent
+    return None
+
+
 def diffusers_sampling(path: str | os.PathLike) -> dict[str, Any]:
     """How the diffusers pipeline in ``path`` (a pipeline folder, or its
     ``unet`` folder) samples: ``{"variance": "fixed_small" | "fixed_large",
@@ -107,14 +118,10 @@ def diffusers_sampling(path: str | os.PathLike) -> dict[str, Any]:
     with DDPMScheduler's defaults (fixed_small, clip on) for keys it lacks;
     ``{}`` for any other folder. ``ddpm-fast sample`` takes these as its
     defaults, so that it draws the chain the pipeline draws."""
-    folder = Path(path)
-    if not (folder / "unet" / "config.json").is_file():
-        if not ((folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json")):
-            return {}
-        folder = folder.parent  # a diffusers UNet folder: its pipeline's scheduler, if any
-    config_path = folder / "scheduler" / "scheduler_config.json"
-    if not config_path.is_file():
+    layout = _diffusers_layout(Path(path))
+    if layout is None or not (layout[1] / "scheduler" / "scheduler_config.json").is_file():
         return {}
+    config_path = layout[1] / "scheduler" / "scheduler_config.json"
     config = _read_json(config_path)
     variance = str(config.get("variance_type", "fixed_small")).removesuffix("_log")  # *_log: the same variance
     if variance not in ("fixed_small", "fixed_large"):
@@ -138,11 +145,10 @@ def load_model(
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")
-    if (folder / "unet" / "config.json").is_file():  # a diffusers pipeline folder
-        model = UNet.from_diffusers(folder / "unet")
-        return model.to(device).eval(), _diffusers_schedule(folder)
-    if (folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json"):
-        return UNet.from_diffusers(folder).to(device).eval(), _diffusers_schedule(folder.parent, folder)
+    diffusers = _diffusers_layout(folder)
+    if diffusers is not None:  # the schedule's warning, if any, names the folder given
+        unet, pipeline = diffusers
+        return UNet.from_diffusers(unet).to(device).eval(), _diffusers_schedule(pipeline, folder)
     folder = resolve_run_folder(folder)
     config = _read_json(folder / "config.json")
     if "train" not in config:  # a UNet.save_pretrained folder

@@ -233,5 +233,5 @@ if _extension.AVAILABLE:
     @torch.library.register_fake("ddpm_fast::ddpm_step_")
     def _ddpm_step_fake(x_t, eps, t, coefficients, noise, seed, offset, sample_stride, step_stride, clip_denoised, out, model_input):
         _args.check_fake_devices("x_t", x_t, eps=eps, t=t, coefficients=coefficients, noise=noise, out=out,
-                           model_input=model_input)
+                                 model_input=model_input)
         return None

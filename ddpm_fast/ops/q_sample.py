@@ -129,7 +129,7 @@ def _register(name: str, drawn: bool) -> None:
 
         def fake(x0, t, sqrt_ab, sqrt_1m_ab, noise):
             _args.check_fake_devices("x0", x0, t=t, sqrt_alphas_cumprod=sqrt_ab, sqrt_one_minus_alphas_cumprod=sqrt_1m_ab,
-                               noise=noise)
+                                     noise=noise)
             return torch.empty_like(x0)
 
     if not name.endswith("_triton"):  # triton_op derives its fake from the launcher
