@@ -136,6 +136,7 @@ class Trainer(TrainerCheckpoints):
         _check_samplable(schedule, self.config.sample_steps)
         self.schedule = schedule
         self.extra_config = extra_config or {}
+        self.data_fingerprint = dataset.fingerprint()  # recorded: a resume on other images is told
         floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if floats - {torch.float32}:  # the recipe's master weights are float32 (precision= sets autocast)
             raise TypeError(f"the Trainer trains float32 parameters (precision= chooses the autocast dtype), "
@@ -432,6 +433,7 @@ class Trainer(TrainerCheckpoints):
         settings = {f"{section}.{key}": value for section in ("model", "schedule", "train")
                     for key, value in (self.run_config()[section] or {}).items()}
         check_ranks_agree("their settings", settings, "launch every rank with the same settings")
+        check_ranks_agree("their images", self.data_fingerprint, "give every rank the same data")
         check_ranks_agree("the checkpoint to resume", newest.name if newest is not None else None, _SHARED_FOLDER)
 
     def _log(self, record: dict[str, Any]) -> None:

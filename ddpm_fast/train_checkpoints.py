@@ -154,10 +154,13 @@ class TrainerCheckpoints:
                     differ.append(f"{section}.{key}: {old.get(key)!r} there, {new.get(key)!r} now")
         if differ:
             raise ConfigMismatchError(path, differ)
-        # What the caller recorded besides (the command line's --data): a change may
-        # be deliberate (the data moved), so it is said, not refused.
+        # The images, and what the caller recorded besides (the command line's --data):
+        # a change may be deliberate (the data moved, or grew), so it is said, not refused.
         changed = [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in self.extra_config.items()
                    if key in saved and saved[key] != value]
+        old_data = saved.get("data_fingerprint")  # (absent from checkpoints written before it was recorded)
+        if old_data is not None and old_data != self.data_fingerprint:
+            changed.insert(0, f"other images: {_described(old_data)} there, {_described(self.data_fingerprint)} now")
         if changed and self.rank == 0:
             warnings.warn(f"resuming {path} with other settings than it was trained with ({'; '.join(changed)})")
 
@@ -166,6 +169,7 @@ class TrainerCheckpoints:
             "model": getattr(self.model, "config", None),
             "schedule": self.schedule.config,
             "train": asdict(self.config),
+            "data_fingerprint": self.data_fingerprint,
             **self.extra_config,
         }
 
@@ -305,3 +309,13 @@ class TrainerCheckpoints:
             # Each seeds its own from that state and its rank, reproducibly.
             base = int(torch.randint(2**62, (1,)).item())
             torch.manual_seed(rank_seed(base, self.rank))
+
+
+def _described(fingerprint: Any) -> str:
+    """A recorded ``ImageDataset.fingerprint()`` in a few words: its shape and
+    the start of its hash."""
+    if not isinstance(fingerprint, dict):
+        return repr(fingerprint)
+    shape = fingerprint.get("shape")
+    shown = " x ".join(map(str, shape)) if isinstance(shape, list) else repr(shape)
+    return f"{shown} images, SHA-256 {str(fingerprint.get('sha256'))[:12]}"

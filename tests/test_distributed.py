@@ -293,12 +293,13 @@ def test_train_command_under_torchrun(tmp_path):
 
 
 def _mismatch_worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
-    """Ranks that differ in a setting, or find different checkpoints to resume
+    """Ranks that differ in a setting or in their images, or find different checkpoints to resume
     (rank 1's folder empty, as a second machine's local disk): every rank
     records the error it raised."""
     _join(rank, world, port)
     folder = Path(out) / ("run" if mode == "settings" or rank == 0 else "local")
-    trainer = make_trainer(folder, steps=STEPS + (rank if mode == "settings" else 0))
+    trainer = make_trainer(folder, steps=STEPS + (rank if mode == "settings" else 0),
+                           images=64 + (8 * rank if mode == "data" else 0))
     try:
         trainer.train(final_samples=False)
         message = "trained"
@@ -311,6 +312,9 @@ def _mismatch_worker(rank: int, world: int, port: int, out: str, mode: str) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, expected", [
     ("settings", "the ranks differ in their settings (train.steps: 4 on rank 0, 5 on rank 1)"),
+    # Each rank takes its slice of the same batch indices: of other images, silently other batches.
+    ("data", "the ranks differ in their images (sha256: {0!r} on rank 0, {1!r} on rank 1; "
+             "shape: [64, 1, 8, 8] on rank 0, [72, 1, 8, 8] on rank 1): give every rank the same data"),
     ("folder", "the ranks differ in the checkpoint to resume ('checkpoint-00000002' on rank 0, None on rank 1): "
                "every rank must see the same run folder"),
 ])
@@ -320,6 +324,7 @@ def test_ranks_that_differ_stop_alike_before_training(tmp_path, mode, expected):
     if mode == "folder":
         make_trainer(tmp_path / "run", steps=2).train(final_samples=False)
     _spawn_two_ranks(_mismatch_worker, str(tmp_path), mode)
+    expected = expected.format(*(toy_dataset(n=n).fingerprint()["sha256"] for n in (64, 72)))
     for rank in (0, 1):
         assert expected in (tmp_path / f"error{rank}").read_text()
 

@@ -6,6 +6,7 @@ generators; and resumes it must refuse (its main behaviour: test_train.py)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ import ddpm_fast.train
 from ddpm_fast.checkpoint import CheckpointError, checkpoints, latest_checkpoint
 from ddpm_fast.train import ConfigMismatchError, TrainConfig
 from ddpm_fast.train_config import RESUMABLE_CHANGES
-from train_helpers import KILL_POINTS, RESUMABLE, final_weights, logged_losses, make_trainer, run_training
+from train_helpers import KILL_POINTS, RESUMABLE, final_weights, logged_losses, make_trainer, run_training, toy_dataset
 
 STEPS = 8
 # Killed runs start from a fork server that has imported torch and ddpm_fast
@@ -309,3 +311,30 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
     del saved["train"]["ema_warmup"]
     path.write_text(json.dumps(saved))
     assert make_trainer(tmp_path, steps=4).train(final_samples=False)["steps"] == 4
+
+
+def test_a_resume_on_other_images_is_said(tmp_path):
+    """Other images of the same shape resumed without a word (the Python API
+    records no --data path to compare): checkpoints now record the images'
+    shape and SHA-256, and a resume on others warns (a deliberate change, new
+    data, may go on), naming both."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    ckpt = latest_checkpoint(tmp_path)
+    recorded = json.loads((ckpt / "config.json").read_text())["data_fingerprint"]
+    images = toy_dataset(n=64).images
+    assert recorded == {"shape": [64, 1, 8, 8], "sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer(tmp_path, steps=4).check_resumable(ckpt)  # the same images: nothing said
+    other = make_trainer(tmp_path, steps=4)
+    other.data_fingerprint = toy_dataset(n=64, seed=1).fingerprint()
+    with pytest.warns(UserWarning, match=rf"with other settings than it was trained with \(other images: 64 x 1 x 8 x 8 "
+                                         rf"images, SHA-256 {recorded['sha256'][:12]} there, 64 x 1 x 8 x 8 images, "
+                                         rf"SHA-256 {other.data_fingerprint['sha256'][:12]} now\)"):
+        assert other.train(final_samples=False)["steps"] == 4
+    # A checkpoint written before images were recorded resumes without a word.
+    path = latest_checkpoint(tmp_path) / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "data_fingerprint"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer(tmp_path, steps=4).check_resumable(path.parent)
