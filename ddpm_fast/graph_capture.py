@@ -54,7 +54,8 @@ def end_allocating_to_pool(pool: tuple[int, int]) -> None:
     synchronize (empty_cache, for one) then aborts the process on its
     captures_underway.empty() assertion. Where capture_end did stop it, the
     allocator refuses (it is not recording to the pool), which is as it should be."""
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    end = (getattr(torch._C, "_cuda_endAllocateToPool", None)
+           or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None))  # its name before torch 2.8
     if end is not None:
         try:
             end(torch.cuda.current_device(), pool)

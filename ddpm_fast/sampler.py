@@ -77,7 +77,10 @@ class Sampler:
             returning eps of x_t's shape (an nn.Module, a function, ...). A module
             should be in eval mode: ``sample`` warns if its dropout is on. Its
             input is one buffer that every step rewrites in place: a model that
-            keeps x_t for later must keep a copy (``x_t.clone()``).
+            keeps x_t for later must keep a copy (``x_t.clone()``). Under CUDA
+            graphs its Python code runs only for the warm-up, the captures and the
+            steps left over (the replays repeat its recorded GPU work): a model
+            that keeps anything between calls needs ``cuda_graph=False``.
         schedule: the training noise schedule.
         variance: ``fixed_large`` (sigma_t^2 = beta_t, the default as in the paper's
             CIFAR-10 samples) or ``fixed_small`` (beta~_t).

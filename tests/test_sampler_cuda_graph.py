@@ -393,14 +393,20 @@ def test_failed_capture_restores_the_stream_names_its_cause_and_is_not_retried(m
     assert model_streams(fake.log) == [("caller", 120)] and fake.streams == 1
 
 
-@pytest.mark.parametrize("fixed_torch", [False, True], ids=["torch-2.11", "torch-2.12+"])
-def test_failed_capture_stops_the_allocator_recording_to_its_pool(monkeypatch, fixed_torch):
+@pytest.mark.parametrize("fixed_torch, old_name", [(False, True), (False, False), (True, False)],
+                         ids=["torch-2.6-2.7", "torch-2.8-2.11", "torch-2.12+"])
+def test_failed_capture_stops_the_allocator_recording_to_its_pool(monkeypatch, fixed_torch, old_name):
     """torch before 2.12 leaves the caching allocator recording to a capture's
     pool when capture_end fails (pytorch#180395); its next synchronize aborts the
     process. The Sampler ends the recording to the pool its capture was given, on
-    the current device; where torch already did, the allocator's refusal is fine."""
+    the current device; where torch already did, the allocator's refusal is fine.
+    Before torch 2.8 the call had another name: looked up by the new one alone,
+    nothing was ended there."""
     fake = FakeCuda(monkeypatch, real_capture=True)
     fake.end_pool_raises = fixed_torch
+    if old_name:
+        monkeypatch.delattr(torch._C, "_cuda_endAllocateToPool", raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", fake.end_allocate_to_pool, raising=False)
 
     def syncing(x, t):
         if fake.capturing:
