@@ -401,7 +401,8 @@ class Trainer(TrainerCheckpoints):
                         "images_per_s": rate,
                     }
                     self._log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                    # (drawn at the next redraw: refresh=True would redraw at every record, also in a log)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
                     window, tick, tick_step, aside = [], time.perf_counter(), self.step, 0.0
                 bar.update(1)
                 started = time.perf_counter()

@@ -17,6 +17,7 @@ from ddpm_fast._progress import LOG_INTERVAL_S, _draws_a_widget, batch_of, progr
 from ddpm_fast.data import ImageDataset
 from ddpm_fast.distributed import sample_sharded
 from ddpm_fast.evaluate import evaluate_bpd
+from train_helpers import make_trainer
 
 
 class Terminal(io.StringIO):
@@ -58,6 +59,19 @@ def test_a_sampling_chain_logged_to_a_file_is_a_few_lines(monkeypatch):
     sampler.sample(1, seed=0, progress=True)
     redraws = log.getvalue().count("\r")
     assert "100/100" in log.getvalue() and redraws <= 3, log.getvalue()
+
+
+def test_a_training_run_logged_to_a_file_is_a_few_lines(monkeypatch, tmp_path):
+    """The loss written into the bar at every log record forced a redraw there
+    (tqdm's set_postfix refreshes by default): a log line every --log-every
+    steps, whatever the 30 s interval. The loss shows at the bar's next redraw."""
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    trainer = make_trainer(tmp_path, steps=12, log_every=1, checkpoint_every=12)
+    trainer.progress = True
+    trainer.train(final_samples=False)
+    redraws = log.getvalue().count("\r")
+    assert "12/12" in log.getvalue() and "loss=" in log.getvalue() and redraws <= 3, log.getvalue()
 
 
 def bar_names(log: str) -> list[str]:
