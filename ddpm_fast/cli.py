@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = None
     try:
         rank, world = distributed.rank_and_world()
-        distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl")))
+        distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl", "latest")))
         data = Path(args.data).resolve()
         if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import diffusion, ops
 from ._progress import progress_bar
-from .checkpoint import CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
+from .checkpoint import LATEST, CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
 from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0, sample_sharded
 from .images import save_grid
@@ -130,6 +130,10 @@ class Trainer(TrainerCheckpoints):
         if self.config.sample_every and grids.exists() and not grids.is_dir():  # else found at the first grid, its steps lost
             raise NotADirectoryError(f"{str(grids)!r} is a file, but the sample grids go into a folder of that name "
                                      "(sample_every > 0): move it away")
+        for name in (LATEST, "log.jsonl", "loss.png"):  # else found at the first checkpoint, its steps lost
+            if (self.out_dir / name).is_dir():
+                raise IsADirectoryError(f"{str(self.out_dir / name)!r} is a folder, but the run writes a file of "
+                                        "that name: move it away")
         self.progress = progress
         self.dataset = dataset
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device

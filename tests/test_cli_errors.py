@@ -35,6 +35,7 @@ from ddpm_fast.cli import main
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
         (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/with-folders"], "samples.npz is a folder"),
         (["train", "--data", "{data}", "--out", "{tmp}/with-folders"], "log.jsonl is a folder"),  # not after training
+        (["train", "--data", "{data}", "--out", "{tmp}/with-latest"], "latest is a folder"),  # not at the first checkpoint
         # refused before training, not after it (at the final sample grid)
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "8", "--timesteps", "20", "--sample-steps", "21"],
          "--sample-steps) is 21, more than the schedule's 20 timesteps"),
@@ -54,6 +55,7 @@ def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, toy_npz, c
     (tmp_path / "broken-link").symlink_to(tmp_path / "nowhere" / "deeper")
     (tmp_path / "with-folders" / "samples.npz").mkdir(parents=True)  # found before sampling, not after it
     (tmp_path / "with-folders" / "log.jsonl").mkdir()
+    (tmp_path / "with-latest" / "latest").mkdir(parents=True)
     argv = [a.format(tmp=tmp_path, data=toy_npz, file=tmp_path / "a-file") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

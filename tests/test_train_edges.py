@@ -138,6 +138,15 @@ def test_a_file_named_samples_is_refused_when_made_if_grids_are_drawn(tmp_path):
     Trainer(TinyEps(), toy_dataset(), schedule, TrainConfig(batch_size=8, sample_every=0), tmp_path, device="cpu")
 
 
+
+@pytest.mark.parametrize("name", ["latest", "log.jsonl", "loss.png"])
+def test_a_folder_named_as_a_file_the_run_writes_is_refused_at_once(tmp_path, name):
+    """A folder named latest (or log.jsonl, loss.png) in the run folder failed
+    only when the first checkpoint was written: checkpoint_every steps lost."""
+    (tmp_path / name).mkdir()
+    with pytest.raises(IsADirectoryError, match=f"{name}' is a folder, but the run writes a file of that name"):
+        make_trainer(tmp_path, steps=2)
+
 def test_load_checkpoint_refuses_another_recipe(tmp_path):
     """Called directly, load_checkpoint skipped the config check: the other
     run's optimizer state brought its learning rate along (training at 5e-2
