@@ -61,6 +61,9 @@ TABLES = (
 # arguments, not a torch.device("cpu") context, which Dynamo before torch 2.12
 # cannot enter where a table is first made inside a compiled function.
 _F64 = {"dtype": torch.float64, "device": "cpu"}
+# More would take over 16 GiB per float64 table; far more failed in torch with
+# errors that named no argument (a storage size overflow, a SymInt).
+MAX_TIMESTEPS = 2**31 - 1
 
 
 def _warmup(beta_start: float, beta_end: float, timesteps: int, fraction: float) -> torch.Tensor:
@@ -71,14 +74,11 @@ def _warmup(beta_start: float, beta_end: float, timesteps: int, fraction: float)
 
 
 def _cosine(timesteps: int) -> torch.Tensor:
-    def alpha_bar(s: float) -> float:
-        return math.cos((s + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
-
-    betas = [
-        min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), COSINE_MAX_BETA)
-        for i in range(timesteps)
-    ]
-    return torch.tensor(betas, **_F64)
+    # beta_t = min(1 - abar(t/T) / abar((t-1)/T), 0.999), abar(s) = cos²((s + offset)/(1 + offset) · π/2)
+    # (Nichol & Dhariwal eq. 17), in tensors: a list of Python floats took 1 s per million steps.
+    s = torch.arange(timesteps + 1, **_F64) / timesteps
+    alpha_bar = torch.cos((s + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=COSINE_MAX_BETA)
 
 
 def make_betas(
@@ -90,8 +90,8 @@ def make_betas(
     """The float64 betas of a named schedule, as the original works define them."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
-    if not is_int(timesteps) or timesteps < 1:
-        raise ValueError(f"timesteps must be a positive int, got {timesteps!r}")
+    if not is_int(timesteps) or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"timesteps must be a positive int up to 2^31 - 1, got {timesteps!r}")
     timesteps = int(timesteps)
     if name == "cosine":
         if beta_start is not None or beta_end is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -327,8 +328,11 @@ def test_unknown_schedule_name(bad):
         NoiseSchedule(bad, timesteps=10)
 
 
-@pytest.mark.parametrize("bad", [0, -1, -1000, 2.5, 10.0, "10", None, True])
+@pytest.mark.parametrize("bad", [0, -1, -1000, 2.5, 10.0, "10", None, True, 2**31, 2**63 - 1, 2**64])
 def test_bad_timesteps(bad):
+    """Past MAX_TIMESTEPS (2^31 - 1) torch failed with errors that named no
+    argument (a storage size overflow; past 2^63, long long overflow), and the
+    cosine schedule filled memory with a list of Python floats for minutes."""
     with pytest.raises(ValueError, match="timesteps must be a positive int"):
         make_betas("linear", bad)
     with pytest.raises(ValueError, match="timesteps must be a positive int"):
@@ -429,3 +433,13 @@ def test_copies_leave_the_per_device_caches_behind(copy_kind):
     assert twin._device_tables == {} and "_undefined_steps" not in vars(twin)
     assert torch.equal(twin.table("sqrt_alphas_cumprod"), table) and twin.undefined_steps("fixed_small") == []
     assert schedule.table("sqrt_alphas_cumprod") is table  # the original keeps its own
+
+
+def test_the_cosine_schedule_of_many_steps_is_quick_and_matches_its_formula():
+    """Its betas came from a list of Python floats: 1 s per million steps."""
+    start = time.perf_counter()
+    betas = make_betas("cosine", 2_000_000)
+    assert time.perf_counter() - start < 1.0
+    for i in (0, 1, 999_999, 1_999_999):
+        abar = [math.cos(((i + k) / 2_000_000 + 0.008) / 1.008 * math.pi / 2) ** 2 for k in (0, 1)]
+        assert betas[i].item() == pytest.approx(min(1 - abar[1] / abar[0], 0.999), rel=1e-12, abs=1e-18)
