@@ -112,7 +112,8 @@ def test_console_script_and_module_entry_point():
 
 @pytest.mark.parametrize(
     "device, message",
-    [("banana", "unknown device 'banana'"), ("mps", "unsupported device 'mps'"), ("cuda", "CUDA is not available")],
+    [("banana", "unknown device 'banana'"), ("mps", "unsupported device 'mps'"), ("meta", "unsupported device 'meta'"),
+     ("cuda", "CUDA is not available")],
 )
 @pytest.mark.parametrize("command", ["train", "sample", "bpd", "fid"])
 def test_device_is_checked_while_parsing(command, device, message, monkeypatch, capsys):

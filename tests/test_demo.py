@@ -134,3 +134,19 @@ def test_demo_is_reproducible_from_its_seed(tmp_path, demo_trainers):
         run_demo(tmp_path / name, steps=1, samples=2, sample_steps=1, seed=1, progress=False)
     a, b = (t.ema.state_dict() for t in demo_trainers)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_trains_without_flips_and_writes_its_loss_curve(tmp_path, demo_trainers, demo_sample_calls):
+    """Mirrored digits are no digits: the demo's recipe turns flips off. Its
+    loss.png is the run's own, copied beside the samples."""
+    run_demo(tmp_path, steps=2, samples=2, progress=False)
+    assert demo_trainers[0].config.flip is False
+    assert (tmp_path / "loss.png").read_bytes() == (tmp_path / "run" / "loss.png").read_bytes()
+
+
+def test_demo_help_states_its_sample_steps_default(capsys):
+    from ddpm_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"(default: {DEMO_SAMPLE_STEPS} of the 1000" in " ".join(capsys.readouterr().out.split())

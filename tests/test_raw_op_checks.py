@@ -59,6 +59,8 @@ CASES = {
     "empty-t": (q_sample(t=torch.tensor([], dtype=torch.long)), r"t must be a scalar or have one entry per sample \(2\), got shape \[0\]"),
     "int32-t": (q_sample(t=T2.int()), "t must be int64"),
     "2-d-t": (q_sample(t=T2.view(2, 1)), "t must be a scalar or have one entry per sample"),
+    # [3, 7] viewed with stride 2: a kernel reading t as contiguous would take 3 and 0, the gap
+    "strided-t": (q_sample(t=torch.tensor([3, 0, 7, 0])[::2]), "t must be contiguous"),
     "float64-x0": (q_sample(x0=X.double()), "x0 must be float32, float16 or bfloat16"),
     "0-d-x0": (q_sample(x0=torch.tensor(1.0), t=torch.tensor(1)), "x0 must have a batch dimension"),
     "transposed-x0": (q_sample(x0=X.transpose(2, 3)), "x0 must be contiguous or channels_last"),

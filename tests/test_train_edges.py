@@ -165,3 +165,54 @@ def test_load_checkpoint_into_a_trainer_whose_out_dir_does_not_exist_yet(tmp_pat
     fresh = make_trainer(tmp_path / "new", steps=4)
     fresh.load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert fresh.step == 2 and not (tmp_path / "new").exists()
+
+
+def test_the_ema_samples_in_eval_mode(tmp_path):
+    """The EMA copy is made in eval mode: in training mode its sample grids ran
+    with dropout on (and the Sampler warned)."""
+    trainer = make_trainer(tmp_path, dropout=0.5, sample_count=2, sample_steps=2)
+    trainer.train_step()
+    assert not trainer.ema.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.sample_grid(tmp_path / "grid.png")
+
+
+def test_sample_grids_take_sample_steps(tmp_path):
+    trainer = make_trainer(tmp_path, steps=1, sample_count=2, sample_steps=3)
+    calls = []
+    trainer.ema.register_forward_hook(lambda *args: calls.append(1))
+    trainer.sample_grid(tmp_path / "grid.png")
+    assert len(calls) == 3  # not all 100 of the schedule's
+
+
+def test_read_log_skips_lines_that_are_no_step_records(tmp_path):
+    """A log line that is JSON but no record of a step (a list, a string, a
+    record without "step") is skipped: the resume's log cut failed on it."""
+    trainer = make_trainer(tmp_path, steps=2)
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n[2]\n"x"\n{"loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    assert [r["step"] for r in trainer.read_log()] == [1, 2]
+
+
+def test_a_short_run_draws_its_loss_curve(tmp_path):
+    make_trainer(tmp_path, steps=2, checkpoint_every=2, log_every=1).train(final_samples=False)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_the_last_step_is_checkpointed_off_the_checkpoint_every_grid(tmp_path):
+    make_trainer(tmp_path, steps=3, checkpoint_every=2, keep_checkpoints=0).train(final_samples=False)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000003"
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("max_nonfinite", 0, ValueError), ("sample_every", -1, ValueError), ("compile", 1, TypeError),
+    ("lr", 0.0, ValueError),
+])
+def test_config_edges_are_refused(field, value, error):
+    with pytest.raises(error, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_an_ema_decay_of_zero_is_allowed():
+    """[0, 1), as documented: 0 makes the EMA the weights themselves."""
+    assert TrainConfig(ema_decay=0).ema_decay == 0.0

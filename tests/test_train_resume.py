@@ -338,3 +338,28 @@ def test_a_resume_on_other_images_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_trainer(tmp_path, steps=4).check_resumable(path.parent)
+
+
+def test_an_older_checkpoint_of_another_recipe_is_passed_over(tmp_path):
+    """Falling back past a damaged newest checkpoint, one of another recipe is
+    skipped like a damaged one (only the newest's mismatch is an error)."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=6, keep_checkpoints=3).train(final_samples=False)  # 2, 4, 6
+    (out / "checkpoint-00000006" / "trainer.pt").write_bytes(b"damaged")
+    config = out / "checkpoint-00000004" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["train"]["lr"] = 0.5
+    config.write_text(json.dumps(saved))
+    resumed = make_trainer(out, steps=6, keep_checkpoints=3)
+    with pytest.warns(UserWarning, match="resumed from the older checkpoint-00000002"):
+        assert resumed.train(final_samples=False)["trained"] == 4
+
+
+def test_a_checkpoint_config_without_a_section_resumes(tmp_path):
+    """A config.json without a whole section (written before it was recorded) is no mismatch."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    path = latest_checkpoint(tmp_path) / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["model"]
+    path.write_text(json.dumps(saved))
+    assert make_trainer(tmp_path, steps=4).train(final_samples=False)["steps"] == 4

@@ -432,3 +432,14 @@ def test_an_fp16_overflow_is_skipped_by_the_scaler_not_counted(tmp_path):
     assert loss is not None and trainer._nonfinite_in_row == 0
     assert trainer.scaler.get_scale() == 2.0**99
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))  # the scaler skipped it
+
+
+def test_bf16_has_no_loss_scaling_and_counts_a_nan_gradient(tmp_path):
+    """The GradScaler is on for fp16 alone: under bf16 it would skip a step of
+    NaN gradients silently, neither counted nor warned."""
+    config = TrainConfig(steps=2, batch_size=8, warmup=0, checkpoint_every=100, precision="bf16")
+    trainer = Trainer(FlakyEps(nan_output=set(), nan_gradient={1}), toy_dataset(), NoiseSchedule("linear", timesteps=20),
+                      config, tmp_path, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="step 1: non-finite"):
+        assert trainer.train_step() is None
+    assert trainer._nonfinite_in_row == 1
