@@ -4,6 +4,7 @@ backend after one warning."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -18,7 +19,9 @@ def _running_torch() -> tuple[int, int]:
 
 
 try:
-    from . import _C  # noqa: F401  (registers the operators)
+    # (registers the operators) Not `from . import _C`: where it is not built, that
+    # blames "a circular import" (the package is still being imported).
+    _C = importlib.import_module(f"{__package__}._C")
 
     _built = (getattr(_C, "TORCH_MAJOR", None), getattr(_C, "TORCH_MINOR", None))
     if _built != _running_torch():  # torch's C++ ABI differs between versions: its ops could crash
