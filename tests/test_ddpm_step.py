@@ -506,3 +506,16 @@ def test_eps_is_read_in_its_own_dtype(device, backend):
     rounded = ops.ddpm_step(x.float(), eps.bfloat16().float(), 500, SCHEDULE, backend="reference", **kw).to(torch.bfloat16)
     assert not torch.equal(want, rounded)  # the test can tell them apart
     assert (got != want).sum() < (got != rounded).sum()
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_a_scalar_t_draws_at_its_step_stride(device, backend):
+    """The Sampler's call: one 0-d t for the batch and step_stride, so that each
+    step draws its own noise (counter offset + t * step_stride + ...). A kernel
+    that applied step_stride to per-sample t alone reused one step's noise in
+    every step, which only the sampler's statistical test noticed."""
+    x, eps = torch.randn(2, 3, 4, 4, device=device), torch.randn(2, 3, 4, 4, device=device)
+    noise = dict(seed=5, offset=0, sample_stride=1000, step_stride=48)
+    got = ops.ddpm_step(x, eps, torch.tensor(7, device=device), SCHEDULE, backend=backend, **noise)
+    want = ops.ddpm_step(x.cpu(), eps.cpu(), torch.tensor(7), SCHEDULE, backend="reference", **noise)
+    torch.testing.assert_close(got.cpu(), want)

@@ -490,3 +490,23 @@ def test_drawn_eps_is_exactly_the_noise_in_x_t(device, backend, dtype, layout):
     # Exact where the arithmetic is the reference's (no fused multiply-add on the
     # CPU); a GPU's fused multiply-add may round a rare element the other way.
     assert differ == 0 if device == "cpu" else differ < 0.01, differ
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("drawn", [True, False], ids=["drawn", "given"])
+def test_a_block_one_element_into_the_next_sample(device, backend, layout, drawn):
+    """63 elements per sample: the first 64-element block holds all of sample 0
+    and the first element of sample 1, which must take sample 1's timestep (and,
+    channels_last, its noise); no other shape puts a boundary there."""
+    schedule = NoiseSchedule("linear", timesteps=100)
+    x = torch.randn(3, 7, 3, 3, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    t = torch.tensor([90, 3, 50], device=device)
+    kwargs = dict(seed=11, offset=0) if drawn else dict(noise=torch.randn_like(x))
+    xt, eps = ops.q_sample(x, t, schedule, backend=backend, **kwargs)
+    ref = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    xt_ref, eps_ref = ops.q_sample(x.cpu(), t.cpu(), schedule, backend="reference", **ref)
+    torch.testing.assert_close(eps.cpu(), eps_ref)
+    torch.testing.assert_close(xt.cpu(), xt_ref)

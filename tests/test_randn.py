@@ -284,3 +284,13 @@ def test_cpu_clamps_the_smallest_uniforms():
     assert want[45].abs() <= math.sqrt(-2 * math.log(1e-7)) + 1e-5
     torch.testing.assert_close(run, want[40:], atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(block.flatten(), want[:80], atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_rows_whose_run_crosses_2_to_the_32_match_reference(device, backend):
+    """Rows of 64 or more elements are drawn as runs; a run whose counters cross
+    a multiple of 2^32 must carry into the high word (the 1-d and 35-element
+    cases above take the per-block path and never reach it)."""
+    got = ops.randn((2, 200), 3, 2**32 - 70, device=device, backend=backend)
+    want = ops.randn((2, 200), 3, 2**32 - 70, device=device, backend="reference")
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
