@@ -140,7 +140,7 @@ class Trainer(TrainerCheckpoints):
         _check_samplable(schedule, self.config.sample_steps)
         self.schedule = schedule
         self.extra_config = extra_config or {}
-        self.data_fingerprint = dataset.fingerprint()  # recorded: a resume on other images is told
+        self.data_fingerprint = dataset.fingerprint()  # in every checkpoint: a resume on other images is noticed
         floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
         if floats - {torch.float32}:  # the recipe's master weights are float32 (precision= sets autocast)
             raise TypeError(f"the Trainer trains float32 parameters (precision= chooses the autocast dtype), "
