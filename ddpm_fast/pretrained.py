@@ -38,6 +38,9 @@ def _assumed_schedule(folder: Path) -> NoiseSchedule:
     return NoiseSchedule("linear")
 
 
+_SCHEDULER_CONFIG = Path("scheduler", "scheduler_config.json")  # in a diffusers pipeline folder
+
+
 def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> NoiseSchedule:
     """The DDPMScheduler betas of the pipeline in ``folder`` if its config is
     there, else linear T=1000 (with a warning naming ``model_folder``, the
@@ -48,7 +51,7 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     zero-terminal-SNR schedule, would sample silently wrong as an ε-predictor on
     our schedule, and neither dynamic thresholding nor clipping x0 to a range
     other than [-1, 1] is offered."""
-    config_path = folder / "scheduler" / "scheduler_config.json"
+    config_path = folder / _SCHEDULER_CONFIG
     if not config_path.is_file():
         return _assumed_schedule(folder if model_folder is None else model_folder)
     config = _read_json(config_path)
@@ -119,9 +122,9 @@ def diffusers_sampling(path: str | os.PathLike) -> dict[str, Any]:
     ``{}`` for any other folder. ``ddpm-fast sample`` takes these as its
     defaults, so that it draws the chain the pipeline draws."""
     layout = _diffusers_layout(Path(path))
-    if layout is None or not (layout[1] / "scheduler" / "scheduler_config.json").is_file():
+    config_path = layout[1] / _SCHEDULER_CONFIG if layout is not None else None
+    if config_path is None or not config_path.is_file():
         return {}
-    config_path = layout[1] / "scheduler" / "scheduler_config.json"
     config = _read_json(config_path)
     variance = str(config.get("variance_type", "fixed_small")).removesuffix("_log")  # *_log: the same variance
     if variance not in ("fixed_small", "fixed_large"):
