@@ -251,6 +251,9 @@ def record_gpu(benchmark, copy_bandwidth_gbps, request):
             fn()
             torch.cuda.synchronize()
 
+        # One pytest-benchmark group per case: its (ratio) column then
+        # compares the impls of one case, not randn with the U-Net.
+        benchmark.group = case
         benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
         return row
 

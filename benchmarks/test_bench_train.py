@@ -46,9 +46,10 @@ def ours_step(name: str, device: str, batch: int, precision: str, tmp_path, comp
 def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool):
     """The same recipe as plain PyTorch code over diffusers' model, with what
     our Trainer has from torch alone: fused Adam (one kernel a step, as the
-    Trainer's; the default, foreach, is slower) and a channels_last model and
-    batch (the Trainer's default; faster for both on the CPU too). Like the
-    Trainer's step it reads its loss on the host once per step."""
+    Trainer's; the default, foreach, is slower), the random flips, and a
+    channels_last model and batch (the Trainer's default; faster for both on
+    the CPU too). Like the Trainer's step it reads its loss on the host once
+    per step."""
     model = build("diffusers", name, device).train()
     model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -69,7 +70,10 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
 
     def step():
         index = torch.randint(0, len(images), (batch,), device=device)
-        x0 = (images[index].float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
+        x0 = images[index].float() / 127.5 - 1
+        # The recipe's random horizontal flips, as the Trainer's (its default).
+        flip = torch.rand(batch, device=device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0).contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, 1000, (batch,), device=device)
         loss = loss_fn(x0, t, torch.randn_like(x0))
         optimizer.zero_grad(set_to_none=True)

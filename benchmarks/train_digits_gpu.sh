@@ -6,7 +6,8 @@
 # as the demo's are, and the distance of bf16 and fp16 samples from fp32 ones
 # (benchmarks/sample_precision.py). $OUT (default ./gpu_digits_out) gets
 # samples.png (the run's grid), loss.png, log.jsonl, digits.png / digits.npz
-# (the judged samples), quality.txt and precision.txt: seven files.
+# (the judged samples), train.txt, quality.txt and precision.txt: eight
+# files. Exit status 1 if any step failed.
 # On a GPU machine: run(command="bash benchmarks/train_digits_gpu.sh", timeout_s=...)
 set -uo pipefail
 out=${OUT:-gpu_digits_out}
@@ -23,12 +24,17 @@ start=$SECONDS
 timeout -s INT -k 20 "${TRAIN_LIMIT:-300}" python3 -m ddpm_fast train --data digits --model tiny --no-flip \
   --steps "$steps" --batch-size 128 --lr 1e-3 --warmup 100 --ema-decay 0.999 --log-every 100 \
   --checkpoint-every "$steps" --sample-steps 250 --device cuda --out "$run" > /tmp/digits_train.log 2>&1
-echo "train: rc=$? ($((SECONDS - start)) s); $(tail -c 300 /tmp/digits_train.log | tr '\r' '\n' | tail -2 | tr '\n' ' ')"
+rc=$?
+failed=0  # each step's failure is kept: the exit status says whether all held
+[ "$rc" -eq 0 ] || failed=1
+echo "train: rc=$rc ($((SECONDS - start)) s); $(tail -c 300 /tmp/digits_train.log | tr '\r' '\n' | tail -2 | tr '\n' ' ')" \
+  | tee "$out/train.txt"
 cp "$run/samples.png" "$run/loss.png" "$run/log.jsonl" "$out/" 2> /dev/null
 if python3 -m ddpm_fast sample --checkpoint "$run" --out /tmp/gpu_digits_samples -n 100 --steps 250 --device cuda \
   > /tmp/digits_sample.log 2>&1; then
   cp /tmp/gpu_digits_samples/samples.png "$out/digits.png" && cp /tmp/gpu_digits_samples/samples.npz "$out/digits.npz"
 else  # the judging below then fails on the missing digits.npz: say why here
+  failed=1
   echo "sample failed:"; tail -c 1500 /tmp/digits_sample.log | tr '\r' '\n' | tail -15
 fi
 python3 - "$out" << 'PY' | tee "$out/quality.txt"
@@ -42,4 +48,6 @@ print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: a classifier 
       f"(p > 0.8) on {q['confident']:.0%} of 100 samples (mean top probability {q['confidence']:.2f}), "
       f"covering {q['classes']} of the 10 digits")
 PY
-python3 benchmarks/sample_precision.py "$run" -n 400 --steps 250 --device cuda | tee "$out/precision.txt"
+[ "$?" -eq 0 ] || failed=1  # pipefail: the judging's status, not tee's
+python3 benchmarks/sample_precision.py "$run" -n 400 --steps 250 --device cuda | tee "$out/precision.txt" || failed=1
+exit "$failed"
