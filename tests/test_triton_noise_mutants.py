@@ -1,6 +1,7 @@
 """Gaps in the Triton kernels' tests found by mutation testing (kernels/ddpm_step.py):
 outputs checked bit for bit where the reference comparisons' tolerances hide a
-one-ulp difference. Expected values come from the reference backend."""
+one-ulp difference. Expected values come from the reference backend; the
+C++ kernels are held to the same."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ddpm_fast import NoiseSchedule, ops
 SCHEDULE = NoiseSchedule("linear", timesteps=1000)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in backend_params() if p.values[1] == "triton"])
+@pytest.mark.parametrize("device,backend", [p for p in backend_params() if p.values[1] != "reference"])
 @pytest.mark.parametrize("clip", [False, True], ids=["unclipped", "clipped"])
 def test_16_bit_step_outputs_are_rounded_to_nearest(device, backend, clip):
     """x_{t-1} and the next model input in bfloat16 are the float32 result
