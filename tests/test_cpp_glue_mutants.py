@@ -117,3 +117,23 @@ def test_raw_backward_gives_each_gradient_in_its_inputs_dtype(device, w_dtype, b
     dx, dw, db, dadd = torch.ops.ddpm_fast.group_norm_silu_backward(torch.ones_like(x), x, w, b, add, mean, rstd, 3, True)
     assert dx.dtype == torch.bfloat16
     assert (dw.dtype, db.dtype, dadd.dtype) == tuple(x.dtype if d is None else d for d in (w_dtype, b_dtype, add_dtype))
+
+
+@requires_extension
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_second_derivatives_with_a_bias_and_no_weight(backend):
+    """A bias without a weight under create_graph=True: torch 2.11's own
+    group_norm double backward fails there ("shape '[0]' is invalid"), so the
+    differentiable backward gives a weight of ones; the result is the one with
+    that weight given."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    results = []
+    for w in (None, torch.ones(6, dtype=torch.float64)):
+        xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = ops.group_norm_silu(xs, 3, w, bs, backend=backend)
+        (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), [xs, bs]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
