@@ -179,6 +179,25 @@ class TestTritonPlan:
     def test_wide_groups_split(self, gn):
         assert not gn.plan(1024, 16, 1, 4, False).fused  # 1024 channels in one group
 
+    # (C, H*W, G) that take the split path: a large image, a 2048 x 2048 image, wide groups.
+    SPLIT = [(128, 256 * 256, 32), (64, 2048 * 2048, 32), (1024, 16, 1)]
+
+    @pytest.mark.parametrize("c,s,g", SPLIT)
+    @pytest.mark.parametrize("elem_bytes", [4, 2])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_split_tiles_read_whole_sectors(self, gn, c, s, g, elem_bytes, channels_last):
+        """A split tile's contiguous run in memory (its channels in a
+        channels_last row, its positions in an NCHW column) fills a 32-byte
+        sector, as the fused plan's rows do: the layouts' channel counts
+        swapped (4 channels a channels_last row, 8 bytes of bfloat16) gave
+        right results at a quarter of a sector a load (found by mutation)."""
+        p = gn.plan(c, s, g, elem_bytes, channels_last)
+        assert not p.fused
+        run = p.block_c if channels_last else p.block_s
+        assert run * elem_bytes >= gn.MIN_ROW_BYTES, (p, run * elem_bytes)
+        assert p.block_c * p.block_s <= gn.SPLIT_TILE
+        assert p.col_tiles * p.block_c >= c and p.pos_tiles * p.block_s >= s
+
 
 @requires_triton
 @pytest.mark.parametrize("shape,channels_last", [((1, 64, 2048, 2048), True), ((1, 32, 8192, 8193), False), ((512, 512, 64, 64), False)])
