@@ -183,7 +183,9 @@ def test_bpd_options_reach_the_evaluation_and_its_summary_is_printed(tiny_run, t
     assert [(s["nhwc"], s["sharded"]) for s in evaluated] == [(True, True), (False, True)]
 
 
-def test_bpd_channels_reach_the_dataset(tiny_run, toy_npz, monkeypatch, capsys):
+@pytest.fixture
+def dataset_options(monkeypatch):
+    """The keyword arguments a command hands load_dataset, which then stops it (exit 2)."""
     import ddpm_fast.data
 
     seen = {}
@@ -193,9 +195,13 @@ def test_bpd_channels_reach_the_dataset(tiny_run, toy_npz, monkeypatch, capsys):
         raise UsageError("recorded")
 
     monkeypatch.setattr(ddpm_fast.data, "load_dataset", load_dataset)
+    return seen
+
+
+def test_bpd_channels_reach_the_dataset(tiny_run, toy_npz, dataset_options):
     assert main(["bpd", "--checkpoint", str(tiny_run), "--data", str(toy_npz), "--channels", "3",
                  "--image-size", "16", "--device", "cpu"]) == 2
-    assert seen["channels"] == 3 and seen["image_size"] == 16
+    assert dataset_options["channels"] == 3 and dataset_options["image_size"] == 16
 
 
 # ------------------------------------------------------------------ fid
@@ -227,21 +233,14 @@ def test_fid_n_may_equal_the_smaller_set(tmp_path, fake_inception, capsys):
     assert capsys.readouterr().out.startswith("FID 0.0000 (5 samples of ")
 
 
-def test_fid_device_and_image_size_are_used(tmp_path, monkeypatch, fake_inception):
+def test_fid_device_and_image_size_are_used(tmp_path, monkeypatch, fake_inception, dataset_options):
     import ddpm_fast.data
 
-    seen = {}
-
-    def load_dataset(spec, **kwargs):
-        seen.update(kwargs)
-        raise UsageError("recorded")
-
-    monkeypatch.setattr(ddpm_fast.data, "load_dataset", load_dataset)
     monkeypatch.setattr(ddpm_fast.data, "load_array", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cpu must win over the default cuda
     assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--data", str(tmp_path), "--image-size", "16",
                  "--device", "cpu"]) == 2
-    assert fake_inception == [torch.device("cpu")] and seen["image_size"] == 16
+    assert fake_inception == [torch.device("cpu")] and dataset_options["image_size"] == 16
 
 
 def test_a_failing_command_exits_with_its_status_from_the_console_entry_point(tmp_path):

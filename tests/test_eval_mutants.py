@@ -1,6 +1,6 @@
 """Gaps found by mutation testing of the evaluation code: evaluate_bpd against
-one bits_per_dim call with each image's own noise (fast: a one-convolution
-model instead of a U-Net), bits_per_dim's defaults and data check, and the
+one bits_per_dim call with each image's own noise (fast: a small conv net
+instead of a U-Net), bits_per_dim's defaults and data check, and the
 FID helpers' environment, path and feature checks."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import ddpm_fast.evaluate as evaluate
 import ddpm_fast.fid as fid_module
@@ -22,23 +21,9 @@ from ddpm_fast.fid import ENV_VAR, activation_statistics, fid, frechet_distance,
 from ddpm_fast.schedules import NoiseSchedule
 from test_bits_per_dim import BPD_SCHED, bpd_data, run_bpd
 from test_fid import images
+from train_helpers import TinyEps
 
 SCHEDULE = NoiseSchedule("linear", timesteps=6, beta_start=1e-2, beta_end=0.3)
-
-
-class TinyModel(nn.Module):
-    """A cheap eps-model whose output depends on x_t and t (3 x 3 weights: 4-d, so
-    that channels_last weights are recognisable)."""
-
-    in_channels, image_size = 3, 4
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return 0.2 * self.conv(x) * (1 + t.view(-1, 1, 1, 1).to(x.dtype) / 6)
 
 
 def tiny_data(n: int = 5) -> ImageDataset:
@@ -49,7 +34,7 @@ def test_evaluate_bpd_is_the_bound_with_each_images_noise_at_any_batch_size():
     """Image i's noise at step t is normal(seed, i * 2^32 + t * its size + j): the
     dataset means of one bits_per_dim call with that noise, every term in its
     place, for any batch size and for n left at its default (all images)."""
-    model, data = TinyModel().eval(), tiny_data()
+    model, data = TinyEps(channels=3, image_size=4).eval(), tiny_data()
     x0 = data.batch(torch.arange(5))
     per_image = 3 * 4 * 4
     direct = D.bits_per_dim(model, x0, SCHEDULE, noise_fn=lambda t: ops.randn(x0.shape, 7, t * per_image, sample_stride=2**32))
@@ -64,7 +49,7 @@ def test_evaluate_bpd_is_the_bound_with_each_images_noise_at_any_batch_size():
 
 
 def test_evaluate_bpd_feeds_channels_last_batches_to_a_channels_last_model():
-    model = TinyModel().eval().to(memory_format=torch.channels_last)
+    model = TinyEps(channels=3, image_size=4).eval().to(memory_format=torch.channels_last)
     seen = []
     model.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
                                                                 and not args[0].is_contiguous()))

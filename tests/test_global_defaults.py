@@ -72,7 +72,7 @@ def test_pretrained_models_load_as_float32_under_a_float64_default(tmp_path):
         with pytest.warns(UserWarning, match="records no noise schedule"):
             models["load_model"] = load_model(tmp_path / "ours")[0]
         for name, model in models.items():
-            assert {p.dtype for p in model.parameters()} == {torch.float32}, name
+            assert {p.dtype for p in model.parameters()} == {torch.float32} and not model.training, name
         with torch.no_grad():
             torch.testing.assert_close(models["ours"](x, t), want["ours"], rtol=0, atol=0)
             torch.testing.assert_close(models["diffusers"](x, t), want["diffusers"], rtol=1e-5, atol=1e-5)
@@ -91,11 +91,15 @@ def test_loading_and_evaluating_under_another_default_device(tmp_path):
     want = evaluate_bpd(model, data, schedule, **kw)
     rgb = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     with torch.device("meta"):
-        for loaded in (UNet.from_pretrained(tmp_path / "ours"), UNet.from_diffusers(tmp_path / "pipeline" / "unet")):
-            assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+        loaded = [UNet.from_pretrained(tmp_path / "ours"), UNet.from_diffusers(tmp_path / "pipeline" / "unet")]
+        for each in loaded:
+            assert {p.device.type for p in each.parameters()} == {"cpu"}
         got = evaluate_bpd(model, data, schedule, **kw)
         grey = _set_channels(rgb, 1)
     assert got["total"] == want["total"] and grey.device.type == "cpu"
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    with torch.no_grad():
+        assert all(torch.isfinite(each(x, t)).all() for each in loaded)  # weights read, not left empty
 
 
 def test_a_run_loads_as_float32_on_the_cpu_whatever_the_defaults(tmp_path):
