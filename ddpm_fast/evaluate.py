@@ -74,7 +74,7 @@ def evaluate_bpd(
     dataset.check_model(model)
     if _dropout_active(model):
         warnings.warn(
-            "evaluate_bpd: the model is in training mode with active dropout, so the bound depends on more than "
+            "evaluate_bpd: the model has active dropout (a dropout module in training mode), so the bound depends on more than "
             "the seed (and on the batch size); call model.eval() before evaluating",
             RuntimeWarning, stacklevel=3,  # past torch.no_grad's wrapper: the caller
         )

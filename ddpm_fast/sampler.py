@@ -221,7 +221,7 @@ class Sampler:
         seed = as_seed(seed, "Sampler.sample")
         if _dropout_active(self.model):
             warnings.warn(
-                "Sampler: the model is in training mode with active dropout, so the samples depend on more "
+                "Sampler: the model has active dropout (a dropout module in training mode), so the samples depend on more "
                 "than the seed (and sample i on the batch); call model.eval() before sampling",
                 RuntimeWarning, stacklevel=3,  # past torch.no_grad's wrapper: the caller
             )
@@ -423,8 +423,10 @@ class _Chain:
 
 
 def _dropout_active(model: Model) -> bool:
-    """Whether ``model`` is a module with dropout on (a module in training mode)."""
-    if not isinstance(model, torch.nn.Module) or not model.training:
+    """Whether ``model`` is a module with dropout on: a dropout module of it in
+    training mode, whatever the model's own mode (``model.eval()`` then
+    ``model.drop.train()`` leaves that one on)."""
+    if not isinstance(model, torch.nn.Module):
         return False
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
 

@@ -104,7 +104,7 @@ def test_active_dropout_is_warned_about(digits):
     more than the seed (it was evaluated silently, and differed run to run)."""
     torch.manual_seed(4)
     model = UNet.tiny(dropout=0.5)
-    with pytest.warns(RuntimeWarning, match="evaluate_bpd: the model is in training mode with active dropout"):
+    with pytest.warns(RuntimeWarning, match="evaluate_bpd: the model has active dropout"):
         evaluate_bpd(model, digits, NoiseSchedule("linear", timesteps=4), n=2)
 
 

@@ -494,3 +494,18 @@ def test_dropout_warning_points_at_the_caller():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         Sampler(DropoutModel(0.0), SCHEDULE, sample_shape=(1, 2, 2)).sample(1, seed=0, steps=2, progress=False)
+
+
+def test_dropout_warning_looks_past_the_models_own_mode():
+    """An eval model with one dropout module put back into training (as
+    model.eval(); model.dropout.train()) still draws masks: warned of, by the
+    Sampler and by evaluate_bpd (the model's own mode alone had silenced both);
+    an eval model without such a module is not."""
+    from ddpm_fast.sampler import _dropout_active
+
+    model = DropoutModel(0.5).eval()
+    assert not _dropout_active(model)
+    model.dropout.train()
+    with pytest.warns(RuntimeWarning, match="active dropout"):
+        Sampler(model, SCHEDULE, sample_shape=(1, 2, 2)).sample(1, seed=0, steps=2, progress=False)
+    assert _dropout_active(model)
