@@ -231,6 +231,19 @@ def test_p_mean_variance_x0(sched, clip):
     close(p.mean, col(tb["c1"][ti]) * want_x0 + col(tb["c2"][ti]) * xt.numpy())
 
 
+@pytest.mark.parametrize("x_dtype, out_dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32)])
+def test_p_mean_variance_gives_pred_x0_in_the_computation_dtype(x_dtype, out_dtype):
+    """An x0-model's output in another dtype is cast to x_t's dtype, in which
+    everything is computed (float64 in, float64 out): pred_x0 is not the
+    model's tensor as it came, clipped or not."""
+    s = SCHEDULES["linear"][0]
+    x_t = torch.linspace(-2, 2, 16, dtype=x_dtype).reshape(2, 1, 2, 4)
+    out = torch.linspace(-1.5, 1.5, 16).reshape(2, 1, 2, 4).to(out_dtype)
+    for clip in (False, True):
+        p = D.p_mean_variance(s, out, x_t, 3, mean_type="x0", clip_denoised=clip)
+        assert p.pred_x0.dtype == p.mean.dtype == x_dtype
+
+
 # ---------------------------------------------------------------- likelihood pieces
 
 
