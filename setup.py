@@ -144,7 +144,10 @@ def _extensions():
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     from torch.utils import cpp_extension
 
-    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    # torch compiles with CUDA_HOME/bin/nvcc, and takes /usr/local/cuda for CUDA_HOME
+    # whenever that folder exists: a CUDA runtime image has one without nvcc.
+    home = cpp_extension.CUDA_HOME
+    has_nvcc = home is not None and os.path.isfile(os.path.join(home, "bin", "nvcc"))
     cuda_torch = torch.version.cuda is not None
     if WANT_CUDA is True:
         if not (has_nvcc and cuda_torch):
