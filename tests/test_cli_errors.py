@@ -227,15 +227,16 @@ def test_a_second_sigterm_ends_the_process_at_once():
     would ignore every further SIGTERM if the first left it installed."""
     import signal
 
-    from ddpm_fast.cli_signals import Terminated, _raise_terminated
+    from ddpm_fast.cli_signals import Terminated, catch_sigterm, restore_sigterm
 
-    before = signal.getsignal(signal.SIGTERM)
+    previous = catch_sigterm()  # under pytest SIGTERM's handler is SIG_DFL already: install ours first
     try:
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         with pytest.raises(Terminated):
-            _raise_terminated(signal.SIGTERM, None)
+            signal.raise_signal(signal.SIGTERM)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGTERM, before)
+        restore_sigterm(previous)
 
 
 @pytest.mark.parametrize("sent, code, what", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
