@@ -271,7 +271,7 @@ class NoiseSchedule:
         float64 to 0: every form divides by sqrt(alpha_t) or sqrt(abar_t) there.
         Empty for the usual schedules."""
         found = self.__dict__.setdefault("_undefined_steps", {})
-        key = (kind, eta, bool(clip_denoised))
+        key = (kind, type(eta), eta, bool(clip_denoised))  # the type: True == 1.0 must not find 1.0's answer
         try:  # every reverse step asks: the lookup first, the checks once per key
             return found[key]
         except (KeyError, TypeError):
@@ -419,7 +419,7 @@ def _as_betas(betas: object) -> torch.Tensor:
         tensor = torch.tensor(betas, **_F64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"betas must be a tensor or a sequence of numbers, got {type(betas).__name__} ({error})") from None
-    if any(isinstance(b, bool) for b in (betas if isinstance(betas, (list, tuple)) else ())) or (
+    if any(isinstance(b, (bool, np.bool_)) for b in (betas if isinstance(betas, (list, tuple)) else ())) or (
         isinstance(betas, np.ndarray) and betas.dtype == np.bool_
     ):
         raise TypeError("betas must hold real numbers, got a bool")
