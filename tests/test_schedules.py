@@ -229,15 +229,15 @@ def test_tiny_first_betas_keep_their_coefficients(beta0):
     2e-16: the clipped sampler's last step shrank samples by 10%)."""
     betas = torch.tensor([beta0, 0.01, 0.02], dtype=torch.float64)
     for s in (NoiseSchedule(betas=betas), NoiseSchedule(betas=betas).respace([0, 2])):
-        assert s.posterior_mean_coef1[0].item() == pytest.approx(1.0, rel=1e-14)
+        assert s.posterior_mean_coef1[0].item() == pytest.approx(1.0, rel=1e-14, abs=0.0)
         assert s.one_minus_alphas_cumprod[0].item() == pytest.approx(beta0, rel=1e-14, abs=0.0)
-        assert s.sqrt_one_minus_alphas_cumprod[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14)
-        assert s.eps_coef[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14)
-        assert s.sqrt_recipm1_alphas_cumprod[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14)
+        assert s.sqrt_one_minus_alphas_cumprod[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14, abs=0.0)
+        assert s.eps_coef[0].item() == pytest.approx(beta0 ** 0.5, rel=1e-14, abs=0.0)
+        assert s.sqrt_recipm1_alphas_cumprod[0].item() == pytest.approx((beta0 / (1 - beta0)) ** 0.5, rel=1e-14, abs=0.0)
         assert s.step_table("fixed_small")[0, 4].item() == pytest.approx(1.0, rel=1e-6)  # c1, float32
     # t = 1: 1 - (1 - b0)(1 - b1) = b0 + b1 - b0 b1, exact enough in float64
     s = NoiseSchedule(betas=betas)
-    assert s.one_minus_alphas_cumprod[1].item() == pytest.approx(beta0 + 0.01 - beta0 * 0.01, rel=1e-14)
+    assert s.one_minus_alphas_cumprod[1].item() == pytest.approx(beta0 + 0.01 - beta0 * 0.01, rel=1e-14, abs=0.0)
 
 
 def test_respace_keeps_alphas_cumprod_exactly_where_it_is_tiny():
