@@ -188,6 +188,24 @@ def test_group_norm_silu_channels_last_bfloat16(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_float32_variance_overflow(device, backend, channels_last):
+    """Finite input whose float32 variance overflows (values about 1e20, squares
+    1e40) has no float32 result; as the README says, the reference gives NaN and
+    the fused kernels SiLU(bias): their 1/sqrt(Inf) is 0, so x's scale is 0 and
+    the shift is the bias. (The CPU kernels were documented as giving NaN.)"""
+    x = finite(15, shape=(2, 4, 3, 3)) * 1e20
+    bias = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if backend == "reference":
+        assert torch.isnan(ops.group_norm_silu(x, 2, None, bias, backend="reference")).all()
+        return
+    got = ops.group_norm_silu(x.to(device), 2, None, bias.to(device), backend=backend).cpu()
+    torch.testing.assert_close(got, torch.nn.functional.silu(bias)[None, :, None, None].expand_as(got))  # Triton: within 1 ulp
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("where", ["x", "weight-nan", "bias", "add"])
 def test_group_norm_silu_backward(device, backend, where):
     """Gradients carry NaN/Inf where the reference's autograd puts them."""
