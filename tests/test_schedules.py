@@ -101,8 +101,8 @@ def test_linear_defaults_are_ho_et_al():
     """The default schedule is DDPM's: linear 1e-4 -> 0.02 over T = 1000."""
     s = NoiseSchedule()
     assert s.name == "linear" and s.num_timesteps == len(s) == 1000
-    assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-15)
-    assert s.betas[-1].item() == pytest.approx(0.02, rel=1e-15)
+    assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-15, abs=0.0)
+    assert s.betas[-1].item() == pytest.approx(0.02, rel=1e-15, abs=0.0)
     assert_close64(s.betas, np.linspace(1e-4, 0.02, 1000))
 
 
@@ -113,7 +113,7 @@ def test_custom_beta_start_end_honoured(name):
     want = np_betas(name, T, start, end)
     assert_close64(make_betas(name, T, beta_start=start, beta_end=end), want)
     assert_close64(NoiseSchedule(name, timesteps=T, beta_start=start, beta_end=end).betas, want)
-    assert make_betas(name, T, beta_start=start, beta_end=end)[-1].item() == pytest.approx(end, rel=1e-15)
+    assert make_betas(name, T, beta_start=start, beta_end=end)[-1].item() == pytest.approx(end, rel=1e-15, abs=0.0)
 
 
 @pytest.mark.parametrize("T", [10, 100, 1000])
@@ -123,9 +123,9 @@ def test_warmup_boundary(T):
     for name, frac in (("warmup10", 0.1), ("warmup50", 0.5)):
         b = make_betas(name, T).numpy()
         n = int(T * frac)
-        assert b[0] == pytest.approx(1e-4, rel=1e-15)
+        assert b[0] == pytest.approx(1e-4, rel=1e-15, abs=0.0)
         if n > 1:
-            assert b[n - 1] == pytest.approx(0.02, rel=1e-15)
+            assert b[n - 1] == pytest.approx(0.02, rel=1e-15, abs=0.0)
         assert np.all(np.diff(b[:n]) > 0)
         assert np.all(b[n:] == 0.02)
 

@@ -44,11 +44,11 @@ def test_one_step_schedule_log_variances(beta):
     s = NoiseSchedule(betas=[beta])
     assert s.num_timesteps == 1
     assert s.posterior_variance.tolist() == [0.0]
-    assert s.posterior_mean_coef1[0].item() == pytest.approx(1.0, rel=1e-15)
+    assert s.posterior_mean_coef1[0].item() == pytest.approx(1.0, rel=1e-15, abs=0.0)
     assert s.posterior_mean_coef2[0].item() == 0.0
-    assert s.fixed_large_variance[0].item() == pytest.approx(beta, rel=1e-15)
-    assert s.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(beta), rel=1e-15)
-    assert s.fixed_large_log_variance[0].item() == pytest.approx(math.log(beta), rel=1e-15)
+    assert s.fixed_large_variance[0].item() == pytest.approx(beta, rel=1e-15, abs=0.0)
+    assert s.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(beta), rel=1e-15, abs=0.0)
+    assert s.fixed_large_log_variance[0].item() == pytest.approx(math.log(beta), rel=1e-15, abs=0.0)
     assert s.step_table("fixed_small")[0, 6].item() == 0.0  # no noise on the last (only) step
 
 
