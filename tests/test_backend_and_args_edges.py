@@ -91,6 +91,41 @@ def test_a_cached_triton_answer_follows_the_interpreter_mode(fresh_resolution):
         _backend.resolve_backend("triton", cpu, "op")
 
 
+def test_a_cached_auto_answer_follows_the_variable(fresh_resolution):
+    """backend='auto' answers are cached per DDPM_FAST_BACKEND: set after a first
+    call, the variable still decides (and a backend it names that cannot run is refused)."""
+    cpu = torch.device("cpu")
+    assert _backend.resolve_backend("auto", cpu, "op") == ("cpu" if _extension.AVAILABLE else "reference")
+    fresh_resolution.setenv("DDPM_FAST_BACKEND", "reference")
+    assert _backend.resolve_backend("auto", cpu, "op") == "reference"
+    fresh_resolution.setenv("DDPM_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="chosen by DDPM_FAST_BACKEND"):
+        _backend.resolve_backend("auto", cpu, "op")
+
+
+def test_a_cached_triton_answer_chosen_by_the_variable_follows_the_interpreter_mode(fresh_resolution):
+    """DDPM_FAST_BACKEND=triton on CPU tensors runs only in interpreter mode: an
+    answer cached in that mode must not be served once it is off."""
+    cpu = torch.device("cpu")
+    fresh_resolution.setenv("DDPM_FAST_BACKEND", "Triton")
+    fresh_resolution.setattr(_backend, "triton_available", lambda: True)
+    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: True)
+    assert _backend.resolve_backend("auto", cpu, "op") == "triton"
+    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' is unavailable for cpu tensors.*DDPM_FAST_BACKEND"):
+        _backend.resolve_backend("auto", cpu, "op")
+
+
+def test_the_interpreter_runs_triton_on_cpu_tensors_only(fresh_resolution):
+    """TRITON_INTERPRET lets Triton take CPU tensors, not those of any other device
+    (meta, mps, ...): backend='triton' for them is refused, not sent to a kernel."""
+    fresh_resolution.setattr(_backend, "triton_available", lambda: True)
+    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: True)
+    assert _backend.resolve_backend("triton", torch.device("cpu"), "op") == "triton"
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' is unavailable for meta tensors"):
+        _backend.resolve_backend("triton", torch.device("meta"), "op")
+
+
 def test_an_overlap_is_measured_in_bytes_not_elements():
     """out shifted by 40 of x_t's 72 float32 elements overlaps its last 32: the
     memory spans must count bytes (a span of numel bytes would miss it)."""

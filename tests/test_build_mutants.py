@@ -24,7 +24,6 @@ from setuptools.dist import Distribution
 from torch.utils import cpp_extension
 
 from ddpm_fast import _extension
-from ddpm_fast.ops import BackendUnavailableError, _backend
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read by setup.py, or set by it (CUDA_HOME, TORCH_CUDA_ARCH_LIST, PATH).
@@ -365,49 +364,6 @@ def test_without_the_extension_one_runtime_warning_and_no_simd_one():
     env = {**os.environ, "DDPM_FAST_CPU_SIMD": "avx9"}
     result = subprocess.run([sys.executable, "-c", HIDDEN], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
-
-
-@pytest.fixture
-def fresh_resolution(monkeypatch):
-    """An empty resolution cache and no DDPM_FAST_BACKEND (as in test_backend_and_args_edges.py)."""
-    monkeypatch.setattr(_backend, "_RESOLVED", {})
-    monkeypatch.delenv("DDPM_FAST_BACKEND", raising=False)
-    return monkeypatch
-
-
-def test_a_cached_auto_answer_follows_the_variable(fresh_resolution):
-    """backend='auto' answers are cached per DDPM_FAST_BACKEND: set after a first
-    call, the variable still decides (and a backend it names that cannot run is refused)."""
-    cpu = torch.device("cpu")
-    assert _backend.resolve_backend("auto", cpu, "op") == ("cpu" if _extension.AVAILABLE else "reference")
-    fresh_resolution.setenv("DDPM_FAST_BACKEND", "reference")
-    assert _backend.resolve_backend("auto", cpu, "op") == "reference"
-    fresh_resolution.setenv("DDPM_FAST_BACKEND", "cuda")
-    with pytest.raises(BackendUnavailableError, match="chosen by DDPM_FAST_BACKEND"):
-        _backend.resolve_backend("auto", cpu, "op")
-
-
-def test_a_cached_triton_answer_chosen_by_the_variable_follows_the_interpreter_mode(fresh_resolution):
-    """DDPM_FAST_BACKEND=triton on CPU tensors runs only in interpreter mode: an
-    answer cached in that mode must not be served once it is off."""
-    cpu = torch.device("cpu")
-    fresh_resolution.setenv("DDPM_FAST_BACKEND", "Triton")
-    fresh_resolution.setattr(_backend, "triton_available", lambda: True)
-    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: True)
-    assert _backend.resolve_backend("auto", cpu, "op") == "triton"
-    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: False)
-    with pytest.raises(BackendUnavailableError, match="backend 'triton' is unavailable for cpu tensors.*DDPM_FAST_BACKEND"):
-        _backend.resolve_backend("auto", cpu, "op")
-
-
-def test_the_interpreter_runs_triton_on_cpu_tensors_only(fresh_resolution):
-    """TRITON_INTERPRET lets Triton take CPU tensors, not those of any other device
-    (meta, mps, ...): backend='triton' for them is refused, not sent to a kernel."""
-    fresh_resolution.setattr(_backend, "triton_available", lambda: True)
-    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: True)
-    assert _backend.resolve_backend("triton", torch.device("cpu"), "op") == "triton"
-    with pytest.raises(BackendUnavailableError, match="backend 'triton' is unavailable for meta tensors"):
-        _backend.resolve_backend("triton", torch.device("meta"), "op")
 
 
 def test_a_built_extension_for_this_torch_is_loaded():

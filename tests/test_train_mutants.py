@@ -82,18 +82,6 @@ def test_a_log_record_of_skipped_steps_alone_logs_a_nan_loss(tmp_path):
     assert math.isfinite(losses[0]) and math.isnan(losses[1]) and math.isfinite(losses[2])
 
 
-def test_the_ema_decay_warm_up_is_capped_at_ema_decay(tmp_path):
-    """d = min(ema_decay, (1 + s) / (10 + s)): with ema_decay=0.2 the warm-up
-    (2/11 at step 1) passes 0.2 at step 2 (3/12), where the cap takes over."""
-    trainer = make_trainer(tmp_path, steps=3, ema_decay=0.2)
-    for s in range(1, 4):
-        before = [p.clone() for p in trainer.ema.parameters()]
-        trainer.train_step()
-        d = min(0.2, (1 + s) / (10 + s))
-        for old, ema, live in zip(before, trainer.ema.parameters(), trainer.model.parameters()):
-            torch.testing.assert_close(ema, old + (1 - d) * (live.detach() - old), rtol=1e-6, atol=1e-7)
-
-
 def test_a_trainer_whose_only_checkpoint_fails_to_load_before_any_state_is_still_usable(tmp_path):
     """An unreadable trainer.pt fails before the model, the EMA or the optimizer
     is touched: the resume raises, but the Trainer is not spoiled, and

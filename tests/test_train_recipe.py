@@ -14,14 +14,16 @@ from ddpm_fast.train import TrainConfig
 from train_helpers import make_trainer
 
 
-def test_ema_follows_its_warmed_up_decay(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.5, 0.2])
+def test_ema_follows_its_warmed_up_decay(tmp_path, ema_decay):
     """After step s (counted from 1) the EMA moves by (1 - d) towards the
-    weights, d = min(ema_decay, (1 + s) / (10 + s))."""
-    trainer = make_trainer(tmp_path, steps=5, ema_decay=0.5)
+    weights, d = min(ema_decay, (1 + s) / (10 + s)): 0.5 is above the warm-up
+    over these 5 steps (6/15 at most), 0.2 caps it from step 2 (3/12) on."""
+    trainer = make_trainer(tmp_path, steps=5, ema_decay=ema_decay)
     for s in range(1, 6):
         before = [p.clone() for p in trainer.ema.parameters()]
         trainer.train_step()
-        d = min(0.5, (1 + s) / (10 + s))
+        d = min(ema_decay, (1 + s) / (10 + s))
         for old, ema, live in zip(before, trainer.ema.parameters(), trainer.model.parameters()):
             torch.testing.assert_close(ema, old + (1 - d) * (live.detach() - old), rtol=1e-6, atol=1e-7)
 
