@@ -79,16 +79,23 @@ def test_cuda_backend_without_the_extension_names_the_load_error(fresh_resolutio
         _backend.resolve_backend("cuda", CUDA, "op")
 
 
-def test_a_cached_triton_answer_follows_the_interpreter_mode(fresh_resolution):
+@pytest.mark.parametrize("backend, variable, refusal", [
+    ("triton", None, "backend .triton. is unavailable for cpu tensors"),
+    ("auto", "Triton", "backend 'triton' is unavailable for cpu tensors.*DDPM_FAST_BACKEND"),
+], ids=["named", "chosen-by-the-variable"])
+def test_a_cached_triton_answer_follows_the_interpreter_mode(fresh_resolution, backend, variable, refusal):
     """The resolution cache is keyed by the interpreter mode: a CPU 'triton'
-    answer given in interpreter mode must not be served once it is off."""
+    answer given in interpreter mode (named, or chosen by DDPM_FAST_BACKEND for
+    'auto') must not be served once it is off."""
     cpu = torch.device("cpu")
+    if variable is not None:
+        fresh_resolution.setenv("DDPM_FAST_BACKEND", variable)
     fresh_resolution.setattr(_backend, "triton_available", lambda: True)
     fresh_resolution.setattr(_backend, "triton_interpreting", lambda: True)
-    assert _backend.resolve_backend("triton", cpu, "op") == "triton"
+    assert _backend.resolve_backend(backend, cpu, "op") == "triton"
     fresh_resolution.setattr(_backend, "triton_interpreting", lambda: False)
-    with pytest.raises(BackendUnavailableError, match="backend .triton. is unavailable for cpu tensors"):
-        _backend.resolve_backend("triton", cpu, "op")
+    with pytest.raises(BackendUnavailableError, match=refusal):
+        _backend.resolve_backend(backend, cpu, "op")
 
 
 def test_a_cached_auto_answer_follows_the_variable(fresh_resolution):
@@ -100,19 +107,6 @@ def test_a_cached_auto_answer_follows_the_variable(fresh_resolution):
     assert _backend.resolve_backend("auto", cpu, "op") == "reference"
     fresh_resolution.setenv("DDPM_FAST_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="chosen by DDPM_FAST_BACKEND"):
-        _backend.resolve_backend("auto", cpu, "op")
-
-
-def test_a_cached_triton_answer_chosen_by_the_variable_follows_the_interpreter_mode(fresh_resolution):
-    """DDPM_FAST_BACKEND=triton on CPU tensors runs only in interpreter mode: an
-    answer cached in that mode must not be served once it is off."""
-    cpu = torch.device("cpu")
-    fresh_resolution.setenv("DDPM_FAST_BACKEND", "Triton")
-    fresh_resolution.setattr(_backend, "triton_available", lambda: True)
-    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: True)
-    assert _backend.resolve_backend("auto", cpu, "op") == "triton"
-    fresh_resolution.setattr(_backend, "triton_interpreting", lambda: False)
-    with pytest.raises(BackendUnavailableError, match="backend 'triton' is unavailable for cpu tensors.*DDPM_FAST_BACKEND"):
         _backend.resolve_backend("auto", cpu, "op")
 
 
