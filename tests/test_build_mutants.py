@@ -35,12 +35,12 @@ CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/cuda/*")
 
 @pytest.fixture
 def run_setup(monkeypatch, tmp_path):
-    """run_setup(cuda_torch=, cuda_home=, nvcc_on_path=, **environment) -> (setup.py's
-    globals, setup()'s keyword arguments), in the environment given alone; torch's
-    CUDA_HOME a toolkit with nvcc ("toolkit"), a CUDA runtime without ("runtime") or
-    None. Every
-    variable setup.py reads or sets is restored afterwards (set, then deleted:
-    monkeypatch restores only what it saw)."""
+    """run_setup(cuda_torch=, cuda_home=, **environment) -> (setup.py's globals,
+    setup()'s keyword arguments), in the environment given alone; torch's CUDA_HOME
+    a toolkit with nvcc ("toolkit"), a CUDA runtime without ("runtime") or None, and
+    no nvcc on PATH (torch's build runs CUDA_HOME's, so PATH decides nothing once
+    CUDA_HOME is set). Every variable setup.py reads or sets is restored afterwards
+    (set, then deleted: monkeypatch restores only what it saw)."""
     for name in VARIABLES:
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
@@ -49,15 +49,14 @@ def run_setup(monkeypatch, tmp_path):
     which = shutil.which
     homes = {"toolkit": str(_toolkit(tmp_path / "toolkit")), "runtime": str(_runtime(tmp_path / "runtime")), None: None}
 
-    def run(cuda_torch=True, cuda_home="toolkit", nvcc_on_path=True, **environment):
+    def run(cuda_torch=True, cuda_home="toolkit", **environment):
         for name in VARIABLES:  # what an earlier run of this test set, or setup.py did
             monkeypatch.delenv(name, raising=False)
         for name, value in environment.items():
             monkeypatch.setenv(name, value)
         monkeypatch.setattr(torch.version, "cuda", "12.8" if cuda_torch else None)
         monkeypatch.setattr(cpp_extension, "CUDA_HOME", homes[cuda_home])
-        fake_nvcc = "/opt/fake-cuda/bin/nvcc" if nvcc_on_path else None
-        monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: fake_nvcc if cmd == "nvcc" else which(cmd, *a, **k))
+        monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: None if cmd == "nvcc" else which(cmd, *a, **k))
         captured = {}
         monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
         namespace = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")
@@ -160,19 +159,18 @@ def test_the_cuda_headers_of_the_nvidia_wheels_are_included(run_setup, tmp_path,
     assert sorted(d for d in include_dirs if d.startswith(str(site))) == sorted(str(f) for f in wanted)
 
 
-@pytest.mark.parametrize("environment, cuda_torch, cuda_home, nvcc_on_path, want", [
-    ({}, True, "toolkit", True, True),
-    ({}, True, "toolkit", False, True),  # nvcc in torch's CUDA_HOME, not on PATH
-    ({}, True, None, False, False),
-    ({}, True, "runtime", False, False),  # /usr/local/cuda of a runtime image: no nvcc to build with
-    ({}, False, "toolkit", True, False),  # a CPU build of torch
-    ({"DDPM_FAST_CUDA": "0"}, True, "toolkit", True, False),
-    ({"DDPM_FAST_CUDA": "1"}, True, "toolkit", False, True),
-    ({"DDPM_FAST_CUDA": "1"}, False, "toolkit", True, "torch CUDA build=False"),
-    ({"DDPM_FAST_CUDA": "1"}, True, None, False, "nvcc found=False"),
-    ({"DDPM_FAST_CUDA": "1"}, True, "runtime", False, "nvcc found=False"),
+@pytest.mark.parametrize("environment, cuda_torch, cuda_home, want", [
+    ({}, True, "toolkit", True),
+    ({}, True, None, False),
+    ({}, True, "runtime", False),  # /usr/local/cuda of a runtime image: no nvcc to build with
+    ({}, False, "toolkit", False),  # a CPU build of torch
+    ({"DDPM_FAST_CUDA": "0"}, True, "toolkit", False),
+    ({"DDPM_FAST_CUDA": "1"}, True, "toolkit", True),
+    ({"DDPM_FAST_CUDA": "1"}, False, "toolkit", "torch CUDA build=False"),
+    ({"DDPM_FAST_CUDA": "1"}, True, None, "nvcc found=False"),
+    ({"DDPM_FAST_CUDA": "1"}, True, "runtime", "nvcc found=False"),
 ])
-def test_when_the_cuda_kernels_are_built(run_setup, environment, cuda_torch, cuda_home, nvcc_on_path, want):
+def test_when_the_cuda_kernels_are_built(run_setup, environment, cuda_torch, cuda_home, want):
     """Whenever torch is a CUDA build and nvcc is found where torch's build runs it
     (CUDA_HOME/bin), unless DDPM_FAST_CUDA=0; DDPM_FAST_CUDA=1 without them is an
     error. A CUDA_HOME without nvcc (torch takes /usr/local/cuda whenever it exists)
@@ -181,9 +179,9 @@ def test_when_the_cuda_kernels_are_built(run_setup, environment, cuda_torch, cud
     chose by itself has a CPU-only twin to fall back to."""
     if isinstance(want, str):
         with pytest.raises(RuntimeError, match=want):
-            run_setup(cuda_torch=cuda_torch, cuda_home=cuda_home, nvcc_on_path=nvcc_on_path, **environment)
+            run_setup(cuda_torch=cuda_torch, cuda_home=cuda_home, **environment)
         return
-    namespace, captured = run_setup(cuda_torch=cuda_torch, cuda_home=cuda_home, nvcc_on_path=nvcc_on_path, **environment)
+    namespace, captured = run_setup(cuda_torch=cuda_torch, cuda_home=cuda_home, **environment)
     ext = the_extension(captured)
     assert has_cuda(ext) is want and any(s.endswith(".cu") for s in ext.sources) is want
     assert (namespace["cpu_fallback"] is not None) is (want and not environment)
@@ -200,6 +198,13 @@ def _toolkit(folder: Path) -> Path:
     (folder / "include").mkdir()
     (folder / "bin" / "nvcc").write_text("#!/bin/sh\n")
     (folder / "include" / "cuda_runtime.h").write_text("")
+    return folder
+
+
+def _runtime(folder: Path) -> Path:
+    """A CUDA runtime's folder: headers and libraries, no nvcc."""
+    (folder / "include").mkdir(parents=True)
+    (folder / "lib64").mkdir()
     return folder
 
 
@@ -230,13 +235,6 @@ def test_cuda_home_comes_from_the_toolkit_behind_nvcc(run_setup, tmp_path, monke
     monkeypatch.setattr(os.path, "exists", lambda p: p in fake or exists(p))
     set_cuda_home()
     assert os.environ["CUDA_HOME"] == "/usr/local/cuda"
-
-
-def _runtime(folder: Path) -> Path:
-    """A CUDA runtime's folder: headers and libraries, no nvcc."""
-    (folder / "include").mkdir(parents=True)
-    (folder / "lib64").mkdir()
-    return folder
 
 
 def _build_command(captured):
