@@ -28,10 +28,13 @@ def _verdicts(op: str) -> dict[str, str]:
 
 
 @requires_extension
-def test_an_absolute_error_of_1_5e_5_is_a_mismatch(monkeypatch):
+@pytest.mark.parametrize("op, error", [("q_sample", 1.5e-5), ("q_sample", -1.5e-5), ("gn_silu dx", 1.5e-5)])
+def test_an_absolute_error_of_1_5e_5_is_a_mismatch(monkeypatch, op, error):
     # The tolerance is 1e-5 absolute for the non-summed ops: a looser or relative check passed broken kernels.
-    _perturbed(monkeypatch, "q_sample", lambda v: torch.full_like(v, 1.5e-5))
-    verdicts = _verdicts("q_sample")
+    # An error below the reference counts as one above; dx is per position, not a sum, so its error is not
+    # scaled by its size (about 2.3 here) as the summed gradients' are.
+    _perturbed(monkeypatch, op, lambda v: torch.full_like(v, error))
+    verdicts = _verdicts(op)
     assert verdicts["cpu"].startswith("MISMATCH"), verdicts
 
 
@@ -57,3 +60,16 @@ def test_info_exits_1_on_a_mismatch(monkeypatch, capsys, verdict, code):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert selfcheck.report() == code
     assert verdict in capsys.readouterr().out
+
+
+def test_a_backend_that_cannot_run_is_reported(monkeypatch):
+    real = selfcheck.ops.resolve_backend
+
+    def resolve_backend(backend, device, what):
+        if backend == "triton":
+            raise RuntimeError("no triton here")
+        return real(backend, device, what)
+
+    monkeypatch.setattr(selfcheck.ops, "resolve_backend", resolve_backend)
+    rows = selfcheck._self_check(torch.device("cpu"))
+    assert ("*", "triton", "unavailable: no triton here") in rows
