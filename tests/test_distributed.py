@@ -225,10 +225,12 @@ def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
     assert not dist.is_initialized()
 
 
-def test_torchrun_on_gpus_binds_the_nccl_group_to_the_ranks_gpu(monkeypatch):
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_torchrun_on_gpus_binds_the_nccl_group_to_the_ranks_gpu(monkeypatch, device):
     """The group is bound to the rank's GPU (device_id): NCCL's barriers know
-    their device, where torch warned at the first one that it guessed it.
-    (torch.cuda and the group's set-up faked: no GPU needed.)"""
+    their device, where torch warned at the first one that it guessed it. Rank
+    3 computes there whatever CUDA index it was given (--device cuda:0 must not
+    put every rank on cuda:0). (torch.cuda and the group's set-up faked: no GPU needed.)"""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -238,8 +240,19 @@ def test_torchrun_on_gpus_binds_the_nccl_group_to_the_ranks_gpu(monkeypatch):
     monkeypatch.setattr(distributed, "_joined", False)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert distributed.setup("cuda") == torch.device("cuda", 3)
+    assert distributed.setup(device) == torch.device("cuda", 3)
     assert calls == [("set_device", 3), ("nccl", {"device_id": torch.device("cuda", 3)})]
+
+
+def test_torchrun_on_cpus_joins_a_gloo_group(monkeypatch):
+    """Two ranks: the group is joined (exit_process then skips finalization)."""
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(distributed, "_joined", False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.setup("cpu") == torch.device("cpu")
+    assert calls == [("gloo", {})] and distributed._joined
 
 
 @pytest.mark.parametrize("joined", [False, True])

@@ -1,5 +1,5 @@
 """Process-level helpers checked in one process, their collectives faked:
-the shares of the ranks, rank seeds, set-up and tear-down of the group,
+the shares of the ranks, rank seeds, tear-down of the group,
 run_on_rank0 and check_ranks_agree, and SIGTERM off the main thread.
 (Mutation testing found these unpinned.)"""
 
@@ -132,31 +132,6 @@ def test_check_ranks_agree_compares_every_rank_with_rank_0(monkeypatch):
            "d: 4 on rank 0, 0 on rank 1): fix" in str(raised.value)
     _gathered(monkeypatch, 3, [first, first, first])
     distributed.check_ranks_agree("settings", first, "fix")
-
-
-def test_torchrun_on_cpus_joins_a_gloo_group(monkeypatch):
-    """Two ranks: the group is joined (exit_process then skips finalization)."""
-    calls = []
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
-    monkeypatch.setattr(distributed, "_joined", False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert distributed.setup("cpu") == torch.device("cpu")
-    assert calls == [("gloo", {})] and distributed._joined
-
-
-def test_torchrun_uses_the_ranks_gpu_whatever_cuda_index_it_was_given(monkeypatch):
-    """--device cuda:0 under torchrun: rank 3 computes on its own GPU, the one its
-    NCCL group is bound to, not on cuda:0 with every other rank."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: None)
-    monkeypatch.setattr(distributed, "_joined", False)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    assert distributed.setup("cuda:0") == torch.device("cuda", 3)
 
 
 @pytest.mark.parametrize("failed, expected", [(False, ["barrier", "destroy"]), (True, ["destroy"])])
