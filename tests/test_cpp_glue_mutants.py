@@ -81,11 +81,14 @@ def test_second_derivatives_use_the_given_eps(layout):
 
 
 @requires_extension
+@pytest.mark.parametrize("act", [True, False], ids=["silu", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_recorded_gradients_of_every_input_match_the_plain_backward(dtype):
+def test_recorded_gradients_of_every_input_match_the_plain_backward(dtype, act):
     """create_graph=True (a gradient penalty) takes the differentiable backward:
     it must give the gradients of x, weight, bias and add, each as the plain
-    backward (the kernel) does; the tests before asked it for x's alone."""
+    backward (the kernel) does; the tests before asked it for x's alone. With
+    act=False it must not apply SiLU there either (gradgradcheck could not see
+    that: it checks the recorded first derivative against itself)."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 6, 3, 4, generator=g).to(dtype)
     w, b, add = (torch.randn(shape, generator=g).to(dtype) for shape in ((6,), (6,), (2, 6)))
@@ -93,7 +96,7 @@ def test_recorded_gradients_of_every_input_match_the_plain_backward(dtype):
     grads = []
     for create_graph in (False, True):
         leaves = [v.clone().requires_grad_() for v in (x, w, b, add)]
-        y = ops.group_norm_silu(leaves[0], 3, leaves[1], leaves[2], add=leaves[3], backend="cpu")
+        y = ops.group_norm_silu(leaves[0], 3, leaves[1], leaves[2], add=leaves[3], act=act, backend="cpu")
         grads.append(torch.autograd.grad(y, leaves, dy, create_graph=create_graph))
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
     for plain, recorded in zip(*grads):
@@ -137,3 +140,12 @@ def test_second_derivatives_with_a_bias_and_no_weight(backend):
         results.append(torch.autograd.grad(gx.square().sum(), [xs, bs]))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@requires_extension
+def test_statistics_are_not_differentiable():
+    """The forward's mean and rstd come out not requiring grad even when x does
+    (the backward ignores their gradients: a loss on them would get none)."""
+    x = X.clone().requires_grad_()
+    y, mean, rstd = gn(x)
+    assert y.requires_grad and not mean.requires_grad and not rstd.requires_grad

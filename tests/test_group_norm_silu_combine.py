@@ -7,6 +7,9 @@ statistics and gradients are checked against float64 definitions."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,3 +101,44 @@ def test_tiles_that_do_not_cover_the_positions_are_refused():
         torch.ops.ddpm_fast._group_norm_combine_moments(parts, None, 2, 30, 8, 1e-5)
     with pytest.raises(RuntimeError, match="do not cover 16"):  # the last tile would be empty
         torch.ops.ddpm_fast._group_norm_combine_moments(parts, None, 2, 16, 8, 1e-5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: torch.ops.ddpm_fast._group_norm_combine_moments(torch.zeros(4, 1, 4, 2), None, 2, 16, 8, 1e-5),
+     r"parts must be \(3, N, C, tiles\)"),
+    (lambda: torch.ops.ddpm_fast._group_norm_combine_backward(torch.ones(4, 1, 4, 2), None, torch.ones(1, 2), 2, 5),
+     r"sums must be \(3, N, C, tiles\)"),
+    (lambda: torch.ops.ddpm_fast._group_norm_combine_backward(torch.ones(3, 1, 4, 2), None, torch.ones(1, 2), 2, 0),
+     "4 channels in 2 groups"),
+], ids=["moments-of-4-rows", "backward-sums-of-4-rows", "backward-of-no-positions"])
+def test_partial_sums_of_another_shape_are_refused(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("which", ["moments", "backward"])
+def test_no_groups_are_refused(which):
+    """groups = 0 refused before `c % groups` (a division by zero: SIGFPE, so in a subprocess)."""
+    call = ("torch.ops.ddpm_fast._group_norm_combine_moments(torch.zeros(3, 1, 4, 2), None, 0, 16, 8, 1e-5)"
+            if which == "moments" else
+            "torch.ops.ddpm_fast._group_norm_combine_backward(torch.ones(3, 1, 4, 2), None, torch.ones(1, 1), 0, 5)")
+    code = f"""
+import torch, ddpm_fast
+try:
+    {call}
+except RuntimeError as e:
+    print("refused:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "refused:" in run.stdout and "in 0 groups" in run.stdout, (
+        run.returncode, run.stdout, run.stderr[-2000:])
+
+
+def test_combined_variance_below_zero_is_clamped():
+    """Q - D^2 / n below zero (float rounding of a constant column: here made
+    outright) is a variance of 0, rstd = 1 / sqrt(eps), not NaN."""
+    parts = torch.zeros(3, 1, 2, 1)
+    parts[1] = 1.0  # D = 1, Q = 0 over 4 positions: M2 = -0.25
+    mean, rstd = torch.ops.ddpm_fast._group_norm_combine_moments(parts, None, 1, 4, 4, 1e-4)
+    torch.testing.assert_close(mean, torch.full((1, 1), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(rstd, torch.full((1, 1), 100.0, dtype=torch.float64))

@@ -67,6 +67,8 @@ CASES = {
     "float64-table": (q_sample(sab=SAB.double()), "sqrt_alphas_cumprod must be a contiguous 1-d float32 table"),
     "empty-table": (q_sample(sab=SAB[:0], s1m=S1M[:0]), "sqrt_alphas_cumprod is empty"),
     "tables-of-two-lengths": (q_sample(s1m=S1M[:50]), "coefficient tables differ in length: 100 vs 50"),
+    # the other way round: t = 97 would be read past sqrt_alphas_cumprod's 50 entries
+    "shorter-sqrt-alphas-cumprod": (q_sample(sab=SAB[:50], noise=X), "coefficient tables differ in length: 50 vs 100"),
     # ddpm_step_
     "short-out": (ddpm_step(out=torch.empty(1, 3, 4, 5)), "out has shape"),
     "model-input-of-another-shape": (ddpm_step(mi=torch.empty(2, 3, 4)), "model_input has shape"),
@@ -76,6 +78,9 @@ CASES = {
     "eps-of-another-shape": (ddpm_step(eps=torch.randn(2, 3, 4, 4)), "eps has shape"),
     "eps-in-another-layout": (ddpm_step(eps=torch.randn_like(CL)), "eps must have the memory format of x_t"),
     "7-column-table": (ddpm_step(table=TABLE[:, :7].contiguous()), r"coefficients must be a contiguous float32 \(T, 8\) step table, got Float \[100, 7\]"),
+    # the step table's columns read as rows; no rows (t clamped to [0, -1] would read before it)
+    "column-major-step-table": (ddpm_step(table=TABLE.t().contiguous().t()), r"coefficients must be a contiguous float32 \(T, 8\) step table"),
+    "empty-step-table": (ddpm_step(table=TABLE[:0]), r"coefficients must be a contiguous float32 \(T, 8\) step table, got Float \[0, 8\]"),
     "negative-stride": (ddpm_step(step_stride=-1), "noise strides must be >= 0"),
     "step-noise-of-another-shape": (ddpm_step(noise=torch.randn(3, 3, 4, 5)), "noise has shape"),
     "step-t-too-long": (ddpm_step(t=torch.tensor([1, 2, 3])), "t must be a scalar or have one entry per sample"),
