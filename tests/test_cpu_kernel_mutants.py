@@ -16,22 +16,6 @@ from ddpm_fast import NoiseSchedule, ops
 
 
 @requires_extension
-def test_a_run_whose_last_counter_crosses_2_to_the_32_matches_reference():
-    """The vector paths draw a run of 64 consecutive counters with one shared
-    high word when its first and last counters share it: a run from 2^32 - 63
-    has its last lane, and only it, at 2^32. (A run's last counter taken one
-    short gave that lane the counter 0 of the old high word's stream; the
-    crossings the other tests draw fall on other lanes.) Samples of 64 values
-    (a 1-d tensor is drawn counter by counter, not in runs), each lane of the
-    run in turn at 2^32, against the reference."""
-    seed = 2**40 + 7
-    for k in range(1, 65):
-        got = ops.randn((1, 64), seed, 2**32 - k, backend="cpu")
-        want = ops.randn((1, 64), seed, 2**32 - k, backend="reference")
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=f"offset 2^32 - {k}")
-
-
-@requires_extension
 @pytest.mark.parametrize("per_sample, stride", [(64, 100), (128, 2**32)])
 def test_randn_samples_of_whole_blocks_with_a_sample_stride(per_sample, stride):
     """fill_randn_ draws a block that ends a sample as a run, then must move to

@@ -290,7 +290,12 @@ def test_cpu_clamps_the_smallest_uniforms():
 def test_rows_whose_run_crosses_2_to_the_32_match_reference(device, backend):
     """Rows of 64 or more elements are drawn as runs; a run whose counters cross
     a multiple of 2^32 must carry into the high word (the 1-d and 35-element
-    cases above take the per-block path and never reach it)."""
-    got = ops.randn((2, 200), 3, 2**32 - 70, device=device, backend=backend)
-    want = ops.randn((2, 200), 3, 2**32 - 70, device=device, backend="reference")
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    cases above take the per-block path and never reach it). The CPU's vector
+    paths share one high word over a run of 64 whose first and last counters
+    share it: rows of 64 from 2^32 - k put each lane in turn at 2^32, the last
+    lane alone for k = 63 (a run's last counter taken one short missed it)."""
+    cases = [((2, 200), 3, 2**32 - 70)] + [((1, 64), 2**40 + 7, 2**32 - k) for k in range(1, 65)]
+    for shape, seed, offset in cases:
+        got = ops.randn(shape, seed, offset, device=device, backend=backend)
+        want = ops.randn(shape, seed, offset, device=device, backend="reference")
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=f"{shape} from {offset}")
