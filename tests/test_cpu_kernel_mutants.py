@@ -16,20 +16,6 @@ from ddpm_fast import NoiseSchedule, ops
 
 
 @requires_extension
-@pytest.mark.parametrize("per_sample, stride", [(64, 100), (128, 2**32)])
-def test_randn_samples_of_whole_blocks_with_a_sample_stride(per_sample, stride):
-    """fill_randn_ draws a block that ends a sample as a run, then must move to
-    the next sample's counters (offset + (n + 1) sample_stride): with samples
-    of whole 64-value blocks and a sample_stride beyond the sample, a kernel
-    that stayed on the old sample drew counters past its end for every later
-    sample (sample_stride equal to the sample hides it). Only the randomized
-    property test (test_properties.py) drew such a case before."""
-    got = ops.randn((3, per_sample), 5, 11, sample_stride=stride, backend="cpu")
-    want = ops.randn((3, per_sample), 5, 11, sample_stride=stride, backend="reference")
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
-
-
-@requires_extension
 def test_cpp_ops_refuse_negative_timesteps():
     """The C++ ops check the timesteps they read on the host (a negative one
     would index before the coefficient table); the Python wrappers check

@@ -243,12 +243,15 @@ def test_opcheck_triton():
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
-def test_sample_stride_gives_each_sample_its_own_range(device, backend):
-    # Element j of sample n is normal(seed, offset + n * stride + j).
-    stride = 2**32
-    z = ops.randn((3, 2, 5), 11, 7, sample_stride=stride, device=device, backend=backend).cpu()
+@pytest.mark.parametrize("shape, stride", [((3, 2, 5), 2**32), ((3, 64), 100), ((3, 128), 2**32)])
+def test_sample_stride_gives_each_sample_its_own_range(device, backend, shape, stride):
+    # Element j of sample n is normal(seed, offset + n * stride + j). Samples of
+    # whole 64-value blocks: the CPU draws a block that ends a sample as a run and
+    # must then move on to the next sample's counters (staying on the old one
+    # drew past its end; a stride equal to the sample would hide that).
+    z = ops.randn(shape, 11, 7, sample_stride=stride, device=device, backend=backend).cpu()
     for n in range(3):
-        alone = ops.randn((1, 2, 5), 11, 7 + n * stride, backend="reference")
+        alone = ops.randn((1, *shape[1:]), 11, 7 + n * stride, backend="reference")
         torch.testing.assert_close(z[n : n + 1], alone, atol=2e-6, rtol=2e-6)
 
 
