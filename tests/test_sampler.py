@@ -429,6 +429,16 @@ def test_respacing_ends_one_step_and_every_step():
     torch.testing.assert_close(full, sampler.sample(2, seed=0, progress=False), atol=1e-6, rtol=1e-6)
 
 
+def test_respacing_rounds_half_way_timesteps_as_round_does():
+    """README: timesteps round(i (T-1) / (K-1)), Python's round (half to even, as
+    numpy's and so diffusers' linspace spacing): 4.5 -> 4, 2.5 -> 2, 1.5 -> 2. A
+    half-up rounding moves those steps (and so every sample of such a chain)."""
+    assert respaced_timesteps(10, 3) == [0, 4, 9]
+    assert respaced_timesteps(6, 3) == [0, 2, 5]
+    assert respaced_timesteps(4, 3) == [0, 2, 3]
+    assert respaced_timesteps(1000, 3) == [0, 500, 999]
+
+
 def test_a_chain_past_a_samples_2_32_noise_counters_is_refused():
     """The K steps and x_T (slot K) take (K + 1) * D counters of a sample's 2^32:
     at K * D <= 2^32 < (K + 1) * D, x_T would run into the next sample's stream."""
@@ -440,6 +450,28 @@ def test_a_chain_past_a_samples_2_32_noise_counters_is_refused():
     sampler = Sampler(never_called, NoiseSchedule("linear", timesteps=1000), sample_shape=(1, per_sample))
     with pytest.raises(ValueError, match=r"exceed a sample's 2\^32 noise counters"):
         sampler.sample(1, seed=0, progress=False)
+
+
+class _Reached(Exception):
+    """Raised by the model: the chain started (the bound check let it through)."""
+
+
+def test_a_chain_that_exactly_fills_a_samples_noise_counters_runs():
+    """The bound is (K + 1) * D <= 2^32: at equality the K steps and x_T (slot K)
+    use counters 0 .. 2^32 - 1 of the sample's stream, all its own, so the chain
+    must run (the test before checks the refusal one step past it)."""
+    steps, per_sample = (1 << 16) - 1, 1 << 16
+    assert (steps + 1) * per_sample == _SAMPLE_STRIDE
+
+    def model(x, t):
+        raise _Reached
+
+    sampler = Sampler(model, NoiseSchedule("linear", timesteps=steps), clip_denoised=False, sample_shape=(1, per_sample))
+    with pytest.raises(_Reached):
+        sampler.sample(1, seed=0, progress=False)
+    too_long = Sampler(model, NoiseSchedule("linear", timesteps=steps + 1), clip_denoised=False, sample_shape=(1, per_sample))
+    with pytest.raises(ValueError, match=r"exceed a sample's 2\^32 noise counters"):
+        too_long.sample(1, seed=0, progress=False)
 
 
 def test_infinite_samples_are_reported_too():
