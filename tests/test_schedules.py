@@ -237,7 +237,19 @@ def test_tiny_first_betas_keep_their_coefficients(beta0):
         assert s.step_table("fixed_small")[0, 4].item() == pytest.approx(1.0, rel=1e-6)  # c1, float32
     # t = 1: 1 - (1 - b0)(1 - b1) = b0 + b1 - b0 b1, exact enough in float64
     s = NoiseSchedule(betas=betas)
-    assert s.one_minus_alphas_cumprod[1].item() == pytest.approx(beta0 + 0.01 - beta0 * 0.01, rel=1e-14, abs=0.0)
+    om1 = beta0 + 0.01 - beta0 * 0.01
+    assert s.one_minus_alphas_cumprod[1].item() == pytest.approx(om1, rel=1e-14, abs=0.0)
+    # The posterior of t = 1 takes 1 - abar_0 from the log domain, not from
+    # 1 - alphas_cumprod_prev, which keeps only ~1e-16 / beta_0 of its digits (at
+    # 2e-16 posterior_variance[1], so fixed_large at t = 0, the decoder's variance,
+    # and posterior_mean_coef2[1] came out 11% too large).
+    pv1 = 0.01 * beta0 / om1  # Ho et al. eq. 7: beta_t (1 - abar_{t-1}) / (1 - abar_t)
+    coef2_1 = beta0 * math.sqrt(1 - 0.01) / om1  # (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t)
+    for s in (s, s.respace([0, 1, 2])):
+        assert s.posterior_variance[1].item() == pytest.approx(pv1, rel=1e-13, abs=0.0)
+        assert s.posterior_mean_coef2[1].item() == pytest.approx(coef2_1, rel=1e-13, abs=0.0)
+        assert s.fixed_large_variance[0].item() == pytest.approx(pv1, rel=1e-13, abs=0.0)
+        assert s.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(pv1), rel=1e-13, abs=0.0)
 
 
 def test_respace_keeps_alphas_cumprod_exactly_where_it_is_tiny():
