@@ -138,7 +138,8 @@ def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
 
     betas = [0.001, 0.01, 0.1, 0.2]
     schedule = _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="linear", trained_betas=betas))
-    assert schedule.num_timesteps == 4 and schedule.betas.tolist() == pytest.approx(betas)
+    # read in float64: via float32 they came back as 0.0010000000474974513 ...
+    assert schedule.num_timesteps == 4 and schedule.betas.dtype == torch.float64 and schedule.betas.tolist() == betas
 
 
 @pytest.mark.parametrize("setting, match", [
@@ -150,6 +151,7 @@ def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
     ({"thresholding": True}, "thresholding"),
     ({"trained_betas": [0.1, 2.0]}, "unusable trained_betas"),
     ({"clip_sample_range": 3.0}, r"clips x0 to \[-3.0, 3.0\] \(clip_sample_range\)"),  # was accepted, then clipped to [-1, 1]
+    ({"clip_sample_range": 0.5}, r"clips x0 to \[-0.5, 0.5\] \(clip_sample_range\)"),  # as wrong as a wider one
 ])
 def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, setting, match):
     from ddpm_fast.pretrained import _diffusers_schedule
