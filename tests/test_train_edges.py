@@ -204,13 +204,6 @@ def test_the_last_step_is_checkpointed_off_the_checkpoint_every_grid(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-00000003"
 
 
-@pytest.mark.parametrize("field, value, error", [
-    ("max_nonfinite", 0, ValueError), ("sample_every", -1, ValueError), ("compile", 1, TypeError),
-    ("lr", 0.0, ValueError),
-])
-def test_config_edges_are_refused(field, value, error):
-    with pytest.raises(error, match=f"TrainConfig.{field}"):
-        TrainConfig(**{field: value})
 
 
 def test_an_ema_decay_of_zero_is_allowed():

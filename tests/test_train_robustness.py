@@ -182,10 +182,15 @@ def test_a_damaged_latest_pointer_names_no_other_folder(tmp_path, pointer):
     # at the edge of each range: a clip at 0 zeroes every update, an infinite decay or lr wrecks the weights
     ("grad_clip", 0.0, ValueError), ("weight_decay", float("inf"), ValueError), ("lr", float("inf"), ValueError),
     ("seed", -1, ValueError), ("warmup", -1, ValueError),
+    ("max_nonfinite", 0, ValueError), ("sample_every", -1, ValueError), ("compile", 1, TypeError),
+    ("lr", 0.0, ValueError),
+    # bookkeeping that would fail (or misbehave) only at the first checkpoint, log line or grid
+    ("keep_checkpoints", -1, ValueError), ("sample_count", 0, ValueError), ("log_every", 0, ValueError),
+    ("checkpoint_every", 0, ValueError),
 ])
 def test_config_fields_are_checked_when_made(field, value, error):
     """Each was accepted (then failed at the end of a run, or was read as True)."""
-    with pytest.raises(error, match=f"TrainConfig.{field}"):
+    with pytest.raises(error, match=f"TrainConfig.{field} must be"):
         TrainConfig(**{field: value})
 
 
