@@ -9,13 +9,8 @@ quarter of float32's size, so whole datasets fit on the GPU), scaled to
 from __future__ import annotations
 
 import hashlib
-import io
-import lzma
 import numbers
 import os
-import pickle
-import tarfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._progress import progress_bar
+from .cifar10 import is_cifar10, read_cifar10
 
 __all__ = [
     "ImageDataset",
@@ -37,10 +33,6 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 ARRAY_SUFFIXES = (".npy", ".npz")
 PROGRESS_MIN_FILES = 1000  # an image folder this large gets a progress bar, where asked for
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-_CIFAR_FOLDER = "cifar-10-batches-py"
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_TEST = ("test_batch",)
 _ACCEPTED = (
     "'digits', a .npy/.npz file, a CIFAR-10 python folder (cifar-10-batches-py or its parent) "
     "or archive (.tar.gz), or a folder of image files"
@@ -290,89 +282,14 @@ def load_image_folder(
 # ---------------------------------------------------------------- CIFAR-10
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that builds only plain containers and numpy arrays: a
-    dataset file cannot run code when it is read."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are expected)")
-        return super().find_class(module, name)
-
-
-def _cifar_blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], str]:
-    """The raw bytes of batches ``names`` and a description of where they were."""
-    if path.is_file():
-        blobs: dict[str, bytes] = {}
-        try:
-            with tarfile.open(path) as archive:  # gzip, bz2, xz or plain, detected
-                for member in archive:
-                    base = member.name.rsplit("/", 1)[-1]
-                    if base in names and base not in blobs and member.isfile():
-                        blobs[base] = archive.extractfile(member).read()
-                # tarfile stops at the end-of-archive blocks (or, quietly, at a damaged
-                # header), before a compressed stream's checksum: read on to it, so a
-                # corrupt archive is an error, not wrong pixels or "batches not found".
-                while archive.fileobj.read(1 << 20):
-                    pass
-        except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
-            reason = "not a tar archive (plain, gzip, bz2 or xz)" if isinstance(error, tarfile.ReadError) else (
-                f"{type(error).__name__}: {' '.join(str(error).split())}")  # tarfile's messages span lines
-            raise ValueError(
-                f"cannot read CIFAR-10 archive {path} (expected cifar-10-python.tar.gz): {reason}"
-            ) from error
-        return blobs, f"archive {path}"
-    folder = path / _CIFAR_FOLDER if (path / _CIFAR_FOLDER).is_dir() else path
-    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}, f"folder {folder}"
-
-
-def _parse_cifar_batch(blob: bytes, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        batch = _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
-        data = np.asarray(batch[b"data"])
-        labels = np.asarray(batch[b"labels"])
-    except Exception as error:  # a corrupt pickle can raise almost anything
-        raise ValueError(f"CIFAR-10 batch {name} in {where} is corrupt: {type(error).__name__}: {error}") from error
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"CIFAR-10 batch {name} in {where} is corrupt: data is {data.dtype} {data.shape}, "
-                         "expected uint8 N x 3072")
-    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"CIFAR-10 batch {name} in {where} is corrupt: {data.shape[0]} images but labels "
-                         f"{labels.dtype} {labels.shape}")
-    return data, labels.astype(np.int64)
-
-
 def load_cifar10(path: str | os.PathLike, train: bool = True) -> ImageDataset:
     """CIFAR-10 as its python version is kept on disk: the ``cifar-10-batches-py``
     folder, its parent, or the ``cifar-10-python.tar.gz`` archive (read in
     place, nothing extracted). ``train`` picks ``data_batch_1..5`` (50,000
     images) or ``test_batch`` (10,000). 3 x 32 x 32 images with labels."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"CIFAR-10 path {path} does not exist")
-    names = _CIFAR_TRAIN if train else _CIFAR_TEST
-    blobs, where = _cifar_blobs(path, names)
-    missing = [name for name in names if name not in blobs]
-    if missing:
-        raise FileNotFoundError(f"CIFAR-10 batches {', '.join(missing)} not found in {where} "
-                                f"(expected the python version: {_CIFAR_FOLDER}/data_batch_1..5, test_batch)")
-    parts = [_parse_cifar_batch(blobs.pop(name), name, where) for name in names]
-    data = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    images = torch.from_numpy(data).reshape(-1, 3, 32, 32)  # R, G, B planes, each row-major
-    return ImageDataset(images, name="cifar10" if train else "cifar10-test", labels=torch.from_numpy(labels))
+    images, labels = read_cifar10(Path(path), train)
+    return ImageDataset(torch.from_numpy(images), name="cifar10" if train else "cifar10-test",
+                        labels=torch.from_numpy(labels))
 
 
 # ---------------------------------------------------------------- arrays
@@ -496,12 +413,6 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
 # ---------------------------------------------------------------- dispatch
 
 
-def _is_cifar(path: Path) -> bool:
-    if path.is_file():
-        return path.name.lower().endswith(ARCHIVE_SUFFIXES)
-    return any((path / name).is_file() for name in _CIFAR_TRAIN + _CIFAR_TEST) or (path / _CIFAR_FOLDER).is_dir()
-
-
 def load_dataset(
     spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None, progress: bool = False
 ) -> ImageDataset:
@@ -524,7 +435,7 @@ def load_dataset(
         return load_array(path, image_size=image_size, channels=channels)
     if not path.exists():
         raise FileNotFoundError(f"dataset {str(spec)!r} not found: expected {_ACCEPTED}")
-    if _is_cifar(path):
+    if is_cifar10(path):
         data = load_cifar10(path)
         return _finish(data.images, data.name, image_size, channels, data.labels)
     if path.is_dir():
