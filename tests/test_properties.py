@@ -183,8 +183,10 @@ def test_group_norm_silu_with_add_forward_and_backward_equal_reference(device, b
     eager = _gn_with_grads([t if t is None else t.float() for t in (x, w, b, add)], groups, act, dy.float(), "reference")
     tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[x.dtype]
     for name, mine, want, torch_fp32 in zip(("y", "x.grad", "weight.grad", "bias.grad", "add.grad"), ours, exact, eager):
-        if mine is None:
+        if want is None:  # weight and bias not given: nothing to compare
+            assert mine is None, name
             continue
+        assert mine is not None, f"{name}: the backend gave no gradient"
         # sums over N x H x W (weight, bias) or H x W (add) grow with the count
         bound = tol * max(1.0, want.abs().max().item()) + tol * want.abs() + 4 * (torch_fp32.double() - want).abs()
         error = (mine.cpu().double() - want).abs()
