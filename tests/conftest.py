@@ -85,6 +85,15 @@ def backend_params() -> list:
     return [pytest.param(d, b, id=f"{d}-{b}", marks=marks.get(d, [])) for d, b in device_backends()]
 
 
+def layout_params(cases, shape=lambda case: case, case_id=lambda case: "x".join(map(str, case))) -> list:
+    """(layout, case) for each case and both memory formats, channels_last only
+    where the case's shape is 4-d: a pair that cannot exist is not made, so no
+    test skips here for a reason other than a missing GPU."""
+    return [pytest.param(layout, case, id=f"{layout}-{case_id(case)}")
+            for layout in ("contiguous", "channels_last") for case in cases
+            if layout == "contiguous" or len(shape(case)) == 4]
+
+
 # glibc's malloc fills each block it hands out with the byte perturb ^ 0xFF
 # while M_PERTURB is set (mallopt), but not the blocks it recycles through its
 # thread cache (a CI run at a11d21e got a stale one), so that is only a

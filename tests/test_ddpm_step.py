@@ -9,7 +9,8 @@ import torch
 
 from conftest import (
     DTYPES, HUGE_PER_SAMPLE, HUGE_SAMPLES, HUGE_WINDOWS, TOLERANCES, assert_one_graph_for_every_height,
-    backend_params, gpu_if_present, huge_timesteps, poisoned_outputs, requires_extension, skip_without_gpu_memory,
+    backend_params, gpu_if_present, huge_timesteps, layout_params, poisoned_outputs, requires_extension,
+    skip_without_gpu_memory,
 )
 from ddpm_fast import NoiseSchedule, ops
 from ddpm_fast.ops.randn import normal_reference
@@ -38,8 +39,7 @@ def make(shape, dtype, layout, device, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * scale).to(dtype)
     if layout == "channels_last":
-        if len(shape) != 4:
-            pytest.skip("channels_last needs 4-d")
+        assert len(shape) == 4, "channels_last needs a 4-d shape: parametrize with conftest.layout_params"
         x = x.to(memory_format=torch.channels_last)
     return x.to(device)
 
@@ -62,8 +62,7 @@ def tolerance(dtype):
 
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{str(p[0])[6:]}-{str(p[1])[6:]}")
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout,shape", layout_params(SHAPES))
 @pytest.mark.parametrize("t_kind", ["first", "last", "mid", "per_sample"])
 @pytest.mark.parametrize("form", FORMS, ids=form_id)
 def test_matches_reference(device, backend, dtypes, layout, shape, t_kind, form):
