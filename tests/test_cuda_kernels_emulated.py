@@ -8,11 +8,16 @@ references written from the ops' definitions:
 * GroupNorm+SiLU against float64: forward and backward, fused and split paths,
   cluster paths (a cluster's blocks at once, distributed shared memory),
   both layouts, float32 and bfloat16, 16-byte packets and single elements,
+  with add, weight and bias and without them (null: the kernels' defaults),
   blocks of one to several warps per channel, groups whose first value lies
-  far from their mean, groups holding NaN, +Inf and -Inf;
+  far from their mean, float32 data about a large offset (3e4: the tiles'
+  float means off by their sums' rounding, which D = sum (x - m) corrects),
+  groups holding NaN, +Inf and -Inf;
 * fill_randn_, q_sample and ddpm_step_ against the Philox stream in double
   precision: odd sizes, both layouts, 16- and 32-bit types, counters across
-  2^32, per-sample and out-of-range timesteps, one timestep for all samples
+  2^32, the sampler's sample_stride of 2^32, a first uniform below the 1e-7
+  clamp, per-sample and out-of-range timesteps, a small sigma, one timestep
+  for all samples
   (t = 0: sigma 0, no noise added, even +Inf), NaN kept by the clip, in-place
   steps, float, bfloat16 and half model inputs in either memory format; built
   with AddressSanitizer, so that a tail read or written past a tensor fails (as
@@ -32,7 +37,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent / "cuda_emulation"
 
-# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads[, far|nonfinite|eps].
+# N, C, S, G, layout, dtype, path (split: shrunk tiles; large: real ones), packets, threads[, far|nonfinite|eps|offset].
 CASES = [
     # Packed groups with per-thread loops whose steps wrap rows (S = 36: 9 packets a row).
     "2 8 36 2 nchw f32 fused wide 64",
@@ -70,6 +75,12 @@ CASES = [
     "1 4 8000 1 nchw f32 large wide 512 far",
     "1 8 8000 2 nhwc f32 large wide 512 far",
     "1 8 8000 2 nhwc bf16 large scalar 512 far",
+    # N(0, 1) data about 3e4 (float32): a tile column's float mean m is off its true
+    # mean by the rounding of 3e4-sized sums (~1e-3), which D = sum (x - m) corrects.
+    # A moments kernel writing D = 0 put rstd off by 6e-6 to 1.4e-4 (relative); the
+    # kernel is within 4e-8: mean and rstd held to 5e-7, y to 2e-2 (float32 at 3e4).
+    "1 4 8000 1 nchw f32 large wide 512 offset",
+    "1 8 8000 2 nhwc f32 large scalar 64 offset",
     # eps 0.25 (a sixteenth of the data's variance) on the fused path: a kernel
     # that dropped eps passed every case with 1e-5. (The split path's kernels
     # take no eps: its host combination does, tested in test_group_norm_silu_combine.py.)
@@ -149,7 +160,7 @@ def test_emulation_catches_missing_barriers(selftest: Path, mode: str) -> None:
 def test_group_norm_silu_kernels(emulator: Path, case: str) -> None:
     result = subprocess.run([str(emulator), *case.split()], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
-    assert result.stdout.count("act=") == 2 and "FAILED" not in result.stdout
+    assert result.stdout.count("act=") == 3 and "FAILED" not in result.stdout
 
 
 @pytest.mark.parametrize("op", ["randn", "q_sample", "ddpm_step"])
@@ -163,7 +174,7 @@ def test_elementwise_kernels(elementwise: Path, op: str) -> None:
 # backward, a cluster's blocks run at once: N, C, S, G, layout, dtype, packets,
 # threads, the shared memory a forward block may take (shrunk so that small
 # groups need a cluster; twice that for the backward), the cluster size the
-# forward's plan must choose[, far|nonfinite|eps]. Each case runs with and without add, affine
+# forward's plan must choose[, far|nonfinite|eps|offset]. Each case runs with and without add, affine
 # parameters and SiLU.
 CLUSTER_CASES = [
     # One group a cluster over 2, 4 and 8 blocks; 16-byte packets; float16 and bfloat16.
@@ -189,6 +200,10 @@ CLUSTER_CASES = [
     "1 4 4000 1 nchw f32 wide 128 13000 8 far",
     "1 8 4000 2 nhwc f32 wide 128 15000 8 far",
     "1 8 4000 2 nhwc bf16 scalar 64 14000 8 far",
+    # Data about 3e4 (offset, see CASES): without the columns' D / ns in their means
+    # rstd was off by 8e-6 to 1.6e-4; the kernel is within 5e-8.
+    "1 4 4000 1 nchw f32 wide 128 13000 8 offset",
+    "1 8 4000 2 nhwc f32 scalar 64 15000 8 offset",
     # eps 0.25 (see CASES).
     "2 8 1000 2 nchw f32 wide 64 9000 4 eps",
     "2 16 1500 4 nhwc f32 wide 64 13000 4 eps",

@@ -109,6 +109,11 @@ bool randn_cases() {
   ok &= randn_case<emu::bf16, 8>(3 * 77, 77, 77, (1ull << 32) - 100);  // counters cross 2^32
   ok &= randn_case<emu::half, 8>(2 * 50, 50, 64, 7);
   ok &= randn_case<float, 4>(2 * 39, 39, 40, (5ull << 32) + 3);  // an offset past 2^32: its high word counts
+  // The sampler's sample_stride, 2^32 (one 32-bit range a sample): sample n's
+  // counters differ from sample 0's in the high word only. Counter 25045017
+  // (sample 0, element 20) has u1 = 6.6e-8 < 1e-7: its normal is the clamp's,
+  // sqrt(-2 log 1e-7) cos(2 pi u2), not sqrt(-2 log u1) cos(2 pi u2).
+  ok &= randn_case<float, 4>(3 * 40, 40, 1ull << 32, 25045017 - 20);
   return ok;
 }
 
@@ -181,7 +186,9 @@ bool step_case(const Shape& s, bool clip, bool drawn, bool in_place, cuda::Input
   for (int64_t k = 0; k < steps; ++k) {
     float* row = table.data() + k * kStepColumns;
     row[kA] = 1.1f + 0.01f * k, row[kB] = -0.2f - 0.01f * k, row[kSqrtRecipAc] = 1.3f, row[kSqrtRecipm1Ac] = 0.5f;
-    row[kC1] = 0.3f, row[kC2] = 0.8f, row[kSigma] = k == 0 ? 0.0f : 0.1f * k;  // no noise at t = 0
+    row[kC1] = 0.3f, row[kC2] = 0.8f;
+    // No noise at t = 0; at t = 2 a sigma as small as a real schedule's first ones.
+    row[kSigma] = k == 0 ? 0.0f : k == 2 ? 1e-3f : 0.1f * k;
   }
   const bool per_sample_t = one_t < 0;
   std::vector<int64_t> t = timesteps(s.n, steps, false);
@@ -205,7 +212,9 @@ bool step_case(const Shape& s, bool clip, bool drawn, bool in_place, cuda::Input
              : mi_type == cuda::InputType::kHalf ? static_cast<void*>(mi_h.data()) : nullptr;
   StepLayout l{numel, s.per_sample(), s.channels_last ? s.c : s.h * s.w, s.channels_last ? s.h * s.w : s.c,
                s.channels_last, mi_other};
-  const uint64_t offset = 5, sample_stride = 1000, step_stride = 100000;
+  // sample_stride 2^32 + 1000: the sampler's 2^32 (sample n's counters differ in
+  // their high word) and a low part.
+  const uint64_t offset = 5, sample_stride = (1ull << 32) + 1000, step_stride = 100000;
   X* dst = in_place ? x.data() : out.data();
   emu::launch(cuda::ddpm_step_kernel<X, E, kVectorized, emu::half, emu::bf16>, kGrid, kThreadsPerBlock, 0,
               static_cast<const X*>(x.data()), static_cast<const E*>(eps.data()), static_cast<const int64_t*>(t.data()),
