@@ -16,21 +16,6 @@ struct alignas(sizeof(T) * N) Packet {
 
 constexpr int kThreads = 256;
 
-// Sum of v over a block of kThreads threads, returned to every thread.
-// `scratch` is kThreads / 32 floats of shared memory, free again on return.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / 32) ? scratch[lane] : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // scratch may be reused by the next call
-  return v;
-}
-
 // Sum of v over runs of `width` consecutive threads (a power of two dividing
 // blockDim.x, itself a multiple of 32), in a fixed order: the run's total is
 // returned to its first thread (other threads get partial sums). Every thread
