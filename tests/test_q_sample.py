@@ -487,6 +487,14 @@ def test_drawn_eps_is_exactly_the_noise_in_x_t(device, backend, dtype, layout):
     # Exact where the arithmetic is the reference's (no fused multiply-add on the
     # CPU); a GPU's fused multiply-add may round a rare element the other way.
     assert differ == 0 if device == "cpu" else differ < 0.01, differ
+    # eps itself is the stream rounded to nearest, as the reference rounds it: a
+    # Triton kernel that stored it with a truncating cast (the interpreter's, for
+    # bfloat16) was one unit off in half the elements, with x_t consistent with it.
+    # (The backends' float32 streams differ by float rounding, which puts a rare
+    # element on the other side of a 16-bit rounding boundary: 4 of 16384 here.)
+    _, want_eps = ops.q_sample(x0.cpu(), t.cpu(), SCHEDULE, seed=7, backend="reference")
+    assert (eps.cpu() != want_eps).float().mean().item() < 1e-3
+    torch.testing.assert_close(eps.cpu(), want_eps, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

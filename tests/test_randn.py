@@ -231,6 +231,22 @@ def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
 
 
 @gpu_if_present
+def test_raw_triton_op_default_sample_stride_is_one_stream():
+    """fill_randn_triton_'s sample_stride 0 (its default), as the C++ op's
+    (test_cpp_glue_mutants): element j of sample n takes counter offset +
+    n * per_sample + j, the stream of a flat tensor."""
+    pytest.importorskip("triton")
+    from ddpm_fast.ops._backend import load_triton_ops, triton_launch_device
+
+    load_triton_ops()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.empty(3, 5, 7, device=device)
+    with triton_launch_device(out.device):
+        torch.ops.ddpm_fast.fill_randn_triton_(out, 21, 9)
+    torch.testing.assert_close(out.cpu(), ops.randn((3, 5, 7), 21, 9, backend="reference"), atol=2e-6, rtol=2e-6)
+
+
+@gpu_if_present
 def test_opcheck_triton():
     pytest.importorskip("triton")
     from ddpm_fast.kernels import randn as _triton  # noqa: F401  (registers the op)
@@ -243,12 +259,14 @@ def test_opcheck_triton():
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
-@pytest.mark.parametrize("shape, stride", [((3, 2, 5), 2**32), ((3, 64), 100), ((3, 128), 2**32)])
+@pytest.mark.parametrize("shape, stride", [((3, 2, 5), 2**32), ((3, 64), 100), ((3, 128), 2**32), ((5,), 1000)])
 def test_sample_stride_gives_each_sample_its_own_range(device, backend, shape, stride):
     # Element j of sample n is normal(seed, offset + n * stride + j). Samples of
     # whole 64-value blocks: the CPU draws a block that ends a sample as a run and
     # must then move on to the next sample's counters (staying on the old one
-    # drew past its end; a stride equal to the sample would hide that).
+    # drew past its end; a stride equal to the sample would hide that). A 1-d
+    # tensor is a batch of one-element samples (a Triton kernel that took it for
+    # one sample passed the rest).
     z = ops.randn(shape, 11, 7, sample_stride=stride, device=device, backend=backend).cpu()
     for n in range(3):
         alone = ops.randn((1, *shape[1:]), 11, 7 + n * stride, backend="reference")
@@ -271,18 +289,19 @@ def test_cpp_op_compiles_for_a_dynamic_image_size():
     assert_one_graph_for_every_height(noisy, lambda height: (torch.zeros(2, 3, height, 5),))
 
 
-@requires_extension
-def test_cpu_clamps_the_smallest_uniforms():
+@pytest.mark.parametrize("device,backend", backend_params())
+def test_clamps_the_smallest_uniforms(device, backend):
     """Counter 17758991 under seed 0 draws Philox word u1 = 121 * 2^-31 < 1e-7
     (found by searching the reference stream), which the stream clamps to 1e-7
-    before the log (|z| <= 5.68). The C++ kernel must give the clamped normal
-    both where it draws runs of consecutive counters (one sample) and where
-    it draws counters one by one (a block across two samples)."""
+    before the log (|z| <= 5.68). Every kernel must give the clamped normal (a
+    Triton kernel clamping at 1e-8 passed the other tests), the C++ kernel both
+    where it draws runs of consecutive counters (one sample) and where it draws
+    counters one by one (a block across two samples)."""
     counter = 17758991
     c0 = philox4x32_reference(0, torch.tensor([counter]))[0].item()
     assert min(c0, 2**32 - 1 - c0) * 2.0**-31 < 1e-7
-    run = ops.randn((64,), 0, offset=counter - 5, backend="cpu")
-    block = ops.randn((2, 40), 0, offset=counter - 45, backend="cpu")
+    run = ops.randn((64,), 0, offset=counter - 5, device=device, backend=backend).cpu()
+    block = ops.randn((2, 40), 0, offset=counter - 45, device=device, backend=backend).cpu()
     want = normal_reference(0, torch.arange(counter - 45, counter + 59))
     assert want[45].abs() <= math.sqrt(-2 * math.log(1e-7)) + 1e-5
     torch.testing.assert_close(run, want[40:], atol=2e-6, rtol=2e-6)

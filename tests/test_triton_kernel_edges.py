@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, gpu_if_present
-from ddpm_fast import NoiseSchedule
+from ddpm_fast import NoiseSchedule, ops
 from ddpm_fast.ops._backend import load_triton_ops, triton_available, triton_launch_device
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton")
@@ -90,3 +90,36 @@ def test_bfloat16_rounding_keeps_signalling_nans_nan():
     y = y.cpu().float()
     assert y[:4].isnan().all()
     assert y[4:7].tolist() == [float("inf"), float("-inf"), 1.0]
+
+
+@gpu_if_present
+def test_randn_kernel_writes_nothing_past_its_output():
+    """An output that is a view of a larger buffer, 1031 elements (not a
+    multiple of the block): the elements after it are left alone (a store mask
+    of p <= numel wrote one more, which corrupted the heap only by chance)."""
+    buf = torch.full((1040,), 7.0, device=DEVICE)
+    with triton_launch_device(buf.device):
+        _ops().fill_randn_triton_(buf[:1031], 3, 0, 0)
+    torch.testing.assert_close(buf[:1031].cpu(), ops.randn(1031, 3, backend="reference"), atol=2e-6, rtol=2e-6)
+    assert (buf[1031:] == 7.0).all()
+
+
+@gpu_if_present
+@pytest.mark.parametrize("with_model_input", [False, True], ids=["out", "out_and_model_input"])
+def test_ddpm_step_kernel_writes_nothing_past_its_outputs(with_model_input):
+    """out (and out_model_input) given as views of larger buffers, 1035 elements
+    (not a multiple of the block): the elements after them are left alone."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, 3, 23, generator=g).to(DEVICE)
+    eps = torch.randn(5, 3, 3, 23, generator=g).to(DEVICE)
+    out_buf = torch.full((x.numel() + 16,), 7.0, device=DEVICE)
+    mi_buf = torch.full((x.numel() + 16,), 7.0, device=DEVICE)
+    out = out_buf[: x.numel()].view(x.shape)
+    mi = mi_buf[: x.numel()].view(x.shape) if with_model_input else None
+    with torch.no_grad():
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, out=out, out_model_input=mi, backend="triton")
+    want = ops.ddpm_step(x.cpu(), eps.cpu(), 500, SCHEDULE, seed=1, backend="reference")
+    torch.testing.assert_close(out.cpu(), want, atol=1e-5, rtol=2e-6)
+    assert (out_buf[x.numel():] == 7.0).all()
+    if with_model_input:
+        assert (mi_buf[x.numel():] == 7.0).all()
