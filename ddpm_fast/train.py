@@ -474,8 +474,9 @@ class Trainer(TrainerCheckpoints):
         sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
                           channels_last=self.config.channels_last, sample_shape=tuple(images.shape[1:]))
         count = self.config.sample_count
+        # A bar of its own (rank 0's, below the training bar): a grid is a whole chain, minutes of silence else.
         drawn = sample_sharded(sampler, count, seed=self.config.seed, batch_size=count, steps=self.config.sample_steps,
-                               progress=False)
+                               progress=self.progress)
         if drawn is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)

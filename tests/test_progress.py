@@ -74,6 +74,19 @@ def test_a_training_run_logged_to_a_file_is_a_few_lines(monkeypatch, tmp_path):
     assert "12/12" in log.getvalue() and "loss=" in log.getvalue() and redraws <= 3, log.getvalue()
 
 
+def test_a_training_run_shows_its_sample_grids_in_bars(capsys, tmp_path):
+    """A grid is a whole chain over sample_count samples (minutes on a CPU, as
+    long as thousands of training steps): it draws its own bar, not silence
+    after the training bar's 100%. Without progress, no bar at all."""
+    trainer = make_trainer(tmp_path / "shown", steps=4, checkpoint_every=4, sample_every=2, sample_count=2)
+    trainer.progress = True
+    trainer.train()  # grids at steps 2 and 4; the final samples.png copies step 4's
+    err = capsys.readouterr().err
+    assert sorted(bar_names(err)) == ["sampling", "training"] and err.count("sampling: 100%") == 2, err
+    make_trainer(tmp_path / "quiet", steps=4, checkpoint_every=4, sample_every=2, sample_count=2).train()
+    assert capsys.readouterr().err == ""
+
+
 def bar_names(log: str) -> list[str]:
     """Each bar's description, once per bar, in order."""
     names = re.findall(r"([a-z/ ,0-9]+): +100%", log)
