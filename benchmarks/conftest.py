@@ -7,8 +7,9 @@ calls between two CUDA events, no flush, so that host launch costs show where
 a case is launch-bound (the flush queued ahead of each start event hides
 those shorter than its own ~60-85 us on the GPU). The pytest-benchmark rows of GPU tests include a synchronize per call
 and are only a cross-check. Each GPU row is also set against its floor (bytes
-that must move / measured copy bandwidth; for the U-Net and training rows also
-FLOPs / measured bf16 matrix rate), printed in one table at the end of the
+that must move / measured copy bandwidth; for the U-Net's bf16 and training rows
+also FLOPs / measured bf16 matrix rate; none for the fp32 U-Net row, whose
+matrix rate is not measured), printed in one table at the end of the
 run, and, where DDPM_FAST_GPU_ROWS names a file (benchmarks/run_gpu.sh sets
 it), appended to it as a JSON line as soon as it is measured, so that a run
 stopped at a time limit keeps the rows it had.
@@ -237,15 +238,19 @@ def record_gpu(benchmark, copy_bandwidth_gbps, request):
     """Time fn on the GPU, add a row to the summary table, and let
     pytest-benchmark time it too (synchronized). The floor is the bytes over
     the copy bandwidth or, given ``flops``, the FLOPs over the bf16 matrix
-    rate where that is longer."""
+    rate where that is longer; ``bytes_moved=None``: no floor (a row bound by
+    a rate we do not measure, the fp32 U-Net's matrix work)."""
 
-    def record(case: str, impl: str, fn, bytes_moved: int, baseline: str = "eager", flops: float | None = None) -> GpuRow:
+    def record(case: str, impl: str, fn, bytes_moved: int | None, baseline: str = "eager",
+               flops: float | None = None) -> GpuRow:
         median, b2b = time_gpu(fn)
-        floor = bytes_moved / (copy_bandwidth_gbps * 1e9) * 1e6
-        if flops is not None:
+        floor = None if bytes_moved is None else bytes_moved / (copy_bandwidth_gbps * 1e9) * 1e6
+        if floor is not None and flops is not None:
             floor = max(floor, flop_floor_us(flops, request.getfixturevalue("matmul_tflops")))
         row = add_gpu_row(GpuRow(case, impl, median, floor, baseline, b2b), request.node.nodeid)
-        benchmark.extra_info.update(median_us=median, back_to_back_us=b2b, floor_us=floor, floor_fraction=floor / median)
+        benchmark.extra_info.update(median_us=median, back_to_back_us=b2b)
+        if floor is not None:
+            benchmark.extra_info.update(floor_us=floor, floor_fraction=floor / median)
 
         def synced():
             fn()

@@ -40,7 +40,7 @@ def ours_step(name: str, device: str, batch: int, precision: str, tmp_path, comp
     config = TrainConfig(steps=10**9, batch_size=batch, warmup=0, precision=precision, channels_last=True,
                          compile=compiled, checkpoint_every=10**9, log_every=10**9)
     trainer = Trainer(model, _dataset(batch), NoiseSchedule("linear"), config, tmp_path, device=device, progress=False)
-    return trainer.train_step
+    return trainer.train_step, trainer.model, trainer.ema
 
 
 def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool):
@@ -85,15 +85,22 @@ def peer_step(name: str, device: str, batch: int, precision: str, compiled: bool
         # for non-finite losses, and the log): the same device sync per step.
         return loss.item()
 
-    return step
+    return step, model, ema
 
 
-def check(impl: str, loss) -> None:
-    """A step must give a finite loss of the size L_simple has at the start
-    (about 1: the noise's variance) before it is timed."""
+def check(impl: str, step, model: torch.nn.Module, ema: torch.nn.Module) -> None:
+    """One step, before any is timed, must train: give a finite loss of the
+    size L_simple has at the start (about 1: the noise's variance) and move the
+    weights and their EMA (a step that skipped backward, Adam or the EMA passed
+    the loss check alone)."""
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in (("weights", model), ("EMA", ema))}
+    loss = step()
     value = float(loss) if loss is not None else float("nan")
     if not 0.01 < value < 100:  # NaN fails too
         pytest.fail(f"train step {impl}: loss {value}, not timed")
+    for name, m in (("weights", model), ("EMA", ema)):
+        if all(torch.equal(old, new) for old, new in zip(before[name], m.parameters())):
+            pytest.fail(f"train step {impl}: the step left the {name} as they were, not timed")
 
 
 def _step(impl: str, name: str, device: str, batch: int, precision: str, tmp_path):
@@ -106,8 +113,8 @@ def _step(impl: str, name: str, device: str, batch: int, precision: str, tmp_pat
 
 @pytest.mark.parametrize("impl", ["diffusers_eager", "ours"])
 def test_cpu_train_step(benchmark, impl, tmp_path):
-    step = _step(impl, "narrow", "cpu", 8, "fp32", tmp_path)
-    check(impl, step())
+    step, model, ema = _step(impl, "narrow", "cpu", 8, "fp32", tmp_path)
+    check(impl, step, model, ema)
     benchmark.group = "train step cpu narrow(32-64ch) batch 8 fp32"
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     median = median_s(benchmark)
@@ -121,10 +128,10 @@ def test_gpu_train_step_cifar10_bf16(benchmark, copy_bandwidth_gbps, matmul_tflo
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = 128
-    step = _step(impl, "cifar10", "cuda", batch, "bf16", tmp_path)
-    for _ in range(5):  # compile, autotune, warm up
-        loss = step()
-    check(impl, loss)
+    step, model, ema = _step(impl, "cifar10", "cuda", batch, "bf16", tmp_path)
+    for _ in range(4):  # compile, autotune, warm up
+        step()
+    check(impl, step, model, ema)
     model = build("ours_reference", "cifar10", "cuda")  # the FLOPs of the layout (diffusers need not be installed)
     x = torch.randn(batch, 3, 32, 32, device="cuda")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
