@@ -21,7 +21,7 @@ import torch
 
 from ._checks import check_bool, is_int
 from ._progress import progress_bar
-from . import graph_capture, ops
+from . import diffusion, graph_capture, ops
 from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
 from .schedules import NoiseSchedule
@@ -463,8 +463,11 @@ def _first_float_parameter(model: Model) -> torch.Tensor | None:
 
 
 def _pred_x0(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, eps: torch.Tensor, clip: bool) -> torch.Tensor:
-    """The x_0 implied by eps at step index k (eq. 4 solved for x_0), for pictures of the chain."""
-    x0 = float(schedule.sqrt_recip_alphas_cumprod[k]) * x_t.float() - float(schedule.sqrt_recipm1_alphas_cumprod[k]) * eps.float()
+    """The x_0 implied by eps at step index k (eq. 4 solved for x_0), for
+    pictures of the chain: diffusion's, whose one factor of a difference stays
+    +-inf (clipped to +-1) where abar is too small for float32; the difference
+    of two products gave inf - inf = NaN there."""
+    x0 = diffusion.predict_x0_from_eps(schedule, x_t.float(), k, eps.float())
     return x0.clamp(-1.0, 1.0) if clip else x0
 
 

@@ -205,6 +205,19 @@ def test_intermediates_hold_the_x0_each_step_implied(clip):
         torch.testing.assert_close(picture.pred_x0.double(), x0.clamp(-1, 1) if clip else x0, atol=1e-5, rtol=1e-5)
 
 
+def test_pred_x0_where_abar_is_below_float32s_range():
+    """Where abar_t < ~1e-77, 1 / sqrt(abar_t) overflows float32: the x0 the
+    pictures hold is then +-inf, clipped to +-1, as diffusion.predict_x0_from_eps
+    gives it. The Sampler's own difference of two products made inf - inf = NaN
+    pictures there (the samples themselves were finite)."""
+    schedule = NoiseSchedule("const", timesteps=400, beta_end=0.5)  # abar_399 = 2^-400, about 4e-121
+    sampler = Sampler(lambda x, t: 0.5 * x, schedule, clip_denoised=True, sample_shape=(1, 2, 2))
+    x, pictures = sampler.sample(2, seed=0, return_intermediates=1, progress=False)
+    first = pictures[0]  # the step from t = 399, whose eps 0.5 x_T implies x0 = 0.5 x_T / sqrt(abar_399)
+    assert first.t == 399 and torch.isfinite(x).all()
+    assert first.pred_x0.abs().eq(1).all(), first.pred_x0
+
+
 @pytest.mark.parametrize("clip", [False, True])
 def test_pred_x0_of_a_model_whose_eps_is_its_input(clip):
     """eps that shares memory with the model's input (x.mul_(s), or x itself):
