@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..ops._args import check_no_partial_overlap
+from .._checks import check_no_partial_overlap  # shared with the ops' own checks (ops/_args.py)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 STEP_COLUMNS = 8  # columns of a step table (schedules.STEP_COLUMNS)

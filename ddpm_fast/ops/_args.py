@@ -60,37 +60,6 @@ def check_param(p: object, name: str, shape: tuple[int, ...], x: torch.Tensor, o
     return p
 
 
-def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:
-    """[first, last) byte of x's memory; None for a tensor without memory to
-    compare (a fake or functional tensor of a trace: make_fx, the fake
-    implementations torch.compile runs)."""
-    try:
-        start = x.data_ptr()
-    except RuntimeError:
-        return None
-    return start, start + x.numel() * x.element_size()
-
-
-def check_no_partial_overlap(out: torch.Tensor, out_name: str, inputs: dict[str, torch.Tensor | None], op: str) -> None:
-    """``out`` (a dense kernel output) may be one of ``inputs`` itself (in place:
-    each element is read before it is written) or share no memory with them; a
-    partial overlap would have kernels read elements already overwritten.
-    Metadata only: no device sync. (Skipped while tracing: fake tensors have no memory.)"""
-    span = None if torch.compiler.is_compiling() or out.numel() == 0 else _memory_span(out)
-    if span is None:
-        return
-    lo, hi = span
-    for name, x in inputs.items():
-        x_span = None if x is None or x.numel() == 0 else _memory_span(x)
-        if x_span is None:
-            continue
-        x_lo, x_hi = x_span
-        if x_lo == lo and x.dtype == out.dtype and x.stride() == out.stride():
-            continue  # the same elements: in place
-        if x_lo < hi and lo < x_hi:
-            raise ValueError(f"{op}: {out_name} partially overlaps {name} in memory; give it separate memory or {name} itself")
-
-
 def check_schedule(schedule: object, op: str) -> None:
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")

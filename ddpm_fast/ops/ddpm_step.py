@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from .. import _extension
-from .._checks import type_name
+from .._checks import check_no_partial_overlap, type_name
 from ..schedules import NoiseSchedule
 from . import _args, _backend
 from ._backend import resolve_backend
@@ -195,9 +195,9 @@ def ddpm_step(
     z = _args.match_layout(noise, x) if noise is not None else None
     inputs = {"x_t": x, "eps": e, "noise": z}
     if given_out:
-        _args.check_no_partial_overlap(out, "out", inputs, _OP)
+        check_no_partial_overlap(out, "out", inputs, _OP)
     if out_model_input is not None:
-        _args.check_no_partial_overlap(out_model_input, "out_model_input", {**inputs, "out": out}, _OP)
+        check_no_partial_overlap(out_model_input, "out_model_input", {**inputs, "out": out}, _OP)
 
     if which == "reference":
         y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)
