@@ -36,7 +36,8 @@ except ImportError as error:  # not built, or built for another torch
     LOAD_ERROR = str(error)
     warnings.warn(
         "ddpm_fast: the compiled extension ddpm_fast._C could not be loaded "
-        f"({error}); every op falls back to the plain PyTorch reference backend. "
+        f"({error}); every op falls back to the plain PyTorch reference backend "
+        "(on a GPU, to Triton where it is installed). "
         "Build it with `pip install -e .` in an environment that has torch and a C++ compiler "
         "(`DDPM_FAST_STRICT=1 pip install -v -e .` shows why a build fails).",
         RuntimeWarning,

@@ -1,6 +1,7 @@
 """Which implementation runs an op: ``reference`` (plain PyTorch), ``cpu`` (C++),
-``cuda`` (CUDA C++) or ``triton``; ``auto`` picks the fastest available one for
-the tensor's device.
+``cuda`` (CUDA C++) or ``triton``; ``auto`` picks the first available one, for
+the tensor's device, in a fixed order meant to be fastest first (_AUTO_ORDER:
+not measured at run time).
 
 Precedence: an explicit per-call ``backend`` wins; with ``backend="auto"`` the
 environment variable ``DDPM_FAST_BACKEND`` (if set to a backend name) decides;
