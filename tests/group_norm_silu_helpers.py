@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conftest import poisoned_outputs
+from conftest import layout_params, poisoned_outputs
 from ddpm_fast import ops
 
 # (shape, groups): C not a power of two, prime H*W, one group, groups of one channel, N x C x L,
@@ -22,6 +22,18 @@ CASES = [
     ((1, 32, 16, 16), 8),
     ((1, 3, 9, 5), 1),
 ]
+
+
+def case_id(case: tuple) -> str:
+    """A (shape, groups) case's test id: 2x6x5x7-g3."""
+    return f"{'x'.join(map(str, case[0]))}-g{case[1]}"
+
+
+def layout_cases(cases: list) -> list:
+    """(layout, case) parameters of (shape, groups) cases: channels_last for the 4-d ones only."""
+    return layout_params(cases, shape=lambda case: case[0], case_id=case_id)
+
+
 # (forward atol/rtol, gradient atol/rtol), against a float32 reference of the same rounded inputs.
 TOL = {
     torch.float32: (dict(atol=1e-5, rtol=1e-5), dict(atol=1e-4, rtol=1e-4)),

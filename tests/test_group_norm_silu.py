@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES, backend_params, gpu_if_present, layout_params, requires_extension, skip_without_gpu_memory
+from conftest import TOLERANCES, backend_params, gpu_if_present, requires_extension, skip_without_gpu_memory
 from ddpm_fast import ops
 from ddpm_fast.nn import GroupNormSiLU
 from group_norm_silu_helpers import (
@@ -20,20 +20,22 @@ from group_norm_silu_helpers import (
     assert_bfloat16_rounded_once,
     assert_far_first_value_statistics,
     assert_matches_reference,
+    case_id,
     inputs,
+    layout_cases,
 )
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("layout,case", layout_params(CASES, shape=lambda c: c[0], case_id=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}"))
+@pytest.mark.parametrize("layout,case", layout_cases(CASES))
 @pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, True), (True, False, False), (False, True, False)])
 def test_forward_and_backward_match_reference(device, backend, dtype, layout, case, affine, with_add, act):
     assert_matches_reference(device, backend, dtype, layout, case, affine, with_add, act)
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_reference_backend_passes_the_comparison(dtype, case):
     """The comparison above, of the reference backend itself: what its
     cuda-reference cases run on the GPU (plain PyTorch in the dtype there too).

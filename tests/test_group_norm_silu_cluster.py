@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import HAS_CUDA, requires_extension
 from ddpm_fast import ops
-from group_norm_silu_helpers import TOL, assert_far_first_value_statistics, assert_matches_reference, reference
+from group_norm_silu_helpers import TOL, assert_far_first_value_statistics, assert_matches_reference, case_id, reference
 
 pytestmark = [pytest.mark.gpu, requires_extension]
 
@@ -129,7 +129,7 @@ def test_cluster_path_first_value_far_from_the_mean(channels_last):
         ((1, 64, 128, 128), 4),  # 16 channels of 16384 positions a group: 1 MB of float32, 8 blocks
         ((2, 32, 160, 160), 32),  # one channel a group; channels_last tiles pack 4 or 8 groups (16-byte rows)
     ],
-    ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}",
+    ids=case_id,
 )
 def test_cluster_path_forward_and_backward(dtype, layout, case):
     """Odd shapes, through ops.group_norm_silu's autograd (the backward from the

@@ -8,10 +8,12 @@ import importlib
 import pytest
 import torch
 
-from conftest import HAS_CUDA, gpu_if_present, layout_params
+from conftest import HAS_CUDA, gpu_if_present
 from ddpm_fast import ops
 from ddpm_fast.ops._backend import triton_available
-from group_norm_silu_helpers import CASES, assert_bfloat16_rounded_once, assert_matches_reference, inputs, reference
+from group_norm_silu_helpers import (
+    CASES, assert_bfloat16_rounded_once, assert_matches_reference, inputs, layout_cases, reference,
+)
 
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -28,8 +30,7 @@ SPLIT_CASES = [c for c in CASES if c[0] != (1, 32, 16, 16)]
 @requires_triton
 @gpu_if_present
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("layout,case", layout_params(SPLIT_CASES, shape=lambda c: c[0],
-                                                     case_id=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}"))
+@pytest.mark.parametrize("layout,case", layout_cases(SPLIT_CASES))
 @pytest.mark.parametrize("affine,with_add,act", [(True, True, True), (False, False, False)])
 def test_triton_split_path_matches_reference(triton_split_path, dtype, layout, case, affine, with_add, act):
     shape, groups = case
