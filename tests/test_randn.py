@@ -231,22 +231,6 @@ def test_cpu_vector_paths_are_bit_identical(tmp_path, cap):
 
 
 @gpu_if_present
-def test_raw_triton_op_default_sample_stride_is_one_stream():
-    """fill_randn_triton_'s sample_stride 0 (its default), as the C++ op's
-    (test_cpp_glue_mutants): element j of sample n takes counter offset +
-    n * per_sample + j, the stream of a flat tensor."""
-    pytest.importorskip("triton")
-    from ddpm_fast.ops._backend import load_triton_ops, triton_launch_device
-
-    load_triton_ops()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = torch.empty(3, 5, 7, device=device)
-    with triton_launch_device(out.device):
-        torch.ops.ddpm_fast.fill_randn_triton_(out, 21, 9)
-    torch.testing.assert_close(out.cpu(), ops.randn((3, 5, 7), 21, 9, backend="reference"), atol=2e-6, rtol=2e-6)
-
-
-@gpu_if_present
 def test_opcheck_triton():
     pytest.importorskip("triton")
     from ddpm_fast.kernels import randn as _triton  # noqa: F401  (registers the op)

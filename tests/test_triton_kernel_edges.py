@@ -93,6 +93,17 @@ def test_bfloat16_rounding_keeps_signalling_nans_nan():
 
 
 @gpu_if_present
+def test_raw_randn_op_default_sample_stride_is_one_stream():
+    """fill_randn_triton_'s sample_stride 0 (its default), as the C++ op's
+    (test_cpp_glue_mutants): element j of sample n takes counter offset +
+    n * per_sample + j, the stream of a flat tensor."""
+    out = torch.empty(3, 5, 7, device=DEVICE)
+    with triton_launch_device(out.device):
+        _ops().fill_randn_triton_(out, 21, 9)
+    torch.testing.assert_close(out.cpu(), ops.randn((3, 5, 7), 21, 9, backend="reference"), atol=2e-6, rtol=2e-6)
+
+
+@gpu_if_present
 def test_randn_kernel_writes_nothing_past_its_output():
     """An output that is a view of a larger buffer, 1031 elements (not a
     multiple of the block): the elements after it are left alone (a store mask
