@@ -93,12 +93,13 @@ def check(impl: str, step, model: torch.nn.Module, ema: torch.nn.Module) -> None
     size L_simple has at the start (about 1: the noise's variance) and move the
     weights and their EMA (a step that skipped backward, Adam or the EMA passed
     the loss check alone)."""
-    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in (("weights", model), ("EMA", ema))}
+    trained = {"weights": model, "EMA": ema}
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in trained.items()}
     loss = step()
     value = float(loss) if loss is not None else float("nan")
     if not 0.01 < value < 100:  # NaN fails too
         pytest.fail(f"train step {impl}: loss {value}, not timed")
-    for name, m in (("weights", model), ("EMA", ema)):
+    for name, m in trained.items():
         if all(torch.equal(old, new) for old, new in zip(before[name], m.parameters())):
             pytest.fail(f"train step {impl}: the step left the {name} as they were, not timed")
 
@@ -132,10 +133,10 @@ def test_gpu_train_step_cifar10_bf16(benchmark, copy_bandwidth_gbps, matmul_tflo
     for _ in range(4):  # compile, autotune, warm up
         step()
     check(impl, step, model, ema)
-    model = build("ours_reference", "cifar10", "cuda")  # the FLOPs of the layout (diffusers need not be installed)
+    layout = build("ours_reference", "cifar10", "cuda")  # the FLOPs of the layout (diffusers need not be installed)
     x = torch.randn(batch, 3, 32, 32, device="cuda")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, torch.zeros(batch, dtype=torch.long, device="cuda"))
+        layout(x, torch.zeros(batch, dtype=torch.long, device="cuda"))
     floor_us = flop_floor_us(3 * counter.get_total_flops(), matmul_tflops)
     median, b2b = time_gpu(step)
     add_gpu_row(GpuRow(f"train step cifar10 b{batch} bf16", impl, median, floor_us, "diffusers_eager", b2b), request.node.nodeid)

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public API and the kernels (the ops have theirs in ops/_args.py)."""
+"""Argument checks shared by the public API, the ops and the kernels (the ops' own are in ops/_args.py)."""
 
 from __future__ import annotations
 
