@@ -39,13 +39,16 @@ def package_modules() -> list[tuple[str, Path]]:
 
 def imported(module: str, path: Path) -> list[str]:
     """The ddpm_fast modules ``module``'s import statements name (dotted, under ddpm_fast)."""
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    parts = module.split(".") if module else []  # "": the package's own __init__
+    package = parts if path.name == "__init__.py" else parts[:-1]
     names = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - node.level + 1]
-            names += [".".join(base + ([node.module] if node.module else []))] if node.module else [
-                ".".join(base + [alias.name]) for alias in node.names]
+            if node.module:
+                names.append(".".join(base + [node.module]))
+            else:
+                names += [".".join(base + [alias.name]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ddpm_fast"):
             names.append(node.module.removeprefix("ddpm_fast").lstrip("."))
         elif isinstance(node, ast.Import):
@@ -62,7 +65,7 @@ def test_every_module_is_seen():
             "sampler", "cli"} <= names
 
 
-@pytest.mark.parametrize("module,path", MODULES, ids=[name for name, _ in MODULES])
+@pytest.mark.parametrize("module,path", MODULES, ids=[name or "ddpm_fast" for name, _ in MODULES])
 def test_no_module_imports_a_higher_layer(module, path):
     upward = [name for name in imported(module, path) if layer(name) > layer(module)]
     assert not upward, f"{module} (layer {layer(module)}) imports {upward}"
