@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-__all__ = ["is_int", "check_bool", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES"]
+__all__ = ["is_int", "check_bool", "as_device", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
 # first. (A uint64 from 2^63 on wraps negative, which fails the range check.)
@@ -32,6 +32,19 @@ def check_bool(value: object, name: str) -> None:
     mean a default."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def as_device(value: object, name: str) -> torch.device:
+    """``value`` (a torch.device, or a string or index torch.device takes) as a
+    device: torch's own error for a typo such as 'cdua' names no argument."""
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str) and not is_int(value):
+        raise TypeError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {type_name(value)}")
+    try:
+        return torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(f"{name} {value!r} is not a device (e.g. 'cpu', 'cuda' or 'cuda:0'): {error}") from None
 
 
 def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:

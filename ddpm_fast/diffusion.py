@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._checks import WIDENED_TIMESTEP_DTYPES
+from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool
 from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
@@ -64,8 +64,14 @@ def extract(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torc
 def _extract(schedule: NoiseSchedule, name: str, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``extract(getattr(schedule, name), t, x)`` from the table's float64 copy
     on t's device (x's for an int t), made once per device (``_device_table``)."""
+    _check_schedule(schedule)
     t = _check_timesteps(t, schedule.num_timesteps, x)
     return _rows(_device_table(schedule, name, t.device if isinstance(t, torch.Tensor) else x.device), t, x)
+
+
+def _check_schedule(schedule: object) -> None:
+    if not isinstance(schedule, NoiseSchedule):  # a name such as "linear" failed on a missing attribute
+        raise TypeError(f"schedule must be a NoiseSchedule (e.g. NoiseSchedule('linear')), got {type(schedule).__name__}")
 
 
 def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> int | torch.Tensor:
@@ -209,6 +215,7 @@ def p_mean_variance(
     """
     _check_choice("mean_type", mean_type, ("eps", "x0"))
     _check_choice("variance", variance, ("fixed_small", "fixed_large"))
+    check_bool(clip_denoised, "clip_denoised")
     if not isinstance(model_output, torch.Tensor):  # a model returning a tuple or a dict, say
         raise TypeError(
             f"model output must be a torch.Tensor of x_t's shape {tuple(x_t.shape)}, got a {type(model_output).__name__}"
@@ -286,6 +293,7 @@ def loss_simple(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
 
 def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) || N(0, I)) per sample, in bits per dimension."""
+    _check_schedule(schedule)
     t = schedule.num_timesteps - 1
     mean, _, log_var = q_mean_variance(schedule, x0.to(_compute_dtype(x0)), t)
     kl = normal_kl(mean, log_var.expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean))
@@ -359,6 +367,9 @@ def bits_per_dim(
     change it (``ddpm_fast.evaluate.evaluate_bpd``). On a respaced schedule the
     bound is that of the shorter chain, and the model is called with the
     original timesteps it was trained on (``schedule.timestep_map``)."""
+    _check_schedule(schedule)
+    check_bool(clip_denoised, "clip_denoised")
+    check_bool(progress, "progress")
     if generator is not None and noise_fn is not None:
         raise ValueError("bits_per_dim: give generator or noise_fn, not both")
     if x0.dim() < 2 or x0.shape[0] == 0:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ._checks import is_int
+from ._checks import as_device, check_bool, is_int
 from ._progress import batch_of
 from . import ops
 from .data import ImageDataset
@@ -62,6 +62,10 @@ def evaluate_bpd(
     (L_0), ``vb`` (sum of L_1..L_{T-1}), ``terms`` (one per timestep) and a
     printable ``summary``.
     """
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"evaluate_bpd: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    check_bool(progress, "progress")
+    check_bool(sharded, "sharded")
     if not isinstance(dataset, ImageDataset):  # a tensor has a len, and failed later on a missing method
         raise TypeError(f"evaluate_bpd: dataset must be a ddpm_fast.data.ImageDataset (ImageDataset(images) wraps "
                         f"uint8 N x C x H x W images), got {type(dataset).__name__}")
@@ -80,7 +84,9 @@ def evaluate_bpd(
         )
     if channels_last is None:
         channels_last = has_channels_last_weights(model)
-    if device is None:
+    if device is not None:
+        device = as_device(device, "evaluate_bpd: device")
+    else:
         param = _first_float_parameter(model)
         device = param.device if param is not None else torch.device("cpu")
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W

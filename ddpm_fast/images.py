@@ -107,10 +107,17 @@ def plot_curve(
     (``log_y``) or linear y axis. Non-finite values are left out."""
     from PIL import Image, ImageDraw
 
+    left, right, top, bottom = 70, 20, 30, 30  # margins: the axis labels
+    if (not isinstance(size, tuple) or len(size) != 2 or not all(map(is_int, size))
+            or size[0] < left + right + 10 or size[1] < top + bottom + 10):
+        raise ValueError(f"size must be a (width, height) of ints of at least ({left + right + 10}, {top + bottom + 10}) "
+                         f"pixels, got {size!r}")
     raw = np.asarray(values, dtype=np.float64)
+    if raw.ndim != 1:
+        raise ValueError(f"values must be 1-d, got shape {raw.shape}")
     at = np.arange(raw.size, dtype=np.float64) if steps is None else np.asarray(steps, dtype=np.float64)
     if at.shape != raw.shape:
-        raise ValueError(f"steps has {at.size} entries for {raw.size} values")
+        raise ValueError(f"steps has shape {at.shape} for values of shape {raw.shape}")
     keep = np.isfinite(raw)
     v, at = raw[keep], at[keep]
     if v.size < 2:
@@ -119,7 +126,6 @@ def plot_curve(
         log_y = False
     y = np.log10(v) if log_y else v
     width, height = size
-    left, right, top, bottom = 70, 20, 30, 30
     lo, hi = float(y.min()), float(y.max())
     if hi <= lo:  # a constant series: centre it in a band that keeps the labels true
         pad = 0.05 if log_y else abs(lo) * 0.05 or 1.0

@@ -6,6 +6,7 @@ DDPM pipeline folder."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._checks import as_device, is_int
 from .checkpoint import CheckpointError, latest_checkpoint
 from .models.serialization import float32_on_cpu, load_safetensors, load_state_dict_checked
 from .schedules import NoiseSchedule
@@ -69,7 +71,9 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
         raise CheckpointError(f"{config_path} sets thresholding (dynamic thresholding of x0), which ddpm_fast's "
                               "Sampler does not do")
     clip_range = config.get("clip_sample_range", 1.0)
-    if config.get("clip_sample", True) and clip_range != 1.0:
+    if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real):  # "1.0" != 1.0
+        raise CheckpointError(f"{config_path} has clip_sample_range={clip_range!r}, not a number")
+    if _clip_sample(config, config_path) and clip_range != 1.0:
         raise CheckpointError(f"{config_path} clips x0 to [-{clip_range}, {clip_range}] (clip_sample_range); "
                               "ddpm_fast's Sampler clips to [-1, 1] only")
     if config.get("trained_betas") is not None:  # diffusers uses them instead of beta_schedule
@@ -81,12 +85,24 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     name = names.get(config.get("beta_schedule", "linear"))
     if name is None:
         raise CheckpointError(f"unsupported diffusers beta_schedule {config.get('beta_schedule')!r} in {config_path}")
-    timesteps = int(config.get("num_train_timesteps", 1000))
-    if name == "cosine":
-        return NoiseSchedule("cosine", timesteps=timesteps)
-    return NoiseSchedule(
-        name, timesteps=timesteps, beta_start=config.get("beta_start", 1e-4), beta_end=config.get("beta_end", 0.02)
-    )
+    timesteps = config.get("num_train_timesteps", 1000)
+    if not is_int(timesteps):  # int() would truncate 10.7 or fail on "abc" naming no file
+        raise CheckpointError(f"{config_path} has num_train_timesteps={timesteps!r}, not an int")
+    try:
+        if name == "cosine":
+            return NoiseSchedule("cosine", timesteps=int(timesteps))
+        return NoiseSchedule(name, timesteps=int(timesteps), beta_start=config.get("beta_start", 1e-4),
+                             beta_end=config.get("beta_end", 0.02))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path} describes no usable noise schedule: {error}") from None
+
+
+def _clip_sample(config: dict[str, Any], config_path: Path) -> bool:
+    """The config's clip_sample (DDPMScheduler's default: on); a string such as "false" would read as on."""
+    clip = config.get("clip_sample", True)
+    if not isinstance(clip, bool):
+        raise CheckpointError(f"{config_path} has clip_sample={clip!r}, not true or false")
+    return clip
 
 
 def resolve_run_folder(path: str | os.PathLike) -> Path:
@@ -130,7 +146,7 @@ def diffusers_sampling(path: str | os.PathLike) -> dict[str, Any]:
     if variance not in ("fixed_small", "fixed_large"):
         raise CheckpointError(f"{config_path} says variance_type={config.get('variance_type')!r}; ddpm_fast samples "
                               "with fixed_small or fixed_large only")
-    return {"variance": variance, "clip_denoised": bool(config.get("clip_sample", True)), "source": config_path}
+    return {"variance": variance, "clip_denoised": _clip_sample(config, config_path), "source": config_path}
 
 
 def load_model(
@@ -145,6 +161,7 @@ def load_model(
 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    device = as_device(device, "load_model: device")  # before the weights load, for every kind of folder
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")

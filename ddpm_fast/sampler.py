@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._checks import check_bool, is_int
+from ._checks import as_device, check_bool, is_int
 from ._progress import progress_bar
 from . import diffusion, graph_capture, ops
 from .nn import has_channels_last_weights
@@ -177,7 +177,7 @@ class Sampler:
 
     @device.setter
     def device(self, value: torch.device | str | None) -> None:
-        self._device = torch.device(value) if value is not None else None
+        self._device = as_device(value, "device") if value is not None else None
 
     @property
     def channels_last(self) -> bool:

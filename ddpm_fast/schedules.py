@@ -344,7 +344,9 @@ class NoiseSchedule:
         if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in timesteps):
             raise TypeError(f"respaced timesteps must be ints, got {list(timesteps)[:5]}...")
         steps = sorted(set(int(s) for s in timesteps))
-        if not steps or steps[0] < 0 or steps[-1] >= self.num_timesteps:
+        if not steps:
+            raise ValueError("respaced timesteps must name at least one timestep, got none")
+        if steps[0] < 0 or steps[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps}), got {list(timesteps)[:5]}...")
         ab = self.alphas_cumprod[steps]
         if (ab[:-1] == 0).any():

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import diffusion, ops
+from ._checks import as_device, check_bool
 from ._progress import progress_bar
 from .checkpoint import LATEST, CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
@@ -120,7 +121,7 @@ class Trainer(TrainerCheckpoints):
         if len(dataset) < self.config.batch_size:
             raise ValueError(f"the dataset has {len(dataset)} images, fewer than batch_size {self.config.batch_size}")
         dataset.check_model(model)
-        self.device = torch.device(device) if device is not None else (
+        self.device = as_device(device, "device") if device is not None else (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.out_dir = Path(out_dir)
@@ -244,6 +245,8 @@ class Trainer(TrainerCheckpoints):
         amp = PRECISIONS[self.config.precision]
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             pred = self.net(x_t, t)
+        if not isinstance(pred, torch.Tensor):  # a tuple, say: loss_simple checks the shape
+            raise TypeError(f"the model returned a {type(pred).__name__}; expected eps as a torch.Tensor")
         pred = pred.float()
         terms = []
         if self.config.loss in ("simple", "hybrid"):
@@ -348,6 +351,8 @@ class Trainer(TrainerCheckpoints):
 
         The folder is held while it trains: a second run started in it raises
         ``RunInUseError`` (on every rank)."""
+        check_bool(resume, "resume")  # None is no "no": it would start the run afresh
+        check_bool(final_samples, "final_samples")
         releases = []
 
         def hold() -> None:

@@ -89,7 +89,7 @@ class TrainConfig:
             except OverflowError:  # an int beyond float's range (10**400)
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}") from None
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         if not self.grad_clip > 0:

@@ -31,7 +31,9 @@ import torch
 
 from conftest import TOLERANCES, device_backends
 from ddpm_fast import NoiseSchedule, Sampler, diffusion, ops
+from ddpm_fast.evaluate import evaluate_bpd
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
+from train_helpers import TinyEps, toy_dataset
 
 T = 10
 S = NoiseSchedule("linear", timesteps=T)
@@ -136,29 +138,39 @@ def once(fn: Callable[[], object]) -> Callable[[str], object]:
 
 
 def trainer(model: Callable[[], object] | None = None, dataset: Callable[[], object] | None = None,
-            schedule: object = S) -> Callable[[str], object]:
+            schedule: object = S, device: object = "cpu", train: dict | None = None) -> Callable[[str], object]:
     """Makes a Trainer (into a temporary folder) of the toy model and 16 toy
-    images, batch 8, with the model or dataset made by the given callable instead."""
+    images, batch 8, with the model or dataset made by the given callable instead;
+    given ``train``, calls its ``train(**train)`` for one step."""
     from ddpm_fast.train import TrainConfig, Trainer
-    from train_helpers import TinyEps
 
     def call(backend):
         with tempfile.TemporaryDirectory() as tmp:
-            Trainer((model or TinyEps)(), (dataset or toy(16))(), schedule, TrainConfig(batch_size=8),
-                    tmp, device="cpu", progress=False)
+            run = Trainer((model or TinyEps)(), (dataset or toy(16))(), schedule, TrainConfig(batch_size=8, steps=1),
+                          tmp, device=device, progress=False)
+            if train is not None:
+                run.train(**train)
 
     return call
 
 
-def tiny_eps(**kwargs) -> Callable[[], object]:
-    from train_helpers import TinyEps
+class TupleEps(TinyEps):
+    """A model whose forward returns (eps,), as some wrappers' do."""
 
+    def forward(self, x, t):
+        return (super().forward(x, t),)
+
+
+class NeverTrained(TinyEps):
+    def forward(self, x, t):
+        raise AssertionError("the model ran although the arguments were bad")
+
+
+def tiny_eps(**kwargs) -> Callable[[], object]:
     return lambda: TinyEps(**kwargs)
 
 
 def toy(n: int) -> Callable[[], object]:
-    from train_helpers import toy_dataset
-
     return lambda: toy_dataset(n)
 
 
@@ -332,6 +344,7 @@ CASES = [
     Case("randn-sample-stride-zero-1d", lambda b: ops.randn((5,), 0, sample_stride=0, backend=b), ValueError, "sample_stride 0 is below"),
     Case("randn-sample-stride-negative", lambda b: ops.randn((3, 4), 0, sample_stride=-4, backend=b), ValueError, "sample_stride must lie in"),
     Case("randn-empty", empty_result(ops.randn, (0, 3), 0, shape=(0, 3)), None),
+    Case("randn-device-typo", lambda b: ops.randn((2, 3), 0, device="cdua", backend=b), ValueError, "randn: device 'cdua' is not a device"),
     Case("randn-backend-unknown", lambda b: ops.randn((2, 3), 0, backend="gpu"), ValueError, "backend must be one of", per_backend=False),
     Case("randn-backend-cuda-unavailable", lambda b: ops.randn((2, 3), 0, backend="cuda"), RuntimeError, "backend 'cuda' is unavailable", per_backend=False),
     # ops.q_sample: dtypes and types
@@ -488,6 +501,8 @@ CASES = [
     Case("GroupNormSiLU-act-int", module(2, 4, act=1), TypeError, "GroupNormSiLU: act must be a bool, got int"),
     Case("GroupNormSiLU-backend-unknown", lambda b: GroupNormSiLU(2, 4, backend="gpu"), ValueError, "GroupNormSiLU: backend must be one of .*got 'gpu'", per_backend=False),
     # also for a model with nothing to fuse: the misspelling must not wait for one that has
+    Case("fuse_group_norm_silu-model-int", once(lambda: fuse_group_norm_silu(5)), TypeError, "fuse_group_norm_silu: model must be an nn.Module, got int", per_backend=False),
+    Case("GroupNormSiLU-from_group_norm-linear", once(lambda: GroupNormSiLU.from_group_norm(torch.nn.Linear(2, 2))), TypeError, "from_group_norm: norm must be an nn.GroupNorm, got torch.nn.modules.linear.Linear", per_backend=False),
     Case("fuse_group_norm_silu-backend-unknown", lambda b: fuse_group_norm_silu(torch.nn.Linear(2, 2), backend="gpu"), ValueError, "fuse_group_norm_silu: backend must be one of .*got 'gpu'", per_backend=False),
     # NoiseSchedule
     Case("NoiseSchedule-name-unknown", once(lambda: NoiseSchedule("sigmoid")), ValueError, "unknown beta schedule 'sigmoid'; expected one of linear", per_backend=False),
@@ -512,12 +527,14 @@ CASES = [
     Case("NoiseSchedule-table-unknown", once(lambda: S.table("sqrt_betas")), KeyError, "unknown table 'sqrt_betas'", per_backend=False),
     Case("NoiseSchedule-step_table-kind", once(lambda: S.step_table("learned")), ValueError, "step kind must be one of", per_backend=False),
     Case("NoiseSchedule-step_table-eta-without-ddim", once(lambda: S.step_table("fixed_small", eta=0.5)), ValueError, "eta applies to the ddim step only", per_backend=False),
-    Case("NoiseSchedule-respace-empty", once(lambda: S.respace([])), ValueError, r"respaced timesteps must lie in \[0, 10\)", per_backend=False),
+    Case("NoiseSchedule-respace-empty", once(lambda: S.respace([])), ValueError, "respaced timesteps must name at least one timestep, got none", per_backend=False),
     Case("NoiseSchedule-respace-out-of-range", once(lambda: S.respace([0, 5, T])), ValueError, "respaced timesteps must lie in", per_backend=False),
     Case("NoiseSchedule-respace-float", once(lambda: S.respace([0, 4.5, 9])), TypeError, "respaced timesteps must be ints", per_backend=False),
     # Sampler: construction
     Case("Sampler-model-not-callable", lambda b: Sampler("unet", S, backend=b), TypeError, "model must be callable as model"),
     Case("Sampler-schedule-str", lambda b: Sampler(never_called, "linear", backend=b), TypeError, "schedule must be a NoiseSchedule, got str"),
+    Case("Sampler-device-typo", lambda b: Sampler(never_called, S, device="cdua", backend=b), ValueError, "device 'cdua' is not a device"),
+    Case("Sampler-device-float", lambda b: Sampler(never_called, S, device=0.5, backend=b), TypeError, "device must be a torch.device or a device string .*got float"),
     Case("Sampler-variance-unknown", lambda b: Sampler(never_called, S, variance="learned", backend=b), ValueError, "variance must be 'fixed_small' or 'fixed_large', got 'learned'"),
     Case("Sampler-backend-unknown", lambda b: Sampler(never_called, S, backend="fastest"), ValueError, "backend must be one of", per_backend=False),
     Case("Sampler-dtype-float64", lambda b: Sampler(never_called, S, dtype=torch.float64, backend=b), TypeError, "dtype must be float32, float16 or bfloat16, got torch.float64"),
@@ -563,6 +580,15 @@ CASES = [
     Case("diffusion-p_mean_variance-variance", once(lambda: diffusion.p_mean_variance(S, x4(2, 3), x4(2, 3), 1, variance="learned")), ValueError, "variance must be one of", per_backend=False),
     Case("diffusion-p_mean_variance-shape", once(lambda: diffusion.p_mean_variance(S, x4(2, 4), x4(2, 3), 1)), ValueError, r"model output has shape \(2, 4\), x_t has \(2, 3\)", per_backend=False),
     Case("diffusion-loss_simple-shape", once(lambda: diffusion.loss_simple(x4(2, 3), x4(3, 2))), ValueError, "eps has shape .* the prediction", per_backend=False),
+    Case("diffusion-bits_per_dim-schedule-name", once(lambda: diffusion.bits_per_dim(never_called, x4(2, 3).clamp(-1, 1), "linear")), TypeError, r"schedule must be a NoiseSchedule \(e.g. NoiseSchedule\('linear'\)\), got str", per_backend=False),
+    Case("diffusion-q_sample-schedule-name", once(lambda: diffusion.q_sample("linear", x4(2, 3), 1, x4(2, 3))), TypeError, "schedule must be a NoiseSchedule .*got str", per_backend=False),
+    Case("diffusion-prior_bpd-schedule-name", once(lambda: diffusion.prior_bpd("linear", x4(2, 3))), TypeError, "schedule must be a NoiseSchedule .*got str", per_backend=False),
+    # bool("no") is True: a string flag would clip
+    Case("diffusion-bits_per_dim-clip-str", once(lambda: diffusion.bits_per_dim(never_called, x4(2, 3).clamp(-1, 1), S, clip_denoised="no")), TypeError, "clip_denoised must be a bool, got 'no'", per_backend=False),
+    Case("diffusion-p_mean_variance-clip-str", once(lambda: diffusion.p_mean_variance(S, x4(2, 3), x4(2, 3), 1, clip_denoised="no")), TypeError, "clip_denoised must be a bool, got 'no'", per_backend=False),
+    Case("evaluate_bpd-schedule-name", once(lambda: evaluate_bpd(never_called, toy(4)(), "linear")), TypeError, "evaluate_bpd: schedule must be a NoiseSchedule, got str", per_backend=False),
+    Case("evaluate_bpd-progress-str", once(lambda: evaluate_bpd(never_called, toy(4)(), S, progress="no")), TypeError, "progress must be a bool, got 'no'", per_backend=False),
+    Case("evaluate_bpd-device-typo", once(lambda: evaluate_bpd(never_called, toy(4)(), S, device="cdua")), ValueError, "evaluate_bpd: device 'cdua' is not a device", per_backend=False),
     Case("diffusion-bits_per_dim-empty", once(lambda: diffusion.bits_per_dim(never_called, x4(0, 3), S)), ValueError, "x0 must be a non-empty batch", per_backend=False),
     Case("diffusion-bits_per_dim-int", once(lambda: diffusion.bits_per_dim(never_called, torch.ones(2, 3, dtype=torch.uint8), S)), TypeError, "x0 must be a floating tensor", per_backend=False),
     Case("diffusion-bits_per_dim-x0-range", once(lambda: diffusion.bits_per_dim(never_called, torch.tensor([[0.0, 255.0]]), S)), ValueError, r"x0 must be data in \[-1, 1\] .*got values in \[0.0, 255.0\]", per_backend=False),
@@ -571,6 +597,11 @@ CASES = [
     Case("Trainer-model-function", trainer(model=lambda: (lambda x, t: x)), TypeError, "model must be an nn.Module, got function", per_backend=False),
     Case("Trainer-dataset-tensor", trainer(dataset=lambda: torch.zeros(16, 1, 8, 8)), TypeError, "dataset must be a ddpm_fast.data.ImageDataset, got Tensor", per_backend=False),
     Case("Trainer-schedule-name", trainer(schedule="linear"), TypeError, "schedule must be a NoiseSchedule, got str", per_backend=False),
+    Case("Trainer-device-typo", trainer(device="cdua"), ValueError, "device 'cdua' is not a device", per_backend=False),
+    Case("Trainer-model-returns-tuple", trainer(model=lambda: TupleEps(), train={}), TypeError, "the model returned a tuple; expected eps as a torch.Tensor", per_backend=False),
+    # resume=None started the run afresh, deleting its log; resume="no" resumed
+    Case("Trainer-train-resume-none", trainer(model=lambda: NeverTrained(), train={"resume": None}), TypeError, "resume must be a bool, got None", per_backend=False),
+    Case("Trainer-train-final_samples-str", trainer(model=lambda: NeverTrained(), train={"final_samples": "no"}), TypeError, "final_samples must be a bool, got 'no'", per_backend=False),
     Case("Trainer-model-other-size", trainer(model=tiny_eps(image_size=16)), ValueError, "the model takes 1-channel 16px images, the dataset has 1-channel 8px images", per_backend=False),
     Case("Trainer-model-float64", trainer(model=lambda: tiny_eps()().double()), TypeError, r"the Trainer trains float32 parameters .*torch.float64", per_backend=False),
     Case("Trainer-batch-above-data", trainer(dataset=toy(4)), ValueError, "the dataset has 4 images, fewer than batch_size 8", per_backend=False),

@@ -31,7 +31,7 @@ from ddpm_fast.cli import main
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),  # drops everything
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
         # TrainConfig's and run_demo's checks in the options' names (they named the Python fields)
-        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "--lr must be a positive number"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--lr", "-1"], "--lr must be a finite number > 0"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),
         (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/with-folders"], "samples.npz is a folder"),
         (["train", "--data", "{data}", "--out", "{tmp}/with-folders"], "log.jsonl is a folder"),  # not after training

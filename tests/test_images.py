@@ -96,8 +96,12 @@ def test_plot_curve_writes_a_png(tmp_path):
             assert png.size == (640, 360)
     with pytest.raises(ValueError, match="at least 2 finite values"):
         plot_curve([1.0, float("nan")], tmp_path / "none.png")
-    with pytest.raises(ValueError, match="steps has 2 entries for 3 values"):
+    with pytest.raises(ValueError, match=r"steps has shape \(2,\) for values of shape \(3,\)"):
         plot_curve([1.0, 2.0, 3.0], tmp_path / "none.png", steps=[1, 2])
+    with pytest.raises(ValueError, match=r"values must be 1-d, got shape \(2, 2\)"):  # said "4 entries for 4 values"
+        plot_curve([[1.0, 2.0], [3.0, 4.0]], tmp_path / "none.png")
+    with pytest.raises(ValueError, match=r"size must be a \(width, height\) of ints of at least \(100, 70\)"):
+        plot_curve([1.0, 2.0, 3.0], tmp_path / "none.png", size=(50, 40))  # failed inside PIL
 
 
 def test_to_uint8_round_trips_every_level_and_maps_nan_to_black():

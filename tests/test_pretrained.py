@@ -110,6 +110,8 @@ def test_errors(run, tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="weights must be 'ema' or 'model'"):
         load_model(out, weights="best")
+    with pytest.raises(ValueError, match="load_model: device 'cdua' is not a device"):  # was torch's RuntimeError
+        load_model(out, device="cdua")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_model(tmp_path)
@@ -152,6 +154,12 @@ def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
     ({"trained_betas": [0.1, 2.0]}, "unusable trained_betas"),
     ({"clip_sample_range": 3.0}, r"clips x0 to \[-3.0, 3.0\] \(clip_sample_range\)"),  # was accepted, then clipped to [-1, 1]
     ({"clip_sample_range": 0.5}, r"clips x0 to \[-0.5, 0.5\] \(clip_sample_range\)"),  # as wrong as a wider one
+    # malformed values: each was a bare TypeError/ValueError naming no file, or worse
+    ({"num_train_timesteps": 10.7}, r"scheduler_config.json has num_train_timesteps=10.7, not an int"),  # was truncated to 10
+    ({"num_train_timesteps": "abc"}, "has num_train_timesteps='abc', not an int"),
+    ({"beta_start": 0}, r"scheduler_config.json describes no usable noise schedule: beta_start must lie in \(0, 1\]"),
+    ({"clip_sample_range": "1.0"}, "has clip_sample_range='1.0', not a number"),  # said it clips to [-1.0, 1.0], not [-1, 1]
+    ({"clip_sample": "false"}, "has clip_sample='false', not true or false"),  # read as on
 ])
 def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, setting, match):
     from ddpm_fast.pretrained import _diffusers_schedule

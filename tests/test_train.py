@@ -253,7 +253,8 @@ def test_gpu_train_step_synchronizes_once(tmp_path):
     "overrides, message",
     [
         ({"steps": 0}, "steps must be a positive int"),
-        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"lr": -1.0}, "lr must be a finite number > 0"),
+        ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),  # said "a positive number"
         ({"precision": "fp8"}, "precision must be one of"),
         ({"loss": "l1"}, "loss must be one of"),
         ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\)"),

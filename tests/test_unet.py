@@ -315,6 +315,16 @@ def test_bad_constructor_arguments(change, match):
         UNet(**{**MINI, **change})
 
 
+@pytest.mark.parametrize("preset", [UNet.tiny, UNet.small])
+@pytest.mark.parametrize("image_size, match", [
+    ((8, 8), r"image_size must be a positive int, got \(8, 8\)"),  # was a TypeError from image_size // 2
+    (1, r"image_size \(1\) must be divisible"),  # named attn_resolutions[0], an argument never given
+])
+def test_presets_name_a_bad_image_size(preset, image_size, match):
+    with pytest.raises(ValueError, match=match):
+        preset(image_size=image_size)
+
+
 def test_bad_forward_inputs():
     model = UNet(**MINI)
     x, t = inputs()

@@ -33,6 +33,12 @@ def _positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def _at_half(image_size: object) -> tuple[int]:
+    """A preset's attention resolution, half its image size (at least 1, so that
+    an image size too small to halve is what the UNet's message names)."""
+    return (max(1, _positive_int("image_size", image_size) // 2),)
+
+
 def _int_tuple(name: str, value: object) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ValueError(f"UNet: {name} must be a sequence of positive ints, got {value!r}")
@@ -298,7 +304,7 @@ class UNet(nn.Module):
         """A 6.5M parameter model for 32x32 data (three levels, attention at half resolution)."""
         return cls(**{**dict(
             in_channels=in_channels, image_size=image_size, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-            attn_resolutions=(image_size // 2,), dropout=0.1,
+            attn_resolutions=_at_half(image_size), dropout=0.1,
         ), **overrides})
 
     @classmethod
@@ -310,7 +316,7 @@ class UNet(nn.Module):
         dropout (it is too small to overfit in minutes)."""
         return cls(**{**dict(
             in_channels=in_channels, image_size=image_size, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-            attn_resolutions=(image_size // 2,), dropout=0.0, num_groups=4,
+            attn_resolutions=_at_half(image_size), dropout=0.0, num_groups=4,
         ), **overrides})
 
     # ---------------------------------------------------------- save and load

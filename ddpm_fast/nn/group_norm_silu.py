@@ -74,6 +74,8 @@ class GroupNormSiLU(nn.GroupNorm):
         """A ``GroupNormSiLU`` holding ``norm``'s own parameters (the same
         ``nn.Parameter`` objects, so frozen ones stay frozen and an optimizer
         built on ``norm`` trains it), in ``norm``'s training mode."""
+        if not isinstance(norm, nn.GroupNorm):
+            raise TypeError(f"GroupNormSiLU.from_group_norm: norm must be an nn.GroupNorm, got {type_name(norm)}")
         if "weight" in getattr(norm, "parametrizations", {}) or "bias" in getattr(norm, "parametrizations", {}):
             raise TypeError("GroupNormSiLU.from_group_norm: the norm's weight or bias is parametrized "
                             "(torch.nn.utils.parametrize); build GroupNormSiLU(...) and register the parametrization on it")
@@ -102,6 +104,8 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
     and exact ``nn.GroupNorm`` and ``nn.SiLU`` (not subclasses, whose
     ``forward`` may do otherwise), are fused, and not a norm or SiLU with
     hooks (they would stop running)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_group_norm_silu: model must be an nn.Module, got {type_name(model)}")
     if backend not in BACKENDS:  # here, not only once a model has a pair to fuse
         raise ValueError(f"fuse_group_norm_silu: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     fused = 0

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from .. import _extension
+from .._checks import as_device
 
 __all__ = [
     "BACKENDS",
@@ -164,7 +165,7 @@ def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
         if found is None:
             found = _RESOLVED[key] = _resolve(backend, device, op)
         return found
-    return _resolve(backend, torch.device(device), op)
+    return _resolve(backend, as_device(device, f"{op}: device"), op)
 
 
 # (backend, device, DDPM_FAST_BACKEND, interpreting) -> the backend; failures are not cached.

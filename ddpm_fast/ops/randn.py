@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .. import _extension
-from .._checks import is_int
+from .._checks import as_device, is_int
 from . import _args, _backend
 from ._backend import resolve_backend
 
@@ -124,7 +124,7 @@ def randn(
     shape = _check_shape(shape)
     if dtype not in _args.SUPPORTED_DTYPES:
         raise TypeError(f"randn: dtype must be float32, float16 or bfloat16, got {dtype}")
-    device = torch.device("cpu" if device is None else device)
+    device = as_device("cpu" if device is None else device, "randn: device")
     seed = _args.as_seed(seed, "randn")
     out = torch.empty(shape, device=device, dtype=dtype)
     n = shape[0] if shape else 1  # 1-d too: each element is a sample
