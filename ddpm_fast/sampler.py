@@ -292,6 +292,10 @@ class _Chain:
         self.n = shape[0]
         device = sampler.device
         num_steps = schedule.num_timesteps
+        # Held for the run: a captured CUDA graph reads this table's memory, and the
+        # schedule's cache keeps only the last few DDIM etas' (another thread's).
+        self.table = schedule.step_table("ddim" if eta is not None else sampler.variance,
+                                         eta=0.0 if eta is None else eta, device=device)
         # x_T from each sample's stream, slot K (module docstring); the chain's float32
         # state, in the model input's memory format: a channels_last model's eps then
         # matches x (no copy to x's format every step) and the step writes the next

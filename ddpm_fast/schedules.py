@@ -61,6 +61,10 @@ TABLES = (
 # arguments, not a torch.device("cpu") context, which Dynamo before torch 2.12
 # cannot enter where a table is first made inside a compiled function.
 _F64 = {"dtype": torch.float64, "device": "cpu"}
+# A schedule keeps the step tables (and undefined_steps answers) of this many
+# DDIM etas, the least recently made dropped first: an eta sweep or annealed
+# eta made one T x 8 table per value, and kept them all.
+_ETA_TABLES_KEPT = 8
 # More would take over 16 GiB per float64 table; far more failed in torch with
 # errors that named no argument (a storage size overflow, a SymInt).
 MAX_TIMESTEPS = 2**31 - 1
@@ -279,8 +283,10 @@ class NoiseSchedule:
         self.step_table(kind, eta=eta)  # checks kind and eta
         table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
         columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
-        found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
-        return found[key]
+        answer = found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
+        if len(found) > 2 * len(STEP_KINDS) + _ETA_TABLES_KEPT:  # bounded: the oldest answer goes
+            del found[next(iter(found))]
+        return answer
 
     def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
         """The float32 copy on ``device`` of the float64 table ``make()``, made once per device."""
@@ -294,6 +300,9 @@ class NoiseSchedule:
             with torch.inference_mode(False):
                 cached = make().to(device=device, dtype=torch.float32)
             self._device_tables[(name, device)] = cached
+            etas = [key for key in self._device_tables if key[0].startswith("step:ddim:") and key[1] == device]
+            if len(etas) > _ETA_TABLES_KEPT:  # a chain that captured a dropped one into a CUDA graph holds it
+                del self._device_tables[etas[0]]
         return cached
 
     def _ddpm_table(self, variance: str) -> torch.Tensor:

@@ -290,6 +290,18 @@ class Trainer(TrainerCheckpoints):
         step's batch is drawn and sent to the device before that read, while
         the device still computes this one.
         """
+        try:
+            return self._step()
+        except BaseException:
+            # A Ctrl-C (the host waits in the step's one device read) or an error
+            # between the scaler's unscale_ and update leaves it mid-step, and every
+            # later step (a resumed train() too) raised: a fresh one, same state.
+            if self.scaler.is_enabled():
+                state, self.scaler = self.scaler.state_dict(), torch.amp.GradScaler(self.device.type)
+                self.scaler.load_state_dict(state)
+            raise
+
+    def _step(self) -> float | None:
         self.net.train()
         loss = self._loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)

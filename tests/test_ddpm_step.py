@@ -140,6 +140,23 @@ def test_given_outputs_behave_as_aten_in_place_writes(device, backend, name):
     assert frozen.abs().sum() > 0
 
 
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="cpu-reference"), *backend_params()])
+def test_a_refused_out_model_input_leaves_x_t_unwritten_in_place(device, backend):
+    """The reference step wrote out (x_t itself) and only then failed on an
+    out_model_input that ATen refuses; the kernel backends check both first."""
+    x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
+    eps = make((2, 3, 4, 4), torch.float32, "contiguous", device, 1)
+    before = x.clone()
+    leaf = torch.zeros_like(x, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad|leaf Variable that requires grad"):
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=x, out_model_input=leaf)
+    with torch.inference_mode():
+        frozen = torch.zeros_like(x)
+    with pytest.raises(RuntimeError, match="(?i)inference tensor"):
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=x, out_model_input=frozen)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("name", ["x_t", "eps", "noise"])
 def test_inputs_requiring_grad_are_differentiated_or_refused(device, backend, name):

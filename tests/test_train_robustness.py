@@ -439,6 +439,29 @@ def test_an_fp16_overflow_is_skipped_by_the_scaler_not_counted(tmp_path):
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))  # the scaler skipped it
 
 
+def test_an_interrupt_after_the_fp16_unscale_does_not_break_later_steps(tmp_path, monkeypatch):
+    """A Ctrl-C between the GradScaler's unscale_ and update (where the host
+    waits on a GPU) left the scaler mid-step: every later step, and a train()
+    that resumed the newest checkpoint, raised 'unscale_() has already been
+    called'. The scale it had carries over."""
+    trainer = make_trainer(tmp_path, steps=4, precision="fp16", checkpoint_every=1)
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(final_samples=False)
+    assert trainer.step == 2
+    scale = trainer.scaler.get_scale()
+    assert trainer.train_step() is not None and trainer.step == 3 and trainer.scaler.get_scale() == scale
+    assert trainer.train(final_samples=False)["steps"] == 4  # resumes checkpoint 2 (or 3) and finishes
+
+
 def test_bf16_has_no_loss_scaling_and_counts_a_nan_gradient(tmp_path):
     """The GradScaler is on for fp16 alone: under bf16 it would skip a step of
     NaN gradients silently, neither counted nor warned."""

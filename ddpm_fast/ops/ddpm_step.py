@@ -201,9 +201,9 @@ def ddpm_step(
 
     if which == "reference":
         y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)
-        out.copy_(y)
-        if out_model_input is not None:
+        if out_model_input is not None:  # first: if ATen refuses it, out (x_t itself, in place) is still unwritten
             out_model_input.copy_(y)
+        out.copy_(y)
         return out
     written = [] if not given_out else [out]
     if out_model_input is not None:
