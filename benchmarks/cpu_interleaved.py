@@ -38,9 +38,13 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def compare(name: str, ours: Callable[[], object], eager: Callable[[], object], rounds: int, calls: int = 3,
-            floor: Callable[[], object] | None = None) -> None:
+            floor: Callable[[], object] | None = None, same_result: bool = True) -> None:
     """Prints the medians of ours and eager (and of `floor`, a copy that moves
-    the bytes the op must move, where given) and their ratios."""
+    the bytes the op must move, where given) and their ratios. With
+    ``same_result`` (pairs that draw no noise of their own) ours must first give
+    eager's result, float32 rounding apart: a wrong pair is not timed."""
+    if same_result:
+        torch.testing.assert_close(ours(), eager(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: wrong result, not timed: {m}")
     fns = [ours, eager] + ([floor] if floor is not None else [])
     for _ in range(3):  # warm-up
         for fn in fns:
@@ -132,10 +136,10 @@ def main() -> None:
                 return sqrt_ab[t].view(view) * x0 + sqrt_1m_ab[t].view(view) * eps, eps
 
             compare(f"q_sample {label}", lambda: ops.q_sample(x0, t, SCHEDULE, seed=1, backend="cpu"), eager_q_sample,
-                    args.rounds)
+                    args.rounds, same_result=False)  # each its own noise
             x_t, eps = torch.randn(shape), torch.randn(shape)
             compare(f"ddpm_step {label}", lambda: ops.ddpm_step(x_t, eps, T_STEP, SCHEDULE, seed=1, backend="cpu"),
-                    lambda: a * (x_t - b * eps) + sigma * torch.randn_like(x_t), args.rounds)
+                    lambda: a * (x_t - b * eps) + sigma * torch.randn_like(x_t), args.rounds, same_result=False)
         for layout in (torch.contiguous_format, torch.channels_last):
             x = torch.randn(32, 128, 32, 32).contiguous(memory_format=layout)
             w, bias = torch.randn(128), torch.randn(128)
