@@ -102,7 +102,8 @@ def write_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write ``{file name: writer(path)}`` as checkpoint ``step`` of ``run_dir``,
-    point ``latest`` at it and delete all but the newest ``keep`` checkpoints."""
+    point ``latest`` at it and delete all but the newest ``keep`` checkpoints
+    (``keep`` <= 0 keeps them all)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(_TMP_PREFIX + "*"):

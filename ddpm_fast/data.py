@@ -44,8 +44,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
     float32 x / 127.5 - 1. ``labels`` is an int64 tensor of N class labels or
-    None. ``images`` may be a numpy array too; either is kept, not copied (a
-    read-only or flipped array, with negative strides, is copied)."""
+    None. ``images`` may be a numpy array too; either is kept, not copied, when
+    contiguous (a read-only array, and a flipped, transposed or channels_last
+    one, is copied)."""
 
     def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
                  labels: torch.Tensor | None = None) -> None:

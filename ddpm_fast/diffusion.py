@@ -311,9 +311,10 @@ def vb_terms_bpd(
     variance: VarianceType = "fixed_large",
     clip_denoised: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One term of the variational bound per sample, in bits per dimension:
-    L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the
-    decoder NLL L_0 = -log p(x_0|x_1) at t = 0 (eq. 5). Also returns pred_x0."""
+    """One term of the variational bound per sample, in bits per dimension. For
+    the zero-based timestep t (the paper's t + 1, so ``x_t`` is the paper's
+    x_{t+1}) it is the paper's L_t (eq. 5): KL(q(x_t | x_{t+1}, x_0) || p(x_t | x_{t+1}))
+    for t > 0, and the decoder NLL L_0 = -log p(x_0 | x_1) at t = 0. Also returns pred_x0."""
     dtype = _compute_dtype(x_t)
     x0 = x0.to(dtype)
     true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, x_t.to(dtype), t)
@@ -331,8 +332,10 @@ def vb_terms_bpd(
 class BitsPerDim:
     """The variational bound per sample, in bits per dimension.
 
-    ``total = prior + terms.sum(1)``; ``terms[:, t]`` is L_{t-1} for t > 0 and the
-    decoder L_0 at t = 0; ``mse[:, t]`` is the eps-prediction error at step t.
+    ``total = prior + terms.sum(1)``; ``terms[:, t]`` is the paper's L_t at the
+    zero-based timestep t (``vb_terms_bpd``: a KL for t > 0, the decoder L_0 at
+    t = 0); ``mse[:, t]`` is the mean squared error of the model's prediction at
+    timestep t (against eps, or against x_0 with ``mean_type="x0"``).
     """
 
     total: torch.Tensor

@@ -121,9 +121,10 @@ def ddpm_step(
     No noise is added at t = 0. Kernel backends do not record gradients: with
     an input that requires grad (outside no_grad) ``auto`` takes the reference,
     which does, and a kernel backend named refuses. Writes into ``out``
-    and ``out_model_input`` act as ATen's in-place ops do on every backend: they
-    bump the version counter, and a tensor requiring grad (outside no_grad) or an
-    inference tensor (outside inference_mode) is refused.
+    and ``out_model_input`` bump the version counter on every backend, and an
+    inference tensor (outside inference_mode) is refused. A tensor requiring grad
+    (outside no_grad) is refused by the kernel backends; the reference backend,
+    an ATen copy_, refuses a leaf and records the write into any other.
     """
     x_t = _args.check_float_tensor(x_t, "x_t", _OP)
     eps = _args.check_float_tensor(eps, "eps", _OP)
