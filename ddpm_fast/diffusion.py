@@ -18,7 +18,7 @@ import torch
 
 from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool
 from ._progress import progress_bar
-from .schedules import NoiseSchedule
+from .schedules import X0_COEF_CAP, NoiseSchedule
 
 __all__ = [
     "MeanType",
@@ -169,10 +169,14 @@ def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | tor
 
     As one factor 1/sqrt(abar_t) of a difference, not the difference of two
     products: where abar_t is so small that 1/sqrt(abar_t) overflows float32
-    (abar_t < ~1e-77), x_0 is +-inf, which clipping takes to +-1, not inf - inf."""
-    return _extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t) * (
-        x_t - _extract(schedule, "sqrt_one_minus_alphas_cumprod", t, x_t) * eps
-    )
+    (abar_t < ~1e-77), x_0 is huge, which clipping takes to +-1, not inf - inf.
+    That factor is capped at 2^100 in float32, as in the fused step's tables
+    (``schedules.X0_COEF_CAP``): inf times a difference of 0 (eps = x_t, the
+    optimum there) would be NaN; capped it is 0, as in float64."""
+    factor = _extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t)
+    if factor.dtype != torch.float64:
+        factor = factor.clamp(max=X0_COEF_CAP)
+    return factor * (x_t - _extract(schedule, "sqrt_one_minus_alphas_cumprod", t, x_t) * eps)
 
 
 def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -403,12 +403,12 @@ class NoiseSchedule:
 # The float32 tables cap them at 2^100. Capping changes nothing: it only applies where
 # abar_t < 2^-200, where the two are equal in float64 as well (sqrt(1 - abar_t) = 1), so
 # x0 saturates to the sign of x_t - eps either way; and 2^100 x_t stays finite for any
-# |x_t| < 2^27.
-_X0_COEF_CAP = 2.0**100
+# |x_t| < 2^27. (diffusion.predict_x0_from_eps caps its float32 factor alike.)
+X0_COEF_CAP = 2.0**100
 
 
 def _cap_x0_columns(table: torch.Tensor) -> torch.Tensor:
-    table[:, 2:4] = table[:, 2:4].clamp(max=_X0_COEF_CAP)
+    table[:, 2:4] = table[:, 2:4].clamp(max=X0_COEF_CAP)
     return table
 
 

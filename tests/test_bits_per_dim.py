@@ -172,6 +172,11 @@ def test_float32_where_abar_underflows_float32_coefficients():
     got = D.bits_per_dim(lambda x, t: 0.1 * x, x0.float(), schedule, noise_fn=lambda t: noise[t].float())
     want = D.bits_per_dim(lambda x, t: 0.1 * x, x0, schedule, noise_fn=noise.__getitem__)
     np.testing.assert_allclose(got.total.numpy(), want.total.numpy(), rtol=1e-4)
+    # eps = x_t, the optimum where abar_t ~ 0: the implied x0 is 0 in float64, and was
+    # inf * 0 = NaN in float32 (every term from such timesteps on: a NaN bound)
+    got = D.bits_per_dim(lambda x, t: x.clone(), x0.float(), schedule, noise_fn=lambda t: noise[t].float())
+    want = D.bits_per_dim(lambda x, t: x.clone(), x0, schedule, noise_fn=noise.__getitem__)
+    np.testing.assert_allclose(got.total.numpy(), want.total.numpy(), rtol=1e-4)
 
 
 def test_bpd_better_model_scores_lower():
