@@ -18,7 +18,7 @@ import torch
 
 from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool
 from ._progress import progress_bar
-from .schedules import X0_COEF_CAP, NoiseSchedule
+from .schedules import NoiseSchedule
 
 __all__ = [
     "MeanType",
@@ -169,13 +169,13 @@ def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: int | tor
 
     As one factor 1/sqrt(abar_t) of a difference, not the difference of two
     products: where abar_t is so small that 1/sqrt(abar_t) overflows float32
-    (abar_t < ~1e-77), x_0 is huge, which clipping takes to +-1, not inf - inf.
-    That factor is capped at 2^100 in float32, as in the fused step's tables
-    (``schedules.X0_COEF_CAP``): inf times a difference of 0 (eps = x_t, the
-    optimum there) would be NaN; capped it is 0, as in float64."""
+    (abar_t < ~1e-77), x_0 is +-inf, which clipping takes to +-1, not inf - inf.
+    That overflowed factor is float32's largest finite value instead: inf times
+    a difference of 0 (eps = x_t, the optimum there) would be NaN, where float64
+    gives 0; finite factors are left exact."""
     factor = _extract(schedule, "sqrt_recip_alphas_cumprod", t, x_t)
     if factor.dtype != torch.float64:
-        factor = factor.clamp(max=X0_COEF_CAP)
+        factor = factor.clamp(max=torch.finfo(factor.dtype).max)
     return factor * (x_t - _extract(schedule, "sqrt_one_minus_alphas_cumprod", t, x_t) * eps)
 
 

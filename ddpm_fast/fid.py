@@ -234,7 +234,7 @@ def resolve_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
 def load_inception(weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> InceptionV3FID:
     """The FID Inception-v3 with the weights of ``weights_path`` (or of the file
     named by ``DDPM_FAST_INCEPTION_WEIGHTS``), in eval mode on ``device``."""
-    device = as_device(device, "load_inception: device")
+    device = None if device is None else as_device(device, "load_inception: device")
     path = resolve_weights_path(weights_path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -292,7 +292,7 @@ def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: n
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)
-    device = as_device(device, "activation_statistics: device")
+    device = None if device is None else as_device(device, "activation_statistics: device")  # None: where they are
     if isinstance(model, nn.Module):
         model.to(device)
     starts = range(0, images.shape[0], batch_size)

@@ -108,10 +108,11 @@ def plot_curve(
     from PIL import Image, ImageDraw
 
     left, right, top, bottom = 70, 20, 30, 30  # margins: the axis labels
-    if (not isinstance(size, tuple) or len(size) != 2 or not all(map(is_int, size))
+    if (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(map(is_int, size))
             or size[0] < left + right + 10 or size[1] < top + bottom + 10):
         raise ValueError(f"size must be a (width, height) of ints of at least ({left + right + 10}, {top + bottom + 10}) "
                          f"pixels, got {size!r}")
+    size = (int(size[0]), int(size[1]))
     raw = np.asarray(values, dtype=np.float64)
     if raw.ndim != 1:
         raise ValueError(f"values must be 1-d, got shape {raw.shape}")

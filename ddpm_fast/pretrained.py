@@ -161,7 +161,7 @@ def load_model(
 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    device = as_device(device, "load_model: device")  # before the weights load, for every kind of folder
+    device = as_device("cpu" if device is None else device, "load_model: device")  # before the weights load
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist or is not a folder")

@@ -468,9 +468,9 @@ def _first_float_parameter(model: Model) -> torch.Tensor | None:
 
 def _pred_x0(schedule: NoiseSchedule, x_t: torch.Tensor, k: int, eps: torch.Tensor, clip: bool) -> torch.Tensor:
     """The x_0 implied by eps at step index k (eq. 4 solved for x_0), for
-    pictures of the chain: diffusion's, whose one factor of a difference stays
-    +-inf (clipped to +-1) where abar is too small for float32; the difference
-    of two products gave inf - inf = NaN there."""
+    pictures of the chain: diffusion's, whose one factor of a difference gives
+    +-inf (clipped to +-1) where abar is too small for float32, or 0 where eps
+    is x_t; the difference of two products gave inf - inf = NaN there."""
     x0 = diffusion.predict_x0_from_eps(schedule, x_t.float(), k, eps.float())
     return x0.clamp(-1.0, 1.0) if clip else x0
 

@@ -63,8 +63,9 @@ TABLES = (
 _F64 = {"dtype": torch.float64, "device": "cpu"}
 # A schedule keeps the step tables (and undefined_steps answers) of this many
 # DDIM etas, the least recently made dropped first: an eta sweep or annealed
-# eta made one T x 8 table per value, and kept them all.
-_ETA_TABLES_KEPT = 8
+# eta made one T x 8 table per value, and kept them all (2 MiB per device for
+# 64 at T = 1000; cycling through more etas rebuilds each, ~0.15 ms a step).
+_ETA_TABLES_KEPT = 64
 # More would take over 16 GiB per float64 table; far more failed in torch with
 # errors that named no argument (a storage size overflow, a SymInt).
 MAX_TIMESTEPS = 2**31 - 1
@@ -285,7 +286,8 @@ class NoiseSchedule:
         columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
         answer = found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
         if len(found) > 2 * len(STEP_KINDS) + _ETA_TABLES_KEPT:  # bounded: the oldest answer goes
-            del found[next(iter(found))]
+            # (a snapshot of the keys, and pop: another thread may add or drop one meanwhile)
+            found.pop(tuple(found)[0], None)
         return answer
 
     def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
@@ -300,9 +302,10 @@ class NoiseSchedule:
             with torch.inference_mode(False):
                 cached = make().to(device=device, dtype=torch.float32)
             self._device_tables[(name, device)] = cached
-            etas = [key for key in self._device_tables if key[0].startswith("step:ddim:") and key[1] == device]
+            # A snapshot of the keys, and pop: another thread may add or drop one meanwhile.
+            etas = [key for key in tuple(self._device_tables) if key[0].startswith("step:ddim:") and key[1] == device]
             if len(etas) > _ETA_TABLES_KEPT:  # a chain that captured a dropped one into a CUDA graph holds it
-                del self._device_tables[etas[0]]
+                self._device_tables.pop(etas[0], None)
         return cached
 
     def _ddpm_table(self, variance: str) -> torch.Tensor:
@@ -403,12 +406,12 @@ class NoiseSchedule:
 # The float32 tables cap them at 2^100. Capping changes nothing: it only applies where
 # abar_t < 2^-200, where the two are equal in float64 as well (sqrt(1 - abar_t) = 1), so
 # x0 saturates to the sign of x_t - eps either way; and 2^100 x_t stays finite for any
-# |x_t| < 2^27. (diffusion.predict_x0_from_eps caps its float32 factor alike.)
-X0_COEF_CAP = 2.0**100
+# |x_t| < 2^27.
+_X0_COEF_CAP = 2.0**100
 
 
 def _cap_x0_columns(table: torch.Tensor) -> torch.Tensor:
-    table[:, 2:4] = table[:, 2:4].clamp(max=X0_COEF_CAP)
+    table[:, 2:4] = table[:, 2:4].clamp(max=_X0_COEF_CAP)
     return table
 
 

@@ -166,6 +166,12 @@ def test_float32_where_abar_underflows_float32_coefficients():
         got = D.p_mean_variance(schedule, eps.float(), x.float(), t, clip_denoised=True).mean
         want = D.p_mean_variance(schedule, eps, x, t, clip_denoised=True).mean
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    # 1/sqrt(abar_738) = 1.5e34: finite in float32, and the unclipped x0 is float64's to
+    # float32's rounding of the difference x_t - eps (a cap at 2^100, as the step tables',
+    # shrank it 1e4-fold)
+    assert 2.0**100 < schedule.sqrt_recip_alphas_cumprod[738] < torch.finfo(torch.float32).max
+    got = D.predict_x0_from_eps(schedule, x.float(), 738, eps.float())
+    np.testing.assert_allclose(got.numpy(), D.predict_x0_from_eps(schedule, x, 738, eps).numpy(), rtol=1e-4)
     x0 = bpd_data()
     g = torch.Generator().manual_seed(6)
     noise = {t: torch.randn(x0.shape, generator=g, dtype=torch.float64) for t in range(1000)}

@@ -141,9 +141,10 @@ def test_given_outputs_behave_as_aten_in_place_writes(device, backend, name):
 
 
 @pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="cpu-reference"), *backend_params()])
-def test_a_refused_out_model_input_leaves_x_t_unwritten_in_place(device, backend):
+def test_a_refused_output_leaves_the_other_unwritten(device, backend):
     """The reference step wrote out (x_t itself) and only then failed on an
-    out_model_input that ATen refuses; the kernel backends check both first."""
+    out_model_input that ATen refuses (and, written the other way round, the
+    reverse); the kernel backends checked both first, and now every backend does."""
     x = make((2, 3, 4, 4), torch.float32, "contiguous", device, 0)
     eps = make((2, 3, 4, 4), torch.float32, "contiguous", device, 1)
     before = x.clone()
@@ -155,6 +156,20 @@ def test_a_refused_out_model_input_leaves_x_t_unwritten_in_place(device, backend
     with pytest.raises(RuntimeError, match="(?i)inference tensor"):
         ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=x, out_model_input=frozen)
     torch.testing.assert_close(x, before, atol=0, rtol=0)
+    model_input = torch.zeros_like(x)
+    leaf_view = torch.zeros((4, *x.shape[1:]), device=x.device, requires_grad=True)[:2]  # contiguous
+    for refused in (leaf, frozen, leaf_view):
+        with pytest.raises(RuntimeError, match="(?i)requires grad|inference tensor"):
+            ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=refused, out_model_input=model_input)
+    assert model_input.eq(0).all()
+    # a non-leaf requiring grad: the reference records the write (ATen's copy_), a kernel refuses it
+    grown = torch.zeros_like(x) * torch.ones(1, requires_grad=True)
+    if backend == "reference":
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=grown, out_model_input=model_input)
+        assert grown.grad_fn is not None and model_input.abs().sum() > 0
+    else:
+        with pytest.raises(RuntimeError, match="requires grad, but the"):
+            ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=grown, out_model_input=model_input)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())

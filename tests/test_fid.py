@@ -224,6 +224,8 @@ def test_statistics_are_the_sample_mean_and_covariance_at_any_batch_size():
     mu_grey, _ = activation_statistics(grey, mean_colour)
     mu_rgb, _ = activation_statistics(np.repeat(grey, 3, axis=3), mean_colour)
     np.testing.assert_array_equal(mu_grey, mu_rgb)
+    mu_none, _ = activation_statistics(grey, mean_colour, device=None)  # None: no move, as it always was
+    np.testing.assert_array_equal(mu_grey, mu_none)
 
 
 def test_inception_statistics_have_the_pool3_shape(model):

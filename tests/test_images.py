@@ -102,6 +102,9 @@ def test_plot_curve_writes_a_png(tmp_path):
         plot_curve([[1.0, 2.0], [3.0, 4.0]], tmp_path / "none.png")
     with pytest.raises(ValueError, match=r"size must be a \(width, height\) of ints of at least \(100, 70\)"):
         plot_curve([1.0, 2.0, 3.0], tmp_path / "none.png", size=(50, 40))  # failed inside PIL
+    plot_curve([1.0, 2.0, 3.0], tmp_path / "list.png", size=[200, 100])  # a list, as PIL takes it
+    with Image.open(tmp_path / "list.png") as png:
+        assert png.size == (200, 100)
 
 
 def test_to_uint8_round_trips_every_level_and_maps_nan_to_black():

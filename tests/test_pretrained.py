@@ -112,6 +112,7 @@ def test_errors(run, tmp_path):
         load_model(out, weights="best")
     with pytest.raises(ValueError, match="load_model: device 'cdua' is not a device"):  # was torch's RuntimeError
         load_model(out, device="cdua")
+    assert next(load_model(out, device=None)[0].parameters()).device.type == "cpu"  # None: the default, as before
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_model(tmp_path)

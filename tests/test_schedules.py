@@ -453,11 +453,11 @@ def test_an_eta_sweep_does_not_keep_a_table_per_eta():
     schedule = NoiseSchedule("linear", timesteps=50)
     first = schedule.step_table("ddim", eta=0.0).clone()
     plain = schedule.step_table("fixed_large")
-    for i in range(1, 101):
-        schedule.step_table("ddim", eta=i / 100)
-        schedule.undefined_steps("ddim", eta=i / 100)
+    for i in range(1, 201):
+        schedule.step_table("ddim", eta=i / 200)
+        schedule.undefined_steps("ddim", eta=i / 200)
     ddim_tables = [name for name, _ in schedule._device_tables if name.startswith("step:ddim:")]
-    assert 1 <= len(ddim_tables) <= 8 and len(vars(schedule)["_undefined_steps"]) <= 16
+    assert 1 <= len(ddim_tables) <= 64 and len(vars(schedule)["_undefined_steps"]) <= 70
     assert schedule.step_table("fixed_large") is plain  # the other kinds' tables stay
     torch.testing.assert_close(schedule.step_table("ddim", eta=0.0), first, atol=0, rtol=0)  # made again, the same
     assert schedule.undefined_steps("ddim", eta=0.5) == []

@@ -61,16 +61,23 @@ def _check_output(out: torch.Tensor, x: torch.Tensor, name: str, same_dtype: boo
         raise ValueError(f"{_OP}: {name} must be contiguous or channels_last")
 
 
-def _check_kernel_writable(buf: torch.Tensor, name: str, backend: str) -> None:
-    """The errors ATen's in-place ops (the reference backend's copy_) give, for
-    a given output a kernel would otherwise overwrite silently."""
+def _check_writable(buf: torch.Tensor, name: str, backend: str) -> None:
+    """The errors ATen's in-place ops give, for a given output, asked of every
+    output before any is written (a refused second one left the first, x_t
+    itself in place, written). The reference backend's copy_ records a
+    gradient: it refuses a leaf that requires grad, or a view of one; a kernel
+    records none, and refuses any tensor that requires grad."""
     if buf.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{_OP}: {name} requires grad, but the {backend} backend does not record gradients; "
-            "write into it under torch.no_grad(), or use backend='reference' to differentiate through a step"
-        )
-    # (Not asked while tracing: dynamo cannot trace is_inference(), and the
-    # compiled graph's functionalized write needs no such check.)
+        if backend != "reference":
+            raise RuntimeError(
+                f"{_OP}: {name} requires grad, but the {backend} backend does not record gradients; "
+                "write into it under torch.no_grad(), or use backend='reference' to differentiate through a step"
+            )
+        if not torch.compiler.is_compiling() and (buf if buf._base is None else buf._base).is_leaf:
+            raise RuntimeError(f"{_OP}: {name} is a leaf Variable that requires grad (or a view of one), "
+                               "which an in-place write may not change outside torch.no_grad()")
+    # (Not asked while tracing: dynamo cannot trace is_inference() or ._base, and
+    # the compiled graph's functionalized copy_ makes ATen's own checks.)
     if not torch.compiler.is_compiling() and buf.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(f"{_OP}: {name} is an inference tensor: an in-place update to it is allowed only "
                            "inside torch.inference_mode()")
@@ -200,17 +207,17 @@ def ddpm_step(
     if out_model_input is not None:
         check_no_partial_overlap(out_model_input, "out_model_input", {**inputs, "out": out}, _OP)
 
-    if which == "reference":
-        y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)
-        if out_model_input is not None:  # first: if ATen refuses it, out (x_t itself, in place) is still unwritten
-            out_model_input.copy_(y)
-        out.copy_(y)
-        return out
     written = [] if not given_out else [out]
     if out_model_input is not None:
         written.append(out_model_input)
     for buf in written:
-        _check_kernel_writable(buf, "out" if buf is out else "out_model_input", which)
+        _check_writable(buf, "out" if buf is out else "out_model_input", which)
+    if which == "reference":
+        y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)
+        out.copy_(y)
+        if out_model_input is not None:
+            out_model_input.copy_(y)
+        return out
     with torch.no_grad():
         if which == "triton":
             device = _backend.triton_launch(x.device)  # loads the op on first use
