@@ -295,6 +295,9 @@ class NoiseSchedule:
         device = torch.device("cpu" if device is None else device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if torch.compiler.is_exporting():  # torch.export runs this on fake tensors: kept, they poisoned later eager calls
+            with torch.inference_mode(False):
+                return make().to(device=device, dtype=torch.float32)
         cached = self._device_tables.get((name, device))
         if cached is None:
             # Not an inference tensor even when first asked for under inference

@@ -79,6 +79,33 @@ def test_torch_compile_fullgraph_traces_through_the_op():
 
 
 @requires_extension
+@pytest.mark.parametrize("op", ["q_sample", "ddpm_step"])
+def test_torch_export_leaves_the_schedule_fit_for_eager_calls(op):
+    """torch.export (non-strict) runs the wrappers on fake tensors: the table a
+    schedule cached then was a fake one, and later eager calls on that schedule
+    read memory never written (errors up to 1e30) or returned a FakeTensor."""
+    x, t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 7])
+
+    def call(schedule):
+        if op == "q_sample":
+            return ops.q_sample(x, t, schedule, seed=2, backend="cpu")[0]
+        return ops.ddpm_step(x, x, t, schedule, seed=2, backend="cpu")
+
+    exported_on = NoiseSchedule("linear")
+
+    class Step(torch.nn.Module):
+        def forward(self, x, t):
+            return call(exported_on)
+
+    exported = torch.export.export(Step(), (x, t))
+    want = call(NoiseSchedule("linear"))
+    got = call(exported_on)
+    assert type(got) is torch.Tensor
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(exported.module()(x, t), want, atol=0, rtol=0)
+
+
+@requires_extension
 def test_cpp_op_compiles_for_a_dynamic_image_size():
     """q_sample_randn's offset was a plain int in its schema and in its C++
     autograd kernel: a shape-derived offset pinned a compiled graph to one
