@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-__all__ = ["is_int", "check_bool", "as_device", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES"]
+__all__ = ["is_int", "check_bool", "as_device", "is_traced", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
 # first. (A uint64 from 2^63 on wraps negative, which fails the range check.)
@@ -45,6 +45,15 @@ def as_device(value: object, name: str) -> torch.device:
         return torch.device(value)
     except RuntimeError as error:
         raise ValueError(f"{name} {value!r} is not a device (e.g. 'cpu', 'cuda' or 'cuda:0'): {error}") from None
+
+
+def is_traced(t: torch.Tensor) -> bool:
+    """Whether ``t``, just made, is a trace's tensor (a FakeTensor or
+    FunctionalTensor of make_fx, FakeTensorMode or torch.export), which no cache
+    may keep: later eager calls would get it. Plain tensors, made eagerly or
+    under a dispatch mode that runs the real ops (a FLOP or copy counter), are
+    real. (Asked outside Dynamo, whose traces keep no such tensor.)"""
+    return type(t) is not torch.Tensor
 
 
 def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:

@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool
+from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, is_traced
 from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
@@ -133,6 +133,8 @@ def _device_table(schedule: NoiseSchedule, name: str, device: torch.device) -> t
             return cached[2]
     with torch.inference_mode(False):  # usable by autograd, even when first asked for under inference mode
         copy = source.to(device)
+    if is_traced(copy):  # under make_fx or FakeTensorMode: not for later calls
+        return copy
     copies[(name, device)] = (source, source.clone() if inference else source._version, copy)
     return copy
 

@@ -98,8 +98,8 @@ def run_on_rank0(check: Callable[[], T]) -> T:
             except Exception as caught:  # noqa: BLE001
                 error, result = RuntimeError(f"rank 0's result cannot be sent to the other ranks: {caught}"), None
         if error is not None and world > 1:
-            try:  # the broadcast pickles it: one that cannot be would leave the others waiting
-                pickle.dumps(error)
+            try:  # the broadcast pickles it: one that cannot be (un)pickled would leave the others waiting
+                pickle.loads(pickle.dumps(error))
             except Exception:  # noqa: BLE001
                 error = RuntimeError(f"{type(error).__name__}: {error}")
     if world > 1:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._checks import is_int
+from ._checks import is_int, is_traced
 
 __all__ = ["NoiseSchedule", "make_betas", "SCHEDULES", "STEP_COLUMNS", "STEP_KINDS"]
 
@@ -192,6 +192,16 @@ class NoiseSchedule:
 
     def _compute_tables(self, betas: torch.Tensor, alphas_cumprod: torch.Tensor | None = None,
                         one_minus_alphas_cumprod: torch.Tensor | None = None) -> None:
+        # No inference tensors, even for a schedule made under inference mode: the
+        # float64 math of diffusion.* differentiates through rows of these tables.
+        def usable(table: torch.Tensor | None) -> torch.Tensor | None:
+            return table.clone() if table is not None and table.is_inference() else table
+
+        with torch.inference_mode(False):
+            self._fill_tables(usable(betas), usable(alphas_cumprod), usable(one_minus_alphas_cumprod))
+
+    def _fill_tables(self, betas: torch.Tensor, alphas_cumprod: torch.Tensor | None,
+                     one_minus_alphas_cumprod: torch.Tensor | None) -> None:
         if alphas_cumprod is None:
             alphas = 1.0 - betas
             ac = torch.cumprod(alphas, dim=0)
@@ -304,6 +314,8 @@ class NoiseSchedule:
             # mode: training may later save it for backward.
             with torch.inference_mode(False):
                 cached = make().to(device=device, dtype=torch.float32)
+            if not torch.compiler.is_compiling() and is_traced(cached):  # make_fx, FakeTensorMode: as export
+                return cached
             self._device_tables[(name, device)] = cached
             # A snapshot of the keys, and pop: another thread may add or drop one meanwhile.
             etas = [key for key in tuple(self._device_tables) if key[0].startswith("step:ddim:") and key[1] == device]

@@ -41,6 +41,11 @@ class ConfigMismatchError(CheckpointError):
             "this run)"
         )
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its own arguments: pickle would call ConfigMismatchError(message),
+        # which fails, in the process that receives it (a Pool's result thread: a hang).
+        return type(self), (self.path, self.differences)
+
 
 class TrainerCheckpoints:
     """Checkpoint methods of ``Trainer`` (a mixin: the state is the Trainer's)."""

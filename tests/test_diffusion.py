@@ -417,6 +417,26 @@ def test_device_tables_of_an_inference_mode_schedule():
         in_mode = D._device_table(sched, "betas", torch.device("meta"))
     assert D._device_table(sched, "betas", torch.device("meta")) is in_mode
     assert not in_mode.is_inference()  # usable by autograd later
-    with torch.inference_mode():  # an inference tensor has no version counter, but can change here
+    with torch.inference_mode():  # changed in place there too: a new copy
         sched.betas.mul_(2.0)
     assert D._device_table(sched, "betas", torch.device("meta")) is not in_mode
+    with torch.inference_mode():  # a table replaced by an inference tensor, which has no version counter
+        sched.betas = sched.betas * 1.0
+    replaced = D._device_table(sched, "betas", torch.device("meta"))
+    with torch.inference_mode():
+        sched.betas.mul_(2.0)
+    assert D._device_table(sched, "betas", torch.device("meta")) is not replaced
+
+
+@pytest.mark.parametrize("t", [2, torch.tensor([2, 1])], ids=["int", "tensor"])
+def test_a_schedule_made_under_inference_mode_is_differentiable_in_float64(t):
+    """Its tables were inference tensors: float64 rows taken with an int t are
+    the table itself, which autograd may not save ('Inference tensors cannot be
+    saved for backward'), so q_sample, p_mean_variance and vb_terms_bpd failed."""
+    with torch.inference_mode():
+        schedule = NoiseSchedule("linear", timesteps=T)
+        respaced = schedule.respace([0, 4, 9])
+    for sched in (schedule, respaced):
+        x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+        D.q_sample(sched, x, t, torch.zeros_like(x)).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0

@@ -3,6 +3,8 @@ torch.library.opcheck of its ops, and inside CUDA graph capture."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -103,6 +105,42 @@ def test_torch_export_leaves_the_schedule_fit_for_eager_calls(op):
     assert type(got) is torch.Tensor
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch.testing.assert_close(exported.module()(x, t), want, atol=0, rtol=0)
+    # saved and loaded back (the step's no_grad region made a node that load refused)
+    saved = io.BytesIO()
+    torch.export.save(exported, saved)
+    saved.seek(0)
+    torch.testing.assert_close(torch.export.load(saved).module()(x, t), want, atol=0, rtol=0)
+
+
+def test_a_fake_tensor_trace_leaves_no_fake_tensor_in_a_cache(monkeypatch):
+    """make_fx and FakeTensorMode are neither torch.compile nor export: the
+    timestep arange, a schedule's float32 tables (q_sample's) and diffusion's device copies
+    made under them were fake ones, kept and handed to later eager calls (a
+    FakeTensor back, or 'Please convert all Tensors to FakeTensors' for good)."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ddpm_fast import diffusion
+
+    _args = importlib.import_module("ddpm_fast.ops._args")
+    monkeypatch.setattr(_args, "_TIMESTEPS", {})
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    calls = {
+        "q_sample": lambda s, x: ops.q_sample(x, 3, s, seed=1, backend="reference")[0],
+        "diffusion.q_sample": lambda s, x: diffusion.q_sample(s, x, 3, x),
+    }
+    traced_on = NoiseSchedule("linear", timesteps=10)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        for call in calls.values():
+            call(traced_on, mode.from_tensor(x))
+        on_gpu = torch.empty(2, 3, 4, 4, device="cuda")  # fake: no GPU needed
+        diffusion.q_sample(traced_on, on_gpu, 3, on_gpu)
+    assert not _args._TIMESTEPS and not traced_on.__dict__.get("_extract_tables")
+    for name, call in calls.items():
+        got = call(traced_on, x)
+        assert type(got) is torch.Tensor, name
+        torch.testing.assert_close(got, call(NoiseSchedule("linear", timesteps=10), x), atol=0, rtol=0)
 
 
 @requires_extension

@@ -209,3 +209,16 @@ def test_the_last_step_is_checkpointed_off_the_checkpoint_every_grid(tmp_path):
 def test_an_ema_decay_of_zero_is_allowed():
     """[0, 1), as documented: 0 makes the EMA the weights themselves."""
     assert TrainConfig(ema_decay=0).ema_decay == 0.0
+
+
+def test_a_config_mismatch_survives_pickling():
+    """pickle rebuilt ConfigMismatchError(path, differences) as a call with the
+    message alone, which raised in the receiving process: a multiprocessing
+    Pool's result thread died there, and the caller waited for ever."""
+    import pickle
+    from pathlib import Path
+
+    error = ConfigMismatchError(Path("runs/x/checkpoint-1"), ["train.lr: 0.001 there, 0.002 now"])
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is ConfigMismatchError and str(back) == str(error)
+    assert (back.path, back.differences) == (error.path, error.differences)

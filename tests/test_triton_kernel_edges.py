@@ -134,3 +134,25 @@ def test_ddpm_step_kernel_writes_nothing_past_its_outputs(with_model_input):
     assert (out_buf[x.numel():] == 7.0).all()
     if with_model_input:
         assert (mi_buf[x.numel():] == 7.0).all()
+
+
+def test_an_exported_program_with_triton_ops_loads_where_they_are_registered(tmp_path):
+    """The *_triton ops are registered on the first Triton call, so a fresh
+    process that only imported ddpm_fast could not load an exported program
+    holding one; ops.load_triton_ops() (the README's advice) registers them."""
+    import subprocess
+    import sys
+
+    class Fused(torch.nn.Module):
+        def forward(self, x):
+            return ops.group_norm_silu(x, 2, backend="triton")
+
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), device=DEVICE)
+    torch.export.save(torch.export.export(Fused(), (x,)), tmp_path / "fused.pt2")
+    torch.save((x.cpu(), Fused()(x).cpu()), tmp_path / "io.pt")
+    load = (f"x, y = torch.load({str(tmp_path / 'io.pt')!r}); "
+            f"program = torch.export.load({str(tmp_path / 'fused.pt2')!r}).module(); "
+            f"print(torch.equal(program(x.to({DEVICE!r})).cpu(), y))")
+    done = subprocess.run([sys.executable, "-c", f"import torch, ddpm_fast; ddpm_fast.ops.load_triton_ops(); {load}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]

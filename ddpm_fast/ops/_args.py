@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .._checks import WIDENED_TIMESTEP_DTYPES, is_int
+from .._checks import WIDENED_TIMESTEP_DTYPES, is_int, is_traced
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,6 +164,8 @@ def _timestep_scalar(t: int, num_steps: int, device: torch.device) -> torch.Tens
             return torch.full((), t, dtype=torch.int64, device=device)
         with torch.inference_mode(False):  # usable in autograd after an inference-mode first call
             steps = torch.arange(num_steps, dtype=torch.int64, device=device)
+        if is_traced(steps):  # under make_fx or FakeTensorMode: not for later calls
+            return steps[t]
         _TIMESTEPS[(device, num_steps)] = steps
     return steps[t]
 

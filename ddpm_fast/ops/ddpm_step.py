@@ -218,7 +218,10 @@ def ddpm_step(
         if out_model_input is not None:
             out_model_input.copy_(y)
         return out
-    with torch.no_grad():
+    # (Not under torch.export: its no_grad region around an op that returns
+    # nothing became a node that torch.export.load refuses. The checks above
+    # leave no input requiring grad to a kernel.)
+    with contextlib.nullcontext() if torch.compiler.is_exporting() else torch.no_grad():
         if which == "triton":
             device = _backend.triton_launch(x.device)  # loads the op on first use
             op = torch.ops.ddpm_fast.ddpm_step_triton_
