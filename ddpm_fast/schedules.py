@@ -439,11 +439,13 @@ _CONFIG_KEYS = {
 
 
 def _as_betas(betas: object) -> torch.Tensor:
-    """Given betas as a float64 CPU tensor: real numbers only (no bools, no complex)."""
+    """Given betas as a plain float64 CPU tensor: real numbers only (no bools, no
+    complex). Plain: a subclass's tables would look like a trace's to the caches
+    (``_checks.is_traced``), which then never kept them."""
     if isinstance(betas, torch.Tensor):
         if betas.dtype == torch.bool or betas.is_complex():
             raise TypeError(f"betas must hold real numbers, got {betas.dtype}")
-        return betas.detach().to("cpu", torch.float64).clone()
+        return betas.detach().to("cpu", torch.float64).clone().as_subclass(torch.Tensor)
     try:  # lists and arrays straight to float64, never via float32
         tensor = torch.tensor(betas, **_F64)
     except (TypeError, ValueError, RuntimeError) as error:

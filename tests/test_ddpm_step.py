@@ -157,6 +157,12 @@ def test_a_refused_output_leaves_the_other_unwritten(device, backend):
         ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=x, out_model_input=frozen)
     torch.testing.assert_close(x, before, atol=0, rtol=0)
     model_input = torch.zeros_like(x)
+    # ATen refuses in-place writes into a view unbind made of a tensor requiring grad,
+    # which no check of ours repeats: x_t, written first, had changed
+    unbound = torch.zeros((2, *x.shape), device=x.device, requires_grad=True).clone().unbind(0)[0]
+    with pytest.raises(RuntimeError, match="(?i)unbind|requires grad"):
+        ops.ddpm_step(x, eps, 500, SCHEDULE, seed=1, backend=backend, out=x, out_model_input=unbound)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)
     leaf_view = torch.zeros((4, *x.shape[1:]), device=x.device, requires_grad=True)[:2]  # contiguous
     for refused in (leaf, frozen, leaf_view):
         with pytest.raises(RuntimeError, match="(?i)requires grad|inference tensor"):

@@ -447,6 +447,18 @@ def test_copies_leave_the_per_device_caches_behind(copy_kind):
     assert schedule.table("sqrt_alphas_cumprod") is table  # the original keeps its own
 
 
+def test_tables_of_subclass_betas_are_cached():
+    """Betas of a tensor subclass made subclass tables, which the caches took
+    for a trace's tensors and never kept: rebuilt (and on a GPU copied) on
+    every call."""
+    class Tagged(torch.Tensor):
+        pass
+
+    schedule = NoiseSchedule(betas=torch.linspace(1e-4, 0.02, 50, dtype=torch.float64).as_subclass(Tagged))
+    assert type(schedule.betas) is torch.Tensor
+    assert schedule.table("sqrt_alphas_cumprod") is schedule.table("sqrt_alphas_cumprod")
+
+
 def test_an_eta_sweep_does_not_keep_a_table_per_eta():
     """Each distinct DDIM eta kept its T x 8 table and its undefined_steps answer
     for the schedule's life: 2000 etas held 2000 tables (69 MiB at T = 1000)."""

@@ -214,9 +214,11 @@ def ddpm_step(
         _check_writable(buf, "out" if buf is out else "out_model_input", which)
     if which == "reference":
         y = _reference(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised)
-        out.copy_(y)
+        # out_model_input first: ATen has refusals the checks above do not repeat (a
+        # view from unbind, say), and out may be x_t itself, in place.
         if out_model_input is not None:
             out_model_input.copy_(y)
+        out.copy_(y)
         return out
     # (Not under torch.export: its no_grad region around an op that returns
     # nothing became a node that torch.export.load refuses. The checks above
