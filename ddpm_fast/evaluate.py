@@ -18,7 +18,7 @@ from .data import ImageDataset
 from .diffusion import bits_per_dim
 from .distributed import rank_and_world, shard
 from .nn import has_channels_last_weights
-from .ops._args import as_seed
+from .ops._args import as_seed, check_schedule
 from .sampler import _SAMPLE_STRIDE, _dropout_active, _first_float_parameter
 from .schedules import NoiseSchedule
 
@@ -62,8 +62,7 @@ def evaluate_bpd(
     (L_0), ``vb`` (sum of L_1..L_{T-1}), ``terms`` (one per timestep) and a
     printable ``summary``.
     """
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"evaluate_bpd: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    check_schedule(schedule, "evaluate_bpd")
     check_bool(progress, "progress")
     check_bool(sharded, "sharded")
     if not isinstance(dataset, ImageDataset):  # a tensor has a len, and failed later on a missing method

@@ -235,7 +235,7 @@ class Sampler:
         schedule = self.schedule if steps is None else self.schedule.respace(respaced_timesteps(self.schedule.num_timesteps, steps))
         # The step's coefficient table, built (and eta checked) before anything runs; the steps reuse it.
         kind = "ddim" if eta is not None else self.variance
-        schedule.step_table(kind, eta=0.0 if eta is None else eta, device=self.device)
+        table = schedule.step_table(kind, eta=0.0 if eta is None else eta, device=self.device)
         undefined = schedule.undefined_steps(kind, eta=0.0 if eta is None else eta, clip_denoised=self.clip_denoised)
         if undefined:
             raise ValueError(
@@ -250,7 +250,7 @@ class Sampler:
             raise ValueError(f"{num_steps} steps of {per_sample} elements per sample exceed a sample's 2^32 noise counters")
         if first_sample + shape[0] >= _MAX_SAMPLES:
             raise ValueError(f"first_sample + N must stay below 2^31 (noise counters are int64), got {first_sample} + {shape[0]}")
-        chain = _Chain(self, schedule, shape, seed, first_sample, eta, per_sample)
+        chain = _Chain(self, schedule, table, shape, seed, first_sample, eta, per_sample)
         x, intermediates = chain.run(progress, return_intermediates)
         # One read at the end (the chain never syncs): NaN or Inf here came from
         # the model, and would otherwise pass unnoticed (as black pixels in a PNG).
@@ -282,7 +282,8 @@ class _Chain:
     """One run of the reverse chain: its buffers, one step, and two drivers
     (the plain loop, and CUDA graphs of several steps)."""
 
-    def __init__(self, sampler: Sampler, schedule: NoiseSchedule, shape, seed, first_sample, eta, per_sample):
+    def __init__(self, sampler: Sampler, schedule: NoiseSchedule, table: torch.Tensor, shape, seed, first_sample, eta,
+                 per_sample):
         self.s = sampler
         self.schedule = schedule
         self.seed = seed
@@ -292,10 +293,9 @@ class _Chain:
         self.n = shape[0]
         device = sampler.device
         num_steps = schedule.num_timesteps
-        # Held for the run: a captured CUDA graph reads this table's memory, and the
-        # schedule's cache keeps only the last few DDIM etas' (another thread's).
-        self.table = schedule.step_table("ddim" if eta is not None else sampler.variance,
-                                         eta=0.0 if eta is None else eta, device=device)
+        # The step's table, held for the run: a captured CUDA graph reads its memory,
+        # and the schedule's cache keeps only the last few DDIM etas' (another thread's).
+        self.table = table
         # x_T from each sample's stream, slot K (module docstring); the chain's float32
         # state, in the model input's memory format: a channels_last model's eps then
         # matches x (no copy to x's format every step) and the step writes the next

@@ -305,16 +305,16 @@ class NoiseSchedule:
         device = torch.device("cpu" if device is None else device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if torch.compiler.is_exporting():  # torch.export runs this on fake tensors: kept, they poisoned later eager calls
-            with torch.inference_mode(False):
-                return make().to(device=device, dtype=torch.float32)
-        cached = self._device_tables.get((name, device))
+        # torch.export runs this on fake tensors (and make_fx and FakeTensorMode make
+        # them): kept, they poisoned later eager calls.
+        exporting = torch.compiler.is_exporting()
+        cached = None if exporting else self._device_tables.get((name, device))
         if cached is None:
             # Not an inference tensor even when first asked for under inference
             # mode: training may later save it for backward.
             with torch.inference_mode(False):
                 cached = make().to(device=device, dtype=torch.float32)
-            if not torch.compiler.is_compiling() and is_traced(cached):  # make_fx, FakeTensorMode: as export
+            if exporting or (not torch.compiler.is_compiling() and is_traced(cached)):
                 return cached
             self._device_tables[(name, device)] = cached
             # A snapshot of the keys, and pop: another thread may add or drop one meanwhile.
