@@ -12,7 +12,7 @@ import hashlib
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -43,13 +43,13 @@ class ImageDataset(torch.utils.data.Dataset):
     """Square uint8 images N x C x H x W (C 1 or 3), read as float in [-1, 1].
 
     ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
-    float32 x / 127.5 - 1. ``labels`` is an int64 tensor of N class labels or
-    None. ``images`` may be a numpy array too; either is kept, not copied, when
+    float32 x / 127.5 - 1. ``labels`` (N integer class labels: a tensor, an
+    array or a list) is kept as an int64 tensor, or None. ``images`` may be a numpy array too; either is kept, not copied, when
     contiguous (a read-only array, and a flipped, transposed or channels_last
     one, is copied)."""
 
     def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
-                 labels: torch.Tensor | None = None) -> None:
+                 labels: torch.Tensor | np.ndarray | Sequence[int] | None = None) -> None:
         if isinstance(images, np.ndarray) and images.dtype == np.uint8:
             # Copied where torch cannot share it: read-only (torch warns) or with negative strides (flipped).
             shareable = images.flags.writeable and all(stride >= 0 for stride in images.strides)

@@ -139,7 +139,9 @@ def _device_table(schedule: NoiseSchedule, name: str, device: torch.device) -> t
     return copy
 
 
-def q_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor):
+def q_mean_variance(
+    schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, variance and log-variance of q(x_t | x_0) (eq. 4)."""
     mean = _extract(schedule, "sqrt_alphas_cumprod", t, x0) * x0
     variance = _extract(schedule, "one_minus_alphas_cumprod", t, x0)
@@ -158,7 +160,9 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: int | torch.Tensor, n
     return (a * x0.to(a.dtype) + b * noise.to(a.dtype)).to(x0.dtype)
 
 
-def q_posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor):
+def q_posterior_mean_variance(
+    schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
     mean = _extract(schedule, "posterior_mean_coef1", t, x_t) * x0 + _extract(schedule, "posterior_mean_coef2", t, x_t) * x_t
     variance = _extract(schedule, "posterior_variance", t, x_t)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 
 from ._checks import as_device, check_bool, is_int
 from ._progress import batch_of
+from ._warn import warn
 from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
@@ -76,10 +76,10 @@ def evaluate_bpd(
     count, batch_size = int(count), int(batch_size)
     dataset.check_model(model)
     if _dropout_active(model):
-        warnings.warn(
+        warn(
             "evaluate_bpd: the model has active dropout (a dropout module in training mode), so the bound depends on more than "
             "the seed (and on the batch size); call model.eval() before evaluating",
-            RuntimeWarning, stacklevel=3,  # past torch.no_grad's wrapper: the caller
+            RuntimeWarning,
         )
     if channels_last is None:
         channels_last = has_channels_last_weights(model)

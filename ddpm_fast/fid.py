@@ -17,7 +17,6 @@ pooling branch of the last E block (Mixed_7c) takes a max.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from ._checks import as_device, is_int
 from ._progress import progress_bar
+from ._warn import warn
 
 __all__ = ["ENV_VAR", "WEIGHTS_FILE", "InceptionV3FID", "expected_state_dict_shapes", "check_state_dict",
            "resolve_weights_path", "load_inception", "preprocess", "activation_statistics", "frechet_distance", "fid"]
@@ -231,7 +231,7 @@ def resolve_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def load_inception(weights_path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> InceptionV3FID:
+def load_inception(weights_path: str | os.PathLike | None = None, device: torch.device | str | None = "cpu") -> InceptionV3FID:
     """The FID Inception-v3 with the weights of ``weights_path`` (or of the file
     named by ``DDPM_FAST_INCEPTION_WEIGHTS``), in eval mode on ``device``."""
     device = None if device is None else as_device(device, "load_inception: device")
@@ -284,7 +284,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: nn.Module, batch_size: int = 50,
-                          device: torch.device | str = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                          device: torch.device | str | None = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) — float64, unbiased (N - 1) — of the
     features ``model(preprocess(batch))`` of N >= 2 uint8 images; accumulated in
     float64 around the first batch's mean, so memory stays O(D²) for any N."""
@@ -361,7 +361,7 @@ def _trace_sqrt_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> flo
 
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"sigma1 @ sigma2 is singular: adding {eps:g} to the covariances' diagonals", stacklevel=3)
+        warn(f"sigma1 @ sigma2 is singular: adding {eps:g} to the covariances' diagonals")
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -381,7 +381,7 @@ def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def fid(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor,
-        weights_path: str | os.PathLike | None = None, *, batch_size: int = 50, device: torch.device | str = "cpu",
+        weights_path: str | os.PathLike | None = None, *, batch_size: int = 50, device: torch.device | str | None = "cpu",
         progress: bool = False, method: str = "sqrtm") -> float:
     """FID between two sets of uint8 N x H x W x C images (Heusel et al. 2017)."""
     a, b = _check_images(images_a, "images_a"), _check_images(images_b, "images_b")

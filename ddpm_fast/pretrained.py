@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._checks import as_device, is_int
+from ._warn import warn
 from .checkpoint import CheckpointError, latest_checkpoint
 from .models.serialization import float32_on_cpu, load_safetensors, load_state_dict_checked
 from .schedules import NoiseSchedule
@@ -35,8 +35,7 @@ def _read_json(path: Path) -> dict:
 def _assumed_schedule(folder: Path) -> NoiseSchedule:
     """DDPM's linear T=1000 schedule, said out loud: a model trained on another
     would sample wrongly with it, and nothing in ``folder`` tells."""
-    warnings.warn(f"{folder} records no noise schedule: assuming DDPM's linear schedule of 1000 timesteps",
-                  UserWarning, stacklevel=3)
+    warn(f"{folder} records no noise schedule: assuming DDPM's linear schedule of 1000 timesteps")
     return NoiseSchedule("linear")
 
 

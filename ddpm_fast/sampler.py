@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, overload
 
 import torch
 
 from ._checks import as_device, check_bool, is_int
 from ._progress import progress_bar
+from ._warn import warn
 from . import diffusion, graph_capture, ops
 from .nn import has_channels_last_weights
 from .ops._args import SUPPORTED_DTYPES, as_seed
@@ -190,6 +190,20 @@ class Sampler:
 
     # ------------------------------------------------------------------ public
 
+    # Two signatures for type checkers: a call without return_intermediates
+    # (the common one) gets a Tensor, not the union it would need narrowing.
+    @overload
+    def sample(
+        self, n_or_shape: int | Sequence[int], *, seed: int | None = ..., steps: int | None = ...,
+        eta: float | None = ..., first_sample: int = ..., progress: bool = ..., return_intermediates: None = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def sample(
+        self, n_or_shape: int | Sequence[int], *, seed: int | None = ..., steps: int | None = ...,
+        eta: float | None = ..., first_sample: int = ..., progress: bool = ..., return_intermediates: int,
+    ) -> tuple[torch.Tensor, list[Intermediate]]: ...
+
     @torch.no_grad()
     def sample(
         self,
@@ -220,10 +234,10 @@ class Sampler:
         shape = self._shape(n_or_shape)
         seed = as_seed(seed, "Sampler.sample")
         if _dropout_active(self.model):
-            warnings.warn(
+            warn(
                 "Sampler: the model has active dropout (a dropout module in training mode), so the samples depend on more "
                 "than the seed (and sample i on the batch); call model.eval() before sampling",
-                RuntimeWarning, stacklevel=3,  # past torch.no_grad's wrapper: the caller
+                RuntimeWarning,
             )
         if not is_int(first_sample) or first_sample < 0:
             raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
@@ -256,8 +270,8 @@ class Sampler:
         # the model, and would otherwise pass unnoticed (as black pixels in a PNG).
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            warnings.warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
-                          "finite at some step", RuntimeWarning, stacklevel=3)
+            warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
+                          "finite at some step", RuntimeWarning)
         return (x, intermediates) if return_intermediates else x
 
     # ----------------------------------------------------------------- helpers
@@ -395,7 +409,7 @@ class _Chain:
             # A model that cannot be captured will not be on the next call either:
             # remember it rather than repeat the warm-up and the failing capture.
             self.s.cuda_graph = False
-            warnings.warn(
+            warn(
                 f"ddpm_fast: CUDA graph capture failed ({failure}); sampling with the plain loop "
                 "(this Sampler's cuda_graph is now False: later calls do not try again)",
                 RuntimeWarning,

@@ -141,7 +141,7 @@ class NoiseSchedule:
         timesteps: int = 1000,
         beta_start: float | None = None,
         beta_end: float | None = None,
-        betas: torch.Tensor | None = None,
+        betas: torch.Tensor | np.ndarray | Sequence[float] | None = None,
     ) -> None:
         if betas is not None:
             # Betas define the schedule: a name other than the default, a length or
@@ -288,17 +288,17 @@ class NoiseSchedule:
         found = self.__dict__.setdefault("_undefined_steps", {})
         key = (kind, type(eta), eta, bool(clip_denoised))  # the type: True == 1.0 must not find 1.0's answer
         try:  # every reverse step asks: the lookup first, the checks once per key
-            return found[key]
+            return list(found[key])  # a copy: a caller's edit must not switch off every later guard
         except (KeyError, TypeError):
             pass
         self.step_table(kind, eta=eta)  # checks kind and eta
         table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
         columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
-        answer = found[key] = (~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist()
+        answer = found[key] = tuple((~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist())
         if len(found) > 2 * len(STEP_KINDS) + _ETA_TABLES_KEPT:  # bounded: the oldest answer goes
             # (a snapshot of the keys, and pop: another thread may add or drop one meanwhile)
             found.pop(tuple(found)[0], None)
-        return answer
+        return list(answer)
 
     def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
         """The float32 copy on ``device`` of the float64 table ``make()``, made once per device."""
@@ -355,7 +355,7 @@ class NoiseSchedule:
         table[0, 6] = 0.0
         return table
 
-    def respace(self, timesteps: Sequence[int]) -> "NoiseSchedule":
+    def respace(self, timesteps: Sequence[int] | torch.Tensor | np.ndarray) -> "NoiseSchedule":
         """The schedule of the sub-chain through ``timesteps`` (zero-based; a set:
         taken in increasing order, whatever order they come in, repeats dropped),
         with the betas that keep its alphas_cumprod (Nichol & Dhariwal 2021, sec. 4).

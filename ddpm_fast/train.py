@@ -33,6 +33,7 @@ from torch import nn
 from . import diffusion, ops
 from ._checks import as_device, check_bool
 from ._progress import progress_bar
+from ._warn import warn
 from .checkpoint import LATEST, CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
 from .data import ImageDataset
 from .distributed import check_ranks_agree, rank_and_world, release_ddp_at_exit, run_on_rank0, sample_sharded
@@ -332,7 +333,7 @@ class Trainer(TrainerCheckpoints):
             self._nonfinite_in_row += 1
             # Steps are counted from 1 in the log and checkpoints: this is step self.step + 1.
             if self.rank == 0:  # the ranks share the decision (and the loss): one warning
-                warnings.warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
+                warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
             if self._nonfinite_in_row >= self.config.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step + 1}; stopping. "
@@ -396,7 +397,7 @@ class Trainer(TrainerCheckpoints):
             self._remove_earlier_pictures()
         cfg = self.config
         if self.step > cfg.steps and self.rank == 0:
-            warnings.warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
+            warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
                           "nothing to train")
         first_step = self.step
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._warn import warn
 from .checkpoint import LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, write_checkpoint
 from .distributed import rank_seed
 from .images import plot_curve
@@ -81,7 +81,7 @@ class TrainerCheckpoints:
             if damaged:
                 self._set_aside(damaged)
                 if self.rank == 0:
-                    warnings.warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
+                    warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
                                   f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
             return
         if self._loaded_part:  # the model, say, and not the EMA: no longer fresh, nor any checkpoint's
@@ -110,7 +110,7 @@ class TrainerCheckpoints:
         later = [path for step, path in checkpoints(self.out_dir) if step > self.step]
         if not later:
             return
-        warnings.warn(f"starting afresh in {self.out_dir}: removing the earlier run's "
+        warn(f"starting afresh in {self.out_dir}: removing the earlier run's "
                       f"{', '.join(p.name for p in later)}")
         (self.out_dir / LATEST).unlink(missing_ok=True)
         for path in later:
@@ -123,7 +123,7 @@ class TrainerCheckpoints:
         found += sorted((self.out_dir / "samples").glob("step-*.png"))
         if not found:
             return
-        warnings.warn(f"starting afresh in {self.out_dir}: removing the earlier run's pictures "
+        warn(f"starting afresh in {self.out_dir}: removing the earlier run's pictures "
                       f"({', '.join(str(p.relative_to(self.out_dir)) for p in found[:4])}{' ...' if len(found) > 4 else ''})")
         for path in found:
             path.unlink(missing_ok=True)
@@ -167,7 +167,7 @@ class TrainerCheckpoints:
         if old_data is not None and old_data != self.data_fingerprint:
             changed.insert(0, f"other images: {_described(old_data)} there, {_described(self.data_fingerprint)} now")
         if changed and self.rank == 0:
-            warnings.warn(f"resuming {path} with other settings than it was trained with ({'; '.join(changed)})")
+            warn(f"resuming {path} with other settings than it was trained with ({'; '.join(changed)})")
 
     def run_config(self) -> dict[str, Any]:
         return {

@@ -6,6 +6,8 @@ same on every Triton version: counter words (c & 0xffffffff, c >> 32, 0, 0), key
 ``tl.randn(seed, counter)`` (tests/test_randn.py checks it).
 """
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -75,7 +77,7 @@ def split_seed(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, seed >> 32
 
 
-def launchable(kernel):
+def launchable(kernel: Any) -> Any:
     """``kernel`` ready to launch inside a ``triton_op``.
 
     A compiled kernel goes through ``torch.library.wrap_triton`` so that

@@ -98,8 +98,9 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path):
         assert schedule.num_timesteps == 500 and schedule.betas[-1].item() == pytest.approx(0.03)
     # A UNet folder alone: the warning names it, not the folder above it.
     (tmp_path / "scheduler" / "scheduler_config.json").unlink()
-    with pytest.warns(UserWarning, match=f"^{tmp_path / 'unet'} records no noise schedule"):
+    with pytest.warns(UserWarning, match=f"^{tmp_path / 'unet'} records no noise schedule") as seen:
         load_model(tmp_path / "unet")
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, one call deeper than above
 
 
 def test_errors(run, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_fast import NoiseSchedule
+from ddpm_fast import NoiseSchedule, Sampler
 from ddpm_fast.schedules import make_betas
 
 
@@ -96,3 +96,21 @@ def test_from_config_defaults_to_1000_steps():
     s = NoiseSchedule.from_config({"name": "linear"})
     assert s.num_timesteps == 1000
     np.testing.assert_allclose(s.betas.numpy(), np.linspace(1e-4, 0.02, 1000), rtol=1e-15, atol=0.0)
+
+
+# Why: undefined_steps handed out its cached list itself, so a caller who edited
+# the answer (u.clear()) switched off the guard of every later Sampler, ddpm_step,
+# bits/dim and Trainer call on that schedule: the jsd chain then ran through
+# t = T-1, where alpha_t = 0, without a word.
+def test_editing_undefined_steps_answer_changes_no_later_answer():
+    s = NoiseSchedule("jsd", timesteps=10)
+    first = s.undefined_steps("fixed_large", clip_denoised=True)
+    assert first == [9]
+    first.clear()
+    again = s.undefined_steps("fixed_large", clip_denoised=True)
+    assert again == [9]
+    again.append(3)  # a hit of the cache is a copy too
+    assert s.undefined_steps("fixed_large", clip_denoised=True) == [9]
+    sampler = Sampler(lambda x, t: torch.zeros_like(x), s, sample_shape=(1, 2, 2))
+    with pytest.raises(ValueError, match="undefined at timestep 9"):
+        sampler.sample(1, seed=0, progress=False)

@@ -211,8 +211,9 @@ def test_a_step_reads_the_device_once(tmp_path, monkeypatch):
     assert isinstance(trainer.train_step(), float) and reads == ["tolist"]
     with torch.no_grad():
         trainer.model.out.bias.fill_(float("nan"))
-    with pytest.warns(UserWarning, match=r"step 3: non-finite loss or gradient \(nan\); update skipped"):
+    with pytest.warns(UserWarning, match=r"step 3: non-finite loss or gradient \(nan\); update skipped") as seen:
         assert trainer.train_step() is None
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, not the library's
     assert reads == ["tolist", "tolist"]
 
 
@@ -320,8 +321,9 @@ def test_a_fresh_run_replaces_a_longer_one_in_its_folder(tmp_path):
 
 def test_a_run_already_beyond_steps_warns_that_it_trains_nothing(tmp_path):
     make_trainer(tmp_path, steps=4).train(final_samples=False)
-    with pytest.warns(UserWarning, match="already at step 4, beyond steps=2: nothing to train"):
+    with pytest.warns(UserWarning, match="already at step 4, beyond steps=2: nothing to train") as seen:
         assert make_trainer(tmp_path, steps=2).train(final_samples=False)["steps"] == 4
+    assert {w.filename for w in seen} == {__file__}  # the caller's line (train, one call deeper than train_step)
 
 
 def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path):

@@ -252,8 +252,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_next_older_one(tmp_path):
     out = tmp_path / "run"
     make_trainer(out, steps=6, keep_checkpoints=3).train(final_samples=False)
     (out / "checkpoint-00000006" / "trainer.pt").write_bytes(b"damaged")
-    with pytest.warns(UserWarning, match=r"resumed from the older checkpoint-00000004 instead \(step 4\)"):
+    with pytest.warns(UserWarning, match=r"resumed from the older checkpoint-00000004 instead \(step 4\)") as seen:
         summary = make_trainer(out, steps=6, keep_checkpoints=3).train(final_samples=False)
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, not the library's
     assert summary["trained"] == 2
 
 
@@ -330,8 +331,9 @@ def test_a_resume_on_other_images_is_said(tmp_path):
     other.data_fingerprint = toy_dataset(n=64, seed=1).fingerprint()
     with pytest.warns(UserWarning, match=rf"with other settings than it was trained with \(other images: 64 x 1 x 8 x 8 "
                                          rf"images, SHA-256 {recorded['sha256'][:12]} there, 64 x 1 x 8 x 8 images, "
-                                         rf"SHA-256 {other.data_fingerprint['sha256'][:12]} now\)"):
+                                         rf"SHA-256 {other.data_fingerprint['sha256'][:12]} now\)") as seen:
         assert other.train(final_samples=False)["steps"] == 4
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, not the library's
     # A checkpoint written before images were recorded resumes without a word.
     path = latest_checkpoint(tmp_path) / "config.json"
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "data_fingerprint"}))

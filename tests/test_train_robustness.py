@@ -389,9 +389,10 @@ def test_a_resume_that_loaded_part_of_a_checkpoint_and_failed_spoils_the_trainer
     trainer = make_trainer(out, steps=4)
     with pytest.raises(CheckpointError, match="missing ema.safetensors"):
         trainer.train(final_samples=False)
-    with pytest.warns(UserWarning, match="starting afresh"):
+    with pytest.warns(UserWarning, match="starting afresh") as seen:
         trainer.train(resume=False, final_samples=False)
     assert trainer.step == 4
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, not the library's
 
 
 def test_the_ema_takes_the_models_buffers_each_step(tmp_path):

@@ -223,7 +223,7 @@ class UNet(nn.Module):
         for module in last:
             nn.init.xavier_uniform_(module.weight, gain=1e-5)  # TF scale 1e-10 = gain 1e-5 squared
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         t = self._check_input(x, t)
         dtype = self.conv_in.weight.dtype
         temb = F.silu(self.temb(t))  # every ResBlock applies SiLU to temb first: do it once
