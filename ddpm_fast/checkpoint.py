@@ -11,6 +11,7 @@ folders are ignored and cleaned up by the next writer.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -83,7 +84,10 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp_path)`` and move the result onto ``path`` atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    name = path.name
+    if len(os.fsencode(name)) > 200:  # the temporary name must fit the 255-byte limit the target's does
+        name = f"{name[:40]}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:16]}"
+    tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

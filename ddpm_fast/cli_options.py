@@ -53,11 +53,12 @@ def seed_below(bits: int) -> Callable[[str], int]:
 
 
 def path(text: str) -> str:
-    """A path given on the command line: an empty one would mean the current
-    folder (Path("") is "."), which nobody means."""
+    """A path given on the command line, ``~`` expanded (the shell leaves the
+    one of ``--out=~/run`` alone: a folder named "~" appeared). An empty one
+    would mean the current folder (Path("") is "."), which nobody means."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return text
+    return os.path.expanduser(text)
 
 
 def device(text: str) -> str:

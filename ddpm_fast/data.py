@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._progress import progress_bar
+from ._warn import warn
 from .cifar10 import is_cifar10, read_cifar10
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
     "load_dataset",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
 PROGRESS_MIN_FILES = 1000  # an image folder this large gets a progress bar, where asked for
 _ACCEPTED = (
@@ -194,8 +195,10 @@ def load_digits(image_size: int | None = 8) -> ImageDataset:
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively and through symlinked folders
     (each real folder once, so a link loop ends), sorted; hidden files and
-    folders (``.name``, e.g. macOS ``._x.png`` resource forks) are skipped."""
-    files, seen = [], set()
+    folders (``.name``, e.g. macOS ``._x.png`` resource forks) are skipped.
+    A broken link of an image's name is an error: skipped, it would drop an
+    image the folder says it holds without a word."""
+    files, broken, seen = [], [], set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         stat = os.stat(root)
         if (stat.st_dev, stat.st_ino) in seen:
@@ -205,8 +208,15 @@ def _image_files(folder: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # a linked folder's files: under the first name in order
         for name in names:
             path = Path(root) / name
-            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                files.append(path)
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+                if path.is_file():
+                    files.append(path)
+                elif path.is_symlink() and not path.exists():
+                    broken.append(path)
+    if broken:
+        broken.sort()
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise FileNotFoundError(f"image folder {folder}: {broken[0]} is a broken symbolic link{more}")
     return sorted(files)
 
 
@@ -429,6 +439,8 @@ def load_dataset(
     if not str(spec).strip():  # Path("") is the current folder: never what an empty spec means
         raise ValueError(f"dataset spec is empty: expected {_ACCEPTED}")
     if str(spec) == "digits":
+        if os.path.exists("digits"):  # a folder of the user's, which "digits" does not load
+            warn("'digits' is the bundled scikit-learn set, not the ./digits found here: pass ./digits to load that")
         digits = load_digits(image_size)
         return _finish(digits.images, digits.name, None, channels, digits.labels)
     path = Path(spec)

@@ -100,9 +100,10 @@ def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> 
 def _rows(table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``table[t]`` (t already checked) in x's computation dtype on x's device,
     shaped to broadcast against x. (index_select: indexing with a 0-d device
-    tensor would read it on the host.)"""
+    tensor would read it on the host.) Never a view of ``table``: a caller's
+    in-place edit of a returned variance rewrote the schedule for every later call."""
     if isinstance(t, int):
-        return table[t].to(x.device, _compute_dtype(x))
+        return table[t].to(x.device, _compute_dtype(x), copy=True)
     values = table.to(t.device).index_select(0, t.reshape(-1).long()).reshape(t.shape)
     values = values.to(x.device, _compute_dtype(x))
     if values.dim() == 1:

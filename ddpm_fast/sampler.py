@@ -493,9 +493,6 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
-    def reset(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 

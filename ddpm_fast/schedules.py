@@ -7,6 +7,7 @@ float32 copies on the tensor's device (``NoiseSchedule.table``).
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Sequence
@@ -150,13 +151,13 @@ class NoiseSchedule:
                 raise ValueError("give betas= alone, or a schedule name with timesteps/beta_start/beta_end, not both")
             betas = _as_betas(betas)
             self.name = "custom"
-            self.config: dict = {"betas": betas.tolist()}
+            self._config: dict = {"betas": betas.tolist()}
         else:
             if name is None:
                 raise ValueError("give a schedule name or betas")
             betas = make_betas(name, timesteps, beta_start, beta_end)
             self.name = name
-            self.config = {  # JSON-ready: numpy's numbers (which make_betas takes) as Python's
+            self._config = {  # JSON-ready: numpy's numbers (which make_betas takes) as Python's
                 "name": name, "timesteps": int(timesteps),
                 "beta_start": None if beta_start is None else float(beta_start),
                 "beta_end": None if beta_end is None else float(beta_end),
@@ -167,6 +168,14 @@ class NoiseSchedule:
         # Original timestep of each index (the identity unless respaced).
         self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64, device="cpu")
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    @property
+    def config(self) -> dict:
+        """What ``from_config`` rebuilds this schedule from (JSON-ready; what
+        checkpoints record). A copy: editing it changes no schedule (the live
+        dict let a caller's edit, or one of a respaced child's, make a schedule's
+        config describe another schedule than its tables)."""
+        return copy.deepcopy(self._config)
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
@@ -240,7 +249,8 @@ class NoiseSchedule:
         self.fixed_large_log_variance = torch.log(large)
 
     def table(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """The float32 table ``name`` on ``device``, made once per device."""
+        """The float32 table ``name`` on ``device``, made once per device: the
+        cached tensor the kernels read, so read-only (not copied per call)."""
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
         return self._cached(name, device, lambda: getattr(self, name))
@@ -248,7 +258,8 @@ class NoiseSchedule:
     def step_table(
         self, kind: str = "fixed_large", *, eta: float = 0.0, device: torch.device | str | None = None
     ) -> torch.Tensor:
-        """The float32 (T, 8) coefficient table of one reverse step, cached per device.
+        """The float32 (T, 8) coefficient table of one reverse step, cached per
+        device: the tensor the kernels read, so read-only (not copied per call).
 
         ``kind``: ``fixed_small`` / ``fixed_large`` (ancestral DDPM, sigma_t^2 =
         beta~_t or beta_t) or ``ddim`` (Song et al. 2021, with ``eta``). Columns
@@ -394,7 +405,7 @@ class NoiseSchedule:
         respaced._compute_tables(respaced.betas, alphas_cumprod=ab.clone(), one_minus_alphas_cumprod=om)
         respaced.name = f"{self.name}[{len(steps)} of {self.num_timesteps}]"
         respaced.timestep_map = self.timestep_map[steps]
-        respaced.config = {"respace_of": self.config, "timesteps": steps}
+        respaced._config = {"respace_of": self.config, "timesteps": steps}
         return respaced
 
     def __len__(self) -> int:
@@ -406,6 +417,7 @@ class NoiseSchedule:
         its CUDA tables, which a machine without one cannot load."""
         state = dict(self.__dict__)
         state["_device_tables"] = {}
+        state.pop("_extract_tables", None)  # diffusion's per-device float64 copies
         state.pop("_undefined_steps", None)
         return state
 

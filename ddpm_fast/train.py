@@ -115,7 +115,10 @@ class Trainer(TrainerCheckpoints):
         if config is not None and not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig (from a dict: TrainConfig.from_dict(d)), "
                             f"got {type(config).__name__}")
-        self.config = config if config is not None else TrainConfig()
+        # Copies, kept: the checks below, the optimizer's settings and every
+        # checkpoint's record hold for them, whatever the caller edits later
+        # (one config reused for an lr sweep made each checkpoint record the last lr).
+        self.config = copy.deepcopy(config) if config is not None else TrainConfig()
         self.rank, self.world = rank_and_world()
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must be divisible by the {self.world} ranks")
@@ -129,7 +132,7 @@ class Trainer(TrainerCheckpoints):
         if self.out_dir.exists() and not self.out_dir.is_dir():  # now, not at the first checkpoint
             raise NotADirectoryError(f"the Trainer's out_dir {str(self.out_dir)!r} is a file, not a folder")
         grids = self.out_dir / "samples"
-        if self.config.sample_every and grids.exists() and not grids.is_dir():  # else found at the first grid, its steps lost
+        if self.config.sample_every and (grids.exists() or grids.is_symlink()) and not grids.is_dir():  # a broken link too  # else found at the first grid, its steps lost
             raise NotADirectoryError(f"{str(grids)!r} is a file, but the sample grids go into a folder of that name "
                                      "(sample_every > 0): move it away")
         for name in (LATEST, "log.jsonl", "loss.png"):  # else found at the first checkpoint, its steps lost
@@ -155,6 +158,7 @@ class Trainer(TrainerCheckpoints):
         except (TypeError, ValueError) as error:
             raise TypeError(f"the model's config and extra_config must be JSON-serializable (checkpoints record "
                             f"them): {error}") from None
+        self.extra_config = copy.deepcopy(self.extra_config)  # checked: a later edit by the caller cannot undo it
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)

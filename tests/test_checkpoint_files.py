@@ -41,6 +41,15 @@ def test_atomic_write_syncs_the_file_before_renaming_it(tmp_path, events):
     assert events[-1] == ("fsync", tmp_path.stat().st_ino)  # then the folder, which holds the new name
 
 
+# Why: the temporary name (".{name}.tmp-{pid}") is 11+ bytes longer than the
+# target's: a name that fits the 255-byte limit failed with "File name too
+# long", naming the hidden temporary file, not the path asked for.
+@pytest.mark.parametrize("name", ["g" * 250 + ".png", "ü" * 125 + ".png"])
+def test_atomic_write_takes_any_name_the_file_system_takes(tmp_path, name):
+    atomic_write(tmp_path / name, lambda tmp: tmp.write_bytes(b"picture"))
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == b"picture"
+
+
 def test_write_checkpoint_syncs_every_file_and_the_folder_before_publishing(tmp_path, events):
     # A checkpoint renamed into place before its files reach the disk could be published half-written.
     final = write_checkpoint(tmp_path, 1, {"a.bin": lambda p: p.write_bytes(b"a"), "b.bin": lambda p: p.write_bytes(b"b")})

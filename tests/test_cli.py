@@ -85,6 +85,15 @@ def test_sample_and_bpd_options_reach_the_sampler_and_the_evaluation(tiny_run, t
     assert {k: seen["bpd"][k] for k in ("n", "batch_size", "seed")} == dict(n=3, batch_size=2, seed=5)
 
 
+# Why: the shell leaves the ~ of --out=~/run alone, and the run went into a
+# folder literally named "~" under the current one (FID weights paths expanded it).
+def test_paths_on_the_command_line_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["train", "--data=~/data.npz", "--out=~/run"])
+    assert (args.data, args.out) == (str(tmp_path / "data.npz"), str(tmp_path / "run"))
+    assert build_parser().parse_args(["train", "--data", "digits", "--out", "a~b"]).data == "digits"
+
+
 def test_train_writes_a_run(tiny_run):
     assert (tiny_run / "checkpoint-00000004" / "ema.safetensors").is_file()
     assert (tiny_run / "samples.png").is_file() and (tiny_run / "loss.png").is_file()

@@ -354,6 +354,38 @@ def test_image_folder_follows_symlinked_folders_once(tmp_path):
     assert len(load_image_folder(data)) == 5
 
 
+# Why: a broken link named like an image was skipped without a word (the dataset
+# silently one image short), and TIFF images, which Pillow reads, were skipped too.
+def test_image_folder_reads_tiff_and_refuses_a_broken_link(tmp_path):
+    _write_images(tmp_path, [(8, 8)] * 2)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "z.tif")
+    Image.new("RGB", (8, 8), (4, 5, 6)).save(tmp_path / "zz.TIFF")
+    data = load_image_folder(tmp_path)
+    assert len(data) == 4 and data.images[2:, :, 0, 0].tolist() == [[1, 2, 3], [4, 5, 6]]
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "lost.jpg").symlink_to(tmp_path / "moved" / "lost.jpg")
+    with pytest.raises(FileNotFoundError, match=r"gone.png is a broken symbolic link \(and 1 more\)"):
+        load_image_folder(tmp_path)
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "moved" / "notes.txt")  # not an image's name: no matter
+    (tmp_path / "gone.png").unlink()
+    (tmp_path / "sub" / "lost.jpg").unlink()
+    assert len(load_image_folder(tmp_path)) == 4
+
+
+# Why: "digits" loads the bundled set; with a folder ./digits of the user's there
+# too, the user's images were passed over without a word.
+def test_digits_says_it_is_not_a_folder_named_digits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_dataset("digits")) == 1797  # no such folder: nothing said
+    _write_images(tmp_path / "digits", [(8, 8)] * 2)
+    with pytest.warns(UserWarning, match=r"'digits' is the bundled scikit-learn set, not the ./digits found here"):
+        assert len(load_dataset("digits")) == 1797
+    assert len(load_dataset("./digits")) == 2
+
+
 def test_transparent_pixels_load_over_black(tmp_path):
     """Two pictures that look the same (a transparent background, whatever colour
     the saving tool left under it) load the same: composited over black."""

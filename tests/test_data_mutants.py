@@ -60,10 +60,14 @@ def test_a_link_loop_is_not_walked_into(tmp_path, monkeypatch):
     assert len(walked) == 2  # data, data/up (the same folder: not entered further)
 
 
-def test_a_dangling_link_named_like_an_image_is_skipped(tmp_path):
+def test_a_folder_named_like_an_image_is_skipped_and_a_dangling_link_refused(tmp_path):
+    """(A dangling link was skipped too, an image short without a word: now an error.)"""
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
-    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "album.png").mkdir()
     assert len(load_image_folder(tmp_path)) == 1
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match="gone.png is a broken symbolic link$"):
+        load_image_folder(tmp_path)
 
 
 def test_a_folder_entry_named_like_a_batch_in_an_archive_is_not_a_batch(tmp_path):

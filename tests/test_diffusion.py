@@ -244,6 +244,27 @@ def test_p_mean_variance_gives_pred_x0_in_the_computation_dtype(x_dtype, out_dty
         assert p.pred_x0.dtype == p.mean.dtype == x_dtype
 
 
+# Why: with float64 input and an int t, the variances and log-variances came
+# back as views of the schedule's own tables (the .to() was a no-op), so a
+# caller's in-place edit (var.sqrt_(), a clamp_) rewrote the schedule for every
+# later call: q_mean_variance, the posterior, p_mean_variance and bits/dim.
+def test_returned_rows_are_not_views_of_the_schedule():
+    s = NoiseSchedule("linear", timesteps=10)
+    tables = {name: getattr(s, name).clone() for name in TABLES}
+    x0 = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    x_t = torch.ones_like(x0)
+    for result in (D.q_mean_variance(s, x0, 5), D.q_posterior_mean_variance(s, x0, x_t, 5)):
+        for value in result:
+            value.add_(1.0)
+    for variance in ("fixed_large", "fixed_small"):
+        p = D.p_mean_variance(s, torch.zeros(1), torch.ones(1, dtype=torch.float64), 5, variance=variance)
+        p.variance.clamp_(min=0.5)
+        p.log_variance.zero_()
+    D.extract(s.one_minus_alphas_cumprod, 5, x0).mul_(3.0)
+    for name, before in tables.items():
+        assert torch.equal(getattr(s, name), before), name
+
+
 # ---------------------------------------------------------------- likelihood pieces
 
 

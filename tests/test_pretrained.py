@@ -10,7 +10,7 @@ from conftest import save_tiny_diffusers_pipeline
 from ddpm_fast.checkpoint import CheckpointError, latest_checkpoint
 from ddpm_fast.data import ImageDataset
 from ddpm_fast.models import UNet
-from ddpm_fast.pretrained import load_model
+from ddpm_fast.pretrained import diffusers_sampling, load_model
 from ddpm_fast.nn import has_channels_last_weights
 from ddpm_fast.schedules import NoiseSchedule
 from ddpm_fast.train import TrainConfig, Trainer
@@ -88,7 +88,7 @@ def test_save_pretrained_folder(run, tmp_path):
     assert _same(model, trainer.ema) and schedule.num_timesteps == 1000
 
 
-def test_diffusers_folder_and_pipeline_folder(tmp_path):
+def test_diffusers_folder_and_pipeline_folder(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     unet = save_tiny_diffusers_pipeline(tmp_path, timesteps=500)
     for path in (tmp_path, tmp_path / "unet"):
@@ -96,6 +96,11 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(X, T), unet(X, T).sample, rtol=1e-4, atol=1e-5)
         assert schedule.num_timesteps == 500 and schedule.betas[-1].item() == pytest.approx(0.03)
+    # The UNet folder given as "." (from inside it): Path(".").parent is ".", so
+    # the pipeline above was missed and a T=500 model sampled on T=1000.
+    monkeypatch.chdir(tmp_path / "unet")
+    assert load_model(".")[1].num_timesteps == 500
+    assert diffusers_sampling(".") == diffusers_sampling(tmp_path) != {}
     # A UNet folder alone: the warning names it, not the folder above it.
     (tmp_path / "scheduler" / "scheduler_config.json").unlink()
     with pytest.warns(UserWarning, match=f"^{tmp_path / 'unet'} records no noise schedule") as seen:
@@ -190,3 +195,17 @@ def test_diffusers_scheduler_betas_follow_diffusers(tmp_path, config, want):
 
     schedule = _diffusers_schedule(_scheduler_config(tmp_path, **config))
     torch.testing.assert_close(schedule.betas.to(torch.float64), want, rtol=1e-6, atol=0)
+
+
+def test_a_diffusers_cosine_schedule_is_ours_and_an_unknown_one_is_refused(tmp_path):
+    """squaredcos_cap_v2 is read as our cosine schedule: diffusers' own betas
+    (float32) to its rounding; a beta_schedule we lack is refused by name."""
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm_fast.pretrained import _diffusers_schedule
+
+    schedule = _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="squaredcos_cap_v2", num_train_timesteps=50))
+    want = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=50).betas
+    assert schedule.name == "cosine"
+    torch.testing.assert_close(schedule.betas, want.to(torch.float64), rtol=2e-7, atol=0)
+    with pytest.raises(CheckpointError, match="unsupported diffusers beta_schedule 'sigmoid' in .*scheduler_config.json"):
+        _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="sigmoid"))

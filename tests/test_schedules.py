@@ -289,6 +289,30 @@ def test_from_config_refuses_what_it_would_ignore(config, error, match):
         NoiseSchedule.from_config(config)
 
 
+# Why: config was the schedule's live dict, and a respaced schedule's config held
+# its parent's dict itself: an edit of either (cfg["timesteps"] = 100 to build a
+# variant) made the schedule's config, which checkpoints record and load_model
+# rebuilds from, describe another schedule than its tables.
+def test_config_is_a_copy_that_edits_do_not_reach():
+    parent = NoiseSchedule("linear", timesteps=20)
+    config = parent.config
+    config["timesteps"] = 10
+    assert NoiseSchedule.from_config(config).num_timesteps == 10
+    assert parent.config["timesteps"] == 20
+    child = parent.respace([0, 5, 19])
+    child.config["respace_of"]["beta_end"] = 0.03
+    nested = child.config
+    nested["respace_of"]["timesteps"] = 10
+    nested["timesteps"].append(7)
+    assert parent.config == {"name": "linear", "timesteps": 20, "beta_start": None, "beta_end": None}
+    assert child.config == {"respace_of": parent.config, "timesteps": [0, 5, 19]}
+    assert torch.equal(NoiseSchedule.from_config(child.config).betas, child.betas)
+    custom = NoiseSchedule(betas=[0.1, 0.2])
+    custom.config["betas"][0] = 0.5
+    assert custom.config == {"betas": [0.1, 0.2]}
+    assert NoiseSchedule.from_config(json.loads(json.dumps(custom.config))).betas.tolist() == [0.1, 0.2]
+
+
 def test_config_is_json_ready_for_numpy_numbers_and_respace_takes_arrays():
     """numpy's numbers are taken, and the config held them: json.dumps failed."""
     schedule = NoiseSchedule("linear", timesteps=np.int64(10), beta_start=np.float32(1e-4), beta_end=np.float64(0.02))
@@ -440,9 +464,13 @@ def test_copies_leave_the_per_device_caches_behind(copy_kind):
     table = schedule.table("sqrt_alphas_cumprod")
     schedule.step_table("fixed_small")
     schedule.undefined_steps("fixed_small")
+    from ddpm_fast import diffusion  # its float64 copies per device too (kept on the schedule: left behind too)
+
+    diffusion.q_mean_variance(schedule, torch.zeros(2, 3, dtype=torch.float64, device="meta"), 5)
+    assert schedule._extract_tables
     made = {"pickle": lambda s: pickle.loads(pickle.dumps(s)), "deepcopy": copy.deepcopy, "copy": copy.copy}[copy_kind]
     twin = made(schedule)
-    assert twin._device_tables == {} and "_undefined_steps" not in vars(twin)
+    assert twin._device_tables == {} and "_undefined_steps" not in vars(twin) and "_extract_tables" not in vars(twin)
     assert torch.equal(twin.table("sqrt_alphas_cumprod"), table) and twin.undefined_steps("fixed_small") == []
     assert schedule.table("sqrt_alphas_cumprod") is table  # the original keeps its own
 

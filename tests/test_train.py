@@ -272,6 +272,14 @@ def test_unknown_config_field_is_rejected():
         TrainConfig.from_dict({"lr_max": 1.0})
 
 
+def test_from_dict_rebuilds_a_config_from_its_json_record():
+    """What a checkpoint's config.json records ("train") gives the config back."""
+    from dataclasses import asdict
+
+    config = TrainConfig(steps=7, batch_size=16, lr=3e-4, precision="bf16", loss="hybrid", flip=False, seed=11)
+    assert TrainConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config
+
+
 @pytest.mark.parametrize("loss", ["vlb", "hybrid"])
 def test_vlb_and_hybrid_losses_train(tmp_path, loss):
     trainer = make_trainer(tmp_path, steps=3, loss=loss)

@@ -280,6 +280,25 @@ def test_models_the_trainer_cannot_checkpoint_or_train_are_refused_when_made(tmp
                     TrainConfig(batch_size=8), tmp_path)
 
 
+# Why: the Trainer kept the caller's TrainConfig and extra_config objects. One
+# config reused for an lr sweep made trainer A's checkpoints record B's lr (its
+# optimizer had A's); a batch_size edited afterwards skipped the constructor's
+# checks (a ZeroDivisionError mid-run); a value JSON cannot encode, added to
+# extra_config afterwards, failed at the first checkpoint, after the training.
+def test_the_trainer_keeps_its_own_copies_of_config_and_extra_config(tmp_path):
+    config, extra = TrainConfig(steps=2, batch_size=8, lr=1e-4, checkpoint_every=2), {"sweep": {"run": 1}}
+    trainer = Trainer(TinyEps(), toy_dataset(n=16), NoiseSchedule("linear", timesteps=20), config, tmp_path,
+                      extra_config=extra, progress=False)
+    config.lr, config.batch_size = 5e-4, 32
+    extra["sweep"]["run"] = 2
+    extra["started"] = object()
+    trainer.train(final_samples=False)
+    saved = json.loads((latest_checkpoint(tmp_path) / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-4 and saved["train"]["batch_size"] == 8
+    assert saved["sweep"] == {"run": 1} and "started" not in saved
+    assert trainer.config.lr == 1e-4 and trainer.config is not config
+
+
 class BatchNormEps(TinyEps):
     def __init__(self) -> None:
         super().__init__()

@@ -127,6 +127,7 @@ def test_fused_path_matches_reference_path(backend):
         # scalar timesteps broadcast over the batch
         torch.testing.assert_close(fused(x, 7), reference(x, torch.full((4,), 7)), **FP32)
         torch.testing.assert_close(fused(x, torch.tensor(7)), fused(x, 7), rtol=0, atol=0)
+        torch.testing.assert_close(fused(x, torch.tensor(2.5)), fused(x, 2.5), rtol=0, atol=0)  # a float t too
     assert expected.abs().mean() > 0.1  # the weights make the comparison meaningful
 
 
