@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 
 import torch  # loads libtorch, which _C links against
+
+from ._warn import warn
 
 __all__ = ["AVAILABLE", "WITH_CUDA", "LOAD_ERROR"]
 
@@ -34,14 +35,13 @@ except ImportError as error:  # not built, or built for another torch
     AVAILABLE = False
     WITH_CUDA = False
     LOAD_ERROR = str(error)
-    warnings.warn(
+    warn(
         "ddpm_fast: the compiled extension ddpm_fast._C could not be loaded "
         f"({error}); every op falls back to the plain PyTorch reference backend "
         "(on a GPU, to Triton where it is installed). "
         "Build it with `pip install -e .` in an environment that has torch and a C++ compiler "
         "(`DDPM_FAST_STRICT=1 pip install -v -e .` shows why a build fails).",
         RuntimeWarning,
-        stacklevel=2,
     )
 
 # The CPU kernels' vector loops read DDPM_FAST_CPU_SIMD themselves, at their
@@ -50,9 +50,8 @@ except ImportError as error:  # not built, or built for another torch
 _SIMD_CAPS = ("avx512", "avx2", "none")
 _simd_cap = os.environ.get("DDPM_FAST_CPU_SIMD")
 if AVAILABLE and _simd_cap not in (None, "", *_SIMD_CAPS):
-    warnings.warn(
+    warn(
         f"ddpm_fast: DDPM_FAST_CPU_SIMD={_simd_cap!r} is not one of {', '.join(_SIMD_CAPS)} (lower case): ignored, "
         "the CPU kernels use the widest vector loops this CPU has",
         RuntimeWarning,
-        stacklevel=2,
     )

@@ -99,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
         rank, world = distributed.rank_and_world()
         distributed.run_on_rank0(lambda: options.check_output_folder(args.out, files=("samples.png", "loss.png", "log.jsonl", "latest")))
         data = Path(args.data).resolve()
-        if data.is_dir() and Path(args.out).resolve().is_relative_to(data):
+        if args.data != "digits" and data.is_dir() and Path(args.out).resolve().is_relative_to(data):  # (the bundled set)
             raise UsageError(f"--out {args.out} lies inside --data {args.data}: the run's own images (sample "
                              "grids, the loss curve) would become training data; put the run elsewhere")
         dataset = load_dataset(args.data, image_size=args.image_size, channels=args.channels, progress=rank == 0)

@@ -20,14 +20,17 @@ class UsageError(Exception):
 
 
 def integer(text: str, low: int, expected: str) -> int:
-    """An integer option of at least ``low``; anything else (not a number too)
-    says what was expected."""
+    """An integer option of at least ``low`` and below 2^63 (beyond, counts
+    failed later with an OverflowError traceback); anything else (not a number
+    too) says what was expected."""
     try:
         value = int(text)
     except ValueError:
         value = low - 1
     if value < low:
         raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be {expected} below 2^63, got {text!r}")
     return value
 
 

@@ -233,6 +233,9 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
         with Image.open(file) as image:
             image.seek(0)
             image = ImageOps.exif_transpose(image)
+            if image.mode == "F":  # (a TIFF's) convert would clip every value to 0..255: a [0, 1] image came out black
+                raise ValueError("its pixels are 32-bit floats (Pillow mode F), of no known range: save it with "
+                                 "8- or 16-bit integer pixels")
             if image.mode in _WIDE_GREY_MODES:  # 16-bit grey: scale to 8 bits (Pillow's convert would clip at 255)
                 wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
                 key = image.info.get("transparency")  # a transparent grey level (PNG tRNS), lost with the mode
@@ -253,7 +256,7 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
 def load_image_folder(
     path: str | os.PathLike, image_size: int | None = None, channels: int | None = None, *, progress: bool = False
 ) -> ImageDataset:
-    """Every image file (png, jpg, jpeg, bmp, webp, gif: the first frame) under
+    """Every image file (png, jpg, jpeg, bmp, webp, gif: the first frame; tif, tiff) under
     ``path``, recursively (through symlinked folders too), in sorted order, as RGB
     (or grey with ``channels=1``), transparent parts composited over black.
 
@@ -424,6 +427,13 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
 # ---------------------------------------------------------------- dispatch
 
 
+def _on_rank0() -> bool:
+    """Whether this process says what every rank would say (rank 0, or no group)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def load_dataset(
     spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None, progress: bool = False
 ) -> ImageDataset:
@@ -438,8 +448,8 @@ def load_dataset(
     _check_channels(channels)
     if not str(spec).strip():  # Path("") is the current folder: never what an empty spec means
         raise ValueError(f"dataset spec is empty: expected {_ACCEPTED}")
-    if str(spec) == "digits":
-        if os.path.exists("digits"):  # a folder of the user's, which "digits" does not load
+    if isinstance(spec, str) and spec == "digits":  # (a Path("digits") names a folder)
+        if os.path.exists("digits") and _on_rank0():  # a folder of the user's, which "digits" does not load
             warn("'digits' is the bundled scikit-learn set, not the ./digits found here: pass ./digits to load that")
         digits = load_digits(image_size)
         return _finish(digits.images, digits.name, None, channels, digits.labels)

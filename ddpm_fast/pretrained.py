@@ -122,7 +122,7 @@ def _diffusers_layout(folder: Path) -> tuple[Path, Path] | None:
     """(the UNet folder, the pipeline folder) where ``folder`` is a diffusers
     pipeline folder (``unet/`` in it) or a diffusers UNet folder (whose
     pipeline, if any, is its parent); None for any other folder."""
-    folder = folder.absolute()  # Path(".").parent is ".": the pipeline above a UNet folder given as "." was missed
+    folder = Path(os.path.abspath(folder))  # Path(".").parent is ".": the pipeline above "." or ".." was missed
     if (folder / "unet" / "config.json").is_file():
         return folder / "unet", folder
     if (folder / "config.json").is_file() and "_class_name" in _read_json(folder / "config.json"):

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from .images import save_grid
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .train_checkpoints import ConfigMismatchError, TrainerCheckpoints
-from .train_config import PRECISIONS, TrainConfig
+from .train_config import PRECISIONS, TrainConfig, check_live_changes
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError", "RunInUseError"]
 
@@ -119,6 +120,7 @@ class Trainer(TrainerCheckpoints):
         # checkpoint's record hold for them, whatever the caller edits later
         # (one config reused for an lr sweep made each checkpoint record the last lr).
         self.config = copy.deepcopy(config) if config is not None else TrainConfig()
+        self._made_with = asdict(self.config)  # what trainer.config may not change later (check_live_changes)
         self.rank, self.world = rank_and_world()
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must be divisible by the {self.world} ranks")
@@ -132,7 +134,10 @@ class Trainer(TrainerCheckpoints):
         if self.out_dir.exists() and not self.out_dir.is_dir():  # now, not at the first checkpoint
             raise NotADirectoryError(f"the Trainer's out_dir {str(self.out_dir)!r} is a file, not a folder")
         grids = self.out_dir / "samples"
-        if self.config.sample_every and (grids.exists() or grids.is_symlink()) and not grids.is_dir():  # a broken link too  # else found at the first grid, its steps lost
+        if self.config.sample_every and grids.is_symlink() and not grids.exists():  # exists() is False for it: else found late too
+            raise NotADirectoryError(f"{str(grids)!r} is a broken symbolic link, but the sample grids go into a folder of "
+                                     "that name (sample_every > 0): remove it or mend it")
+        if self.config.sample_every and grids.exists() and not grids.is_dir():  # else found at the first grid, its steps lost
             raise NotADirectoryError(f"{str(grids)!r} is a file, but the sample grids go into a folder of that name "
                                      "(sample_every > 0): move it away")
         for name in (LATEST, "log.jsonl", "loss.png"):  # else found at the first checkpoint, its steps lost
@@ -295,6 +300,7 @@ class Trainer(TrainerCheckpoints):
         step's batch is drawn and sent to the device before that read, while
         the device still computes this one.
         """
+        check_live_changes(self.config, self._made_with)
         try:
             return self._step()
         except BaseException:
@@ -384,6 +390,7 @@ class Trainer(TrainerCheckpoints):
                 release()
 
     def _train(self, resume: bool, final_samples: bool) -> dict[str, Any]:
+        check_live_changes(self.config, self._made_with)
         if self._failed_resume is not None:  # its model, EMA, optimizer: part one checkpoint's, part another's or fresh
             raise CheckpointError(f"this Trainer's state was partly overwritten by a resume that failed "
                                   f"({self._failed_resume}); make a new Trainer")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
 from ._checks import is_int
 
-__all__ = ["TrainConfig", "PRECISIONS", "LOSSES", "RESUMABLE_CHANGES"]
+__all__ = ["TrainConfig", "PRECISIONS", "LOSSES", "RESUMABLE_CHANGES", "LIVE_CHANGES", "check_live_changes"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("simple", "vlb", "hybrid")
@@ -24,6 +24,13 @@ LOSSES = ("simple", "vlb", "hybrid")
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "sample_every", "sample_count", "sample_steps", "checkpoint_every",
     "keep_checkpoints", "max_nonfinite", "channels_last", "compile",
+})
+# The fields a Trainer reads as it runs, which trainer.config may change between
+# calls. The rest took effect when it was made (the optimizer's settings, the
+# data order, the model's memory format, the checks of the sampling steps):
+# edited later, the checkpoints recorded values the training did not use.
+LIVE_CHANGES = frozenset({
+    "steps", "log_every", "sample_every", "sample_count", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
 })
 
 
@@ -71,12 +78,15 @@ class TrainConfig:
             if not is_int(value) or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {value!r}")
             setattr(self, name, int(value))
-        if self.seed >= 1 << 63:
-            raise ValueError(f"TrainConfig.seed must be below 2^63, got {self.seed}")
         if self.sample_steps is not None:
             if not is_int(self.sample_steps) or self.sample_steps < 1:
                 raise ValueError(f"TrainConfig.sample_steps must be a positive int or None, got {self.sample_steps!r}")
             self.sample_steps = int(self.sample_steps)
+        # A seed is an int64; the counts, beyond it, failed later: an OverflowError
+        # traceback from the progress bar (steps) or, after training, from the grid's shares.
+        for name in (*positive, "warmup", "sample_every", "keep_checkpoints", "seed", "sample_steps"):
+            if (getattr(self, name) or 0) >= 1 << 63:
+                raise ValueError(f"TrainConfig.{name} must be below 2^63, got {getattr(self, name)}")
         for name in ("ema_warmup", "flip", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -111,3 +121,16 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+def check_live_changes(config: TrainConfig, made_with: dict[str, Any]) -> None:
+    """Refuse a change of a Trainer's ``config`` since it was made (``made_with``:
+    its ``asdict`` then) outside LIVE_CHANGES, and check the live ones as a new
+    TrainConfig would (steps = 0 raised a ZeroDivisionError mid-run)."""
+    now = asdict(config)
+    for name, value in now.items():
+        if name not in LIVE_CHANGES and value != made_with[name]:
+            raise ValueError(f"trainer.config.{name} was changed from {made_with[name]!r} to {value!r} after the "
+                             f"Trainer was made, which took it then: make a new Trainer (only "
+                             f"{', '.join(sorted(LIVE_CHANGES))} may change)")
+    TrainConfig(**now)

@@ -94,6 +94,18 @@ def test_paths_on_the_command_line_expand_the_home_folder(tmp_path, monkeypatch)
     assert build_parser().parse_args(["train", "--data", "digits", "--out", "a~b"]).data == "digits"
 
 
+# Why: --data digits is the bundled set, yet with a folder ./digits there an
+# --out under it was refused as "inside --data digits".
+def test_training_on_the_bundled_digits_may_write_under_a_folder_named_digits(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    assert main(["train", "--data", "digits", "--out", "digits/run", "--model", "tiny", "--steps", "1",
+                 "--batch-size", "8", "--timesteps", "10", "--no-flip", "--device", "cpu"]) == 0
+    assert (tmp_path / "digits" / "run" / "latest").is_file()
+    err = capsys.readouterr().err
+    assert "ddpm-fast train: warning: 'digits' is the bundled scikit-learn set, not the ./digits found here" in err
+
+
 def test_train_writes_a_run(tiny_run):
     assert (tiny_run / "checkpoint-00000004" / "ema.safetensors").is_file()
     assert (tiny_run / "samples.png").is_file() and (tiny_run / "loss.png").is_file()

@@ -81,6 +81,8 @@ def test_bad_inputs_fail_with_one_clear_line(argv, message, tmp_path, toy_npz, c
         ["demo", "--out", "x", "--seed", "99999999999999999999"],
         ["sample", "--checkpoint", "x", "--out", "y", "--seed", str(2**64)],
         ["bpd", "--checkpoint", "x", "--data", "digits", "--seed", "-1"],
+        ["train", "--data", "digits", "--out", "x", "--steps", "1" + "0" * 400],  # an OverflowError traceback, from tqdm
+        ["sample", "--checkpoint", "x", "--out", "y", "-n", str(2**63)],
     ],
 )
 def test_bad_arguments_exit_2(argv, capsys, tmp_path, monkeypatch):

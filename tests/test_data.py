@@ -4,6 +4,7 @@ synthetic files, and each of their errors (CIFAR-10: test_data_cifar10.py)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -362,6 +363,11 @@ def test_image_folder_reads_tiff_and_refuses_a_broken_link(tmp_path):
     Image.new("RGB", (8, 8), (4, 5, 6)).save(tmp_path / "zz.TIFF")
     data = load_image_folder(tmp_path)
     assert len(data) == 4 and data.images[2:, :, 0, 0].tolist() == [[1, 2, 3], [4, 5, 6]]
+    # float pixels (mode F, TIFF's): Pillow's convert clipped a [0, 1] ramp to 0 and 1, a black image
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "F").save(tmp_path / "zzz.tif")
+    with pytest.raises(ValueError, match=r"zzz.tif: ValueError: its pixels are 32-bit floats \(Pillow mode F\)"):
+        load_image_folder(tmp_path, channels=1)
+    (tmp_path / "zzz.tif").unlink()
     (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "lost.jpg").symlink_to(tmp_path / "moved" / "lost.jpg")
@@ -384,6 +390,15 @@ def test_digits_says_it_is_not_a_folder_named_digits(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"'digits' is the bundled scikit-learn set, not the ./digits found here"):
         assert len(load_dataset("digits")) == 1797
     assert len(load_dataset("./digits")) == 2
+    assert len(load_dataset(Path("digits"))) == 2  # a Path names a folder (str(Path("./digits")) is "digits")
+    # said by rank 0 alone (under torchrun every rank loads the data)
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_dataset("digits")) == 1797
 
 
 def test_transparent_pixels_load_over_black(tmp_path):

@@ -28,6 +28,7 @@ with warnings.catch_warnings(record=True) as caught:
 ours = [w for w in caught if "ddpm_fast" in str(w.message)]
 assert len(ours) == 1 and "reference backend" in str(ours[0].message), [str(w.message) for w in caught]
 assert ours[0].category is RuntimeWarning and "hidden by the test" in str(ours[0].message), ours[0]
+assert (ours[0].filename, ours[0].lineno) == ("<string>", 15), ours[0]  # the user's `import ddpm_fast`, not ours
 from ddpm_fast import _extension
 assert (_extension.AVAILABLE, _extension.WITH_CUDA, _extension.LOAD_ERROR) == (False, False, "hidden by the test")
 x = torch.rand(2, 3, 4, 4)

@@ -101,6 +101,9 @@ def test_diffusers_folder_and_pipeline_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "unet")
     assert load_model(".")[1].num_timesteps == 500
     assert diffusers_sampling(".") == diffusers_sampling(tmp_path) != {}
+    (tmp_path / "unet" / "notes").mkdir()  # and ".." (absolute() keeps it: the parent of "unet/notes/..")
+    monkeypatch.chdir(tmp_path / "unet" / "notes")
+    assert load_model("..")[1].num_timesteps == 500
     # A UNet folder alone: the warning names it, not the folder above it.
     (tmp_path / "scheduler" / "scheduler_config.json").unlink()
     with pytest.warns(UserWarning, match=f"^{tmp_path / 'unet'} records no noise schedule") as seen:

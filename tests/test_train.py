@@ -254,6 +254,12 @@ def test_gpu_train_step_synchronizes_once(tmp_path):
     "overrides, message",
     [
         ({"steps": 0}, "steps must be a positive int"),
+        # beyond an int64 they failed later: an OverflowError traceback from the progress
+        # bar (steps), or from the grid's shares after all the training (sample_count)
+        ({"steps": 10**400}, r"TrainConfig.steps must be below 2\^63, got 1000"),
+        ({"sample_count": 2**63}, r"TrainConfig.sample_count must be below 2\^63"),
+        ({"warmup": 2**64}, r"TrainConfig.warmup must be below 2\^63"),
+        ({"sample_steps": 2**63}, r"TrainConfig.sample_steps must be below 2\^63"),
         ({"lr": -1.0}, "lr must be a finite number > 0"),
         ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),  # said "a positive number"
         ({"precision": "fp8"}, "precision must be one of"),

@@ -139,7 +139,7 @@ def test_a_file_named_samples_is_refused_when_made_if_grids_are_drawn(tmp_path):
     # A broken link of that name as well (exists() is False for it): found at the first grid, steps lost
     (tmp_path / "samples").unlink()
     (tmp_path / "samples").symlink_to(tmp_path / "nowhere" / "grids")
-    with pytest.raises(NotADirectoryError, match="samples' is a file, but the sample grids go into a folder"):
+    with pytest.raises(NotADirectoryError, match="samples' is a broken symbolic link, but the sample grids go into a"):
         Trainer(TinyEps(), toy_dataset(), schedule, TrainConfig(batch_size=8, sample_every=2), tmp_path, device="cpu")
 
 

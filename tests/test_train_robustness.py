@@ -297,6 +297,19 @@ def test_the_trainer_keeps_its_own_copies_of_config_and_extra_config(tmp_path):
     assert saved["train"]["lr"] == 1e-4 and saved["train"]["batch_size"] == 8
     assert saved["sweep"] == {"run": 1} and "started" not in saved
     assert trainer.config.lr == 1e-4 and trainer.config is not config
+    # Its own config: what it reads as it runs may change (steps), the rest took
+    # effect when it was made (the optimizer's lr): an edit is refused, not recorded.
+    trainer.config.steps = 4
+    assert trainer.train(final_samples=False)["steps"] == 4
+    trainer.config.lr = 5e-4
+    with pytest.raises(ValueError, match=r"trainer.config.lr was changed from 0.0001 to 0.0005 after the Trainer was "
+                                         r"made, which took it then: make a new Trainer"):
+        trainer.train(final_samples=False)
+    with pytest.raises(ValueError, match="trainer.config.lr was changed"):
+        trainer.train_step()
+    trainer.config.lr, trainer.config.steps = 1e-4, 0  # checked as a new config would be (was a ZeroDivisionError)
+    with pytest.raises(ValueError, match="TrainConfig.steps must be a positive int, got 0"):
+        trainer.train_step()
 
 
 class BatchNormEps(TinyEps):

@@ -5,6 +5,7 @@ the README's calls give what the code returns."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import sys
@@ -18,8 +19,10 @@ import ddpm_fast.kernels
 
 
 def _public_modules() -> list[str]:
-    names = {"ddpm_fast", "ddpm_fast.kernels"}
-    for package in (ddpm_fast, ddpm_fast.kernels):
+    # The Triton kernels' modules import triton, which is optional (Linux)
+    packages = (ddpm_fast, ddpm_fast.kernels) if importlib.util.find_spec("triton") else (ddpm_fast,)
+    names = {package.__name__ for package in packages}
+    for package in packages:
         names |= {m.name for m in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + ".")}
     return sorted(n for n in names if not any(part.startswith("_") for part in n.split(".")[1:]))
 

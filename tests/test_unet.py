@@ -298,6 +298,7 @@ def test_integer_weights_for_float_parameters_are_refused(tmp_path):
         (dict(num_res_blocks=0), "num_res_blocks"),
         (dict(dropout=1.0), "dropout"),
         (dict(eps=0.0), "eps"),
+        (dict(eps=float("inf")), "eps must be a finite number > 0, got inf"),  # zeroed every output; config "Infinity"
         (dict(ch=5, num_groups=5), "even"),
         (dict(in_channels=0), "in_channels"),
         (dict(image_size=2.5), "image_size"),

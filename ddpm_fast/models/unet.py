@@ -8,6 +8,7 @@ loads those weights).
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Any, Mapping, Sequence
@@ -153,8 +154,9 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: with num_groups={num_groups} some GroupNorm group would hold a single value")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ValueError(f"UNet: dropout must be a number in [0, 1), got {dropout!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f"UNet: eps must be a positive number, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+            # (inf zeroed every output, and its config was not JSON: "Infinity")
+            raise ValueError(f"UNet: eps must be a finite number > 0, got {eps!r}")
         if not isinstance(reference, bool):
             raise TypeError(f"UNet: reference must be a bool, got {type(reference).__name__}")
         if backend not in BACKENDS:
