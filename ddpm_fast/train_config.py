@@ -125,12 +125,17 @@ class TrainConfig:
 
 def check_live_changes(config: TrainConfig, made_with: dict[str, Any]) -> None:
     """Refuse a change of a Trainer's ``config`` since it was made (``made_with``:
-    its ``asdict`` then) outside LIVE_CHANGES, and check the live ones as a new
-    TrainConfig would (steps = 0 raised a ZeroDivisionError mid-run)."""
-    now = asdict(config)
-    for name, value in now.items():
-        if name not in LIVE_CHANGES and value != made_with[name]:
-            raise ValueError(f"trainer.config.{name} was changed from {made_with[name]!r} to {value!r} after the "
-                             f"Trainer was made, which took it then: make a new Trainer (only "
+    its ``asdict`` then, which this updates) outside LIVE_CHANGES, and check the
+    live ones as a new TrainConfig would (steps = 0 raised a ZeroDivisionError
+    mid-run). Called every step: without a change, a few microseconds."""
+    changed = [name for name, value in made_with.items() if getattr(config, name) != value]
+    if not changed:
+        return
+    for name in changed:
+        if name not in LIVE_CHANGES:
+            raise ValueError(f"trainer.config.{name} was changed from {made_with[name]!r} to {getattr(config, name)!r} "
+                             f"after the Trainer was made, which took it then: make a new Trainer (only "
                              f"{', '.join(sorted(LIVE_CHANGES))} may change)")
+    now = asdict(config)
     TrainConfig(**now)
+    made_with.update(now)
