@@ -19,18 +19,18 @@ class UsageError(Exception):
     """Bad input from the command line: reported in one line, exit status 2."""
 
 
-def integer(text: str, low: int, expected: str) -> int:
-    """An integer option of at least ``low`` and below 2^63 (beyond, counts
-    failed later with an OverflowError traceback); anything else (not a number
-    too) says what was expected."""
+def integer(text: str, low: int, expected: str, bits: int = 63) -> int:
+    """An integer option of at least ``low`` and below 2^bits (beyond 2^63,
+    counts failed later with an OverflowError traceback); anything else (not a
+    number too) says what was expected."""
     try:
         value = int(text)
     except ValueError:
         value = low - 1
     if value < low:
         raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
-    if value >= 2**63:
-        raise argparse.ArgumentTypeError(f"must be {expected} below 2^63, got {text!r}")
+    if value >= 2**bits:
+        raise argparse.ArgumentTypeError(f"must be {expected} below 2^{bits}, got {text!r}")
     return value
 
 
@@ -47,10 +47,10 @@ def seed_below(bits: int) -> Callable[[str], int]:
     noise streams' uint64), checked while parsing."""
 
     def seed(text: str) -> int:
-        value = integer(text, 0, f"an integer in [0, 2^{bits})")
-        if value >= 2**bits:
-            raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^{bits}), got {text!r}")
-        return value
+        try:
+            return integer(text, 0, f"an integer in [0, 2^{bits})", bits)
+        except argparse.ArgumentTypeError:  # said once: "in [0, 2^64)", not "... below 2^64" too
+            raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^{bits}), got {text!r}") from None
 
     return seed
 
