@@ -24,7 +24,7 @@ from .checkpoint import LATEST, CheckpointError, atomic_write, checkpoints, late
 from .distributed import rank_seed
 from .images import plot_curve
 from .models.serialization import load_safetensors, load_state_dict_checked
-from .train_config import RESUMABLE_CHANGES
+from .train_config import RECIPE_VERSION, RESUMABLE_CHANGES
 
 __all__ = ["ConfigMismatchError", "TrainerCheckpoints"]
 
@@ -162,15 +162,26 @@ class TrainerCheckpoints:
         # The images, and what the caller recorded besides (the command line's --data):
         # a change may be deliberate (the data moved, or grew), so it is said, not refused.
         changed = [f"{key}: {saved[key]!r} there, {value!r} now" for key, value in self.extra_config.items()
-                   if key in saved and saved[key] != value]
-        old_data = saved.get("data_fingerprint")  # (absent from checkpoints written before it was recorded)
+                   if key in saved and not _same_setting(saved[key], value)]
+        old_data = saved.get("data_fingerprint")  # (absent from checkpoints of older versions)
         if old_data is not None and old_data != self.data_fingerprint:
             changed.insert(0, f"other images: {_described(old_data)} there, {_described(self.data_fingerprint)} now")
         if changed and self.rank == 0:
             warn(f"resuming {path} with other settings than it was trained with ({'; '.join(changed)})")
+        # What an older version's checkpoint cannot tell (those of 2026-12-05 on record
+        # their images; "recipe" marks later changes of what a setting means).
+        older = []
+        if old_data is None:
+            older.append("it records no fingerprint of its images, so they are not compared with these")
+            if self.config.loss == "hybrid" and "recipe" not in saved:
+                older.append("its 'hybrid' loss may have weighed L_t by 0.001 (versions before 2026-12-04 did), "
+                             "this one weighs it by 0.001 * T")
+        if older and self.rank == 0:
+            warn(f"resuming {path}, written by an older version: {'; '.join(older)}")
 
     def run_config(self) -> dict[str, Any]:
         return {
+            "recipe": RECIPE_VERSION,
             "model": getattr(self.model, "config", None),
             "schedule": self.schedule.config,
             "train": asdict(self.config),
@@ -314,6 +325,16 @@ class TrainerCheckpoints:
             # Each seeds its own from that state and its rank, reproducibly.
             base = int(torch.randint(2**62, (1,)).item())
             torch.manual_seed(rank_seed(base, self.rank))
+
+
+def _same_setting(old: object, new: object) -> bool:
+    """Whether a recorded extra setting is the one given now: equal, or a path an
+    older version recorded as typed (relative) that is the absolute one now
+    (the command line's --data: a resume with the same command warned)."""
+    if old == new:
+        return True
+    return (isinstance(old, str) and isinstance(new, str) and not os.path.isabs(old) and os.path.isabs(new)
+            and os.path.abspath(old) == new)
 
 
 def _described(fingerprint: Any) -> str:

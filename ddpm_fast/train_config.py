@@ -12,10 +12,14 @@ import torch
 
 from ._checks import is_int
 
-__all__ = ["TrainConfig", "PRECISIONS", "LOSSES", "RESUMABLE_CHANGES", "LIVE_CHANGES", "check_live_changes"]
+__all__ = ["TrainConfig", "PRECISIONS", "LOSSES", "RECIPE_VERSION", "RESUMABLE_CHANGES", "LIVE_CHANGES", "check_live_changes"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("simple", "vlb", "hybrid")
+# Recorded in every checkpoint, and raised when a setting comes to mean another
+# recipe, so that a resume of a checkpoint from before can tell. 2: the hybrid
+# loss weighs L_t by 0.001 * T (1, unrecorded: by 0.001).
+RECIPE_VERSION = 2
 # TrainConfig fields a resumed run may change: how long it runs, what it
 # writes, and how it computes (memory format, compilation: rounding only).
 # Every other field changes the training itself (and the optimizer and

@@ -334,12 +334,47 @@ def test_a_resume_on_other_images_is_said(tmp_path):
                                          rf"SHA-256 {other.data_fingerprint['sha256'][:12]} now\)") as seen:
         assert other.train(final_samples=False)["steps"] == 4
     assert {w.filename for w in seen} == {__file__}  # the caller's line, not the library's
-    # A checkpoint written before images were recorded resumes without a word.
+    # A checkpoint written before images were recorded resumed without a word, on
+    # any images: it says their check cannot be made.
     path = latest_checkpoint(tmp_path) / "config.json"
-    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "data_fingerprint"}))
+    assert json.loads(path.read_text())["recipe"] == 2
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k not in ("data_fingerprint", "recipe")}))
+    with pytest.warns(UserWarning, match=r"written by an older version: it records no fingerprint of its images, so "
+                                         r"they are not compared with these$"):
+        make_trainer(tmp_path, steps=4).check_resumable(path.parent)
+
+
+# Why: versions before 2026-12-04 weighed the hybrid loss's L_t by 0.001, later
+# ones by 0.001 * T, under the same loss="hybrid": such a run resumed on the other
+# loss without a word. Checkpoints of those versions record no images (nor a recipe).
+def test_a_hybrid_checkpoint_of_an_older_version_says_its_weight_may_differ(tmp_path):
+    make_trainer(tmp_path, steps=2, loss="hybrid").train(final_samples=False)
+    path = latest_checkpoint(tmp_path) / "config.json"
+    saved = json.loads(path.read_text())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_trainer(tmp_path, steps=4).check_resumable(path.parent)
+        make_trainer(tmp_path, steps=4, loss="hybrid").check_resumable(path.parent)  # this version's: nothing said
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("data_fingerprint", "recipe")}))
+    with pytest.warns(UserWarning, match=r"its 'hybrid' loss may have weighed L_t by 0.001 \(versions before "
+                                         r"2026-12-04 did\), this one weighs it by 0.001 \* T"):
+        make_trainer(tmp_path, steps=4, loss="hybrid").check_resumable(path.parent)
+
+
+# Why: older versions recorded the command line's --data as typed ("d.npy"), this
+# one as an absolute path: resuming with the same command from the same folder
+# warned of "other settings (data: 'd.npy' there, '/.../d.npy' now)".
+def test_a_data_path_recorded_relative_by_an_older_version_is_the_same_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = str(tmp_path / "d.npy")
+    make_trainer(tmp_path / "run", steps=2, extra_config={"data": data}).train(final_samples=False)
+    path = latest_checkpoint(tmp_path / "run") / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "data": "d.npy"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer(tmp_path / "run", steps=4, extra_config={"data": data}).check_resumable(path.parent)
+    with pytest.warns(UserWarning, match=r"other settings than it was trained with \(data: 'd.npy' there, '/elsewhere"):
+        make_trainer(tmp_path / "run", steps=4, extra_config={"data": "/elsewhere/d.npy"}).check_resumable(path.parent)
 
 
 def test_an_older_checkpoint_of_another_recipe_is_passed_over(tmp_path):

@@ -50,13 +50,13 @@ def save_toy_npz(path) -> None:
 
 
 def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 0.0, images: int = 64,
-                 **overrides) -> Trainer:
+                 extra_config: dict | None = None, **overrides) -> Trainer:
     torch.manual_seed(0)
     values = dict(steps=steps, batch_size=8, lr=1e-3, warmup=2, log_every=1, checkpoint_every=2, seed=3, flip=True,
                   ema_decay=0.9)
     values.update(overrides)
     return Trainer(TinyEps(dropout=dropout), toy_dataset(n=images), NoiseSchedule("linear", timesteps=100),
-                   TrainConfig(**values), out_dir, device=device, progress=False)
+                   TrainConfig(**values), out_dir, device=device, progress=False, extra_config=extra_config)
 
 
 # The fault tests' run: every part of the state a resume must restore matters
