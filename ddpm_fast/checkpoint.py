@@ -11,10 +11,12 @@ folders are ignored and cleaned up by the next writer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -49,7 +51,18 @@ def lock_run_folder(run_dir: str | os.PathLike) -> Callable[[], None]:
     except ImportError:  # not POSIX
         return lambda: None
     path = Path(run_dir) / _LOCK
-    handle = open(path, "a+")
+    # Never through a link (a run folder from elsewhere with .lock linking out had
+    # the file it named truncated to the pid), and only into a plain file.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CheckpointError(f"{path} is a symbolic link; the run's lock must be a plain file: remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a plain file; the run's lock must be one: remove it")
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -21,6 +21,10 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _FOLDER = "cifar-10-batches-py"
 _TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST = ("test_batch",)
+# A batch is a 31 MB pickle (10,000 x 3072 bytes and their labels): a member or
+# file far larger is no batch. (A sparse member of a 221-byte archive asked for
+# gigabytes, the memory failure a traceback.)
+_MAX_BATCH_BYTES = 64 << 20
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -62,6 +66,7 @@ def _blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], str]:
                 for member in archive:
                     base = member.name.rsplit("/", 1)[-1]
                     if base in names and base not in blobs and member.isfile():
+                        _check_batch_size(member.size, base, f"archive {path}")
                         blobs[base] = archive.extractfile(member).read()
                 # tarfile stops at the end-of-archive blocks (or, quietly, at a damaged
                 # header), before a compressed stream's checksum: read on to it, so a
@@ -76,12 +81,23 @@ def _blobs(path: Path, names: tuple[str, ...]) -> tuple[dict[str, bytes], str]:
             ) from error
         return blobs, f"archive {path}"
     folder = path / _FOLDER if (path / _FOLDER).is_dir() else path
-    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}, f"folder {folder}"
+    found = [name for name in names if (folder / name).is_file()]
+    for name in found:
+        _check_batch_size((folder / name).stat().st_size, name, f"folder {folder}")
+    return {name: (folder / name).read_bytes() for name in found}, f"folder {folder}"
+
+
+def _check_batch_size(size: int, name: str, where: str) -> None:
+    if size > _MAX_BATCH_BYTES:
+        raise ValueError(f"CIFAR-10 batch {name} in {where} is {size:,} bytes, more than any batch "
+                         f"(about 31 MB): not CIFAR-10's python version")
 
 
 def _parse_batch(blob: bytes, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        if not isinstance(batch[b"data"], np.ndarray):  # as CIFAR-10's are: a list may repeat one row a million times
+            raise TypeError(f"data is a {type(batch[b'data']).__name__}, not a numpy array")
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"])
     except Exception as error:  # a corrupt pickle can raise almost anything

@@ -145,7 +145,7 @@ def _default_flip(args: argparse.Namespace) -> bool:
     if newest is not None:
         try:
             saved = json.loads((newest / "config.json").read_text())["train"]["flip"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # (JSON nested too deeply)
             saved = None  # resuming says what is wrong with the checkpoint
         if isinstance(saved, bool):
             return saved
@@ -468,9 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 1
-    except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError, BackendUnavailableError) as error:
+    except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError, BackendUnavailableError,
+            RecursionError) as error:
         # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included);
-        # BackendUnavailableError (a RuntimeError): a setting (DDPM_FAST_BACKEND), not a failure
+        # BackendUnavailableError (a RuntimeError): a setting (DDPM_FAST_BACKEND), not a failure;
+        # RecursionError (a RuntimeError): a file's config nested too deeply (a schedule's respace_of)
         if debug:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 2

@@ -25,7 +25,7 @@ __all__ = ["diffusers_sampling", "load_model", "resolve_run_folder"]
 def _read_json(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply (a traceback)
         raise CheckpointError(f"cannot read {path}: {error}") from error
     if not isinstance(config, dict):  # `"x" in 5` raised "argument of type 'int' is not iterable"
         raise CheckpointError(f"cannot read {path}: it must hold a JSON object, got {type(config).__name__}")

@@ -485,7 +485,7 @@ class Trainer(TrainerCheckpoints):
         for line in path.read_text().splitlines() if path.exists() else []:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if isinstance(record, dict) and "step" in record:
                 records.append(record)

@@ -140,7 +140,7 @@ class TrainerCheckpoints:
             saved = json.loads((path / "config.json").read_text())
         except FileNotFoundError:  # was "not checked": any recipe resumed, and its config.json recorded
             raise CheckpointError(f"checkpoint {path} is missing config.json") from None
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deeply
             raise CheckpointError(f"cannot read {path / 'config.json'}: {error}") from error
         if not isinstance(saved, dict):
             raise CheckpointError(f"cannot read {path / 'config.json'}: not a JSON object")

@@ -421,6 +421,28 @@ def test_a_checkpoint_without_its_schedule_is_one_line(tiny_run, tmp_path, capsy
     assert err.startswith("ddpm-fast sample: error:") and "has no usable noise schedule" in err and "\n" not in err
 
 
+# Why: JSON nested too deeply (a hostile or broken file of a few KB) raised a
+# RecursionError, in the decoder or in from_config's respace_of: a traceback.
+@pytest.mark.parametrize("nesting", ["json", "respace_of"])
+def test_a_config_nested_too_deeply_is_one_line(tiny_run, tmp_path, capsys, nesting):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "checkpoint-00000004", ckpt)
+    if nesting == "json":
+        (ckpt / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+        said = "cannot read"
+    else:
+        config = json.loads((ckpt / "config.json").read_text())
+        for _ in range(900):  # (json.dumps itself recurses: not much deeper)
+            config["schedule"] = {"respace_of": config["schedule"], "timesteps": [0]}
+        (ckpt / "config.json").write_text(json.dumps(config))
+        said = "recursion"
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s"), "-n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast sample: error:") and said in err and "\n" not in err, err[-500:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the cuda backend cannot run")
 def test_a_backend_the_environment_forces_but_cannot_run_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     """DDPM_FAST_BACKEND=cuda on a CPU-only machine: `sample` gave a raw

@@ -92,6 +92,27 @@ def test_cifar10_refuses_code_and_checks_shapes(tmp_path, capsys):
         load_cifar10(tmp_path, train=False)
 
 
+# Why: a few-KB file could ask for gigabytes: a sparse archive member of any
+# size was read whole (a MemoryError traceback), and a batch whose data was a
+# list repeating one row 300,000 times (11 KB, memoized) took 4 GiB.
+def test_cifar10_refuses_batches_larger_than_any_and_data_that_is_no_array(cifar_folder, tmp_path, monkeypatch):
+    from ddpm_fast import cifar10
+
+    monkeypatch.setattr(cifar10, "_MAX_BATCH_BYTES", 2000)  # a real batch's 31 MB scaled down: the folder's are ~9.5 KB
+    with pytest.raises(ValueError, match=r"batch data_batch_1 in folder .* is [0-9,]+ bytes, more than any batch"):
+        load_cifar10(cifar_folder)
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as archive:
+        archive.add(cifar_folder, arcname="cifar-10-batches-py")
+    with pytest.raises(ValueError, match=r"batch data_batch_1 in archive .*c.tar.gz is [0-9,]+ bytes, more than any"):
+        load_cifar10(tmp_path / "c.tar.gz")
+    monkeypatch.undo()
+    row = np.zeros(3072, np.uint8)
+    (tmp_path / "listy").mkdir()
+    _write_batch(tmp_path / "listy" / "test_batch", {b"data": [row] * 4, b"labels": [0] * 4})
+    with pytest.raises(ValueError, match="test_batch .* is corrupt: TypeError: data is a list, not a numpy array"):
+        load_cifar10(tmp_path / "listy", train=False)
+
+
 def test_cifar10_archive_errors_and_any_archive_name(cifar_folder, tmp_path):
     bad = tmp_path / "cifar-10-python.tar.gz"
     bad.write_bytes(b"\x1f\x8b not really gzip")

@@ -222,3 +222,27 @@ def test_the_lock_refuses_a_second_holder_and_names_the_current_pid(tmp_path):
     thread.join(10)
     assert f"(pid {os.getpid()})" in outcome.get("error", "")
     lock_run_folder(tmp_path)()
+
+
+# Why: the lock was opened through a link: a run folder (downloaded, or copied
+# from elsewhere) whose .lock linked out had the file it named cut to the pid.
+def test_the_lock_is_never_taken_through_a_link_or_in_anything_but_a_file(tmp_path):
+    from ddpm_fast.checkpoint import CheckpointError, lock_run_folder
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's data\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(CheckpointError, match=r"run/.lock is a symbolic link; the run's lock must be a plain file"):
+        lock_run_folder(run)
+    assert victim.read_text() == "a user's data\n"
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(tmp_path / "created-by-the-lock")  # a dangling one made its target
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        lock_run_folder(run)
+    assert not (tmp_path / "created-by-the-lock").exists()
+    (run / ".lock").unlink()
+    os.mkfifo(run / ".lock")
+    with pytest.raises(CheckpointError, match=r"run/.lock is not a plain file"):
+        lock_run_folder(run)

@@ -247,6 +247,17 @@ def test_more_layouts_are_refused(change, match):
         UNet.from_diffusers(diffusers.UNet2DModel(**{**NARROW, **change}))
 
 
+# Why: a config.json with block_out_channels [] (an IndexError) or [0] (a
+# ZeroDivisionError) gave the command line a traceback, not its one-line error.
+@pytest.mark.parametrize("channels", [[], [0], [32, 0], None, [32.5]])
+def test_a_config_with_unusable_block_out_channels_is_refused(channels):
+    from ddpm_fast.models.diffusers_interop import diffusers_config_to_kwargs
+
+    with pytest.raises(ValueError, match=r"not a DDPM UNet2DModel .*: block_out_channels=.* \(need a non-empty list of "
+                                         r"positive ints\)"):
+        diffusers_config_to_kwargs({**NARROW, "block_out_channels": channels})
+
+
 def test_a_folder_with_extra_weights_is_refused(narrow, tmp_path):
     """Weights of a layer the DDPM U-Net lacks (a class embedding) were dropped silently."""
     from safetensors.torch import load_file, save_file

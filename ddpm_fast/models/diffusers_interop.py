@@ -54,7 +54,12 @@ def diffusers_config_to_kwargs(config: Mapping[str, Any], image_size: int | None
     resolutions follow it."""
     cfg = {**_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     bad = [f"{k}={cfg[k]!r} (need {' or '.join(map(repr, ok))})" for k, ok in _REQUIRED.items() if cfg[k] not in ok]
-    channels = [int(c) for c in cfg["block_out_channels"]]
+    channels = cfg["block_out_channels"]
+    if not (isinstance(channels, (list, tuple)) and channels and all(is_int(c) and c > 0 for c in channels)):
+        # ([] was an IndexError, [0] a ZeroDivisionError: tracebacks from the command line)
+        raise ValueError(f"not a DDPM UNet2DModel (the layout UNet.from_diffusers converts): "
+                         f"block_out_channels={channels!r} (need a non-empty list of positive ints)")
+    channels = [int(c) for c in channels]
     ch, levels = channels[0], len(channels)
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     attn = [kind == "AttnDownBlock2D" for kind in down]
