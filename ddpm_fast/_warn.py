@@ -38,7 +38,8 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     is not the package's (the outermost one if every frame is)."""
     frame = sys._getframe(1)  # warn's caller: level 2 to warnings.warn
     level = 2
-    while frame.f_back is not None and (_is_internal(frame.f_code.co_filename) or _is_importlib(frame.f_code.co_filename)):
+    while frame.f_back is not None and (_is_internal(frame.f_code.co_filename)
+                                        or _is_importlib(frame.f_code.co_filename)):
         frame = frame.f_back
         if not _is_importlib(frame.f_code.co_filename):
             level += 1

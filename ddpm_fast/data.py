@@ -45,9 +45,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``images`` stays uint8; ``dataset[i]`` and ``dataset.batch(indices)`` give
     float32 x / 127.5 - 1. ``labels`` (N integer class labels: a tensor, an
-    array or a list) is kept as an int64 tensor, or None. ``images`` may be a numpy array too; either is kept, not copied, when
-    contiguous (a read-only array, and a flipped, transposed or channels_last
-    one, is copied)."""
+    array or a list) is kept as an int64 tensor, or None. ``images`` may be a
+    numpy array too; either is kept, not copied, when contiguous (a read-only
+    array, and a flipped, transposed or channels_last one, is copied)."""
 
     def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
                  labels: torch.Tensor | np.ndarray | Sequence[int] | None = None) -> None:
