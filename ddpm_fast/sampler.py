@@ -271,7 +271,7 @@ class Sampler:
         bad = int((~torch.isfinite(x)).sum())
         if bad:
             warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
-                          "finite at some step", RuntimeWarning)
+                 "finite at some step", RuntimeWarning)
         return (x, intermediates) if return_intermediates else x
 
     # ----------------------------------------------------------------- helpers

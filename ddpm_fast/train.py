@@ -409,7 +409,7 @@ class Trainer(TrainerCheckpoints):
         cfg = self.config
         if self.step > cfg.steps and self.rank == 0:
             warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "
-                          "nothing to train")
+                 "nothing to train")
         first_step = self.step
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
         window: list[float] = []

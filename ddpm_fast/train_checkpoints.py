@@ -82,7 +82,7 @@ class TrainerCheckpoints:
                 self._set_aside(damaged)
                 if self.rank == 0:
                     warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
-                                  f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
+                         f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
             return
         if self._loaded_part:  # the model, say, and not the EMA: no longer fresh, nor any checkpoint's
             self._failed_resume = str(failure)
@@ -111,7 +111,7 @@ class TrainerCheckpoints:
         if not later:
             return
         warn(f"starting afresh in {self.out_dir}: removing the earlier run's "
-                      f"{', '.join(p.name for p in later)}")
+             f"{', '.join(p.name for p in later)}")
         (self.out_dir / LATEST).unlink(missing_ok=True)
         for path in later:
             shutil.rmtree(path)
@@ -124,7 +124,7 @@ class TrainerCheckpoints:
         if not found:
             return
         warn(f"starting afresh in {self.out_dir}: removing the earlier run's pictures "
-                      f"({', '.join(str(p.relative_to(self.out_dir)) for p in found[:4])}{' ...' if len(found) > 4 else ''})")
+             f"({', '.join(str(p.relative_to(self.out_dir)) for p in found[:4])}{' ...' if len(found) > 4 else ''})")
         for path in found:
             path.unlink(missing_ok=True)
 
