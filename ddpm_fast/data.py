@@ -427,13 +427,6 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
 # ---------------------------------------------------------------- dispatch
 
 
-def _on_rank0() -> bool:
-    """Whether this process says what every rank would say (rank 0, or no group)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def load_dataset(
     spec: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None, progress: bool = False
 ) -> ImageDataset:
@@ -449,7 +442,9 @@ def load_dataset(
     if not str(spec).strip():  # Path("") is the current folder: never what an empty spec means
         raise ValueError(f"dataset spec is empty: expected {_ACCEPTED}")
     if isinstance(spec, str) and spec == "digits":  # (a Path("digits") names a folder)
-        if os.path.exists("digits") and _on_rank0():  # a folder of the user's, which "digits" does not load
+        from .distributed import rank_and_world  # (here: it imports the sampler, which loading data does not need)
+
+        if os.path.exists("digits") and rank_and_world()[0] == 0:  # a folder of the user's, which "digits" does not load
             warn("'digits' is the bundled scikit-learn set, not the ./digits found here: pass ./digits to load that")
         digits = load_digits(image_size)
         return _finish(digits.images, digits.name, None, channels, digits.labels)

@@ -396,6 +396,7 @@ def test_digits_says_it_is_not_a_folder_named_digits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_dataset("digits")) == 1797
