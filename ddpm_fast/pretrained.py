@@ -16,7 +16,7 @@ import torch
 from ._checks import as_device, is_int
 from ._warn import warn
 from .checkpoint import CheckpointError, latest_checkpoint
-from .models.serialization import float32_on_cpu, load_safetensors, load_state_dict_checked
+from .models.serialization import build_to_fit, load_safetensors, load_state_dict_checked, safetensors_shapes
 from .schedules import NoiseSchedule
 
 __all__ = ["diffusers_sampling", "load_model", "resolve_run_folder"]
@@ -176,8 +176,9 @@ def load_model(
     file = f"{weights}.safetensors"
     if config.get("model") is None:
         raise CheckpointError(f"{folder / 'config.json'} does not describe a UNet")
-    model = float32_on_cpu(lambda: UNet.from_config(config["model"]))
     try:
+        model = build_to_fit(lambda: UNet.from_config(config["model"]), safetensors_shapes(folder / file),
+                             str(folder / file))
         load_state_dict_checked(model, load_safetensors(folder / file), str(folder / file))
     except (FileNotFoundError, ValueError) as error:
         raise CheckpointError(str(error)) from error

@@ -20,7 +20,7 @@ from torch import nn
 from .._checks import is_int
 from ..nn import GroupNormSiLU
 from ..nn.group_norm_silu import has_hooks
-from .serialization import float32_on_cpu, load_safetensors, load_state_dict_checked, read_json
+from .serialization import build_to_fit, load_safetensors, load_state_dict_checked, read_json
 
 __all__ = ["from_diffusers", "patch_diffusers", "diffusers_config_to_kwargs", "diffusers_key_map"]
 
@@ -177,9 +177,13 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
         )
     kwargs = diffusers_config_to_kwargs(config, overrides.pop("image_size", None))  # e.g. for a config without sample_size
     # An override (dropout= to fine-tune) replaces the config's value.
-    model = float32_on_cpu(lambda: cls(**{**kwargs, **overrides}))
+    def make() -> nn.Module:
+        return cls(**{**kwargs, **overrides})
+
+    with torch.device("meta"):  # the key map, from a model that takes no memory
+        skeleton = make()
     converted, used = {}, set()
-    for ours, candidates in diffusers_key_map(model).items():
+    for ours, candidates in diffusers_key_map(skeleton).items():
         found = [c for c in candidates if c in state]
         if found:
             converted[ours] = state[found[0]]
@@ -187,6 +191,7 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
     unexpected = sorted(set(state) - used)
     if unexpected:
         raise ValueError(f"{source}: weights {unexpected[:8]} ({len(unexpected)} in all) have no place in the DDPM U-Net")
+    model = build_to_fit(make, {k: v.shape for k, v in converted.items()}, source)  # not one far larger than the weights
     load_state_dict_checked(model, {k: v.to("cpu") for k, v in converted.items()}, source)
     return model.eval()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ from ..checkpoint import atomic_write
 
 M = TypeVar("M", bound=nn.Module)
 
-__all__ = ["load_safetensors", "load_state_dict_checked", "save_pretrained", "load_pretrained"]
+__all__ = ["build_to_fit", "load_safetensors", "load_state_dict_checked", "load_pretrained", "safetensors_shapes",
+           "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,6 +34,13 @@ def _safetensors():
     except ImportError as error:  # pragma: no cover - safetensors is a dependency
         raise ImportError("saving and loading models needs safetensors: pip install safetensors") from error
     return safetensors.torch
+
+
+def _safetensors_open():
+    _safetensors()  # its clear error if missing
+    from safetensors import safe_open
+
+    return safe_open
 
 
 def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
@@ -71,15 +79,35 @@ def float32_on_cpu(make: Callable[[], M]) -> M:
         return make().float()
 
 
-def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with one error that lists every
-    missing, unexpected and mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, read from its header alone."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with _safetensors_open()(str(path), framework="pt") as file:
+            return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
+
+
+def build_to_fit(make: Callable[[], M], shapes: Mapping[str, Sequence[int]], source: str) -> M:
+    """``float32_on_cpu(make)``, built only once a copy on the meta device (no
+    memory) has shown that its tensors are those of ``shapes`` (the weights to
+    be loaded, from ``source``): a config that asks for a far larger model than
+    its weights file holds (``"ch": 4096`` is 146 GB) is refused before any of
+    it is allocated."""
+    with torch.device("meta"):
+        skeleton = make()
+    _check_fit({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, source)
+    return float32_on_cpu(make)
+
+
+def _check_fit(own: Mapping[str, Sequence[int]], theirs: Mapping[str, Sequence[int]], source: str) -> None:
+    """One error that lists every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
     shapes = sorted(
-        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
+        f"{k}: {tuple(theirs[k])} vs {tuple(own[k])}" for k in set(own) & set(theirs) if tuple(theirs[k]) != tuple(own[k])
     )
     problems = []
     for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
@@ -87,6 +115,13 @@ def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor],
             problems.append(f"{what}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''} ({len(items)} in all)")
     if problems:
         raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with one error that lists every
+    missing, unexpected and mis-shaped tensor."""
+    own = model.state_dict()
+    _check_fit({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()}, source)
     # An integer tensor for a float one (or the reverse) would be cast silently
     # by load_state_dict; integer buffers of the model's own (BatchNorm's
     # num_batches_tracked) load as they are.
@@ -124,7 +159,8 @@ def load_pretrained(
             f"UNet.from_pretrained: {folder} is a training checkpoint (its config.json holds the whole run's); "
             "load it with ddpm_fast.pretrained.load_model (the model and its schedule; the EMA weights by default)"
         )
-    model = float32_on_cpu(lambda: cls.from_config(config, **overrides))
+    model = build_to_fit(lambda: cls.from_config(config, **overrides), safetensors_shapes(folder / weights),
+                         str(folder / weights))
     state = load_safetensors(folder / weights, map_location)
     model.to(map_location)
     load_state_dict_checked(model, state, str(folder / weights))

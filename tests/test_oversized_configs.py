@@ -1,0 +1,81 @@
+"""A folder whose config.json asks for a far larger model than its weights
+file holds is refused before that model is built: before the fix, a few bytes
+of config (``"ch": 4096``) made the loaders allocate and initialise every
+parameter (146 GB for the CIFAR-10 layout) only to find the weights did not fit.
+
+Each load runs in a fresh interpreter whose peak memory is read afterwards:
+the configs here ask for a 1.6 GB model, which is well above that peak when the
+model is never built and far below the VM's memory when it is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import save_tiny_diffusers_pipeline
+from ddpm_fast.data import ImageDataset
+from ddpm_fast.models import UNet
+from ddpm_fast.schedules import NoiseSchedule
+from ddpm_fast.train import TrainConfig, Trainer
+
+WIDE = 768  # UNet.tiny at ch=768: 407M parameters, 1.6 GB in float32
+LIMIT_MB = 1000  # peak memory of an interpreter that imported torch and refused the load (about 510 MB here)
+
+
+def _peak_mb_of_refused_load(call: str) -> float:
+    """Run ``call`` in a fresh interpreter; it must raise the mismatch error. Its peak RSS in MB."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from ddpm_fast.models import UNet
+        from ddpm_fast.pretrained import load_model
+        try:
+            {call}
+        except Exception as error:
+            print(type(error).__name__, error)
+        else:
+            sys.exit("loaded")
+        print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "does not match the model" in out.stdout and "shape mismatch" in out.stdout, out.stdout
+    return float(out.stdout.split("peak")[-1])
+
+
+def _widen(config_path, key: str = "") -> None:
+    """Set ``ch`` of the config (of its ``key`` section) to WIDE."""
+    config = json.loads(config_path.read_text())
+    (config[key] if key else config)["ch"] = WIDE
+    config_path.write_text(json.dumps(config))
+
+
+def test_a_save_pretrained_folder_with_a_widened_config(tmp_path):
+    UNet.tiny().save_pretrained(tmp_path)
+    _widen(tmp_path / "config.json")
+    assert _peak_mb_of_refused_load(f"UNet.from_pretrained({str(tmp_path)!r})") < LIMIT_MB
+
+
+def test_a_training_checkpoint_with_a_widened_config(tmp_path):
+    data = ImageDataset(torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8))
+    Trainer(UNet.tiny(), data, NoiseSchedule("linear", timesteps=10),
+            TrainConfig(steps=1, batch_size=4, warmup=0, checkpoint_every=1), tmp_path / "run", device="cpu",
+            progress=False).train(final_samples=False)
+    (checkpoint,) = (tmp_path / "run").glob("checkpoint-*")
+    _widen(checkpoint / "config.json", "model")
+    assert _peak_mb_of_refused_load(f"load_model({str(tmp_path / 'run')!r})") < LIMIT_MB
+
+
+def test_a_diffusers_folder_with_a_widened_config(tmp_path):
+    pytest.importorskip("diffusers")
+    save_tiny_diffusers_pipeline(tmp_path, timesteps=10)
+    config_path = tmp_path / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [WIDE, 2 * WIDE]
+    config_path.write_text(json.dumps(config))
+    assert _peak_mb_of_refused_load(f"UNet.from_diffusers({str(tmp_path)!r})") < LIMIT_MB
