@@ -6,7 +6,8 @@ import numbers
 
 import torch
 
-__all__ = ["is_int", "check_bool", "as_device", "is_traced", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES"]
+__all__ = ["is_int", "check_bool", "as_device", "is_traced", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
+           "is_out_of_memory"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
 # first. (A uint64 from 2^63 on wraps negative, which fails the range check.)
@@ -18,6 +19,13 @@ def is_int(value: object) -> bool:
     from arrays or configs), but not a bool (True is no count). (The exact-type
     test goes first: the ABC check costs almost a microsecond, paid on every op call.)"""
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: CUDA's OutOfMemoryError, or
+    the plain RuntimeError of the CPU allocator."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def type_name(value: object) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn, Sequence
 import torch
 
 from . import __version__
+from ._checks import is_out_of_memory
 from .checkpoint import CheckpointError
 from . import cli_options as options
 from .cli_options import UsageError
@@ -439,10 +440,6 @@ _MEMORY_OPTIONS = {
 }
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -477,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 2
     except RuntimeError as error:
-        if not _out_of_memory(error) or debug:
+        if not is_out_of_memory(error) or debug:
             raise
         advice = _MEMORY_OPTIONS.get(args.command, "--batch-size")
         message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2

@@ -9,11 +9,11 @@ import json
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ._checks import as_device, is_int
+from ._checks import as_device, is_int, is_out_of_memory
 from ._warn import warn
 from .checkpoint import CheckpointError, latest_checkpoint
 from .models.serialization import build_to_fit, load_safetensors, load_state_dict_checked, safetensors_shapes
@@ -30,6 +30,19 @@ def _read_json(path: Path) -> dict:
     if not isinstance(config, dict):  # `"x" in 5` raised "argument of type 'int' is not iterable"
         raise CheckpointError(f"cannot read {path}: it must hold a JSON object, got {type(config).__name__}")
     return config
+
+
+def _schedule_from(source: Path, build: Callable[[], NoiseSchedule]) -> NoiseSchedule:
+    """``build()``, the schedule that ``source`` describes; one whose tables
+    do not fit in memory (a hostile or mistaken ``timesteps`` of 10^9: 150
+    bytes a step) is the file's fault, not the batch size's."""
+    try:
+        return build()
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{source} describes a noise schedule too long to fit in memory ({first[:200]})") from None
 
 
 def _assumed_schedule(folder: Path) -> NoiseSchedule:
@@ -77,7 +90,8 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
                               "ddpm_fast's Sampler clips to [-1, 1] only")
     if config.get("trained_betas") is not None:  # diffusers uses them instead of beta_schedule
         try:
-            return NoiseSchedule(betas=torch.tensor(config["trained_betas"], dtype=torch.float64))
+            return _schedule_from(config_path, lambda: NoiseSchedule(
+                betas=torch.tensor(config["trained_betas"], dtype=torch.float64)))
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{config_path} has unusable trained_betas: {error}") from None
     names = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
@@ -89,9 +103,10 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
         raise CheckpointError(f"{config_path} has num_train_timesteps={timesteps!r}, not an int")
     try:
         if name == "cosine":
-            return NoiseSchedule("cosine", timesteps=int(timesteps))
-        return NoiseSchedule(name, timesteps=int(timesteps), beta_start=config.get("beta_start", 1e-4),
-                             beta_end=config.get("beta_end", 0.02))
+            return _schedule_from(config_path, lambda: NoiseSchedule("cosine", timesteps=int(timesteps)))
+        return _schedule_from(config_path, lambda: NoiseSchedule(
+            name, timesteps=int(timesteps), beta_start=config.get("beta_start", 1e-4),
+            beta_end=config.get("beta_end", 0.02)))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{config_path} describes no usable noise schedule: {error}") from None
 
@@ -183,7 +198,7 @@ def load_model(
     except (FileNotFoundError, ValueError) as error:
         raise CheckpointError(str(error)) from error
     try:
-        schedule = NoiseSchedule.from_config(config["schedule"])
+        schedule = _schedule_from(folder / "config.json", lambda: NoiseSchedule.from_config(config["schedule"]))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / 'config.json'} has no usable noise schedule ('schedule': {error})") from None
     return model.to(device).eval(), schedule

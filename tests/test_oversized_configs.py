@@ -1,4 +1,6 @@
-"""A folder whose config.json asks for a far larger model than its weights
+"""Configs that ask for more memory than their files justify.
+
+A folder whose config.json asks for a far larger model than its weights
 file holds is refused before that model is built: before the fix, a few bytes
 of config (``"ch": 4096``) made the loaders allocate and initialise every
 parameter (146 GB for the CIFAR-10 layout) only to find the weights did not fit.
@@ -79,3 +81,40 @@ def test_a_diffusers_folder_with_a_widened_config(tmp_path):
     config["block_out_channels"] = [WIDE, 2 * WIDE]
     config_path.write_text(json.dumps(config))
     assert _peak_mb_of_refused_load(f"UNet.from_diffusers({str(tmp_path)!r})") < LIMIT_MB
+
+
+def _sample_in_6_gb(checkpoint) -> str:
+    """``ddpm-fast sample`` of ``checkpoint`` in an interpreter allowed 6 GB of address space; its stderr."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+        from ddpm_fast.cli import main
+        sys.exit(main(["sample", "--checkpoint", {str(checkpoint)!r}, "--out", {str(checkpoint.parent / "out")!r},
+                       "-n", "2"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stdout + out.stderr
+    return out.stderr
+
+
+@pytest.mark.parametrize("kind", ["ours", "diffusers"])
+def test_a_schedule_too_long_for_memory_is_the_files_fault_not_the_batch_sizes(tmp_path, kind):
+    """A schedule of 10^9 timesteps (tables of 8 GB each) in a model's files:
+    out of memory with the advice "lower --batch-size", which cannot help."""
+    if kind == "diffusers":
+        pytest.importorskip("diffusers")
+        save_tiny_diffusers_pipeline(tmp_path / "model", timesteps=10**9)
+        source = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    else:
+        UNet.tiny().save_pretrained(tmp_path / "model")
+        checkpoint = tmp_path / "model" / "config.json"
+        config = {"model": json.loads(checkpoint.read_text()), "train": {},
+                  "schedule": NoiseSchedule("linear", timesteps=10).config}
+        config["schedule"]["timesteps"] = 10**9
+        (tmp_path / "model" / "model.safetensors").rename(tmp_path / "model" / "ema.safetensors")
+        checkpoint.write_text(json.dumps(config))
+        source = checkpoint
+    err = _sample_in_6_gb(tmp_path / "model")
+    assert "--batch-size" not in err, err
+    assert err.strip().startswith(f"ddpm-fast sample: error: {source} describes a noise schedule too long to fit "
+                                  "in memory ("), err
