@@ -387,18 +387,21 @@ class NoiseSchedule:
         if steps[0] < 0 or steps[-1] >= self.num_timesteps:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps}), got {list(timesteps)[:5]}...")
         ab = self.alphas_cumprod[steps]
-        if (ab[:-1] == 0).any():
-            at = steps[int((ab[:-1] == 0).nonzero()[0])]
-            raise ValueError(
-                f"cannot respace this schedule through timestep {at}: its alphas_cumprod is 0 there "
-                "(beta_t = 1 or float64 underflow), so no later step of the sub-chain is defined"
-            )
         ab_prev = torch.cat([torch.ones(1, **_F64), ab[:-1]])
         om = self.one_minus_alphas_cumprod[steps]
         om_prev = torch.cat([torch.zeros(1, **_F64), om[:-1]])
         # beta = 1 - abar_t / abar_s, from 1 - abar while it is small (exact there; the
         # ratio's 1 - ... would keep only ~1e-16 / beta of beta's digits), else from the ratio.
         betas = torch.where(om < 0.5, (om - om_prev) / ab_prev, 1.0 - ab / ab_prev)
+        # abar at 0 (0/0: NaN), or so deep in the denormals that the next kept
+        # step's equals it (a beta of 0), leaves no later step of the sub-chain defined.
+        undefined = ~(betas[1:] > 0)
+        if undefined.any():
+            i = int(undefined.nonzero()[0])
+            raise ValueError(
+                f"cannot respace this schedule through timestep {steps[i]}: its alphas_cumprod is {float(ab[i]):.3g} "
+                "there (beta_t = 1 or float64 underflow), so no later step of the sub-chain is defined"
+            )
         respaced = NoiseSchedule(betas=betas)
         # The tables from abar itself: abar_t / abar_{t-1} through 1 - beta keeps only
         # ~1e-16 / ratio of its digits, and a ratio below 1e-16 becomes 0.

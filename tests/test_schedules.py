@@ -266,6 +266,12 @@ def test_respace_keeps_alphas_cumprod_exactly_where_it_is_tiny():
     # abar reaching 0 (float64 underflow) leaves no sub-chain through it: said so
     with pytest.raises(ValueError, match="alphas_cumprod is 0 there"):
         NoiseSchedule("const", timesteps=400, beta_end=0.9).respace([0, 350, 399])
+    # ... or so deep in the denormals that the next kept step's abar equals it
+    # (the ratio rounds to 1: a beta of 0, which was "betas must lie in (0, 1], got min 0")
+    deep = NoiseSchedule("const", timesteps=7100, beta_end=0.1)
+    assert deep.alphas_cumprod[7049] == deep.alphas_cumprod[7050] > 0
+    with pytest.raises(ValueError, match=r"through timestep 7049: its alphas_cumprod is 2\.47e-323 there"):
+        deep.respace([0, 7049, 7050])
 
 
 def test_respaced_config_round_trips_through_json():
