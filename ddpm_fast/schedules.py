@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ._checks import is_int, is_traced
+from ._memory import check_fits_in_memory
 
 __all__ = ["NoiseSchedule", "make_betas", "SCHEDULES", "STEP_COLUMNS", "STEP_KINDS"]
 
@@ -70,6 +71,10 @@ _ETA_TABLES_KEPT = 64
 # More would take over 16 GiB per float64 table; far more failed in torch with
 # errors that named no argument (a storage size overflow, a SymInt).
 MAX_TIMESTEPS = 2**31 - 1
+# What building a schedule's float64 tables takes at its peak (measured: 154
+# bytes a timestep from a name, 197 from betas): a schedule that cannot fit is
+# refused before it is built, not answered by the kernel's OOM killer.
+_PEAK_BYTES_PER_TIMESTEP = 200
 
 
 def _warmup(beta_start: float, beta_end: float, timesteps: int, fraction: float) -> torch.Tensor:
@@ -118,6 +123,10 @@ def make_betas(
     return _warmup(start, end, timesteps, 0.1 if name == "warmup10" else 0.5)
 
 
+def _check_fits(timesteps: int) -> None:
+    check_fits_in_memory(timesteps * _PEAK_BYTES_PER_TIMESTEP, f"a noise schedule of {timesteps} timesteps")
+
+
 def _beta_bound(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -150,11 +159,14 @@ class NoiseSchedule:
             if name not in (None, "linear") or timesteps != 1000 or beta_start is not None or beta_end is not None:
                 raise ValueError("give betas= alone, or a schedule name with timesteps/beta_start/beta_end, not both")
             betas = _as_betas(betas)
+            _check_fits(betas.numel())
             self.name = "custom"
             self._config: dict = {"betas": betas.tolist()}
         else:
             if name is None:
                 raise ValueError("give a schedule name or betas")
+            if is_int(timesteps) and 1 <= timesteps <= MAX_TIMESTEPS and name in SCHEDULES:  # (else make_betas's errors)
+                _check_fits(int(timesteps))
             betas = make_betas(name, timesteps, beta_start, beta_end)
             self.name = name
             self._config = {  # JSON-ready: numpy's numbers (which make_betas takes) as Python's

@@ -1,0 +1,68 @@
+"""How much memory this process can still take: a guard for allocations whose
+size a number in a file or an option sets (a schedule of 10^8 timesteps), which
+Linux grants and then answers by killing the process, with no message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+__all__ = ["available_memory", "check_fits_in_memory"]
+
+# Read where present (Linux); elsewhere the bound is unknown and nothing is refused.
+_MEMINFO = Path("/proc/meminfo")
+# A container's own limit, which MemAvailable does not show: (limit, usage) files of cgroup v2, then v1.
+_CGROUP = Path("/sys/fs/cgroup")
+_CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+_STATUS = Path("/proc/self/status")
+
+
+def _kib_fields(path: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """The ``Name:  123 kB`` fields of a /proc file, in bytes."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in names and rest.split()[:1] and rest.split()[0].isdigit():
+            fields[name] = int(rest.split()[0]) * 1024
+    return fields
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate and use: the least of the
+    machine's available memory and free swap, its cgroup's remaining limit
+    and its address-space limit (``ulimit -v``); None where none is known."""
+    bounds = []
+    meminfo = _kib_fields(_MEMINFO, ("MemAvailable", "SwapFree"))
+    if "MemAvailable" in meminfo:
+        bounds.append(meminfo["MemAvailable"] + meminfo.get("SwapFree", 0))
+    for limit_file, usage_file in _CGROUP_FILES:
+        try:
+            limit = (_CGROUP / limit_file).read_text().strip()
+            if limit.isdigit() and int(limit) < 1 << 62:  # v2 says "max", v1 a huge number, when unlimited
+                bounds.append(int(limit) - int((_CGROUP / usage_file).read_text()))
+        except (OSError, ValueError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0] if resource is not None else None
+    size = _kib_fields(_STATUS, ("VmSize",)).get("VmSize")
+    if soft is not None and soft != resource.RLIM_INFINITY and size is not None:
+        bounds.append(soft - size)
+    return max(0, min(bounds)) if bounds else None
+
+
+def check_fits_in_memory(need: int, what: str) -> None:
+    """Raise ValueError if ``need`` bytes (for ``what``) exceed ``available_memory()``.
+    Needs below 1 GiB pass without a look (no files read for ordinary sizes)."""
+    if need < 1 << 30:
+        return
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB of memory; "
+                         f"this process has {free / 2**30:.1f} GiB available")

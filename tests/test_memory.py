@@ -1,0 +1,91 @@
+"""The memory probe (ddpm_fast/_memory.py) and the schedules it guards: a
+schedule whose tables cannot fit is refused with the sizes, not built until
+the kernel's OOM killer ends the process (10^8 timesteps did, on a 24 GiB VM)."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ddpm_fast import NoiseSchedule, _memory
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def fake_machine(tmp_path, monkeypatch):
+    """Point the probe at files of ours: write(meminfo=..., cgroup=(max, current))."""
+    monkeypatch.setattr(_memory, "_CGROUP", tmp_path / "cgroup")
+    monkeypatch.setattr(_memory, "_MEMINFO", tmp_path / "meminfo")
+    if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+        pytest.skip("this test process has an address-space limit of its own")
+
+    def write(available_kib: int | None = None, swap_kib: int = 0, cgroup: tuple[str, str] | None = None,
+              version: int = 2) -> None:
+        if available_kib is not None:
+            (tmp_path / "meminfo").write_text(
+                f"MemTotal:       99999999 kB\nMemFree:          1000 kB\nMemAvailable:   {available_kib} kB\n"
+                f"SwapTotal:     0 kB\nSwapFree:       {swap_kib} kB\n")
+        if cgroup is not None:
+            folder, limit, usage = ((tmp_path / "cgroup", "memory.max", "memory.current") if version == 2 else
+                                    (tmp_path / "cgroup" / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"))
+            folder.mkdir(parents=True)
+            (folder / limit).write_text(cgroup[0] + "\n")
+            (folder / usage).write_text(cgroup[1] + "\n")
+    return write
+
+
+def test_available_memory_is_memavailable_plus_free_swap(fake_machine):
+    fake_machine(available_kib=1 << 20, swap_kib=1 << 19)
+    assert _memory.available_memory() == GiB + GiB // 2
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_cgroup_limit_below_the_machines_memory_bounds_it(fake_machine, version):
+    fake_machine(available_kib=8 << 20, cgroup=(str(3 * GiB), str(GiB)), version=version)
+    assert _memory.available_memory() == 2 * GiB
+
+
+@pytest.mark.parametrize("version, unlimited", [(2, "max"), (1, "9223372036854771712")])
+def test_an_unlimited_cgroup_and_unknown_files_bound_nothing(fake_machine, version, unlimited):
+    fake_machine(cgroup=(unlimited, str(GiB)), version=version)
+    assert _memory.available_memory() is None
+
+
+def test_sizes_below_a_gib_are_not_looked_at(fake_machine):
+    fake_machine(available_kib=0)
+    _memory.check_fits_in_memory(GiB - 1, "anything")
+    with pytest.raises(ValueError, match="anything needs about 1.0 GiB of memory; this process has 0.0 GiB available"):
+        _memory.check_fits_in_memory(GiB, "anything")
+
+
+def test_a_schedule_that_cannot_fit_is_refused_before_it_is_built(fake_machine):
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(ValueError, match="a noise schedule of 10000000 timesteps needs about 1.9 GiB of memory; "
+                                         "this process has 1.0 GiB available"):
+        NoiseSchedule("cosine", timesteps=10**7)
+    with pytest.raises(ValueError, match="a noise schedule of 10000000 timesteps needs about 1.9 GiB"):
+        NoiseSchedule(betas=np.full(10**7, 0.01))
+    NoiseSchedule("linear", timesteps=1000)  # small ones are built without a look
+
+
+def test_under_an_address_space_limit():
+    """``ulimit -v`` as well: torch's own "can't allocate memory" from deep in
+    the tables came before, naming no argument."""
+    script = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+        from ddpm_fast import NoiseSchedule
+        try:
+            NoiseSchedule("linear", timesteps=10**8)
+        except ValueError as error:
+            print(error)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith(
+        "a noise schedule of 100000000 timesteps needs about 18.6 GiB of memory; this process has "), out
