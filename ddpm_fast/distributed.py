@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_bool, is_int
+from ._memory import check_fits_in_memory
 from ._progress import batch_of
 from .images import to_uint8
 from .ops._args import as_seed
@@ -224,6 +225,9 @@ def sample_sharded(
     if shape is None or len(shape) != 3 or shape[0] not in (1, 3):  # before the chain, not after it
         raise ValueError(f"sample_sharded returns images, so the Sampler's sample_shape must be (C, H, W) with C 1 or 3, "
                          f"got {shape}")
+    # Rank 0 ends holding every sample twice (the batches and their join): a
+    # count that cannot fit is refused now, not after hours of sampling.
+    check_fits_in_memory(2 * n * math.prod(shape), f"holding {n} samples of {'x'.join(map(str, shape))}")
     rank, world = rank_and_world()
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:

@@ -89,3 +89,22 @@ def test_under_an_address_space_limit():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith(
         "a noise schedule of 100000000 timesteps needs about 18.6 GiB of memory; this process has "), out
+
+
+def test_more_samples_than_memory_holds_are_refused_before_the_first_batch(fake_machine):
+    """``ddpm-fast sample -n`` keeps every sample (twice, while they are
+    joined): a count that cannot fit ran the whole chain first, for hours, and
+    lost it all at the end."""
+    import torch
+
+    from ddpm_fast import Sampler
+    from ddpm_fast.distributed import sample_sharded
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("sampling began")
+
+    fake_machine(available_kib=1 << 20)
+    sampler = Sampler(model, NoiseSchedule("linear", timesteps=10), sample_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="holding 10000000 samples of 1x8x8 needs about 1.2 GiB of memory; "
+                                         "this process has 1.0 GiB available"):
+        sample_sharded(sampler, 10**7, seed=0, batch_size=256, progress=False)
