@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._memory import check_fits_in_memory
 from ._progress import progress_bar
 from ._warn import warn
 from .cifar10 import is_cifar10, read_cifar10
@@ -158,10 +159,19 @@ def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
+def _check_fits(count: int, shape: Sequence[int], source: object, copies: int = 1) -> None:
+    """Refuse images that cannot fit in the memory left (``copies`` of them at
+    once) before they are made: a large --image-size filled memory image by
+    image until the kernel's OOM killer ended the process."""
+    check_fits_in_memory(copies * count * int(np.prod(shape)),
+                         f"holding {count} images of {'x'.join(map(str, shape))} from {source}")
+
+
 def _finish(images: torch.Tensor, name: str, image_size: int | None, channels: int | None,
             labels: torch.Tensor | None = None) -> ImageDataset:
     _check_size(image_size)
     if image_size is not None:
+        _check_fits(len(images), (channels or images.shape[1], image_size, image_size), name)
         images = _resize(images, image_size)
     return ImageDataset(_set_channels(images, channels), name=name, labels=labels)
 
@@ -276,7 +286,10 @@ def load_image_folder(
     if not files:
         raise ValueError(f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     mode = "L" if channels == 1 else "RGB"
+    if image_size is not None:  # each image and their stack: twice
+        _check_fits(len(files), (1 if channels == 1 else 3, image_size, image_size), folder, copies=2)
     tensors, first_size = [], None
+    count = len(files)
     if progress and len(files) >= PROGRESS_MIN_FILES:
         files = progress_bar(files, desc="loading images", unit="image")
     for file in files:
@@ -284,6 +297,7 @@ def load_image_folder(
         if image_size is not None:
             x = _resize(x[None], image_size)[0]
         elif first_size is None:
+            _check_fits(count, x.shape, folder, copies=2)
             first_size = (x.shape[1:], file)
         elif x.shape[1:] != first_size[0]:
             (h, w), (h0, w0) = x.shape[1:], first_size[0]

@@ -108,3 +108,48 @@ def test_more_samples_than_memory_holds_are_refused_before_the_first_batch(fake_
     with pytest.raises(ValueError, match="holding 10000000 samples of 1x8x8 needs about 1.2 GiB of memory; "
                                          "this process has 1.0 GiB available"):
         sample_sharded(sampler, 10**7, seed=0, batch_size=256, progress=False)
+
+
+def _grey_pngs(folder, count: int = 3) -> None:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_an_image_size_whose_images_cannot_fit_is_refused_before_reading(fake_machine, tmp_path, monkeypatch):
+    """``--image-size 20000`` of a folder: every image resized (7.2 GB here)
+    until the OOM killer came; refused before the first file is read."""
+    from ddpm_fast import data
+
+    _grey_pngs(tmp_path / "images")
+    fake_machine(available_kib=1 << 20)
+    monkeypatch.setattr(data, "_read_image", lambda *a: pytest.fail("reading began"))
+    with pytest.raises(ValueError, match=r"holding 3 images of 3x20000x20000 from .*images needs about 6\.7 GiB"):
+        data.load_image_folder(tmp_path / "images", image_size=20000)
+
+
+def test_a_folder_of_more_images_than_memory_holds_is_refused_after_the_first(fake_machine, tmp_path, monkeypatch):
+    from ddpm_fast import data
+
+    _grey_pngs(tmp_path / "images", count=1)
+    (file,) = (tmp_path / "images").iterdir()
+    monkeypatch.setattr(data, "_image_files", lambda folder: [file] * 10**6)
+    read = data._read_image
+    calls = []
+    monkeypatch.setattr(data, "_read_image", lambda *a: read(*a) if not calls.append(1) and len(calls) == 1
+                        else pytest.fail("a second image was read"))
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(ValueError, match=r"holding 1000000 images of 3x16x16 from .*images needs about 1\.4 GiB"):
+        data.load_image_folder(tmp_path / "images")
+
+
+def test_an_array_resized_beyond_memory_is_refused_before_resizing(fake_machine, tmp_path, monkeypatch):
+    from ddpm_fast import data
+
+    np.save(tmp_path / "a.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    fake_machine(available_kib=1 << 20)
+    monkeypatch.setattr(data, "_resize", lambda *a: pytest.fail("resizing began"))
+    with pytest.raises(ValueError, match=r"holding 4 images of 1x20000x20000 from a needs about 1\.5 GiB"):
+        data.load_array(tmp_path / "a.npy", image_size=20000)
