@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Sequence
 
@@ -23,6 +22,7 @@ from .checkpoint import CheckpointError
 from . import cli_options as options
 from .cli_options import UsageError
 from .cli_signals import catch_sigterm, restore_sigterm, stopped
+from .cli_warnings import format_warnings, restore_warnings
 from .ops import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -417,14 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(text: str) -> None:
-    """A warning on a line of its own: above any open progress bar, which tqdm
-    then redraws below it (a plain print would land at the end of the bar's line)."""
-    from tqdm import tqdm
-
-    tqdm.write(text, file=sys.stderr)
-
-
 def _one_line(error: BaseException) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
@@ -446,9 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"ddpm-fast {args.command}"
     # Its on values as setup.py reads them (where a misspelling is an error; here, off)
     debug = os.environ.get("DDPM_FAST_DEBUG", "").strip().lower() in ("1", "true", "yes", "y", "on")
-    showwarning = warnings.showwarning
-    if not debug:  # one line per warning, as errors are, not Python's file:line and source line
-        warnings.showwarning = lambda message, *rest, **kw: _show_warning(f"{prefix}: warning: {message}")
+    # One line per warning, as errors are, not Python's file:line and source line
+    previous_prefix = None if debug else format_warnings(prefix)
     sigterm = catch_sigterm()
     try:
         return args.run(args)
@@ -479,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         advice = _MEMORY_OPTIONS.get(args.command, "--batch-size")
         message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2
     finally:
-        warnings.showwarning = showwarning
+        if not debug:
+            restore_warnings(previous_prefix)
         restore_sigterm(sigterm)
     # Printed once the error and its frames are gone: a progress bar still open
     # in them (bits/dim, inception) closes then, on its own line, not after the message.
