@@ -135,3 +135,36 @@ def test_a_schedule_too_long_for_memory_is_the_files_fault_not_the_batch_sizes(t
         assert "a noise schedule of 1000000000 timesteps needs about 186.3 GiB of memory; this process has " in err
     else:
         assert " describes a noise schedule too long to fit in memory (" in err, err
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_model", "from_diffusers"])
+def test_a_config_deeper_than_its_weights_is_refused_at_once(tmp_path, loader):
+    """``"num_res_blocks": 10**6``: building even the meta-device copy took
+    hours and more memory than the VM has (7.5 ms and ~100 KB a block); it
+    stops once it has made more tensors than the weights hold."""
+    if loader == "from_diffusers":
+        pytest.importorskip("diffusers")
+        save_tiny_diffusers_pipeline(tmp_path, timesteps=10)
+        config_path, key, call = tmp_path / "unet" / "config.json", "layers_per_block", "UNet.from_diffusers"
+    else:
+        UNet.tiny().save_pretrained(tmp_path)
+        config_path, key, call = tmp_path / "config.json", "num_res_blocks", "UNet.from_pretrained"
+        if loader == "load_model":
+            config = {"model": json.loads(config_path.read_text()), "train": {},
+                      "schedule": NoiseSchedule("linear", timesteps=10).config}
+            config_path.write_text(json.dumps(config))
+            (tmp_path / "model.safetensors").rename(tmp_path / "ema.safetensors")
+            call = "load_model"
+    config = json.loads(config_path.read_text())
+    (config["model"] if loader == "load_model" else config)[key] = 10**6
+    config_path.write_text(json.dumps(config))
+    script = textwrap.dedent(f"""
+        from ddpm_fast.models import UNet
+        from ddpm_fast.pretrained import load_model
+        try:
+            {call}({str(tmp_path)!r})
+        except Exception as error:
+            print(type(error).__name__, error)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "the config asks for far more tensors (over " in out.stdout, out.stdout + out.stderr

@@ -20,7 +20,7 @@ from torch import nn
 from .._checks import is_int
 from ..nn import GroupNormSiLU
 from ..nn.group_norm_silu import has_hooks
-from .serialization import build_to_fit, load_safetensors, load_state_dict_checked, read_json
+from .serialization import build_to_fit, load_safetensors, load_state_dict_checked, meta_build, read_json
 
 __all__ = ["from_diffusers", "patch_diffusers", "diffusers_config_to_kwargs", "diffusers_key_map"]
 
@@ -180,8 +180,7 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
     def make() -> nn.Module:
         return cls(**{**kwargs, **overrides})
 
-    with torch.device("meta"):  # the key map, from a model that takes no memory
-        skeleton = make()
+    skeleton = meta_build(make, len(state), source)  # the key map, from a model that takes no memory
     converted, used = {}, set()
     for ours, candidates in diffusers_key_map(skeleton).items():
         found = [c for c in candidates if c in state]

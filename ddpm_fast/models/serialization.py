@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from ..checkpoint import atomic_write
 
 M = TypeVar("M", bound=nn.Module)
 
-__all__ = ["build_to_fit", "load_safetensors", "load_state_dict_checked", "load_pretrained", "safetensors_shapes",
+__all__ = ["build_to_fit", "meta_build", "load_safetensors", "load_state_dict_checked", "load_pretrained", "safetensors_shapes",
            "save_pretrained"]
 
 CONFIG_NAME = "config.json"
@@ -90,14 +95,40 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
 
 
+def meta_build(make: Callable[[], M], tensors: int, source: str) -> M:
+    """``make()`` on the meta device (no memory), stopped once it has made far
+    more tensors than the ``tensors`` of the weights of ``source``: a config
+    deep enough (``"num_res_blocks": 10**6``) took hours, and more memory than
+    the machine had, to build even there. (Within the margin, the mismatch is
+    left to ``_check_fit``'s listing of what differs.)"""
+    builder = threading.get_ident()
+    limit = 4 * tensors + 64
+    made = 0
+
+    def count(*_: object) -> None:
+        nonlocal made
+        if threading.get_ident() == builder:  # (the hooks are global: not another thread's modules)
+            made += 1
+            if made > limit:
+                raise ValueError(f"{source} does not match the model: the config asks for far more tensors "
+                                 f"(over {limit}) than the {tensors} of the weights")
+
+    hooks = [register_module_parameter_registration_hook(count), register_module_buffer_registration_hook(count)]
+    try:
+        with torch.device("meta"):
+            return make()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def build_to_fit(make: Callable[[], M], shapes: Mapping[str, Sequence[int]], source: str) -> M:
-    """``float32_on_cpu(make)``, built only once a copy on the meta device (no
-    memory) has shown that its tensors are those of ``shapes`` (the weights to
-    be loaded, from ``source``): a config that asks for a far larger model than
-    its weights file holds (``"ch": 4096`` is 146 GB) is refused before any of
-    it is allocated."""
-    with torch.device("meta"):
-        skeleton = make()
+    """``float32_on_cpu(make)``, built only once a copy on the meta device has
+    shown that its tensors are those of ``shapes`` (the weights to be loaded,
+    from ``source``): a config that asks for a far larger model than its
+    weights file holds (``"ch": 4096`` is 146 GB) is refused before any of it
+    is allocated."""
+    skeleton = meta_build(make, len(shapes), source)
     _check_fit({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, source)
     return float32_on_cpu(make)
 
