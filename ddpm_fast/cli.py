@@ -8,6 +8,7 @@ Run ``ddpm-fast COMMAND --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -482,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> NoReturn:
     """The ``ddpm-fast`` command (and ``python -m ddpm_fast``)."""
+    # A path that stdout's encoding cannot show (an ASCII or Latin-1 terminal) is
+    # escaped, as on stderr: printing where the samples went raised after writing them.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     code = main()
     distributed = sys.modules.get(f"{__package__}.distributed")  # imported by every command that can join a group
     if distributed is None:

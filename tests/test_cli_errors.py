@@ -5,6 +5,7 @@ answered with one line and exit status 2, OS errors, out of memory, Ctrl-C
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -481,3 +482,17 @@ def test_ddpm_fast_debug_is_read_as_setup_py_reads_it(tmp_path, monkeypatch, cap
     monkeypatch.setenv("DDPM_FAST_DEBUG", "1")
     with pytest.raises(CheckpointError, match="does not exist"):
         main(argv)
+
+
+def test_a_path_the_terminal_cannot_encode_is_escaped_not_an_error(tiny_run, tmp_path):
+    """An ASCII (or Latin-1, ...) stdout and a path outside it: the samples were
+    written, then printing their path raised UnicodeEncodeError, reported as
+    "error: 'ascii' codec can't encode ..." with exit status 2."""
+    out = tmp_path / "échantillons"
+    done = subprocess.run([sys.executable, "-m", "ddpm_fast", "sample", "--checkpoint", str(tiny_run), "--out",
+                           str(out), "-n", "2"], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert (out / "samples.npz").is_file()
+    assert done.stdout.decode("ascii").strip() == (f"wrote 2 samples to {tmp_path}/\\xe9chantillons/samples.png and "
+                                                   f"{tmp_path}/\\xe9chantillons/samples.npz")
