@@ -141,14 +141,17 @@ def _default_flip(args: argparse.Namespace) -> bool:
     digits made before flips defaulted off there had them on); a new run flips,
     except the bundled digits (by name, not a dataset that happens to be called
     so), whose mirror images are no digits."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import checkpoints, latest_checkpoint
 
     newest = latest_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
-    if newest is not None:
+    # Newest first, then older ones, as the resume falls back past a damaged one
+    # (read from the newest alone, a damaged one gave the digits' off, and the
+    # older one it fell back to was refused as a run of other settings).
+    for checkpoint in [newest, *(p for _, p in reversed(checkpoints(args.out)) if p != newest)] if newest else []:
         try:
-            saved = json.loads((newest / "config.json").read_text())["train"]["flip"]
+            saved = json.loads((checkpoint / "config.json").read_text())["train"]["flip"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):  # (JSON nested too deeply)
-            saved = None  # resuming says what is wrong with the checkpoint
+            continue  # resuming says what is wrong with the checkpoint
         if isinstance(saved, bool):
             return saved
     return args.data != "digits"

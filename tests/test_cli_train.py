@@ -173,6 +173,21 @@ def test_a_digits_run_made_with_flips_resumes_without_the_option(tmp_path):
     assert config["train"]["flip"] is True
 
 
+def test_a_digits_run_with_flips_and_a_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path, capsys):
+    """The flip default came from the newest checkpoint's config.json alone: a
+    damaged one made it the digits' off, and the fallback to the older
+    checkpoint (flips on) was then refused as a run of other settings."""
+    common = [a for a in TINY if a != "--no-flip"] + ["--data", "digits", "--out", str(tmp_path / "run"),
+                                                      "--checkpoint-every", "1"]
+    assert main(["train", *common, "--steps", "2", "--flip"]) == 0
+    (tmp_path / "run" / "checkpoint-00000002" / "config.json").write_text("{damaged")
+    capsys.readouterr()
+    assert main(["train", *common, "--steps", "3"]) == 0, capsys.readouterr().err
+    assert "resumed from the older checkpoint-00000001 instead" in capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "checkpoint-00000003" / "config.json").read_text())
+    assert config["train"]["flip"] is True
+
+
 @pytest.mark.parametrize("resume, flip", [(True, False), (False, True)])
 def test_only_a_resumed_run_keeps_its_own_flip_setting(data_file, tmp_path, resume, flip):
     """--no-resume replaces the run in --out: its checkpoint's --no-flip no longer applies."""
