@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.set_defaults(run=_bpd)
 
     fid = commands.add_parser("fid", help="Frechet Inception Distance between samples and a dataset (Inception weights supplied by you)")
-    fid.add_argument("--samples", required=True, type=options.path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or .npy")
+    fid.add_argument("--samples", required=True, type=options.path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or 'arr_0' (as np.savez(file, images) writes it), or .npy")
     fid.add_argument("--data", required=True, type=options.path, help="dataset, as for train")
     fid.add_argument("--image-size", type=options.positive, default=None, help="resize/crop the data to this size (for images of several sizes)")
     fid.add_argument("--inception-weights", type=options.path, default=None, help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; never downloaded) (default: $DDPM_FAST_INCEPTION_WEIGHTS)")

@@ -391,8 +391,9 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
 def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: int | None = None,
                channels: int | None = None) -> ImageDataset:
     """Images from a ``.npy`` file or a ``.npz`` archive (array ``key``; by
-    default ``images``, else its only array; a ``.npy`` file holds one array,
-    and ``key`` does not apply to it).
+    default ``images``, else ``arr_0`` (the first array ``np.savez`` was given
+    unnamed, as in guided-diffusion's sample and reference batches), else its
+    only array; a ``.npy`` file holds one array, and ``key`` does not apply to it).
 
     Layouts: N x H x W (grey), N x H x W x C (C 1, 3 or 4: alpha dropped) or
     N x C x H x W (C 1 or 3); channels last wins when both fit (as in
@@ -419,8 +420,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 keys = list(loaded.keys())
-                if key is None:
-                    key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+                if key is None:  # arr_0: np.savez's first unnamed array (guided-diffusion's batches: images, labels)
+                    key = next((k for k in ("images", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
                     if key is None:
                         raise KeyError(f"{path} holds arrays {keys}: name the images 'images' (what the command "
                                        "line reads), or pass key= to load_array")

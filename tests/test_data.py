@@ -267,6 +267,22 @@ def test_array_key_and_file_errors(tmp_path):
     assert data.images.shape == (2, 3, 16, 16) and data.name == "digits"
 
 
+def test_an_npz_of_unnamed_arrays_gives_its_first_as_the_images(tmp_path):
+    """np.savez(file, images, labels), as guided-diffusion's sample and
+    reference batches are written (arr_0 the images, arr_1 the labels): was
+    "holds arrays ['arr_0', 'arr_1']: name the images 'images'", and the command
+    line has no option to name them."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "batch.npz", images, np.array([1, 2, 3]))
+    data = load_array(tmp_path / "batch.npz")
+    assert torch.equal(data.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "both.npz", np.zeros((3, 8, 8), np.uint8), images=images)  # 'images' still first
+    assert torch.equal(load_array(tmp_path / "both.npz").images, data.images)
+    np.savez(tmp_path / "named.npz", a=images, b=images)
+    with pytest.raises(ValueError, match=r"holds arrays \['a', 'b'\]: name the images 'images'"):
+        load_array(tmp_path / "named.npz")
+
+
 def test_array_files_numpy_did_not_write_and_images_of_no_pixels(tmp_path):
     """Each was a raw error from deep inside (AttributeError: a zip member
     without the .npy header comes back as bytes; ZeroDivisionError resizing
