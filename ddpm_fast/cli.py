@@ -279,7 +279,7 @@ def _fid(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
-    samples = load_array(args.samples, key="images")
+    samples = load_array(args.samples)  # its "images", else arr_0, else its only array
     data = load_dataset(args.data, image_size=args.image_size, progress=True)
     if args.n is not None and args.n > min(len(samples), len(data)):
         raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples or the {len(data)} data images")

@@ -233,6 +233,17 @@ def test_fid_n_may_equal_the_smaller_set(tmp_path, fake_inception, capsys):
     assert capsys.readouterr().out.startswith("FID 0.0000 (5 samples of ")
 
 
+def test_fid_reads_samples_saved_unnamed(tmp_path, fake_inception, capsys):
+    """np.savez(file, images), as guided-diffusion saves samples: the command
+    asked for the key 'images' itself, past load_array's arr_0."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8), np.arange(5))
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+    assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--data", str(tmp_path / "d.npz"),
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert fake_inception == [torch.device("cpu"), 5, 6]
+
+
 def test_fid_device_and_image_size_are_used(tmp_path, monkeypatch, fake_inception, dataset_options):
     import ddpm_fast.data
 
