@@ -275,21 +275,39 @@ def _bpd(args: argparse.Namespace) -> int:
 
 def _fid(args: argparse.Namespace) -> int:
     from .data import load_array, load_dataset
-    from .fid import activation_statistics, frechet_distance, load_inception
+    from .fid import FEATURES, activation_statistics, frechet_distance, is_statistics_file, load_inception
+    from .fid import load_statistics, save_statistics
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    given = load_statistics(args.data) if is_statistics_file(args.data) else None  # mu and sigma, not images
+    if given is not None and (args.save_stats is not None or args.image_size is not None):
+        option = "--save-stats saves" if args.save_stats is not None else "--image-size resizes"
+        raise UsageError(f"{option} --data's images, and {args.data} holds their statistics")
+    if given is not None and len(given[0]) != FEATURES:  # before the samples' features, not after
+        raise UsageError(f"{args.data} holds statistics of {len(given[0])} features; the FID Inception's have {FEATURES}")
+    if args.save_stats is not None:  # before the work, not after it
+        target = Path(args.save_stats)
+        if target.suffix != ".npz":  # read back as statistics by that suffix
+            raise UsageError(f"--save-stats {args.save_stats}: the file name must end in .npz")
+        options.check_output_folder(target.parent, "--save-stats", files=(target.name,))
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
     samples = load_array(args.samples)  # its "images", else arr_0, else its only array
-    data = load_dataset(args.data, image_size=args.image_size, progress=True)
-    if args.n is not None and args.n > min(len(samples), len(data)):
-        raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples or the {len(data)} data images")
-    for option, count in (("-n", args.n), ("--samples", len(samples)), ("--data", len(data))):
+    data = load_dataset(args.data, image_size=args.image_size, progress=True) if given is None else None
+    sizes = [len(samples)] + ([] if data is None else [len(data)])
+    if args.n is not None and args.n > min(sizes):
+        raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples" +
+                         ("" if data is None else f" or the {len(data)} data images"))
+    for option, count in (("-n", args.n), ("--samples", len(samples)), ("--data", None if data is None else len(data))):
         if count is not None and count < 2:  # a covariance needs two images
             raise UsageError(f"FID needs at least 2 images of each set, but {option} gives {count}")
-    sets = [images.images[: args.n].permute(0, 2, 3, 1) for images in (samples, data)]  # uint8 N x H x W x C
+    sets = [images.images[: args.n].permute(0, 2, 3, 1) for images in (samples, data) if images is not None]  # NHWC uint8
     stats = [activation_statistics(x, model, batch_size=args.batch_size, device=device, progress=True) for x in sets]
-    value = frechet_distance(*stats[0], *stats[1], method=args.method)
-    print(f"FID {value:.4f} ({len(sets[0])} samples of {args.samples} vs {len(sets[1])} images of {args.data})")
+    if args.save_stats is not None:
+        Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
+        save_statistics(*stats[1], args.save_stats)
+    value = frechet_distance(*stats[0], *(stats[1] if given is None else given), method=args.method)
+    against = f"the statistics in {args.data}" if given is not None else f"{len(sets[1])} images of {args.data}"
+    print(f"FID {value:.4f} ({len(sets[0])} samples of {args.samples} vs {against})")
     return 0
 
 
@@ -402,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fid = commands.add_parser("fid", help="Frechet Inception Distance between samples and a dataset (Inception weights supplied by you)")
     fid.add_argument("--samples", required=True, type=options.path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or 'arr_0' (as np.savez(file, images) writes it), or .npy")
-    fid.add_argument("--data", required=True, type=options.path, help="dataset, as for train")
+    fid.add_argument("--data", required=True, type=options.path, help="dataset, as for train, or an .npz of its Inception statistics mu and sigma (from --save-stats, or pytorch-fid's)")
+    fid.add_argument("--save-stats", type=options.path, default=None, help="also write --data's Inception statistics (mu, sigma) to this .npz, to pass as --data next time (default: none)")
     fid.add_argument("--image-size", type=options.positive, default=None, help="resize/crop the data to this size (for images of several sizes)")
     fid.add_argument("--inception-weights", type=options.path, default=None, help="path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; never downloaded) (default: $DDPM_FAST_INCEPTION_WEIGHTS)")
     fid.add_argument("-n", type=options.positive, default=None, help="use the first N images of each set (default: all of each)")

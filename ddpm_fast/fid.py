@@ -30,7 +30,8 @@ from ._progress import progress_bar
 from ._warn import warn
 
 __all__ = ["ENV_VAR", "WEIGHTS_FILE", "InceptionV3FID", "expected_state_dict_shapes", "check_state_dict",
-           "resolve_weights_path", "load_inception", "preprocess", "activation_statistics", "frechet_distance", "fid"]
+           "resolve_weights_path", "load_inception", "preprocess", "activation_statistics", "frechet_distance", "fid",
+           "is_statistics_file", "load_statistics", "save_statistics"]
 
 ENV_VAR = "DDPM_FAST_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -342,6 +343,59 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     diff = mu1 - mu2
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
     return max(distance, 0.0)  # a distance: below 0 (-1e-14 for equal statistics) only by rounding
+
+
+# ------------------------------------------------------------ statistics files
+# A set's (mu, sigma) saved once and reused: the features of 50,000 training
+# images take the Inception network minutes on a GPU, hours on a CPU. Keys as
+# pytorch-fid's --save-stats files (and guided-diffusion's reference batches,
+# which hold them beside the images).
+
+
+def is_statistics_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an .npz holding ``mu`` and ``sigma``."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {"mu", "sigma"} <= set(archive.keys())
+    except (OSError, ValueError):  # not a zip: load_dataset says what is wrong with it
+        return False
+
+
+def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 ``mu`` (D,) and ``sigma`` (D, D) of a statistics file."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            mu, sigma = (np.asarray(archive[key], dtype=np.float64) for key in ("mu", "sigma"))
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read FID statistics from {path}: {type(error).__name__}: {error}") from None
+    return _checked_statistics(mu, sigma, str(path))
+
+
+def save_statistics(mu: np.ndarray, sigma: np.ndarray, path: str | os.PathLike) -> None:
+    """Write ``mu`` and ``sigma`` to the .npz ``path`` (atomically), for
+    ``load_statistics`` or ``ddpm-fast fid --data`` to take in place of the images."""
+    from .checkpoint import atomic_write
+
+    mu, sigma = _checked_statistics(np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64), "statistics")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # (np.savez would add .npz to a name without it)
+            np.savez(f, mu=mu, sigma=sigma)
+
+    atomic_write(path, write)
+
+
+def _checked_statistics(mu: np.ndarray, sigma: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d):
+        raise ValueError(f"{source}: FID statistics are a mean mu (D,) and a covariance sigma (D, D), got mu "
+                         f"{mu.shape} and sigma {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{source}: FID statistics with non-finite entries")
+    return mu, sigma
 
 
 def _check_method(method: str) -> None:
