@@ -274,7 +274,7 @@ def _bpd(args: argparse.Namespace) -> int:
 
 
 def _fid(args: argparse.Namespace) -> int:
-    from .data import load_array, load_dataset
+    from .data import load_array, load_dataset, load_image_folder
     from .fid import FEATURES, activation_statistics, frechet_distance, is_statistics_file, load_inception
     from .fid import load_statistics, save_statistics
 
@@ -291,7 +291,9 @@ def _fid(args: argparse.Namespace) -> int:
             raise UsageError(f"--save-stats {args.save_stats}: the file name must end in .npz")
         options.check_output_folder(target.parent, "--save-stats", files=(target.name,))
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
-    samples = load_array(args.samples)  # its "images", else arr_0, else its only array
+    # An array file ("images", else arr_0, else its only array), or a folder of image files of one size
+    samples = (load_image_folder(args.samples, progress=True) if Path(args.samples).is_dir()
+               else load_array(args.samples))
     data = load_dataset(args.data, image_size=args.image_size, progress=True) if given is None else None
     sizes = [len(samples)] + ([] if data is None else [len(data)])
     if args.n is not None and args.n > min(sizes):
@@ -419,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.set_defaults(run=_bpd)
 
     fid = commands.add_parser("fid", help="Frechet Inception Distance between samples and a dataset (Inception weights supplied by you)")
-    fid.add_argument("--samples", required=True, type=options.path, help="samples file: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or 'arr_0' (as np.savez(file, images) writes it), or .npy")
+    fid.add_argument("--samples", required=True, type=options.path, help="samples: .npz with key 'images' (uint8 NxHxWxC, as written by sample) or 'arr_0' (as np.savez(file, images) writes it), .npy, or a folder of image files of one size")
     fid.add_argument("--data", required=True, type=options.path, help="dataset, as for train, or an .npz of its Inception statistics mu and sigma (from --save-stats, or pytorch-fid's)")
     fid.add_argument("--save-stats", type=options.path, default=None, help="also write --data's Inception statistics (mu, sigma) to this .npz, to pass as --data next time (default: none)")
     fid.add_argument("--image-size", type=options.positive, default=None, help="resize/crop the data to this size (for images of several sizes)")

@@ -244,6 +244,21 @@ def test_fid_reads_samples_saved_unnamed(tmp_path, fake_inception, capsys):
     assert fake_inception == [torch.device("cpu"), 5, 6]
 
 
+def test_fid_reads_samples_from_a_folder_of_images(tmp_path, fake_inception, capsys):
+    """Samples other tools wrote as image files (clean-fid and torch-fidelity
+    read such folders): was "cannot read ... as a .npy/.npz array file"."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "samples").mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "samples" / f"{i}.png")
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    assert main(["fid", "--samples", str(tmp_path / "samples"), "--data", str(tmp_path / "d.npz"),
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert fake_inception == [torch.device("cpu"), 5, 6]
+
+
 def test_fid_device_and_image_size_are_used(tmp_path, monkeypatch, fake_inception, dataset_options):
     import ddpm_fast.data
 
