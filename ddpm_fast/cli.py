@@ -22,6 +22,7 @@ from ._checks import is_out_of_memory
 from .checkpoint import CheckpointError
 from . import cli_options as options
 from .cli_options import UsageError
+from .cli_fid import fid_command as _fid
 from .cli_signals import catch_sigterm, restore_sigterm, stopped
 from .cli_warnings import format_warnings, restore_warnings
 from .ops import BackendUnavailableError
@@ -270,46 +271,6 @@ def _bpd(args: argparse.Namespace) -> int:
     distributed.teardown()
     if rank == 0:
         print(json.dumps(result, indent=2) if args.json else result["summary"])
-    return 0
-
-
-def _fid(args: argparse.Namespace) -> int:
-    from .data import load_array, load_dataset, load_image_folder
-    from .fid import FEATURES, activation_statistics, frechet_distance, is_statistics_file, load_inception
-    from .fid import load_statistics, save_statistics
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    given = load_statistics(args.data) if is_statistics_file(args.data) else None  # mu and sigma, not images
-    if given is not None and (args.save_stats is not None or args.image_size is not None):
-        option = "--save-stats saves" if args.save_stats is not None else "--image-size resizes"
-        raise UsageError(f"{option} --data's images, and {args.data} holds their statistics")
-    if given is not None and len(given[0]) != FEATURES:  # before the samples' features, not after
-        raise UsageError(f"{args.data} holds statistics of {len(given[0])} features; the FID Inception's have {FEATURES}")
-    if args.save_stats is not None:  # before the work, not after it
-        target = Path(args.save_stats)
-        if target.suffix != ".npz":  # read back as statistics by that suffix
-            raise UsageError(f"--save-stats {args.save_stats}: the file name must end in .npz")
-        options.check_output_folder(target.parent, "--save-stats", files=(target.name,))
-    model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
-    # An array file ("images", else arr_0, else its only array), or a folder of image files of one size
-    samples = (load_image_folder(args.samples, progress=True) if Path(args.samples).is_dir()
-               else load_array(args.samples))
-    data = load_dataset(args.data, image_size=args.image_size, progress=True) if given is None else None
-    sizes = [len(samples)] + ([] if data is None else [len(data)])
-    if args.n is not None and args.n > min(sizes):
-        raise UsageError(f"-n {args.n} exceeds the {len(samples)} samples" +
-                         ("" if data is None else f" or the {len(data)} data images"))
-    for option, count in (("-n", args.n), ("--samples", len(samples)), ("--data", None if data is None else len(data))):
-        if count is not None and count < 2:  # a covariance needs two images
-            raise UsageError(f"FID needs at least 2 images of each set, but {option} gives {count}")
-    sets = [images.images[: args.n].permute(0, 2, 3, 1) for images in (samples, data) if images is not None]  # NHWC uint8
-    stats = [activation_statistics(x, model, batch_size=args.batch_size, device=device, progress=True) for x in sets]
-    if args.save_stats is not None:
-        Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
-        save_statistics(*stats[1], args.save_stats)
-    value = frechet_distance(*stats[0], *(stats[1] if given is None else given), method=args.method)
-    against = f"the statistics in {args.data}" if given is not None else f"{len(sets[1])} images of {args.data}"
-    print(f"FID {value:.4f} ({len(sets[0])} samples of {args.samples} vs {against})")
     return 0
 
 
