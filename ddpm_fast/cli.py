@@ -442,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 1
+    except BrokenPipeError:  # stdout's reader went away (ddpm-fast info | head -1): as other tools, quietly
+        if debug:
+            raise
+        return 1
     except (UsageError, CheckpointError, OSError, ValueError, TypeError, ImportError, BackendUnavailableError,
             RecursionError) as error:
         # OSError: a --out that is not writable, a full disk, ... (FileNotFoundError included);
@@ -473,6 +477,11 @@ def entry_point() -> NoReturn:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="backslashreplace")
     code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # else Python's own flush at exit says "Exception ignored ... BrokenPipeError"
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or 1
     distributed = sys.modules.get(f"{__package__}.distributed")  # imported by every command that can join a group
     if distributed is None:
         sys.exit(code)

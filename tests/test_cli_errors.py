@@ -496,3 +496,13 @@ def test_a_path_the_terminal_cannot_encode_is_escaped_not_an_error(tiny_run, tmp
     assert (out / "samples.npz").is_file()
     assert done.stdout.decode("ascii").strip() == (f"wrote 2 samples to {tmp_path}/\\xe9chantillons/samples.png and "
                                                    f"{tmp_path}/\\xe9chantillons/samples.npz")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """``ddpm-fast info | head -1``: "ddpm-fast info: error: [Errno 32] Broken
+    pipe" (and Python's "Exception ignored ... BrokenPipeError" at exit) on the
+    terminal. Now, as for other tools, nothing; the status is 1."""
+    err = tmp_path / "err"
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m ddpm_fast info 2>'{err}' | true; "
+                           "echo ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=300)
+    assert (done.stdout.strip(), err.read_text()) == ("1", "")
