@@ -15,9 +15,14 @@ __all__ = ["available_memory", "check_fits_in_memory"]
 
 # Read where present (Linux); elsewhere the bound is unknown and nothing is refused.
 _MEMINFO = Path("/proc/meminfo")
-# A container's own limit, which MemAvailable does not show: (limit, usage) files of cgroup v2, then v1.
+# A container's own limit, which MemAvailable does not show: the limit and usage
+# files of cgroup v2, then v1, and the field of their memory.stat that holds the
+# inactive page cache, which usage counts and the kernel drops on demand (as `docker stats` does).
 _CGROUP = Path("/sys/fs/cgroup")
-_CGROUP_FILES = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+_CGROUP_FILES = (
+    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+)
 _STATUS = Path("/proc/self/status")
 
 
@@ -35,19 +40,33 @@ def _kib_fields(path: Path, names: tuple[str, ...]) -> dict[str, int]:
     return fields
 
 
+def _stat_field(path: Path, name: str) -> int:
+    """The ``name value`` field of a cgroup's memory.stat (0 where it is missing)."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def available_memory() -> int | None:
     """Bytes this process can still allocate and use: the least of the
     machine's available memory and free swap, its cgroup's remaining limit
-    and its address-space limit (``ulimit -v``); None where none is known."""
+    (its inactive page cache counted as free) and its address-space limit
+    (``ulimit -v``); None where none is known."""
     bounds = []
     meminfo = _kib_fields(_MEMINFO, ("MemAvailable", "SwapFree"))
     if "MemAvailable" in meminfo:
         bounds.append(meminfo["MemAvailable"] + meminfo.get("SwapFree", 0))
-    for limit_file, usage_file in _CGROUP_FILES:
+    for limit_file, usage_file, stat_file, cache_field in _CGROUP_FILES:
         try:
             limit = (_CGROUP / limit_file).read_text().strip()
             if limit.isdigit() and int(limit) < 1 << 62:  # v2 says "max", v1 a huge number, when unlimited
-                bounds.append(int(limit) - int((_CGROUP / usage_file).read_text()))
+                used = int((_CGROUP / usage_file).read_text()) - _stat_field(_CGROUP / stat_file, cache_field)
+                bounds.append(int(limit) - used)
         except (OSError, ValueError):
             pass
     soft = resource.getrlimit(resource.RLIMIT_AS)[0] if resource is not None else None

@@ -26,7 +26,7 @@ def fake_machine(tmp_path, monkeypatch):
         pytest.skip("this test process has an address-space limit of its own")
 
     def write(available_kib: int | None = None, swap_kib: int = 0, cgroup: tuple[str, str] | None = None,
-              version: int = 2) -> None:
+              version: int = 2, inactive_file: int | None = None) -> None:
         if available_kib is not None:
             (tmp_path / "meminfo").write_text(
                 f"MemTotal:       99999999 kB\nMemFree:          1000 kB\nMemAvailable:   {available_kib} kB\n"
@@ -37,6 +37,9 @@ def fake_machine(tmp_path, monkeypatch):
             folder.mkdir(parents=True)
             (folder / limit).write_text(cgroup[0] + "\n")
             (folder / usage).write_text(cgroup[1] + "\n")
+            if inactive_file is not None:
+                name = "inactive_file" if version == 2 else "total_inactive_file"
+                (folder / "memory.stat").write_text(f"anon 1000\nactive_file 7\n{name} {inactive_file}\nshmem 0\n")
     return write
 
 
@@ -49,6 +52,16 @@ def test_available_memory_is_memavailable_plus_free_swap(fake_machine):
 def test_a_cgroup_limit_below_the_machines_memory_bounds_it(fake_machine, version):
     fake_machine(available_kib=8 << 20, cgroup=(str(3 * GiB), str(GiB)), version=version)
     assert _memory.available_memory() == 2 * GiB
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_cgroups_reclaimable_page_cache_counts_as_available(fake_machine, version):
+    """A cgroup's usage counts the page cache of files read (a dataset), which
+    the kernel drops on demand: limit 16 GiB, usage 15 GiB of which 12 GiB
+    inactive cache was "1 GiB available", and a 3 GiB image folder refused."""
+    fake_machine(available_kib=64 << 20, cgroup=(str(16 * GiB), str(15 * GiB)), version=version,
+                 inactive_file=12 * GiB)
+    assert _memory.available_memory() == 13 * GiB
 
 
 @pytest.mark.parametrize("version, unlimited", [(2, "max"), (1, "9223372036854771712")])
