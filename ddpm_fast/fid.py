@@ -360,7 +360,7 @@ def is_statistics_file(path: str | os.PathLike) -> bool:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {"mu", "sigma"} <= set(archive.keys())
-    except (OSError, ValueError):  # not a zip: load_dataset says what is wrong with it
+    except Exception:  # not a zip, a damaged one (zipfile.BadZipFile), ...: load_dataset says what is wrong
         return False
 
 
@@ -369,7 +369,7 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             mu, sigma = (np.asarray(archive[key], dtype=np.float64) for key in ("mu", "sigma"))
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # a damaged member (zipfile.BadZipFile: its CRC), an object array, ...
         raise ValueError(f"cannot read FID statistics from {path}: {type(error).__name__}: {error}") from None
     return _checked_statistics(mu, sigma, str(path))
 

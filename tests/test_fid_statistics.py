@@ -64,3 +64,19 @@ def test_statistics_files_are_checked(tmp_path, weights, capsys):  # noqa: F811
         err = capsys.readouterr().err.strip()
         assert err.startswith("ddpm-fast fid: error:") and message in err and "\n" not in err, err
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_a_damaged_npz_as_data_is_one_line(tmp_path, weights, capsys):  # noqa: F811
+    """A zip that is not one (or whose member is damaged): zipfile.BadZipFile,
+    no OSError or ValueError, escaped the statistics check as a traceback."""
+    np.savez(tmp_path / "samples.npz", images=images(3, size=8, seed=1))
+    save_statistics(np.zeros(2048), np.eye(2048), tmp_path / "stats.npz")
+    damaged = bytearray((tmp_path / "stats.npz").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside sigma's data: its CRC fails
+    (tmp_path / "crc.npz").write_bytes(bytes(damaged))
+    (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    for name, message in [("truncated.npz", "cannot read"), ("crc.npz", "cannot read FID statistics from")]:
+        assert main(["fid", "--samples", str(tmp_path / "samples.npz"), "--data", str(tmp_path / name),
+                     "--inception-weights", str(weights), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ddpm-fast fid: error:") and message in err and "\n" not in err, err
