@@ -20,8 +20,8 @@ import stat
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["write_checkpoint", "latest_checkpoint", "checkpoints", "atomic_write", "lock_run_folder", "CheckpointError",
-           "RunInUseError"]
+__all__ = ["write_checkpoint", "latest_checkpoint", "checkpoints", "resume_order", "atomic_write", "lock_run_folder",
+           "CheckpointError", "RunInUseError"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
@@ -190,3 +190,13 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             return run_dir / name
     found = _checkpoints(run_dir)  # `latest` lost: every renamed folder is complete
     return found[-1] if found else None
+
+
+def resume_order(run_dir: str | os.PathLike, newest: Path | None = None) -> list[Path]:
+    """The checkpoints a resume of ``run_dir`` tries, in turn: its newest
+    (``newest`` where the caller resolved it, else ``latest_checkpoint``), then
+    the older ones, newest first, as it falls back past damaged ones."""
+    newest = latest_checkpoint(run_dir) if newest is None else newest
+    if newest is None:
+        return []
+    return [newest, *(path for _, path in reversed(checkpoints(run_dir)) if path != newest)]

@@ -142,13 +142,12 @@ def _default_flip(args: argparse.Namespace) -> bool:
     digits made before flips defaulted off there had them on); a new run flips,
     except the bundled digits (by name, not a dataset that happens to be called
     so), whose mirror images are no digits."""
-    from .checkpoint import checkpoints, latest_checkpoint
+    from .checkpoint import resume_order
 
-    newest = latest_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
-    # Newest first, then older ones, as the resume falls back past a damaged one
-    # (read from the newest alone, a damaged one gave the digits' off, and the
-    # older one it fell back to was refused as a run of other settings).
-    for checkpoint in [newest, *(p for _, p in reversed(checkpoints(args.out)) if p != newest)] if newest else []:
+    # In the order the resume tries them, past damaged ones (read from the newest
+    # alone, a damaged one gave the digits' off, and the older one the resume
+    # fell back to was refused as a run of other settings).
+    for checkpoint in resume_order(args.out) if args.resume and Path(args.out).is_dir() else []:
         try:
             saved = json.loads((checkpoint / "config.json").read_text())["train"]["flip"]
         except (OSError, ValueError, KeyError, TypeError, RecursionError):  # (JSON nested too deeply)

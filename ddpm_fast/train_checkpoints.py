@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ._warn import warn
-from .checkpoint import LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, write_checkpoint
+from .checkpoint import (LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, resume_order,
+                         write_checkpoint)
 from .distributed import rank_seed
 from .images import plot_curve
 from .models.serialization import load_safetensors, load_state_dict_checked
@@ -63,11 +64,10 @@ class TrainerCheckpoints:
         warn and take the next older one, so the run loses the steps since that
         one rather than stopping. A configuration mismatch with the newest is
         raised, not skipped: the older ones of the same run have its configuration."""
-        older = [path for _, path in reversed(checkpoints(self.out_dir)) if path != newest]
         failure = None
         self._loaded_part = False  # set by load_checkpoint once it begins to overwrite the state
         damaged = []
-        for path in [newest, *older]:
+        for path in resume_order(self.out_dir, newest):
             try:
                 self.load_checkpoint(path)  # refuses another run's (ConfigMismatchError) first
             except ConfigMismatchError:
