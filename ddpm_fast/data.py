@@ -286,10 +286,10 @@ def load_image_folder(
     if not files:
         raise ValueError(f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     mode = "L" if channels == 1 else "RGB"
+    count = len(files)  # (files becomes a progress bar)
     if image_size is not None:  # each image and their stack: twice
-        _check_fits(len(files), (1 if channels == 1 else 3, image_size, image_size), folder, copies=2)
+        _check_fits(count, (1 if channels == 1 else 3, image_size, image_size), folder, copies=2)
     tensors, first_size = [], None
-    count = len(files)
     if progress and len(files) >= PROGRESS_MIN_FILES:
         files = progress_bar(files, desc="loading images", unit="image")
     for file in files:

@@ -190,7 +190,7 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
     unexpected = sorted(set(state) - used)
     if unexpected:
         raise ValueError(f"{source}: weights {unexpected[:8]} ({len(unexpected)} in all) have no place in the DDPM U-Net")
-    model = build_to_fit(make, {k: v.shape for k, v in converted.items()}, source)  # not one far larger than the weights
+    model = build_to_fit(make, {k: v.shape for k, v in converted.items()}, source, skeleton)  # not one far larger
     load_state_dict_checked(model, {k: v.to("cpu") for k, v in converted.items()}, source)
     return model.eval()
 

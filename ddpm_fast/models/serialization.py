@@ -122,13 +122,15 @@ def meta_build(make: Callable[[], M], tensors: int, source: str) -> M:
             hook.remove()
 
 
-def build_to_fit(make: Callable[[], M], shapes: Mapping[str, Sequence[int]], source: str) -> M:
-    """``float32_on_cpu(make)``, built only once a copy on the meta device has
-    shown that its tensors are those of ``shapes`` (the weights to be loaded,
-    from ``source``): a config that asks for a far larger model than its
-    weights file holds (``"ch": 4096`` is 146 GB) is refused before any of it
-    is allocated."""
-    skeleton = meta_build(make, len(shapes), source)
+def build_to_fit(make: Callable[[], M], shapes: Mapping[str, Sequence[int]], source: str,
+                 skeleton: nn.Module | None = None) -> M:
+    """``float32_on_cpu(make)``, built only once a copy on the meta device
+    (``skeleton``, where the caller has made it with ``meta_build``) has shown
+    that its tensors are those of ``shapes`` (the weights to be loaded, from
+    ``source``): a config that asks for a far larger model than its weights
+    file holds (``"ch": 4096`` is 146 GB) is refused before any of it is allocated."""
+    if skeleton is None:
+        skeleton = meta_build(make, len(shapes), source)
     _check_fit({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes, source)
     return float32_on_cpu(make)
 
