@@ -329,15 +329,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     same trace, Σ √λ_i(√sigma1 sigma2 √sigma1), with symmetric eigensolvers:
     several times faster at D = 2048 and free of complex rounding.
     """
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"statistics must be means (D,) and covariances (D, D) of one D: got mu1 {mu1.shape}, "
-                         f"sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}")
-    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
-        if not np.isfinite(value).all():
-            raise ValueError(f"{name} has non-finite entries")
+    mu1, sigma1 = _checked_statistics(mu1, sigma1, "frechet_distance", names=("mu1", "sigma1"))
+    mu2, sigma2 = _checked_statistics(mu2, sigma2, "frechet_distance", names=("mu2", "sigma2"))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"frechet_distance: the two statistics must be of one D, got D = {mu1.shape[0]} "
+                         f"(mu1, sigma1) and D = {mu2.shape[0]} (mu2, sigma2)")
     _check_method(method)
     trace_sqrt = _trace_sqrt_sqrtm(sigma1, sigma2, eps) if method == "sqrtm" else _trace_sqrt_eigh(sigma1, sigma2)
     diff = mu1 - mu2
@@ -379,7 +375,7 @@ def save_statistics(mu: np.ndarray, sigma: np.ndarray, path: str | os.PathLike) 
     ``load_statistics`` or ``ddpm-fast fid --data`` to take in place of the images."""
     from .checkpoint import atomic_write
 
-    mu, sigma = _checked_statistics(np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64), "statistics")
+    mu, sigma = _checked_statistics(mu, sigma, "save_statistics")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # (np.savez would add .npz to a name without it)
@@ -388,13 +384,19 @@ def save_statistics(mu: np.ndarray, sigma: np.ndarray, path: str | os.PathLike) 
     atomic_write(path, write)
 
 
-def _checked_statistics(mu: np.ndarray, sigma: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _checked_statistics(mu: np.ndarray, sigma: np.ndarray, source: str,
+                        names: tuple[str, str] = ("mu", "sigma")) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` and ``sigma`` as float64 (D,) and (D, D), or a ValueError naming
+    ``source`` and which of ``names`` is wrong: the one check of every set of
+    statistics, read from a file, saved or compared."""
+    mu, sigma = np.atleast_1d(np.asarray(mu, dtype=np.float64)), np.atleast_2d(np.asarray(sigma, dtype=np.float64))
     d = mu.shape[0] if mu.ndim == 1 else -1
     if d < 1 or sigma.shape != (d, d):
-        raise ValueError(f"{source}: FID statistics are a mean mu (D,) and a covariance sigma (D, D), got mu "
-                         f"{mu.shape} and sigma {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{source}: FID statistics with non-finite entries")
+        raise ValueError(f"{source}: FID statistics are a mean {names[0]} (D,) and a covariance {names[1]} (D, D) "
+                         f"of one D, got {names[0]} {mu.shape} and {names[1]} {sigma.shape}")
+    for name, value in zip(names, (mu, sigma)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{source}: {name} has non-finite entries")
     return mu, sigma
 
 

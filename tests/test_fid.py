@@ -193,7 +193,7 @@ def test_frechet_distance_rejects_bad_statistics():
         frechet_distance(mu, sigma, np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="one D"):
         frechet_distance(mu, np.eye(2), mu, sigma)
-    with pytest.raises(ValueError, match="sigma2 has non-finite"):
+    with pytest.raises(ValueError, match="frechet_distance: sigma2 has non-finite"):
         frechet_distance(mu, sigma, mu, np.full((3, 3), np.nan))
     with pytest.raises(ValueError, match="method"):
         frechet_distance(mu, sigma, mu, sigma, method="svd")

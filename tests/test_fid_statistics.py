@@ -41,7 +41,7 @@ def test_saved_statistics_give_the_same_fid_as_the_images(tmp_path, weights, cap
 def test_statistics_files_are_checked(tmp_path, weights, capsys):  # noqa: F811
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"bad.npz: FID statistics are a mean mu \(D,\) and a covariance sigma "
-                                         r"\(D, D\), got mu \(3,\) and sigma \(3, 2\)"):
+                                         r"\(D, D\) of one D, got mu \(3,\) and sigma \(3, 2\)"):
         load_statistics(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="non-finite"):
         save_statistics(np.array([0.0, np.nan]), np.eye(2), tmp_path / "nan.npz")
