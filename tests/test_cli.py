@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ddpm_fast.cli import _sample_dtype, build_parser, main
+from ddpm_fast.images import make_grid
 
 COMMANDS = ("info", "train", "sample", "bpd", "fid", "demo")
 
@@ -148,13 +150,20 @@ def test_train_refuses_to_resume_with_another_recipe(tiny_run, toy_npz, capsys):
     assert sorted(p.name for p in tiny_run.glob("checkpoint-*"))[-1] == "checkpoint-00000004"  # nothing trained
 
 
-def test_sample_writes_png_and_npz(tiny_run, tmp_path):
+def test_sample_writes_png_and_npz(tiny_run, tmp_path, capsys):
     out = tmp_path / "samples"
     assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(out), "-n", "5", "--batch-size", "2",
                  "--steps", "5", "--device", "cpu"]) == 0
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
-    assert (out / "samples.png").stat().st_size > 0
+    whole = np.asarray(Image.open(out / "samples.png"))
+    assert whole.shape == make_grid(images, scale=4).shape[:2]  # 8 px tiles upscaled to 32 px
+    # the grid shows the first --grid samples; the npz holds every one
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(out), "-n", "5", "--batch-size", "5",
+                 "--steps", "5", "--grid", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("samples.png (the first 4 of them)")
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "samples.png")), make_grid(images[:4], scale=4)[..., 0])
+    np.testing.assert_array_equal(np.load(out / "samples.npz")["images"], images)
     # sample i does not depend on the batch size
     again = tmp_path / "again"
     main(["sample", "--checkpoint", str(tiny_run), "--out", str(again), "-n", "5", "--batch-size", "5",

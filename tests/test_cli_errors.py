@@ -494,8 +494,8 @@ def test_a_path_the_terminal_cannot_encode_is_escaped_not_an_error(tiny_run, tmp
                           env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert (out / "samples.npz").is_file()
-    assert done.stdout.decode("ascii").strip() == (f"wrote 2 samples to {tmp_path}/\\xe9chantillons/samples.png and "
-                                                   f"{tmp_path}/\\xe9chantillons/samples.npz")
+    assert done.stdout.decode("ascii").strip() == (f"wrote 2 samples to {tmp_path}/\\xe9chantillons/samples.npz and "
+                                                   f"{tmp_path}/\\xe9chantillons/samples.png")
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
