@@ -9,10 +9,11 @@ quarter of float32's size, so whole datasets fit on the GPU), scaled to
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -344,6 +345,23 @@ def _channel_axis(shape: tuple[int, ...]) -> str:
                      "or N x C x H x W (C 1 or 3)")
 
 
+def _check_array_fits(npy: BinaryIO, source: str) -> None:
+    """Refuse a .npy stream whose array, with the working copies of
+    ``_array_to_nchw``, cannot fit in the memory left, from its header, before
+    its data is read: a compressed .npz member can be far larger than its file."""
+    magic = npy.read(8)
+    version = tuple(magic[6:])
+    if not magic.startswith(b"\x93NUMPY") or version not in ((1, 0), (2, 0)):
+        return  # not a .npy member (reported once np.load has read it); 3.0 (utf-8 field names) is no image array's
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(npy)
+    count = math.prod(shape)
+    # the array, a float32 (or wider) working copy of a float one, the uint8 images
+    work = max(dtype.itemsize, 4) if np.issubdtype(dtype, np.floating) else 0
+    check_fits_in_memory(count * (dtype.itemsize + work + 1),
+                         f"reading {source} ({'x'.join(map(str, shape))} {dtype})")
+
+
 def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
     """uint8 N x C x H x W from N x H x W, N x H x W x C (C 1/3/4, alpha
     dropped) or N x C x H x W (C 1/3), holding uint8 (or other integers in
@@ -383,9 +401,17 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
         raise ValueError(f"{source}: float images in [{lo:.4g}, {hi:.4g}] are ambiguous: any negative value means "
                          "[-1, 1], yet nothing is darker than a quarter grey there; clip [0, 1] images "
                          "(np.clip(a, 0, 1)) or map them to [-1, 1] yourself")
-    array = array.astype(np.result_type(array.dtype, np.float32), copy=False)  # float16 would round badly
-    unit = (array + 1) / 2 if lo < 0 else array
-    return torch.from_numpy(np.ascontiguousarray(np.round(unit * 255).astype(np.uint8)))
+    # One working copy, changed in place (a temporary per operation held four
+    # copies of a large float array at once); float16 would round badly.
+    work_dtype = np.result_type(array.dtype, np.float32)
+    if lo < 0:  # [-1, 1]
+        work = np.add(array, 1, dtype=work_dtype)
+        work /= 2
+        work *= 255
+    else:
+        work = np.multiply(array, 255, dtype=work_dtype)
+    np.round(work, out=work)
+    return torch.from_numpy(np.ascontiguousarray(work.astype(np.uint8)))
 
 
 def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: int | None = None,
@@ -416,9 +442,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
     if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy would call anything else a pickle
         raise ValueError(f"cannot read {path} as a .npy/.npz array file: it is neither (no .npy or zip header)")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
+        if magic.startswith(b"PK"):
+            with np.load(path, allow_pickle=False) as loaded:
                 keys = list(loaded.keys())
                 if key is None:  # arr_0: np.savez's first unnamed array (guided-diffusion's batches: images, labels)
                     key = next((k for k in ("images", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)
@@ -427,9 +452,14 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
                                        "line reads), or pass key= to load_array")
                 elif key not in keys:
                     raise KeyError(f"{path} has no array {key!r}; it holds arrays {keys}")
+                member = f"{key}.npy" if f"{key}.npy" in loaded.zip.namelist() else key
+                with loaded.zip.open(member) as f:
+                    _check_array_fits(f, f"{path}'s array {key!r}")
                 array = loaded[key]
         else:
-            array = loaded
+            with open(path, "rb") as f:
+                _check_array_fits(f, str(path))
+            array = np.load(path, allow_pickle=False)
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     except Exception as error:  # not an npy/npz file, truncated, object arrays, ...

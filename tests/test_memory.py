@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from ddpm_fast import NoiseSchedule, _memory
 
@@ -166,3 +167,57 @@ def test_an_array_resized_beyond_memory_is_refused_before_resizing(fake_machine,
     monkeypatch.setattr(data, "_resize", lambda *a: pytest.fail("resizing began"))
     with pytest.raises(ValueError, match=r"holding 4 images of 1x20000x20000 from a needs about 1\.5 GiB"):
         data.load_array(tmp_path / "a.npy", image_size=20000)
+
+
+def _npy_header(shape: tuple[int, ...], descr: str) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+    return f.getvalue()  # the magic string, version 1.0, the header
+
+
+def test_an_array_file_too_large_for_memory_is_refused_from_its_header(fake_machine, tmp_path):
+    """A .npy of 3 GiB of images on a machine with 1 GiB left: numpy allocated
+    it whole before reading (here the file is cut short: "Failed to read all data")."""
+    from ddpm_fast import data
+
+    (tmp_path / "big.npy").write_bytes(_npy_header((3, 1, 1 << 15, 1 << 15), "|u1") + bytes(64))
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(ValueError, match=r"reading .*big\.npy \(3x1x32768x32768 uint8\) needs about 6\.0 GiB of "
+                                         r"memory; this process has 1\.0 GiB available"):
+        data.load_array(tmp_path / "big.npy")
+
+
+def test_a_compressed_npz_member_larger_than_memory_is_refused_from_its_header(fake_machine, tmp_path):
+    """A compressed .npz can hold far more than its own size: numpy allocated the
+    member's whole array before inflating it (here the data is cut short)."""
+    import zipfile
+
+    from ddpm_fast import data
+
+    with zipfile.ZipFile(tmp_path / "small.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("images.npy", _npy_header((100, 3, 1024, 1024), "<f4") + bytes(1 << 16))
+    assert (tmp_path / "small.npz").stat().st_size < 4096
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(ValueError, match=r"reading .*small\.npz's array 'images' \(100x3x1024x1024 float32\) needs "
+                                         r"about 2\.6 GiB"):
+        data.load_array(tmp_path / "small.npz")
+
+
+def test_float_images_are_converted_with_one_working_copy(tmp_path):
+    """(a + 1) / 2 * 255, rounded: each step a temporary, three float copies
+    held at once beside the array (3.0x its size); now one, changed in place."""
+    import tracemalloc
+
+    from ddpm_fast import data
+
+    array = np.linspace(-1, 1, 4 * 3 * 512 * 512, dtype=np.float32).reshape(4, 3, 512, 512)
+    tracemalloc.start()
+    try:
+        images = data._array_to_nchw(array, "a")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert images.dtype == torch.uint8 and images[0, 0, 0, 0] == 0 and images[-1, -1, -1, -1] == 255
+    assert peak < 1.5 * array.nbytes, f"peak {peak / array.nbytes:.2f}x the array"
