@@ -4,14 +4,20 @@ Linux grants and then answers by killing the process, with no message."""
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 try:
     import resource
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
-__all__ = ["available_memory", "check_fits_in_memory"]
+__all__ = ["MemoryLimitError", "available_memory", "check_fits_in_memory", "check_unpacked_fits", "npy_header",
+           "npz_member_header"]
 
 # Read where present (Linux); elsewhere the bound is unknown and nothing is refused.
 _MEMINFO = Path("/proc/meminfo")
@@ -52,6 +58,11 @@ def _stat_field(path: Path, name: str) -> int:
     return 0
 
 
+class MemoryLimitError(ValueError):
+    """A size refused because it cannot fit in the memory left: a ValueError
+    that loaders pass on as it is, not as a damaged file."""
+
+
 def available_memory() -> int | None:
     """Bytes this process can still allocate and use: the least of the
     machine's available memory and free swap, its cgroup's remaining limit
@@ -83,5 +94,40 @@ def check_fits_in_memory(need: int, what: str) -> None:
         return
     free = available_memory()
     if free is not None and need > free:
-        raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB of memory; "
+        raise MemoryLimitError(f"{what} needs about {need / 2**30:.1f} GiB of memory; "
                          f"this process has {free / 2**30:.1f} GiB available")
+
+
+def check_unpacked_fits(path: str | os.PathLike, what: str) -> None:
+    """Refuse a zip archive (torch.save's format) whose members, unpacked,
+    cannot fit in the memory left: torch.load inflates compressed members, so a
+    file of kilobytes can ask for gigabytes. Anything else passes: its loader
+    says what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            need = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return
+    check_fits_in_memory(need, f"{what} ({need} bytes unpacked)")
+
+
+def npy_header(npy: BinaryIO) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and dtype a .npy stream's header declares, read before its
+    data (numpy allocates the whole array first, and a compressed .npz member
+    can be far larger than its file); None where the stream is no .npy of
+    format 1.0 or 2.0 (its loader says what is wrong; 3.0, utf-8 field names,
+    is no image's or statistic's)."""
+    magic = npy.read(8)
+    version = tuple(magic[6:])
+    if not magic.startswith(b"\x93NUMPY") or version not in ((1, 0), (2, 0)):
+        return None
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(npy)
+    return shape, dtype
+
+
+def npz_member_header(archive: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """``npy_header`` of the array ``key`` of an open .npz archive."""
+    member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
+    with archive.zip.open(member) as npy:
+        return npy_header(npy)

@@ -13,13 +13,13 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._memory import check_fits_in_memory
+from ._memory import MemoryLimitError, check_fits_in_memory, npy_header, npz_member_header
 from ._progress import progress_bar
 from ._warn import warn
 from .cifar10 import is_cifar10, read_cifar10
@@ -345,20 +345,15 @@ def _channel_axis(shape: tuple[int, ...]) -> str:
                      "or N x C x H x W (C 1 or 3)")
 
 
-def _check_array_fits(npy: BinaryIO, source: str) -> None:
-    """Refuse a .npy stream whose array, with the working copies of
-    ``_array_to_nchw``, cannot fit in the memory left, from its header, before
-    its data is read: a compressed .npz member can be far larger than its file."""
-    magic = npy.read(8)
-    version = tuple(magic[6:])
-    if not magic.startswith(b"\x93NUMPY") or version not in ((1, 0), (2, 0)):
-        return  # not a .npy member (reported once np.load has read it); 3.0 (utf-8 field names) is no image array's
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read_header(npy)
-    count = math.prod(shape)
+def _check_array_fits(header: tuple[tuple[int, ...], np.dtype] | None, source: str) -> None:
+    """Refuse an array (from its .npy ``header``) that cannot fit in the memory
+    left with the working copies of ``_array_to_nchw``."""
+    if header is None:  # no .npy: np.load says what is wrong
+        return
+    shape, dtype = header
     # the array, a float32 (or wider) working copy of a float one, the uint8 images
     work = max(dtype.itemsize, 4) if np.issubdtype(dtype, np.floating) else 0
-    check_fits_in_memory(count * (dtype.itemsize + work + 1),
+    check_fits_in_memory(math.prod(shape) * (dtype.itemsize + work + 1),
                          f"reading {source} ({'x'.join(map(str, shape))} {dtype})")
 
 
@@ -452,16 +447,16 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
                                        "line reads), or pass key= to load_array")
                 elif key not in keys:
                     raise KeyError(f"{path} has no array {key!r}; it holds arrays {keys}")
-                member = f"{key}.npy" if f"{key}.npy" in loaded.zip.namelist() else key
-                with loaded.zip.open(member) as f:
-                    _check_array_fits(f, f"{path}'s array {key!r}")
+                _check_array_fits(npz_member_header(loaded, key), f"{path}'s array {key!r}")
                 array = loaded[key]
         else:
             with open(path, "rb") as f:
-                _check_array_fits(f, str(path))
+                _check_array_fits(npy_header(f), str(path))
             array = np.load(path, allow_pickle=False)
     except KeyError as error:
         raise ValueError(error.args[0]) from None
+    except MemoryLimitError:
+        raise
     except Exception as error:  # not an npy/npz file, truncated, object arrays, ...
         raise ValueError(f"cannot read {path} as a .npy/.npz array file: {type(error).__name__}: {error}") from error
     if not isinstance(array, np.ndarray):  # numpy gives a zip member without the .npy header as bytes

@@ -16,6 +16,7 @@ pooling branch of the last E block (Mixed_7c) takes a max.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Mapping
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import as_device, is_int
+from ._memory import MemoryLimitError, check_fits_in_memory, check_unpacked_fits, npz_member_header
 from ._progress import progress_bar
 from ._warn import warn
 
@@ -237,6 +239,7 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: torch.
     named by ``DDPM_FAST_INCEPTION_WEIGHTS``), in eval mode on ``device``."""
     device = None if device is None else as_device(device, "load_inception: device")
     path = resolve_weights_path(weights_path)
+    check_unpacked_fits(path, f"loading {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors alike
@@ -364,7 +367,13 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The float64 ``mu`` (D,) and ``sigma`` (D, D) of a statistics file."""
     try:
         with np.load(path, allow_pickle=False) as archive:
+            # a float64 copy of each beside it: (D, D) of a wrong file can be far beyond the 32 MB of D = 2048
+            headers = [npz_member_header(archive, key) for key in ("mu", "sigma")]
+            check_fits_in_memory(sum(math.prod(shape) * (dtype.itemsize + 8) for shape, dtype in filter(None, headers)),
+                                 f"reading FID statistics {path}")
             mu, sigma = (np.asarray(archive[key], dtype=np.float64) for key in ("mu", "sigma"))
+    except MemoryLimitError:
+        raise
     except Exception as error:  # a damaged member (zipfile.BadZipFile: its CRC), an object array, ...
         raise ValueError(f"cannot read FID statistics from {path}: {type(error).__name__}: {error}") from None
     return _checked_statistics(mu, sigma, str(path))

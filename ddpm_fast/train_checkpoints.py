@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._memory import check_unpacked_fits
 from ._warn import warn
 from .checkpoint import (LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, resume_order,
                          write_checkpoint)
@@ -279,6 +280,7 @@ class TrainerCheckpoints:
             raise CheckpointError(f"checkpoint {path} is missing {', '.join(missing)}")
         self.check_resumable(path)
         name = "trainer.pt"
+        check_unpacked_fits(path / name, f"loading {path / name}")  # not a damaged file: older ones are no smaller
         try:
             state = torch.load(path / name, map_location="cpu", weights_only=True)
             self._loaded_part = True

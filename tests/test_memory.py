@@ -184,7 +184,7 @@ def test_an_array_file_too_large_for_memory_is_refused_from_its_header(fake_mach
 
     (tmp_path / "big.npy").write_bytes(_npy_header((3, 1, 1 << 15, 1 << 15), "|u1") + bytes(64))
     fake_machine(available_kib=1 << 20)
-    with pytest.raises(ValueError, match=r"reading .*big\.npy \(3x1x32768x32768 uint8\) needs about 6\.0 GiB of "
+    with pytest.raises(ValueError, match=r"^reading .*big\.npy \(3x1x32768x32768 uint8\) needs about 6\.0 GiB of "
                                          r"memory; this process has 1\.0 GiB available"):
         data.load_array(tmp_path / "big.npy")
 
@@ -200,7 +200,7 @@ def test_a_compressed_npz_member_larger_than_memory_is_refused_from_its_header(f
         archive.writestr("images.npy", _npy_header((100, 3, 1024, 1024), "<f4") + bytes(1 << 16))
     assert (tmp_path / "small.npz").stat().st_size < 4096
     fake_machine(available_kib=1 << 20)
-    with pytest.raises(ValueError, match=r"reading .*small\.npz's array 'images' \(100x3x1024x1024 float32\) needs "
+    with pytest.raises(ValueError, match=r"^reading .*small\.npz's array 'images' \(100x3x1024x1024 float32\) needs "
                                          r"about 2\.6 GiB"):
         data.load_array(tmp_path / "small.npz")
 
@@ -221,3 +221,71 @@ def test_float_images_are_converted_with_one_working_copy(tmp_path):
         tracemalloc.stop()
     assert images.dtype == torch.uint8 and images[0, 0, 0, 0] == 0 and images[-1, -1, -1, -1] == 255
     assert peak < 1.5 * array.nbytes, f"peak {peak / array.nbytes:.2f}x the array"
+
+
+def _claim_gigabytes(path, member_suffix: str = "data/0") -> None:
+    """Make a torch.save archive's central directory say that a member unpacks
+    to 3 GiB, as a compressed member of a few kilobytes can."""
+    blob = bytearray(path.read_bytes())
+    at = blob.find(b"PK\x01\x02")
+    while at >= 0:
+        name_length = int.from_bytes(blob[at + 28 : at + 30], "little")
+        if bytes(blob[at + 46 : at + 46 + name_length]).decode().endswith(member_suffix):
+            blob[at + 24 : at + 28] = (3 << 30).to_bytes(4, "little")  # the uncompressed size
+            path.write_bytes(bytes(blob))
+            return
+        at = blob.find(b"PK\x01\x02", at + 4)
+    raise AssertionError(f"no member ending in {member_suffix} in {path}")
+
+
+UNPACKS_BEYOND_MEMORY = r"^loading .*{} \(\d+ bytes unpacked\) needs about 3\.0 GiB of memory; this process has 1\.0 GiB"
+
+
+def test_a_trainer_state_that_unpacks_beyond_memory_is_refused_before_loading(fake_machine, tmp_path):
+    """Not called damaged, nor passed over for an older checkpoint, which is no smaller."""
+    from train_helpers import make_trainer
+
+    make_trainer(tmp_path, steps=4, keep_checkpoints=2).train(final_samples=False)
+    _claim_gigabytes(tmp_path / "checkpoint-00000004" / "trainer.pt")
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(_memory.MemoryLimitError, match=UNPACKS_BEYOND_MEMORY.format(r"trainer\.pt")):
+        make_trainer(tmp_path, steps=4).train(final_samples=False)
+
+
+def test_inception_weights_that_unpack_beyond_memory_are_refused_before_loading(fake_machine, tmp_path):
+    from ddpm_fast.fid import load_inception
+
+    torch.save({"conv.weight": torch.zeros(4, 4)}, tmp_path / "weights.pth")
+    _claim_gigabytes(tmp_path / "weights.pth")
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(ValueError, match=UNPACKS_BEYOND_MEMORY.format(r"weights\.pth")):
+        load_inception(tmp_path / "weights.pth")
+
+
+def test_diffusers_bin_weights_that_unpack_beyond_memory_are_refused_before_loading(fake_machine, tmp_path):
+    import json
+
+    from ddpm_fast.models import UNet
+
+    config = dict(_class_name="UNet2DModel", sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16],
+                  layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                  up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save({"conv_in.weight": torch.zeros(8, 1, 3, 3)}, tmp_path / "diffusion_pytorch_model.bin")
+    _claim_gigabytes(tmp_path / "diffusion_pytorch_model.bin")
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(ValueError, match=UNPACKS_BEYOND_MEMORY.format(r"diffusion_pytorch_model\.bin")):
+        UNet.from_diffusers(tmp_path)
+
+
+def test_statistics_too_large_for_memory_are_refused_from_their_headers(fake_machine, tmp_path):
+    import zipfile
+
+    from ddpm_fast.fid import load_statistics
+
+    with zipfile.ZipFile(tmp_path / "stats.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mu.npy", _npy_header((20000,), "<f4") + bytes(80000))
+        archive.writestr("sigma.npy", _npy_header((20000, 20000), "<f4") + bytes(1 << 16))
+    fake_machine(available_kib=1 << 20)
+    with pytest.raises(_memory.MemoryLimitError, match=r"^reading FID statistics .*stats\.npz needs about 4\.5 GiB"):
+        load_statistics(tmp_path / "stats.npz")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._checks import is_int
+from .._memory import check_unpacked_fits
 from ..nn import GroupNormSiLU
 from ..nn.group_norm_silu import has_hooks
 from .serialization import build_to_fit, load_safetensors, load_state_dict_checked, meta_build, read_json
@@ -156,6 +157,7 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
             continue
         if name.endswith(".safetensors"):
             return config, load_safetensors(path)
+        check_unpacked_fits(path, f"loading {path}")
         try:
             return config, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
