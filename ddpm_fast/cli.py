@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -205,6 +206,9 @@ def _sample(args: argparse.Namespace) -> int:
             model = model.to(memory_format=torch.channels_last)
         sampler = Sampler(model, schedule, variance=variance, clip_denoised=clip, dtype=dtype,
                           channels_last=args.channels_last, device=device)
+        if sampler.sample_shape is not None:  # samples.npz: uint8, one byte a value
+            need = args.n * math.prod(sampler.sample_shape)
+            distributed.run_on_rank0(lambda: options.check_free_space(args.out, need, f"samples.npz of {args.n} samples"))
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
                                             steps=args.steps, eta=args.eta, progress=True)
     except BaseException:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -106,6 +107,25 @@ def check_output_folder(path: str | os.PathLike, option: str = "--out", files: S
         raise UsageError(f"{option} {path}: no file can be created in {existing} ({error.strerror or error})") from None
     os.close(handle)
     os.unlink(probe)
+
+
+def check_free_space(path: str | os.PathLike, need: int, what: str, option: str = "--out") -> None:
+    """Fail before the work if the disk under ``path`` (its nearest existing
+    folder) has less than ``need`` bytes free for ``what``: a full disk was
+    found only when the result of hours of sampling was written."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise UsageError(f"{option} {path}: {what} needs {_size(need)} of disk, and {existing} has {_size(free)} free")
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def option_errors(make: Callable[..., T]) -> Callable[..., T]:

@@ -506,3 +506,25 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m ddpm_fast info 2>'{err}' | true; "
                            "echo ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=300)
     assert (done.stdout.strip(), err.read_text()) == ("1", "")
+
+
+def test_sample_refuses_a_disk_too_full_for_its_samples_before_sampling(tiny_run, tmp_path, monkeypatch, capsys):
+    """A full disk was found only when samples.npz was written, after the whole run."""
+    import shutil
+
+    from ddpm_fast.sampler import Sampler
+
+    seen = []
+
+    def usage(path):
+        seen.append(Path(path))
+        return shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr(Sampler, "sample", lambda *a, **k: pytest.fail("sampling began"))
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "new" / "out"), "-n", "20",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--out {tmp_path / 'new' / 'out'}: samples.npz of 20 samples needs 1.2 KiB of disk, and "
+                        f"{tmp_path} has 1000 bytes free"), err
+    assert seen == [tmp_path]  # the nearest folder that exists
