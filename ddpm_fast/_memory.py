@@ -16,8 +16,8 @@ try:
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
-__all__ = ["MemoryLimitError", "available_memory", "check_fits_in_memory", "check_unpacked_fits", "npy_header",
-           "npz_member_header"]
+__all__ = ["MemoryLimitError", "available_memory", "check_fits_in_memory", "check_unpacked_fits", "format_size",
+           "npy_header", "npz_member_header"]
 
 # Read where present (Linux); elsewhere the bound is unknown and nothing is refused.
 _MEMINFO = Path("/proc/meminfo")
@@ -131,3 +131,11 @@ def npz_member_header(archive: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[in
     member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
     with archive.zip.open(member) as npy:
         return npy_header(npy)
+
+
+def format_size(count: int) -> str:
+    """``count`` bytes in words: "1.5 GiB", "3.0 MiB", "1.2 KiB", "100 bytes"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"

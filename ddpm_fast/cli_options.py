@@ -13,6 +13,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from ._memory import format_size
+
 T = TypeVar("T")
 
 
@@ -118,14 +120,8 @@ def check_free_space(path: str | os.PathLike, need: int, what: str, option: str 
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise UsageError(f"{option} {path}: {what} needs {_size(need)} of disk, and {existing} has {_size(free)} free")
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} bytes"
+        raise UsageError(f"{option} {path}: {what} needs {format_size(need)} of disk, and {existing} has "
+                         f"{format_size(free)} free")
 
 
 def option_errors(make: Callable[..., T]) -> Callable[..., T]:

@@ -406,6 +406,7 @@ class Trainer(TrainerCheckpoints):
             (self.out_dir / "log.jsonl").unlink(missing_ok=True)
             self._remove_later_checkpoints()
             self._remove_earlier_pictures()
+        run_on_rank0(self._check_disk_space)  # which writes the checkpoints; raised on every rank
         cfg = self.config
         if self.step > cfg.steps and self.rank == 0:
             warn(f"the run in {self.out_dir} is already at step {self.step}, beyond steps={cfg.steps}: "

@@ -6,6 +6,7 @@ schedules, step and run folder."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._memory import check_unpacked_fits
+from ._memory import check_unpacked_fits, format_size
 from ._warn import warn
 from .checkpoint import (LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, resume_order,
                          write_checkpoint)
@@ -51,6 +52,36 @@ class ConfigMismatchError(CheckpointError):
 
 class TrainerCheckpoints:
     """Checkpoint methods of ``Trainer`` (a mixin: the state is the Trainer's)."""
+
+    def _check_disk_space(self) -> None:
+        """Before training: refuse a run whose next checkpoint the disk under
+        its folder has no room for (found only when it was written, after
+        ``checkpoint_every`` steps of training lost), and warn where the
+        checkpoints it writes before it deletes old ones (``keep_checkpoints``
+        and the one being written) will not fit. Sized from the newest checkpoint, else from the
+        model: two copies of its state (the model, the EMA) and Adam's two moments."""
+        cfg = self.config
+        every = cfg.checkpoint_every
+        writes = cfg.steps // every - self.step // every + (1 if cfg.steps % every and self.step < cfg.steps else 0)
+        if writes <= 0:
+            return
+        held = checkpoints(self.out_dir)
+        if held:
+            size = sum(f.stat().st_size for f in held[-1][1].iterdir() if f.is_file())
+        else:
+            state = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+            moments = sum(2 * p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            size = 2 * state + moments + (1 << 18)  # and the generator states, the config, the archives' own bytes
+        keep = cfg.keep_checkpoints
+        at_once = writes if keep <= 0 else min(writes, max(keep + 1 - len(held), 1))
+        free = shutil.disk_usage(self.out_dir).free
+        if size > free:
+            raise OSError(errno.ENOSPC, f"a checkpoint of this run takes about {format_size(size)} and the disk of "
+                          f"{self.out_dir} has {format_size(free)} free: free some space or train elsewhere")
+        if at_once * size > free:
+            warn(f"this run writes {at_once} more checkpoints before it deletes old ones (keep_checkpoints={keep}), "
+                 f"about {format_size(at_once * size)}, and the disk of {self.out_dir} has {format_size(free)} free: "
+                 "it will fill before the run ends")
 
     def _last_good_checkpoint(self) -> str:
         """Where a run stopped by non-finite losses can resume from, in words."""

@@ -227,3 +227,41 @@ def test_a_config_mismatch_survives_pickling():
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is ConfigMismatchError and str(back) == str(error)
     assert (back.path, back.differences) == (error.path, error.differences)
+
+
+def _disk_with(monkeypatch, free: int) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    """Found only when the first checkpoint was written: checkpoint_every steps of training lost."""
+    import errno
+
+    trainer = make_trainer(tmp_path, steps=4)
+    monkeypatch.setattr(trainer, "train_step", lambda: pytest.fail("training began"))
+    _disk_with(monkeypatch, 1000)
+    with pytest.raises(OSError, match=r"a checkpoint of this run takes about \d+\.\d KiB and the disk of .* has 1000 "
+                                      r"bytes free: free some space or train elsewhere") as raised:
+        trainer.train(final_samples=False)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_a_disk_without_room_for_the_checkpoints_kept_at_once_is_warned_of(tmp_path, monkeypatch):
+    """Sized from the newest checkpoint: resumed to step 8 with keep_checkpoints=2,
+    the run holds checkpoint 2 and two more at once (the third before it deletes one)."""
+    make_trainer(tmp_path, steps=2).train(final_samples=False)
+    size = sum(f.stat().st_size for f in latest_checkpoint(tmp_path).iterdir())
+    _disk_with(monkeypatch, size + size // 2)
+    with pytest.warns(UserWarning, match=r"this run writes 2 more checkpoints before it deletes old ones "
+                                         r"\(keep_checkpoints=2\), about \d+\.\d KiB, and the disk of .* has \d+\.\d KiB "
+                                         r"free: it will fill before the run ends"):
+        assert make_trainer(tmp_path, steps=8).train(final_samples=False)["trained"] == 6
+    _disk_with(monkeypatch, 3 * size)  # room enough: no word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer(tmp_path, steps=12).train(final_samples=False)
+    _disk_with(monkeypatch, size // 2)
+    with pytest.raises(OSError, match="a checkpoint of this run takes about"):
+        make_trainer(tmp_path, steps=14).train(final_samples=False)
