@@ -118,7 +118,10 @@ def check_free_space(path: str | os.PathLike, need: int, what: str, option: str 
     existing = Path(path).absolute()
     while not existing.exists():
         existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:  # not known here: the write will tell
+        return
     if need > free:
         raise UsageError(f"{option} {path}: {what} needs {format_size(need)} of disk, and {existing} has "
                          f"{format_size(free)} free")

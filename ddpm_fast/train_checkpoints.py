@@ -74,7 +74,10 @@ class TrainerCheckpoints:
             size = 2 * state + moments + (1 << 18)  # and the generator states, the config, the archives' own bytes
         keep = cfg.keep_checkpoints
         at_once = writes if keep <= 0 else min(writes, max(keep + 1 - len(held), 1))
-        free = shutil.disk_usage(self.out_dir).free
+        try:
+            free = shutil.disk_usage(self.out_dir).free
+        except OSError:  # not known here: the writes will tell
+            return
         if size > free:
             raise OSError(errno.ENOSPC, f"a checkpoint of this run takes about {format_size(size)} and the disk of "
                           f"{self.out_dir} has {format_size(free)} free: free some space or train elsewhere")

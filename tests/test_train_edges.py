@@ -265,3 +265,13 @@ def test_a_disk_without_room_for_the_checkpoints_kept_at_once_is_warned_of(tmp_p
     _disk_with(monkeypatch, size // 2)
     with pytest.raises(OSError, match="a checkpoint of this run takes about"):
         make_trainer(tmp_path, steps=14).train(final_samples=False)
+
+
+def test_a_disk_whose_free_space_cannot_be_read_trains(tmp_path, monkeypatch):
+    import shutil
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "disk_usage", unreadable)
+    assert make_trainer(tmp_path, steps=2).train(final_samples=False)["trained"] == 2
