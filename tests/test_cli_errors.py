@@ -528,3 +528,14 @@ def test_sample_refuses_a_disk_too_full_for_its_samples_before_sampling(tiny_run
     assert err.endswith(f"--out {tmp_path / 'new' / 'out'}: samples.npz of 20 samples needs 1.2 KiB of disk, and "
                         f"{tmp_path} has 1000 bytes free"), err
     assert seen == [tmp_path]  # the nearest folder that exists
+
+
+def test_sample_goes_on_where_the_free_space_cannot_be_read(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "disk_usage", unreadable)
+    assert main(["sample", "--checkpoint", str(tiny_run), "--out", str(tmp_path), "-n", "2", "--steps", "2",
+                 "--device", "cpu"]) == 0
