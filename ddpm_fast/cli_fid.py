@@ -18,8 +18,12 @@ __all__ = ["fid_command"]
 def fid_command(args: argparse.Namespace) -> int:
     """FID of --samples against --data (images, or their saved statistics)."""
     from .data import load_array, load_dataset, load_image_folder
-    from .fid import activation_statistics, frechet_distance, load_inception, save_statistics
+    from .fid import activation_statistics, check_method, frechet_distance, load_inception, save_statistics
 
+    try:  # before the Inception passes, not after them
+        check_method(args.method)
+    except ImportError:
+        raise UsageError(f"--method {args.method} needs scipy (pip install scipy); --method eigh does not") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     given = _statistics_given(args)
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work

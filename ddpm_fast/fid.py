@@ -337,7 +337,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape:
         raise ValueError(f"frechet_distance: the two statistics must be of one D, got D = {mu1.shape[0]} "
                          f"(mu1, sigma1) and D = {mu2.shape[0]} (mu2, sigma2)")
-    _check_method(method)
+    check_method(method)
     trace_sqrt = _trace_sqrt_sqrtm(sigma1, sigma2, eps) if method == "sqrtm" else _trace_sqrt_eigh(sigma1, sigma2)
     diff = mu1 - mu2
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
@@ -409,9 +409,9 @@ def _checked_statistics(mu: np.ndarray, sigma: np.ndarray, source: str,
     return mu, sigma
 
 
-def _check_method(method: str) -> None:
-    """Refuse an unknown method, or sqrtm without scipy (fid calls this before its
-    Inception passes, which take minutes)."""
+def check_method(method: str) -> None:
+    """Refuse an unknown method, or sqrtm without scipy (fid and the fid command
+    call this before their Inception passes, which take minutes to hours)."""
     if method not in ("sqrtm", "eigh"):
         raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
     if method == "sqrtm":
@@ -450,7 +450,7 @@ def fid(images_a: np.ndarray | torch.Tensor, images_b: np.ndarray | torch.Tensor
         progress: bool = False, method: str = "sqrtm") -> float:
     """FID between two sets of uint8 N x H x W x C images (Heusel et al. 2017)."""
     a, b = _check_images(images_a, "images_a"), _check_images(images_b, "images_b")
-    _check_method(method)
+    check_method(method)
     model = load_inception(weights_path, device)
     mu1, sigma1 = activation_statistics(a, model, batch_size, device, progress)
     mu2, sigma2 = activation_statistics(b, model, batch_size, device, progress)

@@ -80,3 +80,20 @@ def test_a_damaged_npz_as_data_is_one_line(tmp_path, weights, capsys):  # noqa: 
                      "--inception-weights", str(weights), "--device", "cpu"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("ddpm-fast fid: error:") and message in err and "\n" not in err, err
+
+
+def test_sqrtm_without_scipy_is_refused_before_the_inception_passes(tmp_path, weights, capsys, monkeypatch):  # noqa: F811
+    """scipy is no dependency of the package (pip install -e . alone lacks it):
+    the default --method sqrtm raised ImportError after the Inception passes."""
+    import sys
+
+    from ddpm_fast import fid
+
+    for name in ("scipy", "scipy.linalg"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    monkeypatch.setattr(fid, "activation_statistics", lambda *a, **k: pytest.fail("the Inception passes began"))
+    np.savez(tmp_path / "samples.npz", images=images(3, size=8, seed=1))
+    assert main(["fid", "--samples", str(tmp_path / "samples.npz"), "--data", str(tmp_path / "samples.npz"),
+                 "--inception-weights", str(weights), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("ddpm-fast fid: error: --method sqrtm needs scipy (pip install scipy); "
+                                               "--method eigh does not")
