@@ -225,25 +225,27 @@ def sample_sharded(
     if shape is None or len(shape) != 3 or shape[0] not in (1, 3):  # before the chain, not after it
         raise ValueError(f"sample_sharded returns images, so the Sampler's sample_shape must be (C, H, W) with C 1 or 3, "
                          f"got {shape}")
-    # Rank 0 ends holding every sample twice (the batches and their join): a
-    # count that cannot fit is refused now, not after hours of sampling.
-    check_fits_in_memory(2 * n * math.prod(shape), f"holding {n} samples of {'x'.join(map(str, shape))}")
     rank, world = rank_and_world()
+    # One process fills one array; under DDP rank 0 ends holding every sample
+    # twice (the shares gathered, and their join): a count that cannot fit is
+    # refused now, not after hours of sampling.
+    check_fits_in_memory((1 if world == 1 else 2) * n * math.prod(shape),
+                         f"holding {n} samples of {'x'.join(map(str, shape))}")
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:
         shared = [seed]
         dist.broadcast_object_list(shared, src=0)
         seed = shared[0]
     lo, hi = shard(n, rank, world)
-    parts = []
+    channels, height, width = shape
+    mine = np.empty((hi - lo, height, width, channels), dtype=np.uint8) if hi > lo else None  # filled batch by batch
     starts = range(lo, hi, batch_size)
     for index, start in enumerate(starts):
         count = min(batch_size, hi - start)
         with batch_of(index, len(starts)):
             x = sampler.sample(count, seed=seed, steps=steps, eta=eta, first_sample=start,
                                progress=progress and rank == 0)
-        parts.append(to_uint8(x))
-    mine = np.concatenate(parts) if parts else None
+        mine[start - lo : start - lo + count] = to_uint8(x)
     if world == 1:
         return mine
     # To rank 0 only: an all-gather would hold every rank's images on every rank.
