@@ -160,11 +160,11 @@ def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
-def _check_fits(count: int, shape: Sequence[int], source: object, copies: int = 1) -> None:
-    """Refuse images that cannot fit in the memory left (``copies`` of them at
-    once) before they are made: a large --image-size filled memory image by
-    image until the kernel's OOM killer ended the process."""
-    check_fits_in_memory(copies * count * int(np.prod(shape)),
+def _check_fits(count: int, shape: Sequence[int], source: object) -> None:
+    """Refuse uint8 images that cannot fit in the memory left before they are
+    made: a large --image-size filled memory image by image until the
+    kernel's OOM killer ended the process."""
+    check_fits_in_memory(count * int(np.prod(shape)),
                          f"holding {count} images of {'x'.join(map(str, shape))} from {source}")
 
 
@@ -288,24 +288,28 @@ def load_image_folder(
         raise ValueError(f"image folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     mode = "L" if channels == 1 else "RGB"
     count = len(files)  # (files becomes a progress bar)
-    if image_size is not None:  # each image and their stack: twice
-        _check_fits(count, (1 if channels == 1 else 3, image_size, image_size), folder, copies=2)
-    tensors, first_size = [], None
+    if image_size is not None:
+        _check_fits(count, (1 if channels == 1 else 3, image_size, image_size), folder)
+    # One tensor filled image by image, made once the first image gives the size
+    # (a list of images and their stack held every image twice).
+    images, first_size = None, None
     if progress and len(files) >= PROGRESS_MIN_FILES:
         files = progress_bar(files, desc="loading images", unit="image")
-    for file in files:
+    for index, file in enumerate(files):
         x = _read_image(file, mode)
         if image_size is not None:
             x = _resize(x[None], image_size)[0]
         elif first_size is None:
-            _check_fits(count, x.shape, folder, copies=2)
             first_size = (x.shape[1:], file)
         elif x.shape[1:] != first_size[0]:
             (h, w), (h0, w0) = x.shape[1:], first_size[0]
             raise ValueError(f"images in {folder} have different sizes ({first_size[1].name} is {w0}x{h0}, "
                              f"{file.name} is {w}x{h}): pass image_size (--image-size) to resize and center-crop them")
-        tensors.append(x)
-    return ImageDataset(torch.stack(tensors), name=folder.resolve().name)
+        if images is None:
+            _check_fits(count, x.shape, folder)
+            images = torch.empty((count, *x.shape), dtype=x.dtype)
+        images[index] = x
+    return ImageDataset(images, name=folder.resolve().name)
 
 
 # ---------------------------------------------------------------- CIFAR-10

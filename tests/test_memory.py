@@ -159,7 +159,7 @@ def test_an_image_size_whose_images_cannot_fit_is_refused_before_reading(fake_ma
     _grey_pngs(tmp_path / "images")
     fake_machine(available_kib=1 << 20)
     monkeypatch.setattr(data, "_read_image", lambda *a: pytest.fail("reading began"))
-    with pytest.raises(ValueError, match=r"holding 3 images of 3x20000x20000 from .*images needs about 6\.7 GiB"):
+    with pytest.raises(ValueError, match=r"holding 3 images of 3x20000x20000 from .*images needs about 3\.4 GiB"):
         data.load_image_folder(tmp_path / "images", image_size=20000)
 
 
@@ -168,14 +168,40 @@ def test_a_folder_of_more_images_than_memory_holds_is_refused_after_the_first(fa
 
     _grey_pngs(tmp_path / "images", count=1)
     (file,) = (tmp_path / "images").iterdir()
-    monkeypatch.setattr(data, "_image_files", lambda folder: [file] * 10**6)
+    monkeypatch.setattr(data, "_image_files", lambda folder: [file] * 2 * 10**6)
     read = data._read_image
     calls = []
     monkeypatch.setattr(data, "_read_image", lambda *a: read(*a) if not calls.append(1) and len(calls) == 1
                         else pytest.fail("a second image was read"))
     fake_machine(available_kib=1 << 20)
-    with pytest.raises(ValueError, match=r"holding 1000000 images of 3x16x16 from .*images needs about 1\.4 GiB"):
+    with pytest.raises(ValueError, match=r"holding 2000000 images of 3x16x16 from .*images needs about 1\.4 GiB"):
         data.load_image_folder(tmp_path / "images")
+
+
+def test_a_folder_is_held_once_while_it_is_read(tmp_path):
+    """Its images were kept in a list, then stacked: the peak grew by twice
+    their size; one tensor filled image by image holds them once."""
+    script = textwrap.dedent("""
+        import pathlib, resource, sys
+        import numpy as np
+        from PIL import Image
+        from ddpm_fast.data import load_image_folder
+        folder, small = pathlib.Path(sys.argv[1]) / "folder", pathlib.Path(sys.argv[1]) / "small"
+        folder.mkdir(), small.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(160):
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(small / f"{i}.png")
+        load_image_folder(small)  # warm: the decoder's buffers
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        images = load_image_folder(folder).images
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print((after - before) / images.numel())
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1.4, f"the peak grew by {float(out.stdout):.2f}x the images' size"
 
 
 def test_an_array_resized_beyond_memory_is_refused_before_resizing(fake_machine, tmp_path, monkeypatch):
