@@ -229,6 +229,8 @@ def resolve_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
     path = Path(weights_path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"Inception weights {path} is a folder; give the weights file itself. {where}")
+    if path.exists() and not path.is_file():  # a pipe or a device: reading it could wait for ever
+        raise ValueError(f"Inception weights {path} is not a regular file; give the weights file itself. {where}")
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file {path} does not exist. {where}")
     return path

@@ -9,6 +9,7 @@ a randomly initialised extractor is saved to a .pth and loaded back through
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -99,6 +100,9 @@ def test_missing_weights_say_where_they_come_from(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     with pytest.raises(ValueError, match=f"{ENV_VAR} is not set"):
         load_inception(None)
+    os.mkfifo(tmp_path / "pipe")  # it was called missing; reading it would wait for a writer
+    with pytest.raises(ValueError, match=r"Inception weights .*pipe is not a regular file; give the weights file itself"):
+        load_inception(tmp_path / "pipe")
 
 
 @pytest.mark.parametrize("edit, message", [
