@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +66,13 @@ def test_timestep_embedding_values_for_an_odd_width():
     freqs = [1.0, 0.01, 1e-4]
     want = torch.tensor([[math.sin(v * f) for f in freqs] + [math.cos(v * f) for f in freqs] + [0.0] for v in t.tolist()])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3, 0, 4.0, True])
+def test_timestep_embedding_needs_two_frequencies(dim):
+    """dim 2 or 3 has one frequency, and its exponent divided by half - 1 = 0: NaN."""
+    with pytest.raises(ValueError, match=r"dim must be an int >= 4 \(two frequencies at least\)"):
+        timestep_embedding(torch.tensor([0.0, 5.0]), dim)
 
 
 def test_a_float_timestep_is_not_truncated():

@@ -29,6 +29,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     Always float32: t reaches 999, where bfloat16 could not even hold t f_0;
     the caller casts the result to the model's dtype.
     """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:  # half - 1 = 0 below: NaN frequencies
+        raise ValueError(f"timestep_embedding: dim must be an int >= 4 (two frequencies at least), got {dim!r}")
     half = dim // 2
     # -ln(10000) i / (half - 1), in this order of operations (as diffusers does)
     # so that checkpoints converted from diffusers see the same embedding bit for bit.
