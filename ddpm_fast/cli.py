@@ -26,6 +26,7 @@ from .cli_options import UsageError
 from .cli_fid import fid_command as _fid
 from .cli_signals import catch_sigterm, restore_sigterm, stopped
 from .cli_warnings import format_warnings, restore_warnings
+from .images import GRID_SAMPLES
 from .ops import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -220,7 +221,6 @@ def _sample(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         # Each written whole or not at all; the data first: a failure leaves no new grid beside old data.
         save_npz(images, out / "samples.npz")
-        # A grid of every sample would not be looked at: 50,000 made a 157 MB picture in 16 s.
         save_grid(images[: args.grid], out / "samples.png")
         shown = "" if args.grid >= len(images) else f" (the first {args.grid} of them)"
         print(f"wrote {len(images)} samples to {out / 'samples.npz'} and {out / 'samples.png'}{shown}")
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, type=options.path, help="output folder for samples.png and samples.npz (key 'images', uint8 NxHxWxC); files of those names there are replaced")
     sample.add_argument("-n", type=options.positive, default=64, help="number of samples (default: 64)")
     sample.add_argument("--batch-size", type=options.positive, default=256, help="samples per batch (default: 256)")
-    sample.add_argument("--grid", type=options.positive, default=256, help="samples.png shows the first N samples (default: 256); samples.npz holds all")
+    sample.add_argument("--grid", type=options.positive, default=GRID_SAMPLES,
+                        help=f"samples.png shows the first N samples (default: {GRID_SAMPLES}); samples.npz holds all")
     sample.add_argument("--steps", type=options.positive, default=None, help="respace the chain to this many steps (default: all T)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM with this eta (0: deterministic; default: ancestral DDPM)")
     sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default=_VARIANCE_DEFAULT,
@@ -402,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train a small model on the bundled 8x8 digits and sample from it (minutes on a CPU)")
     demo.add_argument("--out", required=True, type=options.path, help="output folder: samples.png, samples.npz, loss.png and the run")
     demo.add_argument("--steps", type=options.positive, default=None, help="training steps (default: the demo recipe's)")
-    demo.add_argument("--samples", type=options.positive, default=100, help="number of samples (default: 100)")
+    demo.add_argument("--samples", type=options.positive, default=100,
+                      help="number of samples, drawn in one batch: at most 10000 (default: 100)")
     demo.add_argument("--sample-steps", type=options.positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
     demo.add_argument("--seed", type=options.seed_below(63), default=0, help="seed, below 2^63 (default: 0)")
     demo.set_defaults(run=_demo)

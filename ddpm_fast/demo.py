@@ -20,16 +20,17 @@ import torch
 from ._checks import check_bool, is_int
 from .checkpoint import CheckpointError
 from .data import ImageDataset, load_digits
-from .images import save_grid, save_npz, to_uint8
+from .images import GRID_SAMPLES, save_grid, save_npz, to_uint8
 from .models import UNet
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .train import ConfigMismatchError, TrainConfig, Trainer
 
-__all__ = ["run_demo", "digit_quality", "DEMO_STEPS", "DEMO_SAMPLE_STEPS"]
+__all__ = ["run_demo", "digit_quality", "DEMO_STEPS", "DEMO_SAMPLE_STEPS", "MAX_DEMO_SAMPLES"]
 
 DEMO_STEPS = 1200
 DEMO_SAMPLE_STEPS = 250  # respaced: 4x faster than all 1000 steps; tests/test_demo.py samples this way too
+MAX_DEMO_SAMPLES = 10_000  # drawn in one batch
 
 
 def demo_config(steps: int, seed: int) -> TrainConfig:
@@ -100,8 +101,9 @@ def run_demo(
     # Checked before training, not after minutes of it (as the Sampler would).
     if not is_int(sample_steps) or not 1 <= sample_steps <= schedule.num_timesteps:
         raise ValueError(f"sample_steps must be an int in [1, {schedule.num_timesteps}], got {sample_steps!r}")
-    if not is_int(samples) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if not is_int(samples) or not 1 <= samples <= MAX_DEMO_SAMPLES:  # one batch: 10,000 took 1.4 GB here
+        raise ValueError(f"samples must be an int in [1, {MAX_DEMO_SAMPLES}] (the demo draws them in one batch; "
+                         f"draw more from its run with ddpm-fast sample --checkpoint OUT/run), got {samples!r}")
     check_bool(progress, "progress")  # before training, not when sampling starts after it
     config = demo_config(steps, seed)  # checks steps and seed, before anything is made
     out = Path(out)
@@ -120,7 +122,7 @@ def run_demo(
     sampler = Sampler(trainer.ema, schedule, device="cpu", cuda_graph=False, channels_last=trainer.config.channels_last)
     x = sampler.sample(samples, seed=seed, steps=sample_steps, progress=progress)
     images = to_uint8(x)
-    save_grid(images, out / "samples.png", nrow=10)
+    save_grid(images[:GRID_SAMPLES], out / "samples.png", nrow=10)
     save_npz(images, out / "samples.npz")
     loss_curve = out / "run" / "loss.png"
     if loss_curve.exists():

@@ -16,6 +16,9 @@ from ._checks import is_int
 __all__ = ["to_uint8", "make_grid", "save_grid", "save_npz", "plot_curve"]
 
 _MIN_TILE_PX = 32  # small samples (8x8 digits) are upscaled to at least this
+# How many samples a written grid shows by default (the first ones): a grid of
+# every sample would not be looked at (50,000 made a 157 MB picture in 16 s).
+GRID_SAMPLES = 256
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

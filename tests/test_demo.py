@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 
 import ddpm_fast.demo as demo
-from ddpm_fast.demo import DEMO_SAMPLE_STEPS, DEMO_STEPS, digit_quality, run_demo
-from ddpm_fast.images import to_uint8
+from ddpm_fast.cli import main
+from ddpm_fast.demo import DEMO_SAMPLE_STEPS, DEMO_STEPS, MAX_DEMO_SAMPLES, digit_quality, run_demo
+from ddpm_fast.images import GRID_SAMPLES, make_grid, to_uint8
 
 # The demo as shipped. Over 400 samples its share of confident digits was
 # 0.68-0.72 for seeds 0-2 (2026-12-03); 100 samples (groups of those 400) gave
@@ -66,10 +68,27 @@ def test_progress_is_checked_before_training(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_samples_is_checked_before_training(tmp_path):
-    with pytest.raises(ValueError, match="samples must be a positive int, got 0"):
-        run_demo(tmp_path / "demo", steps=1, samples=0, progress=False)
+@pytest.mark.parametrize("samples", [0, MAX_DEMO_SAMPLES + 1, 2.0])
+def test_samples_is_checked_before_training(tmp_path, samples):
+    """One batch: 10,000 took 1.4 GB here, so 10^6 would ask for about 140 GB, after the training."""
+    with pytest.raises(ValueError, match=rf"samples must be an int in \[1, {MAX_DEMO_SAMPLES}\] \(the demo draws them in "
+                                         rf"one batch; draw more from its run with ddpm-fast sample --checkpoint OUT/run\), "
+                                         rf"got {samples!r}"):
+        run_demo(tmp_path / "demo", steps=1, samples=samples, progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_help_states_its_most_samples(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"at most {MAX_DEMO_SAMPLES}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_demo_grid_shows_the_first_samples(tmp_path, demo_sample_calls):
+    run_demo(tmp_path, steps=1, samples=GRID_SAMPLES + 20, seed=0, progress=False)
+    assert len(np.load(tmp_path / "samples.npz")["images"]) == GRID_SAMPLES + 20
+    grid = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert grid.shape == make_grid(to_uint8(_drawn(GRID_SAMPLES)), nrow=10, scale=4).shape[:2]
 
 
 @pytest.fixture
@@ -145,8 +164,6 @@ def test_demo_trains_without_flips_and_writes_its_loss_curve(tmp_path, demo_trai
 
 
 def test_demo_help_states_its_sample_steps_default(capsys):
-    from ddpm_fast.cli import main
-
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert f"(default: {DEMO_SAMPLE_STEPS} of the 1000" in " ".join(capsys.readouterr().out.split())
