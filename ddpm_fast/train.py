@@ -504,9 +504,11 @@ class Trainer(TrainerCheckpoints):
         sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
                           channels_last=self.config.channels_last, sample_shape=tuple(images.shape[1:]))
         count = self.config.sample_count
+        # In batches of the training batch, which fits (sample i is the same for any batch size):
+        # a large sample_count in one batch asked for far more memory than training, at the first grid.
         # A bar of its own (rank 0's, below the training bar): a grid is a whole chain, minutes of silence else.
-        drawn = sample_sharded(sampler, count, seed=self.config.seed, batch_size=count, steps=self.config.sample_steps,
-                               progress=self.progress)
+        drawn = sample_sharded(sampler, count, seed=self.config.seed, batch_size=min(count, self.config.batch_size),
+                               steps=self.config.sample_steps, progress=self.progress)
         if drawn is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)

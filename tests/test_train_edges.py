@@ -62,6 +62,22 @@ def test_sample_grids_use_the_same_noise_at_every_step(tmp_path):
     assert first.dtype == np.uint8 and first.shape == (2, 8, 8, 1) and np.array_equal(second, first)
 
 
+def test_sample_grids_are_drawn_in_batches_of_the_training_batch(tmp_path, monkeypatch):
+    """A sample_count in one batch asked for far more memory than training did,
+    at the first grid; sample i is the same whatever the batch."""
+    from ddpm_fast.sampler import Sampler
+
+    def grid(folder, batch_size: int) -> np.ndarray:
+        trainer = make_trainer(tmp_path / folder, steps=1, sample_count=10, sample_steps=3, batch_size=batch_size)
+        return trainer.sample_grid(tmp_path / f"{folder}.png")
+
+    whole = grid("a", 16)
+    counts, sample = [], Sampler.sample
+    monkeypatch.setattr(Sampler, "sample", lambda self, n, **kw: counts.append(n) or sample(self, n, **kw))
+    batched = grid("b", 4)
+    assert counts == [4, 4, 2] and np.array_equal(batched, whole)
+
+
 def test_a_step_trains_a_model_handed_over_in_eval_mode(tmp_path):
     """A model passed in eval mode (say, loaded for fine-tuning) still trains
     with its dropout on."""
