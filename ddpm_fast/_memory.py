@@ -95,7 +95,7 @@ def check_fits_in_memory(need: int, what: str) -> None:
     free = available_memory()
     if free is not None and need > free:
         raise MemoryLimitError(f"{what} needs about {need / 2**30:.1f} GiB of memory; "
-                         f"this process has {free / 2**30:.1f} GiB available")
+                               f"this process has {free / 2**30:.1f} GiB available")
 
 
 def check_unpacked_fits(path: str | os.PathLike, what: str) -> None:

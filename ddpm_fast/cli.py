@@ -209,7 +209,8 @@ def _sample(args: argparse.Namespace) -> int:
                           channels_last=args.channels_last, device=device)
         if sampler.sample_shape is not None:  # samples.npz: uint8, one byte a value
             need = args.n * math.prod(sampler.sample_shape)
-            distributed.run_on_rank0(lambda: options.check_free_space(args.out, need, f"samples.npz of {args.n} samples"))
+            what = f"samples.npz of {args.n} samples"
+            distributed.run_on_rank0(lambda: options.check_free_space(args.out, need, what))
         images = distributed.sample_sharded(sampler, args.n, seed=args.seed, batch_size=args.batch_size,
                                             steps=args.steps, eta=args.eta, progress=True)
     except BaseException:

@@ -400,7 +400,7 @@ def _array_to_nchw(array: np.ndarray, source: str) -> torch.Tensor:
         raise ValueError(f"{source}: float images in [{lo:.4g}, {hi:.4g}] are ambiguous: any negative value means "
                          "[-1, 1], yet nothing is darker than a quarter grey there; clip [0, 1] images "
                          "(np.clip(a, 0, 1)) or map them to [-1, 1] yourself")
-    # One working copy, changed in place (a temporary per operation held four
+    # One working copy, changed in place (a temporary per operation held three
     # copies of a large float array at once); float16 would round badly.
     work_dtype = np.result_type(array.dtype, np.float32)
     if lo < 0:  # [-1, 1]

@@ -375,8 +375,8 @@ class NoiseSchedule:
             cached = make().to(device=device, dtype=torch.float32)
         if exporting or (not compiling and is_traced(cached)):
             return cached
-        if compiling:
-            self._device_tables[(name, device)] = (cached, None, ((), None))  # checked (and made again) by the next eager call
+        if compiling:  # no version: made again by the next eager call
+            self._device_tables[(name, device)] = (cached, None, ((), None))
         else:
             self._device_tables[(name, device)] = (cached, cached._version, self._stamp(sources))
         # A snapshot of the keys, and pop: another thread may add or drop one meanwhile.
