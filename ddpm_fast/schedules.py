@@ -277,7 +277,8 @@ class NoiseSchedule:
 
     def table(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """The float32 table ``name`` on ``device``, made once per device: the
-        cached tensor the kernels read, so read-only (not copied per call)."""
+        cached tensor the kernels read, so read-only (not copied per call; one
+        edited in place is made again from the float64 table at the next call)."""
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
         return self._cached(name, device, lambda: getattr(self, name), (name,))
@@ -286,7 +287,8 @@ class NoiseSchedule:
         self, kind: str = "fixed_large", *, eta: float = 0.0, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """The float32 (T, 8) coefficient table of one reverse step, cached per
-        device: the tensor the kernels read, so read-only (not copied per call).
+        device: the tensor the kernels read, so read-only (not copied per call;
+        one edited in place is made again at the next call).
 
         ``kind``: ``fixed_small`` / ``fixed_large`` (ancestral DDPM, sigma_t^2 =
         beta~_t or beta_t) or ``ddim`` (Song et al. 2021, with ``eta``). Columns
