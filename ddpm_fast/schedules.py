@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,19 +54,6 @@ TABLES = (
     "fixed_large_variance",
     "fixed_large_log_variance",
 )
-
-# The float64 tables a reverse-step table is made from (_ddpm_table, _ddim_table).
-_STEP_SOURCES = (
-    "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas", "eps_coef", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
-    "fixed_large_variance",
-)
-
-
-def _same_stamp(made_from: tuple, now: tuple) -> bool:
-    """Whether tables are what ``NoiseSchedule._stamp`` saw: the same tensors,
-    unchanged (an inference tensor's changes cannot be seen: never the same)."""
-    return made_from[1] is not None and made_from[1] == now[1] and all(map(operator.is_, made_from[0], now[0]))
 
 
 # A schedule is host-side float64 data: made on the CPU whatever
@@ -193,8 +179,8 @@ class NoiseSchedule:
         self._compute_tables(betas)
         # Original timestep of each index (the identity unless respaced).
         self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64, device="cpu")
-        # (table, its version, its sources' _stamp) per (name, device)
-        self._device_tables: dict[tuple[str, torch.device], tuple[torch.Tensor, int | None, tuple]] = {}
+        # (table, its version when made) per (name, device)
+        self._device_tables: dict[tuple[str, torch.device], tuple[torch.Tensor, int | None]] = {}
 
     @property
     def config(self) -> dict:
@@ -281,7 +267,7 @@ class NoiseSchedule:
         edited in place is made again from the float64 table at the next call)."""
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
-        return self._cached(name, device, lambda: getattr(self, name), (name,))
+        return self._cached(name, device, lambda: getattr(self, name))
 
     def step_table(
         self, kind: str = "fixed_large", *, eta: float = 0.0, device: torch.device | str | None = None
@@ -316,7 +302,7 @@ class NoiseSchedule:
         if not (math.isfinite(eta) and eta >= 0.0):
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         make = (lambda: self._ddim_table(eta)) if kind == "ddim" else (lambda: self._ddpm_table(kind))
-        return self._cached(f"step:{kind}:{eta!r}", device, lambda: _cap_x0_columns(make()), _STEP_SOURCES)
+        return self._cached(f"step:{kind}:{eta!r}", device, lambda: _cap_x0_columns(make()))
 
     def undefined_steps(self, kind: str = "fixed_large", *, eta: float = 0.0, clip_denoised: bool = False) -> list[int]:
         """Timesteps where this reverse step is undefined: a coefficient of the
@@ -327,38 +313,25 @@ class NoiseSchedule:
         Empty for the usual schedules."""
         found = self.__dict__.setdefault("_undefined_steps", {})
         key = (kind, type(eta), eta, bool(clip_denoised))  # the type: True == 1.0 must not find 1.0's answer
-        stamp = self._stamp(_STEP_SOURCES)
         try:  # every reverse step asks: the lookup first, the checks once per key
-            made_from, answer = found[key]
-            if _same_stamp(made_from, stamp):  # else a table it came from was changed since: asked again
-                return list(answer)  # a copy: a caller's edit must not switch off every later guard
+            return list(found[key])  # a copy: a caller's edit must not switch off every later guard
         except (KeyError, TypeError):
             pass
         self.step_table(kind, eta=eta)  # checks kind and eta
         table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
         columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
-        answer = tuple((~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist())
-        found[key] = (stamp, answer)
+        answer = found[key] = tuple((~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist())
         if len(found) > 2 * len(STEP_KINDS) + _ETA_TABLES_KEPT:  # bounded: the oldest answer goes
             # (a snapshot of the keys, and pop: another thread may add or drop one meanwhile)
             found.pop(tuple(found)[0], None)
         return list(answer)
 
-    def _stamp(self, sources: tuple[str, ...]) -> tuple:
-        """The float64 tables ``sources`` as they are now: the tensors and their
-        versions (None where one is an inference tensor, which has none)."""
-        tables = operator.attrgetter(*sources)(self) if len(sources) > 1 else (getattr(self, sources[0]),)
-        try:
-            return tables, [t._version for t in tables]
-        except RuntimeError:  # "Inference tensors do not track version counter"
-            return tables, None
-
-    def _cached(self, name: str, device: torch.device | str | None, make, sources: tuple[str, ...]) -> torch.Tensor:
-        """The float32 copy on ``device`` of the float64 table ``make()`` (made
-        from the tables ``sources``), made once per device and made again where
-        it or a source was changed in place or replaced since: the tables are
-        read-only, yet an edit must not leave the kernels computing with other
-        coefficients than the float64 reference (diffusion.*), which follows it."""
+    def _cached(self, name: str, device: torch.device | str | None, make) -> torch.Tensor:
+        """The float32 copy on ``device`` of the float64 table ``make()``, made
+        once per device, and made again where it was changed in place since (it
+        is read-only, but an edit must not stay in every later kernel call; its
+        version is one attribute read, where watching the float64 tables it
+        comes from cost 15% of an op call)."""
         device = torch.device("cpu" if device is None else device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -367,20 +340,16 @@ class NoiseSchedule:
         exporting = torch.compiler.is_exporting()
         compiling = torch.compiler.is_compiling()  # traced: the tables are constants of the graph, no versions read
         entry = None if exporting else self._device_tables.get((name, device))
-        if entry is not None:
-            cached, version, stamp = entry
-            if compiling or (version == cached._version and _same_stamp(stamp, self._stamp(sources))):
-                return cached
+        if entry is not None and (compiling or entry[1] == entry[0]._version):
+            return entry[0]
         # Not an inference tensor even when first asked for under inference
         # mode: training may later save it for backward.
         with torch.inference_mode(False):
             cached = make().to(device=device, dtype=torch.float32)
         if exporting or (not compiling and is_traced(cached)):
             return cached
-        if compiling:  # no version: made again by the next eager call
-            self._device_tables[(name, device)] = (cached, None, ((), None))
-        else:
-            self._device_tables[(name, device)] = (cached, cached._version, self._stamp(sources))
+        # (under compile, no version: made again by the next eager call)
+        self._device_tables[(name, device)] = (cached, None if compiling else cached._version)
         # A snapshot of the keys, and pop: another thread may add or drop one meanwhile.
         etas = [key for key in tuple(self._device_tables) if key[0].startswith("step:ddim:") and key[1] == device]
         if len(etas) > _ETA_TABLES_KEPT:  # a chain that captured a dropped one into a CUDA graph holds it

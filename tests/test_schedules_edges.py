@@ -117,52 +117,23 @@ def test_editing_undefined_steps_answer_changes_no_later_answer():
 
 
 # ------------------------------------------------------------ tables edited in place
-# The tables are documented read-only. An edit must still not leave the kernels
-# (float32 copies made once per device) computing with other coefficients than
-# the float64 reference, which reads the schedule's tables as they are.
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_q_sample_follows_an_edit_of_a_float64_table_as_the_reference_does(backend):
-    from ddpm_fast import diffusion, ops
-
-    schedule = NoiseSchedule("linear", timesteps=10)
-    x0, noise, t = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4), torch.tensor([0, 4, 9])
-    ops.q_sample(x0, t, schedule, noise=noise, backend=backend)  # the float32 copies are made here
-    schedule.sqrt_alphas_cumprod.mul_(0.5)  # in place, after them
-    got, _ = ops.q_sample(x0, t, schedule, noise=noise, backend=backend)
-    torch.testing.assert_close(got, diffusion.q_sample(schedule, x0, t, noise), rtol=1e-6, atol=1e-6)
 
 
 def test_a_table_handed_out_and_edited_in_place_is_made_again():
+    """The float32 copy the kernels read, edited through table() or step_table()
+    (documented read-only), stayed in every later kernel call."""
+    from ddpm_fast import diffusion, ops
+
     schedule = NoiseSchedule("linear", timesteps=10)
     handed_out = schedule.table("sqrt_alphas_cumprod")
     handed_out.zero_()
     again = schedule.table("sqrt_alphas_cumprod")
     torch.testing.assert_close(again, schedule.sqrt_alphas_cumprod.float())
     assert schedule.table("sqrt_alphas_cumprod") is again  # made once more, not per call
+    x0, noise, t = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4), torch.tensor([0, 4, 9])
+    schedule.table("sqrt_one_minus_alphas_cumprod").mul_(2)
+    got, _ = ops.q_sample(x0, t, schedule, noise=noise, backend="cpu")
+    torch.testing.assert_close(got, diffusion.q_sample(schedule, x0, t, noise), rtol=1e-6, atol=1e-6)
     step = schedule.step_table("fixed_small")
     step.fill_(float("nan"))
     assert schedule.step_table("fixed_small").isfinite().all()
-
-
-def test_step_tables_and_undefined_steps_follow_an_edit_of_their_sources():
-    schedule = NoiseSchedule("linear", timesteps=10)
-    before = schedule.step_table("fixed_large").clone()
-    assert schedule.undefined_steps("fixed_large") == []
-    schedule.sqrt_recip_alphas[3] = float("inf")  # the 'a' column's source
-    after = schedule.step_table("fixed_large")
-    assert after[3, 0] == float("inf") and torch.equal(after[:3], before[:3])
-    assert schedule.undefined_steps("fixed_large") == [3]
-    schedule.sqrt_recip_alphas = schedule.sqrt_recip_alphas.clone().fill_(2.0)  # replaced
-    assert (schedule.step_table("fixed_large")[:, 0] == 2.0).all() and schedule.undefined_steps("fixed_large") == []
-
-
-def test_a_table_replaced_by_an_inference_tensor_is_followed_too():
-    """An inference tensor has no version counter: its copies are made again each call."""
-    schedule = NoiseSchedule("linear", timesteps=10)
-    with torch.inference_mode():
-        schedule.sqrt_alphas_cumprod = schedule.sqrt_alphas_cumprod * 1.0
-        first = schedule.table("sqrt_alphas_cumprod")
-        schedule.sqrt_alphas_cumprod.fill_(0.25)
-    assert not first.is_inference() and (schedule.table("sqrt_alphas_cumprod") == 0.25).all()
