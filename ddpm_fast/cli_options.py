@@ -96,11 +96,7 @@ def check_output_folder(path: str | os.PathLike, option: str = "--out", files: S
     for name in files:
         if (out / name).is_dir():
             raise UsageError(f"{option} {path}: {out / name} is a folder, so the file {name} cannot be written there")
-    existing = out
-    while not existing.exists():
-        if existing.is_symlink():  # a link to nowhere: creating the folder there fails, after the run
-            raise UsageError(f"{option} {path}: {existing} is a broken symbolic link (to {os.readlink(existing)})")
-        existing = existing.parent
+    existing = _nearest_existing(path, option)
     if not existing.is_dir():
         raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
     try:
@@ -115,9 +111,7 @@ def check_free_space(path: str | os.PathLike, need: int, what: str, option: str 
     """Fail before the work if the disk under ``path`` (its nearest existing
     folder) has less than ``need`` bytes free for ``what``: a full disk was
     found only when the result of hours of sampling was written."""
-    existing = Path(path).absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = _nearest_existing(path, option)
     try:
         free = shutil.disk_usage(existing).free
     except OSError:  # not known here: the write will tell
@@ -125,6 +119,17 @@ def check_free_space(path: str | os.PathLike, need: int, what: str, option: str 
     if need > free:
         raise UsageError(f"{option} {path}: {what} needs {format_size(need)} of disk, and {existing} has "
                          f"{format_size(free)} free")
+
+
+def _nearest_existing(path: str | os.PathLike, option: str) -> Path:
+    """``path`` (absolute) or its nearest parent that exists: where a folder to
+    be made there would go, and whose disk it would be on."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        if existing.is_symlink():  # a link to nowhere: creating the folder there fails, after the run
+            raise UsageError(f"{option} {path}: {existing} is a broken symbolic link (to {os.readlink(existing)})")
+        existing = existing.parent
+    return existing
 
 
 def option_errors(make: Callable[..., T]) -> Callable[..., T]:
