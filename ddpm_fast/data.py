@@ -293,7 +293,7 @@ def load_image_folder(
     # One tensor filled image by image, made once the first image gives the size
     # (a list of images and their stack held every image twice).
     images, first_size = None, None
-    if progress and len(files) >= PROGRESS_MIN_FILES:
+    if progress and count >= PROGRESS_MIN_FILES:
         files = progress_bar(files, desc="loading images", unit="image")
     for index, file in enumerate(files):
         x = _read_image(file, mode)

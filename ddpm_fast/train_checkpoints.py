@@ -58,8 +58,9 @@ class TrainerCheckpoints:
         its folder has no room for (found only when it was written, after
         ``checkpoint_every`` steps of training lost), and warn where the
         checkpoints it writes before it deletes old ones (``keep_checkpoints``
-        and the one being written) will not fit. Sized from the newest checkpoint, else from the
-        model: two copies of its state (the model, the EMA) and Adam's two moments."""
+        and the one being written) will not fit. Sized from the newest
+        checkpoint, else from the model: two copies of its state (the model,
+        the EMA) and Adam's two moments."""
         cfg = self.config
         every = cfg.checkpoint_every
         writes = cfg.steps // every - self.step // every + (1 if cfg.steps % every and self.step < cfg.steps else 0)

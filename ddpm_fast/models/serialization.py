@@ -26,8 +26,8 @@ from ..checkpoint import atomic_write
 
 M = TypeVar("M", bound=nn.Module)
 
-__all__ = ["build_to_fit", "meta_build", "load_safetensors", "load_state_dict_checked", "load_pretrained", "safetensors_shapes",
-           "save_pretrained"]
+__all__ = ["build_to_fit", "meta_build", "load_safetensors", "load_state_dict_checked", "load_pretrained",
+           "safetensors_shapes", "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
