@@ -130,8 +130,11 @@ def _extensions():
     if torch is None:
         message = (
             "ddpm_fast: torch is not installed in the target environment, so the C++/CUDA "
-            "extension is not built. Install torch first (pip install -r requirements.txt), "
-            "then pip install -e . again."
+            "extension is not built and the package runs on its reference backend. Install "
+            "torch first (pip install -r requirements.txt), then pip install -e . again. To "
+            "build a wheel, do so in an environment that has torch, without build isolation "
+            "(python -m build --no-isolation, or pip wheel --no-build-isolation .): an "
+            "isolated build's environment has no torch to build against."
         )
         if STRICT:
             raise RuntimeError(message)
@@ -246,5 +249,7 @@ ext_modules, torch_build_ext, cpu_fallback = _extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": _build_ext_class(torch_build_ext, cpu_fallback)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # One wheel for every CPython from requires-python's 3.10 on: the stable ABI that
+    # torch's build compiles against (Py_LIMITED_API, 3.10 in torch 2.14) and no older.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = ["is_int", "check_bool", "as_device", "is_traced", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
            "is_out_of_memory"]
@@ -67,7 +68,11 @@ def is_traced(t: torch.Tensor) -> bool:
 def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:
     """[first, last) byte of x's memory; None for a tensor without memory to
     compare (a fake or functional tensor of a trace: make_fx, the fake
-    implementations torch.compile runs)."""
+    implementations torch.compile runs). Fake tensors must be asked first:
+    each reports address 0 (with a deprecation warning), which made tensors
+    of different dtypes look partially overlapping."""
+    if type(x) is not torch.Tensor and is_fake(x):
+        return None
     try:
         start = x.data_ptr()
     except RuntimeError:

@@ -91,3 +91,23 @@ def test_group_norm_silu_module_refuses_a_non_bool_bias_flag():
     """bias is nn.GroupNorm's flag, a bool: an int is refused, not read for its truth."""
     with pytest.raises(TypeError, match="bias must be a bool"):
         GroupNormSiLU(2, 4, bias=1)
+
+
+def test_the_overlap_check_passes_fake_tensors_by():
+    """Fake tensors (make_fx, FakeTensorMode, opcheck; torch.compile and
+    torch.export skip the check) have no memory: each reports address 0, with a
+    deprecation warning, so outputs and inputs of different dtypes looked
+    partially overlapping and were refused."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ddpm_fast._checks import check_no_partial_overlap
+
+    with FakeTensorMode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.empty(2, 3, 4, 4)
+        check_no_partial_overlap(out, "out", {"eps": out.half(), "x_t": out.clone()}, "op")
+    real = torch.empty(64)
+    with pytest.raises(ValueError, match="out partially overlaps x_t"):
+        check_no_partial_overlap(real[1:33], "out", {"x_t": real[:32]}, "op")
