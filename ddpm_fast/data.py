@@ -441,8 +441,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
     if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy would call anything else a pickle
         raise ValueError(f"cannot read {path} as a .npy/.npz array file: it is neither (no .npy or zip header)")
     try:
-        if magic.startswith(b"PK"):
-            with np.load(path, allow_pickle=False) as loaded:
+        if magic.startswith(b"PK"):  # (opened here: np.load(path) leaves a damaged zip's file open)
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as loaded:
                 keys = list(loaded.keys())
                 if key is None:  # arr_0: np.savez's first unnamed array (guided-diffusion's batches: images, labels)
                     key = next((k for k in ("images", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)

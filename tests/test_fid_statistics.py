@@ -97,3 +97,28 @@ def test_sqrtm_without_scipy_is_refused_before_the_inception_passes(tmp_path, we
                  "--inception-weights", str(weights), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == ("ddpm-fast fid: error: --method sqrtm needs scipy (pip install scipy); "
                                                "--method eigh does not")
+
+
+@pytest.mark.parametrize("reader", ["is_statistics_file", "load_statistics", "load_array"])
+def test_a_damaged_npz_leaves_no_file_open(tmp_path, reader):
+    """numpy's np.load(path) of a zip that is not one opens the file and leaves
+    it to the garbage collector (an "unclosed file" ResourceWarning, a file
+    descriptor held meanwhile); the readers now open and close it themselves."""
+    import gc
+    import warnings
+
+    from ddpm_fast.data import load_array
+
+    path = tmp_path / "truncated.npz"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    read = {"is_statistics_file": is_statistics_file, "load_statistics": load_statistics, "load_array": load_array}[reader]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            read(path)
+        except ValueError as error:
+            assert "cannot read" in str(error)
+        else:
+            assert reader == "is_statistics_file"
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
