@@ -124,11 +124,11 @@ def test_every_source_is_compiled(run_setup):
 def test_the_flags_the_kernels_depend_on(run_setup):
     """OpenMP at compile and link time (at::parallel_for is serial without it), no
     fused multiply-adds contracted by the compiler (the noise is bit for bit the same
-    across the vector loops), the limited API (the wheel is tagged cp39-abi3), and
+    across the vector loops), the limited API (the wheel is tagged cp310-abi3), and
     DDPM_FAST_WITH_CUDA on the CUDA build only (it is what _C.WITH_CUDA reports)."""
     namespace, captured = run_setup()
     cuda, cpu = the_extension(captured), namespace["cpu_fallback"]
-    assert captured["options"]["bdist_wheel"]["py_limited_api"] == "cp39"
+    assert captured["options"]["bdist_wheel"]["py_limited_api"] == "cp310"
     for ext in (cuda, cpu):
         assert {"-O3", "-fopenmp", "-ffp-contract=off"} <= set(ext.extra_compile_args["cxx"])
         assert "-fopenmp" in ext.extra_link_args

@@ -358,6 +358,7 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+        holder.stdout.close()
     assert make_trainer(tmp_path, steps=2).train(final_samples=False)["steps"] == 2  # released by the kill
     trainer = make_trainer(tmp_path, steps=3)
     trainer.train(final_samples=False)  # released when train returns: the same folder trains again
