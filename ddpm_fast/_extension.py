@@ -19,6 +19,15 @@ def _running_torch() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+# The oldest torch ddpm_fast runs on, as pyproject.toml's torch>= says (a test
+# holds the two together). Older ones lack what it uses (torch 2.6 has no
+# torch.compiler.is_exporting): without this, they failed at the first op.
+OLDEST_TORCH = (2, 7)
+if _running_torch() < OLDEST_TORCH:
+    raise ImportError(f"ddpm_fast needs torch {OLDEST_TORCH[0]}.{OLDEST_TORCH[1]} or newer, but torch {torch.__version__} "
+                      "is installed: upgrade it (pip install -U torch), then rebuild ddpm_fast (pip install -e .)")
+
+
 try:
     # (registers the operators) Not `from . import _C`: where it is not built, that
     # blames "a circular import" (the package is still being imported).

@@ -89,3 +89,24 @@ def test_an_extension_built_for_another_torch_is_not_used():
     pytest.importorskip("ddpm_fast._C")
     result = subprocess.run([sys.executable, "-c", OTHER_TORCH], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_a_torch_older_than_the_floor_is_refused_at_import():
+    """torch 2.6, which pyproject.toml admitted (torch>=2.6), failed at the first
+    op (AttributeError: torch.compiler.is_exporting); torch older than the floor
+    is now refused by `import ddpm_fast`, and the floor is pyproject's."""
+    import re
+    from pathlib import Path
+
+    from ddpm_fast import _extension
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"torch>=(\d+)\.(\d+)"', pyproject)
+    assert floor and (int(floor[1]), int(floor[2])) == _extension.OLDEST_TORCH
+    major, minor = _extension.OLDEST_TORCH
+    older = f"{major}.{minor - 1}" if minor else f"{major - 1}.99"
+    probe = f"import torch; torch.__version__ = '{older}.0+cpu'; import ddpm_fast"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and f"ImportError: ddpm_fast needs torch {major}.{minor} or newer" in run.stderr, run.stderr[-2000:]
+    ok = f"import torch; torch.__version__ = '{major}.{minor}.0a0+git1234'; import ddpm_fast"
+    assert subprocess.run([sys.executable, "-c", ok], capture_output=True, timeout=300).returncode == 0
