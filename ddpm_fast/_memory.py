@@ -1,11 +1,14 @@
 """How much memory this process can still take: a guard for allocations whose
 size a number in a file or an option sets (a schedule of 10^8 timesteps), which
-Linux grants and then answers by killing the process, with no message."""
+Linux grants and then answers by killing the process, with no message; and the
+.npz/.npy readers' shared steps (headers read before the data, the file's opening)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,7 +20,7 @@ except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
 __all__ = ["MemoryLimitError", "available_memory", "check_fits_in_memory", "check_unpacked_fits", "format_size",
-           "npy_header", "npz_member_header"]
+           "npy_header", "npz_member_header", "open_npz"]
 
 # Read where present (Linux); elsewhere the bound is unknown and nothing is refused.
 _MEMINFO = Path("/proc/meminfo")
@@ -124,6 +127,16 @@ def npy_header(npy: BinaryIO) -> tuple[tuple[int, ...], np.dtype] | None:
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, dtype = read(npy)
     return shape, dtype
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
+    """The .npz archive ``path`` (no pickles), for the readers that check its
+    members' headers first. Its file is opened and closed here: np.load(path)
+    of a zip that is not one leaves the file it opened to the garbage collector
+    (an "unclosed file" ResourceWarning, and a file descriptor held until then)."""
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
+        yield archive
 
 
 def npz_member_header(archive: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype] | None:

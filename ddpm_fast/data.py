@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._memory import MemoryLimitError, check_fits_in_memory, npy_header, npz_member_header
+from ._memory import MemoryLimitError, check_fits_in_memory, npy_header, npz_member_header, open_npz
 from ._progress import progress_bar
 from ._warn import warn
 from .cifar10 import is_cifar10, read_cifar10
@@ -441,8 +441,8 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, image_size: i
     if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy would call anything else a pickle
         raise ValueError(f"cannot read {path} as a .npy/.npz array file: it is neither (no .npy or zip header)")
     try:
-        if magic.startswith(b"PK"):  # (opened here: np.load(path) leaves a damaged zip's file open)
-            with open(path, "rb") as f, np.load(f, allow_pickle=False) as loaded:
+        if magic.startswith(b"PK"):
+            with open_npz(path) as loaded:
                 keys = list(loaded.keys())
                 if key is None:  # arr_0: np.savez's first unnamed array (guided-diffusion's batches: images, labels)
                     key = next((k for k in ("images", "arr_0") if k in keys), keys[0] if len(keys) == 1 else None)

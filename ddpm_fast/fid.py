@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import as_device, is_int
-from ._memory import MemoryLimitError, check_fits_in_memory, check_unpacked_fits, npz_member_header
+from ._memory import MemoryLimitError, check_fits_in_memory, check_unpacked_fits, npz_member_header, open_npz
 from ._progress import progress_bar
 from ._warn import warn
 
@@ -358,8 +358,8 @@ def is_statistics_file(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         return False
-    try:  # (opened here: np.load(path) leaves a file that is no zip open, for the garbage collector)
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
+    try:
+        with open_npz(path) as archive:
             return {"mu", "sigma"} <= set(archive.keys())
     except Exception:  # not a zip, a damaged one (zipfile.BadZipFile), ...: load_dataset says what is wrong
         return False
@@ -368,7 +368,7 @@ def is_statistics_file(path: str | os.PathLike) -> bool:
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The float64 ``mu`` (D,) and ``sigma`` (D, D) of a statistics file."""
     try:
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
+        with open_npz(path) as archive:
             # a float64 copy of each beside it: (D, D) of a wrong file can be far beyond the 32 MB of D = 2048
             headers = [npz_member_header(archive, key) for key in ("mu", "sigma")]
             check_fits_in_memory(sum(math.prod(shape) * (dtype.itemsize + 8) for shape, dtype in filter(None, headers)),
