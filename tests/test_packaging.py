@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from test_build import _MODULE  # a one-file extension module of setup.py's layout
 
 ROOT = Path(__file__).parents[1]
 # Files a source distribution has no use for: CI's own script and git's ignore list.
@@ -45,12 +46,6 @@ def test_the_source_distribution_holds_every_project_file(tmp_path):
     missing = sorted(name for name in tracked if not name.startswith(NOT_SHIPPED) and name not in shipped)
     assert not missing, f"the sdist lacks {len(missing)} project files: {missing[:20]}"
     assert not [name for name in shipped if name.endswith((".so", ".pyc"))], "build outputs in the sdist"
-
-
-_MODULE = """#include <Python.h>
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
-"""
 
 
 def _python_floor(pyproject: str) -> tuple[int, int]:
