@@ -26,17 +26,25 @@ def fresh_resolution(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("value, on", [
-    (None, False), ("0", False), ("off", False), ("", False), ("1", True), ("YES", True), ("y", True),
+@pytest.mark.parametrize("knobs", [True, False], ids=["triton-with-knobs", "triton-before-knobs"])
+@pytest.mark.parametrize("value, on, on_before_knobs", [
+    (None, False, False), ("0", False, False), ("off", False, False), ("", False, False),
+    ("1", True, True), ("YES", True, False), ("y", True, False), ("true", True, False),
 ])
-def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on, on_before_knobs, knobs):
     """Unset means compiled mode: with the interpreter assumed, CPU tensors would
-    be sent to Triton in a process that imports triton compiled."""
+    be sent to Triton in a process that imports triton compiled. Triton before
+    its knobs (3.3 and older) took only "1": "true" there means compiled mode."""
+    triton = pytest.importorskip("triton")
+    if knobs and not hasattr(triton, "knobs"):
+        pytest.skip("the installed triton has no knobs")
+    if not knobs:
+        monkeypatch.delattr(triton, "knobs", raising=False)
     if value is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert _backend._interpret_variable() is on
+    assert _backend._interpret_variable() is (on if knobs else on_before_knobs)
 
 
 def test_cpu_backend_is_refused_for_cuda_tensors(fresh_resolution):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 SCRIPT = r"""
 import os, sys
@@ -27,6 +27,13 @@ if sys.argv[1] == "late":
         assert "TRITON_INTERPRET=1 was set after triton was imported" in str(error), error
     else:
         raise AssertionError("the Triton backend ran on CPU tensors with triton in compiled mode")
+elif sys.argv[1] == "refused":  # set before the process starts, in a spelling this triton takes as off
+    try:
+        q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="triton")
+    except BackendUnavailableError as error:
+        assert "or on the CPU under TRITON_INTERPRET=1" in str(error), error
+    else:
+        raise AssertionError("the Triton backend ran on CPU tensors with triton in compiled mode")
 else:  # the variable set before the process starts, in a spelling triton takes as on
     got = q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="triton")
     want = q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="reference")
@@ -38,6 +45,11 @@ print("ok")
 
 @pytest.mark.parametrize("case, interpret", [("late", None), ("early", "true"), ("early", "On")])
 def test_the_backend_follows_the_mode_triton_was_imported_in(case, interpret):
+    """Triton before its knobs (3.3 and older) took only "1" as on: under it the
+    other spellings leave triton compiled, and CPU tensors are refused, where
+    they once crashed in triton's launcher ("0 active drivers")."""
+    if case == "early" and interpret != "1" and not hasattr(triton, "knobs"):
+        case = "refused"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret is not None:
         env["TRITON_INTERPRET"] = interpret

@@ -47,26 +47,35 @@ _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "referenc
 
 
 def _interpret_variable() -> bool:
-    """Whether TRITON_INTERPRET says on, as triton reads it (1, true, on, yes, y; any case)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+    """Whether TRITON_INTERPRET says on, as the installed triton reads it: its
+    knobs (Triton 3.4 on) take 1, true, on, yes, y in any case; earlier Triton
+    took only "1", and "true" there meant compiled mode."""
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    if knobs is None:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_interpreting() -> bool:
     """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1).
 
     Triton fixes the mode when it is imported (its own jit functions, tl.sigmoid's
-    kind, are made then), so once it is imported that mode counts, not the
-    variable: set later, the variable would send CPU tensors to compiled kernels."""
-    standard = sys.modules.get("triton.language.standard")
-    sigmoid = getattr(standard, "sigmoid", None)
-    if sigmoid is not None:
-        return type(sigmoid).__name__ == "InterpretedFunction"
-    return _interpret_variable()
+    kind, are made then), so that mode counts, not the variable: set later, the
+    variable would send CPU tensors to compiled kernels. Triton is imported here
+    if it is not yet, as the Triton backend would import it anyway, so that its
+    own reading of the variable decides. The answer is fixed from then on, hence
+    the cache."""
+    if not triton_available():
+        return False
+    from triton.language import standard
+
+    return type(standard.sigmoid).__name__ == "InterpretedFunction"
 
 
 def _interpret_set_late() -> bool:
     """Whether TRITON_INTERPRET is on now but triton was imported without it."""
-    return _interpret_variable() and not triton_interpreting()
+    return not triton_interpreting() and _interpret_variable()
 
 
 @functools.lru_cache(maxsize=None)
