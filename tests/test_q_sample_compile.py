@@ -134,8 +134,10 @@ def test_a_fake_tensor_trace_leaves_no_fake_tensor_in_a_cache(monkeypatch):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         for call in calls.values():
             call(traced_on, mode.from_tensor(x))
-        on_gpu = torch.empty(2, 3, 4, 4, device="cuda")  # fake: no GPU needed
-        diffusion.q_sample(traced_on, on_gpu, 3, on_gpu)
+        # A fake cuda tensor needs no GPU on torch 2.11 on; 2.7 and 2.8 asked for a driver.
+        if torch.cuda.is_available() or torch.__version__ >= "2.11":
+            on_gpu = torch.empty(2, 3, 4, 4, device="cuda")
+            diffusion.q_sample(traced_on, on_gpu, 3, on_gpu)
     assert not _args._TIMESTEPS and not traced_on.__dict__.get("_extract_tables")
     for name, call in calls.items():
         got = call(traced_on, x)
