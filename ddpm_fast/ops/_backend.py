@@ -56,7 +56,6 @@ def _interpret_variable() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_interpreting() -> bool:
     """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1).
 
@@ -64,12 +63,13 @@ def triton_interpreting() -> bool:
     kind, are made then), so that mode counts, not the variable: set later, the
     variable would send CPU tensors to compiled kernels. Triton is imported here
     if it is not yet, as the Triton backend would import it anyway, so that its
-    own reading of the variable decides. The answer is fixed from then on, hence
-    the cache."""
-    if not triton_available():
-        return False
-    from triton.language import standard
-
+    own reading of the variable decides. Once it is imported this is a lookup
+    that torch.compile traces (resolve_backend asks on every call)."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        if not triton_available():
+            return False
+        from triton.language import standard
     return type(standard.sigmoid).__name__ == "InterpretedFunction"
 
 
