@@ -42,6 +42,9 @@ class GroupNormSiLU(nn.GroupNorm):
             raise ValueError(f"GroupNormSiLU: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if not isinstance(bias, bool):
             raise TypeError(f"GroupNormSiLU: bias must be a bool, got {type_name(bias)}")
+        if isinstance(num_groups, int) and isinstance(num_channels, int) and num_groups > 0 and num_channels % num_groups:
+            # ours: nn.GroupNorm names the two numbers on torch 2.11 but not on 2.7 or 2.8
+            raise ValueError(f"GroupNormSiLU: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         if affine and not bias:  # nn.GroupNorm's bias=False (newer torch): a weight and no bias
             self.register_parameter("bias", None)
