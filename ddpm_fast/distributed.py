@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import sys
+import time
 import weakref
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -153,7 +154,18 @@ def teardown(*, failed: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
         if not failed:
             dist.barrier()
+        if _GLOO_DESTRUCTOR_HOLDS_GIL and dist.get_backend() == "gloo":
+            time.sleep(0.1)
         dist.destroy_process_group()
+
+
+# Before torch 2.8 (pytorch#154976) the gloo group's destructor joined its worker
+# threads holding the GIL, while a worker could still be dropping the last
+# collective's work, whose tensors' Python objects need the GIL to go: both
+# waited forever (2 of about 15 two-rank test runs on torch 2.7 hung there).
+# The workers need the GIL for microseconds; torch offers no way to wait until
+# they are idle, so a short sleep first narrows the race rather than closing it.
+_GLOO_DESTRUCTOR_HOLDS_GIL = torch.__version__ < "2.8"
 
 
 # Objects (trainers) whose ``net`` is a DistributedDataParallel wrapper of their ``model``.
