@@ -99,7 +99,7 @@ def test_torch_export_leaves_the_schedule_fit_for_eager_calls(op):
         def forward(self, x, t):
             return call(exported_on)
 
-    exported = torch.export.export(Step(), (x, t))
+    exported = torch.export.export(Step(), (x, t), strict=False)  # torch 2.7 defaulted to strict
     want = call(NoiseSchedule("linear"))
     got = call(exported_on)
     assert type(got) is torch.Tensor
