@@ -135,13 +135,19 @@ def test_check_ranks_agree_compares_every_rank_with_rank_0(monkeypatch):
 
 
 @pytest.mark.parametrize("failed, expected", [(False, ["barrier", "destroy"]), (True, ["destroy"])])
-def test_teardown_meets_at_a_barrier_only_after_a_normal_run(monkeypatch, failed, expected):
+@pytest.mark.parametrize("old_torch, backend", [(False, "gloo"), (True, "nccl"), (True, "gloo")])
+def test_teardown_meets_at_a_barrier_only_after_a_normal_run(monkeypatch, failed, expected, old_torch, backend):
+    """Before torch 2.8 a gloo group's destructor could deadlock with a worker
+    still letting go of the last collective: a sleep first gives it the GIL."""
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: backend)
     monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(distributed, "_GLOO_DESTRUCTOR_HOLDS_GIL", old_torch)
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append("sleep"))
     distributed.teardown(failed=failed)
-    assert calls == expected
+    assert calls == (expected[:-1] + ["sleep", "destroy"] if old_torch and backend == "gloo" else expected)
 
 
 def test_sigterm_is_left_alone_off_the_main_thread():
