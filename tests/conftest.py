@@ -240,8 +240,7 @@ def save_tiny_diffusers_pipeline(folder, timesteps: int):
     pipeline folder (``unet/``, ``scheduler/``); returns the model, in eval mode."""
     import json
 
-    import diffusers
-
+    diffusers = pytest.importorskip("diffusers")  # each caller is skipped without it
     unet = diffusers.UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
