@@ -18,22 +18,23 @@ from ddpm_fast.ops import BackendUnavailableError, q_sample
 from ddpm_fast.schedules import NoiseSchedule
 
 x = torch.rand(2, 3, 4, 4)
+
+
+def refused(why):
+    try:
+        q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="triton")
+    except BackendUnavailableError as error:
+        assert why in str(error), error
+    else:
+        raise AssertionError("the Triton backend ran on CPU tensors with triton in compiled mode")
+
+
 if sys.argv[1] == "late":
     import triton  # imported in compiled mode: the variable set next comes too late
     os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="triton")
-    except BackendUnavailableError as error:
-        assert "TRITON_INTERPRET=1 was set after triton was imported" in str(error), error
-    else:
-        raise AssertionError("the Triton backend ran on CPU tensors with triton in compiled mode")
+    refused("TRITON_INTERPRET=1 was set after triton was imported")
 elif sys.argv[1] == "refused":  # set before the process starts, in a spelling this triton takes as off
-    try:
-        q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="triton")
-    except BackendUnavailableError as error:
-        assert "or on the CPU under TRITON_INTERPRET=1" in str(error), error
-    else:
-        raise AssertionError("the Triton backend ran on CPU tensors with triton in compiled mode")
+    refused("or on the CPU under TRITON_INTERPRET=1")
 else:  # the variable set before the process starts, in a spelling triton takes as on
     got = q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="triton")
     want = q_sample(x, 5, NoiseSchedule("linear"), seed=1, backend="reference")
