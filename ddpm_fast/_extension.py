@@ -11,10 +11,11 @@ import torch  # loads libtorch, which _C links against
 
 from ._warn import warn
 
-__all__ = ["AVAILABLE", "WITH_CUDA", "LOAD_ERROR"]
+__all__ = ["AVAILABLE", "WITH_CUDA", "LOAD_ERROR", "OLDEST_TORCH", "running_torch"]
 
 
-def _running_torch() -> tuple[int, int]:
+def running_torch() -> tuple[int, int]:
+    """The installed torch's (major, minor); a 2.8 pre-release counts as 2.8."""
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return int(major), int(minor)
 
@@ -23,7 +24,7 @@ def _running_torch() -> tuple[int, int]:
 # holds the two together). Older ones lack what it uses (torch 2.6 has no
 # torch.compiler.is_exporting): without this, they failed at the first op.
 OLDEST_TORCH = (2, 7)
-if _running_torch() < OLDEST_TORCH:
+if running_torch() < OLDEST_TORCH:
     raise ImportError(f"ddpm_fast needs torch {OLDEST_TORCH[0]}.{OLDEST_TORCH[1]} or newer, but torch {torch.__version__} "
                       "is installed: upgrade it (pip install -U torch), then rebuild ddpm_fast (pip install -e .)")
 
@@ -34,7 +35,7 @@ try:
     _C = importlib.import_module(f"{__package__}._C")
 
     _built = (getattr(_C, "TORCH_MAJOR", None), getattr(_C, "TORCH_MINOR", None))
-    if _built != _running_torch():  # torch's C++ ABI differs between versions: its ops could crash
+    if _built != running_torch():  # torch's C++ ABI differs between versions: its ops could crash
         raise ImportError(f"it was built against torch {_built[0]}.{_built[1]}, but torch {torch.__version__} "
                           "is running: rebuild it with `pip install -e .`")
     AVAILABLE: bool = True

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_bool, is_int
+from ._extension import running_torch
 from ._memory import check_fits_in_memory
 from ._progress import batch_of
 from .images import to_uint8
@@ -146,6 +147,15 @@ def setup(device: str | None = None) -> torch.device:
     return torch.device(device or "cpu")
 
 
+# Before torch 2.8 (pytorch#154976) the gloo group's destructor joined its worker
+# threads holding the GIL, while a worker could still be dropping the last
+# collective's work, whose tensors' Python objects need the GIL to go: both
+# waited forever (2 of about 15 two-rank test runs on torch 2.7 hung there).
+# The workers need the GIL for microseconds; torch offers no way to wait until
+# they are idle, so a short sleep first narrows the race rather than closing it.
+_GLOO_DESTRUCTOR_HOLDS_GIL = running_torch() < (2, 8)
+
+
 def teardown(*, failed: bool = False) -> None:
     """Leave the process group. After a normal run the ranks first meet at a
     barrier, so that none closes its connections while a peer is still
@@ -157,15 +167,6 @@ def teardown(*, failed: bool = False) -> None:
         if _GLOO_DESTRUCTOR_HOLDS_GIL and dist.get_backend() == "gloo":
             time.sleep(0.1)
         dist.destroy_process_group()
-
-
-# Before torch 2.8 (pytorch#154976) the gloo group's destructor joined its worker
-# threads holding the GIL, while a worker could still be dropping the last
-# collective's work, whose tensors' Python objects need the GIL to go: both
-# waited forever (2 of about 15 two-rank test runs on torch 2.7 hung there).
-# The workers need the GIL for microseconds; torch offers no way to wait until
-# they are idle, so a short sleep first narrows the race rather than closing it.
-_GLOO_DESTRUCTOR_HOLDS_GIL = torch.__version__ < "2.8"
 
 
 # Objects (trainers) whose ``net`` is a DistributedDataParallel wrapper of their ``model``.
