@@ -4,8 +4,10 @@ runs every op on the reference backend."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,9 +97,6 @@ def test_a_torch_older_than_the_floor_is_refused_at_import():
     """torch 2.6, which pyproject.toml admitted (torch>=2.6), failed at the first
     op (AttributeError: torch.compiler.is_exporting); torch older than the floor
     is now refused by `import ddpm_fast`, and the floor is pyproject's."""
-    import re
-    from pathlib import Path
-
     from ddpm_fast import _extension
 
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
