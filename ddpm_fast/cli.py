@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, plain Adam)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default: 1.0)")
     train.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999, warmed up)")
-    train.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips (default: a resumed run's own setting; else on, but off for --data digits, whose mirror images are no digits)")
+    train.add_argument("--flip", action=options.OnOff, default=None, help="random horizontal flips (default: a resumed run's own setting; else on, but off for --data digits, whose mirror images are no digits)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     train.add_argument("--loss", choices=("simple", "vlb", "hybrid"), default="simple", help="training loss: simple (MSE on eps), vlb (one sampled bound term per image), hybrid (simple + 0.001 x T x that term; see the README) (default: simple)")
     train.add_argument("--seed", type=options.seed_below(63), default=0, help="run seed, below 2^63 (default: 0)")
@@ -343,11 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sample-every", type=options.non_negative, default=0, help="EMA sample grid every N steps (default: 0, only at the end)")
     train.add_argument("--sample-steps", type=options.positive, default=None, help="respaced steps for sample grids (default: all T)")
     train.add_argument("--checkpoint-every", type=options.positive, default=5000, help="checkpoint every N steps (default: 5000)")
-    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+    train.add_argument("--channels-last", action=options.OnOff, default=True,
                        help="train in channels_last memory format: faster convolutions (default: on)")
-    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    train.add_argument("--compile", action=options.OnOff, default=False,
                        help="torch.compile the model: the first step compiles, later ones run faster on a GPU (default: off)")
-    train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue the run in --out if it has a checkpoint (default: on)")
+    train.add_argument("--resume", action=options.OnOff, default=True, help="continue the run in --out if it has a checkpoint (default: on)")
     _add_device(train)
     train.set_defaults(run=_train)
 
@@ -363,12 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--variance", choices=("fixed_large", "fixed_small"), default=_VARIANCE_DEFAULT,
                         help="the DDPM chain's variance (default: a diffusers pipeline's variance_type, else fixed_large; "
                              "not with --eta, whose DDIM chain eta sets)")
-    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+    sample.add_argument("--clip", action=options.OnOff, default=None,
                         help="clip predicted x0 to [-1, 1] (default: a diffusers pipeline's clip_sample, else on)")
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
     sample.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="model precision (default: auto, bf16 on a CUDA GPU of compute capability 8.0 or newer, else fp32)")
-    sample.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+    sample.add_argument("--channels-last", action=options.OnOff, default=True,
                         help="run the model channels_last: faster convolutions (default: on)")
     sample.add_argument("--seed", type=options.seed_below(64), default=0, help="seed, below 2^64 (default: 0); sample i is the same for any batch size")
     _add_device(sample)
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of our checkpoints (default: ema)")
     bpd.add_argument("--seed", type=options.seed_below(64), default=0, help="seed of the evaluation noise, below 2^64 (default: 0)")
     bpd.add_argument("--json", action="store_true", help="print the full result (total and every term) as JSON")
-    bpd.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+    bpd.add_argument("--channels-last", action=options.OnOff, default=True,
                      help="run the model channels_last: faster convolutions (default: on)")
     _add_device(bpd)
     bpd.set_defaults(run=_bpd)

@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -20,6 +20,17 @@ T = TypeVar("T")
 
 class UsageError(Exception):
     """Bad input from the command line: reported in one line, exit status 2."""
+
+
+class OnOff(argparse.BooleanOptionalAction):
+    """A ``--name`` / ``--no-name`` flag whose help states its default itself.
+    Python 3.10's BooleanOptionalAction appends " (default: True)" to any help
+    when the default is not None, a second and differently worded default
+    beside ours; later Pythons append nothing, so this keeps the help as given."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, help=help, **kwargs)
+        self.help = help
 
 
 def integer(text: str, low: int, expected: str, bits: int = 63) -> int:

@@ -34,6 +34,28 @@ def test_every_command_documents_its_options(command, capsys):
             assert "".join(action.help.split()).replace("%%", "%") in text, action.option_strings
 
 
+def _options(command: str) -> list[argparse.Action]:
+    return [a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions if a.option_strings]
+
+
+def test_on_off_flags_state_their_default_once_where_python_appends_one(monkeypatch):
+    """Python 3.10's BooleanOptionalAction appends " (default: %(default)s)" to
+    a flag's help, which then read "(default: on) (default: True)"; simulated
+    here (later Pythons append nothing), every option still states one default."""
+    plain_init = argparse.BooleanOptionalAction.__init__
+
+    def init_as_on_python_310(self, option_strings, dest, default=None, help=None, **kwargs):
+        if help is not None and default is not None:
+            help += " (default: %(default)s)"
+        plain_init(self, option_strings, dest, default=default, help=help, **kwargs)
+
+    monkeypatch.setattr(argparse.BooleanOptionalAction, "__init__", init_as_on_python_310)
+    flags = [a for command in COMMANDS for a in _options(command) if isinstance(a, argparse.BooleanOptionalAction)]
+    assert len(flags) == 7
+    for action in (a for command in COMMANDS for a in _options(command)):
+        assert (action.help or "").count("(default:") <= 1, action.option_strings
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_default_the_help_states_is_the_default(command):
     """An option's "(default: X)" in --help, where X is a value (a number, a
