@@ -330,7 +330,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     ``method="sqrtm"`` is the reference recipe: ``scipy.linalg.sqrtm`` of the
     product; if that is not finite (a singular product) both covariances get
     ``eps`` added to their diagonals; a small imaginary part (|diag| <= 1e-3,
-    rounding) is dropped, a larger one raises. ``method="eigh"`` computes the
+    rounding) is dropped, a larger one raises (scipy before 1.13 leaves such
+    parts on some singular products that later scipy solves). ``method="eigh"`` computes the
     same trace, Σ √λ_i(√sigma1 sigma2 √sigma1), with symmetric eigensolvers:
     several times faster at D = 2048 and free of complex rounding.
     """
