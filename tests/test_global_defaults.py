@@ -119,6 +119,28 @@ def test_a_run_loads_as_float32_on_the_cpu_whatever_the_defaults(tmp_path):
         assert all(torch.equal(p, w) for p, w in zip(model.parameters(), want))
 
 
+def test_weights_load_on_the_cpu_where_safetensors_follows_the_default_device(tmp_path, monkeypatch):
+    """safetensors 0.4.0's load_file made its tensors on torch's default device
+    (meta, under torch.device("meta")), whatever its device argument: simulated
+    here, load_safetensors still returns the file's values on the CPU."""
+    import safetensors.torch
+
+    from ddpm_fast.models.serialization import load_safetensors
+
+    want = {"w": torch.arange(6.0).reshape(2, 3)}
+    safetensors.torch.save_file(want, tmp_path / "w.safetensors")
+    read = safetensors.torch.load_file
+
+    def load_as_0_4_0(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+        # torch.empty follows the default device; a copy into a meta tensor keeps no data.
+        return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t) for name, t in read(path, device).items()}
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_as_0_4_0)
+    with torch.device("meta"):
+        got = load_safetensors(tmp_path / "w.safetensors")
+    assert got["w"].device.type == "cpu" and torch.equal(got["w"], want["w"])
+
+
 def test_the_demo_does_not_depend_on_the_default_dtype_or_device(tmp_path):
     """The demo built its U-Net in the default dtype, which the Trainer refused as
     float64; its initial weights must not depend on the default either."""

@@ -69,7 +69,8 @@ def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        tensors = _safetensors().load_file(str(path), device="cpu")
+        with torch.device("cpu"):  # safetensors 0.4.0 made them on a default device of torch.device("meta")
+            tensors = _safetensors().load_file(str(path), device="cpu")
     except Exception as error:
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
     # Moved after reading: a device that is missing here is not a damaged file.
