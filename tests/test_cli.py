@@ -21,21 +21,22 @@ from ddpm_fast.images import make_grid
 COMMANDS = ("info", "train", "sample", "bpd", "fid", "demo")
 
 
+def _options(command: str) -> list[argparse.Action]:
+    """The options (not positionals) of one command's parser."""
+    return [a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions if a.option_strings]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_documents_its_options(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = "".join(capsys.readouterr().out.split())  # argparse wraps the help (at hyphens too): no whitespace
-    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
-        if action.option_strings and action.dest != "help":
+    for action in _options(command):
+        if action.dest != "help":
             # Every option has help of its own (the usage line names every flag anyway).
             assert action.help not in (None, "", argparse.SUPPRESS), action.option_strings
             assert "".join(action.help.split()).replace("%%", "%") in text, action.option_strings
-
-
-def _options(command: str) -> list[argparse.Action]:
-    return [a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions if a.option_strings]
 
 
 def test_on_off_flags_state_their_default_once_where_python_appends_one(monkeypatch):
@@ -50,9 +51,9 @@ def test_on_off_flags_state_their_default_once_where_python_appends_one(monkeypa
         plain_init(self, option_strings, dest, default=default, help=help, **kwargs)
 
     monkeypatch.setattr(argparse.BooleanOptionalAction, "__init__", init_as_on_python_310)
-    flags = [a for command in COMMANDS for a in _options(command) if isinstance(a, argparse.BooleanOptionalAction)]
-    assert len(flags) == 7
-    for action in (a for command in COMMANDS for a in _options(command)):
+    options = [a for command in COMMANDS for a in _options(command)]
+    assert sum(isinstance(a, argparse.BooleanOptionalAction) for a in options) == 7
+    for action in options:
         assert (action.help or "").count("(default:") <= 1, action.option_strings
 
 
@@ -62,9 +63,9 @@ def test_every_default_the_help_states_is_the_default(command):
     choice, on/off), is what the parser gives (a changed default with stale
     help passed before)."""
     checked = 0
-    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
+    for action in _options(command):
         stated = re.search(r"\(default: ([^,;) ]+)[,;)]", action.help or "")
-        if not stated or not action.option_strings:
+        if not stated:
             continue
         text = stated.group(1)
         if text in ("on", "off"):
