@@ -6,6 +6,8 @@ output unchanged."""
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -35,6 +37,15 @@ _DDPM_SMALL = dict(sample_size=8, in_channels=1, out_channels=1, block_out_chann
                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                    norm_num_groups=4, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
                    downsample_padding=0, norm_eps=1e-6)
+
+
+def unet2d(**config) -> torch.nn.Module:
+    """A UNet2DModel, or a skip where the installed diffusers has no such setting
+    (0.20's takes no dropout, 0.21's no attn_norm_num_groups, 0.30's no time_embedding_dim)."""
+    missing = sorted(set(config) - set(inspect.signature(diffusers.UNet2DModel.__init__).parameters))
+    if missing:
+        pytest.skip(f"diffusers {diffusers.__version__}'s UNet2DModel takes no {', '.join(missing)}")
+    return diffusers.UNet2DModel(**config)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -102,7 +113,7 @@ def test_from_a_saved_folder_and_a_pipeline_folder(narrow, tmp_path):
 def test_from_a_folder_with_deprecated_attention_names(narrow, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    narrow.save_pretrained(tmp_path)
+    narrow.save_pretrained(tmp_path, safe_serialization=True)  # (the default only since diffusers 0.18)
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     renames = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
     old = {}
@@ -136,7 +147,7 @@ def test_the_full_cifar10_config():
 )
 def test_other_layouts_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        UNet.from_diffusers(diffusers.UNet2DModel(**{**NARROW, **change}))
+        UNet.from_diffusers(unet2d(**{**NARROW, **change}))
 
 
 def test_bad_sources(tmp_path, narrow):
@@ -244,7 +255,7 @@ def test_image_size_override_replaces_sample_size_and_moves_the_attention():
 )
 def test_more_layouts_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        UNet.from_diffusers(diffusers.UNet2DModel(**{**NARROW, **change}))
+        UNet.from_diffusers(unet2d(**{**NARROW, **change}))
 
 
 # Why: a config.json with block_out_channels [] (an IndexError) or [0] (a
@@ -262,11 +273,19 @@ def test_a_folder_with_extra_weights_is_refused(narrow, tmp_path):
     """Weights of a layer the DDPM U-Net lacks (a class embedding) were dropped silently."""
     from safetensors.torch import load_file, save_file
 
-    narrow.save_pretrained(tmp_path)
+    narrow.save_pretrained(tmp_path, safe_serialization=True)
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({**load_file(path), "class_embedding.weight": torch.zeros(10, 128)}, path)
     with pytest.raises(ValueError, match=r"\['class_embedding.weight'\] \(1 in all\) have no place"):
         UNet.from_diffusers(tmp_path)
+
+
+def _resnet_block_and_input(**variant):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = randomize(ResnetBlock2D(**{"in_channels": 8, "temb_channels": 12, "groups": 4, **variant}), seed=3).eval()
+    gen = torch.Generator().manual_seed(4)
+    return block, torch.randn(2, 8, 6, 6, generator=gen), torch.randn(2, 12, generator=gen)
 
 
 @pytest.mark.parametrize("variant, fused_norms", [
@@ -280,15 +299,54 @@ def test_a_folder_with_extra_weights_is_refused(narrow, tmp_path):
 def test_patch_diffusers_keeps_each_resnet_block_variants_output(variant, fused_norms):
     """Every block of a UNet2DModel of the DDPM layout has scale 1, time act
     and default norm, so the U-Net-level comparisons cannot see these settings."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    block = randomize(ResnetBlock2D(**{"in_channels": 8, "temb_channels": 12, "groups": 4, **variant}), seed=3).eval()
+    block, x, temb = _resnet_block_and_input(**variant)
     patched = copy.deepcopy(block)
     assert ddpm_fast.patch_diffusers(patched, backend="reference") == fused_norms
-    gen = torch.Generator().manual_seed(4)
-    x, temb = torch.randn(2, 8, 6, 6, generator=gen), torch.randn(2, 12, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(patched(x, temb), block(x, temb), **TOL)
+
+
+def test_a_patched_block_of_a_diffusers_without_skip_time_act_keeps_its_output():
+    """diffusers before 0.15 had no skip_time_act (the time embedding always went
+    through the SiLU): a patched block failed on its first call with an AttributeError."""
+    block, x, temb = _resnet_block_and_input()
+    patched = copy.deepcopy(block)
+    assert ddpm_fast.patch_diffusers(patched, backend="reference") == 2
+    del patched.skip_time_act
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, temb), block(x, temb), **TOL)
+
+
+def test_a_patched_block_takes_a_lora_scale_as_this_diffusers_does():
+    """diffusers 0.21 to 0.26 hand a block's LoRA scale (``block(x, temb, scale)``)
+    to its LoRA-compatible convolutions and linear layer: the patched forward
+    dropped it, so a LoRA ran at full strength whatever the scale asked. Later
+    diffusers ignore the scale, as the patched block must then too. (CI's
+    diffusers has no LoRA-compatible layers; BENCHMARKS.md records this test on
+    0.21 to 0.26.)"""
+    block, x, temb = _resnet_block_and_input(out_channels=16)  # with conv_shortcut
+    lora = []
+    if hasattr(block.conv1, "set_lora_layer"):
+        from diffusers.models.lora import LoRAConv2dLayer, LoRALinearLayer
+
+        for conv, kernel, padding in ((block.conv1, 3, 1), (block.conv2, 3, 1), (block.conv_shortcut, 1, 0)):
+            conv.set_lora_layer(LoRAConv2dLayer(conv.in_channels, conv.out_channels, rank=2, kernel_size=kernel, padding=padding))
+            lora.append(conv.lora_layer)
+        block.time_emb_proj.set_lora_layer(LoRALinearLayer(12, 16, rank=2))
+        lora.append(block.time_emb_proj.lora_layer)
+        randomize(block, seed=5)  # (a LoRA's up weights start at zero)
+    patched = copy.deepcopy(block)
+    assert ddpm_fast.patch_diffusers(patched, backend="reference") == 2
+    takes_scale = len(inspect.signature(type(block).forward).parameters) > 3  # (0.20's takes none)
+    calls = [lambda m: m(x, temb)]
+    if takes_scale:
+        calls += [lambda m: m(x, temb, 0.5), lambda m: m(x, temb, scale=0.5)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # newer diffusers: "the scale argument is deprecated"
+        for call in calls:
+            torch.testing.assert_close(call(patched), call(block), **TOL)
+        if lora and takes_scale:  # and the scale did something here
+            assert not torch.allclose(block(x, temb, 0.5), block(x, temb), **TOL)
 
 
 def test_patch_diffusers_gives_every_fused_norm_the_backend_asked_for():
@@ -300,7 +358,7 @@ def test_patch_diffusers_gives_every_fused_norm_the_backend_asked_for():
 def test_from_diffusers_keeps_out_channels_and_dropout():
     """Every other test had in == out channels and dropout 0: out_channels read
     from in_channels, or a dropout left behind, passed unseen."""
-    theirs = randomize(diffusers.UNet2DModel(**{**_DDPM_SMALL, "out_channels": 2, "dropout": 0.1}), seed=5).eval()
+    theirs = randomize(unet2d(**{**_DDPM_SMALL, "out_channels": 2, "dropout": 0.1}), seed=5).eval()
     ours = UNet.from_diffusers(theirs)
     assert ours.config["out_channels"] == 2 and ours.config["dropout"] == 0.1
     assert {m.p for m in ours.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}

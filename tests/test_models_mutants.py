@@ -110,11 +110,9 @@ diffusers_tests = pytest.mark.skipif(
 
 
 def _small(**change):
-    import diffusers
+    from test_diffusers_interop import _DDPM_SMALL, unet2d
 
-    from test_diffusers_interop import _DDPM_SMALL
-
-    return diffusers.UNet2DModel(**{**_DDPM_SMALL, **change})
+    return unet2d(**{**_DDPM_SMALL, **change})
 
 
 @diffusers_tests

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -203,25 +204,38 @@ def from_diffusers(cls: type, model_or_folder: Any, **overrides: Any) -> nn.Modu
 @functools.lru_cache(maxsize=None)
 def _fused_resnet_class() -> type:
     """A subclass of diffusers' ResnetBlock2D whose forward runs norm1+SiLU and
-    (temb add)+norm2+SiLU as fused ops; the rest is the same computation."""
-    from diffusers.models.resnet import ResnetBlock2D
+    (temb add)+norm2+SiLU as fused ops; the rest is the same computation, as
+    the installed diffusers computes it:
+    - before 0.15 a block has no ``skip_time_act``: the time embedding always
+      goes through the SiLU;
+    - 0.21 to 0.26 take a LoRA ``scale`` (``block(x, temb, scale)``) and hand it
+      to conv1, time_emb_proj, conv2 and conv_shortcut (unless diffusers runs
+      LoRA through peft); later ones ignore it, and so does this forward there.
+    """
+    from diffusers.models import resnet
+
+    block_class = resnet.ResnetBlock2D
+    lora_scale = "scale" in inspect.signature(block_class.forward).parameters and not getattr(
+        resnet, "USE_PEFT_BACKEND", False)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        h = self.conv1(self.norm1(input_tensor))
+        scale = (args[0] if args else kwargs.get("scale", 1.0),) if lora_scale else ()
+        h = self.conv1(self.norm1(input_tensor), *scale)
         add = None
         if self.time_emb_proj is not None and temb is not None:
-            add = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+            act = not getattr(self, "skip_time_act", False)
+            add = self.time_emb_proj(self.nonlinearity(temb) if act else temb, *scale)
         elif temb is not None:
             add = temb
         if add is not None and add.shape != h.shape[:2]:  # a broadcast the op does not take: add it here
             h, add = h + add.reshape(*add.shape, *([1] * (h.dim() - add.dim()))), None
-        h = self.conv2(self.dropout(self.norm2(h, add)))
+        h = self.conv2(self.dropout(self.norm2(h, add)), *scale)
         if self.conv_shortcut is not None:
-            input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+            input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor, *scale)
         return (input_tensor + h) / self.output_scale_factor
 
     attrs = {"forward": forward, "__module__": __name__, "__qualname__": "FusedResnetBlock2D"}
-    return type("FusedResnetBlock2D", (ResnetBlock2D,), attrs)
+    return type("FusedResnetBlock2D", (block_class,), attrs)
 
 
 def __getattr__(name: str) -> Any:
