@@ -70,10 +70,15 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
         return _assumed_schedule(folder if model_folder is None else model_folder)
     config = _read_json(config_path)
     prediction = config.get("prediction_type", "epsilon")
+    said = f"prediction_type={prediction!r}"
+    predict_epsilon = config.get("predict_epsilon")  # its name before diffusers 0.10 (and, until 0.13, the one that won)
+    if predict_epsilon is not None:
+        if not isinstance(predict_epsilon, bool):
+            raise CheckpointError(f"{config_path} has predict_epsilon={predict_epsilon!r}, not true or false")
+        prediction = "epsilon" if predict_epsilon else "sample"
+        said = f"predict_epsilon={str(predict_epsilon).lower()} (prediction_type={prediction!r})"
     if prediction != "epsilon":
-        raise CheckpointError(
-            f"{config_path} says prediction_type={prediction!r}; load_model supports only 'epsilon' models"
-        )
+        raise CheckpointError(f"{config_path} says {said}; load_model supports only 'epsilon' models")
     if config.get("rescale_betas_zero_snr", False):
         raise CheckpointError(f"{config_path} sets rescale_betas_zero_snr, which ddpm_fast does not support")
     if config.get("variance_type") in ("learned", "learned_range"):  # the model also predicts the variance

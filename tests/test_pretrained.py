@@ -157,6 +157,10 @@ def test_diffusers_scheduler_trained_betas_are_used(tmp_path):
 @pytest.mark.parametrize("setting, match", [
     ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
     ({"prediction_type": "sample"}, "prediction_type='sample'"),
+    # diffusers before 0.10 named it predict_epsilon (an x0 model read as an eps one, silently)
+    ({"predict_epsilon": False}, r"says predict_epsilon=false \(prediction_type='sample'\); load_model supports only"),
+    ({"predict_epsilon": False, "prediction_type": "epsilon"}, r"predict_epsilon=false"),  # 0.10-0.12 followed it
+    ({"predict_epsilon": "no"}, "has predict_epsilon='no', not true or false"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"variance_type": "learned_range"}, "variance_type='learned_range'"),
     ({"variance_type": "learned"}, "variance_type='learned'"),
@@ -176,6 +180,13 @@ def test_diffusers_scheduler_settings_we_cannot_honour_are_refused(tmp_path, set
 
     with pytest.raises(CheckpointError, match=match):
         _diffusers_schedule(_scheduler_config(tmp_path, beta_schedule="linear", **setting))
+
+
+def test_an_old_eps_config_saying_predict_epsilon_true_is_read(tmp_path):
+    from ddpm_fast.pretrained import _diffusers_schedule
+
+    config = _scheduler_config(tmp_path, beta_schedule="linear", num_train_timesteps=10, predict_epsilon=True)
+    assert _diffusers_schedule(config).num_timesteps == 10
 
 
 def test_a_clip_range_of_a_scheduler_that_does_not_clip_is_no_reason_to_refuse(tmp_path):
