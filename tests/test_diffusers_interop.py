@@ -325,15 +325,13 @@ def test_a_patched_block_takes_a_lora_scale_as_this_diffusers_does():
     diffusers has no LoRA-compatible layers; BENCHMARKS.md records this test on
     0.21 to 0.26.)"""
     block, x, temb = _resnet_block_and_input(out_channels=16)  # with conv_shortcut
-    lora = []
-    if hasattr(block.conv1, "set_lora_layer"):
+    lora = hasattr(block.conv1, "set_lora_layer")  # LoRA-compatible layers: diffusers 0.20 to 0.26 (without peft)
+    if lora:
         from diffusers.models.lora import LoRAConv2dLayer, LoRALinearLayer
 
         for conv, kernel, padding in ((block.conv1, 3, 1), (block.conv2, 3, 1), (block.conv_shortcut, 1, 0)):
             conv.set_lora_layer(LoRAConv2dLayer(conv.in_channels, conv.out_channels, rank=2, kernel_size=kernel, padding=padding))
-            lora.append(conv.lora_layer)
         block.time_emb_proj.set_lora_layer(LoRALinearLayer(12, 16, rank=2))
-        lora.append(block.time_emb_proj.lora_layer)
         randomize(block, seed=5)  # (a LoRA's up weights start at zero)
     patched = copy.deepcopy(block)
     assert ddpm_fast.patch_diffusers(patched, backend="reference") == 2
