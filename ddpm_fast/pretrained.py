@@ -71,10 +71,8 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     config = _read_json(config_path)
     prediction = config.get("prediction_type", "epsilon")
     said = f"prediction_type={prediction!r}"
-    predict_epsilon = config.get("predict_epsilon")  # its name before diffusers 0.10 (and, until 0.13, the one that won)
-    if predict_epsilon is not None:
-        if not isinstance(predict_epsilon, bool):
-            raise CheckpointError(f"{config_path} has predict_epsilon={predict_epsilon!r}, not true or false")
+    if config.get("predict_epsilon") is not None:  # its name before diffusers 0.10 (and, until 0.13, the one that won)
+        predict_epsilon = _flag(config, "predict_epsilon", True, config_path)
         prediction = "epsilon" if predict_epsilon else "sample"
         said = f"predict_epsilon={str(predict_epsilon).lower()} (prediction_type={prediction!r})"
     if prediction != "epsilon":
@@ -90,7 +88,7 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
     clip_range = config.get("clip_sample_range", 1.0)
     if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real):  # "1.0" != 1.0
         raise CheckpointError(f"{config_path} has clip_sample_range={clip_range!r}, not a number")
-    if _clip_sample(config, config_path) and clip_range != 1.0:
+    if _flag(config, "clip_sample", True, config_path) and clip_range != 1.0:
         raise CheckpointError(f"{config_path} clips x0 to [-{clip_range}, {clip_range}] (clip_sample_range); "
                               "ddpm_fast's Sampler clips to [-1, 1] only")
     if config.get("trained_betas") is not None:  # diffusers uses them instead of beta_schedule
@@ -116,12 +114,12 @@ def _diffusers_schedule(folder: Path, model_folder: Path | None = None) -> Noise
         raise CheckpointError(f"{config_path} describes no usable noise schedule: {error}") from None
 
 
-def _clip_sample(config: dict[str, Any], config_path: Path) -> bool:
-    """The config's clip_sample (DDPMScheduler's default: on); a string such as "false" would read as on."""
-    clip = config.get("clip_sample", True)
-    if not isinstance(clip, bool):
-        raise CheckpointError(f"{config_path} has clip_sample={clip!r}, not true or false")
-    return clip
+def _flag(config: dict[str, Any], key: str, default: bool, config_path: Path) -> bool:
+    """The config's boolean ``key`` (``default`` if absent); a string such as "false" would read as on."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{config_path} has {key}={value!r}, not true or false")
+    return value
 
 
 def resolve_run_folder(path: str | os.PathLike) -> Path:
@@ -166,7 +164,8 @@ def diffusers_sampling(path: str | os.PathLike) -> dict[str, Any]:
     if variance not in ("fixed_small", "fixed_large"):
         raise CheckpointError(f"{config_path} says variance_type={config.get('variance_type')!r}; ddpm_fast samples "
                               "with fixed_small or fixed_large only")
-    return {"variance": variance, "clip_denoised": _clip_sample(config, config_path), "source": config_path}
+    clip = _flag(config, "clip_sample", True, config_path)  # DDPMScheduler's default: on
+    return {"variance": variance, "clip_denoised": clip, "source": config_path}
 
 
 def load_model(
