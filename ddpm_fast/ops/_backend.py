@@ -5,7 +5,11 @@ not measured at run time).
 
 Precedence: an explicit per-call ``backend`` wins; with ``backend="auto"`` the
 environment variable ``DDPM_FAST_BACKEND`` (if set to a backend name) decides;
-otherwise the preference order below.
+otherwise the preference order below. Under a torch.func transform (grad, vmap,
+jvp, functionalize, ...) or forward-mode AD (``torch.autograd.forward_ad``)
+``auto`` is ``reference``, whatever the variable says:
+the kernel ops' autograd is not one functorch can transform, and plain
+PyTorch ops have every transform's rules.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import _extension
 from .._checks import as_device
@@ -165,6 +170,12 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
 
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+    # Under a torch.func transform or forward-mode AD (see the module's
+    # docstring). The cheapest checks first (this runs on every op call);
+    # torch.compile reads them as constants (False where it traces).
+    if backend == "auto" and (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()):
+        if not torch.compiler.is_compiling():
+            return "reference"
     if isinstance(device, torch.device) and isinstance(backend, str):  # the common case, every op call
         # Each os.environ read costs about 1 us (as much as a small kernel's
         # work), so only the variables this answer depends on are read.

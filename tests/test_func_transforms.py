@@ -1,0 +1,168 @@
+"""The ops and the fused U-Net under torch.func transforms (grad, vmap, jvp).
+
+The kernel ops' autograd is a C++ (or torch.library) autograd function, which
+functorch cannot transform; under a transform ``backend="auto"`` runs the
+reference instead. These tests compare what the transforms give with what
+plain autograd (or a loop) gives through the kernels outside them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from conftest import requires_extension
+from ddpm_fast import NoiseSchedule, ops
+from ddpm_fast.models import UNet
+
+SCHEDULE = NoiseSchedule("linear", timesteps=20)
+
+
+def _gn_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    return make(3, 6, 5, 7), make(6), make(6), make(3, 6)
+
+
+@requires_extension
+def test_resolve_backend_gives_reference_for_auto_inside_a_transform(monkeypatch):
+    x = torch.zeros(2, 3)
+    seen = {}
+
+    def probe(xi):
+        seen["auto"] = ops.resolve_backend("auto", xi.device, "probe")
+        seen["cpu"] = ops.resolve_backend("cpu", xi.device, "probe")
+        return xi
+
+    assert ops.resolve_backend("auto", x.device, "probe") == "cpu"
+    vmap(probe)(x)
+    assert seen == {"auto": "reference", "cpu": "cpu"}  # an explicit backend is kept
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "cpu")  # no kernel can run under grad, whatever it names
+    vmap(probe)(x)
+    assert seen["auto"] == "reference"
+
+
+@requires_extension
+def test_group_norm_silu_grad_matches_kernel_autograd():
+    x, w, b, add = _gn_inputs()
+
+    def loss(x, w, b, add):
+        return (ops.group_norm_silu(x, 3, w, b, add=add) * torch.linspace(-1, 1, x.numel()).view_as(x)).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, add)]
+    expected = torch.autograd.grad(loss(*leaves), leaves)  # through the C++ kernels
+    got = grad(loss, argnums=(0, 1, 2, 3))(x, w, b, add)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@requires_extension
+def test_group_norm_silu_vmap_over_inputs_and_over_weights_matches_a_loop():
+    x, w, b, _ = _gn_inputs()
+    xs = torch.stack([x, 2 * x + 1])
+    ws = torch.stack([w, w.flip(0)])
+    got = vmap(lambda xi: ops.group_norm_silu(xi, 3, w, b))(xs)
+    torch.testing.assert_close(got, torch.stack([ops.group_norm_silu(xi, 3, w, b) for xi in xs]))
+    got = vmap(lambda wi: ops.group_norm_silu(x, 3, wi, b))(ws)
+    torch.testing.assert_close(got, torch.stack([ops.group_norm_silu(x, 3, wi, b) for wi in ws]))
+
+
+@requires_extension
+def test_group_norm_silu_jvp_matches_a_central_difference_of_the_kernel():
+    x, w, b, add = _gn_inputs(torch.float64)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    f = lambda x: ops.group_norm_silu(x, 3, w, b, add=add)  # noqa: E731
+    _, tangent = jvp(f, (x,), (v,))
+    h = 1e-6
+    torch.testing.assert_close(tangent, (f(x + h * v) - f(x - h * v)) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+@requires_extension
+def test_forward_mode_ad_matches_the_kernel():
+    """Dual tensors (torch.autograd.forward_ad) through group_norm_silu (against a
+    central difference of the kernel) and q_sample (linear in x0: f(x0 + v) - f(x0))."""
+    import torch.autograd.forward_ad as fwAD
+
+    def tangent(f, x, v):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(f(fwAD.make_dual(x, v))).tangent
+
+    x, w, b, add = _gn_inputs(torch.float64)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    norm = lambda x: ops.group_norm_silu(x, 3, w, b, add=add)  # noqa: E731
+    h = 1e-6
+    torch.testing.assert_close(tangent(norm, x, v), (norm(x + h * v) - norm(x - h * v)) / (2 * h), rtol=1e-6, atol=1e-6)
+    noisy = lambda x: ops.q_sample(x, torch.tensor([2, 9, 19]), SCHEDULE, seed=4)[0]  # noqa: E731
+    x, v = x.float(), v.float()
+    torch.testing.assert_close(tangent(noisy, x, v), noisy(x + v) - noisy(x), rtol=1e-5, atol=1e-5)
+
+
+@requires_extension
+def test_q_sample_grad_and_vmap_match_the_kernel():
+    x0 = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 5, 11, 19])
+    weights = torch.linspace(-1, 1, x0.numel()).view_as(x0)
+
+    def loss(x0):
+        x_t, eps = ops.q_sample(x0, t, SCHEDULE, seed=3)
+        return (x_t * weights).sum() + (eps**2).sum()
+
+    leaf = x0.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)
+    torch.testing.assert_close(grad(loss)(x0), expected)
+    got_xt, got_eps = vmap(lambda xi: ops.q_sample(xi, 7, SCHEDULE, seed=3))(x0)
+    for i in range(x0.shape[0]):  # every slice is its own call, with the same seed
+        xt_i, eps_i = ops.q_sample(x0[i], 7, SCHEDULE, seed=3)
+        torch.testing.assert_close(got_xt[i], xt_i)
+        torch.testing.assert_close(got_eps[i], eps_i)
+
+
+@requires_extension
+def test_ddpm_step_vmap_matches_a_loop():
+    g = torch.Generator().manual_seed(4)
+    x_t, eps = torch.randn(2, 3, 4, 6, generator=g), torch.randn(2, 3, 4, 6, generator=g)
+    got = vmap(lambda xi, ei: ops.ddpm_step(xi, ei, 9, SCHEDULE, seed=5))(x_t, eps)
+    expected = torch.stack([ops.ddpm_step(x_t[i], eps[i], 9, SCHEDULE, seed=5) for i in range(2)])
+    torch.testing.assert_close(got, expected)
+
+
+@requires_extension
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap of CPU attention
+@pytest.mark.parametrize("per_sample", [False, True], ids=["grad", "vmap_of_grad"])
+def test_fused_unet_parameter_gradients_under_torch_func(per_sample):
+    """torch.func.grad over functional_call of the fused U-Net (and vmap of it:
+    per-sample gradients) against loss.backward() through the kernels."""
+    torch.manual_seed(0)
+    model = UNet.tiny(image_size=8, in_channels=1).eval()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x, t):
+        return functional_call(model, p, (x, t)).square().mean()
+
+    if per_sample:
+        got = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[:, None], t[:, None])
+        cases = [(x[i : i + 1], t[i : i + 1], {k: v[i] for k, v in got.items()}) for i in range(3)]
+    else:
+        cases = [(x, t, grad(loss)(params, x, t))]
+    for xi, ti, found in cases:
+        model.zero_grad()
+        loss(dict(model.named_parameters()), xi, ti).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(found[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@requires_extension
+def test_torch_compile_of_auto_still_runs_the_kernel():
+    """Outside a transform the graph torch.compile traces calls the C++ op,
+    not the reference (besides the op, dynamo records the transform check's
+    call, whose False it took as a constant)."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    x, w, b, _ = _gn_inputs()
+    recorder = EagerAndRecordGraphs()
+    compiled = torch.compile(lambda x: ops.group_norm_silu(x, 3, w, b), fullgraph=True, backend=recorder)
+    torch.testing.assert_close(compiled(x), ops.group_norm_silu(x, 3, w, b))
+    targets = {str(n.target) for gm in recorder.graphs for n in gm.graph.nodes if n.op == "call_function"}
+    expected = {"ddpm_fast.group_norm_silu", "<built-in function getitem>"}
+    assert expected <= targets <= expected | {str(torch._C._are_functorch_transforms_active)}, targets
