@@ -166,3 +166,18 @@ def test_torch_compile_of_auto_still_runs_the_kernel():
     targets = {str(n.target) for gm in recorder.graphs for n in gm.graph.nodes if n.op == "call_function"}
     expected = {"ddpm_fast.group_norm_silu", "<built-in function getitem>"}
     assert expected <= targets <= expected | {str(torch._C._are_functorch_transforms_active)}, targets
+
+
+@requires_extension
+def test_torch_compile_of_torch_func_grad():
+    """A torch.func.grad that torch.compile traces (fullgraph) takes the
+    reference inside, as in eager: the kernel's autograd would fail there."""
+    x, w, b, add = _gn_inputs()
+
+    def loss(x):
+        return ops.group_norm_silu(x, 3, w, b, add=add).square().sum()
+
+    leaf = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)  # through the C++ kernels
+    got = torch.compile(grad(loss), fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

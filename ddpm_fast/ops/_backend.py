@@ -171,11 +171,12 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
     # Under a torch.func transform or forward-mode AD (see the module's
-    # docstring). The cheapest checks first (this runs on every op call);
-    # torch.compile reads them as constants (False where it traces).
+    # docstring); the cheaper check first, as this runs on every op call.
+    # torch.compile takes both as constants where it traces (True inside a
+    # torch.func.grad it traces) and keeps the transform check's call, unused,
+    # in its graph (inductor drops it).
     if backend == "auto" and (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()):
-        if not torch.compiler.is_compiling():
-            return "reference"
+        return "reference"
     if isinstance(device, torch.device) and isinstance(backend, str):  # the common case, every op call
         # Each os.environ read costs about 1 us (as much as a small kernel's
         # work), so only the variables this answer depends on are read.
