@@ -57,12 +57,15 @@ def as_device(value: object, name: str) -> torch.device:
 
 
 def is_traced(t: torch.Tensor) -> bool:
-    """Whether ``t``, just made, is a trace's tensor (a FakeTensor or
-    FunctionalTensor of make_fx, FakeTensorMode or torch.export), which no cache
-    may keep: later eager calls would get it. Plain tensors, made eagerly or
-    under a dispatch mode that runs the real ops (a FLOP or copy counter), are
-    real. (Asked outside Dynamo, whose traces keep no such tensor.)"""
-    return type(t) is not torch.Tensor
+    """Whether ``t``, just made, is a trace's or a transform's tensor (a
+    FakeTensor or FunctionalTensor of make_fx, FakeTensorMode or torch.export;
+    a tensor a torch.func transform wraps: functionalize and grad wrap even what
+    a factory function makes), which no cache may keep: later eager calls would
+    get it (a functionalized step's cached table made every later step raise).
+    Plain tensors, made eagerly or under a dispatch mode that runs the real ops
+    (a FLOP or copy counter), are real. (Asked outside Dynamo, whose traces keep
+    no such tensor.)"""
+    return type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:

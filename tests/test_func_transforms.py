@@ -181,3 +181,35 @@ def test_torch_compile_of_torch_func_grad():
     (expected,) = torch.autograd.grad(loss(leaf), leaf)  # through the C++ kernels
     got = torch.compile(grad(loss), fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transform", ["functionalize", "grad"])
+def test_a_transform_leaves_no_wrapped_tensor_in_a_cache(monkeypatch, transform):
+    """functionalize and grad wrap even the tensors factory functions make: the
+    timestep arange, a schedule's float32 tables and diffusion's device copies
+    made first under them were kept, and a later eager step raised
+    ("Found a custom (non-ATen) operator whose output has alias annotations")."""
+    import importlib
+
+    from torch.func import functionalize
+
+    from ddpm_fast import diffusion
+
+    _args = importlib.import_module("ddpm_fast.ops._args")
+    monkeypatch.setattr(_args, "_TIMESTEPS", {})
+    g = torch.Generator().manual_seed(6)
+    x, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    calls = {
+        "ddpm_step": lambda s, x: ops.ddpm_step(x, eps, 3, s, seed=1),
+        "q_sample": lambda s, x: ops.q_sample(x, 3, s, seed=1)[0],
+        "diffusion.q_sample": lambda s, x: diffusion.q_sample(s, x.double(), torch.tensor([3, 5]), eps.double()),
+    }
+    wrap = functionalize if transform == "functionalize" else (lambda f: grad(lambda x: f(x).sum()))
+    traced_on = NoiseSchedule("linear", timesteps=10)
+    for call in calls.values():
+        wrap(lambda x, call=call: call(traced_on, x))(x)
+    kept = [*_args._TIMESTEPS.values(), *(entry[0] for entry in traced_on._device_tables.values()),
+            *(entry[2] for entry in traced_on.__dict__.get("_extract_tables", {}).values())]
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kept)
+    for name, call in calls.items():
+        torch.testing.assert_close(call(traced_on, x), call(NoiseSchedule("linear", timesteps=10), x), atol=0, rtol=0, msg=name)
