@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["is_int", "check_bool", "as_device", "is_traced", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
+__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
            "is_out_of_memory"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
@@ -57,15 +58,26 @@ def as_device(value: object, name: str) -> torch.device:
 
 
 def is_traced(t: torch.Tensor) -> bool:
-    """Whether ``t``, just made, is a trace's or a transform's tensor (a
-    FakeTensor or FunctionalTensor of make_fx, FakeTensorMode or torch.export;
-    a tensor a torch.func transform wraps: functionalize and grad wrap even what
-    a factory function makes), which no cache may keep: later eager calls would
-    get it (a functionalized step's cached table made every later step raise).
-    Plain tensors, made eagerly or under a dispatch mode that runs the real ops
-    (a FLOP or copy counter), are real. (Asked outside Dynamo, whose traces keep
-    no such tensor.)"""
-    return type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """Whether ``t``, just made, is a trace's tensor (a FakeTensor or
+    FunctionalTensor of make_fx, FakeTensorMode or torch.export), which no cache
+    may keep: later eager calls would get it. Plain tensors, made eagerly or
+    under a dispatch mode that runs the real ops (a FLOP or copy counter), are
+    real. (Asked outside Dynamo, whose traces keep no such tensor.)"""
+    return type(t) is not torch.Tensor
+
+
+def outside_transforms() -> contextlib.AbstractContextManager:
+    """Where a cache's constant (the timestep arange, a schedule's tables and
+    their device copies) is made: under a torch.func transform, with the
+    transforms set aside. functionalize and grad wrap even what a factory
+    function makes, and a wrapped tensor kept by a cache went to later eager
+    calls (a step first run under functionalize left a functional table, and
+    every later step raised); torch 2.7 could not read one either (``nonzero``
+    of a grad-wrapped table: "Cannot access data pointer"). Nothing is set
+    aside where torch.compile traces."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return torch._C._DisableFuncTorch()
+    return contextlib.nullcontext()
 
 
 def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:

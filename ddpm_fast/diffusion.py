@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, is_traced
+from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, is_traced, outside_transforms
 from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
@@ -132,7 +132,7 @@ def _device_table(schedule: NoiseSchedule, name: str, device: torch.device) -> t
         stamp = cached[1]
         if (torch.equal(stamp, source) if inference else stamp == source._version):
             return cached[2]
-    with torch.inference_mode(False):  # usable by autograd, even when first asked for under inference mode
+    with torch.inference_mode(False), outside_transforms():  # usable by autograd, even when first asked for under inference mode
         copy = source.to(device)
     if is_traced(copy):  # under make_fx or FakeTensorMode: not for later calls
         return copy

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._checks import is_int, is_traced
+from ._checks import is_int, is_traced, outside_transforms
 from ._memory import check_fits_in_memory
 
 __all__ = ["NoiseSchedule", "make_betas", "SCHEDULES", "STEP_COLUMNS", "STEP_KINDS"]
@@ -318,9 +318,10 @@ class NoiseSchedule:
         except (KeyError, TypeError):
             pass
         self.step_table(kind, eta=eta)  # checks kind and eta
-        table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
-        columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
-        answer = found[key] = tuple((~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist())
+        with outside_transforms():
+            table = self._ddim_table(float(eta)) if kind == "ddim" else self._ddpm_table(kind)
+            columns = [2, 3, 4, 5, 6] if clip_denoised else [0, 1, 6]
+            answer = found[key] = tuple((~torch.isfinite(table[:, columns]).all(dim=1)).nonzero().flatten().tolist())
         if len(found) > 2 * len(STEP_KINDS) + _ETA_TABLES_KEPT:  # bounded: the oldest answer goes
             # (a snapshot of the keys, and pop: another thread may add or drop one meanwhile)
             found.pop(tuple(found)[0], None)
@@ -344,7 +345,7 @@ class NoiseSchedule:
             return entry[0]
         # Not an inference tensor even when first asked for under inference
         # mode: training may later save it for backward.
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), outside_transforms():
             cached = make().to(device=device, dtype=torch.float32)
         if exporting or (not compiling and is_traced(cached)):
             return cached

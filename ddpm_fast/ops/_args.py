@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .._checks import WIDENED_TIMESTEP_DTYPES, is_int, is_traced
+from .._checks import WIDENED_TIMESTEP_DTYPES, is_int, is_traced, outside_transforms
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -162,7 +162,7 @@ def _timestep_scalar(t: int, num_steps: int, device: torch.device) -> torch.Tens
             # run: the cache would hold unwritten memory until that graph replays.
             # A fill the graph itself runs, not cached.
             return torch.full((), t, dtype=torch.int64, device=device)
-        with torch.inference_mode(False):  # usable in autograd after an inference-mode first call
+        with torch.inference_mode(False), outside_transforms():  # usable in autograd after an inference-mode first call
             steps = torch.arange(num_steps, dtype=torch.int64, device=device)
         if is_traced(steps):  # under make_fx or FakeTensorMode: not for later calls
             return steps[t]
