@@ -479,8 +479,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _replace_closed_std_streams() -> None:
+    """stdout or stderr closed by the caller (``ddpm-fast info >&-``): Python
+    makes it None, and the command's first print, progress bar or flush raised
+    (an AttributeError's traceback and status 1 in place of the command's own).
+    /dev/null takes its place, on its descriptor while that is still free, so
+    that no file the command opens gets descriptor 1 or 2 (where C++ code
+    writing to stdout or stderr would write into it)."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+            free = False  # taken since the start (a file an import keeps open): left to it
+        except OSError:
+            free = True
+        null = os.open(os.devnull, os.O_WRONLY)
+        if free and null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+            null = fd
+        setattr(sys, name, open(null, "w", errors="backslashreplace"))
+
+
 def entry_point() -> NoReturn:
     """The ``ddpm-fast`` command (and ``python -m ddpm_fast``)."""
+    _replace_closed_std_streams()
     # A path that stdout's encoding cannot show (an ASCII or Latin-1 terminal) is
     # escaped, as on stderr: printing where the samples went raised after writing them.
     if isinstance(sys.stdout, io.TextIOWrapper):

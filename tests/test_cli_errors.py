@@ -517,6 +517,29 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     assert (done.stdout.strip(), err.read_text()) == ("1", "")
 
 
+@pytest.mark.parametrize("closed,command,status", [
+    (">&-", ["info"], 0),  # its first print raised: status 1
+    ("2>&-", ["sample", "--checkpoint", "missing", "--out", "out"], 2),  # its error message raised: status 1
+])
+def test_a_closed_stdout_or_stderr_leaves_the_command_its_status(tmp_path, closed, command, status):
+    line = " ".join([f"'{sys.executable}'", "-m", "ddpm_fast", *command, closed])
+    done = subprocess.run(["bash", "-c", f"{line}; echo $?"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.stdout.splitlines()[-1:] == [str(status)], done
+
+
+def test_closed_std_streams_become_dev_null_on_their_own_descriptors(tmp_path):
+    """So that no file the command opens takes descriptor 1 or 2, where C++
+    code writing to stdout or stderr would write into it."""
+    found = tmp_path / "found.json"
+    script = ("import json, os, sys; from ddpm_fast import cli; cli._replace_closed_std_streams(); "
+              "print('dropped'); sys.stderr.write('dropped'); fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT); "
+              "os.write(fd, json.dumps([os.readlink(f'/proc/self/fd/{i}') for i in (1, 2)] + [fd]).encode())")
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -c \"{script}\" '{found}' >&- 2>&-"], timeout=300)
+    assert done.returncode == 0
+    one, two, fd = json.loads(found.read_text())
+    assert (one, two) == (os.devnull, os.devnull) and fd > 2
+
+
 def test_sample_refuses_a_disk_too_full_for_its_samples_before_sampling(tiny_run, tmp_path, monkeypatch, capsys):
     """A full disk was found only when samples.npz was written, after the whole run."""
     import shutil
