@@ -6,9 +6,10 @@ import contextlib
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
+__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "under_a_transform", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
            "is_out_of_memory"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
@@ -64,6 +65,15 @@ def is_traced(t: torch.Tensor) -> bool:
     under a dispatch mode that runs the real ops (a FLOP or copy counter), are
     real. (Asked outside Dynamo, whose traces keep no such tensor.)"""
     return type(t) is not torch.Tensor
+
+
+def under_a_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, functionalize, ...) or a
+    forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is active:
+    code with plain PyTorch ops for them to differentiate runs then (the ops'
+    ``auto`` backend, in ``ops._backend.resolve_backend``, asks the same inline).
+    torch.compile reads it as a constant where it traces."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def outside_transforms() -> contextlib.AbstractContextManager:

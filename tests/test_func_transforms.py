@@ -127,7 +127,7 @@ def test_ddpm_step_vmap_matches_a_loop():
 
 
 @requires_extension
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap of CPU attention
+@pytest.mark.filterwarnings("error:There is a performance drop")  # torch's attention under vmap: plain ops now
 @pytest.mark.parametrize("per_sample", [False, True], ids=["grad", "vmap_of_grad"])
 def test_fused_unet_parameter_gradients_under_torch_func(per_sample):
     """torch.func.grad over functional_call of the fused U-Net (and vmap of it:
@@ -150,6 +150,28 @@ def test_fused_unet_parameter_gradients_under_torch_func(per_sample):
         loss(dict(model.named_parameters()), xi, ti).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(found[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("how", ["jvp", "dual_tensors"])
+def test_fused_unet_forward_mode_derivative_matches_a_central_difference(how):
+    """jvp through the U-Net: its attention's fused kernel (torch's SDPA) had no
+    forward-mode derivative ("Trying to use forward AD with
+    _scaled_dot_product_flash_attention_for_cpu")."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    model = UNet.tiny(image_size=8, in_channels=1).double().eval()
+    x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([3, 700])
+    v = torch.randn_like(x)
+    f = lambda x: model(x, t)  # noqa: E731
+    if how == "jvp":
+        out, tangent = jvp(f, (x,), (v,))
+    else:
+        with fwAD.dual_level():
+            out, tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
+    h = 1e-6
+    torch.testing.assert_close(out, f(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, (f(x + h * v) - f(x - h * v)) / (2 * h), rtol=1e-6, atol=1e-6)
 
 
 @requires_extension

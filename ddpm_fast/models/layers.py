@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import under_a_transform
 from ..nn import GroupNormSiLU
 
 __all__ = ["timestep_embedding", "make_norm", "norm_act", "ResBlock", "AttnBlock", "Downsample", "Upsample"]
@@ -107,7 +108,14 @@ class AttnBlock(nn.Module):
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
         q, k, v = F.linear(h, weight, bias).unsqueeze(1).chunk(3, dim=-1)  # (N, 1, HW, C): one head
-        out = self.proj_out(F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        if under_a_transform():
+            # torch's fused attention kernels have no forward-mode derivative (jvp,
+            # dual tensors) and no vmap rule: the same softmax(q k^T / sqrt(C)) v
+            # in plain ops, which every transform differentiates and batches.
+            attended = torch.softmax(q @ k.transpose(-2, -1) * c**-0.5, dim=-1) @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj_out(attended.squeeze(1))
         # back to (N, C, H, W); a view with channels_last strides
         return x + out.transpose(1, 2).reshape(n, c, height, width)
 

@@ -174,7 +174,7 @@ _functorch_transforms_active = torch._C._are_functorch_transforms_active  # (bou
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
     # Under a torch.func transform or forward-mode AD (see the module's
-    # docstring); the cheaper check first, as this runs on every op call.
+    # docstring): _checks.under_a_transform, inline as this runs on every op call.
     # torch.compile takes both as constants where it traces (True inside a
     # torch.func.grad it traces) and keeps the transform check's call, unused,
     # in its graph (inductor drops it).
