@@ -7,9 +7,8 @@ Precedence: an explicit per-call ``backend`` wins; with ``backend="auto"`` the
 environment variable ``DDPM_FAST_BACKEND`` (if set to a backend name) decides;
 otherwise the preference order below. Under a torch.func transform (grad, vmap,
 jvp, functionalize, ...) or forward-mode AD (``torch.autograd.forward_ad``)
-``auto`` is ``reference``, whatever the variable says:
-the kernel ops' autograd is not one functorch can transform, and plain
-PyTorch ops have every transform's rules.
+``auto`` is ``reference``, whatever the variable says: neither can
+differentiate the kernel ops' autograd, and plain PyTorch has their rules.
 """
 
 from __future__ import annotations
