@@ -71,9 +71,14 @@ def under_a_transform() -> bool:
     """Whether a torch.func transform (grad, vmap, jvp, functionalize, ...) or a
     forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is active:
     code with plain PyTorch ops for them to differentiate runs then (the ops'
-    ``auto`` backend, in ``ops._backend.resolve_backend``, asks the same inline).
-    torch.compile reads it as a constant where it traces."""
-    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    ``auto`` backend, ``ops._backend.resolve_backend``, and the U-Net's
+    attention). torch.compile reads it as a constant where it traces (True
+    inside a torch.func.grad it traces) and keeps the functorch check's call,
+    unused, in its graph (inductor drops it)."""
+    return _forward_ad._current_level >= 0 or _functorch_transforms_active()
+
+
+_functorch_transforms_active = torch._C._are_functorch_transforms_active  # (bound once: every op call asks)
 
 
 def outside_transforms() -> contextlib.AbstractContextManager:

@@ -19,10 +19,9 @@ import os
 import sys
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from .. import _extension
-from .._checks import as_device
+from .._checks import as_device, under_a_transform
 
 __all__ = [
     "BACKENDS",
@@ -167,17 +166,9 @@ def _why_unavailable(backend: str, device: torch.device) -> str:
     return f"it runs on {backend} tensors, got {device}"
 
 
-_functorch_transforms_active = torch._C._are_functorch_transforms_active  # (bound once: this runs on every op call)
-
-
 def resolve_backend(backend: str, device: torch.device | str, op: str) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
-    # Under a torch.func transform or forward-mode AD (see the module's
-    # docstring): _checks.under_a_transform, inline as this runs on every op call.
-    # torch.compile takes both as constants where it traces (True inside a
-    # torch.func.grad it traces) and keeps the transform check's call, unused,
-    # in its graph (inductor drops it).
-    if backend == "auto" and (_forward_ad._current_level >= 0 or _functorch_transforms_active()):
+    if backend == "auto" and under_a_transform():  # (see the module's docstring)
         return "reference"
     if isinstance(device, torch.device) and isinstance(backend, str):  # the common case, every op call
         # Each os.environ read costs about 1 us (as much as a small kernel's
