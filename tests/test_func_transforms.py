@@ -9,19 +9,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, jvp, vmap
 
 from conftest import requires_extension
 from ddpm_fast import NoiseSchedule, ops
 from ddpm_fast.models import UNet
+from group_norm_silu_helpers import inputs
 
 SCHEDULE = NoiseSchedule("linear", timesteps=20)
 
 
 def _gn_inputs(dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
-    return make(3, 6, 5, 7), make(6), make(6), make(3, 6)
+    """x (3, 6, 5, 7), weight, bias and add on the CPU."""
+    return inputs((3, 6, 5, 7), dtype, "contiguous", "cpu", affine=True, with_add=True)
+
+
+def _dual(f, x, v):
+    """(f(x), its derivative along v) through dual tensors (forward-mode AD)."""
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
+
+
+def _central_difference(f, x, v, h=1e-6):
+    return (f(x + h * v) - f(x - h * v)) / (2 * h)
 
 
 @requires_extension
@@ -73,28 +84,20 @@ def test_group_norm_silu_jvp_matches_a_central_difference_of_the_kernel():
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     f = lambda x: ops.group_norm_silu(x, 3, w, b, add=add)  # noqa: E731
     _, tangent = jvp(f, (x,), (v,))
-    h = 1e-6
-    torch.testing.assert_close(tangent, (f(x + h * v) - f(x - h * v)) / (2 * h), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tangent, _central_difference(f, x, v), rtol=1e-6, atol=1e-6)
 
 
 @requires_extension
 def test_forward_mode_ad_matches_the_kernel():
     """Dual tensors (torch.autograd.forward_ad) through group_norm_silu (against a
     central difference of the kernel) and q_sample (linear in x0: f(x0 + v) - f(x0))."""
-    import torch.autograd.forward_ad as fwAD
-
-    def tangent(f, x, v):
-        with fwAD.dual_level():
-            return fwAD.unpack_dual(f(fwAD.make_dual(x, v))).tangent
-
     x, w, b, add = _gn_inputs(torch.float64)
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     norm = lambda x: ops.group_norm_silu(x, 3, w, b, add=add)  # noqa: E731
-    h = 1e-6
-    torch.testing.assert_close(tangent(norm, x, v), (norm(x + h * v) - norm(x - h * v)) / (2 * h), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_dual(norm, x, v).tangent, _central_difference(norm, x, v), rtol=1e-6, atol=1e-6)
     noisy = lambda x: ops.q_sample(x, torch.tensor([2, 9, 19]), SCHEDULE, seed=4)[0]  # noqa: E731
     x, v = x.float(), v.float()
-    torch.testing.assert_close(tangent(noisy, x, v), noisy(x + v) - noisy(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_dual(noisy, x, v).tangent, noisy(x + v) - noisy(x), rtol=1e-5, atol=1e-5)
 
 
 @requires_extension
@@ -157,21 +160,14 @@ def test_fused_unet_forward_mode_derivative_matches_a_central_difference(how):
     """jvp through the U-Net: its attention's fused kernel (torch's SDPA) had no
     forward-mode derivative ("Trying to use forward AD with
     _scaled_dot_product_flash_attention_for_cpu")."""
-    import torch.autograd.forward_ad as fwAD
-
     torch.manual_seed(0)
     model = UNet.tiny(image_size=8, in_channels=1).double().eval()
     x, t = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([3, 700])
     v = torch.randn_like(x)
     f = lambda x: model(x, t)  # noqa: E731
-    if how == "jvp":
-        out, tangent = jvp(f, (x,), (v,))
-    else:
-        with fwAD.dual_level():
-            out, tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
-    h = 1e-6
+    out, tangent = jvp(f, (x,), (v,)) if how == "jvp" else _dual(f, x, v)
     torch.testing.assert_close(out, f(x), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(tangent, (f(x + h * v) - f(x - h * v)) / (2 * h), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tangent, _central_difference(f, x, v), rtol=1e-6, atol=1e-6)
 
 
 @requires_extension
