@@ -9,7 +9,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "under_a_transform", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
+__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "under_a_transform", "host_readable", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
            "is_out_of_memory"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
@@ -93,6 +93,25 @@ def outside_transforms() -> contextlib.AbstractContextManager:
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return torch._C._DisableFuncTorch()
     return contextlib.nullcontext()
+
+
+def host_readable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` for a check that reads its values on the host (a timestep range),
+    unless ``torch.func.vmap`` batches it: vmap lets no code read a batched
+    tensor's values ("calling .item() on a Tensor"), so then the plain tensor
+    under t's functorch wrappers, which holds the values of every sample (all
+    of them inside the range if each sample's are). Wrappers without a batch
+    (grad's, jvp's, functionalize's) read as t itself. (Asked outside Dynamo.)"""
+    if not _functorch_transforms_active():
+        return t
+    inner, batched = t, False
+    while _functorch.maybe_get_level(inner) != -1:
+        batched = batched or _functorch.is_batchedtensor(inner)
+        inner = _functorch.get_unwrapped(inner)
+    return inner if batched else t
+
+
+_functorch = torch._C._functorch
 
 
 def _memory_span(x: torch.Tensor) -> tuple[int, int] | None:

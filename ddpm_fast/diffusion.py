@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, is_traced, outside_transforms
+from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, host_readable, is_traced, outside_transforms
 from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
@@ -92,8 +92,10 @@ def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> 
         raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
     if t.dtype in WIDENED_TIMESTEP_DTYPES:
         t = t.to(torch.int64)
-    if t.device.type == "cpu" and t.numel() and (t.min() < 0 or t.max() >= num_steps):
-        raise ValueError(f"timesteps out of range [0, {num_steps}): min {t.min().item()}, max {t.max().item()}")
+    if t.device.type == "cpu" and t.numel():
+        values = host_readable(t)  # (every sample's, where vmap batches t)
+        if values.min() < 0 or values.max() >= num_steps:
+            raise ValueError(f"timesteps out of range [0, {num_steps}): min {values.min().item()}, max {values.max().item()}")
     return t
 
 

@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad, jvp, vmap
 
 from conftest import requires_extension
-from ddpm_fast import NoiseSchedule, ops
+from ddpm_fast import NoiseSchedule, diffusion, ops
 from ddpm_fast.models import UNet
 from group_norm_silu_helpers import inputs
 
@@ -212,8 +212,6 @@ def test_a_transform_leaves_no_wrapped_tensor_in_a_cache(monkeypatch, transform)
 
     from torch.func import functionalize
 
-    from ddpm_fast import diffusion
-
     _args = importlib.import_module("ddpm_fast.ops._args")
     monkeypatch.setattr(_args, "_TIMESTEPS", {})
     g = torch.Generator().manual_seed(6)
@@ -233,3 +231,91 @@ def test_a_transform_leaves_no_wrapped_tensor_in_a_cache(monkeypatch, transform)
     assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kept)
     for name, call in calls.items():
         torch.testing.assert_close(call(traced_on, x), call(NoiseSchedule("linear", timesteps=10), x), atol=0, rtol=0, msg=name)
+
+
+# Per-sample timesteps: t batched by vmap, each sample with its own (a
+# per-sample loss at a random t). The range checks read t's values on the host,
+# which vmap refuses for a batched tensor ("calling .item() on a Tensor").
+_T = torch.tensor([0, 5, 11, 19])
+_PER_SAMPLE_CALLS = {
+    "q_sample noise": lambda x, t, e: ops.q_sample(x, t, SCHEDULE, noise=e)[0],
+    "q_sample seed": lambda x, t, e: ops.q_sample(x, t, SCHEDULE, seed=3),
+    "ddpm_step": lambda x, t, e: ops.ddpm_step(x, e, t, SCHEDULE, seed=5),
+    "ddpm_step clipped ddim": lambda x, t, e: ops.ddpm_step(x, e, t, SCHEDULE, clip_denoised=True, eta=0.5, seed=5),
+    "diffusion.q_sample": lambda x, t, e: diffusion.q_sample(SCHEDULE, x, t, e),
+    "diffusion.predict_x0_from_eps": lambda x, t, e: diffusion.predict_x0_from_eps(SCHEDULE, x, t, e),
+    "diffusion.q_posterior_mean_variance": lambda x, t, e: diffusion.q_posterior_mean_variance(SCHEDULE, e, x, t),
+    "diffusion.vb_terms_bpd": lambda x, t, e: diffusion.vb_terms_bpd(SCHEDULE, e, x.clamp(-1, 1), x, t, clip_denoised=True),
+}
+
+
+@pytest.mark.parametrize("t_shape", ["0-d", "(1,)"])
+@pytest.mark.parametrize("name", _PER_SAMPLE_CALLS)
+def test_timesteps_batched_by_vmap_match_a_loop(name, t_shape):
+    call = _PER_SAMPLE_CALLS[name]
+    g = torch.Generator().manual_seed(7)
+    x, eps = torch.randn(4, 3, 5, 6, generator=g), torch.randn(4, 3, 5, 6, generator=g)
+    shaped = (lambda t: t) if t_shape == "0-d" else (lambda t: t.reshape(1))
+    got = vmap(lambda xi, ti, ei: call(xi[None], shaped(ti), ei[None]))(x, _T, eps)
+    for i in range(4):  # each sample as its own call (with the same seed)
+        expected = call(x[i : i + 1], shaped(_T[i]), eps[i : i + 1])
+        torch.testing.assert_close(torch.utils._pytree.tree_map(lambda v: v[i], got), expected, msg=f"sample {i}")
+
+
+def test_timestep_batched_by_vmap_over_one_sample():
+    """A batch of one: its single value is read and served as a shared t."""
+    x, eps = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    got = vmap(lambda xi, ti, ei: ops.q_sample(xi[None], ti, SCHEDULE, noise=ei[None])[0])(x, _T[2:3], eps)
+    torch.testing.assert_close(got[0], ops.q_sample(x, 11, SCHEDULE, noise=eps)[0])
+
+
+@pytest.mark.parametrize("bad", [20, -1])
+@pytest.mark.parametrize("name", ["q_sample seed", "ddpm_step", "diffusion.q_sample"])
+def test_timestep_batched_by_vmap_out_of_range_raises(name, bad):
+    """Every sample's t is checked, though vmap hides the others from each call."""
+    call = _PER_SAMPLE_CALLS[name]
+    t = torch.tensor([3, bad, 4])
+    x = torch.randn(3, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"out of range \[0, 20\)|must lie in \[0, 20\)"):
+        vmap(lambda xi, ti, ei: call(xi[None], ti, ei[None]))(x, t, x)
+
+
+def test_timestep_batched_by_vmap_at_an_undefined_step_raises():
+    """The jsd schedule's last step has beta = 1: the step is undefined there."""
+    jsd = NoiseSchedule("jsd", timesteps=10)
+    x = torch.randn(3, 2, 4, 4)
+    with pytest.raises(ValueError, match="undefined at timestep 9"):
+        vmap(lambda xi, ti: ops.ddpm_step(xi[None], xi[None], ti, jsd, seed=1))(x, torch.tensor([2, 9, 4]))
+
+
+def test_per_sample_gradients_with_each_samples_own_timestep():
+    """The per-sample DDPM loss (Ho et al. eq. 14) at each sample's own t, its
+    parameter gradients by vmap(grad(...)), against loss.backward() per sample
+    through the kernels."""
+    torch.manual_seed(0)
+    model = UNet.tiny(image_size=8, in_channels=1).eval()
+    schedule = NoiseSchedule("linear", timesteps=1000)
+    x0, eps, t = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x0, t, eps):
+        x_t, _ = ops.q_sample(x0, t, schedule, noise=eps)
+        return (functional_call(model, p, (x_t, t)) - eps).square().mean()
+
+    got = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x0[:, None], t[:, None], eps[:, None])
+    for i in range(3):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x0[i : i + 1], t[i : i + 1], eps[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=f"{name}, sample {i}")
+
+
+def test_torch_compile_of_a_vmap_over_timesteps():
+    """fullgraph: in the graph no range check runs under the transform (its
+    assert has no vmap rule); an out-of-range t makes its own sample NaN, as on the GPU."""
+    x, eps = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    f = vmap(lambda xi, ti, ei: ops.q_sample(xi[None], ti, SCHEDULE, noise=ei[None])[0])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, _T, eps), f(x, _T, eps))
+    out = compiled(x, torch.tensor([3, 20, -1, 4]), eps)
+    assert out[1:3].isnan().all() and not out[[0, 3]].isnan().any()

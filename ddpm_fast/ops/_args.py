@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .._checks import WIDENED_TIMESTEP_DTYPES, is_int, is_traced, outside_transforms
+from .._checks import WIDENED_TIMESTEP_DTYPES, host_readable, is_int, is_traced, outside_transforms, under_a_transform
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -110,15 +110,19 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         t = t.to(torch.int64)
     if t.device.type == "cpu" and t.numel() > 0 and torch.compiler.is_compiling():
         # The value is unknown while tracing: checked in the graph (the reference
-        # backend gave NaN, silently, where eager raises).
-        torch._assert_async(((t >= 0) & (t < num_steps)).all(), f"{op}: timesteps must lie in [0, {num_steps})")
+        # backend gave NaN, silently, where eager raises). Not under a torch.func
+        # transform, which the trace cannot tell vmap from (_assert_async has no
+        # vmap rule): the reference then gives NaN, as on the GPU.
+        if not under_a_transform():
+            torch._assert_async(((t >= 0) & (t < num_steps)).all(), f"{op}: timesteps must lie in [0, {num_steps})")
     elif t.device.type == "cpu" and t.numel() > 0:
-        if t.numel() == 1:  # read, checked and served as an int is (one read instead of two reductions: 3 us, not 11)
-            value = int(t.item())
+        values = host_readable(t)  # (every sample's, where vmap batches t)
+        if values.numel() == 1:  # read, checked and served as an int is (one read instead of two reductions: 3 us, not 11)
+            value = int(values.item())
             if not 0 <= value < num_steps:
                 raise ValueError(f"{op}: timesteps must lie in [0, {num_steps}), got min {value}, max {value}")
             return _timestep_scalar(value, num_steps, x.device)
-        low, high = (int(v) for v in torch.aminmax(t))
+        low, high = (int(v) for v in torch.aminmax(values))
         if low < 0 or high >= num_steps:
             raise ValueError(f"{op}: timesteps must lie in [0, {num_steps}), got min {low}, max {high}")
     if t.dim() == 1 and t.numel() == 1:

@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from .. import _extension
-from .._checks import check_no_partial_overlap, type_name
+from .._checks import check_no_partial_overlap, host_readable, type_name
 from ..schedules import NoiseSchedule
 from . import _args, _backend
 from ._backend import resolve_backend
@@ -183,7 +183,7 @@ def ddpm_step(
     # with nonzero(), which a fullgraph trace cannot follow.)
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
         undefined = schedule.undefined_steps(kind, eta=0.0 if eta is None else eta, clip_denoised=clip_denoised)
-        hit = sorted(set(t.flatten().tolist()) & set(undefined)) if undefined else None
+        hit = sorted(set(host_readable(t).flatten().tolist()) & set(undefined)) if undefined else None
         if hit:
             raise ValueError(
                 f"{_OP}: the step is undefined at timestep {hit[0]} of this schedule: alpha_t or abar_t is 0 there "
