@@ -319,3 +319,17 @@ def test_torch_compile_of_a_vmap_over_timesteps():
     torch.testing.assert_close(compiled(x, _T, eps), f(x, _T, eps))
     out = compiled(x, torch.tensor([3, 20, -1, 4]), eps)
     assert out[1:3].isnan().all() and not out[[0, 3]].isnan().any()
+
+
+def test_noise_drawn_with_no_seed_inside_vmap_follows_vmaps_randomness_flag():
+    """The seed comes from torch's generator: vmap's default refuses that, and
+    randomness="same" gives every sample the same seed (so the same noise)."""
+    x = torch.randn(3, 2, 4, 4)
+
+    def draw(xi):
+        return ops.q_sample(xi[None], 5, SCHEDULE)[1]
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(draw)(x)
+    eps = vmap(draw, randomness="same")(x)
+    assert torch.equal(eps[0], eps[1]) and torch.equal(eps[0], eps[2])
