@@ -280,6 +280,21 @@ def test_timestep_batched_by_vmap_out_of_range_raises(name, bad):
         vmap(lambda xi, ti, ei: call(xi[None], ti, ei[None]))(x, t, x)
 
 
+def test_timesteps_batched_by_nested_vmaps():
+    """Two vmap levels over a (2, 3) grid of timesteps: every level is looked under."""
+    call = _PER_SAMPLE_CALLS["q_sample noise"]
+    g = torch.Generator().manual_seed(8)
+    x, eps = torch.randn(2, 3, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 4, 4, generator=g)
+    t = torch.tensor([[1, 2, 3], [4, 5, 19]])
+    per_sample = vmap(vmap(lambda xi, ti, ei: call(xi[None], ti, ei[None])))
+    got = per_sample(x, t, eps)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(got[i, j], call(x[i, j][None], t[i, j], eps[i, j][None]))
+    with pytest.raises(ValueError, match=r"got min 1, max 20"):
+        per_sample(x, t + torch.tensor([[0, 0, 0], [0, 0, 1]]), eps)
+
+
 def test_timestep_batched_by_vmap_at_an_undefined_step_raises():
     """The jsd schedule's last step has beta = 1: the step is undefined there."""
     jsd = NoiseSchedule("jsd", timesteps=10)
