@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jacfwd, jvp, vmap
 
 from conftest import requires_extension
 from ddpm_fast import NoiseSchedule, diffusion, ops
@@ -348,3 +348,65 @@ def test_noise_drawn_with_no_seed_inside_vmap_follows_vmaps_randomness_flag():
         vmap(draw)(x)
     eps = vmap(draw, randomness="same")(x)
     assert torch.equal(eps[0], eps[1]) and torch.equal(eps[0], eps[2])
+
+
+_GPU = pytest.mark.gpu
+_KERNEL_CALLS = {  # (the name of the argument given the tangent, the call)
+    "q_sample": ("x0", lambda x, eps, backend: ops.q_sample(x, 3, SCHEDULE, seed=1, backend=backend)[0]),
+    "group_norm_silu": ("x", lambda x, eps, backend: ops.group_norm_silu(x, 3, backend=backend)),
+    "ddpm_step": ("x_t", lambda x, eps, backend: ops.ddpm_step(x, eps, 3, SCHEDULE, seed=1, backend=backend)),
+}
+
+
+@requires_extension
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=_GPU), pytest.param("triton", marks=_GPU)])
+@pytest.mark.parametrize("how", ["dual_tensors", "jvp", "jacfwd"])
+@pytest.mark.parametrize("op", _KERNEL_CALLS)
+def test_a_named_kernel_backend_refuses_a_forward_mode_tangent(op, how, backend):
+    """No kernel has a forward-mode rule: with a backend named per call, the
+    step's and the Triton ops' dropped the tangent silently (None from dual
+    tensors, zeros from jvp and jacfwd); the C++ q_sample and group_norm_silu
+    failed in torch's words, naming no argument."""
+    device = "cpu" if backend == "cpu" else "cuda"
+    g = torch.Generator().manual_seed(9)
+    x, eps, v = (torch.randn(2, 6, 4, 4, generator=g).to(device) for _ in range(3))
+    name, call = _KERNEL_CALLS[op]
+
+    def f(x):
+        return call(x, eps, backend)
+
+    run = {"dual_tensors": lambda: _dual(f, x, v), "jvp": lambda: jvp(f, (x,), (v,)), "jacfwd": lambda: jacfwd(f)(x)}
+    with pytest.raises(RuntimeError, match=f"{op}: {name} carries a forward-mode tangent .* the {backend} backend"):
+        run[how]()
+
+
+@requires_extension
+@pytest.mark.parametrize("dual", ["eps", "noise", "out", "out_model_input"])
+def test_a_named_kernel_step_refuses_a_tangent_on_any_tensor(dual):
+    g = torch.Generator().manual_seed(10)
+    x, eps, noise, v = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(4))
+    with fwAD.dual_level():
+        tensors = {"eps": eps, "noise": noise, "out": torch.empty_like(x), "out_model_input": torch.empty_like(x)}
+        tensors[dual] = fwAD.make_dual(tensors[dual], v)
+        with pytest.raises(RuntimeError, match=f"ddpm_step: {dual} carries a forward-mode tangent"):
+            ops.ddpm_step(x, backend="cpu", t=3, schedule=SCHEDULE, **tensors)
+        # no tangent anywhere: the kernel runs inside the dual level as outside it
+        plain = {"eps": eps, "noise": noise, "out": torch.empty_like(x), "out_model_input": torch.empty_like(x)}
+        inside = ops.ddpm_step(x, backend="cpu", t=3, schedule=SCHEDULE, **plain).clone()
+    torch.testing.assert_close(inside, ops.ddpm_step(x, backend="cpu", t=3, schedule=SCHEDULE, **plain), rtol=0, atol=0)
+
+
+@requires_extension
+@pytest.mark.parametrize("dual", ["weight", "bias", "add", "noise"])
+def test_a_named_kernel_backend_refuses_a_tangent_on_a_parameter(dual):
+    x, w, b, add = _gn_inputs()
+    noise = torch.randn_like(x)
+    with fwAD.dual_level():
+        given = {"weight": w, "bias": b, "add": add, "noise": noise}
+        given[dual] = fwAD.make_dual(given[dual], torch.ones_like(given[dual]))
+        op = "q_sample" if dual == "noise" else "group_norm_silu"
+        with pytest.raises(RuntimeError, match=f"{op}: {dual} carries a forward-mode tangent"):
+            if op == "q_sample":
+                ops.q_sample(x, 3, SCHEDULE, noise=given["noise"], backend="cpu")
+            else:
+                ops.group_norm_silu(x, 3, given["weight"], given["bias"], add=given["add"], backend="cpu")

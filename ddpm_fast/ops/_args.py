@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .._checks import WIDENED_TIMESTEP_DTYPES, host_readable, is_int, is_traced, outside_transforms, under_a_transform
 from ..schedules import NoiseSchedule
@@ -79,6 +80,24 @@ def check_given_noise(noise: object, x: torch.Tensor, x_name: str, seed: object,
     if placed:
         raise ValueError(f"{op}: give noise or the counters to draw it ({', '.join(placed)}), not both")
     return noise
+
+
+def refuse_tangents(which: str, op: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse ``tensors`` that carry a forward-mode tangent (dual tensors of
+    ``torch.autograd.forward_ad``, or the inputs of ``torch.func.jvp`` and
+    ``jacfwd``, which are dual tensors too) for the ``which`` kernel backend,
+    named per call (``auto`` runs the reference under forward-mode AD). No
+    kernel has a forward-mode rule: the step's and the Triton ops' dropped the
+    tangent silently (None from dual tensors, zeros from jvp), the C++ q_sample
+    and group_norm_silu failed in torch's words. Asked where a dual level is
+    open (``forward_ad._current_level >= 0``): callers skip the call elsewhere."""
+    names = [name for name, v in tensors.items() if v is not None and forward_ad.unpack_dual(v).tangent is not None]
+    if names:
+        raise RuntimeError(
+            f"{op}: {' and '.join(names)} carr{'ies' if len(names) == 1 else 'y'} a forward-mode tangent "
+            f"(torch.func.jvp, jacfwd or torch.autograd.forward_ad), but the {which} backend does not propagate "
+            "it; use backend='reference' (or 'auto'), which does"
+        )
 
 
 def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.Tensor:

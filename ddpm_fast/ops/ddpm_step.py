@@ -159,6 +159,8 @@ def ddpm_step(
             offset, sample_stride, n, per_sample, _OP, step_span=(schedule.num_timesteps - 1) * step_stride
         )
     which = resolve_backend(backend, x_t.device, _OP)
+    if which != "reference" and _args.forward_ad._current_level >= 0:
+        _args.refuse_tangents(which, _OP, x_t=x_t, eps=eps, noise=noise, out=out, out_model_input=out_model_input)
     if which != "reference" and torch.is_grad_enabled():
         wants_grad = [name for name, v in (("x_t", x_t), ("eps", eps), ("noise", noise)) if v is not None and v.requires_grad]
         if wants_grad and backend == "auto":  # the kernels record no gradient: the reference, which does

@@ -128,6 +128,8 @@ def group_norm_silu(
         # The GPU kernels take eps as float32, where it would be 0: rsqrt(0) on
         # a constant group (the CPU kernel and the reference take a double).
         raise ValueError(f"{_OP}: eps must be representable in float32 (at least about 1.4e-45) on the {which} backend, got {eps!r}")
+    if which != "reference" and _args.forward_ad._current_level >= 0:
+        _args.refuse_tangents(which, _OP, x=x, weight=weight, bias=bias, add=add)
     if which == "reference":  # in the layout the kernels give (5-d channels_last_3d x: contiguous y)
         y = _reference(x, int(num_groups), weight, bias, float(eps), add, act)
         return _args.kernel_layout(y) if x.dim() == 4 else y.contiguous()

@@ -67,6 +67,8 @@ def q_sample(
     which = resolve_backend(backend, x0.device, _OP)
     if x0.numel() == 0:  # nothing to launch: the reference, which keeps autograd's graph (of empty tensors)
         which = "reference"
+    if which != "reference" and _args.forward_ad._current_level >= 0:
+        _args.refuse_tangents(which, _OP, x0=x0, noise=noise)
 
     x = _args.kernel_layout(x0)
     sqrt_ab = schedule.table("sqrt_alphas_cumprod", x.device)
