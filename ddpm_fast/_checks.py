@@ -9,7 +9,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "under_a_transform", "host_readable", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
+__all__ = ["is_int", "check_bool", "as_device", "is_traced", "outside_transforms", "under_a_transform", "host_readable", "check_dense", "type_name", "check_no_partial_overlap", "WIDENED_TIMESTEP_DTYPES",
            "is_out_of_memory"]
 
 # Unsigned timestep dtypes that few ops take (min/max do not): widened to int64
@@ -29,6 +29,20 @@ def is_out_of_memory(error: BaseException) -> bool:
     the plain RuntimeError of the CPU allocator."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def check_dense(x: torch.Tensor, op: str, name: str) -> None:
+    """``x`` (``op``'s argument ``name``) must be a dense (strided) tensor, as
+    the kernels and the references' views read: a sparse, MKL-DNN or nested one
+    failed deep inside, in torch's words ("unsupported memory format option
+    Contiguous", "NestedTensorImpl doesn't support sizes. Please file an issue")."""
+    if x.layout is not _STRIDED or x.is_nested:
+        kind = "nested" if x.is_nested else str(x.layout).removeprefix("torch.").lstrip("_")
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got a {kind} tensor: convert it first "
+                        "(.to_dense(); a nested one with .unbind() or .to_padded_tensor())")
+
+
+_STRIDED = torch.strided
 
 
 def type_name(value: object) -> str:

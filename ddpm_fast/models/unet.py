@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_dense
 from ..ops import BACKENDS
 from .layers import AttnBlock, Downsample, ResBlock, Upsample, make_norm, norm_act, timestep_embedding
 
@@ -253,6 +254,7 @@ class UNet(nn.Module):
     def _check_input(self, x: object, t: object) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"UNet: x must be a torch.Tensor, got {type(x).__name__}")
+        check_dense(x, "UNet", "x")
         if not x.is_floating_point():
             raise TypeError(f"UNet: x must be a floating point tensor, got {x.dtype}")
         expected = (self.in_channels, self.image_size, self.image_size)

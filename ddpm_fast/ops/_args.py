@@ -8,7 +8,7 @@ import numbers
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .._checks import WIDENED_TIMESTEP_DTYPES, host_readable, is_int, is_traced, outside_transforms, under_a_transform
+from .._checks import WIDENED_TIMESTEP_DTYPES, check_dense, host_readable, is_int, is_traced, outside_transforms, under_a_transform
 from ..schedules import NoiseSchedule
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -27,6 +27,7 @@ def is_real(v: object) -> bool:
 def check_float_tensor(x: object, name: str, op: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(x, op, name)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1:
@@ -53,6 +54,7 @@ def check_param(p: object, name: str, shape: tuple[int, ...], x: torch.Tensor, o
     """A per-channel (or per-sample-and-channel) float tensor of exactly ``shape`` on x's device."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(p).__name__}")
+    check_dense(p, op, name)
     if not p.is_floating_point():
         raise TypeError(f"{op}: {name} must be floating point, got {p.dtype}")
     if p.shape != shape:

@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from .. import _extension
-from .._checks import check_no_partial_overlap, host_readable, type_name
+from .._checks import check_dense, check_no_partial_overlap, host_readable, type_name
 from ..schedules import NoiseSchedule
 from . import _args, _backend
 from ._backend import resolve_backend
@@ -51,6 +51,7 @@ def _reference(x, eps, t, table, noise, seed, offset, sample_stride, step_stride
 def _check_output(out: torch.Tensor, x: torch.Tensor, name: str, same_dtype: bool) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(out).__name__}")
+    check_dense(out, _OP, name)
     if out.shape != x.shape or out.device != x.device:
         raise ValueError(f"{_OP}: {name} must have x_t's shape {tuple(x.shape)} on {x.device}, got {tuple(out.shape)} on {out.device}")
     if same_dtype and out.dtype != x.dtype:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from .._checks import type_name
+from .._checks import check_dense, type_name
 from . import _args, _backend
 from ._backend import resolve_backend
 
@@ -56,6 +56,7 @@ def _reference_params(
 def _check(x, num_groups, weight, bias, eps, add, act):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: x must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(x, _OP, "x")
     if x.dtype not in _DTYPES:
         raise TypeError(f"{_OP}: x must be float32, float16 or bfloat16 (float64 on the CPU), got {x.dtype}")
     shape = tuple(x.shape)  # once: each x.shape builds a torch.Size
