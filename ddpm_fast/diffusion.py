@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 import torch
 
-from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, host_readable, is_traced, outside_transforms
+from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, check_dense, host_readable, is_traced, outside_transforms
 from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
@@ -88,6 +88,7 @@ def _check_timesteps(t: int | torch.Tensor, num_steps: int, x: torch.Tensor) -> 
         got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else (
             kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}")
         raise TypeError(f"t must be an int or an integer tensor, got {got}")
+    check_dense(t, "diffusion", "t")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
         raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
     if t.dtype in WIDENED_TIMESTEP_DTYPES:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import device_backends
-from ddpm_fast import NoiseSchedule, ops
+from ddpm_fast import NoiseSchedule, diffusion, ops
 from ddpm_fast.models import UNet
 
 SCHEDULE = NoiseSchedule("linear", timesteps=10)
@@ -70,6 +70,24 @@ def test_the_unet_refuses_a_non_dense_input(layout):
     kind = "nested" if layout == "nested" else layout
     with pytest.raises(TypeError, match=rf"^UNet: x must be a dense \(strided\) tensor, got a {kind} tensor"):
         model(_non_dense(_x(2, 1, 8, 8), layout), torch.tensor([1, 2]))
+
+
+TIMESTEP_CALLS = {
+    "q_sample": lambda t: ops.q_sample(_x(), t, SCHEDULE, seed=0),
+    "ddpm_step": lambda t: ops.ddpm_step(_x(), _x(), t, SCHEDULE, seed=0),
+    "diffusion": lambda t: diffusion.q_sample(SCHEDULE, _x(), t, _x()),
+    "UNet": lambda t: UNet.tiny(image_size=8, in_channels=1)(_x(2, 1, 8, 8), t),
+}
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "nested"])
+@pytest.mark.parametrize("op", TIMESTEP_CALLS)
+def test_non_dense_timesteps_are_refused_naming_t(op, layout):
+    """(Before: "Could not run 'aten::aminmax' with arguments from the
+    'SparseCPU' backend", or the nested tensor's internal error.)"""
+    t = torch.tensor([1, 2]).to_sparse() if layout == "sparse_coo" else _non_dense(torch.tensor([[1], [2]]), layout)
+    with pytest.raises(TypeError, match=rf"^{op}: t must be a dense \(strided\) tensor, got a {layout} tensor"):
+        TIMESTEP_CALLS[op](t)
 
 
 def test_a_dense_view_still_runs():

@@ -267,6 +267,7 @@ class UNet(nn.Module):
             return torch.full((n,), t, dtype=torch.int64 if isinstance(t, numbers.Integral) else torch.float32, device=x.device)
         if not isinstance(t, torch.Tensor) or t.is_complex():
             raise TypeError(f"UNet: t must be an int or a real tensor, got {type(t).__name__}")
+        check_dense(t, "UNet", "t")
         if t.dim() == 0:
             return t.to(x.device).expand(n)
         if tuple(t.shape) != (n,):

@@ -117,6 +117,7 @@ def as_timesteps(t: object, x: torch.Tensor, num_steps: int, op: str) -> torch.T
         return _timestep_scalar(t, num_steps, x.device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: t must be an int or an integer tensor, got {type(t).__name__}")
+    check_dense(t, op, "t")
     if t.dtype not in _TIMESTEP_DTYPES:
         raise TypeError(f"{op}: t must hold integers (int8/16/32/64 or uint8/16/32/64), got {t.dtype}")
     if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x.shape[0])):
