@@ -380,33 +380,31 @@ def test_a_named_kernel_backend_refuses_a_forward_mode_tangent(op, how, backend)
         run[how]()
 
 
-@requires_extension
-@pytest.mark.parametrize("dual", ["eps", "noise", "out", "out_model_input"])
-def test_a_named_kernel_step_refuses_a_tangent_on_any_tensor(dual):
-    g = torch.Generator().manual_seed(10)
-    x, eps, noise, v = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(4))
-    with fwAD.dual_level():
-        tensors = {"eps": eps, "noise": noise, "out": torch.empty_like(x), "out_model_input": torch.empty_like(x)}
-        tensors[dual] = fwAD.make_dual(tensors[dual], v)
-        with pytest.raises(RuntimeError, match=f"ddpm_step: {dual} carries a forward-mode tangent"):
-            ops.ddpm_step(x, backend="cpu", t=3, schedule=SCHEDULE, **tensors)
-        # no tangent anywhere: the kernel runs inside the dual level as outside it
-        plain = {"eps": eps, "noise": noise, "out": torch.empty_like(x), "out_model_input": torch.empty_like(x)}
-        inside = ops.ddpm_step(x, backend="cpu", t=3, schedule=SCHEDULE, **plain).clone()
-    torch.testing.assert_close(inside, ops.ddpm_step(x, backend="cpu", t=3, schedule=SCHEDULE, **plain), rtol=0, atol=0)
+_TANGENT_ARGUMENTS = {"ddpm_step": ("eps", "noise", "out", "out_model_input"), "group_norm_silu": ("weight", "bias", "add"),
+                      "q_sample": ("noise",)}
+
+
+def _call_cpu_kernel(op, given):
+    x = given["x"]
+    if op == "ddpm_step":
+        return ops.ddpm_step(x, given["eps"], 3, SCHEDULE, noise=given["noise"], out=given["out"],
+                             out_model_input=given["out_model_input"], backend="cpu")
+    if op == "q_sample":
+        return ops.q_sample(x, 3, SCHEDULE, noise=given["noise"], backend="cpu")[0]
+    return ops.group_norm_silu(x, 3, given["weight"], given["bias"], add=given["add"], backend="cpu")
 
 
 @requires_extension
-@pytest.mark.parametrize("dual", ["weight", "bias", "add", "noise"])
-def test_a_named_kernel_backend_refuses_a_tangent_on_a_parameter(dual):
+@pytest.mark.parametrize("op,dual", [(op, name) for op, names in _TANGENT_ARGUMENTS.items() for name in names])
+def test_a_named_kernel_backend_refuses_a_tangent_on_any_argument(op, dual):
     x, w, b, add = _gn_inputs()
-    noise = torch.randn_like(x)
+    g = torch.Generator().manual_seed(10)
+    given = {"x": x, "weight": w, "bias": b, "add": add, "eps": torch.randn(x.shape, generator=g),
+             "noise": torch.randn(x.shape, generator=g), "out": torch.empty_like(x), "out_model_input": torch.empty_like(x)}
+    outside = _call_cpu_kernel(op, given).clone()
     with fwAD.dual_level():
-        given = {"weight": w, "bias": b, "add": add, "noise": noise}
+        # no tangent anywhere: the kernel runs inside the dual level as outside it
+        torch.testing.assert_close(_call_cpu_kernel(op, given), outside, rtol=0, atol=0)
         given[dual] = fwAD.make_dual(given[dual], torch.ones_like(given[dual]))
-        op = "q_sample" if dual == "noise" else "group_norm_silu"
         with pytest.raises(RuntimeError, match=f"{op}: {dual} carries a forward-mode tangent"):
-            if op == "q_sample":
-                ops.q_sample(x, 3, SCHEDULE, noise=given["noise"], backend="cpu")
-            else:
-                ops.group_norm_silu(x, 3, given["weight"], given["bias"], add=given["add"], backend="cpu")
+            _call_cpu_kernel(op, given)

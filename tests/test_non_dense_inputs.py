@@ -59,16 +59,14 @@ def test_a_non_dense_tensor_is_refused_naming_the_argument(op, name, layout, bac
     if layout == "nested" and len(shape) == 1:
         pytest.skip("a nested tensor's components have one or more dimensions")
     bad = _non_dense(_x(*shape), layout)
-    kind = "nested" if layout == "nested" else layout
-    with pytest.raises(TypeError, match=rf"^{op}: {name} must be a dense \(strided\) tensor, got a {kind} tensor"):
+    with pytest.raises(TypeError, match=rf"^{op}: {name} must be a dense \(strided\) tensor, got a {layout} tensor"):
         CALLS[op, name](bad, backend)
 
 
 @pytest.mark.parametrize("layout", ["sparse_coo", "mkldnn", "nested"])
 def test_the_unet_refuses_a_non_dense_input(layout):
     model = UNet.tiny(image_size=8, in_channels=1)
-    kind = "nested" if layout == "nested" else layout
-    with pytest.raises(TypeError, match=rf"^UNet: x must be a dense \(strided\) tensor, got a {kind} tensor"):
+    with pytest.raises(TypeError, match=rf"^UNet: x must be a dense \(strided\) tensor, got a {layout} tensor"):
         model(_non_dense(_x(2, 1, 8, 8), layout), torch.tensor([1, 2]))
 
 
