@@ -550,6 +550,21 @@ def test_eps_is_read_in_its_own_dtype(device, backend):
     assert (got != want).sum() < (got != rounded).sum()
 
 
+@pytest.mark.parametrize("device,backend", [*backend_params(), pytest.param("cpu", "reference", id="cpu-reference")])
+def test_given_noise_is_read_in_x_ts_dtype(device, backend):
+    """Unlike eps, a given z is read as x_t's dtype (the documented cast: the
+    kernels take noise in x_t's dtype), on every backend alike."""
+    x = make((2, 4, 16, 16), torch.bfloat16, "contiguous", device, 1)
+    eps = make((2, 4, 16, 16), torch.float32, "contiguous", device, 2)
+    z = make((2, 4, 16, 16), torch.float32, "contiguous", device, 3) * 3
+    schedule = NoiseSchedule("const", timesteps=50, beta_end=0.5)  # a large sigma, so that z's rounding shows
+    got = ops.ddpm_step(x, eps, 1, schedule, noise=z, backend=backend)
+    want = ops.ddpm_step(x, eps, 1, schedule, noise=z.bfloat16(), backend=backend)
+    unrounded = ops.ddpm_step(x.float(), eps, 1, schedule, noise=z, backend="reference").to(torch.bfloat16)
+    assert not torch.equal(want.cpu(), unrounded)  # the test can tell them apart
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device, backend", backend_params())
 def test_a_scalar_t_draws_at_its_step_stride(device, backend):
     """The Sampler's call: one 0-d t for the batch and step_stride, so that each

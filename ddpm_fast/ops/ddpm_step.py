@@ -114,7 +114,9 @@ def ddpm_step(
         clip_denoised: use the x0-form with the predicted x0 clipped to [-1, 1].
         eta: if given, a DDIM step with this eta (0 = deterministic) instead of DDPM
             (``variance``, the DDPM step's, is then not used: eta sets DDIM's).
-        noise: z to use instead of drawing it (seed, offset and the strides then left out).
+        noise: z to use instead of drawing it (seed, offset and the strides then left out);
+            read as x_t's dtype (a copy cast to it, when they differ: float32 z with a
+            bfloat16 x_t is rounded to bfloat16 first, as the kernels read it).
         seed, offset, sample_stride, step_stride: the drawn z of logical element j of
             sample n is normal(seed, offset + n * sample_stride + t_n * step_stride + j);
             by default sample_stride is the elements per sample and step_stride 0, so
