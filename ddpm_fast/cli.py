@@ -307,8 +307,20 @@ class _Parser(argparse.ArgumentParser):
     """Argument errors in one line, as every other error (argparse prints the
     whole usage first); its subcommands' parsers are of this class too."""
 
+    # A subcommand's parser names its own unknown arguments: argparse hands them
+    # up to the top level, whose error pointed at `ddpm-fast --help`, which
+    # does not list the subcommand's options.
+    rejects_unknown = False
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown and self.rejects_unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample-steps", type=options.positive, default=None, help="respaced sampling steps (default: 250 of the 1000)")
     demo.add_argument("--seed", type=options.seed_below(63), default=0, help="seed, below 2^63 (default: 0)")
     demo.set_defaults(run=_demo)
+    for command in commands.choices.values():
+        command.rejects_unknown = True
     return parser
 
 

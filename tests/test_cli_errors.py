@@ -108,6 +108,28 @@ def test_bad_arguments_exit_2(argv, capsys, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv", [["info"], ["train", "--data", "digits", "--out", "x"],
+                                  ["sample", "--checkpoint", "x", "--out", "y"], ["bpd", "--checkpoint", "x", "--data", "d"],
+                                  ["fid", "--samples", "s.npz", "--data", "d"], ["demo", "--out", "x"]],
+                         ids=lambda argv: argv[0])
+def test_an_unknown_option_of_a_command_points_at_the_commands_help(argv, capsys, monkeypatch):
+    """argparse hands a subcommand's unknown arguments to the top level, whose
+    error said `ddpm-fast: error: ... (see ddpm-fast --help)`: a help that does
+    not list the command's options. One before the command stays the top level's."""
+    from ddpm_fast import cli
+
+    for command in ("_info", "_train", "_sample", "_bpd", "_fid", "_demo"):
+        monkeypatch.setattr(cli, command, lambda args: pytest.fail(f"{argv} was accepted"))
+    for where, args, prog in [("after", [*argv, "--no-such", "1"], f"ddpm-fast {argv[0]}"),
+                              ("before", ["--no-such", *argv], "ddpm-fast")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2
+        assert err.startswith(f"{prog}: error: unrecognized arguments: --no-such") and err.endswith(f"(see {prog} --help)"), \
+            (where, err)
+
+
 def test_console_script_and_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "ddpm_fast", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("ddpm_fast ")
