@@ -4,7 +4,9 @@ saved Inception statistics (``--save-stats`` writes them)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,12 +14,15 @@ import torch
 from . import cli_options as options
 from .cli_options import UsageError
 
+if TYPE_CHECKING:
+    from .data import ImageDataset
+
 __all__ = ["fid_command"]
 
 
 def fid_command(args: argparse.Namespace) -> int:
     """FID of --samples against --data (images, or their saved statistics)."""
-    from .data import load_array, load_dataset, load_image_folder
+    from .data import load_dataset
     from .fid import activation_statistics, check_method, frechet_distance, load_inception, save_statistics
 
     try:  # before the Inception passes, not after them
@@ -27,9 +32,7 @@ def fid_command(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     given = _statistics_given(args)
     model = load_inception(args.inception_weights, device=device)  # first: a missing file fails before any work
-    # An array file ("images", else arr_0, else its only array), or a folder of image files of one size
-    samples = (load_image_folder(args.samples, progress=True) if Path(args.samples).is_dir()
-               else load_array(args.samples))
+    samples = _load_samples(args.samples)
     data = load_dataset(args.data, image_size=args.image_size, progress=True) if given is None else None
     sizes = [len(samples)] + ([] if data is None else [len(data)])
     if args.n is not None and args.n > min(sizes):
@@ -49,6 +52,23 @@ def fid_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_samples(path: str) -> "ImageDataset":
+    """An array file ("images", else arr_0, else its only array), or a folder of
+    image files of one square size, taken as they are (--image-size resizes --data)."""
+    from .data import ImageSizeError, load_array, load_image_folder
+
+    folder = Path(path)
+    if folder.is_dir() and (folder / "samples.npz").is_file() and (folder / "samples.png").is_file():
+        # read as a folder of images, its one image would be the grid
+        raise UsageError(f"--samples {path} is a `ddpm-fast sample` output folder, whose samples.png is a grid of "
+                         f"the samples: pass --samples {folder / 'samples.npz'}")
+    try:
+        return load_image_folder(folder, progress=True) if folder.is_dir() else load_array(folder)
+    except ImageSizeError as error:
+        raise UsageError(f"--samples {path}: {error.problem}; FID takes the samples as they are, of one square size "
+                         "(--image-size resizes --data only)") from None
+
+
 def _statistics_given(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray] | None:
     """(mu, sigma) where --data is a statistics file (else None), with the
     options checked before any work: --save-stats and --image-size apply to
@@ -66,4 +86,9 @@ def _statistics_given(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]
         if target.suffix != ".npz":  # read back as statistics by that suffix
             raise UsageError(f"--save-stats {args.save_stats}: the file name must end in .npz")
         options.check_output_folder(target.parent, "--save-stats", files=(target.name,))
+        for option in ("--samples", "--data"):  # replaced by the statistics: read, then gone
+            source = getattr(args, option[2:])
+            if target.exists() and Path(source).exists() and os.path.samefile(target, source):
+                raise UsageError(f"--save-stats {args.save_stats} is the {option} file; the statistics would "
+                                 "replace it: save them to another file")
     return given

@@ -26,6 +26,7 @@ from .cifar10 import is_cifar10, read_cifar10
 
 __all__ = [
     "ImageDataset",
+    "ImageSizeError",
     "load_digits",
     "load_image_folder",
     "load_cifar10",
@@ -40,6 +41,16 @@ _ACCEPTED = (
     "'digits', a .npy/.npz file, a CIFAR-10 python folder (cifar-10-batches-py or its parent) "
     "or archive (.tar.gz), or a folder of image files"
 )
+
+
+class ImageSizeError(ValueError):
+    """Images not square, or of several sizes, where no ``image_size`` was
+    given to resize them. ``problem`` says what without that advice (a caller
+    that cannot resize, as ``ddpm-fast fid --samples``, gives its own)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"{problem}: pass image_size (--image-size) to resize and center-crop them")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -68,7 +79,7 @@ class ImageDataset(torch.utils.data.Dataset):
             hint = " (channels last, N x H x W x C? then permute(0, 3, 1, 2) them)" if w in (1, 3) else ""
             raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)}){hint}")
         if h != w:
-            raise ValueError(f"images must be square, got {h}x{w}: pass image_size (--image-size) to resize and center-crop")
+            raise ImageSizeError(f"images must be square, got {h}x{w}")
         if h == 0:
             raise ValueError(f"dataset {name!r} holds images of 0 pixels (shape {tuple(images.shape)})")
         if labels is not None:
@@ -303,8 +314,8 @@ def load_image_folder(
             first_size = (x.shape[1:], file)
         elif x.shape[1:] != first_size[0]:
             (h, w), (h0, w0) = x.shape[1:], first_size[0]
-            raise ValueError(f"images in {folder} have different sizes ({first_size[1].name} is {w0}x{h0}, "
-                             f"{file.name} is {w}x{h}): pass image_size (--image-size) to resize and center-crop them")
+            raise ImageSizeError(f"images in {folder} have different sizes ({first_size[1].name} is {w0}x{h0}, "
+                                 f"{file.name} is {w}x{h})")
         if images is None:
             _check_fits(count, x.shape, folder)
             images = torch.empty((count, *x.shape), dtype=x.dtype)

@@ -16,6 +16,7 @@ import torch
 from ddpm_fast.checkpoint import CheckpointError
 from ddpm_fast.cli import RunFailed, build_parser, main
 from ddpm_fast.cli_options import UsageError
+from ddpm_fast.images import save_grid, save_npz
 
 TRAIN = ["--model", "tiny", "--batch-size", "8", "--timesteps", "20", "--warmup", "1", "--no-flip", "--device", "cpu"]
 
@@ -257,6 +258,44 @@ def test_fid_reads_samples_from_a_folder_of_images(tmp_path, fake_inception, cap
     assert main(["fid", "--samples", str(tmp_path / "samples"), "--data", str(tmp_path / "d.npz"),
                  "--device", "cpu"]) == 0, capsys.readouterr().err
     assert fake_inception == [torch.device("cpu"), 5, 6]
+
+
+def test_fid_refuses_a_sample_output_folder_as_samples(tmp_path, fake_inception, capsys):
+    """`sample --out S` then `fid --samples S`: read as a folder of images, S
+    held one image, the grid samples.png, refused as not square with advice
+    (--image-size) that resizes --data only."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "s").mkdir()
+    save_npz(rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8), tmp_path / "s" / "samples.npz")
+    save_grid(rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8), tmp_path / "s" / "samples.png")
+    assert main(["fid", "--samples", str(tmp_path / "s"), "--data", str(tmp_path / "d.npz"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ddpm-fast fid: error: --samples {tmp_path / 's'} is a `ddpm-fast sample` output folder, whose "
+                   f"samples.png is a grid of the samples: pass --samples {tmp_path / 's' / 'samples.npz'}"), err
+    assert main(["fid", "--samples", str(tmp_path / "s" / "samples.npz"), "--data", str(tmp_path / "d.npz"),
+                 "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("sizes", [[(8, 8), (6, 6)], [(8, 6)]], ids=["two sizes", "not square"])
+def test_fid_samples_of_unusable_sizes_get_advice_that_applies_to_them(tmp_path, fake_inception, capsys, sizes):
+    """Was "...: pass image_size (--image-size) to resize and center-crop them",
+    which resizes --data only: following it gave the same error."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "samples").mkdir()
+    for i, (h, w) in enumerate(sizes * 2):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "samples" / f"{i}.png")
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    for samples in (tmp_path / "samples", tmp_path / "s.npz"):
+        if samples.suffix == ".npz":  # the same in an array file (non-square only: an array has one size)
+            np.savez(samples, images=rng.integers(0, 256, (5, 8, 6, 3), dtype=np.uint8))
+        assert main(["fid", "--samples", str(samples), "--data", str(tmp_path / "d.npz"), "--image-size", "8",
+                     "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ddpm-fast fid: error: --samples {samples}: ") and "image_size" not in err, err
+        assert err.endswith("FID takes the samples as they are, of one square size (--image-size resizes --data only)")
 
 
 def test_fid_device_and_image_size_are_used(tmp_path, monkeypatch, fake_inception, dataset_options):

@@ -66,6 +66,26 @@ def test_statistics_files_are_checked(tmp_path, weights, capsys):  # noqa: F811
     assert not (tmp_path / "s.npz").exists()
 
 
+@pytest.mark.parametrize("input_", ["--samples", "--data"])
+@pytest.mark.parametrize("how", ["same path", "symbolic link"])
+def test_save_stats_refuses_to_replace_an_input(tmp_path, weights, capsys, input_, how):  # noqa: F811
+    """--save-stats naming the --samples or --data file replaced those images
+    with --data's statistics, after reading them, without a word."""
+    np.savez(tmp_path / "samples.npz", images=images(3, size=8, seed=1))
+    np.savez(tmp_path / "data.npz", images=images(4, size=8, seed=2))
+    source = tmp_path / f"{input_[2:]}.npz"
+    target = source
+    if how == "symbolic link":
+        target = tmp_path / "link.npz"
+        target.symlink_to(source)
+    before = source.read_bytes()
+    assert main(["fid", "--samples", str(tmp_path / "samples.npz"), "--data", str(tmp_path / "data.npz"),
+                 "--save-stats", str(target), "--inception-weights", str(weights), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast fid: error: --save-stats ") and f"is the {input_} file" in err, err
+    assert source.read_bytes() == before
+
+
 def test_a_damaged_npz_as_data_is_one_line(tmp_path, weights, capsys):  # noqa: F811
     """A zip that is not one (or whose member is damaged): zipfile.BadZipFile,
     no OSError or ValueError, escaped the statistics check as a traceback."""
