@@ -236,6 +236,8 @@ def p_mean_variance(
         )
     if model_output.shape != x_t.shape:
         raise ValueError(f"model output has shape {tuple(model_output.shape)}, x_t has {tuple(x_t.shape)}")
+    if not model_output.is_floating_point():  # an integer eps was cast and used as one
+        raise TypeError(f"model output must be a floating tensor, got {model_output.dtype}")
     dtype = _compute_dtype(x_t)
     x_t = x_t.to(dtype)
     model_output = model_output.to(dtype)
@@ -432,7 +434,9 @@ def bits_per_dim(
         x_t = q_sample(schedule, x0.to(dtype), t, noise)
         # A respaced schedule's index `step` is the model's original timestep
         # timestep_map[step] (the identity for a full schedule).
-        out = model(x_t, torch.full_like(t, int(schedule.timestep_map[step])))
+        # A copy: the bound reads x_t after the call, and a model may write into its
+        # input (lambda x, t: x.mul_(s), which the Sampler takes too).
+        out = model(x_t.clone(), torch.full_like(t, int(schedule.timestep_map[step])))
         vb, _ = vb_terms_bpd(schedule, out, x0, x_t, t, mean_type=mean_type, variance=variance, clip_denoised=clip_denoised)
         terms[:, step] = vb
         target = noise if mean_type == "eps" else x0.to(dtype)

@@ -19,7 +19,7 @@ from .diffusion import bits_per_dim
 from .distributed import rank_and_world, shard
 from .nn import has_channels_last_weights
 from .ops._args import as_seed, check_schedule
-from .sampler import _SAMPLE_STRIDE, _dropout_active, _first_float_parameter
+from .sampler import _SAMPLE_STRIDE, _check_materialized, _dropout_active, _first_float_parameter
 from .schedules import NoiseSchedule
 
 __all__ = ["evaluate_bpd"]
@@ -28,6 +28,11 @@ def _image_noise(shape: torch.Size, seed: int, first: int, per_image: int, devic
     """The noise of timestep t for images first, first + 1, ...: each image's own
     stream, 2^32 counters apart as the Sampler's samples."""
     return ops.randn(shape, seed, first * _SAMPLE_STRIDE + t * per_image, sample_stride=_SAMPLE_STRIDE, device=device)
+
+
+def _fed_in(dtype: torch.dtype, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+            t: torch.Tensor) -> torch.Tensor:
+    return model(x.to(dtype), t)
 
 
 @torch.no_grad()
@@ -81,13 +86,20 @@ def evaluate_bpd(
             "the seed (and on the batch size); call model.eval() before evaluating",
             RuntimeWarning,
         )
+    _check_materialized(model, "evaluate_bpd")
     if channels_last is None:
         channels_last = has_channels_last_weights(model)
+    param = _first_float_parameter(model)
     if device is not None:
         device = as_device(device, "evaluate_bpd: device")
     else:
-        param = _first_float_parameter(model)
         device = param.device if param is not None else torch.device("cpu")
+    # The model gets input in its parameters' dtype, as the Sampler feeds it (float32
+    # input failed in torch's words for a bfloat16 model); a float64 model's bound is
+    # computed in float64.
+    model_dtype = param.dtype if param is not None else torch.float32
+    fed = functools.partial(_fed_in, model_dtype, model) if model_dtype in (torch.float16, torch.bfloat16) else model
+    data_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W
     seed = as_seed(seed, "evaluate_bpd")
     per_image = math.prod(dataset.images.shape[1:])
@@ -101,10 +113,10 @@ def evaluate_bpd(
     starts = range(lo, hi, batch_size)
     for number, start in enumerate(starts):
         index = torch.arange(start, min(hi, start + batch_size), device="cpu")
-        x0 = dataset.batch(index).to(device).contiguous(memory_format=fmt)
+        x0 = dataset.batch(index).to(device, data_dtype).contiguous(memory_format=fmt)
         noise_fn = functools.partial(_image_noise, x0.shape, seed, start, per_image, x0.device)
         with batch_of(number, len(starts)):
-            result = bits_per_dim(model, x0, schedule, noise_fn=noise_fn, progress=progress and rank == 0)
+            result = bits_per_dim(fed, x0, schedule, noise_fn=noise_fn, progress=progress and rank == 0)
         sums[0] += result.total.double().sum().item()
         sums[1] += result.prior.double().sum().item()
         sums[2:] += result.terms.double().sum(0).cpu()

@@ -233,6 +233,7 @@ class Sampler:
         check_bool(progress, "progress")
         shape = self._shape(n_or_shape)
         seed = as_seed(seed, "Sampler.sample")
+        _check_materialized(self.model, "Sampler")
         if _dropout_active(self.model):
             warn(
                 "Sampler: the model has active dropout (a dropout module in training mode), so the samples depend on more "
@@ -446,7 +447,28 @@ def _dropout_active(model: Model) -> bool:
     ``model.drop.train()`` leaves that one on)."""
     if not isinstance(model, torch.nn.Module):
         return False
-    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in model.modules())
+    return any(_is_dropout(m) and m.training and m.p > 0 for m in model.modules())
+
+
+# torch.nn's dropout modules, as named in a TorchScript module (torch.jit.script or trace),
+# whose submodules are ScriptModules that keep the original class's name.
+_DROPOUT_NAMES = frozenset(("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"))
+
+
+def _is_dropout(m: torch.nn.Module) -> bool:
+    if isinstance(m, torch.jit.ScriptModule):
+        return getattr(m, "original_name", None) in _DROPOUT_NAMES and hasattr(m, "p")
+    return isinstance(m, torch.nn.modules.dropout._DropoutNd)
+
+
+def _check_materialized(model: Model, op: str) -> None:
+    """Refuse a module with parameters or buffers on the meta device (shapes
+    without values, as under torch.device("meta")): the chain ran on meta
+    tensors and failed at its end in torch's words, and one given another
+    device read memory never written."""
+    if isinstance(model, torch.nn.Module) and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(f"{op}: the model's weights are on the meta device (shapes without values): give it its "
+                         "weights first (model.to_empty(device=...), then load_state_dict)")
 
 
 def _on_cuda(x: torch.Tensor) -> bool:
