@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from . import diffusion, ops
 from ._checks import as_device, check_bool
@@ -109,6 +110,12 @@ class Trainer(TrainerCheckpoints):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):  # (failed in torch's words: requires_grad_ is not supported)
+            raise TypeError("the Trainer trains an eager nn.Module, not a TorchScript one (torch.jit.script/trace): "
+                            "pass the module before scripting it")
+        if any(is_lazy(p) for p in model.parameters()):  # (torch's "uninitialized parameter", from the EMA copy)
+            raise ValueError("the model has uninitialized lazy parameters (LazyConv2d, LazyLinear, ...): run it once "
+                             "on a batch, model(x, t), before training it")
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"dataset must be a ddpm_fast.data.ImageDataset, got {type(dataset).__name__}")
         if not isinstance(schedule, NoiseSchedule):
@@ -167,6 +174,7 @@ class Trainer(TrainerCheckpoints):
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._buffers = list(self.model.buffers())  # (listed once: a walk over the modules took 62 us a step)
         self.net: nn.Module = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -253,15 +261,17 @@ class Trainer(TrainerCheckpoints):
         x0, t, offset = self._batch(step)
         x_t, eps = ops.q_sample(x0, t, self.schedule, seed=self.config.seed, offset=offset)
         amp = PRECISIONS[self.config.precision]
+        vlb = self.config.loss in ("vlb", "hybrid")
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            pred = self.net(x_t, t)
+            # The bound reads x_t after the call: a copy, for a model that writes into its input
+            pred = self.net(x_t.clone() if vlb else x_t, t)
         if not isinstance(pred, torch.Tensor):  # a tuple, say: loss_simple checks the shape
             raise TypeError(f"the model returned a {type(pred).__name__}; expected eps as a torch.Tensor")
         pred = pred.float()
         terms = []
         if self.config.loss in ("simple", "hybrid"):
             terms.append(diffusion.loss_simple(eps, pred))
-        if self.config.loss in ("vlb", "hybrid"):
+        if vlb:
             # L_t in bits/dim: the KL to the posterior (the decoder's NLL at t = 0). With the
             # fixed variances it trains the mean (there is no learned variance, which
             # Nichol & Dhariwal's hybrid loss trains alone, the mean's gradient stopped).
@@ -275,9 +285,13 @@ class Trainer(TrainerCheckpoints):
         decay = self.config.ema_decay
         if self.config.ema_warmup:
             decay = min(decay, (1 + self.step) / (10 + self.step))
-        ema = [p for p in self.ema.parameters()]
-        live = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema, live, 1.0 - decay)
+        pairs = list(zip(self.ema.parameters(), (p.detach() for p in self.model.parameters())))
+        averaged = [(e, p) for e, p in pairs if e.is_floating_point() or e.is_complex()]
+        torch._foreach_lerp_([e for e, _ in averaged], [p for _, p in averaged], 1.0 - decay)
+        # An integer parameter (frozen: no gradient for it) is copied, as buffers are: lerp has no integer kernel
+        for e, p in pairs:
+            if not (e.is_floating_point() or e.is_complex()):
+                e.copy_(p)
         for eb, mb in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(mb)
 
@@ -314,6 +328,10 @@ class Trainer(TrainerCheckpoints):
 
     def _step(self) -> float | None:
         self.net.train()
+        # The forward pass updates buffers (BatchNorm's running statistics) before the
+        # step is known to be finite: kept, to undo a skipped step's (NaN) update,
+        # which the next EMA update would copy into the EMA model.
+        kept = [b.clone() for b in self._buffers]
         loss = self._loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -338,6 +356,8 @@ class Trainer(TrainerCheckpoints):
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the log's lr)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
+            for buffer, value in zip(self._buffers, kept):
+                buffer.copy_(value)
             if self.scaler.is_enabled():
                 self.scaler.update()  # ends the step unscale_ began (and lowers the scale)
             self._nonfinite_in_row += 1
