@@ -7,11 +7,11 @@ and prints both medians and their ratio; for GroupNorm+SiLU also those of
 x.clone(), which moves the bytes the op must move (its floor on the CPU). Run
 it after the README's set-up:
 
-    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=4000000000 \\
-        .venv/bin/python benchmarks/cpu_interleaved.py
+    .venv/bin/python benchmarks/cpu_interleaved.py
 
-(the two variables keep eager's temporaries off freshly mapped pages; see
-BENCHMARKS.md). DDPM_FAST_CPU_SIMD=avx2 or none runs our narrower loops.
+It sets glibc malloc's thresholds first, as the benchmarks' conftest does
+(benchmarks/allocator.py: eager's temporaries kept off freshly mapped pages;
+see BENCHMARKS.md). DDPM_FAST_CPU_SIMD=avx2 or none runs our narrower loops.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from allocator import keep_freed_pages
 from ddpm_fast import NoiseSchedule, ops
 from ddpm_fast.nn import GroupNormSiLU
 
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true",
                         help="per-call costs: GroupNorm+SiLU on small maps, forward and forward+backward, only")
     args = parser.parse_args()
+    print(keep_freed_pages())
     torch.set_num_threads(args.threads)
     sqrt_ab = SCHEDULE.sqrt_alphas_cumprod.float()
     sqrt_1m_ab = SCHEDULE.sqrt_one_minus_alphas_cumprod.float()
