@@ -174,7 +174,7 @@ class Trainer(TrainerCheckpoints):
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self._buffers = list(self.model.buffers())  # (listed once: a walk over the modules took 62 us a step)
+        self._model_buffers = list(self.model.buffers())  # (listed once: a walk over the modules took 62 us a step)
         self.net: nn.Module = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -331,7 +331,7 @@ class Trainer(TrainerCheckpoints):
         # The forward pass updates buffers (BatchNorm's running statistics) before the
         # step is known to be finite: kept, to undo a skipped step's (NaN) update,
         # which the next EMA update would copy into the EMA model.
-        kept = [b.clone() for b in self._buffers]
+        kept = [b.clone() for b in self._model_buffers]
         loss = self._loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -356,7 +356,7 @@ class Trainer(TrainerCheckpoints):
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the log's lr)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            for buffer, value in zip(self._buffers, kept):
+            for buffer, value in zip(self._model_buffers, kept):
                 buffer.copy_(value)
             if self.scaler.is_enabled():
                 self.scaler.update()  # ends the step unscale_ began (and lowers the scale)
