@@ -426,6 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lost_a_peer(error: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away (stopped on
+    its own error, or killed): gloo says so in a plain RuntimeError, NCCL and
+    the store raise torch.distributed's DistError."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return (isinstance(error, getattr(dist, "DistError", ())) or "Connection closed by peer" in text
+            or "Connection reset by peer" in text)
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
@@ -478,10 +489,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 2
     except RuntimeError as error:
-        if not is_out_of_memory(error) or debug:
+        if debug or not (is_out_of_memory(error) or _lost_a_peer(error)):
             raise
-        advice = _MEMORY_OPTIONS.get(args.command, "--batch-size")
-        message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2
+        if _lost_a_peer(error):  # that rank printed why, in one line; this one's traceback said nothing more
+            message = (f"{prefix}: error: another rank stopped, so this one cannot go on (that rank's message says "
+                       f"why): {_one_line(error)[:200]}")
+            code = 1
+        else:
+            advice = _MEMORY_OPTIONS.get(args.command, "--batch-size")
+            message, code = f"{prefix}: error: out of memory ({_one_line(error)[:200]}): lower {advice}", 2
     finally:
         if not debug:
             restore_warnings(previous_prefix)

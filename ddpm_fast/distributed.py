@@ -12,13 +12,14 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import hashlib
 import math
 import os
 import pickle
 import sys
 import time
 import weakref
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from .sampler import Sampler
 T = TypeVar("T")
 
 __all__ = ["setup", "teardown", "rank_and_world", "sample_sharded", "exit_process", "RankMismatchError",
-           "check_ranks_agree", "run_on_rank0"]
+           "check_ranks_agree", "run_on_rank0", "digest", "model_digest"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -54,6 +55,28 @@ def shard(count: int, rank: int, world: int) -> tuple[int, int]:
 class RankMismatchError(ValueError):
     """The ranks of one run hold different settings or states (they would
     deadlock, or train on a mix): raised on every rank alike."""
+
+
+def digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of tensors' shapes, dtypes and values (read on the host, in
+    logical order: a channels_last copy hashes as the contiguous one), which
+    ranks compare: bit for bit, where a sum would depend on each device's
+    reduction order."""
+    sha = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        sha.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
+
+
+def model_digest(model: object) -> str | None:
+    """``digest`` of a module's parameters and buffers (None for a plain
+    function): a rank that loaded other weights (another file at the same
+    path on its machine) is told apart from the others."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return digest([*model.parameters(), *model.buffers()])
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -244,6 +267,12 @@ def sample_sharded(
     # refused now, not after hours of sampling.
     check_fits_in_memory((1 if world == 1 else 2) * n * math.prod(shape),
                          f"holding {n} samples of {'x'.join(map(str, shape))}")
+    if world > 1:  # else each rank's share comes from other settings, silently (a mix of two runs' samples)
+        check_ranks_agree("what to sample", {
+            "n": n, "seed": seed, "steps": steps, "eta": eta, "shape": list(shape), "variance": sampler.variance,
+            "clip_denoised": sampler.clip_denoised, "schedule": digest([sampler.schedule.betas]),
+            "model": model_digest(sampler.model),
+        }, "start every rank with the same checkpoint and options")
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:
         shared = [seed]

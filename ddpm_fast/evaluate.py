@@ -16,7 +16,7 @@ from ._warn import warn
 from . import ops
 from .data import ImageDataset
 from .diffusion import bits_per_dim
-from .distributed import rank_and_world, shard
+from .distributed import check_ranks_agree, digest, model_digest, rank_and_world, shard
 from .nn import has_channels_last_weights
 from .ops._args import as_seed, check_schedule
 from .sampler import _SAMPLE_STRIDE, _check_materialized, _dropout_active, _first_float_parameter
@@ -107,6 +107,11 @@ def evaluate_bpd(
         raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
                          "2^32 noise counters")
     rank, world = rank_and_world() if sharded else (0, 1)
+    if world > 1:  # else each rank's share is of another bound, silently averaged with the others'
+        check_ranks_agree("what to evaluate", {
+            "n": count, "seed": seed, "images": dataset.fingerprint(), "schedule": digest([schedule.betas]),
+            "model": model_digest(model),
+        }, "start every rank with the same checkpoint, data and options")
     lo, hi = shard(count, rank, world)
     # Sums of the total, the prior and each timestep's term over this rank's images.
     sums = torch.zeros(2 + schedule.num_timesteps, dtype=torch.float64, device="cpu")

@@ -24,7 +24,7 @@ from ._memory import check_unpacked_fits, format_size
 from ._warn import warn
 from .checkpoint import (LATEST, CheckpointError, atomic_write, checkpoints, latest_checkpoint, resume_order,
                          write_checkpoint)
-from .distributed import rank_seed
+from .distributed import check_ranks_agree, rank_seed
 from .images import plot_curve
 from .models.serialization import load_safetensors, load_state_dict_checked
 from .train_config import RECIPE_VERSION, RESUMABLE_CHANGES
@@ -102,7 +102,8 @@ class TrainerCheckpoints:
         raised, not skipped: the older ones of the same run have its configuration."""
         failure = None
         self._loaded_part = False  # set by load_checkpoint once it begins to overwrite the state
-        damaged = []
+        damaged: list[Path] = []
+        resumed = None
         for path in resume_order(self.out_dir, newest):
             try:
                 self.load_checkpoint(path)  # refuses another run's (ConfigMismatchError) first
@@ -114,10 +115,21 @@ class TrainerCheckpoints:
                 failure = failure or error
                 damaged.append(path)
                 continue
+            resumed = path
+            break
+        # Every rank, before any acts on it: a rank that could not read a checkpoint the
+        # others read resumed an older one (or none), and waited for them in a
+        # collective that they never reached: a hang, without a word.
+        check_ranks_agree("the checkpoint each resumed", {
+            "checkpoint": resumed.name if resumed is not None else None,
+            "unreadable": str(failure) if failure is not None else None,
+        }, "a rank could not read a checkpoint that another could: every rank must see the same run folder; "
+           "resume again once it does")
+        if resumed is not None:
             if damaged:
                 self._set_aside(damaged)
                 if self.rank == 0:
-                    warn(f"{failure}; resumed from the older {path.name} instead (step {self.step}); "
+                    warn(f"{failure}; resumed from the older {resumed.name} instead (step {self.step}); "
                          f"the damaged {', '.join(p.name for p in damaged)} renamed damaged-*")
             return
         if self._loaded_part:  # the model, say, and not the EMA: no longer fresh, nor any checkpoint's

@@ -342,6 +342,30 @@ def test_ctrl_c_in_the_demo_names_the_checkpoint_of_its_run(tmp_path, monkeypatc
         "run the same command to continue from it")
 
 
+@pytest.mark.parametrize("raised", [
+    RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                 "[127.0.0.1]:61652. This is typically caused by a remote worker crashing. Check the logs of the "
+                 "remote worker before reporting an error. GLHF!"),
+    getattr(torch.distributed, "DistError", RuntimeError)("NCCL communicator was aborted on rank 1"),
+], ids=["gloo", "DistError"])
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(tmp_path, monkeypatch, capsys, raised):
+    """When one rank stopped on its own error (printed in one line), its peers
+    printed 25 lines of traceback ending in gloo's "Connection closed by peer"."""
+    from ddpm_fast import cli
+
+    def load(args, device):  # the sample command's first collective, say
+        raise raised
+
+    monkeypatch.setattr(cli, "_load_on_every_rank", load)
+    assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddpm-fast sample: error: another rank stopped, so this one cannot go on (that rank's "
+                          "message says why): ") and "\n" not in err, err
+    raised = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError stays a traceback
+        main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s"), "--device", "cpu"])
+
+
 def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch, capsys):
     """An ImportError (a diffusers folder without diffusers installed, say) is a setup problem, not a traceback."""
     import ddpm_fast.pretrained

@@ -473,6 +473,8 @@ def test_sample_sharded_draws_a_progress_bar_on_rank_0_only(monkeypatch):
     monkeypatch.setattr(distributed, "rank_and_world", lambda: (1, 2))
     monkeypatch.setattr(distributed.dist, "broadcast_object_list", lambda objects, src=0: None)
     monkeypatch.setattr(distributed.dist, "gather_object", lambda obj, gathered=None, dst=0: None)
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lambda values, value: values.__setitem__(
+        slice(None), [value] * len(values)))  # the ranks agree on what to sample
     sampler = Recording(TinyEps(), NoiseSchedule("linear", timesteps=10), device="cpu", cuda_graph=False)
     assert distributed.sample_sharded(sampler, 4, seed=0, batch_size=1, progress=True) is None
     assert seen == [False, False]
