@@ -39,9 +39,13 @@ def _as_rank(monkeypatch, rank: int, world: int, seed0: int | None = None) -> di
         if gathered is not None:
             gathered[:] = [obj] + [None] * (world - 1)
 
+    def all_gather_object(values, value):  # the ranks agree on what to sample
+        values[:] = [value] * world
+
     monkeypatch.setattr(distributed, "rank_and_world", lambda: (rank, world))
     monkeypatch.setattr(distributed.dist, "broadcast_object_list", broadcast_object_list)
     monkeypatch.setattr(distributed.dist, "gather_object", gather_object)
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
     return sent
 
 
