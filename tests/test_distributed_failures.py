@@ -13,7 +13,7 @@ import torch
 
 from ddpm_fast import Sampler, distributed
 from ddpm_fast.schedules import NoiseSchedule
-from test_distributed import _join, _leave, _spawn_two_ranks
+from test_distributed import _join, _leave, _spawn_two_ranks, _train_recording_mismatch
 from train_helpers import TinyEps, make_trainer, toy_dataset
 
 
@@ -32,12 +32,7 @@ def _unreadable_worker(rank: int, world: int, port: int, out: str, which: str) -
             return read(path, device)
 
         checkpoints.load_safetensors = load_safetensors
-    try:
-        make_trainer(Path(out) / "run", steps=6).train(final_samples=False)
-        message = "trained"
-    except distributed.RankMismatchError as error:
-        message = str(error)
-    (Path(out) / f"error{rank}").write_text(message)
+    _train_recording_mismatch(make_trainer(Path(out) / "run", steps=6), out, rank)
     _leave(failed=True)
 
 
