@@ -489,9 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message, code = f"{prefix}: error: {_one_line(error)}", 2
     except RuntimeError as error:
-        if debug or not (is_out_of_memory(error) or _lost_a_peer(error)):
+        lost_a_peer = _lost_a_peer(error)
+        if debug or not (lost_a_peer or is_out_of_memory(error)):
             raise
-        if _lost_a_peer(error):  # that rank printed why, in one line; this one's traceback said nothing more
+        if lost_a_peer:  # that rank printed why, in one line; this one's traceback said nothing more
             message = (f"{prefix}: error: another rank stopped, so this one cannot go on (that rank's message says "
                        f"why): {_one_line(error)[:200]}")
             code = 1

@@ -285,13 +285,16 @@ class Trainer(TrainerCheckpoints):
         decay = self.config.ema_decay
         if self.config.ema_warmup:
             decay = min(decay, (1 + self.step) / (10 + self.step))
-        pairs = list(zip(self.ema.parameters(), (p.detach() for p in self.model.parameters())))
-        averaged = [(e, p) for e, p in pairs if e.is_floating_point() or e.is_complex()]
-        torch._foreach_lerp_([e for e, _ in averaged], [p for _, p in averaged], 1.0 - decay)
-        # An integer parameter (frozen: no gradient for it) is copied, as buffers are: lerp has no integer kernel
-        for e, p in pairs:
-            if not (e.is_floating_point() or e.is_complex()):
-                e.copy_(p)
+        ema, live, copied = [], [], []
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            if e.is_floating_point() or e.is_complex():
+                ema.append(e)
+                live.append(p.detach())
+            else:  # an integer parameter (frozen: no gradient for it), copied as buffers are: lerp has no integer kernel
+                copied.append((e, p))
+        torch._foreach_lerp_(ema, live, 1.0 - decay)
+        for e, p in copied:
+            e.copy_(p)
         for eb, mb in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(mb)
 
