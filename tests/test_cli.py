@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_fast.cli import _sample_dtype, build_parser, main
+from ddpm_fast.cli import build_parser, main
+from ddpm_fast.cli_sample import sample_dtype
 from ddpm_fast.images import make_grid
 
 COMMANDS = ("info", "train", "sample", "bpd", "fid", "demo")
@@ -212,7 +213,7 @@ def test_sample_dtype_auto_is_bf16_on_ampere_and_newer(monkeypatch, choice, devi
         return capability
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
-    assert _sample_dtype(choice, torch.device(device)) == want
+    assert sample_dtype(choice, torch.device(device)) == want
 
 
 def test_sample_precision_script_compares_dtypes(tiny_run):

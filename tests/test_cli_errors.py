@@ -351,12 +351,12 @@ def test_ctrl_c_in_the_demo_names_the_checkpoint_of_its_run(tmp_path, monkeypatc
 def test_a_rank_whose_peer_stopped_says_so_in_one_line(tmp_path, monkeypatch, capsys, raised):
     """When one rank stopped on its own error (printed in one line), its peers
     printed 25 lines of traceback ending in gloo's "Connection closed by peer"."""
-    from ddpm_fast import cli
+    from ddpm_fast import cli_sample
 
     def load(args, device):  # the sample command's first collective, say
         raise raised
 
-    monkeypatch.setattr(cli, "_load_on_every_rank", load)
+    monkeypatch.setattr(cli_sample, "_load_on_every_rank", load)
     assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("ddpm-fast sample: error: another rank stopped, so this one cannot go on (that rank's "
