@@ -200,6 +200,12 @@ class Trainer(TrainerCheckpoints):
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the last step taken (logged)
         self._epoch_order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self._staged: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
+        # The losses since the last log record at a multiple of log_every, and the
+        # step of a record written early (a run's last step between two multiples),
+        # which the next record replaces: both in checkpoints, so that a run
+        # continued past its last step logs what an uninterrupted one does.
+        self._loss_window: list[float] = []
+        self._early_record: int | None = None
 
     # ------------------------------------------------------------ the step
 
@@ -436,7 +442,7 @@ class Trainer(TrainerCheckpoints):
                  "nothing to train")
         first_step = self.step
         bar = _progress(cfg.steps, self.step, self.progress and self.rank == 0)
-        window: list[float] = []
+        window = self._loss_window
         # images/s counts training steps only: the time of grids and checkpoints is left out.
         tick, tick_step, aside = time.perf_counter(), self.step, 0.0
         grid_of_last_step = None
@@ -448,7 +454,10 @@ class Trainer(TrainerCheckpoints):
                 last = self.step == cfg.steps
                 # Never checkpoint inside a run of skipped non-finite steps.
                 checkpoint = (self.step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
-                if self.step % cfg.log_every == 0 or checkpoint:  # a resumed run logs what this one would
+                # A record every log_every steps, and one at the run's last step
+                # (early, unless a multiple), which a longer run replaces.
+                early = self.step % cfg.log_every != 0
+                if not early or (last and checkpoint):
                     elapsed = time.perf_counter() - tick - aside
                     rate = (self.step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
                     record = {
@@ -457,10 +466,12 @@ class Trainer(TrainerCheckpoints):
                         "lr": self._last_lr,
                         "images_per_s": rate,
                     }
-                    self._log(record)
+                    self._log(record, early)
                     # (drawn at the next redraw: refresh=True would redraw at every record, also in a log)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                    window, tick, tick_step, aside = [], time.perf_counter(), self.step, 0.0
+                    if not early:
+                        window.clear()
+                    tick, tick_step, aside = time.perf_counter(), self.step, 0.0
                 bar.update(1)
                 started = time.perf_counter()
                 # Every sample_every steps and at the last step (a run resumed to more steps
@@ -494,11 +505,18 @@ class Trainer(TrainerCheckpoints):
         check_ranks_agree("their images", self.data_fingerprint, "give every rank the same data")
         check_ranks_agree("the checkpoint to resume", newest.name if newest is not None else None, _SHARED_FOLDER)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _log(self, record: dict[str, Any], early: bool) -> None:
+        """Append a record to log.jsonl (rank 0). A record written ``early`` (at
+        a run's last step, no multiple of log_every) makes way for the next one,
+        which a longer run (resumed, or train() called again) writes over the
+        same losses and those after them, as an uninterrupted run does."""
+        if self.rank == 0:
+            if self._early_record is not None:
+                kept = [r for r in self.read_log() if r["step"] != self._early_record]
+                atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self._early_record = record["step"] if early else None
 
     def read_log(self) -> list[dict[str, Any]]:
         """The log's records. Appends are not atomic, so a process killed in one

@@ -261,6 +261,8 @@ class TrainerCheckpoints:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "rank_rng": rank_rng,
+                "loss_window": list(self._loss_window),
+                "early_record": self._early_record,
             }
             config = json.dumps(self.run_config(), indent=2)
             path = write_checkpoint(
@@ -356,6 +358,9 @@ class TrainerCheckpoints:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        # (absent from checkpoints of older versions, which logged at every checkpoint)
+        self._loss_window = [float(loss) for loss in state.get("loss_window", [])]
+        self._early_record = state.get("early_record")
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             # One state per GPU of the machine that wrote it, which may have had more

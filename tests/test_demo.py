@@ -4,6 +4,8 @@ check can fail."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -155,9 +157,12 @@ def test_demo_is_reproducible_from_its_seed(tmp_path, demo_trainers):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_demo_trains_without_flips_and_writes_its_loss_curve(tmp_path, demo_trainers, demo_sample_calls):
+def test_demo_trains_without_flips_and_writes_its_loss_curve(tmp_path, demo_trainers, demo_sample_calls, monkeypatch):
     """Mirrored digits are no digits: the demo's recipe turns flips off. Its
-    loss.png is the run's own, copied beside the samples."""
+    loss.png is the run's own, copied beside the samples (two steps logged
+    each: the demo logs every 50)."""
+    recipe = demo.demo_config
+    monkeypatch.setattr(demo, "demo_config", lambda *args: dataclasses.replace(recipe(*args), log_every=1))
     run_demo(tmp_path, steps=2, samples=2, progress=False)
     assert demo_trainers[0].config.flip is False
     assert (tmp_path / "loss.png").read_bytes() == (tmp_path / "run" / "loss.png").read_bytes()

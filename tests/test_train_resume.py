@@ -85,6 +85,35 @@ def test_resume_in_process_continues_exactly(tmp_path):
         assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(got["state"][i][k])) for k, v in state.items()), i
 
 
+def _log(run: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("how", ["resumed", "continued", "resumed twice"])
+def test_a_run_longer_than_one_that_ended_between_log_records_logs_as_an_uninterrupted_one(tmp_path, how):
+    """A run's last step is logged; one that ends between two multiples of
+    log_every (steps=6, log_every=4) logs it early, and a longer run from it
+    (resumed, or train() called again) logs at the next multiple the steps since
+    the previous one, as an uninterrupted run does: it kept the record of step 6
+    and averaged steps 7-8 alone at step 8. Checkpoints are no log points."""
+    settings = dict(log_every=4, checkpoint_every=3, **RESUMABLE)
+    make_trainer(tmp_path / "full", steps=10, **settings).train(final_samples=False)
+    want = _log(tmp_path / "full")
+    assert [step for step, *_ in want] == [4, 8, 10]
+    part = make_trainer(tmp_path / "part", steps=6, **settings)
+    part.train(final_samples=False)
+    assert [step for step, *_ in _log(tmp_path / "part")] == [4, 6]
+    if how == "continued":
+        part.config.steps = 10
+        part.train(resume=False, final_samples=False)
+    else:
+        if how == "resumed twice":  # from step 6's checkpoint to 7, then from 7's: the early record of 7 replaced 6's
+            make_trainer(tmp_path / "part", steps=7, **settings).train(final_samples=False)
+            assert [step for step, *_ in _log(tmp_path / "part")] == [4, 7]
+        make_trainer(tmp_path / "part", steps=10, **settings).train(final_samples=False)
+    assert _log(tmp_path / "part") == want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trial", range(20))
 def test_sigkill_at_a_random_moment_then_resume(baseline, tmp_path, trial):
