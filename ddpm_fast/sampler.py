@@ -494,7 +494,7 @@ def _check_model_dtype(dtype: object, from_model: bool) -> None:
         return
     if from_model:
         raise TypeError(f"the model's parameters are {dtype}, and the Sampler feeds a model float32, float16 or "
-                        "bfloat16 input: cast the model (model.float()) or pass dtype=")
+                        "bfloat16 input: cast the model (model.float()), or pass dtype= if it casts its input itself")
     raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
 
 

@@ -259,7 +259,7 @@ def test_defaults_follow_the_model_as_it_is_when_sampling():
     assert x.dtype == torch.float32 and x.isfinite().all() and set(seen) == {torch.bfloat16}
     assert (fixed.dtype, fixed.channels_last) == (torch.float32, False)  # given ones stay
     model.double()
-    with pytest.raises(TypeError, match=r"the model's parameters are torch.float64.*model.float\(\)\) or pass dtype="):
+    with pytest.raises(TypeError, match=r"the model's parameters are torch.float64.*model.float\(\)\), or pass dtype= if it casts its input itself"):
         sampler.sample(2, seed=0, progress=False)
     with pytest.raises(TypeError, match="the model's parameters are torch.float64"):  # when made, too
         Sampler(model, schedule, sample_shape=(1, 8, 8))
