@@ -166,9 +166,11 @@ def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
         return images
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
-    # ITU-R 601 luma, as Pillow's "L" conversion
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    # ITU-R 601 luma in Pillow's fixed point (its "L" conversion, which image
+    # folders go through): (19595 R + 38470 G + 7471 B + 2^15) >> 16. A float luma
+    # rounded half to even was a level off on ties (157.5: Pillow's 157, 158).
+    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
+    return ((images.int() * weights).sum(1, keepdim=True, dtype=torch.int32) + (1 << 15)).bitwise_right_shift(16).to(torch.uint8)
 
 
 def _check_fits(count: int, shape: Sequence[int], source: object) -> None:
@@ -259,7 +261,11 @@ def _read_image(file: Path, mode: str) -> torch.Tensor:
                 raise ValueError("its pixels are 32-bit floats (Pillow mode F), of no known range: save it with "
                                  "8- or 16-bit integer pixels")
             if image.mode in _WIDE_GREY_MODES:  # 16-bit grey: scale to 8 bits (Pillow's convert would clip at 255)
-                wide = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+                wide = np.asarray(image, dtype=np.float64)
+                low, high = (int(wide.min()), int(wide.max())) if wide.size else (0, 0)
+                if low < 0 or high > 65535:  # mode I's 32 bits: clipped to white, silently
+                    raise ValueError(f"its pixels are 32-bit integers (Pillow mode I) from {low} to {high}, beyond "
+                                     "16 bits, of no known range: save it with 8- or 16-bit integer pixels")
                 key = image.info.get("transparency")  # a transparent grey level (PNG tRNS), lost with the mode
                 image = Image.fromarray(np.round(wide * (255 / 65535)).astype(np.uint8), "L")
                 if isinstance(key, int):

@@ -371,6 +371,19 @@ def test_image_folder_follows_symlinked_folders_once(tmp_path):
     assert len(load_image_folder(data)) == 5
 
 
+def test_32_bit_integer_pixels_beyond_16_bits_are_refused(tmp_path):
+    """Pillow's mode I holds 32-bit integers (a TIFF's; older Pillows read 16-bit
+    PNGs so too): read as 16-bit grey, values above 65535 were clipped to white
+    without a word. Within 16 bits they are 16-bit grey, as I;16."""
+    Image.fromarray(np.array([[0, 257 * 10], [65535, 1]], dtype=np.int32), "I").save(tmp_path / "a.tif")
+    assert load_image_folder(tmp_path, channels=1).images[0, 0].tolist() == [[0, 10], [255, 0]]
+    for value in (65536, 2**31 - 1, -1):
+        Image.fromarray(np.array([[0, value], [7, 1]], dtype=np.int32), "I").save(tmp_path / "a.tif")
+        with pytest.raises(ValueError, match=rf"a.tif: ValueError: its pixels are 32-bit integers \(Pillow mode I\) "
+                                             rf"from {min(value, 0)} to {max(value, 7)}, beyond 16 bits"):
+            load_image_folder(tmp_path, channels=1)
+
+
 # Why: a broken link named like an image was skipped without a word (the dataset
 # silently one image short), and TIFF images, which Pillow reads, were skipped too.
 def test_image_folder_reads_tiff_and_refuses_a_broken_link(tmp_path):

@@ -15,7 +15,7 @@ from ddpm_fast.data import load_array, load_cifar10, load_dataset, load_digits, 
 
 
 def test_grey_conversion_uses_rounded_itu601_luma(tmp_path):
-    """channels=1 on RGB arrays is Pillow's "L": round(0.299 R + 0.587 G + 0.114 B)."""
+    """channels=1 on RGB arrays is Pillow's "L": 0.299 R + 0.587 G + 0.114 B, rounded."""
     rgb = np.zeros((1, 2, 2, 3), np.uint8)
     rgb[0, 0, 0] = (255, 0, 0)  # 76.245 -> 76
     rgb[0, 0, 1] = (0, 255, 0)  # 149.685 -> 150 (truncation would give 149)
@@ -25,6 +25,20 @@ def test_grey_conversion_uses_rounded_itu601_luma(tmp_path):
     grey = load_array(tmp_path / "rgb.npy", channels=1).images
     assert grey.shape == (1, 1, 2, 2) and grey.dtype == torch.uint8
     assert grey[0, 0].tolist() == [[76, 150], [29, 255]]
+
+
+def test_grey_conversion_of_arrays_is_pillows_to_the_level(tmp_path):
+    """channels=1 gives arrays what it gives image folders (Pillow's convert("L")),
+    ties included: a float32 luma rounded half to even put [221, 127, 148]
+    (157.5, which Pillow's fixed-point weights give as 157) at 158, and 33 of
+    65,536 random pixels a level off."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    rgb[0, 0, 0] = (221, 127, 148)
+    np.save(tmp_path / "rgb.npy", rgb)
+    want = np.asarray(Image.fromarray(rgb[0], "RGB").convert("L"))
+    assert want[0, 0] == 157
+    assert np.array_equal(load_array(tmp_path / "rgb.npy", channels=1).images[0, 0].numpy(), want)
 
 
 def test_digits_grey_levels_are_rounded_to_255():
