@@ -204,14 +204,20 @@ def _host_reads(monkeypatch) -> list[str]:
 
 def test_a_step_reads_the_device_once(tmp_path, monkeypatch):
     """The loss and the finite check come back in one read per step (there
-    were two, plus three synchronizing copies of the batch), skipped or not."""
+    were two, plus three synchronizing copies of the batch), skipped or not.
+    On the CPU, where a read costs no sync, the gradient clip reads the norm
+    too (to skip multiplying by 1.0): _clip_reads_norm is False on a GPU."""
     trainer = make_trainer(tmp_path, steps=20)
+    assert trainer._clip_reads_norm
     trainer.train_step()
     reads = _host_reads(monkeypatch)
+    assert isinstance(trainer.train_step(), float) and reads == ["__bool__", "tolist"]
+    trainer._clip_reads_norm = False
+    reads.clear()
     assert isinstance(trainer.train_step(), float) and reads == ["tolist"]
     with torch.no_grad():
         trainer.model.out.bias.fill_(float("nan"))
-    with pytest.warns(UserWarning, match=r"step 3: non-finite loss or gradient \(nan\); update skipped") as seen:
+    with pytest.warns(UserWarning, match=r"step 4: non-finite loss or gradient \(nan\); update skipped") as seen:
         assert trainer.train_step() is None
     assert {w.filename for w in seen} == {__file__}  # the caller's line, not the library's
     assert reads == ["tolist", "tolist"]

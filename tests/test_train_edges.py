@@ -81,10 +81,13 @@ def test_sample_grids_are_drawn_in_batches_of_the_training_batch(tmp_path, monke
 def test_a_step_trains_a_model_handed_over_in_eval_mode(tmp_path):
     """A model passed in eval mode (say, loaded for fine-tuning) still trains
     with its dropout on."""
-    trainer = make_trainer(tmp_path, steps=1, dropout=0.5)
+    trainer = make_trainer(tmp_path, steps=3, dropout=0.5)
     trainer.model.eval()
     trainer.train_step()
     assert trainer.model.training
+    trainer.model.drop.eval()  # one module alone, between steps
+    trainer.train_step()
+    assert all(m.training for m in trainer.model.modules())
 
 
 def test_a_finished_run_resumed_with_its_own_steps_does_not_warn(tmp_path):

@@ -28,23 +28,36 @@ def test_ema_follows_its_warmed_up_decay(tmp_path, ema_decay):
             torch.testing.assert_close(ema, old + (1 - d) * (live.detach() - old), rtol=1e-6, atol=1e-7)
 
 
-def test_gradients_are_clipped_to_the_configured_norm(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clip_reads_norm", [True, False], ids=["cpu", "as-on-a-gpu"])
+def test_gradients_are_clipped_to_the_configured_norm(tmp_path, monkeypatch, clip_reads_norm):
     """The update sees gradients of total norm at most grad_clip (the loss of
-    a fresh model gives a larger one, so the clip acts)."""
-    trainer = make_trainer(tmp_path, steps=1, grad_clip=0.05)
-    seen = []
-    real = torch.nn.utils.clip_grad_norm_
+    a fresh model gives a larger one, so the clip acts); gradients within it,
+    exactly as backward left them (on the CPU the multiply by 1.0 is skipped,
+    which gives the same values)."""
+    norms = []
+    real_norm = torch.nn.utils.get_total_norm
 
-    def spy(parameters, max_norm, *args, **kwargs):
-        parameters = list(parameters)
-        norm = real(parameters, max_norm, *args, **kwargs)
-        seen.append((float(norm), max_norm, float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])))))
-        return norm
+    def recorded_norm(*args, **kwargs):
+        norms.append(float(real_norm(*args, **kwargs)))
+        return torch.tensor(norms[-1])
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    trainer.train_step()
-    ((before, max_norm, after),) = seen
-    assert max_norm == 0.05 and before > 0.05 and after <= 0.05 * (1 + 1e-5)
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", recorded_norm)
+    for clip in (0.05, 1e6):
+        trainer = make_trainer(tmp_path / str(clip), steps=1, grad_clip=clip)
+        trainer._clip_reads_norm = clip_reads_norm
+        updated = []
+
+        def seen(optimizer, args, kwargs):  # the gradients the update reads
+            updated.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))))
+
+        trainer.optimizer.register_step_pre_hook(seen)
+        trainer.train_step()
+        (before,), (after,) = norms, updated
+        norms.clear()
+        if clip == 0.05:
+            assert before > clip and after <= clip * (1 + 1e-5)
+        else:  # within the clip: the gradients backward left
+            assert after == pytest.approx(before, rel=1e-6, abs=0)
 
 
 def test_flips_mirror_the_images_they_pick(tmp_path):
