@@ -93,8 +93,9 @@ def run_demo(
 ) -> str:
     """Train, then write ``samples.png``, ``samples.npz`` (key ``images``, uint8
     N x 8 x 8 x 1) and ``loss.png`` (for two logged losses or more: the demo logs
-    every 50 steps and at its last, so not for ``steps`` up to 50) into ``out``; the run itself (checkpoints,
-    log) goes to ``out/run`` and is resumed if the demo is started again."""
+    every 50 steps and at its last, so not for ``steps`` up to 50) into ``out``;
+    the run itself (checkpoints, log) goes to ``out/run`` and is resumed if the
+    demo is started again."""
     steps = DEMO_STEPS if steps is None else steps
     sample_steps = DEMO_SAMPLE_STEPS if sample_steps is None else sample_steps
     schedule = NoiseSchedule("linear", timesteps=1000)

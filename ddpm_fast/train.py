@@ -177,12 +177,13 @@ class Trainer(TrainerCheckpoints):
         # Listed once: a walk over the demo model's modules takes 60-400 us, at every step.
         self._model_buffers = list(self.model.buffers())
         self._params = list(self.model.parameters())
-        ema_pairs = list(zip(self.ema.parameters(), self._params))
-        # An integer parameter (frozen: no gradient for it) is copied, as buffers are: lerp has no integer kernel.
-        averaged = [(e, p) for e, p in ema_pairs if e.is_floating_point() or e.is_complex()]
+        averaged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ema_copied: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for e, p in zip(self.ema.parameters(), self._params):
+            # An integer parameter (frozen: no gradient for it) is copied, as buffers are: lerp has no integer kernel.
+            (averaged if e.is_floating_point() or e.is_complex() else self._ema_copied).append((e, p))
         self._ema_averaged = ([e for e, _ in averaged], [p for _, p in averaged])
-        self._ema_copied = [pair for pair in ema_pairs if not (pair[0].is_floating_point() or pair[0].is_complex())]
-        self._ema_copied += list(zip(self.ema.buffers(), self._model_buffers))
+        self._ema_copied += zip(self.ema.buffers(), self._model_buffers)
         self.net: nn.Module = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
