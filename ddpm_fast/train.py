@@ -174,8 +174,9 @@ class Trainer(TrainerCheckpoints):
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        # Listed once: a walk over the demo model's modules takes 60-400 us, at every step.
-        self._model_buffers = list(self.model.buffers())
+        # Parameters listed once: a walk over the demo model's modules takes 60-400 us,
+        # at every step. (Buffers are walked each step: a module may replace one,
+        # `self.running_mean = ...`, which files the new tensor under its name.)
         self._params = list(self.model.parameters())
         averaged: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ema_copied: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -183,7 +184,6 @@ class Trainer(TrainerCheckpoints):
             # An integer parameter (frozen: no gradient for it) is copied, as buffers are: lerp has no integer kernel.
             (averaged if e.is_floating_point() or e.is_complex() else self._ema_copied).append((e, p))
         self._ema_averaged = ([e for e, _ in averaged], [p for _, p in averaged])
-        self._ema_copied += zip(self.ema.buffers(), self._model_buffers)
         self.net: nn.Module = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -307,6 +307,8 @@ class Trainer(TrainerCheckpoints):
         torch._foreach_lerp_(*self._ema_averaged, 1.0 - decay)
         for e, p in self._ema_copied:
             e.copy_(p)
+        for eb, mb in zip(self.ema.buffers(), self.model.buffers()):
+            eb.copy_(mb)
 
     def _clip_gradients(self) -> torch.Tensor:
         """clip_grad_norm_ at grad_clip; returns the gradients' total norm. Where
@@ -357,7 +359,7 @@ class Trainer(TrainerCheckpoints):
         # The forward pass updates buffers (BatchNorm's running statistics) before the
         # step is known to be finite: kept, to undo a skipped step's (NaN) update,
         # which the next EMA update would copy into the EMA model.
-        kept = [b.clone() for b in self._model_buffers]
+        kept = [b.clone() for b in self.model.buffers()]
         loss = self._loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -382,7 +384,7 @@ class Trainer(TrainerCheckpoints):
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the log's lr)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            for buffer, value in zip(self._model_buffers, kept):
+            for buffer, value in zip(self.model.buffers(), kept):  # the forward's, where it replaced one
                 buffer.copy_(value)
             if self.scaler.is_enabled():
                 self.scaler.update()  # ends the step unscale_ began (and lowers the scale)

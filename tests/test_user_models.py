@@ -88,6 +88,42 @@ def test_a_skipped_step_leaves_the_buffers_as_they_were(tmp_path):
     assert all(torch.isfinite(b).all() for b in trainer.ema.buffers())
 
 
+class CountingEps(TinyEps):
+    """TinyEps whose training forward reassigns a buffer (nn.Module.__setattr__
+    files the new tensor under the buffer's name), as a norm layer that writes
+    `self.running_mean = ...` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen = self.seen + x.shape[0]
+        return super().forward(x, t)
+
+
+def test_a_buffer_the_model_reassigns_reaches_the_ema_and_a_skipped_step_puts_it_back(tmp_path):
+    """Buffers listed once, when the Trainer was made, left the EMA with the
+    first tensor's value (0 samples seen for 16); a skipped step put the old
+    value into that first tensor, not into the model's."""
+    trainer = Trainer(CountingEps(), toy_dataset(n=16), SCHEDULE, TrainConfig(steps=4, batch_size=4, warmup=0),
+                      tmp_path, device="cpu", progress=False)
+    for _ in range(2):
+        trainer.train_step()
+    assert trainer.model.seen.item() == trainer.ema.seen.item() == 8
+    real = trainer.model.inp.weight.detach().clone()
+    with torch.no_grad():
+        trainer.model.inp.weight[0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="update skipped"):
+        assert trainer.train_step() is None
+    assert trainer.model.seen.item() == 8  # the skipped step's forward counted 12
+    with torch.no_grad():
+        trainer.model.inp.weight.copy_(real)
+    assert isinstance(trainer.train_step(), float)
+    assert trainer.model.seen.item() == trainer.ema.seen.item() == 12
+
+
 def test_an_integer_parameter_is_copied_into_the_ema(tmp_path):
     """A frozen integer nn.Parameter (a lookup table) passed the checks and
     failed the first EMA update in torch's words (lerp has no Long kernel)."""
