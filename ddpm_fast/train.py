@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -194,7 +194,7 @@ class Trainer(TrainerCheckpoints):
         # The model's, not the wrappers': a DDP wrapper must go at exit (release_ddp_at_exit).
         self._model_modules = list(self.model.modules())
         self._clip_reads_norm = self.device.type == "cpu"  # (where reading a value costs no sync: _clip_gradients)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self._params if p.requires_grad]
         optim = torch.optim.AdamW if self.config.weight_decay > 0 else torch.optim.Adam
         # The fused kernel: one call per step instead of a dozen small ops per
         # parameter (the demo's 144 tensors: 7.9 -> 1.8 ms a step on the CPU).
@@ -531,8 +531,8 @@ class Trainer(TrainerCheckpoints):
         same losses and those after them, as an uninterrupted run does."""
         if self.rank == 0:
             if self._early_record is not None:
-                kept = [r for r in self.read_log() if r["step"] != self._early_record]
-                atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+                replaced = self._early_record
+                self._rewrite_log(lambda r: r["step"] != replaced)
             with open(self.out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self._early_record = record["step"] if early else None
@@ -551,6 +551,12 @@ class Trainer(TrainerCheckpoints):
             if isinstance(record, dict) and "step" in record:
                 records.append(record)
         return records
+
+    def _rewrite_log(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite log.jsonl, atomically, with the records ``keep`` accepts (and
+        without half-written lines, which read_log skips)."""
+        kept = [r for r in self.read_log() if keep(r)]
+        atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     @torch.no_grad()
     def sample_grid(self, path: str | os.PathLike) -> np.ndarray | None:

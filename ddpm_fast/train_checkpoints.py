@@ -348,8 +348,7 @@ class TrainerCheckpoints:
             raise CheckpointError(f"cannot load checkpoint {path}: trainer.pt: {type(error).__name__}: {reason}") from error
         self._nonfinite_in_row = 0
         if self.rank == 0 and (self.out_dir / "log.jsonl").is_file():  # no run folder yet: no log to cut
-            kept = [r for r in self.read_log() if r["step"] <= self.step]
-            atomic_write(self.out_dir / "log.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            self._rewrite_log(lambda r: r["step"] <= self.step)
 
     def _restore_state(self, state: dict[str, Any]) -> None:
         """Optimizer, schedules, step and RNG state from a checkpoint's trainer.pt."""
