@@ -290,17 +290,24 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: nn.Module, batch_size: int = 50,
-                          device: torch.device | str | None = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                          device: torch.device | str | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) — float64, unbiased (N - 1) — of the
     features ``model(preprocess(batch))`` of N >= 2 uint8 images; accumulated in
-    float64 around the first batch's mean, so memory stays O(D²) for any N."""
+    float64 around the first batch's mean, so memory stays O(D²) for any N.
+
+    ``device=None`` runs the model where its weights are (the CPU for a plain
+    function) and leaves it there; a given device moves the model to it first.
+    """
     images = _check_images(images_uint8_nhwc)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batch_size = int(batch_size)
-    device = None if device is None else as_device(device, "activation_statistics: device")  # None: where they are
-    if isinstance(model, nn.Module):
-        model.to(device)
+    if device is None:
+        device = _weights_device(model)
+    else:
+        device = as_device(device, "activation_statistics: device")
+        if isinstance(model, nn.Module):
+            model.to(device)
     starts = range(0, images.shape[0], batch_size)
     if progress:
         starts = progress_bar(starts, desc="inception", unit="batch")
@@ -320,6 +327,14 @@ def activation_statistics(images_uint8_nhwc: np.ndarray | torch.Tensor, model: n
     n = images.shape[0]
     mean = total / n
     return shift + mean, (outer - n * np.outer(mean, mean)) / (n - 1)
+
+
+def _weights_device(model: object) -> torch.device:
+    """The device of a module's first parameter or buffer; the CPU otherwise."""
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,

@@ -236,8 +236,29 @@ def test_statistics_are_the_sample_mean_and_covariance_at_any_batch_size():
     mu_grey, _ = activation_statistics(grey, mean_colour)
     mu_rgb, _ = activation_statistics(np.repeat(grey, 3, axis=3), mean_colour)
     np.testing.assert_array_equal(mu_grey, mu_rgb)
-    mu_none, _ = activation_statistics(grey, mean_colour, device=None)  # None: no move, as it always was
-    np.testing.assert_array_equal(mu_grey, mu_none)
+    mu_cpu, _ = activation_statistics(grey, mean_colour, device="cpu")  # a plain function: the CPU either way
+    np.testing.assert_array_equal(mu_grey, mu_cpu)
+
+
+class _OnMeta(nn.Module):
+    """Weights on a device this CPU machine can name but not move off: it shows
+    where activation_statistics runs a model by default, without a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(3, device="meta"))
+        self.input_devices: list[torch.device] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input_devices.append(x.device)
+        return torch.arange(x.shape[0] * 2, dtype=torch.float64).reshape(-1, 2) ** 2
+
+
+def test_by_default_the_model_runs_where_its_weights_are_and_is_not_moved():
+    model = _OnMeta()  # a caller's CUDA Inception, say: moving it to the CPU would be a side effect and slow
+    mu, sigma = activation_statistics(images(3, size=6), model, batch_size=2)
+    assert model.weight.device.type == "meta" and {d.type for d in model.input_devices} == {"meta"}
+    assert mu.shape == (2,) and sigma.shape == (2, 2)
 
 
 def test_inception_statistics_have_the_pool3_shape(model):
