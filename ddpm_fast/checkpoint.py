@@ -138,7 +138,10 @@ def write_checkpoint(
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-    except Exception as error:
+    except BaseException as error:
+        if not isinstance(error, Exception):  # a Ctrl-C: no partial folder left, and no error of ours
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         # A full disk reaches here as safetensors' or torch.save's own error (not an
         # OSError; torch's reads "unexpected pos 186688 vs 186580"): said as the
         # checkpoint's, with the free space, and the partial folder's space given back.

@@ -34,6 +34,7 @@ from torch.nn.parameter import is_lazy
 
 from . import diffusion, ops
 from ._checks import as_device, check_bool
+from ._interrupts import sigint_deferred
 from ._progress import progress_bar
 from ._warn import warn
 from .checkpoint import LATEST, CheckpointError, RunInUseError, atomic_write, latest_checkpoint, lock_run_folder
@@ -209,6 +210,11 @@ class Trainer(TrainerCheckpoints):
         self.step = 0
         self._nonfinite_in_row = 0
         self._failed_resume: str | None = None  # why a resume that loaded part of a checkpoint failed
+        self._applying: int | None = None  # the step whose update is being applied (_step)
+        self._running = False  # in train()'s loop
+        # (step, the work due after it that is done): a step whose log record, grid or
+        # checkpoint an interruption cut short; train() called again does the rest first.
+        self._after_step: tuple[int, set[str]] | None = None
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the last step taken (logged)
         self._epoch_order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
         self._staged: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # (step, batch)
@@ -342,6 +348,7 @@ class Trainer(TrainerCheckpoints):
         the device still computes this one.
         """
         check_live_changes(self.config, self._made_with)
+        self._check_whole()
         try:
             return self._step()
         except BaseException:
@@ -358,8 +365,53 @@ class Trainer(TrainerCheckpoints):
             self.net.train()
         # The forward pass updates buffers (BatchNorm's running statistics) before the
         # step is known to be finite: kept, to undo a skipped step's (NaN) update,
-        # which the next EMA update would copy into the EMA model.
+        # which the next EMA update would copy into the EMA model. They and the
+        # generators (dropout's) are put back too when the step stops before its
+        # update (a Ctrl-C, an error): taken again, it is the step it would have been.
         kept = [b.clone() for b in self.model.buffers()]
+        rng = self._rng_state()
+        try:
+            finite, loss_value = self._forward_backward()
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore_forward(kept, rng)
+            raise
+        with sigint_deferred():  # the update and its bookkeeping: all of it or none (_interrupts)
+            self._applying = self.step + 1
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._restore_forward(kept, None)  # the forward's buffers, where it replaced one
+                if self.scaler.is_enabled():
+                    self.scaler.update()  # ends the step unscale_ began (and lowers the scale)
+                self._nonfinite_in_row += 1
+                # Steps are counted from 1 in the log and checkpoints: this is step self.step + 1.
+                if self.rank == 0:  # the ranks share the decision (and the loss): one warning
+                    warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
+                if self._nonfinite_in_row >= self.config.max_nonfinite:
+                    self._applying = None  # nothing applied
+                    raise NonFiniteLossError(
+                        f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step + 1}; stopping. "
+                        f"{self._last_good_checkpoint()}: lower the learning rate or check the data"
+                    )
+                self.step += 1
+                self._advance_lr()
+                loss_value = None
+            else:
+                self.scaler.step(self.optimizer)  # fp16: the scaler skips overflowed steps itself
+                self.scaler.update()
+                self._advance_lr()
+                self._nonfinite_in_row = 0
+                self.step += 1
+                self._ema_update()
+            if self._running:  # (train()'s: its log's losses, and what is due after the step)
+                if loss_value is not None:
+                    self._loss_window.append(loss_value)
+                self._after_step = (self.step, set())
+            self._applying = None
+        return loss_value
+
+    def _forward_backward(self) -> tuple[bool, float]:
+        """The step's loss and gradients, and whether they are finite (read once)."""
         loss = self._loss(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -380,33 +432,31 @@ class Trainer(TrainerCheckpoints):
         self._stage(self.step + 1)
         # The step's one device-to-host read (float64 holds the float32 loss exactly).
         finite_flag, loss_value = summary.tolist()
-        finite = finite_flag == 1.0
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the log's lr)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            for buffer, value in zip(self.model.buffers(), kept):  # the forward's, where it replaced one
-                buffer.copy_(value)
-            if self.scaler.is_enabled():
-                self.scaler.update()  # ends the step unscale_ began (and lowers the scale)
-            self._nonfinite_in_row += 1
-            # Steps are counted from 1 in the log and checkpoints: this is step self.step + 1.
-            if self.rank == 0:  # the ranks share the decision (and the loss): one warning
-                warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
-            if self._nonfinite_in_row >= self.config.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step + 1}; stopping. "
-                    f"{self._last_good_checkpoint()}: lower the learning rate or check the data"
-                )
-            self.step += 1
-            self._advance_lr()
-            return None
-        self.scaler.step(self.optimizer)  # fp16: the scaler skips overflowed steps itself
-        self.scaler.update()
-        self._advance_lr()
-        self._nonfinite_in_row = 0
-        self.step += 1
-        self._ema_update()
-        return loss_value
+        return finite_flag == 1.0, loss_value
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _restore_forward(self, kept: list[torch.Tensor], rng: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+        for buffer, value in zip(self.model.buffers(), kept):
+            buffer.copy_(value)
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], self.device)
+
+    def _check_whole(self) -> None:
+        """Refuse to go on from a step whose update was cut short (not by a Ctrl-C:
+        that waits for the update's end), or from a partly loaded checkpoint."""
+        if self._applying is not None:
+            raise RuntimeError(f"step {self._applying} stopped while its update was applied, so this Trainer's "
+                               "model, optimizer and EMA no longer agree; make a new Trainer (it resumes from "
+                               "the newest checkpoint)")
+        if self._failed_resume is not None:  # its model, EMA, optimizer: part one checkpoint's, part another's or fresh
+            raise CheckpointError(f"this Trainer's state was partly overwritten by a resume that failed "
+                                  f"({self._failed_resume}); make a new Trainer")
 
     # ------------------------------------------------------------- the run
 
@@ -439,13 +489,12 @@ class Trainer(TrainerCheckpoints):
 
     def _train(self, resume: bool, final_samples: bool) -> dict[str, Any]:
         check_live_changes(self.config, self._made_with)
-        if self._failed_resume is not None:  # its model, EMA, optimizer: part one checkpoint's, part another's or fresh
-            raise CheckpointError(f"this Trainer's state was partly overwritten by a resume that failed "
-                                  f"({self._failed_resume}); make a new Trainer")
+        self._check_whole()
         newest = latest_checkpoint(self.out_dir) if resume else None
         if self.world > 1:  # ranks that differ here would train on a mix of states, then deadlock
             self._check_ranks_agree(newest)
         if newest is not None:
+            self._after_step = None  # the checkpoint's state, whose step was finished before it was written
             self._resume(newest)
             check_ranks_agree("the step resumed", self.step, _SHARED_FOLDER)
         elif self.step > 0:
@@ -465,43 +514,56 @@ class Trainer(TrainerCheckpoints):
         # images/s counts training steps only: the time of grids and checkpoints is left out.
         tick, tick_step, aside = time.perf_counter(), self.step, 0.0
         grid_of_last_step = None
+
+        def after_step() -> None:
+            """The step's log record, grid and checkpoint, those that are due and
+            not yet done (done: kept in _after_step, for a call cut short here)."""
+            nonlocal tick, tick_step, aside, grid_of_last_step
+            step, done = self._after_step
+            last = step == cfg.steps
+            # Never checkpoint inside a run of skipped non-finite steps.
+            checkpoint = (step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
+            # A record every log_every steps, and one at the run's last step
+            # (early, unless a multiple), which a longer run replaces.
+            early = step % cfg.log_every != 0
+            if (not early or (last and checkpoint)) and "log" not in done:
+                elapsed = time.perf_counter() - tick - aside
+                rate = (step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
+                record = {
+                    "step": step,
+                    "loss": sum(window) / len(window) if window else float("nan"),
+                    "lr": self._last_lr,
+                    "images_per_s": rate,
+                }
+                self._log(record, early)
+                done.add("log")
+                # (drawn at the next redraw: refresh=True would redraw at every record, also in a log)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                if not early:
+                    window.clear()
+                tick, tick_step, aside = time.perf_counter(), step, 0.0
+            started = time.perf_counter()
+            # Every sample_every steps and at the last step (a run resumed to more steps
+            # then still has every multiple's grid).
+            if cfg.sample_every and (step % cfg.sample_every == 0 or last) and "grid" not in done:
+                grid_of_last_step = self.out_dir / "samples" / f"step-{step:08d}.png"
+                self.sample_grid(grid_of_last_step)  # every rank: a share each
+                done.add("grid")
+            if checkpoint:
+                self.save_checkpoint()
+            aside += time.perf_counter() - started
+            self._after_step = None
+
         try:  # closed on Ctrl-C and errors too: a bar left open redraws itself after the message
+            self._running = True
+            if self._after_step is not None and self._after_step[0] == self.step:
+                after_step()  # the rest of a step that a call cut short
             while self.step < cfg.steps:
-                loss = self.train_step()
-                if loss is not None:
-                    window.append(loss)
-                last = self.step == cfg.steps
-                # Never checkpoint inside a run of skipped non-finite steps.
-                checkpoint = (self.step % cfg.checkpoint_every == 0 or last) and not self._nonfinite_in_row
-                # A record every log_every steps, and one at the run's last step
-                # (early, unless a multiple), which a longer run replaces.
-                early = self.step % cfg.log_every != 0
-                if not early or (last and checkpoint):
-                    elapsed = time.perf_counter() - tick - aside
-                    rate = (self.step - tick_step) * cfg.batch_size / max(elapsed, 1e-9)
-                    record = {
-                        "step": self.step,
-                        "loss": sum(window) / len(window) if window else float("nan"),
-                        "lr": self._last_lr,
-                        "images_per_s": rate,
-                    }
-                    self._log(record, early)
-                    # (drawn at the next redraw: refresh=True would redraw at every record, also in a log)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                    if not early:
-                        window.clear()
-                    tick, tick_step, aside = time.perf_counter(), self.step, 0.0
+                self.train_step()
                 bar.update(1)
-                started = time.perf_counter()
-                # Every sample_every steps and at the last step (a run resumed to more steps
-                # then still has every multiple's grid).
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):  # every rank: a share each
-                    grid_of_last_step = self.out_dir / "samples" / f"step-{self.step:08d}.png"
-                    self.sample_grid(grid_of_last_step)
-                if checkpoint:
-                    self.save_checkpoint()
-                aside += time.perf_counter() - started
+                after_step()
         finally:
+            self._running = False
             bar.close()
         if self._nonfinite_in_row:  # its last steps were skipped: no final checkpoint, no model to show
             raise NonFiniteLossError(

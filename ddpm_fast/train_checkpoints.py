@@ -115,6 +115,10 @@ class TrainerCheckpoints:
                 failure = failure or error
                 damaged.append(path)
                 continue
+            except BaseException as error:  # a Ctrl-C mid-load, say: the state is now part this checkpoint's
+                if self._loaded_part:
+                    self._failed_resume = f"{path.name} was not fully loaded ({type(error).__name__})"
+                raise
             resumed = path
             break
         # Every rank, before any acts on it: a rank that could not read a checkpoint the
@@ -239,6 +243,7 @@ class TrainerCheckpoints:
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0), then a fresh loss plot."""
+        self._check_whole()  # not the state of a step cut short, nor of a part-loaded checkpoint
         path = None
         rank_rng = self._gather_rank_rng() if self.world > 1 else None
         if self.rank == 0:
