@@ -377,7 +377,6 @@ class Trainer(TrainerCheckpoints):
             self._restore_forward(kept, rng)
             raise
         with sigint_deferred():  # the update and its bookkeeping: all of it or none (_interrupts)
-            self._applying = self.step + 1
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._restore_forward(kept, None)  # the forward's buffers, where it replaced one
@@ -388,7 +387,6 @@ class Trainer(TrainerCheckpoints):
                 if self.rank == 0:  # the ranks share the decision (and the loss): one warning
                     warn(f"step {self.step + 1}: non-finite loss or gradient ({loss_value}); update skipped")
                 if self._nonfinite_in_row >= self.config.max_nonfinite:
-                    self._applying = None  # nothing applied
                     raise NonFiniteLossError(
                         f"{self._nonfinite_in_row} non-finite losses in a row at step {self.step + 1}; stopping. "
                         f"{self._last_good_checkpoint()}: lower the learning rate or check the data"
@@ -397,6 +395,7 @@ class Trainer(TrainerCheckpoints):
                 self._advance_lr()
                 loss_value = None
             else:
+                self._applying = self.step + 1  # until the EMA's update: an error between leaves them apart
                 self.scaler.step(self.optimizer)  # fp16: the scaler skips overflowed steps itself
                 self.scaler.update()
                 self._advance_lr()
