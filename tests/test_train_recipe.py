@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ddpm_fast.train
+import ddpm_fast.train_step
 from ddpm_fast.cli import build_parser
 from ddpm_fast.train import TrainConfig
 from train_helpers import make_trainer
@@ -78,13 +78,13 @@ def test_noise_is_drawn_in_kernel(tmp_path, monkeypatch):
     """Each step q-samples through ops.q_sample with no noise tensor: the op
     draws it from the run's seed at the step's counters."""
     calls = []
-    real = ddpm_fast.train.ops.q_sample
+    real = ddpm_fast.train_step.ops.q_sample
 
     def spy(x0, t, schedule, **kwargs):
         calls.append(kwargs)
         return real(x0, t, schedule, **kwargs)
 
-    monkeypatch.setattr(ddpm_fast.train.ops, "q_sample", spy)
+    monkeypatch.setattr(ddpm_fast.train_step.ops, "q_sample", spy)
     trainer = make_trainer(tmp_path, steps=2, seed=11)
     trainer.train_step()
     trainer.train_step()
@@ -139,14 +139,14 @@ def test_each_sample_of_each_step_gets_its_own_noise(tmp_path, monkeypatch):
     of step 1 reuses the noise of a sample of step 0 (offsets one sample apart
     would shift step 0's noise into step 1's)."""
     noises = []
-    real = ddpm_fast.train.ops.q_sample
+    real = ddpm_fast.train_step.ops.q_sample
 
     def spy(*args, **kwargs):
         x_t, eps = real(*args, **kwargs)
         noises.append(eps.detach().flatten(1).clone())
         return x_t, eps
 
-    monkeypatch.setattr(ddpm_fast.train.ops, "q_sample", spy)
+    monkeypatch.setattr(ddpm_fast.train_step.ops, "q_sample", spy)
     trainer = make_trainer(tmp_path, steps=2)
     trainer.train_step()
     trainer.train_step()
