@@ -294,13 +294,22 @@ class TrainerCheckpoints:
         Under DDP each rank draws its dropout from its own process's generators,
         which rank 0 cannot read: its state of another rank's GPU is one it never
         drew from, and ranks seeded apart differ on the CPU too."""
-        mine = {
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, self._own_rng_state())
+        return gathered
+
+    def _own_rng_state(self) -> dict[str, torch.Tensor | None]:
+        """This process's generator states that dropout draws from: the CPU's, its GPU's."""
+        return {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, mine)
-        return gathered
+
+    def _set_own_rng_state(self, own: dict[str, torch.Tensor | None]) -> None:
+        """Put back states that _own_rng_state gave."""
+        torch.set_rng_state(own["torch_rng"])
+        if own["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"], self.device)
 
     def _restore_fused(self) -> None:
         """A loaded optimizer state brings its own ``fused`` flag: checkpoints
@@ -373,10 +382,7 @@ class TrainerCheckpoints:
                 torch.cuda.set_rng_state(rng, index)
         rank_rng = state.get("rank_rng")
         if rank_rng is not None and len(rank_rng) == self.world:  # under DDP, by the same number of ranks
-            own = rank_rng[self.rank]
-            torch.set_rng_state(own["torch_rng"])
-            if own["cuda_rng"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(own["cuda_rng"], self.device)
+            self._set_own_rng_state(rank_rng[self.rank])
         elif self.world > 1:
             # Written by another number of ranks (one process, say): every rank
             # would go on from the same state and draw the same dropout masks.

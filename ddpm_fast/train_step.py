@@ -174,7 +174,7 @@ class TrainerSteps:
         # generators (dropout's) are put back too when the step stops before its
         # update (a Ctrl-C, an error): taken again, it is the step it would have been.
         kept = [b.clone() for b in self.model.buffers()]
-        rng = self._rng_state()
+        rng = self._own_rng_state()  # (TrainerCheckpoints)
         try:
             finite, loss_value = self._forward_backward()
         except BaseException:
@@ -239,17 +239,11 @@ class TrainerSteps:
         self._last_lr = self.optimizer.param_groups[0]["lr"]  # what this step uses (the log's lr)
         return finite_flag == 1.0, loss_value
 
-    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return torch.get_rng_state(), cuda
-
-    def _restore_forward(self, kept: list[torch.Tensor], rng: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+    def _restore_forward(self, kept: list[torch.Tensor], rng: dict[str, torch.Tensor | None] | None) -> None:
         for buffer, value in zip(self.model.buffers(), kept):
             buffer.copy_(value)
         if rng is not None:
-            torch.set_rng_state(rng[0])
-            if rng[1] is not None:
-                torch.cuda.set_rng_state(rng[1], self.device)
+            self._set_own_rng_state(rng)  # (TrainerCheckpoints)
 
     def _check_whole(self) -> None:
         """Refuse to go on from a step whose update was cut short (not by a Ctrl-C:
