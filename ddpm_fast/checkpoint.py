@@ -138,10 +138,7 @@ def write_checkpoint(
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-    except BaseException as error:
-        if not isinstance(error, Exception):  # a Ctrl-C: no partial folder left, and no error of ours
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    except Exception as error:
         # A full disk reaches here as safetensors' or torch.save's own error (not an
         # OSError; torch's reads "unexpected pos 186688 vs 186580"): said as the
         # checkpoint's, with the free space, and the partial folder's space given back.
@@ -150,6 +147,9 @@ def write_checkpoint(
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"cannot write checkpoint {final} ({name}): {reason} "
                               f"[{free / 2**20:.1f} MiB free on its disk]") from error
+    except BaseException:  # a Ctrl-C: no partial folder left, and no error of ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a resumed run writing the same step again: swap it out first
         old = run_dir / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
         os.replace(final, old)
