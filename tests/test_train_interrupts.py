@@ -97,8 +97,7 @@ def test_a_step_stopped_before_its_update_is_taken_again_as_it_would_have_been(t
     def run(folder, interrupt_at):
         torch.manual_seed(0)
         model = BatchNormed()
-        trainer = make_trainer(folder, **RUN)
-        trainer = type(trainer)(model, trainer.dataset, trainer.schedule, trainer.config, folder, progress=False)
+        trainer = make_trainer(folder, model=model, **RUN)
         model.interrupt_at = interrupt_at
         if interrupt_at is not None:
             with pytest.raises(KeyboardInterrupt):

@@ -50,12 +50,13 @@ def save_toy_npz(path) -> None:
 
 
 def make_trainer(out_dir, steps: int = 6, device: str = "cpu", dropout: float = 0.0, images: int = 64,
-                 extra_config: dict | None = None, **overrides) -> Trainer:
+                 extra_config: dict | None = None, model: nn.Module | None = None, **overrides) -> Trainer:
+    """A Trainer of ``model`` (default: a TinyEps with ``dropout``) on toy data."""
     torch.manual_seed(0)
     values = dict(steps=steps, batch_size=8, lr=1e-3, warmup=2, log_every=1, checkpoint_every=2, seed=3, flip=True,
                   ema_decay=0.9)
     values.update(overrides)
-    return Trainer(TinyEps(dropout=dropout), toy_dataset(n=images), NoiseSchedule("linear", timesteps=100),
+    return Trainer(model if model is not None else TinyEps(dropout=dropout), toy_dataset(n=images), NoiseSchedule("linear", timesteps=100),
                    TrainConfig(**values), out_dir, device=device, progress=False, extra_config=extra_config)
 
 
