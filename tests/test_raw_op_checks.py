@@ -174,3 +174,43 @@ def test_a_checked_triton_step_still_traces_with_fake_tensors(mode):
     graph = make_fx(call, tracing_mode=mode)(X, torch.randn_like(X), T2, TABLE, torch.empty_like(X))
     x, eps = torch.randn_like(X), torch.randn_like(X)
     torch.testing.assert_close(graph(x, eps, T2, TABLE, torch.empty_like(x)), call(x, eps, T2, TABLE, torch.empty_like(x)))
+
+
+@requires_extension
+@pytest.mark.parametrize("name", ["ddpm_step_", "fill_randn_"])
+def test_the_cpp_in_place_ops_meet_autograd_as_atens_do(name):
+    """They wrote below autograd's sight: a tensor saved for a backward, then
+    overwritten, gave a silently wrong gradient (no version bump), and an
+    argument requiring grad was written with no trace in the graph (a non-leaf
+    out back-propagated as if the step were the identity)."""
+    op = getattr(torch.ops.ddpm_fast, name)
+
+    def call(out, **args):
+        op(*(ddpm_step(out=out, **args) if name == "ddpm_step_" else randn(out=out))[1])
+
+    w = torch.ones(1, requires_grad=True)
+    saved = torch.ones_like(X)
+    product = (saved * w).sum()  # saves `saved`
+    call(saved)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
+    with torch.inference_mode():  # a normal tensor's counter moves there too, as for ATen's ops
+        version = saved._version
+        call(saved)
+    assert saved._version > version
+    leaf = torch.zeros_like(X, requires_grad=True)
+    for out in (leaf, leaf * 1):
+        with pytest.raises(RuntimeError, match=f"ddpm_fast::{name}: out requires grad, but this op records no gradient"):
+            call(out)
+    assert leaf.abs().sum() == 0  # refused before writing
+    with torch.no_grad():  # allowed there, as for ATen's in-place ops
+        call(leaf)
+    assert leaf.abs().sum() > 0
+    if name == "ddpm_step_":
+        with pytest.raises(RuntimeError, match="ddpm_step_: eps requires grad"):
+            call(torch.empty_like(X), eps=torch.randn_like(X, requires_grad=True))
+        with torch.inference_mode():
+            frozen = torch.zeros_like(X)
+        with pytest.raises(RuntimeError, match="out is an inference tensor, which cannot be written outside"):
+            call(frozen)
+        assert frozen.abs().sum() == 0

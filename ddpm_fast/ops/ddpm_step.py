@@ -236,14 +236,7 @@ def ddpm_step(
             op, device = torch.ops.ddpm_fast.ddpm_step_, contextlib.nullcontext()  # the C++ op guards its device
         with device:
             op(x, e, t, table, z, seed, offset, sample_stride, step_stride, clip_denoised, out, out_model_input)
-    if which != "triton" and not torch.compiler.is_compiling():
-        # The C++ op writes through data pointers: bump the version counters as
-        # an ATen in-place op would (the Triton custom op does so itself), so
-        # autograd detects a tensor it saved being overwritten.
-        for buf in written:
-            if not buf.is_inference():
-                torch.autograd.graph.increment_version(buf)
-    return out
+    return out  # (both ops bump the version counters of what they write, as ATen's in-place ops)
 
 
 if _extension.AVAILABLE:
