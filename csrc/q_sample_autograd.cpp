@@ -58,7 +58,11 @@ at::Tensor scaled(const at::Tensor& table, const at::Tensor& t, const at::Tensor
 
 void save(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& t, const at::Tensor& sqrt_ab,
           const at::Tensor& sqrt_1m_ab) {
-  ctx->save_for_backward({t, sqrt_ab, sqrt_1m_ab});
+  // An inference tensor (timesteps drawn under torch.inference_mode, say) cannot
+  // be saved for a backward, where the reference backend, which saves the rows
+  // it indexed, took it: a copy of it (N timesteps, or a table of T) can be.
+  const auto savable = [](const at::Tensor& tensor) { return tensor.is_inference() ? tensor.clone() : tensor; };
+  ctx->save_for_backward({savable(t), savable(sqrt_ab), savable(sqrt_1m_ab)});
   ctx->saved_data["dtype"] = static_cast<int64_t>(x0.scalar_type());
 }
 
