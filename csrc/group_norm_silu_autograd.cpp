@@ -115,8 +115,12 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
                                const OptTensor& add, int64_t groups, double eps, bool act) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = forward_op(x, w, b, add, groups, eps, act);
-    ctx->save_for_backward(
-        {x, w.value_or(at::Tensor()), b.value_or(at::Tensor()), add.value_or(at::Tensor()), mean, rstd});
+    // A copy of an inference tensor (x, or the time embedding's add, made under
+    // torch.inference_mode), which cannot be saved for a backward itself, where
+    // the reference backend, whose ops save what they computed from it, took it.
+    const auto savable = [](const at::Tensor& t) { return t.defined() && t.is_inference() ? t.clone() : t; };
+    ctx->save_for_backward({savable(x), savable(w.value_or(at::Tensor())), savable(b.value_or(at::Tensor())),
+                            savable(add.value_or(at::Tensor())), mean, rstd});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;

@@ -243,24 +243,6 @@ def test_int_timestep_after_inference_mode_still_differentiable(device, backend)
 
 
 
-@pytest.mark.parametrize("device,backend", backend_params())
-@pytest.mark.parametrize("drawn", [True, False])
-def test_timesteps_made_under_inference_mode_still_differentiable(device, backend, drawn):
-    """The kernel backends' autograd saved t itself, which an inference tensor
-    cannot be ("Inference tensors cannot be saved for backward"), where the
-    reference backend took it."""
-    with torch.inference_mode():
-        t = torch.tensor([4, 900], device=device)
-    x = make_input((2, 3, 4, 4), torch.float32, "contiguous", device).requires_grad_()
-    noise = None if drawn else torch.randn(x.shape, device=device, requires_grad=True)
-    xt, _ = ops.q_sample(x, t, SCHEDULE, noise=noise, seed=1 if drawn else None, backend=backend)
-    xt.sum().backward()
-    rows = t.clone()
-    torch.testing.assert_close(x.grad, SCHEDULE.table("sqrt_alphas_cumprod", device)[rows].reshape(-1, 1, 1, 1).expand_as(x))
-    if not drawn:
-        b = SCHEDULE.table("sqrt_one_minus_alphas_cumprod", device)[rows].reshape(-1, 1, 1, 1).expand_as(x)
-        torch.testing.assert_close(noise.grad, b)
-
 def _op_args(device="cpu"):
     x = torch.randn(3, 2, 5, 5, device=device)
     t = torch.tensor([0, 4, 999], device=device)

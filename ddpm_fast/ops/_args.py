@@ -253,3 +253,11 @@ def match_layout(x: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None 
     if like.is_contiguous():
         return x.contiguous()
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def savable(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors as a Triton op's autograd saves them: an inference tensor
+    (made under torch.inference_mode: timesteps, a time embedding's add) cannot
+    be saved for a backward, where the reference backend, whose ops save what
+    they computed from it, took it; a copy of it can (as csrc/*_autograd.cpp do)."""
+    return [t.clone() if t is not None and t.is_inference() else t for t in tensors]

@@ -147,7 +147,7 @@ def group_norm_silu(
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, add, num_groups, eps, act = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, add, mean, rstd)
+    ctx.save_for_backward(*_args.savable(x, weight, bias, add), mean, rstd)
     ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
 
 

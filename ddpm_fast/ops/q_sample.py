@@ -96,8 +96,7 @@ def _coefficients(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> t
 
 def _setup_context(ctx, inputs, output) -> None:
     x0 = inputs[0]
-    # a copy of an inference tensor (timesteps drawn under inference_mode): it cannot be saved itself
-    ctx.save_for_backward(*(v.clone() if v.is_inference() else v for v in inputs[1:4]))
+    ctx.save_for_backward(*_args.savable(*inputs[1:4]))  # t and the tables
     ctx.x0_dtype = x0.dtype
     if isinstance(output, tuple):  # (x_t, drawn eps): eps depends on no input
         ctx.mark_non_differentiable(output[1])
