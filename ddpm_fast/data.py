@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_dense
 from ._memory import MemoryLimitError, check_fits_in_memory, npy_header, npz_member_header, open_npz
 from ._progress import progress_bar
 from ._warn import warn
@@ -68,6 +69,12 @@ class ImageDataset(torch.utils.data.Dataset):
             # Copied where torch cannot share it: read-only (torch warns) or with negative strides (flipped).
             shareable = images.flags.writeable and all(stride >= 0 for stride in images.strides)
             images = torch.from_numpy(images if shareable else images.copy())
+        if isinstance(images, torch.Tensor):
+            # torch's own words came later: "unsupported memory format option Contiguous" (sparse), or,
+            # from the Trainer and evaluate_bpd, "Cannot copy out of meta tensor; no data!"
+            check_dense(images, "ImageDataset", "images")
+            if images.is_meta:
+                raise ValueError("images must hold data: got a tensor on the meta device, which holds none")
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, (torch.Tensor, np.ndarray))
                    else f"a {type(images).__name__}")
@@ -88,11 +95,23 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise ValueError(f"labels must be {n} integers (shape ({n},)), "
                                  f"got {labels.dtype} {tuple(labels.shape)}")
             labels = labels.long()
-        self.images = images.contiguous()
+        self._images = images.contiguous()
         self.labels = labels
         self.name = name
         self.channels = c
         self.image_size = h
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The uint8 N x C x H x W images, as checked when the dataset was made."""
+        return self._images
+
+    @images.setter
+    def images(self, value: object) -> None:
+        # The Trainer and evaluate_bpd read the tensor as the uint8 images checked above:
+        # float images put here were read as 0..255 levels, silently (near-black data).
+        raise AttributeError("an ImageDataset's images cannot be replaced: make a new ImageDataset(images) "
+                             "(changing their values in place is fine)")
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -16,7 +16,9 @@ from typing import Callable, Literal
 
 import torch
 
-from ._checks import WIDENED_TIMESTEP_DTYPES, check_bool, check_dense, host_readable, is_traced, outside_transforms
+from ._checks import (
+    WIDENED_TIMESTEP_DTYPES, check_bool, check_dense, host_readable, is_traced, outside_transforms, type_name,
+)
 from ._progress import progress_bar
 from .schedules import NoiseSchedule
 
@@ -391,6 +393,8 @@ def bits_per_dim(
     check_bool(progress, "progress")
     if generator is not None and noise_fn is not None:
         raise ValueError("bits_per_dim: give generator or noise_fn, not both")
+    if not isinstance(x0, torch.Tensor):  # a numpy array failed on a missing .dim()
+        raise TypeError(f"bits_per_dim: x0 must be a torch.Tensor of data in [-1, 1], got a {type_name(x0)}")
     if x0.dim() < 2 or x0.shape[0] == 0:
         raise ValueError(f"x0 must be a non-empty batch (N, ...), got shape {tuple(x0.shape)}")
     if not x0.is_floating_point():

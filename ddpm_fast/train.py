@@ -105,6 +105,11 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
                              "on a batch, model(x, t), before training it")
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"dataset must be a ddpm_fast.data.ImageDataset, got {type(dataset).__name__}")
+        overrides = [m for m in ("__getitem__", "batch") if getattr(type(dataset), m) is not getattr(ImageDataset, m)]
+        if overrides:  # (a subclass's augmentation, say, was dropped without a word)
+            raise TypeError(f"{type(dataset).__name__} overrides ImageDataset.{overrides[0]}, which the Trainer does "
+                            "not call: it reads the uint8 dataset.images itself (kept on the device), flipping them "
+                            "with TrainConfig.flip. Train on ImageDataset(images) of the images you want")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if config is not None and not isinstance(config, TrainConfig):

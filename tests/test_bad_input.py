@@ -31,6 +31,7 @@ import torch
 
 from conftest import TOLERANCES, device_backends
 from ddpm_fast import NoiseSchedule, Sampler, diffusion, ops
+from ddpm_fast.data import ImageDataset
 from ddpm_fast.evaluate import evaluate_bpd
 from ddpm_fast.nn import GroupNormSiLU, fuse_group_norm_silu
 from train_helpers import TinyEps, toy_dataset
@@ -152,6 +153,13 @@ def trainer(model: Callable[[], object] | None = None, dataset: Callable[[], obj
                 run.train(**train)
 
     return call
+
+
+class AugmentedImages(ImageDataset):
+    """A dataset whose batch() augments (flips rows): the Trainer reads images itself."""
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        return super().batch(indices).flip(-2)
 
 
 class TupleEps(TinyEps):
@@ -593,7 +601,13 @@ CASES = [
     Case("diffusion-bits_per_dim-int", once(lambda: diffusion.bits_per_dim(never_called, torch.ones(2, 3, dtype=torch.uint8), S)), TypeError, "x0 must be a floating tensor", per_backend=False),
     Case("diffusion-bits_per_dim-x0-range", once(lambda: diffusion.bits_per_dim(never_called, torch.tensor([[0.0, 255.0]]), S)), ValueError, r"x0 must be data in \[-1, 1\] .*got values in \[0.0, 255.0\]", per_backend=False),
     Case("diffusion-bits_per_dim-model-tuple", once(lambda: diffusion.bits_per_dim(lambda x, t: (x,), x4(2, 3).clamp(-1, 1), S)), TypeError, r"model output must be a torch.Tensor of x_t's shape \(2, 3\), got a tuple", per_backend=False),
+    Case("diffusion-bits_per_dim-numpy", once(lambda: diffusion.bits_per_dim(never_called, np.zeros((2, 1, 4, 4), np.float32), S)), TypeError, r"bits_per_dim: x0 must be a torch.Tensor of data in \[-1, 1\], got a numpy.ndarray", per_backend=False),
+    # datasets
+    Case("ImageDataset-sparse", once(lambda: ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8).to_sparse())), TypeError, r"ImageDataset: images must be a dense \(strided\) tensor, got a sparse_coo tensor", per_backend=False),
+    Case("ImageDataset-meta", once(lambda: ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8, device="meta"))), ValueError, "images must hold data: got a tensor on the meta device", per_backend=False),
+    Case("ImageDataset-images-replaced", once(lambda: setattr(toy(4)(), "images", torch.zeros(4, 1, 8, 8))), AttributeError, r"an ImageDataset's images cannot be replaced: make a new ImageDataset\(images\)", per_backend=False),
     # the Trainer
+    Case("Trainer-dataset-overrides-batch", trainer(dataset=lambda: AugmentedImages(toy(16)().images)), TypeError, "AugmentedImages overrides ImageDataset.batch, which the Trainer does not call", per_backend=False),
     Case("Trainer-model-function", trainer(model=lambda: (lambda x, t: x)), TypeError, "model must be an nn.Module, got function", per_backend=False),
     Case("Trainer-dataset-tensor", trainer(dataset=lambda: torch.zeros(16, 1, 8, 8)), TypeError, "dataset must be a ddpm_fast.data.ImageDataset, got Tensor", per_backend=False),
     Case("Trainer-schedule-name", trainer(schedule="linear"), TypeError, "schedule must be a NoiseSchedule, got str", per_backend=False),
