@@ -1,4 +1,5 @@
-"""Holding a Ctrl-C back while a few steps that belong together run.
+"""Holding a Ctrl-C back while a few steps that belong together run, or
+while torch could lose its state to one.
 
 A training step's update (optimizer, scaler, learning rate, step count, EMA)
 is all applied or none of it: a KeyboardInterrupt in between (Python raises it
@@ -13,6 +14,8 @@ import contextlib
 import signal
 import threading
 from typing import Iterator
+
+import torch
 
 
 @contextlib.contextmanager
@@ -36,3 +39,15 @@ def sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, handler)
     if held:
         handler(signal.SIGINT, held[0])
+
+
+@contextlib.contextmanager
+def default_device(device: str) -> Iterator[None]:
+    """``with torch.device(device)``, SIGINT held over it (see sigint_deferred):
+    a Ctrl-C that landed while torch pushed or popped the device mode lost it
+    ("trying to pop from empty mode stack"), leaving a notebook's later tensors
+    on that device (meta, say); and one in safetensors' loading came out as a
+    ValueError, which called an intact checkpoint unreadable (and the Trainer's
+    resume set it aside as damaged)."""
+    with sigint_deferred(), torch.device(device):
+        yield

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ._checks import check_bool, is_int
+from ._interrupts import default_device
 from .checkpoint import CheckpointError
 from .data import ImageDataset, load_digits
 from .images import GRID_SAMPLES, save_grid, save_npz, to_uint8
@@ -76,7 +77,7 @@ def _tiny_unet(dataset: ImageDataset) -> UNet:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.device("cpu"):
+        with default_device("cpu"):
             return UNet.tiny(image_size=dataset.image_size, in_channels=dataset.channels)
     finally:
         torch.set_default_dtype(default)

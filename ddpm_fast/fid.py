@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import as_device, is_int
+from ._interrupts import default_device
 from ._memory import MemoryLimitError, check_fits_in_memory, check_unpacked_fits, npz_member_header, open_npz
 from ._progress import progress_bar
 from ._warn import warn
@@ -179,7 +180,7 @@ class InceptionV3FID(nn.Module):
 def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
     """Every key of the weights file and its shape: the one place the expected
     layout is stated (derived from ``InceptionV3FID``, built on the meta device)."""
-    with torch.device("meta"):
+    with default_device("meta"):
         model = InceptionV3FID()
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
@@ -253,7 +254,7 @@ def load_inception(weights_path: str | os.PathLike | None = None, device: torch.
                       f"{(str(error).strip().splitlines() or [''])[0]})")
         raise ValueError(f"cannot read {path} as a PyTorch state_dict: {reason}") from error
     state = check_state_dict(state, str(path))
-    with torch.device("meta"):
+    with default_device("meta"):
         model = InceptionV3FID()
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False).to(device)

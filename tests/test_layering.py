@@ -14,10 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Layer of each module (dotted, under ddpm_fast; kernels is installed as
 # ddpm_fast.kernels), by its first matching prefix. Shared leaves (argument
-# checks, progress bars, warnings, the extension's loader, the memory probe, atomic file
-# writes) sit below all.
+# checks, progress bars, warnings, the extension's loader, the memory probe, Ctrl-C
+# holding, atomic file writes) sit below all.
 LAYERS = [
-    ("_checks", 0), ("_progress", 0), ("_extension", 0), ("_warn", 0), ("_memory", 0),
+    ("_checks", 0), ("_progress", 0), ("_extension", 0), ("_warn", 0), ("_memory", 0), ("_interrupts", 0),
     ("checkpoint", 0),
     ("schedules", 1), ("diffusion", 2), ("kernels", 3), ("ops", 4), ("nn", 5), ("models", 6),
     ("cli", 8), ("__main__", 8),

@@ -22,6 +22,7 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from .._interrupts import default_device
 from ..checkpoint import atomic_write
 
 M = TypeVar("M", bound=nn.Module)
@@ -69,7 +70,7 @@ def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        with torch.device("cpu"):  # safetensors 0.4.0 made them on a default device of torch.device("meta")
+        with default_device("cpu"):  # safetensors 0.4.0 made them on a default device of torch.device("meta")
             tensors = _safetensors().load_file(str(path), device="cpu")
     except Exception as error:
         raise ValueError(f"{path} is not a readable safetensors file ({type(error).__name__}: {error})") from error
@@ -81,7 +82,7 @@ def float32_on_cpu(make: Callable[[], M]) -> M:
     """The module ``make()`` builds, as float32 on the CPU whatever torch's default
     dtype and device: a model for weights to be loaded into (under a float64 or
     meta default it came out float64, or on meta)."""
-    with torch.device("cpu"):
+    with default_device("cpu"):
         return make().float()
 
 
@@ -116,7 +117,7 @@ def meta_build(make: Callable[[], M], tensors: int, source: str) -> M:
 
     hooks = [register_module_parameter_registration_hook(count), register_module_buffer_registration_hook(count)]
     try:
-        with torch.device("meta"):
+        with default_device("meta"):
             return make()
     finally:
         for hook in hooks:

@@ -1,0 +1,46 @@
+"""A Ctrl-C while weights load, or while a model is built on a default device:
+it reaches the caller as a KeyboardInterrupt once the load or build ends, with
+torch's default device as it was (ddpm_fast/_interrupts.py's default_device)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from ddpm_fast._interrupts import default_device
+from ddpm_fast.models import UNet
+from ddpm_fast.models.serialization import load_safetensors
+
+
+def test_a_ctrl_c_while_safetensors_builds_a_tensor_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """It came out of torch.asarray's C++ as a ValueError, which load_safetensors
+    reported as "not a readable safetensors file": `ddpm-fast sample` called an
+    intact checkpoint damaged (exit 2) instead of stopping (exit 130)."""
+    UNet.tiny(image_size=8, in_channels=1).save_pretrained(tmp_path)
+    getitem = torch.UntypedStorage.__getitem__
+    calls = []
+
+    def ctrl_c_inside(self, index, *args):
+        if index == 0:  # as torch.asarray's C++ reads an element to find the shape
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGINT)
+        return getitem(self, index, *args)
+
+    monkeypatch.setattr(torch.UntypedStorage, "__getitem__", ctrl_c_inside)
+    with pytest.raises(KeyboardInterrupt):
+        load_safetensors(next(tmp_path.glob("*.safetensors")))
+    assert len(calls) >= 3, "safetensors no longer builds tensors with torch.asarray here: move the SIGINT"
+
+
+def test_a_ctrl_c_inside_default_device_lands_after_it_with_the_device_put_back():
+    """One that landed while torch pushed or popped the device mode lost it
+    ("trying to pop from empty mode stack"), leaving later tensors on meta."""
+    with pytest.raises(KeyboardInterrupt):
+        with default_device("meta"):
+            signal.raise_signal(signal.SIGINT)
+            built = torch.zeros(2)  # still runs: the Ctrl-C waits for the block's end
+    assert built.device.type == "meta"
+    assert torch.zeros(1).device.type == "cpu"
