@@ -296,3 +296,25 @@ def tiny_run(tmp_path_factory, toy_npz):
     ])
     assert code == 0
     return out
+
+
+@pytest.fixture
+def sigint_inside_safetensors_read(monkeypatch):
+    """Sends this process a SIGINT from inside safetensors' read of a tensor, on
+    the third one (torch.asarray's C++ reads element 0 of the storage to find
+    its shape: where torch turned a KeyboardInterrupt into a ValueError). The
+    calls so far, for the test to check that the read still goes this way."""
+    import signal
+
+    getitem = torch.UntypedStorage.__getitem__
+    calls = []
+
+    def ctrl_c_inside(self, index, *args):
+        if index == 0:
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGINT)
+        return getitem(self, index, *args)
+
+    monkeypatch.setattr(torch.UntypedStorage, "__getitem__", ctrl_c_inside)
+    return calls

@@ -242,7 +242,6 @@ def test_int_timestep_after_inference_mode_still_differentiable(device, backend)
     torch.testing.assert_close(x_later, x_ref, atol=0, rtol=0)
 
 
-
 def _op_args(device="cpu"):
     x = torch.randn(3, 2, 5, 5, device=device)
     t = torch.tensor([0, 4, 999], device=device)
