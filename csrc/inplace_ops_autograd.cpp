@@ -38,8 +38,8 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
     const at::Tensor& tensor = value.toTensor();
     const std::string& name = schema.arguments()[i].name();
     TORCH_CHECK(!(at::GradMode::is_enabled() && tensor.requires_grad()), schema.name(), ": ", name,
-                " requires grad, but this op records no gradient: call it under torch.no_grad(), or use "
-                "ddpm_fast.ops, whose reference backend records one");
+                " requires grad, but this op records no gradient: call it under torch.no_grad() (to "
+                "differentiate a step, use ddpm_fast.ops.ddpm_step with backend=\"reference\")");
     TORCH_CHECK(!(written(schema, i) && tensor.is_inference()), schema.name(), ": ", name,
                 " is an inference tensor, which cannot be written outside torch.inference_mode()");
   }
