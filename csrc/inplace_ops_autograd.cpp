@@ -28,7 +28,9 @@ bool written(const c10::FunctionSchema& schema, size_t i) {
 }
 
 // Refuses an argument that requires grad (grad mode on), or an inference
-// tensor to write, before anything is written.
+// tensor to write, before anything is written. (A call of inference tensors
+// only has no autograd key to come here by: it writes, as inside
+// inference_mode, harmlessly: no backward can have saved one.)
 void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const c10::FunctionSchema& schema = op.schema();
   const size_t count = schema.arguments().size(), first = stack->size() - count;
@@ -38,8 +40,10 @@ void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
     const at::Tensor& tensor = value.toTensor();
     const std::string& name = schema.arguments()[i].name();
     TORCH_CHECK(!(at::GradMode::is_enabled() && tensor.requires_grad()), schema.name(), ": ", name,
-                " requires grad, but this op records no gradient: call it under torch.no_grad() (to "
-                "differentiate a step, use ddpm_fast.ops.ddpm_step with backend=\"reference\")");
+                " requires grad, but this op records no gradient: call it under torch.no_grad()",
+                schema.name() == "ddpm_fast::ddpm_step_"
+                    ? " (to differentiate a step, use ddpm_fast.ops.ddpm_step with backend=\"reference\")"
+                    : "");
     TORCH_CHECK(!(written(schema, i) && tensor.is_inference()), schema.name(), ": ", name,
                 " is an inference tensor, which cannot be written outside torch.inference_mode()");
   }

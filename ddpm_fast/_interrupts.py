@@ -22,7 +22,8 @@ import torch
 def sigint_deferred() -> Iterator[None]:
     """Run the block with SIGINT held: a Ctrl-C during it reaches the handler
     that was in place (Python's KeyboardInterrupt, or the command line's) when
-    the block ends. Only in the main thread, where Python runs signal handlers,
+    the block ends, even by an error (which one held through a failing read
+    would otherwise hide: a resume went on from an older checkpoint). Only in the main thread, where Python runs signal handlers,
     and over a Python-level handler; otherwise the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -35,10 +36,10 @@ def sigint_deferred() -> Iterator[None]:
     signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     try:
         yield
-    finally:
+    finally:  # held or not, the block's error or not: a Ctrl-C is the user's last word
         signal.signal(signal.SIGINT, handler)
-    if held:
-        handler(signal.SIGINT, held[0])
+        if held:
+            handler(signal.SIGINT, held[0])
 
 
 @contextlib.contextmanager

@@ -54,6 +54,36 @@ class ImageSizeError(ValueError):
         super().__init__(f"{problem}: pass image_size (--image-size) to resize and center-crop them")
 
 
+def _checked_images(images: object, name: str) -> torch.Tensor:
+    """``images`` as an ImageDataset keeps them: uint8 N x C x H x W (C 1 or 3, square),
+    contiguous; a uint8 numpy array shared where torch can share it."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        # Copied where torch cannot share it: read-only (torch warns) or with negative strides (flipped).
+        shareable = images.flags.writeable and all(stride >= 0 for stride in images.strides)
+        images = torch.from_numpy(images if shareable else images.copy())
+    if isinstance(images, torch.Tensor):
+        # torch's own words came later: "unsupported memory format option Contiguous" (sparse), or,
+        # from the Trainer and evaluate_bpd, "Cannot copy out of meta tensor; no data!"
+        check_dense(images, "ImageDataset", "images")
+        if images.is_meta:
+            raise ValueError("images must hold data: got a tensor on the meta device, which holds none")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, (torch.Tensor, np.ndarray))
+               else f"a {type(images).__name__}")
+        raise ValueError(f"images must be a uint8 N x C x H x W tensor or numpy array, got {got}")
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError(f"dataset {name!r} holds no images")
+    if c not in (1, 3):
+        hint = " (channels last, N x H x W x C? then permute(0, 3, 1, 2) them)" if w in (1, 3) else ""
+        raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)}){hint}")
+    if h != w:
+        raise ImageSizeError(f"images must be square, got {h}x{w}")
+    if h == 0:
+        raise ValueError(f"dataset {name!r} holds images of 0 pixels (shape {tuple(images.shape)})")
+    return images.contiguous()
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Square uint8 images N x C x H x W (C 1 or 3), read as float in [-1, 1].
 
@@ -65,53 +95,38 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: torch.Tensor | np.ndarray, *, name: str = "images",
                  labels: torch.Tensor | np.ndarray | Sequence[int] | None = None) -> None:
-        if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-            # Copied where torch cannot share it: read-only (torch warns) or with negative strides (flipped).
-            shareable = images.flags.writeable and all(stride >= 0 for stride in images.strides)
-            images = torch.from_numpy(images if shareable else images.copy())
-        if isinstance(images, torch.Tensor):
-            # torch's own words came later: "unsupported memory format option Contiguous" (sparse), or,
-            # from the Trainer and evaluate_bpd, "Cannot copy out of meta tensor; no data!"
-            check_dense(images, "ImageDataset", "images")
-            if images.is_meta:
-                raise ValueError("images must hold data: got a tensor on the meta device, which holds none")
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, (torch.Tensor, np.ndarray))
-                   else f"a {type(images).__name__}")
-            raise ValueError(f"images must be a uint8 N x C x H x W tensor or numpy array, got {got}")
-        n, c, h, w = images.shape
-        if n == 0:
-            raise ValueError(f"dataset {name!r} holds no images")
-        if c not in (1, 3):
-            hint = " (channels last, N x H x W x C? then permute(0, 3, 1, 2) them)" if w in (1, 3) else ""
-            raise ValueError(f"images must have 1 or 3 channels, got {c} (shape {tuple(images.shape)}){hint}")
-        if h != w:
-            raise ImageSizeError(f"images must be square, got {h}x{w}")
-        if h == 0:
-            raise ValueError(f"dataset {name!r} holds images of 0 pixels (shape {tuple(images.shape)})")
+        self.name = name
+        self.labels = None
+        self.images = images  # checked (the setter)
         if labels is not None:
+            n = len(self)
             labels = torch.as_tensor(labels)
             if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
                 raise ValueError(f"labels must be {n} integers (shape ({n},)), "
                                  f"got {labels.dtype} {tuple(labels.shape)}")
-            labels = labels.long()
-        self._images = images.contiguous()
-        self.labels = labels
-        self.name = name
-        self.channels = c
-        self.image_size = h
+            self.labels = labels.long()
 
     @property
     def images(self) -> torch.Tensor:
-        """The uint8 N x C x H x W images, as checked when the dataset was made."""
+        """The uint8 N x C x H x W images."""
         return self._images
 
     @images.setter
-    def images(self, value: object) -> None:
-        # The Trainer and evaluate_bpd read the tensor as the uint8 images checked above:
-        # float images put here were read as 0..255 levels, silently (near-black data).
-        raise AttributeError("an ImageDataset's images cannot be replaced: make a new ImageDataset(images) "
-                             "(changing their values in place is fine)")
+    def images(self, images: torch.Tensor | np.ndarray) -> None:
+        # Checked whenever set, not only when made: the Trainer and evaluate_bpd read the
+        # tensor as uint8 levels, and float images put here later were read so, silently.
+        images = _checked_images(images, getattr(self, "name", "images"))
+        labels = getattr(self, "labels", None)
+        if labels is not None and len(labels) != images.shape[0]:
+            raise ValueError(f"images must be {len(labels)}, as the dataset's labels, got {images.shape[0]}")
+        self._images = images
+        self.channels = images.shape[1]
+        self.image_size = images.shape[2]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "images" in state:  # pickled when images was a plain attribute
+            state["_images"] = state.pop("images")
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return self.images.shape[0]

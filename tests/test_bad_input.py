@@ -605,7 +605,7 @@ CASES = [
     # datasets
     Case("ImageDataset-sparse", once(lambda: ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8).to_sparse())), TypeError, r"ImageDataset: images must be a dense \(strided\) tensor, got a sparse_coo tensor", per_backend=False),
     Case("ImageDataset-meta", once(lambda: ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8, device="meta"))), ValueError, "images must hold data: got a tensor on the meta device", per_backend=False),
-    Case("ImageDataset-images-replaced", once(lambda: setattr(toy(4)(), "images", torch.zeros(4, 1, 8, 8))), AttributeError, r"an ImageDataset's images cannot be replaced: make a new ImageDataset\(images\)", per_backend=False),
+    Case("ImageDataset-images-set-to-floats", once(lambda: setattr(toy(4)(), "images", torch.zeros(4, 1, 8, 8))), ValueError, r"images must be a uint8 N x C x H x W tensor or numpy array, got torch.float32 \(4, 1, 8, 8\)", per_backend=False),
     # the Trainer
     Case("Trainer-dataset-overrides-batch", trainer(dataset=lambda: AugmentedImages(toy(16)().images)), TypeError, "AugmentedImages overrides ImageDataset.batch, which the Trainer does not call", per_backend=False),
     Case("Trainer-model-function", trainer(model=lambda: (lambda x, t: x)), TypeError, "model must be an nn.Module, got function", per_backend=False),

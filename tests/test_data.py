@@ -3,6 +3,7 @@ synthetic files, and each of their errors (CIFAR-10: test_data_cifar10.py)."""
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -173,6 +174,34 @@ def test_image_dataset_keeps_a_numpy_array_as_it_keeps_a_tensor():
     assert torch.equal(ImageDataset(flipped).images, torch.from_numpy(flipped.copy()))  # torch refuses to share it
     with pytest.raises(ValueError, match=r"got 8 \(shape \(4, 8, 8, 3\)\) \(channels last, N x H x W x C\? then permute"):
         ImageDataset(np.zeros((4, 8, 8, 3), np.uint8))
+
+
+def test_images_set_later_are_checked_as_when_made():
+    """Float images put into a dataset were read as 0..255 levels by the Trainer
+    and evaluate_bpd: near-black data, silently. A subclass that sets its own
+    images in __init__, and uint8 images of another size, still work."""
+    data = ImageDataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"uint8 N x C x H x W tensor or numpy array, got torch.float32"):
+        data.images = torch.zeros(3, 1, 4, 4)
+    with pytest.raises(ValueError, match="images must be 3, as the dataset's labels, got 2"):
+        data.images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    data.images = np.full((3, 3, 8, 8), 255, np.uint8)
+    assert (data.channels, data.image_size) == (3, 8) and data[0].min() == 1.0
+
+    class Inverted(ImageDataset):
+        def __init__(self, images):
+            super().__init__(images)
+            self.images = 255 - images
+
+    assert Inverted(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))[0].min() == 1.0
+
+
+def test_a_dataset_pickled_when_images_was_an_attribute_loads():
+    data = ImageDataset(torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4), name="old")
+    data.__dict__["images"] = data.__dict__.pop("_images")  # the state as it was pickled then
+    restored = pickle.loads(pickle.dumps(data))
+    assert torch.equal(restored.images, torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4))
+    assert restored.name == "old" and len(restored) == 1
 
 
 # ---------------------------------------------------------------- more image-folder cases

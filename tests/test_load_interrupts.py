@@ -33,3 +33,14 @@ def test_a_ctrl_c_inside_default_device_lands_after_it_with_the_device_put_back(
             built = torch.zeros(2)  # still runs: the Ctrl-C waits for the block's end
     assert built.device.type == "meta"
     assert torch.zeros(1).device.type == "cpu"
+
+
+def test_a_ctrl_c_held_through_a_failing_block_still_lands():
+    """It was dropped when the block raised: a Ctrl-C during a read that then
+    failed came out as the read's error alone, and a resume went on from an
+    older checkpoint."""
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with default_device("cpu"):
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError("the file is damaged")
+    assert isinstance(stopped.value.__context__, ValueError)
