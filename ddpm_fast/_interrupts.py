@@ -23,8 +23,9 @@ def sigint_deferred() -> Iterator[None]:
     """Run the block with SIGINT held: a Ctrl-C during it reaches the handler
     that was in place (Python's KeyboardInterrupt, or the command line's) when
     the block ends, even by an error (which one held through a failing read
-    would otherwise hide: a resume went on from an older checkpoint). Only in the main thread, where Python runs signal handlers,
-    and over a Python-level handler; otherwise the block runs as it is."""
+    would otherwise hide: a resume went on from an older checkpoint). Only in
+    the main thread, where Python runs signal handlers, and over a Python-level
+    handler; otherwise the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
