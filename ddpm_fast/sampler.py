@@ -232,7 +232,6 @@ class Sampler:
         """
         check_bool(progress, "progress")
         shape = self._shape(n_or_shape)
-        seed = as_seed(seed, "Sampler.sample")
         _check_materialized(self.model, "Sampler")
         if _dropout_active(self.model):
             warn(
@@ -265,6 +264,8 @@ class Sampler:
             raise ValueError(f"{num_steps} steps of {per_sample} elements per sample exceed a sample's 2^32 noise counters")
         if first_sample + shape[0] >= _MAX_SAMPLES:
             raise ValueError(f"first_sample + N must stay below 2^31 (noise counters are int64), got {first_sample} + {shape[0]}")
+        # Last: a seed of None draws from torch's generator, which a refused call leaves as it was.
+        seed = as_seed(seed, "Sampler.sample")
         chain = _Chain(self, schedule, table, shape, seed, first_sample, eta, per_sample)
         x, intermediates = chain.run(progress, return_intermediates)
         # One read at the end (the chain never syncs): NaN or Inf here came from

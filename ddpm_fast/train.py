@@ -145,6 +145,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
                                         "that name: move it away")
         self.progress = progress
         self.dataset = dataset
+        self._dataset_images = dataset.images  # what it trains on: one set later is refused (_check_same_images)
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device
         _check_samplable(schedule, self.config.sample_steps)
         self.schedule = schedule
@@ -247,6 +248,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
 
     def _train(self, resume: bool, final_samples: bool) -> dict[str, Any]:
         check_live_changes(self.config, self._made_with)
+        self._check_same_images()
         self._check_whole()
         newest = latest_checkpoint(self.out_dir) if resume else None
         if self.world > 1:  # ranks that differ here would train on a mix of states, then deadlock
@@ -386,7 +388,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
         them all kept the others waiting at the next collective, past its
         timeout for a long chain on CPUs. Rank 0 writes the grid and returns
         the samples, the others None."""
-        images = self.dataset.images  # the data's shape: the model need not tell it (in_channels, image_size)
+        images = self.images  # the data's shape: the model need not tell it (in_channels, image_size)
         sampler = Sampler(self.ema, self.schedule, device=self.device, cuda_graph=False,
                           channels_last=self.config.channels_last, sample_shape=tuple(images.shape[1:]))
         count = self.config.sample_count

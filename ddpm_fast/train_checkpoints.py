@@ -101,12 +101,12 @@ class TrainerCheckpoints:
         one rather than stopping. A configuration mismatch with the newest is
         raised, not skipped: the older ones of the same run have its configuration."""
         failure = None
-        self._loaded_part = False  # set by load_checkpoint once it begins to overwrite the state
+        self._loaded_part = False  # set by _load_checkpoint once it begins to overwrite the state
         damaged: list[Path] = []
         resumed = None
         for path in resume_order(self.out_dir, newest):
             try:
-                self.load_checkpoint(path)  # refuses another run's (ConfigMismatchError) first
+                self._load_checkpoint(path)  # refuses another run's (ConfigMismatchError) first
             except ConfigMismatchError:
                 if path == newest:
                     raise
@@ -335,7 +335,20 @@ class TrainerCheckpoints:
         """Restore model, EMA, optimizer, schedules, step and RNG state from a
         checkpoint folder, and cut the log back to that step. A checkpoint of
         another model or recipe is refused first (``check_resumable``): its
-        optimizer state would bring its own learning rate and betas along."""
+        optimizer state would bring its own learning rate and betas along. One
+        that fails once it has begun to overwrite the state (a damaged
+        ema.safetensors after the model's) leaves a Trainer that refuses to
+        train or save: its model would be that checkpoint's, its EMA and step not."""
+        self._loaded_part = False
+        try:
+            self._load_checkpoint(path)
+        except BaseException as error:
+            if self._loaded_part:
+                self._failed_resume = f"{Path(path).name} was not fully loaded ({type(error).__name__})"
+            raise
+
+    def _load_checkpoint(self, path: str | os.PathLike) -> None:
+        """``load_checkpoint``, which a resume calls on older checkpoints where one fails."""
         path = Path(path)
         needed = ("model.safetensors", "ema.safetensors", "trainer.pt", "config.json")
         missing = [name for name in needed if not (path / name).is_file()]

@@ -39,7 +39,7 @@ class TrainerSteps:
     def _global_batch(self, step: int) -> torch.Tensor:
         """Indices of step ``step``'s global batch: epochs are fixed permutations
         (the current one kept: a permutation of CIFAR-10 costs milliseconds)."""
-        n, b = len(self.dataset), self.config.batch_size
+        n, b = self.images.shape[0], self.config.batch_size
         per_epoch = n // b
         epoch, i = divmod(step, per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
@@ -153,6 +153,7 @@ class TrainerSteps:
         the device still computes this one.
         """
         check_live_changes(self.config, self._made_with)
+        self._check_same_images()
         self._check_whole()
         try:
             return self._step()
@@ -245,6 +246,14 @@ class TrainerSteps:
         if rng is not None:
             self._set_own_rng_state(rng)  # (TrainerCheckpoints)
 
+    def _check_same_images(self) -> None:
+        """Refuse images set on the dataset after the Trainer was made: it took them,
+        and their fingerprint for its checkpoints, then (batches were drawn from the
+        old images by the new count, silently)."""
+        if self.dataset.images is not self._dataset_images:
+            raise ValueError("dataset.images was replaced after the Trainer was made, which took the images (and "
+                             "their fingerprint for its checkpoints) then: make a new Trainer")
+
     def _check_whole(self) -> None:
         """Refuse to go on from a step whose update was cut short (not by a Ctrl-C:
         that waits for the update's end), or from a partly loaded checkpoint."""
@@ -253,5 +262,5 @@ class TrainerSteps:
                                "model, optimizer and EMA no longer agree; make a new Trainer (it resumes from "
                                "the newest checkpoint)")
         if self._failed_resume is not None:  # its model, EMA, optimizer: part one checkpoint's, part another's or fresh
-            raise CheckpointError(f"this Trainer's state was partly overwritten by a resume that failed "
+            raise CheckpointError(f"this Trainer's state was partly overwritten by a checkpoint load that failed "
                                   f"({self._failed_resume}); make a new Trainer")

@@ -199,6 +199,38 @@ def test_patch_diffusers_leaves_hooked_norms_alone(narrow):
     assert calls == ["norm1", "out"]
 
 
+def test_patch_diffusers_takes_norms_frozen_as_buffers_and_keeps_the_mode(narrow):
+    """A norm2 whose weights are buffers (frozen; diffusers' output is the same)
+    made the patch raise after the block's norm1 was fused: under diffusers'
+    forward, SiLU then ran twice, silently. The output's SiLU slot kept
+    training mode in an eval model."""
+    patched = copy.deepcopy(narrow).eval()
+    block = next(m for m in patched.modules() if type(m).__name__ == "ResnetBlock2D")
+    weight, bias = block.norm2.weight.detach().clone(), block.norm2.bias.detach().clone()
+    del block.norm2.weight, block.norm2.bias
+    block.norm2.register_buffer("weight", weight)
+    block.norm2.register_buffer("bias", bias)
+    x, t = torch.randn(2, 3, 32, 32), TIMESTEPS[0]
+    with torch.no_grad():
+        before = patched(x, t).sample
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in narrow.modules())
+    assert ddpm_fast.patch_diffusers(patched) == 2 * resnets + 1
+    assert block.norm2.weight is weight and not any(m.training for m in patched.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, t).sample, before, **TOL)
+
+
+def test_patch_diffusers_that_fails_leaves_the_model_as_it_was(narrow):
+    patched = copy.deepcopy(narrow)
+    blocks = [m for m in patched.modules() if type(m).__name__ == "ResnetBlock2D"]
+    del blocks[-1].norm2.weight
+    blocks[-1].norm2.weight = 1.0  # a plain attribute: no GroupNormSiLU can hold it
+    with pytest.raises(TypeError, match="weight is neither a parameter nor a buffer"):
+        ddpm_fast.patch_diffusers(patched)
+    assert all(type(b).__name__ == "ResnetBlock2D" and type(b.norm1) is torch.nn.GroupNorm for b in blocks)
+    assert type(patched.conv_norm_out) is torch.nn.GroupNorm and type(patched.conv_act) is torch.nn.SiLU
+
+
 def test_a_patched_model_pickles(narrow):
     import io
 

@@ -147,6 +147,43 @@ def test_fuse_helper_keeps_the_norms_parameters_shared_and_frozen():
     assert torch.equal(model[6].weight, torch.ones(4)) and model[6].weight.grad is None
 
 
+def _freeze_as_buffers(norm: nn.GroupNorm) -> nn.GroupNorm:
+    """``norm`` with its weight and bias made buffers: a legal way to freeze them."""
+    weight, bias = norm.weight.detach().clone(), norm.bias.detach().clone()
+    del norm.weight, norm.bias
+    norm.register_buffer("weight", weight)
+    norm.register_buffer("bias", bias)
+    return norm
+
+
+def test_fuse_helper_takes_a_norm_frozen_as_buffers():
+    """nn.GroupNorm reads its weights as buffers alike; fusing one raised torch's
+    TypeError after the pairs before it were fused."""
+    torch.manual_seed(0)
+    frozen = _freeze_as_buffers(nn.GroupNorm(2, 4))
+    with torch.no_grad():
+        frozen.weight.uniform_(0.5, 1.5), frozen.bias.uniform_(-0.5, 0.5)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4), nn.SiLU(), nn.Conv2d(4, 4, 1), frozen, nn.SiLU())
+    x = torch.randn(2, 4, 3, 3)
+    before, keys = model(x), list(model.state_dict())
+    assert fuse_group_norm_silu(model) == 2
+    assert model[4].weight is frozen.weight and "weight" in model[4]._buffers and not list(model[4].parameters())
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), before)
+
+
+def test_fuse_helper_that_fails_leaves_the_model_as_it_was():
+    """A norm whose weight is neither a parameter nor a buffer is refused before
+    any pair is replaced: the model was left half fused."""
+    odd = nn.GroupNorm(2, 4)
+    del odd.weight
+    odd.weight = torch.ones(4).tolist()  # a plain attribute
+    model = nn.Sequential(nn.GroupNorm(2, 4), nn.SiLU(), odd, nn.SiLU())
+    with pytest.raises(TypeError, match="weight is neither a parameter nor a buffer"):
+        fuse_group_norm_silu(model)
+    assert [type(m) for m in model] == [nn.GroupNorm, nn.SiLU, nn.GroupNorm, nn.SiLU]
+
+
 def test_module_takes_group_norms_bias_flag_and_refuses_a_parametrized_norm():
     """nn.GroupNorm(bias=False) (newer torch) has no counterpart here before
     (a TypeError), and from_group_norm of a parametrized norm failed inside

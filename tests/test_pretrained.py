@@ -50,6 +50,17 @@ def test_run_folder_and_checkpoint_folder_give_ema_weights_and_schedule(run):
     assert _same(raw, trainer.model) and not _same(raw, trainer.ema)
 
 
+def test_loading_leaves_torchs_generator_alone(run, tmp_path):
+    """The model built for the weights drew its random initialization from torch's
+    generator: a load advanced the user's stream (and ddpm-fast sample --seed's)."""
+    out, trainer = run
+    trainer.ema.save_pretrained(tmp_path)
+    for load in (lambda: load_model(out), lambda: UNet.from_pretrained(tmp_path)):
+        state = torch.get_rng_state()
+        load()
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_from_pretrained_of_a_training_checkpoint_names_load_model(run):
     """The checkpoint folder holds model.safetensors and config.json, so
     from_pretrained is a natural first try: it said the config had unknown keys."""

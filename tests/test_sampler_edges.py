@@ -57,6 +57,16 @@ def test_first_sample_bound_is_exclusive():
     assert sampler.sample(1, seed=0, steps=1, first_sample=2**31 - 2, progress=False).shape == (1, 1, 2, 2)
 
 
+@pytest.mark.parametrize("bad", [{"steps": 11}, {"eta": -1.0}, {"first_sample": -1}, {"return_intermediates": 0}])
+def test_a_refused_call_without_a_seed_leaves_torchs_generator_alone(bad):
+    """seed=None drew its seed from torch's generator before the arguments were checked."""
+    sampler = Sampler(never_called, NoiseSchedule("linear", timesteps=10), sample_shape=(1, 2, 2))
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError):
+        sampler.sample(1, progress=False, **bad)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_progress_bar_is_closed_after_a_run_and_after_an_error(monkeypatch):
     """The bar is closed however the chain ends (an open tqdm bar redraws
     itself after the traceback or the next output)."""

@@ -171,6 +171,19 @@ def test_a_folder_named_as_a_file_the_run_writes_is_refused_at_once(tmp_path, na
     with pytest.raises(IsADirectoryError, match=f"{name}' is a folder, but the run writes a file of that name"):
         make_trainer(tmp_path, steps=2)
 
+def test_images_set_on_the_dataset_after_the_trainer_was_made_are_refused(tmp_path):
+    """The Trainer took the images (and their fingerprint) when made, but read the
+    dataset's length live: after dataset.images = 64 new images, every batch was
+    drawn from the first 64 old ones, silently."""
+    trainer = make_trainer(tmp_path, steps=4, images=80)
+    trainer.train_step()
+    trainer.dataset.images = toy_dataset(n=64, seed=1).images
+    with pytest.raises(ValueError, match="dataset.images was replaced after the Trainer was made"):
+        trainer.train_step()
+    with pytest.raises(ValueError, match="make a new Trainer"):
+        trainer.train(final_samples=False)
+
+
 def test_load_checkpoint_refuses_another_recipe(tmp_path):
     """Called directly, load_checkpoint skipped the config check: the other
     run's optimizer state brought its learning rate along (training at 5e-2

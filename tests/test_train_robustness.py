@@ -82,6 +82,30 @@ def test_a_skipped_step_changes_nothing_and_a_good_one_resets_the_count(tmp_path
     assert trainer.step == 8
 
 
+def test_a_load_checkpoint_that_loaded_part_and_failed_spoils_the_trainer(tmp_path):
+    """Called directly (not through a resume), a checkpoint whose EMA file is
+    damaged left the model at its step and the EMA, optimizer and step count at
+    the Trainer's own: train() and save_checkpoint() went on with the mix. One
+    refused before anything loaded leaves the Trainer usable."""
+    out = tmp_path / "run"
+    make_trainer(out, steps=4, keep_checkpoints=0).train(final_samples=False)
+    ema = out / "checkpoint-00000004" / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])
+    trainer = make_trainer(tmp_path / "other", steps=6)
+    trainer.train_step()
+    with pytest.raises(CheckpointError, match="ema.safetensors"):
+        trainer.load_checkpoint(out / "checkpoint-00000004")
+    for go_on in (trainer.train_step, lambda: trainer.train(final_samples=False), trainer.save_checkpoint):
+        with pytest.raises(CheckpointError, match="checkpoint-00000004 was not fully loaded.*make a new Trainer"):
+            go_on()
+    ema.unlink()  # now refused before anything loads
+    trainer = make_trainer(tmp_path / "third", steps=6)
+    with pytest.raises(CheckpointError, match="missing ema.safetensors"):
+        trainer.load_checkpoint(out / "checkpoint-00000004")
+    trainer.load_checkpoint(out / "checkpoint-00000002")
+    assert trainer.step == 2 and trainer.train_step() is not None
+
+
 def test_loading_a_checkpoint_restarts_the_non_finite_count(tmp_path):
     # The count of skipped steps in a row belongs to the steps a checkpoint rewinds: one more after it is no stop.
     config = TrainConfig(steps=2, batch_size=8, warmup=0, log_every=1, checkpoint_every=2, max_nonfinite=2)
@@ -415,7 +439,7 @@ def test_a_resume_that_loaded_part_of_a_checkpoint_and_failed_spoils_the_trainer
     trainer = make_trainer(out, steps=4)
     with pytest.raises(CheckpointError, match="ema.safetensors"):
         trainer.train(final_samples=False)
-    with pytest.raises(CheckpointError, match="partly overwritten by a resume that failed .*make a new Trainer"):
+    with pytest.raises(CheckpointError, match="partly overwritten by a checkpoint load that failed .*make a new Trainer"):
         trainer.train(resume=False, final_samples=False)
     ema.unlink()  # now found missing before anything loads
     trainer = make_trainer(out, steps=4)

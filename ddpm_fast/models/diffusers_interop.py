@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._checks import is_int
+from .._interrupts import sigint_deferred
 from .._memory import check_unpacked_fits
 from ..nn import GroupNormSiLU
 from ..nn.group_norm_silu import has_hooks
@@ -274,17 +275,25 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
         raise ImportError("ddpm_fast.patch_diffusers needs diffusers: pip install diffusers") from error
     if not isinstance(unet, nn.Module):
         raise TypeError(f"patch_diffusers: unet must be an nn.Module, got {type(unet).__name__}")
-    fused = 0
-    for block in list(unet.modules()):
+    # Every replacement is made before any is put in: one that fails (a norm whose
+    # weight is neither a parameter nor a buffer) leaves the model as it was, not
+    # a block with a fused norm1 under diffusers' forward, which applies SiLU again.
+    blocks = [
+        (block, GroupNormSiLU.from_group_norm(block.norm1, backend=backend),
+         GroupNormSiLU.from_group_norm(block.norm2, backend=backend))
         # Exactly ResnetBlock2D: a subclass may compute something else in its forward.
-        if type(block) is ResnetBlock2D and _patchable(block):
-            block.norm1 = GroupNormSiLU.from_group_norm(block.norm1, backend=backend)
-            block.norm2 = GroupNormSiLU.from_group_norm(block.norm2, backend=backend)
-            block.__class__ = _fused_resnet_class()
-            fused += 2
+        for block in unet.modules() if type(block) is ResnetBlock2D and _patchable(block)
+    ]
     norm, act = getattr(unet, "conv_norm_out", None), getattr(unet, "conv_act", None)
+    out_norm = None
     if type(norm) is nn.GroupNorm and type(act) is nn.SiLU and not (has_hooks(norm) or has_hooks(act)):
-        unet.conv_norm_out = GroupNormSiLU.from_group_norm(norm, backend=backend)
-        unet.conv_act = nn.Identity()
-        fused += 1
-    return fused
+        out_norm = GroupNormSiLU.from_group_norm(norm, backend=backend)
+    fused_class = _fused_resnet_class() if blocks else None
+    with sigint_deferred():  # nor a Ctrl-C between a block's norms and its class
+        for block, norm1, norm2 in blocks:
+            block.norm1, block.norm2 = norm1, norm2
+            block.__class__ = fused_class
+        if out_norm is not None:
+            unet.conv_norm_out = out_norm
+            unet.conv_act = nn.Identity().train(act.training)  # keeps unet.training consistent
+    return 2 * len(blocks) + (out_norm is not None)

@@ -81,8 +81,10 @@ def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str
 def float32_on_cpu(make: Callable[[], M]) -> M:
     """The module ``make()`` builds, as float32 on the CPU whatever torch's default
     dtype and device: a model for weights to be loaded into (under a float64 or
-    meta default it came out float64, or on meta)."""
-    with default_device("cpu"):
+    meta default it came out float64, or on meta). Its random initialization,
+    which the weights replace, draws from a fork of torch's generator: loading a
+    model left the user's random stream advanced."""
+    with default_device("cpu"), torch.random.fork_rng(devices=[]):
         return make().float()
 
 

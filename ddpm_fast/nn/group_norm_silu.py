@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .._checks import type_name
+from .._interrupts import sigint_deferred
 from ..ops import BACKENDS, group_norm_silu
 
 __all__ = ["GroupNormSiLU", "fuse_group_norm_silu"]
@@ -84,7 +85,15 @@ class GroupNormSiLU(nn.GroupNorm):
                             "(torch.nn.utils.parametrize); build GroupNormSiLU(...) and register the parametrization on it")
         fused = cls(norm.num_groups, norm.num_channels, norm.eps, affine=False, act=act, backend=backend)
         fused.affine = norm.affine
-        fused.weight, fused.bias = norm.weight, norm.bias
+        for name in ("weight", "bias"):
+            if name in norm._buffers:  # frozen as a buffer, which nn.GroupNorm's forward reads alike
+                delattr(fused, name)
+                fused.register_buffer(name, norm._buffers[name], persistent=name not in norm._non_persistent_buffers_set)
+            elif name in norm._parameters:
+                setattr(fused, name, norm._parameters[name])
+            else:
+                raise TypeError(f"GroupNormSiLU.from_group_norm: the norm's {name} is neither a parameter nor a "
+                                f"buffer ({type_name(getattr(norm, name, None))}); build GroupNormSiLU(...) instead")
         return fused.train(norm.training)
 
     def extra_repr(self) -> str:
@@ -111,7 +120,9 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
         raise TypeError(f"fuse_group_norm_silu: model must be an nn.Module, got {type_name(model)}")
     if backend not in BACKENDS:  # here, not only once a model has a pair to fuse
         raise ValueError(f"fuse_group_norm_silu: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    fused = 0
+    # Every replacement is made before any is put in: a norm that cannot be
+    # replaced (its weight neither a parameter nor a buffer) leaves the model as it was.
+    pairs = []
     replacements: dict[int, GroupNormSiLU] = {}  # id(norm) -> its replacement, for shared norms
     for module in model.modules():
         # A subclass's forward may not run its children in order.
@@ -122,13 +133,14 @@ def fuse_group_norm_silu(model: nn.Module, *, backend: str = "auto") -> int:
             norm, act = module._modules[first], module._modules[second]
             exact = type(norm) is nn.GroupNorm and type(act) is nn.SiLU
             if exact and not (has_hooks(norm) or has_hooks(act)):
-                replacement = replacements.get(id(norm))
-                if replacement is None:
-                    replacement = replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
-                module._modules[first] = replacement
-                module._modules[second] = nn.Identity().train(act.training)  # keeps model.training consistent
-                fused += 1
-    return fused
+                if id(norm) not in replacements:
+                    replacements[id(norm)] = GroupNormSiLU.from_group_norm(norm, backend=backend)
+                pairs.append((module, first, second, replacements[id(norm)], act.training))
+    with sigint_deferred():  # not a Ctrl-C between a norm and its SiLU: that SiLU would run twice
+        for module, first, second, replacement, training in pairs:
+            module._modules[first] = replacement
+            module._modules[second] = nn.Identity().train(training)  # keeps model.training consistent
+    return len(pairs)
 
 
 def has_hooks(module: nn.Module) -> bool:
