@@ -400,7 +400,10 @@ class NoiseSchedule:
         if (isinstance(timesteps, torch.Tensor) and timesteps.dim() != 1) or not isinstance(
             timesteps, (torch.Tensor, Sequence, range, np.ndarray)
         ):
-            raise TypeError(f"respaced timesteps must be a sequence of ints, got {timesteps!r}")
+            hint = (f"; for {timesteps} evenly spread steps: respace(ddpm_fast.sampler.respaced_timesteps(T, {timesteps}))"
+                    if isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, bool) else "")
+            raise TypeError(f"respaced timesteps must be a sequence of ints (the original timesteps to keep), "
+                            f"got {timesteps!r}{hint}")
         timesteps = timesteps.tolist() if isinstance(timesteps, (torch.Tensor, np.ndarray)) else list(timesteps)
         if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in timesteps):
             raise TypeError(f"respaced timesteps must be ints, got {list(timesteps)[:5]}...")

@@ -69,6 +69,18 @@ def test_from_pretrained_of_a_training_checkpoint_names_load_model(run):
         UNet.from_pretrained(latest_checkpoint(out))
 
 
+def test_from_pretrained_of_a_run_or_pipeline_folder_names_their_loaders(run, tmp_path):
+    """Neither has a config.json of its own: "config.json does not exist" said nothing of what to do."""
+    out, _ = run
+    with pytest.raises(ValueError, match=r"is a training run folder .* load it with ddpm_fast\.pretrained\.load_model"):
+        UNet.from_pretrained(out)
+    save_tiny_diffusers_pipeline(tmp_path, timesteps=10)
+    with pytest.raises(ValueError, match="is a diffusers pipeline folder; load its U-Net with UNet.from_diffusers"):
+        UNet.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):  # an empty folder: as before
+        UNet.from_pretrained(tmp_path / "scheduler")
+
+
 def test_from_diffusers_of_our_folders_names_their_loaders(run, tmp_path):
     """Either folder was read as a diffusers one without weights: 'has no
     diffusion_pytorch_model.safetensors'."""

@@ -137,3 +137,10 @@ def test_a_table_handed_out_and_edited_in_place_is_made_again():
     step = schedule.step_table("fixed_small")
     step.fill_(float("nan"))
     assert schedule.step_table("fixed_small").isfinite().all()
+
+
+def test_respace_of_a_count_says_how_to_spread_it():
+    """respace(5) read like sample(steps=5): the error now says what it takes and how to get K steps."""
+    with pytest.raises(TypeError, match=r"the original timesteps to keep\), got 5; for 5 evenly spread steps: "
+                                        r"respace\(ddpm_fast\.sampler\.respaced_timesteps\(T, 5\)\)"):
+        NoiseSchedule("linear", timesteps=50).respace(5)

@@ -23,7 +23,7 @@ from torch.nn.modules.module import (
 )
 
 from .._interrupts import default_device
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, latest_checkpoint
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -186,6 +186,14 @@ def load_pretrained(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"UNet.from_pretrained: {folder} does not exist or is not a folder")
+    if not (folder / CONFIG_NAME).exists():  # a run folder or a pipeline's: the error names their loader
+        if latest_checkpoint(folder) is not None:
+            raise ValueError(f"UNet.from_pretrained: {folder} is a training run folder (its checkpoints hold the "
+                             "model); load it with ddpm_fast.pretrained.load_model (the newest checkpoint's EMA weights "
+                             "and schedule)")
+        if (folder / "model_index.json").is_file() or (folder / "unet" / CONFIG_NAME).is_file():
+            raise ValueError(f"UNet.from_pretrained: {folder} is a diffusers pipeline folder; load its U-Net with "
+                             "UNet.from_diffusers")
     config = read_json(folder / CONFIG_NAME)
     if "_class_name" in config:
         raise ValueError(
