@@ -120,6 +120,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if labels is not None and len(labels) != images.shape[0]:
             raise ValueError(f"images must be {len(labels)}, as the dataset's labels, got {images.shape[0]}")
         self._images = images
+        self._images_version = getattr(self, "_images_version", 0) + 1  # a Trainer refuses images set since it was made
         self.channels = images.shape[1]
         self.image_size = images.shape[2]
 

@@ -101,11 +101,11 @@ def evaluate_bpd(
     fed = functools.partial(_fed_in, model_dtype, model) if model_dtype in (torch.float16, torch.bfloat16) else model
     data_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # images are N x C x H x W
-    seed = as_seed(seed, "evaluate_bpd")
     per_image = math.prod(dataset.images.shape[1:])
     if schedule.num_timesteps * per_image > _SAMPLE_STRIDE:
         raise ValueError(f"{schedule.num_timesteps} timesteps of {per_image} values per image exceed an image's "
                          "2^32 noise counters")
+    seed = as_seed(seed, "evaluate_bpd")
     rank, world = rank_and_world() if sharded else (0, 1)
     if world > 1:  # else each rank's share is of another bound, silently averaged with the others'
         check_ranks_agree("what to evaluate", {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, overload
+from typing import Callable, NamedTuple, Sequence, overload
 
 import torch
 
@@ -67,6 +67,17 @@ class Intermediate:
     timestep: int
     x_t: torch.Tensor
     pred_x0: torch.Tensor
+
+
+class _Plan(NamedTuple):
+    """A ``sample`` call's checked arguments and what its chain is built from."""
+
+    shape: tuple[int, ...]
+    schedule: NoiseSchedule  # the respaced one, where steps= asks for it
+    table: torch.Tensor  # its step coefficients (NoiseSchedule.step_table)
+    first_sample: int
+    return_intermediates: int | None
+    per_sample: int  # elements of one sample
 
 
 class Sampler:
@@ -231,14 +242,35 @@ class Sampler:
             return_intermediates: if k, also return an ``Intermediate`` every k steps.
         """
         check_bool(progress, "progress")
-        shape = self._shape(n_or_shape)
-        _check_materialized(self.model, "Sampler")
+        plan = self._plan(n_or_shape, steps, eta, first_sample, return_intermediates)
         if _dropout_active(self.model):
             warn(
                 "Sampler: the model has active dropout (a dropout module in training mode), so the samples depend on more "
                 "than the seed (and sample i on the batch); call model.eval() before sampling",
                 RuntimeWarning,
             )
+        # Last: a seed of None draws from torch's generator, which a refused call leaves as it was.
+        seed = as_seed(seed, "Sampler.sample")
+        return_intermediates = plan.return_intermediates
+        chain = _Chain(self, plan.schedule, plan.table, plan.shape, seed, plan.first_sample, eta, plan.per_sample)
+        x, intermediates = chain.run(progress, return_intermediates)
+        # One read at the end (the chain never syncs): NaN or Inf here came from
+        # the model, and would otherwise pass unnoticed (as black pixels in a PNG).
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
+                 "finite at some step", RuntimeWarning)
+        return (x, intermediates) if return_intermediates else x
+
+    # ----------------------------------------------------------------- helpers
+
+    def _plan(self, n_or_shape: int | Sequence[int], steps: int | None, eta: float | None, first_sample: int,
+              return_intermediates: int | None) -> _Plan:
+        """``sample``'s arguments checked, and what its chain needs of them;
+        ``sample_sharded`` checks its own through it before drawing a seed."""
+        shape = self._shape(n_or_shape)
+        _check_materialized(self.model, "Sampler")
+        _check_model_dtype(self.dtype, from_model=self._dtype is None)  # (a model cast to float64 since it was made)
         if not is_int(first_sample) or first_sample < 0:
             raise ValueError(f"first_sample must be an int >= 0, got {first_sample!r}")
         first_sample = int(first_sample)
@@ -264,19 +296,7 @@ class Sampler:
             raise ValueError(f"{num_steps} steps of {per_sample} elements per sample exceed a sample's 2^32 noise counters")
         if first_sample + shape[0] >= _MAX_SAMPLES:
             raise ValueError(f"first_sample + N must stay below 2^31 (noise counters are int64), got {first_sample} + {shape[0]}")
-        # Last: a seed of None draws from torch's generator, which a refused call leaves as it was.
-        seed = as_seed(seed, "Sampler.sample")
-        chain = _Chain(self, schedule, table, shape, seed, first_sample, eta, per_sample)
-        x, intermediates = chain.run(progress, return_intermediates)
-        # One read at the end (the chain never syncs): NaN or Inf here came from
-        # the model, and would otherwise pass unnoticed (as black pixels in a PNG).
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            warn(f"Sampler: {bad} of {x.numel()} sample values are NaN or Inf: the model's output was not "
-                 "finite at some step", RuntimeWarning)
-        return (x, intermediates) if return_intermediates else x
-
-    # ----------------------------------------------------------------- helpers
+        return _Plan(shape, schedule, table, first_sample, return_intermediates, per_sample)
 
     def _shape(self, n_or_shape: int | Sequence[int]) -> tuple[int, ...]:
         if is_int(n_or_shape):
@@ -323,7 +343,6 @@ class _Chain:
             device=device, backend=sampler.backend,
         ).contiguous(memory_format=fmt)
         dtype = sampler.dtype
-        _check_model_dtype(dtype, from_model=sampler._dtype is None)  # (a model cast to float64 since it was made)
         self.model_in = torch.empty(shape, dtype=dtype, device=device).to(memory_format=fmt)
         self.model_in.copy_(self.x)
         self.steps = torch.arange(num_steps, device=device)  # step index k as device scalars

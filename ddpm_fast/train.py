@@ -145,7 +145,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
                                         "that name: move it away")
         self.progress = progress
         self.dataset = dataset
-        self._dataset_images = dataset.images  # what it trains on: one set later is refused (_check_same_images)
+        self._images_version = getattr(dataset, "_images_version", 0)  # images set later are refused (_check_same_images)
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device
         _check_samplable(schedule, self.config.sample_steps)
         self.schedule = schedule
@@ -157,16 +157,20 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
                             f"got {sorted(map(str, floats))}: call model.float() first")
         if not any(p.requires_grad for p in model.parameters()):  # (torch's errors: DDP's, the optimizer's empty list)
             raise ValueError("the model has no trainable parameters (none, or all requires_grad=False)")
-        self.model = model.to(self.device)
+        self.model = model
         try:  # written into every checkpoint: refused now, not at the first one after hours of training
             json.dumps(self.run_config())
         except (TypeError, ValueError) as error:
             raise TypeError(f"the model's config and extra_config must be JSON-serializable (checkpoints record "
                             f"them): {error}") from None
         self.extra_config = copy.deepcopy(self.extra_config)  # checked: a later edit by the caller cannot undo it
+        # Copied, then moved: what can refuse the model (these checks, a model deepcopy
+        # cannot copy) does so before the caller's model is moved or converted.
+        ema = copy.deepcopy(model)
+        self.model, ema = model.to(self.device), ema.to(self.device)
         if self.config.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.model, ema = (m.to(memory_format=torch.channels_last) for m in (self.model, ema))
+        self.ema = ema.eval().requires_grad_(False)
         # Parameters listed once: a walk over the demo model's modules takes 60-400 us,
         # at every step. (Buffers are walked each step: a module may replace one,
         # `self.running_mean = ...`, which files the new tensor under its name.)

@@ -338,7 +338,8 @@ class TrainerCheckpoints:
         optimizer state would bring its own learning rate and betas along. One
         that fails once it has begun to overwrite the state (a damaged
         ema.safetensors after the model's) leaves a Trainer that refuses to
-        train or save: its model would be that checkpoint's, its EMA and step not."""
+        train or save (its model would be that checkpoint's, its EMA and step not)
+        until a checkpoint loads whole."""
         self._loaded_part = False
         try:
             self._load_checkpoint(path)
@@ -346,6 +347,7 @@ class TrainerCheckpoints:
             if self._loaded_part:
                 self._failed_resume = f"{Path(path).name} was not fully loaded ({type(error).__name__})"
             raise
+        self._failed_resume = None  # all of the state is now this checkpoint's
 
     def _load_checkpoint(self, path: str | os.PathLike) -> None:
         """``load_checkpoint``, which a resume calls on older checkpoints where one fails."""
@@ -359,9 +361,10 @@ class TrainerCheckpoints:
         check_unpacked_fits(path / name, f"loading {path / name}")  # not a damaged file: older ones are no smaller
         try:
             state = torch.load(path / name, map_location="cpu", weights_only=True)
-            self._loaded_part = True
             for module, name in ((self.model, "model.safetensors"), (self.ema, "ema.safetensors")):
-                load_state_dict_checked(module, load_safetensors(path / name, self.device), str(path / name))
+                tensors = load_safetensors(path / name, self.device)
+                self._loaded_part = True  # from here on, the state is no longer all the Trainer's own
+                load_state_dict_checked(module, tensors, str(path / name))
         except Exception as error:  # damaged file, another architecture, ...
             if name == "trainer.pt" and not zipfile.is_zipfile(path / name):
                 reason = "not a torch.save archive (damaged?)"  # torch.load would talk of weights_only

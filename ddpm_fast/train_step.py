@@ -39,7 +39,7 @@ class TrainerSteps:
     def _global_batch(self, step: int) -> torch.Tensor:
         """Indices of step ``step``'s global batch: epochs are fixed permutations
         (the current one kept: a permutation of CIFAR-10 costs milliseconds)."""
-        n, b = self.images.shape[0], self.config.batch_size
+        n, b = len(self.dataset), self.config.batch_size
         per_epoch = n // b
         epoch, i = divmod(step, per_epoch)
         if self._epoch_order is None or self._epoch_order[0] != epoch:
@@ -250,7 +250,7 @@ class TrainerSteps:
         """Refuse images set on the dataset after the Trainer was made: it took them,
         and their fingerprint for its checkpoints, then (batches were drawn from the
         old images by the new count, silently)."""
-        if self.dataset.images is not self._dataset_images:
+        if getattr(self.dataset, "_images_version", 0) != self._images_version:
             raise ValueError("dataset.images was replaced after the Trainer was made, which took the images (and "
                              "their fingerprint for its checkpoints) then: make a new Trainer")
 
@@ -263,4 +263,4 @@ class TrainerSteps:
                                "the newest checkpoint)")
         if self._failed_resume is not None:  # its model, EMA, optimizer: part one checkpoint's, part another's or fresh
             raise CheckpointError(f"this Trainer's state was partly overwritten by a checkpoint load that failed "
-                                  f"({self._failed_resume}); make a new Trainer")
+                                  f"({self._failed_resume}); make a new Trainer, or load a checkpoint whole (load_checkpoint)")

@@ -383,6 +383,8 @@ def test_patch_diffusers_gives_every_fused_norm_the_backend_asked_for():
     theirs = randomize(diffusers.UNet2DModel(**_DDPM_SMALL), seed=2)
     assert ddpm_fast.patch_diffusers(theirs, backend="reference") > 0
     assert {m.backend for m in theirs.modules() if isinstance(m, GroupNormSiLU)} == {"reference"}
+    with pytest.raises(ValueError, match="backend must be one of"):  # also where there is nothing to fuse
+        ddpm_fast.patch_diffusers(torch.nn.Linear(2, 2), backend="tritonn")
 
 
 def test_from_diffusers_keeps_out_channels_and_dropout():

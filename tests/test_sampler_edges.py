@@ -67,6 +67,32 @@ def test_a_refused_call_without_a_seed_leaves_torchs_generator_alone(bad):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_other_refused_calls_without_a_seed_leave_torchs_generator_alone():
+    """A model cast to float64 since the Sampler was made, and sample_sharded's
+    steps and eta, were refused after the seed was drawn; so were evaluate_bpd's
+    too many noise counters."""
+    from ddpm_fast.data import ImageDataset
+    from ddpm_fast.distributed import sample_sharded
+    from ddpm_fast.evaluate import evaluate_bpd
+
+    model = torch.nn.Conv2d(1, 1, 1)
+    sharded = Sampler(lambda x, t: model(x), NoiseSchedule("linear", timesteps=10), sample_shape=(1, 2, 2))
+    images = ImageDataset(torch.zeros(1, 3, 1024, 1024, dtype=torch.uint8))
+    calls = [
+        (ValueError, lambda: sample_sharded(sharded, 2, seed=None, batch_size=2, steps=11, progress=False)),
+        (ValueError, lambda: sample_sharded(sharded, 2, seed=None, batch_size=2, eta=-1.0, progress=False)),
+        (ValueError, lambda: evaluate_bpd(model, images, NoiseSchedule("linear", timesteps=2000), seed=None, progress=False)),
+    ]
+    sampler = Sampler(model, NoiseSchedule("linear", timesteps=10), sample_shape=(1, 2, 2))
+    model.double()
+    calls.append((TypeError, lambda: sampler.sample(1, progress=False)))
+    for error, call in calls:
+        state = torch.get_rng_state()
+        with pytest.raises(error):
+            call()
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_progress_bar_is_closed_after_a_run_and_after_an_error(monkeypatch):
     """The bar is closed however the chain ends (an open tqdm bar redraws
     itself after the traceback or the next output)."""

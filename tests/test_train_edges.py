@@ -15,6 +15,7 @@ import torch
 
 from ddpm_fast import NoiseSchedule, diffusion, ops
 from ddpm_fast.checkpoint import latest_checkpoint
+from ddpm_fast.data import ImageDataset
 from ddpm_fast.train import ConfigMismatchError, TrainConfig, Trainer
 from train_helpers import TinyEps, make_trainer, toy_dataset
 
@@ -182,6 +183,34 @@ def test_images_set_on_the_dataset_after_the_trainer_was_made_are_refused(tmp_pa
         trainer.train_step()
     with pytest.raises(ValueError, match="make a new Trainer"):
         trainer.train(final_samples=False)
+
+
+class _ImagesMadeOnRead(ImageDataset):
+    """A subclass whose images are a fresh tensor at every read, and whose length
+    is its own: neither is a replacement, and the length is honoured."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__(images)
+        self._arr = images.numpy()
+
+    @property
+    def images(self) -> torch.Tensor:
+        return torch.from_numpy(self._arr)
+
+    @images.setter
+    def images(self, images: torch.Tensor) -> None:
+        ImageDataset.images.fset(self, images)
+
+    def __len__(self) -> int:
+        return 16
+
+
+def test_a_dataset_whose_images_are_made_on_read_trains_on_its_own_length(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4)
+    trainer = Trainer(trainer.model, _ImagesMadeOnRead(toy_dataset(n=64).images), trainer.schedule, trainer.config,
+                      tmp_path / "own", device="cpu", progress=False)
+    drawn = torch.cat([trainer._global_batch(step) for step in range(4)])
+    assert trainer.train(final_samples=False)["trained"] == 4 and int(drawn.max()) < 16
 
 
 def test_load_checkpoint_refuses_another_recipe(tmp_path):

@@ -98,12 +98,18 @@ def test_a_load_checkpoint_that_loaded_part_and_failed_spoils_the_trainer(tmp_pa
     for go_on in (trainer.train_step, lambda: trainer.train(final_samples=False), trainer.save_checkpoint):
         with pytest.raises(CheckpointError, match="checkpoint-00000004 was not fully loaded.*make a new Trainer"):
             go_on()
+    trainer.load_checkpoint(out / "checkpoint-00000002")  # whole: the state is all that checkpoint's
+    assert trainer.step == 2 and trainer.train_step() is not None
     ema.unlink()  # now refused before anything loads
     trainer = make_trainer(tmp_path / "third", steps=6)
     with pytest.raises(CheckpointError, match="missing ema.safetensors"):
         trainer.load_checkpoint(out / "checkpoint-00000004")
-    trainer.load_checkpoint(out / "checkpoint-00000002")
-    assert trainer.step == 2 and trainer.train_step() is not None
+    assert trainer.train_step() is not None
+    model = out / "checkpoint-00000002" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # unreadable, so nothing of it was loaded
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        trainer.load_checkpoint(out / "checkpoint-00000002")
+    assert trainer.step == 1 and trainer.train_step() is not None  # its own step 1, untouched
 
 
 def test_loading_a_checkpoint_restarts_the_non_finite_count(tmp_path):
@@ -295,9 +301,13 @@ def test_models_the_trainer_cannot_checkpoint_or_train_are_refused_when_made(tmp
     unencodable.config = {"width": object()}
     with pytest.raises(TypeError, match="must be JSON-serializable"):
         Trainer(unencodable, toy_dataset(), NoiseSchedule("linear", timesteps=20), TrainConfig(batch_size=8), tmp_path)
-    with pytest.raises(TypeError, match="must be JSON-serializable"):
-        Trainer(TinyEps(), toy_dataset(), NoiseSchedule("linear", timesteps=20), TrainConfig(batch_size=8), tmp_path,
-                extra_config={"when": object()})
+    mine = TinyEps()
+    weights = {name: p.clone() for name, p in mine.state_dict().items()}
+    with pytest.raises(TypeError, match="must be JSON-serializable"):  # "meta" stands in for a GPU
+        Trainer(mine, toy_dataset(), NoiseSchedule("linear", timesteps=20), TrainConfig(batch_size=8), tmp_path,
+                device="meta", extra_config={"when": object()})
+    for name, p in mine.state_dict().items():  # the refused call had moved the caller's model first
+        assert p.device.type == "cpu" and torch.equal(p, weights[name]), name
     for dtype in (torch.float64, torch.float16, torch.bfloat16):
         with pytest.raises(TypeError, match="trains float32 parameters"):
             Trainer(TinyEps().to(dtype), toy_dataset(), NoiseSchedule("linear", timesteps=20),

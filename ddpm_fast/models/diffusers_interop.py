@@ -22,6 +22,7 @@ from .._checks import is_int
 from .._interrupts import sigint_deferred
 from .._memory import check_unpacked_fits
 from ..nn import GroupNormSiLU
+from ..ops import BACKENDS
 from ..nn.group_norm_silu import has_hooks
 from .serialization import build_to_fit, load_safetensors, load_state_dict_checked, meta_build, read_json
 
@@ -275,6 +276,8 @@ def patch_diffusers(unet: nn.Module, *, backend: str = "auto") -> int:
         raise ImportError("ddpm_fast.patch_diffusers needs diffusers: pip install diffusers") from error
     if not isinstance(unet, nn.Module):
         raise TypeError(f"patch_diffusers: unet must be an nn.Module, got {type(unet).__name__}")
+    if backend not in BACKENDS:  # here, not only once a model has a norm to fuse
+        raise ValueError(f"patch_diffusers: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     # Every replacement is made before any is put in: one that fails (a norm whose
     # weight is neither a parameter nor a buffer) leaves the model as it was, not
     # a block with a fused norm1 under diffusers' forward, which applies SiLU again.
