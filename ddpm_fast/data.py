@@ -9,6 +9,7 @@ quarter of float32's size, so whole datasets fit on the GPU), scaled to
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import numbers
 import os
@@ -38,6 +39,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
 PROGRESS_MIN_FILES = 1000  # an image folder this large gets a progress bar, where asked for
+_IMAGES_SET = itertools.count(1)  # a process-wide number for each setting of a dataset's images
+
 _ACCEPTED = (
     "'digits', a .npy/.npz file, a CIFAR-10 python folder (cifar-10-batches-py or its parent) "
     "or archive (.tar.gz), or a folder of image files"
@@ -119,8 +122,9 @@ class ImageDataset(torch.utils.data.Dataset):
         labels = getattr(self, "labels", None)
         if labels is not None and len(labels) != images.shape[0]:
             raise ValueError(f"images must be {len(labels)}, as the dataset's labels, got {images.shape[0]}")
+        if images is not self.__dict__.get("_images"):  # (the same tensor set again changes nothing)
+            self._images_version = next(_IMAGES_SET)  # a Trainer refuses images set since it was made
         self._images = images
-        self._images_version = getattr(self, "_images_version", 0) + 1  # a Trainer refuses images set since it was made
         self.channels = images.shape[1]
         self.image_size = images.shape[2]
 

@@ -274,7 +274,7 @@ def sample_sharded(
             "model": model_digest(sampler.model),
         }, "start every rank with the same checkpoint and options")
     lo, hi = shard(n, rank, world)
-    sampler._plan(max(hi - lo, 1), steps, eta, lo, None)  # steps, eta, ...: refused before a seed is drawn
+    sampler._plan(n, steps, eta, 0, None)  # steps, eta, ...: refused before a seed is drawn, on every rank alike
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:
         shared = [seed]

@@ -145,7 +145,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
                                         "that name: move it away")
         self.progress = progress
         self.dataset = dataset
-        self._images_version = getattr(dataset, "_images_version", 0)  # images set later are refused (_check_same_images)
+        self._images_from = (dataset, getattr(dataset, "_images_version", 0))  # others later are refused (_check_same_images)
         self.images = dataset.images.to(self.device)  # uint8: small enough to live on the device
         _check_samplable(schedule, self.config.sample_steps)
         self.schedule = schedule

@@ -247,12 +247,13 @@ class TrainerSteps:
             self._set_own_rng_state(rng)  # (TrainerCheckpoints)
 
     def _check_same_images(self) -> None:
-        """Refuse images set on the dataset after the Trainer was made: it took them,
-        and their fingerprint for its checkpoints, then (batches were drawn from the
-        old images by the new count, silently)."""
-        if getattr(self.dataset, "_images_version", 0) != self._images_version:
-            raise ValueError("dataset.images was replaced after the Trainer was made, which took the images (and "
-                             "their fingerprint for its checkpoints) then: make a new Trainer")
+        """Refuse images set on the dataset, or another dataset, since the Trainer was
+        made: it took the images, and their fingerprint for its checkpoints, then
+        (batches were drawn from the old images by the new count, silently)."""
+        dataset, version = self._images_from
+        if self.dataset is not dataset or getattr(dataset, "_images_version", 0) != version:
+            raise ValueError("dataset.images (or trainer.dataset) was replaced after the Trainer was made, which took "
+                             "the images (and their fingerprint for its checkpoints) then: make a new Trainer")
 
     def _check_whole(self) -> None:
         """Refuse to go on from a step whose update was cut short (not by a Ctrl-C:

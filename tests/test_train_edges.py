@@ -177,12 +177,17 @@ def test_images_set_on_the_dataset_after_the_trainer_was_made_are_refused(tmp_pa
     dataset's length live: after dataset.images = 64 new images, every batch was
     drawn from the first 64 old ones, silently."""
     trainer = make_trainer(tmp_path, steps=4, images=80)
+    trainer.dataset.images = trainer.dataset.images  # the same tensor again: nothing changes
     trainer.train_step()
     trainer.dataset.images = toy_dataset(n=64, seed=1).images
-    with pytest.raises(ValueError, match="dataset.images was replaced after the Trainer was made"):
+    with pytest.raises(ValueError, match=r"dataset.images \(or trainer.dataset\) was replaced after the Trainer was made"):
         trainer.train_step()
     with pytest.raises(ValueError, match="make a new Trainer"):
         trainer.train(final_samples=False)
+    trainer = make_trainer(tmp_path / "swapped", steps=4, images=80)
+    trainer.dataset = toy_dataset(n=64, seed=1)  # another dataset: its images were set but once, too
+    with pytest.raises(ValueError, match=r"\(or trainer.dataset\) was replaced"):
+        trainer.train_step()
 
 
 class _ImagesMadeOnRead(ImageDataset):
