@@ -22,8 +22,8 @@ from .._checks import is_int
 from .._interrupts import sigint_deferred
 from .._memory import check_unpacked_fits
 from ..nn import GroupNormSiLU
-from ..ops import BACKENDS
 from ..nn.group_norm_silu import has_hooks
+from ..ops import BACKENDS
 from .serialization import build_to_fit, load_safetensors, load_state_dict_checked, meta_build, read_json
 
 __all__ = ["from_diffusers", "patch_diffusers", "diffusers_config_to_kwargs", "diffusers_key_map"]
