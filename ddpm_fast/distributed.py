@@ -273,13 +273,13 @@ def sample_sharded(
             "clip_denoised": sampler.clip_denoised, "schedule": digest([sampler.schedule.betas]),
             "model": model_digest(sampler.model),
         }, "start every rank with the same checkpoint and options")
-    lo, hi = shard(n, rank, world)
     sampler._plan(n, steps, eta, 0, None)  # steps, eta, ...: refused before a seed is drawn, on every rank alike
     seed = as_seed(seed, "sample_sharded")  # one seed for every batch (None: each batch would draw its own)
     if world > 1:
         shared = [seed]
         dist.broadcast_object_list(shared, src=0)
         seed = shared[0]
+    lo, hi = shard(n, rank, world)
     channels, height, width = shape
     mine = np.empty((hi - lo, height, width, channels), dtype=np.uint8) if hi > lo else None  # filled batch by batch
     starts = range(lo, hi, batch_size)

@@ -40,7 +40,7 @@ from .images import save_grid
 from .sampler import Sampler
 from .schedules import NoiseSchedule
 from .train_checkpoints import ConfigMismatchError, TrainerCheckpoints
-from .train_config import PRECISIONS, TrainConfig, check_live_changes
+from .train_config import PRECISIONS, TrainConfig
 from .train_step import NonFiniteLossError, TrainerSteps
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "ConfigMismatchError", "RunInUseError"]
@@ -119,7 +119,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
         # checkpoint's record hold for them, whatever the caller edits later
         # (one config reused for an lr sweep made each checkpoint record the last lr).
         self.config = copy.deepcopy(config) if config is not None else TrainConfig()
-        self._made_with = asdict(self.config)  # what trainer.config may not change later (check_live_changes)
+        self._made_with = asdict(self.config)  # what trainer.config may not change later (_check_can_train)
         self.rank, self.world = rank_and_world()
         if self.config.batch_size % self.world:
             raise ValueError(f"batch_size {self.config.batch_size} must be divisible by the {self.world} ranks")
@@ -251,9 +251,7 @@ class Trainer(TrainerSteps, TrainerCheckpoints):
                 release()
 
     def _train(self, resume: bool, final_samples: bool) -> dict[str, Any]:
-        check_live_changes(self.config, self._made_with)
-        self._check_same_images()
-        self._check_whole()
+        self._check_can_train()
         newest = latest_checkpoint(self.out_dir) if resume else None
         if self.world > 1:  # ranks that differ here would train on a mix of states, then deadlock
             self._check_ranks_agree(newest)

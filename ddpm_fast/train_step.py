@@ -152,9 +152,7 @@ class TrainerSteps:
         step's batch is drawn and sent to the device before that read, while
         the device still computes this one.
         """
-        check_live_changes(self.config, self._made_with)
-        self._check_same_images()
-        self._check_whole()
+        self._check_can_train()
         try:
             return self._step()
         except BaseException:
@@ -245,6 +243,13 @@ class TrainerSteps:
             buffer.copy_(value)
         if rng is not None:
             self._set_own_rng_state(rng)  # (TrainerCheckpoints)
+
+    def _check_can_train(self) -> None:
+        """What every step and every ``train()`` checks first: the config's changes,
+        the images, and a state that is whole."""
+        check_live_changes(self.config, self._made_with)
+        self._check_same_images()
+        self._check_whole()
 
     def _check_same_images(self) -> None:
         """Refuse images set on the dataset, or another dataset, since the Trainer was
